@@ -1,0 +1,3 @@
+//! Wire-compatible simulated instruments and the one physical model of the lab behind them.
+
+pub mod model;

@@ -1,0 +1,1 @@
+//! placeholder: the physical model of the simulated lab
