@@ -1,1 +1,3 @@
-//! labctl core
+//! labctl core: the controller behind the `labctl` binary.
+
+pub mod commands;

@@ -1,1 +1,20 @@
-//! labctl protocols
+//! The labctl lab protocol language.
+//!
+//! - [`protocol`]: the types of a protocol (what a planner proposes), serde + JSON Schema from one source.
+//! - [`lab`]: the lab file (TOML): instruments, transports, capabilities, safety envelope, users.
+//! - [`capabilities`]: what each kind of instrument can do and report.
+//! - [`validate`]: the one validator every interface calls (CLI, MQTT, OPC UA, command port).
+//! - [`schema`]: the JSON Schema a planner writes against.
+
+pub mod capabilities;
+pub mod finding;
+pub mod lab;
+pub mod protocol;
+pub mod schema;
+pub mod validate;
+
+pub use capabilities::InstrumentKind;
+pub use finding::{Finding, FindingCode, Severity};
+pub use lab::Lab;
+pub use protocol::*;
+pub use validate::{Report, validate_bytes, validate_protocol};

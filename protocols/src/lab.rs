@@ -1,0 +1,678 @@
+//! The lab file (TOML): what instruments a lab has, how to reach them, what they can do, and the safety
+//! envelope that every command must stay inside.
+//!
+//! Loading checks the file as a whole (unique ids, envelopes inside capabilities, no clear-text passwords)
+//! so that a lab that loads is a lab the validator and the controller can trust.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::capabilities::InstrumentKind;
+
+/// The built-in simulated lab (`examples/sim-lab.toml`), used when no lab file is given.
+pub const SIM_LAB_TOML: &str = include_str!("../../examples/sim-lab.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("cannot read lab file {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("lab file {origin}: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("lab file {origin}: {}", .problems.join("; "))]
+    Invalid { origin: String, problems: Vec<String> },
+}
+
+/// A whole lab as the lab file describes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lab {
+    /// Short id used in MQTT topics and the OPC UA namespace (`urn:labctl:{lab_id}`).
+    pub lab_id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub approval: Approval,
+    pub deck: Deck,
+    pub instruments: Vec<Instrument>,
+    #[serde(default)]
+    pub interfaces: Interfaces,
+    #[serde(default)]
+    pub users: Vec<User>,
+}
+
+/// A closed interval `[min, max]`, written as a two-element array in TOML.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "[f64; 2]", into = "[f64; 2]")]
+pub struct Range {
+    pub min: f64,
+    pub max: f64,
+}
+
+impl TryFrom<[f64; 2]> for Range {
+    type Error = String;
+    fn try_from([min, max]: [f64; 2]) -> Result<Self, String> {
+        if !(min.is_finite() && max.is_finite()) || min > max {
+            return Err(format!("expected [min, max] with min <= max, found [{min}, {max}]"));
+        }
+        Ok(Range { min, max })
+    }
+}
+
+impl From<Range> for [f64; 2] {
+    fn from(r: Range) -> Self {
+        [r.min, r.max]
+    }
+}
+
+impl Range {
+    pub fn contains(&self, v: f64) -> bool {
+        v >= self.min && v <= self.max
+    }
+    pub fn within(&self, outer: &Range) -> bool {
+        self.min >= outer.min && self.max <= outer.max
+    }
+}
+
+impl std::fmt::Display for Range {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{}, {}]", self.min, self.max)
+    }
+}
+
+/// Limits on the quantities a command can set. The same shape serves for an instrument's capabilities
+/// (what it can physically do) and its safety envelope (what this lab allows); the envelope must lie
+/// inside the capabilities.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub x_mm: Option<Range>,
+    pub y_mm: Option<Range>,
+    pub z_mm: Option<Range>,
+    pub feed_mm_per_min: Option<Range>,
+    /// Pump rate.
+    pub rate_ul_per_min: Option<Range>,
+    /// Volume of one dispense.
+    pub volume_ul: Option<Range>,
+    pub temperature_c: Option<Range>,
+    /// Fastest allowed setpoint change; the controller ramps setpoints no faster than this.
+    pub ramp_c_per_min: Option<f64>,
+    pub stir_speed_rpm: Option<Range>,
+    pub mass_g: Option<Range>,
+    pub wavelength_nm: Option<Range>,
+}
+
+impl Limits {
+    /// Each range-limited quantity with its value, for uniform checks.
+    pub fn ranges(&self) -> [(&'static str, Option<Range>); 10] {
+        [
+            ("x_mm", self.x_mm),
+            ("y_mm", self.y_mm),
+            ("z_mm", self.z_mm),
+            ("feed_mm_per_min", self.feed_mm_per_min),
+            ("rate_ul_per_min", self.rate_ul_per_min),
+            ("volume_ul", self.volume_ul),
+            ("temperature_c", self.temperature_c),
+            ("stir_speed_rpm", self.stir_speed_rpm),
+            ("mass_g", self.mass_g),
+            ("wavelength_nm", self.wavelength_nm),
+        ]
+    }
+
+    /// The range for a quantity by name.
+    pub fn range(&self, quantity: &str) -> Option<Range> {
+        self.ranges().into_iter().find(|(n, _)| *n == quantity).and_then(|(_, r)| r)
+    }
+}
+
+/// The quantities whose envelope a lab must declare for each kind: a command on an unbounded quantity
+/// would have nothing to be checked against.
+pub fn required_envelope(kind: InstrumentKind) -> &'static [&'static str] {
+    match kind {
+        InstrumentKind::Gantry => &["x_mm", "y_mm", "z_mm", "feed_mm_per_min"],
+        InstrumentKind::SyringePump => &["rate_ul_per_min", "volume_ul"],
+        InstrumentKind::Balance => &["mass_g"],
+        InstrumentKind::Hotplate => &["temperature_c", "stir_speed_rpm"],
+        InstrumentKind::Spectrophotometer => &["wavelength_nm"],
+    }
+}
+
+/// The wire protocol an instrument speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Driver {
+    /// GRBL 1.1 G-code controller.
+    Grbl,
+    /// New Era NE-1000 family syringe pump.
+    Ne1000,
+    /// Mettler Toledo MT-SICS level 0/1 balance.
+    MtSics,
+    /// IKA hotplate stirrer, NAMUR commands.
+    IkaNamur,
+    /// SCPI / IEEE 488.2 spectrophotometer.
+    ScpiSpectro,
+}
+
+impl Driver {
+    /// The instrument kind this driver can serve.
+    pub fn kind(self) -> InstrumentKind {
+        match self {
+            Driver::Grbl => InstrumentKind::Gantry,
+            Driver::Ne1000 => InstrumentKind::SyringePump,
+            Driver::MtSics => InstrumentKind::Balance,
+            Driver::IkaNamur => InstrumentKind::Hotplate,
+            Driver::ScpiSpectro => InstrumentKind::Spectrophotometer,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    #[default]
+    None,
+    Even,
+    Odd,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowControl {
+    #[default]
+    None,
+    Software,
+    Hardware,
+}
+
+/// Settings of a serial line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialLine {
+    /// Device path, e.g. `/dev/ttyUSB0`.
+    pub port: String,
+    pub baud: u32,
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    #[serde(default)]
+    pub parity: Parity,
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    #[serde(default)]
+    pub flow_control: FlowControl,
+}
+
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+
+/// How to reach an instrument.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Transport {
+    Serial(SerialLine),
+    /// Raw TCP: a serial device server or an LXI/SCPI socket, `host:port`.
+    Tcp { address: String },
+    /// The built-in simulator of this instrument (`labctl run --sim`).
+    Simulated,
+}
+
+/// One instrument of the lab.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Instrument {
+    pub id: String,
+    pub kind: InstrumentKind,
+    pub driver: Driver,
+    pub transport: Transport,
+    /// Network address on a shared line (NE-1000 pumps: 0-99).
+    #[serde(default)]
+    pub address: Option<u8>,
+    /// For pumps: the stock the syringe holds (e.g. `red`).
+    #[serde(default)]
+    pub stock: Option<String>,
+    /// What the instrument can physically do.
+    #[serde(default)]
+    pub capabilities: Limits,
+    /// What this lab allows it to do.
+    pub envelope: Limits,
+    /// Seconds of silence after which the instrument counts as lost.
+    #[serde(default = "default_heartbeat_s")]
+    pub heartbeat_s: f64,
+}
+
+fn default_heartbeat_s() -> f64 {
+    5.0
+}
+
+/// The deck: where vessels can stand and where the gantry can take them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deck {
+    #[serde(default)]
+    pub racks: Vec<Rack>,
+    #[serde(default)]
+    pub stations: Vec<Station>,
+    /// Fraction of a vessel's capacity it may be filled to.
+    #[serde(default = "default_max_fill")]
+    pub max_fill_fraction: f64,
+    /// Height the head travels at between positions.
+    #[serde(default = "default_safe_z")]
+    pub safe_z_mm: f64,
+}
+
+fn default_max_fill() -> f64 {
+    0.9
+}
+fn default_safe_z() -> f64 {
+    50.0
+}
+
+/// A rectangular rack of positions named `{row}{column}`, e.g. A1 to D6.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rack {
+    /// Row letters, in order along y, e.g. `ABCD`.
+    pub rows: String,
+    pub columns: u32,
+    pub origin_x_mm: f64,
+    pub origin_y_mm: f64,
+    pub pitch_mm: f64,
+    #[serde(default)]
+    pub z_mm: f64,
+}
+
+/// A single named position, usually on an instrument (weigh station, stir station).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Station {
+    pub name: String,
+    pub x_mm: f64,
+    pub y_mm: f64,
+    #[serde(default)]
+    pub z_mm: f64,
+    /// The instrument that acts on a vessel standing here.
+    #[serde(default)]
+    pub instrument: Option<String>,
+}
+
+/// A resolved deck position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Position {
+    pub name: String,
+    pub x_mm: f64,
+    pub y_mm: f64,
+    pub z_mm: f64,
+    pub instrument: Option<String>,
+}
+
+impl Deck {
+    /// Every named position: rack positions then stations.
+    pub fn positions(&self) -> Vec<Position> {
+        let mut out = Vec::new();
+        for rack in &self.racks {
+            for (r, row) in rack.rows.chars().enumerate() {
+                for c in 0..rack.columns {
+                    out.push(Position {
+                        name: format!("{row}{}", c + 1),
+                        x_mm: rack.origin_x_mm + f64::from(c) * rack.pitch_mm,
+                        y_mm: rack.origin_y_mm + r as f64 * rack.pitch_mm,
+                        z_mm: rack.z_mm,
+                        instrument: None,
+                    });
+                }
+            }
+        }
+        out.extend(self.stations.iter().map(|s| Position {
+            name: s.name.clone(),
+            x_mm: s.x_mm,
+            y_mm: s.y_mm,
+            z_mm: s.z_mm,
+            instrument: s.instrument.clone(),
+        }));
+        out
+    }
+
+    pub fn position(&self, name: &str) -> Option<Position> {
+        self.positions().into_iter().find(|p| p.name.eq_ignore_ascii_case(name))
+    }
+}
+
+/// How proposals are approved.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approval {
+    #[serde(default)]
+    pub policy: ApprovalPolicy,
+    /// A proposal is approved without a technician only if it stays inside all of these.
+    #[serde(default)]
+    pub auto_approve: AutoApproveEnvelope,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalPolicy {
+    /// Approve automatically what stays inside the auto-approve envelope; ask for the rest.
+    Auto,
+    /// Every proposal waits for a technician.
+    #[default]
+    AlwaysAsk,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoApproveEnvelope {
+    pub max_temperature_c: Option<f64>,
+    pub max_total_volume_ul: Option<f64>,
+    pub max_duration_s: Option<f64>,
+    pub max_steps: Option<u64>,
+}
+
+/// Where the controller listens and connects.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interfaces {
+    #[serde(default)]
+    pub mqtt: MqttInterface,
+    #[serde(default)]
+    pub opcua: OpcUaInterface,
+    #[serde(default)]
+    pub command_port: CommandPortInterface,
+}
+
+impl Default for Interfaces {
+    fn default() -> Self {
+        Interfaces {
+            mqtt: MqttInterface::default(),
+            opcua: OpcUaInterface::default(),
+            command_port: CommandPortInterface::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttInterface {
+    /// `mqtt://host:port` or `mqtts://host:port` of an external broker; absent: the embedded broker.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Listen address of the embedded broker.
+    #[serde(default = "default_mqtt_listen")]
+    pub listen: String,
+}
+
+impl Default for MqttInterface {
+    fn default() -> Self {
+        MqttInterface { url: None, listen: default_mqtt_listen() }
+    }
+}
+
+fn default_mqtt_listen() -> String {
+    "127.0.0.1:1883".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpcUaInterface {
+    #[serde(default = "default_opcua_endpoint")]
+    pub endpoint: String,
+}
+
+impl Default for OpcUaInterface {
+    fn default() -> Self {
+        OpcUaInterface { endpoint: default_opcua_endpoint() }
+    }
+}
+
+fn default_opcua_endpoint() -> String {
+    "opc.tcp://127.0.0.1:4840".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandPortInterface {
+    /// TCP listen address (SCPI raw-socket convention, port 5025).
+    #[serde(default = "default_command_tcp")]
+    pub tcp: Option<String>,
+    /// A serial line to serve the command port on.
+    #[serde(default)]
+    pub serial: Option<SerialLine>,
+}
+
+impl Default for CommandPortInterface {
+    fn default() -> Self {
+        CommandPortInterface { tcp: default_command_tcp(), serial: None }
+    }
+}
+
+fn default_command_tcp() -> Option<String> {
+    Some("127.0.0.1:5025".into())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads everything, changes nothing.
+    Observer,
+    /// Submits protocols and controls its own runs.
+    Planner,
+    /// A hardware-in-the-loop rig: submits and controls runs like a planner, from the command port.
+    Rig,
+    /// Approves, rejects, aborts anything, triggers and acknowledges the emergency stop.
+    Technician,
+}
+
+/// A user. Passwords are never stored in clear: a PHC hash string (argon2) or a file that holds one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    pub role: Role,
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+impl Lab {
+    /// The built-in simulated lab.
+    pub fn sim() -> Lab {
+        // The embedded file is checked by a test, so this cannot fail in a released build.
+        Lab::from_toml_str(SIM_LAB_TOML, "built-in sim lab").expect("built-in sim lab is valid")
+    }
+
+    /// Reads and checks a lab file.
+    pub fn load(path: &Path) -> Result<Lab, LabError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| LabError::Io { path: path.to_owned(), source })?;
+        Lab::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks lab file text; `origin` names it in errors.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Lab, LabError> {
+        let syntax = |message: String| LabError::Syntax { origin: origin.to_owned(), message };
+        // Refuse clear-text passwords by name before serde would call them merely "unknown".
+        let raw: toml::Table = toml::from_str(text).map_err(|e| syntax(e.to_string()))?;
+        let mut problems = Vec::new();
+        if let Some(toml::Value::Array(users)) = raw.get("users") {
+            for (i, u) in users.iter().enumerate() {
+                if u.get("password").is_some() {
+                    problems.push(format!(
+                        "users[{i}].password: clear-text passwords are not allowed; \
+                         use password_hash (an argon2 PHC string) or password_file"
+                    ));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(LabError::Invalid { origin: origin.to_owned(), problems });
+        }
+        let lab: Lab = toml::from_str(text).map_err(|e| syntax(e.to_string()))?;
+        let problems = lab.problems();
+        if problems.is_empty() {
+            Ok(lab)
+        } else {
+            Err(LabError::Invalid { origin: origin.to_owned(), problems })
+        }
+    }
+
+    /// Every inconsistency in the lab description.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if !is_identifier(&self.lab_id) {
+            p.push(format!(
+                "lab_id: {:?} must be 1-64 characters of letters, digits, '-' and '_' (it is used in MQTT topics)",
+                self.lab_id
+            ));
+        }
+        let mut ids = BTreeSet::new();
+        for (i, inst) in self.instruments.iter().enumerate() {
+            let at = format!("instruments[{i}] ({})", inst.id);
+            if !is_identifier(&inst.id) {
+                p.push(format!("{at}.id: must be letters, digits, '-' and '_'"));
+            }
+            if !ids.insert(inst.id.as_str()) {
+                p.push(format!("{at}.id: duplicate instrument id"));
+            }
+            if inst.driver.kind() != inst.kind {
+                p.push(format!(
+                    "{at}.driver: driver {:?} serves {} instruments, not {}",
+                    inst.driver,
+                    inst.driver.kind(),
+                    inst.kind
+                ));
+            }
+            for q in required_envelope(inst.kind) {
+                if inst.envelope.range(q).is_none() {
+                    p.push(format!("{at}.envelope.{q}: required for a {} (a [min, max] range)", inst.kind));
+                }
+            }
+            for (q, env) in inst.envelope.ranges() {
+                if let (Some(env), Some(cap)) = (env, inst.capabilities.range(q))
+                    && !env.within(&cap)
+                {
+                    p.push(format!(
+                        "{at}.envelope.{q}: {env} reaches outside the instrument's capability {cap}"
+                    ));
+                }
+            }
+            if !(inst.heartbeat_s > 0.0) {
+                p.push(format!("{at}.heartbeat_s: must be > 0"));
+            }
+            if inst.kind == InstrumentKind::SyringePump && inst.stock.is_none() {
+                p.push(format!("{at}.stock: a syringe pump must name the stock it holds"));
+            }
+            if let Some(a) = inst.address
+                && a > 99
+            {
+                p.push(format!("{at}.address: {a} is outside 0-99"));
+            }
+        }
+        // Instruments sharing a serial line must be addressable apart.
+        for (i, a) in self.instruments.iter().enumerate() {
+            for b in &self.instruments[i + 1..] {
+                if let (Transport::Serial(la), Transport::Serial(lb)) = (&a.transport, &b.transport)
+                    && la.port == lb.port
+                {
+                    if la != lb {
+                        p.push(format!("instruments {} and {} share {} with different line settings", a.id, b.id, la.port));
+                    }
+                    if a.address.is_none() || a.address == b.address {
+                        p.push(format!(
+                            "instruments {} and {} share {} and need distinct addresses",
+                            a.id, b.id, la.port
+                        ));
+                    }
+                }
+            }
+        }
+        let mut names = BTreeSet::new();
+        for pos in self.deck.positions() {
+            if !names.insert(pos.name.to_ascii_uppercase()) {
+                p.push(format!("deck: position {} is defined twice", pos.name));
+            }
+            if let Some(inst) = &pos.instrument
+                && !ids.contains(inst.as_str())
+            {
+                p.push(format!("deck: station {} names unknown instrument {inst}", pos.name));
+            }
+        }
+        if !(self.deck.max_fill_fraction > 0.0 && self.deck.max_fill_fraction <= 1.0) {
+            p.push("deck.max_fill_fraction: must be in (0, 1]".into());
+        }
+        let mut users = BTreeSet::new();
+        for (i, u) in self.users.iter().enumerate() {
+            if !users.insert(u.name.as_str()) {
+                p.push(format!("users[{i}].name: duplicate user {}", u.name));
+            }
+            match (&u.password_hash, &u.password_file) {
+                (Some(_), Some(_)) => p.push(format!("users[{i}] ({}): give password_hash or password_file, not both", u.name)),
+                (None, None) => p.push(format!("users[{i}] ({}): needs password_hash or password_file", u.name)),
+                (Some(h), None) if !h.starts_with('$') => p.push(format!(
+                    "users[{i}].password_hash: expected a PHC string such as $argon2id$..., found something else"
+                )),
+                _ => {}
+            }
+        }
+        p
+    }
+
+    pub fn instrument(&self, id: &str) -> Option<&Instrument> {
+        self.instruments.iter().find(|i| i.id == id)
+    }
+}
+
+/// Ids that are safe in MQTT topics, OPC UA browse names and file names.
+pub fn is_identifier(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sim_lab_loads_and_has_the_five_instrument_families() {
+        let lab = Lab::sim();
+        assert_eq!(lab.lab_id, "sim");
+        let kinds: BTreeSet<_> = lab.instruments.iter().map(|i| i.kind).collect();
+        assert_eq!(kinds.len(), 5);
+        assert_eq!(lab.instruments.iter().filter(|i| i.kind == InstrumentKind::SyringePump).count(), 3);
+        let names: Vec<_> = lab.deck.positions().into_iter().map(|p| p.name).collect();
+        assert!(names.contains(&"A1".to_string()) && names.contains(&"D6".to_string()));
+        assert!(names.contains(&"W1".to_string()) && names.contains(&"H1".to_string()));
+        assert_eq!(names.len(), 26);
+    }
+
+    #[test]
+    fn clear_text_password_is_refused_by_name() {
+        let text = format!("{SIM_LAB_TOML}\n[[users]]\nname = \"eve\"\nrole = \"planner\"\npassword = \"hunter2\"\n");
+        let err = Lab::from_toml_str(&text, "t").unwrap_err().to_string();
+        assert!(err.contains("users[") && err.contains("clear-text passwords are not allowed"), "{err}");
+    }
+
+    #[test]
+    fn envelope_outside_capabilities_is_refused() {
+        let text = SIM_LAB_TOML.replace("temperature_c = [15, 120]", "temperature_c = [15, 500]");
+        assert_ne!(text, SIM_LAB_TOML, "fixture must change the hotplate envelope");
+        let err = Lab::from_toml_str(&text, "t").unwrap_err().to_string();
+        assert!(err.contains("envelope.temperature_c") && err.contains("capability"), "{err}");
+    }
+
+    #[test]
+    fn missing_envelope_quantity_is_refused() {
+        let text = SIM_LAB_TOML.replace("envelope = { wavelength_nm = [380, 780] }", "envelope = {}");
+        assert_ne!(text, SIM_LAB_TOML);
+        let err = Lab::from_toml_str(&text, "t").unwrap_err().to_string();
+        assert!(err.contains("envelope.wavelength_nm: required"), "{err}");
+    }
+
+    #[test]
+    fn toml_syntax_error_names_the_line() {
+        let err = Lab::from_toml_str("lab_id = \n", "bad.toml").unwrap_err().to_string();
+        assert!(err.contains("bad.toml") && err.contains("line 1"), "{err}");
+    }
+}

@@ -1,0 +1,3 @@
+//! Implementations of the `labctl` subcommands.
+
+pub mod check;
