@@ -372,7 +372,7 @@ pub struct AutoApproveEnvelope {
 }
 
 /// Where the controller listens and connects.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Interfaces {
     #[serde(default)]
@@ -383,15 +383,6 @@ pub struct Interfaces {
     pub command_port: CommandPortInterface,
 }
 
-impl Default for Interfaces {
-    fn default() -> Self {
-        Interfaces {
-            mqtt: MqttInterface::default(),
-            opcua: OpcUaInterface::default(),
-            command_port: CommandPortInterface::default(),
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -559,7 +550,7 @@ impl Lab {
                     ));
                 }
             }
-            if !(inst.heartbeat_s > 0.0) {
+            if inst.heartbeat_s.is_nan() || inst.heartbeat_s <= 0.0 {
                 p.push(format!("{at}.heartbeat_s: must be > 0"));
             }
             if inst.kind == InstrumentKind::SyringePump && inst.stock.is_none() {

@@ -362,6 +362,10 @@ impl Decoder<'_> {
                 if bad_keys {
                     return None;
                 }
+                // Fast path: most steps are fine.
+                if let Ok(step) = <Step as serde::Deserialize>::deserialize(v) {
+                    return Some(step);
+                }
                 // The action is flattened into the step, which hides the path of a bad parameter from serde:
                 // decode action and params on their own first so the finding names `/params/<field>`.
                 let mut tagged = Map::new();
@@ -658,7 +662,7 @@ impl<'a> Semantic<'a> {
                 );
             }
         }
-        if !m.proposal_id.is_empty() && !crate::lab::is_identifier(&m.proposal_id.replace('.', "_").replace(':', "_")) {
+        if !m.proposal_id.is_empty() && !crate::lab::is_identifier(&m.proposal_id.replace(['.', ':'], "_")) {
             self.push(
                 Finding::error(Code::InvalidValue, "/metadata/proposal_id", "proposal id is used in MQTT topics")
                     .found(&m.proposal_id)
@@ -996,7 +1000,7 @@ impl<'a> Semantic<'a> {
             );
         }
         if let Some(h) = c.hold_s
-            && !(h >= 0.0 && h <= MAX_DURATION_S)
+            && !(0.0..=MAX_DURATION_S).contains(&h)
         {
             self.push(Finding::error(Code::InvalidValue, join(path, "hold_s"), "hold time out of range").found(h));
         }
