@@ -7,3 +7,8 @@
 //! - instrument roles (later): gantry, syringe pump, balance, hotplate, spectrophotometer.
 
 pub mod codec;
+pub mod error;
+pub mod instrument;
+
+pub use error::{DriverError, PortError};
+pub use instrument::{DeviceCommand, DeviceState, Identity, Instrument, Outcome, Telemetry};

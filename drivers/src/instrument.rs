@@ -1,0 +1,131 @@
+//! The instrument abstraction: instruments by role (gantry, pump, balance, hotplate, spectrophotometer),
+//! not by vendor. The controller only ever sees these types; each driver turns them into its wire protocol.
+//!
+//! Lifecycle, as in copper-rs: `new` (from the lab file, no I/O) -> [`Instrument::start`] (connect, probe
+//! identity and firmware, refuse what is unsupported) -> [`Instrument::execute`] / [`Instrument::poll`] ->
+//! [`Instrument::stop`]. [`Instrument::safe_state`] may be called at any time after `start`.
+
+use std::future::Future;
+
+use labctl_protocols::InstrumentKind;
+use serde::Serialize;
+
+use crate::error::DriverError;
+
+/// What an instrument says it is, read from the instrument at connect time (never from the lab file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Identity {
+    pub manufacturer: String,
+    pub model: String,
+    pub serial: String,
+    pub firmware: String,
+}
+
+/// A command to one instrument, in engineering units. Every command passes the safety envelope check
+/// (in the controller) before it reaches [`Instrument::execute`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum DeviceCommand {
+    /// Gantry: homing cycle.
+    Home,
+    /// Gantry: move the head to machine coordinates, ending when the move has finished.
+    MoveTo { x_mm: f64, y_mm: f64, z_mm: f64, feed_mm_per_min: f64 },
+    /// Gantry: close (grip) or open (release) the head's vial gripper.
+    Gripper { closed: bool },
+    /// Pump: dispense a volume at a rate, ending when the pump has stopped.
+    Dispense { volume_ul: f64, rate_ul_per_min: f64 },
+    /// Pump: stop now.
+    StopPump,
+    /// Balance: zero the empty pan.
+    Zero,
+    /// Balance: tare with what is on the pan.
+    Tare,
+    /// Balance: read the mass, waiting for stability when `stable`.
+    Weigh { stable: bool },
+    /// Hotplate: heat towards a setpoint.
+    SetTemperature { temperature_c: f64 },
+    HeaterOff,
+    /// Hotplate: stir at a speed.
+    SetStirSpeed { speed_rpm: f64 },
+    StirOff,
+    /// Hotplate: read the vessel temperature.
+    ReadTemperature,
+    /// Spectrophotometer: absorbance spectrum of the vessel under the probe.
+    Spectrum { start_nm: f64, stop_nm: f64, step_nm: f64 },
+    /// Spectrophotometer: absorbance at one wavelength.
+    Absorbance { wavelength_nm: f64 },
+}
+
+impl DeviceCommand {
+    /// The instrument kind that accepts this command.
+    pub fn kind(&self) -> InstrumentKind {
+        use DeviceCommand::*;
+        match self {
+            Home | MoveTo { .. } | Gripper { .. } => InstrumentKind::Gantry,
+            Dispense { .. } | StopPump => InstrumentKind::SyringePump,
+            Zero | Tare | Weigh { .. } => InstrumentKind::Balance,
+            SetTemperature { .. } | HeaterOff | SetStirSpeed { .. } | StirOff | ReadTemperature => {
+                InstrumentKind::Hotplate
+            }
+            Spectrum { .. } | Absorbance { .. } => InstrumentKind::Spectrophotometer,
+        }
+    }
+
+    /// Whether sending it twice does no harm (a retry after a lost reply must not dispense twice).
+    pub fn idempotent(&self) -> bool {
+        use DeviceCommand::*;
+        !matches!(self, Dispense { .. } | Home | Zero | Tare)
+    }
+}
+
+/// What a finished command produced.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    Done,
+    Mass { mass_g: f64, stable: bool },
+    Temperature { temperature_c: f64 },
+    Spectrum { wavelengths_nm: Vec<f64>, absorbance: Vec<f64> },
+    Absorbance { wavelength_nm: f64, absorbance: f64 },
+    /// A pump's dispensed volume when it stopped.
+    Dispensed { dispensed_ul: f64 },
+}
+
+/// Coarse device state, as every role reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "detail", rename_all = "snake_case")]
+pub enum DeviceState {
+    Idle,
+    Busy,
+    /// The instrument raised an alarm that needs attention (GRBL ALARM, pump stall, hotplate watchdog).
+    Alarm(String),
+}
+
+/// One poll of an instrument: its state and its current readings, by quantity name
+/// (`labctl_protocols::InstrumentKind::quantities`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Telemetry {
+    pub state: DeviceState,
+    pub values: Vec<(&'static str, f64)>,
+}
+
+/// An instrument driver. Futures are `Send` so each instrument can live in its own tokio task.
+pub trait Instrument: Send + 'static {
+    fn kind(&self) -> InstrumentKind;
+
+    /// Connects, probes identity and firmware, and refuses an unsupported instrument with
+    /// [`DriverError::Unsupported`]. Arms the instrument's own watchdog where it has one.
+    fn start(&mut self) -> impl Future<Output = Result<Identity, DriverError>> + Send;
+
+    /// Runs one command to completion.
+    fn execute(&mut self, command: &DeviceCommand) -> impl Future<Output = Result<Outcome, DriverError>> + Send;
+
+    /// Reads state and telemetry; also feeds the instrument's watchdog.
+    fn poll(&mut self) -> impl Future<Output = Result<Telemetry, DriverError>> + Send;
+
+    /// Puts the instrument in its safe state (pump stopped, heater and stirrer off, gantry feed hold).
+    fn safe_state(&mut self) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Leaves the instrument safe and releases the port.
+    fn stop(&mut self) -> impl Future<Output = ()> + Send;
+}
