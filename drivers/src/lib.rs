@@ -9,6 +9,11 @@
 pub mod codec;
 pub mod error;
 pub mod instrument;
+pub mod port;
+pub mod transport;
+
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use error::{DriverError, PortError};
 pub use instrument::{DeviceCommand, DeviceState, Identity, Instrument, Outcome, Telemetry};
