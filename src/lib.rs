@@ -1,3 +1,18 @@
 //! labctl core: the controller behind the `labctl` binary.
+//!
+//! - [`controller`]: proposals, approval, reservations, runs, interlocks, e-stop; [`api`] is its one API.
+//! - [`executor`]: runs one protocol as a tokio task.
+//! - [`instruments`]: one tokio task per instrument owns its driver; the envelope check sits there.
+//! - [`world`]: the bevy_ecs world model and the fixed-rate tick thread.
+//! - [`safety`]: envelope, e-stop latch, interlocks.
+//! - [`journal`]: the crash-safe SQLite journal.
+//! - [`commands`]: the `labctl` subcommands.
 
+pub mod api;
 pub mod commands;
+pub mod controller;
+pub mod executor;
+pub mod instruments;
+pub mod journal;
+pub mod safety;
+pub mod world;

@@ -40,6 +40,46 @@ pub struct Lab {
     pub interfaces: Interfaces,
     #[serde(default)]
     pub users: Vec<User>,
+    /// Conditions checked every tick; a trip sends instruments to their safe state and pauses or fails runs.
+    #[serde(default)]
+    pub interlocks: Vec<Interlock>,
+}
+
+/// What a tripped interlock does to the runs using the instruments concerned.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TripAction {
+    /// Hold the run for a technician.
+    Pause,
+    /// Fail the run.
+    #[default]
+    Fail,
+}
+
+/// A condition on one instrument that must never hold while the lab runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interlock {
+    pub name: String,
+    pub instrument: String,
+    /// Trip when this reported quantity goes above `above` or below `below`.
+    #[serde(default)]
+    pub quantity: Option<String>,
+    #[serde(default)]
+    pub above: Option<f64>,
+    #[serde(default)]
+    pub below: Option<f64>,
+    /// Trip when the instrument reports an alarm (GRBL alarm, pump stall, hotplate watchdog).
+    #[serde(default)]
+    pub on_alarm: bool,
+    /// Trip when the instrument has been silent past its `heartbeat_s`.
+    #[serde(default)]
+    pub on_silence: bool,
+    #[serde(default)]
+    pub action: TripAction,
+    /// Instruments sent to their safe state on a trip; the interlock's own instrument when empty.
+    #[serde(default)]
+    pub safe_state: Vec<String>,
 }
 
 /// A closed interval `[min, max]`, written as a two-element array in TOML.
@@ -593,6 +633,30 @@ impl Lab {
         }
         if !(self.deck.max_fill_fraction > 0.0 && self.deck.max_fill_fraction <= 1.0) {
             p.push("deck.max_fill_fraction: must be in (0, 1]".into());
+        }
+        for (i, il) in self.interlocks.iter().enumerate() {
+            let at = format!("interlocks[{i}] ({})", il.name);
+            let Some(inst) = self.instrument(&il.instrument) else {
+                p.push(format!("{at}.instrument: unknown instrument {}", il.instrument));
+                continue;
+            };
+            let triggers = usize::from(il.quantity.is_some()) + usize::from(il.on_alarm) + usize::from(il.on_silence);
+            if triggers != 1 {
+                p.push(format!("{at}: give exactly one of quantity (with above/below), on_alarm, on_silence"));
+            }
+            if let Some(q) = &il.quantity {
+                if !inst.kind.quantities().iter().any(|k| k.name == q) {
+                    p.push(format!("{at}.quantity: {} does not report {q}", inst.id));
+                }
+                if il.above.is_none() && il.below.is_none() {
+                    p.push(format!("{at}: a quantity interlock needs above or below"));
+                }
+            }
+            for s in &il.safe_state {
+                if self.instrument(s).is_none() {
+                    p.push(format!("{at}.safe_state: unknown instrument {s}"));
+                }
+            }
         }
         let mut users = BTreeSet::new();
         for (i, u) in self.users.iter().enumerate() {

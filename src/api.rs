@@ -1,0 +1,232 @@
+//! The one internal API every face of labctl uses (MQTT, OPC UA, command port, console, CLI), so the four
+//! faces never disagree: submit, approve or reject, control runs, emergency stop, and subscribe.
+
+use std::sync::Arc;
+
+use labctl_protocols::Finding;
+use labctl_protocols::lab::Role;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::journal::{JournalHandle, Record};
+use crate::world::LabSnapshot;
+
+/// Who is asking, as authenticated by the gateway they came through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Principal {
+    pub name: String,
+    pub role: Role,
+    /// The interface the request came through (`mqtt`, `opcua`, `command-port`, `console`, `cli`).
+    pub via: String,
+}
+
+impl Principal {
+    pub fn new(name: &str, role: Role, via: &str) -> Self {
+        Principal { name: name.to_owned(), role, via: via.to_owned() }
+    }
+}
+
+/// States of a run, as published on `runs/{run_id}/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Rejected,
+    AwaitingApproval,
+    Queued,
+    Running,
+    Paused,
+    Completed,
+    Failed,
+    Aborted,
+    Interrupted,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Rejected => "rejected",
+            RunState::AwaitingApproval => "awaiting_approval",
+            RunState::Queued => "queued",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Completed => "completed",
+            RunState::Failed => "failed",
+            RunState::Aborted => "aborted",
+            RunState::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, RunState::Rejected | RunState::Completed | RunState::Failed | RunState::Aborted | RunState::Interrupted)
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The answer to a submission.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubmitReply {
+    pub accepted: bool,
+    pub proposal_id: Option<String>,
+    pub run_id: Option<String>,
+    pub state: Option<RunState>,
+    /// The same proposal id was submitted before: this is that run.
+    pub duplicate: bool,
+    pub findings: Vec<Finding>,
+    pub estimated_duration_s: Option<f64>,
+    pub approval_required_because: Vec<String>,
+    /// Why the submission was refused before validation (permissions, shutdown, reused proposal id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl SubmitReply {
+    pub(crate) fn refused(proposal_id: Option<String>, error: String) -> Self {
+        SubmitReply {
+            accepted: false,
+            proposal_id,
+            run_id: None,
+            state: None,
+            duplicate: false,
+            findings: Vec::new(),
+            estimated_duration_s: None,
+            approval_required_because: Vec::new(),
+            error: Some(error),
+        }
+    }
+}
+
+/// Operator or planner control of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Control {
+    Pause,
+    Resume,
+    Abort,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize)]
+#[serde(tag = "error", content = "message", rename_all = "snake_case")]
+pub enum ApiError {
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("unknown run {0}")]
+    UnknownRun(String),
+    #[error("{0}")]
+    InvalidState(String),
+    #[error("emergency stop is latched; acknowledge it first")]
+    EStopLatched,
+    #[error("controller is shutting down")]
+    Unavailable,
+}
+
+/// A run as the API reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunInfo {
+    pub run_id: String,
+    pub proposal_id: String,
+    pub name: String,
+    pub planner_id: String,
+    pub submitted_by: String,
+    pub state: RunState,
+    pub current_step: Option<String>,
+    pub reason: Option<String>,
+    pub estimated_duration_s: Option<f64>,
+    pub approval_required_because: Vec<String>,
+    pub instruments: Vec<String>,
+    pub results: u64,
+}
+
+pub(crate) enum Request {
+    Submit { bytes: Vec<u8>, principal: Principal, reply: oneshot::Sender<SubmitReply> },
+    Approve { run_id: String, principal: Principal, reply: oneshot::Sender<Result<RunState, ApiError>> },
+    Reject { run_id: String, reason: String, principal: Principal, reply: oneshot::Sender<Result<RunState, ApiError>> },
+    Control { run_id: String, control: Control, principal: Principal, reply: oneshot::Sender<Result<RunState, ApiError>> },
+    EStop { principal: Principal, reply: oneshot::Sender<Result<(), ApiError>> },
+    EStopAck { principal: Principal, reply: oneshot::Sender<Result<(), ApiError>> },
+    PlannerLost { planner_id: String },
+    Runs { reply: oneshot::Sender<Vec<RunInfo>> },
+    Shutdown { reply: oneshot::Sender<()> },
+}
+
+/// A cheap, cloneable handle on the running controller.
+#[derive(Clone)]
+pub struct ControllerHandle {
+    pub(crate) tx: mpsc::Sender<Request>,
+    pub(crate) journal: JournalHandle,
+    pub(crate) snapshot: watch::Receiver<Arc<LabSnapshot>>,
+}
+
+impl ControllerHandle {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Validates and submits a protocol (raw bytes as received).
+    pub async fn submit(&self, bytes: Vec<u8>, principal: Principal) -> SubmitReply {
+        self.ask(|reply| Request::Submit { bytes, principal, reply })
+            .await
+            .unwrap_or_else(|| SubmitReply::refused(None, "controller is shutting down".into()))
+    }
+
+    pub async fn approve(&self, run_id: &str, principal: Principal) -> Result<RunState, ApiError> {
+        let run_id = run_id.to_owned();
+        self.ask(|reply| Request::Approve { run_id, principal, reply }).await.unwrap_or(Err(ApiError::Unavailable))
+    }
+
+    pub async fn reject(&self, run_id: &str, reason: &str, principal: Principal) -> Result<RunState, ApiError> {
+        let (run_id, reason) = (run_id.to_owned(), reason.to_owned());
+        self.ask(|reply| Request::Reject { run_id, reason, principal, reply }).await.unwrap_or(Err(ApiError::Unavailable))
+    }
+
+    pub async fn control(&self, run_id: &str, control: Control, principal: Principal) -> Result<RunState, ApiError> {
+        let run_id = run_id.to_owned();
+        self.ask(|reply| Request::Control { run_id, control, principal, reply }).await.unwrap_or(Err(ApiError::Unavailable))
+    }
+
+    pub async fn emergency_stop(&self, principal: Principal) -> Result<(), ApiError> {
+        self.ask(|reply| Request::EStop { principal, reply }).await.unwrap_or(Err(ApiError::Unavailable))
+    }
+
+    pub async fn acknowledge_emergency_stop(&self, principal: Principal) -> Result<(), ApiError> {
+        self.ask(|reply| Request::EStopAck { principal, reply }).await.unwrap_or(Err(ApiError::Unavailable))
+    }
+
+    /// The planner's connection is gone: supervised runs of that planner go to a safe hold.
+    pub async fn planner_lost(&self, planner_id: &str) {
+        let _ = self.tx.send(Request::PlannerLost { planner_id: planner_id.to_owned() }).await;
+    }
+
+    pub async fn runs(&self) -> Vec<RunInfo> {
+        self.ask(|reply| Request::Runs { reply }).await.unwrap_or_default()
+    }
+
+    pub async fn run(&self, run_id: &str) -> Option<RunInfo> {
+        self.runs().await.into_iter().find(|r| r.run_id == run_id)
+    }
+
+    /// Journal records as they become durable: run states, step events, results.
+    pub fn events(&self) -> broadcast::Receiver<Arc<Record>> {
+        self.journal.subscribe()
+    }
+
+    /// The world model as of the last tick that changed it. Never waits on an instrument.
+    pub fn snapshot(&self) -> Arc<LabSnapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    pub fn watch_snapshot(&self) -> watch::Receiver<Arc<LabSnapshot>> {
+        self.snapshot.clone()
+    }
+
+    /// Leaves every instrument safe and stops the controller.
+    pub async fn shutdown(&self) {
+        let _ = self.ask(|reply| Request::Shutdown { reply }).await;
+    }
+}

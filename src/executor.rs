@@ -1,0 +1,471 @@
+//! Runs one protocol. Each run is a tokio task that walks its steps; a finished step starts the next at once
+//! (no tick in between). Commands go to instrument tasks, which apply the envelope check. Every step's intent
+//! is journaled before its command goes out and its outcome after; results are journaled and published only
+//! once durable.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use labctl_drivers::{DeviceCommand, Outcome};
+use labctl_protocols::lab::Lab;
+use labctl_protocols::{Action, Condition, Measurement, OnError, Protocol, Step};
+use labctl_simulators::model::VirtualClock;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+use crate::api::Control;
+use crate::instruments::InstrumentHandle;
+use crate::journal::{JournalHandle, Record, now_ms};
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEnd {
+    Completed,
+    Failed(String),
+    Aborted(String),
+}
+
+/// What a run task tells the controller while it runs.
+#[derive(Debug, Clone)]
+pub enum RunUpdate {
+    Step { run_id: String, step: String },
+    /// An `on_error: pause` step failed, or a pause request reached a safe point.
+    Paused { run_id: String, reason: String },
+    Resumed { run_id: String },
+    Finished { run_id: String, end: RunEnd },
+}
+
+/// Everything a run task needs, shared by its parallel branches.
+pub struct RunContext {
+    pub run_id: String,
+    pub proposal_id: String,
+    pub lab: Arc<Lab>,
+    pub instruments: Arc<BTreeMap<String, InstrumentHandle>>,
+    pub journal: JournalHandle,
+    pub clock: VirtualClock,
+    pub control: watch::Receiver<Control>,
+    pub updates: mpsc::UnboundedSender<RunUpdate>,
+    seq: AtomicU64,
+    /// Deck position of each vessel, updated as transfers finish.
+    vessels: Mutex<BTreeMap<String, String>>,
+}
+
+enum StepError {
+    Failed(String),
+    Aborted(String),
+}
+
+type StepFuture<'a> = Pin<Box<dyn Future<Output = Result<(), StepError>> + Send + 'a>>;
+
+impl RunContext {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        run_id: String,
+        protocol: &Protocol,
+        lab: Arc<Lab>,
+        instruments: Arc<BTreeMap<String, InstrumentHandle>>,
+        journal: JournalHandle,
+        clock: VirtualClock,
+        control: watch::Receiver<Control>,
+        updates: mpsc::UnboundedSender<RunUpdate>,
+    ) -> Self {
+        let vessels = protocol.labware.iter().map(|l| (l.id.clone(), l.location.to_ascii_uppercase())).collect();
+        RunContext {
+            run_id,
+            proposal_id: protocol.metadata.proposal_id.clone(),
+            lab,
+            instruments,
+            journal,
+            clock,
+            control,
+            updates,
+            seq: AtomicU64::new(0),
+            vessels: Mutex::new(vessels),
+        }
+    }
+
+    fn event(&self, kind: &str, step: &str, detail: serde_json::Value) {
+        self.journal.append(Record::Event {
+            run_id: Some(self.run_id.clone()),
+            kind: kind.to_owned(),
+            step: Some(step.to_owned()),
+            actor: None,
+            detail,
+            at_ms: now_ms(),
+        });
+    }
+
+    /// Waits while paused; returns an error when aborted. Called before every step: the safe points.
+    async fn checkpoint(&self) -> Result<(), StepError> {
+        let mut control = self.control.clone();
+        let mut announced = false;
+        loop {
+            let current = *control.borrow_and_update();
+            match current {
+                Control::Abort => return Err(StepError::Aborted("aborted".into())),
+                Control::Resume => {
+                    if announced {
+                        let _ = self.updates.send(RunUpdate::Resumed { run_id: self.run_id.clone() });
+                    }
+                    return Ok(());
+                }
+                Control::Pause => {
+                    if !announced {
+                        announced = true;
+                        let _ = self
+                            .updates
+                            .send(RunUpdate::Paused { run_id: self.run_id.clone(), reason: "pause requested".into() });
+                    }
+                    if control.changed().await.is_err() {
+                        return Err(StepError::Aborted("controller stopped".into()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// After an `on_error: pause` failure: hold until a technician resumes (continue with the next step) or
+    /// aborts.
+    async fn hold_after_failure(&self, reason: String) -> Result<(), StepError> {
+        let mut control = self.control.clone();
+        let _ = self.updates.send(RunUpdate::Paused { run_id: self.run_id.clone(), reason });
+        // The run holds until someone says otherwise, whatever the control said before the failure.
+        control.mark_unchanged();
+        loop {
+            if control.changed().await.is_err() {
+                return Err(StepError::Aborted("controller stopped".into()));
+            }
+            match *control.borrow_and_update() {
+                Control::Abort => return Err(StepError::Aborted("aborted while held after a failure".into())),
+                Control::Resume => {
+                    let _ = self.updates.send(RunUpdate::Resumed { run_id: self.run_id.clone() });
+                    return Ok(());
+                }
+                Control::Pause => {}
+            }
+        }
+    }
+
+    fn virtual_to_real(&self, seconds: f64) -> Duration {
+        self.clock.to_real(Duration::from_secs_f64(seconds.clamp(0.0, 1.0e9)))
+    }
+
+    /// Runs a list of steps in order. `suffix` numbers results inside `repeat` (e.g. `_2_1`).
+    fn steps<'a>(self: &'a Arc<Self>, steps: &'a [Step], path: String, suffix: String) -> StepFuture<'a> {
+        Box::pin(async move {
+            for (i, step) in steps.iter().enumerate() {
+                self.checkpoint().await?;
+                let step_path = format!("{path}/{i}");
+                let _ = self.updates.send(RunUpdate::Step { run_id: self.run_id.clone(), step: step_path.clone() });
+                let timeout = step.timeout_s().or_else(|| default_timeout_s(step));
+                let run = self.step(step, step_path.clone(), suffix.clone());
+                let outcome = match timeout {
+                    Some(t) => match tokio::time::timeout(self.virtual_to_real(t), run).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            // The dropped step may have left a command in flight: make its instruments safe.
+                            self.safe_state_of(step);
+                            Err(StepError::Failed(format!("step {step_path} timed out after {t} s")))
+                        }
+                    },
+                    None => run.await,
+                };
+                match outcome {
+                    Ok(()) => self.event("step_finished", &step_path, json!({})),
+                    Err(StepError::Aborted(r)) => return Err(StepError::Aborted(r)),
+                    Err(StepError::Failed(reason)) => {
+                        self.event("step_failed", &step_path, json!({ "reason": reason, "on_error": step.on_error() }));
+                        // A step interrupted because the run is being paused (an interlock, a lost planner) or
+                        // aborted ends the way the controller asked, not by the step's own policy.
+                        let control = *self.control.borrow();
+                        match control {
+                            Control::Abort => return Err(StepError::Aborted(reason)),
+                            Control::Pause => {
+                                self.hold_after_failure(reason).await?;
+                                continue;
+                            }
+                            Control::Resume => {}
+                        }
+                        match step.on_error() {
+                            OnError::Fail => return Err(StepError::Failed(reason)),
+                            OnError::Skip => self.event("step_skipped", &step_path, json!({ "reason": reason })),
+                            OnError::Pause => self.hold_after_failure(reason).await?,
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn safe_state_of(&self, step: &Step) {
+        let mut ids = std::collections::BTreeSet::new();
+        collect_instruments(std::slice::from_ref(step), &mut ids);
+        for id in ids {
+            if let Some(h) = self.instruments.get(&id) {
+                h.request_safe_state();
+            }
+        }
+    }
+
+    async fn step(self: &Arc<Self>, step: &Step, path: String, suffix: String) -> Result<(), StepError> {
+        self.event("step_started", &path, json!({ "type": step.type_name() }));
+        match step {
+            Step::Action(a) => {
+                let commands = self.expand(&a.instrument, &a.action)?;
+                for (instrument, cmd) in commands {
+                    self.command(&instrument, cmd, &path).await?;
+                }
+                if let Action::Transfer(t) = &a.action
+                    && let Ok(mut v) = self.vessels.lock()
+                {
+                    v.insert(t.vessel.clone(), t.to.to_ascii_uppercase());
+                }
+                Ok(())
+            }
+            Step::Measure(m) => {
+                let cmd = measurement_command(&m.measurement);
+                let outcome = self.command(&m.instrument, cmd, &path).await?;
+                self.result(&format!("{}{suffix}", m.result), &path, &m.instrument, &outcome);
+                Ok(())
+            }
+            Step::Wait(w) => {
+                tokio::time::sleep(self.virtual_to_real(w.duration_s)).await;
+                Ok(())
+            }
+            Step::WaitUntil(w) => self.wait_until(&w.condition).await,
+            Step::Parallel(p) => {
+                let mut set = tokio::task::JoinSet::new();
+                for (j, branch) in p.branches.iter().enumerate() {
+                    let ctx = Arc::clone(self);
+                    let branch = branch.clone();
+                    let bpath = format!("{path}/branches/{j}");
+                    let suffix = suffix.clone();
+                    set.spawn(async move { ctx.steps(&branch, bpath, suffix).await });
+                }
+                let mut first_error = None;
+                while let Some(joined) = set.join_next().await {
+                    let r = joined.unwrap_or_else(|e| Err(StepError::Failed(format!("branch crashed: {e}"))));
+                    if let Err(e) = r {
+                        // One failed branch ends the block: stop the others where they are.
+                        set.abort_all();
+                        first_error.get_or_insert(e);
+                    }
+                }
+                first_error.map_or(Ok(()), Err)
+            }
+            Step::Repeat(r) => {
+                for k in 1..=r.count {
+                    self.steps(&r.steps, format!("{path}/steps"), format!("{suffix}_{k}")).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends one command, journaling its intent first and its outcome after.
+    async fn command(&self, instrument: &str, cmd: DeviceCommand, step: &str) -> Result<Outcome, StepError> {
+        let Some(handle) = self.instruments.get(instrument) else {
+            return Err(StepError::Failed(format!("instrument {instrument} is not connected to this controller")));
+        };
+        self.event("command", step, json!({ "instrument": instrument, "command": cmd }));
+        match handle.execute(cmd).await {
+            Ok(outcome) => {
+                self.event("command_done", step, json!({ "instrument": instrument, "outcome": outcome_summary(&outcome) }));
+                Ok(outcome)
+            }
+            Err(e) => Err(StepError::Failed(e.to_string())),
+        }
+    }
+
+    fn result(&self, name: &str, step: &str, instrument: &str, outcome: &Outcome) {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let identity = self
+            .instruments
+            .get(instrument)
+            .and_then(|h| h.view().identity)
+            .map(|i| serde_json::to_value(i).unwrap_or_default())
+            .unwrap_or(serde_json::Value::Null);
+        self.journal.append(Record::Result {
+            run_id: self.run_id.clone(),
+            seq,
+            name: name.to_owned(),
+            step: step.to_owned(),
+            instrument: instrument.to_owned(),
+            identity,
+            value: serde_json::to_value(outcome).unwrap_or_default(),
+            at_ms: now_ms(),
+        });
+    }
+
+    async fn wait_until(&self, c: &Condition) -> Result<(), StepError> {
+        let Some(handle) = self.instruments.get(&c.instrument) else {
+            return Err(StepError::Failed(format!("instrument {} is not connected", c.instrument)));
+        };
+        let mut view = handle.subscribe();
+        let hold = self.virtual_to_real(c.hold_s.unwrap_or(0.0));
+        let mut holding_since: Option<tokio::time::Instant> = None;
+        loop {
+            let reading = view.borrow_and_update().values.iter().find(|(q, _)| *q == c.quantity).map(|(_, v)| *v);
+            let met = reading.is_some_and(|r| c.op.holds(r, c.value, c.tolerance));
+            let now = tokio::time::Instant::now();
+            if met {
+                let since = *holding_since.get_or_insert(now);
+                if now.duration_since(since) >= hold {
+                    return Ok(());
+                }
+            } else {
+                holding_since = None;
+            }
+            // Wake on the next reading, or when the hold time would be complete.
+            let wake = holding_since.map(|s| s + hold).unwrap_or(now + Duration::from_secs(3600));
+            tokio::select! {
+                changed = view.changed() => if changed.is_err() {
+                    return Err(StepError::Failed(format!("{} went away", c.instrument)));
+                },
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// Turns a protocol action into device commands, using the deck and where vessels stand now.
+    fn expand(&self, instrument: &str, action: &Action) -> Result<Vec<(String, DeviceCommand)>, StepError> {
+        let lab = &self.lab;
+        let feed_default = lab
+            .instrument(instrument)
+            .and_then(|i| i.envelope.feed_mm_per_min)
+            .map(|r| r.max.min(3000.0))
+            .unwrap_or(1000.0);
+        let safe_z = lab.deck.safe_z_mm;
+        let position = |name: &str| {
+            lab.deck.position(name).ok_or_else(|| StepError::Failed(format!("unknown deck position {name}")))
+        };
+        let at = |name: &str, z: f64| -> Result<DeviceCommand, StepError> {
+            let p = position(name)?;
+            Ok(DeviceCommand::MoveTo { x_mm: p.x_mm, y_mm: p.y_mm, z_mm: z, feed_mm_per_min: feed_default })
+        };
+        let one = |cmd: DeviceCommand| Ok(vec![(instrument.to_owned(), cmd)]);
+        match action {
+            Action::Home {} => one(DeviceCommand::Home),
+            Action::MoveTo(m) => {
+                let p = position(&m.position)?;
+                one(DeviceCommand::MoveTo {
+                    x_mm: p.x_mm,
+                    y_mm: p.y_mm,
+                    z_mm: safe_z,
+                    feed_mm_per_min: m.feed_mm_per_min.unwrap_or(feed_default),
+                })
+            }
+            Action::MoveXyz(m) => one(DeviceCommand::MoveTo {
+                x_mm: m.x_mm,
+                y_mm: m.y_mm,
+                z_mm: m.z_mm,
+                feed_mm_per_min: m.feed_mm_per_min.unwrap_or(feed_default),
+            }),
+            Action::Transfer(t) => {
+                let from = self
+                    .vessels
+                    .lock()
+                    .ok()
+                    .and_then(|v| v.get(&t.vessel).cloned())
+                    .ok_or_else(|| StepError::Failed(format!("unknown vessel {}", t.vessel)))?;
+                let from_z = position(&from)?.z_mm;
+                let to_z = position(&t.to)?.z_mm;
+                let seq = vec![
+                    at(&from, safe_z)?,
+                    at(&from, from_z)?,
+                    DeviceCommand::Gripper { closed: true },
+                    at(&from, safe_z)?,
+                    at(&t.to, safe_z)?,
+                    at(&t.to, to_z)?,
+                    DeviceCommand::Gripper { closed: false },
+                    at(&t.to, safe_z)?,
+                ];
+                Ok(seq.into_iter().map(|c| (instrument.to_owned(), c)).collect())
+            }
+            Action::Dispense(d) => {
+                one(DeviceCommand::Dispense { volume_ul: d.volume_ul, rate_ul_per_min: d.rate_ul_per_min })
+            }
+            Action::StopPump {} => one(DeviceCommand::StopPump),
+            Action::Tare {} => one(DeviceCommand::Tare),
+            Action::Zero {} => one(DeviceCommand::Zero),
+            Action::SetTemperature(t) => one(DeviceCommand::SetTemperature { temperature_c: t.temperature_c }),
+            Action::HeaterOff {} => one(DeviceCommand::HeaterOff),
+            Action::SetStirSpeed(s) => one(DeviceCommand::SetStirSpeed { speed_rpm: s.speed_rpm }),
+            Action::StirOff {} => one(DeviceCommand::StirOff),
+        }
+    }
+}
+
+fn measurement_command(m: &Measurement) -> DeviceCommand {
+    match m {
+        Measurement::Weigh(w) => DeviceCommand::Weigh { stable: w.stable },
+        Measurement::Spectrum(s) => DeviceCommand::Spectrum { start_nm: s.start_nm, stop_nm: s.stop_nm, step_nm: s.step_nm },
+        Measurement::Absorbance(a) => DeviceCommand::Absorbance { wavelength_nm: a.wavelength_nm },
+        Measurement::ReadTemperature {} => DeviceCommand::ReadTemperature,
+    }
+}
+
+/// A short form of an outcome for the event log (a full spectrum belongs in the results table only).
+fn outcome_summary(o: &Outcome) -> serde_json::Value {
+    match o {
+        Outcome::Spectrum { wavelengths_nm, .. } => json!({ "outcome": "spectrum", "points": wavelengths_nm.len() }),
+        other => serde_json::to_value(other).unwrap_or_default(),
+    }
+}
+
+/// A step without an explicit timeout still gets one: nothing may hold the lab forever.
+fn default_timeout_s(step: &Step) -> Option<f64> {
+    match step {
+        Step::Action(a) => Some(match &a.action {
+            Action::Dispense(d) if d.rate_ul_per_min > 0.0 => d.volume_ul / d.rate_ul_per_min * 60.0 * 2.0 + 60.0,
+            Action::Home {} | Action::Transfer(_) => 300.0,
+            _ => 120.0,
+        }),
+        Step::Measure(_) => Some(120.0),
+        Step::Wait(_) | Step::WaitUntil(_) | Step::Parallel(_) | Step::Repeat(_) => None,
+    }
+}
+
+/// Every instrument a list of steps commands or reads.
+pub fn collect_instruments(steps: &[Step], out: &mut std::collections::BTreeSet<String>) {
+    for s in steps {
+        match s {
+            Step::Action(a) => {
+                out.insert(a.instrument.clone());
+            }
+            Step::Measure(m) => {
+                out.insert(m.instrument.clone());
+            }
+            Step::WaitUntil(w) => {
+                out.insert(w.condition.instrument.clone());
+            }
+            Step::Parallel(p) => p.branches.iter().for_each(|b| collect_instruments(b, out)),
+            Step::Repeat(r) => collect_instruments(&r.steps, out),
+            Step::Wait(_) => {}
+        }
+    }
+}
+
+/// Runs a whole protocol and reports how it ended.
+pub async fn run_protocol(ctx: Arc<RunContext>, protocol: Arc<Protocol>) {
+    let end = match ctx.steps(&protocol.steps, "/steps".into(), String::new()).await {
+        Ok(()) => RunEnd::Completed,
+        Err(StepError::Failed(r)) => RunEnd::Failed(r),
+        Err(StepError::Aborted(r)) => RunEnd::Aborted(r),
+    };
+    if end != RunEnd::Completed {
+        let mut ids = std::collections::BTreeSet::new();
+        collect_instruments(&protocol.steps, &mut ids);
+        for id in ids {
+            if let Some(h) = ctx.instruments.get(&id) {
+                h.request_safe_state();
+            }
+        }
+    }
+    let _ = ctx.updates.send(RunUpdate::Finished { run_id: ctx.run_id.clone(), end });
+}

@@ -1,0 +1,279 @@
+//! Instrument tasks: one tokio task per instrument owns its driver. Commands arrive over a bounded channel,
+//! pass the e-stop latch and the envelope check right here, just before the driver, and readings leave
+//! through a watch channel that the tick and the run tasks read without ever waiting on the instrument.
+
+pub mod fake;
+
+use std::time::{Duration, Instant};
+
+use labctl_drivers::{DeviceCommand, DeviceState, DriverError, Identity, Instrument, Outcome};
+use labctl_protocols::lab;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::safety::{EStop, SafetyViolation, check_command};
+
+/// Connection of an instrument as the controller sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "connection", content = "detail", rename_all = "snake_case")]
+pub enum Connection {
+    Connecting,
+    Online,
+    /// Lost or refused; the text says why. The task keeps trying to reconnect.
+    Lost(String),
+}
+
+/// Everything known about an instrument, published after every change.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstrumentView {
+    pub id: String,
+    pub connection: Connection,
+    pub identity: Option<Identity>,
+    pub state: Option<DeviceState>,
+    pub values: Vec<(&'static str, f64)>,
+    /// When it last answered (monotonic; not serialised).
+    #[serde(skip)]
+    pub last_seen: Option<Instant>,
+    /// A command is in flight.
+    pub busy: bool,
+}
+
+/// Why a command did not run or did not finish.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Safety(#[from] SafetyViolation),
+    #[error("{0}")]
+    Driver(String),
+    #[error("{0}: not connected")]
+    Offline(String),
+    #[error("{0}: interrupted by a safe-state request")]
+    Interrupted(String),
+    #[error("{0}: instrument task has stopped")]
+    Gone(String),
+}
+
+/// A safe-state request, optionally with someone waiting to hear it was done (`true`) or failed.
+type SafeRequest = Option<oneshot::Sender<bool>>;
+
+struct Exec {
+    command: DeviceCommand,
+    reply: oneshot::Sender<Result<Outcome, CommandError>>,
+}
+
+/// The controller's side of an instrument task.
+#[derive(Clone)]
+pub struct InstrumentHandle {
+    pub id: String,
+    exec: mpsc::Sender<Exec>,
+    safe: mpsc::Sender<SafeRequest>,
+    view: watch::Receiver<InstrumentView>,
+}
+
+impl InstrumentHandle {
+    /// Runs a command; the envelope and e-stop checks happen in the instrument task.
+    pub async fn execute(&self, command: DeviceCommand) -> Result<Outcome, CommandError> {
+        let (reply, rx) = oneshot::channel();
+        self.exec.send(Exec { command, reply }).await.map_err(|_| CommandError::Gone(self.id.clone()))?;
+        rx.await.map_err(|_| CommandError::Gone(self.id.clone()))?
+    }
+
+    /// Asks for the safe state now, interrupting any command in flight. Never waits.
+    pub fn request_safe_state(&self) {
+        // A full queue already holds a pending safe-state request: that one will do.
+        let _ = self.safe.try_send(None);
+    }
+
+    /// Puts the instrument in its safe state and waits (at most `timeout`) until the driver says it is.
+    pub async fn safe_state(&self, timeout: Duration) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let sent = tokio::time::timeout(timeout, self.safe.send(Some(tx))).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return false;
+        }
+        matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(true)))
+    }
+
+    pub fn view(&self) -> InstrumentView {
+        self.view.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<InstrumentView> {
+        self.view.clone()
+    }
+}
+
+/// How often an idle instrument is polled, and how long to wait before reconnecting.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskTiming {
+    pub poll: Duration,
+    pub reconnect: Duration,
+}
+
+impl Default for TaskTiming {
+    fn default() -> Self {
+        TaskTiming { poll: Duration::from_millis(100), reconnect: Duration::from_millis(500) }
+    }
+}
+
+/// Starts the task that owns `driver`. The task runs until every handle is dropped.
+pub fn spawn<D: Instrument>(config: lab::Instrument, driver: D, estop: EStop, timing: TaskTiming) -> InstrumentHandle {
+    let (exec_tx, exec_rx) = mpsc::channel(16);
+    let (safe_tx, safe_rx) = mpsc::channel(4);
+    let (view_tx, view_rx) = watch::channel(InstrumentView {
+        id: config.id.clone(),
+        connection: Connection::Connecting,
+        identity: None,
+        state: None,
+        values: Vec::new(),
+        last_seen: None,
+        busy: false,
+    });
+    let handle = InstrumentHandle { id: config.id.clone(), exec: exec_tx, safe: safe_tx, view: view_rx };
+    tokio::spawn(run(config, driver, estop, timing, exec_rx, safe_rx, view_tx));
+    handle
+}
+
+enum Event {
+    Safe(SafeRequest),
+    Exec(Exec),
+    Poll,
+    Closed,
+}
+
+async fn run<D: Instrument>(
+    config: lab::Instrument,
+    mut driver: D,
+    estop: EStop,
+    timing: TaskTiming,
+    mut exec_rx: mpsc::Receiver<Exec>,
+    mut safe_rx: mpsc::Receiver<SafeRequest>,
+    view: watch::Sender<InstrumentView>,
+) {
+    let id = config.id.clone();
+    let mut online = false;
+    let mut poll = tokio::time::interval(timing.poll);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if !online {
+            match driver.start().await {
+                Ok(identity) => {
+                    tracing::info!(instrument = %id, model = %identity.model, firmware = %identity.firmware, "connected");
+                    // Whatever state it was left in, a (re)connected instrument starts safe.
+                    if let Err(e) = driver.safe_state().await {
+                        tracing::warn!(instrument = %id, error = %e, "safe state after connect failed");
+                    }
+                    online = true;
+                    view.send_modify(|v| {
+                        v.connection = Connection::Online;
+                        v.identity = Some(identity);
+                        v.last_seen = Some(Instant::now());
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(instrument = %id, error = %e, "cannot connect");
+                    view.send_modify(|v| v.connection = Connection::Lost(e.to_string()));
+                    // Refuse commands while offline, but keep listening so callers never hang.
+                    let deadline = tokio::time::sleep(timing.reconnect);
+                    tokio::pin!(deadline);
+                    loop {
+                        tokio::select! {
+                            _ = &mut deadline => break,
+                            req = exec_rx.recv() => match req {
+                                Some(req) => { let _ = req.reply.send(Err(CommandError::Offline(id.clone()))); }
+                                None => return,
+                            },
+                            s = safe_rx.recv() => if let Some(Some(done)) = s { let _ = done.send(false); },
+                        }
+                    }
+                    continue;
+                }
+            }
+        }
+        let event = tokio::select! {
+            biased;
+            s = safe_rx.recv() => match s { Some(r) => Event::Safe(r), None => Event::Closed },
+            req = exec_rx.recv() => match req { Some(r) => Event::Exec(r), None => Event::Closed },
+            _ = poll.tick() => Event::Poll,
+        };
+        match event {
+            Event::Closed => {
+                driver.stop().await;
+                return;
+            }
+            Event::Safe(done) => {
+                let result = driver.safe_state().await;
+                if let Err(e) = &result {
+                    tracing::error!(instrument = %id, error = %e, "safe state failed");
+                    online = !lost(&view, e);
+                }
+                if let Some(done) = done {
+                    let _ = done.send(result.is_ok());
+                }
+            }
+            Event::Poll => match driver.poll().await {
+                Ok(t) => view.send_modify(|v| {
+                    v.state = Some(t.state);
+                    v.values = t.values;
+                    v.last_seen = Some(Instant::now());
+                }),
+                Err(e) => {
+                    tracing::warn!(instrument = %id, error = %e, "poll failed");
+                    online = !lost(&view, &e);
+                }
+            },
+            Event::Exec(req) => {
+                let checked = if estop.is_latched() {
+                    Err(SafetyViolation::EStopLatched)
+                } else {
+                    check_command(&config, &req.command)
+                };
+                if let Err(violation) = checked {
+                    tracing::warn!(instrument = %id, %violation, "command refused");
+                    let _ = req.reply.send(Err(violation.into()));
+                    continue;
+                }
+                view.send_modify(|v| v.busy = true);
+                let outcome = tokio::select! {
+                    biased;
+                    s = safe_rx.recv() => Err(s.flatten()),
+                    r = driver.execute(&req.command) => Ok(r),
+                };
+                view.send_modify(|v| v.busy = false);
+                match outcome {
+                    Err(done) => {
+                        let _ = req.reply.send(Err(CommandError::Interrupted(id.clone())));
+                        let result = driver.safe_state().await;
+                        if let Err(e) = &result {
+                            online = !lost(&view, e);
+                        }
+                        if let Some(done) = done {
+                            let _ = done.send(result.is_ok());
+                        }
+                    }
+                    Ok(Ok(o)) => {
+                        view.send_modify(|v| v.last_seen = Some(Instant::now()));
+                        let _ = req.reply.send(Ok(o));
+                    }
+                    Ok(Err(e)) => {
+                        online = !lost(&view, &e);
+                        let _ = req.reply.send(Err(CommandError::Driver(e.to_string())));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Marks the instrument lost when the error says the connection is gone; returns whether it did.
+fn lost(view: &watch::Sender<InstrumentView>, e: &DriverError) -> bool {
+    if e.is_connection_lost() {
+        view.send_modify(|v| {
+            v.connection = Connection::Lost(e.to_string());
+            v.state = None;
+        });
+        true
+    } else {
+        false
+    }
+}

@@ -1,0 +1,152 @@
+//! Reading the journal back: `labctl runs list | show | export`, and catch-up for planners.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use super::JournalError;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub run_id: String,
+    pub proposal_id: String,
+    pub name: String,
+    pub planner_id: String,
+    pub state: String,
+    pub current_step: Option<String>,
+    pub reason: Option<String>,
+    pub submitted_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub results: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ResultRow {
+    pub run_id: String,
+    pub seq: i64,
+    pub name: String,
+    pub step: String,
+    pub instrument: String,
+    pub identity: serde_json::Value,
+    pub value: serde_json::Value,
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRow {
+    pub seq: i64,
+    pub at_ms: i64,
+    pub kind: String,
+    pub step: Option<String>,
+    pub actor: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunDetail {
+    #[serde(flatten)]
+    pub summary: RunSummary,
+    pub planner_model: Option<String>,
+    pub planner_model_version: Option<String>,
+    pub submitted_by: String,
+    pub protocol_sha256: String,
+    pub lab_id: String,
+    pub lab_sha256: String,
+    pub labctl_version: String,
+    pub estimated_duration_s: Option<f64>,
+    pub protocol: serde_json::Value,
+    pub events: Vec<EventRow>,
+}
+
+const SUMMARY: &str = "SELECT r.run_id, r.proposal_id, r.name, r.planner_id, r.state, r.current_step, r.reason,
+    r.submitted_at_ms, r.updated_at_ms, (SELECT COUNT(*) FROM results x WHERE x.run_id = r.run_id)
+    FROM runs r";
+
+fn summary(row: &rusqlite::Row) -> rusqlite::Result<RunSummary> {
+    Ok(RunSummary {
+        run_id: row.get(0)?,
+        proposal_id: row.get(1)?,
+        name: row.get(2)?,
+        planner_id: row.get(3)?,
+        state: row.get(4)?,
+        current_step: row.get(5)?,
+        reason: row.get(6)?,
+        submitted_at_ms: row.get(7)?,
+        updated_at_ms: row.get(8)?,
+        results: row.get(9)?,
+    })
+}
+
+fn json(text: String) -> serde_json::Value {
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+}
+
+pub fn list_runs(conn: &Connection) -> Result<Vec<RunSummary>, JournalError> {
+    let mut stmt = conn.prepare(&format!("{SUMMARY} ORDER BY r.submitted_at_ms, r.run_id"))?;
+    Ok(stmt.query_map([], summary)?.collect::<Result<_, _>>()?)
+}
+
+pub fn run_detail(conn: &Connection, run_id: &str) -> Result<Option<RunDetail>, JournalError> {
+    let mut stmt = conn.prepare(&format!("{SUMMARY} WHERE r.run_id = ?1"))?;
+    let Some(s) = stmt.query_row(params![run_id], summary).optional()? else { return Ok(None) };
+    let detail = conn.query_row(
+        "SELECT planner_model, planner_model_version, submitted_by, protocol_sha256, lab_id, lab_sha256, labctl_version,
+                estimated_duration_s, protocol_json FROM runs WHERE run_id = ?1",
+        params![run_id],
+        |r| {
+            Ok(RunDetail {
+                summary: s.clone(),
+                planner_model: r.get(0)?,
+                planner_model_version: r.get(1)?,
+                submitted_by: r.get(2)?,
+                protocol_sha256: r.get(3)?,
+                lab_id: r.get(4)?,
+                lab_sha256: r.get(5)?,
+                labctl_version: r.get(6)?,
+                estimated_duration_s: r.get(7)?,
+                protocol: json(r.get(8)?),
+                events: Vec::new(),
+            })
+        },
+    )?;
+    let mut stmt = conn.prepare("SELECT seq, at_ms, kind, step, actor, detail FROM events WHERE run_id = ?1 ORDER BY seq")?;
+    let events = stmt
+        .query_map(params![run_id], |r| {
+            Ok(EventRow {
+                seq: r.get(0)?,
+                at_ms: r.get(1)?,
+                kind: r.get(2)?,
+                step: r.get(3)?,
+                actor: r.get(4)?,
+                detail: json(r.get(5)?),
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(Some(RunDetail { events, ..detail }))
+}
+
+/// Results of a run with a sequence number above `after` (a planner's resume cursor), in order.
+pub fn results(conn: &Connection, run_id: &str, after: i64) -> Result<Vec<ResultRow>, JournalError> {
+    let mut stmt = conn.prepare(
+        "SELECT run_id, seq, name, step, instrument, identity, value, at_ms FROM results WHERE run_id = ?1 AND seq > ?2 ORDER BY seq",
+    )?;
+    Ok(stmt
+        .query_map(params![run_id, after], |r| {
+            Ok(ResultRow {
+                run_id: r.get(0)?,
+                seq: r.get(1)?,
+                name: r.get(2)?,
+                step: r.get(3)?,
+                instrument: r.get(4)?,
+                identity: json(r.get(5)?),
+                value: json(r.get(6)?),
+                at_ms: r.get(7)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?)
+}
+
+/// Every proposal id with its run, so a restarted controller still answers duplicates with the same run.
+pub fn proposals(conn: &Connection) -> Result<Vec<(String, String, String)>, JournalError> {
+    let mut stmt = conn.prepare("SELECT proposal_id, run_id, state FROM runs")?;
+    Ok(stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?)
+}

@@ -1,0 +1,330 @@
+//! The world model: one bevy_ecs `World` holding instruments and runs as entities, kept true by a fixed-rate
+//! tick on its own OS thread. Every interface reads the snapshot the tick publishes; nothing here waits on an
+//! instrument (readings arrive through watch channels that the instrument tasks write).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bevy_ecs::prelude::*;
+use labctl_protocols::lab::{Interlock, Lab, TripAction};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::api::RunState;
+use crate::instruments::{InstrumentHandle, InstrumentView};
+use crate::safety::EStop;
+use crate::safety::interlock::{InstrumentFacts, evaluate};
+
+/// An instrument entity's latest view.
+#[derive(Component)]
+pub struct InstrumentComponent {
+    pub view: InstrumentView,
+    pub heartbeat: Duration,
+    receiver: watch::Receiver<InstrumentView>,
+}
+
+/// A run entity as the controller reports it.
+#[derive(Component, Clone, Debug, Serialize)]
+pub struct RunComponent {
+    pub run_id: String,
+    pub proposal_id: String,
+    pub state: RunState,
+    pub current_step: Option<String>,
+    pub instruments: Vec<String>,
+}
+
+/// A tripped interlock, sent once per trip (edge, not level).
+#[derive(Debug, Clone)]
+pub struct Trip {
+    pub interlock: String,
+    pub instrument: String,
+    pub reason: String,
+    pub action: TripAction,
+    pub safe_state: Vec<String>,
+}
+
+/// Lateness of tick wake-ups against their absolute deadlines, in 1 us buckets up to 20 ms.
+#[derive(Resource, Clone)]
+pub struct TickStats {
+    buckets: Box<[u32; 20_000]>,
+    over: u64,
+    pub ticks: u64,
+    pub skipped: u64,
+    pub max: Duration,
+}
+
+impl Default for TickStats {
+    fn default() -> Self {
+        TickStats { buckets: Box::new([0; 20_000]), over: 0, ticks: 0, skipped: 0, max: Duration::ZERO }
+    }
+}
+
+impl TickStats {
+    fn record(&mut self, lateness: Duration) {
+        self.ticks += 1;
+        self.max = self.max.max(lateness);
+        match self.buckets.get_mut(lateness.as_micros() as usize) {
+            Some(b) => *b = b.saturating_add(1),
+            None => self.over += 1,
+        }
+    }
+
+    /// The lateness below which `q` (0..1) of the ticks woke, to the microsecond.
+    pub fn quantile(&self, q: f64) -> Duration {
+        let total = self.ticks.max(1) as f64;
+        let mut seen = 0u64;
+        for (us, &n) in self.buckets.iter().enumerate() {
+            seen += u64::from(n);
+            if seen as f64 >= q * total {
+                return Duration::from_micros(us as u64);
+            }
+        }
+        self.max
+    }
+
+    pub fn summary(&self) -> TickSummary {
+        TickSummary {
+            ticks: self.ticks,
+            skipped: self.skipped,
+            p50_us: self.quantile(0.5).as_micros() as u64,
+            p99_us: self.quantile(0.99).as_micros() as u64,
+            max_us: self.max.as_micros() as u64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TickSummary {
+    pub ticks: u64,
+    pub skipped: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+/// What every interface reads.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LabSnapshot {
+    pub lab_id: String,
+    pub estop_latched: bool,
+    pub instruments: Vec<InstrumentView>,
+    pub runs: Vec<RunComponent>,
+    pub tick: TickSummary,
+}
+
+#[derive(Resource)]
+struct Interlocks(Vec<(Interlock, bool)>);
+
+#[derive(Resource)]
+struct Outputs {
+    trips: mpsc::UnboundedSender<Trip>,
+    snapshot: watch::Sender<Arc<LabSnapshot>>,
+    run_updates: mpsc::UnboundedReceiver<RunComponent>,
+    estop: EStop,
+    lab_id: String,
+    changed: bool,
+    last_published: Option<Instant>,
+}
+
+fn sync_instruments(mut q: Query<&mut InstrumentComponent>, mut out: ResMut<Outputs>) {
+    for mut inst in &mut q {
+        if inst.receiver.has_changed().unwrap_or(false) {
+            let view = inst.receiver.borrow_and_update().clone();
+            inst.view = view;
+            out.changed = true;
+        }
+    }
+}
+
+fn sync_runs(mut commands: Commands, mut runs: Query<(Entity, &mut RunComponent)>, mut out: ResMut<Outputs>) {
+    while let Ok(update) = out.run_updates.try_recv() {
+        out.changed = true;
+        if let Some((_, mut run)) = runs.iter_mut().find(|(_, r)| r.run_id == update.run_id) {
+            *run = update;
+        } else {
+            commands.spawn(update);
+        }
+    }
+    // Finished runs stay in the journal; the live model keeps only the active ones.
+    for (entity, run) in &runs {
+        if run.state.is_terminal() {
+            commands.entity(entity).despawn();
+        }
+    }
+}
+
+fn check_interlocks(q: Query<&InstrumentComponent>, mut interlocks: ResMut<Interlocks>, out: Res<Outputs>) {
+    let now = Instant::now();
+    for (il, tripped) in interlocks.0.iter_mut() {
+        let Some(inst) = q.iter().find(|i| i.view.id == il.instrument) else { continue };
+        let facts = InstrumentFacts {
+            values: &inst.view.values,
+            state: inst.view.state.as_ref(),
+            silent_for: inst.view.last_seen.map(|t| now.saturating_duration_since(t)),
+            heartbeat: inst.heartbeat,
+            busy: inst.view.busy,
+        };
+        match evaluate(il, &facts) {
+            Some(reason) if !*tripped => {
+                *tripped = true;
+                tracing::warn!(interlock = %il.name, %reason, "interlock tripped");
+                let safe_state = if il.safe_state.is_empty() { vec![il.instrument.clone()] } else { il.safe_state.clone() };
+                let _ = out.trips.send(Trip {
+                    interlock: il.name.clone(),
+                    instrument: il.instrument.clone(),
+                    reason,
+                    action: il.action,
+                    safe_state,
+                });
+            }
+            None if *tripped => *tripped = false,
+            _ => {}
+        }
+    }
+}
+
+fn publish_snapshot(
+    instruments: Query<&InstrumentComponent>,
+    runs: Query<&RunComponent>,
+    stats: Res<TickStats>,
+    mut out: ResMut<Outputs>,
+) {
+    let estop = out.estop.is_latched();
+    let stale = out.last_published.is_none_or(|t| t.elapsed() > Duration::from_millis(500));
+    let estop_changed = out.snapshot.borrow().estop_latched != estop;
+    // Build a new snapshot only when something changed (and twice a second for the tick figures).
+    if !(out.changed || stale || estop_changed) {
+        return;
+    }
+    let mut snap = LabSnapshot {
+        lab_id: out.lab_id.clone(),
+        estop_latched: estop,
+        instruments: instruments.iter().map(|i| i.view.clone()).collect(),
+        runs: runs.iter().cloned().collect(),
+        tick: stats.summary(),
+    };
+    snap.instruments.sort_by(|a, b| a.id.cmp(&b.id));
+    snap.runs.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+    out.snapshot.send_replace(Arc::new(snap));
+    out.changed = false;
+    out.last_published = Some(Instant::now());
+}
+
+/// The running tick thread.
+pub struct TickThread {
+    stop: Arc<AtomicBool>,
+    join: Option<std::thread::JoinHandle<TickStats>>,
+}
+
+impl TickThread {
+    /// Stops the tick and returns its lateness statistics.
+    pub fn stop(mut self) -> Option<TickStats> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.join.take().and_then(|j| j.join().ok())
+    }
+}
+
+impl Drop for TickThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+pub struct TickConfig {
+    pub period: Duration,
+    /// Spin this long before each deadline instead of sleeping (trades a core for lower jitter).
+    pub spin: Duration,
+}
+
+/// Channels the tick feeds.
+pub struct TickIo {
+    pub trips: mpsc::UnboundedSender<Trip>,
+    pub snapshot: watch::Sender<Arc<LabSnapshot>>,
+    pub run_updates: mpsc::UnboundedReceiver<RunComponent>,
+    pub estop: EStop,
+}
+
+/// Builds the world from the lab and the instrument tasks, and starts the tick thread.
+pub fn start_tick(lab: &Lab, instruments: &[InstrumentHandle], io: TickIo, config: TickConfig) -> TickThread {
+    let mut world = World::new();
+    for h in instruments {
+        let heartbeat = lab.instrument(&h.id).map(|i| Duration::from_secs_f64(i.heartbeat_s)).unwrap_or(Duration::from_secs(5));
+        let receiver = h.subscribe();
+        let view = receiver.borrow().clone();
+        world.spawn(InstrumentComponent { view, heartbeat, receiver });
+    }
+    world.insert_resource(Interlocks(lab.interlocks.iter().map(|i| (i.clone(), false)).collect()));
+    world.insert_resource(TickStats::default());
+    world.insert_resource(Outputs {
+        trips: io.trips,
+        snapshot: io.snapshot,
+        run_updates: io.run_updates,
+        estop: io.estop,
+        lab_id: lab.lab_id.clone(),
+        changed: true,
+        last_published: None,
+    });
+    let mut schedule = Schedule::default();
+    schedule.add_systems((sync_instruments, sync_runs, check_interlocks, publish_snapshot).chain());
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_flag = Arc::clone(&stop);
+    let join = std::thread::Builder::new()
+        .name("labctl-tick".into())
+        .spawn(move || tick_loop(world, schedule, config, stop_flag))
+        .expect("spawning the tick thread");
+    TickThread { stop, join: Some(join) }
+}
+
+fn tick_loop(mut world: World, mut schedule: Schedule, config: TickConfig, stop: Arc<AtomicBool>) -> TickStats {
+    let period = config.period;
+    let mut deadline = Instant::now() + period;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now < deadline {
+            let remaining = deadline - now;
+            if remaining > config.spin {
+                std::thread::sleep(remaining - config.spin);
+            }
+            while Instant::now() < deadline {
+                std::hint::spin_loop();
+            }
+        }
+        let woke = Instant::now();
+        let lateness = woke.saturating_duration_since(deadline);
+        {
+            let mut stats = world.resource_mut::<TickStats>();
+            stats.record(lateness);
+        }
+        schedule.run(&mut world);
+        deadline += period;
+        // A tick that could not start before the next deadline is skipped, not run in a burst.
+        let after = Instant::now();
+        if after > deadline {
+            let behind = after - deadline;
+            let skip = (behind.as_nanos() / period.as_nanos().max(1)) as u32 + 1;
+            world.resource_mut::<TickStats>().skipped += u64::from(skip);
+            deadline += period * skip;
+        }
+    }
+    world.remove_resource::<TickStats>().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_come_from_the_recorded_lateness() {
+        let mut s = TickStats::default();
+        for us in 1..=100u64 {
+            s.record(Duration::from_micros(us));
+        }
+        assert_eq!(s.quantile(0.5), Duration::from_micros(50));
+        assert_eq!(s.quantile(0.99), Duration::from_micros(99));
+        assert_eq!(s.max, Duration::from_micros(100));
+        s.record(Duration::from_millis(50));
+        assert_eq!(s.over, 1);
+        assert_eq!(s.max, Duration::from_millis(50));
+    }
+}
