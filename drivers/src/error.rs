@@ -46,6 +46,10 @@ pub enum DriverError {
     /// The command did not finish in time (e.g. a move that never reached Idle).
     #[error("{instrument}: {command} did not finish within {timeout:?}")]
     NotFinished { instrument: String, command: String, timeout: Duration },
+    /// The command cannot be put on this instrument's wire (a value the protocol cannot encode, such as a
+    /// NaN or a volume beyond the pump's 4-digit format); nothing was sent.
+    #[error("{instrument}: cannot send {command}: {reason}")]
+    InvalidCommand { instrument: String, command: String, reason: String },
 }
 
 impl DriverError {

@@ -10,6 +10,7 @@ pub mod codec;
 pub mod error;
 pub mod instrument;
 pub mod port;
+pub mod roles;
 pub mod transport;
 
 #[cfg(test)]

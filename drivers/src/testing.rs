@@ -71,6 +71,15 @@ impl Fake {
         self.send(answer).await;
     }
 
+    /// Reads one byte from the host.
+    pub(crate) async fn read_byte(&mut self) -> u8 {
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(EXPECT_WAIT, self.io.read(&mut byte)).await {
+            Ok(Ok(1)) => byte[0],
+            other => panic!("host sent nothing more: {other:?}"),
+        }
+    }
+
     /// Reads one request line up to and including `\n`.
     pub(crate) async fn read_line(&mut self) -> Vec<u8> {
         let mut line = Vec::new();
