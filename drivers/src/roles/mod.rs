@@ -6,9 +6,9 @@
 //! answer it); only requests that are safe to repeat are retried; and device error codes become
 //! [`DriverError::Device`] / [`DriverError::Alarm`] with the manual's text.
 
-// mod balance;
+mod balance;
 mod gantry;
-// mod hotplate;
+mod hotplate;
 mod pump;
 // mod spectro;
 
@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use labctl_protocols::InstrumentKind;
 
-// pub use balance::MtSicsBalance;
+pub use balance::MtSicsBalance;
 pub use gantry::{GantryOptions, GrblGantry};
-// pub use hotplate::{HotplateOptions, IkaHotplate};
+pub use hotplate::{HotplateOptions, IkaHotplate};
 pub use pump::Ne1000Pump;
 // pub use spectro::ScpiSpectro;
 
