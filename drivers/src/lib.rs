@@ -3,14 +3,19 @@
 //! Layers, bottom up (the rumqtt way: no I/O below the transport):
 //! - [`codec`]: one sans-IO codec per wire protocol. Pure functions from bytes to typed frames and back, on
 //!   both sides of the line (host and device), so the simulators speak exactly what the drivers parse.
-//! - transports and port tasks (later): tokio tasks that own a serial port or TCP socket.
-//! - instrument roles (later): gantry, syringe pump, balance, hotplate, spectrophotometer.
+//! - [`transport`]: byte streams over serial lines, raw TCP, or an in-memory duplex for tests.
+//! - [`port`]: one tokio task owns each port and runs transactions on it one at a time, for every
+//!   instrument sharing that line.
+//! - [`roles`]: the drivers, one per wire protocol, behind the [`Instrument`] trait.
+//! - [`connect`] (in [`setup`]): a driver for each lab-file instrument, with shared lines grouped onto one
+//!   port task.
 
 pub mod codec;
 pub mod error;
 pub mod instrument;
 pub mod port;
 pub mod roles;
+pub mod setup;
 pub mod transport;
 
 #[cfg(test)]
@@ -18,3 +23,6 @@ pub(crate) mod testing;
 
 pub use error::{DriverError, PortError};
 pub use instrument::{DeviceCommand, DeviceState, Identity, Instrument, Outcome, Telemetry};
+pub use port::{PortConfig, PortHandle};
+pub use setup::{AnyInstrument, DriverOptions, Ports, connect, driver_for, port_config, standard_line};
+pub use transport::Endpoint;

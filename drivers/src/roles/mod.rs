@@ -10,7 +10,7 @@ mod balance;
 mod gantry;
 mod hotplate;
 mod pump;
-// mod spectro;
+mod spectro;
 
 use std::time::Duration;
 
@@ -19,8 +19,8 @@ use labctl_protocols::InstrumentKind;
 pub use balance::MtSicsBalance;
 pub use gantry::{GantryOptions, GrblGantry};
 pub use hotplate::{HotplateOptions, IkaHotplate};
-pub use pump::Ne1000Pump;
-// pub use spectro::ScpiSpectro;
+pub use pump::{Ne1000Pump, frame_packet};
+pub use spectro::ScpiSpectro;
 
 use crate::error::DriverError;
 use crate::instrument::DeviceCommand;

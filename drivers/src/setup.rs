@@ -1,0 +1,312 @@
+//! From the lab file to running drivers: the right driver for each instrument, and one port task per line
+//! however many instruments share it.
+//!
+//! `simulated` transports are resolved by the caller (it starts the simulators and knows their pty paths
+//! and TCP addresses), so everything here takes a concrete [`Endpoint`].
+
+use labctl_protocols::InstrumentKind;
+use labctl_protocols::lab::{self, Driver, SerialLine};
+
+use crate::error::DriverError;
+use crate::instrument::{DeviceCommand, Identity, Instrument, Outcome, Telemetry};
+use crate::port::{PortConfig, PortHandle, frame_line, frame_line_or_cr};
+use crate::roles::{
+    GantryOptions, GrblGantry, HotplateOptions, IkaHotplate, MtSicsBalance, Ne1000Pump, ScpiSpectro,
+};
+use crate::transport::Endpoint;
+
+/// Driver settings the lab file does not carry.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DriverOptions {
+    pub gantry: GantryOptions,
+    pub hotplate: HotplateOptions,
+}
+
+/// Port settings for a protocol: how to cut frames that arrive between transactions.
+pub fn port_config(driver: Driver) -> PortConfig {
+    let framer = match driver {
+        Driver::Ne1000 => crate::roles::frame_packet,
+        Driver::IkaNamur => frame_line_or_cr,
+        Driver::Grbl | Driver::MtSics | Driver::ScpiSpectro => frame_line,
+    };
+    PortConfig {
+        framer,
+        ..PortConfig::default()
+    }
+}
+
+/// The line settings each instrument family ships with (GRBL 115200 8N1, NE-1000 19200 8N1, MT-SICS 9600
+/// 8N1, IKA NAMUR 9600 7E1), for a serial device the lab file does not describe, such as a simulator's pty.
+/// `None` for the SCPI spectrophotometer, which is reached over TCP.
+pub fn standard_line(driver: Driver, port: &str) -> Option<SerialLine> {
+    let line = |baud: u32, data_bits: u8, parity: lab::Parity| SerialLine {
+        port: port.to_owned(),
+        baud,
+        data_bits,
+        parity,
+        stop_bits: 1,
+        flow_control: lab::FlowControl::None,
+    };
+    match driver {
+        Driver::Grbl => Some(line(115_200, 8, lab::Parity::None)),
+        Driver::Ne1000 => Some(line(19_200, 8, lab::Parity::None)),
+        Driver::MtSics => Some(line(9600, 8, lab::Parity::None)),
+        Driver::IkaNamur => Some(line(9600, 7, lab::Parity::Even)),
+        Driver::ScpiSpectro => None,
+    }
+}
+
+/// The port tasks of a lab, one per line: instruments on the same serial port (the NE-1000 daisy chain)
+/// get clones of one [`PortHandle`].
+#[derive(Debug, Default)]
+pub struct Ports {
+    lines: Vec<(Endpoint, Driver, PortHandle)>,
+}
+
+impl Ports {
+    pub fn new() -> Ports {
+        Ports::default()
+    }
+
+    /// The handle for `endpoint`, made on first use (no I/O). A line speaks one protocol: asking for it
+    /// with another driver is refused.
+    pub fn handle(
+        &mut self,
+        instrument: &str,
+        endpoint: &Endpoint,
+        driver: Driver,
+    ) -> Result<PortHandle, DriverError> {
+        if let Some((_, used_by, handle)) =
+            self.lines.iter().find(|(e, _, _)| e.same_line(endpoint))
+        {
+            if *used_by != driver {
+                return Err(DriverError::Unsupported {
+                    instrument: instrument.to_owned(),
+                    what: format!("sharing {} with {used_by:?} instruments", endpoint.name()),
+                    found: format!("{driver:?}"),
+                    supported: "one protocol per line".into(),
+                });
+            }
+            return Ok(handle.clone());
+        }
+        let handle = PortHandle::new(endpoint.clone(), port_config(driver));
+        self.lines.push((endpoint.clone(), driver, handle.clone()));
+        Ok(handle)
+    }
+
+    /// Every port handle, one per line.
+    pub fn handles(&self) -> impl Iterator<Item = &PortHandle> {
+        self.lines.iter().map(|(_, _, h)| h)
+    }
+}
+
+/// Builds the driver for a lab-file instrument reached at `endpoint` (its transport, with `simulated`
+/// already resolved), on the shared port task of that line. No I/O until [`Instrument::start`].
+pub fn connect(
+    instrument: &lab::Instrument,
+    endpoint: &Endpoint,
+    ports: &mut Ports,
+    options: &DriverOptions,
+) -> Result<AnyInstrument, DriverError> {
+    let port = ports.handle(&instrument.id, endpoint, instrument.driver)?;
+    driver_for(instrument, port, options)
+}
+
+/// Builds the driver for a lab-file instrument on a given port handle. No I/O.
+pub fn driver_for(
+    instrument: &lab::Instrument,
+    port: PortHandle,
+    options: &DriverOptions,
+) -> Result<AnyInstrument, DriverError> {
+    let id = instrument.id.as_str();
+    if instrument.driver.kind() != instrument.kind {
+        return Err(DriverError::Unsupported {
+            instrument: id.to_owned(),
+            what: "driver".into(),
+            found: format!("{:?} for a {}", instrument.driver, instrument.kind),
+            supported: format!("a driver for {} instruments", instrument.driver.kind()),
+        });
+    }
+    Ok(match instrument.driver {
+        Driver::Grbl => AnyInstrument::Gantry(GrblGantry::new(id, port, options.gantry.clone())),
+        // NE-1000 pumps leave the factory at address 0.
+        Driver::Ne1000 => {
+            AnyInstrument::Pump(Ne1000Pump::new(id, port, instrument.address.unwrap_or(0)))
+        }
+        Driver::MtSics => AnyInstrument::Balance(MtSicsBalance::new(id, port)),
+        Driver::IkaNamur => {
+            AnyInstrument::Hotplate(IkaHotplate::new(id, port, options.hotplate.clone()))
+        }
+        Driver::ScpiSpectro => AnyInstrument::Spectro(ScpiSpectro::new(id, port)),
+    })
+}
+
+/// Any of labctl's drivers, as one type: the [`Instrument`] trait's `impl Future` methods rule out
+/// `dyn Instrument`.
+#[derive(Debug)]
+pub enum AnyInstrument {
+    Gantry(GrblGantry),
+    Pump(Ne1000Pump),
+    Balance(MtSicsBalance),
+    Hotplate(IkaHotplate),
+    Spectro(ScpiSpectro),
+}
+
+/// Forwards a method to whichever driver is inside.
+macro_rules! each {
+    ($self:ident, $d:ident => $call:expr) => {
+        match $self {
+            AnyInstrument::Gantry($d) => $call,
+            AnyInstrument::Pump($d) => $call,
+            AnyInstrument::Balance($d) => $call,
+            AnyInstrument::Hotplate($d) => $call,
+            AnyInstrument::Spectro($d) => $call,
+        }
+    };
+}
+
+impl Instrument for AnyInstrument {
+    fn kind(&self) -> InstrumentKind {
+        each!(self, d => d.kind())
+    }
+
+    async fn start(&mut self) -> Result<Identity, DriverError> {
+        each!(self, d => d.start().await)
+    }
+
+    async fn execute(&mut self, command: &DeviceCommand) -> Result<Outcome, DriverError> {
+        each!(self, d => d.execute(command).await)
+    }
+
+    async fn poll(&mut self) -> Result<Telemetry, DriverError> {
+        each!(self, d => d.poll().await)
+    }
+
+    async fn safe_state(&mut self) -> Result<(), DriverError> {
+        each!(self, d => d.safe_state().await)
+    }
+
+    async fn stop(&mut self) {
+        each!(self, d => d.stop().await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Fake;
+    use crate::transport;
+    use labctl_protocols::Lab;
+
+    #[test]
+    fn the_sim_lab_builds_seven_drivers_on_five_port_tasks() {
+        let lab = Lab::sim();
+        let mut ports = Ports::new();
+        let mut drivers = Vec::new();
+        for inst in &lab.instruments {
+            // Resolve `simulated` as the controller does: a pty per serial instrument (the three pumps share
+            // one), TCP for the spectrophotometer.
+            let endpoint =
+                match standard_line(inst.driver, &format!("/dev/pts/sim-{:?}", inst.driver)) {
+                    Some(line) => Endpoint::Serial(line),
+                    None => Endpoint::Tcp {
+                        address: "127.0.0.1:5025".into(),
+                    },
+                };
+            drivers.push(connect(inst, &endpoint, &mut ports, &DriverOptions::default()).unwrap());
+        }
+        assert_eq!(drivers.len(), 7);
+        assert_eq!(
+            ports.handles().count(),
+            5,
+            "the three pumps share one port task"
+        );
+        let kinds: Vec<InstrumentKind> = drivers.iter().map(Instrument::kind).collect();
+        assert_eq!(
+            kinds
+                .iter()
+                .filter(|k| **k == InstrumentKind::SyringePump)
+                .count(),
+            3
+        );
+    }
+
+    #[test]
+    fn a_line_speaks_one_protocol() {
+        let lab = Lab::sim();
+        let mut ports = Ports::new();
+        let endpoint = Endpoint::Serial(standard_line(Driver::Ne1000, "/dev/ttyUSB0").unwrap());
+        let pump = lab
+            .instruments
+            .iter()
+            .find(|i| i.driver == Driver::Ne1000)
+            .unwrap();
+        let balance = lab
+            .instruments
+            .iter()
+            .find(|i| i.driver == Driver::MtSics)
+            .unwrap();
+        connect(pump, &endpoint, &mut ports, &DriverOptions::default()).unwrap();
+        let err = connect(balance, &endpoint, &mut ports, &DriverOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("one protocol per line"), "{err}");
+    }
+
+    #[test]
+    fn standard_lines_follow_the_manuals() {
+        let namur = standard_line(Driver::IkaNamur, "/dev/x").unwrap();
+        assert_eq!(
+            (namur.baud, namur.data_bits, namur.parity),
+            (9600, 7, lab::Parity::Even)
+        );
+        assert_eq!(standard_line(Driver::Grbl, "/dev/x").unwrap().baud, 115_200);
+        assert!(standard_line(Driver::ScpiSpectro, "x").is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pumps_built_from_the_lab_file_share_one_open_line() {
+        let lab = Lab::sim();
+        let (endpoint, mut device) = transport::memory("pumps", None);
+        let mut ports = Ports::new();
+        let mut pumps: Vec<AnyInstrument> = lab
+            .instruments
+            .iter()
+            .filter(|i| i.driver == Driver::Ne1000)
+            .map(|i| connect(i, &endpoint, &mut ports, &DriverOptions::default()).unwrap())
+            .collect();
+        let dev = tokio::spawn(async move {
+            let mut fake = Fake::accept(&mut device).await;
+            for address in 1..=3 {
+                fake.reply(
+                    format!("{address}VER\r").as_bytes(),
+                    format!("\x020{address}SNE1000V3.928\x03").as_bytes(),
+                )
+                .await;
+            }
+            fake
+        });
+        for p in &mut pumps {
+            assert_eq!(p.start().await.unwrap().model, "NE1000");
+        }
+        let mut fake = dev.await.unwrap();
+        let dev = tokio::spawn(async move {
+            for address in 1..=3 {
+                fake.reply(
+                    format!("{address}STP\r").as_bytes(),
+                    format!("\x020{address}P\x03").as_bytes(),
+                )
+                .await;
+            }
+            fake.expect_closed().await;
+        });
+        // Stopping the first two keeps the line open for the third; the last one closes it.
+        for (i, p) in pumps.iter_mut().enumerate() {
+            p.stop().await;
+            assert_eq!(
+                ports.handles().next().unwrap().is_open(),
+                i < 2,
+                "after stopping pump {i}"
+            );
+        }
+        dev.await.unwrap();
+    }
+}
