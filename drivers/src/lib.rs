@@ -24,5 +24,7 @@ pub(crate) mod testing;
 pub use error::{DriverError, PortError};
 pub use instrument::{DeviceCommand, DeviceState, Identity, Instrument, Outcome, Telemetry};
 pub use port::{PortConfig, PortHandle};
-pub use setup::{AnyInstrument, DriverOptions, Ports, connect, driver_for, port_config, standard_line};
+pub use setup::{
+    AnyInstrument, DriverOptions, Ports, connect, driver_for, port_config, standard_line,
+};
 pub use transport::Endpoint;

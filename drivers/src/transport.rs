@@ -377,6 +377,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_7e1_line_opens_on_a_pty() {
+        // The hotplate's NAMUR settings; Linux keeps a pty at 8N1 whatever is asked, and that must not
+        // stop a simulator's pty from opening.
+        let (mut master, slave) =
+            tokio_serial::SerialStream::pair().expect("this machine has ptys");
+        let path = {
+            use tokio_serial::SerialPort;
+            slave.name().expect("pty slave has a name")
+        };
+        let endpoint = Endpoint::Serial(SerialLine {
+            port: path,
+            ..line(7, Parity::Even, 1, 9600)
+        });
+        let mut stream = open(&endpoint).await.expect("open 7E1 pty");
+        stream.write_all(b"IN_PV_1\r\n").await.unwrap();
+        let mut buf = [0u8; 9];
+        master.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"IN_PV_1\r\n");
+    }
+
+    #[tokio::test]
     async fn tcp_connects_with_nodelay_and_refuses_cleanly() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();

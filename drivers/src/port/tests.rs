@@ -302,3 +302,37 @@ fn printable_escapes_and_truncates() {
     assert_eq!(printable(&[0x02, b'0', 0x03]), "\\x020\\x03");
     assert!(printable(&[b'x'; 500]).ends_with("...(500 bytes)"));
 }
+
+#[tokio::test]
+async fn a_real_pty_whose_device_end_closes_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_serial::SerialPort;
+    let (mut master, slave) = tokio_serial::SerialStream::pair().expect("this machine has ptys");
+    let path = slave.name().expect("pty slave has a name");
+    let line = labctl_protocols::lab::SerialLine {
+        port: path,
+        baud: 115_200,
+        data_bits: 8,
+        parity: labctl_protocols::lab::Parity::None,
+        stop_bits: 1,
+        flow_control: labctl_protocols::lab::FlowControl::None,
+    };
+    let port = PortHandle::new(Endpoint::Serial(line), PortConfig::default());
+    port.acquire().await.unwrap();
+    drop(slave);
+    let t = query(1).timeout(Duration::from_secs(5));
+    let (answer, ()) = tokio::join!(port.transact(t), async {
+        let mut buf = [0u8; 3];
+        master.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"Q1\n");
+        master.write_all(b"R1:pty\n").await.unwrap();
+    });
+    assert_eq!(answer.unwrap(), vec![b"R1:pty\n".to_vec()]);
+    // The simulator unplugs: the slave side reads EOF or EIO, both mean the device is gone.
+    drop(master);
+    let err = port
+        .transact(query(1).timeout(Duration::from_secs(5)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PortError::Disconnected { .. }), "{err}");
+}
