@@ -336,3 +336,70 @@ async fn a_real_pty_whose_device_end_closes_is_disconnected() {
         .unwrap_err();
     assert!(matches!(err, PortError::Disconnected { .. }), "{err}");
 }
+
+/// A port task over a dead in-memory stream, to drive its framing by hand.
+fn bare_task() -> PortTask {
+    let (host, _device) = tokio::io::duplex(16);
+    let (unsolicited, _) = broadcast::channel(4);
+    PortTask {
+        name: "t".into(),
+        stream: Box::new(host),
+        buf: Vec::new(),
+        framer: frame_line,
+        quiet: Duration::from_millis(100),
+        max_drain: Duration::from_secs(1),
+        unsolicited,
+        stats: Arc::new(PortStats::default()),
+        stale_since: None,
+        last_rx: None,
+        lost: Arc::new(AtomicBool::new(false)),
+    }
+}
+
+/// Framers that lie about lengths must not panic or stall the port.
+fn liar_zero(_: &[u8]) -> Result<Option<usize>, DecodeError> {
+    Ok(Some(0))
+}
+fn liar_huge(_: &[u8]) -> Result<Option<usize>, DecodeError> {
+    Ok(Some(usize::MAX))
+}
+fn liar_skip(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
+    let mut e = DecodeError::new("t", buf, "liar");
+    e.skip = if buf.len() % 2 == 0 { 0 } else { usize::MAX };
+    Err(e)
+}
+
+mod framing {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_bytes_through_any_framer_never_panic_and_always_drain(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..8),
+        ) {
+            let framers: [Framer; 6] = [
+                frame_line,
+                frame_line_or_cr,
+                crate::roles::frame_packet,
+                liar_zero,
+                liar_huge,
+                liar_skip,
+            ];
+            for framer in framers {
+                let mut task = bare_task();
+                for chunk in &chunks {
+                    task.buf.extend_from_slice(chunk);
+                    let before = task.buf.len();
+                    let mut frames = 0;
+                    while let Some(frame) = task.next_frame(framer) {
+                        prop_assert!(!frame.is_empty());
+                        frames += 1;
+                        prop_assert!(frames <= before, "more frames than bytes");
+                    }
+                    prop_assert!(task.buf.len() <= before);
+                }
+            }
+        }
+    }
+}
