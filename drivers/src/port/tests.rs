@@ -365,7 +365,11 @@ fn liar_huge(_: &[u8]) -> Result<Option<usize>, DecodeError> {
 }
 fn liar_skip(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
     let mut e = DecodeError::new("t", buf, "liar");
-    e.skip = if buf.len() % 2 == 0 { 0 } else { usize::MAX };
+    e.skip = if buf.len().is_multiple_of(2) {
+        0
+    } else {
+        usize::MAX
+    };
     Err(e)
 }
 
