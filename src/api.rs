@@ -22,7 +22,11 @@ pub struct Principal {
 
 impl Principal {
     pub fn new(name: &str, role: Role, via: &str) -> Self {
-        Principal { name: name.to_owned(), role, via: via.to_owned() }
+        Principal {
+            name: name.to_owned(),
+            role,
+            via: via.to_owned(),
+        }
     }
 }
 
@@ -57,7 +61,14 @@ impl RunState {
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, RunState::Rejected | RunState::Completed | RunState::Failed | RunState::Aborted | RunState::Interrupted)
+        matches!(
+            self,
+            RunState::Rejected
+                | RunState::Completed
+                | RunState::Failed
+                | RunState::Aborted
+                | RunState::Interrupted
+        )
     }
 }
 
@@ -142,15 +153,45 @@ pub struct RunInfo {
 }
 
 pub(crate) enum Request {
-    Submit { bytes: Vec<u8>, principal: Principal, reply: oneshot::Sender<SubmitReply> },
-    Approve { run_id: String, principal: Principal, reply: oneshot::Sender<Result<RunState, ApiError>> },
-    Reject { run_id: String, reason: String, principal: Principal, reply: oneshot::Sender<Result<RunState, ApiError>> },
-    Control { run_id: String, control: Control, principal: Principal, reply: oneshot::Sender<Result<RunState, ApiError>> },
-    EStop { principal: Principal, reply: oneshot::Sender<Result<(), ApiError>> },
-    EStopAck { principal: Principal, reply: oneshot::Sender<Result<(), ApiError>> },
-    PlannerLost { planner_id: String },
-    Runs { reply: oneshot::Sender<Vec<RunInfo>> },
-    Shutdown { reply: oneshot::Sender<()> },
+    Submit {
+        bytes: Vec<u8>,
+        principal: Principal,
+        reply: oneshot::Sender<SubmitReply>,
+    },
+    Approve {
+        run_id: String,
+        principal: Principal,
+        reply: oneshot::Sender<Result<RunState, ApiError>>,
+    },
+    Reject {
+        run_id: String,
+        reason: String,
+        principal: Principal,
+        reply: oneshot::Sender<Result<RunState, ApiError>>,
+    },
+    Control {
+        run_id: String,
+        control: Control,
+        principal: Principal,
+        reply: oneshot::Sender<Result<RunState, ApiError>>,
+    },
+    EStop {
+        principal: Principal,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    EStopAck {
+        principal: Principal,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    PlannerLost {
+        planner_id: String,
+    },
+    Runs {
+        reply: oneshot::Sender<Vec<RunInfo>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// A cheap, cloneable handle on the running controller.
@@ -170,41 +211,86 @@ impl ControllerHandle {
 
     /// Validates and submits a protocol (raw bytes as received).
     pub async fn submit(&self, bytes: Vec<u8>, principal: Principal) -> SubmitReply {
-        self.ask(|reply| Request::Submit { bytes, principal, reply })
-            .await
-            .unwrap_or_else(|| SubmitReply::refused(None, "controller is shutting down".into()))
+        self.ask(|reply| Request::Submit {
+            bytes,
+            principal,
+            reply,
+        })
+        .await
+        .unwrap_or_else(|| SubmitReply::refused(None, "controller is shutting down".into()))
     }
 
     pub async fn approve(&self, run_id: &str, principal: Principal) -> Result<RunState, ApiError> {
         let run_id = run_id.to_owned();
-        self.ask(|reply| Request::Approve { run_id, principal, reply }).await.unwrap_or(Err(ApiError::Unavailable))
+        self.ask(|reply| Request::Approve {
+            run_id,
+            principal,
+            reply,
+        })
+        .await
+        .unwrap_or(Err(ApiError::Unavailable))
     }
 
-    pub async fn reject(&self, run_id: &str, reason: &str, principal: Principal) -> Result<RunState, ApiError> {
+    pub async fn reject(
+        &self,
+        run_id: &str,
+        reason: &str,
+        principal: Principal,
+    ) -> Result<RunState, ApiError> {
         let (run_id, reason) = (run_id.to_owned(), reason.to_owned());
-        self.ask(|reply| Request::Reject { run_id, reason, principal, reply }).await.unwrap_or(Err(ApiError::Unavailable))
+        self.ask(|reply| Request::Reject {
+            run_id,
+            reason,
+            principal,
+            reply,
+        })
+        .await
+        .unwrap_or(Err(ApiError::Unavailable))
     }
 
-    pub async fn control(&self, run_id: &str, control: Control, principal: Principal) -> Result<RunState, ApiError> {
+    pub async fn control(
+        &self,
+        run_id: &str,
+        control: Control,
+        principal: Principal,
+    ) -> Result<RunState, ApiError> {
         let run_id = run_id.to_owned();
-        self.ask(|reply| Request::Control { run_id, control, principal, reply }).await.unwrap_or(Err(ApiError::Unavailable))
+        self.ask(|reply| Request::Control {
+            run_id,
+            control,
+            principal,
+            reply,
+        })
+        .await
+        .unwrap_or(Err(ApiError::Unavailable))
     }
 
     pub async fn emergency_stop(&self, principal: Principal) -> Result<(), ApiError> {
-        self.ask(|reply| Request::EStop { principal, reply }).await.unwrap_or(Err(ApiError::Unavailable))
+        self.ask(|reply| Request::EStop { principal, reply })
+            .await
+            .unwrap_or(Err(ApiError::Unavailable))
     }
 
     pub async fn acknowledge_emergency_stop(&self, principal: Principal) -> Result<(), ApiError> {
-        self.ask(|reply| Request::EStopAck { principal, reply }).await.unwrap_or(Err(ApiError::Unavailable))
+        self.ask(|reply| Request::EStopAck { principal, reply })
+            .await
+            .unwrap_or(Err(ApiError::Unavailable))
     }
 
     /// The planner's connection is gone: supervised runs of that planner go to a safe hold.
     pub async fn planner_lost(&self, planner_id: &str) {
-        let _ = self.tx.send(Request::PlannerLost { planner_id: planner_id.to_owned() }).await;
+        let _ = self
+            .tx
+            .send(Request::PlannerLost {
+                planner_id: planner_id.to_owned(),
+            })
+            .await;
     }
 
     pub async fn runs(&self) -> Vec<RunInfo> {
-        self.ask(|reply| Request::Runs { reply }).await.unwrap_or_default()
+        self.ask(|reply| Request::Runs { reply })
+            .await
+            .unwrap_or_default()
     }
 
     pub async fn run(&self, run_id: &str) -> Option<RunInfo> {

@@ -15,12 +15,20 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::api::{ApiError, Control, ControllerHandle, Principal, Request, RunInfo, RunState, SubmitReply};
+use crate::api::{
+    ApiError, Control, ControllerHandle, Principal, Request, RunInfo, RunState, SubmitReply,
+};
 use crate::executor::{RunContext, RunEnd, RunUpdate, collect_instruments, run_protocol};
 use crate::instruments::InstrumentHandle;
 use crate::journal::{self, JournalHandle, Record, RunRecord, now_ms};
 use crate::safety::EStop;
 use crate::world::{LabSnapshot, RunComponent, TickConfig, TickIo, TickThread, Trip, start_tick};
+
+/// Puts a run's labware where its protocol says it stands, before the run starts. In a real lab the
+/// technician does this (and the loader has nothing to do); the simulated lab places fresh vials itself.
+pub trait LabwareLoader: Send + Sync {
+    fn load(&self, run_id: &str, protocol: &Protocol) -> Result<(), String>;
+}
 
 pub struct ControllerConfig {
     pub lab: Lab,
@@ -29,12 +37,16 @@ pub struct ControllerConfig {
     pub data_dir: PathBuf,
     pub clock: VirtualClock,
     pub tick: TickConfig,
+    pub labware: Option<Arc<dyn LabwareLoader>>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
 }
@@ -58,7 +70,10 @@ impl Controller {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Starts the controller on instrument tasks that are already running.
@@ -67,16 +82,31 @@ pub async fn start(
     instruments: BTreeMap<String, InstrumentHandle>,
     estop: EStop,
 ) -> Result<Controller, StartError> {
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
     let conn = journal::open_db(&config.data_dir)?;
     let interrupted = journal::mark_interrupted(&conn)?;
     let proposals = journal::read::proposals(&conn)?;
     let journal = journal::start(conn);
     // Whatever state the last process left the instruments in, they start safe (the instrument tasks also
     // make each one safe when it connects).
+    // Reconcile: each instrument is made safe and the outcome journaled before anything new runs on it
+    // (the instrument task serialises this safe state ahead of any later command).
     for h in instruments.values() {
-        h.request_safe_state();
+        let (h, journal) = (h.clone(), journal.clone());
+        tokio::spawn(async move {
+            let ok = h.safe_state(Duration::from_secs(10)).await;
+            journal.append(Record::Event {
+                run_id: None,
+                kind: "instrument_safe".into(),
+                step: None,
+                actor: None,
+                detail: json!({ "instrument": h.id, "confirmed": ok }),
+                at_ms: now_ms(),
+            });
+        });
     }
     journal.append(Record::Event {
         run_id: None,
@@ -93,7 +123,12 @@ pub async fn start(
     let tick = start_tick(
         &config.lab,
         &handles,
-        TickIo { trips: trips_tx, snapshot: snapshot_tx, run_updates: mirror_rx, estop: estop.clone() },
+        TickIo {
+            trips: trips_tx,
+            snapshot: snapshot_tx,
+            run_updates: mirror_rx,
+            estop: estop.clone(),
+        },
         config.tick,
     );
     let (tx, rx) = mpsc::channel(256);
@@ -109,13 +144,18 @@ pub async fn start(
         order: Vec::new(),
         proposals: proposals.into_iter().map(|(p, r, s)| (p, (r, s))).collect(),
         reserved: BTreeMap::new(),
+        labware: config.labware,
         updates: updates_tx,
         mirror: mirror_tx,
         next_id: 0,
     };
     let task = tokio::spawn(core.run(rx, updates_rx, trips_rx));
     Ok(Controller {
-        handle: ControllerHandle { tx, journal, snapshot: snapshot_rx },
+        handle: ControllerHandle {
+            tx,
+            journal,
+            snapshot: snapshot_rx,
+        },
         interrupted,
         tick: Some(tick),
         task,
@@ -155,6 +195,7 @@ struct Core {
     proposals: BTreeMap<String, (String, String)>,
     /// instrument -> the run holding it.
     reserved: BTreeMap<String, String>,
+    labware: Option<Arc<dyn LabwareLoader>>,
     updates: mpsc::UnboundedSender<RunUpdate>,
     mirror: mpsc::UnboundedSender<RunComponent>,
     next_id: u32,
@@ -188,7 +229,13 @@ impl Core {
         }
     }
 
-    fn event(&self, run_id: Option<&str>, kind: &str, actor: Option<&Principal>, detail: serde_json::Value) {
+    fn event(
+        &self,
+        run_id: Option<&str>,
+        kind: &str,
+        actor: Option<&Principal>,
+        detail: serde_json::Value,
+    ) {
         self.journal.append(Record::Event {
             run_id: run_id.map(str::to_owned),
             kind: kind.to_owned(),
@@ -201,12 +248,17 @@ impl Core {
 
     /// Records a state change: journal, world model, and the proposal index.
     fn set_state(&mut self, run_id: &str, state: RunState, reason: Option<String>) {
-        let Some(run) = self.runs.get_mut(run_id) else { return };
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
         run.state = state;
         if reason.is_some() {
             run.reason = reason.clone();
         }
-        self.proposals.insert(run.proposal_id.clone(), (run.run_id.clone(), state.as_str().to_owned()));
+        self.proposals.insert(
+            run.proposal_id.clone(),
+            (run.run_id.clone(), state.as_str().to_owned()),
+        );
         self.journal.append(Record::RunState {
             run_id: run_id.to_owned(),
             state: state.as_str().to_owned(),
@@ -214,13 +266,7 @@ impl Core {
             reason,
             at_ms: now_ms(),
         });
-        let _ = self.mirror.send(RunComponent {
-            run_id: run.run_id.clone(),
-            proposal_id: run.proposal_id.clone(),
-            state,
-            current_step: run.current_step.clone(),
-            instruments: run.instruments.iter().cloned().collect(),
-        });
+        let _ = self.mirror.send(mirror_of(run));
         if state.is_terminal() {
             if let Some(task) = run.task.take() {
                 task.abort();
@@ -231,20 +277,38 @@ impl Core {
 
     async fn on_request(&mut self, request: Request) {
         match request {
-            Request::Submit { bytes, principal, reply } => {
+            Request::Submit {
+                bytes,
+                principal,
+                reply,
+            } => {
                 let r = self.submit(bytes, principal).await;
                 let _ = reply.send(r);
                 self.start_queued();
             }
-            Request::Approve { run_id, principal, reply } => {
+            Request::Approve {
+                run_id,
+                principal,
+                reply,
+            } => {
                 let r = self.approve(&run_id, &principal, None);
                 let _ = reply.send(r);
                 self.start_queued();
             }
-            Request::Reject { run_id, reason, principal, reply } => {
+            Request::Reject {
+                run_id,
+                reason,
+                principal,
+                reply,
+            } => {
                 let _ = reply.send(self.approve(&run_id, &principal, Some(reason)));
             }
-            Request::Control { run_id, control, principal, reply } => {
+            Request::Control {
+                run_id,
+                control,
+                principal,
+                reply,
+            } => {
                 let _ = reply.send(self.control(&run_id, control, &principal));
                 self.start_queued();
             }
@@ -253,10 +317,18 @@ impl Core {
             }
             Request::EStopAck { principal, reply } => {
                 let r = if principal.role != Role::Technician {
-                    Err(ApiError::Forbidden(format!("{} may not acknowledge an emergency stop: technicians only", principal.name)))
+                    Err(ApiError::Forbidden(format!(
+                        "{} may not acknowledge an emergency stop: technicians only",
+                        principal.name
+                    )))
                 } else {
                     let was = self.estop.acknowledge();
-                    self.event(None, "estop_acknowledged", Some(&principal), json!({ "was_latched": was }));
+                    self.event(
+                        None,
+                        "estop_acknowledged",
+                        Some(&principal),
+                        json!({ "was_latched": was }),
+                    );
                     Ok(())
                 };
                 let _ = reply.send(r);
@@ -264,7 +336,13 @@ impl Core {
             }
             Request::PlannerLost { planner_id } => self.planner_lost(&planner_id),
             Request::Runs { reply } => {
-                let _ = reply.send(self.order.iter().filter_map(|id| self.runs.get(id)).map(info).collect());
+                let _ = reply.send(
+                    self.order
+                        .iter()
+                        .filter_map(|id| self.runs.get(id))
+                        .map(info)
+                        .collect(),
+                );
             }
             Request::Shutdown { .. } => {}
         }
@@ -272,16 +350,34 @@ impl Core {
 
     async fn submit(&mut self, bytes: Vec<u8>, principal: Principal) -> SubmitReply {
         if !matches!(principal.role, Role::Planner | Role::Rig | Role::Technician) {
-            return SubmitReply::refused(None, format!("{} is an observer and may not submit protocols", principal.name));
+            return SubmitReply::refused(
+                None,
+                format!(
+                    "{} is an observer and may not submit protocols",
+                    principal.name
+                ),
+            );
         }
         let report = validate_bytes(&bytes, &self.lab);
-        let proposal_id = report.protocol.as_ref().map(|p| p.metadata.proposal_id.clone());
+        let proposal_id = report
+            .protocol
+            .as_ref()
+            .map(|p| p.metadata.proposal_id.clone());
         let Some(protocol) = report.protocol.clone() else {
             // Try to name the proposal in the refusal even when the document is invalid.
             let pid = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()
-                .and_then(|v| v.pointer("/metadata/proposal_id").and_then(|p| p.as_str()).map(str::to_owned));
-            self.event(None, "proposal_rejected", Some(&principal), json!({ "proposal_id": pid, "findings": report.findings.len() }));
+                .and_then(|v| {
+                    v.pointer("/metadata/proposal_id")
+                        .and_then(|p| p.as_str())
+                        .map(str::to_owned)
+                });
+            self.event(
+                None,
+                "proposal_rejected",
+                Some(&principal),
+                json!({ "proposal_id": pid, "findings": report.findings.len() }),
+            );
             return SubmitReply {
                 accepted: false,
                 proposal_id: pid,
@@ -297,14 +393,23 @@ impl Core {
         let sha = sha256_hex(&bytes);
         let pid = protocol.metadata.proposal_id.clone();
         if let Some((run_id, state)) = self.proposals.get(&pid).cloned() {
-            let same = self.runs.get(&run_id).is_none_or(|r| r.protocol_sha256 == sha);
+            let same = self
+                .runs
+                .get(&run_id)
+                .is_none_or(|r| r.protocol_sha256 == sha);
             if !same {
                 return SubmitReply::refused(
                     proposal_id,
-                    format!("proposal id {pid} was already used for a different protocol (run {run_id})"),
+                    format!(
+                        "proposal id {pid} was already used for a different protocol (run {run_id})"
+                    ),
                 );
             }
-            let state = self.runs.get(&run_id).map(|r| r.state).or_else(|| parse_state(&state));
+            let state = self
+                .runs
+                .get(&run_id)
+                .map(|r| r.state)
+                .or_else(|| parse_state(&state));
             return SubmitReply {
                 accepted: true,
                 proposal_id,
@@ -320,7 +425,11 @@ impl Core {
         self.next_id += 1;
         let run_id = format!("run-{}-{}", now_ms(), self.next_id);
         let auto = report.approval_required_because.is_empty();
-        let state = if auto { RunState::Queued } else { RunState::AwaitingApproval };
+        let state = if auto {
+            RunState::Queued
+        } else {
+            RunState::AwaitingApproval
+        };
         let mut instruments = BTreeSet::new();
         collect_instruments(&protocol.steps, &mut instruments);
         let record = RunRecord {
@@ -341,7 +450,11 @@ impl Core {
             submitted_at_ms: now_ms(),
         };
         // The planner is told "accepted" only once the run is on disk.
-        if let Err(e) = self.journal.append_durable(Record::RunCreated(record)).await {
+        if let Err(e) = self
+            .journal
+            .append_durable(Record::RunCreated(record))
+            .await
+        {
             return SubmitReply::refused(proposal_id, format!("cannot record the run: {e}"));
         }
         let approval_detail = if auto {
@@ -349,7 +462,12 @@ impl Core {
         } else {
             json!({ "decision": "awaiting_approval", "because": report.approval_required_because, "estimated_duration_s": report.estimated_duration_s })
         };
-        self.event(Some(&run_id), "submitted", Some(&principal), json!({ "proposal_id": pid, "protocol_sha256": sha }));
+        self.event(
+            Some(&run_id),
+            "submitted",
+            Some(&principal),
+            json!({ "proposal_id": pid, "protocol_sha256": sha }),
+        );
         self.event(Some(&run_id), "approval", None, approval_detail);
         let (control, _) = watch::channel(Control::Resume);
         self.runs.insert(
@@ -389,32 +507,60 @@ impl Core {
     }
 
     /// Approves (`reject` = None) or rejects a run awaiting approval.
-    fn approve(&mut self, run_id: &str, who: &Principal, reject: Option<String>) -> Result<RunState, ApiError> {
+    fn approve(
+        &mut self,
+        run_id: &str,
+        who: &Principal,
+        reject: Option<String>,
+    ) -> Result<RunState, ApiError> {
         if who.role != Role::Technician {
-            return Err(ApiError::Forbidden(format!("{} may not approve or reject runs: technicians only", who.name)));
+            return Err(ApiError::Forbidden(format!(
+                "{} may not approve or reject runs: technicians only",
+                who.name
+            )));
         }
-        let run = self.runs.get(run_id).ok_or_else(|| ApiError::UnknownRun(run_id.to_owned()))?;
+        let run = self
+            .runs
+            .get(run_id)
+            .ok_or_else(|| ApiError::UnknownRun(run_id.to_owned()))?;
         if run.state != RunState::AwaitingApproval {
-            return Err(ApiError::InvalidState(format!("run {run_id} is {}, not awaiting approval", run.state)));
+            return Err(ApiError::InvalidState(format!(
+                "run {run_id} is {}, not awaiting approval",
+                run.state
+            )));
         }
         let (state, detail) = match &reject {
             None => (RunState::Queued, json!({ "decision": "approved" })),
-            Some(reason) => (RunState::Rejected, json!({ "decision": "rejected", "reason": reason })),
+            Some(reason) => (
+                RunState::Rejected,
+                json!({ "decision": "rejected", "reason": reason }),
+            ),
         };
         self.event(Some(run_id), "approval", Some(who), detail);
         self.set_state(run_id, state, reject);
         Ok(state)
     }
 
-    fn control(&mut self, run_id: &str, control: Control, who: &Principal) -> Result<RunState, ApiError> {
-        let run = self.runs.get(run_id).ok_or_else(|| ApiError::UnknownRun(run_id.to_owned()))?;
+    fn control(
+        &mut self,
+        run_id: &str,
+        control: Control,
+        who: &Principal,
+    ) -> Result<RunState, ApiError> {
+        let run = self
+            .runs
+            .get(run_id)
+            .ok_or_else(|| ApiError::UnknownRun(run_id.to_owned()))?;
         let allowed = match who.role {
             Role::Technician => true,
             Role::Planner | Role::Rig => run.submitted_by == who.name,
             Role::Observer => false,
         };
         if !allowed {
-            return Err(ApiError::Forbidden(format!("{} may not control run {run_id}: it belongs to {}", who.name, run.submitted_by)));
+            return Err(ApiError::Forbidden(format!(
+                "{} may not control run {run_id}: it belongs to {}",
+                who.name, run.submitted_by
+            )));
         }
         let state = run.state;
         let result = match (control, state) {
@@ -429,17 +575,32 @@ impl Core {
             (Control::Abort, RunState::Running | RunState::Paused) => {
                 run.control.send_replace(Control::Abort);
                 self.safe_state_of_run(run_id);
-                self.set_state(run_id, RunState::Aborted, Some(format!("aborted by {}", who.name)));
+                self.set_state(
+                    run_id,
+                    RunState::Aborted,
+                    Some(format!("aborted by {}", who.name)),
+                );
                 Ok(RunState::Aborted)
             }
             (Control::Abort, RunState::Queued | RunState::AwaitingApproval) => {
-                self.set_state(run_id, RunState::Aborted, Some(format!("aborted by {} before it started", who.name)));
+                self.set_state(
+                    run_id,
+                    RunState::Aborted,
+                    Some(format!("aborted by {} before it started", who.name)),
+                );
                 Ok(RunState::Aborted)
             }
-            (c, s) => Err(ApiError::InvalidState(format!("cannot {c:?} run {run_id}: it is {s}").to_lowercase())),
+            (c, s) => Err(ApiError::InvalidState(
+                format!("cannot {c:?} run {run_id}: it is {s}").to_lowercase(),
+            )),
         };
         if result.is_ok() {
-            self.event(Some(run_id), "operator_action", Some(who), json!({ "control": control }));
+            self.event(
+                Some(run_id),
+                "operator_action",
+                Some(who),
+                json!({ "control": control }),
+            );
         }
         result
     }
@@ -456,7 +617,10 @@ impl Core {
 
     fn emergency_stop(&mut self, who: &Principal) -> Result<(), ApiError> {
         if who.role != Role::Technician {
-            return Err(ApiError::Forbidden(format!("{} may not trigger the emergency stop: technicians only", who.name)));
+            return Err(ApiError::Forbidden(format!(
+                "{} may not trigger the emergency stop: technicians only",
+                who.name
+            )));
         }
         // Latch first: from here every instrument task refuses commands, whatever is in flight.
         self.estop.trigger();
@@ -466,16 +630,30 @@ impl Core {
         let active: Vec<String> = self
             .runs
             .values()
-            .filter(|r| matches!(r.state, RunState::Running | RunState::Paused | RunState::Queued))
+            .filter(|r| {
+                matches!(
+                    r.state,
+                    RunState::Running | RunState::Paused | RunState::Queued
+                )
+            })
             .map(|r| r.run_id.clone())
             .collect();
         for id in &active {
             if let Some(run) = self.runs.get(id) {
                 run.control.send_replace(Control::Abort);
             }
-            self.set_state(id, RunState::Aborted, Some(format!("emergency stop by {}", who.name)));
+            self.set_state(
+                id,
+                RunState::Aborted,
+                Some(format!("emergency stop by {}", who.name)),
+            );
         }
-        self.event(None, "estop_triggered", Some(who), json!({ "aborted_runs": active }));
+        self.event(
+            None,
+            "estop_triggered",
+            Some(who),
+            json!({ "aborted_runs": active }),
+        );
         Ok(())
     }
 
@@ -491,7 +669,12 @@ impl Core {
                 run.control.send_replace(Control::Pause);
             }
             self.safe_state_of_run(&id);
-            self.event(Some(&id), "planner_lost", None, json!({ "planner_id": planner_id, "action": "safe hold" }));
+            self.event(
+                Some(&id),
+                "planner_lost",
+                None,
+                json!({ "planner_id": planner_id, "action": "safe hold" }),
+            );
         }
     }
 
@@ -501,7 +684,11 @@ impl Core {
                 h.request_safe_state();
             }
         }
-        let concerned: BTreeSet<&String> = trip.safe_state.iter().chain(std::iter::once(&trip.instrument)).collect();
+        let concerned: BTreeSet<&String> = trip
+            .safe_state
+            .iter()
+            .chain(std::iter::once(&trip.instrument))
+            .collect();
         let affected: Vec<String> = self
             .runs
             .values()
@@ -516,7 +703,12 @@ impl Core {
             json!({ "interlock": trip.interlock, "reason": trip.reason, "action": trip.action, "safe_state": trip.safe_state, "runs": affected }),
         );
         for id in affected {
-            self.event(Some(&id), "interlock", None, json!({ "interlock": trip.interlock, "reason": trip.reason }));
+            self.event(
+                Some(&id),
+                "interlock",
+                None,
+                json!({ "interlock": trip.interlock, "reason": trip.reason }),
+            );
             match trip.action {
                 TripAction::Pause => {
                     if let Some(run) = self.runs.get(&id) {
@@ -527,7 +719,11 @@ impl Core {
                     if let Some(run) = self.runs.get(&id) {
                         run.control.send_replace(Control::Abort);
                     }
-                    self.set_state(&id, RunState::Failed, Some(format!("interlock {}: {}", trip.interlock, trip.reason)));
+                    self.set_state(
+                        &id,
+                        RunState::Failed,
+                        Some(format!("interlock {}: {}", trip.interlock, trip.reason)),
+                    );
                 }
             }
         }
@@ -537,26 +733,38 @@ impl Core {
     fn on_update(&mut self, update: RunUpdate) {
         match update {
             RunUpdate::Step { run_id, step } => {
+                // The journal has the step's own events; only the live model follows every step.
                 if let Some(run) = self.runs.get_mut(&run_id)
                     && !run.state.is_terminal()
                 {
                     run.current_step = Some(step);
-                    let state = run.state;
-                    self.set_state(&run_id, state, None);
+                    let _ = self.mirror.send(mirror_of(run));
                 }
             }
             RunUpdate::Paused { run_id, reason } => {
-                if self.runs.get(&run_id).is_some_and(|r| r.state == RunState::Running) {
+                if self
+                    .runs
+                    .get(&run_id)
+                    .is_some_and(|r| r.state == RunState::Running)
+                {
                     self.set_state(&run_id, RunState::Paused, Some(reason));
                 }
             }
             RunUpdate::Resumed { run_id } => {
-                if self.runs.get(&run_id).is_some_and(|r| r.state == RunState::Paused) {
+                if self
+                    .runs
+                    .get(&run_id)
+                    .is_some_and(|r| r.state == RunState::Paused)
+                {
                     self.set_state(&run_id, RunState::Running, None);
                 }
             }
             RunUpdate::Finished { run_id, end } => {
-                if self.runs.get(&run_id).is_some_and(|r| !r.state.is_terminal()) {
+                if self
+                    .runs
+                    .get(&run_id)
+                    .is_some_and(|r| !r.state.is_terminal())
+                {
                     let (state, reason) = match end {
                         RunEnd::Completed => (RunState::Completed, None),
                         RunEnd::Failed(r) => (RunState::Failed, Some(r)),
@@ -578,17 +786,45 @@ impl Core {
         if self.estop.is_latched() {
             return;
         }
-        let queued: Vec<String> =
-            self.order.iter().filter(|id| self.runs.get(*id).is_some_and(|r| r.state == RunState::Queued)).cloned().collect();
+        let queued: Vec<String> = self
+            .order
+            .iter()
+            .filter(|id| {
+                self.runs
+                    .get(*id)
+                    .is_some_and(|r| r.state == RunState::Queued)
+            })
+            .cloned()
+            .collect();
         for id in queued {
-            let Some(run) = self.runs.get(&id) else { continue };
-            if run.instruments.iter().any(|i| self.reserved.contains_key(i)) {
+            let Some(run) = self.runs.get(&id) else {
+                continue;
+            };
+            if run
+                .instruments
+                .iter()
+                .any(|i| self.reserved.contains_key(i))
+            {
                 continue;
             }
-            let missing: Vec<&String> = run.instruments.iter().filter(|i| !self.instruments.contains_key(*i)).collect();
+            let missing: Vec<&String> = run
+                .instruments
+                .iter()
+                .filter(|i| !self.instruments.contains_key(*i))
+                .collect();
             if !missing.is_empty() {
                 let reason = format!("instruments not connected to this controller: {missing:?}");
                 self.set_state(&id, RunState::Failed, Some(reason));
+                continue;
+            }
+            if let Some(loader) = &self.labware
+                && let Err(e) = loader.load(&id, &run.protocol)
+            {
+                self.set_state(
+                    &id,
+                    RunState::Failed,
+                    Some(format!("cannot load labware: {e}")),
+                );
                 continue;
             }
             for i in &run.instruments {
@@ -616,8 +852,12 @@ impl Core {
     }
 
     async fn shutdown(&mut self) {
-        let active: Vec<String> =
-            self.runs.values().filter(|r| !r.state.is_terminal() && r.state != RunState::AwaitingApproval).map(|r| r.run_id.clone()).collect();
+        let active: Vec<String> = self
+            .runs
+            .values()
+            .filter(|r| !r.state.is_terminal() && r.state != RunState::AwaitingApproval)
+            .map(|r| r.run_id.clone())
+            .collect();
         for id in active {
             if let Some(run) = self.runs.get(&id) {
                 run.control.send_replace(Control::Abort);
@@ -633,8 +873,26 @@ impl Core {
         // Make sure everything above is on disk before the process exits.
         let _ = self
             .journal
-            .append_durable(Record::Event { run_id: None, kind: "journal_closed".into(), step: None, actor: None, detail: json!({}), at_ms: now_ms() })
+            .append_durable(Record::Event {
+                run_id: None,
+                kind: "journal_closed".into(),
+                step: None,
+                actor: None,
+                detail: json!({}),
+                at_ms: now_ms(),
+            })
             .await;
+    }
+}
+
+/// The run as the world model holds it.
+fn mirror_of(run: &RunEntry) -> RunComponent {
+    RunComponent {
+        run_id: run.run_id.clone(),
+        proposal_id: run.proposal_id.clone(),
+        state: run.state,
+        current_step: run.current_step.clone(),
+        instruments: run.instruments.iter().cloned().collect(),
     }
 }
 

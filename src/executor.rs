@@ -32,11 +32,22 @@ pub enum RunEnd {
 /// What a run task tells the controller while it runs.
 #[derive(Debug, Clone)]
 pub enum RunUpdate {
-    Step { run_id: String, step: String },
+    Step {
+        run_id: String,
+        step: String,
+    },
     /// An `on_error: pause` step failed, or a pause request reached a safe point.
-    Paused { run_id: String, reason: String },
-    Resumed { run_id: String },
-    Finished { run_id: String, end: RunEnd },
+    Paused {
+        run_id: String,
+        reason: String,
+    },
+    Resumed {
+        run_id: String,
+    },
+    Finished {
+        run_id: String,
+        end: RunEnd,
+    },
 }
 
 /// Everything a run task needs, shared by its parallel branches.
@@ -73,7 +84,11 @@ impl RunContext {
         control: watch::Receiver<Control>,
         updates: mpsc::UnboundedSender<RunUpdate>,
     ) -> Self {
-        let vessels = protocol.labware.iter().map(|l| (l.id.clone(), l.location.to_ascii_uppercase())).collect();
+        let vessels = protocol
+            .labware
+            .iter()
+            .map(|l| (l.id.clone(), l.location.to_ascii_uppercase()))
+            .collect();
         RunContext {
             run_id,
             proposal_id: protocol.metadata.proposal_id.clone(),
@@ -109,16 +124,19 @@ impl RunContext {
                 Control::Abort => return Err(StepError::Aborted("aborted".into())),
                 Control::Resume => {
                     if announced {
-                        let _ = self.updates.send(RunUpdate::Resumed { run_id: self.run_id.clone() });
+                        let _ = self.updates.send(RunUpdate::Resumed {
+                            run_id: self.run_id.clone(),
+                        });
                     }
                     return Ok(());
                 }
                 Control::Pause => {
                     if !announced {
                         announced = true;
-                        let _ = self
-                            .updates
-                            .send(RunUpdate::Paused { run_id: self.run_id.clone(), reason: "pause requested".into() });
+                        let _ = self.updates.send(RunUpdate::Paused {
+                            run_id: self.run_id.clone(),
+                            reason: "pause requested".into(),
+                        });
                     }
                     if control.changed().await.is_err() {
                         return Err(StepError::Aborted("controller stopped".into()));
@@ -132,7 +150,10 @@ impl RunContext {
     /// aborts.
     async fn hold_after_failure(&self, reason: String) -> Result<(), StepError> {
         let mut control = self.control.clone();
-        let _ = self.updates.send(RunUpdate::Paused { run_id: self.run_id.clone(), reason });
+        let _ = self.updates.send(RunUpdate::Paused {
+            run_id: self.run_id.clone(),
+            reason,
+        });
         // The run holds until someone says otherwise, whatever the control said before the failure.
         control.mark_unchanged();
         loop {
@@ -140,9 +161,15 @@ impl RunContext {
                 return Err(StepError::Aborted("controller stopped".into()));
             }
             match *control.borrow_and_update() {
-                Control::Abort => return Err(StepError::Aborted("aborted while held after a failure".into())),
+                Control::Abort => {
+                    return Err(StepError::Aborted(
+                        "aborted while held after a failure".into(),
+                    ));
+                }
                 Control::Resume => {
-                    let _ = self.updates.send(RunUpdate::Resumed { run_id: self.run_id.clone() });
+                    let _ = self.updates.send(RunUpdate::Resumed {
+                        run_id: self.run_id.clone(),
+                    });
                     return Ok(());
                 }
                 Control::Pause => {}
@@ -151,16 +178,25 @@ impl RunContext {
     }
 
     fn virtual_to_real(&self, seconds: f64) -> Duration {
-        self.clock.to_real(Duration::from_secs_f64(seconds.clamp(0.0, 1.0e9)))
+        self.clock
+            .to_real(Duration::from_secs_f64(seconds.clamp(0.0, 1.0e9)))
     }
 
     /// Runs a list of steps in order. `suffix` numbers results inside `repeat` (e.g. `_2_1`).
-    fn steps<'a>(self: &'a Arc<Self>, steps: &'a [Step], path: String, suffix: String) -> StepFuture<'a> {
+    fn steps<'a>(
+        self: &'a Arc<Self>,
+        steps: &'a [Step],
+        path: String,
+        suffix: String,
+    ) -> StepFuture<'a> {
         Box::pin(async move {
             for (i, step) in steps.iter().enumerate() {
                 self.checkpoint().await?;
                 let step_path = format!("{path}/{i}");
-                let _ = self.updates.send(RunUpdate::Step { run_id: self.run_id.clone(), step: step_path.clone() });
+                let _ = self.updates.send(RunUpdate::Step {
+                    run_id: self.run_id.clone(),
+                    step: step_path.clone(),
+                });
                 let timeout = step.timeout_s().or_else(|| default_timeout_s(step));
                 let run = self.step(step, step_path.clone(), suffix.clone());
                 let outcome = match timeout {
@@ -169,16 +205,24 @@ impl RunContext {
                         Err(_) => {
                             // The dropped step may have left a command in flight: make its instruments safe.
                             self.safe_state_of(step);
-                            Err(StepError::Failed(format!("step {step_path} timed out after {t} s")))
+                            Err(StepError::Failed(format!(
+                                "step {step_path} timed out after {t} s"
+                            )))
                         }
                     },
                     None => run.await,
                 };
                 match outcome {
-                    Ok(()) => self.event("step_finished", &step_path, json!({})),
+                    // Leaf commands journal their own intent and outcome; blocks say when they end.
+                    Ok(()) if is_block(step) => self.event("step_finished", &step_path, json!({})),
+                    Ok(()) => {}
                     Err(StepError::Aborted(r)) => return Err(StepError::Aborted(r)),
                     Err(StepError::Failed(reason)) => {
-                        self.event("step_failed", &step_path, json!({ "reason": reason, "on_error": step.on_error() }));
+                        self.event(
+                            "step_failed",
+                            &step_path,
+                            json!({ "reason": reason, "on_error": step.on_error() }),
+                        );
                         // A step interrupted because the run is being paused (an interlock, a lost planner) or
                         // aborted ends the way the controller asked, not by the step's own policy.
                         let control = *self.control.borrow();
@@ -192,7 +236,9 @@ impl RunContext {
                         }
                         match step.on_error() {
                             OnError::Fail => return Err(StepError::Failed(reason)),
-                            OnError::Skip => self.event("step_skipped", &step_path, json!({ "reason": reason })),
+                            OnError::Skip => {
+                                self.event("step_skipped", &step_path, json!({ "reason": reason }))
+                            }
                             OnError::Pause => self.hold_after_failure(reason).await?,
                         }
                     }
@@ -212,8 +258,15 @@ impl RunContext {
         }
     }
 
-    async fn step(self: &Arc<Self>, step: &Step, path: String, suffix: String) -> Result<(), StepError> {
-        self.event("step_started", &path, json!({ "type": step.type_name() }));
+    async fn step(
+        self: &Arc<Self>,
+        step: &Step,
+        path: String,
+        suffix: String,
+    ) -> Result<(), StepError> {
+        if is_block(step) {
+            self.event("step_started", &path, json!({ "type": step.type_name() }));
+        }
         match step {
             Step::Action(a) => {
                 let commands = self.expand(&a.instrument, &a.action)?;
@@ -230,7 +283,12 @@ impl RunContext {
             Step::Measure(m) => {
                 let cmd = measurement_command(&m.measurement);
                 let outcome = self.command(&m.instrument, cmd, &path).await?;
-                self.result(&format!("{}{suffix}", m.result), &path, &m.instrument, &outcome);
+                self.result(
+                    &format!("{}{suffix}", m.result),
+                    &path,
+                    &m.instrument,
+                    &outcome,
+                );
                 Ok(())
             }
             Step::Wait(w) => {
@@ -249,7 +307,8 @@ impl RunContext {
                 }
                 let mut first_error = None;
                 while let Some(joined) = set.join_next().await {
-                    let r = joined.unwrap_or_else(|e| Err(StepError::Failed(format!("branch crashed: {e}"))));
+                    let r = joined
+                        .unwrap_or_else(|e| Err(StepError::Failed(format!("branch crashed: {e}"))));
                     if let Err(e) = r {
                         // One failed branch ends the block: stop the others where they are.
                         set.abort_all();
@@ -260,7 +319,8 @@ impl RunContext {
             }
             Step::Repeat(r) => {
                 for k in 1..=r.count {
-                    self.steps(&r.steps, format!("{path}/steps"), format!("{suffix}_{k}")).await?;
+                    self.steps(&r.steps, format!("{path}/steps"), format!("{suffix}_{k}"))
+                        .await?;
                 }
                 Ok(())
             }
@@ -268,14 +328,29 @@ impl RunContext {
     }
 
     /// Sends one command, journaling its intent first and its outcome after.
-    async fn command(&self, instrument: &str, cmd: DeviceCommand, step: &str) -> Result<Outcome, StepError> {
+    async fn command(
+        &self,
+        instrument: &str,
+        cmd: DeviceCommand,
+        step: &str,
+    ) -> Result<Outcome, StepError> {
         let Some(handle) = self.instruments.get(instrument) else {
-            return Err(StepError::Failed(format!("instrument {instrument} is not connected to this controller")));
+            return Err(StepError::Failed(format!(
+                "instrument {instrument} is not connected to this controller"
+            )));
         };
-        self.event("command", step, json!({ "instrument": instrument, "command": cmd }));
+        self.event(
+            "command",
+            step,
+            json!({ "instrument": instrument, "command": cmd }),
+        );
         match handle.execute(cmd).await {
             Ok(outcome) => {
-                self.event("command_done", step, json!({ "instrument": instrument, "outcome": outcome_summary(&outcome) }));
+                self.event(
+                    "command_done",
+                    step,
+                    json!({ "instrument": instrument, "outcome": outcome_summary(&outcome) }),
+                );
                 Ok(outcome)
             }
             Err(e) => Err(StepError::Failed(e.to_string())),
@@ -304,13 +379,21 @@ impl RunContext {
 
     async fn wait_until(&self, c: &Condition) -> Result<(), StepError> {
         let Some(handle) = self.instruments.get(&c.instrument) else {
-            return Err(StepError::Failed(format!("instrument {} is not connected", c.instrument)));
+            return Err(StepError::Failed(format!(
+                "instrument {} is not connected",
+                c.instrument
+            )));
         };
         let mut view = handle.subscribe();
         let hold = self.virtual_to_real(c.hold_s.unwrap_or(0.0));
         let mut holding_since: Option<tokio::time::Instant> = None;
         loop {
-            let reading = view.borrow_and_update().values.iter().find(|(q, _)| *q == c.quantity).map(|(_, v)| *v);
+            let reading = view
+                .borrow_and_update()
+                .values
+                .iter()
+                .find(|(q, _)| *q == c.quantity)
+                .map(|(_, v)| *v);
             let met = reading.is_some_and(|r| c.op.holds(r, c.value, c.tolerance));
             let now = tokio::time::Instant::now();
             if met {
@@ -322,7 +405,9 @@ impl RunContext {
                 holding_since = None;
             }
             // Wake on the next reading, or when the hold time would be complete.
-            let wake = holding_since.map(|s| s + hold).unwrap_or(now + Duration::from_secs(3600));
+            let wake = holding_since
+                .map(|s| s + hold)
+                .unwrap_or(now + Duration::from_secs(3600));
             tokio::select! {
                 changed = view.changed() => if changed.is_err() {
                     return Err(StepError::Failed(format!("{} went away", c.instrument)));
@@ -333,7 +418,11 @@ impl RunContext {
     }
 
     /// Turns a protocol action into device commands, using the deck and where vessels stand now.
-    fn expand(&self, instrument: &str, action: &Action) -> Result<Vec<(String, DeviceCommand)>, StepError> {
+    fn expand(
+        &self,
+        instrument: &str,
+        action: &Action,
+    ) -> Result<Vec<(String, DeviceCommand)>, StepError> {
         let lab = &self.lab;
         let feed_default = lab
             .instrument(instrument)
@@ -342,11 +431,18 @@ impl RunContext {
             .unwrap_or(1000.0);
         let safe_z = lab.deck.safe_z_mm;
         let position = |name: &str| {
-            lab.deck.position(name).ok_or_else(|| StepError::Failed(format!("unknown deck position {name}")))
+            lab.deck
+                .position(name)
+                .ok_or_else(|| StepError::Failed(format!("unknown deck position {name}")))
         };
         let at = |name: &str, z: f64| -> Result<DeviceCommand, StepError> {
             let p = position(name)?;
-            Ok(DeviceCommand::MoveTo { x_mm: p.x_mm, y_mm: p.y_mm, z_mm: z, feed_mm_per_min: feed_default })
+            Ok(DeviceCommand::MoveTo {
+                x_mm: p.x_mm,
+                y_mm: p.y_mm,
+                z_mm: z,
+                feed_mm_per_min: feed_default,
+            })
         };
         let one = |cmd: DeviceCommand| Ok(vec![(instrument.to_owned(), cmd)]);
         match action {
@@ -385,27 +481,47 @@ impl RunContext {
                     DeviceCommand::Gripper { closed: false },
                     at(&t.to, safe_z)?,
                 ];
-                Ok(seq.into_iter().map(|c| (instrument.to_owned(), c)).collect())
+                Ok(seq
+                    .into_iter()
+                    .map(|c| (instrument.to_owned(), c))
+                    .collect())
             }
-            Action::Dispense(d) => {
-                one(DeviceCommand::Dispense { volume_ul: d.volume_ul, rate_ul_per_min: d.rate_ul_per_min })
-            }
+            Action::Dispense(d) => one(DeviceCommand::Dispense {
+                volume_ul: d.volume_ul,
+                rate_ul_per_min: d.rate_ul_per_min,
+            }),
             Action::StopPump {} => one(DeviceCommand::StopPump),
             Action::Tare {} => one(DeviceCommand::Tare),
             Action::Zero {} => one(DeviceCommand::Zero),
-            Action::SetTemperature(t) => one(DeviceCommand::SetTemperature { temperature_c: t.temperature_c }),
+            Action::SetTemperature(t) => one(DeviceCommand::SetTemperature {
+                temperature_c: t.temperature_c,
+            }),
             Action::HeaterOff {} => one(DeviceCommand::HeaterOff),
-            Action::SetStirSpeed(s) => one(DeviceCommand::SetStirSpeed { speed_rpm: s.speed_rpm }),
+            Action::SetStirSpeed(s) => one(DeviceCommand::SetStirSpeed {
+                speed_rpm: s.speed_rpm,
+            }),
             Action::StirOff {} => one(DeviceCommand::StirOff),
         }
     }
 }
 
+/// Steps that are not a single instrument command (those journal their command and its outcome instead).
+fn is_block(step: &Step) -> bool {
+    !matches!(step, Step::Measure(_))
+        && !matches!(step, Step::Action(a) if !matches!(a.action, Action::Transfer(_)))
+}
+
 fn measurement_command(m: &Measurement) -> DeviceCommand {
     match m {
         Measurement::Weigh(w) => DeviceCommand::Weigh { stable: w.stable },
-        Measurement::Spectrum(s) => DeviceCommand::Spectrum { start_nm: s.start_nm, stop_nm: s.stop_nm, step_nm: s.step_nm },
-        Measurement::Absorbance(a) => DeviceCommand::Absorbance { wavelength_nm: a.wavelength_nm },
+        Measurement::Spectrum(s) => DeviceCommand::Spectrum {
+            start_nm: s.start_nm,
+            stop_nm: s.stop_nm,
+            step_nm: s.step_nm,
+        },
+        Measurement::Absorbance(a) => DeviceCommand::Absorbance {
+            wavelength_nm: a.wavelength_nm,
+        },
         Measurement::ReadTemperature {} => DeviceCommand::ReadTemperature,
     }
 }
@@ -413,7 +529,9 @@ fn measurement_command(m: &Measurement) -> DeviceCommand {
 /// A short form of an outcome for the event log (a full spectrum belongs in the results table only).
 fn outcome_summary(o: &Outcome) -> serde_json::Value {
     match o {
-        Outcome::Spectrum { wavelengths_nm, .. } => json!({ "outcome": "spectrum", "points": wavelengths_nm.len() }),
+        Outcome::Spectrum { wavelengths_nm, .. } => {
+            json!({ "outcome": "spectrum", "points": wavelengths_nm.len() })
+        }
         other => serde_json::to_value(other).unwrap_or_default(),
     }
 }
@@ -422,7 +540,9 @@ fn outcome_summary(o: &Outcome) -> serde_json::Value {
 fn default_timeout_s(step: &Step) -> Option<f64> {
     match step {
         Step::Action(a) => Some(match &a.action {
-            Action::Dispense(d) if d.rate_ul_per_min > 0.0 => d.volume_ul / d.rate_ul_per_min * 60.0 * 2.0 + 60.0,
+            Action::Dispense(d) if d.rate_ul_per_min > 0.0 => {
+                d.volume_ul / d.rate_ul_per_min * 60.0 * 2.0 + 60.0
+            }
             Action::Home {} | Action::Transfer(_) => 300.0,
             _ => 120.0,
         }),
@@ -453,7 +573,10 @@ pub fn collect_instruments(steps: &[Step], out: &mut std::collections::BTreeSet<
 
 /// Runs a whole protocol and reports how it ended.
 pub async fn run_protocol(ctx: Arc<RunContext>, protocol: Arc<Protocol>) {
-    let end = match ctx.steps(&protocol.steps, "/steps".into(), String::new()).await {
+    let end = match ctx
+        .steps(&protocol.steps, "/steps".into(), String::new())
+        .await
+    {
         Ok(()) => RunEnd::Completed,
         Err(StepError::Failed(r)) => RunEnd::Failed(r),
         Err(StepError::Aborted(r)) => RunEnd::Aborted(r),
@@ -467,5 +590,8 @@ pub async fn run_protocol(ctx: Arc<RunContext>, protocol: Arc<Protocol>) {
             }
         }
     }
-    let _ = ctx.updates.send(RunUpdate::Finished { run_id: ctx.run_id.clone(), end });
+    let _ = ctx.updates.send(RunUpdate::Finished {
+        run_id: ctx.run_id.clone(),
+        end,
+    });
 }

@@ -14,5 +14,6 @@ pub mod controller;
 pub mod executor;
 pub mod instruments;
 pub mod journal;
+pub mod lab_runtime;
 pub mod safety;
 pub mod world;

@@ -30,8 +30,42 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the controller: on the simulated lab (--sim) or on the instruments of a lab file (--config).
+    Run(commands::run::RunArgs),
     /// Print the protocol JSON Schema.
     Schema,
+    /// Read the journal: runs, their events and results.
+    Runs {
+        /// The controller's data directory.
+        #[arg(long, default_value = "./labctl-data", global = true)]
+        data_dir: PathBuf,
+        #[command(subcommand)]
+        command: RunsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// Every run in the journal.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One run: provenance, state and its events.
+    Show {
+        run: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One run's results as JSON Lines or CSV.
+    Export {
+        run: String,
+        #[arg(long, value_enum)]
+        format: commands::runs::ExportFormat,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,7 +78,32 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Check { protocols, lab, json } => commands::check::run(&protocols, lab.as_deref(), json),
+        Command::Check {
+            protocols,
+            lab,
+            json,
+        } => commands::check::run(&protocols, lab.as_deref(), json),
+        Command::Runs { data_dir, command } => match command {
+            RunsCommand::List { json } => commands::runs::list(&data_dir, json),
+            RunsCommand::Show { run, json } => commands::runs::show(&data_dir, &run, json),
+            RunsCommand::Export {
+                run,
+                format,
+                output,
+            } => match output {
+                Some(path) => match std::fs::File::create(&path) {
+                    Ok(mut f) => commands::runs::export(&data_dir, &run, format, &mut f),
+                    Err(e) => {
+                        eprintln!("labctl runs export: cannot create {}: {e}", path.display());
+                        ExitCode::from(2)
+                    }
+                },
+                None => {
+                    commands::runs::export(&data_dir, &run, format, &mut std::io::stdout().lock())
+                }
+            },
+        },
+        Command::Run(args) => commands::run::run(args),
         Command::Schema => {
             print!("{}", labctl_protocols::schema::protocol_schema_pretty());
             ExitCode::SUCCESS

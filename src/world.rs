@@ -56,7 +56,13 @@ pub struct TickStats {
 
 impl Default for TickStats {
     fn default() -> Self {
-        TickStats { buckets: Box::new([0; 20_000]), over: 0, ticks: 0, skipped: 0, max: Duration::ZERO }
+        TickStats {
+            buckets: Box::new([0; 20_000]),
+            over: 0,
+            ticks: 0,
+            skipped: 0,
+            max: Duration::ZERO,
+        }
     }
 }
 
@@ -137,7 +143,11 @@ fn sync_instruments(mut q: Query<&mut InstrumentComponent>, mut out: ResMut<Outp
     }
 }
 
-fn sync_runs(mut commands: Commands, mut runs: Query<(Entity, &mut RunComponent)>, mut out: ResMut<Outputs>) {
+fn sync_runs(
+    mut commands: Commands,
+    mut runs: Query<(Entity, &mut RunComponent)>,
+    mut out: ResMut<Outputs>,
+) {
     while let Ok(update) = out.run_updates.try_recv() {
         out.changed = true;
         if let Some((_, mut run)) = runs.iter_mut().find(|(_, r)| r.run_id == update.run_id) {
@@ -154,14 +164,23 @@ fn sync_runs(mut commands: Commands, mut runs: Query<(Entity, &mut RunComponent)
     }
 }
 
-fn check_interlocks(q: Query<&InstrumentComponent>, mut interlocks: ResMut<Interlocks>, out: Res<Outputs>) {
+fn check_interlocks(
+    q: Query<&InstrumentComponent>,
+    mut interlocks: ResMut<Interlocks>,
+    out: Res<Outputs>,
+) {
     let now = Instant::now();
     for (il, tripped) in interlocks.0.iter_mut() {
-        let Some(inst) = q.iter().find(|i| i.view.id == il.instrument) else { continue };
+        let Some(inst) = q.iter().find(|i| i.view.id == il.instrument) else {
+            continue;
+        };
         let facts = InstrumentFacts {
             values: &inst.view.values,
             state: inst.view.state.as_ref(),
-            silent_for: inst.view.last_seen.map(|t| now.saturating_duration_since(t)),
+            silent_for: inst
+                .view
+                .last_seen
+                .map(|t| now.saturating_duration_since(t)),
             heartbeat: inst.heartbeat,
             busy: inst.view.busy,
         };
@@ -169,7 +188,11 @@ fn check_interlocks(q: Query<&InstrumentComponent>, mut interlocks: ResMut<Inter
             Some(reason) if !*tripped => {
                 *tripped = true;
                 tracing::warn!(interlock = %il.name, %reason, "interlock tripped");
-                let safe_state = if il.safe_state.is_empty() { vec![il.instrument.clone()] } else { il.safe_state.clone() };
+                let safe_state = if il.safe_state.is_empty() {
+                    vec![il.instrument.clone()]
+                } else {
+                    il.safe_state.clone()
+                };
                 let _ = out.trips.send(Trip {
                     interlock: il.name.clone(),
                     instrument: il.instrument.clone(),
@@ -191,7 +214,9 @@ fn publish_snapshot(
     mut out: ResMut<Outputs>,
 ) {
     let estop = out.estop.is_latched();
-    let stale = out.last_published.is_none_or(|t| t.elapsed() > Duration::from_millis(500));
+    let stale = out
+        .last_published
+        .is_none_or(|t| t.elapsed() > Duration::from_millis(500));
     let estop_changed = out.snapshot.borrow().estop_latched != estop;
     // Build a new snapshot only when something changed (and twice a second for the tick figures).
     if !(out.changed || stale || estop_changed) {
@@ -246,15 +271,29 @@ pub struct TickIo {
 }
 
 /// Builds the world from the lab and the instrument tasks, and starts the tick thread.
-pub fn start_tick(lab: &Lab, instruments: &[InstrumentHandle], io: TickIo, config: TickConfig) -> TickThread {
+pub fn start_tick(
+    lab: &Lab,
+    instruments: &[InstrumentHandle],
+    io: TickIo,
+    config: TickConfig,
+) -> TickThread {
     let mut world = World::new();
     for h in instruments {
-        let heartbeat = lab.instrument(&h.id).map(|i| Duration::from_secs_f64(i.heartbeat_s)).unwrap_or(Duration::from_secs(5));
+        let heartbeat = lab
+            .instrument(&h.id)
+            .map(|i| Duration::from_secs_f64(i.heartbeat_s))
+            .unwrap_or(Duration::from_secs(5));
         let receiver = h.subscribe();
         let view = receiver.borrow().clone();
-        world.spawn(InstrumentComponent { view, heartbeat, receiver });
+        world.spawn(InstrumentComponent {
+            view,
+            heartbeat,
+            receiver,
+        });
     }
-    world.insert_resource(Interlocks(lab.interlocks.iter().map(|i| (i.clone(), false)).collect()));
+    world.insert_resource(Interlocks(
+        lab.interlocks.iter().map(|i| (i.clone(), false)).collect(),
+    ));
     world.insert_resource(TickStats::default());
     world.insert_resource(Outputs {
         trips: io.trips,
@@ -266,17 +305,33 @@ pub fn start_tick(lab: &Lab, instruments: &[InstrumentHandle], io: TickIo, confi
         last_published: None,
     });
     let mut schedule = Schedule::default();
-    schedule.add_systems((sync_instruments, sync_runs, check_interlocks, publish_snapshot).chain());
+    schedule.add_systems(
+        (
+            sync_instruments,
+            sync_runs,
+            check_interlocks,
+            publish_snapshot,
+        )
+            .chain(),
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let stop_flag = Arc::clone(&stop);
     let join = std::thread::Builder::new()
         .name("labctl-tick".into())
         .spawn(move || tick_loop(world, schedule, config, stop_flag))
         .expect("spawning the tick thread");
-    TickThread { stop, join: Some(join) }
+    TickThread {
+        stop,
+        join: Some(join),
+    }
 }
 
-fn tick_loop(mut world: World, mut schedule: Schedule, config: TickConfig, stop: Arc<AtomicBool>) -> TickStats {
+fn tick_loop(
+    mut world: World,
+    mut schedule: Schedule,
+    config: TickConfig,
+    stop: Arc<AtomicBool>,
+) -> TickStats {
     let period = config.period;
     let mut deadline = Instant::now() + period;
     while !stop.load(Ordering::Relaxed) {

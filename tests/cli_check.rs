@@ -26,17 +26,26 @@ fn valid_examples_exit_zero() {
 
 #[test]
 fn an_invalid_protocol_exits_one_and_names_the_path() {
-    let out = labctl().arg("check").arg(repo("protocols/tests/invalid/volume-in-ml.json")).output().unwrap();
+    let out = labctl()
+        .arg("check")
+        .arg(repo("protocols/tests/invalid/volume-in-ml.json"))
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains("/steps/2/params/volume_ml") && stdout.contains("volume_ul"), "{stdout}");
+    assert!(
+        stdout.contains("/steps/2/params/volume_ml") && stdout.contains("volume_ul"),
+        "{stdout}"
+    );
 }
 
 #[test]
 fn json_output_has_every_finding_of_every_file() {
     let out = labctl()
         .args(["check", "--json"])
-        .arg(repo("protocols/tests/invalid/two-findings-both-reported.json"))
+        .arg(repo(
+            "protocols/tests/invalid/two-findings-both-reported.json",
+        ))
         .arg(repo("protocols/examples/dye-mix.json"))
         .output()
         .unwrap();
@@ -45,19 +54,35 @@ fn json_output_has_every_finding_of_every_file() {
     let files = v.as_array().unwrap();
     assert_eq!(files.len(), 2);
     assert_eq!(files[0]["valid"], false);
-    let paths: Vec<&str> = files[0]["findings"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
-    assert!(paths.contains(&"/steps/2/params/volume_ul") && paths.contains(&"/steps/6/params/speed_rpm"), "{paths:?}");
+    let paths: Vec<&str> = files[0]["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        paths.contains(&"/steps/2/params/volume_ul")
+            && paths.contains(&"/steps/6/params/speed_rpm"),
+        "{paths:?}"
+    );
     assert_eq!(files[1]["valid"], true);
 }
 
 #[test]
 fn a_missing_file_or_bad_usage_exits_two() {
-    let out = labctl().args(["check", "/definitely/not/here.json"]).output().unwrap();
+    let out = labctl()
+        .args(["check", "/definitely/not/here.json"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /definitely/not/here.json"));
     let out = labctl().args(["check"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    let out = labctl().args(["check", "--lab", "/no/lab.toml"]).arg(repo("protocols/examples/dye-mix.json")).output().unwrap();
+    let out = labctl()
+        .args(["check", "--lab", "/no/lab.toml"])
+        .arg(repo("protocols/examples/dye-mix.json"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
 
@@ -67,7 +92,11 @@ fn a_100_mb_file_is_refused_quickly_without_reading_it_all() {
     let path = dir.path().join("huge.json");
     let f = std::fs::File::create(&path).unwrap();
     f.set_len(100 * 1024 * 1024).unwrap();
-    let out = labctl().args(["check", "--json"]).arg(&path).output().unwrap();
+    let out = labctl()
+        .args(["check", "--json"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["findings"][0]["code"], "too_large");
@@ -78,13 +107,24 @@ fn check_against_a_custom_lab_file() {
     let dir = tempfile::tempdir().unwrap();
     let lab = std::fs::read_to_string(repo("examples/sim-lab.toml"))
         .unwrap()
-        .replace("envelope = { temperature_c = [15, 120]", "envelope = { temperature_c = [15, 40]");
+        .replace(
+            "envelope = { temperature_c = [15, 120]",
+            "envelope = { temperature_c = [15, 40]",
+        );
     let lab_path = dir.path().join("cold-lab.toml");
     std::fs::write(&lab_path, lab).unwrap();
-    let out = labctl().args(["check", "--lab"]).arg(&lab_path).arg(repo("protocols/examples/heat-and-hold.json")).output().unwrap();
+    let out = labctl()
+        .args(["check", "--lab"])
+        .arg(&lab_path)
+        .arg(repo("protocols/examples/heat-and-hold.json"))
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains("outside_envelope") && stdout.contains("temperature_c within [15, 40]"), "{stdout}");
+    assert!(
+        stdout.contains("outside_envelope") && stdout.contains("temperature_c within [15, 40]"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -40,8 +40,14 @@ async fn rig(dir: &Path) -> Rig {
     let mut handles = BTreeMap::new();
     for inst in &lab.instruments {
         let fake = FakeInstrument::new(&inst.id, inst.kind);
-        let timing = TaskTiming { poll: Duration::from_millis(5), reconnect: Duration::from_millis(20) };
-        handles.insert(inst.id.clone(), instruments::spawn(inst.clone(), fake.clone(), estop.clone(), timing));
+        let timing = TaskTiming {
+            poll: Duration::from_millis(5),
+            reconnect: Duration::from_millis(20),
+        };
+        handles.insert(
+            inst.id.clone(),
+            instruments::spawn(inst.clone(), fake.clone(), estop.clone(), timing),
+        );
         fakes.insert(inst.id.clone(), fake);
     }
     let config = ControllerConfig {
@@ -50,10 +56,18 @@ async fn rig(dir: &Path) -> Rig {
         data_dir: dir.to_owned(),
         // 1000x: a 30 s wait takes 30 ms.
         clock: VirtualClock::new(1000.0).unwrap(),
-        tick: TickConfig { period: Duration::from_millis(10), spin: Duration::ZERO },
+        tick: TickConfig {
+            period: Duration::from_millis(10),
+            spin: Duration::ZERO,
+        },
+        labware: None,
     };
     let controller = start(config, handles.clone(), estop).await.unwrap();
-    Rig { controller, fakes, handles }
+    Rig {
+        controller,
+        fakes,
+        handles,
+    }
 }
 
 fn planner() -> Principal {
@@ -64,7 +78,9 @@ fn technician() -> Principal {
 }
 
 fn example(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("protocols/examples").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("protocols/examples")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -79,15 +95,25 @@ async fn wait_for(api: &ControllerHandle, run_id: &str, want: RunState) -> labct
             return info;
         }
         if info.state.is_terminal() && want != info.state {
-            panic!("run {run_id} ended {} ({:?}) while waiting for {want}", info.state, info.reason);
+            panic!(
+                "run {run_id} ended {} ({:?}) while waiting for {want}",
+                info.state, info.reason
+            );
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    panic!("run {run_id} never reached {want}: {:?}", api.run(run_id).await);
+    panic!(
+        "run {run_id} never reached {want}: {:?}",
+        api.run(run_id).await
+    );
 }
 
 /// The run as the journal has it, once `ready` holds (records are committed in batches, shortly after).
-async fn journal_detail(dir: &Path, run_id: &str, ready: impl Fn(&journal::read::RunDetail) -> bool) -> journal::read::RunDetail {
+async fn journal_detail(
+    dir: &Path,
+    run_id: &str,
+    ready: impl Fn(&journal::read::RunDetail) -> bool,
+) -> journal::read::RunDetail {
     let conn = journal::open_db(dir).unwrap();
     for _ in 0..400 {
         if let Some(d) = journal::read::run_detail(&conn, run_id).unwrap()
@@ -97,13 +123,19 @@ async fn journal_detail(dir: &Path, run_id: &str, ready: impl Fn(&journal::read:
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    panic!("journal never showed the expected state of {run_id}: {:?}", journal::read::run_detail(&conn, run_id).unwrap());
+    panic!(
+        "journal never showed the expected state of {run_id}: {:?}",
+        journal::read::run_detail(&conn, run_id).unwrap()
+    );
 }
 
 /// Results of a finished run, once the journal has committed its final state (records commit in order).
 async fn results(dir: &Path, run_id: &str) -> Vec<journal::read::ResultRow> {
     let terminal = ["completed", "failed", "aborted", "rejected", "interrupted"];
-    journal_detail(dir, run_id, |d| terminal.contains(&d.summary.state.as_str())).await;
+    journal_detail(dir, run_id, |d| {
+        terminal.contains(&d.summary.state.as_str())
+    })
+    .await;
     let conn = journal::open_db(dir).unwrap();
     journal::read::results(&conn, run_id, 0).unwrap()
 }
@@ -112,17 +144,38 @@ async fn results(dir: &Path, run_id: &str) -> Vec<journal::read::ResultRow> {
 async fn dye_mix_runs_to_completion_and_every_result_is_journaled() {
     let dir = tempfile::tempdir().unwrap();
     let rig = rig(dir.path()).await;
-    let reply = rig.api().submit(bytes(&example("dye-mix.json")), planner()).await;
+    let reply = rig
+        .api()
+        .submit(bytes(&example("dye-mix.json")), planner())
+        .await;
     assert!(reply.accepted, "{reply:?}");
-    assert_eq!(reply.state, Some(RunState::Queued), "the sim lab auto-approves the dye mix");
+    assert_eq!(
+        reply.state,
+        Some(RunState::Queued),
+        "the sim lab auto-approves the dye mix"
+    );
     let run_id = reply.run_id.unwrap();
     wait_for(rig.api(), &run_id, RunState::Completed).await;
 
     let red = rig.fake("pump-red").commands.clone();
-    assert_eq!(red, vec![DeviceCommand::Dispense { volume_ul: 300.0, rate_ul_per_min: 600.0 }]);
+    assert_eq!(
+        red,
+        vec![DeviceCommand::Dispense {
+            volume_ul: 300.0,
+            rate_ul_per_min: 600.0
+        }]
+    );
     let gantry = rig.fake("gantry").commands.clone();
     assert_eq!(gantry[0], DeviceCommand::Home);
-    assert_eq!(gantry[1], DeviceCommand::MoveTo { x_mm: 20.0, y_mm: 20.0, z_mm: 50.0, feed_mm_per_min: 3000.0 });
+    assert_eq!(
+        gantry[1],
+        DeviceCommand::MoveTo {
+            x_mm: 20.0,
+            y_mm: 20.0,
+            z_mm: 50.0,
+            feed_mm_per_min: 3000.0
+        }
+    );
     assert!(gantry.contains(&DeviceCommand::Gripper { closed: true }));
 
     // Results are durable: read them back from the database file.
@@ -133,7 +186,10 @@ async fn dye_mix_runs_to_completion_and_every_result_is_journaled() {
     assert_eq!(rows[0].instrument, "spectro");
     assert_eq!(rows[0].identity["serial"], "FAKE-spectro");
     assert_eq!(rows[0].value["outcome"], "spectrum");
-    assert_eq!(rows[0].value["wavelengths_nm"].as_array().unwrap().len(), 81);
+    assert_eq!(
+        rows[0].value["wavelengths_nm"].as_array().unwrap().len(),
+        81
+    );
     rig.controller.shutdown().await;
 }
 
@@ -151,13 +207,27 @@ async fn a_proposal_outside_the_auto_envelope_waits_for_a_technician() {
     // The planner cannot approve its own proposal.
     let err = rig.api().approve(&run_id, planner()).await.unwrap_err();
     assert!(err.to_string().contains("technicians only"), "{err}");
-    assert!(rig.fake("hotplate").commands.is_empty(), "nothing ran before approval");
+    assert!(
+        rig.fake("hotplate").commands.is_empty(),
+        "nothing ran before approval"
+    );
     // A rejection with a reason ends it.
-    rig.api().reject(&run_id, "too hot for this dye", technician()).await.unwrap();
-    assert_eq!(rig.api().run(&run_id).await.unwrap().state, RunState::Rejected);
+    rig.api()
+        .reject(&run_id, "too hot for this dye", technician())
+        .await
+        .unwrap();
+    assert_eq!(
+        rig.api().run(&run_id).await.unwrap().state,
+        RunState::Rejected
+    );
     assert!(rig.fake("hotplate").commands.is_empty());
     let detail = journal_detail(dir.path(), &run_id, |d| d.summary.state == "rejected").await;
-    let approval = detail.events.iter().rev().find(|e| e.kind == "approval").unwrap();
+    let approval = detail
+        .events
+        .iter()
+        .rev()
+        .find(|e| e.kind == "approval")
+        .unwrap();
     assert_eq!(approval.detail["decision"], "rejected");
     assert!(approval.actor.as_deref().unwrap().starts_with("alice"));
     rig.controller.shutdown().await;
@@ -175,7 +245,12 @@ async fn the_same_proposal_id_gives_the_same_run() {
     let mut other = example("dye-mix.json");
     other["steps"][2]["params"]["volume_ul"] = json!(301);
     let c = rig.api().submit(bytes(&other), planner()).await;
-    assert!(!c.accepted && c.error.unwrap().contains("already used for a different protocol"));
+    assert!(
+        !c.accepted
+            && c.error
+                .unwrap()
+                .contains("already used for a different protocol")
+    );
     assert_eq!(rig.api().runs().await.len(), 1);
     rig.controller.shutdown().await;
 }
@@ -192,7 +267,10 @@ async fn an_invalid_proposal_is_rejected_with_its_findings_and_nothing_runs() {
     assert_eq!(reply.findings[0].path, "/steps/2/params/rate_ul_per_min");
     assert!(rig.api().runs().await.is_empty());
     let observer = Principal::new("watcher", Role::Observer, "test");
-    let reply = rig.api().submit(bytes(&example("dye-mix.json")), observer).await;
+    let reply = rig
+        .api()
+        .submit(bytes(&example("dye-mix.json")), observer)
+        .await;
     assert!(!reply.accepted && reply.error.unwrap().contains("observer"));
     rig.controller.shutdown().await;
 }
@@ -213,19 +291,41 @@ fn long_hotplate_protocol(id: &str, wait_s: f64) -> Value {
 async fn runs_on_one_instrument_queue_and_runs_on_disjoint_instruments_overlap() {
     let dir = tempfile::tempdir().unwrap();
     let rig = rig(dir.path()).await;
-    let first = rig.api().submit(bytes(&long_hotplate_protocol("hot-1", 300.0)), planner()).await.run_id.unwrap();
+    let first = rig
+        .api()
+        .submit(bytes(&long_hotplate_protocol("hot-1", 300.0)), planner())
+        .await
+        .run_id
+        .unwrap();
     wait_for(rig.api(), &first, RunState::Running).await;
-    let second = rig.api().submit(bytes(&long_hotplate_protocol("hot-2", 1.0)), planner()).await.run_id.unwrap();
+    let second = rig
+        .api()
+        .submit(bytes(&long_hotplate_protocol("hot-2", 1.0)), planner())
+        .await
+        .run_id
+        .unwrap();
     let weigh = json!({
         "version": 1,
         "metadata": { "name": "weigh", "proposal_id": "weigh-1", "planner": { "id": "planner-bo" } },
         "steps": [ { "type": "measure", "instrument": "balance", "action": "weigh", "params": {}, "result": "m" } ]
     });
-    let third = rig.api().submit(bytes(&weigh), planner()).await.run_id.unwrap();
+    let third = rig
+        .api()
+        .submit(bytes(&weigh), planner())
+        .await
+        .run_id
+        .unwrap();
     // The balance run does not wait for the hotplate run.
     wait_for(rig.api(), &third, RunState::Completed).await;
-    assert_eq!(rig.api().run(&second).await.unwrap().state, RunState::Queued, "second hotplate run must wait");
-    assert_eq!(rig.api().run(&first).await.unwrap().state, RunState::Running);
+    assert_eq!(
+        rig.api().run(&second).await.unwrap().state,
+        RunState::Queued,
+        "second hotplate run must wait"
+    );
+    assert_eq!(
+        rig.api().run(&first).await.unwrap().state,
+        RunState::Running
+    );
     wait_for(rig.api(), &first, RunState::Completed).await;
     wait_for(rig.api(), &second, RunState::Completed).await;
     // Never interleaved on the hotplate: run 1's three commands, then run 2's.
@@ -239,7 +339,12 @@ async fn runs_on_one_instrument_queue_and_runs_on_disjoint_instruments_overlap()
 async fn an_over_temperature_interlock_fails_the_run_and_makes_the_hotplate_safe() {
     let dir = tempfile::tempdir().unwrap();
     let rig = rig(dir.path()).await;
-    let run = rig.api().submit(bytes(&long_hotplate_protocol("hot-il", 600.0)), planner()).await.run_id.unwrap();
+    let run = rig
+        .api()
+        .submit(bytes(&long_hotplate_protocol("hot-il", 600.0)), planner())
+        .await
+        .run_id
+        .unwrap();
     wait_for(rig.api(), &run, RunState::Running).await;
     let safe_before = rig.fake("hotplate").safe_states;
     rig.fake("hotplate").values = vec![("plate_temperature_c", 135.0), ("temperature_c", 90.0)];
@@ -251,7 +356,10 @@ async fn an_over_temperature_interlock_fails_the_run_and_makes_the_hotplate_safe
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(rig.fake("hotplate").safe_states > safe_before, "hotplate was not sent to its safe state");
+    assert!(
+        rig.fake("hotplate").safe_states > safe_before,
+        "hotplate was not sent to its safe state"
+    );
     rig.controller.shutdown().await;
 }
 
@@ -274,7 +382,10 @@ async fn a_pump_alarm_pauses_the_run_until_a_technician_resumes() {
     wait_for(rig.api(), &run, RunState::Paused).await;
     rig.fake("pump-red").state = Some(DeviceState::Idle);
     // The planner may resume its own run.
-    rig.api().control(&run, Control::Resume, planner()).await.unwrap();
+    rig.api()
+        .control(&run, Control::Resume, planner())
+        .await
+        .unwrap();
     wait_for(rig.api(), &run, RunState::Completed).await;
     rig.controller.shutdown().await;
 }
@@ -283,9 +394,17 @@ async fn a_pump_alarm_pauses_the_run_until_a_technician_resumes() {
 async fn emergency_stop_aborts_everything_and_latches_until_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let rig = rig(dir.path()).await;
-    let run = rig.api().submit(bytes(&long_hotplate_protocol("hot-es", 600.0)), planner()).await.run_id.unwrap();
+    let run = rig
+        .api()
+        .submit(bytes(&long_hotplate_protocol("hot-es", 600.0)), planner())
+        .await
+        .run_id
+        .unwrap();
     wait_for(rig.api(), &run, RunState::Running).await;
-    assert!(rig.api().emergency_stop(planner()).await.is_err(), "planners cannot trigger the e-stop");
+    assert!(
+        rig.api().emergency_stop(planner()).await.is_err(),
+        "planners cannot trigger the e-stop"
+    );
     rig.api().emergency_stop(technician()).await.unwrap();
     let info = rig.api().run(&run).await.unwrap();
     assert_eq!(info.state, RunState::Aborted);
@@ -298,15 +417,35 @@ async fn emergency_stop_aborts_everything_and_latches_until_acknowledged() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for id in rig.fakes.keys() {
-        assert!(rig.fake(id).safe_states >= 2, "{id} not made safe after the e-stop");
+        assert!(
+            rig.fake(id).safe_states >= 2,
+            "{id} not made safe after the e-stop"
+        );
     }
     // Latched: a direct command is refused in the instrument task itself, and new runs do not start.
-    let err = rig.handles["hotplate"].execute(DeviceCommand::SetStirSpeed { speed_rpm: 100.0 }).await.unwrap_err();
-    assert!(err.to_string().contains("emergency stop is latched"), "{err}");
-    let queued = rig.api().submit(bytes(&long_hotplate_protocol("after-es", 1.0)), planner()).await.run_id.unwrap();
+    let err = rig.handles["hotplate"]
+        .execute(DeviceCommand::SetStirSpeed { speed_rpm: 100.0 })
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("emergency stop is latched"),
+        "{err}"
+    );
+    let queued = rig
+        .api()
+        .submit(bytes(&long_hotplate_protocol("after-es", 1.0)), planner())
+        .await
+        .run_id
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(rig.api().run(&queued).await.unwrap().state, RunState::Queued);
-    rig.api().acknowledge_emergency_stop(technician()).await.unwrap();
+    assert_eq!(
+        rig.api().run(&queued).await.unwrap().state,
+        RunState::Queued
+    );
+    rig.api()
+        .acknowledge_emergency_stop(technician())
+        .await
+        .unwrap();
     wait_for(rig.api(), &queued, RunState::Completed).await;
     rig.controller.shutdown().await;
 }
@@ -315,8 +454,16 @@ async fn emergency_stop_aborts_everything_and_latches_until_acknowledged() {
 async fn a_command_outside_the_envelope_never_reaches_the_driver() {
     let dir = tempfile::tempdir().unwrap();
     let rig = rig(dir.path()).await;
-    let err = rig.handles["hotplate"].execute(DeviceCommand::SetTemperature { temperature_c: 200.0 }).await.unwrap_err();
-    assert!(err.to_string().contains("outside the safety envelope"), "{err}");
+    let err = rig.handles["hotplate"]
+        .execute(DeviceCommand::SetTemperature {
+            temperature_c: 200.0,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("outside the safety envelope"),
+        "{err}"
+    );
     assert!(rig.fake("hotplate").commands.is_empty());
     rig.controller.shutdown().await;
 }
@@ -338,25 +485,56 @@ async fn step_timeouts_and_every_on_error_policy() {
     let rig = rig(dir.path()).await;
     // The balance takes 2 s (real) per command; the step allows 5 s virtual = 5 ms real.
     rig.fake("balance").delay = Duration::from_secs(2);
-    let failed = rig.api().submit(bytes(&one_step("t-fail", "fail", 5.0)), planner()).await.run_id.unwrap();
+    let failed = rig
+        .api()
+        .submit(bytes(&one_step("t-fail", "fail", 5.0)), planner())
+        .await
+        .run_id
+        .unwrap();
     let info = wait_for(rig.api(), &failed, RunState::Failed).await;
     assert!(info.reason.unwrap().contains("timed out"));
 
     rig.fake("balance").delay = Duration::ZERO;
     rig.fake("balance").fail_with = Some("ES syntax error".into());
-    let skipped = rig.api().submit(bytes(&one_step("t-skip", "skip", 60.0)), planner()).await.run_id.unwrap();
+    let skipped = rig
+        .api()
+        .submit(bytes(&one_step("t-skip", "skip", 60.0)), planner())
+        .await
+        .run_id
+        .unwrap();
     // The weigh fails and is skipped; the tare after it also fails (fail policy) -> failed, after the skip.
     wait_for(rig.api(), &skipped, RunState::Failed).await;
     let detail = journal_detail(dir.path(), &skipped, |d| d.summary.state == "failed").await;
-    assert!(detail.events.iter().any(|e| e.kind == "step_skipped" && e.step.as_deref() == Some("/steps/0")));
-    assert!(detail.events.iter().any(|e| e.kind == "step_failed" && e.step.as_deref() == Some("/steps/1")));
+    assert!(
+        detail
+            .events
+            .iter()
+            .any(|e| e.kind == "step_skipped" && e.step.as_deref() == Some("/steps/0"))
+    );
+    assert!(
+        detail
+            .events
+            .iter()
+            .any(|e| e.kind == "step_failed" && e.step.as_deref() == Some("/steps/1"))
+    );
 
-    let paused = rig.api().submit(bytes(&one_step("t-pause", "pause", 60.0)), planner()).await.run_id.unwrap();
+    let paused = rig
+        .api()
+        .submit(bytes(&one_step("t-pause", "pause", 60.0)), planner())
+        .await
+        .run_id
+        .unwrap();
     wait_for(rig.api(), &paused, RunState::Paused).await;
     rig.fake("balance").fail_with = None;
-    rig.api().control(&paused, Control::Resume, technician()).await.unwrap();
+    rig.api()
+        .control(&paused, Control::Resume, technician())
+        .await
+        .unwrap();
     wait_for(rig.api(), &paused, RunState::Completed).await;
-    assert!(results(dir.path(), &paused).await.is_empty(), "the failed weigh produced no result");
+    assert!(
+        results(dir.path(), &paused).await.is_empty(),
+        "the failed weigh produced no result"
+    );
     rig.controller.shutdown().await;
 }
 
@@ -373,16 +551,35 @@ async fn pause_resume_and_abort_by_operators() {
     });
     let run = rig.api().submit(bytes(&p), planner()).await.run_id.unwrap();
     wait_for(rig.api(), &run, RunState::Running).await;
-    rig.api().control(&run, Control::Pause, planner()).await.unwrap();
+    rig.api()
+        .control(&run, Control::Pause, planner())
+        .await
+        .unwrap();
     wait_for(rig.api(), &run, RunState::Paused).await;
     let n = rig.fake("balance").commands.len();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(rig.fake("balance").commands.len(), n, "a paused run sends nothing");
+    assert_eq!(
+        rig.fake("balance").commands.len(),
+        n,
+        "a paused run sends nothing"
+    );
     let stranger = Principal::new("planner-x", Role::Planner, "test");
-    assert!(rig.api().control(&run, Control::Abort, stranger).await.is_err(), "not its run");
-    rig.api().control(&run, Control::Resume, technician()).await.unwrap();
+    assert!(
+        rig.api()
+            .control(&run, Control::Abort, stranger)
+            .await
+            .is_err(),
+        "not its run"
+    );
+    rig.api()
+        .control(&run, Control::Resume, technician())
+        .await
+        .unwrap();
     wait_for(rig.api(), &run, RunState::Running).await;
-    rig.api().control(&run, Control::Abort, technician()).await.unwrap();
+    rig.api()
+        .control(&run, Control::Abort, technician())
+        .await
+        .unwrap();
     assert_eq!(rig.api().run(&run).await.unwrap().state, RunState::Aborted);
     // Results of repeats are numbered per iteration.
     let rows = results(dir.path(), &run).await;
@@ -411,7 +608,12 @@ async fn runs_active_at_a_crash_come_back_interrupted() {
     let dir = tempfile::tempdir().unwrap();
     {
         let rig = rig(dir.path()).await;
-        let run = rig.api().submit(bytes(&long_hotplate_protocol("crash-1", 600.0)), planner()).await.run_id.unwrap();
+        let run = rig
+            .api()
+            .submit(bytes(&long_hotplate_protocol("crash-1", 600.0)), planner())
+            .await
+            .run_id
+            .unwrap();
         wait_for(rig.api(), &run, RunState::Running).await;
         // Simulate a crash: the journal says "running" and the process never said otherwise.
         std::mem::forget(rig);
@@ -423,7 +625,10 @@ async fn runs_active_at_a_crash_come_back_interrupted() {
     let runs = journal::read::list_runs(&conn).unwrap();
     assert_eq!(runs[0].state, "interrupted");
     // Resubmitting the same proposal gives the same (interrupted) run, never a silent re-run.
-    let again = rig.api().submit(bytes(&long_hotplate_protocol("crash-1", 600.0)), planner()).await;
+    let again = rig
+        .api()
+        .submit(bytes(&long_hotplate_protocol("crash-1", 600.0)), planner())
+        .await;
     assert!(again.duplicate);
     assert_eq!(again.state, Some(RunState::Interrupted));
     rig.controller.shutdown().await;

@@ -29,11 +29,21 @@ pub enum DeviceCommand {
     /// Gantry: homing cycle.
     Home,
     /// Gantry: move the head to machine coordinates, ending when the move has finished.
-    MoveTo { x_mm: f64, y_mm: f64, z_mm: f64, feed_mm_per_min: f64 },
+    MoveTo {
+        x_mm: f64,
+        y_mm: f64,
+        z_mm: f64,
+        feed_mm_per_min: f64,
+    },
     /// Gantry: close (grip) or open (release) the head's vial gripper.
-    Gripper { closed: bool },
+    Gripper {
+        closed: bool,
+    },
     /// Pump: dispense a volume at a rate, ending when the pump has stopped.
-    Dispense { volume_ul: f64, rate_ul_per_min: f64 },
+    Dispense {
+        volume_ul: f64,
+        rate_ul_per_min: f64,
+    },
     /// Pump: stop now.
     StopPump,
     /// Balance: zero the empty pan.
@@ -41,19 +51,31 @@ pub enum DeviceCommand {
     /// Balance: tare with what is on the pan.
     Tare,
     /// Balance: read the mass, waiting for stability when `stable`.
-    Weigh { stable: bool },
+    Weigh {
+        stable: bool,
+    },
     /// Hotplate: heat towards a setpoint.
-    SetTemperature { temperature_c: f64 },
+    SetTemperature {
+        temperature_c: f64,
+    },
     HeaterOff,
     /// Hotplate: stir at a speed.
-    SetStirSpeed { speed_rpm: f64 },
+    SetStirSpeed {
+        speed_rpm: f64,
+    },
     StirOff,
     /// Hotplate: read the vessel temperature.
     ReadTemperature,
     /// Spectrophotometer: absorbance spectrum of the vessel under the probe.
-    Spectrum { start_nm: f64, stop_nm: f64, step_nm: f64 },
+    Spectrum {
+        start_nm: f64,
+        stop_nm: f64,
+        step_nm: f64,
+    },
     /// Spectrophotometer: absorbance at one wavelength.
-    Absorbance { wavelength_nm: f64 },
+    Absorbance {
+        wavelength_nm: f64,
+    },
 }
 
 impl DeviceCommand {
@@ -83,12 +105,25 @@ impl DeviceCommand {
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
     Done,
-    Mass { mass_g: f64, stable: bool },
-    Temperature { temperature_c: f64 },
-    Spectrum { wavelengths_nm: Vec<f64>, absorbance: Vec<f64> },
-    Absorbance { wavelength_nm: f64, absorbance: f64 },
+    Mass {
+        mass_g: f64,
+        stable: bool,
+    },
+    Temperature {
+        temperature_c: f64,
+    },
+    Spectrum {
+        wavelengths_nm: Vec<f64>,
+        absorbance: Vec<f64>,
+    },
+    Absorbance {
+        wavelength_nm: f64,
+        absorbance: f64,
+    },
     /// A pump's dispensed volume when it stopped.
-    Dispensed { dispensed_ul: f64 },
+    Dispensed {
+        dispensed_ul: f64,
+    },
 }
 
 /// Coarse device state, as every role reports it.
@@ -99,6 +134,8 @@ pub enum DeviceState {
     Busy,
     /// The instrument raised an alarm that needs attention (GRBL ALARM, pump stall, hotplate watchdog).
     Alarm(String),
+    /// Not a fault: the instrument refuses motion until it is referenced (GRBL's power-up homing lock).
+    Locked(String),
 }
 
 /// One poll of an instrument: its state and its current readings, by quantity name
@@ -118,7 +155,10 @@ pub trait Instrument: Send + 'static {
     fn start(&mut self) -> impl Future<Output = Result<Identity, DriverError>> + Send;
 
     /// Runs one command to completion.
-    fn execute(&mut self, command: &DeviceCommand) -> impl Future<Output = Result<Outcome, DriverError>> + Send;
+    fn execute(
+        &mut self,
+        command: &DeviceCommand,
+    ) -> impl Future<Output = Result<Outcome, DriverError>> + Send;
 
     /// Reads state and telemetry; also feeds the instrument's watchdog.
     fn poll(&mut self) -> impl Future<Output = Result<Telemetry, DriverError>> + Send;

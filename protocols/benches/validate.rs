@@ -6,15 +6,18 @@ use serde_json::json;
 
 /// A 10,000-step protocol: the dye-mix moves, dispenses and measurements over and over.
 fn big_protocol(steps: usize) -> Vec<u8> {
-    let mut list = vec![json!({"type": "action", "instrument": "gantry", "action": "home", "params": {}})];
+    let mut list =
+        vec![json!({"type": "action", "instrument": "gantry", "action": "home", "params": {}})];
     let mut i = 0;
     while list.len() < steps {
         let pos = format!("{}{}", ["A", "B", "C", "D"][i % 4], 1 + (i / 4) % 6);
         list.push(json!({"type": "action", "instrument": "gantry", "action": "move_to", "params": {"position": pos}}));
         list.push(json!({"type": "action", "instrument": "pump-red", "action": "dispense",
             "params": {"vessel": format!("v{}", i % 24), "volume_ul": 1.0, "rate_ul_per_min": 500}}));
-        list.push(json!({"type": "measure", "instrument": "spectro", "action": "absorbance",
-            "params": {"wavelength_nm": 520}, "result": format!("a{i}")}));
+        list.push(
+            json!({"type": "measure", "instrument": "spectro", "action": "absorbance",
+            "params": {"wavelength_nm": 520}, "result": format!("a{i}")}),
+        );
         list.push(json!({"type": "wait", "duration_s": 1}));
         i += 1;
     }
@@ -35,10 +38,16 @@ fn bench(c: &mut Criterion) {
     let lab = Lab::sim();
     let doc = big_protocol(10_000);
     let report = validate_bytes(&doc, &lab);
-    assert!(report.valid, "{:?}", &report.findings[..report.findings.len().min(3)]);
+    assert!(
+        report.valid,
+        "{:?}",
+        &report.findings[..report.findings.len().min(3)]
+    );
     let mut group = c.benchmark_group("validate");
     group.sample_size(20);
-    group.bench_function("10k_steps", |b| b.iter(|| validate_bytes(std::hint::black_box(&doc), &lab)));
+    group.bench_function("10k_steps", |b| {
+        b.iter(|| validate_bytes(std::hint::black_box(&doc), &lab))
+    });
     group.finish();
 }
 

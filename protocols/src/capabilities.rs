@@ -7,7 +7,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The role an instrument plays in the lab.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum InstrumentKind {
     Gantry,
@@ -40,7 +42,12 @@ impl InstrumentKind {
             InstrumentKind::Gantry => &["home", "move_to", "move_xyz", "transfer"],
             InstrumentKind::SyringePump => &["dispense", "stop_pump"],
             InstrumentKind::Balance => &["tare", "zero"],
-            InstrumentKind::Hotplate => &["set_temperature", "heater_off", "set_stir_speed", "stir_off"],
+            InstrumentKind::Hotplate => &[
+                "set_temperature",
+                "heater_off",
+                "set_stir_speed",
+                "stir_off",
+            ],
             InstrumentKind::Spectrophotometer => &[],
         }
     }
@@ -58,17 +65,29 @@ impl InstrumentKind {
     /// Quantities this kind reports as live telemetry (what `wait_until` may test).
     pub fn quantities(self) -> &'static [Quantity] {
         const fn q(name: &'static str, unit: &'static str, description: &'static str) -> Quantity {
-            Quantity { name, unit, description }
+            Quantity {
+                name,
+                unit,
+                description,
+            }
         }
         const GANTRY: &[Quantity] = &[
             q("x_mm", "mm", "head x position"),
             q("y_mm", "mm", "head y position"),
             q("z_mm", "mm", "head z position"),
         ];
-        const PUMP: &[Quantity] = &[q("dispensed_ul", "uL", "volume dispensed since the last clear")];
+        const PUMP: &[Quantity] = &[q(
+            "dispensed_ul",
+            "uL",
+            "volume dispensed since the last clear",
+        )];
         const BALANCE: &[Quantity] = &[q("mass_g", "g", "net mass on the pan")];
         const HOTPLATE: &[Quantity] = &[
-            q("temperature_c", "degC", "vessel temperature (external probe)"),
+            q(
+                "temperature_c",
+                "degC",
+                "vessel temperature (external probe)",
+            ),
             q("plate_temperature_c", "degC", "plate temperature"),
             q("stir_speed_rpm", "rpm", "stirrer speed"),
         ];
@@ -102,7 +121,9 @@ impl std::fmt::Display for InstrumentKind {
 /// "wrong unit" mistakes (`volume_ml` where `volume_ul` is expected); a test keeps it equal to the schema.
 pub fn param_fields(action: &str) -> Option<&'static [&'static str]> {
     Some(match action {
-        "home" | "stop_pump" | "tare" | "zero" | "heater_off" | "stir_off" | "read_temperature" => &[],
+        "home" | "stop_pump" | "tare" | "zero" | "heater_off" | "stir_off" | "read_temperature" => {
+            &[]
+        }
         "move_to" => &["position", "feed_mm_per_min"],
         "move_xyz" => &["x_mm", "y_mm", "z_mm", "feed_mm_per_min"],
         "transfer" => &["vessel", "to"],

@@ -81,7 +81,10 @@ impl Finding {
     }
 
     pub fn warning(code: FindingCode, path: impl Into<String>, message: impl Into<String>) -> Self {
-        Finding { severity: Severity::Warning, ..Finding::error(code, path, message) }
+        Finding {
+            severity: Severity::Warning,
+            ..Finding::error(code, path, message)
+        }
     }
 
     pub fn found(mut self, found: impl std::fmt::Display) -> Self {
@@ -111,8 +114,19 @@ impl std::fmt::Display for Finding {
             Severity::Error => "error",
             Severity::Warning => "warning",
         };
-        let path = if self.path.is_empty() { "/" } else { &self.path };
-        write!(f, "{sev}[{}] {path}", serde_json::to_value(self.code).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default())?;
+        let path = if self.path.is_empty() {
+            "/"
+        } else {
+            &self.path
+        };
+        write!(
+            f,
+            "{sev}[{}] {path}",
+            serde_json::to_value(self.code)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        )?;
         if let (Some(l), Some(c)) = (self.line, self.column) {
             write!(f, " (line {l}, column {c})")?;
         }

@@ -17,11 +17,17 @@ pub const SIM_LAB_TOML: &str = include_str!("../../examples/sim-lab.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
     #[error("cannot read lab file {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("lab file {origin}: {message}")]
     Syntax { origin: String, message: String },
     #[error("lab file {origin}: {}", .problems.join("; "))]
-    Invalid { origin: String, problems: Vec<String> },
+    Invalid {
+        origin: String,
+        problems: Vec<String>,
+    },
 }
 
 /// A whole lab as the lab file describes it.
@@ -94,7 +100,9 @@ impl TryFrom<[f64; 2]> for Range {
     type Error = String;
     fn try_from([min, max]: [f64; 2]) -> Result<Self, String> {
         if !(min.is_finite() && max.is_finite()) || min > max {
-            return Err(format!("expected [min, max] with min <= max, found [{min}, {max}]"));
+            return Err(format!(
+                "expected [min, max] with min <= max, found [{min}, {max}]"
+            ));
         }
         Ok(Range { min, max })
     }
@@ -162,7 +170,10 @@ impl Limits {
 
     /// The range for a quantity by name.
     pub fn range(&self, quantity: &str) -> Option<Range> {
-        self.ranges().into_iter().find(|(n, _)| *n == quantity).and_then(|(_, r)| r)
+        self.ranges()
+            .into_iter()
+            .find(|(n, _)| *n == quantity)
+            .and_then(|(_, r)| r)
     }
 }
 
@@ -255,7 +266,9 @@ fn default_stop_bits() -> u8 {
 pub enum Transport {
     Serial(SerialLine),
     /// Raw TCP: a serial device server or an LXI/SCPI socket, `host:port`.
-    Tcp { address: String },
+    Tcp {
+        address: String,
+    },
     /// The built-in simulator of this instrument (`labctl run --sim`).
     Simulated,
 }
@@ -377,7 +390,9 @@ impl Deck {
     }
 
     pub fn position(&self, name: &str) -> Option<Position> {
-        self.positions().into_iter().find(|p| p.name.eq_ignore_ascii_case(name))
+        self.positions()
+            .into_iter()
+            .find(|p| p.name.eq_ignore_ascii_case(name))
     }
 }
 
@@ -423,7 +438,6 @@ pub struct Interfaces {
     pub command_port: CommandPortInterface,
 }
 
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttInterface {
@@ -437,7 +451,10 @@ pub struct MqttInterface {
 
 impl Default for MqttInterface {
     fn default() -> Self {
-        MqttInterface { url: None, listen: default_mqtt_listen() }
+        MqttInterface {
+            url: None,
+            listen: default_mqtt_listen(),
+        }
     }
 }
 
@@ -454,7 +471,9 @@ pub struct OpcUaInterface {
 
 impl Default for OpcUaInterface {
     fn default() -> Self {
-        OpcUaInterface { endpoint: default_opcua_endpoint() }
+        OpcUaInterface {
+            endpoint: default_opcua_endpoint(),
+        }
     }
 }
 
@@ -475,7 +494,10 @@ pub struct CommandPortInterface {
 
 impl Default for CommandPortInterface {
     fn default() -> Self {
-        CommandPortInterface { tcp: default_command_tcp(), serial: None }
+        CommandPortInterface {
+            tcp: default_command_tcp(),
+            serial: None,
+        }
     }
 }
 
@@ -517,14 +539,19 @@ impl Lab {
 
     /// Reads and checks a lab file.
     pub fn load(path: &Path) -> Result<Lab, LabError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| LabError::Io { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| LabError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
         Lab::from_toml_str(&text, &path.display().to_string())
     }
 
     /// Parses and checks lab file text; `origin` names it in errors.
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Lab, LabError> {
-        let syntax = |message: String| LabError::Syntax { origin: origin.to_owned(), message };
+        let syntax = |message: String| LabError::Syntax {
+            origin: origin.to_owned(),
+            message,
+        };
         // Refuse clear-text passwords by name before serde would call them merely "unknown".
         let raw: toml::Table = toml::from_str(text).map_err(|e| syntax(e.to_string()))?;
         let mut problems = Vec::new();
@@ -539,14 +566,20 @@ impl Lab {
             }
         }
         if !problems.is_empty() {
-            return Err(LabError::Invalid { origin: origin.to_owned(), problems });
+            return Err(LabError::Invalid {
+                origin: origin.to_owned(),
+                problems,
+            });
         }
         let lab: Lab = toml::from_str(text).map_err(|e| syntax(e.to_string()))?;
         let problems = lab.problems();
         if problems.is_empty() {
             Ok(lab)
         } else {
-            Err(LabError::Invalid { origin: origin.to_owned(), problems })
+            Err(LabError::Invalid {
+                origin: origin.to_owned(),
+                problems,
+            })
         }
     }
 
@@ -578,7 +611,10 @@ impl Lab {
             }
             for q in required_envelope(inst.kind) {
                 if inst.envelope.range(q).is_none() {
-                    p.push(format!("{at}.envelope.{q}: required for a {} (a [min, max] range)", inst.kind));
+                    p.push(format!(
+                        "{at}.envelope.{q}: required for a {} (a [min, max] range)",
+                        inst.kind
+                    ));
                 }
             }
             for (q, env) in inst.envelope.ranges() {
@@ -594,7 +630,9 @@ impl Lab {
                 p.push(format!("{at}.heartbeat_s: must be > 0"));
             }
             if inst.kind == InstrumentKind::SyringePump && inst.stock.is_none() {
-                p.push(format!("{at}.stock: a syringe pump must name the stock it holds"));
+                p.push(format!(
+                    "{at}.stock: a syringe pump must name the stock it holds"
+                ));
             }
             if let Some(a) = inst.address
                 && a > 99
@@ -609,7 +647,10 @@ impl Lab {
                     && la.port == lb.port
                 {
                     if la != lb {
-                        p.push(format!("instruments {} and {} share {} with different line settings", a.id, b.id, la.port));
+                        p.push(format!(
+                            "instruments {} and {} share {} with different line settings",
+                            a.id, b.id, la.port
+                        ));
                     }
                     if a.address.is_none() || a.address == b.address {
                         p.push(format!(
@@ -628,7 +669,10 @@ impl Lab {
             if let Some(inst) = &pos.instrument
                 && !ids.contains(inst.as_str())
             {
-                p.push(format!("deck: station {} names unknown instrument {inst}", pos.name));
+                p.push(format!(
+                    "deck: station {} names unknown instrument {inst}",
+                    pos.name
+                ));
             }
         }
         if !(self.deck.max_fill_fraction > 0.0 && self.deck.max_fill_fraction <= 1.0) {
@@ -637,12 +681,19 @@ impl Lab {
         for (i, il) in self.interlocks.iter().enumerate() {
             let at = format!("interlocks[{i}] ({})", il.name);
             let Some(inst) = self.instrument(&il.instrument) else {
-                p.push(format!("{at}.instrument: unknown instrument {}", il.instrument));
+                p.push(format!(
+                    "{at}.instrument: unknown instrument {}",
+                    il.instrument
+                ));
                 continue;
             };
-            let triggers = usize::from(il.quantity.is_some()) + usize::from(il.on_alarm) + usize::from(il.on_silence);
+            let triggers = usize::from(il.quantity.is_some())
+                + usize::from(il.on_alarm)
+                + usize::from(il.on_silence);
             if triggers != 1 {
-                p.push(format!("{at}: give exactly one of quantity (with above/below), on_alarm, on_silence"));
+                p.push(format!(
+                    "{at}: give exactly one of quantity (with above/below), on_alarm, on_silence"
+                ));
             }
             if let Some(q) = &il.quantity {
                 if !inst.kind.quantities().iter().any(|k| k.name == q) {
@@ -682,7 +733,10 @@ impl Lab {
 
 /// Ids that are safe in MQTT topics, OPC UA browse names and file names.
 pub fn is_identifier(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]
@@ -695,7 +749,13 @@ mod tests {
         assert_eq!(lab.lab_id, "sim");
         let kinds: BTreeSet<_> = lab.instruments.iter().map(|i| i.kind).collect();
         assert_eq!(kinds.len(), 5);
-        assert_eq!(lab.instruments.iter().filter(|i| i.kind == InstrumentKind::SyringePump).count(), 3);
+        assert_eq!(
+            lab.instruments
+                .iter()
+                .filter(|i| i.kind == InstrumentKind::SyringePump)
+                .count(),
+            3
+        );
         let names: Vec<_> = lab.deck.positions().into_iter().map(|p| p.name).collect();
         assert!(names.contains(&"A1".to_string()) && names.contains(&"D6".to_string()));
         assert!(names.contains(&"W1".to_string()) && names.contains(&"H1".to_string()));
@@ -704,22 +764,34 @@ mod tests {
 
     #[test]
     fn clear_text_password_is_refused_by_name() {
-        let text = format!("{SIM_LAB_TOML}\n[[users]]\nname = \"eve\"\nrole = \"planner\"\npassword = \"hunter2\"\n");
+        let text = format!(
+            "{SIM_LAB_TOML}\n[[users]]\nname = \"eve\"\nrole = \"planner\"\npassword = \"hunter2\"\n"
+        );
         let err = Lab::from_toml_str(&text, "t").unwrap_err().to_string();
-        assert!(err.contains("users[") && err.contains("clear-text passwords are not allowed"), "{err}");
+        assert!(
+            err.contains("users[") && err.contains("clear-text passwords are not allowed"),
+            "{err}"
+        );
     }
 
     #[test]
     fn envelope_outside_capabilities_is_refused() {
         let text = SIM_LAB_TOML.replace("temperature_c = [15, 120]", "temperature_c = [15, 500]");
-        assert_ne!(text, SIM_LAB_TOML, "fixture must change the hotplate envelope");
+        assert_ne!(
+            text, SIM_LAB_TOML,
+            "fixture must change the hotplate envelope"
+        );
         let err = Lab::from_toml_str(&text, "t").unwrap_err().to_string();
-        assert!(err.contains("envelope.temperature_c") && err.contains("capability"), "{err}");
+        assert!(
+            err.contains("envelope.temperature_c") && err.contains("capability"),
+            "{err}"
+        );
     }
 
     #[test]
     fn missing_envelope_quantity_is_refused() {
-        let text = SIM_LAB_TOML.replace("envelope = { wavelength_nm = [380, 780] }", "envelope = {}");
+        let text =
+            SIM_LAB_TOML.replace("envelope = { wavelength_nm = [380, 780] }", "envelope = {}");
         assert_ne!(text, SIM_LAB_TOML);
         let err = Lab::from_toml_str(&text, "t").unwrap_err().to_string();
         assert!(err.contains("envelope.wavelength_nm: required"), "{err}");
@@ -727,7 +799,9 @@ mod tests {
 
     #[test]
     fn toml_syntax_error_names_the_line() {
-        let err = Lab::from_toml_str("lab_id = \n", "bad.toml").unwrap_err().to_string();
+        let err = Lab::from_toml_str("lab_id = \n", "bad.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bad.toml") && err.contains("line 1"), "{err}");
     }
 }

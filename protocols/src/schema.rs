@@ -45,15 +45,19 @@ mod tests {
         let mut seen = 0;
         for def in ["ActionStep", "MeasureStep"] {
             for variant in defs[def]["oneOf"].as_array().expect("tagged enum is oneOf") {
-                let name = variant["properties"]["action"]["const"].as_str().expect("action const");
+                let name = variant["properties"]["action"]["const"]
+                    .as_str()
+                    .expect("action const");
                 let params = &variant["properties"]["params"];
                 let props = if let Some(r) = params["$ref"].as_str() {
                     defs[r.trim_start_matches("#/$defs/")]["properties"].clone()
                 } else {
                     params["properties"].clone()
                 };
-                let mut from_schema: Vec<String> =
-                    props.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+                let mut from_schema: Vec<String> = props
+                    .as_object()
+                    .map(|o| o.keys().cloned().collect())
+                    .unwrap_or_default();
                 let mut from_table: Vec<String> = crate::capabilities::param_fields(name)
                     .unwrap_or_else(|| panic!("no param table for {name}"))
                     .iter()

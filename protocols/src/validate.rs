@@ -93,7 +93,9 @@ pub fn validate_bytes(bytes: &[u8], lab: &Lab) -> Report {
         let (line, column) = line_col(bytes, offset);
         return Report::from_findings(vec![
             Finding::error(Code::TooLarge, "", "JSON nested too deeply")
-                .expected(format!("at most {MAX_JSON_DEPTH} levels of objects and arrays"))
+                .expected(format!(
+                    "at most {MAX_JSON_DEPTH} levels of objects and arrays"
+                ))
                 .at(line, column),
         ]);
     }
@@ -114,7 +116,11 @@ pub fn validate_bytes(bytes: &[u8], lab: &Lab) -> Report {
 
 /// Validates an already parsed JSON value (e.g. from an MQTT payload parsed upstream).
 pub fn validate_value(value: &Value, lab: &Lab) -> Report {
-    let mut decoder = Decoder { lab, findings: Vec::new(), written_steps: 0 };
+    let mut decoder = Decoder {
+        lab,
+        findings: Vec::new(),
+        written_steps: 0,
+    };
     let protocol = decoder.protocol(value);
     let structural_errors = decoder.findings.iter().any(Finding::is_error);
     let mut findings = decoder.findings;
@@ -186,15 +192,39 @@ fn join(path: &str, key: impl std::fmt::Display) -> String {
 }
 
 fn list(items: impl IntoIterator<Item = impl AsRef<str>>) -> String {
-    let v: Vec<String> = items.into_iter().map(|s| format!("`{}`", s.as_ref())).collect();
-    if v.is_empty() { "none".to_owned() } else { v.join(", ") }
+    let v: Vec<String> = items
+        .into_iter()
+        .map(|s| format!("`{}`", s.as_ref()))
+        .collect();
+    if v.is_empty() {
+        "none".to_owned()
+    } else {
+        v.join(", ")
+    }
 }
 
 /// Keys each step type accepts, as the schema defines them (a test keeps them equal).
 pub(crate) fn step_keys(step_type: &str) -> Option<&'static [&'static str]> {
     Some(match step_type {
-        "action" => &["type", "id", "instrument", "action", "params", "timeout_s", "on_error"],
-        "measure" => &["type", "id", "instrument", "action", "params", "result", "timeout_s", "on_error"],
+        "action" => &[
+            "type",
+            "id",
+            "instrument",
+            "action",
+            "params",
+            "timeout_s",
+            "on_error",
+        ],
+        "measure" => &[
+            "type",
+            "id",
+            "instrument",
+            "action",
+            "params",
+            "result",
+            "timeout_s",
+            "on_error",
+        ],
         "wait" => &["type", "id", "duration_s", "on_error"],
         "wait_until" => &["type", "id", "condition", "timeout_s", "on_error"],
         "parallel" => &["type", "id", "branches", "timeout_s", "on_error"],
@@ -211,7 +241,8 @@ struct Decoder<'a> {
 
 impl Decoder<'_> {
     fn schema(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.findings.push(Finding::error(Code::Schema, path, message));
+        self.findings
+            .push(Finding::error(Code::Schema, path, message));
     }
 
     /// Decodes a leaf with serde, reporting the first problem with its full path.
@@ -224,12 +255,16 @@ impl Decoder<'_> {
                     match seg {
                         serde_path_to_error::Segment::Seq { index } => p = join(&p, index),
                         serde_path_to_error::Segment::Map { key } => p = join(&p, key),
-                        serde_path_to_error::Segment::Enum { .. } | serde_path_to_error::Segment::Unknown => {}
+                        serde_path_to_error::Segment::Enum { .. }
+                        | serde_path_to_error::Segment::Unknown => {}
                     }
                 }
                 let message = e.inner().to_string();
                 // serde names a missing field in its message and points at the parent: point at the field.
-                if let Some(field) = message.strip_prefix("missing field `").and_then(|m| m.split('`').next()) {
+                if let Some(field) = message
+                    .strip_prefix("missing field `")
+                    .and_then(|m| m.split('`').next())
+                {
                     p = join(&p, field);
                 }
                 self.schema(p, message);
@@ -255,9 +290,13 @@ impl Decoder<'_> {
             ),
             Some(Value::Number(n)) if n.as_u64() == Some(u64::from(PROTOCOL_VERSION)) => {}
             Some(other) => self.findings.push(
-                Finding::error(Code::UnsupportedVersion, "/version", "unsupported protocol version")
-                    .found(other)
-                    .expected(PROTOCOL_VERSION),
+                Finding::error(
+                    Code::UnsupportedVersion,
+                    "/version",
+                    "unsupported protocol version",
+                )
+                .found(other)
+                .expected(PROTOCOL_VERSION),
             ),
         }
         let metadata = match obj.get("metadata") {
@@ -278,7 +317,9 @@ impl Decoder<'_> {
             }
             Some(other) => {
                 self.findings.push(
-                    Finding::error(Code::Schema, "/labware", "labware is a list").found(json_type(other)).expected("array"),
+                    Finding::error(Code::Schema, "/labware", "labware is a list")
+                        .found(json_type(other))
+                        .expected("array"),
                 );
                 None
             }
@@ -291,7 +332,12 @@ impl Decoder<'_> {
             }
         };
         // A protocol with broken steps is still walked, so the other steps' problems are reported too.
-        Some(Protocol { version: PROTOCOL_VERSION, metadata: metadata?, labware: labware?, steps })
+        Some(Protocol {
+            version: PROTOCOL_VERSION,
+            metadata: metadata?,
+            labware: labware?,
+            steps,
+        })
     }
 
     fn unknown_keys(&mut self, obj: &Map<String, Value>, path: &str, known: &[&str]) -> bool {
@@ -301,15 +347,19 @@ impl Decoder<'_> {
                 continue;
             }
             any = true;
-            self.findings.push(explain_unknown_key(key, known, &join(path, key)));
+            self.findings
+                .push(explain_unknown_key(key, known, &join(path, key)));
         }
         any
     }
 
     fn steps(&mut self, v: &Value, path: &str, depth: usize) -> Vec<Step> {
         let Some(items) = v.as_array() else {
-            self.findings
-                .push(Finding::error(Code::Schema, path, "steps are a list").found(json_type(v)).expected("array"));
+            self.findings.push(
+                Finding::error(Code::Schema, path, "steps are a list")
+                    .found(json_type(v))
+                    .expected("array"),
+            );
             return Vec::new();
         };
         let mut out = Vec::with_capacity(items.len().min(1024));
@@ -317,32 +367,54 @@ impl Decoder<'_> {
             self.written_steps += 1;
             if self.written_steps > MAX_WRITTEN_STEPS {
                 self.findings.push(
-                    Finding::error(Code::TooLarge, join(path, i), "too many steps")
-                        .expected(format!("at most {MAX_WRITTEN_STEPS} written steps; use `repeat`")),
+                    Finding::error(Code::TooLarge, join(path, i), "too many steps").expected(
+                        format!("at most {MAX_WRITTEN_STEPS} written steps; use `repeat`"),
+                    ),
                 );
                 return out;
             }
             // A broken step keeps its place, so the semantic pass reports the others at their real index.
-            out.push(self.step(item, &join(path, i), depth).unwrap_or_else(broken_step));
+            out.push(
+                self.step(item, &join(path, i), depth)
+                    .unwrap_or_else(broken_step),
+            );
         }
         out
     }
 
     fn step(&mut self, v: &Value, path: &str, depth: usize) -> Option<Step> {
         let Some(obj) = v.as_object() else {
-            self.findings.push(Finding::error(Code::Schema, path, "a step is an object").found(json_type(v)).expected("object"));
+            self.findings.push(
+                Finding::error(Code::Schema, path, "a step is an object")
+                    .found(json_type(v))
+                    .expected("object"),
+            );
             return None;
         };
         let step_type = match obj.get("type") {
             Some(Value::String(t)) => t.as_str(),
             Some(other) => {
-                self.findings.push(Finding::error(Code::Schema, join(path, "type"), "step type is a string").found(other));
+                self.findings.push(
+                    Finding::error(Code::Schema, join(path, "type"), "step type is a string")
+                        .found(other),
+                );
                 return None;
             }
             None => {
                 self.findings.push(
-                    Finding::error(Code::Schema, join(path, "type"), "missing required field `type`")
-                        .expected(list(["action", "measure", "wait", "wait_until", "parallel", "repeat"])),
+                    Finding::error(
+                        Code::Schema,
+                        join(path, "type"),
+                        "missing required field `type`",
+                    )
+                    .expected(list([
+                        "action",
+                        "measure",
+                        "wait",
+                        "wait_until",
+                        "parallel",
+                        "repeat",
+                    ])),
                 );
                 return None;
             }
@@ -351,7 +423,14 @@ impl Decoder<'_> {
             self.findings.push(
                 Finding::error(Code::Schema, join(path, "type"), "unknown step type")
                     .found(format!("`{step_type}`"))
-                    .expected(list(["action", "measure", "wait", "wait_until", "parallel", "repeat"])),
+                    .expected(list([
+                        "action",
+                        "measure",
+                        "wait",
+                        "wait_until",
+                        "parallel",
+                        "repeat",
+                    ])),
             );
             return None;
         };
@@ -393,21 +472,34 @@ impl Decoder<'_> {
             "parallel" | "repeat" => {
                 if depth + 1 > MAX_STEP_NESTING {
                     self.findings.push(
-                        Finding::error(Code::TooLarge, path, "parallel/repeat blocks nested too deeply")
-                            .expected(format!("at most {MAX_STEP_NESTING} levels")),
+                        Finding::error(
+                            Code::TooLarge,
+                            path,
+                            "parallel/repeat blocks nested too deeply",
+                        )
+                        .expected(format!("at most {MAX_STEP_NESTING} levels")),
                     );
                     return None;
                 }
                 // Decode the block's own fields with its children removed, then each child on its own.
-                let child_key = if step_type == "parallel" { "branches" } else { "steps" };
+                let child_key = if step_type == "parallel" {
+                    "branches"
+                } else {
+                    "steps"
+                };
                 let mut shell = obj.clone();
                 let children = shell.insert(child_key.to_owned(), Value::Array(Vec::new()));
-                let shell_step = if bad_keys { None } else { self.leaf::<Step>(&Value::Object(shell), path) };
+                let shell_step = if bad_keys {
+                    None
+                } else {
+                    self.leaf::<Step>(&Value::Object(shell), path)
+                };
                 let child_path = join(path, child_key);
                 match (shell_step, children) {
                     (Some(Step::Parallel(mut p)), Some(Value::Array(branches))) => {
                         for (j, b) in branches.iter().enumerate() {
-                            p.branches.push(self.steps(b, &join(&child_path, j), depth + 1));
+                            p.branches
+                                .push(self.steps(b, &join(&child_path, j), depth + 1));
                         }
                         Some(Step::Parallel(p))
                     }
@@ -427,9 +519,13 @@ impl Decoder<'_> {
                                 self.steps(&children, &child_path, depth + 1);
                             }
                             (_, other) => self.findings.push(
-                                Finding::error(Code::Schema, child_path, "branches are a list of step lists")
-                                    .found(json_type(&other))
-                                    .expected("array"),
+                                Finding::error(
+                                    Code::Schema,
+                                    child_path,
+                                    "branches are a list of step lists",
+                                )
+                                .found(json_type(&other))
+                                .expected("array"),
                             ),
                         }
                         None
@@ -455,7 +551,12 @@ impl Decoder<'_> {
 
     /// Checks the action name against the instrument and the params' keys against the action, so a wrong
     /// unit is named as such instead of as a generic "unknown field". Returns whether it found anything.
-    fn check_action_name_and_params(&mut self, obj: &Map<String, Value>, path: &str, step_type: &str) -> bool {
+    fn check_action_name_and_params(
+        &mut self,
+        obj: &Map<String, Value>,
+        path: &str,
+        step_type: &str,
+    ) -> bool {
         let Some(Value::String(action)) = obj.get("action") else {
             return false; // serde reports the missing or mistyped field with its path
         };
@@ -466,8 +567,16 @@ impl Decoder<'_> {
         let allowed: Vec<&str> = match (kind, step_type) {
             (Some(k), "action") => k.actions().to_vec(),
             (Some(k), _) => k.measurements().to_vec(),
-            (None, "action") => InstrumentKind::ALL.iter().flat_map(|k| k.actions()).copied().collect(),
-            (None, _) => InstrumentKind::ALL.iter().flat_map(|k| k.measurements()).copied().collect(),
+            (None, "action") => InstrumentKind::ALL
+                .iter()
+                .flat_map(|k| k.actions())
+                .copied()
+                .collect(),
+            (None, _) => InstrumentKind::ALL
+                .iter()
+                .flat_map(|k| k.measurements())
+                .copied()
+                .collect(),
         };
         if !allowed.contains(&action.as_str()) {
             let what = match (kind, step_type) {
@@ -475,11 +584,16 @@ impl Decoder<'_> {
                 (Some(k), _) => format!("a {k} cannot measure `{action}`"),
                 (None, _) => format!("unknown {step_type} `{action}`"),
             };
-            self.findings
-                .push(Finding::error(Code::UnknownAction, join(path, "action"), what).found(format!("`{action}`")).expected(list(&allowed)));
+            self.findings.push(
+                Finding::error(Code::UnknownAction, join(path, "action"), what)
+                    .found(format!("`{action}`"))
+                    .expected(list(&allowed)),
+            );
             return true;
         }
-        let Some(fields) = param_fields(action) else { return false };
+        let Some(fields) = param_fields(action) else {
+            return false;
+        };
         match obj.get("params") {
             Some(Value::Object(params)) => self.unknown_keys(params, &join(path, "params"), fields),
             _ => false,
@@ -501,7 +615,11 @@ struct ActionStepFields {
 
 /// Stands in for a step that failed to decode. JSON has no NaN, so no submitted step can look like it.
 fn broken_step() -> Step {
-    Step::Wait(WaitStep { id: None, duration_s: f64::NAN, on_error: OnError::Fail })
+    Step::Wait(WaitStep {
+        id: None,
+        duration_s: f64::NAN,
+        on_error: OnError::Fail,
+    })
 }
 
 fn is_broken(step: &Step) -> bool {
@@ -513,8 +631,11 @@ fn explain_unknown_key(key: &str, known: &[&str], path: &str) -> Finding {
     let (stem, unit) = split_unit(key);
     for &expected in known {
         let (exp_stem, exp_unit) = split_unit(expected);
-        let Some((_, meaning)) = exp_unit else { continue };
-        let same_stem = exp_stem == stem || key == exp_stem || key.starts_with(&format!("{exp_stem}_"));
+        let Some((_, meaning)) = exp_unit else {
+            continue;
+        };
+        let same_stem =
+            exp_stem == stem || key == exp_stem || key.starts_with(&format!("{exp_stem}_"));
         if same_stem {
             let message = match unit {
                 None if key == exp_stem => format!("`{key}` has no unit"),
@@ -525,7 +646,9 @@ fn explain_unknown_key(key: &str, known: &[&str], path: &str) -> Finding {
                 .expected(format!("`{expected}` (in {meaning})"));
         }
     }
-    Finding::error(Code::Schema, path, format!("unknown field `{key}`")).found(format!("`{key}`")).expected(list(known))
+    Finding::error(Code::Schema, path, format!("unknown field `{key}`"))
+        .found(format!("`{key}`"))
+        .expected(list(known))
 }
 
 fn json_type(v: &Value) -> &'static str {
@@ -574,7 +697,12 @@ struct Semantic<'a> {
 
 impl<'a> Semantic<'a> {
     fn new(lab: &'a Lab, partial: bool) -> Self {
-        let positions = lab.deck.positions().into_iter().map(|p| (p.name.to_ascii_uppercase(), p)).collect();
+        let positions = lab
+            .deck
+            .positions()
+            .into_iter()
+            .map(|p| (p.name.to_ascii_uppercase(), p))
+            .collect();
         Semantic {
             lab,
             partial,
@@ -599,38 +727,70 @@ impl<'a> Semantic<'a> {
         for (i, lw) in p.labware.iter().enumerate() {
             let path = format!("/labware/{i}");
             if self.vessels.contains_key(&lw.id) {
-                self.push(Finding::error(Code::DuplicateId, join(&path, "id"), "labware id used twice").found(&lw.id));
+                self.push(
+                    Finding::error(
+                        Code::DuplicateId,
+                        join(&path, "id"),
+                        "labware id used twice",
+                    )
+                    .found(&lw.id),
+                );
                 continue;
             }
             let pos = lw.location.to_ascii_uppercase();
             if !self.positions.contains_key(&pos) {
                 self.push(
-                    Finding::error(Code::UnknownPosition, join(&path, "location"), "no such deck position")
-                        .found(&lw.location)
-                        .expected(list(self.positions.values().map(|p| p.name.clone()))),
+                    Finding::error(
+                        Code::UnknownPosition,
+                        join(&path, "location"),
+                        "no such deck position",
+                    )
+                    .found(&lw.location)
+                    .expected(list(self.positions.values().map(|p| p.name.clone()))),
                 );
             } else if let Some(other) = occupied.insert(pos.clone(), &lw.id) {
                 self.push(
-                    Finding::error(Code::Sequence, join(&path, "location"), format!("position already holds `{other}`"))
-                        .found(&lw.location),
+                    Finding::error(
+                        Code::Sequence,
+                        join(&path, "location"),
+                        format!("position already holds `{other}`"),
+                    )
+                    .found(&lw.location),
                 );
             }
             if !(lw.capacity_ul.is_finite() && lw.capacity_ul > 0.0) {
                 self.push(
-                    Finding::error(Code::InvalidValue, join(&path, "capacity_ul"), "capacity must be positive").found(lw.capacity_ul),
+                    Finding::error(
+                        Code::InvalidValue,
+                        join(&path, "capacity_ul"),
+                        "capacity must be positive",
+                    )
+                    .found(lw.capacity_ul),
                 );
             }
             let max_fill_ul = lw.capacity_ul * self.lab.deck.max_fill_fraction;
             if !(lw.initial_volume_ul >= 0.0 && lw.initial_volume_ul <= max_fill_ul) {
                 self.push(
-                    Finding::error(Code::Overfill, join(&path, "initial_volume_ul"), "initial volume outside the vessel's fill range")
-                        .found(lw.initial_volume_ul)
-                        .expected(format!("0 to {max_fill_ul} uL ({} of capacity)", self.lab.deck.max_fill_fraction)),
+                    Finding::error(
+                        Code::Overfill,
+                        join(&path, "initial_volume_ul"),
+                        "initial volume outside the vessel's fill range",
+                    )
+                    .found(lw.initial_volume_ul)
+                    .expected(format!(
+                        "0 to {max_fill_ul} uL ({} of capacity)",
+                        self.lab.deck.max_fill_fraction
+                    )),
                 );
             }
             self.vessels.insert(
                 lw.id.clone(),
-                Vessel { max_fill_ul, volume_ul: lw.initial_volume_ul, position: pos, overfilled: false },
+                Vessel {
+                    max_fill_ul,
+                    volume_ul: lw.initial_volume_ul,
+                    position: pos,
+                    overfilled: false,
+                },
             );
         }
         let (duration, expanded) = self.steps(&p.steps, "/steps");
@@ -638,13 +798,21 @@ impl<'a> Semantic<'a> {
         self.summary.expanded_steps = expanded;
         if expanded > MAX_EXPANDED_STEPS {
             self.push(
-                Finding::error(Code::TooLarge, "/steps", "protocol executes too many steps once repeats are unrolled")
-                    .found(expanded)
-                    .expected(format!("at most {MAX_EXPANDED_STEPS}")),
+                Finding::error(
+                    Code::TooLarge,
+                    "/steps",
+                    "protocol executes too many steps once repeats are unrolled",
+                )
+                .found(expanded)
+                .expected(format!("at most {MAX_EXPANDED_STEPS}")),
             );
         }
         if p.steps.is_empty() && !self.partial {
-            self.push(Finding::error(Code::InvalidValue, "/steps", "a protocol needs at least one step"));
+            self.push(Finding::error(
+                Code::InvalidValue,
+                "/steps",
+                "a protocol needs at least one step",
+            ));
         }
     }
 
@@ -656,17 +824,27 @@ impl<'a> Semantic<'a> {
         ] {
             if value.trim().is_empty() || value.len() > max {
                 self.push(
-                    Finding::error(Code::InvalidValue, format!("/metadata/{field}"), "must be a non-empty string")
-                        .found(format!("{} characters", value.len()))
-                        .expected(format!("1 to {max} characters")),
+                    Finding::error(
+                        Code::InvalidValue,
+                        format!("/metadata/{field}"),
+                        "must be a non-empty string",
+                    )
+                    .found(format!("{} characters", value.len()))
+                    .expected(format!("1 to {max} characters")),
                 );
             }
         }
-        if !m.proposal_id.is_empty() && !crate::lab::is_identifier(&m.proposal_id.replace(['.', ':'], "_")) {
+        if !m.proposal_id.is_empty()
+            && !crate::lab::is_identifier(&m.proposal_id.replace(['.', ':'], "_"))
+        {
             self.push(
-                Finding::error(Code::InvalidValue, "/metadata/proposal_id", "proposal id is used in MQTT topics")
-                    .found(&m.proposal_id)
-                    .expected("letters, digits, '-', '_', '.', ':' only"),
+                Finding::error(
+                    Code::InvalidValue,
+                    "/metadata/proposal_id",
+                    "proposal id is used in MQTT topics",
+                )
+                .found(&m.proposal_id)
+                .expected("letters, digits, '-', '_', '.', ':' only"),
             );
         }
     }
@@ -690,7 +868,9 @@ impl<'a> Semantic<'a> {
         if let Some(id) = step.id()
             && !self.ids.insert(id.to_owned())
         {
-            self.push(Finding::error(Code::DuplicateId, join(path, "id"), "step id used twice").found(id));
+            self.push(
+                Finding::error(Code::DuplicateId, join(path, "id"), "step id used twice").found(id),
+            );
         }
         if let Some(t) = step.timeout_s() {
             self.duration(t, &join(path, "timeout_s"));
@@ -727,9 +907,13 @@ impl<'a> Semantic<'a> {
         let found = lab.instrument(id);
         if found.is_none() {
             self.push(
-                Finding::error(Code::UnknownInstrument, path, "no such instrument in this lab")
-                    .found(format!("`{id}`"))
-                    .expected(list(lab.instruments.iter().map(|i| i.id.as_str()))),
+                Finding::error(
+                    Code::UnknownInstrument,
+                    path,
+                    "no such instrument in this lab",
+                )
+                .found(format!("`{id}`"))
+                .expected(list(lab.instruments.iter().map(|i| i.id.as_str()))),
             );
         }
         found
@@ -745,9 +929,13 @@ impl<'a> Semantic<'a> {
             && !cap.contains(v)
         {
             self.push(
-                Finding::error(Code::OutOfRange, path, format!("outside what {} can do", inst.id))
-                    .found(v)
-                    .expected(format!("{quantity} within {cap}")),
+                Finding::error(
+                    Code::OutOfRange,
+                    path,
+                    format!("outside what {} can do", inst.id),
+                )
+                .found(v)
+                .expected(format!("{quantity} within {cap}")),
             );
             return;
         }
@@ -755,9 +943,13 @@ impl<'a> Semantic<'a> {
             && !env.contains(v)
         {
             self.push(
-                Finding::error(Code::OutsideEnvelope, path, format!("outside the lab's safety envelope for {}", inst.id))
-                    .found(v)
-                    .expected(format!("{quantity} within {env}")),
+                Finding::error(
+                    Code::OutsideEnvelope,
+                    path,
+                    format!("outside the lab's safety envelope for {}", inst.id),
+                )
+                .found(v)
+                .expected(format!("{quantity} within {env}")),
             );
         }
     }
@@ -778,9 +970,13 @@ impl<'a> Semantic<'a> {
         let ok = self.vessels.contains_key(id);
         if !ok {
             self.push(
-                Finding::error(Code::UnknownVessel, path, "no such vessel in the protocol's labware")
-                    .found(format!("`{id}`"))
-                    .expected(list(self.vessels.keys())),
+                Finding::error(
+                    Code::UnknownVessel,
+                    path,
+                    "no such vessel in the protocol's labware",
+                )
+                .found(format!("`{id}`"))
+                .expected(list(self.vessels.keys())),
             );
         }
         ok
@@ -788,16 +984,25 @@ impl<'a> Semantic<'a> {
 
     fn vessel_under_head(&self) -> Option<String> {
         let head = self.head_at.as_ref()?;
-        self.vessels.iter().find(|(_, v)| &v.position == head).map(|(id, _)| id.clone())
+        self.vessels
+            .iter()
+            .find(|(_, v)| &v.position == head)
+            .map(|(id, _)| id.clone())
     }
 
     fn action(&mut self, s: &ActionStep, path: &str) -> f64 {
-        let Some(inst) = self.instrument(&s.instrument, &join(path, "instrument")) else { return 0.0 };
+        let Some(inst) = self.instrument(&s.instrument, &join(path, "instrument")) else {
+            return 0.0;
+        };
         if !inst.kind.actions().contains(&s.action.name()) {
             self.push(
-                Finding::error(Code::UnknownAction, join(path, "action"), format!("a {} cannot `{}`", inst.kind, s.action.name()))
-                    .found(format!("`{}`", s.action.name()))
-                    .expected(list(inst.kind.actions())),
+                Finding::error(
+                    Code::UnknownAction,
+                    join(path, "action"),
+                    format!("a {} cannot `{}`", inst.kind, s.action.name()),
+                )
+                .found(format!("`{}`", s.action.name()))
+                .expected(list(inst.kind.actions())),
             );
             return 0.0;
         }
@@ -809,7 +1014,12 @@ impl<'a> Semantic<'a> {
             }
             Action::MoveTo(m) => {
                 if let Some(f) = m.feed_mm_per_min {
-                    self.value(inst, "feed_mm_per_min", f, &join(&params, "feed_mm_per_min"));
+                    self.value(
+                        inst,
+                        "feed_mm_per_min",
+                        f,
+                        &join(&params, "feed_mm_per_min"),
+                    );
                 }
                 if let Some(pos) = self.position(&m.position, &join(&params, "position")) {
                     self.value(inst, "x_mm", pos.x_mm, &join(&params, "position"));
@@ -826,7 +1036,12 @@ impl<'a> Semantic<'a> {
                     self.value(inst, q, v, &join(&params, q));
                 }
                 if let Some(f) = m.feed_mm_per_min {
-                    self.value(inst, "feed_mm_per_min", f, &join(&params, "feed_mm_per_min"));
+                    self.value(
+                        inst,
+                        "feed_mm_per_min",
+                        f,
+                        &join(&params, "feed_mm_per_min"),
+                    );
                 }
                 self.head_at = self
                     .positions
@@ -839,12 +1054,19 @@ impl<'a> Semantic<'a> {
                 let vessel_ok = self.vessel_exists(&t.vessel, &join(&params, "vessel"));
                 if let Some(to) = self.position(&t.to, &join(&params, "to")) {
                     let to = to.name.to_ascii_uppercase();
-                    let occupant =
-                        self.vessels.iter().find(|(id, v)| v.position == to && **id != t.vessel).map(|(id, _)| id.clone());
+                    let occupant = self
+                        .vessels
+                        .iter()
+                        .find(|(id, v)| v.position == to && **id != t.vessel)
+                        .map(|(id, _)| id.clone());
                     if let Some(other) = occupant {
                         self.push(
-                            Finding::error(Code::Sequence, join(&params, "to"), format!("position {to} already holds `{other}`"))
-                                .found(&t.to),
+                            Finding::error(
+                                Code::Sequence,
+                                join(&params, "to"),
+                                format!("position {to} already holds `{other}`"),
+                            )
+                            .found(&t.to),
                         );
                     } else if vessel_ok && let Some(v) = self.vessels.get_mut(&t.vessel) {
                         v.position = to.clone();
@@ -858,14 +1080,26 @@ impl<'a> Semantic<'a> {
             }
             Action::Dispense(d) => {
                 self.value(inst, "volume_ul", d.volume_ul, &join(&params, "volume_ul"));
-                self.value(inst, "rate_ul_per_min", d.rate_ul_per_min, &join(&params, "rate_ul_per_min"));
+                self.value(
+                    inst,
+                    "rate_ul_per_min",
+                    d.rate_ul_per_min,
+                    &join(&params, "rate_ul_per_min"),
+                );
                 if d.volume_ul > 0.0 {
                     self.summary.total_volume_ul += d.volume_ul;
                 }
                 if self.vessel_exists(&d.vessel, &join(&params, "vessel")) {
                     let under = self.vessel_under_head();
-                    if !self.partial && !self.head_lost && under.as_deref() != Some(d.vessel.as_str()) {
-                        let at = self.vessels.get(&d.vessel).map(|v| v.position.clone()).unwrap_or_default();
+                    if !self.partial
+                        && !self.head_lost
+                        && under.as_deref() != Some(d.vessel.as_str())
+                    {
+                        let at = self
+                            .vessels
+                            .get(&d.vessel)
+                            .map(|v| v.position.clone())
+                            .unwrap_or_default();
                         self.push(
                             Finding::error(
                                 Code::Sequence,
@@ -881,49 +1115,89 @@ impl<'a> Semantic<'a> {
                     }
                     self.fill(&d.vessel, d.volume_ul, &join(&params, "volume_ul"));
                 }
-                if d.rate_ul_per_min > 0.0 { d.volume_ul / d.rate_ul_per_min * 60.0 } else { 0.0 }
+                if d.rate_ul_per_min > 0.0 {
+                    d.volume_ul / d.rate_ul_per_min * 60.0
+                } else {
+                    0.0
+                }
             }
             Action::SetTemperature(t) => {
-                self.value(inst, "temperature_c", t.temperature_c, &join(&params, "temperature_c"));
-                let m = self.summary.max_temperature_c.get_or_insert(t.temperature_c);
+                self.value(
+                    inst,
+                    "temperature_c",
+                    t.temperature_c,
+                    &join(&params, "temperature_c"),
+                );
+                let m = self
+                    .summary
+                    .max_temperature_c
+                    .get_or_insert(t.temperature_c);
                 *m = m.max(t.temperature_c);
                 1.0
             }
             Action::SetStirSpeed(r) => {
-                self.value(inst, "stir_speed_rpm", r.speed_rpm, &join(&params, "speed_rpm"));
+                self.value(
+                    inst,
+                    "stir_speed_rpm",
+                    r.speed_rpm,
+                    &join(&params, "speed_rpm"),
+                );
                 1.0
             }
-            Action::StopPump {} | Action::Tare {} | Action::Zero {} | Action::HeaterOff {} | Action::StirOff {} => 1.0,
+            Action::StopPump {}
+            | Action::Tare {}
+            | Action::Zero {}
+            | Action::HeaterOff {}
+            | Action::StirOff {} => 1.0,
         }
     }
 
     fn fill(&mut self, vessel: &str, volume_ul: f64, path: &str) {
         let partial = self.partial;
-        let Some(v) = self.vessels.get_mut(vessel) else { return };
+        let Some(v) = self.vessels.get_mut(vessel) else {
+            return;
+        };
         v.volume_ul += volume_ul.max(0.0);
         if v.volume_ul > v.max_fill_ul && !v.overfilled && !partial {
             v.overfilled = true;
             let (vol, max) = (v.volume_ul, v.max_fill_ul);
             self.push(
-                Finding::error(Code::Overfill, path, format!("vessel `{vessel}` would overfill"))
-                    .found(format!("{vol} uL after this step"))
-                    .expected(format!("at most {max} uL")),
+                Finding::error(
+                    Code::Overfill,
+                    path,
+                    format!("vessel `{vessel}` would overfill"),
+                )
+                .found(format!("{vol} uL after this step"))
+                .expected(format!("at most {max} uL")),
             );
         }
     }
 
     fn measure(&mut self, s: &MeasureStep, path: &str) -> f64 {
         if !self.results.insert(s.result.clone()) {
-            self.push(Finding::error(Code::DuplicateResult, join(path, "result"), "result name used twice").found(&s.result));
+            self.push(
+                Finding::error(
+                    Code::DuplicateResult,
+                    join(path, "result"),
+                    "result name used twice",
+                )
+                .found(&s.result),
+            );
         }
         if !crate::lab::is_identifier(&s.result) {
             self.push(
-                Finding::error(Code::InvalidValue, join(path, "result"), "result names are used in topics and file names")
-                    .found(&s.result)
-                    .expected("1-64 letters, digits, '-' or '_'"),
+                Finding::error(
+                    Code::InvalidValue,
+                    join(path, "result"),
+                    "result names are used in topics and file names",
+                )
+                .found(&s.result)
+                .expected("1-64 letters, digits, '-' or '_'"),
             );
         }
-        let Some(inst) = self.instrument(&s.instrument, &join(path, "instrument")) else { return 0.0 };
+        let Some(inst) = self.instrument(&s.instrument, &join(path, "instrument")) else {
+            return 0.0;
+        };
         if !inst.kind.measurements().contains(&s.measurement.name()) {
             self.push(
                 Finding::error(
@@ -941,26 +1215,44 @@ impl<'a> Semantic<'a> {
             Measurement::Weigh(_) => 3.0,
             Measurement::ReadTemperature {} => 0.5,
             Measurement::Absorbance(a) => {
-                self.value(inst, "wavelength_nm", a.wavelength_nm, &join(&params, "wavelength_nm"));
+                self.value(
+                    inst,
+                    "wavelength_nm",
+                    a.wavelength_nm,
+                    &join(&params, "wavelength_nm"),
+                );
                 self.probe_in_vessel(&params);
                 1.0
             }
             Measurement::Spectrum(sp) => {
-                self.value(inst, "wavelength_nm", sp.start_nm, &join(&params, "start_nm"));
+                self.value(
+                    inst,
+                    "wavelength_nm",
+                    sp.start_nm,
+                    &join(&params, "start_nm"),
+                );
                 self.value(inst, "wavelength_nm", sp.stop_nm, &join(&params, "stop_nm"));
                 if sp.start_nm >= sp.stop_nm {
                     self.push(
-                        Finding::error(Code::InvalidValue, join(&params, "stop_nm"), "spectrum must go up")
-                            .found(sp.stop_nm)
-                            .expected(format!("more than start_nm ({})", sp.start_nm)),
+                        Finding::error(
+                            Code::InvalidValue,
+                            join(&params, "stop_nm"),
+                            "spectrum must go up",
+                        )
+                        .found(sp.stop_nm)
+                        .expected(format!("more than start_nm ({})", sp.start_nm)),
                     );
                 }
                 let points = (sp.stop_nm - sp.start_nm) / sp.step_nm;
                 if !(sp.step_nm > 0.0 && points <= MAX_SPECTRUM_POINTS) {
                     self.push(
-                        Finding::error(Code::InvalidValue, join(&params, "step_nm"), "step gives no or too many points")
-                            .found(sp.step_nm)
-                            .expected(format!("> 0 and at most {MAX_SPECTRUM_POINTS} points")),
+                        Finding::error(
+                            Code::InvalidValue,
+                            join(&params, "step_nm"),
+                            "step gives no or too many points",
+                        )
+                        .found(sp.step_nm)
+                        .expected(format!("> 0 and at most {MAX_SPECTRUM_POINTS} points")),
                     );
                 }
                 self.probe_in_vessel(&params);
@@ -972,37 +1264,58 @@ impl<'a> Semantic<'a> {
     fn probe_in_vessel(&mut self, path: &str) {
         if !self.partial && !self.head_lost && self.vessel_under_head().is_none() {
             self.push(
-                Finding::error(Code::Sequence, path, "the dip probe measures the vessel under the gantry head, and there is none")
-                    .found(match &self.head_at {
-                        Some(h) => format!("head above {h}, which holds no vessel"),
-                        None => "head position unknown".into(),
-                    })
-                    .expected("a gantry move_to a vessel's position before this step"),
+                Finding::error(
+                    Code::Sequence,
+                    path,
+                    "the dip probe measures the vessel under the gantry head, and there is none",
+                )
+                .found(match &self.head_at {
+                    Some(h) => format!("head above {h}, which holds no vessel"),
+                    None => "head position unknown".into(),
+                })
+                .expected("a gantry move_to a vessel's position before this step"),
             );
         }
     }
 
     fn condition(&mut self, c: &Condition, path: &str) {
-        let Some(inst) = self.instrument(&c.instrument, &join(path, "instrument")) else { return };
+        let Some(inst) = self.instrument(&c.instrument, &join(path, "instrument")) else {
+            return;
+        };
         let quantities = inst.kind.quantities();
         if !quantities.iter().any(|q| q.name == c.quantity) {
             self.push(
-                Finding::error(Code::UnknownQuantity, join(path, "quantity"), format!("{} does not report this", inst.id))
-                    .found(format!("`{}`", c.quantity))
-                    .expected(list(quantities.iter().map(|q| q.name))),
+                Finding::error(
+                    Code::UnknownQuantity,
+                    join(path, "quantity"),
+                    format!("{} does not report this", inst.id),
+                )
+                .found(format!("`{}`", c.quantity))
+                .expected(list(quantities.iter().map(|q| q.name))),
             );
             return;
         }
         if c.op == Comparison::Within && !c.tolerance.is_some_and(|t| t >= 0.0) {
             self.push(
-                Finding::error(Code::InvalidValue, join(path, "tolerance"), "`within` needs a tolerance")
-                    .expected("a number >= 0"),
+                Finding::error(
+                    Code::InvalidValue,
+                    join(path, "tolerance"),
+                    "`within` needs a tolerance",
+                )
+                .expected("a number >= 0"),
             );
         }
         if let Some(h) = c.hold_s
             && !(0.0..=MAX_DURATION_S).contains(&h)
         {
-            self.push(Finding::error(Code::InvalidValue, join(path, "hold_s"), "hold time out of range").found(h));
+            self.push(
+                Finding::error(
+                    Code::InvalidValue,
+                    join(path, "hold_s"),
+                    "hold time out of range",
+                )
+                .found(h),
+            );
         }
         // A target the envelope keeps the instrument from reaching would only ever time out.
         let envelope_quantity = match c.quantity.as_str() {
@@ -1017,9 +1330,13 @@ impl<'a> Semantic<'a> {
             };
             if unreachable {
                 self.push(
-                    Finding::warning(Code::OutsideEnvelope, join(path, "value"), "the envelope never lets the reading get there")
-                        .found(c.value)
-                        .expected(format!("{} within {env}", c.quantity)),
+                    Finding::warning(
+                        Code::OutsideEnvelope,
+                        join(path, "value"),
+                        "the envelope never lets the reading get there",
+                    )
+                    .found(c.value)
+                    .expected(format!("{} within {env}", c.quantity)),
                 );
             }
         }
@@ -1034,7 +1351,10 @@ impl<'a> Semantic<'a> {
                 Step::Measure(m) => {
                     out.insert(m.instrument.clone());
                 }
-                Step::Parallel(p) => p.branches.iter().for_each(|b| Self::commanded_instruments(b, out)),
+                Step::Parallel(p) => p
+                    .branches
+                    .iter()
+                    .for_each(|b| Self::commanded_instruments(b, out)),
                 Step::Repeat(r) => Self::commanded_instruments(&r.steps, out),
                 Step::Wait(_) | Step::WaitUntil(_) => {}
             }
@@ -1043,7 +1363,14 @@ impl<'a> Semantic<'a> {
 
     fn parallel(&mut self, s: &ParallelStep, path: &str) -> (f64, u64) {
         if s.branches.is_empty() {
-            self.push(Finding::error(Code::InvalidValue, join(path, "branches"), "a parallel block needs branches").expected("at least one"));
+            self.push(
+                Finding::error(
+                    Code::InvalidValue,
+                    join(path, "branches"),
+                    "a parallel block needs branches",
+                )
+                .expected("at least one"),
+            );
         }
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         for (j, branch) in s.branches.iter().enumerate() {
@@ -1077,16 +1404,29 @@ impl<'a> Semantic<'a> {
     fn repeat(&mut self, s: &RepeatStep, path: &str) -> (f64, u64) {
         if s.count == 0 || s.count > MAX_REPEAT {
             self.push(
-                Finding::error(if s.count == 0 { Code::InvalidValue } else { Code::TooLarge }, join(path, "count"), "repeat count out of range")
-                    .found(s.count)
-                    .expected(format!("1 to {MAX_REPEAT}")),
+                Finding::error(
+                    if s.count == 0 {
+                        Code::InvalidValue
+                    } else {
+                        Code::TooLarge
+                    },
+                    join(path, "count"),
+                    "repeat count out of range",
+                )
+                .found(s.count)
+                .expected(format!("1 to {MAX_REPEAT}")),
             );
         }
-        let before: BTreeMap<String, f64> = self.vessels.iter().map(|(k, v)| (k.clone(), v.volume_ul)).collect();
+        let before: BTreeMap<String, f64> = self
+            .vessels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.volume_ul))
+            .collect();
         let volume_before = self.summary.total_volume_ul;
         let (d, n) = self.steps(&s.steps, &join(path, "steps"));
         let count = f64::from(s.count.max(1));
-        self.summary.total_volume_ul = volume_before + (self.summary.total_volume_ul - volume_before) * count;
+        self.summary.total_volume_ul =
+            volume_before + (self.summary.total_volume_ul - volume_before) * count;
         // Dispenses only add liquid, so one pass gives the per-iteration change of every vessel.
         let partial = self.partial;
         let mut overfills = Vec::new();
@@ -1101,9 +1441,13 @@ impl<'a> Semantic<'a> {
                 v.overfilled = true;
                 let iteration = ((v.max_fill_ul - start) / delta).floor() + 1.0;
                 overfills.push(
-                    Finding::error(Code::Overfill, join(path, "count"), format!("vessel `{id}` overfills in iteration {iteration} of {count}"))
-                        .found(format!("{} uL after the last iteration", v.volume_ul))
-                        .expected(format!("at most {} uL", v.max_fill_ul)),
+                    Finding::error(
+                        Code::Overfill,
+                        join(path, "count"),
+                        format!("vessel `{id}` overfills in iteration {iteration} of {count}"),
+                    )
+                    .found(format!("{} uL after the last iteration", v.volume_ul))
+                    .expected(format!("at most {} uL", v.max_fill_ul)),
                 );
             }
         }
@@ -1123,22 +1467,33 @@ fn approval_reasons(_p: &Protocol, lab: &Lab, s: &Summary) -> Vec<String> {
     if let (Some(max), Some(t)) = (env.max_temperature_c, s.max_temperature_c)
         && t > max
     {
-        reasons.push(format!("temperature {t} C exceeds the auto-approve limit {max} C"));
+        reasons.push(format!(
+            "temperature {t} C exceeds the auto-approve limit {max} C"
+        ));
     }
     if let Some(max) = env.max_total_volume_ul
         && s.total_volume_ul > max
     {
-        reasons.push(format!("total volume {} uL exceeds the auto-approve limit {max} uL", s.total_volume_ul));
+        reasons.push(format!(
+            "total volume {} uL exceeds the auto-approve limit {max} uL",
+            s.total_volume_ul
+        ));
     }
     if let Some(max) = env.max_duration_s
         && s.duration_s > max
     {
-        reasons.push(format!("estimated duration {:.0} s exceeds the auto-approve limit {max} s", s.duration_s));
+        reasons.push(format!(
+            "estimated duration {:.0} s exceeds the auto-approve limit {max} s",
+            s.duration_s
+        ));
     }
     if let Some(max) = env.max_steps
         && s.expanded_steps > max
     {
-        reasons.push(format!("{} steps exceed the auto-approve limit {max}", s.expanded_steps));
+        reasons.push(format!(
+            "{} steps exceed the auto-approve limit {max}",
+            s.expanded_steps
+        ));
     }
     reasons
 }

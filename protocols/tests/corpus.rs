@@ -18,7 +18,12 @@ fn every_example_is_valid_against_the_sim_lab() {
         let path = entry.unwrap().path();
         let report = validate_bytes(&std::fs::read(&path).unwrap(), &lab);
         assert!(report.valid, "{}: {:#?}", path.display(), report.findings);
-        assert!(report.findings.is_empty(), "{}: warnings {:#?}", path.display(), report.findings);
+        assert!(
+            report.findings.is_empty(),
+            "{}: warnings {:#?}",
+            path.display(),
+            report.findings
+        );
         assert!(report.protocol.is_some());
         n += 1;
     }
@@ -32,8 +37,17 @@ fn examples_exercise_every_construct() {
         all.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
     }
     for needle in [
-        "\"action\"", "\"measure\"", "\"wait\"", "\"wait_until\"", "\"parallel\"", "\"repeat\"", "\"pause\"",
-        "\"skip\"", "\"within\"", "\"transfer\"", "\"supervised\"",
+        "\"action\"",
+        "\"measure\"",
+        "\"wait\"",
+        "\"wait_until\"",
+        "\"parallel\"",
+        "\"repeat\"",
+        "\"pause\"",
+        "\"skip\"",
+        "\"within\"",
+        "\"transfer\"",
+        "\"supervised\"",
     ] {
         assert!(all.contains(needle), "no example uses {needle}");
     }
@@ -43,7 +57,8 @@ fn examples_exercise_every_construct() {
 fn invalid_corpus_gives_the_recorded_findings() {
     let lab = Lab::sim();
     let expected: BTreeMap<String, Vec<(String, String)>> =
-        serde_json::from_str(&std::fs::read_to_string(dir("tests/invalid/expected.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir("tests/invalid/expected.json")).unwrap())
+            .unwrap();
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir("tests/invalid")).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
@@ -53,19 +68,37 @@ fn invalid_corpus_gives_the_recorded_findings() {
     }
     files.sort();
     let listed: Vec<_> = expected.keys().cloned().collect();
-    assert_eq!(files, listed, "every corpus file needs an entry in expected.json and vice versa");
+    assert_eq!(
+        files, listed,
+        "every corpus file needs an entry in expected.json and vice versa"
+    );
     for (file, wanted) in &expected {
         let bytes = std::fs::read(dir("tests/invalid").join(file)).unwrap();
         let report = validate_bytes(&bytes, &lab);
         assert!(!report.valid, "{file} should be invalid");
-        assert!(report.protocol.is_none(), "{file}: an invalid protocol must not be handed out");
+        assert!(
+            report.protocol.is_none(),
+            "{file}: an invalid protocol must not be handed out"
+        );
         let got: Vec<(String, String)> = report
             .findings
             .iter()
-            .map(|f| (serde_json::to_value(f.code).unwrap().as_str().unwrap().to_owned(), f.path.clone()))
+            .map(|f| {
+                (
+                    serde_json::to_value(f.code)
+                        .unwrap()
+                        .as_str()
+                        .unwrap()
+                        .to_owned(),
+                    f.path.clone(),
+                )
+            })
             .collect();
         for w in wanted {
-            assert!(got.contains(w), "{file}: expected finding {w:?}, got {got:?}");
+            assert!(
+                got.contains(w),
+                "{file}: expected finding {w:?}, got {got:?}"
+            );
         }
         for f in &report.findings {
             assert!(!f.message.is_empty(), "{file}: finding without a message");
@@ -79,7 +112,10 @@ fn a_huge_document_is_refused_without_parsing() {
     let big = vec![b' '; labctl_protocols::validate::MAX_PROTOCOL_BYTES + 1];
     let report = validate_bytes(&big, &lab);
     assert!(!report.valid);
-    assert_eq!(report.findings[0].code, labctl_protocols::FindingCode::TooLarge);
+    assert_eq!(
+        report.findings[0].code,
+        labctl_protocols::FindingCode::TooLarge
+    );
 }
 
 #[test]
@@ -94,7 +130,11 @@ fn invalid_utf8_names_the_byte() {
 fn approval_reasons_follow_the_lab_policy() {
     let lab = Lab::sim();
     let text = std::fs::read_to_string(dir("examples/dye-mix.json")).unwrap();
-    assert!(validate_bytes(text.as_bytes(), &lab).approval_required_because.is_empty());
+    assert!(
+        validate_bytes(text.as_bytes(), &lab)
+            .approval_required_because
+            .is_empty()
+    );
     // 80 C is inside the envelope (120 C) but above the auto-approve limit (60 C).
     let hot = text.replace(
         "{ \"type\": \"wait\", \"id\": \"mix\", \"duration_s\": 30 }",
@@ -103,6 +143,11 @@ fn approval_reasons_follow_the_lab_policy() {
     assert_ne!(hot, text);
     let report = validate_bytes(hot.as_bytes(), &lab);
     assert!(report.valid, "{:?}", report.findings);
-    assert_eq!(report.approval_required_because.len(), 1, "{:?}", report.approval_required_because);
+    assert_eq!(
+        report.approval_required_because.len(),
+        1,
+        "{:?}",
+        report.approval_required_because
+    );
     assert!(report.approval_required_because[0].contains("auto-approve limit 60"));
 }

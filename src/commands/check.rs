@@ -20,7 +20,8 @@ struct FileReport<'a> {
 pub fn read_protocol_file(path: &Path) -> std::io::Result<Vec<u8>> {
     let file = std::fs::File::open(path)?;
     let mut bytes = Vec::new();
-    file.take(MAX_PROTOCOL_BYTES as u64 + 1).read_to_end(&mut bytes)?;
+    file.take(MAX_PROTOCOL_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)?;
     Ok(bytes)
 }
 
@@ -57,7 +58,13 @@ pub fn run(protocols: &[std::path::PathBuf], lab_path: Option<&Path>, json: bool
         reports.push((path.display().to_string(), report));
     }
     if json {
-        let out: Vec<FileReport> = reports.iter().map(|(file, report)| FileReport { file: file.clone(), report }).collect();
+        let out: Vec<FileReport> = reports
+            .iter()
+            .map(|(file, report)| FileReport {
+                file: file.clone(),
+                report,
+            })
+            .collect();
         match serde_json::to_string_pretty(&out) {
             Ok(s) => println!("{s}"),
             Err(e) => {
@@ -81,16 +88,28 @@ pub fn run(protocols: &[std::path::PathBuf], lab_path: Option<&Path>, json: bool
 
 fn print_text(file: &str, report: &Report) {
     if report.valid {
-        let duration = report.estimated_duration_s.map(|d| format!(", about {d:.0} s")).unwrap_or_default();
+        let duration = report
+            .estimated_duration_s
+            .map(|d| format!(", about {d:.0} s"))
+            .unwrap_or_default();
         let approval = if report.approval_required_because.is_empty() {
             "auto-approvable".to_owned()
         } else {
-            format!("needs approval: {}", report.approval_required_because.join("; "))
+            format!(
+                "needs approval: {}",
+                report.approval_required_because.join("; ")
+            )
         };
-        println!("{file}: valid ({} steps{duration}; {approval})", report.expanded_steps);
+        println!(
+            "{file}: valid ({} steps{duration}; {approval})",
+            report.expanded_steps
+        );
     } else {
         let errors = report.findings.iter().filter(|f| f.is_error()).count();
-        println!("{file}: invalid ({errors} error{})", if errors == 1 { "" } else { "s" });
+        println!(
+            "{file}: invalid ({errors} error{})",
+            if errors == 1 { "" } else { "s" }
+        );
     }
     for f in &report.findings {
         println!("  {f}");

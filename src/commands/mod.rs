@@ -1,3 +1,5 @@
 //! Implementations of the `labctl` subcommands.
 
 pub mod check;
+pub mod run;
+pub mod runs;

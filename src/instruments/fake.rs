@@ -5,7 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use labctl_drivers::{DeviceCommand, DeviceState, DriverError, Identity, Instrument, Outcome, PortError, Telemetry};
+use labctl_drivers::{
+    DeviceCommand, DeviceState, DriverError, Identity, Instrument, Outcome, PortError, Telemetry,
+};
 use labctl_protocols::InstrumentKind;
 
 /// Shared, inspectable state of a fake instrument.
@@ -33,7 +35,11 @@ pub struct FakeInstrument {
 
 impl FakeInstrument {
     pub fn new(id: &str, kind: InstrumentKind) -> Self {
-        FakeInstrument { kind, id: id.to_owned(), log: Arc::new(Mutex::new(FakeLog::default())) }
+        FakeInstrument {
+            kind,
+            id: id.to_owned(),
+            log: Arc::new(Mutex::new(FakeLog::default())),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, FakeLog> {
@@ -43,7 +49,10 @@ impl FakeInstrument {
 
     fn unplugged(&self) -> Result<(), DriverError> {
         if self.lock().unplugged {
-            return Err(PortError::Disconnected { port: format!("fake:{}", self.id) }.into());
+            return Err(PortError::Disconnected {
+                port: format!("fake:{}", self.id),
+            }
+            .into());
         }
         Ok(())
     }
@@ -70,7 +79,11 @@ impl Instrument for FakeInstrument {
             let mut log = self.lock();
             log.commands.push(command.clone());
             if let Some(msg) = &log.fail_with {
-                return Err(DriverError::Device { instrument: self.id.clone(), code: "FAKE".into(), message: msg.clone() });
+                return Err(DriverError::Device {
+                    instrument: self.id.clone(),
+                    code: "FAKE".into(),
+                    message: msg.clone(),
+                });
             }
             log.delay
         };
@@ -78,16 +91,39 @@ impl Instrument for FakeInstrument {
             tokio::time::sleep(delay).await;
         }
         Ok(match *command {
-            DeviceCommand::Weigh { stable } => Outcome::Mass { mass_g: 10.5, stable },
-            DeviceCommand::ReadTemperature => Outcome::Temperature { temperature_c: 22.0 },
-            DeviceCommand::Absorbance { wavelength_nm } => Outcome::Absorbance { wavelength_nm, absorbance: 0.5 },
-            DeviceCommand::Spectrum { start_nm, stop_nm, step_nm } => {
-                let n = if step_nm > 0.0 { ((stop_nm - start_nm) / step_nm).floor() as usize + 1 } else { 1 };
-                let wavelengths_nm: Vec<f64> = (0..n.min(10_000)).map(|i| start_nm + i as f64 * step_nm).collect();
+            DeviceCommand::Weigh { stable } => Outcome::Mass {
+                mass_g: 10.5,
+                stable,
+            },
+            DeviceCommand::ReadTemperature => Outcome::Temperature {
+                temperature_c: 22.0,
+            },
+            DeviceCommand::Absorbance { wavelength_nm } => Outcome::Absorbance {
+                wavelength_nm,
+                absorbance: 0.5,
+            },
+            DeviceCommand::Spectrum {
+                start_nm,
+                stop_nm,
+                step_nm,
+            } => {
+                let n = if step_nm > 0.0 {
+                    ((stop_nm - start_nm) / step_nm).floor() as usize + 1
+                } else {
+                    1
+                };
+                let wavelengths_nm: Vec<f64> = (0..n.min(10_000))
+                    .map(|i| start_nm + i as f64 * step_nm)
+                    .collect();
                 let absorbance = wavelengths_nm.iter().map(|w| 0.1 + (w / 1000.0)).collect();
-                Outcome::Spectrum { wavelengths_nm, absorbance }
+                Outcome::Spectrum {
+                    wavelengths_nm,
+                    absorbance,
+                }
             }
-            DeviceCommand::Dispense { volume_ul, .. } => Outcome::Dispensed { dispensed_ul: volume_ul },
+            DeviceCommand::Dispense { volume_ul, .. } => Outcome::Dispensed {
+                dispensed_ul: volume_ul,
+            },
             _ => Outcome::Done,
         })
     }
@@ -95,7 +131,10 @@ impl Instrument for FakeInstrument {
     async fn poll(&mut self) -> Result<Telemetry, DriverError> {
         self.unplugged()?;
         let log = self.lock();
-        Ok(Telemetry { state: log.state.clone().unwrap_or(DeviceState::Idle), values: log.values.clone() })
+        Ok(Telemetry {
+            state: log.state.clone().unwrap_or(DeviceState::Idle),
+            values: log.values.clone(),
+        })
     }
 
     async fn safe_state(&mut self) -> Result<(), DriverError> {

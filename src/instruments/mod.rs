@@ -74,7 +74,10 @@ impl InstrumentHandle {
     /// Runs a command; the envelope and e-stop checks happen in the instrument task.
     pub async fn execute(&self, command: DeviceCommand) -> Result<Outcome, CommandError> {
         let (reply, rx) = oneshot::channel();
-        self.exec.send(Exec { command, reply }).await.map_err(|_| CommandError::Gone(self.id.clone()))?;
+        self.exec
+            .send(Exec { command, reply })
+            .await
+            .map_err(|_| CommandError::Gone(self.id.clone()))?;
         rx.await.map_err(|_| CommandError::Gone(self.id.clone()))?
     }
 
@@ -112,12 +115,20 @@ pub struct TaskTiming {
 
 impl Default for TaskTiming {
     fn default() -> Self {
-        TaskTiming { poll: Duration::from_millis(100), reconnect: Duration::from_millis(500) }
+        TaskTiming {
+            poll: Duration::from_millis(100),
+            reconnect: Duration::from_millis(500),
+        }
     }
 }
 
 /// Starts the task that owns `driver`. The task runs until every handle is dropped.
-pub fn spawn<D: Instrument>(config: lab::Instrument, driver: D, estop: EStop, timing: TaskTiming) -> InstrumentHandle {
+pub fn spawn<D: Instrument>(
+    config: lab::Instrument,
+    driver: D,
+    estop: EStop,
+    timing: TaskTiming,
+) -> InstrumentHandle {
     let (exec_tx, exec_rx) = mpsc::channel(16);
     let (safe_tx, safe_rx) = mpsc::channel(4);
     let (view_tx, view_rx) = watch::channel(InstrumentView {
@@ -129,8 +140,15 @@ pub fn spawn<D: Instrument>(config: lab::Instrument, driver: D, estop: EStop, ti
         last_seen: None,
         busy: false,
     });
-    let handle = InstrumentHandle { id: config.id.clone(), exec: exec_tx, safe: safe_tx, view: view_rx };
-    tokio::spawn(run(config, driver, estop, timing, exec_rx, safe_rx, view_tx));
+    let handle = InstrumentHandle {
+        id: config.id.clone(),
+        exec: exec_tx,
+        safe: safe_tx,
+        view: view_rx,
+    };
+    tokio::spawn(run(
+        config, driver, estop, timing, exec_rx, safe_rx, view_tx,
+    ));
     handle
 }
 

@@ -20,7 +20,10 @@ pub const DB_FILE: &str = "journal.sqlite";
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     #[error("journal {path}: {source}")]
-    Open { path: PathBuf, source: rusqlite::Error },
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     #[error("journal: {0}")]
     Sql(#[from] rusqlite::Error),
     #[error("journal: the writer thread has stopped")]
@@ -29,7 +32,10 @@ pub enum JournalError {
 
 /// Milliseconds since the Unix epoch, the journal's timestamp.
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// A run as first recorded.
@@ -57,7 +63,13 @@ pub struct RunRecord {
 #[serde(tag = "record", rename_all = "snake_case")]
 pub enum Record {
     RunCreated(RunRecord),
-    RunState { run_id: String, state: String, step: Option<String>, reason: Option<String>, at_ms: i64 },
+    RunState {
+        run_id: String,
+        state: String,
+        step: Option<String>,
+        reason: Option<String>,
+        at_ms: i64,
+    },
     /// Step intents and outcomes, approvals, operator actions, interlocks, e-stops.
     Event {
         run_id: Option<String>,
@@ -101,7 +113,9 @@ impl JournalHandle {
     /// Queues a record and waits until it is on disk.
     pub async fn append_durable(&self, record: Record) -> Result<(), JournalError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Op::Append(record, Some(tx))).map_err(|_| JournalError::Stopped)?;
+        self.tx
+            .send(Op::Append(record, Some(tx)))
+            .map_err(|_| JournalError::Stopped)?;
         rx.await.map_err(|_| JournalError::Stopped)
     }
 
@@ -114,7 +128,10 @@ impl JournalHandle {
 /// Opens (creating if needed) the journal in `data_dir`.
 pub fn open_db(data_dir: &Path) -> Result<Connection, JournalError> {
     let path = data_dir.join(DB_FILE);
-    let conn = Connection::open(&path).map_err(|source| JournalError::Open { path: path.clone(), source })?;
+    let conn = Connection::open(&path).map_err(|source| JournalError::Open {
+        path: path.clone(),
+        source,
+    })?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -170,8 +187,11 @@ CREATE TABLE IF NOT EXISTS results (
 /// Runs left `running`, `paused` or `queued` by a previous process: marks them `interrupted` (never resumed
 /// silently) and returns their ids.
 pub fn mark_interrupted(conn: &Connection) -> Result<Vec<String>, JournalError> {
-    let mut stmt = conn.prepare("SELECT run_id FROM runs WHERE state IN ('running', 'paused', 'queued')")?;
-    let ids: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    let mut stmt =
+        conn.prepare("SELECT run_id FROM runs WHERE state IN ('running', 'paused', 'queued')")?;
+    let ids: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
     let now = now_ms();
     for id in &ids {
         conn.execute(
@@ -227,7 +247,10 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, publish: broadcast::Send
     }
 }
 
-fn commit(conn: &mut Connection, batch: &[(Record, Option<oneshot::Sender<()>>)]) -> Result<(), rusqlite::Error> {
+fn commit(
+    conn: &mut Connection,
+    batch: &[(Record, Option<oneshot::Sender<()>>)],
+) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction()?;
     for (record, _) in batch {
         match record {
@@ -244,23 +267,45 @@ fn commit(conn: &mut Connection, batch: &[(Record, Option<oneshot::Sender<()>>)]
                     ],
                 )?;
             }
-            Record::RunState { run_id, state, step, reason, at_ms } => {
-                tx.execute(
+            Record::RunState {
+                run_id,
+                state,
+                step,
+                reason,
+                at_ms,
+            } => {
+                tx.prepare_cached(
                     "UPDATE runs SET state = ?2, current_step = ?3, reason = COALESCE(?4, reason), updated_at_ms = ?5 WHERE run_id = ?1",
-                    params![run_id, state, step, reason, at_ms],
-                )?;
+                )?
+                .execute(params![run_id, state, step, reason, at_ms])?;
             }
-            Record::Event { run_id, kind, step, actor, detail, at_ms } => {
-                tx.execute(
+            Record::Event {
+                run_id,
+                kind,
+                step,
+                actor,
+                detail,
+                at_ms,
+            } => {
+                tx.prepare_cached(
                     "INSERT INTO events (run_id, at_ms, kind, step, actor, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![run_id, at_ms, kind, step, actor, detail.to_string()],
-                )?;
+                )?
+                .execute(params![run_id, at_ms, kind, step, actor, detail.to_string()])?;
             }
-            Record::Result { run_id, seq, name, step, instrument, identity, value, at_ms } => {
-                tx.execute(
+            Record::Result {
+                run_id,
+                seq,
+                name,
+                step,
+                instrument,
+                identity,
+                value,
+                at_ms,
+            } => {
+                tx.prepare_cached(
                     "INSERT INTO results (run_id, seq, name, step, instrument, identity, value, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                    params![run_id, *seq as i64, name, step, instrument, identity.to_string(), value.to_string(), at_ms],
-                )?;
+                )?
+                .execute(params![run_id, *seq as i64, name, step, instrument, identity.to_string(), value.to_string(), at_ms])?;
             }
         }
     }

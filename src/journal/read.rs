@@ -57,7 +57,8 @@ pub struct RunDetail {
     pub events: Vec<EventRow>,
 }
 
-const SUMMARY: &str = "SELECT r.run_id, r.proposal_id, r.name, r.planner_id, r.state, r.current_step, r.reason,
+const SUMMARY: &str =
+    "SELECT r.run_id, r.proposal_id, r.name, r.planner_id, r.state, r.current_step, r.reason,
     r.submitted_at_ms, r.updated_at_ms, (SELECT COUNT(*) FROM results x WHERE x.run_id = r.run_id)
     FROM runs r";
 
@@ -87,7 +88,9 @@ pub fn list_runs(conn: &Connection) -> Result<Vec<RunSummary>, JournalError> {
 
 pub fn run_detail(conn: &Connection, run_id: &str) -> Result<Option<RunDetail>, JournalError> {
     let mut stmt = conn.prepare(&format!("{SUMMARY} WHERE r.run_id = ?1"))?;
-    let Some(s) = stmt.query_row(params![run_id], summary).optional()? else { return Ok(None) };
+    let Some(s) = stmt.query_row(params![run_id], summary).optional()? else {
+        return Ok(None);
+    };
     let detail = conn.query_row(
         "SELECT planner_model, planner_model_version, submitted_by, protocol_sha256, lab_id, lab_sha256, labctl_version,
                 estimated_duration_s, protocol_json FROM runs WHERE run_id = ?1",
@@ -108,7 +111,9 @@ pub fn run_detail(conn: &Connection, run_id: &str) -> Result<Option<RunDetail>, 
             })
         },
     )?;
-    let mut stmt = conn.prepare("SELECT seq, at_ms, kind, step, actor, detail FROM events WHERE run_id = ?1 ORDER BY seq")?;
+    let mut stmt = conn.prepare(
+        "SELECT seq, at_ms, kind, step, actor, detail FROM events WHERE run_id = ?1 ORDER BY seq",
+    )?;
     let events = stmt
         .query_map(params![run_id], |r| {
             Ok(EventRow {
@@ -125,7 +130,11 @@ pub fn run_detail(conn: &Connection, run_id: &str) -> Result<Option<RunDetail>, 
 }
 
 /// Results of a run with a sequence number above `after` (a planner's resume cursor), in order.
-pub fn results(conn: &Connection, run_id: &str, after: i64) -> Result<Vec<ResultRow>, JournalError> {
+pub fn results(
+    conn: &Connection,
+    run_id: &str,
+    after: i64,
+) -> Result<Vec<ResultRow>, JournalError> {
     let mut stmt = conn.prepare(
         "SELECT run_id, seq, name, step, instrument, identity, value, at_ms FROM results WHERE run_id = ?1 AND seq > ?2 ORDER BY seq",
     )?;
@@ -148,5 +157,7 @@ pub fn results(conn: &Connection, run_id: &str, after: i64) -> Result<Vec<Result
 /// Every proposal id with its run, so a restarted controller still answers duplicates with the same run.
 pub fn proposals(conn: &Connection) -> Result<Vec<(String, String, String)>, JournalError> {
     let mut stmt = conn.prepare("SELECT proposal_id, run_id, state FROM runs")?;
-    Ok(stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?)
+    Ok(stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?)
 }

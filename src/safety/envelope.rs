@@ -8,13 +8,29 @@ use labctl_protocols::lab::{Instrument, Range};
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SafetyViolation {
     #[error("{instrument}: {quantity} = {value} is outside the safety envelope {range}")]
-    OutsideEnvelope { instrument: String, quantity: &'static str, value: f64, range: Range },
+    OutsideEnvelope {
+        instrument: String,
+        quantity: &'static str,
+        value: f64,
+        range: Range,
+    },
     #[error("{instrument}: {quantity} = {value} is not a finite number")]
-    NotFinite { instrument: String, quantity: &'static str, value: f64 },
+    NotFinite {
+        instrument: String,
+        quantity: &'static str,
+        value: f64,
+    },
     #[error("{instrument}: {quantity} has no envelope in the lab file, so it cannot be commanded")]
-    NoEnvelope { instrument: String, quantity: &'static str },
+    NoEnvelope {
+        instrument: String,
+        quantity: &'static str,
+    },
     #[error("{instrument}: a {kind} does not accept {command}")]
-    WrongKind { instrument: String, kind: String, command: String },
+    WrongKind {
+        instrument: String,
+        kind: String,
+        command: String,
+    },
     #[error("emergency stop is latched: nothing moves until a technician acknowledges it")]
     EStopLatched,
 }
@@ -23,15 +39,41 @@ pub enum SafetyViolation {
 fn commanded_values(cmd: &DeviceCommand) -> Vec<(&'static str, f64)> {
     use DeviceCommand::*;
     match *cmd {
-        MoveTo { x_mm, y_mm, z_mm, feed_mm_per_min } => {
-            vec![("x_mm", x_mm), ("y_mm", y_mm), ("z_mm", z_mm), ("feed_mm_per_min", feed_mm_per_min)]
+        MoveTo {
+            x_mm,
+            y_mm,
+            z_mm,
+            feed_mm_per_min,
+        } => {
+            vec![
+                ("x_mm", x_mm),
+                ("y_mm", y_mm),
+                ("z_mm", z_mm),
+                ("feed_mm_per_min", feed_mm_per_min),
+            ]
         }
-        Dispense { volume_ul, rate_ul_per_min } => vec![("volume_ul", volume_ul), ("rate_ul_per_min", rate_ul_per_min)],
+        Dispense {
+            volume_ul,
+            rate_ul_per_min,
+        } => vec![
+            ("volume_ul", volume_ul),
+            ("rate_ul_per_min", rate_ul_per_min),
+        ],
         SetTemperature { temperature_c } => vec![("temperature_c", temperature_c)],
         SetStirSpeed { speed_rpm } => vec![("stir_speed_rpm", speed_rpm)],
-        Spectrum { start_nm, stop_nm, .. } => vec![("wavelength_nm", start_nm), ("wavelength_nm", stop_nm)],
+        Spectrum {
+            start_nm, stop_nm, ..
+        } => vec![("wavelength_nm", start_nm), ("wavelength_nm", stop_nm)],
         Absorbance { wavelength_nm } => vec![("wavelength_nm", wavelength_nm)],
-        Home | Gripper { .. } | StopPump | Zero | Tare | Weigh { .. } | HeaterOff | StirOff | ReadTemperature => Vec::new(),
+        Home
+        | Gripper { .. }
+        | StopPump
+        | Zero
+        | Tare
+        | Weigh { .. }
+        | HeaterOff
+        | StirOff
+        | ReadTemperature => Vec::new(),
     }
 }
 
@@ -47,13 +89,25 @@ pub fn check_command(instrument: &Instrument, cmd: &DeviceCommand) -> Result<(),
     }
     for (quantity, value) in commanded_values(cmd) {
         if !value.is_finite() {
-            return Err(SafetyViolation::NotFinite { instrument: instrument.id.clone(), quantity, value });
+            return Err(SafetyViolation::NotFinite {
+                instrument: instrument.id.clone(),
+                quantity,
+                value,
+            });
         }
         let Some(range) = instrument.envelope.range(quantity) else {
-            return Err(SafetyViolation::NoEnvelope { instrument: instrument.id.clone(), quantity });
+            return Err(SafetyViolation::NoEnvelope {
+                instrument: instrument.id.clone(),
+                quantity,
+            });
         };
         if !range.contains(value) {
-            return Err(SafetyViolation::OutsideEnvelope { instrument: instrument.id.clone(), quantity, value, range });
+            return Err(SafetyViolation::OutsideEnvelope {
+                instrument: instrument.id.clone(),
+                quantity,
+                value,
+                range,
+            });
         }
     }
     Ok(())
@@ -70,37 +124,80 @@ mod tests {
 
     #[test]
     fn inside_the_envelope_passes() {
-        let cmd = DeviceCommand::SetTemperature { temperature_c: 60.0 };
+        let cmd = DeviceCommand::SetTemperature {
+            temperature_c: 60.0,
+        };
         assert_eq!(check_command(&inst("hotplate"), &cmd), Ok(()));
-        let mv = DeviceCommand::MoveTo { x_mm: 20.0, y_mm: 20.0, z_mm: 50.0, feed_mm_per_min: 3000.0 };
+        let mv = DeviceCommand::MoveTo {
+            x_mm: 20.0,
+            y_mm: 20.0,
+            z_mm: 50.0,
+            feed_mm_per_min: 3000.0,
+        };
         assert_eq!(check_command(&inst("gantry"), &mv), Ok(()));
     }
 
     #[test]
     fn outside_the_envelope_is_refused_with_the_quantity_named() {
-        let cmd = DeviceCommand::SetTemperature { temperature_c: 121.0 };
+        let cmd = DeviceCommand::SetTemperature {
+            temperature_c: 121.0,
+        };
         let err = check_command(&inst("hotplate"), &cmd).unwrap_err();
-        assert!(matches!(err, SafetyViolation::OutsideEnvelope { quantity: "temperature_c", .. }), "{err}");
-        let mv = DeviceCommand::MoveTo { x_mm: 20.0, y_mm: 20.0, z_mm: 50.0, feed_mm_per_min: 4000.0 };
+        assert!(
+            matches!(
+                err,
+                SafetyViolation::OutsideEnvelope {
+                    quantity: "temperature_c",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let mv = DeviceCommand::MoveTo {
+            x_mm: 20.0,
+            y_mm: 20.0,
+            z_mm: 50.0,
+            feed_mm_per_min: 4000.0,
+        };
         let err = check_command(&inst("gantry"), &mv).unwrap_err();
         assert!(err.to_string().contains("feed_mm_per_min = 4000"), "{err}");
-        let d = DeviceCommand::Dispense { volume_ul: 6000.0, rate_ul_per_min: 100.0 };
+        let d = DeviceCommand::Dispense {
+            volume_ul: 6000.0,
+            rate_ul_per_min: 100.0,
+        };
         assert!(check_command(&inst("pump-red"), &d).is_err());
     }
 
     #[test]
     fn nan_and_wrong_kind_are_refused() {
-        let cmd = DeviceCommand::SetStirSpeed { speed_rpm: f64::NAN };
-        assert!(matches!(check_command(&inst("hotplate"), &cmd), Err(SafetyViolation::NotFinite { .. })));
-        let cmd = DeviceCommand::SetTemperature { temperature_c: 30.0 };
-        assert!(matches!(check_command(&inst("pump-red"), &cmd), Err(SafetyViolation::WrongKind { .. })));
+        let cmd = DeviceCommand::SetStirSpeed {
+            speed_rpm: f64::NAN,
+        };
+        assert!(matches!(
+            check_command(&inst("hotplate"), &cmd),
+            Err(SafetyViolation::NotFinite { .. })
+        ));
+        let cmd = DeviceCommand::SetTemperature {
+            temperature_c: 30.0,
+        };
+        assert!(matches!(
+            check_command(&inst("pump-red"), &cmd),
+            Err(SafetyViolation::WrongKind { .. })
+        ));
     }
 
     #[test]
     fn safe_commands_always_pass() {
-        for cmd in [DeviceCommand::HeaterOff, DeviceCommand::StirOff, DeviceCommand::ReadTemperature] {
+        for cmd in [
+            DeviceCommand::HeaterOff,
+            DeviceCommand::StirOff,
+            DeviceCommand::ReadTemperature,
+        ] {
             assert_eq!(check_command(&inst("hotplate"), &cmd), Ok(()));
         }
-        assert_eq!(check_command(&inst("pump-blue"), &DeviceCommand::StopPump), Ok(()));
+        assert_eq!(
+            check_command(&inst("pump-blue"), &DeviceCommand::StopPump),
+            Ok(())
+        );
     }
 }

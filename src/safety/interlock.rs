@@ -21,7 +21,11 @@ pub struct InstrumentFacts<'a> {
 /// Why an interlock tripped, for the journal and the operator.
 pub fn evaluate(il: &Interlock, facts: &InstrumentFacts) -> Option<String> {
     if let Some(q) = &il.quantity {
-        let value = facts.values.iter().find(|(name, _)| name == q).map(|(_, v)| *v)?;
+        let value = facts
+            .values
+            .iter()
+            .find(|(name, _)| name == q)
+            .map(|(_, v)| *v)?;
         if let Some(max) = il.above
             && value > max
         {
@@ -61,17 +65,33 @@ mod tests {
     use labctl_protocols::Lab;
 
     fn interlock(name: &str) -> Interlock {
-        Lab::sim().interlocks.into_iter().find(|i| i.name == name).unwrap()
+        Lab::sim()
+            .interlocks
+            .into_iter()
+            .find(|i| i.name == name)
+            .unwrap()
     }
 
-    fn facts<'a>(values: &'a [(&'static str, f64)], state: Option<&'a DeviceState>) -> InstrumentFacts<'a> {
-        InstrumentFacts { values, state, silent_for: Some(Duration::ZERO), heartbeat: Duration::from_secs(5), busy: false }
+    fn facts<'a>(
+        values: &'a [(&'static str, f64)],
+        state: Option<&'a DeviceState>,
+    ) -> InstrumentFacts<'a> {
+        InstrumentFacts {
+            values,
+            state,
+            silent_for: Some(Duration::ZERO),
+            heartbeat: Duration::from_secs(5),
+            busy: false,
+        }
     }
 
     #[test]
     fn over_temperature_trips_above_the_limit_only() {
         let il = interlock("hotplate-over-temperature");
-        assert_eq!(evaluate(&il, &facts(&[("plate_temperature_c", 129.9)], None)), None);
+        assert_eq!(
+            evaluate(&il, &facts(&[("plate_temperature_c", 129.9)], None)),
+            None
+        );
         let why = evaluate(&il, &facts(&[("plate_temperature_c", 131.0)], None)).unwrap();
         assert!(why.contains("plate_temperature_c = 131 above 130"), "{why}");
     }
@@ -81,7 +101,11 @@ mod tests {
         let il = interlock("gantry-alarm");
         assert_eq!(evaluate(&il, &facts(&[], Some(&DeviceState::Idle))), None);
         let alarm = DeviceState::Alarm("ALARM:2 soft limit".into());
-        assert!(evaluate(&il, &facts(&[], Some(&alarm))).unwrap().contains("soft limit"));
+        assert!(
+            evaluate(&il, &facts(&[], Some(&alarm)))
+                .unwrap()
+                .contains("soft limit")
+        );
     }
 
     #[test]

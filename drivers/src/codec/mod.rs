@@ -25,7 +25,10 @@ pub enum Decoded<T> {
 impl<T> Decoded<T> {
     pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Decoded<U> {
         match self {
-            Decoded::Frame { value, consumed } => Decoded::Frame { value: f(value), consumed },
+            Decoded::Frame { value, consumed } => Decoded::Frame {
+                value: f(value),
+                consumed,
+            },
             Decoded::Incomplete => Decoded::Incomplete,
         }
     }
@@ -100,10 +103,22 @@ mod tests {
 
     #[test]
     fn split_line_handles_crlf_lf_and_bare_cr() {
-        assert_eq!(split_line("t", b"ok\r\nrest", false).unwrap(), Some((&b"ok"[..], 4)));
-        assert_eq!(split_line("t", b"ok\nrest", false).unwrap(), Some((&b"ok"[..], 3)));
-        assert_eq!(split_line("t", b"ok\rrest", true).unwrap(), Some((&b"ok"[..], 3)));
-        assert_eq!(split_line("t", b"ok\r\n", true).unwrap(), Some((&b"ok"[..], 4)));
+        assert_eq!(
+            split_line("t", b"ok\r\nrest", false).unwrap(),
+            Some((&b"ok"[..], 4))
+        );
+        assert_eq!(
+            split_line("t", b"ok\nrest", false).unwrap(),
+            Some((&b"ok"[..], 3))
+        );
+        assert_eq!(
+            split_line("t", b"ok\rrest", true).unwrap(),
+            Some((&b"ok"[..], 3))
+        );
+        assert_eq!(
+            split_line("t", b"ok\r\n", true).unwrap(),
+            Some((&b"ok"[..], 4))
+        );
         assert_eq!(split_line("t", b"partial", false).unwrap(), None);
     }
 

@@ -426,6 +426,10 @@ impl Instrument for GrblGantry {
         let report = self.status().await?;
         let state = match report.state {
             MachineState::Idle => DeviceState::Idle,
+            // Without an ALARM:N since connect, this is the power-up lock that homing clears, not a fault.
+            MachineState::Alarm if self.last_alarm.is_none() => {
+                DeviceState::Locked("homing required ($H) after power-up".into())
+            }
             MachineState::Alarm => DeviceState::Alarm(self.alarm_state().to_string()),
             _ => DeviceState::Busy,
         };

@@ -1,0 +1,239 @@
+//! Controller figures for BENCHMARKS.md: `cargo bench --bench controller`.
+//!
+//! - step overhead: a 10,000-step protocol on zero-latency in-process instruments, journal on (fsync'd
+//!   group commits), steps per second;
+//! - tick lateness at 100 Hz while 100 instruments stream telemetry (p50/p99/max), beside `cyclictest` at the
+//!   same period when it is installed (Debian `rt-tests`): the machine's floor.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use labctl::api::{Principal, RunState};
+use labctl::controller::{ControllerConfig, start};
+use labctl::instruments::fake::FakeInstrument;
+use labctl::instruments::{self, TaskTiming};
+use labctl::safety::EStop;
+use labctl::world::TickConfig;
+use labctl_protocols::Lab;
+use labctl_protocols::lab::Role;
+use labctl_simulators::model::VirtualClock;
+use serde_json::json;
+
+fn step_protocol(steps: usize) -> Vec<u8> {
+    // Alternating commands and measurements, as a scan would: every measurement is a journaled result.
+    let list: Vec<_> = (0..steps)
+        .map(|i| {
+            if i % 2 == 0 {
+                json!({"type": "action", "instrument": "hotplate", "action": "set_stir_speed", "params": {"speed_rpm": 100 + (i % 500)}})
+            } else {
+                json!({"type": "measure", "instrument": "hotplate", "action": "read_temperature", "params": {}, "result": format!("t{i}")})
+            }
+        })
+        .collect();
+    serde_json::to_vec(&json!({
+        "version": 1,
+        "metadata": {"name": "overhead", "proposal_id": format!("overhead-{steps}-{}", std::process::id()), "planner": {"id": "bench"}},
+        "steps": list
+    }))
+    .unwrap()
+}
+
+async fn step_overhead() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lab = Lab::sim();
+    lab.approval.auto_approve.max_steps = None;
+    lab.approval.auto_approve.max_duration_s = None;
+    let estop = EStop::default();
+    let mut handles = BTreeMap::new();
+    for inst in &lab.instruments {
+        let fake = FakeInstrument::new(&inst.id, inst.kind);
+        let timing = TaskTiming {
+            poll: Duration::from_secs(3600),
+            reconnect: Duration::from_millis(20),
+        };
+        handles.insert(
+            inst.id.clone(),
+            instruments::spawn(inst.clone(), fake, estop.clone(), timing),
+        );
+    }
+    let config = ControllerConfig {
+        lab,
+        lab_sha256: "bench".into(),
+        data_dir: dir.path().to_owned(),
+        clock: VirtualClock::new(1.0).unwrap(),
+        tick: TickConfig {
+            period: Duration::from_millis(10),
+            spin: Duration::ZERO,
+        },
+        labware: None,
+    };
+    let controller = start(config, handles, estop).await.unwrap();
+    let api = controller.handle.clone();
+    let mut events = api.events();
+    let steps = 10_000;
+    let doc = step_protocol(steps);
+    let started = Instant::now();
+    let reply = api
+        .submit(doc, Principal::new("bench", Role::Planner, "bench"))
+        .await;
+    assert!(reply.accepted, "{reply:?}");
+    let run_id = reply.run_id.unwrap();
+    let mut durable_results = 0;
+    // Count results as the journal publishes them (i.e. once durable), until the run's final state is durable.
+    loop {
+        match events.recv().await {
+            Ok(rec) => match &*rec {
+                labctl::journal::Record::Result { run_id: r, .. } if *r == run_id => {
+                    durable_results += 1
+                }
+                labctl::journal::Record::RunState {
+                    run_id: r, state, ..
+                } if *r == run_id && state == "completed" => break,
+                labctl::journal::Record::RunState {
+                    run_id: r, state, ..
+                } if *r == run_id && state == "failed" => {
+                    panic!("run failed: {:?}", api.run(&run_id).await)
+                }
+                _ => {}
+            },
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(api.run(&run_id).await.unwrap().state, RunState::Completed);
+    let per_step = elapsed / steps as u32;
+    println!(
+        "step_overhead: {steps} steps in {:.3} s = {:.0} steps/s, {:.1} us/step; {durable_results} results durable (fsync'd group commits)",
+        elapsed.as_secs_f64(),
+        steps as f64 / elapsed.as_secs_f64(),
+        per_step.as_secs_f64() * 1e6
+    );
+    controller.shutdown().await;
+}
+
+async fn tick_lateness(seconds: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lab = Lab::sim();
+    let template = lab
+        .instruments
+        .iter()
+        .find(|i| i.id == "hotplate")
+        .unwrap()
+        .clone();
+    lab.interlocks.clear();
+    lab.instruments.clear();
+    let estop = EStop::default();
+    let mut handles = BTreeMap::new();
+    for n in 0..100 {
+        let mut inst = template.clone();
+        inst.id = format!("hotplate-{n:03}");
+        lab.instruments.push(inst.clone());
+        let fake = FakeInstrument::new(&inst.id, inst.kind);
+        fake.log.lock().unwrap().values = vec![("temperature_c", 20.0 + n as f64)];
+        // Each instrument publishes a reading every 10 ms: 10,000 readings/s into the world model.
+        let timing = TaskTiming {
+            poll: Duration::from_millis(10),
+            reconnect: Duration::from_millis(20),
+        };
+        handles.insert(
+            inst.id.clone(),
+            instruments::spawn(inst, fake, estop.clone(), timing),
+        );
+    }
+    let config = ControllerConfig {
+        lab,
+        lab_sha256: "bench".into(),
+        data_dir: dir.path().to_owned(),
+        clock: VirtualClock::new(1.0).unwrap(),
+        tick: TickConfig {
+            period: Duration::from_millis(10),
+            spin: Duration::ZERO,
+        },
+        labware: None,
+    };
+    let controller = start(config, handles, estop).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let stats = controller.shutdown().await.unwrap();
+    let s = stats.summary();
+    println!(
+        "tick_lateness (100 Hz, 100 instruments streaming at 100 Hz, {seconds} s): ticks {} skipped {} p50 {} us p99 {} us max {} us",
+        s.ticks, s.skipped, s.p50_us, s.p99_us, s.max_us
+    );
+}
+
+fn cyclictest(seconds: u64) {
+    let loops = (seconds * 100).to_string();
+    let out = std::process::Command::new("cyclictest")
+        .args(["-q", "-i", "10000", "-l", &loops, "-h", "20000", "-m"])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            // Histogram lines: "usec count"; summary lines start with '#'.
+            let mut hist = Vec::new();
+            for line in text.lines() {
+                let mut it = line.split_whitespace();
+                if let (Some(a), Some(b)) = (it.next(), it.next())
+                    && let (Ok(us), Ok(n)) = (a.parse::<u64>(), b.parse::<u64>())
+                {
+                    hist.push((us, n));
+                }
+            }
+            let total: u64 = hist.iter().map(|(_, n)| n).sum();
+            let q = |p: f64| {
+                let mut seen = 0;
+                for (us, n) in &hist {
+                    seen += n;
+                    if seen as f64 >= p * total as f64 {
+                        return *us;
+                    }
+                }
+                0
+            };
+            let max = text
+                .lines()
+                .find(|l| l.starts_with("# Max Latencies"))
+                .unwrap_or("")
+                .trim()
+                .to_owned();
+            println!(
+                "cyclictest (10 ms period, {seconds} s, same machine): samples {total} p50 {} us p99 {} us; {max}",
+                q(0.5),
+                q(0.99)
+            );
+        }
+        Ok(o) => println!(
+            "cyclictest failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(_) => {
+            println!("cyclictest not installed (apt-get install rt-tests) - no floor measured")
+        }
+    }
+}
+
+fn main() {
+    // `cargo bench` passes --bench; any other argument filters by name.
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let want = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    if want("step_overhead") {
+        rt.block_on(step_overhead());
+    }
+    let seconds = std::env::var("LABCTL_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    if want("tick_lateness") {
+        rt.block_on(tick_lateness(seconds));
+        cyclictest(seconds);
+    }
+}

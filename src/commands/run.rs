@@ -1,0 +1,183 @@
+//! `labctl run`: the controller on the simulated lab (`--sim`) or on the instruments of a lab file
+//! (`--config LAB.toml`). Runs until SIGINT or SIGTERM, then leaves every instrument safe.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use labctl_protocols::Lab;
+use labctl_protocols::lab::{Role, SIM_LAB_TOML};
+use labctl_simulators::model::VirtualClock;
+
+use crate::api::Principal;
+use crate::controller::{ControllerConfig, sha256_hex, start};
+use crate::instruments::InstrumentHandle;
+use crate::safety::EStop;
+use crate::world::TickConfig;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Run on the built-in simulated lab (wire-level simulators on pseudo-terminals and TCP).
+    #[arg(long, conflicts_with = "config")]
+    pub sim: bool,
+    /// Lab file describing real instruments.
+    #[arg(long, required_unless_present = "sim")]
+    pub config: Option<PathBuf>,
+    /// Where the journal lives.
+    #[arg(long, default_value = "./labctl-data")]
+    pub data_dir: PathBuf,
+    /// Lab id (MQTT topics, OPC UA namespace); defaults to the lab file's (`sim` with --sim).
+    #[arg(long)]
+    pub lab_id: Option<String>,
+    /// Simulated time runs this many times faster than real time (--sim only).
+    #[arg(long, default_value_t = 1.0)]
+    pub warp: f64,
+    /// Seed of the simulated lab's noise (--sim only).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Tick rate of the world model.
+    #[arg(long, default_value_t = 100.0)]
+    pub tick_hz: f64,
+    /// Spin this many microseconds before each tick deadline instead of sleeping (lower jitter, burns CPU).
+    #[arg(long, default_value_t = 0)]
+    pub tick_spin_us: u64,
+    /// Submit these protocols at start, as the local operator (a technician at this machine).
+    #[arg(long)]
+    pub submit: Vec<PathBuf>,
+    /// With --sim: make symlinks to the simulators' pseudo-terminals in this directory.
+    #[arg(long)]
+    pub pty_dir: Option<PathBuf>,
+}
+
+fn init_logging() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("LABCTL_LOG").unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(args: RunArgs) -> ExitCode {
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("labctl run: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run_async(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("labctl run: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run_async(args: RunArgs) -> Result<(), String> {
+    let (mut lab, text) = if args.sim {
+        (Lab::sim(), SIM_LAB_TOML.to_owned())
+    } else {
+        let path = args
+            .config
+            .clone()
+            .ok_or("--config LAB.toml or --sim is required")?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        (
+            Lab::from_toml_str(&text, &path.display().to_string()).map_err(|e| e.to_string())?,
+            text,
+        )
+    };
+    if let Some(id) = &args.lab_id {
+        if !labctl_protocols::lab::is_identifier(id) {
+            return Err(format!(
+                "--lab-id {id:?}: letters, digits, '-' and '_' only"
+            ));
+        }
+        lab.lab_id = id.clone();
+    }
+    if !(args.tick_hz > 0.0 && args.tick_hz <= 10_000.0) {
+        return Err(format!(
+            "--tick-hz {}: expected more than 0 and at most 10000",
+            args.tick_hz
+        ));
+    }
+    let clock = VirtualClock::new(if args.sim { args.warp } else { 1.0 })
+        .map_err(|e| format!("--warp: {e}"))?;
+    let estop = EStop::default();
+    let runtime = crate::lab_runtime::connect(&lab, &args, clock, &estop).await?;
+    let config = ControllerConfig {
+        lab: lab.clone(),
+        lab_sha256: sha256_hex(text.as_bytes()),
+        data_dir: args.data_dir.clone(),
+        clock,
+        tick: TickConfig {
+            period: Duration::from_secs_f64(1.0 / args.tick_hz),
+            spin: Duration::from_micros(args.tick_spin_us),
+        },
+        labware: runtime.labware_loader(),
+    };
+    let instruments: BTreeMap<String, InstrumentHandle> = runtime.instruments.clone();
+    let controller = start(config, instruments, estop)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !controller.interrupted.is_empty() {
+        tracing::warn!(runs = ?controller.interrupted, "runs active when the controller last stopped are now interrupted; they will not resume");
+    }
+    println!(
+        "labctl {} running lab {} (data in {})",
+        env!("CARGO_PKG_VERSION"),
+        lab.lab_id,
+        args.data_dir.display()
+    );
+    for line in &runtime.endpoints {
+        println!("  {line}");
+    }
+    let api = controller.handle.clone();
+    let local = Principal::new("local-operator", Role::Technician, "cli");
+    for path in &args.submit {
+        let bytes = crate::commands::check::read_protocol_file(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let reply = api.submit(bytes, local.clone()).await;
+        println!(
+            "submitted {}: {}",
+            path.display(),
+            serde_json::to_string(&reply).unwrap_or_default()
+        );
+    }
+    wait_for_signal().await;
+    println!("labctl: shutting down, leaving instruments safe");
+    controller.shutdown().await;
+    runtime.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

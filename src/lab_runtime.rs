@@ -1,0 +1,158 @@
+//! Brings a lab's instruments up: starts the wire-level simulators for instruments whose transport is
+//! `simulated`, builds each driver on its line (instruments sharing a serial port share one port task),
+//! and spawns one instrument task per instrument.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use labctl_drivers::{DriverOptions, Endpoint, setup::Ports};
+use labctl_protocols::Lab;
+use labctl_protocols::lab::Transport;
+use labctl_simulators::model::VirtualClock;
+use labctl_simulators::simlab::{ClockConfig, SimLab, SimLabConfig, SimLabHandle};
+
+use crate::commands::run::RunArgs;
+use crate::instruments::{self, InstrumentHandle, TaskTiming};
+use crate::safety::EStop;
+
+/// Places a protocol's vessels on the simulated deck before its run: a fresh vial where the protocol says
+/// it stands (what a technician does in a real lab).
+struct SimLabware {
+    model: std::sync::Arc<std::sync::Mutex<labctl_simulators::model::LabModel>>,
+    clock: labctl_simulators::clock::SimClock,
+}
+
+impl crate::controller::LabwareLoader for SimLabware {
+    fn load(&self, run_id: &str, protocol: &labctl_protocols::Protocol) -> Result<(), String> {
+        use labctl_simulators::model::Clock;
+        let now = self.clock.now();
+        let mut model = self
+            .model
+            .lock()
+            .map_err(|_| "simulated lab model is poisoned".to_owned())?;
+        for lw in &protocol.labware {
+            let position = lw.location.to_ascii_uppercase();
+            // A fresh vessel: take away whatever stands there and any earlier vessel with this id.
+            let stale: Vec<String> = model
+                .deck()
+                .vials()
+                .iter()
+                .filter(|v| {
+                    v.id == lw.id
+                        || model
+                            .deck()
+                            .vial_at(&position)
+                            .is_some_and(|o| o.id == v.id)
+                })
+                .map(|v| v.id.clone())
+                .collect();
+            for id in stale {
+                let _ = model.remove_vial(now, &id);
+            }
+            model
+                .add_vial(now, &lw.id, &position)
+                .map_err(|e| format!("{}: {e}", lw.id))?;
+            tracing::info!(run = run_id, vessel = %lw.id, %position, "simulated lab: fresh vessel placed");
+        }
+        Ok(())
+    }
+}
+
+pub struct LabRuntime {
+    pub instruments: BTreeMap<String, InstrumentHandle>,
+    /// One line per instrument: where it is and how it is reached, for the start-up banner.
+    pub endpoints: Vec<String>,
+    pub sim: Option<SimLabHandle>,
+}
+
+impl LabRuntime {
+    /// The labware loader for the controller: the simulated deck's, when the lab is simulated.
+    pub fn labware_loader(&self) -> Option<std::sync::Arc<dyn crate::controller::LabwareLoader>> {
+        let sim = self.sim.as_ref()?;
+        Some(std::sync::Arc::new(SimLabware {
+            model: sim.model(),
+            clock: sim.clock().clone(),
+        }))
+    }
+
+    pub async fn shutdown(self) {
+        drop(self.instruments);
+        if let Some(sim) = self.sim {
+            sim.shutdown().await;
+        }
+    }
+}
+
+/// Starts what the lab needs and connects every instrument.
+pub async fn connect(
+    lab: &Lab,
+    args: &RunArgs,
+    clock: VirtualClock,
+    estop: &EStop,
+) -> Result<LabRuntime, String> {
+    let needs_sim = lab
+        .instruments
+        .iter()
+        .any(|i| i.transport == Transport::Simulated);
+    let (sim, wired) = if needs_sim {
+        let config = SimLabConfig {
+            lab: lab.clone(),
+            seed: args.seed,
+            clock: ClockConfig::Warp(clock.warp()),
+            pty_dir: args.pty_dir.clone(),
+            spectro_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            ..SimLabConfig::default()
+        };
+        let sim = SimLab::start(config)
+            .await
+            .map_err(|e| format!("cannot start the simulated lab: {e}"))?;
+        let wired = sim.lab_file(lab);
+        (Some(sim), wired)
+    } else {
+        (None, lab.clone())
+    };
+    let mut ports = Ports::new();
+    let options = DriverOptions::default();
+    let mut handles = BTreeMap::new();
+    let mut endpoints = Vec::new();
+    for (config, wired) in lab.instruments.iter().zip(&wired.instruments) {
+        let endpoint = match &wired.transport {
+            Transport::Serial(line) => Endpoint::Serial(line.clone()),
+            Transport::Tcp { address } => Endpoint::Tcp {
+                address: address.clone(),
+            },
+            Transport::Simulated => {
+                return Err(format!(
+                    "{}: no simulator serves this instrument",
+                    config.id
+                ));
+            }
+        };
+        let driver = labctl_drivers::connect(wired, &endpoint, &mut ports, &options)
+            .map_err(|e| e.to_string())?;
+        let place = match &wired.transport {
+            Transport::Serial(line) => format!("{} {} baud", line.port, line.baud),
+            Transport::Tcp { address } => format!("tcp {address}"),
+            Transport::Simulated => String::new(),
+        };
+        let sim_note = if config.transport == Transport::Simulated {
+            " (simulated)"
+        } else {
+            ""
+        };
+        endpoints.push(format!(
+            "{:<12} {:<13} {place}{sim_note}",
+            config.id,
+            format!("{:?}", config.driver)
+        ));
+        handles.insert(
+            config.id.clone(),
+            instruments::spawn(config.clone(), driver, estop.clone(), TaskTiming::default()),
+        );
+    }
+    Ok(LabRuntime {
+        instruments: handles,
+        endpoints,
+        sim,
+    })
+}
