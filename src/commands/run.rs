@@ -142,6 +142,26 @@ async fn run_async(args: RunArgs) -> Result<(), String> {
         println!("  {line}");
     }
     let api = controller.handle.clone();
+    // Durable run states and results, one line each, for rigs and people watching the console.
+    let mut committed = api.events();
+    tokio::spawn(async move {
+        use crate::journal::Record;
+        loop {
+            match committed.recv().await {
+                Ok(record) => match &*record {
+                    Record::Result { run_id, seq, name, instrument, .. } => {
+                        println!("result {run_id} {seq} {name} {instrument}")
+                    }
+                    Record::RunState { run_id, state, reason, .. } => {
+                        println!("run {run_id} {state}{}", reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default())
+                    }
+                    _ => {}
+                },
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => println!("(skipped {n} journal lines)"),
+                Err(_) => return,
+            }
+        }
+    });
     let local = Principal::new("local-operator", Role::Technician, "cli");
     for path in &args.submit {
         let bytes = crate::commands::check::read_protocol_file(path)

@@ -1,0 +1,92 @@
+//! The dye-mixing experiment on the whole simulated lab, in warped virtual time: real drivers talk to the
+//! wire-level simulators over pseudo-terminals and TCP, and the physical model shows what happened.
+
+use std::time::Duration;
+
+use labctl::api::{Principal, RunState};
+use labctl::commands::run::RunArgs;
+use labctl::controller::{ControllerConfig, start};
+use labctl::journal;
+use labctl::safety::EStop;
+use labctl::world::TickConfig;
+use labctl_protocols::Lab;
+use labctl_protocols::lab::Role;
+use labctl_simulators::model::VirtualClock;
+
+fn args(data: &std::path::Path) -> RunArgs {
+    RunArgs {
+        sim: true,
+        config: None,
+        data_dir: data.to_owned(),
+        lab_id: None,
+        warp: 20.0,
+        seed: 7,
+        tick_hz: 100.0,
+        tick_spin_us: 0,
+        submit: Vec::new(),
+        pty_dir: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dye_mix_on_the_simulated_lab() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::sim();
+    let args = args(dir.path());
+    let clock = VirtualClock::new(args.warp).unwrap();
+    let estop = EStop::default();
+    let runtime = labctl::lab_runtime::connect(&lab, &args, clock, &estop).await.unwrap();
+    let config = ControllerConfig {
+        lab: lab.clone(),
+        lab_sha256: "sim".into(),
+        data_dir: dir.path().to_owned(),
+        clock,
+        tick: TickConfig { period: Duration::from_millis(10), spin: Duration::ZERO },
+        labware: runtime.labware_loader(),
+    };
+    let controller = start(config, runtime.instruments.clone(), estop).await.unwrap();
+    let api = controller.handle.clone();
+    let protocol = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/protocols/examples/dye-mix.json")).unwrap();
+    let reply = api.submit(protocol, Principal::new("planner-bo", Role::Planner, "test")).await;
+    let run_id = reply.run_id.clone().unwrap_or_else(|| panic!("{reply:?}"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = api.run(&run_id).await.unwrap();
+        if info.state.is_terminal() {
+            assert_eq!(info.state, RunState::Completed, "{info:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "run did not finish: {info:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    controller.shutdown().await;
+
+    // The journal has both results, with the identity the instruments reported over the wire.
+    let conn = journal::open_db(dir.path()).unwrap();
+    let rows = journal::read::results(&conn, &run_id, 0).unwrap();
+    assert_eq!(rows.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["spectrum", "mass"]);
+    let spectrum = &rows[0].value;
+    let wl: Vec<f64> = spectrum["wavelengths_nm"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let ab: Vec<f64> = spectrum["absorbance"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(wl.len(), 81);
+    let at = |nm: f64| ab[wl.iter().position(|w| *w == nm).unwrap()];
+    // Blue (450 uL) dominates red (300 uL) and yellow (150 uL): more absorbance near 620 nm than at 780 nm.
+    assert!(at(620.0) > at(780.0) + 0.1, "620 nm {} vs 780 nm {}", at(620.0), at(780.0));
+    assert!(!rows[0].identity["serial"].as_str().unwrap().is_empty());
+    // 900 uL of stock (~0.9 g) in a vial of ~10 g tare, weighed on the balance over the wire.
+    let mass = rows[1].value["mass_g"].as_f64().unwrap();
+    assert!((mass - 10.9).abs() < 0.1, "mass {mass}");
+
+    // And the physical model agrees: the vial holds the three dyes and stands on the weigh station.
+    let sim = runtime.sim.as_ref().unwrap();
+    let (dyes, spilled) = sim.with_model(|m, now| {
+        m.advance_to(now);
+        let v = m.vial("mix1").expect("vial mix1 on the deck").clone();
+        (v.contents.dye_ul, m.stats().spilled_ul)
+    });
+    for (got, want) in dyes.iter().zip([300.0, 150.0, 450.0]) {
+        assert!((got - want).abs() < want * 0.05, "dye volumes {dyes:?}");
+    }
+    assert_eq!(spilled, 0.0, "nothing spilled");
+    runtime.shutdown().await;
+}
