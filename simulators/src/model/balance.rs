@@ -246,6 +246,15 @@ impl Balance {
     pub fn clear_tare(&mut self) {
         self.tare_g = 0.0;
     }
+
+    /// `TA <value>`: presets the tare (g), refused outside 0..=capacity.
+    pub fn preset_tare(&mut self, tare_g: f64) -> Result<(), BalanceError> {
+        if !(tare_g.is_finite() && (0.0..=self.config.capacity_g).contains(&tare_g)) {
+            return Err(BalanceError::TareRange(tare_g));
+        }
+        self.tare_g = self.round(tare_g);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

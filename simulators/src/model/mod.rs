@@ -611,6 +611,12 @@ impl LabModel {
         self.balance.clear_tare();
     }
 
+    /// `TA <value>`: presets the tare (g).
+    pub fn balance_preset_tare(&mut self, now: Duration, tare_g: f64) -> Result<(), BalanceError> {
+        self.advance_to(now);
+        self.balance.preset_tare(tare_g)
+    }
+
     /// Current tare (g).
     pub fn balance_tare_g(&self) -> f64 {
         self.balance.tare_g()

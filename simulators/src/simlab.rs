@@ -1,0 +1,555 @@
+//! The whole simulated lab in one call: every instrument of `sim-lab.md` served at the wire level on real
+//! ptys (the three pumps on one shared line) and the spectrometer on TCP, over one [`LabModel`], one clock
+//! and one seed.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), labctl_simulators::SimLabError> {
+//! use labctl_simulators::{SimLab, SimLabConfig};
+//! let lab = SimLab::start(SimLabConfig::default()).await?;
+//! for endpoint in lab.endpoints() {
+//!     println!("{} {:?}", endpoint.id, endpoint.kind);
+//! }
+//! lab.faults("balance").unwrap().unplug().await?; // the balance's pty closes: clients read EOF
+//! lab.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use labctl_protocols::Lab;
+use labctl_protocols::lab::Transport;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+use crate::clock::SimClock;
+use crate::devices::grbl::{Grbl, GrblConfig};
+use crate::devices::mtsics::{MtSics, MtSicsConfig};
+use crate::devices::namur::{Namur, NamurConfig};
+use crate::devices::ne1000::{Ne1000, Ne1000Config, PumpWiring};
+use crate::devices::scpi::{Scpi, ScpiConfig};
+use crate::devices::{Device, LineSettings};
+use crate::model::{
+    Clock, ClockError, ConfigError, FaultConfig, InstrumentId, LabConfig, LabModel, ManualClock,
+    VirtualClock,
+};
+use crate::serve::{self, Listen, PortSpec, PortStatus, SharedLab};
+
+/// Port name of the shared pump line (also accepted where an instrument id is expected: all pumps).
+pub const PUMP_LINE: &str = "pumps";
+
+/// How long [`FaultHandle::unplug`] and [`FaultHandle::replug`] wait for the port to follow (real time).
+const PLUG_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A simulated lab that cannot start or be changed.
+#[derive(Debug, Error)]
+pub enum SimLabError {
+    #[error("invalid simulated lab: {0}")]
+    Config(#[from] ConfigError),
+    #[error("invalid clock: {0}")]
+    Clock(#[from] ClockError),
+    #[error("unknown instrument {0:?}")]
+    UnknownInstrument(String),
+    #[error("fault file: {0}")]
+    FaultFile(String),
+    #[error("cannot serve {port}: {source}")]
+    Io {
+        port: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("port {0} did not follow the fault change in time")]
+    Timeout(String),
+}
+
+/// The clock of the lab.
+#[derive(Debug, Clone)]
+pub enum ClockConfig {
+    /// Real time times this warp factor (1 = real time).
+    Warp(f64),
+    /// A test clock the caller advances; clones share the time.
+    Manual(ManualClock),
+}
+
+/// Identity strings and behaviour settings of each simulated instrument.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Identities {
+    pub gantry: GrblConfig,
+    pub pumps: Ne1000Config,
+    pub balance: MtSicsConfig,
+    pub hotplate: NamurConfig,
+    pub spectro: ScpiConfig,
+}
+
+/// Fault settings by instrument id (`pumps` means every pump), as in a `--faults` TOML file:
+///
+/// ```toml
+/// [balance]
+/// drift_per_hour = 0.002
+/// [pump-blue]
+/// error_code = "S"
+/// [spectro]
+/// latency_ms = 200
+/// ```
+pub type FaultsById = BTreeMap<String, FaultConfig>;
+
+/// Parses a faults file.
+pub fn parse_faults(text: &str) -> Result<FaultsById, SimLabError> {
+    toml::from_str(text).map_err(|e| SimLabError::FaultFile(e.to_string()))
+}
+
+/// Everything [`SimLab::start`] needs.
+#[derive(Debug, Clone)]
+pub struct SimLabConfig {
+    /// The physical model.
+    pub model: LabConfig,
+    /// The lab file: instrument ids and the pumps' network addresses.
+    pub lab: Lab,
+    /// Seed of every random stream (model noise and byte-level fault damage).
+    pub seed: u64,
+    pub clock: ClockConfig,
+    /// Directory for stable symlinks `<port>.pty` to the ptys (`gantry.pty`, `pumps.pty`, `balance.pty`,
+    /// `hotplate.pty`).
+    pub pty_dir: Option<PathBuf>,
+    /// Where the spectrometer listens (port 0 picks a free one).
+    pub spectro_addr: SocketAddr,
+    /// Faults from the start, by instrument id.
+    pub faults: FaultsById,
+    /// Delay serial output by its wire time (characters × bits / baud).
+    pub wire_timing: bool,
+    pub identities: Identities,
+}
+
+impl Default for SimLabConfig {
+    fn default() -> Self {
+        SimLabConfig {
+            model: LabConfig::sim_default(),
+            lab: Lab::sim(),
+            seed: 0,
+            clock: ClockConfig::Warp(1.0),
+            pty_dir: None,
+            spectro_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            faults: FaultsById::new(),
+            wire_timing: true,
+            identities: Identities::default(),
+        }
+    }
+}
+
+/// How a client reaches an instrument.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "transport", rename_all = "snake_case")]
+pub enum EndpointKind {
+    /// A pseudo-terminal: open `link` (stable) or `path`, set the line settings.
+    Pty {
+        path: Option<PathBuf>,
+        link: Option<PathBuf>,
+        line: LineSettings,
+    },
+    /// A raw TCP socket.
+    Tcp { address: SocketAddr },
+}
+
+/// Where one instrument is, right now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    /// Instrument id, as in the lab file.
+    pub id: String,
+    /// The port serving it (`pumps` for the shared pump line, else the id).
+    pub port: String,
+    /// Wire protocol, as the lab file's `driver`.
+    pub protocol: &'static str,
+    /// Network address on a shared line (NE-1000 pumps).
+    pub address: Option<u8>,
+    /// Plugged in.
+    pub open: bool,
+    #[serde(flatten)]
+    pub kind: EndpointKind,
+}
+
+impl Endpoint {
+    /// The lab-file transport a driver uses to reach this endpoint (the symlink when there is one).
+    pub fn transport(&self) -> Option<Transport> {
+        match &self.kind {
+            EndpointKind::Pty { path, link, line } => {
+                let port = link.as_ref().or(path.as_ref())?;
+                Some(Transport::Serial(line.serial_line(&port.to_string_lossy())))
+            }
+            EndpointKind::Tcp { address } => Some(Transport::Tcp {
+                address: address.to_string(),
+            }),
+        }
+    }
+
+    /// The pty or TCP address as one string (`/dev/pts/3`, `127.0.0.1:5025`), `-` when unplugged.
+    pub fn location(&self) -> String {
+        match &self.kind {
+            EndpointKind::Pty { path: Some(p), .. } if self.open => p.display().to_string(),
+            EndpointKind::Tcp { address } if self.open => address.to_string(),
+            _ => "-".into(),
+        }
+    }
+
+    /// `115200 8N1`, or `tcp`.
+    pub fn line_label(&self) -> String {
+        match &self.kind {
+            EndpointKind::Pty { line, .. } => line.label(),
+            EndpointKind::Tcp { .. } => "tcp".into(),
+        }
+    }
+}
+
+struct PortInfo {
+    name: String,
+    protocol: &'static str,
+    line: Option<LineSettings>,
+    instruments: Vec<InstrumentId>,
+    status: watch::Receiver<PortStatus>,
+    control: Arc<Notify>,
+}
+
+struct InstrumentInfo {
+    id: String,
+    port: usize,
+    address: Option<u8>,
+}
+
+/// Starts simulated labs.
+pub struct SimLab;
+
+impl SimLab {
+    /// Builds the model, applies the initial faults and serves every instrument. Call inside a tokio
+    /// runtime; the ports run as tasks until [`SimLabHandle::shutdown`] (or until the handle is dropped).
+    pub async fn start(config: SimLabConfig) -> Result<SimLabHandle, SimLabError> {
+        let clock = match &config.clock {
+            ClockConfig::Warp(warp) => SimClock::Virtual(VirtualClock::new(*warp)?),
+            ClockConfig::Manual(manual) => SimClock::Manual(manual.clone()),
+        };
+        let mut model = LabModel::new(config.model.clone(), config.seed)?;
+        let now = clock.now();
+        for (name, faults) in &config.faults {
+            for id in resolve(&model, name)? {
+                model.set_faults(now, id, faults.clone())?;
+            }
+        }
+        let wiring: Vec<PumpWiring> = (0..model.pump_count())
+            .map(|index| {
+                let id = &model.config().pumps[index].id;
+                let address = config
+                    .lab
+                    .instrument(id)
+                    .and_then(|i| i.address)
+                    .unwrap_or(index as u8 + 1);
+                PumpWiring { index, address }
+            })
+            .collect();
+        let identities = &config.identities;
+        let devices: Vec<(&str, Box<dyn Device>)> = vec![
+            (
+                "gantry",
+                Box::new(Grbl::new(identities.gantry.clone(), &model)),
+            ),
+            (
+                PUMP_LINE,
+                Box::new(Ne1000::new(identities.pumps.clone(), &wiring)),
+            ),
+            ("balance", Box::new(MtSics::new(identities.balance.clone()))),
+            (
+                "hotplate",
+                Box::new(Namur::new(identities.hotplate.clone())),
+            ),
+            ("spectro", Box::new(Scpi::new(identities.spectro.clone()))),
+        ];
+        let mut instruments = Vec::new();
+        for (port, (_, device)) in devices.iter().enumerate() {
+            for id in device.instruments() {
+                let (name, address) = match *id {
+                    InstrumentId::Pump(i) => (
+                        model.config().pumps[i].id.clone(),
+                        wiring.iter().find(|w| w.index == i).map(|w| w.address),
+                    ),
+                    other => (instrument_name(other).to_owned(), None),
+                };
+                instruments.push(InstrumentInfo {
+                    id: name,
+                    port,
+                    address,
+                });
+            }
+        }
+        let lab = SharedLab {
+            model: Arc::new(Mutex::new(model)),
+            clock,
+        };
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut handle = SimLabHandle {
+            lab: lab.clone(),
+            ports: Vec::new(),
+            instruments,
+            shutdown,
+            tasks: Vec::new(),
+        };
+        for (k, (name, device)) in devices.into_iter().enumerate() {
+            let listen = match device.line() {
+                Some(_) => Listen::Pty {
+                    link: config
+                        .pty_dir
+                        .as_ref()
+                        .map(|d| d.join(format!("{name}.pty"))),
+                },
+                None => Listen::Tcp(config.spectro_addr),
+            };
+            let protocol = device.protocol();
+            let line = device.line();
+            let instruments = device.instruments().to_vec();
+            let spec = PortSpec {
+                name: name.to_owned(),
+                device,
+                listen,
+                wire_timing: config.wire_timing,
+                seed: config.seed ^ (k as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F),
+            };
+            let port = serve::spawn_port(spec, lab.clone(), shutdown_rx.clone())
+                .await
+                .map_err(|source| SimLabError::Io {
+                    port: name.to_owned(),
+                    source,
+                })?;
+            handle.ports.push(PortInfo {
+                name: port.name,
+                protocol,
+                line,
+                instruments,
+                status: port.status,
+                control: port.control,
+            });
+            handle.tasks.push(port.task);
+        }
+        Ok(handle)
+    }
+}
+
+fn instrument_name(id: InstrumentId) -> &'static str {
+    match id {
+        InstrumentId::Gantry => "gantry",
+        InstrumentId::Balance => "balance",
+        InstrumentId::Hotplate => "hotplate",
+        InstrumentId::Spectro => "spectro",
+        InstrumentId::Pump(_) => PUMP_LINE,
+    }
+}
+
+/// The model instruments a name stands for (`pumps`: every pump).
+fn resolve(model: &LabModel, name: &str) -> Result<Vec<InstrumentId>, SimLabError> {
+    if name == PUMP_LINE {
+        return Ok((0..model.pump_count()).map(InstrumentId::Pump).collect());
+    }
+    model
+        .instrument_id(name)
+        .map(|id| vec![id])
+        .ok_or_else(|| SimLabError::UnknownInstrument(name.to_owned()))
+}
+
+/// A running simulated lab.
+pub struct SimLabHandle {
+    lab: SharedLab,
+    ports: Vec<PortInfo>,
+    instruments: Vec<InstrumentInfo>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl SimLabHandle {
+    /// Every instrument's endpoint, in lab order (gantry, pumps, balance, hotplate, spectro).
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.instruments
+            .iter()
+            .filter_map(|i| self.endpoint_of(i))
+            .collect()
+    }
+
+    /// One instrument's endpoint.
+    pub fn endpoint(&self, id: &str) -> Option<Endpoint> {
+        self.instruments
+            .iter()
+            .find(|i| i.id == id)
+            .and_then(|i| self.endpoint_of(i))
+    }
+
+    fn endpoint_of(&self, info: &InstrumentInfo) -> Option<Endpoint> {
+        let port = self.ports.get(info.port)?;
+        let status = port.status.borrow().clone();
+        let kind = match (port.line, status.tcp) {
+            (_, Some(address)) => EndpointKind::Tcp { address },
+            (Some(line), None) => EndpointKind::Pty {
+                path: status.pty,
+                link: status.link,
+                line,
+            },
+            (None, None) => return None,
+        };
+        Some(Endpoint {
+            id: info.id.clone(),
+            port: port.name.clone(),
+            protocol: port.protocol,
+            address: info.address,
+            open: status.open,
+            kind,
+        })
+    }
+
+    /// The lab file with each instrument's transport pointing at its simulator (serial line on the pty,
+    /// or TCP), so drivers can connect to it like to hardware.
+    pub fn lab_file(&self, lab: &Lab) -> Lab {
+        let mut lab = lab.clone();
+        for instrument in &mut lab.instruments {
+            if let Some(transport) = self.endpoint(&instrument.id).and_then(|e| e.transport()) {
+                instrument.transport = transport;
+            }
+        }
+        lab
+    }
+
+    /// Fault controls of an instrument, or of the whole pump line (`pumps`).
+    pub fn faults(&self, id: &str) -> Option<FaultHandle> {
+        let (ids, port) = if let Some(port) = self.ports.iter().find(|p| p.name == id) {
+            (port.instruments.clone(), port)
+        } else {
+            let info = self.instruments.iter().find(|i| i.id == id)?;
+            let port = self.ports.get(info.port)?;
+            let model = self.lab.lock();
+            (vec![model.instrument_id(id)?], port)
+        };
+        Some(FaultHandle {
+            name: id.to_owned(),
+            ids,
+            port_instruments: port.instruments.clone(),
+            lab: self.lab.clone(),
+            control: port.control.clone(),
+            status: port.status.clone(),
+        })
+    }
+
+    /// The shared model (for tests to inspect vials, spills, temperatures). Lock it only briefly.
+    pub fn model(&self) -> Arc<Mutex<LabModel>> {
+        self.lab.model.clone()
+    }
+
+    /// Runs `f` on the model at the current virtual time.
+    pub fn with_model<R>(&self, f: impl FnOnce(&mut LabModel, Duration) -> R) -> R {
+        let now = self.lab.clock.now();
+        let mut model = self.lab.lock();
+        f(&mut model, now)
+    }
+
+    pub fn clock(&self) -> &SimClock {
+        &self.lab.clock
+    }
+
+    /// Current virtual time.
+    pub fn now(&self) -> Duration {
+        self.lab.clock.now()
+    }
+
+    /// Stops every port: ptys close, symlinks go, the socket stops listening.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        for task in std::mem::take(&mut self.tasks) {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for SimLabHandle {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// Changes one instrument's (or the pump line's) faults while the lab runs.
+#[derive(Clone)]
+pub struct FaultHandle {
+    name: String,
+    ids: Vec<InstrumentId>,
+    port_instruments: Vec<InstrumentId>,
+    lab: SharedLab,
+    control: Arc<Notify>,
+    status: watch::Receiver<PortStatus>,
+}
+
+impl FaultHandle {
+    /// The current settings (of the first instrument, for the pump line).
+    pub fn get(&self) -> FaultConfig {
+        let model = self.lab.lock();
+        self.ids
+            .first()
+            .and_then(|id| model.faults(*id).cloned())
+            .unwrap_or_default()
+    }
+
+    /// Replaces the settings; the port applies them at once.
+    pub fn set(&self, faults: FaultConfig) -> Result<(), SimLabError> {
+        self.update(|f| *f = faults.clone())
+    }
+
+    /// Changes the settings in place.
+    pub fn update(&self, change: impl Fn(&mut FaultConfig)) -> Result<(), SimLabError> {
+        {
+            let now = self.lab.clock.now();
+            let mut model = self.lab.lock();
+            for &id in &self.ids {
+                let mut faults = model.faults(id).cloned().unwrap_or_default();
+                change(&mut faults);
+                model.set_faults(now, id, faults)?;
+            }
+        }
+        self.control.notify_one();
+        Ok(())
+    }
+
+    /// Back to no faults at all (plugged in).
+    pub fn clear(&self) -> Result<(), SimLabError> {
+        self.set(FaultConfig::default())
+    }
+
+    /// Pulls the cable: the instrument stops hearing and answering; when no instrument of its port is
+    /// left, the pty closes (clients read EOF, the symlink goes) or the socket stops listening. Returns
+    /// once the port has done so.
+    pub async fn unplug(&self) -> Result<(), SimLabError> {
+        self.update(|f| f.disconnected = true)?;
+        let closes = {
+            let model = self.lab.lock();
+            self.port_instruments
+                .iter()
+                .all(|id| model.faults(*id).is_some_and(|f| f.disconnected))
+        };
+        if closes {
+            self.wait_for(|s| !s.open).await?;
+        }
+        Ok(())
+    }
+
+    /// Plugs the cable back; returns the port's new status once it is open (a pty gets a new
+    /// `/dev/pts/N`; the symlink follows).
+    pub async fn replug(&self) -> Result<PortStatus, SimLabError> {
+        self.update(|f| f.disconnected = false)?;
+        self.wait_for(|s| s.open).await
+    }
+
+    async fn wait_for(
+        &self,
+        ready: impl Fn(&PortStatus) -> bool,
+    ) -> Result<PortStatus, SimLabError> {
+        let mut status = self.status.clone();
+        match tokio::time::timeout(PLUG_TIMEOUT, status.wait_for(|s| ready(s))).await {
+            Ok(Ok(s)) => Ok(s.clone()),
+            _ => Err(SimLabError::Timeout(self.name.clone())),
+        }
+    }
+}
