@@ -32,6 +32,9 @@ enum Command {
     },
     /// Run the controller: on the simulated lab (--sim) or on the instruments of a lab file (--config).
     Run(commands::run::RunArgs),
+    /// Serve the simulated lab's instruments alone, wire-level on pseudo-terminals and TCP, until
+    /// SIGINT or SIGTERM; prints where each instrument is.
+    Sim(commands::sim::SimArgs),
     /// Print the protocol JSON Schema.
     Schema,
     /// Read the journal: runs, their events and results.
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
             },
         },
         Command::Run(args) => commands::run::run(args),
+        Command::Sim(args) => commands::sim::run(args),
         Command::Schema => {
             print!("{}", labctl_protocols::schema::protocol_schema_pretty());
             ExitCode::SUCCESS

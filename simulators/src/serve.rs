@@ -47,6 +47,8 @@ pub enum IoEvent {
     NoClient,
     /// A new TCP client.
     Accepted(TcpStream),
+    /// The pty's readiness is stale (an old hang-up); register it again.
+    Rearm,
 }
 
 /// Where a device is served.
@@ -71,6 +73,10 @@ pub struct PortStatus {
     pub tcp: Option<SocketAddr>,
     /// Counts the times the port has been plugged in.
     pub generation: u64,
+    /// Bytes the device has received and processed.
+    pub received: u64,
+    /// Bytes written to the host.
+    pub sent: u64,
 }
 
 /// The model and the clock every device of a lab shares.
@@ -164,6 +170,7 @@ impl Transport {
                 link: p.link().map(PathBuf::from),
                 tcp: None,
                 generation,
+                ..PortStatus::default()
             },
             Transport::Tcp(t) => PortStatus {
                 open: t.is_open(),
@@ -171,6 +178,7 @@ impl Transport {
                 link: None,
                 tcp: Some(t.addr()),
                 generation,
+                ..PortStatus::default()
             },
         }
     }
@@ -194,6 +202,8 @@ struct Port {
     transport: Transport,
     status: watch::Sender<PortStatus>,
     generation: u64,
+    received: u64,
+    sent: u64,
 }
 
 impl Port {
@@ -270,7 +280,11 @@ impl Port {
     }
 
     fn publish(&self) {
-        let status = self.transport.status(self.generation);
+        let status = PortStatus {
+            received: self.received,
+            sent: self.sent,
+            ..self.transport.status(self.generation)
+        };
         self.status.send_if_modified(|s| {
             let changed = *s != status;
             *s = status;
@@ -293,8 +307,14 @@ impl Port {
                     _ => bytes,
                 };
                 self.drive(|d, ctx| d.receive(ctx, &bytes));
+                self.received += bytes.len() as u64;
+                self.publish();
             }
-            IoEvent::Wrote(n) => self.wire.written(n),
+            IoEvent::Wrote(n) => {
+                self.wire.written(n);
+                self.sent += n as u64;
+                self.publish();
+            }
             IoEvent::HostGone => {
                 self.wire.clear();
                 if let Transport::Tcp(t) = &mut self.transport {
@@ -302,7 +322,7 @@ impl Port {
                     self.device.host_reset();
                 }
             }
-            IoEvent::ClientCame | IoEvent::NoClient => {}
+            IoEvent::ClientCame | IoEvent::NoClient | IoEvent::Rearm => {}
             IoEvent::Accepted(stream) => {
                 if let Transport::Tcp(t) = &mut self.transport {
                     t.accept(stream);
@@ -400,6 +420,8 @@ pub async fn spawn_port(
         transport,
         status: status_tx,
         generation: 0,
+        received: 0,
+        sent: 0,
     };
     port.drive(|d, ctx| d.power_on(ctx));
     if port.wants_open() {

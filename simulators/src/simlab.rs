@@ -165,8 +165,8 @@ pub struct Endpoint {
     pub port: String,
     /// Wire protocol, as the lab file's `driver`.
     pub protocol: &'static str,
-    /// Network address on a shared line (NE-1000 pumps).
-    pub address: Option<u8>,
+    /// Network address on a shared line (NE-1000 pumps), as the lab file's `address`.
+    pub network_address: Option<u8>,
     /// Plugged in.
     pub open: bool,
     #[serde(flatten)]
@@ -398,10 +398,39 @@ impl SimLabHandle {
             id: info.id.clone(),
             port: port.name.clone(),
             protocol: port.protocol,
-            address: info.address,
+            network_address: info.address,
             open: status.open,
             kind,
         })
+    }
+
+    /// What a port (`gantry`, `pumps`, `balance`, `hotplate`, `spectro`) offers now, with its byte counts.
+    pub fn port_status(&self, port: &str) -> Option<PortStatus> {
+        self.ports
+            .iter()
+            .find(|p| p.name == port)
+            .map(|p| p.status.borrow().clone())
+    }
+
+    /// Waits (real time, at most `timeout`) until the port's device has received and processed at least
+    /// `bytes` bytes in all. With a manual clock this is how a test knows at which virtual time a command
+    /// was taken.
+    pub async fn wait_received(
+        &self,
+        port: &str,
+        bytes: u64,
+        timeout: Duration,
+    ) -> Result<PortStatus, SimLabError> {
+        let mut status = self
+            .ports
+            .iter()
+            .find(|p| p.name == port)
+            .map(|p| p.status.clone())
+            .ok_or_else(|| SimLabError::UnknownInstrument(port.to_owned()))?;
+        match tokio::time::timeout(timeout, status.wait_for(|s| s.received >= bytes)).await {
+            Ok(Ok(s)) => Ok(s.clone()),
+            _ => Err(SimLabError::Timeout(port.to_owned())),
+        }
     }
 
     /// The lab file with each instrument's transport pointing at its simulator (serial line on the pty,

@@ -16,14 +16,15 @@
 //! Only the baud rate of the client's settings can be seen from the master: Linux forces a pty to 8 data
 //! bits without parity whatever the client asks, so data bits and parity cannot be checked.
 
+use std::fs::File;
 use std::future::poll_fn;
-use std::io;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::unix::AsyncFd;
 use tokio_serial::{SerialPort, SerialStream};
 
 use super::IoEvent;
@@ -36,13 +37,28 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(20);
 const READ_CHUNK: usize = 4096;
 
 /// The master end of a device's pty.
+///
+/// I/O goes through a duplicate of the master descriptor in our own [`AsyncFd`], registered afresh each
+/// time a client arrives: once the master has seen a hang-up, tokio keeps its "read closed" readiness for
+/// good, which would make every later read attempt spin.
 pub struct PtyPort {
     settings: LineSettings,
     link: Option<PathBuf>,
-    master: Option<SerialStream>,
+    /// Owns the pty (with `io`) and answers termios queries (the client's baud rate).
+    serial: Option<SerialStream>,
+    io: Option<AsyncFd<File>>,
     path: Option<PathBuf>,
     client: bool,
     rbuf: Box<[u8; READ_CHUNK]>,
+}
+
+/// What one look at the master found.
+enum Look {
+    Data(usize),
+    /// EIO: nobody has the slave open.
+    Nobody,
+    /// "Would block": a client is there and quiet.
+    Quiet,
 }
 
 impl PtyPort {
@@ -50,7 +66,8 @@ impl PtyPort {
         PtyPort {
             settings,
             link,
-            master: None,
+            serial: None,
+            io: None,
             path: None,
             client: false,
             rbuf: Box::new([0; READ_CHUNK]),
@@ -70,18 +87,21 @@ impl PtyPort {
             .map(PathBuf::from)
             .ok_or_else(|| io::Error::other("the pty has no slave path"))?;
         drop(slave);
+        let io = register(dup_master(&master)?)?;
         if let Some(link) = &self.link {
             replace_symlink(&path, link)?;
         }
-        self.master = Some(master);
+        self.serial = Some(master);
+        self.io = Some(io);
         self.path = Some(path);
         self.client = false;
         Ok(())
     }
 
-    /// Unplugs: drops the master (clients read EOF) and removes the symlink.
+    /// Unplugs: closes every descriptor of the master (clients read EOF) and removes the symlink.
     pub fn close(&mut self) {
-        self.master = None;
+        self.io = None;
+        self.serial = None;
         self.path = None;
         self.client = false;
         if let Some(link) = &self.link
@@ -92,7 +112,7 @@ impl PtyPort {
     }
 
     pub fn is_open(&self) -> bool {
-        self.master.is_some()
+        self.serial.is_some()
     }
 
     /// Whether a client has the slave open (as far as the port has noticed).
@@ -110,55 +130,82 @@ impl PtyPort {
 
     /// The baud rate the client has set on the slave.
     pub fn host_baud(&self) -> Option<u32> {
-        self.master.as_ref().and_then(|m| m.baud_rate().ok())
+        self.serial.as_ref().and_then(|m| m.baud_rate().ok())
     }
 
-    /// The client went away (or was never there).
-    pub fn client_gone(&mut self) {
-        self.client = false;
+    /// Registers the master afresh, forgetting readiness left from an earlier client.
+    fn rearm(&mut self) -> io::Result<()> {
+        if let Some(io) = self.io.take() {
+            self.io = Some(register(io.into_inner())?);
+        }
+        Ok(())
+    }
+
+    /// One non-blocking read, outside the readiness machinery.
+    fn look(&mut self) -> Look {
+        let Some(io) = &self.io else {
+            return Look::Nobody;
+        };
+        match io.get_ref().read(&mut self.rbuf[..]) {
+            Ok(0) => Look::Nobody,
+            Ok(n) => Look::Data(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Look::Quiet,
+            Err(_) => Look::Nobody,
+        }
     }
 
     /// The next thing that happens on the port: bytes from the client, bytes written, a client coming or
     /// going. Never resolves while the port is closed. Cancel-safe: it returns as soon as anything has
     /// been read or written.
     pub async fn next_event(&mut self, tx: &[u8]) -> IoEvent {
-        let PtyPort {
-            master,
-            client,
-            rbuf,
-            ..
-        } = self;
-        let Some(master) = master.as_mut() else {
+        if self.io.is_none() {
+            return std::future::pending().await;
+        }
+        if !self.client {
+            tokio::time::sleep(PROBE_INTERVAL).await;
+            let event = match self.look() {
+                Look::Nobody => return IoEvent::NoClient,
+                Look::Quiet => IoEvent::ClientCame,
+                Look::Data(n) => IoEvent::Read(self.rbuf[..n].to_vec()),
+            };
+            if self.rearm().is_err() {
+                self.close();
+                return IoEvent::HostGone;
+            }
+            return event;
+        }
+        let PtyPort { io, rbuf, .. } = self;
+        let Some(io) = io.as_ref() else {
             return std::future::pending().await;
         };
-        if !*client {
-            tokio::time::sleep(PROBE_INTERVAL).await;
-            let mut buf = ReadBuf::new(&mut rbuf[..]);
-            // One look: EIO means still nobody; "would block" means a client has opened the slave.
-            let polled =
-                poll_fn(|cx| Poll::Ready(Pin::new(&mut *master).poll_read(cx, &mut buf))).await;
-            return match polled {
-                Poll::Pending => IoEvent::ClientCame,
-                Poll::Ready(Ok(())) if buf.filled().is_empty() => IoEvent::NoClient,
-                Poll::Ready(Ok(())) => IoEvent::Read(buf.filled().to_vec()),
-                Poll::Ready(Err(_)) => IoEvent::NoClient,
-            };
-        }
         poll_fn(|cx| {
             if !tx.is_empty()
-                && let Poll::Ready(result) = Pin::new(&mut *master).poll_write(cx, tx)
+                && let Poll::Ready(guard) = io.poll_write_ready(cx)
             {
-                return Poll::Ready(match result {
-                    Ok(n) => IoEvent::Wrote(n),
-                    Err(_) => IoEvent::HostGone,
-                });
+                let Ok(mut guard) = guard else {
+                    return Poll::Ready(IoEvent::HostGone);
+                };
+                match guard.try_io(|fd| fd.get_ref().write(tx)) {
+                    Ok(Ok(n)) if n > 0 => return Poll::Ready(IoEvent::Wrote(n)),
+                    Ok(_) => return Poll::Ready(IoEvent::HostGone),
+                    Err(_would_block) => {}
+                }
             }
-            let mut buf = ReadBuf::new(&mut rbuf[..]);
-            match Pin::new(&mut *master).poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(IoEvent::HostGone),
-                Poll::Ready(Ok(())) => Poll::Ready(IoEvent::Read(buf.filled().to_vec())),
-                Poll::Ready(Err(_)) => Poll::Ready(IoEvent::HostGone),
-                Poll::Pending => Poll::Pending,
+            loop {
+                let Poll::Ready(guard) = io.poll_read_ready(cx) else {
+                    return Poll::Pending;
+                };
+                let Ok(mut guard) = guard else {
+                    return Poll::Ready(IoEvent::HostGone);
+                };
+                let closed = guard.ready().is_read_closed();
+                match guard.try_io(|fd| fd.get_ref().read(&mut rbuf[..])) {
+                    Ok(Ok(0)) | Ok(Err(_)) => return Poll::Ready(IoEvent::HostGone),
+                    Ok(Ok(n)) => return Poll::Ready(IoEvent::Read(rbuf[..n].to_vec())),
+                    // The hang-up of a client that has since been replaced: start over.
+                    Err(_would_block) if closed => return Poll::Ready(IoEvent::Rearm),
+                    Err(_would_block) => continue,
+                }
             }
         })
         .await
@@ -169,6 +216,11 @@ impl PtyPort {
         match event {
             IoEvent::ClientCame | IoEvent::Read(_) | IoEvent::Wrote(_) => self.client = true,
             IoEvent::NoClient | IoEvent::HostGone => self.client = false,
+            IoEvent::Rearm => {
+                if self.rearm().is_err() {
+                    self.close();
+                }
+            }
             IoEvent::Accepted(_) => {}
         }
     }
@@ -178,6 +230,22 @@ impl Drop for PtyPort {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// Registers a descriptor with the runtime's reactor.
+fn register(file: File) -> io::Result<AsyncFd<File>> {
+    // SAFETY: the `File` owns its descriptor, which stays open and the same until the `AsyncFd` is
+    // dropped or hands the `File` back with `into_inner`.
+    Ok(unsafe { AsyncFd::register(file) }?)
+}
+
+/// A second descriptor for the master, for our own readiness registration.
+fn dup_master(master: &SerialStream) -> io::Result<File> {
+    let raw = master.as_raw_fd();
+    // SAFETY: `raw` is the master descriptor owned by `master`, open for the whole borrow; it is only
+    // duplicated here, never closed.
+    let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+    Ok(File::from(fd.try_clone_to_owned()?))
 }
 
 /// Points `link` at `target`, replacing an older symlink (but never a regular file).
