@@ -177,6 +177,8 @@ struct RunEntry {
     estimated_duration_s: Option<f64>,
     approval_required_because: Vec<String>,
     instruments: BTreeSet<String>,
+    /// vessel -> deck position, as the run last reported.
+    vessels: BTreeMap<String, String>,
     control: watch::Sender<Control>,
     task: Option<JoinHandle<()>>,
 }
@@ -470,6 +472,11 @@ impl Core {
         );
         self.event(Some(&run_id), "approval", None, approval_detail);
         let (control, _) = watch::channel(Control::Resume);
+        let protocol_vessels = protocol
+            .labware
+            .iter()
+            .map(|l| (l.id.clone(), l.location.to_ascii_uppercase()))
+            .collect();
         self.runs.insert(
             run_id.clone(),
             RunEntry {
@@ -487,6 +494,7 @@ impl Core {
                 estimated_duration_s: report.estimated_duration_s,
                 approval_required_because: report.approval_required_because.clone(),
                 instruments,
+                vessels: protocol_vessels,
                 control,
                 task: None,
             },
@@ -750,6 +758,16 @@ impl Core {
                     self.set_state(&run_id, RunState::Paused, Some(reason));
                 }
             }
+            RunUpdate::Vessel {
+                run_id,
+                vessel,
+                position,
+            } => {
+                if let Some(run) = self.runs.get_mut(&run_id) {
+                    run.vessels.insert(vessel, position);
+                    let _ = self.mirror.send(mirror_of(run));
+                }
+            }
             RunUpdate::Resumed { run_id } => {
                 if self
                     .runs
@@ -893,6 +911,11 @@ fn mirror_of(run: &RunEntry) -> RunComponent {
         state: run.state,
         current_step: run.current_step.clone(),
         instruments: run.instruments.iter().cloned().collect(),
+        vessels: run
+            .vessels
+            .iter()
+            .map(|(v, p)| (v.clone(), p.clone()))
+            .collect(),
     }
 }
 

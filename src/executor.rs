@@ -44,6 +44,12 @@ pub enum RunUpdate {
     Resumed {
         run_id: String,
     },
+    /// A vessel now stands at a new deck position (after a transfer).
+    Vessel {
+        run_id: String,
+        vessel: String,
+        position: String,
+    },
     Finished {
         run_id: String,
         end: RunEnd,
@@ -276,7 +282,13 @@ impl RunContext {
                 if let Action::Transfer(t) = &a.action
                     && let Ok(mut v) = self.vessels.lock()
                 {
-                    v.insert(t.vessel.clone(), t.to.to_ascii_uppercase());
+                    let position = t.to.to_ascii_uppercase();
+                    v.insert(t.vessel.clone(), position.clone());
+                    let _ = self.updates.send(RunUpdate::Vessel {
+                        run_id: self.run_id.clone(),
+                        vessel: t.vessel.clone(),
+                        position,
+                    });
                 }
                 Ok(())
             }

@@ -31,7 +31,19 @@ pub struct RunComponent {
     pub proposal_id: String,
     pub state: RunState,
     pub current_step: Option<String>,
+    /// The instruments this run has reserved.
     pub instruments: Vec<String>,
+    /// The run's vessels and the deck position each stands at now.
+    #[serde(skip)]
+    pub vessels: Vec<(String, String)>,
+}
+
+/// A vessel on the deck, owned by a run.
+#[derive(Component, Clone, Debug, Serialize)]
+pub struct VesselComponent {
+    pub vessel: String,
+    pub run_id: String,
+    pub position: String,
 }
 
 /// A tripped interlock, sent once per trip (edge, not level).
@@ -116,6 +128,7 @@ pub struct LabSnapshot {
     pub estop_latched: bool,
     pub instruments: Vec<InstrumentView>,
     pub runs: Vec<RunComponent>,
+    pub vessels: Vec<VesselComponent>,
     pub tick: TickSummary,
 }
 
@@ -146,20 +159,45 @@ fn sync_instruments(mut q: Query<&mut InstrumentComponent>, mut out: ResMut<Outp
 fn sync_runs(
     mut commands: Commands,
     mut runs: Query<(Entity, &mut RunComponent)>,
+    vessels: Query<(Entity, &VesselComponent)>,
     mut out: ResMut<Outputs>,
+    mut latest: Local<Vec<RunComponent>>,
 ) {
+    // Commands are applied after the system: coalesce this tick's updates so a run gets one entity.
+    latest.clear();
     while let Ok(update) = out.run_updates.try_recv() {
-        out.changed = true;
-        if let Some((_, mut run)) = runs.iter_mut().find(|(_, r)| r.run_id == update.run_id) {
-            *run = update;
-        } else {
-            commands.spawn(update);
+        match latest.iter_mut().find(|r| r.run_id == update.run_id) {
+            Some(slot) => *slot = update,
+            None => latest.push(update),
         }
     }
-    // Finished runs stay in the journal; the live model keeps only the active ones.
-    for (entity, run) in &runs {
-        if run.state.is_terminal() {
-            commands.entity(entity).despawn();
+    if !latest.is_empty() {
+        out.changed = true;
+    }
+    for update in latest.drain(..) {
+        // A run's vessels follow its latest update (despawned with the run when it ends).
+        for (entity, v) in &vessels {
+            if v.run_id == update.run_id {
+                commands.entity(entity).despawn();
+            }
+        }
+        if !update.state.is_terminal() {
+            for (vessel, position) in &update.vessels {
+                commands.spawn(VesselComponent {
+                    vessel: vessel.clone(),
+                    run_id: update.run_id.clone(),
+                    position: position.clone(),
+                });
+            }
+        }
+        match runs.iter_mut().find(|(_, r)| r.run_id == update.run_id) {
+            // Finished runs stay in the journal; the live model keeps only the active ones.
+            Some((entity, _)) if update.state.is_terminal() => commands.entity(entity).despawn(),
+            Some((_, mut run)) => *run = update,
+            None if update.state.is_terminal() => {}
+            None => {
+                commands.spawn(update);
+            }
         }
     }
 }
@@ -210,6 +248,7 @@ fn check_interlocks(
 fn publish_snapshot(
     instruments: Query<&InstrumentComponent>,
     runs: Query<&RunComponent>,
+    vessels: Query<&VesselComponent>,
     stats: Res<TickStats>,
     mut out: ResMut<Outputs>,
 ) {
@@ -227,10 +266,13 @@ fn publish_snapshot(
         estop_latched: estop,
         instruments: instruments.iter().map(|i| i.view.clone()).collect(),
         runs: runs.iter().cloned().collect(),
+        vessels: vessels.iter().cloned().collect(),
         tick: stats.summary(),
     };
     snap.instruments.sort_by(|a, b| a.id.cmp(&b.id));
     snap.runs.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+    snap.vessels
+        .sort_by(|a, b| (&a.run_id, &a.vessel).cmp(&(&b.run_id, &b.vessel)));
     out.snapshot.send_replace(Arc::new(snap));
     out.changed = false;
     out.last_published = Some(Instant::now());

@@ -34,7 +34,10 @@ impl Rig {
 }
 
 async fn rig(dir: &Path) -> Rig {
-    let lab = Lab::sim();
+    rig_with(dir, Lab::sim()).await
+}
+
+async fn rig_with(dir: &Path, lab: Lab) -> Rig {
     let estop = EStop::default();
     let mut fakes = BTreeMap::new();
     let mut handles = BTreeMap::new();
@@ -632,4 +635,126 @@ async fn runs_active_at_a_crash_come_back_interrupted() {
     assert!(again.duplicate);
     assert_eq!(again.state, Some(RunState::Interrupted));
     rig.controller.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balance_overload_pauses_and_gantry_alarm_fails_with_the_pumps_made_safe() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    let weigh = json!({
+        "version": 1,
+        "metadata": { "name": "weigh loop", "proposal_id": "overload-1", "planner": { "id": "planner-bo" } },
+        "steps": [ { "type": "repeat", "count": 50, "steps": [
+            { "type": "measure", "instrument": "balance", "action": "weigh", "params": {}, "result": "m" },
+            { "type": "wait", "duration_s": 10 } ] } ]
+    });
+    let run = rig
+        .api()
+        .submit(bytes(&weigh), planner())
+        .await
+        .run_id
+        .unwrap();
+    wait_for(rig.api(), &run, RunState::Running).await;
+    rig.fake("balance").values = vec![("mass_g", 215.0)];
+    wait_for(rig.api(), &run, RunState::Paused).await;
+    rig.api()
+        .control(&run, Control::Abort, technician())
+        .await
+        .unwrap();
+
+    let moves = json!({
+        "version": 1,
+        "metadata": { "name": "moves", "proposal_id": "alarm-1", "planner": { "id": "planner-bo" } },
+        "steps": [ { "type": "action", "instrument": "gantry", "action": "home", "params": {} },
+                   { "type": "wait", "duration_s": 600 } ]
+    });
+    let run = rig
+        .api()
+        .submit(bytes(&moves), planner())
+        .await
+        .run_id
+        .unwrap();
+    wait_for(rig.api(), &run, RunState::Running).await;
+    let pumps_before: usize = ["pump-red", "pump-yellow", "pump-blue"]
+        .iter()
+        .map(|p| rig.fake(p).safe_states)
+        .sum();
+    rig.fake("gantry").state = Some(DeviceState::Alarm("ALARM:2 soft limit".into()));
+    let info = wait_for(rig.api(), &run, RunState::Failed).await;
+    assert!(info.reason.unwrap().contains("gantry-alarm"));
+    for _ in 0..100 {
+        let now: usize = ["pump-red", "pump-yellow", "pump-blue"]
+            .iter()
+            .map(|p| rig.fake(p).safe_states)
+            .sum();
+        if now >= pumps_before + 3 {
+            return rig.controller.shutdown().await.map(|_| ()).unwrap_or(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the gantry alarm did not send every pump to its safe state");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_instrument_trips_its_heartbeat_interlock() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lab = Lab::sim();
+    for inst in &mut lab.instruments {
+        inst.heartbeat_s = 0.2;
+    }
+    let rig = rig_with(dir.path(), lab).await;
+    let run = rig
+        .api()
+        .submit(bytes(&long_hotplate_protocol("silent-1", 600.0)), planner())
+        .await
+        .run_id
+        .unwrap();
+    wait_for(rig.api(), &run, RunState::Running).await;
+    // Unplugged: every poll fails, so the hotplate stops answering.
+    rig.fake("hotplate").unplugged = true;
+    wait_for(rig.api(), &run, RunState::Paused).await;
+    let detail = journal_detail(dir.path(), &run, |d| {
+        d.events.iter().any(|e| e.kind == "interlock")
+    })
+    .await;
+    let il = detail
+        .events
+        .iter()
+        .find(|e| e.kind == "interlock")
+        .unwrap();
+    assert_eq!(il.detail["interlock"], "hotplate-silent");
+    rig.controller.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_world_model_shows_instruments_runs_and_vessels() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    let mut p = example("dye-mix.json");
+    p["steps"][7]["duration_s"] = json!(600);
+    let run = rig.api().submit(bytes(&p), planner()).await.run_id.unwrap();
+    wait_for(rig.api(), &run, RunState::Running).await;
+    let mut watch = rig.controller.handle.watch_snapshot();
+    for _ in 0..200 {
+        let snap = rig.api().snapshot();
+        let moved = snap
+            .vessels
+            .iter()
+            .any(|v| v.vessel == "mix1" && v.position == "H1");
+        if moved && snap.instruments.len() == 7 && snap.runs.iter().any(|r| r.run_id == run) {
+            assert!(
+                snap.instruments.iter().all(|i| i.identity.is_some()),
+                "identities read at connect"
+            );
+            let r = snap.runs.iter().find(|r| r.run_id == run).unwrap();
+            assert!(r.instruments.contains(&"hotplate".to_string()));
+            assert!(snap.tick.ticks > 0);
+            return rig.controller.shutdown().await.map(|_| ()).unwrap_or(());
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(20), watch.changed()).await;
+    }
+    panic!(
+        "snapshot never showed the run with mix1 moved to H1: {:?}",
+        rig.api().snapshot()
+    );
 }

@@ -42,7 +42,11 @@ fn start(data: &Path, extra: &[&str]) -> (Child, mpsc::Receiver<String>) {
 }
 
 /// Collects stdout lines until `done` says stop, or fails after `limit`.
-fn read_until(rx: &mpsc::Receiver<String>, limit: Duration, mut done: impl FnMut(&str) -> bool) -> Vec<String> {
+fn read_until(
+    rx: &mpsc::Receiver<String>,
+    limit: Duration,
+    mut done: impl FnMut(&str) -> bool,
+) -> Vec<String> {
     let deadline = Instant::now() + limit;
     let mut lines = Vec::new();
     while Instant::now() < deadline {
@@ -87,12 +91,21 @@ fn sigkill_mid_run_loses_no_reported_result_and_the_run_comes_back_interrupted()
 
     // Every result reported before the kill is in the journal.
     let conn = journal::open_db(&data).unwrap();
-    let stored: BTreeSet<(String, i64)> =
-        journal::read::results(&conn, &run_id, 0).unwrap().into_iter().map(|r| (r.run_id, r.seq)).collect();
+    let stored: BTreeSet<(String, i64)> = journal::read::results(&conn, &run_id, 0)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.run_id, r.seq))
+        .collect();
     let missing: Vec<_> = reported.difference(&stored).collect();
-    assert!(missing.is_empty(), "reported but not journaled: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "reported but not journaled: {missing:?}"
+    );
     let runs = journal::read::list_runs(&conn).unwrap();
-    assert_eq!(runs[0].state, "running", "the killed process never got to say otherwise");
+    assert_eq!(
+        runs[0].state, "running",
+        "the killed process never got to say otherwise"
+    );
     drop(conn);
 
     // Restart: the run is interrupted, never resumed; every instrument is confirmed safe.
@@ -107,7 +120,11 @@ fn sigkill_mid_run_loses_no_reported_result_and_the_run_comes_back_interrupted()
                  AND seq > (SELECT MAX(seq) FROM events WHERE kind = 'controller_started')",
             )
             .unwrap();
-        let details: Vec<String> = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+        let details: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
         let ok: BTreeSet<String> = details
             .iter()
             .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
@@ -119,19 +136,33 @@ fn sigkill_mid_run_loses_no_reported_result_and_the_run_comes_back_interrupted()
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(confirmed.len(), 7, "instruments confirmed safe after restart: {confirmed:?}");
+    assert_eq!(
+        confirmed.len(),
+        7,
+        "instruments confirmed safe after restart: {confirmed:?}"
+    );
     let detail = journal::read::run_detail(&conn, &run_id).unwrap().unwrap();
     assert_eq!(detail.summary.state, "interrupted");
     assert!(detail.events.iter().any(|e| e.kind == "interrupted"));
     let count_before = stored.len();
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(journal::read::results(&conn, &run_id, 0).unwrap().len(), count_before, "an interrupted run must not resume");
+    assert_eq!(
+        journal::read::results(&conn, &run_id, 0).unwrap().len(),
+        count_before,
+        "an interrupted run must not resume"
+    );
 
     // A clean stop on SIGTERM.
     let pid = child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "labctl exited with {status} on SIGTERM");
-    let stopped: i64 = conn.query_row("SELECT COUNT(*) FROM events WHERE kind = 'controller_stopped'", [], |r| r.get(0)).unwrap();
+    let stopped: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM events WHERE kind = 'controller_stopped'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
     assert_eq!(stopped, 1);
 }

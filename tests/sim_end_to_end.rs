@@ -35,19 +35,35 @@ async fn dye_mix_on_the_simulated_lab() {
     let args = args(dir.path());
     let clock = VirtualClock::new(args.warp).unwrap();
     let estop = EStop::default();
-    let runtime = labctl::lab_runtime::connect(&lab, &args, clock, &estop).await.unwrap();
+    let runtime = labctl::lab_runtime::connect(&lab, &args, clock, &estop)
+        .await
+        .unwrap();
     let config = ControllerConfig {
         lab: lab.clone(),
         lab_sha256: "sim".into(),
         data_dir: dir.path().to_owned(),
         clock,
-        tick: TickConfig { period: Duration::from_millis(10), spin: Duration::ZERO },
+        tick: TickConfig {
+            period: Duration::from_millis(10),
+            spin: Duration::ZERO,
+        },
         labware: runtime.labware_loader(),
     };
-    let controller = start(config, runtime.instruments.clone(), estop).await.unwrap();
+    let controller = start(config, runtime.instruments.clone(), estop)
+        .await
+        .unwrap();
     let api = controller.handle.clone();
-    let protocol = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/protocols/examples/dye-mix.json")).unwrap();
-    let reply = api.submit(protocol, Principal::new("planner-bo", Role::Planner, "test")).await;
+    let protocol = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/protocols/examples/dye-mix.json"
+    ))
+    .unwrap();
+    let reply = api
+        .submit(
+            protocol,
+            Principal::new("planner-bo", Role::Planner, "test"),
+        )
+        .await;
     let run_id = reply.run_id.clone().unwrap_or_else(|| panic!("{reply:?}"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -56,7 +72,10 @@ async fn dye_mix_on_the_simulated_lab() {
             assert_eq!(info.state, RunState::Completed, "{info:?}");
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "run did not finish: {info:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "run did not finish: {info:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     controller.shutdown().await;
@@ -64,14 +83,32 @@ async fn dye_mix_on_the_simulated_lab() {
     // The journal has both results, with the identity the instruments reported over the wire.
     let conn = journal::open_db(dir.path()).unwrap();
     let rows = journal::read::results(&conn, &run_id, 0).unwrap();
-    assert_eq!(rows.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["spectrum", "mass"]);
+    assert_eq!(
+        rows.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        ["spectrum", "mass"]
+    );
     let spectrum = &rows[0].value;
-    let wl: Vec<f64> = spectrum["wavelengths_nm"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-    let ab: Vec<f64> = spectrum["absorbance"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let wl: Vec<f64> = spectrum["wavelengths_nm"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let ab: Vec<f64> = spectrum["absorbance"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     assert_eq!(wl.len(), 81);
     let at = |nm: f64| ab[wl.iter().position(|w| *w == nm).unwrap()];
     // Blue (450 uL) dominates red (300 uL) and yellow (150 uL): more absorbance near 620 nm than at 780 nm.
-    assert!(at(620.0) > at(780.0) + 0.1, "620 nm {} vs 780 nm {}", at(620.0), at(780.0));
+    assert!(
+        at(620.0) > at(780.0) + 0.1,
+        "620 nm {} vs 780 nm {}",
+        at(620.0),
+        at(780.0)
+    );
     assert!(!rows[0].identity["serial"].as_str().unwrap().is_empty());
     // 900 uL of stock (~0.9 g) in a vial of ~10 g tare, weighed on the balance over the wire.
     let mass = rows[1].value["mass_g"].as_f64().unwrap();
@@ -88,5 +125,92 @@ async fn dye_mix_on_the_simulated_lab() {
         assert!((got - want).abs() < want * 0.05, "dye volumes {dyes:?}");
     }
     assert_eq!(spilled, 0.0, "nothing spilled");
+    runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emergency_stop_during_motion_and_heating_on_the_simulated_lab() {
+    use labctl_simulators::model::GantryState;
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::sim();
+    let mut args = args(dir.path());
+    args.warp = 1.0;
+    let clock = VirtualClock::new(1.0).unwrap();
+    let estop = EStop::default();
+    let runtime = labctl::lab_runtime::connect(&lab, &args, clock, &estop)
+        .await
+        .unwrap();
+    let config = ControllerConfig {
+        lab: lab.clone(),
+        lab_sha256: "sim".into(),
+        data_dir: dir.path().to_owned(),
+        clock,
+        tick: TickConfig {
+            period: Duration::from_millis(10),
+            spin: Duration::ZERO,
+        },
+        labware: runtime.labware_loader(),
+    };
+    let controller = start(config, runtime.instruments.clone(), estop)
+        .await
+        .unwrap();
+    let api = controller.handle.clone();
+    let protocol = serde_json::json!({
+        "version": 1,
+        "metadata": { "name": "slow move while heating", "proposal_id": "estop-sim", "planner": { "id": "planner-bo" } },
+        "steps": [
+            { "type": "action", "instrument": "gantry", "action": "home", "params": {} },
+            { "type": "parallel", "branches": [
+                [ { "type": "action", "instrument": "hotplate", "action": "set_temperature", "params": { "temperature_c": 55 } },
+                  { "type": "wait", "duration_s": 600 } ],
+                [ { "type": "action", "instrument": "gantry", "action": "move_xyz", "params": { "x_mm": 290, "y_mm": 190, "z_mm": 50, "feed_mm_per_min": 200 } } ]
+            ] }
+        ]
+    });
+    let reply = api
+        .submit(
+            serde_json::to_vec(&protocol).unwrap(),
+            Principal::new("planner-bo", Role::Planner, "test"),
+        )
+        .await;
+    let run_id = reply.run_id.clone().unwrap_or_else(|| panic!("{reply:?}"));
+    let sim = runtime.sim.as_ref().unwrap();
+    // Wait until the gantry moves and the hotplate heats.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (moving, heating) = sim.with_model(|m, now| {
+            (
+                m.gantry_status(now).state == GantryState::Run,
+                m.hotplate_status(now).heating,
+            )
+        });
+        if moving && heating {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never saw motion and heating together"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    api.emergency_stop(Principal::new("alice", Role::Technician, "test"))
+        .await
+        .unwrap();
+    // Within a few wire times the gantry holds where it is and the heater is off.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (state, pos, heating) = sim.with_model(|m, now| {
+        let g = m.gantry_status(now);
+        (g.state, g.position, m.hotplate_status(now).heating)
+    });
+    assert!(!heating, "heater still on after the e-stop");
+    assert!(
+        matches!(state, GantryState::Hold | GantryState::Idle),
+        "gantry {state:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let later = sim.with_model(|m, now| m.gantry_status(now).position);
+    assert_eq!(pos, later, "the gantry kept moving after the e-stop");
+    assert_eq!(api.run(&run_id).await.unwrap().state, RunState::Aborted);
+    controller.shutdown().await;
     runtime.shutdown().await;
 }

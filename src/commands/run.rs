@@ -149,15 +149,34 @@ async fn run_async(args: RunArgs) -> Result<(), String> {
         loop {
             match committed.recv().await {
                 Ok(record) => match &*record {
-                    Record::Result { run_id, seq, name, instrument, .. } => {
+                    Record::Result {
+                        run_id,
+                        seq,
+                        name,
+                        instrument,
+                        ..
+                    } => {
                         println!("result {run_id} {seq} {name} {instrument}")
                     }
-                    Record::RunState { run_id, state, reason, .. } => {
-                        println!("run {run_id} {state}{}", reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default())
+                    Record::RunState {
+                        run_id,
+                        state,
+                        reason,
+                        ..
+                    } => {
+                        println!(
+                            "run {run_id} {state}{}",
+                            reason
+                                .as_deref()
+                                .map(|r| format!(" ({r})"))
+                                .unwrap_or_default()
+                        )
                     }
                     _ => {}
                 },
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => println!("(skipped {n} journal lines)"),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    println!("(skipped {n} journal lines)")
+                }
                 Err(_) => return,
             }
         }
