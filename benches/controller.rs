@@ -234,11 +234,16 @@ async fn estop_latency(rounds: usize) {
     };
     let clock = VirtualClock::new(1.0).unwrap();
     let estop = EStop::default();
-    let runtime = labctl::lab_runtime::connect(&lab, &args, clock, &estop).await.unwrap();
+    let runtime = labctl::lab_runtime::connect(&lab, &args, clock, &estop)
+        .await
+        .unwrap();
     let handles = runtime.instruments.clone();
     // Let every instrument connect.
     for _ in 0..200 {
-        if handles.values().all(|h| h.view().connection == labctl::instruments::Connection::Online) {
+        if handles
+            .values()
+            .all(|h| h.view().connection == labctl::instruments::Connection::Online)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -246,13 +251,23 @@ async fn estop_latency(rounds: usize) {
     let mut samples = Vec::new();
     for _ in 0..rounds {
         estop.acknowledge();
-        let _ = handles["hotplate"].execute(labctl_drivers::DeviceCommand::SetTemperature { temperature_c: 60.0 }).await;
+        let _ = handles["hotplate"]
+            .execute(labctl_drivers::DeviceCommand::SetTemperature {
+                temperature_c: 60.0,
+            })
+            .await;
         let t0 = Instant::now();
         estop.trigger();
-        let confirmations = handles.values().cloned().map(|h| async move { h.safe_state(Duration::from_secs(5)).await });
+        let confirmations = handles
+            .values()
+            .cloned()
+            .map(|h| async move { h.safe_state(Duration::from_secs(5)).await });
         let all = futures_join_all(confirmations).await;
         let dt = t0.elapsed();
-        assert!(all.iter().all(|ok| *ok), "an instrument did not confirm its safe state");
+        assert!(
+            all.iter().all(|ok| *ok),
+            "an instrument did not confirm its safe state"
+        );
         samples.push(dt);
     }
     samples.sort();
@@ -268,7 +283,9 @@ async fn estop_latency(rounds: usize) {
 }
 
 /// Awaits all futures concurrently (no extra dependency for one helper).
-async fn futures_join_all<F: std::future::Future<Output = bool> + Send + 'static>(futures: impl Iterator<Item = F>) -> Vec<bool> {
+async fn futures_join_all<F: std::future::Future<Output = bool> + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<bool> {
     let mut set = tokio::task::JoinSet::new();
     for f in futures {
         set.spawn(f);
