@@ -283,6 +283,12 @@ impl SimLab {
                 });
             }
         }
+        if let Some(dir) = &config.pty_dir {
+            std::fs::create_dir_all(dir).map_err(|source| SimLabError::Io {
+                port: format!("pty directory {}", dir.display()),
+                source,
+            })?;
+        }
         let lab = SharedLab {
             model: Arc::new(Mutex::new(model)),
             clock,

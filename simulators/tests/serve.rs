@@ -141,7 +141,8 @@ impl Lab {
         let dir = tempfile::tempdir().unwrap();
         let rt = Runtime::new().unwrap();
         let config = SimLabConfig {
-            pty_dir: Some(dir.path().to_owned()),
+            // Made by the lab when missing.
+            pty_dir: Some(dir.path().join("ptys")),
             ..config
         };
         let handle = rt.block_on(SimLab::start(config)).unwrap();
@@ -185,7 +186,7 @@ impl Lab {
     }
 
     fn link(&self, port: &str) -> PathBuf {
-        self.dir.path().join(format!("{port}.pty"))
+        self.dir.path().join("ptys").join(format!("{port}.pty"))
     }
 
     fn term(&self, port: &str) -> Term {
