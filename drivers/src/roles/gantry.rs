@@ -227,6 +227,22 @@ impl GrblGantry {
         Ok(report)
     }
 
+    /// Ctrl-X: GRBL resets and answers with its welcome banner.
+    async fn soft_reset(&mut self) -> Result<(), DriverError> {
+        let request = encode(&Command::Realtime(Realtime::SoftReset));
+        let timeout = self.link.budget(&request, MAX_REPLY, LINE_PROCESSING);
+        let banner = |frame: &[u8]| match decode(frame) {
+            Some(Response::Welcome { .. }) => Verdict::Last,
+            _ => Verdict::Unrelated,
+        };
+        // A reset is safe to repeat: it only ever leaves the controller idle or locked.
+        let t = Transaction::new(request, frame_line, banner)
+            .timeout(timeout)
+            .retries(1);
+        self.link.ask(t).await?;
+        Ok(())
+    }
+
     async fn identify(&mut self) -> Result<Identity, DriverError> {
         let request = encode(&Command::ViewBuildInfo);
         let timeout = self
@@ -391,6 +407,15 @@ impl Instrument for GrblGantry {
     async fn execute(&mut self, command: &DeviceCommand) -> Result<Outcome, DriverError> {
         match command {
             DeviceCommand::Home => {
+                // After a hard or soft limit GRBL ignores every line until a soft reset, so `$H` alone
+                // would never be answered. Motion has already stopped, so the reset moves nothing.
+                self.collect_alarms();
+                if self
+                    .last_alarm
+                    .is_some_and(|a| matches!(a, AlarmCode::HardLimit | AlarmCode::SoftLimit))
+                {
+                    self.soft_reset().await?;
+                }
                 self.line(&Command::Home, Some(self.options.homing_timeout), false)
                     .await?;
                 self.last_alarm = None;

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use labctl_protocols::InstrumentKind;
+use tracing::debug;
 
 use super::Link;
 use crate::codec::Decoded;
@@ -24,6 +25,13 @@ const ABSORBANCE_PROCESSING: Duration = Duration::from_secs(5);
 const SPECTRUM_PROCESSING: Duration = Duration::from_secs(15);
 /// Most errors read from the queue after a failure; the queue's depth bounds it on a sane instrument.
 const MAX_ERRORS: usize = 16;
+/// No absorbance spectrometer reads beyond this (10 AU is a transmittance of 1e-10); a reply outside
+/// ±this is a damaged line (a lost decimal point turns `2.4967` into `24967`), never a measurement.
+const MAX_PLAUSIBLE_AU: f64 = 10.0;
+
+fn plausible(absorbance: f64) -> bool {
+    absorbance.is_finite() && absorbance.abs() <= MAX_PLAUSIBLE_AU
+}
 
 /// A SCPI spectrophotometer.
 #[derive(Debug)]
@@ -128,12 +136,22 @@ impl ScpiSpectro {
             stop_nm,
             step_nm,
         };
-        let absorbance = match self.query(cmd, SPECTRUM_PROCESSING).await? {
-            Reply::Spectrum { absorbances } => absorbances,
-            other => {
-                return Err(self
-                    .link
-                    .unexpected("MEAS:SPEC?", format!("{other:?}").as_bytes()));
+        // A measurement is safe to repeat: an implausible (damaged) reply is asked once more.
+        let mut attempts = 0;
+        let absorbance = loop {
+            attempts += 1;
+            match self.query(cmd, SPECTRUM_PROCESSING).await? {
+                Reply::Spectrum { absorbances } if absorbances.iter().all(|a| plausible(*a)) => {
+                    break absorbances;
+                }
+                other if attempts < 2 => {
+                    debug!(instrument = %self.link.id, reply = ?other, "implausible spectrum; asking again");
+                }
+                other => {
+                    return Err(self
+                        .link
+                        .unexpected("MEAS:SPEC?", format!("{other:?}").as_bytes()));
+                }
             }
         };
         let wavelengths_nm = scpi::spectrum_wavelengths(start_nm, stop_nm, step_nm);
@@ -198,14 +216,26 @@ impl Instrument for ScpiSpectro {
                 let cmd = Command::MeasureAbsorbance {
                     wavelength_nm: *wavelength_nm,
                 };
-                match self.query(cmd, ABSORBANCE_PROCESSING).await? {
-                    Reply::Absorbance { absorbance } => Ok(Outcome::Absorbance {
-                        wavelength_nm: *wavelength_nm,
-                        absorbance,
-                    }),
-                    other => Err(self
-                        .link
-                        .unexpected("MEAS:ABS?", format!("{other:?}").as_bytes())),
+                // A measurement is safe to repeat: an implausible (damaged) reply is asked once more.
+                let mut attempts = 0;
+                loop {
+                    attempts += 1;
+                    match self.query(cmd, ABSORBANCE_PROCESSING).await? {
+                        Reply::Absorbance { absorbance } if plausible(absorbance) => {
+                            return Ok(Outcome::Absorbance {
+                                wavelength_nm: *wavelength_nm,
+                                absorbance,
+                            });
+                        }
+                        other if attempts < 2 => {
+                            debug!(instrument = %self.link.id, reply = ?other, "implausible absorbance; asking again");
+                        }
+                        other => {
+                            return Err(self
+                                .link
+                                .unexpected("MEAS:ABS?", format!("{other:?}").as_bytes()));
+                        }
+                    }
                 }
             }
             other => Err(self

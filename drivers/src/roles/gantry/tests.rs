@@ -146,6 +146,46 @@ async fn a_soft_limit_alarm_during_a_move_is_reported_with_the_manual_text() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn homing_after_a_limit_alarm_soft_resets_first() {
+    // After ALARM:1/ALARM:2 GRBL processes nothing but real-time bytes until ctrl-x: `$H` alone would
+    // never be answered.
+    let (mut g, mut device) = gantry();
+    let dev = tokio::spawn(async move {
+        let mut fake = started(&mut device).await;
+        fake.reply(b"?", &idle_at("0.000", "0.000", "0.000")).await;
+        fake.reply(b"G90\n", b"ok\r\n").await;
+        fake.reply(b"G21\n", b"ok\r\n").await;
+        fake.reply(
+            b"G1 X400 Y0 Z0 F1000\n",
+            b"ALARM:2\r\n[MSG:Reset to continue]\r\n",
+        )
+        .await;
+        fake.reply(
+            b"\x18",
+            b"ok\r\n\r\nGrbl 1.1h ['$' for help]\r\n[MSG:'$H'|'$X' to unlock]\r\n",
+        )
+        .await;
+        fake.reply(b"$H\n", b"ok\r\n").await;
+    });
+    g.start().await.unwrap();
+    let cmd = DeviceCommand::MoveTo {
+        x_mm: 400.0,
+        y_mm: 0.0,
+        z_mm: 0.0,
+        feed_mm_per_min: 1000.0,
+    };
+    match g.execute(&cmd).await {
+        Err(DriverError::Alarm { code, .. }) => assert_eq!(code, "ALARM:2"),
+        other => panic!("expected the soft limit alarm, got {other:?}"),
+    }
+    assert_eq!(
+        g.execute(&DeviceCommand::Home).await.unwrap(),
+        Outcome::Done
+    );
+    dev.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn error_replies_become_device_errors_with_the_manual_text() {
     let (mut g, mut device) = gantry();
     let dev = tokio::spawn(async move {

@@ -169,6 +169,56 @@ async fn a_lost_answer_with_an_empty_error_queue_is_asked_again() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_implausible_absorbance_is_asked_again_and_never_returned() {
+    // A decimal point lost on the line turns 2.4967 into 24967: no spectrometer reads that.
+    let (mut s, mut device) = spectro();
+    let dev = tokio::spawn(async move {
+        let mut fake = started(&mut device).await;
+        fake.reply(b"MEAS:ABS? 520\n", b"24967\n").await;
+        fake.reply(b"MEAS:ABS? 520\n", b"2.4967\n").await;
+        fake.reply(b"MEAS:ABS? 520\n", b"24967\n").await;
+        fake.reply(b"MEAS:ABS? 520\n", b"-24.967\n").await;
+        fake.reply(b"MEAS:SPEC? 400,410,10\n", b"0.1234,12345\n")
+            .await;
+        fake.reply(b"MEAS:SPEC? 400,410,10\n", b"0.1234,1.2345\n")
+            .await;
+    });
+    s.start().await.unwrap();
+    let cmd = DeviceCommand::Absorbance {
+        wavelength_nm: 520.0,
+    };
+    assert_eq!(
+        s.execute(&cmd).await.unwrap(),
+        Outcome::Absorbance {
+            wavelength_nm: 520.0,
+            absorbance: 2.4967
+        }
+    );
+    match s.execute(&cmd).await {
+        Err(DriverError::UnexpectedReply { reply, .. }) => {
+            assert!(reply.contains("24.967"), "{reply}")
+        }
+        other => panic!("two implausible replies must fail: {other:?}"),
+    }
+    let spectrum = s
+        .execute(&DeviceCommand::Spectrum {
+            start_nm: 400.0,
+            stop_nm: 410.0,
+            step_nm: 10.0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        spectrum,
+        Outcome::Spectrum {
+            wavelengths_nm: vec![400.0, 410.0],
+            absorbance: vec![0.1234, 1.2345]
+        }
+    );
+    dev.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn poll_and_safe_state_and_impossible_scans() {
     let (mut s, mut device) = spectro();
     let dev = tokio::spawn(async move {
