@@ -388,9 +388,20 @@ impl Port {
     }
 }
 
+/// Sleeps `span` to the tens of microseconds. tokio's timer has millisecond resolution, which would round a
+/// 3.5 ms wire time up to 4-5 ms; so sleep to just before the deadline, then yield until it.
 async fn sleep_opt(span: Option<Duration>) {
+    const TIMER_SLACK: Duration = Duration::from_millis(2);
     match span {
-        Some(span) => tokio::time::sleep(span).await,
+        Some(span) => {
+            let deadline = std::time::Instant::now() + span;
+            if span > TIMER_SLACK {
+                tokio::time::sleep(span - TIMER_SLACK).await;
+            }
+            while std::time::Instant::now() < deadline {
+                tokio::task::yield_now().await;
+            }
+        }
         None => std::future::pending().await,
     }
 }
