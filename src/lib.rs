@@ -9,6 +9,7 @@
 //! - [`commands`]: the `labctl` subcommands.
 
 pub mod api;
+pub mod auth;
 pub mod commands;
 pub mod controller;
 pub mod executor;

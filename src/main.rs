@@ -37,6 +37,8 @@ enum Command {
     Sim(commands::sim::SimArgs),
     /// Print the protocol JSON Schema.
     Schema,
+    /// Read a password from standard input and print its argon2id hash for a lab file's `password_hash`.
+    Passwd,
     /// Read the journal: runs, their events and results.
     Runs {
         /// The controller's data directory.
@@ -108,6 +110,23 @@ fn main() -> ExitCode {
         },
         Command::Run(args) => commands::run::run(args),
         Command::Sim(args) => commands::sim::run(args),
+        Command::Passwd => {
+            let mut line = String::new();
+            if std::io::stdin().read_line(&mut line).is_err() || line.trim_end_matches(['\r', '\n']).is_empty() {
+                eprintln!("labctl passwd: give the password on standard input (one line)");
+                return ExitCode::from(2);
+            }
+            match labctl::auth::hash_password(line.trim_end_matches(['\r', '\n'])) {
+                Ok(h) => {
+                    println!("{h}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("labctl passwd: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Schema => {
             print!("{}", labctl_protocols::schema::protocol_schema_pretty());
             ExitCode::SUCCESS
