@@ -111,6 +111,17 @@ async fn wait_for(api: &ControllerHandle, run_id: &str, want: RunState) -> labct
     );
 }
 
+/// Waits until the fake has been sent to its safe state at least `n` times.
+async fn wait_safe_states(rig: &Rig, id: &str, n: usize) {
+    for _ in 0..400 {
+        if rig.fake(id).safe_states >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{id} was sent to its safe state {} times, expected at least {n}", rig.fake(id).safe_states);
+}
+
 /// The run as the journal has it, once `ready` holds (records are committed in batches, shortly after).
 async fn journal_detail(
     dir: &Path,
@@ -599,10 +610,12 @@ async fn a_supervised_run_holds_safely_when_its_planner_is_lost() {
     p["metadata"]["supervised"] = json!(true);
     let run = rig.api().submit(bytes(&p), planner()).await.run_id.unwrap();
     wait_for(rig.api(), &run, RunState::Running).await;
+    // The start-up reconciliation makes every instrument safe once; count from after it.
+    wait_safe_states(&rig, "hotplate", 1).await;
     let before = rig.fake("hotplate").safe_states;
     rig.api().planner_lost("planner-bo").await;
     wait_for(rig.api(), &run, RunState::Paused).await;
-    assert!(rig.fake("hotplate").safe_states > before);
+    wait_safe_states(&rig, "hotplate", before + 1).await;
     rig.controller.shutdown().await;
 }
 
@@ -675,6 +688,9 @@ async fn balance_overload_pauses_and_gantry_alarm_fails_with_the_pumps_made_safe
         .run_id
         .unwrap();
     wait_for(rig.api(), &run, RunState::Running).await;
+    for p in ["pump-red", "pump-yellow", "pump-blue"] {
+        wait_safe_states(&rig, p, 1).await;
+    }
     let pumps_before: usize = ["pump-red", "pump-yellow", "pump-blue"]
         .iter()
         .map(|p| rig.fake(p).safe_states)
