@@ -13,6 +13,7 @@ pub mod auth;
 pub mod commands;
 pub mod controller;
 pub mod executor;
+pub mod gateways;
 pub mod instruments;
 pub mod journal;
 pub mod lab_runtime;

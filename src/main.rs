@@ -31,7 +31,14 @@ enum Command {
         json: bool,
     },
     /// Run the controller: on the simulated lab (--sim) or on the instruments of a lab file (--config).
-    Run(commands::run::RunArgs),
+    Run {
+        #[command(flatten)]
+        args: commands::run::RunArgs,
+        #[command(flatten)]
+        mqtt: commands::run::MqttArgs,
+        #[command(flatten)]
+        command_port: labctl::gateways::command_port::CommandPortArgs,
+    },
     /// Serve the simulated lab's instruments alone, wire-level on pseudo-terminals and TCP, until
     /// SIGINT or SIGTERM; prints where each instrument is.
     Sim(commands::sim::SimArgs),
@@ -108,11 +115,17 @@ fn main() -> ExitCode {
                 }
             },
         },
-        Command::Run(args) => commands::run::run(args),
+        Command::Run {
+            args,
+            mqtt,
+            command_port,
+        } => commands::run::run(args, mqtt, command_port),
         Command::Sim(args) => commands::sim::run(args),
         Command::Passwd => {
             let mut line = String::new();
-            if std::io::stdin().read_line(&mut line).is_err() || line.trim_end_matches(['\r', '\n']).is_empty() {
+            if std::io::stdin().read_line(&mut line).is_err()
+                || line.trim_end_matches(['\r', '\n']).is_empty()
+            {
                 eprintln!("labctl passwd: give the password on standard input (one line)");
                 return ExitCode::from(2);
             }

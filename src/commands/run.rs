@@ -12,6 +12,7 @@ use labctl_simulators::model::VirtualClock;
 
 use crate::api::Principal;
 use crate::controller::{ControllerConfig, sha256_hex, start};
+pub use crate::gateways::command_port::CommandPortArgs;
 use crate::instruments::InstrumentHandle;
 use crate::safety::EStop;
 use crate::world::TickConfig;
@@ -50,16 +51,28 @@ pub struct RunArgs {
     pub pty_dir: Option<PathBuf>,
 }
 
+/// MQTT options of `labctl run` (separate from [`RunArgs`] so code that builds a `RunArgs` is unaffected).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct MqttArgs {
+    /// An external MQTT broker (`mqtt://host:port`) instead of the embedded one; credentials from
+    /// LABCTL_MQTT_USER and LABCTL_MQTT_PASSWORD (or LABCTL_MQTT_PASSWORD_FILE).
+    #[arg(long)]
+    pub mqtt: Option<String>,
+    /// Port of the embedded MQTT broker (default: the lab file's, 1883); 0 picks a free port and prints it.
+    #[arg(long)]
+    pub mqtt_port: Option<u16>,
+}
+
 fn init_logging() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("LABCTL_LOG").unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LABCTL_LOG")
+        .unwrap_or_else(|_| "info,mqtt5=warn".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
 }
 
-pub fn run(args: RunArgs) -> ExitCode {
+pub fn run(args: RunArgs, mqtt: MqttArgs, command_port: CommandPortArgs) -> ExitCode {
     init_logging();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -72,7 +85,7 @@ pub fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(run_async(args)) {
+    match rt.block_on(run_async(args, mqtt, command_port)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("labctl run: {e}");
@@ -81,7 +94,11 @@ pub fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-async fn run_async(args: RunArgs) -> Result<(), String> {
+async fn run_async(
+    args: RunArgs,
+    mqtt_args: MqttArgs,
+    command_port_args: CommandPortArgs,
+) -> Result<(), String> {
     let (mut lab, text) = if args.sim {
         (Lab::sim(), SIM_LAB_TOML.to_owned())
     } else {
@@ -181,6 +198,13 @@ async fn run_async(args: RunArgs) -> Result<(), String> {
             }
         }
     });
+    let mqtt = start_mqtt(&args, &mqtt_args, &lab, api.clone()).await?;
+    let command_port =
+        crate::gateways::command_port::start(&command_port_args, &lab, &args.data_dir, api.clone())
+            .await?;
+    for line in command_port.endpoints() {
+        println!("  {line}");
+    }
     let local = Principal::new("local-operator", Role::Technician, "cli");
     for path in &args.submit {
         let bytes = crate::commands::check::read_protocol_file(path)
@@ -194,9 +218,93 @@ async fn run_async(args: RunArgs) -> Result<(), String> {
     }
     wait_for_signal().await;
     println!("labctl: shutting down, leaving instruments safe");
+    if let Some(gw) = mqtt {
+        gw.shutdown().await;
+    }
     controller.shutdown().await;
     runtime.shutdown().await;
     Ok(())
+}
+
+/// Starts the MQTT gateway: on an external broker (`--mqtt` or the lab file's `interfaces.mqtt.url`) or on
+/// the embedded one. When the embedded broker cannot bind its default port (another labctl has it), the
+/// controller runs without MQTT and says so; a port given with --mqtt-port must bind.
+async fn start_mqtt(
+    args: &RunArgs,
+    mqtt: &MqttArgs,
+    lab: &Lab,
+    api: crate::api::ControllerHandle,
+) -> Result<Option<crate::gateways::mqtt::MqttGateway>, String> {
+    use crate::gateways::mqtt::{BrokerChoice, MqttConfig, MqttGateway};
+    let users = std::sync::Arc::new(crate::auth::Users::from_lab(lab).map_err(|e| e.to_string())?);
+    let url = mqtt
+        .mqtt
+        .clone()
+        .or_else(|| lab.interfaces.mqtt.url.clone());
+    let broker = match url {
+        Some(url) => BrokerChoice::External {
+            url,
+            credentials: mqtt_credentials()?,
+        },
+        None => {
+            let mut listen: std::net::SocketAddr =
+                lab.interfaces.mqtt.listen.parse().map_err(|e| {
+                    format!(
+                        "interfaces.mqtt.listen {:?}: {e}",
+                        lab.interfaces.mqtt.listen
+                    )
+                })?;
+            if let Some(port) = mqtt.mqtt_port {
+                listen.set_port(port);
+            }
+            BrokerChoice::Embedded(listen)
+        }
+    };
+    let embedded = matches!(broker, BrokerChoice::Embedded(_));
+    let config = MqttConfig {
+        lab: lab.clone(),
+        data_dir: args.data_dir.clone(),
+        broker,
+        users,
+    };
+    match MqttGateway::start(api, config).await {
+        Ok(gw) => {
+            println!(
+                "  mqtt: {} ({})",
+                gw.broker_addr,
+                if embedded {
+                    "embedded broker"
+                } else {
+                    "external broker"
+                }
+            );
+            Ok(Some(gw))
+        }
+        Err(e) if embedded && mqtt.mqtt_port.is_none() => {
+            tracing::error!(error = %e, "MQTT gateway not started; the controller runs without it");
+            println!("  mqtt: not started ({e})");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// External broker credentials: LABCTL_MQTT_USER with LABCTL_MQTT_PASSWORD or LABCTL_MQTT_PASSWORD_FILE.
+fn mqtt_credentials() -> Result<Option<(String, String)>, String> {
+    let Ok(user) = std::env::var("LABCTL_MQTT_USER") else {
+        return Ok(None);
+    };
+    let password = match std::env::var("LABCTL_MQTT_PASSWORD") {
+        Ok(p) => p,
+        Err(_) => match std::env::var("LABCTL_MQTT_PASSWORD_FILE") {
+            Ok(path) => std::fs::read_to_string(&path)
+                .map_err(|e| format!("LABCTL_MQTT_PASSWORD_FILE {path}: {e}"))?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+            Err(_) => return Err("LABCTL_MQTT_USER is set but neither LABCTL_MQTT_PASSWORD nor LABCTL_MQTT_PASSWORD_FILE".into()),
+        },
+    };
+    Ok(Some((user, password)))
 }
 
 async fn wait_for_signal() {

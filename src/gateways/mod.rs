@@ -1,0 +1,3 @@
+//! The faces of labctl besides the CLI: each one talks to the controller only through `api::ControllerHandle`.
+
+pub mod mqtt;

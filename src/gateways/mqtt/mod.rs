@@ -1,0 +1,663 @@
+//! The MQTT gateway: planners, consoles and observers talk to labctl over MQTT (topic contract in
+//! `shared/interfaces.md`, payloads in `docs/mqtt.md`).
+//!
+//! - [`topics`] and [`payload`] are pure: topic names, JSON payloads, size limits, rejections.
+//! - [`broker`] is the embedded broker (MQTT 3.1.1 and 5 on one port), used unless `--mqtt URL` names an
+//!   external one.
+//! - This module runs the I/O: one task owns the rumqttc event loop (re-subscribes and announces itself on
+//!   every ConnAck, backs off with jitter while the broker is away), one forwards the journal's committed
+//!   records (run status, events, results with their per-run `seq`; a lag is caught up from the journal),
+//!   one publishes instrument states when they change, and one handles inbound messages in order.
+//!
+//! Who sent a command: the embedded broker stamps each publish with the authenticated user
+//! (`x-mqtt-sender`), and the gateway takes the role from the lab's users. An external broker cannot be
+//! trusted to do that, so there every sender is the one principal `mqtt` with the planner role: it may
+//! submit and control runs submitted over MQTT, never approve or e-stop; restrict who may publish with the
+//! broker's ACL (`docs/mosquitto.acl`).
+
+pub mod broker;
+pub mod payload;
+pub mod topics;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use labctl_protocols::Lab;
+use labctl_protocols::lab::Role;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use self::broker::{EmbeddedBroker, GATEWAY_USER};
+use self::payload::{Decision, EStopAction, Outbound, Rejection};
+use self::topics::{Inbound, Topics};
+use crate::api::{ApiError, ControllerHandle, Principal, RunState};
+use crate::auth::Users;
+use crate::journal::{self, Record};
+use crate::world::LabSnapshot;
+
+/// Where the gateway connects.
+#[derive(Debug, Clone)]
+pub enum BrokerChoice {
+    /// Start the embedded broker on this address (port 0: a free port).
+    Embedded(SocketAddr),
+    /// An external broker: `mqtt://host:port`, with optional credentials.
+    External {
+        url: String,
+        credentials: Option<(String, String)>,
+    },
+}
+
+pub struct MqttConfig {
+    pub lab: Lab,
+    pub data_dir: PathBuf,
+    pub broker: BrokerChoice,
+    pub users: Arc<Users>,
+}
+
+/// Parses `mqtt://host:port` (port 1883 when absent). `mqtts://` is refused: no TLS stack is built in yet.
+pub fn parse_url(url: &str) -> Result<(String, u16), String> {
+    let rest = if let Some(r) = url.strip_prefix("mqtt://") {
+        r
+    } else if url.starts_with("mqtts://") {
+        return Err(format!(
+            "{url}: mqtts:// (TLS) is not supported yet; use mqtt:// on a trusted network"
+        ));
+    } else {
+        return Err(format!("{url}: expected mqtt://host:port"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("{url}: bad port {p:?}"))?,
+        ),
+        _ => (rest, 1883),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{url}: no host"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+struct Shared {
+    api: ControllerHandle,
+    topics: Topics,
+    client: AsyncClient,
+    lab_id: String,
+    started_at_ms: i64,
+    capabilities: Vec<u8>,
+    users: Arc<Users>,
+    /// The embedded broker vouches for `x-mqtt-sender`.
+    trust_sender: bool,
+    stopping: AtomicBool,
+    data_dir: PathBuf,
+}
+
+/// A running MQTT gateway (and the embedded broker, when it started one).
+pub struct MqttGateway {
+    /// Where clients connect: the embedded broker's address, or the external broker's host and port.
+    pub broker_addr: String,
+    pub embedded: bool,
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+    broker: Option<EmbeddedBroker>,
+}
+
+impl MqttGateway {
+    pub async fn start(api: ControllerHandle, config: MqttConfig) -> Result<MqttGateway, String> {
+        let lab_id = config.lab.lab_id.clone();
+        let topics = Topics::new(&lab_id);
+        let (broker, host, port, credentials, trust_sender) = match &config.broker {
+            BrokerChoice::Embedded(listen) => {
+                let b = EmbeddedBroker::start(*listen, config.users.clone(), &lab_id).await?;
+                let host = b.addr.ip().to_string();
+                let port = b.addr.port();
+                let creds = Some((GATEWAY_USER.to_owned(), b.gateway_password.clone()));
+                (Some(b), host, port, creds, true)
+            }
+            BrokerChoice::External { url, credentials } => {
+                let (host, port) = parse_url(url)?;
+                (None, host, port, credentials.clone(), false)
+            }
+        };
+        let broker_addr = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        let started_at_ms = journal::now_ms();
+        let mut opts = MqttOptions::new(format!("labctl-{lab_id}"), host, port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_clean_start(true);
+        opts.set_max_packet_size(Some(broker::MAX_PACKET as u32));
+        opts.set_request_channel_capacity(4096);
+        opts.set_last_will(LastWill::new(
+            topics.status(),
+            payload::status(false, &lab_id, started_at_ms),
+            QoS::AtLeastOnce,
+            true,
+            None,
+        ));
+        if let Some((u, p)) = credentials {
+            opts.set_credentials(u, p);
+        }
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        opts.set_network_options(net);
+        let (client, eventloop) = AsyncClient::new(opts, 4096);
+        let shared = Arc::new(Shared {
+            api: api.clone(),
+            topics,
+            client,
+            lab_id,
+            started_at_ms,
+            capabilities: payload::capabilities(&config.lab),
+            users: config.users.clone(),
+            trust_sender,
+            stopping: AtomicBool::new(false),
+            data_dir: config.data_dir.clone(),
+        });
+        // Subscribe to the journal before anything can happen, so no committed record is missed.
+        let records = api.events();
+        let (inbound_tx, inbound_rx) = mpsc::channel(1024);
+        let tasks = vec![
+            tokio::spawn(run_event_loop(eventloop, shared.clone(), inbound_tx)),
+            tokio::spawn(handle_inbound(inbound_rx, shared.clone())),
+            tokio::spawn(forward_journal(records, shared.clone())),
+            tokio::spawn(publish_instruments(api.watch_snapshot(), shared.clone())),
+        ];
+        Ok(MqttGateway {
+            broker_addr,
+            embedded: broker.is_some(),
+            shared,
+            tasks,
+            broker,
+        })
+    }
+
+    /// Publishes `offline`, disconnects, and stops the embedded broker.
+    pub async fn shutdown(self) {
+        let s = &self.shared;
+        s.stopping.store(true, Ordering::SeqCst);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = s
+                .client
+                .publish(
+                    s.topics.status(),
+                    QoS::AtLeastOnce,
+                    true,
+                    payload::status(false, &s.lab_id, s.started_at_ms),
+                )
+                .await;
+            // Give the event loop a moment to send it before the disconnect.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = s.client.disconnect().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        })
+        .await;
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(b) = self.broker {
+            b.stop().await;
+        }
+    }
+}
+
+/// Reconnect delay after `failures` consecutive failures: exponential from 100 ms up to 10 s, with
+/// jitter (50-100 % of the step) so a fleet of clients does not reconnect in lockstep.
+pub fn backoff(failures: u32) -> Duration {
+    let step_ms = 100u64
+        .saturating_mul(1 << failures.saturating_sub(1).min(7))
+        .min(10_000);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let jitter = 0.5 + f64::from(nanos % 1000) / 2000.0;
+    Duration::from_millis((step_ms as f64 * jitter) as u64)
+}
+
+async fn run_event_loop(
+    mut eventloop: EventLoop,
+    shared: Arc<Shared>,
+    inbound: mpsc::Sender<Publish>,
+) {
+    let mut failures = 0u32;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                if failures > 0 {
+                    tracing::info!("mqtt: connected again");
+                }
+                failures = 0;
+                let s = shared.clone();
+                tokio::spawn(async move { announce(&s).await });
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if inbound.try_send(p).is_err() {
+                    tracing::warn!("mqtt: inbound queue full; message dropped");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if shared.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                failures = failures.saturating_add(1);
+                let delay = backoff(failures);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "mqtt: broker connection lost");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// On every ConnAck: subscribe again (rumqttc does not) and publish `online` and the capabilities.
+async fn announce(s: &Shared) {
+    for filter in s.topics.inbound_filters() {
+        if let Err(e) = s.client.subscribe(filter, QoS::AtLeastOnce).await {
+            tracing::warn!(error = %e, "mqtt: subscribe failed");
+        }
+    }
+    publish(s, s.topics.capabilities(), true, s.capabilities.clone()).await;
+    publish(
+        s,
+        s.topics.status(),
+        true,
+        payload::status(true, &s.lab_id, s.started_at_ms),
+    )
+    .await;
+}
+
+async fn publish(s: &Shared, topic: String, retain: bool, payload: Vec<u8>) {
+    if let Err(e) = s
+        .client
+        .publish(topic, QoS::AtLeastOnce, retain, payload)
+        .await
+    {
+        tracing::warn!(error = %e, "mqtt: publish failed");
+    }
+}
+
+/// Committed journal records become run status, events and results.
+async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<Shared>) {
+    let mut proposals: HashMap<String, String> = HashMap::new();
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
+    loop {
+        match records.recv().await {
+            Ok(record) => {
+                if let Record::RunCreated(r) = &*record {
+                    proposals.insert(r.run_id.clone(), r.proposal_id.clone());
+                }
+                let run_id = match &*record {
+                    Record::RunCreated(r) => Some(r.run_id.as_str()),
+                    Record::RunState { run_id, .. } | Record::Result { run_id, .. } => {
+                        Some(run_id.as_str())
+                    }
+                    Record::Event { run_id, .. } => run_id.as_deref(),
+                };
+                if let Some(id) = run_id
+                    && !proposals.contains_key(id)
+                    && let Some(info) = s.api.run(id).await
+                {
+                    proposals.insert(id.to_owned(), info.proposal_id);
+                }
+                let pid = run_id.and_then(|id| proposals.get(id)).map(String::as_str);
+                match payload::from_record(&record, pid) {
+                    Some(Outbound::Status { run_id, payload }) => {
+                        let terminal = payload["state"].as_str().is_some_and(|st| {
+                            ["rejected", "completed", "failed", "aborted", "interrupted"]
+                                .contains(&st)
+                        });
+                        publish(&s, s.topics.run_status(&run_id), true, to_vec(&payload)).await;
+                        if terminal {
+                            proposals.remove(&run_id);
+                            last_seq.remove(&run_id);
+                        }
+                    }
+                    Some(Outbound::Event { run_id, payload }) => {
+                        publish(&s, s.topics.run_events(&run_id), false, to_vec(&payload)).await;
+                    }
+                    Some(Outbound::Result {
+                        run_id,
+                        seq,
+                        payload,
+                    }) => {
+                        let last = last_seq.entry(run_id.clone()).or_insert(0);
+                        if seq > *last {
+                            *last = seq;
+                            publish(&s, s.topics.run_results(&run_id), false, to_vec(&payload))
+                                .await;
+                        }
+                    }
+                    None => {}
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    skipped = n,
+                    "mqtt: journal records skipped; catching up from the journal"
+                );
+                catch_up(&s, &mut last_seq).await;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// After a lag: every live run's status again, and the results past each run's last published `seq`.
+async fn catch_up(s: &Shared, last_seq: &mut HashMap<String, u64>) {
+    let runs = s.api.runs().await;
+    let wanted: Vec<(String, String, u64)> = runs
+        .iter()
+        .filter(|r| !r.state.is_terminal() || last_seq.contains_key(&r.run_id))
+        .map(|r| {
+            (
+                r.run_id.clone(),
+                r.proposal_id.clone(),
+                last_seq.get(&r.run_id).copied().unwrap_or(0),
+            )
+        })
+        .collect();
+    let dir = s.data_dir.clone();
+    let query = wanted.clone();
+    let rows = tokio::task::spawn_blocking(move || {
+        let conn = journal::open_db(&dir).ok()?;
+        let mut out = Vec::new();
+        for (run_id, _, after) in &query {
+            out.push(journal::read::results(&conn, run_id, *after as i64).ok()?);
+        }
+        Some(out)
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_default();
+    for ((run_id, pid, _), rows) in wanted.iter().zip(rows) {
+        for row in rows {
+            let seq = row.seq.max(0) as u64;
+            let p = payload::result_payload(
+                run_id,
+                Some(pid),
+                seq,
+                &row.name,
+                &row.step,
+                &row.instrument,
+                &row.identity,
+                &row.value,
+                row.at_ms,
+            );
+            publish(s, s.topics.run_results(run_id), false, to_vec(&p)).await;
+            last_seq.insert(run_id.clone(), seq);
+        }
+    }
+    for r in runs {
+        let p = serde_json::json!({
+            "run_id": r.run_id, "proposal_id": r.proposal_id, "state": r.state,
+            "step": r.current_step, "reason": r.reason, "at_ms": journal::now_ms(),
+        });
+        publish(s, s.topics.run_status(&r.run_id), true, to_vec(&p)).await;
+    }
+}
+
+fn to_vec(v: &serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// Retained `instruments/{id}/state` when an instrument's view changes, at most 10 times a second.
+async fn publish_instruments(mut snapshots: watch::Receiver<Arc<LabSnapshot>>, s: Arc<Shared>) {
+    let mut last: HashMap<String, Vec<u8>> = HashMap::new();
+    loop {
+        let snap = snapshots.borrow_and_update().clone();
+        for inst in &snap.instruments {
+            let Ok(bytes) = serde_json::to_vec(inst) else {
+                continue;
+            };
+            if last.get(&inst.id) != Some(&bytes) {
+                publish(&s, s.topics.instrument_state(&inst.id), true, bytes.clone()).await;
+                last.insert(inst.id.clone(), bytes);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if snapshots.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Inbound messages, one at a time in arrival order (a pause then a resume stay in that order).
+async fn handle_inbound(mut rx: mpsc::Receiver<Publish>, s: Arc<Shared>) {
+    while let Some(p) = rx.recv().await {
+        handle_one(&s, p).await;
+    }
+}
+
+struct ReplyTo {
+    response_topic: Option<String>,
+    correlation: Option<Vec<u8>>,
+}
+
+async fn handle_one(s: &Shared, p: Publish) {
+    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+    if p.retain {
+        // A retained command would fire again on every reconnect: never act on one.
+        tracing::warn!(topic, "mqtt: retained command ignored");
+        return;
+    }
+    let props = p.properties.as_ref();
+    let reply_to = ReplyTo {
+        response_topic: props
+            .and_then(|pp| pp.response_topic.clone())
+            .filter(|t| !t.is_empty() && t.len() <= 512 && !t.contains(['+', '#'])),
+        correlation: props.and_then(|pp| pp.correlation_data.as_ref().map(|c| c.to_vec())),
+    };
+    let sender = props.and_then(|pp| {
+        pp.user_properties
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "x-mqtt-sender")
+            .map(|(_, v)| v.clone())
+    });
+    let Some(inbound) = s.topics.parse_inbound(&topic) else {
+        return;
+    };
+    let principal = match principal_for(s, sender.as_deref(), &topic) {
+        Ok(p) => p,
+        Err(r) => {
+            let pid = match inbound {
+                Inbound::Submit => payload::proposal_id_of(&p.payload),
+                _ => None,
+            };
+            let r = Rejection {
+                proposal_id: pid.clone(),
+                ..r
+            };
+            reply(s, &reply_to, pid.as_deref(), r.to_json()).await;
+            return;
+        }
+    };
+    match inbound {
+        Inbound::Submit => submit(s, &topic, &p.payload, principal, &reply_to).await,
+        Inbound::Control { run_id } => {
+            let outcome = match payload::parse_control(&p.payload, &topic) {
+                Err(r) => Err(r.for_run(&run_id)),
+                Ok(_) if principal.role == Role::Observer => {
+                    Err(forbidden(&principal, "control runs", &topic, &run_id))
+                }
+                Ok(c) => api_outcome(s.api.control(&run_id, c, principal).await, &topic, &run_id),
+            };
+            answer(s, &reply_to, &run_id, outcome).await;
+        }
+        Inbound::Approval { run_id } => {
+            let outcome = match payload::parse_approval(&p.payload, &topic) {
+                Err(r) => Err(r.for_run(&run_id)),
+                Ok(_) if principal.role != Role::Technician => Err(forbidden(
+                    &principal,
+                    "approve or reject runs",
+                    &topic,
+                    &run_id,
+                )),
+                Ok(Decision::Approve) => {
+                    api_outcome(s.api.approve(&run_id, principal).await, &topic, &run_id)
+                }
+                Ok(Decision::Reject { reason }) => api_outcome(
+                    s.api.reject(&run_id, &reason, principal).await,
+                    &topic,
+                    &run_id,
+                ),
+            };
+            answer(s, &reply_to, &run_id, outcome).await;
+        }
+        Inbound::EStop => {
+            let outcome = match payload::parse_estop(&p.payload, &topic) {
+                Err(r) => Err(r),
+                Ok(_) if principal.role != Role::Technician => Err(Rejection::new(
+                    "forbidden",
+                    format!(
+                        "{} ({:?}) may not trigger or acknowledge the emergency stop",
+                        principal.name, principal.role
+                    ),
+                    &topic,
+                )),
+                Ok(EStopAction::Trigger) => s
+                    .api
+                    .emergency_stop(principal)
+                    .await
+                    .map_err(|e| api_rejection(e, &topic)),
+                Ok(EStopAction::Acknowledge) => s
+                    .api
+                    .acknowledge_emergency_stop(principal)
+                    .await
+                    .map_err(|e| api_rejection(e, &topic)),
+            };
+            let body = match outcome {
+                Ok(()) => to_vec(&serde_json::json!({"accepted": true, "topic": topic})),
+                Err(r) => r.to_json(),
+            };
+            reply(s, &reply_to, None, body).await;
+        }
+    }
+}
+
+fn principal_for(s: &Shared, sender: Option<&str>, topic: &str) -> Result<Principal, Rejection> {
+    if !s.trust_sender {
+        return Ok(Principal::new("mqtt", Role::Planner, "mqtt"));
+    }
+    match sender {
+        Some(GATEWAY_USER) => Err(Rejection::new(
+            "forbidden",
+            "the gateway's own identity sends no commands",
+            topic,
+        )),
+        Some(name) => match s.users.role_of(name) {
+            Some(role) => Ok(Principal::new(name, role, "mqtt")),
+            None => Err(Rejection::new(
+                "forbidden",
+                format!("unknown user {name}"),
+                topic,
+            )),
+        },
+        None if s.users.is_empty() => Ok(Principal::new("anonymous", Role::Planner, "mqtt")),
+        None => Err(Rejection::new("forbidden", "sender unknown", topic)),
+    }
+}
+
+fn forbidden(p: &Principal, what: &str, topic: &str, run_id: &str) -> Rejection {
+    Rejection::new(
+        "forbidden",
+        format!("{} ({:?}) may not {what}", p.name, p.role),
+        topic,
+    )
+    .for_run(run_id)
+}
+
+fn api_rejection(e: ApiError, topic: &str) -> Rejection {
+    let code = match &e {
+        ApiError::Forbidden(_) => "forbidden",
+        ApiError::UnknownRun(_) => "unknown_run",
+        ApiError::InvalidState(_) => "invalid_state",
+        ApiError::EStopLatched => "estop_latched",
+        ApiError::Unavailable => "unavailable",
+    };
+    Rejection::new(code, e.to_string(), topic)
+}
+
+fn api_outcome(
+    r: Result<RunState, ApiError>,
+    topic: &str,
+    run_id: &str,
+) -> Result<RunState, Rejection> {
+    r.map_err(|e| api_rejection(e, topic).for_run(run_id))
+}
+
+async fn answer(s: &Shared, to: &ReplyTo, run_id: &str, outcome: Result<RunState, Rejection>) {
+    let body = match outcome {
+        Ok(state) => {
+            to_vec(&serde_json::json!({"accepted": true, "run_id": run_id, "state": state}))
+        }
+        Err(r) => r.to_json(),
+    };
+    reply(s, to, None, body).await;
+}
+
+async fn submit(s: &Shared, topic: &str, bytes: &[u8], principal: Principal, to: &ReplyTo) {
+    if let Err(r) = payload::check_size(bytes, topic) {
+        reply(s, to, None, r.to_json()).await;
+        return;
+    }
+    let pid = payload::proposal_id_of(bytes);
+    if principal.role == Role::Observer {
+        let r = Rejection {
+            proposal_id: pid.clone(),
+            ..Rejection::new(
+                "forbidden",
+                format!("{} (observer) may not submit protocols", principal.name),
+                topic,
+            )
+        };
+        reply(s, to, pid.as_deref(), r.to_json()).await;
+        return;
+    }
+    let answer = s.api.submit(bytes.to_vec(), principal).await;
+    let pid = answer
+        .proposal_id
+        .clone()
+        .filter(|p| topics::is_topic_level(p))
+        .or(pid);
+    let body = serde_json::to_vec(&answer).unwrap_or_default();
+    reply(s, to, pid.as_deref(), body).await;
+}
+
+/// Sends a reply to the MQTT 5 response topic (with its correlation data) when there is one, to
+/// `protocols/replies/{proposal_id}` when there is a proposal id, and to `rejections` when neither.
+async fn reply(s: &Shared, to: &ReplyTo, proposal_id: Option<&str>, body: Vec<u8>) {
+    if let Some(rt) = &to.response_topic {
+        let props = PublishProperties {
+            correlation_data: to.correlation.clone().map(Into::into),
+            content_type: Some("application/json".into()),
+            ..Default::default()
+        };
+        if let Err(e) = s
+            .client
+            .publish_with_properties(rt.clone(), QoS::AtLeastOnce, false, body.clone(), props)
+            .await
+        {
+            tracing::warn!(error = %e, "mqtt: reply failed");
+        }
+    }
+    match proposal_id {
+        Some(pid) => publish(s, s.topics.reply(pid), false, body).await,
+        None if to.response_topic.is_none() => publish(s, s.topics.rejections(), false, body).await,
+        None => {}
+    }
+}

@@ -1,0 +1,420 @@
+//! JSON payloads of the MQTT contract (docs/mqtt.md): parsing what planners and technicians send, with a
+//! strict size limit, and building what labctl publishes. Pure functions; every bad input becomes a
+//! [`Rejection`], never a panic.
+
+use labctl_protocols::Lab;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::api::Control;
+use crate::journal::Record;
+
+/// Largest payload accepted on any inbound topic (a protocol with thousands of steps fits easily).
+pub const MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// Why an inbound message was refused; published as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rejection {
+    pub accepted: bool,
+    /// `payload_too_large`, `malformed`, `forbidden`, `unknown_run`, `invalid_state`, `estop_latched`,
+    /// `unavailable`, `unknown_topic`.
+    pub error: &'static str,
+    pub message: String,
+    /// The topic the refused message came on.
+    pub topic: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proposal_id: Option<String>,
+}
+
+impl Rejection {
+    pub fn new(error: &'static str, message: impl Into<String>, topic: &str) -> Self {
+        Rejection {
+            accepted: false,
+            error,
+            message: message.into(),
+            topic: topic.to_owned(),
+            run_id: None,
+            proposal_id: None,
+        }
+    }
+
+    pub fn for_run(mut self, run_id: &str) -> Self {
+        self.run_id = Some(run_id.to_owned());
+        self
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// Refuses payloads over [`MAX_PAYLOAD`].
+pub fn check_size(payload: &[u8], topic: &str) -> Result<(), Rejection> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(Rejection::new(
+            "payload_too_large",
+            format!(
+                "payload is {} bytes; the limit is {MAX_PAYLOAD}",
+                payload.len()
+            ),
+            topic,
+        ));
+    }
+    Ok(())
+}
+
+/// The proposal id of a submitted protocol, when it can be read (for the reply topic even when the
+/// protocol is invalid).
+pub fn proposal_id_of(payload: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Meta {
+        proposal_id: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct Doc {
+        metadata: Option<Meta>,
+    }
+    if payload.len() > MAX_PAYLOAD {
+        return None;
+    }
+    serde_json::from_slice::<Doc>(payload)
+        .ok()?
+        .metadata?
+        .proposal_id
+        .filter(|p| super::topics::is_topic_level(p))
+}
+
+/// Accepts `{"action": "pause"}` (with an optional `"reason"`) or the bare word `pause`.
+fn word_or_field(
+    payload: &[u8],
+    field: &str,
+    topic: &str,
+) -> Result<(String, Option<String>), Rejection> {
+    check_size(payload, topic)?;
+    let text = std::str::from_utf8(payload)
+        .map_err(|_| Rejection::new("malformed", "payload is not UTF-8", topic))?
+        .trim();
+    if !text.starts_with('{') && !text.starts_with('"') {
+        return Ok((text.to_ascii_lowercase(), None));
+    }
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| Rejection::new("malformed", format!("malformed JSON: {e}"), topic))?;
+    match v {
+        Value::String(s) => Ok((s.to_ascii_lowercase(), None)),
+        Value::Object(m) => {
+            let word = m.get(field).and_then(Value::as_str).ok_or_else(|| {
+                Rejection::new("malformed", format!("expected {{\"{field}\": ...}}"), topic)
+            })?;
+            let reason = m.get("reason").and_then(Value::as_str).map(str::to_owned);
+            Ok((word.to_ascii_lowercase(), reason))
+        }
+        _ => Err(Rejection::new(
+            "malformed",
+            format!("expected {{\"{field}\": ...}}"),
+            topic,
+        )),
+    }
+}
+
+/// `runs/{run_id}/control`: `pause`, `resume` or `abort`.
+pub fn parse_control(payload: &[u8], topic: &str) -> Result<Control, Rejection> {
+    let (word, _) = word_or_field(payload, "action", topic)?;
+    match word.as_str() {
+        "pause" => Ok(Control::Pause),
+        "resume" => Ok(Control::Resume),
+        "abort" => Ok(Control::Abort),
+        other => Err(Rejection::new(
+            "malformed",
+            format!("unknown control {other:?}; expected pause, resume or abort"),
+            topic,
+        )),
+    }
+}
+
+/// An approval decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Approve,
+    Reject { reason: String },
+}
+
+/// `runs/{run_id}/approval`: `approve`, or `reject` with a reason.
+pub fn parse_approval(payload: &[u8], topic: &str) -> Result<Decision, Rejection> {
+    let (word, reason) = word_or_field(payload, "decision", topic)?;
+    match word.as_str() {
+        "approve" => Ok(Decision::Approve),
+        "reject" => Ok(Decision::Reject {
+            reason: reason.unwrap_or_else(|| "rejected over MQTT".into()),
+        }),
+        other => Err(Rejection::new(
+            "malformed",
+            format!("unknown decision {other:?}; expected approve or reject"),
+            topic,
+        )),
+    }
+}
+
+/// `estop`: `trigger` or `acknowledge`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EStopAction {
+    Trigger,
+    Acknowledge,
+}
+
+pub fn parse_estop(payload: &[u8], topic: &str) -> Result<EStopAction, Rejection> {
+    let (word, _) = word_or_field(payload, "action", topic)?;
+    match word.as_str() {
+        "trigger" => Ok(EStopAction::Trigger),
+        "acknowledge" | "ack" => Ok(EStopAction::Acknowledge),
+        other => Err(Rejection::new(
+            "malformed",
+            format!("unknown e-stop action {other:?}; expected trigger or acknowledge"),
+            topic,
+        )),
+    }
+}
+
+/// The retained `status` message (`offline` is also the last will).
+pub fn status(online: bool, lab_id: &str, started_at_ms: i64) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "status": if online { "online" } else { "offline" },
+        "lab_id": lab_id,
+        "labctl_version": env!("CARGO_PKG_VERSION"),
+        "started_at_ms": started_at_ms,
+    }))
+    .unwrap_or_default()
+}
+
+/// The retained `capabilities` message: enough for a planner to write a valid protocol.
+pub fn capabilities(lab: &Lab) -> Vec<u8> {
+    let instruments: Vec<Value> = lab
+        .instruments
+        .iter()
+        .map(|i| {
+            json!({
+                "id": i.id,
+                "kind": i.kind,
+                "actions": i.kind.actions(),
+                "measurements": i.kind.measurements(),
+                "quantities": i.kind.quantities(),
+                "stock": i.stock,
+                "capabilities": i.capabilities,
+                "envelope": i.envelope,
+            })
+        })
+        .collect();
+    serde_json::to_vec(&json!({
+        "lab_id": lab.lab_id,
+        "name": lab.name,
+        "labctl_version": env!("CARGO_PKG_VERSION"),
+        "protocol_version": 1,
+        "deck": lab.deck,
+        "approval": lab.approval,
+        "instruments": instruments,
+        "protocol_schema": labctl_protocols::schema::protocol_schema(),
+    }))
+    .unwrap_or_default()
+}
+
+/// What one committed journal record becomes on MQTT: (topic kind, run id, payload, retained, QoS 1).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outbound {
+    Status {
+        run_id: String,
+        payload: Value,
+    },
+    Event {
+        run_id: String,
+        payload: Value,
+    },
+    Result {
+        run_id: String,
+        seq: u64,
+        payload: Value,
+    },
+}
+
+/// Maps a committed record to its MQTT message; `proposal_id` is the run's, when known.
+pub fn from_record(record: &Record, proposal_id: Option<&str>) -> Option<Outbound> {
+    match record {
+        Record::RunCreated(r) => Some(Outbound::Status {
+            run_id: r.run_id.clone(),
+            payload: json!({
+                "run_id": r.run_id,
+                "proposal_id": r.proposal_id,
+                "state": r.state,
+                "step": null,
+                "reason": null,
+                "at_ms": r.submitted_at_ms,
+            }),
+        }),
+        Record::RunState {
+            run_id,
+            state,
+            step,
+            reason,
+            at_ms,
+        } => Some(Outbound::Status {
+            run_id: run_id.clone(),
+            payload: json!({
+                "run_id": run_id,
+                "proposal_id": proposal_id,
+                "state": state,
+                "step": step,
+                "reason": reason,
+                "at_ms": at_ms,
+            }),
+        }),
+        Record::Event {
+            run_id: Some(run_id),
+            kind,
+            step,
+            actor,
+            detail,
+            at_ms,
+        } => Some(Outbound::Event {
+            run_id: run_id.clone(),
+            payload: json!({
+                "run_id": run_id,
+                "kind": kind,
+                "step": step,
+                "actor": actor,
+                "detail": detail,
+                "at_ms": at_ms,
+            }),
+        }),
+        Record::Event { run_id: None, .. } => None,
+        Record::Result {
+            run_id,
+            seq,
+            name,
+            step,
+            instrument,
+            identity,
+            value,
+            at_ms,
+        } => Some(Outbound::Result {
+            run_id: run_id.clone(),
+            seq: *seq,
+            payload: result_payload(
+                run_id,
+                proposal_id,
+                *seq,
+                name,
+                step,
+                instrument,
+                identity,
+                value,
+                *at_ms,
+            ),
+        }),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn result_payload(
+    run_id: &str,
+    proposal_id: Option<&str>,
+    seq: u64,
+    name: &str,
+    step: &str,
+    instrument: &str,
+    identity: &Value,
+    value: &Value,
+    at_ms: i64,
+) -> Value {
+    json!({
+        "run_id": run_id,
+        "proposal_id": proposal_id,
+        "seq": seq,
+        "name": name,
+        "step": step,
+        "instrument": instrument,
+        "identity": identity,
+        "value": value,
+        "at_ms": at_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: &str = "labctl/sim/runs/r1/control";
+
+    #[test]
+    fn control_accepts_json_or_a_bare_word_and_refuses_the_rest() {
+        assert_eq!(
+            parse_control(br#"{"action":"pause"}"#, T),
+            Ok(Control::Pause)
+        );
+        assert_eq!(parse_control(b"resume", T), Ok(Control::Resume));
+        assert_eq!(parse_control(br#""ABORT""#, T), Ok(Control::Abort));
+        for bad in [
+            &b"{"[..],
+            b"[1]",
+            b"\xff\xfe",
+            br#"{"act":"pause"}"#,
+            b"explode",
+            b"",
+        ] {
+            let r = parse_control(bad, T).unwrap_err();
+            assert!(!r.accepted);
+            assert_eq!(r.error, "malformed", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_payloads_are_refused_before_parsing() {
+        let big = vec![b' '; MAX_PAYLOAD + 1];
+        assert_eq!(
+            parse_control(&big, T).unwrap_err().error,
+            "payload_too_large"
+        );
+        assert!(check_size(&big[..MAX_PAYLOAD], T).is_ok());
+        assert_eq!(proposal_id_of(&big), None);
+    }
+
+    #[test]
+    fn approval_and_estop_words() {
+        assert_eq!(parse_approval(b"approve", T), Ok(Decision::Approve));
+        assert_eq!(
+            parse_approval(br#"{"decision":"reject","reason":"too hot"}"#, T),
+            Ok(Decision::Reject {
+                reason: "too hot".into()
+            })
+        );
+        assert_eq!(
+            parse_estop(br#"{"action":"trigger"}"#, T),
+            Ok(EStopAction::Trigger)
+        );
+        assert_eq!(parse_estop(b"acknowledge", T), Ok(EStopAction::Acknowledge));
+        assert!(parse_estop(b"maybe", T).is_err());
+    }
+
+    #[test]
+    fn proposal_id_is_read_only_when_it_can_be_a_topic_level() {
+        assert_eq!(
+            proposal_id_of(br#"{"metadata":{"proposal_id":"p-1"}}"#).as_deref(),
+            Some("p-1")
+        );
+        assert_eq!(
+            proposal_id_of(br#"{"metadata":{"proposal_id":"a/#"}}"#),
+            None
+        );
+        assert_eq!(proposal_id_of(b"not json"), None);
+    }
+
+    #[test]
+    fn capabilities_carry_the_schema_and_every_instrument() {
+        let lab = Lab::sim();
+        let v: Value = serde_json::from_slice(&capabilities(&lab)).unwrap();
+        assert!(v["protocol_schema"].is_object());
+        assert_eq!(
+            v["instruments"].as_array().unwrap().len(),
+            lab.instruments.len()
+        );
+    }
+}

@@ -1,0 +1,493 @@
+//! The MQTT gateway end to end: the controller on fake instruments, the embedded broker on a free port,
+//! and rumqttc clients as a planner, an observer and an MQTT 5 client.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use labctl::controller::{Controller, ControllerConfig, start};
+use labctl::gateways::mqtt::{BrokerChoice, MqttConfig, MqttGateway};
+use labctl::instruments::fake::FakeInstrument;
+use labctl::instruments::{self, TaskTiming};
+use labctl::journal;
+use labctl::safety::EStop;
+use labctl::world::TickConfig;
+use labctl_protocols::Lab;
+use labctl_simulators::model::VirtualClock;
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+struct Rig {
+    controller: Controller,
+    gateway: Option<MqttGateway>,
+    addr: SocketAddr,
+}
+
+impl Rig {
+    async fn stop(mut self) {
+        if let Some(gw) = self.gateway.take() {
+            gw.shutdown().await;
+        }
+        self.controller.shutdown().await;
+    }
+}
+
+async fn rig(dir: &Path) -> Rig {
+    let lab = Lab::sim();
+    let estop = EStop::default();
+    let mut handles = BTreeMap::new();
+    for inst in &lab.instruments {
+        let fake = FakeInstrument::new(&inst.id, inst.kind);
+        let timing = TaskTiming {
+            poll: Duration::from_millis(5),
+            reconnect: Duration::from_millis(20),
+        };
+        handles.insert(
+            inst.id.clone(),
+            instruments::spawn(inst.clone(), fake, estop.clone(), timing),
+        );
+    }
+    let config = ControllerConfig {
+        lab: lab.clone(),
+        lab_sha256: "test".into(),
+        data_dir: dir.to_owned(),
+        clock: VirtualClock::new(1000.0).unwrap(),
+        tick: TickConfig {
+            period: Duration::from_millis(10),
+            spin: Duration::ZERO,
+        },
+        labware: None,
+    };
+    let controller = start(config, handles, estop).await.unwrap();
+    let users = Arc::new(labctl::auth::Users::from_lab(&lab).unwrap());
+    let gateway = MqttGateway::start(
+        controller.handle.clone(),
+        MqttConfig {
+            lab,
+            data_dir: dir.to_owned(),
+            broker: BrokerChoice::Embedded("127.0.0.1:0".parse().unwrap()),
+            users,
+        },
+    )
+    .await
+    .unwrap();
+    let addr: SocketAddr = gateway.broker_addr.parse().unwrap();
+    assert_ne!(addr.port(), 0);
+    Rig {
+        controller,
+        gateway: Some(gateway),
+        addr,
+    }
+}
+
+/// An MQTT 3.1.1 client; returns once connected, with the messages it receives.
+async fn client(
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+    subscriptions: &[&str],
+) -> (AsyncClient, mpsc::UnboundedReceiver<rumqttc::Publish>) {
+    let mut opts = MqttOptions::new(
+        format!("test-{user}-{}", rand_suffix()),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    opts.set_credentials(user, password);
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_max_packet_size(8 << 20, 8 << 20);
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (conn_tx, mut conn_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                    let _ = conn_tx.send(Ok(ack.code));
+                }
+                Ok(Event::Incoming(Incoming::Publish(p))) => {
+                    if tx.send(p).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = conn_tx.send(Err(e.to_string()));
+                    return;
+                }
+            }
+        }
+    });
+    let connected = tokio::time::timeout(Duration::from_secs(10), conn_rx.recv())
+        .await
+        .expect("connack in time")
+        .expect("event loop alive");
+    assert!(connected.is_ok(), "{user} could not connect: {connected:?}");
+    for s in subscriptions {
+        client.subscribe(*s, QoS::AtLeastOnce).await.unwrap();
+    }
+    // Let the subscriptions land before the test publishes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (client, rx)
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// The next message on `topic` (others are skipped).
+async fn next_on(
+    rx: &mut mpsc::UnboundedReceiver<rumqttc::Publish>,
+    topic: &str,
+) -> rumqttc::Publish {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let p = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("nothing on {topic} within 10 s"))
+            .expect("client alive");
+        if p.topic == topic {
+            return p;
+        }
+    }
+}
+
+fn json_of(p: &rumqttc::Publish) -> Value {
+    serde_json::from_slice(&p.payload).unwrap_or_else(|e| panic!("{} is not JSON: {e}", p.topic))
+}
+
+fn weigh_protocol(proposal_id: &str, n: usize) -> Value {
+    let steps: Vec<Value> = (0..n)
+        .map(|i| json!({ "type": "measure", "id": format!("w{i}"), "instrument": "balance", "action": "weigh", "params": {}, "result": format!("m{i}") }))
+        .collect();
+    json!({
+        "version": 1,
+        "metadata": { "name": "weigh", "proposal_id": proposal_id, "planner": { "id": "planner-bo" } },
+        "steps": steps
+    })
+}
+
+const SUBMIT: &str = "labctl/sim/protocols/submit";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capabilities_are_retained_with_the_schema_and_a_submit_gets_its_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    // Give the gateway time to announce itself; retained messages reach late subscribers.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (planner, mut rx) = client(
+        rig.addr,
+        "planner-bo",
+        "planner-dev",
+        &[
+            "labctl/sim/capabilities",
+            "labctl/sim/status",
+            "labctl/sim/protocols/replies/#",
+        ],
+    )
+    .await;
+    let caps = next_on(&mut rx, "labctl/sim/capabilities").await;
+    assert!(caps.retain, "capabilities must be retained");
+    let caps = json_of(&caps);
+    assert!(caps["protocol_schema"].is_object());
+    assert_eq!(
+        caps["instruments"].as_array().unwrap().len(),
+        Lab::sim().instruments.len()
+    );
+    assert!(caps["instruments"][0]["envelope"].is_object());
+    let status = json_of(&next_on(&mut rx, "labctl/sim/status").await);
+    assert_eq!(status["status"], "online");
+
+    planner
+        .publish(
+            SUBMIT,
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&weigh_protocol("mqtt-p1", 1)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let reply = json_of(&next_on(&mut rx, "labctl/sim/protocols/replies/mqtt-p1").await);
+    assert_eq!(reply["accepted"], true, "{reply}");
+    assert!(reply["run_id"].is_string());
+    assert_eq!(reply["proposal_id"], "mqtt-p1");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_arrive_at_qos_1_in_sequence_and_match_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    let (planner, mut rx) = client(
+        rig.addr,
+        "planner-bo",
+        "planner-dev",
+        &[
+            "labctl/sim/runs/+/results",
+            "labctl/sim/runs/+/status",
+            "labctl/sim/protocols/replies/#",
+        ],
+    )
+    .await;
+    let n = 5;
+    planner
+        .publish(
+            SUBMIT,
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&weigh_protocol("mqtt-results", n)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let reply = json_of(&next_on(&mut rx, "labctl/sim/protocols/replies/mqtt-results").await);
+    let run_id = reply["run_id"].as_str().expect("run id").to_owned();
+    let topic = format!("labctl/sim/runs/{run_id}/results");
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let p = next_on(&mut rx, &topic).await;
+        assert_eq!(p.qos, QoS::AtLeastOnce);
+        assert!(!p.retain);
+        got.push(json_of(&p));
+    }
+    let seqs: Vec<u64> = got.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=n as u64).collect::<Vec<_>>());
+    let conn = journal::open_db(dir.path()).unwrap();
+    let rows = journal::read::results(&conn, &run_id, 0).unwrap();
+    assert_eq!(rows.len(), n);
+    for (row, msg) in rows.iter().zip(&got) {
+        assert_eq!(msg["name"], row.name.as_str());
+        assert_eq!(msg["instrument"], "balance");
+        assert_eq!(msg["value"], row.value);
+        assert_eq!(msg["proposal_id"], "mqtt-results");
+        assert_eq!(msg["run_id"], run_id.as_str());
+    }
+    // The retained status ends as completed.
+    let status_topic = format!("labctl/sim/runs/{run_id}/status");
+    loop {
+        let s = json_of(&next_on(&mut rx, &status_topic).await);
+        if s["state"] == "completed" {
+            break;
+        }
+    }
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_rejected_clearly_and_labctl_keeps_going() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    let (planner, mut rx) = client(
+        rig.addr,
+        "planner-bo",
+        "planner-dev",
+        &["labctl/sim/rejections", "labctl/sim/protocols/replies/#"],
+    )
+    .await;
+    // Malformed JSON: no proposal id to reply to, so the rejection goes to `rejections`.
+    planner
+        .publish(
+            SUBMIT,
+            QoS::AtLeastOnce,
+            false,
+            b"{\"version\": 1, oops".to_vec(),
+        )
+        .await
+        .unwrap();
+    let r = json_of(&next_on(&mut rx, "labctl/sim/rejections").await);
+    assert_eq!(r["accepted"], false, "{r}");
+    assert!(!r["findings"].as_array().unwrap().is_empty(), "{r}");
+
+    // Oversized payload.
+    let big = vec![b' '; 1_500_000];
+    planner
+        .publish(SUBMIT, QoS::AtLeastOnce, false, big)
+        .await
+        .unwrap();
+    let r = json_of(&next_on(&mut rx, "labctl/sim/rejections").await);
+    assert_eq!(r["error"], "payload_too_large", "{r}");
+
+    // Control of a run that does not exist.
+    planner
+        .publish(
+            "labctl/sim/runs/no-such-run/control",
+            QoS::AtLeastOnce,
+            false,
+            b"pause".to_vec(),
+        )
+        .await
+        .unwrap();
+    let r = json_of(&next_on(&mut rx, "labctl/sim/rejections").await);
+    assert_eq!(r["error"], "unknown_run", "{r}");
+    assert_eq!(r["run_id"], "no-such-run");
+
+    // A planner may not approve.
+    planner
+        .publish(
+            "labctl/sim/runs/no-such-run/approval",
+            QoS::AtLeastOnce,
+            false,
+            b"approve".to_vec(),
+        )
+        .await
+        .unwrap();
+    let r = json_of(&next_on(&mut rx, "labctl/sim/rejections").await);
+    assert_eq!(r["error"], "forbidden", "{r}");
+
+    // An invalid protocol with a proposal id: its findings on its reply topic.
+    let mut bad = weigh_protocol("mqtt-invalid", 1);
+    bad["steps"][0]["instrument"] = json!("no-such-instrument");
+    planner
+        .publish(
+            SUBMIT,
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&bad).unwrap(),
+        )
+        .await
+        .unwrap();
+    let r = json_of(&next_on(&mut rx, "labctl/sim/protocols/replies/mqtt-invalid").await);
+    assert_eq!(r["accepted"], false);
+    assert!(!r["findings"].as_array().unwrap().is_empty(), "{r}");
+
+    // Still serving.
+    planner
+        .publish(
+            SUBMIT,
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&weigh_protocol("mqtt-after", 1)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let r = json_of(&next_on(&mut rx, "labctl/sim/protocols/replies/mqtt-after").await);
+    assert_eq!(r["accepted"], true, "{r}");
+    let runs = rig.controller.handle.runs().await;
+    assert_eq!(
+        runs.len(),
+        1,
+        "only the valid proposal made a run: {runs:?}"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_cannot_submit_and_a_wrong_password_cannot_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    let (observer, mut rx) = client(
+        rig.addr,
+        "watcher",
+        "observer-dev",
+        &["labctl/sim/protocols/replies/#"],
+    )
+    .await;
+    observer
+        .publish(
+            SUBMIT,
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&weigh_protocol("mqtt-obs", 1)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let r = json_of(&next_on(&mut rx, "labctl/sim/protocols/replies/mqtt-obs").await);
+    assert_eq!(r["accepted"], false);
+    assert_eq!(r["error"], "forbidden", "{r}");
+    assert!(rig.controller.handle.runs().await.is_empty());
+
+    // Nobody but labctl may publish results or statuses.
+    observer
+        .publish(
+            "labctl/sim/status",
+            QoS::AtLeastOnce,
+            true,
+            b"{\"status\":\"offline\"}".to_vec(),
+        )
+        .await
+        .unwrap();
+
+    let mut opts = MqttOptions::new("test-intruder", rig.addr.ip().to_string(), rig.addr.port());
+    opts.set_credentials("planner-bo", "wrong");
+    let (_c, mut ev) = AsyncClient::new(opts, 8);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), ev.poll())
+        .await
+        .unwrap();
+    assert!(
+        outcome.is_err(),
+        "a wrong password must be refused: {outcome:?}"
+    );
+
+    let (_p, mut rx2) = client(
+        rig.addr,
+        "planner-bo",
+        "planner-dev",
+        &["labctl/sim/status"],
+    )
+    .await;
+    let status = json_of(&next_on(&mut rx2, "labctl/sim/status").await);
+    assert_eq!(
+        status["status"], "online",
+        "an observer's fake status must not land"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_submit_is_answered_on_its_response_topic_with_its_correlation_data() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::{AsyncClient as Client5, Event as Event5, MqttOptions as Options5};
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    let mut opts = Options5::new("test-v5", rig.addr.ip().to_string(), rig.addr.port());
+    opts.set_credentials("planner-bo", "planner-dev");
+    opts.set_max_packet_size(Some(8 << 20));
+    let (client, mut ev) = Client5::new(opts, 64);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(e) = ev.poll().await {
+            if let Event5::Incoming(Packet::Publish(p)) = e
+                && tx.send(p).is_err()
+            {
+                return;
+            }
+        }
+    });
+    client
+        .subscribe("test/v5/answers", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let props = PublishProperties {
+        response_topic: Some("test/v5/answers".into()),
+        correlation_data: Some(b"corr-42".to_vec().into()),
+        ..Default::default()
+    };
+    client
+        .publish_with_properties(
+            SUBMIT,
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&weigh_protocol("mqtt-v5", 1)).unwrap(),
+            props,
+        )
+        .await
+        .unwrap();
+    let p = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let corr = p
+        .properties
+        .as_ref()
+        .and_then(|pp| pp.correlation_data.clone());
+    assert_eq!(corr.as_deref(), Some(&b"corr-42"[..]));
+    let reply: Value = serde_json::from_slice(&p.payload).unwrap();
+    assert_eq!(reply["accepted"], true, "{reply}");
+    assert_eq!(reply["proposal_id"], "mqtt-v5");
+    rig.stop().await;
+}
