@@ -303,10 +303,7 @@ impl RunContext {
                 );
                 Ok(())
             }
-            Step::Wait(w) => {
-                tokio::time::sleep(self.virtual_to_real(w.duration_s)).await;
-                Ok(())
-            }
+            Step::Wait(w) => self.wait(self.virtual_to_real(w.duration_s)).await,
             Step::WaitUntil(w) => self.wait_until(&w.condition).await,
             Step::Parallel(p) => {
                 let mut set = tokio::task::JoinSet::new();
@@ -387,6 +384,27 @@ impl RunContext {
             value: serde_json::to_value(outcome).unwrap_or_default(),
             at_ms: now_ms(),
         });
+    }
+
+    /// A wait is a safe point: a pause takes effect at once, and the rest of the wait follows the resume.
+    async fn wait(&self, span: Duration) -> Result<(), StepError> {
+        let mut until = tokio::time::Instant::now() + span;
+        let mut control = self.control.clone();
+        control.mark_unchanged();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return Ok(()),
+                changed = control.changed() => {
+                    if changed.is_err() {
+                        return Err(StepError::Aborted("controller stopped".into()));
+                    }
+                    let now = tokio::time::Instant::now();
+                    let remaining = until.saturating_duration_since(now);
+                    self.checkpoint().await?;
+                    until = tokio::time::Instant::now() + remaining;
+                }
+            }
+        }
     }
 
     async fn wait_until(&self, c: &Condition) -> Result<(), StepError> {

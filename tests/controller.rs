@@ -726,7 +726,13 @@ async fn a_silent_instrument_trips_its_heartbeat_interlock() {
         .run_id
         .unwrap();
     wait_for(rig.api(), &run, RunState::Running).await;
-    // Unplugged: every poll fails, so the hotplate stops answering.
+    // Once the first command went through (the run is in its wait), unplug: every poll now fails.
+    for _ in 0..400 {
+        if !rig.fake("hotplate").commands.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     rig.fake("hotplate").unplugged = true;
     wait_for(rig.api(), &run, RunState::Paused).await;
     let detail = journal_detail(dir.path(), &run, |d| {
