@@ -10,6 +10,7 @@
 
 pub mod clock;
 pub mod devices;
+pub mod dry_run;
 pub mod model;
 pub mod serve;
 pub mod simlab;

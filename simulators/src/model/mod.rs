@@ -422,6 +422,34 @@ impl LabModel {
         Ok(vial)
     }
 
+    /// Sets a vial's capacity (uL; ignored unless finite and positive) and its contents, as a protocol's
+    /// labware declares them (the dry run uses it for `capacity_ul` and `initial_volume_ul`).
+    pub fn set_vial(
+        &mut self,
+        now: Duration,
+        id: &str,
+        capacity_ul: f64,
+        contents: Contents,
+    ) -> Result<(), DeckError> {
+        self.advance_to(now);
+        let k = self
+            .deck
+            .vials()
+            .iter()
+            .position(|v| v.id == id)
+            .ok_or_else(|| DeckError::NoSuchVial(id.into()))?;
+        let vial = &mut self.deck.vials_mut()[k];
+        if capacity_ul.is_finite() && capacity_ul > 0.0 {
+            vial.capacity_ul = capacity_ul;
+        }
+        vial.contents = Contents::new(contents.dye_ul, contents.water_ul);
+        vial.homogeneity = 1.0;
+        if self.deck.weigh_index() == Some(k) {
+            self.balance.disturb(self.now);
+        }
+        Ok(())
+    }
+
     // ----- gantry -----
 
     fn with_gantry<T>(&mut self, now: Duration, f: impl FnOnce(&mut Gantry) -> T) -> T {
@@ -494,6 +522,11 @@ impl LabModel {
     /// Number of pumps.
     pub fn pump_count(&self) -> usize {
         self.pumps.len()
+    }
+
+    /// One pump (settings, state, time to its next event) without advancing time, like [`LabModel::gantry`].
+    pub fn pump(&self, index: usize) -> Option<&Pump> {
+        self.pumps.get(index)
     }
 
     fn pump_at(&mut self, now: Duration, index: usize) -> Result<&mut Pump, PumpError> {

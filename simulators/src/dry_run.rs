@@ -1,0 +1,1792 @@
+//! Dry run of a protocol on the physical model, in virtual time and without wires.
+//!
+//! Before a run starts, the controller walks the protocol on a fresh [`LabModel`] to estimate how long it
+//! will take and to find conflicts the static validator cannot see, because they depend on where the head
+//! is and what is in the vials at that moment: liquid dispensed with no vessel under the head, a vessel
+//! overflowing, a stock running out, a gantry alarm, a step that would time out, a measurement with no
+//! vessel under the probe. The estimate is recorded and shown to whoever approves the run.
+//!
+//! The walk mirrors the controller's executor (`src/executor.rs` in the root crate): the same expansion of
+//! `move_to` and `transfer` into gantry moves at the same feed rates, a dispense runs until the pump stops,
+//! a `wait_until` ends when the reading meets the condition (held for `hold_s`) or at its timeout, a
+//! `parallel` block lasts as long as its longest branch, a `repeat` runs its steps `count` times. Time is
+//! the model's: travel time from distance over feed, pumping time from volume over rate, balance settling,
+//! spectrometer integration, first-order heating. What it leaves out is listed under [`dry_run`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use labctl_protocols::lab::Position as DeckSpot;
+use labctl_protocols::{
+    Action, ActionStep, Comparison, DispenseParams, InstrumentKind, Lab, MeasureStep, Measurement,
+    ParallelStep, Protocol, RepeatStep, Step, TransferParams, WaitUntilStep,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::devices::mtsics::MtSicsConfig;
+use crate::devices::scpi::ScpiConfig;
+use crate::model::{
+    Contents, DeckPosition, Direction, Dye, GantryAlarm, GantryError, GantryState, LabConfig,
+    LabModel, Liquid, LoadState, PumpAlarm, PumpConfig, SpectroError,
+};
+
+/// Steps simulated one by one; past this, the remaining iterations of a `repeat` are extrapolated.
+pub const MAX_SIMULATED_STEPS: u64 = 200_000;
+/// `wait_until` readings and `repeat` iterations simulated in all; past this, the remaining iterations of
+/// a `repeat` are extrapolated too (a body of blocks nested too deep to simulate still costs its loop).
+const MAX_WORK: u64 = 2_000_000;
+/// Readings of one `wait_until`: a longer timeout polls more coarsely than every [`POLL_S`].
+const MAX_POLLS_PER_WAIT: f64 = 100_000.0;
+/// Virtual seconds between two readings of a `wait_until` condition.
+const POLL_S: f64 = 1.0;
+/// Deepest nesting of `parallel` and `repeat` blocks simulated (the stack must not run out).
+const MAX_DEPTH: usize = 64;
+/// Problems listed; more are counted in one last entry.
+const MAX_PROBLEMS: usize = 200;
+/// Notes kept (nested repeats past the budget each add one).
+const MAX_NOTES: usize = 16;
+/// Longest span handled (about 31 700 years); longer durations saturate.
+const FAR_FUTURE_S: f64 = 1.0e12;
+/// Bound on the iterations of the loops that wait for the gantry or a pump to finish.
+const MAX_WAIT_EVENTS: usize = 10_000;
+
+/// What a dry run found: how long the protocol would take and what would go wrong.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DryRunReport {
+    /// Estimated wall-clock duration of the run in seconds (virtual time of the model, extrapolated for
+    /// `repeat` iterations past the simulation budget).
+    pub estimated_duration_s: f64,
+    /// Conflicts found, at most one of each kind per step.
+    pub problems: Vec<DryRunProblem>,
+    /// Steps walked on the model (every step counts, blocks included).
+    pub steps_simulated: u64,
+    /// How the estimate was made where it is not a plain simulation (extrapolated iterations, a lab the
+    /// model cannot represent exactly); empty for a fully simulated run.
+    pub notes: Vec<String>,
+}
+
+/// One conflict, located by a JSON pointer into the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DryRunProblem {
+    /// JSON pointer of the step (or labware entry), e.g. `/steps/3` or `/steps/2/branches/0/1`.
+    pub path: String,
+    /// What would go wrong, in words for whoever approves the run.
+    pub message: String,
+}
+
+/// Dry-runs `protocol` in `lab` on a fresh physical model seeded with `seed`.
+///
+/// The model is the simulated lab ([`LabConfig::sim_default`]) with the lab file's deck positions,
+/// stations, safe height, gantry limits and pumps (one per syringe pump of the lab, holding its `stock`);
+/// the protocol's labware stands at its locations with its capacity and its initial volume (as water).
+///
+/// Limits of the estimate:
+/// - physics only, so the real run takes somewhat longer: the drivers notice the end of a dispense up to
+///   one status poll late (1/20 of its duration, 0.2 to 2 s) and the end of a move up to 100 ms late, and
+///   every command costs a few serial transactions (milliseconds each);
+/// - `wait_until` is read every virtual second (coarser for timeouts beyond 100 000 s), so it ends up to
+///   one reading late;
+/// - `parallel` branches are simulated one after the other on the one model, each from where the
+///   previous left it, and the block counts as long as its longest branch; physical coupling between
+///   branches at the same moment (a pump dispensing while another branch moves the head) is not seen;
+/// - after [`MAX_SIMULATED_STEPS`] steps the remaining iterations of a `repeat` are extrapolated at the
+///   mean duration of those simulated (said so in [`DryRunReport::notes`]); only stock consumption is
+///   extrapolated with them, other conflicts of those iterations are not looked for;
+/// - syringes start full (the simulated lab's 10 mL), instruments start idle and cold, without faults;
+///   interlocks and the safety envelope are the validator's business, not checked here.
+pub fn dry_run(protocol: &Protocol, lab: &Lab, seed: u64) -> DryRunReport {
+    let mut notes = Vec::new();
+    let (config, pumps) = match lab_config(lab, &mut notes) {
+        Ok(built) => built,
+        Err(reason) => {
+            notes.push(format!(
+                "the lab file cannot be modelled exactly ({reason}); the simulated lab's default deck, \
+                 gantry and pumps are used"
+            ));
+            (LabConfig::sim_default(), default_pump_indices(lab))
+        }
+    };
+    let model = match LabModel::new(config, seed) {
+        Ok(m) => m,
+        Err(e) => {
+            return DryRunReport {
+                estimated_duration_s: 0.0,
+                problems: vec![DryRunProblem {
+                    path: String::new(),
+                    message: format!("the physical model cannot be built: {e}"),
+                }],
+                steps_simulated: 0,
+                notes,
+            };
+        }
+    };
+    let mut sim = Sim::new(lab, model, pumps, notes);
+    sim.place_labware(protocol);
+    let mut total = 0.0;
+    for (i, step) in protocol.steps.iter().enumerate() {
+        total += sim.step(step, &format!("/steps/{i}"), 0);
+    }
+    sim.finish(total)
+}
+
+/// The model's configuration for `lab`, and the model pump index of each pump instrument id.
+fn lab_config(
+    lab: &Lab,
+    notes: &mut Vec<String>,
+) -> Result<(LabConfig, BTreeMap<String, usize>), String> {
+    let mut config = LabConfig::sim_default();
+    let spots = lab.deck.positions();
+    if !spots.is_empty() {
+        config.deck.positions = spots
+            .iter()
+            .map(|p| DeckPosition::new(p.name.clone(), p.x_mm, p.y_mm, p.z_mm))
+            .collect();
+        let station = |kind: InstrumentKind| {
+            spots
+                .iter()
+                .find(|p| {
+                    p.instrument
+                        .as_deref()
+                        .and_then(|id| lab.instrument(id))
+                        .is_some_and(|i| i.kind == kind)
+                })
+                .map(|p| p.name.clone())
+        };
+        // The model needs a weigh and a stir station; a lab without one gets a position far off the
+        // deck, which the head can never be over.
+        let mut off_deck = |name: &str, n: f64| {
+            config
+                .deck
+                .positions
+                .push(DeckPosition::new(name, -1.0e9 * n, -1.0e9 * n, 0.0));
+            name.to_owned()
+        };
+        let weigh =
+            station(InstrumentKind::Balance).unwrap_or_else(|| off_deck("(no weigh station)", 1.0));
+        let stir =
+            station(InstrumentKind::Hotplate).unwrap_or_else(|| off_deck("(no stir station)", 2.0));
+        config.deck.weigh_station = weigh;
+        config.deck.stir_station = stir;
+    }
+    config.deck.safe_z_mm = lab.deck.safe_z_mm;
+    if let Some(g) = lab
+        .instruments
+        .iter()
+        .find(|i| i.kind == InstrumentKind::Gantry)
+    {
+        let caps = &g.capabilities;
+        if let (Some(x), Some(y), Some(z)) = (caps.x_mm, caps.y_mm, caps.z_mm) {
+            config.gantry.min_mm = [x.min, y.min, z.min];
+            config.gantry.max_mm = [x.max, y.max, z.max];
+            config.gantry.home_mm = [x.min, y.min, z.max];
+        }
+        if let Some(f) = caps.feed_mm_per_min {
+            config.gantry.max_feed_mm_min = f.max;
+        }
+    }
+    let mut pumps = BTreeMap::new();
+    config.pumps.clear();
+    for inst in lab
+        .instruments
+        .iter()
+        .filter(|i| i.kind == InstrumentKind::SyringePump)
+    {
+        let stock = inst.stock.as_deref().unwrap_or("").to_ascii_lowercase();
+        let liquid = match stock.as_str() {
+            "red" => Liquid::Dye(Dye::Red),
+            "yellow" => Liquid::Dye(Dye::Yellow),
+            "blue" => Liquid::Dye(Dye::Blue),
+            "water" => Liquid::Water,
+            other => {
+                notes.push(format!(
+                    "{}: stock {other:?} is modelled as water (only its volume matters here)",
+                    inst.id
+                ));
+                Liquid::Water
+            }
+        };
+        pumps.insert(inst.id.clone(), config.pumps.len());
+        config.pumps.push(PumpConfig {
+            id: inst.id.clone(),
+            liquid,
+            ..PumpConfig::sim_default(Dye::Red)
+        });
+    }
+    config.validate().map_err(|e| e.to_string())?;
+    Ok((config, pumps))
+}
+
+/// Pump indices of the simulated lab's default pumps (red, yellow, blue), by each pump's `stock`.
+fn default_pump_indices(lab: &Lab) -> BTreeMap<String, usize> {
+    lab.instruments
+        .iter()
+        .filter(|i| i.kind == InstrumentKind::SyringePump)
+        .filter_map(|i| {
+            let stock = i.stock.as_deref()?.to_ascii_lowercase();
+            let dye = Dye::ALL.into_iter().find(|d| d.name() == stock)?;
+            Some((i.id.clone(), dye.index()))
+        })
+        .collect()
+}
+
+/// Seconds to a `Duration`: NaN and negative give zero, huge saturates.
+fn secs(s: f64) -> Duration {
+    if s.is_finite() && s > 0.0 {
+        Duration::from_secs_f64(s.min(FAR_FUTURE_S))
+    } else if s == f64::INFINITY {
+        Duration::from_secs_f64(FAR_FUTURE_S)
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// The executor's timeout for a step without an explicit one (`default_timeout_s` in the root crate).
+fn default_timeout_s(step: &Step) -> Option<f64> {
+    match step {
+        Step::Action(a) => Some(match &a.action {
+            Action::Dispense(d) if d.rate_ul_per_min > 0.0 => {
+                d.volume_ul / d.rate_ul_per_min * 60.0 * 2.0 + 60.0
+            }
+            Action::Home {} | Action::Transfer(_) => 300.0,
+            _ => 120.0,
+        }),
+        Step::Measure(_) => Some(120.0),
+        Step::Wait(_) | Step::WaitUntil(_) | Step::Parallel(_) | Step::Repeat(_) => None,
+    }
+}
+
+fn action_kind(action: &Action) -> InstrumentKind {
+    match action {
+        Action::Home {} | Action::MoveTo(_) | Action::MoveXyz(_) | Action::Transfer(_) => {
+            InstrumentKind::Gantry
+        }
+        Action::Dispense(_) | Action::StopPump {} => InstrumentKind::SyringePump,
+        Action::Tare {} | Action::Zero {} => InstrumentKind::Balance,
+        Action::SetTemperature(_)
+        | Action::HeaterOff {}
+        | Action::SetStirSpeed(_)
+        | Action::StirOff {} => InstrumentKind::Hotplate,
+    }
+}
+
+fn measurement_kind(m: &Measurement) -> InstrumentKind {
+    match m {
+        Measurement::Weigh(_) => InstrumentKind::Balance,
+        Measurement::Spectrum(_) | Measurement::Absorbance(_) => InstrumentKind::Spectrophotometer,
+        Measurement::ReadTemperature {} => InstrumentKind::Hotplate,
+    }
+}
+
+fn op_text(op: Comparison) -> &'static str {
+    match op {
+        Comparison::Gt => ">",
+        Comparison::Ge => ">=",
+        Comparison::Lt => "<",
+        Comparison::Le => "<=",
+        Comparison::Within => "within",
+    }
+}
+
+/// The walk: the model, its virtual time and what was found so far.
+struct Sim<'a> {
+    lab: &'a Lab,
+    model: LabModel,
+    /// Virtual time; the model is always advanced to it.
+    now: Duration,
+    /// Deck positions by upper-case name.
+    spots: BTreeMap<String, DeckSpot>,
+    /// Model pump index of each pump instrument.
+    pumps: BTreeMap<String, usize>,
+    /// Deck position of each vessel, updated as transfers finish (as the executor does).
+    vessels: BTreeMap<String, String>,
+    problems: Vec<DryRunProblem>,
+    /// (path, kind) already reported: a step inside a `repeat` reports each kind of problem once.
+    reported: BTreeMap<String, BTreeSet<&'static str>>,
+    unlisted: u64,
+    notes: Vec<String>,
+    noted: BTreeSet<String>,
+    steps: u64,
+    /// `wait_until` readings and `repeat` iterations so far.
+    work: u64,
+}
+
+impl<'a> Sim<'a> {
+    fn new(
+        lab: &'a Lab,
+        model: LabModel,
+        pumps: BTreeMap<String, usize>,
+        notes: Vec<String>,
+    ) -> Self {
+        let spots = lab
+            .deck
+            .positions()
+            .into_iter()
+            .map(|p| (p.name.to_ascii_uppercase(), p))
+            .collect();
+        Sim {
+            lab,
+            model,
+            now: Duration::ZERO,
+            spots,
+            pumps,
+            vessels: BTreeMap::new(),
+            problems: Vec::new(),
+            reported: BTreeMap::new(),
+            unlisted: 0,
+            notes,
+            noted: BTreeSet::new(),
+            steps: 0,
+            work: 0,
+        }
+    }
+
+    fn finish(mut self, total: f64) -> DryRunReport {
+        if self.unlisted > 0 {
+            self.problems.push(DryRunProblem {
+                path: String::new(),
+                message: format!("{} more problems not listed", self.unlisted),
+            });
+        }
+        DryRunReport {
+            estimated_duration_s: if total.is_finite() {
+                total.max(0.0)
+            } else {
+                f64::MAX
+            },
+            problems: self.problems,
+            steps_simulated: self.steps,
+            notes: self.notes,
+        }
+    }
+
+    fn problem(&mut self, path: &str, kind: &'static str, message: String) {
+        match self.reported.get_mut(path) {
+            Some(kinds) => {
+                if !kinds.insert(kind) {
+                    return;
+                }
+            }
+            None => {
+                self.reported
+                    .insert(path.to_owned(), BTreeSet::from([kind]));
+            }
+        }
+        if self.problems.len() >= MAX_PROBLEMS {
+            self.unlisted += 1;
+            return;
+        }
+        self.problems.push(DryRunProblem {
+            path: path.to_owned(),
+            message,
+        });
+    }
+
+    fn note(&mut self, key: &str, message: String) {
+        if self.notes.len() < MAX_NOTES && self.noted.insert(key.to_owned()) {
+            self.notes.push(message);
+        }
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now = self.now.saturating_add(d);
+        self.model.advance_to(self.now);
+    }
+
+    fn since(&self, t0: Duration) -> f64 {
+        self.now.saturating_sub(t0).as_secs_f64()
+    }
+
+    fn exhausted(&self) -> bool {
+        self.steps >= MAX_SIMULATED_STEPS || self.work >= MAX_WORK
+    }
+
+    fn spot(&mut self, name: &str, path: &str) -> Option<DeckSpot> {
+        let found = self.spots.get(&name.to_ascii_uppercase()).cloned();
+        if found.is_none() {
+            self.problem(
+                path,
+                "position",
+                format!("there is no deck position {name} in this lab"),
+            );
+        }
+        found
+    }
+
+    // ----- labware -----
+
+    fn place_labware(&mut self, protocol: &Protocol) {
+        let max_fill = self.lab.deck.max_fill_fraction;
+        for (i, lw) in protocol.labware.iter().enumerate() {
+            let path = format!("/labware/{i}");
+            let Some(spot) = self.spot(&lw.location, &path) else {
+                continue;
+            };
+            if let Err(e) = self.model.add_vial(self.now, &lw.id, &spot.name) {
+                self.problem(
+                    &path,
+                    "labware",
+                    format!("vessel {} cannot stand at {}: {e}", lw.id, spot.name),
+                );
+                continue;
+            }
+            let initial = if lw.initial_volume_ul.is_finite() {
+                lw.initial_volume_ul.max(0.0)
+            } else {
+                0.0
+            };
+            let _ = self.model.set_vial(
+                self.now,
+                &lw.id,
+                lw.capacity_ul,
+                Contents::new([0.0; 3], initial),
+            );
+            if let Some(v) = self.model.vial(&lw.id)
+                && initial > v.capacity_ul * max_fill
+            {
+                self.problem(
+                    &path,
+                    "overflow",
+                    format!(
+                        "vessel {} starts with {initial} uL, more than {max_fill} of its {} uL",
+                        lw.id, v.capacity_ul
+                    ),
+                );
+            }
+            self.vessels.insert(lw.id.clone(), spot.name.clone());
+        }
+    }
+
+    // ----- steps -----
+
+    fn steps(&mut self, steps: &[Step], path: &str, depth: usize) -> f64 {
+        let mut total = 0.0;
+        for (i, step) in steps.iter().enumerate() {
+            total += self.step(step, &format!("{path}/{i}"), depth);
+        }
+        total
+    }
+
+    /// Simulates one step; returns its estimated duration in seconds.
+    fn step(&mut self, step: &Step, path: &str, depth: usize) -> f64 {
+        if depth > MAX_DEPTH {
+            self.problem(
+                path,
+                "depth",
+                format!("blocks nested deeper than {MAX_DEPTH} levels are not simulated"),
+            );
+            return 0.0;
+        }
+        self.steps += 1;
+        let t0 = self.now;
+        let duration = match step {
+            Step::Action(a) => {
+                self.action(a, path);
+                self.since(t0)
+            }
+            Step::Measure(m) => {
+                self.measure(m, path);
+                self.since(t0)
+            }
+            Step::Wait(w) => {
+                self.advance(secs(w.duration_s));
+                self.since(t0)
+            }
+            Step::WaitUntil(w) => {
+                self.wait_until(w, path);
+                self.since(t0)
+            }
+            Step::Parallel(p) => self.parallel(p, path, depth),
+            Step::Repeat(r) => self.repeat(r, path, depth),
+        };
+        // A `wait_until` stops at its timeout and says so itself.
+        if !matches!(step, Step::WaitUntil(_))
+            && let Some(limit) = step.timeout_s().or_else(|| default_timeout_s(step))
+            && duration > limit + 1e-6
+        {
+            self.problem(
+                path,
+                "timeout",
+                format!("would time out: takes about {duration:.1} s, its timeout is {limit} s"),
+            );
+        }
+        duration
+    }
+
+    /// Branches run at the same time in the lab. Here they are simulated one after the other on the one
+    /// model (each starts where the previous left the model, which is fine for instruments no other branch
+    /// uses, as the validator requires), and the block lasts as long as its longest branch.
+    fn parallel(&mut self, p: &ParallelStep, path: &str, depth: usize) -> f64 {
+        let mut longest = 0.0f64;
+        for (j, branch) in p.branches.iter().enumerate() {
+            let d = self.steps(branch, &format!("{path}/branches/{j}"), depth + 1);
+            longest = longest.max(d);
+        }
+        longest
+    }
+
+    /// Iterates; once the simulation budget is spent (and at least one iteration was simulated), the
+    /// remaining iterations are extrapolated linearly at the mean duration of the simulated ones, and so
+    /// is each pump's stock consumption.
+    fn repeat(&mut self, r: &RepeatStep, path: &str, depth: usize) -> f64 {
+        let count = u64::from(r.count);
+        if r.steps.is_empty() {
+            return 0.0;
+        }
+        let inner = format!("{path}/steps");
+        let stock_before = self.stock_levels();
+        let mut total = 0.0;
+        let mut done = 0u64;
+        while done < count {
+            if done > 0 && self.exhausted() {
+                break;
+            }
+            total += self.steps(&r.steps, &inner, depth + 1);
+            done += 1;
+            self.work += 1;
+        }
+        if done < count {
+            let remaining = count - done;
+            let per = total / done as f64;
+            total += per * remaining as f64;
+            let per_text = if per.abs() < 1e6 {
+                format!("{per:.3}")
+            } else {
+                format!("{per:.3e}")
+            };
+            self.note(
+                path,
+                format!(
+                    "{path}: {done} of {count} iterations simulated, the other {remaining} extrapolated at \
+                     {per_text} s each (simulation budget spent)"
+                ),
+            );
+            let stock_after = self.stock_levels();
+            for (id, index) in self.pumps.clone() {
+                let (Some(before), Some(left)) = (stock_before.get(index), stock_after.get(index))
+                else {
+                    continue;
+                };
+                let per_iteration = (before - left) / done as f64;
+                if per_iteration > 0.0 && per_iteration * remaining as f64 > left + 1e-9 {
+                    let more = (left / per_iteration).floor();
+                    self.problem(
+                        path,
+                        "stock",
+                        format!(
+                            "{id}'s stock would run out after about {more} more iterations \
+                             (extrapolated: {per_iteration:.3} uL per iteration, {left:.1} uL left, \
+                             {remaining} iterations to go)"
+                        ),
+                    );
+                }
+            }
+        }
+        total
+    }
+
+    /// Stock left in each model pump's syringe (uL).
+    fn stock_levels(&mut self) -> Vec<f64> {
+        (0..self.model.pump_count())
+            .map(|i| {
+                self.model
+                    .pump_status(self.now, i)
+                    .map_or(0.0, |s| s.syringe_ul)
+            })
+            .collect()
+    }
+
+    fn instrument_of_kind(
+        &mut self,
+        id: &str,
+        kind: InstrumentKind,
+        what: &str,
+        path: &str,
+    ) -> bool {
+        match self.lab.instrument(id) {
+            None => {
+                self.problem(
+                    path,
+                    "instrument",
+                    format!("instrument {id} is not in this lab; the step is not simulated"),
+                );
+                false
+            }
+            Some(i) if i.kind != kind => {
+                self.problem(
+                    path,
+                    "instrument",
+                    format!("{id} is a {}, it cannot {what}", i.kind),
+                );
+                false
+            }
+            Some(_) => true,
+        }
+    }
+
+    // ----- actions -----
+
+    fn action(&mut self, a: &ActionStep, path: &str) {
+        if !self.instrument_of_kind(&a.instrument, action_kind(&a.action), a.action.name(), path) {
+            return;
+        }
+        let feed_default = self.feed_default(&a.instrument);
+        let safe_z = self.lab.deck.safe_z_mm;
+        let now = self.now;
+        match &a.action {
+            Action::Home {} => self.home(path),
+            Action::MoveTo(m) => {
+                if let Some(p) = self.spot(&m.position, path) {
+                    let feed = m.feed_mm_per_min.unwrap_or(feed_default);
+                    self.move_head([p.x_mm, p.y_mm, safe_z], feed, path);
+                }
+            }
+            Action::MoveXyz(m) => {
+                let feed = m.feed_mm_per_min.unwrap_or(feed_default);
+                self.move_head([m.x_mm, m.y_mm, m.z_mm], feed, path);
+            }
+            Action::Transfer(t) => self.transfer(t, feed_default, path),
+            Action::Dispense(d) => self.dispense(&a.instrument, d, path),
+            Action::StopPump {} => {
+                if let Some(&i) = self.pumps.get(&a.instrument) {
+                    let _ = self.model.pump_stop(now, i);
+                    let _ = self.model.pump_stop(now, i);
+                }
+            }
+            Action::Tare {} | Action::Zero {} => {
+                let tare = matches!(a.action, Action::Tare {});
+                self.settle_balance(path);
+                let now = self.now;
+                let result = if tare {
+                    self.model.balance_tare(now, false)
+                } else {
+                    self.model.balance_zero(now, false)
+                };
+                if let Err(e) = result {
+                    let what = if tare { "tare" } else { "zero" };
+                    self.problem(
+                        path,
+                        "balance",
+                        format!("the balance would refuse to {what}: {e}"),
+                    );
+                }
+            }
+            Action::SetTemperature(t) => {
+                self.model.hotplate_message(now);
+                let set = self
+                    .model
+                    .hotplate_set_temperature(now, t.temperature_c)
+                    .and_then(|()| self.model.hotplate_heat(now, true));
+                if let Err(e) = set {
+                    self.problem(
+                        path,
+                        "hotplate",
+                        format!("the hotplate would refuse the setpoint: {e}"),
+                    );
+                }
+            }
+            Action::HeaterOff {} => {
+                let _ = self.model.hotplate_heat(now, false);
+            }
+            Action::SetStirSpeed(s) => {
+                self.model.hotplate_message(now);
+                // The driver sends whole rpm.
+                let set = self
+                    .model
+                    .hotplate_set_speed(now, s.speed_rpm.round())
+                    .and_then(|()| self.model.hotplate_stir(now, true));
+                if let Err(e) = set {
+                    self.problem(
+                        path,
+                        "hotplate",
+                        format!("the hotplate would refuse the stirrer speed: {e}"),
+                    );
+                }
+            }
+            Action::StirOff {} => {
+                let _ = self.model.hotplate_stir(now, false);
+            }
+        }
+    }
+
+    /// The executor's feed for gantry moves without one: the envelope's maximum, at most 3000 mm/min.
+    fn feed_default(&self, instrument: &str) -> f64 {
+        self.lab
+            .instrument(instrument)
+            .and_then(|i| i.envelope.feed_mm_per_min)
+            .map(|r| r.max.min(3000.0))
+            .unwrap_or(1000.0)
+    }
+
+    fn home(&mut self, path: &str) {
+        // As the driver does: after a limit alarm GRBL answers nothing until a soft reset.
+        if self.model.gantry().reset_required() {
+            self.model.gantry_reset(self.now);
+        }
+        match self.model.gantry_home(self.now) {
+            Ok(()) => self.wait_gantry(),
+            Err(e) => self.problem(
+                path,
+                "gantry",
+                format!("the gantry would refuse to home: {e}"),
+            ),
+        }
+    }
+
+    /// Advances until the gantry has finished its moves (or homing).
+    fn wait_gantry(&mut self) {
+        for _ in 0..MAX_WAIT_EVENTS {
+            let gantry = self.model.gantry();
+            if !matches!(gantry.state(), GantryState::Run | GantryState::Home) {
+                return;
+            }
+            let d = gantry
+                .next_event_in()
+                .unwrap_or(Duration::from_millis(1))
+                .max(Duration::from_nanos(1));
+            self.advance(d);
+        }
+    }
+
+    /// One G1 move, waited for as the driver does; false when the gantry refused it.
+    fn move_head(&mut self, target: [f64; 3], feed: f64, path: &str) -> bool {
+        let mut result = self.model.gantry_move(self.now, target, Some(feed));
+        if let Err(GantryError::Locked(alarm)) = &result {
+            let message = if *alarm == GantryAlarm::HomingRequired {
+                "the gantry is not homed here: GRBL refuses to move before a home step".to_owned()
+            } else {
+                format!("the gantry is in alarm ({alarm:?}) and refuses to move")
+            };
+            self.problem(path, "alarm", message);
+            // Carry on as if unlocked, so the rest of the protocol is still checked.
+            let _ = self.model.gantry_unlock(self.now);
+            result = self.model.gantry_move(self.now, target, Some(feed));
+        }
+        match result {
+            Ok(()) => {
+                self.wait_gantry();
+                true
+            }
+            Err(GantryError::SoftLimit(p)) => {
+                self.problem(
+                    path,
+                    "alarm",
+                    format!(
+                        "gantry alarm: X{} Y{} Z{} lies outside the soft limits (ALARM:2); the run would \
+                         fail and the gantry needs a reset and homing",
+                        p[0], p[1], p[2]
+                    ),
+                );
+                // Recover where the head stopped, so the rest of the protocol is still checked.
+                self.model.gantry_reset(self.now);
+                let _ = self.model.gantry_unlock(self.now);
+                false
+            }
+            Err(e) => {
+                self.problem(
+                    path,
+                    "gantry",
+                    format!("the gantry would refuse the move: {e}"),
+                );
+                false
+            }
+        }
+    }
+
+    fn grip(&mut self, closed: bool, path: &str) {
+        if let Err(e) = self.model.gantry_grip(self.now, closed) {
+            self.problem(path, "gantry", format!("the gripper would not work: {e}"));
+        }
+    }
+
+    /// The executor's expansion: over the vessel, down, grip, up, over the target, down, release, up.
+    fn transfer(&mut self, t: &TransferParams, feed: f64, path: &str) {
+        let Some(from) = self.vessels.get(&t.vessel).cloned() else {
+            self.problem(
+                path,
+                "vessel",
+                format!("vessel {} is not in the protocol's labware", t.vessel),
+            );
+            return;
+        };
+        let (Some(a), Some(b)) = (self.spot(&from, path), self.spot(&t.to, path)) else {
+            return;
+        };
+        let safe_z = self.lab.deck.safe_z_mm;
+        for target in [[a.x_mm, a.y_mm, safe_z], [a.x_mm, a.y_mm, a.z_mm]] {
+            if !self.move_head(target, feed, path) {
+                return;
+            }
+        }
+        self.grip(true, path);
+        let held = self.model.deck().held_vial().map(|v| v.id.clone());
+        if held.as_deref() != Some(t.vessel.as_str()) {
+            let found = match (&held, self.model.deck().vial_at(&a.name)) {
+                (Some(h), _) => format!("the gripper holds {h}"),
+                (None, Some(v)) => format!("{} stands there", v.id),
+                (None, None) => "the position is empty".to_owned(),
+            };
+            self.problem(
+                path,
+                "pick",
+                format!(
+                    "vessel {} is not at {} to pick up: {found}",
+                    t.vessel, a.name
+                ),
+            );
+        }
+        for target in [
+            [a.x_mm, a.y_mm, safe_z],
+            [b.x_mm, b.y_mm, safe_z],
+            [b.x_mm, b.y_mm, b.z_mm],
+        ] {
+            if !self.move_head(target, feed, path) {
+                return;
+            }
+        }
+        let dropped = self.model.stats().dropped_vials;
+        let occupant = self.model.deck().vial_at(&b.name).map(|v| v.id.clone());
+        self.grip(false, path);
+        if self.model.stats().dropped_vials > dropped {
+            let why = occupant.map_or_else(
+                || "it cannot be put down there".to_owned(),
+                |o| format!("{} is occupied by {o}", b.name),
+            );
+            self.problem(
+                path,
+                "drop",
+                format!("vessel {} would be dropped: {why}", t.vessel),
+            );
+        }
+        self.move_head([b.x_mm, b.y_mm, safe_z], feed, path);
+        self.vessels.insert(t.vessel.clone(), b.name.clone());
+    }
+
+    /// The driver's NE-1000 sequence (DIR INF, RAT, VOL, CLD, RUN), then wait until the pump stops.
+    fn dispense(&mut self, instrument: &str, d: &DispenseParams, path: &str) {
+        let Some(&index) = self.pumps.get(instrument) else {
+            self.problem(
+                path,
+                "pump",
+                format!("{instrument}'s stock has no model; the dispense is not simulated"),
+            );
+            return;
+        };
+        if !(d.volume_ul.is_finite() && d.volume_ul > 0.0) {
+            self.problem(
+                path,
+                "pump",
+                format!(
+                    "volume {} uL is not a volume to dispense (0 would run the pump until it empties)",
+                    d.volume_ul
+                ),
+            );
+            return;
+        }
+        let now = self.now;
+        let set = self
+            .model
+            .pump_set_direction(now, index, Direction::Infuse)
+            .and_then(|()| self.model.pump_set_rate(now, index, d.rate_ul_per_min))
+            .and_then(|()| self.model.pump_set_volume(now, index, d.volume_ul))
+            .and_then(|()| {
+                self.model
+                    .pump_clear_dispensed(now, index, Direction::Infuse)
+            });
+        if let Err(e) = set {
+            self.problem(
+                path,
+                "pump",
+                format!("{instrument} would refuse the dispense: {e}"),
+            );
+            return;
+        }
+        let under = self.model.vial_under_head(now).map(|v| v.id.clone());
+        if let Some(id) = &under
+            && id != &d.vessel
+        {
+            self.problem(
+                path,
+                "wrong-vessel",
+                format!(
+                    "the head is over vessel {id}, not {}: the stock would go into {id}",
+                    d.vessel
+                ),
+            );
+        }
+        let before = self.model.stats();
+        if let Err(e) = self.model.pump_run(now, index) {
+            self.problem(path, "pump", format!("{instrument} would not run: {e}"));
+            return;
+        }
+        for _ in 0..MAX_WAIT_EVENTS {
+            let Some(pump) = self.model.pump(index) else {
+                break;
+            };
+            if !pump.is_running() {
+                break;
+            }
+            let Some(next) = pump.next_event_in() else {
+                break;
+            };
+            self.advance(next.max(Duration::from_nanos(1)));
+        }
+        if self.model.pump(index).is_some_and(|p| p.is_running()) {
+            // Cannot happen with a volume target; never leave a pump running into later steps.
+            let _ = self.model.pump_stop(self.now, index);
+            let _ = self.model.pump_stop(self.now, index);
+        }
+        let now = self.now;
+        if let Ok(status) = self.model.pump_status(now, index)
+            && status.alarm == Some(PumpAlarm::Stalled)
+        {
+            self.problem(
+                path,
+                "stock",
+                format!(
+                    "{instrument}'s stock runs out: the syringe empties after {:.1} of {} uL",
+                    status.infused_ul, d.volume_ul
+                ),
+            );
+            let _ = self.model.pump_clear_alarm(now, index);
+        }
+        let after = self.model.stats();
+        let spilled = after.spilled_ul - before.spilled_ul;
+        let overflow = after.overflow_ul - before.overflow_ul;
+        if spilled > 1e-9 {
+            let [x, y, _] = self.model.gantry().position();
+            self.problem(
+                path,
+                "spill",
+                format!(
+                    "{spilled:.1} uL would spill: no vessel under the head at X{x:.1} Y{y:.1} \
+                     (move the head over {} first)",
+                    d.vessel
+                ),
+            );
+        }
+        if let Some(id) = under
+            && let Some(v) = self.model.vial(&id)
+        {
+            let (total, capacity) = (v.contents.total_ul(), v.capacity_ul);
+            let max_fill = self.lab.deck.max_fill_fraction;
+            if overflow > 1e-9 {
+                self.problem(
+                    path,
+                    "overflow",
+                    format!(
+                        "vessel {id} would overflow: {overflow:.1} uL do not fit in its {capacity} uL"
+                    ),
+                );
+            } else if total > capacity * max_fill + 1e-6 {
+                self.problem(
+                    path,
+                    "overflow",
+                    format!(
+                        "vessel {id} would hold {total:.1} uL, above the lab's max fill of {max_fill} \
+                         of its {capacity} uL"
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Waits until the balance reading is stable, as `S`, `T` and `Z` do.
+    fn settle_balance(&mut self, path: &str) {
+        let stable_at = self.model.balance_stable_at(self.now);
+        let wait = stable_at.saturating_sub(self.now);
+        let limit = secs(MtSicsConfig::default().stable_timeout_s);
+        if wait > limit {
+            self.problem(
+                path,
+                "balance",
+                format!(
+                    "the balance would not settle within {} s",
+                    limit.as_secs_f64()
+                ),
+            );
+            self.advance(limit);
+        } else {
+            self.advance(wait);
+        }
+    }
+
+    // ----- measurements -----
+
+    fn measure(&mut self, m: &MeasureStep, path: &str) {
+        let kind = measurement_kind(&m.measurement);
+        if !self.instrument_of_kind(&m.instrument, kind, m.measurement.name(), path) {
+            return;
+        }
+        match &m.measurement {
+            Measurement::Weigh(w) => {
+                if w.stable {
+                    self.settle_balance(path);
+                }
+                let reading = self.model.balance_read(self.now);
+                if reading.load != LoadState::InRange {
+                    self.problem(
+                        path,
+                        "balance",
+                        format!("the balance would report {:?}", reading.load),
+                    );
+                }
+            }
+            Measurement::Spectrum(s) => self.spectro(s.start_nm, s.stop_nm, s.step_nm, path),
+            Measurement::Absorbance(a) => self.spectro(a.wavelength_nm, a.wavelength_nm, 1.0, path),
+            Measurement::ReadTemperature {} => {
+                if self.model.hotplate_status(self.now).vial_c.is_none() {
+                    self.problem(
+                        path,
+                        "probe",
+                        "no vessel on the hotplate: the probe would read the air".to_owned(),
+                    );
+                }
+            }
+        }
+    }
+
+    /// One measurement: the integration time, then the reading of the vial under the head.
+    fn spectro(&mut self, start_nm: f64, stop_nm: f64, step_nm: f64, path: &str) {
+        let integration =
+            Duration::from_millis(u64::from(ScpiConfig::default().default_integration_ms));
+        self.advance(integration);
+        let message = match self.model.spectrum(self.now, start_nm, stop_nm, step_nm) {
+            Ok(_) => return,
+            Err(SpectroError::NoVial) => {
+                let [x, y, _] = self.model.gantry().position();
+                format!("no vessel under the probe at X{x:.1} Y{y:.1}: the measurement would fail")
+            }
+            Err(e) => format!("the measurement would fail: {e}"),
+        };
+        self.problem(path, "spectro", message);
+    }
+
+    // ----- wait_until -----
+
+    /// The live reading `wait_until` tests, as the instrument's telemetry reports it.
+    fn reading(&mut self, instrument: &str, quantity: &str) -> Option<f64> {
+        let kind = self.lab.instrument(instrument)?.kind;
+        let now = self.now;
+        match (kind, quantity) {
+            (InstrumentKind::Hotplate, "temperature_c") => {
+                let ambient = self.model.config().ambient_c;
+                Some(self.model.hotplate_status(now).vial_c.unwrap_or(ambient))
+            }
+            (InstrumentKind::Hotplate, "plate_temperature_c") => {
+                Some(self.model.hotplate_status(now).plate_c)
+            }
+            (InstrumentKind::Hotplate, "stir_speed_rpm") => {
+                Some(self.model.hotplate_status(now).speed_rpm)
+            }
+            (InstrumentKind::Balance, "mass_g") => Some(self.model.balance_read(now).value_g),
+            (InstrumentKind::SyringePump, "dispensed_ul") => {
+                let index = *self.pumps.get(instrument)?;
+                self.model
+                    .pump_status(now, index)
+                    .ok()
+                    .map(|s| s.infused_ul)
+            }
+            (InstrumentKind::Gantry, "x_mm" | "y_mm" | "z_mm") => {
+                let p = self.model.gantry_status(now).position;
+                Some(match quantity {
+                    "x_mm" => p[0],
+                    "y_mm" => p[1],
+                    _ => p[2],
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn wait_until(&mut self, w: &WaitUntilStep, path: &str) {
+        let c = &w.condition;
+        let timeout = if w.timeout_s.is_finite() && w.timeout_s > 0.0 {
+            w.timeout_s.min(FAR_FUTURE_S)
+        } else {
+            0.0
+        };
+        let hold = c
+            .hold_s
+            .filter(|h| h.is_finite() && *h > 0.0)
+            .unwrap_or(0.0)
+            .min(FAR_FUTURE_S);
+        let t0 = self.now;
+        if self.reading(&c.instrument, &c.quantity).is_none() {
+            self.problem(
+                path,
+                "timeout",
+                format!(
+                    "would time out after {timeout} s: {} reports no {}",
+                    c.instrument, c.quantity
+                ),
+            );
+            self.advance(secs(timeout));
+            return;
+        }
+        let interval = (timeout / MAX_POLLS_PER_WAIT).max(POLL_S);
+        let mut holding_since: Option<Duration> = None;
+        let mut last = f64::NAN;
+        for _ in 0..(MAX_POLLS_PER_WAIT as u64 + 16) {
+            self.work += 1;
+            let reading = self.reading(&c.instrument, &c.quantity).unwrap_or(f64::NAN);
+            last = reading;
+            if c.op.holds(reading, c.value, c.tolerance) {
+                let since = *holding_since.get_or_insert(self.now);
+                if self.now.saturating_sub(since).as_secs_f64() >= hold - 1e-9 {
+                    return;
+                }
+            } else {
+                holding_since = None;
+            }
+            let elapsed = self.since(t0);
+            if elapsed >= timeout - 1e-9 {
+                break;
+            }
+            self.advance(secs(interval.min(timeout - elapsed).max(1e-6)));
+        }
+        let mut message = format!(
+            "would time out after {timeout} s: {} {} reads {last:.2}, the condition is {} {}{}",
+            c.instrument,
+            c.quantity,
+            op_text(c.op),
+            c.value,
+            c.tolerance.map_or(String::new(), |t| format!(" +/- {t}")),
+        );
+        if hold > 0.0 {
+            message.push_str(&format!(" held {hold} s"));
+        }
+        if self
+            .lab
+            .instrument(&c.instrument)
+            .is_some_and(|i| i.kind == InstrumentKind::Hotplate)
+        {
+            let st = self.model.hotplate_status(self.now);
+            if c.quantity == "temperature_c" && st.vial_c.is_none() {
+                message.push_str(" (no vessel on the hotplate: the probe reads the air)");
+            } else if st.heating {
+                message.push_str(&format!(" (setpoint {} C)", st.setpoint_c));
+            } else {
+                message.push_str(" (heater off)");
+            }
+        }
+        self.problem(path, "timeout", message);
+        // A timeout lands exactly at the limit even if the last reading interval overshot it.
+        let end = t0.saturating_add(secs(timeout));
+        if end > self.now {
+            self.advance(end - self.now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use labctl_protocols::{
+        AbsorbanceParams, Condition, Labware, LabwareKind, MoveToParams, MoveXyzParams, OnError,
+        SetTemperatureParams, SpectrumParams, WaitStep, validate_bytes,
+    };
+
+    use super::*;
+
+    const DYE_MIX: &str = include_str!("../../protocols/examples/dye-mix.json");
+    const HEAT_AND_HOLD: &str = include_str!("../../protocols/examples/heat-and-hold.json");
+    const PARALLEL_PREP: &str = include_str!("../../protocols/examples/parallel-prep.json");
+    const TITRATION: &str = include_str!("../../protocols/examples/titration-series.json");
+
+    /// The executor's default feed in the sim lab (its envelope's 3000 mm/min), in mm/s.
+    const FEED_MM_S: f64 = 3000.0 / 60.0;
+    // Deck of the sim lab: A1 at (20, 20), rack pitch 20 mm, W1 (200, 40), H1 (200, 100); safe z 50 mm and
+    // every work height 0, so lowering or raising the head is 50 mm = 1 s at 3000 mm/min.
+    const UP_DOWN_S: f64 = 50.0 / FEED_MM_S;
+    /// Homing from the power-on position (which is the home position): only the switch pull-off.
+    const HOMING_S: f64 = 0.5;
+    /// Spectrometer integration (SCPI default 100 ms).
+    const INTEGRATION_S: f64 = 0.1;
+    /// Balance settling after a load change (1.5 s), less the 1 s the head takes to rise after putting
+    /// the vial down.
+    const SETTLE_AFTER_PLACING_S: f64 = 1.5 - UP_DOWN_S;
+
+    /// The examples are valid, so the validator hands back the decoded protocol.
+    fn parse(json: &str) -> Protocol {
+        validate_bytes(json.as_bytes(), &Lab::sim())
+            .protocol
+            .expect("valid example protocol")
+    }
+
+    fn run_protocol(p: &Protocol) -> DryRunReport {
+        let report = dry_run(p, &Lab::sim(), 7);
+        eprintln!("{report:#?}");
+        report
+    }
+
+    /// Travel time of the head between two deck points at the default feed (s).
+    fn travel(a: (f64, f64), b: (f64, f64)) -> f64 {
+        (a.0 - b.0).hypot(a.1 - b.1) / FEED_MM_S
+    }
+
+    fn has_problem(report: &DryRunReport, path: &str, words: &str) -> bool {
+        report
+            .problems
+            .iter()
+            .any(|p| p.path == path && p.message.contains(words))
+    }
+
+    // Protocols the validator would refuse (that is the point: the dry run must judge them on its own)
+    // are built in code.
+
+    fn protocol(labware: Vec<Labware>, steps: Vec<Step>) -> Protocol {
+        let mut p = parse(DYE_MIX);
+        p.labware = labware;
+        p.steps = steps;
+        p
+    }
+
+    fn vial(id: &str, at: &str, initial_volume_ul: f64) -> Labware {
+        Labware {
+            id: id.into(),
+            kind: LabwareKind::Vial,
+            location: at.into(),
+            capacity_ul: 20_000.0,
+            initial_volume_ul,
+        }
+    }
+
+    fn act(instrument: &str, action: Action) -> Step {
+        Step::Action(ActionStep {
+            id: None,
+            instrument: instrument.into(),
+            action,
+            timeout_s: None,
+            on_error: OnError::Fail,
+        })
+    }
+
+    fn home() -> Step {
+        act("gantry", Action::Home {})
+    }
+
+    fn move_to(position: &str) -> Step {
+        act(
+            "gantry",
+            Action::MoveTo(MoveToParams {
+                position: position.into(),
+                feed_mm_per_min: None,
+            }),
+        )
+    }
+
+    fn dispense(pump: &str, vessel: &str, volume_ul: f64, rate_ul_per_min: f64) -> Step {
+        act(
+            pump,
+            Action::Dispense(DispenseParams {
+                vessel: vessel.into(),
+                volume_ul,
+                rate_ul_per_min,
+            }),
+        )
+    }
+
+    fn transfer(vessel: &str, to: &str) -> Step {
+        act(
+            "gantry",
+            Action::Transfer(TransferParams {
+                vessel: vessel.into(),
+                to: to.into(),
+            }),
+        )
+    }
+
+    fn set_temperature(temperature_c: f64) -> Step {
+        act(
+            "hotplate",
+            Action::SetTemperature(SetTemperatureParams { temperature_c }),
+        )
+    }
+
+    fn wait(duration_s: f64) -> Step {
+        Step::Wait(WaitStep {
+            id: None,
+            duration_s,
+            on_error: OnError::Fail,
+        })
+    }
+
+    fn wait_until(
+        instrument: &str,
+        quantity: &str,
+        op: Comparison,
+        value: f64,
+        timeout_s: f64,
+    ) -> Step {
+        Step::WaitUntil(WaitUntilStep {
+            id: None,
+            condition: Condition {
+                instrument: instrument.into(),
+                quantity: quantity.into(),
+                op,
+                value,
+                tolerance: None,
+                hold_s: None,
+            },
+            timeout_s,
+            on_error: OnError::Fail,
+        })
+    }
+
+    fn measure(instrument: &str, measurement: Measurement) -> Step {
+        Step::Measure(MeasureStep {
+            id: None,
+            instrument: instrument.into(),
+            measurement,
+            result: "r".into(),
+            timeout_s: None,
+            on_error: OnError::Fail,
+        })
+    }
+
+    fn repeat(count: u32, steps: Vec<Step>) -> Step {
+        Step::Repeat(RepeatStep {
+            id: None,
+            count,
+            steps,
+            timeout_s: None,
+            on_error: OnError::Fail,
+        })
+    }
+
+    #[test]
+    fn dye_mix_takes_its_dispenses_wait_and_moves() {
+        let report = run_protocol(&parse(DYE_MIX));
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert!(report.notes.is_empty(), "{:?}", report.notes);
+        assert_eq!(report.steps_simulated, 12);
+        // 300 + 150 + 450 uL at 600 uL/min: 90 s of pumping, plus the 30 s mixing wait.
+        let fixed = 90.0 + 30.0;
+        // Two transfers lower and raise the head twice each: 8 s of vertical travel at least; the
+        // horizontal legs, homing, integration and settling stay well under 15 s on this small deck.
+        let est = report.estimated_duration_s;
+        let vertical = 4.0 * 2.0 * UP_DOWN_S;
+        assert!(
+            (fixed + vertical..fixed + vertical + 15.0).contains(&est),
+            "{est}"
+        );
+        // Exactly, from the model's figures.
+        let expected = HOMING_S
+            + travel((0.0, 0.0), (20.0, 20.0))
+            + fixed
+            + (4.0 * UP_DOWN_S + travel((20.0, 20.0), (200.0, 100.0)))
+            + INTEGRATION_S
+            + (4.0 * UP_DOWN_S + travel((200.0, 100.0), (200.0, 40.0)))
+            + SETTLE_AFTER_PLACING_S;
+        assert!((est - expected).abs() < 0.01, "{est} vs {expected}");
+    }
+
+    #[test]
+    fn heat_and_hold_waits_as_long_as_first_order_heating_predicts() {
+        let config = LabConfig::sim_default();
+        // The vial on the plate relaxes from ambient towards the setpoint with the vial time constant:
+        // within 0.5 C of 45 C after tau * ln((45 - 22) / 0.5), then held 30 s.
+        let tau = config.hotplate.vial_tau_s;
+        let predicted = tau * ((45.0 - config.ambient_c) / 0.5).ln() + 30.0;
+        assert!((489.0..490.0).contains(&predicted), "{predicted}");
+
+        let report = run_protocol(&parse(HEAT_AND_HOLD));
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        let others = HOMING_S + travel((0.0, 0.0), (200.0, 100.0)) + 600.0 + 2.0 * INTEGRATION_S;
+        let wait_until = report.estimated_duration_s - others;
+        // Read once a (virtual) second: at most one reading late.
+        assert!(
+            wait_until >= predicted - 1e-6 && wait_until <= predicted + 1.0 + 1e-6,
+            "wait_until took {wait_until} s, the first-order model says {predicted} s"
+        );
+
+        // The same steps alone (stirrer, setpoint, wait_until): the estimate is the heating time.
+        let mut only = parse(HEAT_AND_HOLD);
+        only.steps = only.steps[3..6].to_vec();
+        let alone = run_protocol(&only);
+        assert!(alone.problems.is_empty(), "{:?}", alone.problems);
+        assert!(
+            (alone.estimated_duration_s - predicted).abs() <= 1.0,
+            "{} vs {predicted}",
+            alone.estimated_duration_s
+        );
+    }
+
+    #[test]
+    fn parallel_prep_lasts_as_long_as_its_preheating_branch() {
+        let report = run_protocol(&parse(PARALLEL_PREP));
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        let config = LabConfig::sim_default();
+        // Plate from 22 C towards 40 C with tau 120 s reaches 39.5 C after 120 ln(18 / 0.5) = 430 s, read
+        // at 431 s; the other branch (move, two 1000 uL dispenses at 800 uL/min side by side) takes 77 s.
+        let preheat = config.hotplate.plate_tau_s * ((40.0 - config.ambient_c) / 0.5).ln();
+        let dispensing = travel((0.0, 0.0), (60.0, 60.0)) + 1000.0 / 800.0 * 60.0;
+        assert!(dispensing < preheat);
+        let expected = HOMING_S
+            + (1.5 - HOMING_S) // zero waits for the balance to settle after power-on
+            + preheat.ceil()
+            + (4.0 * UP_DOWN_S + travel((60.0, 60.0), (200.0, 40.0)))
+            + SETTLE_AFTER_PLACING_S
+            + (4.0 * UP_DOWN_S + travel((200.0, 40.0), (200.0, 100.0)))
+            + 60.0;
+        let est = report.estimated_duration_s;
+        assert!((est - expected).abs() < 0.01, "{est} vs {expected}");
+    }
+
+    #[test]
+    fn titration_series_repeats_its_additions() {
+        let report = run_protocol(&parse(TITRATION));
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(report.steps_simulated, 2 + 1 + 5 * 3);
+        // Five times: 200 uL at 400 uL/min (30 s), 5 s wait, one absorbance reading.
+        let expected =
+            HOMING_S + travel((0.0, 0.0), (40.0, 40.0)) + 5.0 * (30.0 + 5.0 + INTEGRATION_S);
+        let est = report.estimated_duration_s;
+        assert!((est - expected).abs() < 0.01, "{est} vs {expected}");
+    }
+
+    #[test]
+    fn the_estimate_is_reproducible_and_its_duration_independent_of_the_seed() {
+        let p = parse(DYE_MIX);
+        let a = dry_run(&p, &Lab::sim(), 1);
+        assert_eq!(a, dry_run(&p, &Lab::sim(), 1));
+        assert_eq!(
+            a.estimated_duration_s,
+            dry_run(&p, &Lab::sim(), 2).estimated_duration_s
+        );
+    }
+
+    #[test]
+    fn dispensing_over_an_empty_position_reports_the_spill() {
+        let p = protocol(
+            vec![vial("mix1", "A1", 0.0)],
+            vec![
+                home(),
+                move_to("B3"),
+                dispense("pump-red", "mix1", 100.0, 600.0),
+            ],
+        );
+        let report = run_protocol(&p);
+        assert!(
+            has_problem(
+                &report,
+                "/steps/2",
+                "uL would spill: no vessel under the head"
+            ),
+            "{:?}",
+            report.problems
+        );
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        // All of it, give or take the pump's seeded volume error (0.5 % standard deviation).
+        let spilled: f64 = report.problems[0]
+            .message
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((95.0..105.0).contains(&spilled), "{spilled}");
+        // The pump still runs its 10 s.
+        let expected = HOMING_S + travel((0.0, 0.0), (60.0, 40.0)) + 10.0;
+        assert!((report.estimated_duration_s - expected).abs() < 0.01);
+    }
+
+    #[test]
+    fn dispensing_over_another_vessel_says_where_the_stock_goes() {
+        let p = protocol(
+            vec![vial("mix1", "A1", 0.0), vial("other", "A2", 0.0)],
+            vec![
+                home(),
+                move_to("A2"),
+                dispense("pump-red", "mix1", 100.0, 600.0),
+            ],
+        );
+        let report = run_protocol(&p);
+        assert!(
+            has_problem(&report, "/steps/2", "over vessel other, not mix1"),
+            "{:?}",
+            report.problems
+        );
+    }
+
+    #[test]
+    fn waiting_for_an_unreachable_temperature_times_out() {
+        let p = protocol(
+            vec![vial("s", "H1", 5000.0)],
+            vec![
+                set_temperature(30.0),
+                wait_until("hotplate", "temperature_c", Comparison::Ge, 80.0, 900.0),
+            ],
+        );
+        let report = run_protocol(&p);
+        assert!(
+            has_problem(&report, "/steps/1", "would time out after 900 s"),
+            "{:?}",
+            report.problems
+        );
+        assert!(has_problem(&report, "/steps/1", "setpoint 30 C"));
+        assert!((report.estimated_duration_s - 900.0).abs() < 1e-6);
+
+        // Without a vessel on the plate the probe reads the air, and the problem says so.
+        let p = protocol(
+            vec![vial("s", "A1", 5000.0)],
+            vec![
+                set_temperature(40.0),
+                wait_until("hotplate", "temperature_c", Comparison::Ge, 39.0, 3600.0),
+            ],
+        );
+        let report = run_protocol(&p);
+        assert!(has_problem(&report, "/steps/1", "probe reads the air"));
+    }
+
+    #[test]
+    fn a_repeat_of_100000_iterations_is_extrapolated_quickly() {
+        let p = protocol(
+            vec![],
+            vec![
+                home(),
+                repeat(100_000, vec![move_to("A1"), move_to("A2"), wait(2.0)]),
+            ],
+        );
+        let started = Instant::now();
+        let report = dry_run(&p, &Lab::sim(), 7);
+        let took = started.elapsed();
+        eprintln!("{report:#?} in {took:?}");
+        assert!(took.as_secs_f64() < 30.0, "{took:?}");
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert!(
+            report.steps_simulated <= MAX_SIMULATED_STEPS + 4,
+            "{}",
+            report.steps_simulated
+        );
+        assert!(
+            report.notes.iter().any(|n| n.contains("/steps/1")
+                && n.contains("extrapolated")
+                && n.contains("of 100000 iterations simulated")),
+            "{:?}",
+            report.notes
+        );
+        // Per iteration: 20 mm there and back (0.4 s each) and 2 s of waiting.
+        let per = 2.0 * travel((20.0, 20.0), (40.0, 20.0)) + 2.0;
+        let expected = HOMING_S + 100_000.0 * per;
+        let est = report.estimated_duration_s;
+        assert!((est - expected).abs() < 1.0, "{est} vs {expected}");
+    }
+
+    #[test]
+    fn a_stock_running_out_is_reported_simulated_or_extrapolated() {
+        // Three 4 mL dispenses from a 10 mL syringe: the third stops short.
+        let p = protocol(
+            vec![vial("v", "A1", 0.0)],
+            vec![
+                home(),
+                move_to("A1"),
+                dispense("pump-red", "v", 4000.0, 1000.0),
+                dispense("pump-red", "v", 4000.0, 1000.0),
+                dispense("pump-red", "v", 4000.0, 1000.0),
+            ],
+        );
+        let report = run_protocol(&p);
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert!(has_problem(&report, "/steps/4", "stock runs out"));
+
+        // A million tiny dispenses: the simulated part leaves stock, the extrapolated part does not.
+        let p = protocol(
+            vec![vial("v", "A1", 0.0)],
+            vec![
+                home(),
+                move_to("A1"),
+                repeat(
+                    1_000_000,
+                    vec![dispense("pump-red", "v", 0.02, 1000.0), wait(1.0)],
+                ),
+            ],
+        );
+        let report = dry_run(&p, &Lab::sim(), 7);
+        assert!(
+            has_problem(&report, "/steps/2", "stock would run out after about"),
+            "{:?}",
+            report.problems
+        );
+        assert_eq!(report.notes.len(), 1, "{:?}", report.notes);
+    }
+
+    #[test]
+    fn gantry_conflicts_are_reported() {
+        // Outside the soft limits: ALARM:2; the next move is still simulated after the recovery.
+        let p = protocol(
+            vec![],
+            vec![
+                home(),
+                act(
+                    "gantry",
+                    Action::MoveXyz(MoveXyzParams {
+                        x_mm: 400.0,
+                        y_mm: 10.0,
+                        z_mm: 50.0,
+                        feed_mm_per_min: None,
+                    }),
+                ),
+                move_to("A1"),
+            ],
+        );
+        let report = run_protocol(&p);
+        assert!(has_problem(&report, "/steps/1", "soft limits"));
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+
+        // A move before homing.
+        let report = run_protocol(&protocol(vec![], vec![move_to("A1")]));
+        assert!(has_problem(&report, "/steps/0", "not homed"));
+
+        // Putting a vessel down where another stands drops it.
+        let p = protocol(
+            vec![vial("a", "A1", 0.0), vial("b", "A2", 0.0)],
+            vec![home(), transfer("a", "A2")],
+        );
+        let report = run_protocol(&p);
+        assert!(has_problem(
+            &report,
+            "/steps/1",
+            "would be dropped: A2 is occupied by b"
+        ));
+    }
+
+    #[test]
+    fn a_measurement_with_no_vessel_under_the_probe_is_reported() {
+        let spectrum = Measurement::Spectrum(SpectrumParams {
+            start_nm: 380.0,
+            stop_nm: 780.0,
+            step_nm: 5.0,
+        });
+        let p = protocol(
+            vec![vial("v", "A1", 1000.0)],
+            vec![home(), move_to("D6"), measure("spectro", spectrum)],
+        );
+        let report = run_protocol(&p);
+        assert!(has_problem(
+            &report,
+            "/steps/2",
+            "no vessel under the probe"
+        ));
+
+        // Over the vial, but with too little liquid for the dip probe.
+        let absorbance = Measurement::Absorbance(AbsorbanceParams {
+            wavelength_nm: 520.0,
+        });
+        let p = protocol(
+            vec![vial("v", "A1", 20.0)],
+            vec![home(), move_to("A1"), measure("spectro", absorbance)],
+        );
+        let report = run_protocol(&p);
+        assert!(has_problem(&report, "/steps/2", "too small for the probe"));
+    }
+
+    #[test]
+    fn an_overflowing_vessel_is_reported() {
+        let tube = Labware {
+            id: "small".into(),
+            kind: LabwareKind::Tube,
+            location: "A1".into(),
+            capacity_ul: 1000.0,
+            initial_volume_ul: 0.0,
+        };
+        let p = protocol(
+            vec![tube],
+            vec![
+                home(),
+                move_to("A1"),
+                dispense("pump-blue", "small", 1500.0, 1000.0),
+            ],
+        );
+        let report = run_protocol(&p);
+        assert!(
+            has_problem(&report, "/steps/2", "would overflow"),
+            "{:?}",
+            report.problems
+        );
+    }
+
+    #[test]
+    fn step_timeouts_are_checked() {
+        // 223.6 mm at 10 mm/min is 22 minutes, past the default 120 s.
+        let slow = act(
+            "gantry",
+            Action::MoveTo(MoveToParams {
+                position: "H1".into(),
+                feed_mm_per_min: Some(10.0),
+            }),
+        );
+        let report = run_protocol(&protocol(vec![], vec![home(), slow]));
+        assert!(has_problem(&report, "/steps/1", "would time out"));
+    }
+
+    #[test]
+    fn hostile_protocols_neither_panic_nor_hang() {
+        // Nested far deeper than simulated, each level repeated as often as a u32 allows.
+        let mut nested = wait(1.0);
+        for _ in 0..200 {
+            nested = repeat(u32::MAX, vec![nested, wait(1.0)]);
+        }
+        let deep = protocol(vec![], vec![home(), nested, repeat(u32::MAX, vec![])]);
+        // Odd numbers, unknown names, instruments asked what they cannot do.
+        let odd = protocol(
+            vec![vial("v", "Z9", f64::MAX), vial("v", "A1", f64::NAN)],
+            vec![
+                wait(-3.0),
+                wait(f64::INFINITY),
+                act("nope", Action::Home {}),
+                act("spectro", Action::Home {}),
+                dispense("pump-red", "v", 0.0, 1e9),
+                transfer("ghost", "Q1"),
+                wait_until("balance", "colour", Comparison::Gt, 1.0, 1e300),
+                wait_until("balance", "mass_g", Comparison::Gt, 1.0, 1e7),
+                dispense("pump-red", "v", f64::NAN, f64::NAN),
+                set_temperature(f64::NAN),
+                repeat(0, vec![home()]),
+                Step::Parallel(ParallelStep {
+                    id: None,
+                    branches: vec![vec![], vec![wait(f64::NAN)]],
+                    timeout_s: Some(-1.0),
+                    on_error: OnError::Fail,
+                }),
+            ],
+        );
+        let started = Instant::now();
+        let deep = run_protocol(&deep);
+        let odd = run_protocol(&odd);
+        let took = started.elapsed();
+        assert!(took.as_secs_f64() < 60.0, "{took:?}");
+        assert!(
+            deep.problems
+                .iter()
+                .any(|p| p.message.contains("nested deeper"))
+        );
+        assert!(deep.estimated_duration_s > 0.0 && !deep.estimated_duration_s.is_nan());
+        assert!(!deep.notes.is_empty());
+        assert!(odd.estimated_duration_s.is_finite());
+        assert!(has_problem(&odd, "/labware/0", "no deck position Z9"));
+        assert!(has_problem(&odd, "/steps/2", "not in this lab"));
+        assert!(has_problem(&odd, "/steps/3", "cannot home"));
+        assert!(has_problem(&odd, "/steps/4", "not a volume"));
+        assert!(has_problem(&odd, "/steps/5", "ghost"));
+        assert!(has_problem(&odd, "/steps/6", "reports no colour"));
+        assert!(has_problem(&odd, "/steps/7", "would time out"));
+        assert!(has_problem(&odd, "/steps/9", "refuse the setpoint"));
+    }
+
+    #[test]
+    fn problems_inside_a_repeat_are_reported_once() {
+        let p = protocol(
+            vec![vial("v", "A1", 0.0)],
+            vec![
+                home(),
+                move_to("B3"),
+                repeat(50, vec![dispense("pump-yellow", "v", 10.0, 600.0)]),
+            ],
+        );
+        let report = run_protocol(&p);
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert_eq!(report.problems[0].path, "/steps/2/steps/0");
+    }
+}
