@@ -36,6 +36,8 @@ enum Command {
         args: commands::run::RunArgs,
         #[command(flatten)]
         mqtt: commands::run::MqttArgs,
+        #[command(flatten)]
+        command_port: labctl::gateways::command_port::CommandPortArgs,
     },
     /// Serve the simulated lab's instruments alone, wire-level on pseudo-terminals and TCP, until
     /// SIGINT or SIGTERM; prints where each instrument is.
@@ -113,7 +115,11 @@ fn main() -> ExitCode {
                 }
             },
         },
-        Command::Run { args, mqtt } => commands::run::run(args, mqtt),
+        Command::Run {
+            args,
+            mqtt,
+            command_port,
+        } => commands::run::run(args, mqtt, command_port),
         Command::Sim(args) => commands::sim::run(args),
         Command::Passwd => {
             let mut line = String::new();

@@ -12,6 +12,7 @@ use labctl_simulators::model::VirtualClock;
 
 use crate::api::Principal;
 use crate::controller::{ControllerConfig, sha256_hex, start};
+pub use crate::gateways::command_port::CommandPortArgs;
 use crate::instruments::InstrumentHandle;
 use crate::safety::EStop;
 use crate::world::TickConfig;
@@ -71,7 +72,7 @@ fn init_logging() {
         .try_init();
 }
 
-pub fn run(args: RunArgs, mqtt: MqttArgs) -> ExitCode {
+pub fn run(args: RunArgs, mqtt: MqttArgs, command_port: CommandPortArgs) -> ExitCode {
     init_logging();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -84,7 +85,7 @@ pub fn run(args: RunArgs, mqtt: MqttArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(run_async(args, mqtt)) {
+    match rt.block_on(run_async(args, mqtt, command_port)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("labctl run: {e}");
@@ -93,7 +94,11 @@ pub fn run(args: RunArgs, mqtt: MqttArgs) -> ExitCode {
     }
 }
 
-async fn run_async(args: RunArgs, mqtt_args: MqttArgs) -> Result<(), String> {
+async fn run_async(
+    args: RunArgs,
+    mqtt_args: MqttArgs,
+    command_port_args: CommandPortArgs,
+) -> Result<(), String> {
     let (mut lab, text) = if args.sim {
         (Lab::sim(), SIM_LAB_TOML.to_owned())
     } else {
@@ -194,6 +199,12 @@ async fn run_async(args: RunArgs, mqtt_args: MqttArgs) -> Result<(), String> {
         }
     });
     let mqtt = start_mqtt(&args, &mqtt_args, &lab, api.clone()).await?;
+    let command_port =
+        crate::gateways::command_port::start(&command_port_args, &lab, &args.data_dir, api.clone())
+            .await?;
+    for line in command_port.endpoints() {
+        println!("  {line}");
+    }
     let local = Principal::new("local-operator", Role::Technician, "cli");
     for path in &args.submit {
         let bytes = crate::commands::check::read_protocol_file(path)
