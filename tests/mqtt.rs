@@ -36,6 +36,10 @@ impl Rig {
 }
 
 async fn rig(dir: &Path) -> Rig {
+    rig_on(dir, BrokerChoice::Embedded("127.0.0.1:0".parse().unwrap())).await
+}
+
+async fn rig_on(dir: &Path, broker: BrokerChoice) -> Rig {
     let lab = Lab::sim();
     let estop = EStop::default();
     let mut handles = BTreeMap::new();
@@ -68,7 +72,7 @@ async fn rig(dir: &Path) -> Rig {
         MqttConfig {
             lab,
             data_dir: dir.to_owned(),
-            broker: BrokerChoice::Embedded("127.0.0.1:0".parse().unwrap()),
+            broker,
             users,
         },
     )
@@ -489,5 +493,165 @@ async fn an_mqtt5_submit_is_answered_on_its_response_topic_with_its_correlation_
     let reply: Value = serde_json::from_slice(&p.payload).unwrap();
     assert_eq!(reply["accepted"], true, "{reply}");
     assert_eq!(reply["proposal_id"], "mqtt-v5");
+    rig.stop().await;
+}
+
+/// A mosquitto broker of its own on a free loopback port, started from a config file (the `-p` form can
+/// silently bind only `[::1]`), killed on drop.
+struct Mosquitto {
+    child: std::process::Child,
+    port: u16,
+    conf: std::path::PathBuf,
+}
+
+fn mosquitto_binary() -> std::path::PathBuf {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/usr/local/sbin"])
+    {
+        let p = Path::new(dir).join("mosquitto");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("mosquitto is not installed (Debian package `mosquitto`; scripts/test installs it)");
+}
+
+impl Mosquitto {
+    async fn start(dir: &Path, port: Option<u16>) -> Mosquitto {
+        let port = port.unwrap_or_else(|| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        });
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
+        let child = std::process::Command::new(mosquitto_binary())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Mosquitto { child, port, conf };
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("mosquitto did not listen on 127.0.0.1:{port}");
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(&self.conf);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_mosquitto_capabilities_submit_and_results_work_and_survive_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Mosquitto::start(dir.path(), None).await;
+    let rig = rig_on(
+        dir.path(),
+        BrokerChoice::External {
+            url: format!("mqtt://127.0.0.1:{}", broker.port),
+            credentials: None,
+        },
+    )
+    .await;
+    assert_eq!(rig.addr, broker.addr());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (planner, mut rx) = client(
+        broker.addr(),
+        "planner-bo",
+        "unused",
+        &[
+            "labctl/sim/capabilities",
+            "labctl/sim/runs/+/results",
+            "labctl/sim/protocols/replies/#",
+        ],
+    )
+    .await;
+    let caps = next_on(&mut rx, "labctl/sim/capabilities").await;
+    assert!(caps.retain);
+    assert!(json_of(&caps)["protocol_schema"].is_object());
+    let n = 3;
+    planner
+        .publish(
+            SUBMIT,
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&weigh_protocol("mosq-1", n)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let reply = json_of(&next_on(&mut rx, "labctl/sim/protocols/replies/mosq-1").await);
+    assert_eq!(reply["accepted"], true, "{reply}");
+    let run_id = reply["run_id"].as_str().unwrap().to_owned();
+    let topic = format!("labctl/sim/runs/{run_id}/results");
+    for want in 1..=n as u64 {
+        let p = next_on(&mut rx, &topic).await;
+        assert_eq!(p.qos, QoS::AtLeastOnce);
+        assert_eq!(json_of(&p)["seq"], want);
+    }
+
+    // The broker goes away and comes back on the same port: labctl reconnects, subscribes again and
+    // announces itself again (nothing retained survives this broker's restart).
+    broker.stop();
+    drop(planner);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let broker = Mosquitto::start(dir.path(), Some(broker.port)).await;
+    let (planner, mut rx) = client(
+        broker.addr(),
+        "planner-bo",
+        "unused",
+        &["labctl/sim/status", "labctl/sim/protocols/replies/#"],
+    )
+    .await;
+    let status = json_of(&next_on(&mut rx, "labctl/sim/status").await);
+    assert_eq!(status["status"], "online");
+    // Re-subscribed: a submit is answered again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        planner
+            .publish(
+                SUBMIT,
+                QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(&weigh_protocol("mosq-2", 1)).unwrap(),
+            )
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+            Ok(Some(p)) if p.topic == "labctl/sim/protocols/replies/mosq-2" => {
+                assert_eq!(json_of(&p)["accepted"], true);
+                break;
+            }
+            _ if tokio::time::Instant::now() < deadline => continue,
+            _ => panic!("no reply after the broker restart"),
+        }
+    }
     rig.stop().await;
 }
