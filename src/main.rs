@@ -42,6 +42,11 @@ enum Command {
     /// Serve the simulated lab's instruments alone, wire-level on pseudo-terminals and TCP, until
     /// SIGINT or SIGTERM; prints where each instrument is.
     Sim(commands::sim::SimArgs),
+    /// Submit a protocol over MQTT as a planner would and print the reply; with --wait, follow the run.
+    ///
+    /// Exit status: 0 accepted (completed with --wait), 1 rejected, 3 failed, 4 aborted or interrupted,
+    /// 2 usage, I/O or connection error.
+    Submit(labctl::gateways::mqtt::submit::SubmitArgs),
     /// Print the protocol JSON Schema.
     Schema,
     /// Read a password from standard input and print its argon2id hash for a lab file's `password_hash`.
@@ -121,6 +126,7 @@ fn main() -> ExitCode {
             command_port,
         } => commands::run::run(args, mqtt, command_port),
         Command::Sim(args) => commands::sim::run(args),
+        Command::Submit(args) => labctl::gateways::mqtt::submit::run(args),
         Command::Passwd => {
             let mut line = String::new();
             if std::io::stdin().read_line(&mut line).is_err()

@@ -533,7 +533,7 @@ impl Mosquitto {
             format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
         )
         .unwrap();
-        let child = std::process::Command::new(mosquitto_binary())
+        let mut child = std::process::Command::new(mosquitto_binary())
             .arg("-c")
             .arg(&conf)
             .stdout(std::process::Stdio::null())
@@ -549,6 +549,8 @@ impl Mosquitto {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("mosquitto did not listen on 127.0.0.1:{port}");
     }
 
@@ -653,5 +655,62 @@ async fn through_mosquitto_capabilities_submit_and_results_work_and_survive_a_br
             _ => panic!("no reply after the broker restart"),
         }
     }
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labctl_submit_waits_for_the_run_and_exits_by_how_it_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    let file = dir.path().join("weigh.json");
+    std::fs::write(
+        &file,
+        serde_json::to_vec(&weigh_protocol("cli-1", 3)).unwrap(),
+    )
+    .unwrap();
+    let url = format!("mqtt://{}", rig.addr);
+    let submit = |user: &'static str, password: &'static str, wait: bool| {
+        let (file, url) = (file.clone(), url.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_labctl"));
+            cmd.arg("submit").arg(&file).args(["--mqtt", &url]);
+            if wait {
+                cmd.arg("--wait");
+            }
+            cmd.env("LABCTL_MQTT_USER", user)
+                .env("LABCTL_MQTT_PASSWORD", password)
+                .output()
+                .unwrap()
+        })
+    };
+    let out = submit("planner-bo", "planner-dev", true).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("\"accepted\": true"), "{stdout}");
+    for seq in 1..=3 {
+        assert!(
+            stdout.contains(&format!("result {seq} m{} (balance)", seq - 1)),
+            "{stdout}"
+        );
+    }
+    assert!(stdout.contains("completed"), "{stdout}");
+
+    let out = submit("watcher", "observer-dev", false).await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an observer's submit is rejected"
+    );
+    let out = submit("watcher", "wrong", false).await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a refused login is a connection error"
+    );
     rig.stop().await;
 }

@@ -17,6 +17,7 @@
 
 pub mod broker;
 pub mod payload;
+pub mod submit;
 pub mod topics;
 
 use std::collections::HashMap;

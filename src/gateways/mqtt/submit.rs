@@ -1,0 +1,365 @@
+//! `labctl submit PROTOCOL.json [--wait]`: submits a protocol over MQTT exactly as a planner would (MQTT 5,
+//! response topic and correlation data) and prints the reply; with `--wait`, shows a progress bar over the
+//! steps and prints each result as it arrives, until the run ends.
+//!
+//! Exit status: 0 accepted (without --wait) or completed; 1 rejected; 3 failed; 4 aborted or interrupted;
+//! 2 usage, I/O or connection error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::topics::Topics;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SubmitArgs {
+    /// The protocol (JSON).
+    pub protocol: PathBuf,
+    /// Follow the run: progress over its steps and its results, until it ends.
+    #[arg(long)]
+    pub wait: bool,
+    /// The broker (`mqtt://host:port`). Credentials from LABCTL_MQTT_USER with LABCTL_MQTT_PASSWORD or
+    /// LABCTL_MQTT_PASSWORD_FILE.
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    pub mqtt: String,
+    /// The lab's id (its topics are under `labctl/{lab_id}/`).
+    #[arg(long, default_value = "sim")]
+    pub lab_id: String,
+    /// Give up waiting for the reply after this many seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout_s: f64,
+}
+
+/// Credentials for a broker from the environment: LABCTL_MQTT_USER with LABCTL_MQTT_PASSWORD or
+/// LABCTL_MQTT_PASSWORD_FILE (never the command line).
+pub fn credentials_from_env() -> Result<Option<(String, String)>, String> {
+    let Ok(user) = std::env::var("LABCTL_MQTT_USER") else {
+        return Ok(None);
+    };
+    let password = match std::env::var("LABCTL_MQTT_PASSWORD") {
+        Ok(p) => p,
+        Err(_) => match std::env::var("LABCTL_MQTT_PASSWORD_FILE") {
+            Ok(path) => std::fs::read_to_string(&path)
+                .map_err(|e| format!("LABCTL_MQTT_PASSWORD_FILE {path}: {e}"))?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+            Err(_) => {
+                return Err(
+                    "LABCTL_MQTT_USER is set but neither LABCTL_MQTT_PASSWORD nor LABCTL_MQTT_PASSWORD_FILE"
+                        .into(),
+                );
+            }
+        },
+    };
+    Ok(Some((user, password)))
+}
+
+pub fn run(args: SubmitArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("labctl submit: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(submit(args)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("labctl submit: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Counts the steps of a protocol, nested ones included (the progress bar's length).
+fn count_steps(steps: &Value) -> u64 {
+    steps
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    1 + ["steps", "branches"]
+                        .iter()
+                        .map(|k| match &s[*k] {
+                            Value::Array(inner) if inner.iter().all(Value::is_array) => {
+                                inner.iter().map(count_steps).sum()
+                            }
+                            v => count_steps(v),
+                        })
+                        .sum::<u64>()
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+async fn submit(args: SubmitArgs) -> Result<u8, String> {
+    let bytes = crate::commands::check::read_protocol_file(&args.protocol)
+        .map_err(|e| format!("cannot read {}: {e}", args.protocol.display()))?;
+    let total_steps = serde_json::from_slice::<Value>(&bytes)
+        .map(|v| count_steps(&v["steps"]))
+        .unwrap_or(0);
+    let (host, port) = super::parse_url(&args.mqtt)?;
+    if !labctl_protocols::lab::is_identifier(&args.lab_id) {
+        return Err(format!(
+            "--lab-id {:?}: letters, digits, '-' and '_' only",
+            args.lab_id
+        ));
+    }
+    let topics = Topics::new(&args.lab_id);
+    let client_id = format!(
+        "labctl-submit-{}-{}",
+        std::process::id(),
+        crate::journal::now_ms()
+    );
+    let mut opts = MqttOptions::new(client_id.clone(), host, port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    opts.set_max_packet_size(Some(super::broker::MAX_PACKET as u32));
+    if let Some((u, p)) = credentials_from_env()? {
+        opts.set_credentials(u, p);
+    }
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    opts.set_network_options(net);
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Result<Publish, String>>();
+    let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<Result<(), String>>();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = conn_tx.send(Ok(()));
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send(Ok(p)).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = conn_tx.send(Err(e.to_string()));
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            }
+        }
+    });
+    let timeout = Duration::from_secs_f64(args.timeout_s.clamp(0.1, 3600.0));
+    match tokio::time::timeout(timeout, conn_rx.recv()).await {
+        Ok(Some(Ok(()))) => {}
+        Ok(Some(Err(e))) => return Err(format!("cannot connect to {}: {e}", args.mqtt)),
+        _ => return Err(format!("no answer from {} within {timeout:?}", args.mqtt)),
+    }
+    let response_topic = format!("labctl-submit/{client_id}/reply");
+    let sub = |t: String| {
+        let c = client.clone();
+        async move { c.subscribe(t, QoS::AtLeastOnce).await }
+    };
+    sub(response_topic.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    if args.wait {
+        // Before the submit, so nothing of the run can slip past.
+        for t in [
+            format!("{}runs/+/status", topics.prefix()),
+            format!("{}runs/+/events", topics.prefix()),
+            format!("{}runs/+/results", topics.prefix()),
+        ] {
+            sub(t).await.map_err(|e| e.to_string())?;
+        }
+    }
+    // A subscription is in place once its SUBACK is back; a short pause is enough on loopback.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let correlation = client_id.clone().into_bytes();
+    let props = PublishProperties {
+        response_topic: Some(response_topic.clone()),
+        correlation_data: Some(correlation.clone().into()),
+        content_type: Some("application/json".into()),
+        ..Default::default()
+    };
+    client
+        .publish_with_properties(topics.submit(), QoS::AtLeastOnce, false, bytes, props)
+        .await
+        .map_err(|e| e.to_string())?;
+
+    let mut early: Vec<Publish> = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let reply: Value = loop {
+        let p = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Ok(p))) => p,
+            Ok(Some(Err(e))) => return Err(format!("connection lost: {e}")),
+            Ok(None) => return Err("connection lost".into()),
+            Err(_) => {
+                return Err(format!(
+                    "no reply within {timeout:?}; is labctl running on lab {}?",
+                    args.lab_id
+                ));
+            }
+        };
+        if p.topic.as_ref() == response_topic.as_bytes() {
+            break serde_json::from_slice(&p.payload)
+                .map_err(|e| format!("unreadable reply: {e}"))?;
+        }
+        early.push(p);
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&reply).unwrap_or_default()
+    );
+    if reply["accepted"] != Value::Bool(true) {
+        let _ = client.disconnect().await;
+        return Ok(1);
+    }
+    let run_id = reply["run_id"].as_str().unwrap_or_default().to_owned();
+    if !args.wait {
+        let _ = client.disconnect().await;
+        return Ok(0);
+    }
+    let code = follow(&topics, &run_id, total_steps, early, &mut rx).await;
+    let _ = client.disconnect().await;
+    code
+}
+
+async fn follow(
+    topics: &Topics,
+    run_id: &str,
+    total_steps: u64,
+    early: Vec<Publish>,
+    rx: &mut mpsc::UnboundedReceiver<Result<Publish, String>>,
+) -> Result<u8, String> {
+    let status_t = topics.run_status(run_id);
+    let events_t = topics.run_events(run_id);
+    let results_t = topics.run_results(run_id);
+    let bar = indicatif::ProgressBar::new(total_steps.max(1));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} steps {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    // A hidden bar (standard error is not a terminal) prints nothing: results go to standard output then.
+    let say = |line: String| {
+        if bar.is_hidden() {
+            println!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
+    let mut last_seq = 0u64;
+    let mut pending = early.into_iter();
+    loop {
+        let p = match pending.next() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(Ok(p)) => p,
+                Some(Err(e)) => {
+                    bar.abandon();
+                    return Err(format!("connection lost: {e}"));
+                }
+                None => {
+                    bar.abandon();
+                    return Err("connection lost".into());
+                }
+            },
+        };
+        let topic = String::from_utf8_lossy(&p.topic);
+        let Ok(v) = serde_json::from_slice::<Value>(&p.payload) else {
+            continue;
+        };
+        if topic == results_t {
+            let seq = v["seq"].as_u64().unwrap_or(0);
+            if seq != last_seq + 1 {
+                say(format!(
+                    "warning: result seq {seq} after {last_seq}: {} missing (labctl runs export {run_id})",
+                    seq.saturating_sub(last_seq + 1)
+                ));
+            }
+            last_seq = last_seq.max(seq);
+            say(format!(
+                "result {seq} {} ({}): {}",
+                v["name"].as_str().unwrap_or("?"),
+                v["instrument"].as_str().unwrap_or("?"),
+                summarise(&v["value"])
+            ));
+        } else if topic == events_t {
+            match v["kind"].as_str() {
+                Some("step_finished" | "step_failed" | "step_skipped") => bar.inc(1),
+                Some("step_started") => {
+                    bar.set_message(v["step"].as_str().unwrap_or("").to_owned())
+                }
+                _ => {}
+            }
+        } else if topic == status_t {
+            let state = v["state"].as_str().unwrap_or("");
+            let code = match state {
+                "completed" => Some(0),
+                "rejected" => Some(1),
+                "failed" => Some(3),
+                "aborted" | "interrupted" => Some(4),
+                _ => None,
+            };
+            if let Some(code) = code {
+                if code == 0 {
+                    bar.set_position(bar.length().unwrap_or(0));
+                }
+                bar.finish_and_clear();
+                let reason = v["reason"]
+                    .as_str()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default();
+                println!("run {run_id} {state}{reason}");
+                return Ok(code);
+            }
+            bar.set_message(format!(
+                "{state} {}",
+                v["step"].as_str().unwrap_or_default()
+            ));
+        }
+    }
+}
+
+/// A short rendering of a result value (spectra are long).
+fn summarise(value: &Value) -> String {
+    let text = value.to_string();
+    if text.len() <= 120 {
+        return text;
+    }
+    let cut = (0..=117)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{}...", &text[..cut])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn steps_are_counted_nested_ones_included() {
+        let steps = json!([
+            {"type": "wait"},
+            {"type": "repeat", "steps": [{"type": "wait"}, {"type": "wait"}]},
+            {"type": "parallel", "branches": [[{"type": "wait"}], [{"type": "wait"}]]}
+        ]);
+        assert_eq!(count_steps(&steps), 7);
+        assert_eq!(count_steps(&json!(null)), 0);
+    }
+
+    #[test]
+    fn long_values_are_shortened_on_a_char_boundary() {
+        let v = json!("é".repeat(200));
+        let s = summarise(&v);
+        assert!(s.ends_with("...") && s.len() <= 121);
+    }
+}
