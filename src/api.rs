@@ -152,9 +152,17 @@ pub struct RunInfo {
     pub results: u64,
 }
 
+/// A submission already validated and dry-run by the caller's task, so the controller task never spends
+/// that time (an emergency stop must not queue behind a dry run).
+pub(crate) struct Checked {
+    pub bytes: Vec<u8>,
+    pub report: labctl_protocols::Report,
+    pub dry_run: Option<labctl_simulators::dry_run::DryRunReport>,
+}
+
 pub(crate) enum Request {
     Submit {
-        bytes: Vec<u8>,
+        checked: Box<Checked>,
         principal: Principal,
         reply: oneshot::Sender<SubmitReply>,
     },
@@ -200,6 +208,9 @@ pub struct ControllerHandle {
     pub(crate) tx: mpsc::Sender<Request>,
     pub(crate) journal: JournalHandle,
     pub(crate) snapshot: watch::Receiver<Arc<LabSnapshot>>,
+    pub(crate) lab: Arc<labctl_protocols::Lab>,
+    pub(crate) estop: crate::safety::EStop,
+    pub(crate) instruments: Arc<std::collections::BTreeMap<String, crate::instruments::InstrumentHandle>>,
 }
 
 impl ControllerHandle {
@@ -209,10 +220,29 @@ impl ControllerHandle {
         rx.await.ok()
     }
 
-    /// Validates and submits a protocol (raw bytes as received).
+    /// Validates, dry-runs on the simulation model, and submits a protocol (raw bytes as received).
     pub async fn submit(&self, bytes: Vec<u8>, principal: Principal) -> SubmitReply {
+        if !matches!(principal.role, Role::Planner | Role::Rig | Role::Technician) {
+            return SubmitReply::refused(
+                None,
+                format!("{} is an observer and may not submit protocols", principal.name),
+            );
+        }
+        let lab = Arc::clone(&self.lab);
+        let checked = tokio::task::spawn_blocking(move || {
+            let report = labctl_protocols::validate_bytes(&bytes, &lab);
+            let dry_run = report
+                .protocol
+                .as_ref()
+                .map(|p| labctl_simulators::dry_run::dry_run(p, &lab, 1));
+            Checked { bytes, report, dry_run }
+        })
+        .await;
+        let Ok(checked) = checked else {
+            return SubmitReply::refused(None, "validation task failed".into());
+        };
         self.ask(|reply| Request::Submit {
-            bytes,
+            checked: Box::new(checked),
             principal,
             reply,
         })
@@ -265,7 +295,15 @@ impl ControllerHandle {
         .unwrap_or(Err(ApiError::Unavailable))
     }
 
+    /// Latches the emergency stop and sends every instrument to its safe state right here, in the caller's
+    /// task, then tells the controller to abort the runs: the stop never waits behind other requests.
     pub async fn emergency_stop(&self, principal: Principal) -> Result<(), ApiError> {
+        if principal.role == Role::Technician {
+            self.estop.trigger();
+            for h in self.instruments.values() {
+                h.request_safe_state();
+            }
+        }
         self.ask(|reply| Request::EStop { principal, reply })
             .await
             .unwrap_or(Err(ApiError::Unavailable))

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use labctl_protocols::lab::{Lab, Role, TripAction};
-use labctl_protocols::{Protocol, validate_bytes};
+use labctl_protocols::Protocol;
 use labctl_simulators::model::VirtualClock;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -16,7 +16,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::api::{
-    ApiError, Control, ControllerHandle, Principal, Request, RunInfo, RunState, SubmitReply,
+    ApiError, Checked, Control, ControllerHandle, Principal, Request, RunInfo, RunState,
+    SubmitReply,
 };
 use crate::executor::{RunContext, RunEnd, RunUpdate, collect_instruments, run_protocol};
 use crate::instruments::InstrumentHandle;
@@ -133,12 +134,14 @@ pub async fn start(
     );
     let (tx, rx) = mpsc::channel(256);
     let (updates_tx, updates_rx) = mpsc::unbounded_channel();
+    let lab = Arc::new(config.lab);
+    let instruments = Arc::new(instruments);
     let core = Core {
-        lab: Arc::new(config.lab),
+        lab: Arc::clone(&lab),
         lab_sha256: config.lab_sha256,
         clock: config.clock,
-        instruments: Arc::new(instruments),
-        estop,
+        instruments: Arc::clone(&instruments),
+        estop: estop.clone(),
         journal: journal.clone(),
         runs: BTreeMap::new(),
         order: Vec::new(),
@@ -155,6 +158,9 @@ pub async fn start(
             tx,
             journal,
             snapshot: snapshot_rx,
+            lab,
+            estop,
+            instruments,
         },
         interrupted,
         tick: Some(tick),
@@ -280,11 +286,11 @@ impl Core {
     async fn on_request(&mut self, request: Request) {
         match request {
             Request::Submit {
-                bytes,
+                checked,
                 principal,
                 reply,
             } => {
-                let r = self.submit(bytes, principal).await;
+                let r = self.submit(*checked, principal).await;
                 let _ = reply.send(r);
                 self.start_queued();
             }
@@ -350,17 +356,25 @@ impl Core {
         }
     }
 
-    async fn submit(&mut self, bytes: Vec<u8>, principal: Principal) -> SubmitReply {
-        if !matches!(principal.role, Role::Planner | Role::Rig | Role::Technician) {
-            return SubmitReply::refused(
-                None,
-                format!(
-                    "{} is an observer and may not submit protocols",
-                    principal.name
-                ),
-            );
+    async fn submit(&mut self, checked: Checked, principal: Principal) -> SubmitReply {
+        let Checked {
+            bytes,
+            mut report,
+            dry_run,
+        } = checked;
+        // The dry run on the simulation model gives the estimate an approver sees; its conflicts send the
+        // proposal to a technician whatever the policy says.
+        if let Some(dry) = &dry_run {
+            report.estimated_duration_s = Some(dry.estimated_duration_s);
+            if !dry.problems.is_empty() {
+                report.approval_required_because.push(format!(
+                    "the dry run on the simulation model found {} conflict(s), first at {}: {}",
+                    dry.problems.len(),
+                    dry.problems[0].path,
+                    dry.problems[0].message
+                ));
+            }
         }
-        let report = validate_bytes(&bytes, &self.lab);
         let proposal_id = report
             .protocol
             .as_ref()
@@ -470,6 +484,14 @@ impl Core {
             Some(&principal),
             json!({ "proposal_id": pid, "protocol_sha256": sha }),
         );
+        if let Some(dry) = &dry_run {
+            self.event(
+                Some(&run_id),
+                "dry_run",
+                None,
+                json!({ "estimated_duration_s": dry.estimated_duration_s, "problems": dry.problems, "notes": dry.notes, "steps_simulated": dry.steps_simulated }),
+            );
+        }
         self.event(Some(&run_id), "approval", None, approval_detail);
         let (control, _) = watch::channel(Control::Resume);
         let protocol_vessels = protocol
@@ -858,6 +880,7 @@ impl Core {
                 self.clock,
                 run.control.subscribe(),
                 self.updates.clone(),
+                self.estop.clone(),
             ));
             let protocol = Arc::clone(&run.protocol);
             let task = tokio::spawn(run_protocol(ctx, protocol));

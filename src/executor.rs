@@ -66,6 +66,7 @@ pub struct RunContext {
     pub clock: VirtualClock,
     pub control: watch::Receiver<Control>,
     pub updates: mpsc::UnboundedSender<RunUpdate>,
+    pub estop: crate::safety::EStop,
     seq: AtomicU64,
     /// Deck position of each vessel, updated as transfers finish.
     vessels: Mutex<BTreeMap<String, String>>,
@@ -89,6 +90,7 @@ impl RunContext {
         clock: VirtualClock,
         control: watch::Receiver<Control>,
         updates: mpsc::UnboundedSender<RunUpdate>,
+        estop: crate::safety::EStop,
     ) -> Self {
         let vessels = protocol
             .labware
@@ -104,6 +106,7 @@ impl RunContext {
             clock,
             control,
             updates,
+            estop,
             seq: AtomicU64::new(0),
             vessels: Mutex::new(vessels),
         }
@@ -229,6 +232,10 @@ impl RunContext {
                             &step_path,
                             json!({ "reason": reason, "on_error": step.on_error() }),
                         );
+                        // An emergency stop ends the run as aborted, whatever the step's policy.
+                        if self.estop.is_latched() {
+                            return Err(StepError::Aborted(format!("emergency stop: {reason}")));
+                        }
                         // A step interrupted because the run is being paused (an interlock, a lost planner) or
                         // aborted ends the way the controller asked, not by the step's own policy.
                         let control = *self.control.borrow();

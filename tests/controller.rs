@@ -780,3 +780,34 @@ async fn the_world_model_shows_instruments_runs_and_vessels() {
         rig.api().snapshot()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dry_run_estimate_is_recorded_and_its_conflicts_need_a_technician() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    // Valid for the validator, but the hotplate set to 30 C never brings the vessel to 50 C.
+    let p = json!({
+        "version": 1,
+        "metadata": { "name": "unreachable", "proposal_id": "dry-1", "planner": { "id": "planner-bo" } },
+        "labware": [ { "id": "v", "kind": "vial", "location": "H1", "capacity_ul": 20000, "initial_volume_ul": 5000 } ],
+        "steps": [
+            { "type": "action", "instrument": "hotplate", "action": "set_temperature", "params": { "temperature_c": 30 } },
+            { "type": "wait_until", "condition": { "instrument": "hotplate", "quantity": "temperature_c", "op": "ge", "value": 50 }, "timeout_s": 300 }
+        ]
+    });
+    let reply = rig.api().submit(bytes(&p), planner()).await;
+    assert_eq!(reply.state, Some(RunState::AwaitingApproval), "{reply:?}");
+    assert!(reply.approval_required_because.iter().any(|r| r.contains("dry run")), "{reply:?}");
+    let estimate = reply.estimated_duration_s.unwrap();
+    assert!((300.0..310.0).contains(&estimate), "estimate {estimate}");
+    let run = reply.run_id.unwrap();
+    let detail = journal_detail(dir.path(), &run, |d| d.events.iter().any(|e| e.kind == "dry_run")).await;
+    let dry = detail.events.iter().find(|e| e.kind == "dry_run").unwrap();
+    assert!(!dry.detail["problems"].as_array().unwrap().is_empty());
+    // The dye mix dry-runs clean, with the model's estimate (not the static one).
+    let reply = rig.api().submit(bytes(&example("dye-mix.json")), planner()).await;
+    assert_eq!(reply.state, Some(RunState::Queued));
+    let estimate = reply.estimated_duration_s.unwrap();
+    assert!((120.0..150.0).contains(&estimate), "dye mix estimate {estimate}");
+    rig.controller.shutdown().await;
+}

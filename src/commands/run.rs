@@ -17,6 +17,15 @@ use crate::instruments::InstrumentHandle;
 use crate::safety::EStop;
 use crate::world::TickConfig;
 
+/// Prints a line to standard output, ignoring a closed pipe: a controller must never die because whoever
+/// read its console went away.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
     /// Run on the built-in simulated lab (wire-level simulators on pseudo-terminals and TCP).
@@ -149,14 +158,14 @@ async fn run_async(
     if !controller.interrupted.is_empty() {
         tracing::warn!(runs = ?controller.interrupted, "runs active when the controller last stopped are now interrupted; they will not resume");
     }
-    println!(
+    say!(
         "labctl {} running lab {} (data in {})",
         env!("CARGO_PKG_VERSION"),
         lab.lab_id,
         args.data_dir.display()
     );
     for line in &runtime.endpoints {
-        println!("  {line}");
+        say!("  {line}");
     }
     let api = controller.handle.clone();
     // Durable run states and results, one line each, for rigs and people watching the console.
@@ -173,7 +182,7 @@ async fn run_async(
                         instrument,
                         ..
                     } => {
-                        println!("result {run_id} {seq} {name} {instrument}")
+                        say!("result {run_id} {seq} {name} {instrument}")
                     }
                     Record::RunState {
                         run_id,
@@ -181,7 +190,7 @@ async fn run_async(
                         reason,
                         ..
                     } => {
-                        println!(
+                        say!(
                             "run {run_id} {state}{}",
                             reason
                                 .as_deref()
@@ -192,7 +201,7 @@ async fn run_async(
                     _ => {}
                 },
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    println!("(skipped {n} journal lines)")
+                    say!("(skipped {n} journal lines)")
                 }
                 Err(_) => return,
             }
@@ -203,21 +212,21 @@ async fn run_async(
         crate::gateways::command_port::start(&command_port_args, &lab, &args.data_dir, api.clone())
             .await?;
     for line in command_port.endpoints() {
-        println!("  {line}");
+        say!("  {line}");
     }
     let local = Principal::new("local-operator", Role::Technician, "cli");
     for path in &args.submit {
         let bytes = crate::commands::check::read_protocol_file(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let reply = api.submit(bytes, local.clone()).await;
-        println!(
+        say!(
             "submitted {}: {}",
             path.display(),
             serde_json::to_string(&reply).unwrap_or_default()
         );
     }
     wait_for_signal().await;
-    println!("labctl: shutting down, leaving instruments safe");
+    say!("labctl: shutting down, leaving instruments safe");
     if let Some(gw) = mqtt {
         gw.shutdown().await;
     }
@@ -269,7 +278,7 @@ async fn start_mqtt(
     };
     match MqttGateway::start(api, config).await {
         Ok(gw) => {
-            println!(
+            say!(
                 "  mqtt: {} ({})",
                 gw.broker_addr,
                 if embedded {
@@ -282,7 +291,7 @@ async fn start_mqtt(
         }
         Err(e) if embedded && mqtt.mqtt_port.is_none() => {
             tracing::error!(error = %e, "MQTT gateway not started; the controller runs without it");
-            println!("  mqtt: not started ({e})");
+            say!("  mqtt: not started ({e})");
             Ok(None)
         }
         Err(e) => Err(e),

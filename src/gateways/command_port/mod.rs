@@ -182,7 +182,11 @@ impl CommandPort {
             lines.push(format!("command port: tcp {addr}"));
         }
         if let Some(p) = &self.serial {
-            lines.push(format!("command port: {} (acts as {:?})", p.name, p.role));
+            lines.push(format!(
+                "command port: {} (as {})",
+                p.name,
+                session::role_name(p.role)
+            ));
         }
         lines
     }
@@ -380,5 +384,27 @@ async fn serial_loop<B: Backend>(
                 Err(e) => tracing::debug!(port = %line.port, error = %e, "command port: reopening"),
             }
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_controller_serial_is_stable_per_data_directory() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let serial = controller_serial(a.path());
+        assert_eq!(serial, controller_serial(a.path()));
+        assert_ne!(serial, controller_serial(b.path()));
+        assert!(!serial.contains([',', ' ', '\n']), "{serial}");
+    }
+
+    #[test]
+    fn serial_roles_parse_by_name() {
+        assert_eq!(parse_role("Technician"), Ok(Role::Technician));
+        assert_eq!(parse_role("rig"), Ok(Role::Rig));
+        assert!(parse_role("admin").is_err());
     }
 }

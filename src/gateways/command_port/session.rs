@@ -640,7 +640,7 @@ fn unknown_instrument(id: &str) -> Fault {
     Fault::new(ScpiError::DataOutOfRange, format!("no instrument {id}"))
 }
 
-fn role_name(role: Role) -> &'static str {
+pub(crate) fn role_name(role: Role) -> &'static str {
     match role {
         Role::Observer => "observer",
         Role::Planner => "planner",
