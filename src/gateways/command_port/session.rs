@@ -598,13 +598,22 @@ fn args(unit: &ProgramUnit) -> Result<Vec<String>, Fault> {
             if field.is_empty() {
                 Err(Fault::new(ScpiError::SyntaxError, "empty parameter"))
             } else if field.starts_with(['"', '\'']) {
-                parse_string(field).ok_or_else(|| {
+                let value = parse_string(field).ok_or_else(|| {
                     Fault::new(
                         ScpiError::InvalidStringData,
-                        format!("string parameter {field}"),
+                        format!("string parameter {field:?}"),
                     )
-                })
-            } else if let Some(c) = field.chars().find(|c| c.is_ascii_control() || *c == ' ') {
+                })?;
+                // Ids, names and passwords never hold control characters; refusing them keeps terminal
+                // escapes out of error messages and logs.
+                match value.chars().find(|c| c.is_control()) {
+                    Some(c) => Err(Fault::new(
+                        ScpiError::InvalidCharacter,
+                        format!("{c:?} in string parameter"),
+                    )),
+                    None => Ok(value),
+                }
+            } else if let Some(c) = field.chars().find(|c| c.is_control() || *c == ' ') {
                 Err(Fault::new(
                     ScpiError::SyntaxError,
                     format!("{c:?} in parameter {field:?}; quote it"),

@@ -325,6 +325,15 @@ async fn a_command_error_drops_the_rest_of_the_line_an_execution_error_does_not(
         [format!("1;{IDN}")]
     );
     assert_eq!(codes(&errors(&mut s, &lab).await), [-111]);
+    // Control characters in a quoted parameter never reach an error message or a log.
+    assert!(
+        say(&mut s, &lab, "INST:STAT? \"a\x1b[2J\";*IDN?")
+            .await
+            .is_empty()
+    );
+    let errs = errors(&mut s, &lab).await;
+    assert_eq!(codes(&errs), [-101], "{errs:?}");
+    assert!(!errs[0].contains('\x1b'), "{errs:?}");
 }
 
 #[tokio::test]
@@ -345,6 +354,7 @@ async fn garbage_only_adds_errors_and_the_session_goes_on() {
         b"\x1b[A\x1b[B\n",
         b"SYST:ERR?extra\n",
         b"VERYLONGMNEMONICNAME?\n",
+        b"RUN:STAT? \"run-\x1b[2J\"\n",
     ];
     for g in garbage {
         let reply = s.feed(&lab, g).await;
