@@ -120,6 +120,7 @@ enum Cmd {
     Opc,
     OpcQuery,
     Rst,
+    Wai,
     Cls,
     EsrQuery,
     ErrQuery,
@@ -144,6 +145,7 @@ const COMMANDS: &[(&str, Cmd)] = &[
     ("*OPC", Cmd::Opc),
     ("*OPC?", Cmd::OpcQuery),
     ("*RST", Cmd::Rst),
+    ("*WAI", Cmd::Wai),
     ("*CLS", Cmd::Cls),
     ("*ESR?", Cmd::EsrQuery),
     ("SYSTem:ERRor[:NEXT]?", Cmd::ErrQuery),
@@ -339,6 +341,8 @@ impl Session {
             Cmd::OpcQuery => Ok(Some("1".into())),
             // Nothing in a session has settings to reset; the lab, its runs and the login are untouched.
             Cmd::Rst => Ok(None),
+            // Commands run one after another: there is never anything pending to wait for.
+            Cmd::Wai => Ok(None),
             Cmd::Cls => {
                 self.errors.clear();
                 self.esr = 0;

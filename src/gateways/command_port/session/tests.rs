@@ -252,6 +252,7 @@ async fn common_commands_answer_and_queries_in_one_message_share_a_line() {
     assert_eq!(say(&mut s, &lab, "*IDN?").await, [IDN]);
     assert_eq!(say(&mut s, &lab, "*idn?;*OPC?").await, [format!("{IDN};1")]);
     assert!(say(&mut s, &lab, "*RST").await.is_empty());
+    assert!(say(&mut s, &lab, "*WAI").await.is_empty());
     assert!(say(&mut s, &lab, "*OPC").await.is_empty());
     assert_eq!(say(&mut s, &lab, "*ESR?").await, ["1"]);
     assert_eq!(say(&mut s, &lab, "*ESR?").await, ["0"]);
