@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 
 struct Rig {
     controller: Controller,
+    fakes: BTreeMap<String, FakeInstrument>,
     gateway: Option<MqttGateway>,
     addr: SocketAddr,
 }
@@ -43,6 +44,7 @@ async fn rig_on(dir: &Path, broker: BrokerChoice) -> Rig {
     let lab = Lab::sim();
     let estop = EStop::default();
     let mut handles = BTreeMap::new();
+    let mut fakes = BTreeMap::new();
     for inst in &lab.instruments {
         let fake = FakeInstrument::new(&inst.id, inst.kind);
         let timing = TaskTiming {
@@ -51,8 +53,9 @@ async fn rig_on(dir: &Path, broker: BrokerChoice) -> Rig {
         };
         handles.insert(
             inst.id.clone(),
-            instruments::spawn(inst.clone(), fake, estop.clone(), timing),
+            instruments::spawn(inst.clone(), fake.clone(), estop.clone(), timing),
         );
+        fakes.insert(inst.id.clone(), fake);
     }
     let config = ControllerConfig {
         lab: lab.clone(),
@@ -82,6 +85,7 @@ async fn rig_on(dir: &Path, broker: BrokerChoice) -> Rig {
     assert_ne!(addr.port(), 0);
     Rig {
         controller,
+        fakes,
         gateway: Some(gateway),
         addr,
     }
@@ -712,5 +716,84 @@ async fn labctl_submit_waits_for_the_run_and_exits_by_how_it_ended() {
         Some(2),
         "a refused login is a connection error"
     );
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supervised_run_holds_when_its_planner_drops_off_and_telemetry_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    rig.fakes["balance"].log.lock().unwrap().values = vec![("mass_g", 10.5)];
+    let (_watcher, mut telemetry) = client(
+        rig.addr,
+        "watcher",
+        "observer-dev",
+        &[
+            "labctl/sim/instruments/+/telemetry",
+            "labctl/sim/instruments/+/state",
+        ],
+    )
+    .await;
+    let s = next_on(&mut telemetry, "labctl/sim/instruments/balance/state").await;
+    assert_eq!(json_of(&s)["id"], "balance");
+    let t = next_on(&mut telemetry, "labctl/sim/instruments/balance/telemetry").await;
+    assert!(json_of(&t)["values"].is_object());
+
+    // A planner whose connection can be cut.
+    let mut opts = MqttOptions::new(
+        "test-supervisor",
+        rig.addr.ip().to_string(),
+        rig.addr.port(),
+    );
+    opts.set_credentials("planner-bo", "planner-dev");
+    let (planner, mut ev) = AsyncClient::new(opts, 16);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Ok(e) = ev.poll().await {
+            if let Event::Incoming(Incoming::Publish(p)) = e {
+                let _ = tx.send(p);
+            }
+        }
+    });
+    planner
+        .subscribe("labctl/sim/protocols/replies/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut p = weigh_protocol("supervised-1", 1);
+    p["metadata"]["supervised"] = json!(true);
+    p["steps"] = json!([{ "type": "wait", "id": "hold", "duration_s": 3600 }]);
+    planner
+        .publish(
+            SUBMIT,
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&p).unwrap(),
+        )
+        .await
+        .unwrap();
+    let reply = json_of(&next_on(&mut rx, "labctl/sim/protocols/replies/supervised-1").await);
+    let run_id = reply["run_id"].as_str().expect("accepted").to_owned();
+    let api = rig.controller.handle.clone();
+    let wait_state = |want: labctl::api::RunState| {
+        let (api, run_id) = (api.clone(), run_id.clone());
+        async move {
+            for _ in 0..500 {
+                if api.run(&run_id).await.map(|r| r.state) == Some(want) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!(
+                "run {run_id} never reached {want}: {:?}",
+                api.run(&run_id).await
+            );
+        }
+    };
+    wait_state(labctl::api::RunState::Running).await;
+    // The planner's process dies: its socket closes without a DISCONNECT.
+    task.abort();
+    drop(planner);
+    wait_state(labctl::api::RunState::Paused).await;
     rig.stop().await;
 }

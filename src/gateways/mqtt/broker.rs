@@ -12,7 +12,10 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use mqtt5::broker::{AuthProvider, AuthResult, BrokerConfig, MqttBroker, StorageConfig};
+use mqtt5::broker::{
+    AuthProvider, AuthResult, BrokerConfig, BrokerEventHandler, ClientConnectEvent,
+    ClientDisconnectEvent, MqttBroker, StorageConfig,
+};
 use mqtt5::packet::connect::ConnectPacket;
 use mqtt5::protocol::v5::reason_codes::ReasonCode;
 
@@ -110,6 +113,37 @@ impl AuthProvider for LabAuth {
     }
 }
 
+/// A user's connection opened or closed (for the planner lease of supervised runs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presence {
+    Connected(String),
+    Disconnected(String),
+}
+
+struct PresenceEvents(tokio::sync::mpsc::UnboundedSender<Presence>);
+
+impl BrokerEventHandler for PresenceEvents {
+    fn on_client_connect<'a>(
+        &'a self,
+        event: ClientConnectEvent,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        if let Some(user) = event.user_id {
+            let _ = self.0.send(Presence::Connected(user.to_string()));
+        }
+        Box::pin(async {})
+    }
+
+    fn on_client_disconnect<'a>(
+        &'a self,
+        event: ClientDisconnectEvent,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        if let Some(user) = event.user_id {
+            let _ = self.0.send(Presence::Disconnected(user.to_string()));
+        }
+        Box::pin(async {})
+    }
+}
+
 /// A running embedded broker.
 pub struct EmbeddedBroker {
     pub addr: SocketAddr,
@@ -124,6 +158,7 @@ impl EmbeddedBroker {
         listen: SocketAddr,
         users: Arc<Users>,
         lab_id: &str,
+        presence: tokio::sync::mpsc::UnboundedSender<Presence>,
     ) -> Result<EmbeddedBroker, String> {
         let gateway_password = random_password();
         let storage = StorageConfig {
@@ -135,7 +170,8 @@ impl EmbeddedBroker {
             .with_bind_address(listen)
             .with_max_packet_size(MAX_PACKET)
             .with_sys_topics_enabled(false)
-            .with_storage(storage);
+            .with_storage(storage)
+            .with_event_handler(Arc::new(PresenceEvents(presence)));
         let auth = Arc::new(LabAuth {
             users,
             gateway_password: gateway_password.clone(),

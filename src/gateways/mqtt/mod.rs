@@ -101,6 +101,8 @@ struct Shared {
     trust_sender: bool,
     stopping: AtomicBool,
     data_dir: PathBuf,
+    /// Planner ids each MQTT user has submitted runs for (the planner lease of supervised runs).
+    planners: std::sync::Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
 }
 
 /// A running MQTT gateway (and the embedded broker, when it started one).
@@ -117,9 +119,11 @@ impl MqttGateway {
     pub async fn start(api: ControllerHandle, config: MqttConfig) -> Result<MqttGateway, String> {
         let lab_id = config.lab.lab_id.clone();
         let topics = Topics::new(&lab_id);
+        let (presence_tx, presence_rx) = mpsc::unbounded_channel();
         let (broker, host, port, credentials, trust_sender) = match &config.broker {
             BrokerChoice::Embedded(listen) => {
-                let b = EmbeddedBroker::start(*listen, config.users.clone(), &lab_id).await?;
+                let b = EmbeddedBroker::start(*listen, config.users.clone(), &lab_id, presence_tx)
+                    .await?;
                 let host = b.addr.ip().to_string();
                 let port = b.addr.port();
                 let creds = Some((GATEWAY_USER.to_owned(), b.gateway_password.clone()));
@@ -166,6 +170,7 @@ impl MqttGateway {
             trust_sender,
             stopping: AtomicBool::new(false),
             data_dir: config.data_dir.clone(),
+            planners: std::sync::Mutex::new(HashMap::new()),
         });
         // Subscribe to the journal before anything can happen, so no committed record is missed.
         let records = api.events();
@@ -175,6 +180,7 @@ impl MqttGateway {
             tokio::spawn(handle_inbound(inbound_rx, shared.clone())),
             tokio::spawn(forward_journal(records, shared.clone())),
             tokio::spawn(publish_instruments(api.watch_snapshot(), shared.clone())),
+            tokio::spawn(planner_lease(presence_rx, shared.clone())),
         ];
         Ok(MqttGateway {
             broker_addr,
@@ -415,9 +421,11 @@ fn to_vec(v: &serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
-/// Retained `instruments/{id}/state` when an instrument's view changes, at most 10 times a second.
+/// Retained `instruments/{id}/state` when an instrument's view changes, and `instruments/{id}/telemetry`
+/// (QoS 0, not retained) when a new reading has arrived; at most 10 times a second.
 async fn publish_instruments(mut snapshots: watch::Receiver<Arc<LabSnapshot>>, s: Arc<Shared>) {
     let mut last: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut last_seen: HashMap<String, std::time::Instant> = HashMap::new();
     loop {
         let snap = snapshots.borrow_and_update().clone();
         for inst in &snap.instruments {
@@ -428,10 +436,67 @@ async fn publish_instruments(mut snapshots: watch::Receiver<Arc<LabSnapshot>>, s
                 publish(&s, s.topics.instrument_state(&inst.id), true, bytes.clone()).await;
                 last.insert(inst.id.clone(), bytes);
             }
+            if let Some(seen) = inst.last_seen
+                && !inst.values.is_empty()
+                && last_seen.get(&inst.id) != Some(&seen)
+            {
+                let values: serde_json::Map<String, serde_json::Value> = inst
+                    .values
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), serde_json::json!(v)))
+                    .collect();
+                let body = serde_json::json!({
+                    "id": inst.id, "at_ms": journal::now_ms(), "values": values,
+                });
+                if let Err(e) = s
+                    .client
+                    .publish(
+                        s.topics.instrument_telemetry(&inst.id),
+                        QoS::AtMostOnce,
+                        false,
+                        to_vec(&body),
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %e, "mqtt: publish failed");
+                }
+                last_seen.insert(inst.id.clone(), seen);
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         if snapshots.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// When the last connection of an MQTT user closes, its supervised runs go to a safe hold: the controller
+/// is told its planner (the user's name, and every planner id it submitted runs for) is lost.
+async fn planner_lease(mut presence: mpsc::UnboundedReceiver<broker::Presence>, s: Arc<Shared>) {
+    let mut open: HashMap<String, u32> = HashMap::new();
+    while let Some(event) = presence.recv().await {
+        match event {
+            broker::Presence::Connected(user) => *open.entry(user).or_insert(0) += 1,
+            broker::Presence::Disconnected(user) => {
+                let n = open.entry(user.clone()).or_insert(1);
+                *n = n.saturating_sub(1);
+                if *n > 0 || user == GATEWAY_USER {
+                    continue;
+                }
+                open.remove(&user);
+                let mut ids = s
+                    .planners
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&user)
+                    .cloned()
+                    .unwrap_or_default();
+                ids.insert(user.clone());
+                for id in ids {
+                    tracing::info!(user, planner_id = id, "mqtt: planner connection lost");
+                    s.api.planner_lost(&id).await;
+                }
+            }
         }
     }
 }
@@ -629,7 +694,18 @@ async fn submit(s: &Shared, topic: &str, bytes: &[u8], principal: Principal, to:
         reply(s, to, pid.as_deref(), r.to_json()).await;
         return;
     }
+    let user = principal.name.clone();
     let answer = s.api.submit(bytes.to_vec(), principal).await;
+    if answer.accepted
+        && let Some(planner_id) = payload::planner_id_of(bytes)
+    {
+        s.planners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(user)
+            .or_default()
+            .insert(planner_id);
+    }
     let pid = answer
         .proposal_id
         .clone()

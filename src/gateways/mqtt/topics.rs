@@ -53,6 +53,9 @@ impl Topics {
     pub fn instrument_state(&self, id: &str) -> String {
         self.t(&format!("instruments/{id}/state"))
     }
+    pub fn instrument_telemetry(&self, id: &str) -> String {
+        self.t(&format!("instruments/{id}/telemetry"))
+    }
     pub fn submit(&self) -> String {
         self.t("protocols/submit")
     }
