@@ -282,6 +282,28 @@ async fn results_arrive_at_qos_1_in_sequence_and_match_the_journal() {
             break;
         }
     }
+    // Resume from a cursor: the results after seq 2 again.
+    planner
+        .publish(
+            format!("labctl/sim/runs/{run_id}/control"),
+            QoS::AtLeastOnce,
+            false,
+            br#"{"action": "replay", "after": 2}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    let again: Vec<u64> = {
+        let mut v = Vec::new();
+        for _ in 3..=n {
+            v.push(
+                json_of(&next_on(&mut rx, &topic).await)["seq"]
+                    .as_u64()
+                    .unwrap(),
+            );
+        }
+        v
+    };
+    assert_eq!(again, (3..=n as u64).collect::<Vec<_>>());
     rig.stop().await;
 }
 

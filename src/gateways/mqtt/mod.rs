@@ -36,7 +36,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use self::broker::{EmbeddedBroker, GATEWAY_USER};
-use self::payload::{Decision, EStopAction, Outbound, Rejection};
+use self::payload::{ControlRequest, Decision, EStopAction, Outbound, Rejection};
 use self::topics::{Inbound, Topics};
 use crate::api::{ApiError, ControllerHandle, Principal, RunState};
 use crate::auth::Users;
@@ -555,12 +555,25 @@ async fn handle_one(s: &Shared, p: Publish) {
     match inbound {
         Inbound::Submit => submit(s, &topic, &p.payload, principal, &reply_to).await,
         Inbound::Control { run_id } => {
-            let outcome = match payload::parse_control(&p.payload, &topic) {
+            let outcome = match payload::parse_control_request(&p.payload, &topic) {
                 Err(r) => Err(r.for_run(&run_id)),
+                Ok(ControlRequest::Replay { after }) => {
+                    // Reading is everyone's right: observers may replay too.
+                    let body = match replay(s, &run_id, after).await {
+                        Ok(n) => to_vec(&serde_json::json!({
+                            "accepted": true, "run_id": run_id, "replayed": n, "after": after,
+                        })),
+                        Err(r) => r.to_json(),
+                    };
+                    reply(s, &reply_to, None, body).await;
+                    return;
+                }
                 Ok(_) if principal.role == Role::Observer => {
                     Err(forbidden(&principal, "control runs", &topic, &run_id))
                 }
-                Ok(c) => api_outcome(s.api.control(&run_id, c, principal).await, &topic, &run_id),
+                Ok(ControlRequest::Run(c)) => {
+                    api_outcome(s.api.control(&run_id, c, principal).await, &topic, &run_id)
+                }
             };
             answer(s, &reply_to, &run_id, outcome).await;
         }
@@ -613,6 +626,45 @@ async fn handle_one(s: &Shared, p: Publish) {
             reply(s, &reply_to, None, body).await;
         }
     }
+}
+
+/// Publishes the run's results after `after` again, from the journal; returns how many.
+async fn replay(s: &Shared, run_id: &str, after: u64) -> Result<usize, Rejection> {
+    let topic = s.topics.run_control(run_id);
+    let known = s.api.run(run_id).await;
+    let dir = s.data_dir.clone();
+    let id = run_id.to_owned();
+    let rows = tokio::task::spawn_blocking(move || {
+        let conn = journal::open_db(&dir).map_err(|e| e.to_string())?;
+        journal::read::results(&conn, &id, i64::try_from(after).unwrap_or(i64::MAX))
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r)
+    .map_err(|e| Rejection::new("unavailable", e, &topic).for_run(run_id))?;
+    if known.is_none() && rows.is_empty() {
+        return Err(
+            Rejection::new("unknown_run", format!("unknown run {run_id}"), &topic).for_run(run_id),
+        );
+    }
+    let pid = known.map(|r| r.proposal_id);
+    let n = rows.len();
+    for row in rows {
+        let p = payload::result_payload(
+            run_id,
+            pid.as_deref(),
+            row.seq.max(0) as u64,
+            &row.name,
+            &row.step,
+            &row.instrument,
+            &row.identity,
+            &row.value,
+            row.at_ms,
+        );
+        publish(s, s.topics.run_results(run_id), false, to_vec(&p)).await;
+    }
+    Ok(n)
 }
 
 fn principal_for(s: &Shared, sender: Option<&str>, topic: &str) -> Result<Principal, Rejection> {

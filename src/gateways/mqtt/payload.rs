@@ -159,6 +159,40 @@ pub fn parse_control(payload: &[u8], topic: &str) -> Result<Control, Rejection> 
     }
 }
 
+/// What a message on `runs/{run_id}/control` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlRequest {
+    Run(Control),
+    /// Publish the run's results with `seq` greater than `after` again (resume from a cursor).
+    Replay {
+        after: u64,
+    },
+}
+
+/// `runs/{run_id}/control`: `pause`, `resume`, `abort`, or `{"action": "replay", "after": N}`.
+pub fn parse_control_request(payload: &[u8], topic: &str) -> Result<ControlRequest, Rejection> {
+    let (word, _) = word_or_field(payload, "action", topic)?;
+    if word == "replay" {
+        let after = serde_json::from_slice::<Value>(payload)
+            .ok()
+            .map(|v| v["after"].clone())
+            .unwrap_or(Value::Null);
+        let after = match after {
+            Value::Null => 0,
+            Value::Number(n) if n.as_u64().is_some() => n.as_u64().unwrap_or(0),
+            other => {
+                return Err(Rejection::new(
+                    "malformed",
+                    format!("\"after\" must be a result seq (a whole number >= 0), not {other}"),
+                    topic,
+                ));
+            }
+        };
+        return Ok(ControlRequest::Replay { after });
+    }
+    parse_control(payload, topic).map(ControlRequest::Run)
+}
+
 /// An approval decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -390,6 +424,24 @@ mod tests {
             assert!(!r.accepted);
             assert_eq!(r.error, "malformed", "{bad:?}");
         }
+    }
+
+    #[test]
+    fn replay_takes_a_cursor() {
+        assert_eq!(
+            parse_control_request(br#"{"action":"replay","after":12}"#, T),
+            Ok(ControlRequest::Replay { after: 12 })
+        );
+        assert_eq!(
+            parse_control_request(b"replay", T),
+            Ok(ControlRequest::Replay { after: 0 })
+        );
+        assert_eq!(
+            parse_control_request(b"pause", T),
+            Ok(ControlRequest::Run(Control::Pause))
+        );
+        assert!(parse_control_request(br#"{"action":"replay","after":-1}"#, T).is_err());
+        assert!(parse_control_request(br#"{"action":"replay","after":"x"}"#, T).is_err());
     }
 
     #[test]
