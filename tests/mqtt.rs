@@ -556,7 +556,9 @@ impl Mosquitto {
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
+            ),
         )
         .unwrap();
         let mut child = std::process::Command::new(mosquitto_binary())
@@ -818,4 +820,106 @@ async fn a_supervised_run_holds_when_its_planner_drops_off_and_telemetry_flows()
     drop(planner);
     wait_state(labctl::api::RunState::Paused).await;
     rig.stop().await;
+}
+
+/// Figures, not a check: `cargo test --release --test mqtt -- --ignored --nocapture submit_latency`.
+/// Submit (MQTT 5, response topic) to the reply, and to the first command reaching the (fake) balance,
+/// through the embedded broker and through mosquitto.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn submit_latency() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::{AsyncClient as Client5, Event as Event5, MqttOptions as Options5};
+    for via in ["embedded", "mosquitto"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mosq;
+        let rig = if via == "embedded" {
+            rig(dir.path()).await
+        } else {
+            mosq = Mosquitto::start(dir.path(), None).await;
+            rig_on(
+                dir.path(),
+                BrokerChoice::External {
+                    url: format!("mqtt://127.0.0.1:{}", mosq.port),
+                    credentials: None,
+                },
+            )
+            .await
+        };
+        let mut opts = Options5::new("bench", rig.addr.ip().to_string(), rig.addr.port());
+        opts.set_credentials("planner-bo", "planner-dev");
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        opts.set_network_options(net);
+        let (client, mut ev) = Client5::new(opts, 64);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(e) = ev.poll().await {
+                if let Event5::Incoming(Packet::Publish(p)) = e {
+                    let _ = tx.send(p);
+                }
+            }
+        });
+        client
+            .subscribe("bench/answers", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let api = rig.controller.handle.clone();
+        let (mut to_reply, mut to_command) = (Vec::new(), Vec::new());
+        for i in 0..200 {
+            let body = serde_json::to_vec(&weigh_protocol(&format!("bench-{via}-{i}"), 1)).unwrap();
+            let before = rig.fakes["balance"].log.lock().unwrap().commands.len();
+            let props = PublishProperties {
+                response_topic: Some("bench/answers".into()),
+                ..Default::default()
+            };
+            let t0 = std::time::Instant::now();
+            client
+                .publish_with_properties(
+                    SUBMIT,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    body,
+                    props,
+                )
+                .await
+                .unwrap();
+            let reply = rx.recv().await.unwrap();
+            to_reply.push(t0.elapsed());
+            loop {
+                if rig.fakes["balance"].log.lock().unwrap().commands.len() > before {
+                    to_command.push(t0.elapsed());
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(5) {
+                    panic!("no command");
+                }
+                tokio::task::yield_now().await;
+            }
+            let run_id = json_of_v5(&reply.payload)["run_id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            while !api.run(&run_id).await.unwrap().state.is_terminal() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        for (what, mut v) in [("reply", to_reply), ("first command", to_command)] {
+            v.sort();
+            let p = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+            println!(
+                "{via}: submit -> {what}: p50 {:?} p99 {:?} max {:?} (n={})",
+                p(0.5),
+                p(0.99),
+                v[v.len() - 1],
+                v.len()
+            );
+        }
+        rig.stop().await;
+    }
+}
+
+fn json_of_v5(payload: &[u8]) -> Value {
+    serde_json::from_slice(payload).unwrap()
 }
