@@ -224,12 +224,13 @@ async fn submit(args: SubmitArgs) -> Result<u8, String> {
         let _ = client.disconnect().await;
         return Ok(0);
     }
-    let code = follow(&topics, &run_id, total_steps, early, &mut rx).await;
+    let code = follow(&client, &topics, &run_id, total_steps, early, &mut rx).await;
     let _ = client.disconnect().await;
     code
 }
 
 async fn follow(
+    client: &AsyncClient,
     topics: &Topics,
     run_id: &str,
     total_steps: u64,
@@ -255,17 +256,26 @@ async fn follow(
         }
     };
     let mut last_seq = 0u64;
+    let mut replay_asked: Option<u64> = None;
+    // The run's end, held back while a replay is outstanding (results may still be on their way).
+    let mut ended: Option<(u8, String, tokio::time::Instant)> = None;
     let mut pending = early.into_iter();
     loop {
         let p = match pending.next() {
             Some(p) => p,
-            None => match rx.recv().await {
-                Some(Ok(p)) => p,
-                Some(Err(e)) => {
+            None => match next_or_deadline(rx, ended.as_ref().map(|e| e.2)).await {
+                None => {
+                    let (code, line) = ended.take().map(|(c, l, _)| (c, l)).unwrap_or_default();
+                    bar.finish_and_clear();
+                    println!("{line}");
+                    return Ok(code);
+                }
+                Some(Some(Ok(p))) => p,
+                Some(Some(Err(e))) => {
                     bar.abandon();
                     return Err(format!("connection lost: {e}"));
                 }
-                None => {
+                Some(None) => {
                     bar.abandon();
                     return Err("connection lost".into());
                 }
@@ -277,13 +287,24 @@ async fn follow(
         };
         if topic == results_t {
             let seq = v["seq"].as_u64().unwrap_or(0);
-            if seq != last_seq + 1 {
-                say(format!(
-                    "warning: result seq {seq} after {last_seq}: {} missing (labctl runs export {run_id})",
-                    seq.saturating_sub(last_seq + 1)
-                ));
+            if seq <= last_seq {
+                continue; // seen already (a replay overlaps)
             }
-            last_seq = last_seq.max(seq);
+            if seq > last_seq + 1 {
+                // A gap (a broker dropped messages): ask labctl to publish the rest again from the journal.
+                if replay_asked != Some(last_seq) {
+                    say(format!(
+                        "result seq {seq} after {last_seq}: asking for a replay from {last_seq}"
+                    ));
+                    let body = format!(r#"{{"action":"replay","after":{last_seq}}}"#);
+                    let _ = client
+                        .publish(topics.run_control(run_id), QoS::AtLeastOnce, false, body)
+                        .await;
+                    replay_asked = Some(last_seq);
+                }
+                continue;
+            }
+            last_seq = seq;
             say(format!(
                 "result {seq} {} ({}): {}",
                 v["name"].as_str().unwrap_or("?"),
@@ -311,12 +332,21 @@ async fn follow(
                 if code == 0 {
                     bar.set_position(bar.length().unwrap_or(0));
                 }
-                bar.finish_and_clear();
                 let reason = v["reason"]
                     .as_str()
                     .map(|r| format!(" ({r})"))
                     .unwrap_or_default();
-                println!("run {run_id} {state}{reason}");
+                let line = format!("run {run_id} {state}{reason}");
+                if replay_asked.is_some() {
+                    ended = Some((
+                        code,
+                        line,
+                        tokio::time::Instant::now() + Duration::from_secs(2),
+                    ));
+                    continue;
+                }
+                bar.finish_and_clear();
+                println!("{line}");
                 return Ok(code);
             }
             bar.set_message(format!(
@@ -324,6 +354,17 @@ async fn follow(
                 v["step"].as_str().unwrap_or_default()
             ));
         }
+    }
+}
+
+/// The next message, or `None` once `deadline` has passed.
+async fn next_or_deadline(
+    rx: &mut mpsc::UnboundedReceiver<Result<Publish, String>>,
+    deadline: Option<tokio::time::Instant>,
+) -> Option<Option<Result<Publish, String>>> {
+    match deadline {
+        None => Some(rx.recv().await),
+        Some(d) => tokio::time::timeout_at(d, rx.recv()).await.ok(),
     }
 }
 
