@@ -923,3 +923,78 @@ async fn submit_latency() {
 fn json_of_v5(payload: &[u8]) -> Value {
     serde_json::from_slice(payload).unwrap()
 }
+
+fn client_tool(name: &str) -> std::path::PathBuf {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/bin"])
+    {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "{name} is not installed (Debian package `mosquitto-clients`; scripts/test installs it)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_clients_speak_3_1_1_and_5_to_the_embedded_broker_and_last_wills_are_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let port = rig.addr.port().to_string();
+    for version in ["mqttv311", "mqttv5"] {
+        let port = port.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(client_tool("mosquitto_sub"))
+                .args(["-h", "127.0.0.1", "-p", &port, "-V", version])
+                .args(["-u", "watcher", "-P", "observer-dev"])
+                .args(["-t", "labctl/sim/status", "-C", "1", "-W", "10", "-q", "1"])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{version}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(status["status"], "online", "{version}");
+    }
+    // A wrong password is refused to mosquitto_sub too.
+    let p = port.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(client_tool("mosquitto_sub"))
+            .args(["-h", "127.0.0.1", "-p", &p, "-u", "watcher", "-P", "nope"])
+            .args(["-t", "labctl/sim/status", "-C", "1", "-W", "5"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+
+    // A client with a last will dies; a subscriber gets the will.
+    let (_observer, mut rx) = client(rig.addr, "alice", "technician-dev", &["test/will"]).await;
+    let mut opts = MqttOptions::new("test-mortal", rig.addr.ip().to_string(), rig.addr.port());
+    opts.set_credentials("planner-bo", "planner-dev");
+    opts.set_last_will(rumqttc::LastWill::new(
+        "test/will",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let (mortal, mut ev) = AsyncClient::new(opts, 8);
+    let task = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    task.abort();
+    drop(mortal);
+    let will = next_on(&mut rx, "test/will").await;
+    assert_eq!(&will.payload[..], b"gone");
+    rig.stop().await;
+}
