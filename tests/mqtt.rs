@@ -546,6 +546,11 @@ fn mosquitto_binary() -> std::path::PathBuf {
 
 impl Mosquitto {
     async fn start(dir: &Path, port: Option<u16>) -> Mosquitto {
+        Self::start_with(dir, port, "").await
+    }
+
+    /// With more configuration lines after the plain listener (e.g. a TLS listener).
+    async fn start_with(dir: &Path, port: Option<u16>, extra: &str) -> Mosquitto {
         let port = port.unwrap_or_else(|| {
             std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -557,7 +562,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
+                "allow_anonymous true\npersistence false\nset_tcp_nodelay true\nlistener {port} 127.0.0.1\n{extra}"
             ),
         )
         .unwrap();
@@ -996,5 +1001,166 @@ async fn mosquitto_clients_speak_3_1_1_and_5_to_the_embedded_broker_and_last_wil
     drop(mortal);
     let will = next_on(&mut rx, "test/will").await;
     assert_eq!(&will.payload[..], b"gone");
+    rig.stop().await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (Debian package `openssl`)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labctl_submit_over_mqtts_verifies_the_broker_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=labctl-test-ca",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+    // mosquitto started as root drops to its own user: let it read this test-only key.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(d.join("server.key"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+    }
+    let tls_port = free_port();
+    let broker = Mosquitto::start_with(
+        d,
+        None,
+        &format!(
+            "listener {tls_port} 127.0.0.1\ncafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\n",
+            d.display()
+        ),
+    )
+    .await;
+    let rig = rig_on(
+        d,
+        BrokerChoice::External {
+            url: format!("mqtt://127.0.0.1:{}", broker.port),
+            credentials: None,
+        },
+    )
+    .await;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let file = d.join("weigh.json");
+    std::fs::write(
+        &file,
+        serde_json::to_vec(&weigh_protocol("tls-1", 2)).unwrap(),
+    )
+    .unwrap();
+    let run = |ca: Option<std::path::PathBuf>, proposal: &'static str| {
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || {
+            if proposal != "tls-1" {
+                std::fs::write(
+                    &file,
+                    serde_json::to_vec(&weigh_protocol(proposal, 1)).unwrap(),
+                )
+                .unwrap();
+            }
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_labctl"));
+            cmd.arg("submit")
+                .arg(&file)
+                .args(["--wait", "--mqtt", &format!("mqtts://127.0.0.1:{tls_port}")])
+                .env_remove("LABCTL_MQTT_USER");
+            match ca {
+                Some(ca) => cmd.env("LABCTL_MQTT_CA", ca),
+                None => cmd.env_remove("LABCTL_MQTT_CA"),
+            };
+            cmd.output().unwrap()
+        })
+    };
+    let out = run(Some(d.join("ca.pem")), "tls-1").await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("result 2 m1 (balance)"), "{stdout}");
+    // Without our CA the broker's certificate is not trusted: no connection, exit 2.
+    let out = run(None, "tls-2").await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     rig.stop().await;
 }

@@ -62,17 +62,40 @@ pub struct MqttConfig {
     pub users: Arc<Users>,
 }
 
-/// Parses `mqtt://host:port` (port 1883 when absent). `mqtts://` is refused: no TLS stack is built in yet.
-pub fn parse_url(url: &str) -> Result<(String, u16), String> {
-    let rest = if let Some(r) = url.strip_prefix("mqtt://") {
-        r
-    } else if url.starts_with("mqtts://") {
-        return Err(format!(
-            "{url}: mqtts:// (TLS) is not supported yet; use mqtt:// on a trusted network"
-        ));
+/// A broker address from a URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+/// Parses `mqtt://host[:port]` (1883) or `mqtts://host[:port]` (8883, TLS).
+pub fn parse_broker_url(url: &str) -> Result<BrokerUrl, String> {
+    let (rest, tls) = if let Some(r) = url.strip_prefix("mqtt://") {
+        (r, false)
+    } else if let Some(r) = url.strip_prefix("mqtts://") {
+        (r, true)
     } else {
-        return Err(format!("{url}: expected mqtt://host:port"));
+        return Err(format!(
+            "{url}: expected mqtt://host:port or mqtts://host:port"
+        ));
     };
+    let default_port = if tls { 8883 } else { 1883 };
+    let (host, port) = split_host_port(url, rest, default_port)?;
+    Ok(BrokerUrl { host, port, tls })
+}
+
+/// Parses `mqtt://host:port` (port 1883 when absent); `mqtts://` is refused here (see [`parse_broker_url`]).
+pub fn parse_url(url: &str) -> Result<(String, u16), String> {
+    let b = parse_broker_url(url)?;
+    if b.tls {
+        return Err(format!("{url}: TLS is not available here; use mqtt://"));
+    }
+    Ok((b.host, b.port))
+}
+
+fn split_host_port(url: &str, rest: &str, default_port: u16) -> Result<(String, u16), String> {
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
@@ -80,7 +103,7 @@ pub fn parse_url(url: &str) -> Result<(String, u16), String> {
             p.parse::<u16>()
                 .map_err(|_| format!("{url}: bad port {p:?}"))?,
         ),
-        _ => (rest, 1883),
+        _ => (rest, default_port),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
@@ -120,6 +143,7 @@ impl MqttGateway {
         let lab_id = config.lab.lab_id.clone();
         let topics = Topics::new(&lab_id);
         let (presence_tx, presence_rx) = mpsc::unbounded_channel();
+        let mut tls = None;
         let (broker, host, port, credentials, trust_sender) = match &config.broker {
             BrokerChoice::Embedded(listen) => {
                 let b = EmbeddedBroker::start(*listen, config.users.clone(), &lab_id, presence_tx)
@@ -130,8 +154,11 @@ impl MqttGateway {
                 (Some(b), host, port, creds, true)
             }
             BrokerChoice::External { url, credentials } => {
-                let (host, port) = parse_url(url)?;
-                (None, host, port, credentials.clone(), false)
+                let b = parse_broker_url(url)?;
+                if b.tls {
+                    tls = Some(tls_config()?);
+                }
+                (None, b.host, b.port, credentials.clone(), false)
             }
         };
         let broker_addr = if host.contains(':') {
@@ -158,6 +185,9 @@ impl MqttGateway {
         let mut net = rumqttc::NetworkOptions::new();
         net.set_tcp_nodelay(true);
         opts.set_network_options(net);
+        if let Some(tls) = tls {
+            opts.set_transport(rumqttc::Transport::tls_with_config(tls));
+        }
         let (client, eventloop) = AsyncClient::new(opts, 4096);
         let shared = Arc::new(Shared {
             api: api.clone(),
@@ -218,6 +248,43 @@ impl MqttGateway {
             b.stop().await;
         }
     }
+}
+
+/// TLS to an external broker: the CA certificates of LABCTL_MQTT_CA (a PEM file) when set, else the
+/// system's roots. rustls with ring; certificates and host names are always verified.
+pub fn tls_config() -> Result<rumqttc::TlsConfiguration, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match std::env::var("LABCTL_MQTT_CA") {
+        Ok(path) => {
+            let certs = CertificateDer::pem_file_iter(&path)
+                .map_err(|e| format!("LABCTL_MQTT_CA {path}: {e}"))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("LABCTL_MQTT_CA {path}: {e}"))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(format!("LABCTL_MQTT_CA {path}: no certificate in it"));
+            }
+        }
+        Err(_) => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err(
+                    "mqtts://: no system root certificates; set LABCTL_MQTT_CA to a PEM file"
+                        .into(),
+                );
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(rumqttc::TlsConfiguration::Rustls(Arc::new(config)))
 }
 
 /// Reconnect delay after `failures` consecutive failures: exponential from 100 ms up to 10 s, with
@@ -788,5 +855,36 @@ async fn reply(s: &Shared, to: &ReplyTo, proposal_id: Option<&str>, body: Vec<u8
         Some(pid) => publish(s, s.topics.reply(pid), false, body).await,
         None if to.response_topic.is_none() => publish(s, s.topics.rejections(), false, body).await,
         None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        let b = parse_broker_url("mqtt://broker.lab").unwrap();
+        assert_eq!(
+            (b.host.as_str(), b.port, b.tls),
+            ("broker.lab", 1883, false)
+        );
+        let b = parse_broker_url("mqtts://broker.lab").unwrap();
+        assert_eq!((b.port, b.tls), (8883, true));
+        let b = parse_broker_url("mqtt://127.0.0.1:1884/").unwrap();
+        assert_eq!((b.host.as_str(), b.port), ("127.0.0.1", 1884));
+        let b = parse_broker_url("mqtt://[::1]:1885").unwrap();
+        assert_eq!((b.host.as_str(), b.port), ("::1", 1885));
+        for bad in ["tcp://x:1", "mqtt://", "mqtt://x:port", "mqtt://x:70000"] {
+            assert!(parse_broker_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        assert!(backoff(1) <= Duration::from_millis(100));
+        assert!(backoff(1) >= Duration::from_millis(50));
+        assert!(backoff(30) <= Duration::from_secs(10));
+        assert!(backoff(30) >= Duration::from_secs(5));
     }
 }

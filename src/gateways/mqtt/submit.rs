@@ -24,8 +24,8 @@ pub struct SubmitArgs {
     /// Follow the run: progress over its steps and its results, until it ends.
     #[arg(long)]
     pub wait: bool,
-    /// The broker (`mqtt://host:port`). Credentials from LABCTL_MQTT_USER with LABCTL_MQTT_PASSWORD or
-    /// LABCTL_MQTT_PASSWORD_FILE.
+    /// The broker (`mqtt://host:port`, or `mqtts://host:port` with the CA in LABCTL_MQTT_CA or the system's).
+    /// Credentials from LABCTL_MQTT_USER with LABCTL_MQTT_PASSWORD or LABCTL_MQTT_PASSWORD_FILE.
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     pub mqtt: String,
     /// The lab's id (its topics are under `labctl/{lab_id}/`).
@@ -108,7 +108,8 @@ async fn submit(args: SubmitArgs) -> Result<u8, String> {
     let total_steps = serde_json::from_slice::<Value>(&bytes)
         .map(|v| count_steps(&v["steps"]))
         .unwrap_or(0);
-    let (host, port) = super::parse_url(&args.mqtt)?;
+    let broker = super::parse_broker_url(&args.mqtt)?;
+    let (host, port) = (broker.host.clone(), broker.port);
     if !labctl_protocols::lab::is_identifier(&args.lab_id) {
         return Err(format!(
             "--lab-id {:?}: letters, digits, '-' and '_' only",
@@ -130,6 +131,9 @@ async fn submit(args: SubmitArgs) -> Result<u8, String> {
     let mut net = rumqttc::NetworkOptions::new();
     net.set_tcp_nodelay(true);
     opts.set_network_options(net);
+    if broker.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(super::tls_config()?));
+    }
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let (tx, mut rx) = mpsc::unbounded_channel::<Result<Publish, String>>();
     let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<Result<(), String>>();
