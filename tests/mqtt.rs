@@ -1164,3 +1164,132 @@ async fn labctl_submit_over_mqtts_verifies_the_broker_certificate() {
     );
     rig.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn technicians_approve_and_stop_over_mqtt_and_nobody_else_may() {
+    use labctl::api::RunState;
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    let api = rig.controller.handle.clone();
+    let (planner, mut prx) = client(
+        rig.addr,
+        "planner-bo",
+        "planner-dev",
+        &["labctl/sim/protocols/replies/#", "labctl/sim/rejections"],
+    )
+    .await;
+    let (alice, _arx) = client(rig.addr, "alice", "technician-dev", &[]).await;
+    let (rig1, _rrx) = client(rig.addr, "rig-1", "rig-dev", &[]).await;
+    // Longer than the sim lab's auto-approval limit (3600 s): it waits for a technician.
+    let mut p = weigh_protocol("approve-1", 1);
+    p["steps"] = json!([{ "type": "wait", "id": "long", "duration_s": 4000 }]);
+    planner
+        .publish(
+            SUBMIT,
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&p).unwrap(),
+        )
+        .await
+        .unwrap();
+    let reply = json_of(&next_on(&mut prx, "labctl/sim/protocols/replies/approve-1").await);
+    assert_eq!(reply["state"], "awaiting_approval", "{reply}");
+    let run_id = reply["run_id"].as_str().unwrap().to_owned();
+    let state = |api: labctl::api::ControllerHandle, run_id: String| async move {
+        api.run(&run_id).await.map(|r| r.state)
+    };
+    let until = |want: fn(Option<RunState>) -> bool| {
+        let (api, run_id) = (api.clone(), run_id.clone());
+        async move {
+            for _ in 0..500 {
+                if want(state(api.clone(), run_id.clone()).await) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("run {run_id}: {:?}", state(api, run_id.clone()).await);
+        }
+    };
+
+    // The planner may not approve its own proposal.
+    let approval = format!("labctl/sim/runs/{run_id}/approval");
+    planner
+        .publish(&approval, QoS::AtLeastOnce, false, b"approve".to_vec())
+        .await
+        .unwrap();
+    let r = json_of(&next_on(&mut prx, "labctl/sim/rejections").await);
+    assert_eq!(r["error"], "forbidden", "{r}");
+    // A technician does.
+    alice
+        .publish(
+            &approval,
+            QoS::AtLeastOnce,
+            false,
+            br#"{"decision": "approve"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    until(|s| matches!(s, Some(RunState::Running))).await;
+
+    // Another principal's run: a rig may not pause it (the planner's rejection topic shows it).
+    rig1.publish(
+        format!("labctl/sim/runs/{run_id}/control"),
+        QoS::AtLeastOnce,
+        false,
+        b"pause".to_vec(),
+    )
+    .await
+    .unwrap();
+    let r = json_of(&next_on(&mut prx, "labctl/sim/rejections").await);
+    assert_eq!(r["error"], "forbidden", "{r}");
+    assert_eq!(
+        state(api.clone(), run_id.clone()).await,
+        Some(RunState::Running)
+    );
+
+    // The planner may not e-stop; the technician may, and must acknowledge.
+    planner
+        .publish(
+            "labctl/sim/estop",
+            QoS::AtLeastOnce,
+            false,
+            b"trigger".to_vec(),
+        )
+        .await
+        .unwrap();
+    let r = json_of(&next_on(&mut prx, "labctl/sim/rejections").await);
+    assert_eq!(r["error"], "forbidden", "{r}");
+    alice
+        .publish(
+            "labctl/sim/estop",
+            QoS::AtLeastOnce,
+            false,
+            br#"{"action": "trigger"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    until(|s| matches!(s, Some(RunState::Aborted))).await;
+    alice
+        .publish(
+            "labctl/sim/estop",
+            QoS::AtLeastOnce,
+            false,
+            br#"{"action": "acknowledge"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    // Acknowledged: a new proposal runs again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    planner
+        .publish(
+            SUBMIT,
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&weigh_protocol("after-estop", 1)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let r = json_of(&next_on(&mut prx, "labctl/sim/protocols/replies/after-estop").await);
+    assert_eq!(r["accepted"], true, "{r}");
+    rig.stop().await;
+}

@@ -615,7 +615,7 @@ async fn handle_one(s: &Shared, p: Publish) {
                 proposal_id: pid.clone(),
                 ..r
             };
-            reply(s, &reply_to, pid.as_deref(), r.to_json()).await;
+            reply(s, &reply_to, pid.as_deref(), r.to_json(), true).await;
             return;
         }
     };
@@ -626,13 +626,16 @@ async fn handle_one(s: &Shared, p: Publish) {
                 Err(r) => Err(r.for_run(&run_id)),
                 Ok(ControlRequest::Replay { after }) => {
                     // Reading is everyone's right: observers may replay too.
-                    let body = match replay(s, &run_id, after).await {
-                        Ok(n) => to_vec(&serde_json::json!({
-                            "accepted": true, "run_id": run_id, "replayed": n, "after": after,
-                        })),
-                        Err(r) => r.to_json(),
+                    let (body, rejected) = match replay(s, &run_id, after).await {
+                        Ok(n) => (
+                            to_vec(&serde_json::json!({
+                                "accepted": true, "run_id": run_id, "replayed": n, "after": after,
+                            })),
+                            false,
+                        ),
+                        Err(r) => (r.to_json(), true),
                     };
-                    reply(s, &reply_to, None, body).await;
+                    reply(s, &reply_to, None, body, rejected).await;
                     return;
                 }
                 Ok(_) if principal.role == Role::Observer => {
@@ -686,11 +689,14 @@ async fn handle_one(s: &Shared, p: Publish) {
                     .await
                     .map_err(|e| api_rejection(e, &topic)),
             };
-            let body = match outcome {
-                Ok(()) => to_vec(&serde_json::json!({"accepted": true, "topic": topic})),
-                Err(r) => r.to_json(),
+            let (body, rejected) = match outcome {
+                Ok(()) => (
+                    to_vec(&serde_json::json!({"accepted": true, "topic": topic})),
+                    false,
+                ),
+                Err(r) => (r.to_json(), true),
             };
-            reply(s, &reply_to, None, body).await;
+            reply(s, &reply_to, None, body, rejected).await;
         }
     }
 }
@@ -786,18 +792,19 @@ fn api_outcome(
 }
 
 async fn answer(s: &Shared, to: &ReplyTo, run_id: &str, outcome: Result<RunState, Rejection>) {
-    let body = match outcome {
-        Ok(state) => {
-            to_vec(&serde_json::json!({"accepted": true, "run_id": run_id, "state": state}))
-        }
-        Err(r) => r.to_json(),
+    let (body, rejected) = match outcome {
+        Ok(state) => (
+            to_vec(&serde_json::json!({"accepted": true, "run_id": run_id, "state": state})),
+            false,
+        ),
+        Err(r) => (r.to_json(), true),
     };
-    reply(s, to, None, body).await;
+    reply(s, to, None, body, rejected).await;
 }
 
 async fn submit(s: &Shared, topic: &str, bytes: &[u8], principal: Principal, to: &ReplyTo) {
     if let Err(r) = payload::check_size(bytes, topic) {
-        reply(s, to, None, r.to_json()).await;
+        reply(s, to, None, r.to_json(), true).await;
         return;
     }
     let pid = payload::proposal_id_of(bytes);
@@ -810,7 +817,7 @@ async fn submit(s: &Shared, topic: &str, bytes: &[u8], principal: Principal, to:
                 topic,
             )
         };
-        reply(s, to, pid.as_deref(), r.to_json()).await;
+        reply(s, to, pid.as_deref(), r.to_json(), true).await;
         return;
     }
     let user = principal.name.clone();
@@ -831,12 +838,13 @@ async fn submit(s: &Shared, topic: &str, bytes: &[u8], principal: Principal, to:
         .filter(|p| topics::is_topic_level(p))
         .or(pid);
     let body = serde_json::to_vec(&answer).unwrap_or_default();
-    reply(s, to, pid.as_deref(), body).await;
+    reply(s, to, pid.as_deref(), body, !answer.accepted).await;
 }
 
 /// Sends a reply to the MQTT 5 response topic (with its correlation data) when there is one, to
-/// `protocols/replies/{proposal_id}` when there is a proposal id, and to `rejections` when neither.
-async fn reply(s: &Shared, to: &ReplyTo, proposal_id: Option<&str>, body: Vec<u8>) {
+/// `protocols/replies/{proposal_id}` when there is a proposal id, and, for a refusal, to `rejections` when
+/// neither (an acceptance without a response topic needs no answer: the run's status shows it).
+async fn reply(s: &Shared, to: &ReplyTo, proposal_id: Option<&str>, body: Vec<u8>, rejected: bool) {
     if let Some(rt) = &to.response_topic {
         let props = PublishProperties {
             correlation_data: to.correlation.clone().map(Into::into),
@@ -853,7 +861,9 @@ async fn reply(s: &Shared, to: &ReplyTo, proposal_id: Option<&str>, body: Vec<u8
     }
     match proposal_id {
         Some(pid) => publish(s, s.topics.reply(pid), false, body).await,
-        None if to.response_topic.is_none() => publish(s, s.topics.rejections(), false, body).await,
+        None if to.response_topic.is_none() && rejected => {
+            publish(s, s.topics.rejections(), false, body).await
+        }
         None => {}
     }
 }
