@@ -1293,3 +1293,69 @@ async fn technicians_approve_and_stop_over_mqtt_and_nobody_else_may() {
     assert_eq!(r["accepted"], true, "{r}");
     rig.stop().await;
 }
+
+/// Figures, not a check: `cargo test --release --test mqtt -- --ignored --nocapture broker_ceiling`.
+/// Messages per second one native (rumqttc) publisher gets through to one subscriber, QoS 0 and 1, on the
+/// embedded broker and on mosquitto: the ceiling labctl's result stream is measured against.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn broker_ceiling() {
+    const N: usize = 20_000;
+    for via in ["embedded", "mosquitto"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mosq;
+        let rig = if via == "embedded" {
+            rig(dir.path()).await
+        } else {
+            mosq = Mosquitto::start(dir.path(), None).await;
+            rig_on(
+                dir.path(),
+                BrokerChoice::External {
+                    url: format!("mqtt://127.0.0.1:{}", mosq.port),
+                    credentials: None,
+                },
+            )
+            .await
+        };
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+            let topic = format!("bench/{via}/{qos:?}");
+            let (_sub, mut rx) = client(rig.addr, "watcher", "observer-dev", &[&topic]).await;
+            let mut opts = MqttOptions::new(
+                format!("pub-{via}-{qos:?}"),
+                rig.addr.ip().to_string(),
+                rig.addr.port(),
+            );
+            opts.set_credentials("planner-bo", "planner-dev");
+            opts.set_inflight(100);
+            let mut net = rumqttc::NetworkOptions::new();
+            net.set_tcp_nodelay(true);
+            let (publisher, mut ev) = AsyncClient::new(opts, 1000);
+            ev.set_network_options(net);
+            tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+            let payload = vec![b'x'; 200];
+            let t0 = std::time::Instant::now();
+            let p = publisher.clone();
+            let topic2 = topic.clone();
+            tokio::spawn(async move {
+                for _ in 0..N {
+                    p.publish(&topic2, qos, false, payload.clone())
+                        .await
+                        .unwrap();
+                }
+            });
+            let mut got = 0;
+            while got < N {
+                match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+                    Ok(Some(_)) => got += 1,
+                    _ => break,
+                }
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            println!(
+                "{via} {qos:?}: {got}/{N} messages in {secs:.2} s: {:.0} msg/s",
+                got as f64 / secs
+            );
+        }
+        rig.stop().await;
+    }
+}
