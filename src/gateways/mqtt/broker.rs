@@ -169,6 +169,9 @@ impl EmbeddedBroker {
         let config = BrokerConfig::default()
             .with_bind_address(listen)
             .with_max_packet_size(MAX_PACKET)
+            // Sessions live in memory: a client that asked to keep its session gets it back within an
+            // hour, not forever.
+            .with_session_expiry(std::time::Duration::from_secs(3600))
             .with_sys_topics_enabled(false)
             .with_storage(storage)
             .with_event_handler(Arc::new(PresenceEvents(presence)));
