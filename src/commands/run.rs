@@ -227,10 +227,11 @@ async fn run_async(
     }
     wait_for_signal().await;
     say!("labctl: shutting down, leaving instruments safe");
+    controller.shutdown().await;
+    // After the controller: the aborted runs' last states reach MQTT before `offline`.
     if let Some(gw) = mqtt {
         gw.shutdown().await;
     }
-    controller.shutdown().await;
     runtime.shutdown().await;
     Ok(())
 }

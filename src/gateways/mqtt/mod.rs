@@ -359,7 +359,11 @@ async fn publish(s: &Shared, topic: String, retain: bool, payload: Vec<u8>) {
         .publish(topic, QoS::AtLeastOnce, retain, payload)
         .await
     {
-        tracing::warn!(error = %e, "mqtt: publish failed");
+        if s.stopping.load(Ordering::SeqCst) {
+            tracing::debug!(error = %e, "mqtt: publish after shutdown dropped");
+        } else {
+            tracing::warn!(error = %e, "mqtt: publish failed");
+        }
     }
 }
 
