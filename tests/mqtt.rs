@@ -1359,3 +1359,93 @@ async fn broker_ceiling() {
         rig.stop().await;
     }
 }
+
+/// Python's paho-mqtt, the client most planners are written with, over MQTT 3.1.1 and 5: the retained
+/// capabilities, a submit answered on `protocols/replies/{proposal_id}` and (MQTT 5) on the response topic
+/// with the correlation data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_planners_over_mqtt_3_1_1_and_5() {
+    let Some(python) = std::env::var_os("LABCTL_TEST_PYTHON") else {
+        println!(
+            "SKIPPED: LABCTL_TEST_PYTHON is not set (scripts/test sets it to a venv python with paho-mqtt)"
+        );
+        return;
+    };
+    const SCRIPT: &str = r#"
+import json, socket, sys, threading, time
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+host, port, version, protocol = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+v5 = version == "5"
+pid = json.loads(protocol)["metadata"]["proposal_id"]
+got, done = {}, threading.Event()
+def on_message(client, userdata, msg):
+    body = json.loads(msg.payload)
+    if msg.topic == "labctl/sim/capabilities":
+        got["schema"] = "protocol_schema" in body
+    elif msg.topic == "labctl/sim/protocols/replies/" + pid:
+        got["reply"] = body["accepted"]
+    elif msg.topic == "py/answers":
+        got["response_topic"] = body["accepted"]
+        got["correlation"] = msg.properties.CorrelationData.decode()
+    if "schema" in got and "reply" in got and (not v5 or "response_topic" in got):
+        done.set()
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-" + version,
+                protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
+c.username_pw_set("planner-bo", "planner-dev")
+c.on_message = on_message
+c.connect(host, port)
+c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+c.subscribe([("labctl/sim/capabilities", 1), ("labctl/sim/protocols/replies/#", 1), ("py/answers", 1)])
+c.loop_start()
+time.sleep(0.3)
+props = None
+if v5:
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = "py/answers"
+    props.CorrelationData = b"paho-corr"
+c.publish("labctl/sim/protocols/submit", protocol, qos=1, properties=props)
+ok = done.wait(10)
+print(json.dumps(got))
+c.loop_stop()
+c.disconnect()
+sys.exit(0 if ok else 1)
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for version in ["3", "5"] {
+        let protocol = weigh_protocol(&format!("paho-{version}"), 1).to_string();
+        let (python, addr) = (python.clone(), rig.addr);
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(python)
+                .args([
+                    "-c",
+                    SCRIPT,
+                    &addr.ip().to_string(),
+                    &addr.port().to_string(),
+                    version,
+                    &protocol,
+                ])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "paho {version}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(got["schema"], true, "{got}");
+        assert_eq!(got["reply"], true, "{got}");
+        if version == "5" {
+            assert_eq!(got["response_topic"], true, "{got}");
+            assert_eq!(got["correlation"], "paho-corr", "{got}");
+        }
+    }
+    rig.stop().await;
+}
