@@ -77,7 +77,17 @@ async fn step_overhead() {
         .submit(doc, Principal::new("bench", Role::Planner, "bench"))
         .await;
     assert!(reply.accepted, "{reply:?}");
-    let run_id = reply.run_id.unwrap();
+    let run_id = reply.run_id.clone().unwrap();
+    if reply.state == Some(RunState::AwaitingApproval) {
+        println!(
+            "step_overhead: approving ({:?})",
+            reply.approval_required_because
+        );
+        api.approve(&run_id, Principal::new("tech", Role::Technician, "bench"))
+            .await
+            .unwrap();
+    }
+    let submitted = started.elapsed();
     let mut durable_results = 0;
     // Count results as the journal publishes them (i.e. once durable), until the run's final state is durable.
     loop {
@@ -102,6 +112,11 @@ async fn step_overhead() {
     }
     let elapsed = started.elapsed();
     assert_eq!(api.run(&run_id).await.unwrap().state, RunState::Completed);
+    println!(
+        "step_overhead: submit (validation + dry run on the model) took {:.3} s",
+        submitted.as_secs_f64()
+    );
+    let elapsed = elapsed - submitted;
     let per_step = elapsed / steps as u32;
     println!(
         "step_overhead: {steps} steps in {:.3} s = {:.0} steps/s, {:.1} us/step; {durable_results} results durable (fsync'd group commits)",

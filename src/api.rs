@@ -210,7 +210,8 @@ pub struct ControllerHandle {
     pub(crate) snapshot: watch::Receiver<Arc<LabSnapshot>>,
     pub(crate) lab: Arc<labctl_protocols::Lab>,
     pub(crate) estop: crate::safety::EStop,
-    pub(crate) instruments: Arc<std::collections::BTreeMap<String, crate::instruments::InstrumentHandle>>,
+    pub(crate) instruments:
+        Arc<std::collections::BTreeMap<String, crate::instruments::InstrumentHandle>>,
 }
 
 impl ControllerHandle {
@@ -225,7 +226,10 @@ impl ControllerHandle {
         if !matches!(principal.role, Role::Planner | Role::Rig | Role::Technician) {
             return SubmitReply::refused(
                 None,
-                format!("{} is an observer and may not submit protocols", principal.name),
+                format!(
+                    "{} is an observer and may not submit protocols",
+                    principal.name
+                ),
             );
         }
         let lab = Arc::clone(&self.lab);
@@ -235,7 +239,11 @@ impl ControllerHandle {
                 .protocol
                 .as_ref()
                 .map(|p| labctl_simulators::dry_run::dry_run(p, &lab, 1));
-            Checked { bytes, report, dry_run }
+            Checked {
+                bytes,
+                report,
+                dry_run,
+            }
         })
         .await;
         let Ok(checked) = checked else {

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use labctl_protocols::Lab;
 use labctl_protocols::lab::Role;
 
@@ -23,7 +23,11 @@ pub enum AuthError {
 #[derive(Debug, thiserror::Error)]
 pub enum UsersError {
     #[error("user {user}: cannot read password file {path}: {source}")]
-    PasswordFile { user: String, path: String, source: std::io::Error },
+    PasswordFile {
+        user: String,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("user {user}: password hash is not a valid PHC string: {reason}")]
     BadHash { user: String, reason: String },
 }
@@ -41,6 +45,8 @@ struct Failures {
 /// The lab's users, ready to check passwords.
 pub struct Users {
     users: BTreeMap<String, (Role, String)>,
+    /// A hash nobody's password matches, checked for unknown users.
+    decoy: String,
     failures: Mutex<BTreeMap<String, Failures>>,
 }
 
@@ -61,10 +67,18 @@ impl Users {
                     .to_owned(),
                 (None, None) => continue, // refused by Lab::problems already
             };
-            PasswordHash::new(&hash).map_err(|e| UsersError::BadHash { user: u.name.clone(), reason: e.to_string() })?;
+            PasswordHash::new(&hash).map_err(|e| UsersError::BadHash {
+                user: u.name.clone(),
+                reason: e.to_string(),
+            })?;
             users.insert(u.name.clone(), (u.role, hash));
         }
-        Ok(Users { users, failures: Mutex::new(BTreeMap::new()) })
+        let decoy = hash_password("labctl decoy: no user has this password").unwrap_or_default();
+        Ok(Users {
+            users,
+            decoy,
+            failures: Mutex::new(BTreeMap::new()),
+        })
     }
 
     /// Whether any user is configured (anonymous access is refused whenever one is).
@@ -86,13 +100,24 @@ impl Users {
                 && let Some(until) = f.locked_until
                 && until > now
             {
-                return Err(AuthError::Throttled { user: user.to_owned(), retry_in_s: (until - now).as_secs().max(1) });
+                return Err(AuthError::Throttled {
+                    user: user.to_owned(),
+                    retry_in_s: (until - now).as_secs().max(1),
+                });
             }
         }
-        let ok = self.users.get(user).and_then(|(role, hash)| {
-            let parsed = PasswordHash::new(hash).ok()?;
-            Argon2::default().verify_password(password.as_bytes(), &parsed).ok().map(|_| *role)
+        // An unknown user costs the same argon2 work as a known one, so timing does not tell which names
+        // exist.
+        let (role, hash) = match self.users.get(user) {
+            Some((role, hash)) => (Some(*role), hash.as_str()),
+            None => (None, self.decoy.as_str()),
+        };
+        let verified = PasswordHash::new(hash).ok().is_some_and(|parsed| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
         });
+        let ok = role.filter(|_| verified);
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         match ok {
             Some(role) => {
@@ -103,7 +128,8 @@ impl Users {
                 let f = failures.entry(user.to_owned()).or_default();
                 f.count += 1;
                 if f.count > FREE_FAILURES {
-                    let lockout = Duration::from_secs(1u64 << (f.count - FREE_FAILURES).min(9)).min(MAX_LOCKOUT);
+                    let lockout = Duration::from_secs(1u64 << (f.count - FREE_FAILURES).min(9))
+                        .min(MAX_LOCKOUT);
                     f.locked_until = Some(now + lockout);
                 }
                 tracing::warn!(user, failures = f.count, "login refused");
@@ -116,7 +142,10 @@ impl Users {
 /// An argon2id PHC hash of a password, for the lab file (`labctl passwd`).
 pub fn hash_password(password: &str) -> Result<String, String> {
     let salt = SaltString::generate(&mut password_hash::rand_core::OsRng);
-    Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string()).map_err(|e| e.to_string())
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -148,7 +177,10 @@ mod tests {
         for _ in 0..FREE_FAILURES + 1 {
             let _ = users.verify("alice", "wrong");
         }
-        assert!(matches!(users.verify("alice", "correct horse"), Err(AuthError::Throttled { .. })));
+        assert!(matches!(
+            users.verify("alice", "correct horse"),
+            Err(AuthError::Throttled { .. })
+        ));
     }
 
     #[test]
@@ -163,7 +195,10 @@ mod tests {
             password_hash: None,
             password_file: Some(path),
         }];
-        assert_eq!(Users::from_lab(&lab).unwrap().verify("bob", "pw"), Ok(Role::Planner));
+        assert_eq!(
+            Users::from_lab(&lab).unwrap().verify("bob", "pw"),
+            Ok(Role::Planner)
+        );
         lab.users[0].password_file = None;
         lab.users[0].password_hash = Some("argon2id:not-a-phc-string".into());
         assert!(Users::from_lab(&lab).is_err());

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use labctl_protocols::lab::{Lab, Role, TripAction};
 use labctl_protocols::Protocol;
+use labctl_protocols::lab::{Lab, Role, TripAction};
 use labctl_simulators::model::VirtualClock;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -183,6 +183,8 @@ struct RunEntry {
     estimated_duration_s: Option<f64>,
     approval_required_because: Vec<String>,
     instruments: BTreeSet<String>,
+    /// Results recorded so far (shared with the run task).
+    results: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// vessel -> deck position, as the run last reported.
     vessels: BTreeMap<String, String>,
     control: watch::Sender<Control>,
@@ -516,6 +518,7 @@ impl Core {
                 estimated_duration_s: report.estimated_duration_s,
                 approval_required_because: report.approval_required_because.clone(),
                 instruments,
+                results: None,
                 vessels: protocol_vessels,
                 control,
                 task: None,
@@ -791,11 +794,11 @@ impl Core {
                 }
             }
             RunUpdate::Resumed { run_id } => {
-                if self
-                    .runs
-                    .get(&run_id)
-                    .is_some_and(|r| r.state == RunState::Paused)
+                if let Some(run) = self.runs.get_mut(&run_id)
+                    && run.state == RunState::Paused
                 {
+                    // The pause's reason no longer describes the run.
+                    run.reason = None;
                     self.set_state(&run_id, RunState::Running, None);
                 }
             }
@@ -883,9 +886,11 @@ impl Core {
                 self.estop.clone(),
             ));
             let protocol = Arc::clone(&run.protocol);
+            let results = Arc::clone(&ctx.results);
             let task = tokio::spawn(run_protocol(ctx, protocol));
             if let Some(run) = self.runs.get_mut(&id) {
                 run.task = Some(task);
+                run.results = Some(results);
             }
             self.event(Some(&id), "started", None, json!({}));
             self.set_state(&id, RunState::Running, None);
@@ -959,6 +964,9 @@ fn info(r: &RunEntry) -> RunInfo {
         estimated_duration_s: r.estimated_duration_s,
         approval_required_because: r.approval_required_because.clone(),
         instruments: r.instruments.iter().cloned().collect(),
-        results: 0,
+        results: r
+            .results
+            .as_ref()
+            .map_or(0, |n| n.load(std::sync::atomic::Ordering::SeqCst)),
     }
 }

@@ -67,7 +67,8 @@ pub struct RunContext {
     pub control: watch::Receiver<Control>,
     pub updates: mpsc::UnboundedSender<RunUpdate>,
     pub estop: crate::safety::EStop,
-    seq: AtomicU64,
+    /// Results so far; the next result's sequence number is one more. Shared with the controller.
+    pub results: Arc<AtomicU64>,
     /// Deck position of each vessel, updated as transfers finish.
     vessels: Mutex<BTreeMap<String, String>>,
 }
@@ -107,7 +108,7 @@ impl RunContext {
             control,
             updates,
             estop,
-            seq: AtomicU64::new(0),
+            results: Arc::new(AtomicU64::new(0)),
             vessels: Mutex::new(vessels),
         }
     }
@@ -374,7 +375,7 @@ impl RunContext {
     }
 
     fn result(&self, name: &str, step: &str, instrument: &str, outcome: &Outcome) {
-        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let seq = self.results.fetch_add(1, Ordering::SeqCst) + 1;
         let identity = self
             .instruments
             .get(instrument)

@@ -119,7 +119,10 @@ async fn wait_safe_states(rig: &Rig, id: &str, n: usize) {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    panic!("{id} was sent to its safe state {} times, expected at least {n}", rig.fake(id).safe_states);
+    panic!(
+        "{id} was sent to its safe state {} times, expected at least {n}",
+        rig.fake(id).safe_states
+    );
 }
 
 /// The run as the journal has it, once `ready` holds (records are committed in batches, shortly after).
@@ -797,17 +800,32 @@ async fn the_dry_run_estimate_is_recorded_and_its_conflicts_need_a_technician() 
     });
     let reply = rig.api().submit(bytes(&p), planner()).await;
     assert_eq!(reply.state, Some(RunState::AwaitingApproval), "{reply:?}");
-    assert!(reply.approval_required_because.iter().any(|r| r.contains("dry run")), "{reply:?}");
+    assert!(
+        reply
+            .approval_required_because
+            .iter()
+            .any(|r| r.contains("dry run")),
+        "{reply:?}"
+    );
     let estimate = reply.estimated_duration_s.unwrap();
     assert!((300.0..310.0).contains(&estimate), "estimate {estimate}");
     let run = reply.run_id.unwrap();
-    let detail = journal_detail(dir.path(), &run, |d| d.events.iter().any(|e| e.kind == "dry_run")).await;
+    let detail = journal_detail(dir.path(), &run, |d| {
+        d.events.iter().any(|e| e.kind == "dry_run")
+    })
+    .await;
     let dry = detail.events.iter().find(|e| e.kind == "dry_run").unwrap();
     assert!(!dry.detail["problems"].as_array().unwrap().is_empty());
     // The dye mix dry-runs clean, with the model's estimate (not the static one).
-    let reply = rig.api().submit(bytes(&example("dye-mix.json")), planner()).await;
+    let reply = rig
+        .api()
+        .submit(bytes(&example("dye-mix.json")), planner())
+        .await;
     assert_eq!(reply.state, Some(RunState::Queued));
     let estimate = reply.estimated_duration_s.unwrap();
-    assert!((120.0..150.0).contains(&estimate), "dye mix estimate {estimate}");
+    assert!(
+        (120.0..150.0).contains(&estimate),
+        "dye mix estimate {estimate}"
+    );
     rig.controller.shutdown().await;
 }
