@@ -106,6 +106,9 @@ impl InstrumentHandle {
     }
 }
 
+/// Longest wait between reconnection attempts.
+const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(10);
+
 /// How often an idle instrument is polled, and how long to wait before reconnecting.
 #[derive(Debug, Clone, Copy)]
 pub struct TaskTiming {
@@ -170,6 +173,9 @@ async fn run<D: Instrument>(
 ) {
     let id = config.id.clone();
     let mut online = false;
+    // Reconnect attempts back off (doubling up to a ceiling) and each new reason is logged once.
+    let mut backoff = timing.reconnect;
+    let mut last_error = String::new();
     let mut poll = tokio::time::interval(timing.poll);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -182,6 +188,8 @@ async fn run<D: Instrument>(
                         tracing::warn!(instrument = %id, error = %e, "safe state after connect failed");
                     }
                     online = true;
+                    backoff = timing.reconnect;
+                    last_error.clear();
                     view.send_modify(|v| {
                         v.connection = Connection::Online;
                         v.identity = Some(identity);
@@ -189,10 +197,15 @@ async fn run<D: Instrument>(
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(instrument = %id, error = %e, "cannot connect");
-                    view.send_modify(|v| v.connection = Connection::Lost(e.to_string()));
+                    let reason = e.to_string();
+                    if reason != last_error {
+                        tracing::warn!(instrument = %id, error = %reason, "cannot connect; retrying with backoff");
+                        last_error = reason.clone();
+                    }
+                    view.send_modify(|v| v.connection = Connection::Lost(reason));
                     // Refuse commands while offline, but keep listening so callers never hang.
-                    let deadline = tokio::time::sleep(timing.reconnect);
+                    let deadline = tokio::time::sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
                     tokio::pin!(deadline);
                     loop {
                         tokio::select! {
