@@ -30,20 +30,11 @@ struct Rig {
 async fn rig(dir: &Path) -> Rig {
     let lab = Lab::sim();
     let estop = EStop::default();
-    let mut fakes = BTreeMap::new();
-    let mut handles = BTreeMap::new();
-    for inst in &lab.instruments {
-        let fake = FakeInstrument::new(&inst.id, inst.kind);
-        let timing = TaskTiming {
-            poll: Duration::from_millis(5),
-            reconnect: Duration::from_millis(20),
-        };
-        handles.insert(
-            inst.id.clone(),
-            instruments::spawn(inst.clone(), fake.clone(), estop.clone(), timing),
-        );
-        fakes.insert(inst.id.clone(), fake);
-    }
+    let timing = TaskTiming {
+        poll: Duration::from_millis(5),
+        reconnect: Duration::from_millis(20),
+    };
+    let (handles, fakes) = labctl::instruments::fake::spawn_lab(&lab, &estop, timing);
     fakes["hotplate"].log.lock().unwrap().values = vec![("plate_temperature_c", 42.5)];
     let config = ControllerConfig {
         lab,

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use labctl::api::{Control, ControllerHandle, Principal, RunState};
 use labctl::controller::{Controller, ControllerConfig, start};
+use labctl::instruments::TaskTiming;
 use labctl::instruments::fake::FakeInstrument;
-use labctl::instruments::{self, TaskTiming};
 use labctl::journal;
 use labctl::safety::EStop;
 use labctl::world::TickConfig;
@@ -39,20 +39,11 @@ async fn rig(dir: &Path) -> Rig {
 
 async fn rig_with(dir: &Path, lab: Lab) -> Rig {
     let estop = EStop::default();
-    let mut fakes = BTreeMap::new();
-    let mut handles = BTreeMap::new();
-    for inst in &lab.instruments {
-        let fake = FakeInstrument::new(&inst.id, inst.kind);
-        let timing = TaskTiming {
-            poll: Duration::from_millis(5),
-            reconnect: Duration::from_millis(20),
-        };
-        handles.insert(
-            inst.id.clone(),
-            instruments::spawn(inst.clone(), fake.clone(), estop.clone(), timing),
-        );
-        fakes.insert(inst.id.clone(), fake);
-    }
+    let timing = TaskTiming {
+        poll: Duration::from_millis(5),
+        reconnect: Duration::from_millis(20),
+    };
+    let (handles, fakes) = labctl::instruments::fake::spawn_lab(&lab, &estop, timing);
     let config = ControllerConfig {
         lab,
         lab_sha256: "test".into(),

@@ -145,3 +145,26 @@ impl Instrument for FakeInstrument {
 
     async fn stop(&mut self) {}
 }
+
+/// Spawns one fake instrument task per instrument of `lab`: the handles the controller takes, and the fakes
+/// to script and inspect. Shared by the tests and the benchmarks.
+pub fn spawn_lab(
+    lab: &labctl_protocols::Lab,
+    estop: &crate::safety::EStop,
+    timing: super::TaskTiming,
+) -> (
+    std::collections::BTreeMap<String, super::InstrumentHandle>,
+    std::collections::BTreeMap<String, FakeInstrument>,
+) {
+    let mut handles = std::collections::BTreeMap::new();
+    let mut fakes = std::collections::BTreeMap::new();
+    for inst in &lab.instruments {
+        let fake = FakeInstrument::new(&inst.id, inst.kind);
+        handles.insert(
+            inst.id.clone(),
+            super::spawn(inst.clone(), fake.clone(), estop.clone(), timing),
+        );
+        fakes.insert(inst.id.clone(), fake);
+    }
+    (handles, fakes)
+}
