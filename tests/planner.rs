@@ -56,8 +56,10 @@ fn the_reference_planner_matches_the_target_spectrum_within_its_budget() {
     let dir = tempfile::tempdir().unwrap();
     // Warp 50: at 100 and above the first dispense step times out (see docs/mqtt.md, "Planners").
     let (labctl, port) = start_labctl(dir.path(), "50");
-    // Honest bounds for ~90 s on 2 cores (about 3.5 s per experiment at warp 50): the (1+1)-ES gets under
-    // 0.1 AU in about 10 experiments here; 0.02 AU needs more experiments than this test can afford.
+    // Honest bounds for ~90 s on 2 cores (3.5-4 s per experiment at warp 50): 0.1 AU within 20
+    // experiments (measured: 4 experiments, 0.047 AU, 12.5 s). 0.02 AU takes 15 to 59 experiments (the
+    // offline test below; one live attempt reached 0.049 AU in 30 with max_ul 300 clamping blue), more
+    // than this test can afford.
     let threshold = 0.1;
     let budget = 20;
     let cfg = planner_core::PlannerConfig {
@@ -100,4 +102,31 @@ fn the_reference_planner_matches_the_target_spectrum_within_its_budget() {
         outcome.experiments
     );
     assert!(outcome.experiments <= budget);
+}
+
+/// The optimiser alone on the noise-free model, 20 seeds: every one under 0.02 AU within 100
+/// experiments (measured: mean 30, worst 59).
+#[test]
+fn the_optimiser_reaches_two_hundredths_of_an_au_offline() {
+    let target = planner_core::target_absorbance([300.0, 150.0, 450.0]);
+    let mut worst = 0;
+    let mut total = 0;
+    for seed in 1..=20 {
+        let mut es = planner_core::OnePlusOne::new(1500.0, seed);
+        let mut n = 0;
+        let mut best = f64::INFINITY;
+        while n < 100 && best >= 0.02 {
+            let x = es.ask();
+            let f = planner_core::rmse(&planner_core::target_absorbance(x), &target);
+            es.tell(f);
+            best = best.min(f);
+            n += 1;
+        }
+        println!("seed {seed}: {n} experiments, rmse {best:.4} AU");
+        assert!(best < 0.02, "seed {seed}: rmse {best:.4} AU after {n}");
+        worst = worst.max(n);
+        total += n;
+    }
+    println!("mean {:.1} worst {worst}", total as f64 / 20.0);
+    assert!(total <= 20 * 40, "mean {} experiments", total as f64 / 20.0);
 }

@@ -47,35 +47,36 @@ pub struct OnePlusOne {
 }
 
 impl OnePlusOne {
-    /// Starts at the middle of `MIN_UL..max_ul` with a step of a fifth of the range.
+    /// Starts at the middle of `MIN_UL..max_ul` with a log step of 0.5 (volumes change by about 1.6x).
     pub fn new(max_ul: f64, seed: u64) -> Self {
         OnePlusOne {
             parent: [max_ul / 2.0; 3],
             parent_f: f64::INFINITY,
-            sigma: max_ul / 5.0,
+            sigma: 0.3,
             max_ul,
             pending: None,
             rng: Rng::new(seed),
         }
     }
 
-    /// The next volumes to try (the start point first).
+    /// The next volumes to try (the start point first). Mutations are log-normal (a step changes each
+    /// volume by a factor), since a dye-only spectrum depends on the volume ratios.
     pub fn ask(&mut self) -> [f64; 3] {
         let x = if self.parent_f.is_infinite() {
             self.parent
         } else {
             let mut x = self.parent;
             for v in &mut x {
-                *v = (*v + self.sigma * self.rng.normal()).clamp(MIN_UL, self.max_ul);
+                *v *= (self.sigma * self.rng.normal()).exp();
             }
-            x
+            x.map(|v| v.clamp(MIN_UL, self.max_ul))
         };
         let x = x.map(|v| v.round());
         self.pending = Some(x);
         x
     }
 
-    /// The RMS error of the last ask.
+    /// The RMS error of the last ask (1/5th success rule on the log step size).
     pub fn tell(&mut self, f: f64) {
         let Some(x) = self.pending.take() else { return };
         if self.parent_f.is_infinite() {
@@ -89,7 +90,7 @@ impl OnePlusOne {
         } else {
             self.sigma *= 1.5f64.powf(-0.25);
         }
-        self.sigma = self.sigma.clamp(1.0, self.max_ul / 2.0);
+        self.sigma = self.sigma.clamp(0.002, 1.5);
     }
 }
 
