@@ -8,9 +8,9 @@
 //!
 //! The hidden volumes only make the target spectrum (`labctl_simulators::model`); the optimiser sees the
 //! spectrum alone. Exit 0 when the RMS error falls below `--threshold` (default 0.02 AU) within the budget,
-//! 1 when it does not, 2 on usage or connection errors. `--max-ul` (default 1500) bounds each volume; the
+//! 1 when it does not, 2 on usage or connection errors. `--max-ul` (default 150; at most 1500) bounds each volume; the
 //! spectrum of a dye-only mix depends on the volume ratios alone, so a smaller bound finds the same mix
-//! faster (less pumping per experiment). `--seed`, `--lab-id` (default `sim`) and `--threshold` as named.
+//! with less pumping, and the sim lab's 10 mL syringes (no refill) last a budget of 40. `--seed`, `--lab-id` (default `sim`) and `--threshold` as named.
 
 mod planner_core;
 

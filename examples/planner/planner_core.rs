@@ -11,8 +11,10 @@ use tokio::sync::mpsc;
 
 /// Lower volume bound of each dye (uL): the pumps' envelope minimum.
 pub const MIN_UL: f64 = 1.0;
-/// Default upper volume bound of each dye (uL); 3 x 1500 stays inside the auto-approve envelope.
-pub const MAX_UL: f64 = 1500.0;
+/// Default upper volume bound of each dye (uL). Up to 1500 stays inside the auto-approve envelope, but the
+/// sim lab's pumps have 10 mL syringes and no refill action: at 1500 a pump stalls after about a dozen
+/// experiments. A dye-only spectrum depends on the ratios alone, so 150 finds the same mix and lasts.
+pub const MAX_UL: f64 = 150.0;
 /// Spectral grid the planner asks for.
 pub const GRID: (f64, f64, f64) = (380.0, 780.0, 5.0);
 
