@@ -56,12 +56,11 @@ fn the_reference_planner_matches_the_target_spectrum_within_its_budget() {
     let dir = tempfile::tempdir().unwrap();
     // Warp 50: at 100 and above the first dispense step times out (see docs/mqtt.md, "Planners").
     let (labctl, port) = start_labctl(dir.path(), "50");
-    // Honest bounds for ~90 s on 2 cores (3.5-4 s per experiment at warp 50): 0.1 AU within 20
-    // experiments (measured: 4 experiments, 0.047 AU, 12.5 s). 0.02 AU takes 15 to 59 experiments (the
-    // offline test below; one live attempt reached 0.049 AU in 30 with max_ul 300 clamping blue), more
-    // than this test can afford.
-    let threshold = 0.1;
-    let budget = 20;
+    // 0.02 AU within 30 experiments, about 3 s each at warp 50 on 2 cores. Seed 1 needs 22 experiments
+    // both on the noise-free model and live (76 s); over 20 seeds offline the mean is 30 and the worst 59
+    // (the test below), so another seed may need a larger budget than this test can afford.
+    let threshold = 0.02;
+    let budget = 30;
     let cfg = planner_core::PlannerConfig {
         host: "127.0.0.1".into(),
         port,
@@ -70,8 +69,7 @@ fn the_reference_planner_matches_the_target_spectrum_within_its_budget() {
         lab_id: "sim".into(),
         target: planner_core::target_absorbance([300.0, 150.0, 450.0]),
         budget,
-        // A dye-only mix's spectrum depends on the ratios alone; 300 uL per dye keeps pumping short.
-        max_ul: 300.0,
+        max_ul: planner_core::MAX_UL,
         threshold,
         seed: 1,
         per_experiment: Duration::from_secs(30),

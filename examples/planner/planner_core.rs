@@ -125,8 +125,8 @@ pub fn dye_mix_protocol(proposal_id: &str, position: &str, ul: [f64; 3]) -> Valu
             dispense("yellow", "pump-yellow", ul[1]),
             dispense("blue", "pump-blue", ul[2]),
             { "type": "action", "id": "to-stirrer", "instrument": "gantry", "action": "transfer", "params": { "vessel": "mix1", "to": "H1" } },
-            { "type": "action", "id": "stir", "instrument": "hotplate", "action": "set_stir_speed", "params": { "speed_rpm": 600 } },
-            { "type": "wait", "id": "mix", "duration_s": 30 },
+            { "type": "action", "id": "stir", "instrument": "hotplate", "action": "set_stir_speed", "params": { "speed_rpm": 1000 } },
+            { "type": "wait", "id": "mix", "duration_s": 60 },
             { "type": "action", "id": "stir-off", "instrument": "hotplate", "action": "stir_off", "params": {} },
             { "type": "measure", "id": "spectrum", "instrument": "spectro", "action": "spectrum", "params": { "start_nm": GRID.0, "stop_nm": GRID.1, "step_nm": GRID.2 }, "result": "spectrum", "timeout_s": 30, "on_error": "pause" },
             { "type": "action", "id": "to-rack", "instrument": "gantry", "action": "transfer", "params": { "vessel": "mix1", "to": position } }
