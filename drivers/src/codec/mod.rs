@@ -97,6 +97,40 @@ pub fn split_line<'a>(
     }
 }
 
+/// Test support shared by every codec: decodes a whole buffer and checks that each step makes progress
+/// (a frame consumed, or garbage skipped, never zero and never past the end). Returns frames and errors.
+#[cfg(test)]
+pub(crate) fn drain<T>(
+    mut buf: &[u8],
+    decode: impl Fn(&[u8]) -> Result<Decoded<T>, DecodeError>,
+) -> (usize, usize) {
+    let (mut frames, mut errors) = (0, 0);
+    loop {
+        match decode(buf) {
+            Ok(Decoded::Frame { consumed, .. }) => {
+                assert!(
+                    consumed > 0 && consumed <= buf.len(),
+                    "consumed {consumed} of {}",
+                    buf.len()
+                );
+                buf = &buf[consumed..];
+                frames += 1;
+            }
+            Ok(Decoded::Incomplete) => return (frames, errors),
+            Err(err) => {
+                assert!(
+                    err.skip > 0 && err.skip <= buf.len(),
+                    "skip {} of {}",
+                    err.skip,
+                    buf.len()
+                );
+                buf = &buf[err.skip..];
+                errors += 1;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

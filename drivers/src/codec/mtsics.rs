@@ -1230,28 +1230,7 @@ mod tests {
         ]
     }
 
-    /// Decodes a whole buffer, checking every step makes progress; returns how many frames and errors.
-    fn drain<T>(
-        mut buf: &[u8],
-        decode: impl Fn(&[u8]) -> Result<Decoded<T>, DecodeError>,
-    ) -> (usize, usize) {
-        let (mut frames, mut errors) = (0, 0);
-        loop {
-            match decode(buf) {
-                Ok(Decoded::Frame { consumed, .. }) => {
-                    assert!(consumed > 0 && consumed <= buf.len());
-                    buf = &buf[consumed..];
-                    frames += 1;
-                }
-                Ok(Decoded::Incomplete) => return (frames, errors),
-                Err(err) => {
-                    assert!(err.skip > 0 && err.skip <= buf.len());
-                    buf = &buf[err.skip..];
-                    errors += 1;
-                }
-            }
-        }
-    }
+    use crate::codec::drain;
 
     proptest! {
         #[test]

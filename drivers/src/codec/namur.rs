@@ -1044,21 +1044,7 @@ mod tests {
         ]
     }
 
-    fn drain<T>(mut buf: &[u8], decode: impl Fn(&[u8]) -> Result<Decoded<T>, DecodeError>) {
-        loop {
-            match decode(buf) {
-                Ok(Decoded::Frame { consumed, .. }) => {
-                    assert!(consumed > 0 && consumed <= buf.len());
-                    buf = &buf[consumed..];
-                }
-                Ok(Decoded::Incomplete) => return,
-                Err(err) => {
-                    assert!(err.skip > 0 && err.skip <= buf.len());
-                    buf = &buf[err.skip..];
-                }
-            }
-        }
-    }
+    use crate::codec::drain;
 
     proptest! {
         #[test]
