@@ -8,8 +8,12 @@
 //! Faults are read from the model's per-instrument [`FaultConfig`]s: a port closes when all its
 //! instruments are `disconnected` and opens again when one is not; a poke on the port's control
 //! [`Notify`] makes it look at once.
+//!
+//! What the host sends each port is recorded in its [`tap::WireTap`], for tests that check what an
+//! instrument was told.
 
 pub mod pty;
+pub mod tap;
 pub mod tcp;
 pub mod wire;
 
@@ -27,6 +31,7 @@ use crate::clock::SimClock;
 use crate::devices::{Ctx, Device, Emit, LineSettings, received_as};
 use crate::model::{Clock, FaultConfig, InstrumentId, LabModel};
 use pty::PtyPort;
+use tap::WireTap;
 use tcp::TcpPort;
 use wire::Wire;
 
@@ -111,6 +116,8 @@ pub struct PortHandle {
     pub status: watch::Receiver<PortStatus>,
     /// Poke after changing faults, so the port applies them at once.
     pub control: Arc<Notify>,
+    /// Everything the host sent, as the device received it.
+    pub tap: WireTap,
     pub task: JoinHandle<()>,
 }
 
@@ -201,6 +208,7 @@ struct Port {
     wire_timing: bool,
     transport: Transport,
     status: watch::Sender<PortStatus>,
+    tap: WireTap,
     generation: u64,
     received: u64,
     sent: u64,
@@ -306,6 +314,7 @@ impl Port {
                         .collect(),
                     _ => bytes,
                 };
+                self.tap.record(&bytes);
                 self.drive(|d, ctx| d.receive(ctx, &bytes));
                 self.received += bytes.len() as u64;
                 self.publish();
@@ -422,6 +431,7 @@ pub async fn spawn_port(
     };
     let timing = if spec.wire_timing { line } else { None };
     let (status_tx, status_rx) = watch::channel(PortStatus::default());
+    let tap = WireTap::default();
     let mut port = Port {
         instruments: spec.device.instruments().to_vec(),
         device: spec.device,
@@ -430,6 +440,7 @@ pub async fn spawn_port(
         wire_timing: spec.wire_timing,
         transport,
         status: status_tx,
+        tap: tap.clone(),
         generation: 0,
         received: 0,
         sent: 0,
@@ -446,6 +457,7 @@ pub async fn spawn_port(
         name: spec.name,
         status: status_rx,
         control,
+        tap,
         task,
     })
 }

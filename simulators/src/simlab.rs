@@ -38,6 +38,7 @@ use crate::model::{
     Clock, ClockError, ConfigError, FaultConfig, InstrumentId, LabConfig, LabModel, ManualClock,
     VirtualClock,
 };
+use crate::serve::tap::WireTap;
 use crate::serve::{self, Listen, PortSpec, PortStatus, SharedLab};
 
 /// Port name of the shared pump line (also accepted where an instrument id is expected: all pumps).
@@ -212,6 +213,7 @@ struct PortInfo {
     instruments: Vec<InstrumentId>,
     status: watch::Receiver<PortStatus>,
     control: Arc<Notify>,
+    tap: WireTap,
 }
 
 struct InstrumentInfo {
@@ -334,6 +336,7 @@ impl SimLab {
                 instruments,
                 status: port.status,
                 control: port.control,
+                tap: port.tap,
             });
             handle.tasks.push(port.task);
         }
@@ -416,6 +419,30 @@ impl SimLabHandle {
             .iter()
             .find(|p| p.name == port)
             .map(|p| p.status.borrow().clone())
+    }
+
+    /// The recording of what the host sent a port (`gantry`, `pumps`, `balance`, `hotplate`, `spectro`)
+    /// or an instrument's port (`pump-red` gives the shared pump line), kept across unplug and replug.
+    pub fn tap(&self, port_or_instrument: &str) -> Option<WireTap> {
+        let port = match self.ports.iter().find(|p| p.name == port_or_instrument) {
+            Some(port) => port,
+            None => {
+                let info = self
+                    .instruments
+                    .iter()
+                    .find(|i| i.id == port_or_instrument)?;
+                self.ports.get(info.port)?
+            }
+        };
+        Some(port.tap.clone())
+    }
+
+    /// The last [`crate::serve::tap::DEFAULT_TAP_CAPACITY`] bytes the host sent a port (see
+    /// [`SimLabHandle::tap`]), oldest first; empty for an unknown name.
+    pub fn transcript(&self, port_or_instrument: &str) -> Vec<u8> {
+        self.tap(port_or_instrument)
+            .map(|t| t.contents())
+            .unwrap_or_default()
     }
 
     /// Waits (real time, at most `timeout`) until the port's device has received and processed at least

@@ -674,3 +674,42 @@ print(pumps.read_until(b"\x03")[1:-1].decode())
         "<Idle|MPos:0.000,0.000,50.000|FS:0,0|WCO:0.000,0.000,0.000>\n02A?RNE1000V3.928\n"
     );
 }
+
+#[test]
+fn the_wire_tap_records_what_the_host_sent_across_replug() {
+    let lab = Lab::warped();
+    let handle = lab.handle();
+    let mut term = lab.term("hotplate");
+    term.send(b"IN_NAME\r\n");
+    term.until(b"\r\n");
+    term.send(b"OUT_SP_1 80\r\n");
+    // The device has taken both lines once the port counts their bytes.
+    let sent = b"IN_NAME\r\nOUT_SP_1 80\r\n";
+    lab.rt
+        .block_on(handle.wait_received("hotplate", sent.len() as u64, COME))
+        .unwrap();
+    assert_eq!(handle.transcript("hotplate"), sent);
+
+    // The recording survives an unplug; what comes after is appended.
+    let faults = handle.faults("hotplate").unwrap();
+    lab.rt.block_on(faults.unplug()).unwrap();
+    lab.rt.block_on(faults.replug()).unwrap();
+    let mut term = lab.term("hotplate");
+    term.send(b"STOP_1\r\n");
+    lab.rt
+        .block_on(handle.wait_received("hotplate", sent.len() as u64 + 8, COME))
+        .unwrap();
+    assert_eq!(
+        handle.transcript("hotplate"),
+        b"IN_NAME\r\nOUT_SP_1 80\r\nSTOP_1\r\n"
+    );
+
+    // A pump's id gives the shared line; other ports heard nothing.
+    let mut pumps = lab.term("pumps");
+    pumps.send(b"2VER\r");
+    pumps.until(b"\x03");
+    assert_eq!(handle.transcript("pump-red"), b"2VER\r");
+    assert_eq!(handle.transcript("pumps"), b"2VER\r");
+    assert!(handle.transcript("balance").is_empty());
+    assert!(handle.tap("no-such-port").is_none());
+}
