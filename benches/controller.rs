@@ -61,6 +61,7 @@ async fn step_overhead() {
         lab_sha256: "bench".into(),
         data_dir: dir.path().to_owned(),
         clock: VirtualClock::new(1.0).unwrap(),
+        step_timeout_floor: Duration::ZERO,
         tick: TickConfig {
             period: Duration::from_millis(10),
             spin: Duration::ZERO,
@@ -161,6 +162,7 @@ async fn tick_lateness(seconds: u64) {
         lab_sha256: "bench".into(),
         data_dir: dir.path().to_owned(),
         clock: VirtualClock::new(1.0).unwrap(),
+        step_timeout_floor: Duration::ZERO,
         tick: TickConfig {
             period: Duration::from_millis(10),
             spin: Duration::ZERO,

@@ -37,6 +37,10 @@ pub struct ControllerConfig {
     pub lab_sha256: String,
     pub data_dir: PathBuf,
     pub clock: VirtualClock,
+    /// Real time a step's timeout never drops below when the clock is warped (capped at the step's own
+    /// timeout): wire I/O to simulated instruments runs in real time whatever the warp. Zero for
+    /// in-process fakes, which have no wire.
+    pub step_timeout_floor: Duration,
     pub tick: TickConfig,
     pub labware: Option<Arc<dyn LabwareLoader>>,
 }
@@ -140,6 +144,7 @@ pub async fn start(
         lab: Arc::clone(&lab),
         lab_sha256: config.lab_sha256,
         clock: config.clock,
+        step_timeout_floor: config.step_timeout_floor,
         instruments: Arc::clone(&instruments),
         estop: estop.clone(),
         journal: journal.clone(),
@@ -195,6 +200,7 @@ struct Core {
     lab: Arc<Lab>,
     lab_sha256: String,
     clock: VirtualClock,
+    step_timeout_floor: Duration,
     instruments: Arc<BTreeMap<String, InstrumentHandle>>,
     estop: EStop,
     journal: JournalHandle,
@@ -881,6 +887,7 @@ impl Core {
                 Arc::clone(&self.instruments),
                 self.journal.clone(),
                 self.clock,
+                self.step_timeout_floor,
                 run.control.subscribe(),
                 self.updates.clone(),
                 self.estop.clone(),

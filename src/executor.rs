@@ -64,6 +64,7 @@ pub struct RunContext {
     pub instruments: Arc<BTreeMap<String, InstrumentHandle>>,
     pub journal: JournalHandle,
     pub clock: VirtualClock,
+    step_timeout_floor: Duration,
     pub control: watch::Receiver<Control>,
     pub updates: mpsc::UnboundedSender<RunUpdate>,
     pub estop: crate::safety::EStop,
@@ -89,6 +90,7 @@ impl RunContext {
         instruments: Arc<BTreeMap<String, InstrumentHandle>>,
         journal: JournalHandle,
         clock: VirtualClock,
+        step_timeout_floor: Duration,
         control: watch::Receiver<Control>,
         updates: mpsc::UnboundedSender<RunUpdate>,
         estop: crate::safety::EStop,
@@ -105,6 +107,7 @@ impl RunContext {
             instruments,
             journal,
             clock,
+            step_timeout_floor,
             control,
             updates,
             estop,
@@ -192,6 +195,14 @@ impl RunContext {
             .to_real(Duration::from_secs_f64(seconds.clamp(0.0, 1.0e9)))
     }
 
+    /// A step's timeout in real time: warped like the physics it waits for, but never below the wire's
+    /// real-time floor (nor above the unwarped timeout).
+    fn step_timeout_real(&self, seconds: f64) -> Duration {
+        let unwarped = Duration::try_from_secs_f64(seconds.clamp(0.0, 1.0e9)).unwrap_or(Duration::MAX);
+        self.virtual_to_real(seconds)
+            .max(self.step_timeout_floor.min(unwarped))
+    }
+
     /// Runs a list of steps in order. `suffix` numbers results inside `repeat` (e.g. `_2_1`).
     fn steps<'a>(
         self: &'a Arc<Self>,
@@ -210,7 +221,7 @@ impl RunContext {
                 let timeout = step.timeout_s().or_else(|| default_timeout_s(step));
                 let run = self.step(step, step_path.clone(), suffix.clone());
                 let outcome = match timeout {
-                    Some(t) => match tokio::time::timeout(self.virtual_to_real(t), run).await {
+                    Some(t) => match tokio::time::timeout(self.step_timeout_real(t), run).await {
                         Ok(r) => r,
                         Err(_) => {
                             // The dropped step may have left a command in flight: make its instruments safe.

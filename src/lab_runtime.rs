@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 
+use labctl_drivers::roles::{HotplateOptions, PumpOptions};
 use labctl_drivers::{DriverOptions, Endpoint, setup::Ports};
 use labctl_protocols::Lab;
 use labctl_protocols::lab::Transport;
@@ -83,6 +84,19 @@ impl LabRuntime {
     }
 }
 
+/// Driver settings for a simulator running `warp` times faster than real time: the pump is polled on its
+/// own (warped) time, and the hotplate's watchdog, counted by the device in its own seconds, is stretched
+/// so that it still allows the same real time between polls (within the 20-1500 s the device accepts).
+fn simulated_driver_options(warp: f64) -> DriverOptions {
+    let real = DriverOptions::default();
+    let watchdog_s = (f64::from(real.hotplate.watchdog_s) * warp).clamp(20.0, 1500.0) as u16;
+    DriverOptions {
+        pump: PumpOptions { time_scale: warp },
+        hotplate: HotplateOptions { watchdog_s },
+        ..real
+    }
+}
+
 /// Starts what the lab needs and connects every instrument.
 pub async fn connect(
     lab: &Lab,
@@ -112,7 +126,8 @@ pub async fn connect(
         (None, lab.clone())
     };
     let mut ports = Ports::new();
-    let options = DriverOptions::default();
+    let real_options = DriverOptions::default();
+    let simulated_options = simulated_driver_options(clock.warp());
     let mut handles = BTreeMap::new();
     let mut endpoints = Vec::new();
     for (config, wired) in lab.instruments.iter().zip(&wired.instruments) {
@@ -128,7 +143,12 @@ pub async fn connect(
                 ));
             }
         };
-        let driver = labctl_drivers::connect(wired, &endpoint, &mut ports, &options)
+        let options = if config.transport == Transport::Simulated {
+            &simulated_options
+        } else {
+            &real_options
+        };
+        let driver = labctl_drivers::connect(wired, &endpoint, &mut ports, options)
             .map_err(|e| e.to_string())?;
         let place = match &wired.transport {
             Transport::Serial(line) => format!("{} {} baud", line.port, line.baud),

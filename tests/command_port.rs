@@ -41,6 +41,7 @@ async fn rig(dir: &Path) -> Rig {
         lab_sha256: "test".into(),
         data_dir: dir.to_owned(),
         clock: VirtualClock::new(1000.0).unwrap(),
+        step_timeout_floor: Duration::ZERO,
         tick: TickConfig {
             period: Duration::from_millis(10),
             spin: Duration::ZERO,

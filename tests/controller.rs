@@ -50,6 +50,7 @@ async fn rig_with(dir: &Path, lab: Lab) -> Rig {
         data_dir: dir.to_owned(),
         // 1000x: a 30 s wait takes 30 ms.
         clock: VirtualClock::new(1000.0).unwrap(),
+        step_timeout_floor: Duration::ZERO,
         tick: TickConfig {
             period: Duration::from_millis(10),
             spin: Duration::ZERO,

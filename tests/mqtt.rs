@@ -53,6 +53,7 @@ async fn rig_on(dir: &Path, broker: BrokerChoice) -> Rig {
         lab_sha256: "test".into(),
         data_dir: dir.to_owned(),
         clock: VirtualClock::new(1000.0).unwrap(),
+        step_timeout_floor: Duration::ZERO,
         tick: TickConfig {
             period: Duration::from_millis(10),
             spin: Duration::ZERO,

@@ -43,6 +43,7 @@ async fn dye_mix_on_the_simulated_lab() {
         lab_sha256: "sim".into(),
         data_dir: dir.path().to_owned(),
         clock,
+        step_timeout_floor: Duration::from_secs(10),
         tick: TickConfig {
             period: Duration::from_millis(10),
             spin: Duration::ZERO,
@@ -145,6 +146,7 @@ async fn emergency_stop_during_motion_and_heating_on_the_simulated_lab() {
         lab_sha256: "sim".into(),
         data_dir: dir.path().to_owned(),
         clock,
+        step_timeout_floor: Duration::from_secs(10),
         tick: TickConfig {
             period: Duration::from_millis(10),
             spin: Duration::ZERO,

@@ -41,6 +41,15 @@ pub enum DriverError {
         command: String,
         reply: String,
     },
+    /// A reply that decodes but fails a consistency check the protocol allows (field widths, value counts):
+    /// bytes were lost or changed on the line. Safe to ask again.
+    #[error("{instrument}: reply {reply:?} to {command} was damaged on the line: {reason}")]
+    DamagedReply {
+        instrument: String,
+        command: String,
+        reply: String,
+        reason: String,
+    },
     /// The instrument refused or failed a command with its own error code.
     #[error("{instrument}: device error {code}: {message}")]
     Device {

@@ -11,7 +11,8 @@ use crate::error::DriverError;
 use crate::instrument::{DeviceCommand, Identity, Instrument, Outcome, Telemetry};
 use crate::port::{PortConfig, PortHandle, frame_line, frame_line_or_cr};
 use crate::roles::{
-    GantryOptions, GrblGantry, HotplateOptions, IkaHotplate, MtSicsBalance, Ne1000Pump, ScpiSpectro,
+    GantryOptions, GrblGantry, HotplateOptions, IkaHotplate, MtSicsBalance, Ne1000Pump, PumpOptions,
+    ScpiSpectro,
 };
 use crate::transport::Endpoint;
 
@@ -20,6 +21,7 @@ use crate::transport::Endpoint;
 pub struct DriverOptions {
     pub gantry: GantryOptions,
     pub hotplate: HotplateOptions,
+    pub pump: PumpOptions,
 }
 
 /// Port settings for a protocol: how to cut frames that arrive between transactions.
@@ -130,9 +132,12 @@ pub fn driver_for(
     Ok(match instrument.driver {
         Driver::Grbl => AnyInstrument::Gantry(GrblGantry::new(id, port, options.gantry.clone())),
         // NE-1000 pumps leave the factory at address 0.
-        Driver::Ne1000 => {
-            AnyInstrument::Pump(Ne1000Pump::new(id, port, instrument.address.unwrap_or(0)))
-        }
+        Driver::Ne1000 => AnyInstrument::Pump(Ne1000Pump::with_options(
+            id,
+            port,
+            instrument.address.unwrap_or(0),
+            options.pump.clone(),
+        )),
         Driver::MtSics => AnyInstrument::Balance(MtSicsBalance::new(id, port)),
         Driver::IkaNamur => {
             AnyInstrument::Hotplate(IkaHotplate::new(id, port, options.hotplate.clone()))

@@ -145,6 +145,12 @@ async fn run_async(
         lab_sha256: sha256_hex(text.as_bytes()),
         data_dir: args.data_dir.clone(),
         clock,
+        // Simulated instruments answer over real ptys and sockets whatever the warp.
+        step_timeout_floor: if runtime.sim.is_some() {
+            Duration::from_secs(10)
+        } else {
+            Duration::ZERO
+        },
         tick: TickConfig {
             period: Duration::from_secs_f64(1.0 / args.tick_hz),
             spin: Duration::from_micros(args.tick_spin_us),

@@ -643,6 +643,25 @@ fn parse_response(line: &[u8]) -> Result<Response, String> {
     }
 }
 
+/// The width of a weight reply's value field, counted from the end of the status to the end of the value
+/// (`S S     100.00 g` gives 11: the separator and the 10-character field), and whether the value was
+/// padded. `None` for a line that is not a weight reply. MT-SICS has no checksum: a balance that pads
+/// prints every weight at the same width, so a driver that saw a padded width once can tell that a line of
+/// another width lost or gained bytes on the way (`100.00` read as `10.00`).
+pub fn weight_field_width(line: &[u8]) -> Option<(usize, bool)> {
+    let line = trim_spaces_end(line.strip_suffix(b"\r\n").or(line.strip_suffix(b"\n")).unwrap_or(line));
+    let (id, rest) = split_word(line);
+    let reply_id = ReplyId::from_id(id)?;
+    if !matches!(reply_id, ReplyId::Weight | ReplyId::Tare | ReplyId::TareValue) {
+        return None;
+    }
+    let status_end = line.len() - rest.len() + rest.iter().position(|&b| b == b' ')?;
+    let after_status = &line[status_end..];
+    let padding = after_status.iter().take_while(|&&b| b == b' ').count();
+    let value_len = after_status[padding..].iter().position(|&b| b == b' ')?;
+    Some((padding + value_len, padding > 1))
+}
+
 /// `<value> <unit>` after the status; the padding spaces before the value were already skipped.
 fn parse_weight(data: &[u8]) -> Result<Mass, String> {
     let (number, rest) = split_word(data);
@@ -977,6 +996,22 @@ mod tests {
         // "S S " then the 10-character field, then " g".
         assert_eq!(&line[4..14], b"    100.00");
         assert_eq!(&line[14..], b" g\r\n");
+    }
+
+    #[test]
+    fn weight_field_width_counts_padding_and_value() {
+        assert_eq!(weight_field_width(b"S S     100.00 g\r\n"), Some((11, true)));
+        assert_eq!(weight_field_width(b"S D    12.3456 g\r\n"), Some((11, true)));
+        assert_eq!(weight_field_width(b"TA A     100.00 g"), Some((11, true)));
+        assert_eq!(weight_field_width(b"T S     100.00 g  \r\n"), Some((11, true)));
+        // A dropped digit or space shows as a narrower field.
+        assert_eq!(weight_field_width(b"S S     10.00 g\r\n"), Some((10, true)));
+        assert_eq!(weight_field_width(b"S S    100.00 g\r\n"), Some((10, true)));
+        // A balance that does not pad: no fixed width to hold it to.
+        assert_eq!(weight_field_width(b"S S 100.00 g\n"), Some((7, false)));
+        assert_eq!(weight_field_width(b"I4 A \"B021002593\"\r\n"), None);
+        assert_eq!(weight_field_width(b"S I\r\n"), None);
+        assert_eq!(weight_field_width(b""), None);
     }
 
     #[test]

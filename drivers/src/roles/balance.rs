@@ -98,10 +98,50 @@ fn model_of(balance_data: &str) -> String {
     }
 }
 
+/// What the balance's padded weight lines have shown of their field width (see
+/// [`mtsics::weight_field_width`]). A width is trusted once two lines in a row agree, so one damaged line
+/// during learning cannot lock in a wrong width; a balance reconfigured to another width is followed after
+/// [`WeightWidth::RELEARN`] lines in a row at the new width (each of them refused meanwhile).
+#[derive(Debug, Default, Clone, PartialEq)]
+struct WeightWidth {
+    trusted: Option<usize>,
+    candidate: Option<(usize, u32)>,
+}
+
+impl WeightWidth {
+    const RELEARN: u32 = 3;
+
+    /// Takes one padded line's width: `Err(expected)` when it contradicts the trusted width.
+    fn observe(&mut self, width: usize) -> Result<(), usize> {
+        if self.trusted == Some(width) {
+            self.candidate = None;
+            return Ok(());
+        }
+        let seen = match self.candidate {
+            Some((w, n)) if w == width => n + 1,
+            _ => 1,
+        };
+        self.candidate = Some((width, seen));
+        match self.trusted {
+            None if seen >= 2 => {
+                self.trusted = Some(width);
+                Ok(())
+            }
+            None => Ok(()),
+            Some(expected) if seen >= Self::RELEARN => {
+                self.trusted = Some(width);
+                Err(expected)
+            }
+            Some(expected) => Err(expected),
+        }
+    }
+}
+
 /// A Mettler Toledo balance.
 #[derive(Debug)]
 pub struct MtSicsBalance {
     link: Link,
+    weight_width: std::sync::Mutex<WeightWidth>,
 }
 
 impl MtSicsBalance {
@@ -109,6 +149,7 @@ impl MtSicsBalance {
     pub fn new(id: &str, port: PortHandle) -> MtSicsBalance {
         MtSicsBalance {
             link: Link::new(id, port),
+            weight_width: std::sync::Mutex::new(WeightWidth::default()),
         }
     }
 
@@ -143,7 +184,31 @@ impl MtSicsBalance {
             .timeout(timeout)
             .retries(retries(safe));
         let frame = self.link.ask(t).await?;
-        decode(&frame).ok_or_else(|| self.link.unexpected(&label, &frame))
+        let reply = decode(&frame).ok_or_else(|| self.link.unexpected(&label, &frame))?;
+        self.check_weight_width(&label, &frame)?;
+        Ok(reply)
+    }
+
+    /// MT-SICS carries no checksum; a padded weight line of another width than the balance always prints
+    /// lost or gained bytes on the line, and its number cannot be trusted.
+    fn check_weight_width(&self, label: &str, frame: &[u8]) -> Result<(), DriverError> {
+        let Some((width, true)) = mtsics::weight_field_width(frame) else {
+            return Ok(());
+        };
+        let mut learned = self
+            .weight_width
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        learned
+            .observe(width)
+            .map_err(|expected| DriverError::DamagedReply {
+                instrument: self.link.id.clone(),
+                command: label.trim_end().to_owned(),
+                reply: printable(frame),
+                reason: format!(
+                    "weight field {width} characters wide where this balance prints {expected}"
+                ),
+            })
     }
 
     fn check(&self, reply: Response) -> Result<Response, DriverError> {
@@ -203,6 +268,11 @@ impl Instrument for MtSicsBalance {
     }
 
     async fn start(&mut self) -> Result<Identity, DriverError> {
+        // Another balance may be on the line after a reconnect.
+        *self
+            .weight_width
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = WeightWidth::default();
         self.link.connect().await?;
         let data = self.text(Command::QueryBalanceData).await?;
         let firmware = self.text(Command::QuerySoftwareVersion).await?;

@@ -30,8 +30,25 @@ const MAX_REPLY: usize = 32;
 const POLLS_PER_DISPENSE: f64 = 20.0;
 const MIN_POLL: Duration = Duration::from_millis(200);
 const MAX_POLL: Duration = Duration::from_secs(2);
+/// The shortest poll however fast a simulated pump runs: a status transaction takes a few ms of wire.
+const MIN_POLL_WARPED: Duration = Duration::from_millis(10);
 /// Slack on top of 1.5x the expected pumping time before a dispense counts as stuck.
 const DISPENSE_MARGIN: Duration = Duration::from_secs(10);
+
+/// Tunables of the pump driver.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PumpOptions {
+    /// How many seconds of the pump's own time pass per real second: 1 for a real pump, a simulated lab's
+    /// warp factor for a simulated one. A dispense is polled on the pump's time, so a warped simulator
+    /// is not left finished and unpolled for seconds of real time.
+    pub time_scale: f64,
+}
+
+impl Default for PumpOptions {
+    fn default() -> Self {
+        PumpOptions { time_scale: 1.0 }
+    }
+}
 
 /// Cuts one `STX ... ETX` reply packet; bytes outside a packet are garbage the codec tells us to skip.
 pub fn frame_packet(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
@@ -55,15 +72,27 @@ pub struct Ne1000Pump {
     /// `None` when the lab file gave an address above 99; `start` refuses it.
     address: Option<Address>,
     requested_address: u8,
+    options: PumpOptions,
 }
 
 impl Ne1000Pump {
     /// A pump at `address` on `port`; no I/O until [`Instrument::start`].
     pub fn new(id: &str, port: PortHandle, address: u8) -> Ne1000Pump {
+        Ne1000Pump::with_options(id, port, address, PumpOptions::default())
+    }
+
+    /// A pump with non-default tunables.
+    pub fn with_options(
+        id: &str,
+        port: PortHandle,
+        address: u8,
+        options: PumpOptions,
+    ) -> Ne1000Pump {
         Ne1000Pump {
             link: Link::new(id, port),
             address: Address::new(address),
             requested_address: address,
+            options,
         }
     }
 
@@ -179,11 +208,18 @@ impl Ne1000Pump {
             .await?;
         self.request(Request::Run { phase: None }, false).await?;
 
-        let expected = Duration::try_from_secs_f64(volume_ul / rate_ul_per_min * 60.0)
+        // Both the pumping time and the shortest poll follow the pump's clock; the wire does not.
+        let scale = if self.options.time_scale.is_finite() && self.options.time_scale >= 1.0 {
+            self.options.time_scale
+        } else {
+            1.0
+        };
+        let expected = Duration::try_from_secs_f64(volume_ul / rate_ul_per_min * 60.0 / scale)
             .unwrap_or(Duration::MAX);
+        let min_poll = MIN_POLL.div_f64(scale).max(MIN_POLL_WARPED);
         let interval = expected
             .div_f64(POLLS_PER_DISPENSE)
-            .clamp(MIN_POLL, MAX_POLL);
+            .clamp(min_poll, MAX_POLL);
         let allowed = expected.mul_f64(1.5).saturating_add(DISPENSE_MARGIN);
         let deadline = Instant::now().checked_add(allowed);
         loop {

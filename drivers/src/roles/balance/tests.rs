@@ -214,3 +214,52 @@ fn model_is_the_type_without_capacity_and_unit() {
     assert_eq!(model_of("WKC204C"), "WKC204C");
     assert_eq!(model_of("220.0 g"), "220.0 g");
 }
+
+#[test]
+fn weight_width_is_trusted_after_two_agreeing_lines_and_relearned_after_three() {
+    let mut w = WeightWidth::default();
+    // Learning: nothing is refused, one odd line does not lock in.
+    assert_eq!(w.observe(10), Ok(()));
+    assert_eq!(w.observe(11), Ok(()));
+    assert_eq!(w.observe(11), Ok(()));
+    assert_eq!(w.trusted, Some(11));
+    // A line that lost a byte.
+    assert_eq!(w.observe(10), Err(11));
+    assert_eq!(w.observe(11), Ok(()));
+    // A balance reconfigured to a wider field: refused until seen three times in a row.
+    assert_eq!(w.observe(12), Err(11));
+    assert_eq!(w.observe(12), Err(11));
+    assert_eq!(w.observe(12), Err(11));
+    assert_eq!(w.trusted, Some(12));
+    assert_eq!(w.observe(12), Ok(()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_weight_line_that_lost_a_byte_is_refused_as_damaged() {
+    let (mut b, mut device) = balance();
+    let dev = tokio::spawn(async move {
+        let mut fake = started(&mut device).await;
+        fake.reply(b"S\r\n", b"S S     100.00 g\r\n").await;
+        fake.reply(b"S\r\n", b"S S     100.01 g\r\n").await;
+        // `100.00` with its first `0` dropped on the line reads as a plausible 10 g.
+        fake.reply(b"S\r\n", b"S S     10.00 g\r\n").await;
+        fake.reply(b"S\r\n", b"S S     100.02 g\r\n").await;
+    });
+    b.start().await.unwrap();
+    let weigh = DeviceCommand::Weigh { stable: true };
+    b.execute(&weigh).await.unwrap();
+    b.execute(&weigh).await.unwrap();
+    let err = b.execute(&weigh).await.unwrap_err();
+    assert!(
+        matches!(&err, DriverError::DamagedReply { reason, .. } if reason.contains("10 characters wide where this balance prints 11")),
+        "{err}"
+    );
+    assert_eq!(
+        b.execute(&weigh).await.unwrap(),
+        Outcome::Mass {
+            mass_g: 100.02,
+            stable: true
+        }
+    );
+    dev.await.unwrap();
+}
