@@ -7,10 +7,12 @@
 //! - [`safety`]: envelope, e-stop latch, interlocks.
 //! - [`journal`]: the crash-safe SQLite journal.
 //! - [`commands`]: the `labctl` subcommands.
+//! - [`console`]: `labctl console`, the technicians' terminal UI over MQTT.
 
 pub mod api;
 pub mod auth;
 pub mod commands;
+pub mod console;
 pub mod controller;
 pub mod executor;
 pub mod gateways;

@@ -47,6 +47,12 @@ enum Command {
     /// Exit status: 0 accepted (completed with --wait), 1 rejected, 3 failed, 4 aborted or interrupted,
     /// 2 usage, I/O or connection error.
     Submit(labctl::gateways::mqtt::submit::SubmitArgs),
+    /// The technicians' terminal UI: instruments, runs, approvals, results and the event log of a running
+    /// controller, over MQTT; approve, reject, pause, resume, abort, emergency stop.
+    ///
+    /// Credentials from LABCTL_MQTT_USER with LABCTL_MQTT_PASSWORD or LABCTL_MQTT_PASSWORD_FILE (a
+    /// technician to act; any user to watch). Exit status: 0 quit, 2 usage or terminal error.
+    Console(labctl::console::ConsoleArgs),
     /// Print the protocol JSON Schema.
     Schema,
     /// Read a password from standard input and print its argon2id hash for a lab file's `password_hash`.
@@ -127,6 +133,7 @@ fn main() -> ExitCode {
         } => commands::run::run(args, mqtt, command_port),
         Command::Sim(args) => commands::sim::run(args),
         Command::Submit(args) => labctl::gateways::mqtt::submit::run(args),
+        Command::Console(args) => labctl::console::run(args),
         Command::Passwd => {
             let mut line = String::new();
             if std::io::stdin().read_line(&mut line).is_err()

@@ -371,11 +371,28 @@ async fn publish(s: &Shared, topic: String, retain: bool, payload: Vec<u8>) {
 async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<Shared>) {
     let mut proposals: HashMap<String, String> = HashMap::new();
     let mut last_seq: HashMap<String, u64> = HashMap::new();
+    let mut context = payload::RunContext::default();
     loop {
         match records.recv().await {
             Ok(record) => {
+                context.observe(&record);
                 if let Record::RunCreated(r) = &*record {
                     proposals.insert(r.run_id.clone(), r.proposal_id.clone());
+                    if r.state == RunState::AwaitingApproval.as_str() {
+                        // The approver sees the validator's warnings; validating again is cheaper than
+                        // carrying them through the journal, and gives the same answer on the same lab.
+                        let (lab, bytes) =
+                            (s.api.lab.clone(), r.protocol_json.clone().into_bytes());
+                        let findings = tokio::task::spawn_blocking(move || {
+                            serde_json::to_value(
+                                labctl_protocols::validate_bytes(&bytes, &lab).findings,
+                            )
+                            .unwrap_or_default()
+                        })
+                        .await
+                        .unwrap_or_default();
+                        context.set_findings(&r.run_id, findings);
+                    }
                 }
                 let run_id = match &*record {
                     Record::RunCreated(r) => Some(r.run_id.as_str()),
@@ -385,14 +402,19 @@ async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<S
                     Record::Event { run_id, .. } => run_id.as_deref(),
                 };
                 if let Some(id) = run_id
-                    && !proposals.contains_key(id)
+                    && (!proposals.contains_key(id) || !context.knows(id))
                     && let Some(info) = s.api.run(id).await
                 {
+                    context.fill_from(&info);
                     proposals.insert(id.to_owned(), info.proposal_id);
                 }
                 let pid = run_id.and_then(|id| proposals.get(id)).map(String::as_str);
                 match payload::from_record(&record, pid) {
-                    Some(Outbound::Status { run_id, payload }) => {
+                    Some(Outbound::Status {
+                        run_id,
+                        mut payload,
+                    }) => {
+                        context.decorate(&mut payload);
                         let terminal = payload["state"].as_str().is_some_and(|st| {
                             ["rejected", "completed", "failed", "aborted", "interrupted"]
                                 .contains(&st)
@@ -401,6 +423,7 @@ async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<S
                         if terminal {
                             proposals.remove(&run_id);
                             last_seq.remove(&run_id);
+                            context.forget(&run_id);
                         }
                     }
                     Some(Outbound::Event { run_id, payload }) => {
@@ -426,7 +449,7 @@ async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<S
                     skipped = n,
                     "mqtt: journal records skipped; catching up from the journal"
                 );
-                catch_up(&s, &mut last_seq).await;
+                catch_up(&s, &mut last_seq, &context).await;
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }
@@ -434,7 +457,7 @@ async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<S
 }
 
 /// After a lag: every live run's status again, and the results past each run's last published `seq`.
-async fn catch_up(s: &Shared, last_seq: &mut HashMap<String, u64>) {
+async fn catch_up(s: &Shared, last_seq: &mut HashMap<String, u64>, context: &payload::RunContext) {
     let runs = s.api.runs().await;
     let wanted: Vec<(String, String, u64)> = runs
         .iter()
@@ -480,10 +503,12 @@ async fn catch_up(s: &Shared, last_seq: &mut HashMap<String, u64>) {
         }
     }
     for r in runs {
-        let p = serde_json::json!({
+        let mut p = serde_json::json!({
             "run_id": r.run_id, "proposal_id": r.proposal_id, "state": r.state,
             "step": r.current_step, "reason": r.reason, "at_ms": journal::now_ms(),
+            "name": r.name, "submitted_by": r.submitted_by, "estimated_duration_s": r.estimated_duration_s,
         });
+        context.decorate(&mut p);
         publish(s, s.topics.run_status(&r.run_id), true, to_vec(&p)).await;
     }
 }

@@ -398,6 +398,149 @@ pub fn result_payload(
     })
 }
 
+/// What the retained `runs/{run_id}/status` carries beyond the record itself, so that a console that connects
+/// late still has it: the run's name, who submitted it, the estimate and when it started running, and, while
+/// the run awaits approval, everything an approver decides on (`approval`). Gathered from the committed
+/// journal records in order; pure.
+#[derive(Debug, Default)]
+pub struct RunContext {
+    runs: std::collections::HashMap<String, RunMeta>,
+}
+
+#[derive(Debug, Default)]
+struct RunMeta {
+    name: Option<String>,
+    submitted_by: Option<String>,
+    estimated_duration_s: Option<f64>,
+    started_at_ms: Option<i64>,
+    /// Present while the run awaits approval.
+    approval: Option<serde_json::Map<String, Value>>,
+}
+
+impl RunContext {
+    /// Takes note of what a committed record tells about its run; forgets a run once it has ended.
+    pub fn observe(&mut self, record: &Record) {
+        match record {
+            Record::RunCreated(r) => {
+                let approval = (r.state == "awaiting_approval").then(|| {
+                    let protocol = serde_json::from_str::<Value>(&r.protocol_json)
+                        .unwrap_or_else(|_| Value::String(r.protocol_json.clone()));
+                    let mut m = serde_json::Map::new();
+                    m.insert("proposal_id".into(), json!(r.proposal_id));
+                    m.insert(
+                        "planner".into(),
+                        json!({"id": r.planner_id, "model": r.planner_model, "model_version": r.planner_model_version}),
+                    );
+                    m.insert("submitted_at_ms".into(), json!(r.submitted_at_ms));
+                    m.insert("because".into(), json!([]));
+                    m.insert("findings".into(), json!([]));
+                    m.insert("dry_run".into(), Value::Null);
+                    m.insert("protocol".into(), protocol);
+                    m
+                });
+                self.runs.insert(
+                    r.run_id.clone(),
+                    RunMeta {
+                        name: Some(r.name.clone()),
+                        submitted_by: Some(r.submitted_by.clone()),
+                        estimated_duration_s: r.estimated_duration_s,
+                        started_at_ms: None,
+                        approval,
+                    },
+                );
+            }
+            Record::RunState {
+                run_id,
+                state,
+                at_ms,
+                ..
+            } => {
+                let meta = self.runs.entry(run_id.clone()).or_default();
+                if state != "awaiting_approval" {
+                    meta.approval = None;
+                }
+                if state == "running" && meta.started_at_ms.is_none() {
+                    meta.started_at_ms = Some(*at_ms);
+                }
+            }
+            Record::Event {
+                run_id: Some(run_id),
+                kind,
+                detail,
+                ..
+            } => {
+                let Some(approval) = self.runs.get_mut(run_id).and_then(|m| m.approval.as_mut())
+                else {
+                    return;
+                };
+                match kind.as_str() {
+                    "dry_run" => {
+                        approval.insert("dry_run".into(), detail.clone());
+                    }
+                    "approval" if detail["decision"] == "awaiting_approval" => {
+                        approval.insert("because".into(), detail["because"].clone());
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The validator's findings (warnings: an accepted proposal has no errors) for a run awaiting approval.
+    pub fn set_findings(&mut self, run_id: &str, findings: Value) {
+        if let Some(a) = self.runs.get_mut(run_id).and_then(|m| m.approval.as_mut()) {
+            a.insert("findings".into(), findings);
+        }
+    }
+
+    /// Fills what is known of a run that this process saw no `RunCreated` for (e.g. after a lag).
+    pub fn fill_from(&mut self, info: &crate::api::RunInfo) {
+        let meta = self.runs.entry(info.run_id.clone()).or_default();
+        meta.name.get_or_insert_with(|| info.name.clone());
+        meta.submitted_by
+            .get_or_insert_with(|| info.submitted_by.clone());
+        if meta.estimated_duration_s.is_none() {
+            meta.estimated_duration_s = info.estimated_duration_s;
+        }
+    }
+
+    pub fn knows(&self, run_id: &str) -> bool {
+        self.runs.contains_key(run_id)
+    }
+
+    /// Adds `name`, `submitted_by`, `estimated_duration_s`, `started_at_ms` and (while awaiting approval)
+    /// `approval` to a status payload.
+    pub fn decorate(&self, status: &mut Value) {
+        let Some(run_id) = status["run_id"].as_str() else {
+            return;
+        };
+        let Some(meta) = self.runs.get(run_id) else {
+            return;
+        };
+        let Value::Object(m) = status else {
+            return;
+        };
+        m.insert("name".into(), json!(meta.name));
+        m.insert("submitted_by".into(), json!(meta.submitted_by));
+        m.insert(
+            "estimated_duration_s".into(),
+            json!(meta.estimated_duration_s),
+        );
+        m.insert("started_at_ms".into(), json!(meta.started_at_ms));
+        if m.get("state").and_then(Value::as_str) == Some("awaiting_approval")
+            && let Some(a) = &meta.approval
+        {
+            m.insert("approval".into(), Value::Object(a.clone()));
+        }
+    }
+
+    /// Forgets a run (it has ended and its last status is published).
+    pub fn forget(&mut self, run_id: &str) {
+        self.runs.remove(run_id);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,5 +637,75 @@ mod tests {
             v["instruments"].as_array().unwrap().len(),
             lab.instruments.len()
         );
+    }
+    #[test]
+    fn a_status_awaiting_approval_carries_what_the_approver_needs_and_loses_it_once_decided() {
+        use crate::journal::RunRecord;
+        let mut ctx = RunContext::default();
+        let created = Record::RunCreated(RunRecord {
+            run_id: "r1".into(),
+            proposal_id: "p1".into(),
+            name: "long wait".into(),
+            planner_id: "bo".into(),
+            planner_model: Some("gp".into()),
+            planner_model_version: None,
+            submitted_by: "planner-bo".into(),
+            protocol_json: r#"{"steps":[{"type":"wait"}]}"#.into(),
+            protocol_sha256: "x".into(),
+            lab_id: "sim".into(),
+            lab_sha256: "y".into(),
+            labctl_version: "0".into(),
+            state: "awaiting_approval".into(),
+            estimated_duration_s: Some(4000.0),
+            submitted_at_ms: 5,
+        });
+        ctx.observe(&created);
+        let event = |kind: &str, detail: Value| Record::Event {
+            run_id: Some("r1".into()),
+            kind: kind.into(),
+            step: None,
+            actor: None,
+            detail,
+            at_ms: 6,
+        };
+        ctx.observe(&event(
+            "dry_run",
+            json!({"estimated_duration_s": 4000.0, "problems": []}),
+        ));
+        ctx.observe(&event(
+            "approval",
+            json!({"decision": "awaiting_approval", "because": ["too long"]}),
+        ));
+        ctx.set_findings("r1", json!([{"severity": "warning"}]));
+        let state = |s: &str, at| Record::RunState {
+            run_id: "r1".into(),
+            state: s.into(),
+            step: None,
+            reason: None,
+            at_ms: at,
+        };
+        ctx.observe(&state("awaiting_approval", 7));
+        let mut status = json!({"run_id": "r1", "state": "awaiting_approval"});
+        ctx.decorate(&mut status);
+        assert_eq!(status["name"], "long wait");
+        assert_eq!(status["submitted_by"], "planner-bo");
+        assert_eq!(status["estimated_duration_s"], 4000.0);
+        let a = &status["approval"];
+        assert_eq!(a["because"], json!(["too long"]));
+        assert_eq!(a["dry_run"]["estimated_duration_s"], 4000.0);
+        assert_eq!(a["planner"]["model"], "gp");
+        assert_eq!(a["findings"][0]["severity"], "warning");
+        assert_eq!(a["protocol"]["steps"][0]["type"], "wait");
+
+        ctx.observe(&state("queued", 8));
+        ctx.observe(&state("running", 9));
+        let mut status = json!({"run_id": "r1", "state": "running"});
+        ctx.decorate(&mut status);
+        assert!(status.get("approval").is_none(), "{status}");
+        assert_eq!(status["started_at_ms"], 9);
+        // A run it never heard of is left alone.
+        let mut other = json!({"run_id": "r2", "state": "running"});
+        ctx.decorate(&mut other);
+        assert_eq!(other, json!({"run_id": "r2", "state": "running"}));
     }
 }

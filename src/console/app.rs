@@ -1,0 +1,617 @@
+//! What the technician is doing in the console: the current view, selections, the open dialog, and what a
+//! key press asks for. Pure: a key and the model in, a [`Command`] out; no I/O.
+
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
+use serde_json::{Value, json};
+
+use super::state::{EStop, Level, Link, Model};
+use crate::gateways::mqtt::topics::Topics;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tab {
+    Instruments,
+    Runs,
+    Approvals,
+    Results,
+    Log,
+}
+
+impl Tab {
+    pub const ALL: [Tab; 5] = [
+        Tab::Instruments,
+        Tab::Runs,
+        Tab::Approvals,
+        Tab::Results,
+        Tab::Log,
+    ];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Tab::Instruments => "Instruments",
+            Tab::Runs => "Runs",
+            Tab::Approvals => "Approvals",
+            Tab::Results => "Results",
+            Tab::Log => "Log",
+        }
+    }
+
+    fn index(self) -> usize {
+        Tab::ALL.iter().position(|t| *t == self).unwrap_or(0)
+    }
+}
+
+/// A dialog over the view; it takes every key until it closes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dialog {
+    Help,
+    ConfirmEStop,
+    ConfirmAcknowledge,
+    ConfirmApprove { run_id: String },
+    RejectReason { run_id: String, reason: String },
+    ConfirmAbort { run_id: String },
+}
+
+/// Something to send to the controller.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Control {
+        run_id: String,
+        action: &'static str,
+    },
+    Approve {
+        run_id: String,
+    },
+    Reject {
+        run_id: String,
+        reason: String,
+    },
+    EStop,
+    AcknowledgeEStop,
+    /// Publish the run's results after `after` again (any user may).
+    Replay {
+        run_id: String,
+        after: u64,
+    },
+}
+
+impl Command {
+    /// The topic, the JSON body and the label its answer comes back with.
+    pub fn message(&self, topics: &Topics) -> (String, Vec<u8>, String) {
+        let body = |v: Value| serde_json::to_vec(&v).unwrap_or_default();
+        match self {
+            Command::Control { run_id, action } => (
+                topics.run_control(run_id),
+                body(json!({ "action": action })),
+                format!("{action} {run_id}"),
+            ),
+            Command::Approve { run_id } => (
+                topics.run_approval(run_id),
+                body(json!({ "decision": "approve" })),
+                format!("approve {run_id}"),
+            ),
+            Command::Reject { run_id, reason } => (
+                topics.run_approval(run_id),
+                body(json!({ "decision": "reject", "reason": reason })),
+                format!("reject {run_id}"),
+            ),
+            Command::EStop => (
+                topics.estop(),
+                body(json!({ "action": "trigger" })),
+                "emergency stop".into(),
+            ),
+            Command::AcknowledgeEStop => (
+                topics.estop(),
+                body(json!({ "action": "acknowledge" })),
+                "acknowledge emergency stop".into(),
+            ),
+            Command::Replay { run_id, after } => (
+                topics.run_control(run_id),
+                body(json!({ "action": "replay", "after": after })),
+                format!("replay {run_id}"),
+            ),
+        }
+    }
+}
+
+/// What a key press leads to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Nothing,
+    Send(Command),
+    Quit,
+}
+
+/// Longest rejection reason accepted in the dialog.
+pub const MAX_REASON: usize = 200;
+
+#[derive(Debug)]
+pub struct Ui {
+    pub tab: Tab,
+    pub dialog: Option<Dialog>,
+    pub instrument: usize,
+    pub run: usize,
+    pub approval: usize,
+    /// The run whose results are shown (the selected run when none was chosen).
+    pub results_run: Option<String>,
+    pub result: usize,
+    /// Lines scrolled back from the newest in the log.
+    pub log_back: usize,
+    /// The latest answer or refusal, shown in the footer.
+    pub notice: Option<(Level, String)>,
+}
+
+impl Default for Ui {
+    fn default() -> Self {
+        Ui {
+            tab: Tab::Runs,
+            dialog: None,
+            instrument: 0,
+            run: 0,
+            approval: 0,
+            results_run: None,
+            result: 0,
+            log_back: 0,
+            notice: None,
+        }
+    }
+}
+
+impl Ui {
+    /// The run id under the cursor in the Runs view.
+    pub fn selected_run(&self, model: &Model) -> Option<String> {
+        let runs = model.runs_newest_first();
+        runs.get(self.run.min(runs.len().saturating_sub(1)))
+            .map(|r| r.run_id.clone())
+    }
+
+    pub fn selected_approval(&self, model: &Model) -> Option<String> {
+        let queue = model.pending_approvals();
+        queue
+            .get(self.approval.min(queue.len().saturating_sub(1)))
+            .map(|r| r.run_id.clone())
+    }
+
+    /// The run the Results view shows.
+    pub fn results_run_id(&self, model: &Model) -> Option<String> {
+        self.results_run
+            .clone()
+            .filter(|id| model.runs.contains_key(id))
+            .or_else(|| self.selected_run(model))
+    }
+
+    fn notice(&mut self, level: Level, text: impl Into<String>) {
+        self.notice = Some((level, text.into()));
+    }
+
+    /// Handles one key press.
+    pub fn on_key(&mut self, key: KeyEvent, model: &mut Model) -> Outcome {
+        if key.kind == KeyEventKind::Release {
+            return Outcome::Nothing;
+        }
+        if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('c') {
+            return Outcome::Quit;
+        }
+        if let Some(dialog) = self.dialog.take() {
+            return self.on_dialog_key(dialog, key, model);
+        }
+        match key.code {
+            KeyCode::Char('q') => return Outcome::Quit,
+            KeyCode::Char('?') | KeyCode::F(1) => self.dialog = Some(Dialog::Help),
+            KeyCode::Char(c @ '1'..='5') => {
+                self.tab = Tab::ALL[(c as usize) - ('1' as usize)];
+            }
+            KeyCode::Tab | KeyCode::Right => {
+                self.tab = Tab::ALL[(self.tab.index() + 1) % Tab::ALL.len()]
+            }
+            KeyCode::BackTab | KeyCode::Left => {
+                self.tab = Tab::ALL[(self.tab.index() + Tab::ALL.len() - 1) % Tab::ALL.len()]
+            }
+            KeyCode::Up | KeyCode::Char('k') => self.move_cursor(model, -1),
+            KeyCode::Down | KeyCode::Char('j') => self.move_cursor(model, 1),
+            KeyCode::PageUp => self.move_cursor(model, -10),
+            KeyCode::PageDown => self.move_cursor(model, 10),
+            // One key from anywhere; the dialog asks once.
+            KeyCode::Char('!') | KeyCode::F(12) => self.dialog = Some(Dialog::ConfirmEStop),
+            KeyCode::Char('K') => {
+                if model.estop == EStop::Clear {
+                    self.notice(
+                        Level::Info,
+                        "no emergency stop latched by this console; K acknowledges one anyway",
+                    );
+                }
+                self.dialog = Some(Dialog::ConfirmAcknowledge);
+            }
+            _ => return self.on_view_key(key, model),
+        }
+        Outcome::Nothing
+    }
+
+    fn move_cursor(&mut self, model: &Model, by: i64) {
+        let step = |at: usize, len: usize| -> usize {
+            if len == 0 {
+                return 0;
+            }
+            (at.min(len - 1) as i64 + by).clamp(0, len as i64 - 1) as usize
+        };
+        match self.tab {
+            Tab::Instruments => self.instrument = step(self.instrument, model.instruments.len()),
+            Tab::Runs => self.run = step(self.run, model.runs.len()),
+            Tab::Approvals => self.approval = step(self.approval, model.pending_approvals().len()),
+            Tab::Results => {
+                let n = self
+                    .results_run_id(model)
+                    .and_then(|id| model.runs.get(&id))
+                    .map_or(0, |r| r.results.len());
+                self.result = step(self.result, n);
+            }
+            // Up goes back in time.
+            Tab::Log => {
+                self.log_back =
+                    (self.log_back as i64 - by).clamp(0, model.log.len() as i64) as usize
+            }
+        }
+    }
+
+    fn on_view_key(&mut self, key: KeyEvent, model: &mut Model) -> Outcome {
+        let control = |run_id: Option<String>, action| match run_id {
+            Some(run_id) => Outcome::Send(Command::Control { run_id, action }),
+            None => Outcome::Nothing,
+        };
+        match (self.tab, key.code) {
+            (Tab::Runs, KeyCode::Char('p')) => control(self.selected_run(model), "pause"),
+            (Tab::Runs, KeyCode::Char('u')) => control(self.selected_run(model), "resume"),
+            (Tab::Runs, KeyCode::Char('x')) => {
+                if let Some(run_id) = self.selected_run(model) {
+                    self.dialog = Some(Dialog::ConfirmAbort { run_id });
+                }
+                Outcome::Nothing
+            }
+            (Tab::Runs, KeyCode::Enter) => {
+                self.results_run = self.selected_run(model);
+                self.result = 0;
+                self.tab = Tab::Results;
+                self.replay_if_missing(model)
+            }
+            (Tab::Results, KeyCode::Char('l')) => self.replay_if_missing(model),
+            (Tab::Approvals, KeyCode::Char('a')) => {
+                if let Some(run_id) = self.selected_approval(model) {
+                    self.dialog = Some(Dialog::ConfirmApprove { run_id });
+                }
+                Outcome::Nothing
+            }
+            (Tab::Approvals, KeyCode::Char('r')) => {
+                if let Some(run_id) = self.selected_approval(model) {
+                    self.dialog = Some(Dialog::RejectReason {
+                        run_id,
+                        reason: String::new(),
+                    });
+                }
+                Outcome::Nothing
+            }
+            _ => Outcome::Nothing,
+        }
+    }
+
+    /// Asks for the results a console that started late has not seen (once per run).
+    fn replay_if_missing(&mut self, model: &mut Model) -> Outcome {
+        let Some(run) = self
+            .results_run_id(model)
+            .and_then(|id| model.runs.get_mut(&id))
+        else {
+            return Outcome::Nothing;
+        };
+        if run.replay_asked || run.state == "awaiting_approval" || run.state == "queued" {
+            return Outcome::Nothing;
+        }
+        run.replay_asked = true;
+        Outcome::Send(Command::Replay {
+            run_id: run.run_id.clone(),
+            after: 0,
+        })
+    }
+
+    fn on_dialog_key(&mut self, dialog: Dialog, key: KeyEvent, model: &mut Model) -> Outcome {
+        let yes = matches!(key.code, KeyCode::Char('y') | KeyCode::Char('Y'));
+        match dialog {
+            Dialog::Help => Outcome::Nothing,
+            Dialog::ConfirmEStop => {
+                // Enter confirms too: in an emergency nobody should hunt for a key.
+                if yes || key.code == KeyCode::Enter {
+                    model.estop = EStop::Requested;
+                    Outcome::Send(Command::EStop)
+                } else {
+                    self.notice(Level::Info, "emergency stop not sent");
+                    Outcome::Nothing
+                }
+            }
+            Dialog::ConfirmAcknowledge => {
+                if yes {
+                    model.estop = EStop::Acknowledging;
+                    Outcome::Send(Command::AcknowledgeEStop)
+                } else {
+                    Outcome::Nothing
+                }
+            }
+            Dialog::ConfirmApprove { run_id } => {
+                if yes {
+                    Outcome::Send(Command::Approve { run_id })
+                } else {
+                    Outcome::Nothing
+                }
+            }
+            Dialog::ConfirmAbort { run_id } => {
+                if yes {
+                    Outcome::Send(Command::Control {
+                        run_id,
+                        action: "abort",
+                    })
+                } else {
+                    Outcome::Nothing
+                }
+            }
+            Dialog::RejectReason { run_id, mut reason } => match key.code {
+                KeyCode::Esc => Outcome::Nothing,
+                KeyCode::Enter if reason.trim().is_empty() => {
+                    self.notice(Level::Warn, "a rejection needs a reason");
+                    self.dialog = Some(Dialog::RejectReason { run_id, reason });
+                    Outcome::Nothing
+                }
+                KeyCode::Enter => Outcome::Send(Command::Reject {
+                    run_id,
+                    reason: reason.trim().to_owned(),
+                }),
+                KeyCode::Backspace => {
+                    reason.pop();
+                    self.dialog = Some(Dialog::RejectReason { run_id, reason });
+                    Outcome::Nothing
+                }
+                KeyCode::Char(c) if !c.is_control() => {
+                    if reason.chars().count() < MAX_REASON {
+                        reason.push(c);
+                    }
+                    self.dialog = Some(Dialog::RejectReason { run_id, reason });
+                    Outcome::Nothing
+                }
+                _ => {
+                    self.dialog = Some(Dialog::RejectReason { run_id, reason });
+                    Outcome::Nothing
+                }
+            },
+        }
+    }
+
+    /// A command is about to go out: refused here while the broker is away (it would go out later, when
+    /// nobody expects it any more).
+    pub fn may_send(&mut self, model: &mut Model, command: &Command) -> bool {
+        if model.link == Link::Connected {
+            return true;
+        }
+        if matches!(command, Command::EStop) {
+            model.estop = EStop::Clear;
+        }
+        self.notice(
+            Level::Error,
+            "not connected to the broker: nothing sent (use the hardware stop if it is urgent)",
+        );
+        false
+    }
+
+    /// The controller's answer to one of this console's commands.
+    pub fn on_answer(&mut self, model: &mut Model, label: &str, payload: &[u8], now_ms: i64) {
+        let v: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
+        let accepted = v["accepted"] == Value::Bool(true);
+        let (level, text) = if accepted {
+            let state = v["state"]
+                .as_str()
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            (Level::Info, format!("{label} accepted{state}"))
+        } else {
+            let why = v["message"]
+                .as_str()
+                .or_else(|| v["error"].as_str())
+                .unwrap_or("unreadable answer");
+            (Level::Error, format!("{label} refused: {why}"))
+        };
+        match (label, accepted) {
+            ("emergency stop", true) => model.estop = EStop::Latched,
+            ("emergency stop", false) => model.estop = EStop::Clear,
+            ("acknowledge emergency stop", true) => model.estop = EStop::Clear,
+            ("acknowledge emergency stop", false) => model.estop = EStop::Latched,
+            _ => {}
+        }
+        model.say(now_ms, level, format!("{} {text}", model.user));
+        self.notice(level, text);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn key(code: KeyCode) -> KeyEvent {
+        KeyEvent::new(code, KeyModifiers::NONE)
+    }
+
+    fn model_with_pending() -> Model {
+        let mut m = Model::new("sim", "alice");
+        m.link = Link::Connected;
+        m.apply(
+            "labctl/sim/runs/run-1-1/status",
+            br#"{"run_id":"run-1-1","state":"awaiting_approval","at_ms":1}"#,
+            1,
+        );
+        m
+    }
+
+    #[test]
+    fn approving_takes_a_confirmation() {
+        let mut m = model_with_pending();
+        let mut ui = Ui::default();
+        ui.on_key(key(KeyCode::Char('3')), &mut m);
+        assert_eq!(ui.tab, Tab::Approvals);
+        assert_eq!(ui.on_key(key(KeyCode::Char('a')), &mut m), Outcome::Nothing);
+        assert!(matches!(ui.dialog, Some(Dialog::ConfirmApprove { .. })));
+        assert_eq!(
+            ui.on_key(key(KeyCode::Char('y')), &mut m),
+            Outcome::Send(Command::Approve {
+                run_id: "run-1-1".into()
+            })
+        );
+        // Any other key cancels.
+        ui.on_key(key(KeyCode::Char('a')), &mut m);
+        assert_eq!(ui.on_key(key(KeyCode::Char('n')), &mut m), Outcome::Nothing);
+        assert_eq!(ui.dialog, None);
+    }
+
+    #[test]
+    fn rejecting_needs_a_typed_reason() {
+        let mut m = model_with_pending();
+        let mut ui = Ui {
+            tab: Tab::Approvals,
+            ..Ui::default()
+        };
+        ui.on_key(key(KeyCode::Char('r')), &mut m);
+        assert_eq!(ui.on_key(key(KeyCode::Enter), &mut m), Outcome::Nothing);
+        assert!(matches!(ui.dialog, Some(Dialog::RejectReason { .. })));
+        for c in "quite hott".chars() {
+            ui.on_key(key(KeyCode::Char(c)), &mut m);
+        }
+        ui.on_key(key(KeyCode::Backspace), &mut m);
+        // 'q' inside the dialog is text, not quit.
+        assert_eq!(
+            ui.on_key(key(KeyCode::Enter), &mut m),
+            Outcome::Send(Command::Reject {
+                run_id: "run-1-1".into(),
+                reason: "quite hot".into()
+            })
+        );
+    }
+
+    #[test]
+    fn emergency_stop_is_one_key_and_a_confirmation_and_tracks_its_answer() {
+        let mut m = model_with_pending();
+        let mut ui = Ui {
+            tab: Tab::Log,
+            ..Ui::default()
+        };
+        ui.on_key(key(KeyCode::Char('!')), &mut m);
+        assert_eq!(ui.dialog, Some(Dialog::ConfirmEStop));
+        assert_eq!(
+            ui.on_key(key(KeyCode::Enter), &mut m),
+            Outcome::Send(Command::EStop)
+        );
+        assert_eq!(m.estop, EStop::Requested);
+        ui.on_answer(
+            &mut m,
+            "emergency stop",
+            br#"{"accepted":true,"topic":"labctl/sim/estop"}"#,
+            5,
+        );
+        assert_eq!(m.estop, EStop::Latched);
+        assert!(
+            m.log
+                .back()
+                .unwrap()
+                .text
+                .starts_with("alice emergency stop accepted")
+        );
+        ui.on_key(key(KeyCode::Char('K')), &mut m);
+        assert_eq!(
+            ui.on_key(key(KeyCode::Char('y')), &mut m),
+            Outcome::Send(Command::AcknowledgeEStop)
+        );
+        ui.on_answer(
+            &mut m,
+            "acknowledge emergency stop",
+            br#"{"accepted":true}"#,
+            6,
+        );
+        assert_eq!(m.estop, EStop::Clear);
+    }
+
+    #[test]
+    fn refusals_are_shown_and_nothing_goes_out_while_the_broker_is_away() {
+        let mut m = model_with_pending();
+        let mut ui = Ui::default();
+        ui.on_answer(
+            &mut m,
+            "pause run-1-1",
+            br#"{"accepted":false,"error":"invalid_state","message":"run-1-1 is awaiting_approval"}"#,
+            1,
+        );
+        assert_eq!(
+            ui.notice,
+            Some((
+                Level::Error,
+                "pause run-1-1 refused: run-1-1 is awaiting_approval".into()
+            ))
+        );
+        m.link_down(2, "broker unreachable");
+        assert!(!ui.may_send(&mut m, &Command::EStop));
+        assert_eq!(m.estop, EStop::Clear);
+    }
+
+    #[test]
+    fn run_controls_act_on_the_selected_run() {
+        let mut m = model_with_pending();
+        m.apply(
+            "labctl/sim/runs/run-2-1/status",
+            br#"{"run_id":"run-2-1","state":"running","at_ms":2}"#,
+            2,
+        );
+        let mut ui = Ui::default();
+        assert_eq!(ui.tab, Tab::Runs);
+        // Newest first: run-2-1 is on top.
+        assert_eq!(
+            ui.on_key(key(KeyCode::Char('p')), &mut m),
+            Outcome::Send(Command::Control {
+                run_id: "run-2-1".into(),
+                action: "pause"
+            })
+        );
+        ui.on_key(key(KeyCode::Down), &mut m);
+        ui.on_key(key(KeyCode::Char('x')), &mut m);
+        assert_eq!(
+            ui.on_key(key(KeyCode::Char('y')), &mut m),
+            Outcome::Send(Command::Control {
+                run_id: "run-1-1".into(),
+                action: "abort"
+            })
+        );
+        assert_eq!(ui.on_key(key(KeyCode::Char('q')), &mut m), Outcome::Quit);
+    }
+
+    #[test]
+    fn commands_follow_the_topic_contract() {
+        let t = Topics::new("sim");
+        let (topic, body, label) = Command::Reject {
+            run_id: "r1".into(),
+            reason: "no".into(),
+        }
+        .message(&t);
+        assert_eq!(topic, "labctl/sim/runs/r1/approval");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap(),
+            json!({"decision": "reject", "reason": "no"})
+        );
+        assert_eq!(label, "reject r1");
+        let (topic, body, _) = Command::EStop.message(&t);
+        assert_eq!(topic, "labctl/sim/estop");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap(),
+            json!({"action": "trigger"})
+        );
+        let (topic, body, _) = Command::Replay {
+            run_id: "r1".into(),
+            after: 0,
+        }
+        .message(&t);
+        assert_eq!(topic, "labctl/sim/runs/r1/control");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap(),
+            json!({"action": "replay", "after": 0})
+        );
+    }
+}

@@ -1,0 +1,218 @@
+//! `labctl console` end to end, as a technician uses it: the real `labctl run --sim` binary with its
+//! embedded broker, a planner's proposal that needs approval (longer than the sim lab's auto-approve limit),
+//! and `labctl console` in a real 80x24 terminal (tmux): the technician opens the approval queue, approves
+//! the run with two keys, and watches it complete; the journal records the approval under her name.
+//!
+//! Needs tmux (scripts/test installs it); without it the test says so and passes.
+
+#![cfg(unix)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Labctl(Child);
+
+impl Drop for Labctl {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A tmux server of this test's own (its own socket), killed with everything in it when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run tmux")
+    }
+
+    fn send(&self, keys: &str) {
+        let out = self.cmd(&["send-keys", "-t", "console", keys]);
+        assert!(out.status.success(), "send-keys {keys}: {out:?}");
+    }
+
+    fn screen(&self) -> String {
+        let out = self.cmd(&["capture-pane", "-p", "-t", "console"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Polls the screen until it shows all of `wanted`; panics with the last screen after `within`.
+    fn wait_for(&self, wanted: &[&str], within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let screen = self.screen();
+            if wanted.iter().all(|w| screen.contains(w)) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the console did not show {wanted:?} within {within:?}; it shows:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["kill-server"]);
+    }
+}
+
+fn tmux_available() -> bool {
+    Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Starts `labctl run --sim` on free ports and returns it with the embedded broker's port.
+fn start_labctl(data_dir: &Path) -> (Labctl, u16) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_labctl"))
+        .args(["run", "--sim", "--warp", "200", "--mqtt-port", "0"])
+        .args(["--command-port", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("LABCTL_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn labctl");
+    let stdout = child.stdout.take().unwrap();
+    let labctl = Labctl(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.trim().strip_prefix("mqtt: ") {
+                let port = rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|a| a.rsplit_once(':'))
+                    .and_then(|(_, p)| p.parse::<u16>().ok());
+                let _ = tx.send(port);
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("labctl printed its MQTT port within 30 s")
+        .expect("a port number");
+    (labctl, port)
+}
+
+#[test]
+fn a_technician_approves_a_pending_run_from_the_console_and_sees_it_complete() {
+    if !tmux_available() {
+        eprintln!(
+            "SKIPPED: tmux is not installed (scripts/test installs it); the console end-to-end test needs a real terminal"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (_labctl, port) = start_labctl(&data);
+    let url = format!("mqtt://127.0.0.1:{port}");
+
+    // The planner proposes a 3700 s wait: over the sim lab's 3600 s auto-approve limit, so it waits for a
+    // technician (18.5 s at warp 200).
+    let protocol = dir.path().join("long-wait.json");
+    std::fs::write(
+        &protocol,
+        r#"{"version": 1,
+            "metadata": {"name": "long wait", "proposal_id": "console-e2e-1", "planner": {"id": "planner-bo"}},
+            "steps": [{"type": "wait", "id": "soak", "duration_s": 3700}]}"#,
+    )
+    .unwrap();
+    let submitted = Command::new(env!("CARGO_BIN_EXE_labctl"))
+        .arg("submit")
+        .arg(&protocol)
+        .args(["--mqtt", &url])
+        .env("LABCTL_MQTT_USER", "planner-bo")
+        .env("LABCTL_MQTT_PASSWORD", "planner-dev")
+        .output()
+        .expect("run labctl submit");
+    let reply: serde_json::Value = serde_json::from_slice(&submitted.stdout)
+        .unwrap_or_else(|e| panic!("submit printed no JSON ({e}): {submitted:?}"));
+    assert_eq!(reply["state"], "awaiting_approval", "{reply}");
+    let run_id = reply["run_id"].as_str().unwrap().to_owned();
+
+    // The technician's password from a file, never on a command line.
+    let password_file = dir.path().join("alice.password");
+    std::fs::write(&password_file, "technician-dev\n").unwrap();
+    let tmux = Tmux {
+        socket: format!("labctl-console-test-{}", std::process::id()),
+    };
+    let console = format!(
+        "env LABCTL_MQTT_USER=alice LABCTL_MQTT_PASSWORD_FILE={} {} console --mqtt {url}",
+        password_file.display(),
+        env!("CARGO_BIN_EXE_labctl"),
+    );
+    let out = tmux.cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        "console",
+        "-x",
+        "80",
+        "-y",
+        "24",
+        &console,
+    ]);
+    assert!(out.status.success(), "tmux new-session: {out:?}");
+    // Keep the pane after the console exits, so a failure to start is readable.
+    tmux.cmd(&["set-option", "-t", "console", "remain-on-exit", "on"]);
+
+    let wait = Duration::from_secs(20);
+    tmux.wait_for(&["broker ok", "controller online", "Approvals (1)"], wait);
+    tmux.send("3");
+    let screen = tmux.wait_for(&[&run_id, "long wait  proposed by planner-bo"], wait);
+    assert!(screen.contains("needs approval:"), "{screen}");
+    assert!(screen.contains("wait [soak] 3700 s"), "{screen}");
+    tmux.send("a");
+    tmux.wait_for(&[&format!("Approve {run_id} as alice?")], wait);
+    tmux.send("y");
+    tmux.wait_for(&[&format!("approve {run_id} accepted")], wait);
+
+    tmux.send("2");
+    let screen = tmux.wait_for(&[&run_id, "completed"], Duration::from_secs(90));
+    assert!(!screen.contains("Approvals (1)"), "{screen}");
+    // The state transitions are in the event log.
+    tmux.send("5");
+    tmux.wait_for(&["running -> completed"], wait);
+
+    tmux.send("q");
+    let deadline = Instant::now() + wait;
+    loop {
+        let out = tmux.cmd(&["display-message", "-p", "-t", "console", "#{pane_dead}"]);
+        if String::from_utf8_lossy(&out.stdout).trim() == "1" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the console did not quit on q");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The approval is journaled under the technician's name.
+    let shown = Command::new(env!("CARGO_BIN_EXE_labctl"))
+        .args(["runs", "show", &run_id, "--json", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&shown.stdout);
+    let detail: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let approved_by_alice = detail["events"].as_array().is_some_and(|events| {
+        events.iter().any(|e| {
+            e["kind"] == "approval" && e["actor"].as_str().is_some_and(|a| a.starts_with("alice "))
+        })
+    });
+    assert!(approved_by_alice, "{detail}");
+}
