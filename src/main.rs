@@ -38,6 +38,8 @@ enum Command {
         mqtt: commands::run::MqttArgs,
         #[command(flatten)]
         command_port: labctl::gateways::command_port::CommandPortArgs,
+        #[command(flatten)]
+        opcua: labctl::gateways::opcua::OpcUaArgs,
     },
     /// Serve the simulated lab's instruments alone, wire-level on pseudo-terminals and TCP, until
     /// SIGINT or SIGTERM; prints where each instrument is.
@@ -130,7 +132,8 @@ fn main() -> ExitCode {
             args,
             mqtt,
             command_port,
-        } => commands::run::run(args, mqtt, command_port),
+            opcua,
+        } => commands::run::run(args, mqtt, command_port, opcua),
         Command::Sim(args) => commands::sim::run(args),
         Command::Submit(args) => labctl::gateways::mqtt::submit::run(args),
         Command::Console(args) => labctl::console::run(args),

@@ -13,6 +13,7 @@ use labctl_simulators::model::VirtualClock;
 use crate::api::Principal;
 use crate::controller::{ControllerConfig, sha256_hex, start};
 pub use crate::gateways::command_port::CommandPortArgs;
+pub use crate::gateways::opcua::OpcUaArgs;
 use crate::instruments::InstrumentHandle;
 use crate::safety::EStop;
 use crate::world::TickConfig;
@@ -73,15 +74,21 @@ pub struct MqttArgs {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LABCTL_LOG")
-        .unwrap_or_else(|_| "info,mqtt5=warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LABCTL_LOG").unwrap_or_else(|_| {
+        "info,mqtt5=warn,opcua_server=warn,opcua_core=warn,opcua_crypto=warn".into()
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
 }
 
-pub fn run(args: RunArgs, mqtt: MqttArgs, command_port: CommandPortArgs) -> ExitCode {
+pub fn run(
+    args: RunArgs,
+    mqtt: MqttArgs,
+    command_port: CommandPortArgs,
+    opcua: OpcUaArgs,
+) -> ExitCode {
     init_logging();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -94,7 +101,7 @@ pub fn run(args: RunArgs, mqtt: MqttArgs, command_port: CommandPortArgs) -> Exit
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(run_async(args, mqtt, command_port)) {
+    match rt.block_on(run_async(args, mqtt, command_port, opcua)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("labctl run: {e}");
@@ -107,6 +114,7 @@ async fn run_async(
     args: RunArgs,
     mqtt_args: MqttArgs,
     command_port_args: CommandPortArgs,
+    opcua_args: OpcUaArgs,
 ) -> Result<(), String> {
     let (mut lab, text) = if args.sim {
         (Lab::sim(), SIM_LAB_TOML.to_owned())
@@ -231,12 +239,29 @@ async fn run_async(
             serde_json::to_string(&reply).unwrap_or_default()
         );
     }
+    // After the submissions: the first start creates the server's RSA key, which must not delay them.
+    let opcua = crate::gateways::opcua::start_for_run(
+        &opcua_args,
+        args.sim,
+        &lab,
+        &args.data_dir,
+        api.clone(),
+    )
+    .await?;
+    match &opcua {
+        Some(server) => say!("  {}", server.banner()),
+        None if !opcua_args.no_opcua => say!("  opcua: not started (see the log)"),
+        None => {}
+    }
     wait_for_signal().await;
     say!("labctl: shutting down, leaving instruments safe");
     controller.shutdown().await;
     // After the controller: the aborted runs' last states reach MQTT before `offline`.
     if let Some(gw) = mqtt {
         gw.shutdown().await;
+    }
+    if let Some(server) = opcua {
+        server.shutdown().await;
     }
     runtime.shutdown().await;
     Ok(())

@@ -2,3 +2,4 @@
 
 pub mod command_port;
 pub mod mqtt;
+pub mod opcua;

@@ -1,0 +1,118 @@
+//! OPC UA users are the lab file's users (`crate::auth::Users`): a user name and password token, checked with
+//! the same argon2 hashes, failure logging and throttling as every other gateway. Deny by default: anonymous
+//! sessions only when the lab has no users at all (and then they only read), no certificate or issued
+//! tokens.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use labctl_protocols::lab::Role;
+use opcua::server::ServerEndpoint;
+use opcua::server::authenticator::{
+    AuthManager, Password, UserToken, user_pass_security_policy_id,
+};
+use opcua::types::{
+    Error, Identifier, MessageSecurityMode, NodeId, StatusCode, UAString, UserTokenPolicy,
+    UserTokenType,
+};
+
+use super::methods::LabMethod;
+use crate::api::Principal;
+use crate::auth::{AuthError, Users};
+
+/// The interface name in journal entries and principals.
+pub const VIA: &str = "opcua";
+
+pub struct LabAuthenticator {
+    users: Arc<Users>,
+}
+
+impl LabAuthenticator {
+    pub fn new(users: Arc<Users>) -> LabAuthenticator {
+        LabAuthenticator { users }
+    }
+
+    /// Who a session's user token stands for; anonymous sessions are nobody (they read, never call).
+    pub fn principal(users: &Users, token: &UserToken) -> Option<Principal> {
+        if token.is_anonymous() {
+            return None;
+        }
+        users
+            .role_of(&token.0)
+            .map(|role| Principal::new(&token.0, role, VIA))
+    }
+
+    fn role(&self, token: &UserToken) -> Option<Role> {
+        Self::principal(&self.users, token).map(|p| p.role)
+    }
+}
+
+#[async_trait]
+impl AuthManager for LabAuthenticator {
+    async fn authenticate_anonymous_token(&self, endpoint: &ServerEndpoint) -> Result<(), Error> {
+        if self.users.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(endpoint = %endpoint.path, "opcua: anonymous session refused: this lab has users");
+        Err(Error::new(
+            StatusCode::BadIdentityTokenRejected,
+            "anonymous access is refused: log in with a user of the lab file",
+        ))
+    }
+
+    async fn authenticate_username_identity_token(
+        &self,
+        _endpoint: &ServerEndpoint,
+        username: &str,
+        password: &Password,
+    ) -> Result<UserToken, Error> {
+        let users = Arc::clone(&self.users);
+        let (user, secret) = (username.to_owned(), password.get().to_owned());
+        // argon2 costs tens of milliseconds of CPU: not on the async threads.
+        let verdict = tokio::task::spawn_blocking(move || users.verify(&user, &secret))
+            .await
+            .unwrap_or(Err(AuthError::Denied));
+        match verdict {
+            Ok(role) => {
+                tracing::info!(user = username, ?role, "opcua: session activated");
+                Ok(UserToken(username.to_owned()))
+            }
+            // `Users::verify` has logged the failure and counted it.
+            Err(e) => {
+                if let AuthError::Throttled { .. } = e {
+                    tracing::warn!(user = username, error = %e, "opcua: login throttled");
+                }
+                Err(Error::new(StatusCode::BadUserAccessDenied, e.to_string()))
+            }
+        }
+    }
+
+    fn is_user_executable(&self, token: &UserToken, method_id: &NodeId) -> bool {
+        match &method_id.identifier {
+            Identifier::String(path) => match LabMethod::from_node_path(path.as_ref()) {
+                Some(method) => self.role(token).is_some_and(|role| method.allowed(role)),
+                // Not one of the lab's methods (the server's own, in namespace 0): the stack decides.
+                None => true,
+            },
+            _ => true,
+        }
+    }
+
+    fn user_token_policies(&self, endpoint: &ServerEndpoint) -> Vec<UserTokenPolicy> {
+        if self.users.is_empty() {
+            return vec![UserTokenPolicy::anonymous()];
+        }
+        // On an unsecured endpoint (development only) the password travels in clear; on the secure ones it
+        // is encrypted with the channel's policy.
+        if endpoint.message_security_mode() == MessageSecurityMode::None {
+            tracing::debug!("opcua: user name tokens on an endpoint without security");
+        }
+        vec![UserTokenPolicy {
+            policy_id: user_pass_security_policy_id(endpoint),
+            token_type: UserTokenType::UserName,
+            issued_token_type: UAString::null(),
+            issuer_endpoint_url: UAString::null(),
+            security_policy_uri: UAString::null(),
+        }]
+    }
+}

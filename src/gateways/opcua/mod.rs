@@ -1,0 +1,219 @@
+//! The OPC UA server: the lab for technicians and plant systems (SCADA, HMI, historians), on async-opcua.
+//! See `docs/opcua.md`.
+//!
+//! - [`address_space`]: the `Lab` object, LADS/DI-shaped, and its node ids.
+//! - [`node_manager`]: the lab's namespace; method calls go to the controller.
+//! - [`methods`]: the `Lab` methods, who may call them, what they answer.
+//! - [`updater`]: keeps values true from the world model and the journal.
+//! - [`authenticator`]: the lab file's users and roles.
+//! - [`settings`]: endpoints, security policies, certificates, limits.
+
+pub mod address_space;
+pub mod authenticator;
+pub mod methods;
+pub mod node_manager;
+pub mod settings;
+pub mod updater;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use labctl_protocols::Lab;
+use opcua::core::config::Config as _;
+use opcua::server::ServerHandle;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::api::ControllerHandle;
+use crate::auth::Users;
+use address_space::Names;
+use node_manager::LabNodeManager;
+pub use settings::{Endpoint, Security};
+
+/// `labctl run` options of the OPC UA server.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct OpcUaArgs {
+    /// Port of the OPC UA server (default: the lab file's `interfaces.opcua.endpoint`, 4840); 0 picks a
+    /// free port and prints the endpoint.
+    #[arg(long = "opcua-port", value_name = "PORT")]
+    pub opcua_port: Option<u16>,
+    /// Do not start the OPC UA server.
+    #[arg(long = "no-opcua", conflicts_with = "opcua_port")]
+    pub no_opcua: bool,
+    /// Also offer SecurityPolicy None (no signature, no encryption, passwords in clear) without --sim.
+    /// For development only; --sim offers it anyway.
+    #[arg(long = "opcua-insecure-dev")]
+    pub opcua_insecure_dev: bool,
+}
+
+/// Everything the server needs besides the controller.
+#[derive(Clone)]
+pub struct OpcUaConfig {
+    pub lab: Lab,
+    /// Where `pki/` lives (the server certificate, trusted and rejected client certificates).
+    pub data_dir: PathBuf,
+    /// Host and port to listen on; port 0 picks a free one.
+    pub listen: Endpoint,
+    pub security: Security,
+    pub users: Arc<Users>,
+}
+
+/// The running server; stops when [`OpcUaServer::shutdown`] is called or it is dropped.
+pub struct OpcUaServer {
+    /// `opc.tcp://host:port/`, with the port actually bound.
+    pub endpoint: String,
+    pub addr: SocketAddr,
+    pub security: Security,
+    pub pki_dir: PathBuf,
+    handle: ServerHandle,
+    server: Option<JoinHandle<()>>,
+    updater: JoinHandle<()>,
+}
+
+impl OpcUaServer {
+    /// One line for the start-up banner.
+    pub fn banner(&self) -> String {
+        format!("opcua: {} ({})", self.endpoint, self.security.describe())
+    }
+
+    /// Closes every session and stops listening.
+    pub async fn shutdown(mut self) {
+        self.handle.cancel();
+        if let Some(server) = self.server.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+        }
+        self.updater.abort();
+    }
+}
+
+impl Drop for OpcUaServer {
+    fn drop(&mut self) {
+        self.handle.cancel();
+        self.updater.abort();
+        if let Some(server) = &self.server {
+            server.abort();
+        }
+    }
+}
+
+/// Namespace of the lab's nodes (`interfaces.md`).
+pub fn namespace_uri(lab_id: &str) -> String {
+    format!("urn:labctl:{lab_id}")
+}
+
+/// Starts the server: binds, creates the server certificate on first start, builds the address space and
+/// starts following the controller.
+pub async fn start(api: ControllerHandle, config: OpcUaConfig) -> Result<OpcUaServer, String> {
+    let listener = TcpListener::bind((config.listen.host.as_str(), config.listen.port))
+        .await
+        .map_err(|e| format!("OPC UA endpoint {}: {e}", config.listen))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("OPC UA endpoint {}: {e}", config.listen))?;
+    let pki_dir = config.data_dir.join("pki");
+    let lab = Arc::new(config.lab.clone());
+    let namespace = namespace_uri(&lab.lab_id);
+    let builder = settings::server_builder(&settings::ServerSettings {
+        lab_id: lab.lab_id.clone(),
+        host: config.listen.host.clone(),
+        port: addr.port(),
+        pki_dir: pki_dir.clone(),
+        security: config.security,
+    })
+    .with_authenticator(Arc::new(authenticator::LabAuthenticator::new(
+        config.users.clone(),
+    )))
+    .with_node_manager(node_manager::builder(
+        namespace.clone(),
+        Arc::clone(&lab),
+        api.clone(),
+        config.users.clone(),
+    ));
+    // The first start generates the server's RSA key: CPU work, off the async threads. Building the
+    // server afterwards only reads it.
+    let description = builder.config().application_description();
+    let store_dir = pki_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        opcua::crypto::CertificateStore::new_with_x509_data(
+            &store_dir,
+            false,
+            None,
+            None,
+            Some(description),
+        )
+    })
+    .await
+    .map_err(|e| format!("OPC UA server certificate: {e}"))?;
+    let (server, handle) = builder.build().map_err(|e| format!("OPC UA server: {e}"))?;
+    if handle.info().server_certificate.is_none() || handle.info().server_pkey.is_none() {
+        return Err(format!(
+            "OPC UA server: no usable certificate and private key under {} (see docs/opcua.md, Certificates)",
+            pki_dir.display()
+        ));
+    }
+    let manager = handle
+        .node_managers()
+        .get_of_type::<LabNodeManager>()
+        .ok_or("OPC UA server: the lab's node manager is missing")?;
+    let ns = handle
+        .get_namespace_index(&namespace)
+        .ok_or("OPC UA server: the lab's namespace is missing")?;
+    let server_task = tokio::spawn(async move {
+        if let Err(e) = server.run_with(listener).await {
+            tracing::error!(error = %e, "OPC UA server stopped");
+        }
+    });
+    let updater = updater::Updater::new(manager, handle.subscriptions().clone(), Names { ns });
+    let updater = tokio::spawn(updater.run(api));
+    let endpoint = format!("opc.tcp://{}:{}/", config.listen.host, addr.port());
+    tracing::info!(%endpoint, security = %config.security.describe(), "OPC UA server listening");
+    Ok(OpcUaServer {
+        endpoint,
+        addr,
+        security: config.security,
+        pki_dir,
+        handle,
+        server: Some(server_task),
+        updater,
+    })
+}
+
+/// Starts the server of `labctl run`, or not (`--no-opcua`). An endpoint's port given with --opcua-port
+/// must bind; when the lab file's default is taken, the controller runs without OPC UA and says so.
+pub async fn start_for_run(
+    args: &OpcUaArgs,
+    sim: bool,
+    lab: &Lab,
+    data_dir: &Path,
+    api: ControllerHandle,
+) -> Result<Option<OpcUaServer>, String> {
+    if args.no_opcua {
+        return Ok(None);
+    }
+    let mut listen = Endpoint::parse(&lab.interfaces.opcua.endpoint)
+        .map_err(|e| format!("interfaces.opcua.endpoint: {e}"))?;
+    if let Some(port) = args.opcua_port {
+        listen.port = port;
+    }
+    let config = OpcUaConfig {
+        lab: lab.clone(),
+        data_dir: data_dir.to_owned(),
+        listen,
+        security: if sim || args.opcua_insecure_dev {
+            Security::WithNone
+        } else {
+            Security::Secure
+        },
+        users: Arc::new(Users::from_lab(lab).map_err(|e| e.to_string())?),
+    };
+    match start(api, config).await {
+        Ok(server) => Ok(Some(server)),
+        Err(e) if args.opcua_port.is_none() => {
+            tracing::error!(error = %e, "OPC UA server not started; the controller runs without it (use --opcua-port PORT)");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}

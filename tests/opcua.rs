@@ -1,0 +1,857 @@
+//! The OPC UA server end to end: the controller on in-process fake instruments (warped time), the server on
+//! a free port, and async-opcua's own client over TCP: browse, identification and telemetry with their units,
+//! a subscription that sees a change, the dye mix submitted with `SubmitProtocol` and followed to completion
+//! under `Lab/Runs`, the emergency stop and its acknowledgement, refused logins and refused method calls,
+//! the certificate trust procedure on the secure endpoints; and the Python `asyncua` client as an
+//! independent peer.
+
+#![cfg(unix)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use labctl::auth::Users;
+use labctl::controller::{Controller, ControllerConfig, start};
+use labctl::gateways::opcua::{self as gateway, Endpoint, OpcUaConfig, OpcUaServer, Security};
+use labctl::instruments::fake::FakeInstrument;
+use labctl::instruments::{self, TaskTiming};
+use labctl::safety::EStop;
+use labctl::world::TickConfig;
+use labctl_protocols::Lab;
+use labctl_simulators::model::VirtualClock;
+use opcua::client::{ClientBuilder, DataChangeCallback, IdentityToken, Session};
+use opcua::crypto::SecurityPolicy;
+use opcua::types::{
+    BrowseDescription, BrowseDirection, BrowseResultMask, CallMethodRequest, DataValue,
+    EUInformation, ExtensionObject, MessageSecurityMode, MonitoredItemCreateRequest, NodeClassMask,
+    NodeId, ReadValueId, ReferenceTypeId, StatusCode, TimestampsToReturn, UserTokenPolicy, Variant,
+};
+use tokio::task::JoinHandle;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Rig {
+    controller: Controller,
+    fakes: BTreeMap<String, FakeInstrument>,
+    server: OpcUaServer,
+    ns: u16,
+}
+
+/// The controller on fake instruments of the simulated lab (as in `tests/command_port.rs`), and the OPC UA
+/// server on a free port.
+async fn rig(dir: &Path, security: Security) -> Rig {
+    let lab = Lab::sim();
+    let estop = EStop::default();
+    let timing = TaskTiming {
+        poll: Duration::from_millis(5),
+        reconnect: Duration::from_millis(20),
+    };
+    let (handles, fakes) = labctl::instruments::fake::spawn_lab(&lab, &estop, timing);
+    fakes["hotplate"].log.lock().unwrap().values = vec![("plate_temperature_c", 42.5)];
+    let config = ControllerConfig {
+        lab: lab.clone(),
+        lab_sha256: "test".into(),
+        data_dir: dir.to_owned(),
+        clock: VirtualClock::new(1000.0).unwrap(),
+        step_timeout_floor: Duration::ZERO,
+        tick: TickConfig {
+            period: Duration::from_millis(10),
+            spin: Duration::ZERO,
+        },
+        labware: None,
+    };
+    let controller = start(config, handles, estop).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !controller
+        .handle
+        .snapshot()
+        .instruments
+        .iter()
+        .all(|i| i.connection == instruments::Connection::Online)
+        || controller.handle.snapshot().instruments.is_empty()
+    {
+        assert!(Instant::now() < deadline, "instruments never online");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let server = gateway::start(
+        controller.handle.clone(),
+        OpcUaConfig {
+            users: Arc::new(Users::from_lab(&lab).unwrap()),
+            lab,
+            data_dir: dir.to_owned(),
+            listen: Endpoint {
+                host: "127.0.0.1".into(),
+                port: 0,
+            },
+            security,
+        },
+    )
+    .await
+    .unwrap();
+    assert_ne!(server.addr.port(), 0);
+    assert!(
+        server
+            .endpoint
+            .ends_with(&format!(":{}/", server.addr.port()))
+    );
+    Rig {
+        controller,
+        fakes,
+        server,
+        ns: 0,
+    }
+}
+
+struct Client {
+    session: Arc<Session>,
+    event_loop: JoinHandle<StatusCode>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.event_loop.abort();
+    }
+}
+
+/// Connects to `url` with the given policy and user (anonymous when `None`); the client's own certificate
+/// lives under `pki`. Returns the status the session ended with when it could not be activated.
+async fn connect(
+    url: &str,
+    policy: SecurityPolicy,
+    mode: MessageSecurityMode,
+    user: Option<(&str, &str)>,
+    pki: &Path,
+) -> Result<Client, StatusCode> {
+    let mut client = ClientBuilder::new()
+        .application_name("labctl tests")
+        .application_uri("urn:labctl:tests")
+        .product_uri("urn:labctl:tests")
+        .pki_dir(pki)
+        .create_sample_keypair(policy != SecurityPolicy::None)
+        .trust_server_certs(true)
+        .session_retry_limit(0)
+        .session_timeout(60_000)
+        .client()
+        .unwrap();
+    let token = match user {
+        Some((name, password)) => IdentityToken::new_user_name(name, password),
+        None => IdentityToken::Anonymous,
+    };
+    let (session, event_loop) = client
+        .connect_to_matching_endpoint(
+            (url, policy.to_str(), mode, UserTokenPolicy::anonymous()),
+            token,
+        )
+        .await
+        .map_err(|e| e.status())?;
+    let mut event_loop = event_loop.spawn();
+    tokio::select! {
+        connected = session.wait_for_connection() => {
+            assert!(connected);
+            Ok(Client { session, event_loop })
+        }
+        ended = &mut event_loop => Err(ended.unwrap_or(StatusCode::BadUnexpectedError)),
+        _ = tokio::time::sleep(WAIT) => panic!("no session and no error within {WAIT:?}"),
+    }
+}
+
+async fn login(rig: &Rig, user: &str, password: &str, pki: &Path) -> Client {
+    connect(
+        &rig.server.endpoint,
+        SecurityPolicy::None,
+        MessageSecurityMode::None,
+        Some((user, password)),
+        pki,
+    )
+    .await
+    .unwrap_or_else(|s| panic!("{user} could not log in: {s}"))
+}
+
+impl Rig {
+    fn id(&self, path: &str) -> NodeId {
+        NodeId::new(self.ns, path)
+    }
+}
+
+/// The namespace index of `urn:labctl:sim`, as a client finds it: in the server's namespace array.
+async fn lab_namespace(c: &Client) -> u16 {
+    let array = read(
+        c,
+        &NodeId::from(opcua::types::VariableId::Server_NamespaceArray),
+    )
+    .await;
+    let Some(Variant::Array(array)) = array.value else {
+        panic!("no namespace array: {array:?}")
+    };
+    array
+        .values
+        .iter()
+        .position(|v| matches!(v, Variant::String(s) if s.as_ref() == "urn:labctl:sim"))
+        .expect("urn:labctl:sim in the namespace array") as u16
+}
+
+async fn read(c: &Client, node: &NodeId) -> DataValue {
+    c.session
+        .read(&[ReadValueId::from(node)], TimestampsToReturn::Both, 0.0)
+        .await
+        .unwrap()
+        .remove(0)
+}
+
+async fn read_string(c: &Client, node: &NodeId) -> String {
+    match read(c, node).await.value {
+        Some(Variant::String(s)) => s.as_ref().to_owned(),
+        other => panic!("{node}: expected a string, got {other:?}"),
+    }
+}
+
+/// Polls a variable until `accept` says yes (the server's values follow the controller asynchronously).
+async fn wait_for_value(c: &Client, node: &NodeId, accept: impl Fn(&Variant) -> bool) -> Variant {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let value = read(c, node).await.value.unwrap_or_default();
+        if accept(&value) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{node} stayed {value:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn browse_names(c: &Client, node: &NodeId) -> Vec<String> {
+    let result = c
+        .session
+        .browse(
+            &[BrowseDescription {
+                node_id: node.clone(),
+                browse_direction: BrowseDirection::Forward,
+                reference_type_id: ReferenceTypeId::HierarchicalReferences.into(),
+                include_subtypes: true,
+                node_class_mask: NodeClassMask::all().bits(),
+                result_mask: BrowseResultMask::All as u32,
+            }],
+            1000,
+            None,
+        )
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(
+        result.status_code.is_good(),
+        "browse {node}: {}",
+        result.status_code
+    );
+    result
+        .references
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| r.browse_name.name.as_ref().to_owned())
+        .collect()
+}
+
+async fn call(
+    c: &Client,
+    rig: &Rig,
+    method: &str,
+    args: Vec<Variant>,
+) -> Result<Vec<Variant>, StatusCode> {
+    let result = c
+        .session
+        .call_one(CallMethodRequest {
+            object_id: rig.id("Lab"),
+            method_id: rig.id(&format!("Lab/{method}")),
+            input_arguments: Some(args),
+        })
+        .await
+        .map_err(|e| e.status())?;
+    if result.status_code.is_good() {
+        Ok(result.output_arguments.unwrap_or_default())
+    } else {
+        Err(result.status_code)
+    }
+}
+
+fn text(v: &Variant) -> String {
+    match v {
+        Variant::String(s) => s.as_ref().to_owned(),
+        other => panic!("expected a string, got {other:?}"),
+    }
+}
+
+/// The dye-mix example with its own proposal id.
+fn dye_mix(proposal_id: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("protocols/examples/dye-mix.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["metadata"]["proposal_id"] = proposal_id.into();
+    serde_json::to_string(&v).unwrap()
+}
+
+const SENSOR: &str =
+    "Lab/Devices/hotplate/FunctionalUnitSet/hotplate/FunctionSet/plate_temperature_c/SensorValue";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_browses_reads_identification_and_telemetry_and_sees_a_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rig = rig(dir.path(), Security::WithNone).await;
+    let c = login(
+        &rig,
+        "watcher",
+        "observer-dev",
+        &dir.path().join("client-pki"),
+    )
+    .await;
+    rig.ns = lab_namespace(&c).await;
+    assert_ne!(rig.ns, 0);
+
+    // Browse: Objects -> Lab -> Devices -> every instrument, and the Lab methods.
+    let objects = browse_names(&c, &NodeId::objects_folder_id()).await;
+    assert!(objects.contains(&"Lab".to_owned()), "{objects:?}");
+    let lab = browse_names(&c, &rig.id("Lab")).await;
+    for name in [
+        "Devices",
+        "Runs",
+        "SubmitProtocol",
+        "EmergencyStop",
+        "EmergencyStopLatched",
+    ] {
+        assert!(lab.contains(&name.to_owned()), "{name} not in {lab:?}");
+    }
+    let mut devices = browse_names(&c, &rig.id("Lab/Devices")).await;
+    devices.sort();
+    assert_eq!(
+        devices,
+        [
+            "balance",
+            "gantry",
+            "hotplate",
+            "pump-blue",
+            "pump-red",
+            "pump-yellow",
+            "spectro"
+        ]
+    );
+    let hotplate = browse_names(&c, &rig.id("Lab/Devices/hotplate")).await;
+    for name in [
+        "Identification",
+        "ConnectionState",
+        "DeviceState",
+        "FunctionalUnitSet",
+    ] {
+        assert!(
+            hotplate.contains(&name.to_owned()),
+            "{name} not in {hotplate:?}"
+        );
+    }
+
+    // Identification as the instrument reported it at connect.
+    let ident = |p: &str| rig.id(&format!("Lab/Devices/hotplate/Identification/{p}"));
+    assert_eq!(
+        wait_for_value(&c, &ident("Manufacturer"), |v| v
+            == &Variant::from("labctl"))
+        .await,
+        Variant::from("labctl")
+    );
+    assert_eq!(read_string(&c, &ident("Model")).await, "fake-hotplate");
+    assert_eq!(
+        read_string(&c, &ident("SerialNumber")).await,
+        "FAKE-hotplate"
+    );
+    assert_eq!(
+        read_string(&c, &rig.id("Lab/Devices/hotplate/ConnectionState")).await,
+        "online"
+    );
+
+    // Telemetry, with its unit and range.
+    let sensor = rig.id(SENSOR);
+    wait_for_value(&c, &sensor, |v| v == &Variant::from(42.5)).await;
+    let units = read(&c, &rig.id(&format!("{SENSOR}/EngineeringUnits"))).await;
+    let Some(Variant::ExtensionObject(units)) = units.value else {
+        panic!("EngineeringUnits: {units:?}")
+    };
+    let units: Box<EUInformation> = ExtensionObject::into_inner_as(units).expect("EUInformation");
+    assert_eq!(units.display_name.text.as_ref(), "°C");
+    assert_eq!(units.unit_id, 0x43454C); // UNECE "CEL"
+    let range = read(&c, &rig.id(&format!("{SENSOR}/EURange"))).await;
+    let Some(Variant::ExtensionObject(range)) = range.value else {
+        panic!("EURange: {range:?}")
+    };
+    let range: Box<opcua::types::Range> = range.into_inner_as().expect("Range");
+    assert_eq!((range.low, range.high), (0.0, 340.0));
+
+    // A subscription at 100 ms sees the reading change.
+    let seen: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let sink = seen.clone();
+    let subscription = c
+        .session
+        .create_subscription(
+            Duration::from_millis(100),
+            30,
+            10,
+            0,
+            0,
+            true,
+            DataChangeCallback::new(move |dv, _item| {
+                if let Some(Variant::Double(v)) = dv.value {
+                    sink.lock().unwrap().push(v);
+                }
+            }),
+        )
+        .await
+        .unwrap();
+    let mut item = MonitoredItemCreateRequest::from(sensor.clone());
+    item.requested_parameters.sampling_interval = 100.0;
+    let created = c
+        .session
+        .create_monitored_items(subscription, TimestampsToReturn::Both, vec![item])
+        .await
+        .unwrap();
+    assert!(created[0].result.status_code.is_good());
+    let wait_for_notification = |value: f64| {
+        let seen = seen.clone();
+        async move {
+            let deadline = Instant::now() + WAIT;
+            while !seen.lock().unwrap().contains(&value) {
+                assert!(
+                    Instant::now() < deadline,
+                    "no notification of {value}: {:?}",
+                    seen.lock().unwrap()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    // The first notification is the value at creation; then each change.
+    wait_for_notification(42.5).await;
+    rig.fakes["hotplate"].log.lock().unwrap().values = vec![("plate_temperature_c", 55.25)];
+    wait_for_notification(55.25).await;
+    assert_eq!(*seen.lock().unwrap(), [42.5, 55.25]);
+
+    // An observer reads but calls nothing, and the lab is unchanged by the attempt.
+    assert_eq!(
+        call(&c, &rig, "EmergencyStop", vec![]).await,
+        Err(StatusCode::BadUserAccessDenied)
+    );
+    assert_eq!(
+        call(
+            &c,
+            &rig,
+            "SubmitProtocol",
+            vec![dye_mix("observer-1").into()]
+        )
+        .await,
+        Err(StatusCode::BadUserAccessDenied)
+    );
+    assert!(!rig.controller.handle.snapshot().estop_latched);
+    assert!(rig.controller.handle.runs().await.is_empty());
+    rig.controller.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dye_mix_submitted_over_opc_ua_runs_to_completion_under_lab_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rig = rig(dir.path(), Security::WithNone).await;
+    let planner = login(
+        &rig,
+        "planner-bo",
+        "planner-dev",
+        &dir.path().join("client-pki"),
+    )
+    .await;
+    rig.ns = lab_namespace(&planner).await;
+
+    let out = call(
+        &planner,
+        &rig,
+        "SubmitProtocol",
+        vec![dye_mix("opcua-dye-1").into()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.len(), 3, "{out:?}");
+    let run_id = text(&out[0]);
+    assert!(run_id.starts_with("run-"), "{out:?}");
+    let reply: serde_json::Value = serde_json::from_str(&text(&out[2])).unwrap();
+    assert_eq!(reply["accepted"], true, "{reply}");
+
+    // The run appears under Lab/Runs and runs to completion.
+    let state = rig.id(&format!("Lab/Runs/{run_id}/State"));
+    wait_for_value(&planner, &state, |v| v == &Variant::from("completed")).await;
+    assert!(
+        browse_names(&planner, &rig.id("Lab/Runs"))
+            .await
+            .contains(&run_id)
+    );
+    assert_eq!(
+        read_string(
+            &planner,
+            &rig.id(&format!("Lab/Runs/{run_id}/SupervisoryJobId"))
+        )
+        .await,
+        "opcua-dye-1"
+    );
+    assert_eq!(
+        read_string(&planner, &rig.id(&format!("Lab/Runs/{run_id}/SubmittedBy"))).await,
+        "planner-bo"
+    );
+    let results = read(&planner, &rig.id(&format!("Lab/Runs/{run_id}/ResultCount"))).await;
+    let journal_results = rig.controller.handle.run(&run_id).await.unwrap().results;
+    assert!(journal_results > 0);
+    assert_eq!(results.value, Some(Variant::from(journal_results)));
+    let last: serde_json::Value = serde_json::from_str(
+        &read_string(&planner, &rig.id(&format!("Lab/Runs/{run_id}/LastResult"))).await,
+    )
+    .unwrap();
+    assert_eq!(last["seq"].as_u64(), Some(journal_results));
+
+    // The same proposal id gives the same run; an invalid protocol is rejected with its findings.
+    let again = call(
+        &planner,
+        &rig,
+        "SubmitProtocol",
+        vec![dye_mix("opcua-dye-1").into()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(text(&again[0]), run_id);
+    let bad = call(
+        &planner,
+        &rig,
+        "SubmitProtocol",
+        vec!["{\"version\": 1}".into()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (text(&bad[0]).as_str(), text(&bad[1]).as_str()),
+        ("", "rejected")
+    );
+    let findings: serde_json::Value = serde_json::from_str(&text(&bad[2])).unwrap();
+    assert!(
+        !findings["findings"].as_array().unwrap().is_empty(),
+        "{findings}"
+    );
+
+    // A planner submits and nothing else; wrong argument types are refused, not guessed at.
+    assert_eq!(
+        call(&planner, &rig, "AbortRun", vec![run_id.clone().into()]).await,
+        Err(StatusCode::BadUserAccessDenied)
+    );
+    assert_eq!(
+        call(&planner, &rig, "EmergencyStop", vec![]).await,
+        Err(StatusCode::BadUserAccessDenied)
+    );
+    assert!(
+        call(&planner, &rig, "SubmitProtocol", vec![Variant::from(7i32)])
+            .await
+            .is_err()
+    );
+    rig.controller.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_technician_stops_the_lab_and_acknowledges_and_runs_are_controlled_by_run_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rig = rig(dir.path(), Security::WithNone).await;
+    let tech = login(
+        &rig,
+        "alice",
+        "technician-dev",
+        &dir.path().join("client-pki"),
+    )
+    .await;
+    rig.ns = lab_namespace(&tech).await;
+    let latched = rig.id("Lab/EmergencyStopLatched");
+    assert_eq!(
+        read(&tech, &latched).await.value,
+        Some(Variant::from(false))
+    );
+
+    call(&tech, &rig, "EmergencyStop", vec![]).await.unwrap();
+    wait_for_value(&tech, &latched, |v| v == &Variant::from(true)).await;
+    assert!(rig.fakes["hotplate"].log.lock().unwrap().safe_states > 0);
+    // While latched a submission is accepted (as on MQTT) but nothing starts; resuming is refused.
+    let queued = call(
+        &tech,
+        &rig,
+        "SubmitProtocol",
+        vec![dye_mix("opcua-latched").into()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(text(&queued[1]), "queued", "{queued:?}");
+    let queued_id = text(&queued[0]);
+    let queued_state = rig.id(&format!("Lab/Runs/{queued_id}/State"));
+    assert_eq!(read_string(&tech, &queued_state).await, "queued");
+    assert!(rig.fakes["gantry"].log.lock().unwrap().commands.is_empty());
+
+    call(&tech, &rig, "AcknowledgeEmergencyStop", vec![])
+        .await
+        .unwrap();
+    wait_for_value(&tech, &latched, |v| v == &Variant::from(false)).await;
+    // After the acknowledgement the queued run goes ahead.
+    wait_for_value(&tech, &queued_state, |v| v == &Variant::from("completed")).await;
+
+    // Run control by id: unknown runs are not found; a finished run cannot be paused.
+    assert_eq!(
+        call(&tech, &rig, "PauseRun", vec!["run-nope".into()]).await,
+        Err(StatusCode::BadNotFound)
+    );
+    let out = call(
+        &tech,
+        &rig,
+        "SubmitProtocol",
+        vec![dye_mix("opcua-after").into()],
+    )
+    .await
+    .unwrap();
+    let run_id = text(&out[0]);
+    wait_for_value(&tech, &rig.id(&format!("Lab/Runs/{run_id}/State")), |v| {
+        v == &Variant::from("completed")
+    })
+    .await;
+    assert_eq!(
+        call(&tech, &rig, "PauseRun", vec![run_id.into()]).await,
+        Err(StatusCode::BadInvalidState)
+    );
+    rig.controller.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passwords_and_anonymous_sessions_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path(), Security::WithNone).await;
+    let pki = dir.path().join("client-pki");
+    let url = rig.server.endpoint.clone();
+    let none = (SecurityPolicy::None, MessageSecurityMode::None);
+    let wrong = connect(&url, none.0, none.1, Some(("alice", "wrong")), &pki).await;
+    assert!(wrong.is_err(), "a wrong password opened a session");
+    let unknown = connect(&url, none.0, none.1, Some(("mallory", "x")), &pki).await;
+    assert!(unknown.is_err(), "an unknown user opened a session");
+    let anonymous = connect(&url, none.0, none.1, None, &pki).await;
+    assert!(
+        anonymous.is_err(),
+        "an anonymous session was opened on a lab with users"
+    );
+    // The right password still works (one failure is below the throttle).
+    let c = connect(
+        &url,
+        none.0,
+        none.1,
+        Some(("alice", "technician-dev")),
+        &pki,
+    )
+    .await;
+    assert!(c.is_ok());
+    rig.controller.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_endpoints_only_and_unknown_client_certificates_wait_in_rejected_until_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path(), Security::Secure).await;
+    let pki = dir.path().join("client-pki");
+    let url = rig.server.endpoint.clone();
+    // The server's certificate was created on first start.
+    assert!(rig.server.pki_dir.join("own/cert.der").is_file());
+
+    // No SecurityPolicy None without --sim or the development flag.
+    let none = connect(
+        &url,
+        SecurityPolicy::None,
+        MessageSecurityMode::None,
+        Some(("alice", "technician-dev")),
+        &pki,
+    )
+    .await;
+    assert!(none.is_err(), "SecurityPolicy None was accepted");
+
+    let secure = || {
+        connect(
+            &url,
+            SecurityPolicy::Basic256Sha256,
+            MessageSecurityMode::SignAndEncrypt,
+            Some(("alice", "technician-dev")),
+            &pki,
+        )
+    };
+    // An unknown client certificate is refused and kept in pki/rejected ...
+    assert!(
+        secure().await.is_err(),
+        "an unknown client certificate was trusted"
+    );
+    let rejected = rig.server.pki_dir.join("rejected");
+    let certs: Vec<_> = std::fs::read_dir(&rejected).unwrap().flatten().collect();
+    assert_eq!(certs.len(), 1, "{certs:?}");
+    // ... until an administrator moves it to pki/trusted.
+    let trusted = rig
+        .server
+        .pki_dir
+        .join("trusted")
+        .join(certs[0].file_name());
+    std::fs::rename(certs[0].path(), trusted).unwrap();
+    let c = secure().await.expect("a trusted client certificate");
+    let array = read(
+        &c,
+        &NodeId::from(opcua::types::VariableId::Server_NamespaceArray),
+    )
+    .await;
+    assert!(format!("{array:?}").contains("urn:labctl:sim"));
+    rig.controller.shutdown().await;
+}
+
+/// The Python `asyncua` client (an independent OPC UA stack) against the server: browse, identification
+/// and telemetry, a subscription that sees the emergency stop latch and release, the dye mix submitted and
+/// followed to completion, a wrong password refused, an observer's method call refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_asyncua_browses_subscribes_runs_the_dye_mix_and_meets_the_emergency_stop() {
+    let Some(python) = std::env::var_os("LABCTL_TEST_PYTHON") else {
+        println!(
+            "SKIPPED: LABCTL_TEST_PYTHON is not set (scripts/test sets it to a venv python with asyncua)"
+        );
+        return;
+    };
+    const SCRIPT: &str = r#"
+import asyncio, json, sys
+from asyncua import Client, ua
+
+url, protocol = sys.argv[1], open(sys.argv[2]).read()
+out = {}
+
+class Latch:
+    def __init__(self):
+        self.values = []
+    def datachange_notification(self, node, val, data):
+        self.values.append(val)
+
+async def until(predicate, what, seconds=60):
+    for _ in range(seconds * 20):
+        if await predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise SystemExit("timed out waiting for " + what)
+
+def client(user, password):
+    c = Client(url=url, timeout=30)
+    c.set_user(user)
+    c.set_password(password)
+    return c
+
+async def main():
+    try:
+        await client("alice", "wrong").connect()
+        out["wrong_password"] = "accepted"
+    except Exception as e:
+        out["wrong_password"] = type(e).__name__
+
+    watcher = client("watcher", "observer-dev")
+    await watcher.connect()
+    ns = await watcher.get_namespace_index("urn:labctl:sim")
+    lab = await watcher.nodes.objects.get_child(f"{ns}:Lab")
+    devices = await (await lab.get_child(f"{ns}:Devices")).get_children()
+    out["devices"] = sorted([(await d.read_browse_name()).Name for d in devices])
+    hotplate = await lab.get_child([f"{ns}:Devices", f"{ns}:hotplate"])
+    ident = await hotplate.get_child(f"{ns}:Identification")
+    out["manufacturer"] = await (await ident.get_child(f"{ns}:Manufacturer")).read_value()
+    out["serial"] = await (await ident.get_child(f"{ns}:SerialNumber")).read_value()
+    sensor = watcher.get_node(ua.NodeId(
+        "Lab/Devices/hotplate/FunctionalUnitSet/hotplate/FunctionSet/plate_temperature_c/SensorValue", ns))
+    out["plate_temperature_c"] = await sensor.read_value()
+    units = await (await sensor.get_child("0:EngineeringUnits")).read_value()
+    out["unit"] = units.DisplayName.Text
+    try:
+        await lab.call_method(f"{ns}:EmergencyStop")
+        out["observer_call"] = "accepted"
+    except ua.UaStatusCodeError as e:
+        out["observer_call"] = ua.StatusCode(e.code).name
+
+    latched = watcher.get_node(ua.NodeId("Lab/EmergencyStopLatched", ns))
+    handler = Latch()
+    sub = await watcher.create_subscription(100, handler)
+    await sub.subscribe_data_change(latched)
+
+    alice = client("alice", "technician-dev")
+    await alice.connect()
+    alice_lab = alice.get_node(ua.NodeId("Lab", ns))
+    run_id, state, reply = await alice_lab.call_method(f"{ns}:SubmitProtocol", protocol)
+    out["submitted_state"] = state
+    run_state = alice.get_node(ua.NodeId(f"Lab/Runs/{run_id}/State", ns))
+    async def finished():
+        return await run_state.read_value() in ("completed", "failed", "aborted")
+    await until(finished, "the run to finish")
+    out["run_state"] = await run_state.read_value()
+    out["job_id"] = await alice.get_node(ua.NodeId(f"Lab/Runs/{run_id}/SupervisoryJobId", ns)).read_value()
+
+    await alice_lab.call_method(f"{ns}:EmergencyStop")
+    async def seen(value):
+        return value in handler.values
+    await until(lambda: seen(True), "the latch notification")
+    await alice_lab.call_method(f"{ns}:AcknowledgeEmergencyStop")
+    async def released():
+        return handler.values and handler.values[-1] is False and True in handler.values
+    await until(released, "the release notification")
+    out["latch_notifications"] = handler.values
+
+    await alice.disconnect()
+    await watcher.disconnect()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path(), Security::WithNone).await;
+    let script = dir.path().join("interop.py");
+    std::fs::write(&script, SCRIPT).unwrap();
+    let protocol = dir.path().join("dye-mix.json");
+    std::fs::write(&protocol, dye_mix("asyncua-dye-1")).unwrap();
+    let output = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(&rig.server.endpoint)
+        .arg(&protocol)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "asyncua script failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&output.stdout).trim()).unwrap();
+    assert_ne!(out["wrong_password"], "accepted", "{out}");
+    assert_eq!(
+        out["devices"],
+        serde_json::json!([
+            "balance",
+            "gantry",
+            "hotplate",
+            "pump-blue",
+            "pump-red",
+            "pump-yellow",
+            "spectro"
+        ])
+    );
+    assert_eq!(out["manufacturer"], "labctl");
+    assert_eq!(out["serial"], "FAKE-hotplate");
+    assert_eq!(out["plate_temperature_c"], 42.5);
+    assert_eq!(out["unit"], "°C");
+    assert_eq!(out["observer_call"], "BadUserAccessDenied", "{out}");
+    assert_eq!(out["run_state"], "completed", "{out}");
+    assert_eq!(out["job_id"], "asyncua-dye-1");
+    let notifications = out["latch_notifications"].as_array().unwrap();
+    assert_eq!(
+        notifications.first(),
+        Some(&serde_json::json!(false)),
+        "{out}"
+    );
+    assert!(notifications.contains(&serde_json::json!(true)), "{out}");
+    assert_eq!(
+        notifications.last(),
+        Some(&serde_json::json!(false)),
+        "{out}"
+    );
+    assert!(!rig.controller.handle.snapshot().estop_latched);
+    rig.controller.shutdown().await;
+}
