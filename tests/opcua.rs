@@ -855,3 +855,313 @@ asyncio.run(main())
     assert!(!rig.controller.handle.snapshot().estop_latched);
     rig.controller.shutdown().await;
 }
+
+/// Figures for BENCHMARKS.md, labctl's server beside a Python `asyncua` server serving the same number of
+/// variables, both measured with the same native client (async-opcua, SecurityPolicy None, loopback):
+/// Read requests per second for one variable and for a batch of 100, and the latency of data-change
+/// notifications for 1,000 monitored items at 100 ms (from the value's source timestamp, written by the
+/// server when the value changed, to the client's callback).
+///
+/// `cargo test --release --test opcua -- --ignored --nocapture figures`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run in release with --ignored --nocapture"]
+async fn figures_reads_and_notification_latency_beside_asyncua() {
+    let python = std::env::var_os("LABCTL_TEST_PYTHON")
+        .expect("LABCTL_TEST_PYTHON (a venv python with asyncua)");
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("client-pki");
+
+    // labctl: the sim lab on fake instruments; its ten telemetry variables change every 100 ms.
+    let mut rig = rig(dir.path(), Security::WithNone).await;
+    let c = login(&rig, "watcher", "observer-dev", &pki).await;
+    rig.ns = lab_namespace(&c).await;
+    drop(c);
+    let lab = Lab::sim();
+    let mut variables = Vec::new();
+    for instrument in &lab.instruments {
+        for q in instrument.kind.quantities() {
+            variables.push((instrument.id.clone(), q.name));
+        }
+    }
+    let nodes: Vec<NodeId> = variables
+        .iter()
+        .map(|(id, q)| {
+            rig.id(&format!(
+                "Lab/Devices/{id}/FunctionalUnitSet/{id}/FunctionSet/{q}/SensorValue"
+            ))
+        })
+        .collect();
+    let fakes: Vec<_> = rig
+        .fakes
+        .iter()
+        .map(|(id, f)| (id.clone(), f.log.clone()))
+        .collect();
+    let quantities: BTreeMap<String, Vec<&'static str>> = lab
+        .instruments
+        .iter()
+        .map(|i| {
+            (
+                i.id.clone(),
+                i.kind.quantities().iter().map(|q| q.name).collect(),
+            )
+        })
+        .collect();
+    let changer = tokio::spawn(async move {
+        let mut k = 0.0;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            k += 1.0;
+            for (id, log) in &fakes {
+                log.lock().unwrap().values = quantities[id]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, q)| (*q, k * 100.0 + i as f64))
+                    .collect();
+            }
+        }
+    });
+    let ours = measure(
+        &rig.server.endpoint,
+        Some(("watcher", "observer-dev")),
+        &nodes,
+        &pki,
+    )
+    .await;
+    changer.abort();
+    let Rig {
+        controller, server, ..
+    } = rig;
+    server.shutdown().await;
+    controller.shutdown().await;
+
+    // asyncua: the same number of variables, written every 100 ms with a source timestamp.
+    const SERVER: &str = r#"
+import asyncio, sys
+from datetime import datetime, timezone
+from asyncua import Server, ua
+
+async def main():
+    port, n = int(sys.argv[1]), int(sys.argv[2])
+    server = Server()
+    await server.init()
+    server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/")
+    server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+    idx = await server.register_namespace("urn:bench")
+    obj = await server.nodes.objects.add_object(idx, "Bench")
+    variables = [await obj.add_variable(ua.NodeId(f"v{i}", idx), f"v{i}", 0.0) for i in range(n)]
+    async with server:
+        print(f"READY {idx}", flush=True)
+        k = 0
+        while True:
+            await asyncio.sleep(0.1)
+            k += 1
+            now = datetime.now(timezone.utc)
+            for i, v in enumerate(variables):
+                await v.write_value(ua.DataValue(Value=ua.Variant(float(k * 100 + i), ua.VariantType.Double),
+                                                 SourceTimestamp=now, ServerTimestamp=now))
+
+asyncio.run(main())
+"#;
+    let script = dir.path().join("asyncua_server.py");
+    std::fs::write(&script, SERVER).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(port.to_string())
+        .arg(nodes.len().to_string())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    let ready = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("asyncua server ready")
+        .unwrap()
+        .unwrap();
+    let ns: u16 = ready.strip_prefix("READY ").unwrap().parse().unwrap();
+    let theirs_nodes: Vec<NodeId> = (0..nodes.len())
+        .map(|i| NodeId::new(ns, format!("v{i}")))
+        .collect();
+    let theirs = measure(
+        &format!("opc.tcp://127.0.0.1:{port}/"),
+        None,
+        &theirs_nodes,
+        &pki,
+    )
+    .await;
+    let _ = child.kill().await;
+
+    println!("| what | labctl | asyncua | ratio |");
+    println!("|---|---|---|---|");
+    let row = |what: &str, a: f64, b: f64, unit: &str| {
+        println!("| {what} | {a:.0} {unit} | {b:.0} {unit} | {:.1}x |", a / b);
+    };
+    row(
+        "Read, one variable, one request at a time",
+        ours.single,
+        theirs.single,
+        "reads/s",
+    );
+    row(
+        "Read, a batch of 100 variables per request",
+        ours.batch,
+        theirs.batch,
+        "requests/s",
+    );
+    row(
+        "the same, values",
+        ours.batch * 100.0,
+        theirs.batch * 100.0,
+        "values/s",
+    );
+    println!(
+        "| notification latency, {} variables x {} monitored items at 100 ms | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} notifications) | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} notifications) | |",
+        nodes.len(),
+        ITEMS,
+        ours.latency.0,
+        ours.latency.1,
+        ours.latency.2,
+        ours.notifications,
+        theirs.latency.0,
+        theirs.latency.1,
+        theirs.latency.2,
+        theirs.notifications,
+    );
+    assert!(ours.notifications > 0 && theirs.notifications > 0);
+}
+
+const ITEMS: usize = 1000;
+
+struct Figures {
+    single: f64,
+    batch: f64,
+    /// p50, p99, max in milliseconds.
+    latency: (f64, f64, f64),
+    notifications: usize,
+}
+
+/// Reads for 3 s each way, then 1,000 monitored items over `nodes` (spread evenly) for 10 s.
+async fn measure(url: &str, user: Option<(&str, &str)>, nodes: &[NodeId], pki: &Path) -> Figures {
+    let mut client = ClientBuilder::new()
+        .application_name("labctl bench")
+        .application_uri("urn:labctl:bench")
+        .product_uri("urn:labctl:bench")
+        .pki_dir(pki)
+        .trust_server_certs(true)
+        .session_retry_limit(0)
+        .max_array_length(100_000)
+        .max_message_size(64 * 1024 * 1024)
+        .max_chunk_count(4096)
+        .client()
+        .unwrap();
+    let token = match user {
+        Some((name, password)) => IdentityToken::new_user_name(name, password),
+        None => IdentityToken::Anonymous,
+    };
+    let (session, event_loop) = client
+        .connect_to_matching_endpoint(
+            (
+                url,
+                SecurityPolicy::None.to_str(),
+                MessageSecurityMode::None,
+                UserTokenPolicy::anonymous(),
+            ),
+            token,
+        )
+        .await
+        .unwrap();
+    let event_loop = event_loop.spawn();
+    assert!(session.wait_for_connection().await);
+
+    let one = [ReadValueId::from(&nodes[0])];
+    let batch: Vec<ReadValueId> = (0..100)
+        .map(|i| ReadValueId::from(&nodes[i % nodes.len()]))
+        .collect();
+    let rate = |reads: u64, since: Instant| reads as f64 / since.elapsed().as_secs_f64();
+    let (mut n, start) = (0u64, Instant::now());
+    while start.elapsed() < Duration::from_secs(3) {
+        let v = session
+            .read(&one, TimestampsToReturn::Both, 0.0)
+            .await
+            .unwrap();
+        assert!(v[0].value.is_some());
+        n += 1;
+    }
+    let single = rate(n, start);
+    let (mut n, start) = (0u64, Instant::now());
+    while start.elapsed() < Duration::from_secs(3) {
+        let v = session
+            .read(&batch, TimestampsToReturn::Both, 0.0)
+            .await
+            .unwrap();
+        assert_eq!(v.len(), 100);
+        n += 1;
+    }
+    let batch = rate(n, start);
+
+    // Latency in 100 ns ticks of OPC UA's DateTime, from the source timestamp to the callback.
+    let samples: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let recording = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sink, on) = (samples.clone(), recording.clone());
+    let subscription = session
+        .create_subscription(
+            Duration::from_millis(100),
+            300,
+            30,
+            0,
+            0,
+            true,
+            DataChangeCallback::new(move |dv, _| {
+                if let Some(ts) = dv.source_timestamp
+                    && on.load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    sink.lock()
+                        .unwrap()
+                        .push(opcua::types::DateTime::now().ticks() - ts.ticks());
+                }
+            }),
+        )
+        .await
+        .unwrap();
+    let items: Vec<MonitoredItemCreateRequest> = (0..ITEMS)
+        .map(|i| {
+            let mut item = MonitoredItemCreateRequest::from(nodes[i % nodes.len()].clone());
+            item.requested_parameters.sampling_interval = 100.0;
+            item.requested_parameters.queue_size = 10;
+            item
+        })
+        .collect();
+    let created = session
+        .create_monitored_items(subscription, TimestampsToReturn::Both, items)
+        .await
+        .unwrap();
+    assert!(created.iter().all(|c| c.result.status_code.is_good()));
+    // Skip the initial values, then record 10 s of changes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    recording.store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    recording.store(false, std::sync::atomic::Ordering::Relaxed);
+    let _ = session.disconnect().await;
+    event_loop.abort();
+    let mut samples = samples.lock().unwrap().clone();
+    samples.sort_unstable();
+    let ms = |q: f64| {
+        samples
+            .get(((samples.len() as f64 * q) as usize).min(samples.len().saturating_sub(1)))
+            .map(|t| *t as f64 / 10_000.0)
+            .unwrap_or(f64::NAN)
+    };
+    Figures {
+        single,
+        batch,
+        latency: (ms(0.5), ms(0.99), ms(1.0)),
+        notifications: samples.len(),
+    }
+}
