@@ -76,10 +76,11 @@ fn tmux_available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Starts `labctl run --sim` on free ports and returns it with the embedded broker's port.
-fn start_labctl(data_dir: &Path) -> (Labctl, u16) {
+/// Starts `labctl run --sim` with its broker on `mqtt_port` (0: a free one) and returns it with that port.
+fn start_labctl(data_dir: &Path, mqtt_port: u16) -> (Labctl, u16) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_labctl"))
-        .args(["run", "--sim", "--warp", "200", "--mqtt-port", "0"])
+        .args(["run", "--sim", "--warp", "200", "--mqtt-port"])
+        .arg(mqtt_port.to_string())
         .args(["--command-port", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .env("LABCTL_LOG", "warn")
@@ -119,7 +120,7 @@ fn a_technician_approves_a_pending_run_from_the_console_and_sees_it_complete() {
     }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (_labctl, port) = start_labctl(&data);
+    let (labctl, port) = start_labctl(&data, 0);
     let url = format!("mqtt://127.0.0.1:{port}");
 
     // The planner proposes a 3700 s wait: over the sim lab's 3600 s auto-approve limit, so it waits for a
@@ -188,6 +189,13 @@ fn a_technician_approves_a_pending_run_from_the_console_and_sees_it_complete() {
     // The state transitions are in the event log.
     tmux.send("5");
     tmux.wait_for(&["running -> completed"], wait);
+
+    // The controller (and its embedded broker) goes away and comes back on the same port: the console
+    // says so and reconnects by itself.
+    drop(labctl);
+    tmux.wait_for(&["BROKER DOWN, retrying"], wait);
+    let (_labctl, _) = start_labctl(&data, port);
+    tmux.wait_for(&["broker ok", "controller online"], Duration::from_secs(40));
 
     tmux.send("q");
     let deadline = Instant::now() + wait;

@@ -270,9 +270,9 @@ impl Ui {
                 self.results_run = self.selected_run(model);
                 self.result = 0;
                 self.tab = Tab::Results;
-                self.replay_if_missing(model)
+                self.replay(model, false)
             }
-            (Tab::Results, KeyCode::Char('l')) => self.replay_if_missing(model),
+            (Tab::Results, KeyCode::Char('l')) => self.replay(model, true),
             (Tab::Approvals, KeyCode::Char('a')) => {
                 if let Some(run_id) = self.selected_approval(model) {
                     self.dialog = Some(Dialog::ConfirmApprove { run_id });
@@ -292,15 +292,20 @@ impl Ui {
         }
     }
 
-    /// Asks for the results a console that started late has not seen (once per run).
-    fn replay_if_missing(&mut self, model: &mut Model) -> Outcome {
+    /// Asks for the results a console that started late has not seen: when opening a run that has none
+    /// or has gaps (once per run), or whenever the technician asks (`always`).
+    fn replay(&mut self, model: &mut Model, always: bool) -> Outcome {
         let Some(run) = self
             .results_run_id(model)
             .and_then(|id| model.runs.get_mut(&id))
         else {
             return Outcome::Nothing;
         };
-        if run.replay_asked || run.state == "awaiting_approval" || run.state == "queued" {
+        let missing = run.results.is_empty() || (run.results.len() as u64) < run.last_seq;
+        if run.state == "awaiting_approval"
+            || run.state == "queued"
+            || (!always && (run.replay_asked || !missing))
+        {
             return Outcome::Nothing;
         }
         run.replay_asked = true;
@@ -581,6 +586,42 @@ mod tests {
             })
         );
         assert_eq!(ui.on_key(key(KeyCode::Char('q')), &mut m), Outcome::Quit);
+    }
+
+    #[test]
+    fn opening_a_run_asks_for_its_results_only_when_some_are_missing() {
+        let mut m = model_with_pending();
+        m.apply(
+            "labctl/sim/runs/run-2-1/status",
+            br#"{"run_id":"run-2-1","state":"completed","at_ms":2}"#,
+            2,
+        );
+        let mut ui = Ui::default();
+        let replay = Outcome::Send(Command::Replay {
+            run_id: "run-2-1".into(),
+            after: 0,
+        });
+        assert_eq!(ui.on_key(key(KeyCode::Enter), &mut m), replay);
+        assert_eq!(ui.tab, Tab::Results);
+        // Asked once; `l` asks again on purpose.
+        ui.tab = Tab::Runs;
+        assert_eq!(ui.on_key(key(KeyCode::Enter), &mut m), Outcome::Nothing);
+        assert_eq!(ui.on_key(key(KeyCode::Char('l')), &mut m), replay);
+        // A run whose results all arrived needs nothing.
+        m.apply(
+            "labctl/sim/runs/run-3-1/results",
+            br#"{"run_id":"run-3-1","seq":1,"name":"m","value":{}}"#,
+            3,
+        );
+        m.apply(
+            "labctl/sim/runs/run-3-1/status",
+            br#"{"run_id":"run-3-1","state":"completed","at_ms":3}"#,
+            3,
+        );
+        ui.tab = Tab::Runs;
+        ui.run = 0;
+        assert_eq!(ui.on_key(key(KeyCode::Enter), &mut m), Outcome::Nothing);
+        assert_eq!(ui.results_run.as_deref(), Some("run-3-1"));
     }
 
     #[test]

@@ -524,6 +524,12 @@ fn summarise_detail(detail: &Value) -> String {
         .take(4)
         .map(|(k, v)| match v {
             Value::String(s) => format!("{k}={s}"),
+            Value::Number(n) if n.is_f64() => {
+                format!(
+                    "{k}={}",
+                    (n.as_f64().unwrap_or(0.0) * 1000.0).round() / 1000.0
+                )
+            }
             other => format!("{k}={other}"),
         })
         .collect();
@@ -730,12 +736,12 @@ mod tests {
             &mut m,
             "runs/run-1-1/events",
             json!({"run_id": "run-1-1", "kind": "step_started", "step": "heat", "actor": null,
-                   "detail": {"type": "action"}, "at_ms": 3}),
+                   "detail": {"type": "action", "estimated_s": 134.80522854}, "at_ms": 3}),
         );
         assert_eq!(m.runs["run-1-1"].step.as_deref(), Some("heat"));
         assert_eq!(
             m.log.back().unwrap().text,
-            "run run-1-1: step_started heat: type=action"
+            "run run-1-1: step_started heat: estimated_s=134.805, type=action"
         );
     }
 
