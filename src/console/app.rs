@@ -131,6 +131,8 @@ pub struct Ui {
     pub instrument: usize,
     pub run: usize,
     pub approval: usize,
+    /// Lines scrolled down in the proposal under the cursor (long protocols do not fit).
+    pub approval_scroll: u16,
     /// The run whose results are shown (the selected run when none was chosen).
     pub results_run: Option<String>,
     pub result: usize,
@@ -148,6 +150,7 @@ impl Default for Ui {
             instrument: 0,
             run: 0,
             approval: 0,
+            approval_scroll: 0,
             results_run: None,
             result: 0,
             log_back: 0,
@@ -208,6 +211,13 @@ impl Ui {
             }
             KeyCode::Up | KeyCode::Char('k') => self.move_cursor(model, -1),
             KeyCode::Down | KeyCode::Char('j') => self.move_cursor(model, 1),
+            // In the approval queue the page keys scroll the proposal instead.
+            KeyCode::PageUp if self.tab == Tab::Approvals => {
+                self.approval_scroll = self.approval_scroll.saturating_sub(10)
+            }
+            KeyCode::PageDown if self.tab == Tab::Approvals => {
+                self.approval_scroll = self.approval_scroll.saturating_add(10).min(10_000)
+            }
             KeyCode::PageUp => self.move_cursor(model, -10),
             KeyCode::PageDown => self.move_cursor(model, 10),
             // One key from anywhere; the dialog asks once.
@@ -236,7 +246,10 @@ impl Ui {
         match self.tab {
             Tab::Instruments => self.instrument = step(self.instrument, model.instruments.len()),
             Tab::Runs => self.run = step(self.run, model.runs.len()),
-            Tab::Approvals => self.approval = step(self.approval, model.pending_approvals().len()),
+            Tab::Approvals => {
+                self.approval = step(self.approval, model.pending_approvals().len());
+                self.approval_scroll = 0;
+            }
             Tab::Results => {
                 let n = self
                     .results_run_id(model)

@@ -100,7 +100,7 @@ fn draw_footer(frame: &mut Frame, area: Rect, ui: &Ui) {
     let keys = match ui.tab {
         Tab::Instruments => "up/down select",
         Tab::Runs => "p pause u resume x abort Enter results",
-        Tab::Approvals => "a approve r reject",
+        Tab::Approvals => "a approve r reject PgDn/PgUp scroll",
         Tab::Results => "up/down result l load",
         Tab::Log => "up/down scroll",
     };
@@ -383,6 +383,7 @@ fn draw_approvals(frame: &mut Frame, area: Rect, model: &Model, ui: &Ui) {
     frame.render_widget(
         Paragraph::new(approval_text(run))
             .wrap(Wrap { trim: false })
+            .scroll((ui.approval_scroll, 0))
             .block(Block::bordered().title(format!(" {} ", run.proposal_id))),
         detail,
     );
@@ -724,7 +725,7 @@ fn help_lines() -> Vec<Line<'static>> {
         "1-5 or Tab/Left/Right  switch view",
         "Up/Down (j/k), PgUp/PgDn  select, scroll",
         "Runs: p pause, u resume, x abort, Enter results",
-        "Approvals: a approve, r reject with a reason",
+        "Approvals: a approve, r reject with a reason, PgDn/PgUp scroll",
         "Results: Up/Down pick a result, l load missed ones",
         "! or F12  EMERGENCY STOP (y or Enter confirms)",
         "K  acknowledge the emergency stop",
@@ -884,6 +885,29 @@ mod tests {
         assert!(s.contains("validation: 1 finding(s)"), "{s}");
         assert!(s.contains("1 wait [long] 4000 s"), "{s}");
         assert!(s.contains("2 measure balance weigh -> m0"), "{s}");
+    }
+
+    #[test]
+    fn a_long_proposal_scrolls() {
+        let mut m = lab();
+        let steps: Vec<Value> = (0..40)
+            .map(|i| json!({"type": "wait", "id": format!("w{i}"), "duration_s": 1}))
+            .collect();
+        feed(
+            &mut m,
+            "runs/run-7-1/status",
+            json!({"run_id": "run-7-1", "state": "awaiting_approval", "at_ms": 7,
+                   "approval": {"protocol": {"steps": steps}}}),
+        );
+        let mut ui = Ui {
+            tab: Tab::Approvals,
+            ..Ui::default()
+        };
+        let s = screen(&m, &ui);
+        assert!(s.contains("wait [w0]") && !s.contains("wait [w39]"), "{s}");
+        ui.approval_scroll = 40;
+        let s = screen(&m, &ui);
+        assert!(s.contains("wait [w39]") && !s.contains("wait [w0]"), "{s}");
     }
 
     #[test]
