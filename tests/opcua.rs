@@ -571,6 +571,21 @@ async fn a_technician_stops_the_lab_and_acknowledges_and_runs_are_controlled_by_
 
     call(&tech, &rig, "EmergencyStop", vec![]).await.unwrap();
     wait_for_value(&tech, &latched, |v| v == &Variant::from(true)).await;
+    // Variables are read-only, even for a technician: the latch is released by the method alone.
+    let written = tech
+        .session
+        .write(&[opcua::types::WriteValue {
+            node_id: latched.clone(),
+            attribute_id: opcua::types::AttributeId::Value as u32,
+            index_range: Default::default(),
+            value: DataValue::new_now(false),
+        }])
+        .await;
+    assert!(
+        !written.as_ref().is_ok_and(|s| s[0].is_good()),
+        "{written:?}"
+    );
+    assert!(rig.controller.handle.snapshot().estop_latched);
     assert!(rig.fakes["hotplate"].log.lock().unwrap().safe_states > 0);
     // While latched a submission is accepted (as on MQTT) but nothing starts; resuming is refused.
     let queued = call(
@@ -1164,4 +1179,59 @@ async fn measure(url: &str, user: Option<(&str, &str)>, nodes: &[NodeId], pki: &
         latency: (ms(0.5), ms(0.99), ms(1.0)),
         notifications: samples.len(),
     }
+}
+
+/// `labctl run --sim --opcua-port 0` picks a free port, prints the endpoint, and serves the sim lab there;
+/// the server certificate is created in the data directory on this first start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labctl_run_prints_the_endpoint_it_picked_and_serves_the_lab_there() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_labctl"))
+        .args([
+            "run",
+            "--sim",
+            "--warp",
+            "20",
+            "--opcua-port",
+            "0",
+            "--mqtt-port",
+            "0",
+        ])
+        .args(["--command-port", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("LABCTL_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let endpoint = tokio::time::timeout(WAIT * 3, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.trim().strip_prefix("opcua: ") {
+                return rest.split_whitespace().next().unwrap().to_owned();
+            }
+        }
+        panic!("labctl run ended without printing its OPC UA endpoint")
+    })
+    .await
+    .expect("an opcua: line");
+    assert!(endpoint.starts_with("opc.tcp://127.0.0.1:"), "{endpoint}");
+    assert!(!endpoint.ends_with(":0/"), "{endpoint}");
+    assert!(data.join("pki/own/cert.der").is_file());
+    let c = connect(
+        &endpoint,
+        SecurityPolicy::None,
+        MessageSecurityMode::None,
+        Some(("watcher", "observer-dev")),
+        &dir.path().join("client-pki"),
+    )
+    .await
+    .unwrap();
+    let ns = lab_namespace(&c).await;
+    let lab_id = read(&c, &NodeId::new(ns, "Lab/LabId")).await;
+    assert_eq!(lab_id.value, Some(Variant::from("sim")));
+    let _ = child.kill().await;
 }
