@@ -243,6 +243,7 @@ async fn estop_latency(rounds: usize) {
         data_dir: dir.path().to_owned(),
         lab_id: None,
         warp: 1.0,
+        simulated_instruments: false,
         seed: 1,
         tick_hz: 100.0,
         tick_spin_us: 0,

@@ -143,7 +143,7 @@ pub async fn connect(
                 ));
             }
         };
-        let options = if config.transport == Transport::Simulated {
+        let options = if config.transport == Transport::Simulated || args.simulated_instruments {
             &simulated_options
         } else {
             &real_options

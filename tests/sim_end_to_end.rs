@@ -20,6 +20,7 @@ fn args(data: &std::path::Path) -> RunArgs {
         data_dir: data.to_owned(),
         lab_id: None,
         warp: 20.0,
+        simulated_instruments: false,
         seed: 7,
         tick_hz: 100.0,
         tick_spin_us: 0,

@@ -1,5 +1,13 @@
-//! Hardware-in-the-loop scenarios live in `tests/`; this library holds what they share: a [`rig::Rig`]
-//! that serves the simulated lab on real ptys and TCP and builds labctl's drivers against it, exactly as the
-//! controller does.
+//! Hardware-in-the-loop scenarios live in `tests/`; this library holds what they share:
+//! - [`rig::Rig`]: the simulated lab served on real ptys and TCP, with labctl's drivers built against it
+//!   (driver-level tests);
+//! - [`rig_file`]: the rig file that says which bench the whole-system scenarios run on;
+//! - [`system`]: `labctl run` as a process on that bench, its command port and journal, the simulators'
+//!   faults and physical model;
+//! - [`envelope`]: what the instruments were sent, decoded from the wire taps and checked against the
+//!   lab's safety envelope.
 
+pub mod envelope;
 pub mod rig;
+pub mod rig_file;
+pub mod system;

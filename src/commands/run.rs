@@ -41,9 +41,14 @@ pub struct RunArgs {
     /// Lab id (MQTT topics, OPC UA namespace); defaults to the lab file's (`sim` with --sim).
     #[arg(long)]
     pub lab_id: Option<String>,
-    /// Simulated time runs this many times faster than real time (--sim only).
+    /// Simulated time runs this many times faster than real time (--sim, or --config with
+    /// --simulated-instruments).
     #[arg(long, default_value_t = 1.0)]
     pub warp: f64,
+    /// With --config: the lab file's instruments are simulators (`labctl sim`, a test rig) running at
+    /// --warp, so protocol waits, step timeouts and driver timing follow their clock. Never on hardware.
+    #[arg(long, requires = "config")]
+    pub simulated_instruments: bool,
     /// Seed of the simulated lab's noise (--sim only).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -144,7 +149,15 @@ async fn run_async(
             args.tick_hz
         ));
     }
-    let clock = VirtualClock::new(if args.sim { args.warp } else { 1.0 })
+    if args.config.is_some() && args.warp != 1.0 && !args.simulated_instruments {
+        return Err(format!(
+            "--warp {} with --config: real instruments run in real time; add --simulated-instruments \
+             only if the lab file's instruments are simulators running at that warp",
+            args.warp
+        ));
+    }
+    let warped = args.sim || args.simulated_instruments;
+    let clock = VirtualClock::new(if warped { args.warp } else { 1.0 })
         .map_err(|e| format!("--warp: {e}"))?;
     let estop = EStop::default();
     let runtime = crate::lab_runtime::connect(&lab, &args, clock, &estop).await?;
@@ -154,7 +167,7 @@ async fn run_async(
         data_dir: args.data_dir.clone(),
         clock,
         // Simulated instruments answer over real ptys and sockets whatever the warp.
-        step_timeout_floor: if runtime.sim.is_some() {
+        step_timeout_floor: if runtime.sim.is_some() || args.simulated_instruments {
             Duration::from_secs(10)
         } else {
             Duration::ZERO
