@@ -133,30 +133,43 @@ async fn event_loop(
     let topics = Topics::new(lab_id);
     let mut ui = Ui::default();
     let mut input = spawn_input();
-    // Elapsed times move on even when nothing arrives.
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // Messages are drawn at most 10 times a second (telemetry of every instrument arrives at 10 Hz each);
+    // keys at once; and twice a second anyway, so elapsed times move on when nothing arrives.
+    let mut frame = tokio::time::interval(Duration::from_millis(100));
+    frame.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut frames = 0u64;
+    let mut redraw = true;
+    let mut arrived = false;
+    let terminated = terminated();
+    tokio::pin!(terminated);
     loop {
-        terminal
-            .draw(|f| views::draw(f, &model, &ui, now_ms()))
-            .map_err(|e| format!("cannot draw: {e}"))?;
+        if redraw {
+            terminal
+                .draw(|f| views::draw(f, &model, &ui, now_ms()))
+                .map_err(|e| format!("cannot draw: {e}"))?;
+            redraw = false;
+            arrived = false;
+        }
         tokio::select! {
             event = link.recv() => {
                 let Some(event) = event else {
                     return Err("the MQTT link stopped".into());
                 };
                 on_link(&mut model, &mut ui, event);
-                // Take what else has arrived before drawing again: a burst of retained messages draws once.
-                for _ in 0..1000 {
-                    match link.try_recv() {
-                        Ok(event) => on_link(&mut model, &mut ui, event),
-                        Err(_) => break,
-                    }
-                }
+                arrived = true;
             }
+            _ = frame.tick() => {
+                frames += 1;
+                redraw = arrived || frames.is_multiple_of(5);
+            }
+            // A closed terminal or a kill: leave the way `q` does, the terminal restored.
+            _ = &mut terminated => break,
             key = input.recv() => {
                 let Some(key) = key else {
                     return Err("the terminal input closed".into());
                 };
+                redraw = true;
+                // A resize only needs the redraw.
                 let Some(key) = key else { continue };
                 match ui.on_key(key, &mut model) {
                     Outcome::Nothing => {}
@@ -172,11 +185,32 @@ async fn event_loop(
                     }
                 }
             }
-            _ = tick.tick() => {}
         }
     }
     commander.disconnect().await;
     Ok(())
+}
+
+/// SIGTERM or SIGHUP.
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(mut term), Ok(mut hup)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = hup.recv() => {}
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await
 }
 
 fn on_link(model: &mut Model, ui: &mut Ui, event: LinkEvent) {
