@@ -1235,3 +1235,99 @@ async fn labctl_run_prints_the_endpoint_it_picked_and_serves_the_lab_there() {
     assert_eq!(lab_id.value, Some(Variant::from("sim")));
     let _ = child.kill().await;
 }
+
+/// The Python `asyncua` client on the secure endpoints: its certificate is refused and kept in
+/// `pki/rejected/` until moved to `pki/trusted/`; then a technician signs in with Basic256Sha256
+/// SignAndEncrypt and with Aes256Sha256RsaPss Sign, reads, and calls a method.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_asyncua_on_the_secure_endpoints_after_its_certificate_is_trusted() {
+    let Some(python) = std::env::var_os("LABCTL_TEST_PYTHON") else {
+        println!(
+            "SKIPPED: LABCTL_TEST_PYTHON is not set (scripts/test sets it to a venv python with asyncua)"
+        );
+        return;
+    };
+    const SCRIPT: &str = r#"
+import asyncio, pathlib, sys
+from asyncua import Client, ua
+from asyncua.crypto import security_policies
+from asyncua.crypto.cert_gen import setup_self_signed_certificate
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+url, workdir, policy_name, mode_name = sys.argv[1:5]
+key = pathlib.Path(workdir) / "asyncua-key.pem"
+cert = pathlib.Path(workdir) / "asyncua-cert.der"
+app_uri = "urn:labctl:tests:asyncua"
+
+async def main():
+    await setup_self_signed_certificate(key, cert, app_uri, "localhost",
+                                        [ExtendedKeyUsageOID.CLIENT_AUTH], {"commonName": "labctl asyncua test"})
+    c = Client(url=url, timeout=10)
+    c.application_uri = app_uri
+    c.set_user("alice")
+    c.set_password("technician-dev")
+    policy = getattr(security_policies, "SecurityPolicy" + policy_name)
+    await c.set_security(policy, str(cert), str(key), mode=getattr(ua.MessageSecurityMode, mode_name))
+    try:
+        await c.connect()
+    except Exception as e:
+        print("REFUSED", type(e).__name__)
+        return
+    ns = await c.get_namespace_index("urn:labctl:sim")
+    lab_id = await c.get_node(ua.NodeId("Lab/LabId", ns)).read_value()
+    await c.get_node(ua.NodeId("Lab", ns)).call_method(f"{ns}:AcknowledgeEmergencyStop")
+    print("CONNECTED", lab_id)
+    await c.disconnect()
+
+asyncio.run(main())
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path(), Security::Secure).await;
+    let script = dir.path().join("secure.py");
+    std::fs::write(&script, SCRIPT).unwrap();
+    let run = |policy: &'static str, mode: &'static str| {
+        let (python, script, url, work) = (
+            python.clone(),
+            script.clone(),
+            rig.server.endpoint.clone(),
+            dir.path().to_owned(),
+        );
+        async move {
+            let out = tokio::process::Command::new(python)
+                .arg(script)
+                .arg(url)
+                .arg(work)
+                .args([policy, mode])
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "asyncua script failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        }
+    };
+    let first = run("Basic256Sha256", "SignAndEncrypt").await;
+    assert!(first.starts_with("REFUSED"), "{first}");
+    let rejected: Vec<_> = std::fs::read_dir(rig.server.pki_dir.join("rejected"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    std::fs::rename(
+        rejected[0].path(),
+        rig.server
+            .pki_dir
+            .join("trusted")
+            .join(rejected[0].file_name()),
+    )
+    .unwrap();
+    assert_eq!(
+        run("Basic256Sha256", "SignAndEncrypt").await,
+        "CONNECTED sim"
+    );
+    assert_eq!(run("Aes256Sha256RsaPss", "Sign").await, "CONNECTED sim");
+    rig.controller.shutdown().await;
+}
