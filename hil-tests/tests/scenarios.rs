@@ -131,3 +131,218 @@ fn warp_on_a_lab_file_needs_simulated_instruments() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--simulated-instruments"), "{stderr}");
 }
+
+/// Index of the step with id `id` as `RUN:STAT?` names it (`/steps/7`).
+fn step_path(p: &serde_json::Value, id: &str) -> String {
+    let k = p["steps"]
+        .as_array()
+        .and_then(|s| s.iter().position(|s| s["id"] == id))
+        .unwrap_or_else(|| panic!("no step {id}"));
+    format!("/steps/{k}")
+}
+
+/// A protocol that heats, stirs and then moves the gantry slowly back and forth.
+fn heat_and_move(proposal_id: &str) -> serde_json::Value {
+    let mut steps = vec![
+        serde_json::json!({ "type": "action", "instrument": "gantry", "action": "home", "params": {} }),
+        serde_json::json!({ "type": "action", "instrument": "hotplate", "action": "set_stir_speed", "params": { "speed_rpm": 300 } }),
+        serde_json::json!({ "type": "action", "instrument": "hotplate", "action": "set_temperature", "params": { "temperature_c": 60 } }),
+    ];
+    for k in 0..10 {
+        let position = if k % 2 == 0 { "D6" } else { "A1" };
+        steps.push(serde_json::json!({
+            "type": "action", "id": format!("move-{k}"), "instrument": "gantry", "action": "move_to",
+            "params": { "position": position, "feed_mm_per_min": 200 }
+        }));
+    }
+    steps.push(serde_json::json!({ "type": "action", "instrument": "hotplate", "action": "heater_off", "params": {} }));
+    steps.push(serde_json::json!({ "type": "action", "instrument": "hotplate", "action": "stir_off", "params": {} }));
+    serde_json::json!({
+        "version": 1,
+        "metadata": {
+            "name": "Heat while moving",
+            "objective": "Keep the gantry moving while the hotplate heats (e-stop scenario)",
+            "proposal_id": proposal_id,
+            "planner": { "id": "hil-tests" }
+        },
+        "labware": [],
+        "steps": steps
+    })
+}
+
+/// The emergency stop while the gantry moves and the hotplate heats: the run is aborted, the heater, the
+/// stirrer and the gantry stop, and nothing new starts until the latch is acknowledged.
+#[test]
+fn estop_during_motion_and_heating() {
+    let Some(bench) = bench("estop_during_motion_and_heating") else {
+        return;
+    };
+    let labctl = bench.labctl();
+    let mut port = bench.technician(&labctl);
+    let run = port.submit(&heat_and_move("hil-estop")).expect("accepted");
+    port.wait_run(&run, virtual_secs(600.0), "moving", |s| {
+        s.step.starts_with("/steps/4") || s.is_final()
+    });
+    if bench.is_sim() {
+        // Moving and heating right now, in the physical model.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !bench.model(|m, now| {
+            m.gantry_status(now).state == labctl_simulators::model::gantry::GantryState::Run
+                && m.hotplate_status(now).heating
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never moving and heating at once"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let pressed = std::time::Instant::now();
+    assert_eq!(port.command("SYST:ESTOP"), None);
+    bench.assert_safe_within(Duration::from_secs(5), false);
+    eprintln!(
+        "e-stop to every instrument safe (physical model): {:?}",
+        pressed.elapsed()
+    );
+    let end = port.wait_run(&run, Duration::from_secs(10), "aborted", |s| s.is_final());
+    assert_eq!(end.state, "aborted", "{end:?}");
+    assert_eq!(port.query("SYST:ESTOP?"), "1");
+    // Latched: nothing new runs.
+    let refused = port.submit(&heat_and_move("hil-estop-2")).unwrap_err();
+    assert!(refused.contains("emergency stop"), "{refused}");
+    assert_eq!(port.command("SYST:ESTOP:ACK"), None);
+    assert_eq!(port.query("SYST:ESTOP?"), "0");
+    bench.assert_no_acknowledged_result_lost(&run, &port, &[labctl.reported_results(&run)]);
+    if let Some(wire) = bench.assert_wire_inside_envelope() {
+        assert_eq!(wire.sent("hotplate", "temperature_c").first(), Some(&60.0));
+    }
+}
+
+/// The spectrometer stops answering before the run measures: the measure step fails, the run pauses as
+/// the protocol asks (`on_error: pause`), nothing else goes wrong, and an abort ends it safely.
+#[test]
+fn silent_instrument() {
+    let Some(bench) = bench("silent_instrument") else {
+        return;
+    };
+    let labctl = bench.labctl();
+    let mut port = bench.technician(&labctl);
+    bench.place_vial("mix1", "A1");
+    bench.set_faults(
+        "spectro",
+        labctl_simulators::model::FaultConfig {
+            no_reply: true,
+            ..Default::default()
+        },
+    );
+    let p = protocol("dye-mix.json", "hil-silent");
+    let spectrum = step_path(&p, "spectrum");
+    let run = port.submit(&p).expect("accepted");
+    let held = port.wait_run(&run, virtual_secs(900.0), "a hold", |s| {
+        s.state != "running" && s.state != "queued"
+    });
+    assert_eq!(
+        (held.state.as_str(), held.step.as_str()),
+        ("paused", spectrum.as_str()),
+        "{held:?}\n{}",
+        labctl.log_tail()
+    );
+    assert!(!held.reason.is_empty(), "{held:?}");
+    assert_eq!(port.command(&format!("RUN:ABOR {run}")), None);
+    let end = port.wait_run(&run, Duration::from_secs(20), "aborted", |s| s.is_final());
+    assert_eq!(end.state, "aborted");
+    bench.assert_no_acknowledged_result_lost(&run, &port, &[labctl.reported_results(&run)]);
+    bench.assert_wire_inside_envelope();
+    bench.assert_safe_within(Duration::from_secs(10), false);
+}
+
+/// Replies garbled on the serial lines (1 byte in 100 on the balance and the pumps): the drivers skip
+/// the damage and retry, the run completes, and the host never sent anything undecodable.
+#[test]
+fn garbled_bytes() {
+    let Some(bench) = bench("garbled_bytes") else {
+        return;
+    };
+    let labctl = bench.labctl();
+    let mut port = bench.technician(&labctl);
+    for id in ["balance", "pumps"] {
+        bench.set_faults(
+            id,
+            labctl_simulators::model::FaultConfig {
+                garble_probability: 0.01,
+                ..Default::default()
+            },
+        );
+    }
+    bench.place_vial("mix1", "A1");
+    let run = port
+        .submit(&protocol("dye-mix.json", "hil-garbled"))
+        .expect("accepted");
+    let end = port.wait_run(&run, virtual_secs(900.0), "an end", |s| s.is_final());
+    assert_eq!(end.state, "completed", "{end:?}\n{}", labctl.log_tail());
+    let journal =
+        bench.assert_no_acknowledged_result_lost(&run, &port, &[labctl.reported_results(&run)]);
+    assert_eq!(result_names(&journal), ["spectrum", "mass"]);
+    bench.assert_wire_inside_envelope();
+    bench.assert_safe_within(Duration::from_secs(10), false);
+}
+
+/// Dye-mix into vessel `vessel` at `position`.
+fn dye_mix_at(proposal_id: &str, vessel: &str, position: &str) -> serde_json::Value {
+    let text = protocol("dye-mix.json", proposal_id)
+        .to_string()
+        .replace("\"mix1\"", &format!("\"{vessel}\""))
+        .replace("\"A1\"", &format!("\"{position}\""));
+    serde_json::from_str(&text).expect("protocol JSON")
+}
+
+/// Two runs that need the same instruments, submitted together: one waits for the other (their spans of
+/// `running` never overlap on the journal's stdout), and both complete with all their results.
+#[test]
+fn two_runs_contend() {
+    let Some(bench) = bench("two_runs_contend") else {
+        return;
+    };
+    let labctl = bench.labctl();
+    let mut port = bench.technician(&labctl);
+    bench.place_vial("mix1", "A1");
+    bench.place_vial("mix2", "A2");
+    let first = port
+        .submit(&dye_mix_at("hil-contend-1", "mix1", "A1"))
+        .expect("accepted");
+    let second = port
+        .submit(&dye_mix_at("hil-contend-2", "mix2", "A2"))
+        .expect("accepted");
+    for run in [&first, &second] {
+        let end = port.wait_run(run, virtual_secs(1200.0), "an end", |s| s.is_final());
+        assert_eq!(end.state, "completed", "{end:?}\n{}", labctl.log_tail());
+        let journal =
+            bench.assert_no_acknowledged_result_lost(run, &port, &[labctl.reported_results(run)]);
+        assert_eq!(result_names(&journal), ["spectrum", "mass"]);
+    }
+    // The order of durable state changes, as labctl printed them.
+    let events: Vec<String> = labctl
+        .stdout()
+        .into_iter()
+        .filter(|l| l.starts_with("run "))
+        .collect();
+    let at = |run: &str, state: &str| {
+        events
+            .iter()
+            .position(|l| l.starts_with(&format!("run {run} {state}")))
+            .unwrap_or_else(|| panic!("no `run {run} {state}` in {events:#?}"))
+    };
+    let (a, b) = if at(&first, "running") < at(&second, "running") {
+        (&first, &second)
+    } else {
+        (&second, &first)
+    };
+    assert!(
+        at(a, "completed") < at(b, "running"),
+        "both ran at once: {events:#?}"
+    );
+    if let Some(wire) = bench.assert_wire_inside_envelope() {
+        assert_eq!(wire.sent("pump-blue", "volume_ul"), [450.0, 450.0]);
+    }
+    bench.assert_safe_within(Duration::from_secs(10), false);
+}
