@@ -11,8 +11,8 @@ use crate::error::DriverError;
 use crate::instrument::{DeviceCommand, Identity, Instrument, Outcome, Telemetry};
 use crate::port::{PortConfig, PortHandle, frame_line, frame_line_or_cr};
 use crate::roles::{
-    GantryOptions, GrblGantry, HotplateOptions, IkaHotplate, MtSicsBalance, Ne1000Pump, PumpOptions,
-    ScpiSpectro,
+    GantryOptions, GrblGantry, HotplateOptions, IkaHotplate, MtSicsBalance, Ne1000Pump,
+    PumpOptions, ScpiSpectro,
 };
 use crate::transport::Endpoint;
 

@@ -649,10 +649,17 @@ fn parse_response(line: &[u8]) -> Result<Response, String> {
 /// prints every weight at the same width, so a driver that saw a padded width once can tell that a line of
 /// another width lost or gained bytes on the way (`100.00` read as `10.00`).
 pub fn weight_field_width(line: &[u8]) -> Option<(usize, bool)> {
-    let line = trim_spaces_end(line.strip_suffix(b"\r\n").or(line.strip_suffix(b"\n")).unwrap_or(line));
+    let line = trim_spaces_end(
+        line.strip_suffix(b"\r\n")
+            .or(line.strip_suffix(b"\n"))
+            .unwrap_or(line),
+    );
     let (id, rest) = split_word(line);
     let reply_id = ReplyId::from_id(id)?;
-    if !matches!(reply_id, ReplyId::Weight | ReplyId::Tare | ReplyId::TareValue) {
+    if !matches!(
+        reply_id,
+        ReplyId::Weight | ReplyId::Tare | ReplyId::TareValue
+    ) {
         return None;
     }
     let status_end = line.len() - rest.len() + rest.iter().position(|&b| b == b' ')?;
@@ -1000,10 +1007,19 @@ mod tests {
 
     #[test]
     fn weight_field_width_counts_padding_and_value() {
-        assert_eq!(weight_field_width(b"S S     100.00 g\r\n"), Some((11, true)));
-        assert_eq!(weight_field_width(b"S D    12.3456 g\r\n"), Some((11, true)));
+        assert_eq!(
+            weight_field_width(b"S S     100.00 g\r\n"),
+            Some((11, true))
+        );
+        assert_eq!(
+            weight_field_width(b"S D    12.3456 g\r\n"),
+            Some((11, true))
+        );
         assert_eq!(weight_field_width(b"TA A     100.00 g"), Some((11, true)));
-        assert_eq!(weight_field_width(b"T S     100.00 g  \r\n"), Some((11, true)));
+        assert_eq!(
+            weight_field_width(b"T S     100.00 g  \r\n"),
+            Some((11, true))
+        );
         // A dropped digit or space shows as a narrower field.
         assert_eq!(weight_field_width(b"S S     10.00 g\r\n"), Some((10, true)));
         assert_eq!(weight_field_width(b"S S    100.00 g\r\n"), Some((10, true)));

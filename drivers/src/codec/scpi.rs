@@ -1481,6 +1481,54 @@ impl Reply {
     }
 }
 
+/// The decimals every number of a reading reply is printed with (`0.4321,0.4310,...` gives 4), for an
+/// instrument that prints fixed point (NR2). SCPI has no checksum; an instrument prints its readings at a
+/// fixed resolution, so a field with another number of decimals, or none before the point (`.4321`: a
+/// dropped `0`), lost or gained bytes on the line. `None` when the reply is not all fixed point (NR1, NR3:
+/// nothing to hold it to); `Some(Err)` names the damaged field.
+pub fn reading_decimals(line: &[u8]) -> Option<Result<usize, String>> {
+    let text = std::str::from_utf8(line).ok()?;
+    let text = text.trim_end_matches(['\r', '\n']).trim();
+    if text.is_empty() || text.contains(['E', 'e']) {
+        return None;
+    }
+    let mut decimals = None;
+    for (i, field) in text.split(',').enumerate() {
+        let field = field.trim();
+        let digits = field.strip_prefix(['-', '+']).unwrap_or(field);
+        let Some((whole, fraction)) = digits.split_once('.') else {
+            return Some(Err(format!(
+                "field {} {field:?} has no decimal point",
+                i + 1
+            )));
+        };
+        if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) {
+            return Some(Err(format!(
+                "field {} {field:?} has no digits before the point",
+                i + 1
+            )));
+        }
+        if fraction.is_empty() || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+            return Some(Err(format!(
+                "field {} {field:?} has no digits after the point",
+                i + 1
+            )));
+        }
+        match decimals {
+            None => decimals = Some(fraction.len()),
+            Some(d) if d != fraction.len() => {
+                return Some(Err(format!(
+                    "field {} {field:?} has {} decimals where field 1 has {d}",
+                    i + 1,
+                    fraction.len()
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    decimals.map(Ok)
+}
+
 /// Parses the response unit answering `cmd`.
 pub fn parse_reply(cmd: &Command, unit: &str) -> Result<Reply, String> {
     let number =
@@ -1619,6 +1667,30 @@ pub fn decode_reply(cmd: &Command, buf: &[u8]) -> Result<Decoded<Reply>, DecodeE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reading_decimals_holds_every_field_to_one_fixed_point_shape() {
+        assert_eq!(reading_decimals(b"0.4321\n"), Some(Ok(4)));
+        assert_eq!(reading_decimals(b"0.4321,1.2000,-0.0012\r\n"), Some(Ok(4)));
+        // Bytes lost on the line.
+        assert!(
+            matches!(reading_decimals(b".4321\n"), Some(Err(e)) if e.contains("no digits before"))
+        );
+        assert!(
+            matches!(reading_decimals(b"04321\n"), Some(Err(e)) if e.contains("no decimal point"))
+        );
+        assert!(
+            matches!(reading_decimals(b"0.4321,0.431,0.4300\n"), Some(Err(e)) if e.contains("field 2") && e.contains("3 decimals"))
+        );
+        assert!(matches!(
+            reading_decimals(b"0.4321,,0.4300\n"),
+            Some(Err(_))
+        ));
+        // Scientific notation, or nothing: no shape to hold it to.
+        assert_eq!(reading_decimals(b"4.321E-01\n"), None);
+        assert_eq!(reading_decimals(b"\n"), None);
+        assert_eq!(reading_decimals(b"\xff\n"), None);
+    }
     use proptest::prelude::*;
 
     fn message(bytes: &[u8]) -> Message {

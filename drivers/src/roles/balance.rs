@@ -9,7 +9,7 @@ use std::time::Duration;
 use labctl_protocols::InstrumentKind;
 use tracing::debug;
 
-use super::{Link, retries};
+use super::{LearnedShape, Link, retries};
 use crate::codec::Decoded;
 use crate::codec::mtsics::{self, Command, MassUnit, Refusal, ReplyId, Response, Stability};
 use crate::error::DriverError;
@@ -98,50 +98,12 @@ fn model_of(balance_data: &str) -> String {
     }
 }
 
-/// What the balance's padded weight lines have shown of their field width (see
-/// [`mtsics::weight_field_width`]). A width is trusted once two lines in a row agree, so one damaged line
-/// during learning cannot lock in a wrong width; a balance reconfigured to another width is followed after
-/// [`WeightWidth::RELEARN`] lines in a row at the new width (each of them refused meanwhile).
-#[derive(Debug, Default, Clone, PartialEq)]
-struct WeightWidth {
-    trusted: Option<usize>,
-    candidate: Option<(usize, u32)>,
-}
-
-impl WeightWidth {
-    const RELEARN: u32 = 3;
-
-    /// Takes one padded line's width: `Err(expected)` when it contradicts the trusted width.
-    fn observe(&mut self, width: usize) -> Result<(), usize> {
-        if self.trusted == Some(width) {
-            self.candidate = None;
-            return Ok(());
-        }
-        let seen = match self.candidate {
-            Some((w, n)) if w == width => n + 1,
-            _ => 1,
-        };
-        self.candidate = Some((width, seen));
-        match self.trusted {
-            None if seen >= 2 => {
-                self.trusted = Some(width);
-                Ok(())
-            }
-            None => Ok(()),
-            Some(expected) if seen >= Self::RELEARN => {
-                self.trusted = Some(width);
-                Err(expected)
-            }
-            Some(expected) => Err(expected),
-        }
-    }
-}
-
 /// A Mettler Toledo balance.
 #[derive(Debug)]
 pub struct MtSicsBalance {
     link: Link,
-    weight_width: std::sync::Mutex<WeightWidth>,
+    /// The width of the balance's padded weight field.
+    weight_width: std::sync::Mutex<LearnedShape>,
 }
 
 impl MtSicsBalance {
@@ -149,7 +111,7 @@ impl MtSicsBalance {
     pub fn new(id: &str, port: PortHandle) -> MtSicsBalance {
         MtSicsBalance {
             link: Link::new(id, port),
-            weight_width: std::sync::Mutex::new(WeightWidth::default()),
+            weight_width: std::sync::Mutex::new(LearnedShape::default()),
         }
     }
 
@@ -272,7 +234,7 @@ impl Instrument for MtSicsBalance {
         *self
             .weight_width
             .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = WeightWidth::default();
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = LearnedShape::default();
         self.link.connect().await?;
         let data = self.text(Command::QueryBalanceData).await?;
         let firmware = self.text(Command::QuerySoftwareVersion).await?;

@@ -162,9 +162,68 @@ pub(crate) fn retries(safe_to_repeat: bool) -> u8 {
     u8::from(safe_to_repeat)
 }
 
+/// A shape an instrument prints every reading in (a field width, a number of decimals) without checksums
+/// to protect it: learned from the replies, so a reply of another shape is known to have lost or gained
+/// bytes on the line. A shape is trusted once two readings in a row agree, so one damaged reply while
+/// learning cannot lock in a wrong one; an instrument reconfigured to another shape is followed after
+/// [`LearnedShape::RELEARN`] readings in a row in the new shape (each refused meanwhile).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct LearnedShape {
+    trusted: Option<usize>,
+    candidate: Option<(usize, u32)>,
+}
+
+impl LearnedShape {
+    const RELEARN: u32 = 3;
+
+    /// Takes one reading's shape: `Err(expected)` when it contradicts the trusted shape.
+    pub(crate) fn observe(&mut self, shape: usize) -> Result<(), usize> {
+        if self.trusted == Some(shape) {
+            self.candidate = None;
+            return Ok(());
+        }
+        let seen = match self.candidate {
+            Some((s, n)) if s == shape => n + 1,
+            _ => 1,
+        };
+        self.candidate = Some((shape, seen));
+        match self.trusted {
+            None if seen >= 2 => {
+                self.trusted = Some(shape);
+                Ok(())
+            }
+            None => Ok(()),
+            Some(expected) if seen >= Self::RELEARN => {
+                self.trusted = Some(shape);
+                Err(expected)
+            }
+            Some(expected) => Err(expected),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shape_is_trusted_after_two_agreeing_readings_and_relearned_after_three() {
+        let mut w = LearnedShape::default();
+        // Learning: nothing is refused, one odd reading does not lock in.
+        assert_eq!(w.observe(10), Ok(()));
+        assert_eq!(w.observe(11), Ok(()));
+        assert_eq!(w.observe(11), Ok(()));
+        assert_eq!(w.trusted, Some(11));
+        // A reading that lost a byte.
+        assert_eq!(w.observe(10), Err(11));
+        assert_eq!(w.observe(11), Ok(()));
+        // An instrument reconfigured to a wider field: refused until seen three times in a row.
+        assert_eq!(w.observe(12), Err(11));
+        assert_eq!(w.observe(12), Err(11));
+        assert_eq!(w.observe(12), Err(11));
+        assert_eq!(w.trusted, Some(12));
+        assert_eq!(w.observe(12), Ok(()));
+    }
 
     #[test]
     fn command_names_are_the_serde_tags() {

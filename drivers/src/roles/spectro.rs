@@ -10,7 +10,7 @@ use std::time::Duration;
 use labctl_protocols::InstrumentKind;
 use tracing::debug;
 
-use super::Link;
+use super::{LearnedShape, Link};
 use crate::codec::Decoded;
 use crate::codec::scpi::{self, Command, ErrorReply, MAX_SPECTRUM_POINTS, Reply};
 use crate::error::{DriverError, PortError};
@@ -37,6 +37,8 @@ fn plausible(absorbance: f64) -> bool {
 #[derive(Debug)]
 pub struct ScpiSpectro {
     link: Link,
+    /// The decimals the instrument prints its readings with.
+    reading_decimals: std::sync::Mutex<LearnedShape>,
 }
 
 fn encode(cmd: &Command) -> Vec<u8> {
@@ -50,6 +52,7 @@ impl ScpiSpectro {
     pub fn new(id: &str, port: PortHandle) -> ScpiSpectro {
         ScpiSpectro {
             link: Link::new(id, port),
+            reading_decimals: std::sync::Mutex::new(LearnedShape::default()),
         }
     }
 
@@ -66,10 +69,38 @@ impl ScpiSpectro {
             .link
             .ask(Transaction::new(bytes, frame_line, matcher).timeout(timeout))
             .await?;
-        match scpi::decode_reply(&cmd, &frame) {
-            Ok(Decoded::Frame { value, .. }) => Ok(value),
-            _ => Err(self.link.unexpected(&label, &frame)),
+        let reply = match scpi::decode_reply(&cmd, &frame) {
+            Ok(Decoded::Frame { value, .. }) => value,
+            _ => return Err(self.link.unexpected(&label, &frame)),
+        };
+        if matches!(reply, Reply::Absorbance { .. } | Reply::Spectrum { .. }) {
+            self.check_reading_shape(&label, &frame)?;
         }
+        Ok(reply)
+    }
+
+    /// A reading printed at another resolution than the instrument's own lost or gained bytes on the line.
+    fn check_reading_shape(&self, label: &str, frame: &[u8]) -> Result<(), DriverError> {
+        let damaged = |reason: String| DriverError::DamagedReply {
+            instrument: self.link.id.clone(),
+            command: label.trim_end().to_owned(),
+            reply: printable(frame),
+            reason,
+        };
+        let decimals = match scpi::reading_decimals(frame) {
+            None => return Ok(()),
+            Some(Err(reason)) => return Err(damaged(reason)),
+            Some(Ok(decimals)) => decimals,
+        };
+        self.reading_decimals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .observe(decimals)
+            .map_err(|expected| {
+                damaged(format!(
+                    "{decimals} decimals where this instrument prints {expected}"
+                ))
+            })
     }
 
     /// A query; silence is explained by the error queue, or the query is asked once more.
@@ -140,10 +171,16 @@ impl ScpiSpectro {
         let mut attempts = 0;
         let absorbance = loop {
             attempts += 1;
-            match self.query(cmd, SPECTRUM_PROCESSING).await? {
-                Reply::Spectrum { absorbances } if absorbances.iter().all(|a| plausible(*a)) => {
+            match self.query(cmd, SPECTRUM_PROCESSING).await {
+                Ok(Reply::Spectrum { absorbances })
+                    if absorbances.iter().all(|a| plausible(*a)) =>
+                {
                     break absorbances;
                 }
+                Err(e @ DriverError::DamagedReply { .. }) if attempts < 2 => {
+                    debug!(instrument = %self.link.id, error = %e, "damaged spectrum; asking again");
+                }
+                Err(e) => return Err(e),
                 other if attempts < 2 => {
                     debug!(instrument = %self.link.id, reply = ?other, "implausible spectrum; asking again");
                 }
@@ -176,6 +213,11 @@ impl Instrument for ScpiSpectro {
     }
 
     async fn start(&mut self) -> Result<Identity, DriverError> {
+        // Another instrument may answer after a reconnect.
+        *self
+            .reading_decimals
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = LearnedShape::default();
         self.link.connect().await?;
         let id = match self.query(Command::Identify, PROCESSING).await? {
             Reply::Identity(id) => id,
@@ -220,13 +262,17 @@ impl Instrument for ScpiSpectro {
                 let mut attempts = 0;
                 loop {
                     attempts += 1;
-                    match self.query(cmd, ABSORBANCE_PROCESSING).await? {
-                        Reply::Absorbance { absorbance } if plausible(absorbance) => {
+                    match self.query(cmd, ABSORBANCE_PROCESSING).await {
+                        Ok(Reply::Absorbance { absorbance }) if plausible(absorbance) => {
                             return Ok(Outcome::Absorbance {
                                 wavelength_nm: *wavelength_nm,
                                 absorbance,
                             });
                         }
+                        Err(e @ DriverError::DamagedReply { .. }) if attempts < 2 => {
+                            debug!(instrument = %self.link.id, error = %e, "damaged absorbance; asking again");
+                        }
+                        Err(e) => return Err(e),
                         other if attempts < 2 => {
                             debug!(instrument = %self.link.id, reply = ?other, "implausible absorbance; asking again");
                         }

@@ -215,25 +215,6 @@ fn model_is_the_type_without_capacity_and_unit() {
     assert_eq!(model_of("220.0 g"), "220.0 g");
 }
 
-#[test]
-fn weight_width_is_trusted_after_two_agreeing_lines_and_relearned_after_three() {
-    let mut w = WeightWidth::default();
-    // Learning: nothing is refused, one odd line does not lock in.
-    assert_eq!(w.observe(10), Ok(()));
-    assert_eq!(w.observe(11), Ok(()));
-    assert_eq!(w.observe(11), Ok(()));
-    assert_eq!(w.trusted, Some(11));
-    // A line that lost a byte.
-    assert_eq!(w.observe(10), Err(11));
-    assert_eq!(w.observe(11), Ok(()));
-    // A balance reconfigured to a wider field: refused until seen three times in a row.
-    assert_eq!(w.observe(12), Err(11));
-    assert_eq!(w.observe(12), Err(11));
-    assert_eq!(w.observe(12), Err(11));
-    assert_eq!(w.trusted, Some(12));
-    assert_eq!(w.observe(12), Ok(()));
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_weight_line_that_lost_a_byte_is_refused_as_damaged() {
     let (mut b, mut device) = balance();

@@ -301,3 +301,48 @@ async fn works_over_a_real_tcp_socket() {
         ["*IDN?", "*CLS", "*RST", "SYST:ERR?", "MEAS:ABS? 430"]
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reading_that_lost_a_digit_is_asked_again() {
+    let (mut s, mut device) = spectro();
+    let dev = tokio::spawn(async move {
+        let mut fake = started(&mut device).await;
+        fake.reply(b"MEAS:ABS? 520\n", b"0.4321\n").await;
+        fake.reply(b"MEAS:ABS? 520\n", b"0.4322\n").await;
+        // `0.4323` with its last digit dropped: plausible, but not at the instrument's resolution.
+        fake.reply(b"MEAS:ABS? 520\n", b"0.432\n").await;
+        fake.reply(b"MEAS:ABS? 520\n", b"0.4323\n").await;
+        // A spectrum whose second value lost its leading zero.
+        fake.reply(b"MEAS:SPEC? 400,410,10\n", b"0.1234,.2345\n")
+            .await;
+        fake.reply(b"MEAS:SPEC? 400,410,10\n", b"0.1234,0.2345\n")
+            .await;
+    });
+    s.start().await.unwrap();
+    let cmd = DeviceCommand::Absorbance {
+        wavelength_nm: 520.0,
+    };
+    let read = |o: Outcome| match o {
+        Outcome::Absorbance { absorbance, .. } => absorbance,
+        other => panic!("expected an absorbance, got {other:?}"),
+    };
+    assert_eq!(read(s.execute(&cmd).await.unwrap()), 0.4321);
+    assert_eq!(read(s.execute(&cmd).await.unwrap()), 0.4322);
+    assert_eq!(read(s.execute(&cmd).await.unwrap()), 0.4323);
+    let spectrum = s
+        .execute(&DeviceCommand::Spectrum {
+            start_nm: 400.0,
+            stop_nm: 410.0,
+            step_nm: 10.0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        spectrum,
+        Outcome::Spectrum {
+            wavelengths_nm: vec![400.0, 410.0],
+            absorbance: vec![0.1234, 0.2345]
+        }
+    );
+    dev.await.unwrap();
+}
