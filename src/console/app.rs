@@ -419,8 +419,12 @@ impl Ui {
         let v: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
         let accepted = v["accepted"] == Value::Bool(true);
         let (level, text) = if accepted {
+            // A pause or resume is answered before the executor has acted on it (the state is still the
+            // old one); the run's status shows the change.
+            let settles_later = label.starts_with("pause ") || label.starts_with("resume ");
             let state = v["state"]
                 .as_str()
+                .filter(|_| !settles_later)
                 .map(|s| format!(": {s}"))
                 .unwrap_or_default();
             (Level::Info, format!("{label} accepted{state}"))
@@ -565,6 +569,26 @@ mod tests {
                 Level::Error,
                 "pause run-1-1 refused: run-1-1 is awaiting_approval".into()
             ))
+        );
+        ui.on_answer(
+            &mut m,
+            "pause run-1-1",
+            br#"{"accepted":true,"run_id":"run-1-1","state":"running"}"#,
+            1,
+        );
+        assert_eq!(
+            ui.notice,
+            Some((Level::Info, "pause run-1-1 accepted".into()))
+        );
+        ui.on_answer(
+            &mut m,
+            "approve run-1-1",
+            br#"{"accepted":true,"run_id":"run-1-1","state":"queued"}"#,
+            1,
+        );
+        assert_eq!(
+            ui.notice,
+            Some((Level::Info, "approve run-1-1 accepted: queued".into()))
         );
         m.link_down(2, "broker unreachable");
         assert!(!ui.may_send(&mut m, &Command::EStop));
