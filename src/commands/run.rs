@@ -121,6 +121,7 @@ async fn run_async(
     command_port_args: CommandPortArgs,
     opcua_args: OpcUaArgs,
 ) -> Result<(), String> {
+    let signals = shutdown_signal();
     let (mut lab, text) = if args.sim {
         (Lab::sim(), SIM_LAB_TOML.to_owned())
     } else {
@@ -266,7 +267,7 @@ async fn run_async(
         None if !opcua_args.no_opcua => say!("  opcua: not started (see the log)"),
         None => {}
     }
-    wait_for_signal().await;
+    signals.await;
     say!("labctl: shutting down, leaving instruments safe");
     controller.shutdown().await;
     // After the controller: the aborted runs' last states reach MQTT before `offline`.
@@ -361,24 +362,44 @@ fn mqtt_credentials() -> Result<Option<(String, String)>, String> {
     Ok(Some((user, password)))
 }
 
-async fn wait_for_signal() {
+/// Registers the SIGINT and SIGTERM handlers at once, so that a signal arriving while the controller is
+/// still starting (the OPC UA server builds its address space last) stops it cleanly instead of killing
+/// it; the returned future completes at the first of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+        let term = signal(SignalKind::terminate()).ok();
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        async move {
+            let term = async move {
+                match term {
+                    Some(mut term) => {
+                        term.recv().await;
+                    }
+                    None => std::future::pending().await,
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+            };
+            let interrupt = async move {
+                match interrupt {
+                    Some(mut interrupt) => {
+                        interrupt.recv().await;
+                    }
+                    None => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = term => {}
+                _ = interrupt => {}
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
