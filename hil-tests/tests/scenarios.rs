@@ -72,8 +72,11 @@ fn dye_mixing() {
             .expect("dye-mix accepted");
         let end = port.wait_run(&run, virtual_secs(600.0), "an end", |s| s.is_final());
         assert_eq!(end.state, "completed", "{end:?}\n{}", labctl.log_tail());
-        let journal =
-            bench.assert_no_acknowledged_result_lost(&run, &port, &[labctl.reported_results(&run)]);
+        let journal = bench.assert_no_acknowledged_result_lost(
+            &run,
+            Some(&port),
+            &[labctl.reported_results(&run)],
+        );
         assert_eq!(result_names(&journal), ["spectrum", "mass"]);
         assert_eq!(end.results, 2);
         if bench.is_sim() {
@@ -132,6 +135,18 @@ fn warp_on_a_lab_file_needs_simulated_instruments() {
     assert!(stderr.contains("--simulated-instruments"), "{stderr}");
 }
 
+/// Dye-mix with a longer mixing wait, so there is time to act while the run is in the middle of it.
+fn long_dye_mix(proposal_id: &str, mix_s: f64) -> serde_json::Value {
+    let mut p = protocol("dye-mix.json", proposal_id);
+    let steps = p["steps"].as_array_mut().expect("steps");
+    let mix = steps
+        .iter_mut()
+        .find(|s| s["id"] == "mix")
+        .expect("the mix step");
+    mix["duration_s"] = mix_s.into();
+    p
+}
+
 /// Index of the step with id `id` as `RUN:STAT?` names it (`/steps/7`).
 fn step_path(p: &serde_json::Value, id: &str) -> String {
     let k = p["steps"]
@@ -139,6 +154,138 @@ fn step_path(p: &serde_json::Value, id: &str) -> String {
         .and_then(|s| s.iter().position(|s| s["id"] == id))
         .unwrap_or_else(|| panic!("no step {id}"));
     format!("/steps/{k}")
+}
+
+/// The balance's cable is pulled while the vial is mixing and plugged back: the controller sees it lost,
+/// reconnects to the new pty on its own, and the run completes with every result.
+/// Finding: while the balance is unplugged, `INST:STAT?` still says `online,idle`, and after the replug
+/// the weigh step runs before the balance is back, so the run completes without its mass (on_error skip).
+#[test]
+#[ignore = "finding: an unplugged serial instrument stays `online`; the run loses its mass result"]
+fn unplug_and_replug() {
+    let Some(bench) = bench("unplug_and_replug") else {
+        return;
+    };
+    let labctl = bench.labctl();
+    let mut port = bench.technician(&labctl);
+    bench.place_vial("mix1", "A1");
+    let p = long_dye_mix("hil-unplug", 200.0);
+    let mix = step_path(&p, "mix");
+    let run = port.submit(&p).expect("accepted");
+    port.wait_run(&run, virtual_secs(300.0), "the mixing wait", |s| {
+        s.step == mix || s.is_final()
+    });
+    let pty_before = bench
+        .sim
+        .as_ref()
+        .map(|s| s.endpoint("balance").map(|e| e.location()));
+    bench.unplug("balance");
+    // The cable stays out for a while (a fault's duration, not a measurement); the run goes on mixing.
+    let unplugged = std::time::Instant::now();
+    while unplugged.elapsed() < Duration::from_secs(3) {
+        let state = port.run_state(&run);
+        assert_eq!(state.state, "running", "{state:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "balance while unplugged: INST:STAT? {}",
+        port.instrument_state("balance")
+    );
+    bench.replug("balance");
+    let pty_after = bench
+        .sim
+        .as_ref()
+        .map(|s| s.endpoint("balance").map(|e| e.location()));
+    assert_ne!(pty_before, pty_after, "a replugged pty is a new /dev/pts/N");
+    let end = port.wait_run(&run, virtual_secs(900.0), "an end", |s| s.is_final());
+    assert_eq!(end.state, "completed", "{end:?}\n{}", labctl.log_tail());
+    let journal = bench.assert_no_acknowledged_result_lost(
+        &run,
+        Some(&port),
+        &[labctl.reported_results(&run)],
+    );
+    assert_eq!(result_names(&journal), ["spectrum", "mass"]);
+    bench.assert_wire_inside_envelope();
+    bench.assert_safe_within(Duration::from_secs(10), false);
+}
+
+/// heat-and-hold.json as a technician's script: no planner lease (nothing holds one over the command
+/// port), and a temperature reading instead of the first absorbance (the suite's vial is empty).
+fn heat_and_hold(proposal_id: &str) -> serde_json::Value {
+    let mut p = protocol("heat-and-hold.json", proposal_id);
+    p["metadata"]["supervised"] = false.into();
+    p["steps"][2] = serde_json::json!({
+        "type": "measure", "instrument": "hotplate", "action": "read_temperature", "params": {},
+        "result": "temperature_before"
+    });
+    p
+}
+
+/// Heat-and-hold (heater on, stirring, waiting for 45 C), killed with SIGKILL while heating and started
+/// again on the same journal: the results it had reported are journaled, the run comes back `interrupted`
+/// and is never resumed, and the heater that was on when labctl died is switched off.
+#[test]
+fn sigkill_and_restart() {
+    sigkill_scenario(false);
+}
+
+/// The same with `RUN:STAT?`'s result count taken as an acknowledgement. Finding (a race, seen once in
+/// three runs): `RUN:STAT?` said 1 result, SIGKILL came right after, and the restarted journal held 0;
+/// the count is the controller's in-memory one and may run ahead of the journal's commit (the `result`
+/// lines on stdout, printed after the commit, never were).
+#[test]
+#[ignore = "finding: RUN:STAT? may count a result before it is durable (a race; see the doc comment)"]
+fn sigkill_after_run_stat_counted_a_result() {
+    sigkill_scenario(true);
+}
+
+fn sigkill_scenario(run_stat_is_an_acknowledgement: bool) {
+    let Some(bench) = bench("sigkill_and_restart") else {
+        return;
+    };
+    let labctl = bench.labctl();
+    let mut port = bench.technician(&labctl);
+    bench.place_vial("sample", "H1");
+    let p = heat_and_hold("hil-sigkill");
+    let heating = step_path(&p, "reach-45");
+    let run = port.submit(&p).expect("accepted");
+    let mid = port.wait_run(&run, virtual_secs(600.0), "heating", |s| {
+        (s.step == heating && s.results >= 1) || s.is_final()
+    });
+    assert_eq!(mid.state, "running", "{mid:?}\n{}", labctl.log_tail());
+    if bench.is_sim() {
+        assert!(
+            bench.model(|m, now| m.hotplate_status(now).heating),
+            "the heater is on when labctl dies"
+        );
+    }
+    let reported = labctl.reported_results(&run);
+    labctl.kill();
+    assert_eq!(
+        bench.journal_state(&run).as_deref(),
+        Some("running"),
+        "the killed process never got to say otherwise"
+    );
+
+    // The restarted controller does not serve the old run over the command port (RUN:STAT? answers
+    // "unknown run"): its journal is where it comes back.
+    let _labctl = bench.labctl();
+    assert_eq!(bench.journal_state(&run).as_deref(), Some("interrupted"));
+    let journaled = bench
+        .assert_no_acknowledged_result_lost(
+            &run,
+            run_stat_is_an_acknowledgement.then_some(&port),
+            &[reported],
+        )
+        .len();
+    bench.assert_safe_within(Duration::from_secs(20), false);
+    // Never resumed: still interrupted after a minute of virtual time, nothing more journaled, the
+    // heater stays off.
+    std::thread::sleep(virtual_secs(60.0) - Duration::from_secs(20));
+    assert_eq!(bench.journal_state(&run).as_deref(), Some("interrupted"));
+    assert_eq!(bench.journal_results(&run).len(), journaled);
+    assert!(bench.unsafe_instruments(false).is_empty());
+    bench.assert_wire_inside_envelope();
 }
 
 /// A protocol that heats, stirs and then moves the gantry slowly back and forth.
@@ -212,7 +359,7 @@ fn estop_during_motion_and_heating() {
     assert!(refused.contains("emergency stop"), "{refused}");
     assert_eq!(port.command("SYST:ESTOP:ACK"), None);
     assert_eq!(port.query("SYST:ESTOP?"), "0");
-    bench.assert_no_acknowledged_result_lost(&run, &port, &[labctl.reported_results(&run)]);
+    bench.assert_no_acknowledged_result_lost(&run, Some(&port), &[labctl.reported_results(&run)]);
     if let Some(wire) = bench.assert_wire_inside_envelope() {
         assert_eq!(wire.sent("hotplate", "temperature_c").first(), Some(&60.0));
     }
@@ -251,7 +398,7 @@ fn silent_instrument() {
     assert_eq!(port.command(&format!("RUN:ABOR {run}")), None);
     let end = port.wait_run(&run, Duration::from_secs(20), "aborted", |s| s.is_final());
     assert_eq!(end.state, "aborted");
-    bench.assert_no_acknowledged_result_lost(&run, &port, &[labctl.reported_results(&run)]);
+    bench.assert_no_acknowledged_result_lost(&run, Some(&port), &[labctl.reported_results(&run)]);
     bench.assert_wire_inside_envelope();
     bench.assert_safe_within(Duration::from_secs(10), false);
 }
@@ -280,8 +427,11 @@ fn garbled_bytes() {
         .expect("accepted");
     let end = port.wait_run(&run, virtual_secs(900.0), "an end", |s| s.is_final());
     assert_eq!(end.state, "completed", "{end:?}\n{}", labctl.log_tail());
-    let journal =
-        bench.assert_no_acknowledged_result_lost(&run, &port, &[labctl.reported_results(&run)]);
+    let journal = bench.assert_no_acknowledged_result_lost(
+        &run,
+        Some(&port),
+        &[labctl.reported_results(&run)],
+    );
     assert_eq!(result_names(&journal), ["spectrum", "mass"]);
     bench.assert_wire_inside_envelope();
     bench.assert_safe_within(Duration::from_secs(10), false);
@@ -316,8 +466,11 @@ fn two_runs_contend() {
     for run in [&first, &second] {
         let end = port.wait_run(run, virtual_secs(1200.0), "an end", |s| s.is_final());
         assert_eq!(end.state, "completed", "{end:?}\n{}", labctl.log_tail());
-        let journal =
-            bench.assert_no_acknowledged_result_lost(run, &port, &[labctl.reported_results(run)]);
+        let journal = bench.assert_no_acknowledged_result_lost(
+            run,
+            Some(&port),
+            &[labctl.reported_results(run)],
+        );
         assert_eq!(result_names(&journal), ["spectrum", "mass"]);
     }
     // The order of durable state changes, as labctl printed them.
@@ -345,4 +498,45 @@ fn two_runs_contend() {
         assert_eq!(wire.sent("pump-blue", "volume_ul"), [450.0, 450.0]);
     }
     bench.assert_safe_within(Duration::from_secs(10), false);
+}
+
+/// The hotplate's temperature reading runs away (sensor drift) while it heats: the over-temperature
+/// interlock trips, the heater goes off, the run fails with the interlock named, and no setpoint above
+/// the envelope was ever sent to chase it.
+#[test]
+fn over_temperature_interlock() {
+    let Some(bench) = bench("over_temperature_interlock") else {
+        return;
+    };
+    let labctl = bench.labctl();
+    let mut port = bench.technician(&labctl);
+    bench.place_vial("sample", "H1");
+    let p = heat_and_hold("hil-overtemp");
+    let heating = step_path(&p, "reach-45");
+    let run = port.submit(&p).expect("accepted");
+    port.wait_run(&run, virtual_secs(600.0), "heating", |s| {
+        s.step == heating || s.is_final()
+    });
+    assert!(bench.model(|m, now| m.hotplate_status(now).heating));
+    // 10 C per virtual second: past the 130 C trip point within a few real seconds.
+    bench.set_faults(
+        "hotplate",
+        labctl_simulators::model::FaultConfig {
+            drift_per_hour: 36_000.0,
+            ..Default::default()
+        },
+    );
+    let end = port.wait_run(&run, virtual_secs(300.0), "an end", |s| s.is_final());
+    assert_eq!(end.state, "failed", "{end:?}\n{}", labctl.log_tail());
+    assert!(end.reason.contains("hotplate-over-temperature"), "{end:?}");
+    bench.assert_safe_within(Duration::from_secs(10), false);
+    bench.assert_no_acknowledged_result_lost(&run, Some(&port), &[labctl.reported_results(&run)]);
+    if let Some(wire) = bench.assert_wire_inside_envelope() {
+        assert!(
+            wire.sent("hotplate", "temperature_c")
+                .iter()
+                .all(|&t| t <= 45.0),
+            "{wire}"
+        );
+    }
 }
