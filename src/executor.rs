@@ -198,7 +198,8 @@ impl RunContext {
     /// A step's timeout in real time: warped like the physics it waits for, but never below the wire's
     /// real-time floor (nor above the unwarped timeout).
     fn step_timeout_real(&self, seconds: f64) -> Duration {
-        let unwarped = Duration::try_from_secs_f64(seconds.clamp(0.0, 1.0e9)).unwrap_or(Duration::MAX);
+        let unwarped =
+            Duration::try_from_secs_f64(seconds.clamp(0.0, 1.0e9)).unwrap_or(Duration::MAX);
         self.virtual_to_real(seconds)
             .max(self.step_timeout_floor.min(unwarped))
     }
