@@ -65,6 +65,10 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "over_temperature_interlock",
         needs_simulator: true,
     },
+    Scenario {
+        name: "planner_disconnect",
+        needs_simulator: false,
+    },
 ];
 
 /// What kind of bench.

@@ -667,6 +667,43 @@ impl Bench {
             .and_then(|r| r["state"].as_str().map(str::to_owned))
     }
 
+    /// The kinds of the run's journaled events, in order (`labctl runs show RUN --json`).
+    pub fn journal_event_kinds(&self, run: &str) -> Vec<String> {
+        let detail: serde_json::Value =
+            serde_json::from_str(&self.runs(&["show", run, "--json"])).expect("runs show JSON");
+        detail["events"]
+            .as_array()
+            .map(|events| {
+                events
+                    .iter()
+                    .filter_map(|e| e["kind"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until the journal holds a run for `proposal_id` (submitted by another client) and returns
+    /// its id.
+    pub fn wait_run_of_proposal(&self, proposal_id: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let list: serde_json::Value =
+                serde_json::from_str(&self.runs(&["list", "--json"])).expect("runs list JSON");
+            if let Some(run) = list.as_array().and_then(|runs| {
+                runs.iter()
+                    .find(|r| r["proposal_id"] == proposal_id)
+                    .and_then(|r| r["run_id"].as_str().map(str::to_owned))
+            }) {
+                return run;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no run for proposal {proposal_id} within {limit:?}"
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
     /// Asserts every result acknowledged to a client (a count from `RUN:STAT?` on `port`, a `result` line
     /// on stdout) is in the journal; returns the journaled results.
     pub fn assert_no_acknowledged_result_lost(

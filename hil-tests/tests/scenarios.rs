@@ -540,3 +540,66 @@ fn over_temperature_interlock() {
         );
     }
 }
+
+/// A supervised heat-and-hold submitted over MQTT by a planner (`labctl submit --wait` as planner-bo)
+/// whose process dies while the plate heats: the planner lease breaks, the journal records it, the heater
+/// and stirrer go off at once, and a technician's abort ends the run.
+#[test]
+fn planner_disconnects_during_a_supervised_run() {
+    let Some(bench) = bench("planner_disconnect") else {
+        return;
+    };
+    let labctl = bench.labctl();
+    let mqtt = labctl.mqtt.expect("the embedded broker's address");
+    let mut port = bench.technician(&labctl);
+    bench.place_vial("sample", "H1");
+    let mut p = heat_and_hold("hil-planner-lease");
+    p["metadata"]["supervised"] = true.into();
+    p["metadata"]["planner"]["id"] = "planner-bo".into();
+    let heating = step_path(&p, "reach-45");
+    let file = bench.dir().join("supervised.json");
+    std::fs::write(&file, p.to_string()).unwrap();
+    let mut planner = std::process::Command::new(labctl_hil_tests::system::labctl_binary())
+        .arg("submit")
+        .arg(&file)
+        .args(["--wait", "--lab-id", &bench.lab.lab_id, "--mqtt"])
+        .arg(format!("mqtt://{mqtt}"))
+        .env("LABCTL_MQTT_USER", "planner-bo")
+        .env("LABCTL_MQTT_PASSWORD", "planner-dev")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the planner");
+    let run = bench.wait_run_of_proposal("hil-planner-lease", Duration::from_secs(30));
+    let mid = port.wait_run(&run, virtual_secs(600.0), "heating", |s| {
+        s.step == heating || s.is_final()
+    });
+    assert_eq!(mid.state, "running", "{mid:?}\n{}", labctl.log_tail());
+    assert!(bench.model(|m, now| m.hotplate_status(now).heating) || !bench.is_sim());
+    // The planner crashes: its MQTT connection closes without a goodbye.
+    let _ = planner.kill();
+    let _ = planner.wait();
+    // The hold sends the run's instruments to their safe state at once; the run itself pauses at its
+    // next step boundary (here the end of the 45 C wait, which now cannot come).
+    bench.assert_safe_within(Duration::from_secs(10), false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !bench
+        .journal_event_kinds(&run)
+        .iter()
+        .any(|k| k == "planner_lost")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no planner_lost in the journal: {:?}\n{}",
+            bench.journal_event_kinds(&run),
+            labctl.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(bench.unsafe_instruments(false).is_empty());
+    assert_eq!(port.command(&format!("RUN:ABOR {run}")), None);
+    let end = port.wait_run(&run, Duration::from_secs(20), "aborted", |s| s.is_final());
+    assert_eq!(end.state, "aborted");
+    bench.assert_no_acknowledged_result_lost(&run, Some(&port), &[labctl.reported_results(&run)]);
+    bench.assert_wire_inside_envelope();
+}
