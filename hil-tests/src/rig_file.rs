@@ -69,6 +69,10 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "planner_disconnect",
         needs_simulator: false,
     },
+    Scenario {
+        name: "broker_restart",
+        needs_simulator: false,
+    },
 ];
 
 /// What kind of bench.

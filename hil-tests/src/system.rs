@@ -415,6 +415,11 @@ impl Bench {
     /// Starts `labctl run` on the bench and waits until it prints its endpoints and every instrument is
     /// online.
     pub fn labctl(&self) -> Labctl {
+        self.labctl_with(&[])
+    }
+
+    /// [`Bench::labctl`] with more `labctl run` arguments (e.g. `--mqtt URL`).
+    pub fn labctl_with(&self, extra: &[&str]) -> Labctl {
         let stderr = self.dir().join(format!(
             "labctl-{}.log",
             std::fs::read_dir(self.dir())
@@ -434,6 +439,7 @@ impl Bench {
                 "0",
                 "--no-opcua",
             ]);
+        cmd.args(extra);
         if self.is_sim() {
             cmd.args(["--simulated-instruments", "--warp"])
                 .arg(self.rig.warp.to_string());

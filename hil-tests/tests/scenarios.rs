@@ -603,3 +603,126 @@ fn planner_disconnects_during_a_supervised_run() {
     bench.assert_no_acknowledged_result_lost(&run, Some(&port), &[labctl.reported_results(&run)]);
     bench.assert_wire_inside_envelope();
 }
+
+/// A mosquitto broker on `port`, killed when dropped.
+struct Mosquitto(std::process::Child);
+
+impl Mosquitto {
+    fn start(dir: &std::path::Path, port: u16) -> Mosquitto {
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
+        )
+        .unwrap();
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start mosquitto (apt-get install mosquitto)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mosquitto not listening"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Mosquitto(child)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The retained message on `topic` of the broker on `port`, waiting for it up to `limit`.
+fn retained(port: u16, topic: &str, limit: Duration) -> Option<String> {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        let out = std::process::Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic])
+            .args(["-C", "1", "-W", "1"])
+            .output()
+            .expect("run mosquitto_sub (apt-get install mosquitto-clients)");
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !text.is_empty() {
+            return Some(text);
+        }
+    }
+    None
+}
+
+/// The external MQTT broker is killed mid-run and started again: the run goes on and completes with every
+/// result journaled, and labctl republishes its retained status and the run's final state on the new
+/// broker (which kept nothing).
+#[test]
+fn broker_killed_and_restarted() {
+    let Some(bench) = bench("broker_restart") else {
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let broker = Mosquitto::start(bench.dir(), port);
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let labctl = bench.labctl_with(&["--mqtt", &url]);
+    let lab_id = bench.lab.lab_id.clone();
+    let status = retained(
+        port,
+        &format!("labctl/{lab_id}/status"),
+        Duration::from_secs(15),
+    );
+    assert!(
+        status.as_deref().is_some_and(|s| s.contains("online")),
+        "{status:?}"
+    );
+    let mut cp = bench.technician(&labctl);
+    bench.place_vial("mix1", "A1");
+    let p = long_dye_mix("hil-broker", 200.0);
+    let mix = step_path(&p, "mix");
+    let run = cp.submit(&p).expect("accepted");
+    cp.wait_run(&run, virtual_secs(300.0), "the mixing wait", |s| {
+        s.step == mix || s.is_final()
+    });
+    drop(broker);
+    // While the broker is gone the run goes on.
+    let during = cp.run_state(&run);
+    assert_eq!(during.state, "running", "{during:?}");
+    let broker = Mosquitto::start(bench.dir(), port);
+    let end = cp.wait_run(&run, virtual_secs(900.0), "an end", |s| s.is_final());
+    assert_eq!(end.state, "completed", "{end:?}\n{}", labctl.log_tail());
+    let journal =
+        bench.assert_no_acknowledged_result_lost(&run, Some(&cp), &[labctl.reported_results(&run)]);
+    assert_eq!(result_names(&journal), ["spectrum", "mass"]);
+    let status = retained(
+        port,
+        &format!("labctl/{lab_id}/status"),
+        Duration::from_secs(30),
+    );
+    assert!(
+        status.as_deref().is_some_and(|s| s.contains("online")),
+        "status on the restarted broker: {status:?}\n{}",
+        labctl.log_tail()
+    );
+    let run_status = retained(
+        port,
+        &format!("labctl/{lab_id}/runs/{run}/status"),
+        Duration::from_secs(30),
+    );
+    assert!(
+        run_status
+            .as_deref()
+            .is_some_and(|s| s.contains("completed")),
+        "run status on the restarted broker: {run_status:?}"
+    );
+    bench.assert_wire_inside_envelope();
+    bench.assert_safe_within(Duration::from_secs(10), false);
+    drop(broker);
+}
