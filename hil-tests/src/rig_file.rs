@@ -73,6 +73,10 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "broker_restart",
         needs_simulator: false,
     },
+    Scenario {
+        name: "slow_instrument",
+        needs_simulator: true,
+    },
 ];
 
 /// What kind of bench.

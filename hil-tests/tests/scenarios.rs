@@ -726,3 +726,37 @@ fn broker_killed_and_restarted() {
     bench.assert_safe_within(Duration::from_secs(10), false);
     drop(broker);
 }
+
+/// Slow instruments: every reply of the balance and the spectrometer comes 4 virtual seconds late
+/// (200 ms at warp 20), within the drivers' budgets. The run takes longer and completes with every result.
+#[test]
+fn slow_instrument() {
+    let Some(bench) = bench("slow_instrument") else {
+        return;
+    };
+    let labctl = bench.labctl();
+    let mut port = bench.technician(&labctl);
+    for id in ["balance", "spectro"] {
+        bench.set_faults(
+            id,
+            labctl_simulators::model::FaultConfig {
+                latency_ms: 4_000,
+                ..Default::default()
+            },
+        );
+    }
+    bench.place_vial("mix1", "A1");
+    let run = port
+        .submit(&protocol("dye-mix.json", "hil-slow"))
+        .expect("accepted");
+    let end = port.wait_run(&run, virtual_secs(1200.0), "an end", |s| s.is_final());
+    assert_eq!(end.state, "completed", "{end:?}\n{}", labctl.log_tail());
+    let journal = bench.assert_no_acknowledged_result_lost(
+        &run,
+        Some(&port),
+        &[labctl.reported_results(&run)],
+    );
+    assert_eq!(result_names(&journal), ["spectrum", "mass"]);
+    bench.assert_wire_inside_envelope();
+    bench.assert_safe_within(Duration::from_secs(10), false);
+}
