@@ -1,0 +1,39 @@
+//! Every instrument wire codec's decoders on arbitrary bytes: the first byte picks the codec and the side
+//! (what a driver decodes from the instrument, what a simulator decodes from the controller). A decoder
+//! must never panic, and a frame it returns must consume at least one byte and no more than it was given.
+#![no_main]
+
+use labctl_drivers::codec::{DecodeError, Decoded, grbl, mtsics, namur, ne1000, scpi};
+use libfuzzer_sys::fuzz_target;
+
+fn check<T>(input: &[u8], decoded: Result<Decoded<T>, DecodeError>) {
+    if let Ok(Decoded::Frame { consumed, .. }) = decoded {
+        assert!(
+            consumed >= 1 && consumed <= input.len(),
+            "consumed {consumed} of {}",
+            input.len()
+        );
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&selector, input)) = data.split_first() else {
+        return;
+    };
+    match selector % 11 {
+        0 => check(input, grbl::decode_response(input)),
+        1 => check(input, grbl::decode_command(input)),
+        2 => check(input, ne1000::decode_response(input)),
+        3 => check(input, ne1000::decode_command(input)),
+        4 => check(input, mtsics::decode_response(input)),
+        5 => check(input, mtsics::decode_command(input)),
+        6 => check(input, namur::decode_response(input)),
+        7 => check(input, namur::decode_command(input)),
+        8 => check(input, scpi::decode_response(input)),
+        9 => check(input, scpi::decode_command(input)),
+        _ => {
+            let _ = scpi::parse_program_message(input);
+            let _ = namur::parse_value_reply(input);
+        }
+    }
+});
