@@ -358,11 +358,21 @@ pub struct Bench {
     pub sim: Option<SimLabHandle>,
     runtime: tokio::runtime::Runtime,
     dir: ScratchDir,
+    /// Scenarios run one at a time: each starts a whole lab and a controller, and two at once on a
+    /// 2-core machine turn the scenarios' deadlines into a test of the machine. Dropped last.
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
+
+/// Held by the running scenario (see `Bench::_one_at_a_time`).
+static ONE_SCENARIO_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Bench {
     /// Brings the rig up for scenario `name` (its own directory, data dir and free ports).
     pub fn start(rig: &RigFile, name: &str) -> Bench {
+        // A scenario that failed (poisoning the lock) must not fail the others.
+        let one_at_a_time = ONE_SCENARIO_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let dir = ScratchDir::new(name);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -401,6 +411,7 @@ impl Bench {
             sim,
             runtime,
             dir,
+            _one_at_a_time: one_at_a_time,
         }
     }
 

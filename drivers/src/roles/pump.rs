@@ -18,7 +18,7 @@ use crate::codec::ne1000::{
     Request, Response, Status, VolumeUnits,
 };
 use crate::codec::{DecodeError, Decoded};
-use crate::error::DriverError;
+use crate::error::{DriverError, PortError};
 use crate::instrument::{DeviceCommand, DeviceState, Identity, Instrument, Outcome, Telemetry};
 use crate::port::{PortHandle, Transaction, Verdict, printable};
 
@@ -180,6 +180,30 @@ impl Ne1000Pump {
         }
     }
 
+    /// `RUN`, which must not be sent twice. When its reply is lost on the line, whether the pump started
+    /// is a safe question: running, or stopped with volume dispensed, means it did; stopped with nothing
+    /// dispensed means the command never arrived, and only then is `RUN` sent once more.
+    async fn start_pumping(&self) -> Result<(), DriverError> {
+        let lost = match self.request(Request::Run { phase: None }, false).await {
+            Ok(_) => return Ok(()),
+            Err(e @ DriverError::Port(PortError::Timeout { .. })) => e,
+            Err(e) => return Err(e),
+        };
+        let status = self.request(Request::Status, true).await?.status;
+        let started = match status {
+            Status::Infusing | Status::Withdrawing => true,
+            Status::Stopped => self.dispensed_ul().await? > 0.0,
+            _ => return Err(lost),
+        };
+        if started {
+            info!(instrument = %self.link.id, "reply to RUN lost; the pump is running");
+            return Ok(());
+        }
+        warn!(instrument = %self.link.id, "RUN lost before the pump heard it; sending it once more");
+        self.request(Request::Run { phase: None }, false).await?;
+        Ok(())
+    }
+
     async fn dispense(
         &self,
         volume_ul: f64,
@@ -206,7 +230,7 @@ impl Ne1000Pump {
         self.request(Request::SetVolume { volume }, true).await?;
         self.request(Request::ClearDispensed(Direction::Infuse), true)
             .await?;
-        self.request(Request::Run { phase: None }, false).await?;
+        self.start_pumping().await?;
 
         // Both the pumping time and the shortest poll follow the pump's clock; the wire does not.
         let scale = if self.options.time_scale.is_finite() && self.options.time_scale >= 1.0 {

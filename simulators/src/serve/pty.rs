@@ -78,6 +78,7 @@ impl PtyPort {
     pub fn open(&mut self) -> io::Result<()> {
         self.close();
         let (master, mut slave) = SerialStream::pair().map_err(io::Error::other)?;
+        close_on_exec(master.as_raw_fd())?;
         // Raw mode is set by `pair`; the baud rate is what a client that does not set one sees.
         slave
             .set_baud_rate(self.settings.baud)
@@ -246,6 +247,22 @@ fn dup_master(master: &SerialStream) -> io::Result<File> {
     // duplicated here, never closed.
     let fd = unsafe { BorrowedFd::borrow_raw(raw) };
     Ok(File::from(fd.try_clone_to_owned()?))
+}
+
+/// The master must not leak into programs this process starts (a HIL suite starts `labctl` beside its
+/// simulators): an inherited copy keeps the pty alive after an unplug, and the client never reads EOF.
+/// `pair` opens it without `O_CLOEXEC`; a program started in the instant between is not covered.
+fn close_on_exec(fd: std::os::fd::RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD on a descriptor this port owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Points `link` at `target`, replacing an older symlink (but never a regular file).

@@ -204,6 +204,9 @@ async fn a_lost_run_reply_is_never_repeated() {
             fake.reply(req, rep).await;
         }
         fake.expect(b"1RUN\r").await;
+        // Whether the pump started is asked (and asked again: a status query is safe); RUN never is.
+        fake.expect(b"1\r").await;
+        fake.expect(b"1\r").await;
         fake.expect_silence(Duration::from_secs(60)).await;
     });
     p.start().await.unwrap();
@@ -318,5 +321,51 @@ async fn a_pump_line_that_hangs_up_is_lost_until_restarted() {
     let err = p.poll().await.unwrap_err();
     assert!(err.is_connection_lost(), "{err}");
     p.start().await.unwrap();
+    dev.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_run_reply_is_settled_by_asking_whether_the_pump_runs() {
+    let (mut p, mut device) = pump(1);
+    let dev = tokio::spawn(async move {
+        let mut fake = started(&mut device).await;
+        let setup = [
+            (&b"1DIRINF\r"[..], &b"\x0201S\x03"[..]),
+            (b"1RAT600.0UM\r", b"\x0201S\x03"),
+            (b"1VOLUL\r", b"\x0201S\x03"),
+            (b"1VOL10.00\r", b"\x0201S\x03"),
+            (b"1CLDINF\r", b"\x0201S\x03"),
+        ];
+        // First dispense: the pump heard RUN and is infusing; its reply was lost.
+        for (req, rep) in setup {
+            fake.reply(req, rep).await;
+        }
+        fake.expect(b"1RUN\r").await;
+        fake.reply(b"1\r", b"\x0201I\x03").await;
+        fake.reply(b"1\r", b"\x0201S\x03").await;
+        fake.reply(b"1DIS\r", b"\x0201SI10.00W0.000UL\x03").await;
+        // Second dispense: RUN never arrived (stopped, nothing dispensed): sent once more.
+        for (req, rep) in setup {
+            fake.reply(req, rep).await;
+        }
+        fake.expect(b"1RUN\r").await;
+        fake.reply(b"1\r", b"\x0201S\x03").await;
+        fake.reply(b"1DIS\r", b"\x0201SI0.000W0.000UL\x03").await;
+        fake.reply(b"1RUN\r", b"\x0201I\x03").await;
+        fake.reply(b"1\r", b"\x0201S\x03").await;
+        fake.reply(b"1DIS\r", b"\x0201SI10.00W0.000UL\x03").await;
+        fake.expect_silence(Duration::from_secs(5)).await;
+    });
+    p.start().await.unwrap();
+    let cmd = DeviceCommand::Dispense {
+        volume_ul: 10.0,
+        rate_ul_per_min: 600.0,
+    };
+    for _ in 0..2 {
+        assert_eq!(
+            p.execute(&cmd).await.unwrap(),
+            Outcome::Dispensed { dispensed_ul: 10.0 }
+        );
+    }
     dev.await.unwrap();
 }
