@@ -794,7 +794,11 @@ async def main():
     out["submitted_state"] = state
     run_state = alice.get_node(ua.NodeId(f"Lab/Runs/{run_id}/State", ns))
     async def finished():
-        return await run_state.read_value() in ("completed", "failed", "aborted")
+        # The run's node appears once the journal holds the run, a moment after the method returns.
+        try:
+            return await run_state.read_value() in ("completed", "failed", "aborted")
+        except ua.uaerrors.BadNodeIdUnknown:
+            return False
     await until(finished, "the run to finish")
     out["run_state"] = await run_state.read_value()
     out["job_id"] = await alice.get_node(ua.NodeId(f"Lab/Runs/{run_id}/SupervisoryJobId", ns)).read_value()
