@@ -95,10 +95,18 @@ pub async fn start(
     let interrupted = journal::mark_interrupted(&conn)?;
     let proposals = journal::read::proposals(&conn)?;
     let journal = journal::start(conn);
-    // Whatever state the last process left the instruments in, they start safe (the instrument tasks also
-    // make each one safe when it connects).
-    // Reconcile: each instrument is made safe and the outcome journaled before anything new runs on it
-    // (the instrument task serialises this safe state ahead of any later command).
+    journal.append(Record::Event {
+        run_id: None,
+        kind: "controller_started".into(),
+        step: None,
+        actor: None,
+        detail: json!({ "version": env!("CARGO_PKG_VERSION"), "lab_id": config.lab.lab_id, "lab_sha256": config.lab_sha256, "interrupted_runs": interrupted }),
+        at_ms: now_ms(),
+    });
+    // Reconcile, after `controller_started` so the journal reads in order: whatever state the last process
+    // left the instruments in, each is made safe and the outcome journaled before anything new runs on it
+    // (the instrument task serialises this safe state ahead of any later command; one still connecting
+    // answers once its connect has made it safe).
     for h in instruments.values() {
         let (h, journal) = (h.clone(), journal.clone());
         tokio::spawn(async move {
@@ -113,14 +121,6 @@ pub async fn start(
             });
         });
     }
-    journal.append(Record::Event {
-        run_id: None,
-        kind: "controller_started".into(),
-        step: None,
-        actor: None,
-        detail: json!({ "version": env!("CARGO_PKG_VERSION"), "lab_id": config.lab.lab_id, "lab_sha256": config.lab_sha256, "interrupted_runs": interrupted }),
-        at_ms: now_ms(),
-    });
     let (trips_tx, trips_rx) = mpsc::unbounded_channel();
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(LabSnapshot::default()));
     let (mirror_tx, mirror_rx) = mpsc::unbounded_channel();
@@ -917,9 +917,18 @@ impl Core {
             }
             self.set_state(&id, RunState::Aborted, Some("controller shut down".into()));
         }
-        for h in self.instruments.values() {
-            if !h.safe_state(Duration::from_secs(3)).await {
-                tracing::error!(instrument = %h.id, "could not confirm the safe state at shutdown");
+        // All at once: an instrument that does not answer must not delay the others.
+        let confirmations: Vec<_> = self
+            .instruments
+            .values()
+            .map(|h| {
+                let h = h.clone();
+                tokio::spawn(async move { (h.safe_state(Duration::from_secs(3)).await, h.id) })
+            })
+            .collect();
+        for confirmation in confirmations {
+            if let Ok((false, id)) = confirmation.await {
+                tracing::error!(instrument = %id, "could not confirm the safe state at shutdown");
             }
         }
         self.event(None, "controller_stopped", None, json!({}));

@@ -38,12 +38,23 @@ async fn rig(dir: &Path) -> Rig {
 }
 
 async fn rig_with(dir: &Path, lab: Lab) -> Rig {
+    rig_prepared(dir, lab, |_| {}).await
+}
+
+/// A rig whose fakes are set up by `prepare` before the controller starts (and, on a current-thread runtime,
+/// before any instrument task first runs).
+async fn rig_prepared(
+    dir: &Path,
+    lab: Lab,
+    prepare: impl FnOnce(&BTreeMap<String, FakeInstrument>),
+) -> Rig {
     let estop = EStop::default();
     let timing = TaskTiming {
         poll: Duration::from_millis(5),
         reconnect: Duration::from_millis(20),
     };
     let (handles, fakes) = labctl::instruments::fake::spawn_lab(&lab, &estop, timing);
+    prepare(&fakes);
     let config = ControllerConfig {
         lab,
         lab_sha256: "test".into(),
@@ -820,4 +831,66 @@ async fn the_dry_run_estimate_is_recorded_and_its_conflicts_need_a_technician() 
         "dye mix estimate {estimate}"
     );
     rig.controller.shutdown().await;
+}
+
+/// `instrument_safe` events journaled since the last `controller_started`: (instrument, confirmed).
+fn reconcile_events(dir: &Path) -> Vec<(String, bool)> {
+    let conn = journal::open_db(dir).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT detail FROM events WHERE kind = 'instrument_safe'
+             AND seq > (SELECT MAX(seq) FROM events WHERE kind = 'controller_started') ORDER BY seq",
+        )
+        .unwrap();
+    stmt.query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|d| {
+            let v: Value = serde_json::from_str(&d.unwrap()).unwrap();
+            (
+                v["instrument"].as_str().unwrap().to_owned(),
+                v["confirmed"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_instrument_still_connecting_at_start_is_confirmed_safe_once_it_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig_prepared(dir.path(), Lab::sim(), |fakes| {
+        fakes["hotplate"].log.lock().unwrap().unplugged = true;
+    })
+    .await;
+    // The reconcile request reaches the hotplate while its connect keeps failing; it must wait for the
+    // connect (which makes the instrument safe) rather than answer "not confirmed" at once.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !reconcile_events(dir.path())
+            .iter()
+            .any(|(id, _)| id == "hotplate"),
+        "the hotplate cannot be confirmed either way while it is unplugged"
+    );
+    rig.fake("hotplate").unplugged = false;
+    for _ in 0..400 {
+        let events = reconcile_events(dir.path());
+        if let Some((_, confirmed)) = events.iter().find(|(id, _)| id == "hotplate") {
+            assert!(
+                confirmed,
+                "the hotplate connected and was made safe: {events:?}"
+            );
+            assert_eq!(
+                events.len(),
+                7,
+                "every instrument reconciled once: {events:?}"
+            );
+            assert!(events.iter().all(|(_, ok)| *ok), "{events:?}");
+            assert!(rig.fake("hotplate").safe_states >= 1);
+            return rig.controller.shutdown().await.map(|_| ()).unwrap_or(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!(
+        "the hotplate was never reconciled: {:?}",
+        reconcile_events(dir.path())
+    );
 }

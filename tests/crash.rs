@@ -18,15 +18,25 @@ fn repo(rel: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// Starts `labctl run --sim` and forwards its stdout lines.
+/// Where `start` writes the warnings and errors of the process on `data`, shown when an assertion fails.
+fn log_path(data: &Path) -> std::path::PathBuf {
+    data.with_extension("log")
+}
+
+/// Starts `labctl run --sim` and forwards its stdout lines; its stderr goes to `log_path(data)`.
 fn start(data: &Path, extra: &[&str]) -> (Child, mpsc::Receiver<String>) {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path(data))
+        .expect("open the log file");
     let mut child = Command::new(env!("CARGO_BIN_EXE_labctl"))
         .args(["run", "--sim", "--warp", "20", "--data-dir"])
         .arg(data)
         .args(extra)
         .env("LABCTL_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("start labctl");
     let stdout = child.stdout.take().unwrap();
@@ -139,7 +149,8 @@ fn sigkill_mid_run_loses_no_reported_result_and_the_run_comes_back_interrupted()
     assert_eq!(
         confirmed.len(),
         7,
-        "instruments confirmed safe after restart: {confirmed:?}"
+        "instruments confirmed safe after restart: {confirmed:?}; labctl's log:\n{}",
+        std::fs::read_to_string(log_path(&data)).unwrap_or_default()
     );
     let detail = journal::read::run_detail(&conn, &run_id).unwrap().unwrap();
     assert_eq!(detail.summary.state, "interrupted");

@@ -178,14 +178,21 @@ async fn run<D: Instrument>(
     let mut last_error = String::new();
     let mut poll = tokio::time::interval(timing.poll);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Callers waiting for a safe state asked for while offline: the connect makes the instrument safe, and
+    // they hear how that went (or give up on their own timeout).
+    let mut waiting_for_connect: Vec<oneshot::Sender<bool>> = Vec::new();
     loop {
         if !online {
             match driver.start().await {
                 Ok(identity) => {
                     tracing::info!(instrument = %id, model = %identity.model, firmware = %identity.firmware, "connected");
                     // Whatever state it was left in, a (re)connected instrument starts safe.
-                    if let Err(e) = driver.safe_state().await {
+                    let safe = driver.safe_state().await;
+                    if let Err(e) = &safe {
                         tracing::warn!(instrument = %id, error = %e, "safe state after connect failed");
+                    }
+                    for done in waiting_for_connect.drain(..) {
+                        let _ = done.send(safe.is_ok());
                     }
                     online = true;
                     backoff = timing.reconnect;
@@ -214,7 +221,10 @@ async fn run<D: Instrument>(
                                 Some(req) => { let _ = req.reply.send(Err(CommandError::Offline(id.clone()))); }
                                 None => return,
                             },
-                            s = safe_rx.recv() => if let Some(Some(done)) = s { let _ = done.send(false); },
+                            s = safe_rx.recv() => if let Some(Some(done)) = s {
+                                waiting_for_connect.retain(|d| !d.is_closed());
+                                waiting_for_connect.push(done);
+                            },
                         }
                     }
                     continue;
