@@ -446,6 +446,17 @@ impl Core {
                 error: None,
             };
         }
+        // While the emergency stop is latched nothing new is accepted, from any interface: a run queued
+        // now would start the moment the latch is acknowledged, which nobody at the bench asked for.
+        if self.estop.is_latched() {
+            self.event(
+                None,
+                "proposal_rejected",
+                Some(&principal),
+                json!({ "proposal_id": pid, "reason": "estop_latched" }),
+            );
+            return SubmitReply::refused(proposal_id, ApiError::EStopLatched.to_string());
+        }
         self.next_id += 1;
         let run_id = format!("run-{}-{}", now_ms(), self.next_id);
         let auto = report.approval_required_because.is_empty();
@@ -568,6 +579,9 @@ impl Core {
                 run.state
             )));
         }
+        if reject.is_none() && self.estop.is_latched() {
+            return Err(ApiError::EStopLatched);
+        }
         let (state, detail) = match &reject {
             None => (RunState::Queued, json!({ "decision": "approved" })),
             Some(reason) => (
@@ -606,6 +620,9 @@ impl Core {
             (Control::Pause, RunState::Running) => {
                 run.control.send_replace(Control::Pause);
                 Ok(RunState::Running)
+            }
+            (Control::Resume, RunState::Paused) if self.estop.is_latched() => {
+                Err(ApiError::EStopLatched)
             }
             (Control::Resume, RunState::Paused) => {
                 run.control.send_replace(Control::Resume);

@@ -451,22 +451,35 @@ async fn emergency_stop_aborts_everything_and_latches_until_acknowledged() {
         err.to_string().contains("emergency stop is latched"),
         "{err}"
     );
-    let queued = rig
-        .api()
-        .submit(bytes(&long_hotplate_protocol("after-es", 1.0)), planner())
-        .await
-        .run_id
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        rig.api().run(&queued).await.unwrap().state,
-        RunState::Queued
-    );
+    // Nothing new is accepted while latched, from anyone: no run exists to start once acknowledged.
+    let runs_before = rig.api().runs().await.len();
+    for who in [planner(), technician()] {
+        let refused = rig
+            .api()
+            .submit(bytes(&long_hotplate_protocol("during-es", 1.0)), who)
+            .await;
+        assert!(!refused.accepted && refused.run_id.is_none(), "{refused:?}");
+        assert!(
+            refused
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("emergency stop is latched")),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(rig.api().runs().await.len(), runs_before);
     rig.api()
         .acknowledge_emergency_stop(technician())
         .await
         .unwrap();
-    wait_for(rig.api(), &queued, RunState::Completed).await;
+    // The refusal did not burn the proposal id: submitted again after the acknowledgement, it runs.
+    let after = rig
+        .api()
+        .submit(bytes(&long_hotplate_protocol("during-es", 1.0)), planner())
+        .await
+        .run_id
+        .unwrap();
+    wait_for(rig.api(), &after, RunState::Completed).await;
     rig.controller.shutdown().await;
 }
 

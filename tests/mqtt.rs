@@ -1167,9 +1167,16 @@ async fn technicians_approve_and_stop_over_mqtt_and_nobody_else_may() {
         rig.addr,
         "planner-bo",
         "planner-dev",
-        &["labctl/sim/protocols/replies/#", "labctl/sim/rejections"],
+        &[
+            "labctl/sim/protocols/replies/#",
+            "labctl/sim/rejections",
+            "labctl/sim/estop/state",
+        ],
     )
     .await;
+    const ESTOP_STATE: &str = "labctl/sim/estop/state";
+    let e = json_of(&next_on(&mut prx, ESTOP_STATE).await);
+    assert_eq!(e["latched"], false, "retained at start: {e}");
     let (alice, _arx) = client(rig.addr, "alice", "technician-dev", &[]).await;
     let (rig1, _rrx) = client(rig.addr, "rig-1", "rig-dev", &[]).await;
     // Longer than the sim lab's auto-approval limit (3600 s): it waits for a technician.
@@ -1261,6 +1268,32 @@ async fn technicians_approve_and_stop_over_mqtt_and_nobody_else_may() {
         .await
         .unwrap();
     until(|s| matches!(s, Some(RunState::Aborted))).await;
+    // Everyone sees the latch and who set it, whichever interface they use.
+    let e = json_of(&next_on(&mut prx, ESTOP_STATE).await);
+    assert_eq!(e["latched"], true, "{e}");
+    assert!(
+        e["by"].as_str().is_some_and(|b| b.starts_with("alice ")),
+        "{e}"
+    );
+    // While latched, a proposal is refused, not queued to start on the acknowledgement.
+    planner
+        .publish(
+            SUBMIT,
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&weigh_protocol("during-estop", 1)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let r = json_of(&next_on(&mut prx, "labctl/sim/protocols/replies/during-estop").await);
+    assert_eq!(r["accepted"], false, "{r}");
+    assert!(r["run_id"].is_null(), "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("emergency stop is latched")),
+        "{r}"
+    );
     alice
         .publish(
             "labctl/sim/estop",
@@ -1270,8 +1303,13 @@ async fn technicians_approve_and_stop_over_mqtt_and_nobody_else_may() {
         )
         .await
         .unwrap();
+    let e = json_of(&next_on(&mut prx, ESTOP_STATE).await);
+    assert_eq!(e["latched"], false, "{e}");
+    assert!(
+        e["by"].as_str().is_some_and(|b| b.starts_with("alice ")),
+        "{e}"
+    );
     // Acknowledged: a new proposal runs again.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     planner
         .publish(
             SUBMIT,

@@ -226,7 +226,7 @@ impl Ui {
                 if model.estop == EStop::Clear {
                     self.notice(
                         Level::Info,
-                        "no emergency stop latched by this console; K acknowledges one anyway",
+                        "the controller reports no emergency stop latched; K acknowledges anyway",
                     );
                 }
                 self.dialog = Some(Dialog::ConfirmAcknowledge);

@@ -67,6 +67,7 @@ pub fn filters(topics: &Topics, reply_topic: &str) -> Vec<String> {
         format!("{p}runs/+/events"),
         format!("{p}runs/+/results"),
         topics.rejections(),
+        topics.estop_state(),
         reply_topic.to_owned(),
     ]
 }

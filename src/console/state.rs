@@ -142,8 +142,8 @@ pub struct LogLine {
     pub text: String,
 }
 
-/// The emergency stop as this console knows it: from its own commands' answers (the controller does not
-/// publish the latch on MQTT).
+/// The emergency stop as this console knows it: the controller's retained `estop/state` (whoever set the
+/// latch), and in between its own commands' answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EStop {
     #[default]
@@ -254,6 +254,7 @@ impl Model {
             ["runs", id, "status"] => self.on_run_status(id, &parsed, now_ms),
             ["runs", id, "events"] => self.on_run_event(id, &parsed),
             ["runs", id, "results"] => self.on_result(id, &parsed),
+            ["estop", "state"] => self.on_estop_state(&parsed, now_ms),
             ["rejections"] => {
                 let text = format!(
                     "refused ({}): {}",
@@ -294,6 +295,33 @@ impl Model {
             }
         }
         self.controller = next;
+        Ok(())
+    }
+
+    /// The latch as the controller holds it, whoever set it (this console, OPC UA, the command port).
+    fn on_estop_state(&mut self, v: &Value, now_ms: i64) -> Result<(), String> {
+        let latched = v["latched"]
+            .as_bool()
+            .ok_or("no \"latched\": true or false")?;
+        let by = v["by"]
+            .as_str()
+            .map(|b| format!(" by {b}"))
+            .unwrap_or_default();
+        match (latched, self.estop) {
+            (true, EStop::Latched) | (false, EStop::Clear) => {}
+            (true, _) => {
+                self.say(now_ms, Level::Error, format!("EMERGENCY STOP latched{by}"));
+                self.estop = EStop::Latched;
+            }
+            (false, _) => {
+                self.say(
+                    now_ms,
+                    Level::Info,
+                    format!("emergency stop acknowledged{by}"),
+                );
+                self.estop = EStop::Clear;
+            }
+        }
         Ok(())
     }
 
@@ -559,6 +587,35 @@ mod tests {
             &serde_json::to_vec(&v).unwrap(),
             1_000,
         );
+    }
+
+    #[test]
+    fn the_latch_follows_the_controller_whoever_set_it() {
+        let mut m = model();
+        feed(&mut m, "estop/state", json!({"latched": false, "by": null}));
+        assert_eq!(m.estop, EStop::Clear);
+        assert!(m.log.is_empty(), "no change, nothing to say");
+        feed(&mut m, "estop/state", json!({"latched": true, "by": "bob"}));
+        assert_eq!(m.estop, EStop::Latched);
+        assert!(
+            m.log
+                .iter()
+                .any(|l| l.text == "EMERGENCY STOP latched by bob")
+        );
+        feed(
+            &mut m,
+            "estop/state",
+            json!({"latched": false, "by": "alice"}),
+        );
+        assert_eq!(m.estop, EStop::Clear);
+        assert!(
+            m.log
+                .iter()
+                .any(|l| l.text == "emergency stop acknowledged by alice")
+        );
+        feed(&mut m, "estop/state", json!({"latched": "yes"}));
+        assert_eq!(m.estop, EStop::Clear, "an unreadable state changes nothing");
+        assert!(m.log.back().unwrap().text.contains("latched"));
     }
 
     #[test]

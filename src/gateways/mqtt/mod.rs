@@ -126,6 +126,9 @@ struct Shared {
     data_dir: PathBuf,
     /// Planner ids each MQTT user has submitted runs for (the planner lease of supervised runs).
     planners: std::sync::Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
+    /// The last `estop/state` published, published again on every ConnAck (an external broker may have
+    /// lost its retained messages).
+    estop_state: std::sync::Mutex<Vec<u8>>,
 }
 
 /// A running MQTT gateway (and the embedded broker, when it started one).
@@ -201,6 +204,11 @@ impl MqttGateway {
             stopping: AtomicBool::new(false),
             data_dir: config.data_dir.clone(),
             planners: std::sync::Mutex::new(HashMap::new()),
+            estop_state: std::sync::Mutex::new(to_vec(&payload::estop_state(
+                api.estop.is_latched(),
+                None,
+                None,
+            ))),
         });
         // Subscribe to the journal before anything can happen, so no committed record is missed.
         let records = api.events();
@@ -344,6 +352,12 @@ async fn announce(s: &Shared) {
         }
     }
     publish(s, s.topics.capabilities(), true, s.capabilities.clone()).await;
+    let estop = s
+        .estop_state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    publish(s, s.topics.estop_state(), true, estop).await;
     publish(
         s,
         s.topics.status(),
@@ -441,6 +455,7 @@ async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<S
                                 .await;
                         }
                     }
+                    Some(Outbound::EStop { payload }) => publish_estop(&s, &payload).await,
                     None => {}
                 }
             }
@@ -450,10 +465,27 @@ async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<S
                     "mqtt: journal records skipped; catching up from the journal"
                 );
                 catch_up(&s, &mut last_seq, &context).await;
+                // A skipped latch change: publish the latch as it is now (who changed it is in the journal).
+                let latched = s.api.estop.is_latched();
+                let published = serde_json::from_slice::<serde_json::Value>(
+                    &s.estop_state.lock().unwrap_or_else(|p| p.into_inner()),
+                )
+                .ok()
+                .and_then(|v| v["latched"].as_bool());
+                if published != Some(latched) {
+                    publish_estop(&s, &payload::estop_state(latched, None, None)).await;
+                }
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }
     }
+}
+
+/// Publishes the retained `estop/state` and remembers it for the next ConnAck.
+async fn publish_estop(s: &Shared, payload: &serde_json::Value) {
+    let bytes = to_vec(payload);
+    *s.estop_state.lock().unwrap_or_else(|p| p.into_inner()) = bytes.clone();
+    publish(s, s.topics.estop_state(), true, bytes).await;
 }
 
 /// After a lag: every live run's status again, and the results past each run's last published `seq`.

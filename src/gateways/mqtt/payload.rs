@@ -294,6 +294,16 @@ pub enum Outbound {
         seq: u64,
         payload: Value,
     },
+    /// The emergency stop latch changed: the retained `estop/state`.
+    EStop {
+        payload: Value,
+    },
+}
+
+/// The retained `estop/state` message: whether the latch is set, who last changed it and when (both null
+/// when labctl started with the latch as it was, e.g. after a restart).
+pub fn estop_state(latched: bool, by: Option<&str>, at_ms: Option<i64>) -> Value {
+    json!({ "latched": latched, "by": by, "at_ms": at_ms })
 }
 
 /// Maps a committed record to its MQTT message; `proposal_id` is the run's, when known.
@@ -344,6 +354,15 @@ pub fn from_record(record: &Record, proposal_id: Option<&str>) -> Option<Outboun
                 "detail": detail,
                 "at_ms": at_ms,
             }),
+        }),
+        Record::Event {
+            run_id: None,
+            kind,
+            actor,
+            at_ms,
+            ..
+        } if kind == "estop_triggered" || kind == "estop_acknowledged" => Some(Outbound::EStop {
+            payload: estop_state(kind == "estop_triggered", actor.as_deref(), Some(*at_ms)),
         }),
         Record::Event { run_id: None, .. } => None,
         Record::Result {
@@ -596,6 +615,37 @@ mod tests {
         );
         assert!(check_size(&big[..MAX_PAYLOAD], T).is_ok());
         assert_eq!(proposal_id_of(&big), None);
+    }
+
+    #[test]
+    fn latch_changes_become_the_retained_estop_state_and_other_lab_events_do_not() {
+        let event = |kind: &str, actor: Option<&str>| Record::Event {
+            run_id: None,
+            kind: kind.into(),
+            step: None,
+            actor: actor.map(str::to_owned),
+            detail: json!({}),
+            at_ms: 1_700_000_000_123,
+        };
+        let Some(Outbound::EStop { payload }) =
+            from_record(&event("estop_triggered", Some("alice")), None)
+        else {
+            panic!("a trigger must map to the estop state");
+        };
+        assert_eq!(
+            payload,
+            json!({ "latched": true, "by": "alice", "at_ms": 1_700_000_000_123_i64 })
+        );
+        let Some(Outbound::EStop { payload }) =
+            from_record(&event("estop_acknowledged", Some("bob")), None)
+        else {
+            panic!("an acknowledgement must map to the estop state");
+        };
+        assert_eq!(payload["latched"], false);
+        assert_eq!(payload["by"], "bob");
+        for kind in ["controller_started", "instrument_safe", "interlock"] {
+            assert!(from_record(&event(kind, None), None).is_none(), "{kind}");
+        }
     }
 
     #[test]

@@ -84,6 +84,10 @@ impl Topics {
     pub fn estop(&self) -> String {
         self.t("estop")
     }
+    /// Retained: the latch as labctl holds it, whoever set or cleared it (console, OPC UA, command port).
+    pub fn estop_state(&self) -> String {
+        self.t("estop/state")
+    }
 
     /// The filters the gateway subscribes to (again on every ConnAck).
     pub fn inbound_filters(&self) -> [String; 4] {
