@@ -24,6 +24,15 @@ pub struct DriverOptions {
     pub pump: PumpOptions,
 }
 
+impl DriverOptions {
+    /// Seconds of the instruments' own time per real second: a simulated lab's warp factor, 1 for hardware.
+    /// The pump options were the first to need it and carry it (so the lab runtime and rigs that set
+    /// them keep working); the gantry's and hotplate's rate checks follow the same clock.
+    pub fn time_scale(&self) -> f64 {
+        self.pump.time_scale
+    }
+}
+
 /// Port settings for a protocol: how to cut frames that arrive between transactions.
 pub fn port_config(driver: Driver) -> PortConfig {
     let framer = match driver {
@@ -130,7 +139,9 @@ pub fn driver_for(
         });
     }
     Ok(match instrument.driver {
-        Driver::Grbl => AnyInstrument::Gantry(GrblGantry::new(id, port, options.gantry.clone())),
+        Driver::Grbl => AnyInstrument::Gantry(
+            GrblGantry::new(id, port, options.gantry.clone()).time_scale(options.time_scale()),
+        ),
         // NE-1000 pumps leave the factory at address 0.
         Driver::Ne1000 => AnyInstrument::Pump(Ne1000Pump::with_options(
             id,
@@ -139,9 +150,9 @@ pub fn driver_for(
             options.pump.clone(),
         )),
         Driver::MtSics => AnyInstrument::Balance(MtSicsBalance::new(id, port)),
-        Driver::IkaNamur => {
-            AnyInstrument::Hotplate(IkaHotplate::new(id, port, options.hotplate.clone()))
-        }
+        Driver::IkaNamur => AnyInstrument::Hotplate(
+            IkaHotplate::new(id, port, options.hotplate.clone()).time_scale(options.time_scale()),
+        ),
         Driver::ScpiSpectro => AnyInstrument::Spectro(ScpiSpectro::new(id, port)),
     })
 }

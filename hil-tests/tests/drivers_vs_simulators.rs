@@ -457,6 +457,37 @@ async fn gantry_soft_limit_alarm_is_typed_and_homing_recovers() {
     rig.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gantry_reconnected_in_a_critical_alarm_resets_and_homes() {
+    let mut rig = Rig::start(RigConfig::default()).await;
+    let mut g = gantry_at(&mut rig, A1.0, A1.1).await;
+    match step(
+        "beyond the limits",
+        g.execute(&move_to(400.0, 20.0, WORK_Z)),
+    )
+    .await
+    {
+        Err(DriverError::Alarm { code, .. }) => assert_eq!(code, "ALARM:2"),
+        other => panic!("expected the soft limit alarm: {other:?}"),
+    }
+    // The controller restarts: a new driver on a reopened line, which never saw ALARM:2 and finds GRBL
+    // answering nothing but real-time bytes until a reset.
+    step("stop", g.stop()).await;
+    let mut g = rig.driver("gantry");
+    start(&mut g, "start after the reconnect").await;
+    let t = poll(&mut g, "poll after the reconnect").await;
+    assert!(
+        matches!(t.state, DeviceState::Locked(_) | DeviceState::Alarm(_)),
+        "homing is required after the alarm: {t:?}"
+    );
+    exec(&mut g, "home after the reconnect", DeviceCommand::Home).await;
+    exec(&mut g, "move after homing", move_to(A2.0, A2.1, WORK_Z)).await;
+    let t = poll(&mut g, "poll").await;
+    assert_eq!(t.state, DeviceState::Idle);
+    assert_eq!((value(&t, "x_mm"), value(&t, "y_mm")), A2);
+    rig.shutdown().await;
+}
+
 mod gantry_faults {
     use super::*;
 
@@ -498,8 +529,12 @@ mod gantry_faults {
             ("y_mm", A2.1, format!("{:.3}", A2.1)),
             ("z_mm", WORK_Z, format!("{WORK_Z:.3}")),
         ];
+        // GRBL has no checksum, but the driver holds reports to physics: the decimals it prints, the axis
+        // travel, the max rates, and an idle machine that does not move. A digit lost or changed is
+        // refused and asked again (before those checks, 7 of 40 polls with dropped bytes accepted a wrong
+        // position).
         rig.set_faults("gantry", faults(|f| f.drop_probability = 0.03));
-        let (failed, _) = probe_under_damage(
+        let (failed, wrong) = probe_under_damage(
             &rig,
             &mut g,
             "gantry",
@@ -510,8 +545,12 @@ mod gantry_faults {
         )
         .await;
         assert!(failed > 0, "the damage was never felt (no error, no retry)");
+        assert_eq!(
+            wrong, 0,
+            "a wrong position was accepted from a dropped byte"
+        );
         rig.set_faults("gantry", faults(|f| f.garble_probability = 0.03));
-        let (failed, _) = probe_under_damage(
+        let (failed, wrong) = probe_under_damage(
             &rig,
             &mut g,
             "gantry",
@@ -522,6 +561,10 @@ mod gantry_faults {
         )
         .await;
         assert!(failed > 0, "the damage was never felt (no error, no retry)");
+        assert_eq!(
+            wrong, 0,
+            "a wrong position was accepted from a garbled byte"
+        );
         rig.faults("gantry").clear().unwrap();
         let t = recovers(&mut g, "clean poll").await;
         assert_eq!(value(&t, "x_mm"), A2.0);
@@ -1213,10 +1256,16 @@ mod hotplate_faults {
             .iter()
             .map(|&(name, v)| (name, v, format!("{v:.1}")))
             .collect();
-        let (failed, _) =
+        // NAMUR has no checksum: the driver holds each channel to its printed decimals and refuses a
+        // temperature that moved faster than a hotplate can (a lost digit: 3 of 25 polls accepted a wrong
+        // reading before those checks).
+        let (failed, wrong) =
             probe_under_damage(&rig, &mut h, "hotplate", "hotplate dropped", 25, &cold, 0.0).await;
         assert!(failed > 0, "the damage was never felt (no error, no retry)");
+        assert_eq!(wrong, 0, "a wrong reading was accepted from a dropped byte");
         rig.set_faults("hotplate", faults(|f| f.garble_probability = 0.03));
+        // A garbled last digit within 0.2 K is within what physics allows between two readings: counted
+        // and printed, not refused.
         let (failed, _) =
             probe_under_damage(&rig, &mut h, "hotplate", "hotplate garbled", 25, &cold, 0.0).await;
         assert!(failed > 0, "the damage was never felt (no error, no retry)");

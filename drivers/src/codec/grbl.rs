@@ -1723,6 +1723,46 @@ fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// The decimals a status report prints its position with (`MPos:` or `WPos:`): GRBL prints every axis with
+/// the same fixed number (3 in millimetres, 4 in inches: `N_DECIMAL_COORDVALUE_MM/INCH`), so a coordinate
+/// with another count, or without a digit before or after its point, lost or gained bytes on the line.
+/// `None` when the frame has no position field.
+pub fn position_decimals(frame: &[u8]) -> Option<Result<usize, String>> {
+    let text = std::str::from_utf8(frame).ok()?;
+    let start = text.find("Pos:")? + "Pos:".len();
+    let rest = &text[start..];
+    let field = &rest[..rest.find(['|', '>']).unwrap_or(rest.len())];
+    let mut decimals = None;
+    for (i, value) in field.split(',').enumerate() {
+        let axis = ["X", "Y", "Z"].get(i).copied().unwrap_or("extra");
+        let digits = value.strip_prefix('-').unwrap_or(value);
+        let Some((whole, fraction)) = digits.split_once('.') else {
+            return Some(Err(format!("{axis} {value:?} has no decimal point")));
+        };
+        if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) {
+            return Some(Err(format!(
+                "{axis} {value:?} has no digits before the point"
+            )));
+        }
+        if fraction.is_empty() || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+            return Some(Err(format!(
+                "{axis} {value:?} has no digits after the point"
+            )));
+        }
+        match decimals {
+            None => decimals = Some(fraction.len()),
+            Some(d) if d != fraction.len() => {
+                return Some(Err(format!(
+                    "{axis} {value:?} has {} decimals where X has {d}",
+                    fraction.len()
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    decimals.map(Ok)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2587,6 +2627,49 @@ mod tests {
             let expected_picked: Vec<Realtime> = bytes.iter().filter_map(|&b| Realtime::from_byte(b)).collect();
             prop_assert_eq!(buf, expected_rest);
             prop_assert_eq!(picked, expected_picked);
+        }
+    }
+
+    #[test]
+    fn position_decimals_are_read_from_the_status_report() {
+        // From the Interface document's examples.
+        assert_eq!(
+            position_decimals(b"<Idle|MPos:0.000,0.000,0.000|FS:0.0,0>\r\n"),
+            Some(Ok(3))
+        );
+        assert_eq!(
+            position_decimals(b"<Hold:0|WPos:-2.500,0.000,11.000|Bf:15,128|FS:500,8000>\r\n"),
+            Some(Ok(3))
+        );
+        // Inches print four decimals.
+        assert_eq!(
+            position_decimals(b"<Idle|MPos:1.5000,0.0000,-0.2500|FS:0,0>"),
+            Some(Ok(4))
+        );
+        assert_eq!(position_decimals(b"ok\r\n"), None);
+        // A dropped digit after the point, a dropped point, a dropped digit before it.
+        for (damaged, says) in [
+            (
+                &b"<Idle|MPos:40.000,20.00,10.000|FS:0,0>"[..],
+                "Y \"20.00\" has 2 decimals where X has 3",
+            ),
+            (
+                b"<Idle|MPos:40.000,20000,10.000|FS:0,0>",
+                "Y \"20000\" has no decimal point",
+            ),
+            (
+                b"<Idle|MPos:40.000,20.000,.000|FS:0,0>",
+                "Z \".000\" has no digits before",
+            ),
+            (
+                b"<Idle|MPos:40.000,20.000,10.|FS:0,0>",
+                "Z \"10.\" has no digits after",
+            ),
+        ] {
+            match position_decimals(damaged) {
+                Some(Err(reason)) => assert!(reason.contains(says), "{reason}"),
+                other => panic!("{:?}: {other:?}", String::from_utf8_lossy(damaged)),
+            }
         }
     }
 }

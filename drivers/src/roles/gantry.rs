@@ -12,13 +12,13 @@ use tokio::sync::broadcast;
 use tokio::time::{Instant, sleep};
 use tracing::{debug, warn};
 
-use super::{Link, retries};
+use super::{Continuity, LearnedShape, Link, retries, sane_time_scale};
 use crate::codec::Decoded;
 use crate::codec::grbl::{
     self, AlarmCode, Command, DistanceMode, ErrorCode, MachineState, Motion, Position, Realtime,
     Response, StatusReport, Xyz,
 };
-use crate::error::DriverError;
+use crate::error::{DriverError, PortError};
 use crate::instrument::{DeviceCommand, DeviceState, Identity, Instrument, Outcome, Telemetry};
 use crate::port::{Frame, PortHandle, Transaction, Verdict, frame_line, printable};
 
@@ -28,6 +28,19 @@ const LINE_PROCESSING: Duration = Duration::from_millis(100);
 const MAX_REPLY: usize = 128;
 /// `$I` answers with up to three lines.
 const BUILD_INFO_FRAMES: usize = 4;
+/// `$$` prints about 34 settings on GRBL 1.1 (3 axes), then `ok`.
+const SETTINGS_FRAMES: usize = 64;
+/// An idle machine does not move: GRBL reports its step counter, which only motion changes, so two idle
+/// reports with no command in between print the same position (half a printed count of slack, for the
+/// parse: a single digit changed on the line is refused).
+const STATIONARY_SLACK_MM: f64 = 0.0005;
+/// Physical motion limits for the position checks: `$110-$112` max rates (mm/min) and `$130-$132` max
+/// travel (mm) per axis.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GantryLimits {
+    pub max_rate_mm_per_min: [f64; 3],
+    pub max_travel_mm: [f64; 3],
+}
 
 /// Tunables of the gantry driver; the defaults suit the simulated lab's gantry.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +54,9 @@ pub struct GantryOptions {
     pub tolerance_mm: f64,
     /// Slack on top of 1.5x the travel time at the programmed feed before a move counts as stuck.
     pub move_margin: Duration,
+    /// The machine's max rates and travel, when the lab knows them better than the controller's `$$`
+    /// (read at every connect otherwise).
+    pub limits: Option<GantryLimits>,
 }
 
 impl Default for GantryOptions {
@@ -50,6 +66,7 @@ impl Default for GantryOptions {
             poll_interval: Duration::from_millis(100),
             tolerance_mm: 0.02,
             move_margin: Duration::from_secs(5),
+            limits: None,
         }
     }
 }
@@ -62,6 +79,18 @@ pub struct GrblGantry {
     /// Frames no transaction claimed, to catch `ALARM:N` pushed between polls.
     unsolicited: Option<broadcast::Receiver<Frame>>,
     last_alarm: Option<AlarmCode>,
+    /// Seconds of the machine's time per real second (a warped simulator's factor, else 1).
+    time_scale: f64,
+    /// Max rates and travel in force: the options', else the last `$$` that read consistently.
+    limits: Option<GantryLimits>,
+    /// The decimals GRBL prints positions with.
+    decimals: LearnedShape,
+    /// The position must move continuously, no faster than the max rates.
+    continuity: Continuity<3>,
+    /// The last accepted report was `Idle`.
+    last_idle: bool,
+    /// A line that can move the machine was sent since the last accepted report.
+    commanded: bool,
 }
 
 fn encode(cmd: &Command) -> Vec<u8> {
@@ -115,15 +144,83 @@ fn xyz(report: &StatusReport) -> Xyz {
     }
 }
 
+fn axes(p: Xyz) -> [f64; 3] {
+    [p.x_mm, p.y_mm, p.z_mm]
+}
+
+/// `$$`: `$N=value` lines, then `ok`.
+fn settings_list(frame: &[u8]) -> Verdict {
+    match decode(frame) {
+        Some(Response::Ok | Response::Error(_) | Response::Alarm(_)) => Verdict::Last,
+        Some(Response::Setting { .. }) => Verdict::Part,
+        _ => Verdict::Unrelated,
+    }
+}
+
+/// Reads `$13`, `$110-$112` and `$130-$132` from a `$$` listing. GRBL prints rates and travel with three
+/// decimals; one printed otherwise lost bytes on the line.
+fn parse_limits(frames: &[Frame]) -> Result<(GantryLimits, bool), String> {
+    let mut rate = [None; 3];
+    let mut travel = [None; 3];
+    let mut inches = false;
+    for frame in frames {
+        let Some(Response::Setting { number, value }) = decode(frame) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(frame).trim().to_owned();
+        let slot = match number {
+            13 => {
+                inches = value != 0.0;
+                continue;
+            }
+            110..=112 => &mut rate[usize::from(number - 110)],
+            130..=132 => &mut travel[usize::from(number - 130)],
+            _ => continue,
+        };
+        let decimals = text.split_once('.').map_or(0, |(_, f)| f.len());
+        if decimals != 3 || !(value.is_finite() && value > 0.0) {
+            return Err(format!("{text:?} is not a rate or length GRBL prints"));
+        }
+        *slot = Some(value);
+    }
+    let all = |v: [Option<f64>; 3], first: u16| -> Result<[f64; 3], String> {
+        let mut out = [0.0; 3];
+        for (i, (x, number)) in v.iter().zip(first..).enumerate() {
+            out[i] = x.ok_or_else(|| format!("no ${number} in $$"))?;
+        }
+        Ok(out)
+    };
+    Ok((
+        GantryLimits {
+            max_rate_mm_per_min: all(rate, 110)?,
+            max_travel_mm: all(travel, 130)?,
+        },
+        inches,
+    ))
+}
+
 impl GrblGantry {
     /// A gantry on `port`; no I/O until [`Instrument::start`].
     pub fn new(id: &str, port: PortHandle, options: GantryOptions) -> GrblGantry {
         GrblGantry {
             link: Link::new(id, port),
-            options,
             unsolicited: None,
             last_alarm: None,
+            time_scale: 1.0,
+            limits: options.limits,
+            decimals: LearnedShape::default(),
+            continuity: Continuity::default(),
+            last_idle: false,
+            commanded: false,
+            options,
         }
+    }
+
+    /// Seconds of the machine's own time per real second: a simulated lab's warp factor, so the rate
+    /// checks follow a machine that moves faster than real time. 1 (the default) for hardware.
+    pub fn time_scale(mut self, scale: f64) -> GrblGantry {
+        self.time_scale = sane_time_scale(scale);
+        self
     }
 
     fn line_transaction(
@@ -149,6 +246,7 @@ impl GrblGantry {
     ) -> Result<(), DriverError> {
         let t = self.line_transaction(cmd, timeout, safe);
         let label = printable(&t.request);
+        self.commanded = true;
         let frame = self.link.ask(t).await?;
         match decode(&frame) {
             Some(Response::Ok) => Ok(()),
@@ -193,12 +291,21 @@ impl GrblGantry {
         };
         loop {
             match rx.try_recv() {
-                Ok(frame) => {
-                    if let Some(Response::Alarm(code)) = decode(&frame) {
+                Ok(frame) => match decode(&frame) {
+                    Some(Response::Alarm(code)) => {
                         warn!(instrument = %self.link.id, alarm = code.code(), "GRBL alarm");
                         self.last_alarm = Some(code);
                     }
-                }
+                    // GRBL reset itself (a DTR reset when the port reopened, power, a reset from
+                    // elsewhere): whatever alarm it had is gone, and so is any position we trusted.
+                    Some(Response::Welcome { .. }) => {
+                        warn!(instrument = %self.link.id, "GRBL reset (welcome banner)");
+                        self.last_alarm = None;
+                        self.continuity.forget();
+                        self.last_idle = false;
+                    }
+                    _ => {}
+                },
                 Err(broadcast::error::TryRecvError::Lagged(n)) => {
                     debug!(instrument = %self.link.id, lost = n, "unsolicited frames overflowed");
                 }
@@ -207,24 +314,157 @@ impl GrblGantry {
         }
     }
 
-    /// One `?` status report. A status query is always safe to repeat.
+    /// One `?` status report. A status query is always safe to repeat, so a damaged report is asked once
+    /// more.
     async fn status(&mut self) -> Result<StatusReport, DriverError> {
+        match self.status_once().await {
+            Err(e @ DriverError::DamagedReply { .. }) => {
+                debug!(instrument = %self.link.id, error = %e, "damaged status report; asking again");
+                self.status_once().await
+            }
+            other => other,
+        }
+    }
+
+    async fn status_once(&mut self) -> Result<StatusReport, DriverError> {
         self.collect_alarms();
         let request = encode(&Command::Realtime(Realtime::StatusReport));
         let timeout = self.link.budget(&request, MAX_REPLY, LINE_PROCESSING);
         let t = Transaction::new(request, frame_line, status_report)
             .timeout(timeout)
             .retries(1);
+        let sent = Instant::now();
         let frame = self.link.ask(t).await?;
+        let received = Instant::now();
         let report = match decode(&frame) {
             Some(Response::Status(report)) => report,
             _ => return Err(self.link.unexpected("?", &frame)),
         };
         self.collect_alarms();
+        self.check_position(&frame, &report, sent, received)?;
         if report.state != MachineState::Alarm {
             self.last_alarm = None;
         }
         Ok(report)
+    }
+
+    /// GRBL has no checksum, so a report that lost a digit still decodes. It is refused (as
+    /// [`DriverError::DamagedReply`]) when it is not physically possible: coordinates printed with another
+    /// number of decimals than this controller prints; a machine position outside the axis travel
+    /// (`$130-$132`: GRBL's machine space spans at most the travel from the home corner, whichever
+    /// direction it homes to); a move faster than the axis max rate (`$110-$112`) since the last accepted
+    /// report; or an idle machine that moved with no command sent.
+    fn check_position(
+        &mut self,
+        frame: &[u8],
+        report: &StatusReport,
+        sent: Instant,
+        received: Instant,
+    ) -> Result<(), DriverError> {
+        let damaged = |reason: String| DriverError::DamagedReply {
+            instrument: self.link.id.clone(),
+            command: "?".into(),
+            reply: printable(frame),
+            reason,
+        };
+        match grbl::position_decimals(frame) {
+            None => {}
+            Some(Err(reason)) => return Err(damaged(reason)),
+            Some(Ok(decimals)) => self.decimals.observe(decimals).map_err(|expected| {
+                damaged(format!(
+                    "position printed with {decimals} decimals where this controller prints {expected}"
+                ))
+            })?,
+        }
+        let at = axes(xyz(report));
+        let tol = self.options.tolerance_mm;
+        if let (Some(limits), Position::Machine(_)) = (self.limits, report.position) {
+            for (i, name) in ["X", "Y", "Z"].iter().enumerate() {
+                let travel = limits.max_travel_mm[i];
+                if at[i].abs() > travel + tol {
+                    return Err(damaged(format!(
+                        "machine {name} {} is beyond the axis travel of {travel} mm",
+                        at[i]
+                    )));
+                }
+            }
+        }
+        let stationary = self.last_idle && report.state == MachineState::Idle && !self.commanded;
+        let (scale, limits) = (self.time_scale, self.limits);
+        self.continuity
+            .observe(at, sent, received, |axis, longest| {
+                if stationary {
+                    STATIONARY_SLACK_MM
+                } else if let Some(l) = limits {
+                    l.max_rate_mm_per_min[axis] / 60.0 * longest.as_secs_f64() * scale + tol
+                } else {
+                    f64::INFINITY
+                }
+            })
+            .map_err(|reason| {
+                let why = if stationary {
+                    "idle with no command sent"
+                } else {
+                    "faster than the max rate"
+                };
+                damaged(format!("{why}: {reason}"))
+            })?;
+        self.last_idle = report.state == MachineState::Idle;
+        self.commanded = false;
+        Ok(())
+    }
+
+    /// `$$`, read until two listings agree (a damaged listing cannot set the limits): max rates, travel
+    /// and the report unit. Options given in the lab take precedence.
+    async fn read_limits(&mut self) -> Result<(), DriverError> {
+        if self.options.limits.is_some() {
+            self.limits = self.options.limits;
+            return Ok(());
+        }
+        let mut previous = None;
+        let mut last_reason = String::new();
+        for _ in 0..3 {
+            let request = encode(&Command::ViewSettings);
+            let timeout = self
+                .link
+                .budget(&request, MAX_REPLY * SETTINGS_FRAMES, LINE_PROCESSING);
+            let t = Transaction::new(request, frame_line, settings_list)
+                .frames(SETTINGS_FRAMES)
+                .timeout(timeout)
+                .retries(1);
+            let frames = self.link.ask_all(t).await?;
+            if let Some(last) = frames.last() {
+                match decode(last) {
+                    Some(Response::Error(code)) => return Err(self.error(code)),
+                    Some(Response::Alarm(code)) => return Err(self.alarm(code)),
+                    _ => {}
+                }
+            }
+            match parse_limits(&frames) {
+                Ok((_, true)) => {
+                    return Err(DriverError::Unsupported {
+                        instrument: self.link.id.clone(),
+                        what: "report units".into(),
+                        found: "inches ($13=1)".into(),
+                        supported: "millimetres ($13=0)".into(),
+                    });
+                }
+                Ok((limits, false)) if previous == Some(limits) => {
+                    self.limits = Some(limits);
+                    return Ok(());
+                }
+                Ok((limits, false)) => previous = Some(limits),
+                Err(reason) => last_reason = reason,
+            }
+        }
+        Err(DriverError::DamagedReply {
+            instrument: self.link.id.clone(),
+            command: "$$".into(),
+            reply: String::new(),
+            reason: format!("no two listings agreed {last_reason}")
+                .trim_end()
+                .into(),
+        })
     }
 
     /// Ctrl-X: GRBL resets and answers with its welcome banner.
@@ -239,7 +479,11 @@ impl GrblGantry {
         let t = Transaction::new(request, frame_line, banner)
             .timeout(timeout)
             .retries(1);
+        self.commanded = true;
         self.link.ask(t).await?;
+        // A reset during motion loses the position (GRBL says so with an alarm).
+        self.continuity.forget();
+        self.last_idle = false;
         Ok(())
     }
 
@@ -351,7 +595,18 @@ impl GrblGantry {
         let mut idle_elsewhere = 0;
         loop {
             sleep(self.options.poll_interval).await;
-            let report = self.status().await?;
+            let report = match self.status().await {
+                Ok(report) => report,
+                // Twice damaged: the move goes on; the deadline still bounds it.
+                Err(e @ DriverError::DamagedReply { .. }) => {
+                    debug!(instrument = %self.link.id, error = %e, "damaged reports during a move");
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(e);
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             match report.state {
                 MachineState::Idle => {
                     let at = xyz(&report);
@@ -399,26 +654,56 @@ impl Instrument for GrblGantry {
 
     async fn start(&mut self) -> Result<Identity, DriverError> {
         self.unsolicited = Some(self.link.port.subscribe());
+        // A reconnect knows nothing of the machine: not which alarm locked it, not where it stands.
         self.last_alarm = None;
+        self.continuity.forget();
+        self.last_idle = false;
         self.link.connect().await?;
-        self.identify().await
+        let identity = match self.identify().await {
+            // After a hard or soft limit GRBL answers nothing but real-time bytes until a soft reset
+            // (`[MSG:Reset to continue]`), and a driver that reconnects never saw that alarm. `?` is
+            // real-time: in Alarm nothing moves, so the reset moves nothing, and GRBL comes back locked
+            // (`[MSG:'$H'|'$X' to unlock]`) until homed.
+            Err(timeout @ DriverError::Port(PortError::Timeout { .. })) => {
+                let report = self.status_once().await?;
+                if report.state != MachineState::Alarm {
+                    return Err(timeout);
+                }
+                warn!(instrument = %self.link.id, "no answer in Alarm: resetting GRBL");
+                self.soft_reset().await?;
+                self.identify().await?
+            }
+            other => other?,
+        };
+        match self.read_limits().await {
+            Err(e @ DriverError::Unsupported { .. }) => return Err(e),
+            // `$$` is refused while the machine runs (error:8): keep the limits read before, if any.
+            Err(e) => warn!(instrument = %self.link.id, error = %e, "no limits from $$"),
+            Ok(()) => {}
+        }
+        Ok(identity)
     }
 
     async fn execute(&mut self, command: &DeviceCommand) -> Result<Outcome, DriverError> {
         match command {
             DeviceCommand::Home => {
                 // After a hard or soft limit GRBL ignores every line until a soft reset, so `$H` alone
-                // would never be answered. Motion has already stopped, so the reset moves nothing.
-                self.collect_alarms();
-                if self
+                // would never be answered. After a reconnect the driver cannot know which alarm locked
+                // the machine, so any alarm state is reset first: in Alarm nothing moves, so the reset
+                // moves nothing, and GRBL comes back locked (`[MSG:'$H'|'$X' to unlock]`) for `$H`.
+                let state = self.status().await.map(|r| r.state);
+                let limit_alarm = self
                     .last_alarm
-                    .is_some_and(|a| matches!(a, AlarmCode::HardLimit | AlarmCode::SoftLimit))
-                {
+                    .is_some_and(|a| matches!(a, AlarmCode::HardLimit | AlarmCode::SoftLimit));
+                if limit_alarm || matches!(state, Ok(MachineState::Alarm)) {
                     self.soft_reset().await?;
                 }
                 self.line(&Command::Home, Some(self.options.homing_timeout), false)
                     .await?;
                 self.last_alarm = None;
+                // Homing sets the machine position: the position jumps on purpose.
+                self.continuity.forget();
+                self.last_idle = false;
                 Ok(Outcome::Done)
             }
             DeviceCommand::MoveTo {
@@ -467,6 +752,7 @@ impl Instrument for GrblGantry {
 
     /// Feed hold: GRBL decelerates to a controlled stop without losing position.
     async fn safe_state(&mut self) -> Result<(), DriverError> {
+        self.commanded = true;
         let request = encode(&Command::Realtime(Realtime::FeedHold));
         let timeout = self.link.budget(&request, 0, LINE_PROCESSING);
         self.link

@@ -8,19 +8,50 @@
 use std::time::Duration;
 
 use labctl_protocols::InstrumentKind;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::{Link, retries};
+use super::{Continuity, LearnedShape, Link, retries, sane_time_scale};
 use crate::codec::Decoded;
 use crate::codec::namur::{self, Command, Reply, Sensor, WATCHDOG_RANGE_S};
 use crate::error::{DriverError, PortError};
 use crate::instrument::{DeviceCommand, DeviceState, Identity, Instrument, Outcome, Telemetry};
-use crate::port::{PortHandle, Transaction, Verdict, frame_line_or_cr, printable};
+use crate::port::{Frame, PortHandle, Transaction, Verdict, frame_line_or_cr, printable};
 
 /// The device's time to answer a query.
 const PROCESSING: Duration = Duration::from_millis(500);
 /// NAMUR caps a reply at 80 characters plus CR LF.
 const MAX_REPLY: usize = namur::MAX_NAMUR_LINE + 2;
+/// The fastest a hotplate temperature reading can change, in kelvin per second of the device's time. The
+/// fastest thing on a laboratory hotplate is its own top: an IKA RCT digital puts 600 W into an aluminium
+/// plate of about 1 kg (900 J/kg K), under 0.7 K/s, and a 1000 W ceramic C-MAG HS top reaches about 2 K/s;
+/// a vessel heats far slower (IKA quotes about 5-7 K/min for 1 l of water). 5 K/s leaves a margin of more
+/// than twice the fastest plate, and still refuses a lost leading digit (22.0 read as 2.0 is 20 K) unless
+/// 4 s have passed. What can beat it is a probe moved by hand (a cold probe plunged into a hot bath
+/// follows it within seconds): those readings are refused until two of them agree, never accepted wrong.
+const MAX_RATE_K_PER_S: f64 = 5.0;
+/// Change allowed between readings however close together: a count of the last printed digit and noise.
+const READING_SLACK_K: f64 = 0.2;
+
+/// Decimals of the value a NAMUR reply prints first (`25.3 1` has 1). `None` when it is not a number.
+fn value_decimals(frame: &[u8]) -> Option<usize> {
+    let text = std::str::from_utf8(frame).ok()?;
+    let value = text.split_whitespace().next()?;
+    let digits = value.strip_prefix(['-', '+']).unwrap_or(value);
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    let numeric = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    (!whole.is_empty() && numeric(whole) && numeric(fraction)).then_some(fraction.len())
+}
+
+fn sensor_index(sensor: Sensor) -> usize {
+    match sensor {
+        Sensor::External => 0,
+        Sensor::Hotplate => 1,
+    }
+}
+
+/// Index of the stirrer speed's learned shape.
+const SPEED: usize = 2;
 
 /// Tunables of the hotplate driver.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +72,12 @@ impl Default for HotplateOptions {
 pub struct IkaHotplate {
     link: Link,
     options: HotplateOptions,
+    /// Seconds of the device's time per real second (a warped simulator's factor, else 1).
+    time_scale: f64,
+    /// The decimals the device prints each reading with: vessel, plate, stirrer speed.
+    shapes: [LearnedShape; 3],
+    /// Vessel and plate temperatures change no faster than [`MAX_RATE_K_PER_S`].
+    continuity: [Continuity<1>; 2],
 }
 
 impl IkaHotplate {
@@ -49,7 +86,17 @@ impl IkaHotplate {
         IkaHotplate {
             link: Link::new(id, port),
             options,
+            time_scale: 1.0,
+            shapes: Default::default(),
+            continuity: Default::default(),
         }
+    }
+
+    /// Seconds of the device's own time per real second: a simulated lab's warp factor, so the rate check
+    /// follows a plate that heats faster than real time. 1 (the default) for hardware.
+    pub fn time_scale(mut self, scale: f64) -> IkaHotplate {
+        self.time_scale = sane_time_scale(scale);
+        self
     }
 
     fn encode(cmd: &Command) -> Vec<u8> {
@@ -60,6 +107,11 @@ impl IkaHotplate {
 
     /// A query, answered by one line that must make sense as the answer to `cmd`.
     async fn query(&self, cmd: Command, retry: bool) -> Result<Reply, DriverError> {
+        Ok(self.query_frame(cmd, retry).await?.0)
+    }
+
+    /// A query's typed reply and the line it came in.
+    async fn query_frame(&self, cmd: Command, retry: bool) -> Result<(Reply, Frame), DriverError> {
         let bytes = Self::encode(&cmd);
         let label = printable(&bytes);
         let matcher = move |frame: &[u8]| match namur::decode_reply(&cmd, frame) {
@@ -72,9 +124,38 @@ impl IkaHotplate {
             .retries(retries(retry));
         let frame = self.link.ask(t).await?;
         match namur::decode_reply(&cmd, &frame) {
-            Ok(Decoded::Frame { value, .. }) => Ok(value),
+            Ok(Decoded::Frame { value, .. }) => Ok((value, frame)),
             _ => Err(self.link.unexpected(&label, &frame)),
         }
+    }
+
+    fn damaged(&self, command: &str, frame: &[u8], reason: String) -> DriverError {
+        DriverError::DamagedReply {
+            instrument: self.link.id.clone(),
+            command: command.into(),
+            reply: printable(frame),
+            reason,
+        }
+    }
+
+    /// NAMUR carries no checksum: a reading printed with another number of decimals than this device
+    /// prints that channel with lost or gained bytes on the line.
+    fn check_shape(
+        &mut self,
+        index: usize,
+        command: &str,
+        frame: &[u8],
+    ) -> Result<(), DriverError> {
+        let Some(decimals) = value_decimals(frame) else {
+            return Err(self.damaged(command, frame, "the value is not a number".into()));
+        };
+        self.shapes[index].observe(decimals).map_err(|expected| {
+            self.damaged(
+                command,
+                frame,
+                format!("{decimals} decimals where this device prints {expected}"),
+            )
+        })
     }
 
     /// A command the device never answers.
@@ -86,21 +167,72 @@ impl IkaHotplate {
             .await
     }
 
-    async fn temperature(&self, sensor: Sensor) -> Result<f64, DriverError> {
-        match self.query(Command::ReadTemperature(sensor), true).await? {
-            Reply::Temperature { temperature_c, .. } => Ok(temperature_c),
-            other => Err(self
-                .link
-                .unexpected("IN_PV", format!("{other:?}").as_bytes())),
+    /// A temperature; a reading damaged on the line (see [`IkaHotplate::temperature_once`]) is asked once
+    /// more, as reading is safe to repeat.
+    async fn temperature(&mut self, sensor: Sensor) -> Result<f64, DriverError> {
+        match self.temperature_once(sensor).await {
+            Err(e @ DriverError::DamagedReply { .. }) => {
+                debug!(instrument = %self.link.id, error = %e, "damaged temperature; asking again");
+                self.temperature_once(sensor).await
+            }
+            other => other,
         }
     }
 
-    async fn speed(&self) -> Result<f64, DriverError> {
-        match self.query(Command::ReadSpeed, true).await? {
-            Reply::Speed { speed_rpm } => Ok(speed_rpm),
-            other => Err(self
-                .link
-                .unexpected("IN_PV_4", format!("{other:?}").as_bytes())),
+    /// One temperature reading, refused when its decimals differ from the channel's or when it implies a
+    /// change faster than [`MAX_RATE_K_PER_S`] since the last accepted reading.
+    async fn temperature_once(&mut self, sensor: Sensor) -> Result<f64, DriverError> {
+        let command = format!("IN_PV_{}", sensor.channel());
+        let sent = Instant::now();
+        let (reply, frame) = self
+            .query_frame(Command::ReadTemperature(sensor), true)
+            .await?;
+        let received = Instant::now();
+        let temperature_c = match reply {
+            Reply::Temperature { temperature_c, .. } => temperature_c,
+            other => {
+                return Err(self
+                    .link
+                    .unexpected(&command, format!("{other:?}").as_bytes()));
+            }
+        };
+        let index = sensor_index(sensor);
+        self.check_shape(index, &command, &frame)?;
+        let scale = self.time_scale;
+        let jump = self.continuity[index].observe([temperature_c], sent, received, |_, longest| {
+            MAX_RATE_K_PER_S * longest.as_secs_f64() * scale + READING_SLACK_K
+        });
+        if let Err(reason) = jump {
+            return Err(self.damaged(
+                &command,
+                &frame,
+                format!("faster than a hotplate heats or cools: {reason}"),
+            ));
+        }
+        Ok(temperature_c)
+    }
+
+    /// The stirrer speed, held to the decimals the device prints it with (asked once more when not).
+    async fn speed(&mut self) -> Result<f64, DriverError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (reply, frame) = self.query_frame(Command::ReadSpeed, true).await?;
+            let speed_rpm = match reply {
+                Reply::Speed { speed_rpm } => speed_rpm,
+                other => {
+                    return Err(self
+                        .link
+                        .unexpected("IN_PV_4", format!("{other:?}").as_bytes()));
+                }
+            };
+            match self.check_shape(SPEED, "IN_PV_4", &frame) {
+                Ok(()) => return Ok(speed_rpm),
+                Err(e) if attempts < 2 => {
+                    debug!(instrument = %self.link.id, error = %e, "damaged speed; asking again");
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -132,6 +264,8 @@ impl Instrument for IkaHotplate {
             });
         }
         self.link.connect().await?;
+        // Readings before a reconnect say nothing of how long the device was away.
+        self.continuity = Default::default();
         let model = match self.query(Command::ReadName, true).await? {
             Reply::Name(name) => name,
             other => {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use labctl_protocols::InstrumentKind;
 
 pub use balance::MtSicsBalance;
-pub use gantry::{GantryOptions, GrblGantry};
+pub use gantry::{GantryLimits, GantryOptions, GrblGantry};
 pub use hotplate::{HotplateOptions, IkaHotplate};
 pub use pump::{Ne1000Pump, PumpOptions, frame_packet};
 pub use spectro::ScpiSpectro;
@@ -202,6 +202,91 @@ impl LearnedShape {
     }
 }
 
+/// A time scale that can be trusted: finite and at least 1 (a simulator runs faster than real time, never
+/// slower); anything else is 1.
+pub(crate) fn sane_time_scale(scale: f64) -> f64 {
+    if scale.is_finite() && scale >= 1.0 {
+        scale
+    } else {
+        1.0
+    }
+}
+
+/// Physical continuity of a reading without a checksum: between two readings a quantity cannot change by
+/// more than its fastest physical rate allows in the time that can have passed between them. A reading is
+/// taken somewhere between the moment its request was sent and the moment its reply arrived, so the longest
+/// time between two readings is from the first one's request to the second one's reply: a bound that holds
+/// however late or queued the replies were. A reading that breaks it lost or changed bytes on the line,
+/// unless the quantity really jumped (someone else moved the machine): so a refused reading is remembered,
+/// and a second reading that agrees with it (continuous from it) is accepted and becomes the new baseline.
+/// Two damaged readings that agree with each other need the same damage twice.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Continuity<const N: usize> {
+    /// The last accepted reading and when its request was sent.
+    last: Option<([f64; N], tokio::time::Instant)>,
+    /// A refused reading, waiting for a second one to confirm it.
+    refused: Option<([f64; N], tokio::time::Instant)>,
+}
+
+impl<const N: usize> Default for Continuity<N> {
+    fn default() -> Self {
+        Continuity {
+            last: None,
+            refused: None,
+        }
+    }
+}
+
+impl<const N: usize> Continuity<N> {
+    /// Forgets the baseline: after a reconnect, a reset or a jump the instrument makes on purpose (homing
+    /// sets the machine position).
+    pub(crate) fn forget(&mut self) {
+        *self = Continuity::default();
+    }
+
+    /// Judges a reading taken between `sent` and `received`; `allowed(axis, longest)` is the most that
+    /// component can change in `longest` (real time). `Err` names the first component that jumped.
+    pub(crate) fn observe(
+        &mut self,
+        value: [f64; N],
+        sent: tokio::time::Instant,
+        received: tokio::time::Instant,
+        allowed: impl Fn(usize, Duration) -> f64,
+    ) -> Result<(), String> {
+        let jump = |from: &([f64; N], tokio::time::Instant)| {
+            let longest = received.saturating_duration_since(from.1);
+            (0..N).find_map(|i| {
+                let change = (value[i] - from.0[i]).abs();
+                let most = allowed(i, longest);
+                // NaN never passes.
+                let within = change <= most;
+                (!within).then(|| {
+                    format!(
+                        "component {} changed by {change} in at most {longest:?}, where {most} is possible",
+                        i + 1
+                    )
+                })
+            })
+        };
+        let verdict = match &self.last {
+            None => None,
+            Some(last) => jump(last),
+        };
+        let confirmed = self.refused.as_ref().is_some_and(|r| jump(r).is_none());
+        match verdict {
+            Some(reason) if !confirmed => {
+                self.refused = Some((value, sent));
+                Err(reason)
+            }
+            _ => {
+                self.last = Some((value, sent));
+                self.refused = None;
+                Ok(())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +308,45 @@ mod tests {
         assert_eq!(w.observe(12), Err(11));
         assert_eq!(w.trusted, Some(12));
         assert_eq!(w.observe(12), Ok(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn continuity_refuses_a_jump_faster_than_physics_and_accepts_it_when_confirmed() {
+        use tokio::time::{Instant, advance};
+        // 1 unit per second, plus 0.05 of resolution.
+        let rate = |_: usize, d: Duration| d.as_secs_f64() + 0.05;
+        let mut c = Continuity::<1>::default();
+        let t0 = Instant::now();
+        assert_eq!(c.observe([22.0], t0, t0, rate), Ok(()));
+        advance(Duration::from_millis(500)).await;
+        let t1 = Instant::now();
+        // 22.0 printed as 2.0 (a digit lost): 20 units in 0.5 s.
+        let err = c.observe([2.0], t1, t1, rate).unwrap_err();
+        assert!(err.contains("changed by 20"), "{err}");
+        // The true value again: accepted against the baseline, the refused one forgotten.
+        assert_eq!(c.observe([22.3], t1, t1, rate), Ok(()));
+        assert_eq!(c.refused, None);
+        // A real jump (the sensor was moved): refused once, then confirmed by a second reading near it.
+        let err = c.observe([80.0], t1, t1, rate);
+        assert!(err.is_err());
+        advance(Duration::from_millis(100)).await;
+        let t2 = Instant::now();
+        assert_eq!(c.observe([80.1], t2, t2, rate), Ok(()));
+        assert_eq!(c.last.map(|(v, _)| v), Some([80.1]));
+        // Slow enough change over a long time is fine; NaN never is.
+        advance(Duration::from_secs(60)).await;
+        let t3 = Instant::now();
+        assert_eq!(c.observe([40.0], t3, t3, rate), Ok(()));
+        assert!(c.observe([f64::NAN], t3, t3, rate).is_err());
+        // The window runs from the baseline's request to this reply, not between replies.
+        let mut c = Continuity::<1>::default();
+        let sent = Instant::now();
+        advance(Duration::from_secs(2)).await;
+        let got = Instant::now();
+        assert_eq!(c.observe([0.0], sent, got, rate), Ok(()));
+        assert_eq!(c.observe([1.9], got, got, rate), Ok(()));
+        c.forget();
+        assert_eq!(c.observe([1000.0], got, got, rate), Ok(()));
     }
 
     #[test]

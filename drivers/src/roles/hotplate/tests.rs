@@ -212,3 +212,168 @@ async fn values_that_cannot_be_sent_are_refused_and_a_hang_up_is_lost() {
     dev.await.unwrap();
     assert!(err.is_connection_lost(), "{err}");
 }
+
+// ----- readings damaged on the line (NAMUR has no checksum) -----
+
+/// Runs `script` as the device after a normal start, while `host` drives the hotplate; then the device
+/// expects silence (nothing asked beyond the script).
+async fn scripted<T>(
+    options: HotplateOptions,
+    scale: f64,
+    script: impl AsyncFnOnce(&mut Fake),
+    host: impl AsyncFnOnce(&mut IkaHotplate) -> T,
+) -> T {
+    let (h, mut device) = hotplate(options);
+    let mut h = h.time_scale(scale);
+    let dev = async move {
+        let mut fake = started(&mut device).await;
+        script(&mut fake).await;
+        fake.expect_silence(Duration::from_secs(5)).await;
+    };
+    let host = async {
+        h.start().await.unwrap();
+        host(&mut h).await
+    };
+    let ((), out) = tokio::join!(dev, host);
+    out
+}
+
+async fn read(h: &mut IkaHotplate) -> Result<f64, DriverError> {
+    match h.execute(&DeviceCommand::ReadTemperature).await? {
+        Outcome::Temperature { temperature_c } => Ok(temperature_c),
+        other => panic!("expected a temperature, got {other:?}"),
+    }
+}
+
+fn damaged_reason(e: &DriverError) -> &str {
+    match e {
+        DriverError::DamagedReply { reason, .. } => reason,
+        other => panic!("expected a damaged reply, got {other:?}"),
+    }
+}
+
+#[test]
+fn value_decimals_reads_the_printed_resolution() {
+    assert_eq!(value_decimals(b"25.3 1\r\n"), Some(1));
+    assert_eq!(value_decimals(b"500 4\r\n"), Some(0));
+    assert_eq!(value_decimals(b"-5.25 2"), Some(2));
+    assert_eq!(value_decimals(b"253 1"), Some(0));
+    assert_eq!(value_decimals(b".3 1"), None);
+    assert_eq!(value_decimals(b"RCT digital"), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_temperature_that_lost_a_leading_digit_is_refused_and_asked_again() {
+    let seen = scripted(
+        HotplateOptions::default(),
+        1.0,
+        async |fake| {
+            fake.reply(b"IN_PV_1\r\n", b"22.0 1\r\n").await;
+            // `22.0` lost a `2`: the same decimals, a change of 20 K in a fraction of a second.
+            fake.reply(b"IN_PV_1\r\n", b"2.0 1\r\n").await;
+            fake.reply(b"IN_PV_1\r\n", b"22.1 1\r\n").await;
+        },
+        async |h| (read(h).await.unwrap(), read(h).await.unwrap()),
+    )
+    .await;
+    assert_eq!(seen, (22.0, 22.1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_temperature_damaged_twice_is_a_typed_error_not_a_value() {
+    let err = scripted(
+        HotplateOptions::default(),
+        1.0,
+        async |fake| {
+            fake.reply(b"IN_PV_1\r\n", b"22.0 1\r\n").await;
+            fake.reply(b"IN_PV_1\r\n", b"22.0 1\r\n").await;
+            fake.reply(b"IN_PV_1\r\n", b"2.0 1\r\n").await;
+            // The point lost the second time.
+            fake.reply(b"IN_PV_1\r\n", b"220 1\r\n").await;
+        },
+        async |h| {
+            read(h).await.unwrap();
+            read(h).await.unwrap();
+            read(h).await.unwrap_err()
+        },
+    )
+    .await;
+    assert!(
+        damaged_reason(&err).contains("0 decimals where this device prints 1"),
+        "{err}"
+    );
+    assert!(!err.is_connection_lost());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fast_change_is_plausible_after_long_enough_and_on_a_warped_clock() {
+    let seen = scripted(
+        HotplateOptions::default(),
+        1.0,
+        async |fake| {
+            fake.reply(b"IN_PV_2\r\n", b"22.0 2\r\n").await;
+            // 30 K after 10 s is 3 K/s: a hot plate top can do that.
+            fake.reply(b"IN_PV_2\r\n", b"52.0 2\r\n").await;
+        },
+        async |h| {
+            let a = h.temperature(Sensor::Hotplate).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            (a, h.temperature(Sensor::Hotplate).await.unwrap())
+        },
+    )
+    .await;
+    assert_eq!(seen, (22.0, 52.0));
+    // A simulator at warp 50: 10 K in 0.2 real seconds is 10 s of its time, 1 K/s.
+    let seen = scripted(
+        HotplateOptions::default(),
+        50.0,
+        async |fake| {
+            fake.reply(b"IN_PV_2\r\n", b"22.0 2\r\n").await;
+            fake.reply(b"IN_PV_2\r\n", b"32.0 2\r\n").await;
+        },
+        async |h| {
+            let a = h.temperature(Sensor::Hotplate).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            (a, h.temperature(Sensor::Hotplate).await.unwrap())
+        },
+    )
+    .await;
+    assert_eq!(seen, (22.0, 32.0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stirrer_speed_printed_with_other_decimals_is_asked_again() {
+    let seen = scripted(
+        HotplateOptions::default(),
+        1.0,
+        async |fake| {
+            for (want, answer) in [
+                (&b"OUT_WD1@30\r\n"[..], &b"30\r\n"[..]),
+                (b"IN_PV_1\r\n", b"25.3 1\r\n"),
+                (b"IN_PV_2\r\n", b"80.1 2\r\n"),
+                (b"IN_PV_4\r\n", b"500.0 4\r\n"),
+                (b"OUT_WD1@30\r\n", b"30\r\n"),
+                (b"IN_PV_1\r\n", b"25.3 1\r\n"),
+                (b"IN_PV_2\r\n", b"80.1 2\r\n"),
+                (b"IN_PV_4\r\n", b"500.0 4\r\n"),
+                (b"OUT_WD1@30\r\n", b"30\r\n"),
+                (b"IN_PV_1\r\n", b"25.3 1\r\n"),
+                (b"IN_PV_2\r\n", b"80.1 2\r\n"),
+                // The point lost: 5000 rpm.
+                (b"IN_PV_4\r\n", b"5000 4\r\n"),
+                (b"IN_PV_4\r\n", b"500.0 4\r\n"),
+            ] {
+                fake.reply(want, answer).await;
+            }
+        },
+        async |h| {
+            let mut speeds = Vec::new();
+            for _ in 0..3 {
+                speeds.push(h.poll().await.unwrap().values[2].1);
+            }
+            speeds
+        },
+    )
+    .await;
+    assert_eq!(seen, vec![500.0, 500.0, 500.0]);
+}
