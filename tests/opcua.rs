@@ -42,6 +42,11 @@ struct Rig {
 /// The controller on fake instruments of the simulated lab (as in `tests/command_port.rs`), and the OPC UA
 /// server on a free port.
 async fn rig(dir: &Path, security: Security) -> Rig {
+    rig_with(dir, security, gateway::runs::DEFAULT_KEEP_FINISHED_RUNS).await
+}
+
+/// [`rig`], keeping at most `keep_finished_runs` finished runs under `Lab/Runs`.
+async fn rig_with(dir: &Path, security: Security, keep_finished_runs: usize) -> Rig {
     let lab = Lab::sim();
     let estop = EStop::default();
     let timing = TaskTiming {
@@ -86,6 +91,7 @@ async fn rig(dir: &Path, security: Security) -> Rig {
                 port: 0,
             },
             security,
+            keep_finished_runs,
         },
     )
     .await
@@ -278,6 +284,20 @@ fn text(v: &Variant) -> String {
         Variant::String(s) => s.as_ref().to_owned(),
         other => panic!("expected a string, got {other:?}"),
     }
+}
+
+/// A protocol of one step (JSON) with its own proposal id.
+fn one_step(proposal_id: &str, step: serde_json::Value) -> String {
+    serde_json::json!({
+        "version": 1,
+        "metadata": {
+            "name": format!("one step {proposal_id}"),
+            "proposal_id": proposal_id,
+            "planner": { "id": "tests" }
+        },
+        "steps": [step]
+    })
+    .to_string()
 }
 
 /// The dye-mix example with its own proposal id.
@@ -476,8 +496,28 @@ async fn the_dye_mix_submitted_over_opc_ua_runs_to_completion_under_lab_runs() {
     let reply: serde_json::Value = serde_json::from_str(&text(&out[2])).unwrap();
     assert_eq!(reply["accepted"], true, "{reply}");
 
-    // The run appears under Lab/Runs and runs to completion.
+    // The run's node is there as soon as the call returns: no waiting for the journal.
     let state = rig.id(&format!("Lab/Runs/{run_id}/State"));
+    let at_once = read(&planner, &state).await;
+    assert!(
+        at_once.status.is_none_or(|s| s.is_good()),
+        "{run_id} not readable right after SubmitProtocol: {at_once:?}"
+    );
+    assert!(
+        matches!(&at_once.value, Some(Variant::String(s)) if !s.is_empty()),
+        "{at_once:?}"
+    );
+    assert!(
+        browse_names(&planner, &rig.id("Lab/Runs"))
+            .await
+            .contains(&run_id)
+    );
+    assert_eq!(
+        read_string(&planner, &rig.id(&format!("Lab/Runs/{run_id}/SubmittedBy"))).await,
+        "planner-bo"
+    );
+
+    // The run runs to completion.
     wait_for_value(&planner, &state, |v| v == &Variant::from("completed")).await;
     assert!(
         browse_names(&planner, &rig.id("Lab/Runs"))
@@ -631,6 +671,133 @@ async fn a_technician_stops_the_lab_and_acknowledges_and_runs_are_controlled_by_
         call(&tech, &rig, "PauseRun", vec![run_id.into()]).await,
         Err(StatusCode::BadInvalidState)
     );
+    rig.controller.shutdown().await;
+}
+
+/// A run's node exists by the time `SubmitProtocol` returns: a client that reads or browses right after the
+/// call finds it, every time (before, the node appeared only once the journal's record reached the
+/// server's updater, a moment later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_s_node_exists_as_soon_as_submit_protocol_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rig = rig(dir.path(), Security::WithNone).await;
+    let tech = login(
+        &rig,
+        "alice",
+        "technician-dev",
+        &dir.path().join("client-pki"),
+    )
+    .await;
+    rig.ns = lab_namespace(&tech).await;
+    for i in 0..60 {
+        let out = call(
+            &tech,
+            &rig,
+            "SubmitProtocol",
+            vec![
+                one_step(
+                    &format!("at-once-{i}"),
+                    serde_json::json!({"type": "action", "instrument": "balance",
+                        "action": "tare", "params": {}}),
+                )
+                .into(),
+            ],
+        )
+        .await
+        .unwrap();
+        let run_id = text(&out[0]);
+        let state = read(&tech, &rig.id(&format!("Lab/Runs/{run_id}/State"))).await;
+        assert!(
+            state.status.is_none_or(|s| s.is_good())
+                && matches!(&state.value, Some(Variant::String(s)) if !s.is_empty()),
+            "submission {i}: {run_id} not there right after SubmitProtocol: {state:?}"
+        );
+    }
+    rig.controller.shutdown().await;
+}
+
+/// `Lab/Runs` keeps every active run and only the most recent finished ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_runs_keeps_active_runs_and_the_most_recent_finished_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rig = rig_with(dir.path(), Security::WithNone, 2).await;
+    let tech = login(
+        &rig,
+        "alice",
+        "technician-dev",
+        &dir.path().join("client-pki"),
+    )
+    .await;
+    rig.ns = lab_namespace(&tech).await;
+    // Above the lab's auto-approval temperature: it waits for a technician, active all along.
+    let waiting = call(
+        &tech,
+        &rig,
+        "SubmitProtocol",
+        vec![
+            one_step(
+                "keep-waiting",
+                serde_json::json!({"type": "action", "instrument": "hotplate",
+                    "action": "set_temperature", "params": {"temperature_c": 100}}),
+            )
+            .into(),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(text(&waiting[1]), "awaiting_approval", "{waiting:?}");
+    let waiting = text(&waiting[0]);
+    let mut finished = Vec::new();
+    for i in 0..4 {
+        let out = call(
+            &tech,
+            &rig,
+            "SubmitProtocol",
+            vec![
+                one_step(
+                    &format!("keep-{i}"),
+                    serde_json::json!({"type": "action", "instrument": "gantry",
+                        "action": "home", "params": {}}),
+                )
+                .into(),
+            ],
+        )
+        .await
+        .unwrap();
+        let run_id = text(&out[0]);
+        assert_eq!(text(&out[1]), "queued", "{}", text(&out[2]));
+        wait_for_value(&tech, &rig.id(&format!("Lab/Runs/{run_id}/State")), |v| {
+            v == &Variant::from("completed")
+        })
+        .await;
+        finished.push(run_id);
+    }
+    // The two oldest finished runs lose their nodes once the two newer ones finish.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut runs = browse_names(&tech, &rig.id("Lab/Runs")).await;
+        runs.sort();
+        let mut expected = vec![waiting.clone(), finished[2].clone(), finished[3].clone()];
+        expected.sort();
+        if runs == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Lab/Runs is {runs:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for old in &finished[..2] {
+        let gone = read(&tech, &rig.id(&format!("Lab/Runs/{old}/State"))).await;
+        assert_eq!(gone.status, Some(StatusCode::BadNodeIdUnknown), "{old}");
+    }
+    assert_eq!(
+        read_string(&tech, &rig.id(&format!("Lab/Runs/{waiting}/State"))).await,
+        "awaiting_approval"
+    );
+    // The journal keeps them all.
+    assert_eq!(rig.controller.handle.runs().await.len(), 5);
     rig.controller.shutdown().await;
 }
 
@@ -793,12 +960,10 @@ async def main():
     run_id, state, reply = await alice_lab.call_method(f"{ns}:SubmitProtocol", protocol)
     out["submitted_state"] = state
     run_state = alice.get_node(ua.NodeId(f"Lab/Runs/{run_id}/State", ns))
+    # The run's node exists as soon as the method returns.
+    out["state_at_once"] = await run_state.read_value()
     async def finished():
-        # The run's node appears once the journal holds the run, a moment after the method returns.
-        try:
-            return await run_state.read_value() in ("completed", "failed", "aborted")
-        except ua.uaerrors.BadNodeIdUnknown:
-            return False
+        return await run_state.read_value() in ("completed", "failed", "aborted")
     await until(finished, "the run to finish")
     out["run_state"] = await run_state.read_value()
     out["job_id"] = await alice.get_node(ua.NodeId(f"Lab/Runs/{run_id}/SupervisoryJobId", ns)).read_value()
@@ -857,6 +1022,10 @@ asyncio.run(main())
     assert_eq!(out["plate_temperature_c"], 42.5);
     assert_eq!(out["unit"], "°C");
     assert_eq!(out["observer_call"], "BadUserAccessDenied", "{out}");
+    assert!(
+        ["queued", "running", "completed"].contains(&out["state_at_once"].as_str().unwrap_or("")),
+        "{out}"
+    );
     assert_eq!(out["run_state"], "completed", "{out}");
     assert_eq!(out["job_id"], "asyncua-dye-1");
     let notifications = out["latch_notifications"].as_array().unwrap();

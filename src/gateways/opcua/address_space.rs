@@ -348,7 +348,27 @@ fn build_sensor(
     }
 }
 
-/// Adds `Lab/Runs/{run_id}` with its variables, unless it is there already. Returns whether it was added.
+/// The values of a run's variables as the controller reports them (`LastResult` comes from the journal).
+pub fn run_values(run: &RunInfo) -> Vec<(&'static str, Variant)> {
+    vec![
+        ("State", Variant::from(run.state.as_str())),
+        (
+            "CurrentStep",
+            Variant::from(run.current_step.clone().unwrap_or_default()),
+        ),
+        ("SupervisoryJobId", Variant::from(run.proposal_id.as_str())),
+        ("Name", Variant::from(run.name.as_str())),
+        ("SubmittedBy", Variant::from(run.submitted_by.as_str())),
+        (
+            "Reason",
+            Variant::from(run.reason.clone().unwrap_or_default()),
+        ),
+        ("ResultCount", Variant::from(run.results)),
+    ]
+}
+
+/// Adds `Lab/Runs/{run_id}` with its variables holding the run's current values, unless it is there
+/// already. Node and values appear together, under one lock. Returns whether it was added.
 pub fn add_run(space: &mut AddressSpace, names: Names, run: &RunInfo) -> bool {
     let run_node = names.id(&self::run(&run.run_id));
     if space.node_exists(&run_node) {
@@ -359,12 +379,19 @@ pub fn add_run(space: &mut AddressSpace, names: Names, run: &RunInfo) -> bool {
         .has_type_definition(ObjectTypeId::BaseObjectType)
         .organized_by(names.id(RUNS))
         .insert(space);
+    let values = run_values(run);
     for (name, data_type) in RUN_VARIABLES {
-        let initial = if data_type == DataTypeId::UInt64 {
-            Variant::from(0u64)
-        } else {
-            Variant::from("")
-        };
+        let initial = values
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| {
+                if data_type == DataTypeId::UInt64 {
+                    Variant::from(0u64)
+                } else {
+                    Variant::from("")
+                }
+            });
         names.variable(
             space,
             &run_variable(&run.run_id, name),
@@ -375,6 +402,14 @@ pub fn add_run(space: &mut AddressSpace, names: Names, run: &RunInfo) -> bool {
         );
     }
     true
+}
+
+/// Removes `Lab/Runs/{run_id}` and its variables.
+pub fn remove_run(space: &mut AddressSpace, names: Names, run_id: &str) {
+    for (name, _) in RUN_VARIABLES {
+        space.delete(&names.id(&run_variable(run_id, name)), true);
+    }
+    space.delete(&names.id(&run(run_id)), true);
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod address_space;
 pub mod authenticator;
 pub mod methods;
 pub mod node_manager;
+pub mod runs;
 pub mod settings;
 pub mod updater;
 
@@ -33,7 +34,7 @@ use node_manager::LabNodeManager;
 pub use settings::{Endpoint, Security};
 
 /// `labctl run` options of the OPC UA server.
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct OpcUaArgs {
     /// Port of the OPC UA server (default: the lab file's `interfaces.opcua.endpoint`, 4840); 0 picks a
     /// free port and prints the endpoint.
@@ -46,6 +47,21 @@ pub struct OpcUaArgs {
     /// For development only; --sim offers it anyway.
     #[arg(long = "opcua-insecure-dev")]
     pub opcua_insecure_dev: bool,
+    /// Finished runs kept under the OPC UA `Lab/Runs` folder, newest first (active runs are always there;
+    /// the journal keeps them all).
+    #[arg(long = "opcua-keep-runs", value_name = "N", default_value_t = runs::DEFAULT_KEEP_FINISHED_RUNS)]
+    pub opcua_keep_runs: usize,
+}
+
+impl Default for OpcUaArgs {
+    fn default() -> Self {
+        OpcUaArgs {
+            opcua_port: None,
+            no_opcua: false,
+            opcua_insecure_dev: false,
+            opcua_keep_runs: runs::DEFAULT_KEEP_FINISHED_RUNS,
+        }
+    }
 }
 
 /// Everything the server needs besides the controller.
@@ -58,6 +74,8 @@ pub struct OpcUaConfig {
     pub listen: Endpoint,
     pub security: Security,
     pub users: Arc<Users>,
+    /// Finished runs that keep their node under `Lab/Runs` (the most recent ones); active runs always do.
+    pub keep_finished_runs: usize,
 }
 
 /// The running server; stops when [`OpcUaServer::shutdown`] is called or it is dropped.
@@ -130,6 +148,7 @@ pub async fn start(api: ControllerHandle, config: OpcUaConfig) -> Result<OpcUaSe
         Arc::clone(&lab),
         api.clone(),
         config.users.clone(),
+        config.keep_finished_runs,
     ));
     // The first start generates the server's RSA key: CPU work, off the async threads. Building the
     // server afterwards only reads it.
@@ -207,6 +226,7 @@ pub async fn start_for_run(
             Security::Secure
         },
         users: Arc::new(Users::from_lab(lab).map_err(|e| e.to_string())?),
+        keep_finished_runs: args.opcua_keep_runs,
     };
     match start(api, config).await {
         Ok(server) => Ok(Some(server)),

@@ -12,12 +12,13 @@ use opcua::server::node_manager::memory::{
     InMemoryNodeManager, InMemoryNodeManagerBuilder, InMemoryNodeManagerImpl,
 };
 use opcua::server::node_manager::{MethodCall, NodeManagerBuilder, RequestContext, ServerContext};
-use opcua::sync::RwLock;
-use opcua::types::{Identifier, StatusCode};
+use opcua::sync::{Mutex, RwLock};
+use opcua::types::{Identifier, StatusCode, Variant};
 
 use super::address_space::{self, Names};
 use super::authenticator::LabAuthenticator;
 use super::methods::{self, LabMethod};
+use super::runs::RunNodes;
 use crate::api::ControllerHandle;
 use crate::auth::Users;
 
@@ -28,6 +29,7 @@ pub struct LabNodes {
     lab: Arc<Lab>,
     api: ControllerHandle,
     users: Arc<Users>,
+    runs: Mutex<RunNodes>,
 }
 
 impl LabNodes {
@@ -36,14 +38,38 @@ impl LabNodes {
             ns: self.namespace.namespace_index,
         }
     }
+
+    /// The run nodes present under `Lab/Runs`. Lock order: the address space first, then this.
+    pub fn runs(&self) -> &Mutex<RunNodes> {
+        &self.runs
+    }
+
+    /// Makes `Lab/Runs/{run_id}` exist with the run's current values before `SubmitProtocol` returns, so a
+    /// client that browses right after the call finds it (the updater would add it a moment later, once
+    /// the journal's record reaches it).
+    async fn ensure_run_node(&self, space: &RwLock<AddressSpace>, run_id: &str) {
+        if run_id.is_empty() {
+            return;
+        }
+        let Some(info) = self.api.run(run_id).await else {
+            return;
+        };
+        let mut space = space.write();
+        let (added, _removed) = self.runs.lock().ensure(&mut space, self.names(), &info);
+        if added {
+            tracing::debug!(run = %run_id, "opcua: run added by SubmitProtocol");
+        }
+    }
 }
 
-/// The node manager of `urn:labctl:{lab_id}`, for `ServerBuilder::with_node_manager`.
+/// The node manager of `urn:labctl:{lab_id}`, for `ServerBuilder::with_node_manager`; at most
+/// `keep_finished_runs` finished runs keep their nodes under `Lab/Runs`.
 pub fn builder(
     namespace_uri: String,
     lab: Arc<Lab>,
     api: ControllerHandle,
     users: Arc<Users>,
+    keep_finished_runs: usize,
 ) -> impl NodeManagerBuilder {
     InMemoryNodeManagerBuilder::new(move |context: ServerContext, space: &mut AddressSpace| {
         let index = context
@@ -61,6 +87,7 @@ pub fn builder(
             lab,
             api,
             users,
+            runs: Mutex::new(RunNodes::new(keep_finished_runs)),
         }
     })
 }
@@ -82,7 +109,7 @@ impl InMemoryNodeManagerImpl for LabNodes {
     async fn call(
         &self,
         context: &RequestContext,
-        _space: &RwLock<AddressSpace>,
+        space: &RwLock<AddressSpace>,
         methods_to_call: &mut [&mut &mut MethodCall],
     ) -> Result<(), StatusCode> {
         for call in methods_to_call {
@@ -106,6 +133,11 @@ impl InMemoryNodeManagerImpl for LabNodes {
             };
             match methods::call(&self.api, who, method, call.arguments()).await {
                 Ok(outputs) => {
+                    if method == LabMethod::SubmitProtocol
+                        && let Some(Variant::String(run_id)) = outputs.first()
+                    {
+                        self.ensure_run_node(space, run_id.as_ref()).await;
+                    }
                     call.set_outputs(outputs);
                     call.set_status(StatusCode::Good);
                 }

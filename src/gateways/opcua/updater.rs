@@ -11,7 +11,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::address_space::{self as space, Names};
 use super::node_manager::LabNodeManager;
-use crate::api::{ControllerHandle, RunInfo};
+use crate::api::{ControllerHandle, RunInfo, RunState};
 use crate::instruments::{Connection, InstrumentView};
 use crate::journal::Record;
 use crate::world::LabSnapshot;
@@ -25,6 +25,11 @@ pub struct Updater {
     written: HashMap<NodeId, (Variant, StatusCode)>,
     /// Results seen per run, for `ResultCount`.
     results: HashMap<String, u64>,
+}
+
+/// A run state as the journal writes it.
+pub fn parse_state(s: &str) -> Option<RunState> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
 }
 
 fn connection_text(c: &Connection) -> String {
@@ -167,46 +172,60 @@ impl Updater {
         self.write(values);
     }
 
+    /// Adds the run's node unless it is there (see [`super::runs`]).
     fn ensure_run(&mut self, run: &RunInfo) {
-        let added = {
+        let (added, removed) = {
             let mut space = self.manager.address_space().write();
-            space::add_run(&mut space, self.names, run)
+            let mut runs = self.manager.inner().runs().lock();
+            runs.ensure(&mut space, self.names, run)
         };
         if added {
             tracing::debug!(run = %run.run_id, "opcua: run added");
+        }
+        self.forget(&removed);
+    }
+
+    /// The run has reached a final state: the oldest finished runs beyond the limit lose their nodes.
+    fn finished(&mut self, run_id: &str) {
+        let removed = {
+            let mut space = self.manager.address_space().write();
+            let mut runs = self.manager.inner().runs().lock();
+            runs.finished_now(&mut space, self.names, run_id)
+        };
+        self.forget(&removed);
+    }
+
+    fn forget(&mut self, removed: &[String]) {
+        for run_id in removed {
+            tracing::debug!(run = %run_id, "opcua: finished run removed from Lab/Runs");
+            self.results.remove(run_id);
+            for (name, _) in space::RUN_VARIABLES {
+                self.written
+                    .remove(&self.names.id(&space::run_variable(run_id, name)));
+            }
         }
     }
 
     /// Every run the controller knows, with all its variables (at start, and after missing records).
     pub fn apply_runs(&mut self, runs: &[RunInfo]) {
-        let mut values = Vec::new();
         for run in runs {
             self.ensure_run(run);
             self.results.insert(run.run_id.clone(), run.results);
-            let v = |name: &str, value: Variant| {
-                (
-                    space::run_variable(&run.run_id, name),
-                    value,
-                    StatusCode::Good,
-                )
-            };
-            values.extend([
-                v("State", Variant::from(run.state.as_str())),
-                v(
-                    "CurrentStep",
-                    Variant::from(run.current_step.clone().unwrap_or_default()),
-                ),
-                v("SupervisoryJobId", Variant::from(run.proposal_id.as_str())),
-                v("Name", Variant::from(run.name.as_str())),
-                v("SubmittedBy", Variant::from(run.submitted_by.as_str())),
-                v(
-                    "Reason",
-                    Variant::from(run.reason.clone().unwrap_or_default()),
-                ),
-                v("ResultCount", Variant::from(run.results)),
-            ]);
+            let values = space::run_values(run)
+                .into_iter()
+                .map(|(name, value)| {
+                    (
+                        space::run_variable(&run.run_id, name),
+                        value,
+                        StatusCode::Good,
+                    )
+                })
+                .collect();
+            self.write(values);
+            if run.state.is_terminal() {
+                self.finished(&run.run_id);
+            }
         }
-        self.write(values);
     }
 
     pub fn apply_record(&mut self, record: &Record) {
@@ -218,7 +237,7 @@ impl Updater {
                     name: r.name.clone(),
                     planner_id: r.planner_id.clone(),
                     submitted_by: r.submitted_by.clone(),
-                    state: crate::api::RunState::Queued,
+                    state: parse_state(&r.state).unwrap_or(RunState::Queued),
                     current_step: None,
                     reason: None,
                     estimated_duration_s: r.estimated_duration_s,
@@ -263,6 +282,9 @@ impl Updater {
                     values.push(v("CurrentStep", step.clone()));
                 }
                 self.write(values);
+                if parse_state(state).is_some_and(RunState::is_terminal) {
+                    self.finished(run_id);
+                }
             }
             Record::Result {
                 run_id,
@@ -273,6 +295,9 @@ impl Updater {
                 value,
                 ..
             } => {
+                if !self.manager.inner().runs().lock().is_present(run_id) {
+                    return;
+                }
                 let count = self.results.entry(run_id.clone()).or_default();
                 *count += 1;
                 let count = *count;
