@@ -5,6 +5,9 @@
 //! - tick lateness at 100 Hz while 100 instruments stream telemetry (p50/p99/max), beside `cyclictest` at the
 //!   same period when it is installed (Debian `rt-tests`): the machine's floor.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -117,6 +120,11 @@ async fn step_overhead() {
         "step_overhead: submit (validation + dry run on the model) took {:.3} s",
         submitted.as_secs_f64()
     );
+    common::figure(
+        "controller.submit_10k_ms",
+        format!("{:.0}", submitted.as_secs_f64() * 1e3),
+        "ms",
+    );
     let elapsed = elapsed - submitted;
     let per_step = elapsed / steps as u32;
     println!(
@@ -125,10 +133,25 @@ async fn step_overhead() {
         steps as f64 / elapsed.as_secs_f64(),
         per_step.as_secs_f64() * 1e6
     );
+    common::figure(
+        "controller.steps_10k_s",
+        format!("{:.3}", elapsed.as_secs_f64()),
+        "s",
+    );
+    common::figure(
+        "controller.steps_per_s",
+        format!("{:.0}", steps as f64 / elapsed.as_secs_f64()),
+        "/s",
+    );
+    common::figure(
+        "controller.us_per_step",
+        format!("{:.1}", per_step.as_secs_f64() * 1e6),
+        "us",
+    );
     controller.shutdown().await;
 }
 
-async fn tick_lateness(seconds: u64) {
+async fn tick_lateness(seconds: u64) -> u64 {
     let dir = tempfile::tempdir().unwrap();
     let mut lab = Lab::sim();
     let template = lab
@@ -177,56 +200,30 @@ async fn tick_lateness(seconds: u64) {
         "tick_lateness (100 Hz, 100 instruments streaming at 100 Hz, {seconds} s): ticks {} skipped {} p50 {} us p99 {} us max {} us",
         s.ticks, s.skipped, s.p50_us, s.p99_us, s.max_us
     );
+    common::figure("controller.tick_p50_us", s.p50_us, "us");
+    common::figure("controller.tick_p99_us", s.p99_us, "us");
+    common::figure("controller.tick_max_us", s.max_us, "us");
+    common::figure("controller.tick_skipped", s.skipped, "");
+    s.p99_us
 }
 
-fn cyclictest(seconds: u64) {
-    let loops = (seconds * 100).to_string();
-    let out = std::process::Command::new("cyclictest")
-        .args(["-q", "-i", "10000", "-l", &loops, "-h", "20000", "-m"])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {
-            let text = String::from_utf8_lossy(&o.stdout);
-            // Histogram lines: "usec count"; summary lines start with '#'.
-            let mut hist = Vec::new();
-            for line in text.lines() {
-                let mut it = line.split_whitespace();
-                if let (Some(a), Some(b)) = (it.next(), it.next())
-                    && let (Ok(us), Ok(n)) = (a.parse::<u64>(), b.parse::<u64>())
-                {
-                    hist.push((us, n));
-                }
-            }
-            let total: u64 = hist.iter().map(|(_, n)| n).sum();
-            let q = |p: f64| {
-                let mut seen = 0;
-                for (us, n) in &hist {
-                    seen += n;
-                    if seen as f64 >= p * total as f64 {
-                        return *us;
-                    }
-                }
-                0
-            };
-            let max = text
-                .lines()
-                .find(|l| l.starts_with("# Max Latencies"))
-                .unwrap_or("")
-                .trim()
-                .to_owned();
+fn cyclictest(seconds: u64, tick_p99_us: u64) {
+    match common::cyclictest_run(seconds * 100) {
+        Ok(c) => {
             println!(
-                "cyclictest (10 ms period, {seconds} s, same machine): samples {total} p50 {} us p99 {} us; {max}",
-                q(0.5),
-                q(0.99)
+                "cyclictest (10 ms period, {seconds} s, same machine): samples {} p50 {} us p99 {} us max {} us",
+                c.samples, c.p50_us, c.p99_us, c.max_us
+            );
+            common::figure("controller.cyclictest_p50_us", c.p50_us, "us");
+            common::figure("controller.cyclictest_p99_us", c.p99_us, "us");
+            common::figure("controller.cyclictest_max_us", c.max_us, "us");
+            common::figure(
+                "controller.tick_p99_over_cyclictest_p99",
+                format!("{:.2}", tick_p99_us as f64 / c.p99_us.max(1) as f64),
+                "",
             );
         }
-        Ok(o) => println!(
-            "cyclictest failed: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
-        Err(_) => {
-            println!("cyclictest not installed (apt-get install rt-tests) - no floor measured")
-        }
+        Err(e) => println!("cyclictest: {e} - no floor measured"),
     }
 }
 
@@ -296,6 +293,16 @@ async fn estop_latency(rounds: usize) {
         p(0.99).as_secs_f64() * 1e3,
         samples.last().unwrap().as_secs_f64() * 1e3
     );
+    common::figure(
+        "controller.estop_p50_ms",
+        format!("{:.1}", p(0.5).as_secs_f64() * 1e3),
+        "ms",
+    );
+    common::figure(
+        "controller.estop_p99_ms",
+        format!("{:.1}", p(0.99).as_secs_f64() * 1e3),
+        "ms",
+    );
     drop(handles);
     runtime.shutdown().await;
 }
@@ -338,7 +345,7 @@ fn main() {
         rt.block_on(estop_latency(20));
     }
     if want("tick_lateness") {
-        rt.block_on(tick_lateness(seconds));
-        cyclictest(seconds);
+        let p99 = rt.block_on(tick_lateness(seconds));
+        cyclictest(seconds, p99);
     }
 }
