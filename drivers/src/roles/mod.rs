@@ -272,7 +272,22 @@ impl<const N: usize> Continuity<N> {
             None => None,
             Some(last) => jump(last),
         };
-        let confirmed = self.refused.as_ref().is_some_and(|r| jump(r).is_none());
+        // Largest component difference.
+        let distance = |other: &[f64; N]| {
+            (0..N)
+                .map(|i| (value[i] - other[i]).abs())
+                .fold(0.0, f64::max)
+        };
+        // The refused reading is confirmed by this one when this one follows on from it, or lies far
+        // closer to it than to the baseline (the quantity keeps moving fast: a sensor running away must
+        // reach the interlocks, not be hidden as damage). Damage does not repeat itself like that.
+        let confirmed = self.refused.as_ref().is_some_and(|r| {
+            jump(r).is_none()
+                || self
+                    .last
+                    .as_ref()
+                    .is_some_and(|last| 2.0 * distance(&r.0) < distance(&last.0))
+        });
         match verdict {
             Some(reason) if !confirmed => {
                 self.refused = Some((value, sent));
@@ -333,6 +348,17 @@ mod tests {
         let t2 = Instant::now();
         assert_eq!(c.observe([80.1], t2, t2, rate), Ok(()));
         assert_eq!(c.last.map(|(v, _)| v), Some([80.1]));
+        // A quantity that keeps running away faster than physics (a drifting sensor): each reading is
+        // refused once, then believed when the next one is far closer to it than to the baseline.
+        assert!(c.observe([90.0], t2, t2, rate).is_err());
+        assert_eq!(c.observe([92.0], t2, t2, rate), Ok(()));
+        // ...not when the next reading is back at the baseline (the refused one was damage)...
+        assert!(c.observe([9.2], t2, t2, rate).is_err());
+        assert_eq!(c.observe([92.0], t2, t2, rate), Ok(()));
+        // ...nor when it is just as far from both (two damaged readings, or noise on a jump).
+        assert!(c.observe([50.0], t2, t2, rate).is_err());
+        assert!(c.observe([71.0], t2, t2, rate).is_err());
+        assert_eq!(c.last.map(|(v, _)| v), Some([92.0]));
         // Slow enough change over a long time is fine; NaN never is.
         advance(Duration::from_secs(60)).await;
         let t3 = Instant::now();

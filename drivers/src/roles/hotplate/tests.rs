@@ -377,3 +377,25 @@ async fn a_stirrer_speed_printed_with_other_decimals_is_asked_again() {
     .await;
     assert_eq!(seen, vec![500.0, 500.0, 500.0]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_temperature_running_away_faster_than_physics_reaches_the_caller_once_confirmed() {
+    // A sensor fault or a runaway heater: the over-temperature interlock must see it, not a damaged line.
+    let seen = scripted(
+        HotplateOptions::default(),
+        1.0,
+        async |fake| {
+            fake.reply(b"IN_PV_2\r\n", b"122.0 2\r\n").await;
+            fake.reply(b"IN_PV_2\r\n", b"152.0 2\r\n").await;
+            // Asked again: far closer to the refused reading than to the one before it.
+            fake.reply(b"IN_PV_2\r\n", b"153.0 2\r\n").await;
+        },
+        async |h| {
+            let a = h.temperature(Sensor::Hotplate).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            (a, h.temperature(Sensor::Hotplate).await.unwrap())
+        },
+    )
+    .await;
+    assert_eq!(seen, (122.0, 153.0));
+}
