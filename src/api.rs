@@ -149,6 +149,7 @@ pub struct RunInfo {
     pub estimated_duration_s: Option<f64>,
     pub approval_required_because: Vec<String>,
     pub instruments: Vec<String>,
+    /// Results on disk (a result being committed is not counted yet).
     pub results: u64,
 }
 
@@ -212,6 +213,8 @@ pub struct ControllerHandle {
     pub(crate) estop: crate::safety::EStop,
     pub(crate) instruments:
         Arc<std::collections::BTreeMap<String, crate::instruments::InstrumentHandle>>,
+    /// Where the journal lives: runs of earlier processes are read from it.
+    pub(crate) data_dir: std::path::PathBuf,
 }
 
 impl ControllerHandle {
@@ -339,8 +342,33 @@ impl ControllerHandle {
             .unwrap_or_default()
     }
 
+    /// A run of this process, or else of an earlier one (interrupted, finished), as the journal holds it.
     pub async fn run(&self, run_id: &str) -> Option<RunInfo> {
-        self.runs().await.into_iter().find(|r| r.run_id == run_id)
+        if let Some(run) = self.runs().await.into_iter().find(|r| r.run_id == run_id) {
+            return Some(run);
+        }
+        let (dir, id) = (self.data_dir.clone(), run_id.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let conn = crate::journal::open_db(&dir).ok()?;
+            let d = crate::journal::read::run_detail(&conn, &id).ok()??;
+            Some(RunInfo {
+                state: serde_json::from_value(serde_json::Value::String(d.summary.state)).ok()?,
+                run_id: d.summary.run_id,
+                proposal_id: d.summary.proposal_id,
+                name: d.summary.name,
+                planner_id: d.summary.planner_id,
+                submitted_by: d.submitted_by,
+                current_step: d.summary.current_step,
+                reason: d.summary.reason,
+                estimated_duration_s: d.estimated_duration_s,
+                approval_required_because: Vec::new(),
+                instruments: Vec::new(),
+                results: u64::try_from(d.summary.results).unwrap_or(0),
+            })
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// Journal records as they become durable: run states, step events, results.

@@ -166,6 +166,7 @@ pub async fn start(
             lab,
             estop,
             instruments,
+            data_dir: config.data_dir.clone(),
         },
         interrupted,
         tick: Some(tick),
@@ -188,7 +189,7 @@ struct RunEntry {
     estimated_duration_s: Option<f64>,
     approval_required_because: Vec<String>,
     instruments: BTreeSet<String>,
-    /// Results recorded so far (shared with the run task).
+    /// Results on disk so far (raised by the journal as each commits).
     results: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// vessel -> deck position, as the run last reported.
     vessels: BTreeMap<String, String>,
@@ -910,7 +911,7 @@ impl Core {
                 self.estop.clone(),
             ));
             let protocol = Arc::clone(&run.protocol);
-            let results = Arc::clone(&ctx.results);
+            let results = Arc::clone(&ctx.durable_results);
             let task = tokio::spawn(run_protocol(ctx, protocol));
             if let Some(run) = self.runs.get_mut(&id) {
                 run.task = Some(task);

@@ -70,6 +70,9 @@ pub struct RunContext {
     pub estop: crate::safety::EStop,
     /// Results so far; the next result's sequence number is one more. Shared with the controller.
     pub results: Arc<AtomicU64>,
+    /// Results on disk: raised by the journal as each commits; what the API reports, so nobody is told of
+    /// a result a crash could still lose.
+    pub durable_results: Arc<AtomicU64>,
     /// Deck position of each vessel, updated as transfers finish.
     vessels: Mutex<BTreeMap<String, String>>,
 }
@@ -112,6 +115,7 @@ impl RunContext {
             updates,
             estop,
             results: Arc::new(AtomicU64::new(0)),
+            durable_results: Arc::new(AtomicU64::new(0)),
             vessels: Mutex::new(vessels),
         }
     }
@@ -394,16 +398,20 @@ impl RunContext {
             .and_then(|h| h.view().identity)
             .map(|i| serde_json::to_value(i).unwrap_or_default())
             .unwrap_or(serde_json::Value::Null);
-        self.journal.append(Record::Result {
-            run_id: self.run_id.clone(),
+        self.journal.append_counted(
+            Record::Result {
+                run_id: self.run_id.clone(),
+                seq,
+                name: name.to_owned(),
+                step: step.to_owned(),
+                instrument: instrument.to_owned(),
+                identity,
+                value: serde_json::to_value(outcome).unwrap_or_default(),
+                at_ms: now_ms(),
+            },
+            Arc::clone(&self.durable_results),
             seq,
-            name: name.to_owned(),
-            step: step.to_owned(),
-            instrument: instrument.to_owned(),
-            identity,
-            value: serde_json::to_value(outcome).unwrap_or_default(),
-            at_ms: now_ms(),
-        });
+        );
     }
 
     /// A wait is a safe point: a pause takes effect at once, and the rest of the wait follows the resume.

@@ -666,6 +666,16 @@ async fn runs_active_at_a_crash_come_back_interrupted() {
         .await;
     assert!(again.duplicate);
     assert_eq!(again.state, Some(RunState::Interrupted));
+    // Every interface asks the API about the run: it answers from the journal, not "unknown run".
+    let info = rig
+        .api()
+        .run(&runs[0].run_id)
+        .await
+        .expect("a run of the last process");
+    assert_eq!(info.state, RunState::Interrupted);
+    assert_eq!(info.proposal_id, "crash-1");
+    assert_eq!(info.submitted_by, "planner-bo");
+    assert!(rig.api().run("run-0-nonexistent").await.is_none());
     rig.controller.shutdown().await;
 }
 
@@ -906,4 +916,43 @@ async fn an_instrument_still_connecting_at_start_is_confirmed_safe_once_it_conne
         "the hotplate was never reconciled: {:?}",
         reconcile_events(dir.path())
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_result_count_the_api_reports_is_always_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    let weigh = json!({
+        "version": 1,
+        "metadata": { "name": "weigh often", "proposal_id": "count-1", "planner": { "id": "planner-bo" } },
+        "steps": [ { "type": "repeat", "count": 200, "steps": [
+            { "type": "measure", "instrument": "balance", "action": "weigh", "params": {}, "result": "m" } ] } ]
+    });
+    let run = rig
+        .api()
+        .submit(bytes(&weigh), planner())
+        .await
+        .run_id
+        .unwrap();
+    let conn = journal::open_db(dir.path()).unwrap();
+    let mut samples = 0;
+    loop {
+        // The count first, then the disk: the disk may only be ahead.
+        let info = rig.api().run(&run).await.unwrap();
+        let on_disk = journal::read::results(&conn, &run, 0).unwrap().len() as u64;
+        assert!(
+            on_disk >= info.results,
+            "the API reported {} results while the journal held {on_disk}",
+            info.results
+        );
+        samples += 1;
+        // The state changes in memory before the last results commit: keep sampling until all are counted.
+        if info.state.is_terminal() && info.results == 200 {
+            assert_eq!(info.state, RunState::Completed, "{:?}", info.reason);
+            break;
+        }
+        assert!(samples < 1_000_000, "never counted 200 results: {info:?}");
+    }
+    assert!(samples > 1);
+    rig.controller.shutdown().await;
 }

@@ -1324,68 +1324,156 @@ async fn technicians_approve_and_stop_over_mqtt_and_nobody_else_may() {
     rig.stop().await;
 }
 
+/// Starts a rig on the embedded broker or on a fresh mosquitto (kept alive by the returned guard).
+async fn rig_via(via: &str, dir: &Path) -> (Rig, Option<Mosquitto>) {
+    if via == "embedded" {
+        return (rig(dir).await, None);
+    }
+    let mosq = Mosquitto::start(dir, None).await;
+    let rig = rig_on(
+        dir,
+        BrokerChoice::External {
+            url: format!("mqtt://127.0.0.1:{}", mosq.port),
+            credentials: None,
+        },
+    )
+    .await;
+    (rig, Some(mosq))
+}
+
+/// Messages per second one native (rumqttc) publisher gets through the rig's broker to one subscriber.
+async fn ceiling(rig: &Rig, label: &str, qos: QoS, n: usize) -> f64 {
+    let topic = format!("bench/{label}/{qos:?}");
+    let (_sub, mut rx) = client(rig.addr, "watcher", "observer-dev", &[&topic]).await;
+    let mut opts = MqttOptions::new(
+        format!("pub-{label}-{qos:?}"),
+        rig.addr.ip().to_string(),
+        rig.addr.port(),
+    );
+    opts.set_credentials("planner-bo", "planner-dev");
+    opts.set_inflight(100);
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    let (publisher, mut ev) = AsyncClient::new(opts, 1000);
+    ev.set_network_options(net);
+    tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    let payload = vec![b'x'; 200];
+    let t0 = std::time::Instant::now();
+    let topic2 = topic.clone();
+    tokio::spawn(async move {
+        for _ in 0..n {
+            if publisher
+                .publish(&topic2, qos, false, payload.clone())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut got = 0;
+    while got < n {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(_)) => got += 1,
+            _ => break,
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "{label} {qos:?}: {got}/{n} messages in {secs:.2} s: {:.0} msg/s",
+        got as f64 / secs
+    );
+    got as f64 / secs
+}
+
 /// Figures, not a check: `cargo test --release --test mqtt -- --ignored --nocapture broker_ceiling`.
 /// Messages per second one native (rumqttc) publisher gets through to one subscriber, QoS 0 and 1, on the
 /// embedded broker and on mosquitto: the ceiling labctl's result stream is measured against.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn broker_ceiling() {
-    const N: usize = 20_000;
     for via in ["embedded", "mosquitto"] {
         let dir = tempfile::tempdir().unwrap();
-        let mosq;
-        let rig = if via == "embedded" {
-            rig(dir.path()).await
-        } else {
-            mosq = Mosquitto::start(dir.path(), None).await;
-            rig_on(
-                dir.path(),
-                BrokerChoice::External {
-                    url: format!("mqtt://127.0.0.1:{}", mosq.port),
-                    credentials: None,
-                },
-            )
-            .await
-        };
+        let (rig, _mosq) = rig_via(via, dir.path()).await;
         for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
-            let topic = format!("bench/{via}/{qos:?}");
-            let (_sub, mut rx) = client(rig.addr, "watcher", "observer-dev", &[&topic]).await;
-            let mut opts = MqttOptions::new(
-                format!("pub-{via}-{qos:?}"),
-                rig.addr.ip().to_string(),
-                rig.addr.port(),
-            );
-            opts.set_credentials("planner-bo", "planner-dev");
-            opts.set_inflight(100);
-            let mut net = rumqttc::NetworkOptions::new();
-            net.set_tcp_nodelay(true);
-            let (publisher, mut ev) = AsyncClient::new(opts, 1000);
-            ev.set_network_options(net);
-            tokio::spawn(async move { while ev.poll().await.is_ok() {} });
-            let payload = vec![b'x'; 200];
-            let t0 = std::time::Instant::now();
-            let p = publisher.clone();
-            let topic2 = topic.clone();
-            tokio::spawn(async move {
-                for _ in 0..N {
-                    p.publish(&topic2, qos, false, payload.clone())
-                        .await
-                        .unwrap();
-                }
-            });
-            let mut got = 0;
-            while got < N {
-                match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
-                    Ok(Some(_)) => got += 1,
-                    _ => break,
-                }
-            }
-            let secs = t0.elapsed().as_secs_f64();
-            println!(
-                "{via} {qos:?}: {got}/{N} messages in {secs:.2} s: {:.0} msg/s",
-                got as f64 / secs
-            );
+            ceiling(&rig, via, qos, 20_000).await;
         }
+        rig.stop().await;
+    }
+}
+
+/// Figures, not a check: `cargo test --release --test mqtt -- --ignored --nocapture result_stream_rate`.
+/// labctl's own result stream: a 5,000-step weighing protocol on zero-latency fake instruments, each result
+/// journaled (durable group commit) and then published at QoS 1 to `runs/{run_id}/results`; one subscriber
+/// counts them. Beside it, in the same run on the same broker, the QoS 1 ceiling of one native publisher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn result_stream_rate() {
+    const N: usize = 5_000;
+    for via in ["embedded", "mosquitto"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (rig, _mosq) = rig_via(via, dir.path()).await;
+        let (_sub, mut rx) = client(
+            rig.addr,
+            "watcher",
+            "observer-dev",
+            &["labctl/sim/runs/+/results"],
+        )
+        .await;
+        let t0 = std::time::Instant::now();
+        let reply = rig
+            .controller
+            .handle
+            .submit(
+                serde_json::to_vec(&weigh_protocol(&format!("rate-{via}"), N)).unwrap(),
+                labctl::api::Principal::new(
+                    "planner-bo",
+                    labctl_protocols::lab::Role::Planner,
+                    "bench",
+                ),
+            )
+            .await;
+        assert!(reply.accepted, "{reply:?}");
+        if reply.state == Some(labctl::api::RunState::AwaitingApproval) {
+            // More steps than the sim lab approves on its own.
+            let alice = labctl::api::Principal::new(
+                "alice",
+                labctl_protocols::lab::Role::Technician,
+                "bench",
+            );
+            rig.controller
+                .handle
+                .approve(reply.run_id.as_deref().unwrap(), alice)
+                .await
+                .unwrap();
+        }
+        let mut seqs = Vec::with_capacity(N);
+        let mut first = None;
+        while seqs.len() < N {
+            match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+                Ok(Some(p)) => {
+                    first.get_or_insert_with(std::time::Instant::now);
+                    seqs.push(json_of(&p)["seq"].as_u64().unwrap_or(0));
+                }
+                _ => break,
+            }
+        }
+        let last = std::time::Instant::now();
+        let streaming = first.map_or(0.0, |f| (last - f).as_secs_f64());
+        let in_order = seqs.windows(2).all(|w| w[1] == w[0] + 1);
+        println!(
+            "{via}: {}/{N} results, seq 1..{} {}, {:.0} results/s while streaming ({streaming:.2} s), {:.2} s from submit to the last",
+            seqs.len(),
+            seqs.last().copied().unwrap_or(0),
+            if in_order {
+                "in order, no gaps"
+            } else {
+                "OUT OF ORDER OR GAPS"
+            },
+            seqs.len() as f64 / streaming,
+            (last - t0).as_secs_f64()
+        );
+        ceiling(&rig, via, QoS::AtLeastOnce, 20_000).await;
         rig.stop().await;
     }
 }

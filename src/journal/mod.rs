@@ -8,6 +8,7 @@ pub mod read;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -92,7 +93,30 @@ pub enum Record {
 }
 
 enum Op {
-    Append(Record, Option<oneshot::Sender<()>>),
+    Append(Record, Ack),
+}
+
+/// What the writer does once a record is on disk.
+enum Ack {
+    Nothing,
+    /// Wakes a waiter (`append_durable`).
+    Notify(oneshot::Sender<()>),
+    /// Raises a counter to this value (durable result counts, read without asking the writer).
+    Count(Arc<AtomicU64>, u64),
+}
+
+impl Ack {
+    fn committed(self) {
+        match self {
+            Ack::Nothing => {}
+            Ack::Notify(tx) => {
+                let _ = tx.send(());
+            }
+            Ack::Count(counter, value) => {
+                counter.fetch_max(value, Ordering::SeqCst);
+            }
+        }
+    }
 }
 
 /// Sends records to the journal thread. Cheap to clone.
@@ -105,7 +129,18 @@ pub struct JournalHandle {
 impl JournalHandle {
     /// Queues a record; it is committed with the next batch. Never blocks.
     pub fn append(&self, record: Record) {
-        if self.tx.send(Op::Append(record, None)).is_err() {
+        if self.tx.send(Op::Append(record, Ack::Nothing)).is_err() {
+            tracing::error!("journal writer has stopped; record lost");
+        }
+    }
+
+    /// Queues a record; once it is on disk, `counter` is raised to `value` (if it is not above already).
+    pub fn append_counted(&self, record: Record, counter: Arc<AtomicU64>, value: u64) {
+        if self
+            .tx
+            .send(Op::Append(record, Ack::Count(counter, value)))
+            .is_err()
+        {
             tracing::error!("journal writer has stopped; record lost");
         }
     }
@@ -114,7 +149,7 @@ impl JournalHandle {
     pub async fn append_durable(&self, record: Record) -> Result<(), JournalError> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Op::Append(record, Some(tx)))
+            .send(Op::Append(record, Ack::Notify(tx)))
             .map_err(|_| JournalError::Stopped)?;
         rx.await.map_err(|_| JournalError::Stopped)
     }
@@ -222,7 +257,7 @@ pub fn start(conn: Connection) -> JournalHandle {
 const MAX_BATCH: usize = 4096;
 
 fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, publish: broadcast::Sender<Arc<Record>>) {
-    let mut batch: Vec<(Record, Option<oneshot::Sender<()>>)> = Vec::with_capacity(256);
+    let mut batch: Vec<(Record, Ack)> = Vec::with_capacity(256);
     while let Ok(first) = rx.recv() {
         let Op::Append(r, ack) = first;
         batch.push((r, ack));
@@ -239,18 +274,13 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, publish: broadcast::Send
             continue;
         }
         for (record, ack) in batch.drain(..) {
-            if let Some(ack) = ack {
-                let _ = ack.send(());
-            }
+            ack.committed();
             let _ = publish.send(Arc::new(record));
         }
     }
 }
 
-fn commit(
-    conn: &mut Connection,
-    batch: &[(Record, Option<oneshot::Sender<()>>)],
-) -> Result<(), rusqlite::Error> {
+fn commit(conn: &mut Connection, batch: &[(Record, Ack)]) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction()?;
     for (record, _) in batch {
         match record {
