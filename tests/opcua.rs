@@ -19,6 +19,7 @@ use labctl::instruments::fake::FakeInstrument;
 use labctl::instruments::{self, TaskTiming};
 use labctl::safety::EStop;
 use labctl::world::TickConfig;
+use labctl_drivers::DeviceCommand;
 use labctl_protocols::Lab;
 use labctl_simulators::model::VirtualClock;
 use opcua::client::{ClientBuilder, DataChangeCallback, IdentityToken, Session};
@@ -713,6 +714,382 @@ async fn a_run_s_node_exists_as_soon_as_submit_protocol_returns() {
             "submission {i}: {run_id} not there right after SubmitProtocol: {state:?}"
         );
     }
+    rig.controller.shutdown().await;
+}
+
+/// Approves a run awaiting approval and waits until it has completed.
+async fn approve_and_wait(tech: &Client, rig: &Rig, run_id: &str) {
+    let state = call(tech, rig, "ApproveRun", vec![run_id.into()]).await;
+    assert!(state.is_ok(), "{run_id}: {state:?}");
+    wait_for_value(tech, &rig.id(&format!("Lab/Runs/{run_id}/State")), |v| {
+        v == &Variant::from("completed")
+    })
+    .await;
+}
+
+/// Calls a method of an instrument's device node.
+async fn call_device(
+    c: &Client,
+    rig: &Rig,
+    instrument: &str,
+    method: &str,
+    args: Vec<Variant>,
+) -> Result<Vec<Variant>, StatusCode> {
+    let result = c
+        .session
+        .call_one(CallMethodRequest {
+            object_id: rig.id(&format!("Lab/Devices/{instrument}")),
+            method_id: rig.id(&format!("Lab/Devices/{instrument}/{method}")),
+            input_arguments: Some(args),
+        })
+        .await
+        .map_err(|e| e.status())?;
+    if result.status_code.is_good() {
+        Ok(result.output_arguments.unwrap_or_default())
+    } else {
+        Err(result.status_code)
+    }
+}
+
+async fn write_value(c: &Client, node: &NodeId, value: Variant) -> StatusCode {
+    c.session
+        .write(&[opcua::types::WriteValue {
+            node_id: node.clone(),
+            attribute_id: opcua::types::AttributeId::Value as u32,
+            index_range: Default::default(),
+            value: DataValue::new_now(value),
+        }])
+        .await
+        .map(|s| s[0])
+        .unwrap_or_else(|e| e.status())
+}
+
+fn commands(rig: &Rig, instrument: &str) -> Vec<DeviceCommand> {
+    rig.fakes[instrument].log.lock().unwrap().commands.clone()
+}
+
+const TARGET_TEMPERATURE: &str =
+    "Lab/Devices/hotplate/FunctionalUnitSet/hotplate/FunctionSet/temperature_c/TargetValue";
+const TARGET_STIR: &str =
+    "Lab/Devices/hotplate/FunctionalUnitSet/hotplate/FunctionSet/stir_speed_rpm/TargetValue";
+
+/// The hotplate's setpoints are variables a technician writes: the value goes through validation, the
+/// safety envelope and the approval policy as a one-step run; outside the envelope the write is refused
+/// and nothing reaches the instrument; an observer's write is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_technician_writes_setpoints_inside_the_envelope_and_nobody_else_writes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rig = rig(dir.path(), Security::WithNone).await;
+    let pki = dir.path().join("client-pki");
+    let tech = login(&rig, "alice", "technician-dev", &pki).await;
+    let watcher = login(&rig, "watcher", "observer-dev", &pki).await;
+    let planner = login(&rig, "planner-bo", "planner-dev", &pki).await;
+    rig.ns = lab_namespace(&tech).await;
+    let target = rig.id(TARGET_TEMPERATURE);
+
+    // The setpoint sits beside the reading, with its unit, and the envelope a write must stay in.
+    let function = browse_names(
+        &tech,
+        &rig.id("Lab/Devices/hotplate/FunctionalUnitSet/hotplate/FunctionSet/temperature_c"),
+    )
+    .await;
+    assert!(function.contains(&"TargetValue".to_owned()), "{function:?}");
+    let envelope = read(
+        &tech,
+        &rig.id(&format!("{TARGET_TEMPERATURE}/EnvelopeRange")),
+    )
+    .await;
+    let Some(Variant::ExtensionObject(envelope)) = envelope.value else {
+        panic!("EnvelopeRange: {envelope:?}")
+    };
+    let envelope: Box<opcua::types::Range> = envelope.into_inner_as().expect("Range");
+    assert_eq!((envelope.low, envelope.high), (15.0, 120.0));
+    assert!(matches!(read(&tech, &target).await.value, Some(Variant::Double(v)) if v.is_nan()));
+
+    // A technician's write inside the envelope reaches the hotplate, as a run of theirs.
+    assert_eq!(
+        write_value(&tech, &target, Variant::from(45.0)).await,
+        StatusCode::Good
+    );
+    let sent = commands(&rig, "hotplate");
+    assert_eq!(
+        sent.iter()
+            .rev()
+            .find(|c| matches!(c, DeviceCommand::SetTemperature { .. })),
+        Some(&DeviceCommand::SetTemperature {
+            temperature_c: 45.0
+        }),
+        "{sent:?}"
+    );
+    assert_eq!(read(&tech, &target).await.value, Some(Variant::from(45.0)));
+    let runs = rig.controller.handle.runs().await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(
+        (runs[0].submitted_by.as_str(), runs[0].state.as_str()),
+        ("alice", "completed")
+    );
+    assert!(
+        browse_names(&tech, &rig.id("Lab/Runs"))
+            .await
+            .contains(&runs[0].run_id)
+    );
+
+    // Outside the envelope (possible for the instrument, 0-340 °C): refused, nothing sent, no run.
+    assert_eq!(
+        write_value(&tech, &target, Variant::from(150.0)).await,
+        StatusCode::BadOutOfRange
+    );
+    // Beyond the instrument's capabilities: refused as well.
+    assert_eq!(
+        write_value(&tech, &target, Variant::from(400.0)).await,
+        StatusCode::BadOutOfRange
+    );
+    // Not a number: refused by type.
+    assert_ne!(
+        write_value(&tech, &target, Variant::from("hot")).await,
+        StatusCode::Good
+    );
+    assert_eq!(commands(&rig, "hotplate"), sent);
+    assert_eq!(rig.controller.handle.runs().await.len(), 1);
+    assert_eq!(read(&tech, &target).await.value, Some(Variant::from(45.0)));
+
+    // An observer and a planner may read the setpoint, not write it; nothing is sent.
+    for c in [&watcher, &planner] {
+        assert_eq!(
+            write_value(c, &target, Variant::from(50.0)).await,
+            StatusCode::BadUserAccessDenied
+        );
+        assert_eq!(read(c, &target).await.value, Some(Variant::from(45.0)));
+    }
+    assert_eq!(commands(&rig, "hotplate"), sent);
+    assert_eq!(rig.controller.handle.runs().await.len(), 1);
+
+    // Above the lab's auto-approval temperature (60 °C): accepted, but it waits for a technician's
+    // approval like any protocol, and nothing is sent until then.
+    assert_eq!(
+        write_value(&tech, &target, Variant::from(100.0)).await,
+        StatusCode::GoodCompletesAsynchronously
+    );
+    assert_eq!(commands(&rig, "hotplate"), sent);
+    let waiting = rig.controller.handle.runs().await;
+    assert_eq!(waiting.last().unwrap().state.as_str(), "awaiting_approval");
+
+    // The stirrer's setpoint likewise.
+    assert_eq!(
+        write_value(&tech, &rig.id(TARGET_STIR), Variant::from(300.0)).await,
+        StatusCode::Good
+    );
+    assert!(
+        commands(&rig, "hotplate").contains(&DeviceCommand::SetStirSpeed { speed_rpm: 300.0 }),
+        "{:?}",
+        commands(&rig, "hotplate")
+    );
+    assert_eq!(
+        write_value(&tech, &rig.id(TARGET_STIR), Variant::from(1300.0)).await,
+        StatusCode::BadOutOfRange
+    );
+    rig.controller.shutdown().await;
+}
+
+/// Every instrument's actions are methods of its device node, for technicians: each goes through
+/// validation and the safety envelope as a one-step run; outside the envelope the call is refused and
+/// nothing reaches the instrument; observers and planners are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_technician_calls_instrument_methods_inside_the_envelope_and_nobody_else_calls_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rig = rig(dir.path(), Security::WithNone).await;
+    let pki = dir.path().join("client-pki");
+    let tech = login(&rig, "alice", "technician-dev", &pki).await;
+    let watcher = login(&rig, "watcher", "observer-dev", &pki).await;
+    let planner = login(&rig, "planner-bo", "planner-dev", &pki).await;
+    rig.ns = lab_namespace(&tech).await;
+
+    // Each device has the methods of its kind's actions and measurements.
+    for (device, methods) in [
+        ("gantry", &["Home", "MoveTo", "MoveXyz"][..]),
+        ("pump-red", &["Dispense", "StopPump"]),
+        ("balance", &["Tare", "Zero", "Weigh"]),
+        (
+            "hotplate",
+            &[
+                "SetTemperature",
+                "HeaterOff",
+                "SetStirSpeed",
+                "StirOff",
+                "ReadTemperature",
+            ],
+        ),
+        ("spectro", &["Spectrum", "Absorbance"]),
+    ] {
+        let names = browse_names(&tech, &rig.id(&format!("Lab/Devices/{device}"))).await;
+        for m in methods {
+            assert!(
+                names.contains(&(*m).to_owned()),
+                "{device}: {m} not in {names:?}"
+            );
+        }
+    }
+
+    // A measurement answers with its result.
+    let out = call_device(&tech, &rig, "balance", "Weigh", vec![])
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 4, "{out:?}");
+    assert!(text(&out[0]).starts_with("run-"), "{out:?}");
+    assert_eq!(text(&out[1]), "completed", "{out:?}");
+    let result: serde_json::Value = serde_json::from_str(&text(&out[2])).unwrap();
+    assert_eq!(result["mass_g"], 10.5, "{result}");
+    assert!(
+        browse_names(&tech, &rig.id("Lab/Runs"))
+            .await
+            .contains(&text(&out[0]))
+    );
+    let out = call_device(&tech, &rig, "balance", "Tare", vec![])
+        .await
+        .unwrap();
+    assert_eq!(text(&out[1]), "completed", "{out:?}");
+    assert_eq!(text(&out[2]), "");
+    assert!(commands(&rig, "balance").contains(&DeviceCommand::Tare));
+
+    // A gantry move inside the envelope: the dry run finds the gantry not homed at the start of a run, so
+    // it waits for a technician's approval like any such protocol; nothing moves until then.
+    let gantry_before = commands(&rig, "gantry");
+    let out = call_device(
+        &tech,
+        &rig,
+        "gantry",
+        "MoveXyz",
+        vec![10.0.into(), 20.0.into(), 50.0.into()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(text(&out[1]), "awaiting_approval", "{out:?}");
+    assert_eq!(commands(&rig, "gantry"), gantry_before);
+    approve_and_wait(&tech, &rig, &text(&out[0])).await;
+    assert!(
+        commands(&rig, "gantry").iter().any(|c| matches!(c,
+            DeviceCommand::MoveTo { x_mm, y_mm, z_mm, .. } if (*x_mm, *y_mm, *z_mm) == (10.0, 20.0, 50.0))),
+        "{:?}",
+        commands(&rig, "gantry")
+    );
+
+    // Dispensing moves the head above the vessel first, then dispenses.
+    let out = call_device(
+        &tech,
+        &rig,
+        "pump-red",
+        "Dispense",
+        vec!["A1".into(), 300.0.into(), 600.0.into(), 2000.0.into()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(text(&out[1]), "awaiting_approval", "{out:?}");
+    approve_and_wait(&tech, &rig, &text(&out[0])).await;
+    assert!(
+        commands(&rig, "pump-red").contains(&DeviceCommand::Dispense {
+            volume_ul: 300.0,
+            rate_ul_per_min: 600.0
+        }),
+        "{:?}",
+        commands(&rig, "pump-red")
+    );
+    let out = call_device(
+        &tech,
+        &rig,
+        "spectro",
+        "Absorbance",
+        vec!["A1".into(), 520.0.into()],
+    )
+    .await
+    .unwrap();
+    approve_and_wait(&tech, &rig, &text(&out[0])).await;
+    let last: serde_json::Value = serde_json::from_str(
+        &read_string(
+            &tech,
+            &rig.id(&format!("Lab/Runs/{}/LastResult", text(&out[0]))),
+        )
+        .await,
+    )
+    .unwrap();
+    assert_eq!(last["value"]["absorbance"], 0.5, "{last}");
+
+    // A hotplate measurement that needs no approval answers with its result at once.
+    let out = call_device(&tech, &rig, "hotplate", "ReadTemperature", vec![]).await;
+    assert!(out.is_ok(), "{out:?}");
+
+    // Outside the envelope, or beyond what the instrument can do: refused, and nothing is sent.
+    let before: Vec<_> = ["gantry", "pump-red", "balance", "hotplate"]
+        .iter()
+        .map(|i| commands(&rig, i))
+        .collect();
+    let runs = rig.controller.handle.runs().await.len();
+    assert_eq!(
+        call_device(
+            &tech,
+            &rig,
+            "pump-red",
+            "Dispense",
+            vec!["A1".into(), 6000.0.into(), 600.0.into(), 20000.0.into()],
+        )
+        .await,
+        Err(StatusCode::BadOutOfRange)
+    );
+    assert_eq!(
+        call_device(
+            &tech,
+            &rig,
+            "gantry",
+            "MoveXyz",
+            vec![10.0.into(), 20.0.into(), 500.0.into()],
+        )
+        .await,
+        Err(StatusCode::BadOutOfRange)
+    );
+    assert_eq!(
+        call_device(
+            &tech,
+            &rig,
+            "hotplate",
+            "SetTemperature",
+            vec![150.0.into()]
+        )
+        .await,
+        Err(StatusCode::BadOutOfRange)
+    );
+    // An unknown position and an argument of the wrong type are the caller's errors.
+    assert_eq!(
+        call_device(&tech, &rig, "gantry", "MoveTo", vec!["Z99".into()]).await,
+        Err(StatusCode::BadInvalidArgument)
+    );
+    assert_eq!(
+        call_device(
+            &tech,
+            &rig,
+            "hotplate",
+            "SetTemperature",
+            vec!["hot".into()]
+        )
+        .await,
+        Err(StatusCode::BadTypeMismatch)
+    );
+
+    // Observers and planners call none of them.
+    for c in [&watcher, &planner] {
+        assert_eq!(
+            call_device(c, &rig, "balance", "Tare", vec![]).await,
+            Err(StatusCode::BadUserAccessDenied)
+        );
+        assert_eq!(
+            call_device(c, &rig, "hotplate", "SetTemperature", vec![40.0.into()]).await,
+            Err(StatusCode::BadUserAccessDenied)
+        );
+    }
+    let after: Vec<_> = ["gantry", "pump-red", "balance", "hotplate"]
+        .iter()
+        .map(|i| commands(&rig, i))
+        .collect();
+    assert_eq!(after, before);
+    assert_eq!(rig.controller.handle.runs().await.len(), runs);
     rig.controller.shutdown().await;
 }
 

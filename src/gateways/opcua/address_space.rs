@@ -12,6 +12,7 @@ use opcua::types::{
     VariableTypeId, Variant,
 };
 
+use super::devices::{self, DeviceMethod};
 use super::methods::LabMethod;
 use crate::api::RunInfo;
 
@@ -287,6 +288,86 @@ fn build_device(space: &mut AddressSpace, names: Names, instrument: &Instrument)
     names.object(space, &functions, "FunctionSet", &names.id(&unit));
     for q in kind.quantities() {
         build_sensor(space, names, instrument, kind, q, &names.id(&functions));
+    }
+    for (quantity, _) in devices::setpoints(instrument) {
+        if let Some(q) = kind.quantities().iter().find(|q| q.name == quantity) {
+            build_setpoint(space, names, instrument, q);
+        }
+    }
+    // The instrument's actions and measurements, for technicians (see `devices`).
+    let outputs = DeviceMethod::output_arguments();
+    for m in DeviceMethod::of_kind(kind) {
+        let path = devices::method_path(id, m);
+        let mut builder = MethodBuilder::new(&names.id(&path), names.qn(m.name()), m.name())
+            .description(m.description())
+            .executable(true)
+            .user_executable(true)
+            .component_of(device_node.clone());
+        let inputs = m.input_arguments();
+        if !inputs.is_empty() {
+            builder =
+                builder.input_args(space, &names.id(&format!("{path}/InputArguments")), &inputs);
+        }
+        builder = builder.output_args(
+            space,
+            &names.id(&format!("{path}/OutputArguments")),
+            &outputs,
+        );
+        builder.insert(space);
+    }
+}
+
+/// A setpoint: `TargetValue` beside the function's `SensorValue` (a LADS controller function's target),
+/// writable by technicians; a write runs the action that sets it (see `devices`).
+fn build_setpoint(
+    space: &mut AddressSpace,
+    names: Names,
+    instrument: &Instrument,
+    q: &labctl_protocols::capabilities::Quantity,
+) {
+    let id = instrument.id.as_str();
+    let path = devices::target_value(id, q.name);
+    let node = names.id(&path);
+    VariableBuilder::new(
+        &node,
+        names.qn(devices::TARGET_VALUE),
+        devices::TARGET_VALUE,
+    )
+    .description(format!(
+        "{} setpoint ({}): the last one written over OPC UA and accepted; technicians write it",
+        q.description, q.unit
+    ))
+    .data_type(DataTypeId::Double)
+    .value(Variant::from(f64::NAN))
+    .writable()
+    .has_type_definition(VariableTypeId::AnalogItemType)
+    .component_of(names.id(&function(id, q.name)))
+    .insert(space);
+    names.property(
+        space,
+        &format!("{path}/EngineeringUnits"),
+        "EngineeringUnits",
+        DataTypeId::EUInformation,
+        Variant::from(engineering_units(q.unit)),
+        &node,
+    );
+    for (name, range) in [
+        ("EURange", instrument.capabilities.range(q.name)),
+        ("EnvelopeRange", instrument.envelope.range(q.name)),
+    ] {
+        if let Some(range) = range {
+            names.property(
+                space,
+                &format!("{path}/{name}"),
+                name,
+                DataTypeId::Range,
+                Variant::from(opcua::types::Range {
+                    low: range.min,
+                    high: range.max,
+                }),
+                &node,
+            );
+        }
     }
 }
 

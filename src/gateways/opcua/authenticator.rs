@@ -8,6 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use labctl_protocols::lab::Role;
 use opcua::server::ServerEndpoint;
+use opcua::server::address_space::AccessLevel;
 use opcua::server::authenticator::{
     AuthManager, Password, UserToken, user_pass_security_policy_id,
 };
@@ -16,6 +17,7 @@ use opcua::types::{
     UserTokenType,
 };
 
+use super::devices;
 use super::methods::LabMethod;
 use crate::api::Principal;
 use crate::auth::{AuthError, Users};
@@ -91,10 +93,32 @@ impl AuthManager for LabAuthenticator {
         match &method_id.identifier {
             Identifier::String(path) => match LabMethod::from_node_path(path.as_ref()) {
                 Some(method) => self.role(token).is_some_and(|role| method.allowed(role)),
+                // An instrument's action: technicians only.
+                None if devices::is_device_method(path.as_ref()) => {
+                    self.role(token) == Some(Role::Technician)
+                }
                 // Not one of the lab's methods (the server's own, in namespace 0): the stack decides.
                 None => true,
             },
             _ => true,
+        }
+    }
+
+    /// Setpoints are writable by technicians only; every other variable of the lab is read-only anyway.
+    fn effective_user_access_level(
+        &self,
+        token: &UserToken,
+        user_access_level: AccessLevel,
+        node_id: &NodeId,
+    ) -> AccessLevel {
+        match &node_id.identifier {
+            Identifier::String(path)
+                if devices::is_setpoint(path.as_ref())
+                    && self.role(token) != Some(Role::Technician) =>
+            {
+                user_access_level - AccessLevel::CURRENT_WRITE
+            }
+            _ => user_access_level,
         }
     }
 

@@ -4,12 +4,14 @@
 //! - [`address_space`]: the `Lab` object, LADS/DI-shaped, and its node ids.
 //! - [`node_manager`]: the lab's namespace; method calls go to the controller.
 //! - [`methods`]: the `Lab` methods, who may call them, what they answer.
+//! - [`devices`]: instrument actions as device methods and setpoints as writable variables (technicians).
 //! - [`updater`]: keeps values true from the world model and the journal.
 //! - [`authenticator`]: the lab file's users and roles.
 //! - [`settings`]: endpoints, security policies, certificates, limits.
 
 pub mod address_space;
 pub mod authenticator;
+pub mod devices;
 pub mod methods;
 pub mod node_manager;
 pub mod runs;

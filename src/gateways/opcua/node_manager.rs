@@ -6,20 +6,25 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use labctl_protocols::Lab;
+use labctl_protocols::lab::{Instrument, Role};
 use opcua::server::address_space::AddressSpace;
+use opcua::server::address_space::{NodeType, validate_node_write};
 use opcua::server::diagnostics::NamespaceMetadata;
 use opcua::server::node_manager::memory::{
     InMemoryNodeManager, InMemoryNodeManagerBuilder, InMemoryNodeManagerImpl,
 };
-use opcua::server::node_manager::{MethodCall, NodeManagerBuilder, RequestContext, ServerContext};
+use opcua::server::node_manager::{
+    MethodCall, NodeManagerBuilder, RequestContext, ServerContext, WriteNode,
+};
 use opcua::sync::{Mutex, RwLock};
-use opcua::types::{Identifier, StatusCode, Variant};
+use opcua::types::{AttributeId, DataValue, DateTime, Identifier, StatusCode, Variant};
 
 use super::address_space::{self, Names};
 use super::authenticator::LabAuthenticator;
+use super::devices::{self, DeviceMethod};
 use super::methods::{self, LabMethod};
 use super::runs::RunNodes;
-use crate::api::ControllerHandle;
+use crate::api::{ControllerHandle, Principal};
 use crate::auth::Users;
 
 pub type LabNodeManager = InMemoryNodeManager<LabNodes>;
@@ -92,6 +97,92 @@ pub fn builder(
     })
 }
 
+impl LabNodes {
+    /// A device method or setpoint write: the one-step run, as `who` (see `devices`). Its run's node is
+    /// there when this returns.
+    async fn device_command(
+        &self,
+        space: &RwLock<AddressSpace>,
+        who: Principal,
+        instrument: &Instrument,
+        method: DeviceMethod,
+        args: &[Variant],
+    ) -> Result<devices::Done, StatusCode> {
+        if who.role != Role::Technician {
+            tracing::info!(user = %who.name, instrument = %instrument.id, method = method.name(), "opcua: device command refused: technicians only");
+            return Err(StatusCode::BadUserAccessDenied);
+        }
+        let protocol = devices::protocol(&self.lab, instrument, method, args, &who)?;
+        let what = format!("{}/{}", instrument.id, method.name());
+        let done = devices::run(&self.api, who, &what, protocol).await?;
+        self.ensure_run_node(space, &done.run_id).await;
+        Ok(done)
+    }
+
+    /// A write to a setpoint: the technician's value goes through the action that sets it; the variable
+    /// takes the value once the controller has accepted it.
+    async fn write_setpoint(
+        &self,
+        context: &RequestContext,
+        space: &RwLock<AddressSpace>,
+        write: &mut WriteNode,
+        instrument: &Instrument,
+        method: DeviceMethod,
+    ) -> StatusCode {
+        let node_id = write.value().node_id.clone();
+        // The stack's own checks: the session user's access level (technicians only), the data type.
+        {
+            let space = space.read();
+            let type_tree = context.type_tree.read();
+            let Some(node) = space.find(&node_id) else {
+                return StatusCode::BadNodeIdUnknown;
+            };
+            if let Err(status) = validate_node_write(node, context, write.value(), &*type_tree) {
+                return status;
+            }
+        }
+        if write.value().attribute_id != AttributeId::Value {
+            return StatusCode::BadNotWritable;
+        }
+        if write.value().index_range.has_range() {
+            return StatusCode::BadWriteNotSupported;
+        }
+        let Some(who) = LabAuthenticator::principal(&self.users, context.user_token()) else {
+            return StatusCode::BadUserAccessDenied;
+        };
+        let value = write.value().value.value.clone().unwrap_or_default();
+        let Ok(target) = devices::number(std::slice::from_ref(&value), 0) else {
+            return StatusCode::BadTypeMismatch;
+        };
+        let done = match self
+            .device_command(space, who, instrument, method, &[Variant::from(target)])
+            .await
+        {
+            Ok(done) => done,
+            Err(status) => return status,
+        };
+        let status = done.write_status();
+        if status.is_good() {
+            let now = DateTime::now();
+            let value = DataValue {
+                value: Some(Variant::from(target)),
+                status: Some(StatusCode::Good),
+                source_timestamp: Some(now),
+                server_timestamp: Some(now),
+                ..Default::default()
+            };
+            let mut space = space.write();
+            if let Some(NodeType::Variable(variable)) = space.find_mut(&node_id) {
+                variable.set_data_value(value.clone());
+                context
+                    .subscriptions
+                    .notify_data_change([(value, &node_id, AttributeId::Value)].into_iter());
+            }
+        }
+        status
+    }
+}
+
 #[async_trait]
 impl InMemoryNodeManagerImpl for LabNodes {
     async fn init(&self, space: &mut AddressSpace, _context: ServerContext) {
@@ -100,6 +191,34 @@ impl InMemoryNodeManagerImpl for LabNodes {
 
     fn name(&self) -> &str {
         "labctl"
+    }
+
+    /// Writes: setpoints only (technicians); every other variable of the lab is read-only.
+    async fn write(
+        &self,
+        context: &RequestContext,
+        space: &RwLock<AddressSpace>,
+        nodes_to_write: &mut [&mut WriteNode],
+    ) -> Result<(), StatusCode> {
+        for write in nodes_to_write.iter_mut() {
+            let setpoint = match &write.value().node_id.identifier {
+                Identifier::String(path)
+                    if write.value().node_id.namespace == self.namespace.namespace_index =>
+                {
+                    devices::setpoint_at(&self.lab, path.as_ref())
+                }
+                _ => None,
+            };
+            let status = match setpoint {
+                Some((instrument, method)) => {
+                    self.write_setpoint(context, space, write, instrument, method)
+                        .await
+                }
+                None => StatusCode::BadNotWritable,
+            };
+            write.set_status(status);
+        }
+        Ok(())
     }
 
     fn namespaces(&self) -> Vec<NamespaceMetadata> {
@@ -113,15 +232,15 @@ impl InMemoryNodeManagerImpl for LabNodes {
         methods_to_call: &mut [&mut &mut MethodCall],
     ) -> Result<(), StatusCode> {
         for call in methods_to_call {
-            let method = match &call.method_id().identifier {
+            let path = match &call.method_id().identifier {
                 Identifier::String(path)
                     if call.method_id().namespace == self.namespace.namespace_index =>
                 {
-                    LabMethod::from_node_path(path.as_ref())
+                    Some(path.as_ref().to_owned())
                 }
                 _ => None,
             };
-            let Some(method) = method else {
+            let Some(path) = path else {
                 call.set_status(StatusCode::BadMethodInvalid);
                 continue;
             };
@@ -131,17 +250,32 @@ impl InMemoryNodeManagerImpl for LabNodes {
                 call.set_status(StatusCode::BadUserAccessDenied);
                 continue;
             };
-            match methods::call(&self.api, who, method, call.arguments()).await {
-                Ok(outputs) => {
-                    if method == LabMethod::SubmitProtocol
-                        && let Some(Variant::String(run_id)) = outputs.first()
-                    {
-                        self.ensure_run_node(space, run_id.as_ref()).await;
+            if let Some(method) = LabMethod::from_node_path(&path) {
+                match methods::call(&self.api, who, method, call.arguments()).await {
+                    Ok(outputs) => {
+                        if method == LabMethod::SubmitProtocol
+                            && let Some(Variant::String(run_id)) = outputs.first()
+                        {
+                            self.ensure_run_node(space, run_id.as_ref()).await;
+                        }
+                        call.set_outputs(outputs);
+                        call.set_status(StatusCode::Good);
                     }
-                    call.set_outputs(outputs);
-                    call.set_status(StatusCode::Good);
+                    Err(status) => call.set_status(status),
                 }
-                Err(status) => call.set_status(status),
+            } else if let Some((instrument, method)) = devices::method_at(&self.lab, &path) {
+                let status = self
+                    .device_command(space, who, instrument, method, call.arguments())
+                    .await;
+                match status {
+                    Ok(done) => {
+                        call.set_outputs(done.outputs());
+                        call.set_status(StatusCode::Good);
+                    }
+                    Err(status) => call.set_status(status),
+                }
+            } else {
+                call.set_status(StatusCode::BadMethodInvalid);
             }
         }
         Ok(())
