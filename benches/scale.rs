@@ -22,8 +22,7 @@
 //! (each instrument's `last_seen` changing), against the nominal rate (instruments / poll period).
 //!
 //! Environment: `LABCTL_BENCH_SECONDS` (window, default 30), `LABCTL_SCALE_INSTRUMENTS` (default 1000),
-//! `LABCTL_SCALE_POLL_MS` (default 100), `LABCTL_SCALE_SIM_WORKERS` (simulator process threads, default 1),
-//! `LABCTL_SCALE_INTERLOCKS` (`false`: none; default `true`, each copy's five).
+//! `LABCTL_SCALE_POLL_MS` (default 100), `LABCTL_SCALE_SIM_WORKERS` (simulator process threads, default 1).
 
 #[path = "common/mod.rs"]
 mod common;
