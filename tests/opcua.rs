@@ -628,8 +628,9 @@ async fn a_technician_stops_the_lab_and_acknowledges_and_runs_are_controlled_by_
     );
     assert!(rig.controller.handle.snapshot().estop_latched);
     assert!(rig.fakes["hotplate"].log.lock().unwrap().safe_states > 0);
-    // While latched a submission is accepted (as on MQTT) but nothing starts; resuming is refused.
-    let queued = call(
+    // While latched nothing new is accepted (as on every interface): the submission is refused with the
+    // reason in the reply, and nothing moves.
+    let refused = call(
         &tech,
         &rig,
         "SubmitProtocol",
@@ -637,18 +638,18 @@ async fn a_technician_stops_the_lab_and_acknowledges_and_runs_are_controlled_by_
     )
     .await
     .unwrap();
-    assert_eq!(text(&queued[1]), "queued", "{queued:?}");
-    let queued_id = text(&queued[0]);
-    let queued_state = rig.id(&format!("Lab/Runs/{queued_id}/State"));
-    assert_eq!(read_string(&tech, &queued_state).await, "queued");
+    assert_eq!(
+        (text(&refused[0]).as_str(), text(&refused[1]).as_str()),
+        ("", "rejected"),
+        "{refused:?}"
+    );
+    assert!(text(&refused[2]).contains("latched"), "{refused:?}");
     assert!(rig.fakes["gantry"].log.lock().unwrap().commands.is_empty());
 
     call(&tech, &rig, "AcknowledgeEmergencyStop", vec![])
         .await
         .unwrap();
     wait_for_value(&tech, &latched, |v| v == &Variant::from(false)).await;
-    // After the acknowledgement the queued run goes ahead.
-    wait_for_value(&tech, &queued_state, |v| v == &Variant::from("completed")).await;
 
     // Run control by id: unknown runs are not found; a finished run cannot be paused.
     assert_eq!(
