@@ -1417,9 +1417,11 @@ async fn result_stream_rate() {
             rig.addr,
             "watcher",
             "observer-dev",
-            &["labctl/sim/runs/+/results"],
+            &["labctl/sim/runs/+/results", "labctl/sim/status"],
         )
         .await;
+        // The retained status comes back once the later subscription is in place, so the results one is too.
+        next_on(&mut rx, "labctl/sim/status").await;
         let t0 = std::time::Instant::now();
         let reply = rig
             .controller
