@@ -648,6 +648,11 @@ pub async fn run_protocol(ctx: Arc<RunContext>, protocol: Arc<Protocol>) {
             }
         }
     }
+    // Nobody hears that the run ended before its results are on disk: a client that sees `completed`
+    // finds every result in the journal.
+    if let Err(e) = ctx.journal.flush().await {
+        tracing::error!(run_id = %ctx.run_id, error = %e, "journal not flushed at the end of the run");
+    }
     let _ = ctx.updates.send(RunUpdate::Finished {
         run_id: ctx.run_id.clone(),
         end,

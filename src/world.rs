@@ -133,7 +133,14 @@ pub struct LabSnapshot {
 }
 
 #[derive(Resource)]
-struct Interlocks(Vec<(Interlock, bool)>);
+struct Interlocks(Vec<WatchedInterlock>);
+
+struct WatchedInterlock {
+    interlock: Interlock,
+    /// The watched instrument's entity, looked up once: a tick never searches the instruments.
+    instrument: Option<Entity>,
+    tripped: bool,
+}
 
 #[derive(Resource)]
 struct Outputs {
@@ -208,8 +215,9 @@ fn check_interlocks(
     out: Res<Outputs>,
 ) {
     let now = Instant::now();
-    for (il, tripped) in interlocks.0.iter_mut() {
-        let Some(inst) = q.iter().find(|i| i.view.id == il.instrument) else {
+    for watched in interlocks.0.iter_mut() {
+        let (il, tripped) = (&watched.interlock, &mut watched.tripped);
+        let Some(inst) = watched.instrument.and_then(|e| q.get(e).ok()) else {
             continue;
         };
         let facts = InstrumentFacts {
@@ -320,6 +328,7 @@ pub fn start_tick(
     config: TickConfig,
 ) -> TickThread {
     let mut world = World::new();
+    let mut entities = std::collections::HashMap::new();
     for h in instruments {
         let heartbeat = lab
             .instrument(&h.id)
@@ -327,14 +336,24 @@ pub fn start_tick(
             .unwrap_or(Duration::from_secs(5));
         let receiver = h.subscribe();
         let view = receiver.borrow().clone();
-        world.spawn(InstrumentComponent {
-            view,
-            heartbeat,
-            receiver,
-        });
+        let entity = world
+            .spawn(InstrumentComponent {
+                view,
+                heartbeat,
+                receiver,
+            })
+            .id();
+        entities.insert(h.id.clone(), entity);
     }
     world.insert_resource(Interlocks(
-        lab.interlocks.iter().map(|i| (i.clone(), false)).collect(),
+        lab.interlocks
+            .iter()
+            .map(|i| WatchedInterlock {
+                interlock: i.clone(),
+                instrument: entities.get(&i.instrument).copied(),
+                tripped: false,
+            })
+            .collect(),
     ));
     world.insert_resource(TickStats::default());
     world.insert_resource(Outputs {

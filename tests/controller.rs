@@ -919,7 +919,7 @@ async fn an_instrument_still_connecting_at_start_is_confirmed_safe_once_it_conne
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_result_count_the_api_reports_is_always_on_disk() {
+async fn the_result_count_the_api_reports_is_always_on_disk_and_complete_when_the_run_ends() {
     let dir = tempfile::tempdir().unwrap();
     let rig = rig(dir.path()).await;
     let weigh = json!({
@@ -946,12 +946,13 @@ async fn the_result_count_the_api_reports_is_always_on_disk() {
             info.results
         );
         samples += 1;
-        // The state changes in memory before the last results commit: keep sampling until all are counted.
-        if info.state.is_terminal() && info.results == 200 {
+        // A run is reported ended only once all its results are on disk.
+        if info.state.is_terminal() {
             assert_eq!(info.state, RunState::Completed, "{:?}", info.reason);
+            assert_eq!(info.results, 200, "every result counted when the run ends");
+            assert_eq!(on_disk, 200, "every result on disk when the run ends");
             break;
         }
-        assert!(samples < 1_000_000, "never counted 200 results: {info:?}");
     }
     assert!(samples > 1);
     rig.controller.shutdown().await;

@@ -92,8 +92,21 @@ pub enum Record {
     },
 }
 
+// Nearly every op is an Append: boxing the record to shrink the rare Flush would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 enum Op {
     Append(Record, Ack),
+    /// Answers once everything queued before it is on disk.
+    Flush(oneshot::Sender<()>),
+}
+
+impl Op {
+    fn into_entry(self) -> (Option<Record>, Ack) {
+        match self {
+            Op::Append(record, ack) => (Some(record), ack),
+            Op::Flush(tx) => (None, Ack::Notify(tx)),
+        }
+    }
 }
 
 /// What the writer does once a record is on disk.
@@ -143,6 +156,15 @@ impl JournalHandle {
         {
             tracing::error!("journal writer has stopped; record lost");
         }
+    }
+
+    /// Waits until every record queued so far is on disk.
+    pub async fn flush(&self) -> Result<(), JournalError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Flush(tx))
+            .map_err(|_| JournalError::Stopped)?;
+        rx.await.map_err(|_| JournalError::Stopped)
     }
 
     /// Queues a record and waits until it is on disk.
@@ -257,13 +279,12 @@ pub fn start(conn: Connection) -> JournalHandle {
 const MAX_BATCH: usize = 4096;
 
 fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, publish: broadcast::Sender<Arc<Record>>) {
-    let mut batch: Vec<(Record, Ack)> = Vec::with_capacity(256);
+    let mut batch: Vec<(Option<Record>, Ack)> = Vec::with_capacity(256);
     while let Ok(first) = rx.recv() {
-        let Op::Append(r, ack) = first;
-        batch.push((r, ack));
+        batch.push(first.into_entry());
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(Op::Append(r, ack)) => batch.push((r, ack)),
+                Ok(op) => batch.push(op.into_entry()),
                 Err(_) => break,
             }
         }
@@ -275,14 +296,16 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, publish: broadcast::Send
         }
         for (record, ack) in batch.drain(..) {
             ack.committed();
-            let _ = publish.send(Arc::new(record));
+            if let Some(record) = record {
+                let _ = publish.send(Arc::new(record));
+            }
         }
     }
 }
 
-fn commit(conn: &mut Connection, batch: &[(Record, Ack)]) -> Result<(), rusqlite::Error> {
+fn commit(conn: &mut Connection, batch: &[(Option<Record>, Ack)]) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction()?;
-    for (record, _) in batch {
+    for record in batch.iter().filter_map(|(record, _)| record.as_ref()) {
         match record {
             Record::RunCreated(r) => {
                 tx.execute(
