@@ -12,11 +12,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use labctl::api::{Principal, RunState};
-use labctl::controller::{ControllerConfig, start};
+use labctl::controller::start;
 use labctl::instruments::fake::FakeInstrument;
 use labctl::instruments::{self, TaskTiming};
 use labctl::safety::EStop;
-use labctl::world::TickConfig;
 use labctl_protocols::Lab;
 use labctl_protocols::lab::Role;
 use labctl_simulators::model::VirtualClock;
@@ -59,18 +58,7 @@ async fn step_overhead() {
             instruments::spawn(inst.clone(), fake, estop.clone(), timing),
         );
     }
-    let config = ControllerConfig {
-        lab,
-        lab_sha256: "bench".into(),
-        data_dir: dir.path().to_owned(),
-        clock: VirtualClock::new(1.0).unwrap(),
-        step_timeout_floor: Duration::ZERO,
-        tick: TickConfig {
-            period: Duration::from_millis(10),
-            spin: Duration::ZERO,
-        },
-        labware: None,
-    };
+    let config = common::bench_controller_config(lab, dir.path());
     let controller = start(config, handles, estop).await.unwrap();
     let api = controller.handle.clone();
     let mut events = api.events();
@@ -180,18 +168,7 @@ async fn tick_lateness(seconds: u64) -> u64 {
             instruments::spawn(inst, fake, estop.clone(), timing),
         );
     }
-    let config = ControllerConfig {
-        lab,
-        lab_sha256: "bench".into(),
-        data_dir: dir.path().to_owned(),
-        clock: VirtualClock::new(1.0).unwrap(),
-        step_timeout_floor: Duration::ZERO,
-        tick: TickConfig {
-            period: Duration::from_millis(10),
-            spin: Duration::ZERO,
-        },
-        labware: None,
-    };
+    let config = common::bench_controller_config(lab, dir.path());
     let controller = start(config, handles, estop).await.unwrap();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let stats = controller.shutdown().await.unwrap();

@@ -36,10 +36,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{cpu_seconds, figure, thread_stat_path, vm_kb};
-use labctl::controller::{ControllerConfig, start};
+use labctl::controller::start;
 use labctl::instruments::{self, Connection, TaskTiming};
 use labctl::safety::EStop;
-use labctl::world::TickConfig;
 use labctl_drivers::setup::Ports;
 use labctl_drivers::{DriverOptions, Endpoint};
 use labctl_protocols::Lab;
@@ -273,18 +272,7 @@ async fn scale(n: usize, seconds: u64, poll: Duration) {
     assert_eq!(up, handles.len(), "not every instrument came online");
 
     let dir = tempfile::tempdir().unwrap();
-    let config = ControllerConfig {
-        lab: lab.clone(),
-        lab_sha256: "bench".into(),
-        data_dir: dir.path().to_owned(),
-        clock: VirtualClock::new(1.0).unwrap(),
-        step_timeout_floor: Duration::ZERO,
-        tick: TickConfig {
-            period: Duration::from_millis(10),
-            spin: Duration::ZERO,
-        },
-        labware: None,
-    };
+    let config = common::bench_controller_config(lab.clone(), dir.path());
     let controller = start(config, handles.clone(), estop).await.unwrap();
 
     // Readings through the world model: each instrument's `last_seen` changing between the snapshots the

@@ -138,3 +138,23 @@ pub fn thread_stat_path(name: &str) -> Option<String> {
     }
     None
 }
+
+/// The controller configuration every bench runs with: real time, a 100 Hz tick without spinning, no step
+/// timeout floor.
+pub fn bench_controller_config(
+    lab: labctl_protocols::Lab,
+    data_dir: &std::path::Path,
+) -> labctl::controller::ControllerConfig {
+    labctl::controller::ControllerConfig {
+        lab,
+        lab_sha256: "bench".into(),
+        data_dir: data_dir.to_owned(),
+        clock: labctl_simulators::model::VirtualClock::new(1.0).unwrap(),
+        step_timeout_floor: std::time::Duration::ZERO,
+        tick: labctl::world::TickConfig {
+            period: std::time::Duration::from_millis(10),
+            spin: std::time::Duration::ZERO,
+        },
+        labware: None,
+    }
+}
