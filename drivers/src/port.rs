@@ -15,12 +15,13 @@
 //! - the receive buffer is bounded: a device that streams garbage forever costs no memory.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
 use tracing::{debug, trace, warn};
 
@@ -66,6 +67,17 @@ const READ_CHUNK: usize = 512;
 
 /// Unsolicited frames kept for slow subscribers; older ones are lost (the subscriber sees `Lagged`).
 const UNSOLICITED_BACKLOG: usize = 64;
+
+/// How long a reopen waits for the previous task to let go of the device (it finishes queued
+/// transactions first, each bounded by its timeout).
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// How the port task stands ([`Running::state`]).
+const RUNNING: u8 = 0;
+/// Ended on an I/O error or a close.
+const ENDED: u8 = 1;
+/// Ended because the device went away (EOF, EIO, a reset connection).
+const LOST: u8 = 2;
 
 /// Frames are printed at most this long in logs.
 const LOG_FRAME: usize = 96;
@@ -205,8 +217,10 @@ struct Job {
 /// The running task's mailbox and how it ended.
 struct Running {
     jobs: mpsc::Sender<Job>,
-    /// Set by the task before it stops because the device went away.
-    lost: Arc<AtomicBool>,
+    /// [`RUNNING`] until the task decides to stop ([`ENDED`] or [`LOST`]), which it records before
+    /// anyone learns of the end: a caller told "disconnected" must find the port closed, even while the
+    /// task is still letting go of the device.
+    state: Arc<AtomicU8>,
 }
 
 struct Inner {
@@ -215,8 +229,10 @@ struct Inner {
     running: Mutex<Option<Running>>,
     /// Drivers that called [`PortHandle::acquire`] and not yet [`PortHandle::release`].
     users: Mutex<usize>,
-    /// Serialises opening, so two drivers starting at once open the line once.
-    opening: tokio::sync::Mutex<()>,
+    /// Serialises opening, so two drivers starting at once open the line once; holds the last task, which
+    /// a reopen waits for: until it has dropped the device, an exclusive serial lock (TIOCEXCL) or a
+    /// one-client simulator would refuse the new open.
+    opening: tokio::sync::Mutex<Option<JoinHandle<()>>>,
     unsolicited: broadcast::Sender<Frame>,
     stats: Arc<PortStats>,
 }
@@ -250,7 +266,7 @@ impl PortHandle {
                 config,
                 running: Mutex::new(None),
                 users: Mutex::new(0),
-                opening: tokio::sync::Mutex::new(()),
+                opening: tokio::sync::Mutex::new(None),
                 unsolicited,
                 stats: Arc::new(PortStats::default()),
             }),
@@ -292,7 +308,7 @@ impl PortHandle {
     pub fn is_open(&self) -> bool {
         lock(&self.inner.running)
             .as_ref()
-            .is_some_and(|r| !r.jobs.is_closed())
+            .is_some_and(|r| r.state.load(Ordering::Acquire) == RUNNING && !r.jobs.is_closed())
     }
 
     /// Registers a user of the line and opens it if no task runs (first use, or after a disconnect).
@@ -308,13 +324,18 @@ impl PortHandle {
     /// Opens the line if no task runs, without registering a user: a driver that already holds the port
     /// reconnects after a disconnect this way.
     pub async fn ensure_open(&self) -> Result<(), PortError> {
-        let _opening = self.inner.opening.lock().await;
+        let mut previous = self.inner.opening.lock().await;
         if self.is_open() {
             return Ok(());
         }
+        if let Some(task) = previous.take()
+            && tokio::time::timeout(CLOSE_WAIT, task).await.is_err()
+        {
+            warn!(port = %self.name(), "the previous port task still holds the line; opening anyway");
+        }
         let stream = transport::open(&self.inner.endpoint).await?;
         let (jobs, rx) = mpsc::channel(self.inner.config.queue.max(1));
-        let lost = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(AtomicU8::new(RUNNING));
         let task = PortTask {
             name: self.name().to_owned(),
             stream,
@@ -326,11 +347,11 @@ impl PortHandle {
             stats: self.inner.stats.clone(),
             stale_since: None,
             last_rx: None,
-            lost: lost.clone(),
+            state: state.clone(),
         };
         debug!(port = %self.name(), "port opened");
-        tokio::spawn(task.run(rx));
-        *lock(&self.inner.running) = Some(Running { jobs, lost });
+        *previous = Some(tokio::spawn(task.run(rx)));
+        *lock(&self.inner.running) = Some(Running { jobs, state });
         Ok(())
     }
 
@@ -353,8 +374,8 @@ impl PortHandle {
     /// Runs one transaction, after those already queued. Dropping the future does not cancel a
     /// transaction already queued: the port runs it and throws the answer away.
     pub async fn transact(&self, transaction: Transaction) -> Result<Vec<Frame>, PortError> {
-        let (jobs, lost) = match lock(&self.inner.running).as_ref() {
-            Some(r) => (r.jobs.clone(), r.lost.clone()),
+        let (jobs, state) = match lock(&self.inner.running).as_ref() {
+            Some(r) => (r.jobs.clone(), r.state.clone()),
             None => {
                 return Err(PortError::Closed {
                     port: self.name().to_owned(),
@@ -362,7 +383,7 @@ impl PortHandle {
             }
         };
         let ended = || {
-            if lost.load(Ordering::Acquire) {
+            if state.load(Ordering::Acquire) == LOST {
                 PortError::Disconnected {
                     port: self.name().to_owned(),
                 }
@@ -372,6 +393,9 @@ impl PortHandle {
                 }
             }
         };
+        if state.load(Ordering::Acquire) != RUNNING {
+            return Err(ended());
+        }
         let (reply, answer) = oneshot::channel();
         if jobs.send(Job { transaction, reply }).await.is_err() {
             return Err(ended());
@@ -396,7 +420,7 @@ struct PortTask {
     stale_since: Option<Instant>,
     /// When the last byte arrived, to measure quiet.
     last_rx: Option<Instant>,
-    lost: Arc<AtomicBool>,
+    state: Arc<AtomicU8>,
 }
 
 impl PortTask {
@@ -413,7 +437,7 @@ impl PortTask {
                     };
                     if let Some(lost) = fatal {
                         // Before anyone learns of the end, so queued callers report the right cause.
-                        self.lost.store(lost, Ordering::Release);
+                        self.state.store(if lost { LOST } else { ENDED }, Ordering::Release);
                         let _ = job.reply.send(result);
                         break Some("transaction failed");
                     }
@@ -421,7 +445,8 @@ impl PortTask {
                 }
                 read = self.read_more() => {
                     if let Err(error) = read {
-                        self.lost.store(matches!(error, PortError::Disconnected { .. }), Ordering::Release);
+                        let end = if matches!(error, PortError::Disconnected { .. }) { LOST } else { ENDED };
+                        self.state.store(end, Ordering::Release);
                         warn!(port = %self.name, %error, "port lost while idle");
                         break Some("idle read failed");
                     }

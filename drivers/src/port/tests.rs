@@ -1,4 +1,5 @@
 use std::sync::atomic::Ordering;
+use tokio::io::AsyncReadExt as _;
 
 use super::*;
 use crate::testing::{Fake, memory_port};
@@ -352,7 +353,7 @@ fn bare_task() -> PortTask {
         stats: Arc::new(PortStats::default()),
         stale_since: None,
         last_rx: None,
-        lost: Arc::new(AtomicBool::new(false)),
+        state: Arc::new(AtomicU8::new(RUNNING)),
     }
 }
 
@@ -406,4 +407,61 @@ mod framing {
             }
         }
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reopen_waits_until_the_last_task_has_let_go_of_the_device() {
+    // A serial port is exclusive (TIOCEXCL): the new task may open it only once the old one, still
+    // finishing a queued transaction after the last user left, has dropped it.
+    let (port, mut device) = opened().await;
+    port.acquire().await.unwrap();
+    let mut old = device.accept().await.unwrap();
+    let asked = {
+        let port = port.clone();
+        tokio::spawn(async move {
+            port.transact(query(1).timeout(Duration::from_millis(500)))
+                .await
+        })
+    };
+    let mut request = [0u8; 3];
+    old.read_exact(&mut request).await.unwrap();
+    assert_eq!(&request, b"Q1\n");
+    port.release().await;
+    assert!(!port.is_open());
+
+    let reopened = {
+        let port = port.clone();
+        tokio::spawn(async move { port.acquire().await })
+    };
+    let _new = device.accept().await.unwrap();
+    // By the time the new connection exists, the old one is closed: it reads end of file.
+    let mut rest = [0u8; 1];
+    assert_eq!(
+        tokio::time::timeout(Duration::ZERO, old.read(&mut rest))
+            .await
+            .expect("the old connection must already be closed")
+            .unwrap(),
+        0
+    );
+    reopened.await.unwrap().unwrap();
+    let err = asked.await.unwrap().unwrap_err();
+    assert!(matches!(err, PortError::Timeout { .. }), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_told_disconnected_finds_the_port_closed() {
+    // The task records its end before it answers: a driver that reconnects at once must open the
+    // line afresh, not queue on the dying task (which would answer "disconnected" again).
+    let (port, mut device) = opened().await;
+    port.acquire().await.unwrap();
+    let conn = device.accept().await.unwrap();
+    let running = lock(&port.inner.running)
+        .as_ref()
+        .map(|r| r.state.clone())
+        .unwrap();
+    drop(conn);
+    let err = port.transact(query(1)).await.unwrap_err();
+    assert!(matches!(err, PortError::Disconnected { .. }), "{err}");
+    assert_eq!(running.load(Ordering::Acquire), LOST);
+    assert!(!port.is_open());
 }
