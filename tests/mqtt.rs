@@ -101,6 +101,7 @@ async fn client(
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let (tx, rx) = mpsc::unbounded_channel();
     let (conn_tx, mut conn_rx) = mpsc::unbounded_channel();
+    let (sub_tx, mut sub_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
             match eventloop.poll().await {
@@ -111,6 +112,9 @@ async fn client(
                     if tx.send(p).is_err() {
                         return;
                     }
+                }
+                Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                    let _ = sub_tx.send(ack.return_codes);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -128,8 +132,19 @@ async fn client(
     for s in subscriptions {
         client.subscribe(*s, QoS::AtLeastOnce).await.unwrap();
     }
-    // Let the subscriptions land before the test publishes.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The broker has the subscriptions once it acknowledged them: only then may the test publish.
+    for s in subscriptions {
+        let codes = tokio::time::timeout(Duration::from_secs(10), sub_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{user}: no SUBACK for {s} in time"))
+            .expect("event loop alive");
+        assert!(
+            codes
+                .iter()
+                .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
+            "{user}: the broker refused a subscription among {subscriptions:?}: {codes:?}"
+        );
+    }
     (client, rx)
 }
 
@@ -470,12 +485,19 @@ async fn an_mqtt5_submit_is_answered_on_its_response_topic_with_its_correlation_
     opts.set_max_packet_size(Some(8 << 20));
     let (client, mut ev) = Client5::new(opts, 64);
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let (sub_tx, mut sub_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(e) = ev.poll().await {
-            if let Event5::Incoming(Packet::Publish(p)) = e
-                && tx.send(p).is_err()
-            {
-                return;
+            match e {
+                Event5::Incoming(Packet::Publish(p)) => {
+                    if tx.send(p).is_err() {
+                        return;
+                    }
+                }
+                Event5::Incoming(Packet::SubAck(_)) => {
+                    let _ = sub_tx.send(());
+                }
+                _ => {}
             }
         }
     });
@@ -483,7 +505,10 @@ async fn an_mqtt5_submit_is_answered_on_its_response_topic_with_its_correlation_
         .subscribe("test/v5/answers", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(Duration::from_secs(10), sub_rx.recv())
+        .await
+        .expect("SUBACK in time")
+        .expect("event loop alive");
     let props = PublishProperties {
         response_topic: Some("test/v5/answers".into()),
         correlation_data: Some(b"corr-42".to_vec().into()),
