@@ -395,7 +395,7 @@ impl RunContext {
         let identity = self
             .instruments
             .get(instrument)
-            .and_then(|h| h.view().identity)
+            .and_then(|h| h.view().identity.clone())
             .map(|i| serde_json::to_value(i).unwrap_or_default())
             .unwrap_or(serde_json::Value::Null);
         self.journal.append_counted(

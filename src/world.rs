@@ -19,9 +19,9 @@ use crate::safety::interlock::{InstrumentFacts, evaluate};
 /// An instrument entity's latest view.
 #[derive(Component)]
 pub struct InstrumentComponent {
-    pub view: InstrumentView,
+    pub view: Arc<InstrumentView>,
     pub heartbeat: Duration,
-    receiver: watch::Receiver<InstrumentView>,
+    receiver: watch::Receiver<Arc<InstrumentView>>,
 }
 
 /// A run entity as the controller reports it.
@@ -126,7 +126,8 @@ pub struct TickSummary {
 pub struct LabSnapshot {
     pub lab_id: String,
     pub estop_latched: bool,
-    pub instruments: Vec<InstrumentView>,
+    /// Shared with the instrument tasks: publishing a snapshot copies no instrument's data.
+    pub instruments: Vec<Arc<InstrumentView>>,
     pub runs: Vec<RunComponent>,
     pub vessels: Vec<VesselComponent>,
     pub tick: TickSummary,
@@ -151,6 +152,8 @@ struct Outputs {
     lab_id: String,
     changed: bool,
     last_published: Option<Instant>,
+    /// The instrument entities in the order of their ids, as snapshots list them (sorted once, at start).
+    instrument_order: Vec<Entity>,
 }
 
 fn sync_instruments(mut q: Query<&mut InstrumentComponent>, mut out: ResMut<Outputs>) {
@@ -272,12 +275,16 @@ fn publish_snapshot(
     let mut snap = LabSnapshot {
         lab_id: out.lab_id.clone(),
         estop_latched: estop,
-        instruments: instruments.iter().map(|i| i.view.clone()).collect(),
+        instruments: out
+            .instrument_order
+            .iter()
+            .filter_map(|e| instruments.get(*e).ok())
+            .map(|i| i.view.clone())
+            .collect(),
         runs: runs.iter().cloned().collect(),
         vessels: vessels.iter().cloned().collect(),
         tick: stats.summary(),
     };
-    snap.instruments.sort_by(|a, b| a.id.cmp(&b.id));
     snap.runs.sort_by(|a, b| a.run_id.cmp(&b.run_id));
     snap.vessels
         .sort_by(|a, b| (&a.run_id, &a.vessel).cmp(&(&b.run_id, &b.vessel)));
@@ -345,6 +352,10 @@ pub fn start_tick(
             .id();
         entities.insert(h.id.clone(), entity);
     }
+    let mut instrument_order: Vec<(&String, Entity)> =
+        entities.iter().map(|(id, e)| (id, *e)).collect();
+    instrument_order.sort();
+    let instrument_order = instrument_order.into_iter().map(|(_, e)| e).collect();
     world.insert_resource(Interlocks(
         lab.interlocks
             .iter()
@@ -364,6 +375,7 @@ pub fn start_tick(
         lab_id: lab.lab_id.clone(),
         changed: true,
         last_published: None,
+        instrument_order,
     });
     let mut schedule = Schedule::default();
     schedule.add_systems(

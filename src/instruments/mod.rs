@@ -4,6 +4,7 @@
 
 pub mod fake;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use labctl_drivers::{DeviceCommand, DeviceState, DriverError, Identity, Instrument, Outcome};
@@ -67,7 +68,7 @@ pub struct InstrumentHandle {
     pub id: String,
     exec: mpsc::Sender<Exec>,
     safe: mpsc::Sender<SafeRequest>,
-    view: watch::Receiver<InstrumentView>,
+    view: watch::Receiver<Arc<InstrumentView>>,
 }
 
 impl InstrumentHandle {
@@ -97,11 +98,11 @@ impl InstrumentHandle {
         matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(true)))
     }
 
-    pub fn view(&self) -> InstrumentView {
+    pub fn view(&self) -> Arc<InstrumentView> {
         self.view.borrow().clone()
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<InstrumentView> {
+    pub fn subscribe(&self) -> watch::Receiver<Arc<InstrumentView>> {
         self.view.clone()
     }
 }
@@ -134,7 +135,7 @@ pub fn spawn<D: Instrument>(
 ) -> InstrumentHandle {
     let (exec_tx, exec_rx) = mpsc::channel(16);
     let (safe_tx, safe_rx) = mpsc::channel(4);
-    let (view_tx, view_rx) = watch::channel(InstrumentView {
+    let (view_tx, view_rx) = watch::channel(Arc::new(InstrumentView {
         id: config.id.clone(),
         connection: Connection::Connecting,
         identity: None,
@@ -142,7 +143,7 @@ pub fn spawn<D: Instrument>(
         values: Vec::new(),
         last_seen: None,
         busy: false,
-    });
+    }));
     let handle = InstrumentHandle {
         id: config.id.clone(),
         exec: exec_tx,
@@ -169,7 +170,7 @@ async fn run<D: Instrument>(
     timing: TaskTiming,
     mut exec_rx: mpsc::Receiver<Exec>,
     mut safe_rx: mpsc::Receiver<SafeRequest>,
-    view: watch::Sender<InstrumentView>,
+    view: watch::Sender<Arc<InstrumentView>>,
 ) {
     let id = config.id.clone();
     let mut online = false;
@@ -197,7 +198,7 @@ async fn run<D: Instrument>(
                     online = true;
                     backoff = timing.reconnect;
                     last_error.clear();
-                    view.send_modify(|v| {
+                    update(&view, |v| {
                         v.connection = Connection::Online;
                         v.identity = Some(identity);
                         v.last_seen = Some(Instant::now());
@@ -209,7 +210,7 @@ async fn run<D: Instrument>(
                         tracing::warn!(instrument = %id, error = %reason, "cannot connect; retrying with backoff");
                         last_error = reason.clone();
                     }
-                    view.send_modify(|v| v.connection = Connection::Lost(reason));
+                    update(&view, |v| v.connection = Connection::Lost(reason));
                     // Refuse commands while offline, but keep listening so callers never hang.
                     let deadline = tokio::time::sleep(backoff);
                     backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
@@ -253,7 +254,7 @@ async fn run<D: Instrument>(
                 }
             }
             Event::Poll => match driver.poll().await {
-                Ok(t) => view.send_modify(|v| {
+                Ok(t) => update(&view, |v| {
                     v.state = Some(t.state);
                     v.values = t.values;
                     v.last_seen = Some(Instant::now());
@@ -274,13 +275,13 @@ async fn run<D: Instrument>(
                     let _ = req.reply.send(Err(violation.into()));
                     continue;
                 }
-                view.send_modify(|v| v.busy = true);
+                update(&view, |v| v.busy = true);
                 let outcome = tokio::select! {
                     biased;
                     s = safe_rx.recv() => Err(s.flatten()),
                     r = driver.execute(&req.command) => Ok(r),
                 };
-                view.send_modify(|v| v.busy = false);
+                update(&view, |v| v.busy = false);
                 match outcome {
                     Err(done) => {
                         let _ = req.reply.send(Err(CommandError::Interrupted(id.clone())));
@@ -293,7 +294,7 @@ async fn run<D: Instrument>(
                         }
                     }
                     Ok(Ok(o)) => {
-                        view.send_modify(|v| v.last_seen = Some(Instant::now()));
+                        update(&view, |v| v.last_seen = Some(Instant::now()));
                         let _ = req.reply.send(Ok(o));
                     }
                     Ok(Err(e)) => {
@@ -307,9 +308,9 @@ async fn run<D: Instrument>(
 }
 
 /// Marks the instrument lost when the error says the connection is gone; returns whether it did.
-fn lost(view: &watch::Sender<InstrumentView>, e: &DriverError) -> bool {
+fn lost(view: &watch::Sender<Arc<InstrumentView>>, e: &DriverError) -> bool {
     if e.is_connection_lost() {
-        view.send_modify(|v| {
+        update(view, |v| {
             v.connection = Connection::Lost(e.to_string());
             v.state = None;
         });
@@ -317,4 +318,10 @@ fn lost(view: &watch::Sender<InstrumentView>, e: &DriverError) -> bool {
     } else {
         false
     }
+}
+
+/// Changes the published view. The tick and the gateways hold the last view as a shared `Arc`, so the
+/// copy (when one is still held) is made here in the instrument's task, never on the tick.
+fn update(view: &watch::Sender<Arc<InstrumentView>>, change: impl FnOnce(&mut InstrumentView)) {
+    view.send_modify(|v| change(Arc::make_mut(v)));
 }

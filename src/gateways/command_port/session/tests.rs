@@ -62,7 +62,7 @@ impl Fake {
         pump.state = None;
         let snapshot = LabSnapshot {
             lab_id: "sim".into(),
-            instruments: vec![hotplate, pump],
+            instruments: vec![hotplate.into(), pump.into()],
             ..Default::default()
         };
         Fake {
