@@ -488,16 +488,16 @@ async fn an_mqtt5_submit_is_answered_on_its_response_topic_with_its_correlation_
     let (sub_tx, mut sub_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(e) = ev.poll().await {
-            match e {
-                Event5::Incoming(Packet::Publish(p)) => {
-                    if tx.send(p).is_err() {
-                        return;
-                    }
-                }
+            let listened = match e {
+                Event5::Incoming(Packet::Publish(p)) => tx.send(p).is_ok(),
                 Event5::Incoming(Packet::SubAck(_)) => {
                     let _ = sub_tx.send(());
+                    true
                 }
-                _ => {}
+                _ => true,
+            };
+            if !listened {
+                return;
             }
         }
     });
