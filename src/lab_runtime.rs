@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 
-use labctl_drivers::roles::{HotplateOptions, PumpOptions};
+use labctl_drivers::roles::HotplateOptions;
 use labctl_drivers::{DriverOptions, Endpoint, setup::Ports};
 use labctl_protocols::Lab;
 use labctl_protocols::lab::Transport;
@@ -91,7 +91,7 @@ fn simulated_driver_options(warp: f64) -> DriverOptions {
     let real = DriverOptions::default();
     let watchdog_s = (f64::from(real.hotplate.watchdog_s) * warp).clamp(20.0, 1500.0) as u16;
     DriverOptions {
-        pump: PumpOptions { time_scale: warp },
+        time_scale: warp,
         hotplate: HotplateOptions { watchdog_s },
         ..real
     }

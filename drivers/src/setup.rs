@@ -11,25 +11,27 @@ use crate::error::DriverError;
 use crate::instrument::{DeviceCommand, Identity, Instrument, Outcome, Telemetry};
 use crate::port::{PortConfig, PortHandle, frame_line, frame_line_or_cr};
 use crate::roles::{
-    GantryOptions, GrblGantry, HotplateOptions, IkaHotplate, MtSicsBalance, Ne1000Pump,
-    PumpOptions, ScpiSpectro,
+    GantryOptions, GrblGantry, HotplateOptions, IkaHotplate, MtSicsBalance, Ne1000Pump, ScpiSpectro,
 };
 use crate::transport::Endpoint;
 
 /// Driver settings the lab file does not carry.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DriverOptions {
+    /// Seconds of the instruments' own time per real second: a simulated lab's warp factor, 1 for
+    /// hardware. A pump's dispense is polled on it, and the gantry's and hotplate's rate checks follow it.
+    pub time_scale: f64,
     pub gantry: GantryOptions,
     pub hotplate: HotplateOptions,
-    pub pump: PumpOptions,
 }
 
-impl DriverOptions {
-    /// Seconds of the instruments' own time per real second: a simulated lab's warp factor, 1 for hardware.
-    /// The pump options were the first to need it and carry it (so the lab runtime and rigs that set
-    /// them keep working); the gantry's and hotplate's rate checks follow the same clock.
-    pub fn time_scale(&self) -> f64 {
-        self.pump.time_scale
+impl Default for DriverOptions {
+    fn default() -> Self {
+        DriverOptions {
+            time_scale: 1.0,
+            gantry: GantryOptions::default(),
+            hotplate: HotplateOptions::default(),
+        }
     }
 }
 
@@ -140,18 +142,16 @@ pub fn driver_for(
     }
     Ok(match instrument.driver {
         Driver::Grbl => AnyInstrument::Gantry(
-            GrblGantry::new(id, port, options.gantry.clone()).time_scale(options.time_scale()),
+            GrblGantry::new(id, port, options.gantry.clone()).time_scale(options.time_scale),
         ),
         // NE-1000 pumps leave the factory at address 0.
-        Driver::Ne1000 => AnyInstrument::Pump(Ne1000Pump::with_options(
-            id,
-            port,
-            instrument.address.unwrap_or(0),
-            options.pump.clone(),
-        )),
+        Driver::Ne1000 => AnyInstrument::Pump(
+            Ne1000Pump::new(id, port, instrument.address.unwrap_or(0))
+                .time_scale(options.time_scale),
+        ),
         Driver::MtSics => AnyInstrument::Balance(MtSicsBalance::new(id, port)),
         Driver::IkaNamur => AnyInstrument::Hotplate(
-            IkaHotplate::new(id, port, options.hotplate.clone()).time_scale(options.time_scale()),
+            IkaHotplate::new(id, port, options.hotplate.clone()).time_scale(options.time_scale),
         ),
         Driver::ScpiSpectro => AnyInstrument::Spectro(ScpiSpectro::new(id, port)),
     })

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use labctl_drivers::roles::{GantryOptions, HotplateOptions, PumpOptions};
+use labctl_drivers::roles::{GantryOptions, HotplateOptions};
 use labctl_drivers::{AnyInstrument, DriverError, DriverOptions, Endpoint, Ports};
 use labctl_protocols::Lab;
 use labctl_protocols::lab::Transport;
@@ -109,9 +109,7 @@ impl Rig {
                 // Virtual seconds: at warp 50 the device switches off after 12 real seconds of silence.
                 watchdog_s: 600,
             },
-            pump: PumpOptions {
-                time_scale: config.warp,
-            },
+            time_scale: config.warp,
         };
         Rig {
             sim,

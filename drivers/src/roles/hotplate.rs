@@ -32,6 +32,13 @@ const MAX_REPLY: usize = namur::MAX_NAMUR_LINE + 2;
 const MAX_RATE_K_PER_S: f64 = 5.0;
 /// Change allowed between readings however close together: a count of the last printed digit and noise.
 const READING_SLACK_K: f64 = 0.2;
+/// The fastest the stirrer speed reading can change, in rpm per second of the device's time. IKA's motors
+/// soft-start (about 1 s from rest to the 1500 rpm top of an RCT digital) and brake no faster; 5,000 rpm/s
+/// is three times that, and between two polls 100 ms apart still refuses a lost or gained leading digit
+/// (500 read as 1500 or 0).
+const MAX_SPEED_RATE_RPM_PER_S: f64 = 5_000.0;
+/// Speed change allowed between readings however close together (the motor's regulation and the print).
+const SPEED_SLACK_RPM: f64 = 20.0;
 
 /// Decimals of the value a NAMUR reply prints first (`25.3 1` has 1). `None` when it is not a number.
 fn value_decimals(frame: &[u8]) -> Option<usize> {
@@ -76,8 +83,9 @@ pub struct IkaHotplate {
     time_scale: f64,
     /// The decimals the device prints each reading with: vessel, plate, stirrer speed.
     shapes: [LearnedShape; 3],
-    /// Vessel and plate temperatures change no faster than [`MAX_RATE_K_PER_S`].
-    continuity: [Continuity<1>; 2],
+    /// Vessel and plate temperatures change no faster than [`MAX_RATE_K_PER_S`], the stirrer speed no
+    /// faster than [`MAX_SPEED_RATE_RPM_PER_S`] (indexed like `shapes`).
+    continuity: [Continuity<1>; 3],
 }
 
 impl IkaHotplate {
@@ -212,12 +220,15 @@ impl IkaHotplate {
         Ok(temperature_c)
     }
 
-    /// The stirrer speed, held to the decimals the device prints it with (asked once more when not).
+    /// The stirrer speed, held to the decimals the device prints it with and to the rate a motor changes
+    /// speed at (asked once more when not).
     async fn speed(&mut self) -> Result<f64, DriverError> {
         let mut attempts = 0;
         loop {
             attempts += 1;
+            let sent = Instant::now();
             let (reply, frame) = self.query_frame(Command::ReadSpeed, true).await?;
+            let received = Instant::now();
             let speed_rpm = match reply {
                 Reply::Speed { speed_rpm } => speed_rpm,
                 other => {
@@ -226,7 +237,21 @@ impl IkaHotplate {
                         .unexpected("IN_PV_4", format!("{other:?}").as_bytes()));
                 }
             };
-            match self.check_shape(SPEED, "IN_PV_4", &frame) {
+            let scale = self.time_scale;
+            let checked = self.check_shape(SPEED, "IN_PV_4", &frame).and_then(|()| {
+                self.continuity[SPEED]
+                    .observe([speed_rpm], sent, received, |_, longest| {
+                        MAX_SPEED_RATE_RPM_PER_S * longest.as_secs_f64() * scale + SPEED_SLACK_RPM
+                    })
+                    .map_err(|reason| {
+                        self.damaged(
+                            "IN_PV_4",
+                            &frame,
+                            format!("faster than a stirrer motor changes speed: {reason}"),
+                        )
+                    })
+            });
+            match checked {
                 Ok(()) => return Ok(speed_rpm),
                 Err(e) if attempts < 2 => {
                     debug!(instrument = %self.link.id, error = %e, "damaged speed; asking again");

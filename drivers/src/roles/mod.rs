@@ -19,7 +19,7 @@ use labctl_protocols::InstrumentKind;
 pub use balance::MtSicsBalance;
 pub use gantry::{GantryLimits, GantryOptions, GrblGantry};
 pub use hotplate::{HotplateOptions, IkaHotplate};
-pub use pump::{Ne1000Pump, PumpOptions, frame_packet};
+pub use pump::{Ne1000Pump, frame_packet};
 pub use spectro::ScpiSpectro;
 
 use crate::error::DriverError;

@@ -12,7 +12,7 @@ use labctl_protocols::InstrumentKind;
 use tokio::time::{Instant, sleep};
 use tracing::{info, warn};
 
-use super::{Link, retries};
+use super::{Link, retries, sane_time_scale};
 use crate::codec::ne1000::{
     self, Address, Alarm, Command, Data, Direction, DirectionSetting, PumpFloat, RateUnits,
     Request, Response, Status, VolumeUnits,
@@ -34,21 +34,6 @@ const MAX_POLL: Duration = Duration::from_secs(2);
 const MIN_POLL_WARPED: Duration = Duration::from_millis(10);
 /// Slack on top of 1.5x the expected pumping time before a dispense counts as stuck.
 const DISPENSE_MARGIN: Duration = Duration::from_secs(10);
-
-/// Tunables of the pump driver.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PumpOptions {
-    /// How many seconds of the pump's own time pass per real second: 1 for a real pump, a simulated lab's
-    /// warp factor for a simulated one. A dispense is polled on the pump's time, so a warped simulator
-    /// is not left finished and unpolled for seconds of real time.
-    pub time_scale: f64,
-}
-
-impl Default for PumpOptions {
-    fn default() -> Self {
-        PumpOptions { time_scale: 1.0 }
-    }
-}
 
 /// Cuts one `STX ... ETX` reply packet; bytes outside a packet are garbage the codec tells us to skip.
 pub fn frame_packet(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
@@ -72,28 +57,27 @@ pub struct Ne1000Pump {
     /// `None` when the lab file gave an address above 99; `start` refuses it.
     address: Option<Address>,
     requested_address: u8,
-    options: PumpOptions,
+    /// Seconds of the pump's own time per real second (see [`Ne1000Pump::time_scale`]).
+    time_scale: f64,
 }
 
 impl Ne1000Pump {
     /// A pump at `address` on `port`; no I/O until [`Instrument::start`].
     pub fn new(id: &str, port: PortHandle, address: u8) -> Ne1000Pump {
-        Ne1000Pump::with_options(id, port, address, PumpOptions::default())
-    }
-
-    /// A pump with non-default tunables.
-    pub fn with_options(
-        id: &str,
-        port: PortHandle,
-        address: u8,
-        options: PumpOptions,
-    ) -> Ne1000Pump {
         Ne1000Pump {
             link: Link::new(id, port),
             address: Address::new(address),
             requested_address: address,
-            options,
+            time_scale: 1.0,
         }
+    }
+
+    /// How many seconds of the pump's own time pass per real second: 1 for a real pump, a simulated lab's
+    /// warp factor for a simulated one. A dispense is polled on the pump's time, so a warped simulator is
+    /// not left finished and unpolled for seconds of real time.
+    pub fn time_scale(mut self, scale: f64) -> Ne1000Pump {
+        self.time_scale = sane_time_scale(scale);
+        self
     }
 
     fn address(&self) -> Result<Address, DriverError> {
@@ -233,11 +217,7 @@ impl Ne1000Pump {
         self.start_pumping().await?;
 
         // Both the pumping time and the shortest poll follow the pump's clock; the wire does not.
-        let scale = if self.options.time_scale.is_finite() && self.options.time_scale >= 1.0 {
-            self.options.time_scale
-        } else {
-            1.0
-        };
+        let scale = self.time_scale;
         let expected = Duration::try_from_secs_f64(volume_ul / rate_ul_per_min * 60.0 / scale)
             .unwrap_or(Duration::MAX);
         let min_poll = MIN_POLL.div_f64(scale).max(MIN_POLL_WARPED);

@@ -378,6 +378,56 @@ async fn a_stirrer_speed_printed_with_other_decimals_is_asked_again() {
     assert_eq!(seen, vec![500.0, 500.0, 500.0]);
 }
 
+async fn speed(h: &mut IkaHotplate) -> Result<f64, DriverError> {
+    h.speed().await
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stirrer_speed_that_lost_a_digit_is_refused_by_the_motors_rate_and_asked_again() {
+    let seen = scripted(
+        HotplateOptions::default(),
+        1.0,
+        async |fake| {
+            fake.reply(b"IN_PV_4\r\n", b"500.0 4\r\n").await;
+            // `500.0` lost a `0`: the same decimals, 450 rpm slower within a fraction of a second.
+            fake.reply(b"IN_PV_4\r\n", b"50.0 4\r\n").await;
+            fake.reply(b"IN_PV_4\r\n", b"501.0 4\r\n").await;
+        },
+        async |h| (speed(h).await.unwrap(), speed(h).await.unwrap()),
+    )
+    .await;
+    assert_eq!(seen, (500.0, 501.0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stirrer_that_spins_up_at_a_motors_pace_is_read_as_it_goes() {
+    let seen = scripted(
+        HotplateOptions::default(),
+        1.0,
+        async |fake| {
+            fake.reply(b"IN_PV_4\r\n", b"0.0 4\r\n").await;
+            // 1000 rpm one second later: a soft start.
+            fake.reply(b"IN_PV_4\r\n", b"1000.0 4\r\n").await;
+            // Then damaged twice: not a value.
+            fake.reply(b"IN_PV_4\r\n", b"100.0 4\r\n").await;
+            fake.reply(b"IN_PV_4\r\n", b"1100.0 4\r\n").await;
+        },
+        async |h| {
+            let a = speed(h).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let b = speed(h).await.unwrap();
+            (a, b, speed(h).await.unwrap_err())
+        },
+    )
+    .await;
+    assert_eq!((seen.0, seen.1), (0.0, 1000.0));
+    assert!(
+        damaged_reason(&seen.2).contains("faster than a stirrer motor changes speed"),
+        "{}",
+        seen.2
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_temperature_running_away_faster_than_physics_reaches_the_caller_once_confirmed() {
     // A sensor fault or a runaway heater: the over-temperature interlock must see it, not a damaged line.
