@@ -185,7 +185,7 @@ async fn tick_lateness(seconds: u64) -> u64 {
 }
 
 fn cyclictest(seconds: u64, tick_p99_us: u64) {
-    match common::cyclictest_run(seconds * 100) {
+    match common::cyclictest_run(seconds * 100, None) {
         Ok(c) => {
             println!(
                 "cyclictest (10 ms period, {seconds} s, same machine): samples {} p50 {} us p99 {} us max {} us",
@@ -221,6 +221,7 @@ async fn estop_latency(rounds: usize) {
         seed: 1,
         tick_hz: 100.0,
         tick_spin_us: 0,
+        tick_priority: None,
         submit: Vec::new(),
         pty_dir: None,
     };

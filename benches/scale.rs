@@ -15,14 +15,18 @@
 //! socket per line and no system limits to raise. The simulators' wire timing (characters x bits / baud)
 //! is off: their replies come at once, so each line answers as fast as the simulator can.
 //!
-//! Printed: tick lateness (p50/p99/max) over the controller's whole life (start with a safe state sent to
-//! every instrument, the measured window, shutdown), cyclictest beside the load and then alone (the floor),
+//! Printed: tick lateness (p50/p99/max) over the measured window (the tick's statistics restart when it
+//! opens, after the start's safe state to every instrument; the whole life, shutdown included, is printed
+//! beside it), cyclictest beside the load and then alone (the floor),
 //! CPU of the controller process, of its tick thread and of the simulator process over the window, VmHWM,
 //! and the telemetry rate through the world model: readings counted in the snapshots the tick publishes
 //! (each instrument's `last_seen` changing), against the nominal rate (instruments / poll period).
 //!
 //! Environment: `LABCTL_BENCH_SECONDS` (window, default 30), `LABCTL_SCALE_INSTRUMENTS` (default 1000),
-//! `LABCTL_SCALE_POLL_MS` (default 100), `LABCTL_SCALE_SIM_WORKERS` (simulator process threads, default 1).
+//! `LABCTL_SCALE_POLL_MS` (default 100), `LABCTL_SCALE_SIM_WORKERS` (simulator process threads, default 1),
+//! `LABCTL_SCALE_TICK_PRIORITY` (the tick thread's SCHED_FIFO priority, as `labctl run --tick-priority`;
+//! default 80, 0 for normal priority). cyclictest runs at the tick's priority, so the floor is like for
+//! like; with a priority, the normal-priority floor is printed too.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -178,7 +182,7 @@ fn load_average() -> String {
         .unwrap_or_default()
 }
 
-async fn scale(n: usize, seconds: u64, poll: Duration) {
+async fn scale(n: usize, seconds: u64, poll: Duration, priority: Option<u8>) {
     let per_copy = Lab::sim().instruments.len();
     let copies = n.div_ceil(per_copy);
     println!("scale: load average at start {}", load_average());
@@ -272,7 +276,8 @@ async fn scale(n: usize, seconds: u64, poll: Duration) {
     assert_eq!(up, handles.len(), "not every instrument came online");
 
     let dir = tempfile::tempdir().unwrap();
-    let config = common::bench_controller_config(lab.clone(), dir.path());
+    let mut config = common::bench_controller_config(lab.clone(), dir.path());
+    config.tick.realtime_priority = priority;
     let controller = start(config, handles.clone(), estop).await.unwrap();
 
     // Readings through the world model: each instrument's `last_seen` changing between the snapshots the
@@ -308,16 +313,27 @@ async fn scale(n: usize, seconds: u64, poll: Duration) {
     // Settle (the start's safe state to every instrument), then the window.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let tick_stat = thread_stat_path("labctl-tick");
+    println!(
+        "scale: tick thread scheduling: {} (asked for {})",
+        tick_stat
+            .as_deref()
+            .and_then(common::thread_policy)
+            .unwrap_or("unknown"),
+        priority.map_or("normal priority".to_owned(), |p| format!("SCHED_FIFO {p}"))
+    );
     let sim_stat = format!("/proc/{sim_pid}/stat");
     let cpu0 = cpu_seconds("/proc/self/stat").unwrap_or(0.0);
     let tick0 = tick_stat.as_deref().and_then(cpu_seconds).unwrap_or(0.0);
     let sim0 = cpu_seconds(&sim_stat).unwrap_or(0.0);
-    let beside = common::cyclictest_spawn(seconds * 100);
+    let beside = common::cyclictest_spawn(seconds * 100, priority);
     let t0 = Instant::now();
+    controller.restart_tick_stats();
     counting.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     counting.store(false, Ordering::Relaxed);
     let window = t0.elapsed().as_secs_f64();
+    // The tick publishes a snapshot every tick while telemetry flows, so this is the window's last tick.
+    let s = controller.handle.snapshot().tick.clone();
     let cpu = cpu_seconds("/proc/self/stat").unwrap_or(0.0) - cpu0;
     let tick_cpu = tick_stat.as_deref().and_then(cpu_seconds).unwrap_or(0.0) - tick0;
     let sim_cpu = cpu_seconds(&sim_stat).unwrap_or(0.0) - sim0;
@@ -325,9 +341,8 @@ async fn scale(n: usize, seconds: u64, poll: Duration) {
     let up_end = online(&handles);
     let beside = beside.map(|c| tokio::task::block_in_place(|| common::cyclictest_finish(c)));
 
-    let stats = controller.shutdown().await.unwrap();
+    let after = controller.shutdown().await.unwrap().summary();
     observer.abort();
-    let s = stats.summary();
     let hwm = vm_kb("/proc/self/status", "VmHWM:").unwrap_or(0);
     let rss = vm_kb("/proc/self/status", "VmRSS:").unwrap_or(0);
     let readings = readings.load(Ordering::Relaxed);
@@ -335,7 +350,7 @@ async fn scale(n: usize, seconds: u64, poll: Duration) {
     let rate = readings as f64 / window;
 
     println!(
-        "scale: tick at 100 Hz over the controller's life ({} instruments polled every {} ms, {seconds} s window): ticks {} skipped {} p50 {} us p99 {} us max {} us",
+        "scale: tick at 100 Hz over the window ({} instruments polled every {} ms, {seconds} s): ticks {} skipped {} p50 {} us p99 {} us max {} us",
         lab.instruments.len(),
         poll.as_millis(),
         s.ticks,
@@ -349,6 +364,10 @@ async fn scale(n: usize, seconds: u64, poll: Duration) {
     figure("scale.tick_p50_us", s.p50_us, "us");
     figure("scale.tick_p99_us", s.p99_us, "us");
     figure("scale.tick_max_us", s.max_us, "us");
+    println!(
+        "scale: tick from the window's start to the end of shutdown: ticks {} skipped {} p50 {} us p99 {} us max {} us",
+        after.ticks, after.skipped, after.p50_us, after.p99_us, after.max_us
+    );
     println!(
         "scale: CPU over the window: controller process {:.1}% of one core (tick thread {:.2}%, {:.0} us per tick), simulator process {:.1}%",
         100.0 * cpu / window,
@@ -408,8 +427,12 @@ async fn scale(n: usize, seconds: u64, poll: Duration) {
     match beside {
         Some(Ok(c)) => {
             println!(
-                "scale: cyclictest beside the load (10 ms period, {seconds} s): samples {} p50 {} us p99 {} us max {} us",
-                c.samples, c.p50_us, c.p99_us, c.max_us
+                "scale: cyclictest beside the load (10 ms period, {seconds} s, {}): samples {} p50 {} us p99 {} us max {} us",
+                describe(priority),
+                c.samples,
+                c.p50_us,
+                c.p99_us,
+                c.max_us
             );
             figure("scale.cyclictest_beside_p50_us", c.p50_us, "us");
             figure("scale.cyclictest_beside_p99_us", c.p99_us, "us");
@@ -423,11 +446,28 @@ async fn scale(n: usize, seconds: u64, poll: Duration) {
     drop(handles);
     drop(sims.stdin.take());
     let _ = tokio::task::block_in_place(|| sims.wait());
-    match tokio::task::block_in_place(|| common::cyclictest_run(seconds * 100)) {
+    if priority.is_some() {
+        // The floor of an ordinary thread too, for comparison with runs at normal priority.
+        match tokio::task::block_in_place(|| common::cyclictest_run(seconds * 100, None)) {
+            Ok(c) => {
+                println!(
+                    "scale: cyclictest alone after the run (10 ms period, {seconds} s, normal priority): samples {} p50 {} us p99 {} us max {} us",
+                    c.samples, c.p50_us, c.p99_us, c.max_us
+                );
+                figure("scale.cyclictest_normal_p99_us", c.p99_us, "us");
+            }
+            Err(e) => println!("scale: no normal-priority floor measured: {e}"),
+        }
+    }
+    match tokio::task::block_in_place(|| common::cyclictest_run(seconds * 100, priority)) {
         Ok(c) => {
             println!(
-                "scale: cyclictest alone after the run, the floor (10 ms period, {seconds} s): samples {} p50 {} us p99 {} us max {} us",
-                c.samples, c.p50_us, c.p99_us, c.max_us
+                "scale: cyclictest alone after the run, the floor (10 ms period, {seconds} s, {}): samples {} p50 {} us p99 {} us max {} us",
+                describe(priority),
+                c.samples,
+                c.p50_us,
+                c.p99_us,
+                c.max_us
             );
             figure("scale.cyclictest_p50_us", c.p50_us, "us");
             figure("scale.cyclictest_p99_us", c.p99_us, "us");
@@ -450,6 +490,11 @@ async fn scale(n: usize, seconds: u64, poll: Duration) {
     println!("scale: load average at the end {}", load_average());
 }
 
+/// How a thread was scheduled, for the printed figures.
+fn describe(priority: Option<u8>) -> String {
+    priority.map_or("normal priority".to_owned(), |p| format!("SCHED_FIFO {p}"))
+}
+
 fn main() {
     if let Ok(copies) = std::env::var("LABCTL_SCALE_SIMS") {
         serve_sims(copies.parse().unwrap());
@@ -459,10 +504,12 @@ fn main() {
     let n = env_or("LABCTL_SCALE_INSTRUMENTS", 1000usize);
     let seconds = env_or("LABCTL_BENCH_SECONDS", 30u64);
     let poll = Duration::from_millis(env_or("LABCTL_SCALE_POLL_MS", 100u64));
+    // 0: normal priority.
+    let priority = Some(env_or("LABCTL_SCALE_TICK_PRIORITY", 80u8)).filter(|p| *p > 0);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(scale(n, seconds, poll));
+    rt.block_on(scale(n, seconds, poll, priority));
 }

@@ -72,6 +72,13 @@ impl Controller {
         let _ = (&mut self.task).await;
         self.tick.take().and_then(TickThread::stop)
     }
+
+    /// Starts the tick's lateness statistics afresh (what the snapshots and `shutdown` report from then).
+    pub fn restart_tick_stats(&self) {
+        if let Some(tick) = &self.tick {
+            tick.restart_stats();
+        }
+    }
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {

@@ -79,6 +79,15 @@ impl Default for TickStats {
 }
 
 impl TickStats {
+    /// Back to no ticks recorded, in place (no allocation on the tick thread).
+    fn clear(&mut self) {
+        self.buckets.fill(0);
+        self.over = 0;
+        self.ticks = 0;
+        self.skipped = 0;
+        self.max = Duration::ZERO;
+    }
+
     fn record(&mut self, lateness: Duration) {
         self.ticks += 1;
         self.max = self.max.max(lateness);
@@ -296,6 +305,8 @@ fn publish_snapshot(
 /// The running tick thread.
 pub struct TickThread {
     stop: Arc<AtomicBool>,
+    /// Asks the tick to start its lateness statistics afresh (at its next tick).
+    restart_stats: Arc<AtomicBool>,
     join: Option<std::thread::JoinHandle<TickStats>>,
 }
 
@@ -304,6 +315,12 @@ impl TickThread {
     pub fn stop(mut self) -> Option<TickStats> {
         self.stop.store(true, Ordering::SeqCst);
         self.join.take().and_then(|j| j.join().ok())
+    }
+
+    /// Starts the lateness statistics afresh from the next tick, so a measurement window leaves out the
+    /// start (connects, the safe state sent to every instrument).
+    pub fn restart_stats(&self) {
+        self.restart_stats.store(true, Ordering::Relaxed);
     }
 }
 
@@ -317,6 +334,20 @@ pub struct TickConfig {
     pub period: Duration,
     /// Spin this long before each deadline instead of sleeping (trades a core for lower jitter).
     pub spin: Duration,
+    /// Run the tick thread under `SCHED_FIFO` at this priority (1-99), ahead of every ordinary thread:
+    /// the I/O tasks, the gateways and anything else on the machine then wait for the tick, not the
+    /// reverse. Needs `CAP_SYS_NICE` (or root); without it the tick runs at normal priority and says so.
+    pub realtime_priority: Option<u8>,
+}
+
+impl Default for TickConfig {
+    fn default() -> Self {
+        TickConfig {
+            period: Duration::from_millis(10),
+            spin: Duration::ZERO,
+            realtime_priority: None,
+        }
+    }
 }
 
 /// Channels the tick feeds.
@@ -388,26 +419,47 @@ pub fn start_tick(
             .chain(),
     );
     let stop = Arc::new(AtomicBool::new(false));
-    let stop_flag = Arc::clone(&stop);
+    let restart_stats = Arc::new(AtomicBool::new(false));
+    let flags = TickFlags {
+        stop: Arc::clone(&stop),
+        restart_stats: Arc::clone(&restart_stats),
+    };
     let join = std::thread::Builder::new()
         .name("labctl-tick".into())
-        .spawn(move || tick_loop(world, schedule, config, stop_flag))
+        .spawn(move || tick_loop(world, schedule, config, flags))
         .expect("spawning the tick thread");
     TickThread {
         stop,
+        restart_stats,
         join: Some(join),
     }
+}
+
+/// What the owner of the tick thread can ask of it.
+struct TickFlags {
+    stop: Arc<AtomicBool>,
+    restart_stats: Arc<AtomicBool>,
 }
 
 fn tick_loop(
     mut world: World,
     mut schedule: Schedule,
     config: TickConfig,
-    stop: Arc<AtomicBool>,
+    flags: TickFlags,
 ) -> TickStats {
+    if let Some(priority) = config.realtime_priority {
+        match realtime::make_current_thread_fifo(priority) {
+            Ok(()) => tracing::info!(priority, "tick thread runs under SCHED_FIFO"),
+            Err(e) => tracing::warn!(
+                priority,
+                error = %e,
+                "tick thread stays at normal priority (SCHED_FIFO needs CAP_SYS_NICE)"
+            ),
+        }
+    }
     let period = config.period;
     let mut deadline = Instant::now() + period;
-    while !stop.load(Ordering::Relaxed) {
+    while !flags.stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if now < deadline {
             let remaining = deadline - now;
@@ -422,6 +474,9 @@ fn tick_loop(
         let lateness = woke.saturating_duration_since(deadline);
         {
             let mut stats = world.resource_mut::<TickStats>();
+            if flags.restart_stats.swap(false, Ordering::Relaxed) {
+                stats.clear();
+            }
             stats.record(lateness);
         }
         schedule.run(&mut world);
@@ -438,9 +493,84 @@ fn tick_loop(
     world.remove_resource::<TickStats>().unwrap_or_default()
 }
 
+mod realtime {
+    /// Moves the calling thread to `SCHED_FIFO` at `priority` (1-99).
+    pub fn make_current_thread_fifo(priority: u8) -> std::io::Result<()> {
+        let param = libc::sched_param {
+            sched_priority: i32::from(priority.clamp(1, 99)),
+        };
+        // SAFETY: `param` is a valid sched_param for the call; pid 0 is the calling thread.
+        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The policy of this process's thread named `name` (field 41 of its stat), once it exists.
+    fn policy_of(name: &str) -> Option<u32> {
+        for entry in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            let dir = entry.path();
+            if std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == name) {
+                let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+                return stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(38)?
+                    .parse()
+                    .ok();
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_tick_given_a_realtime_priority_runs_under_sched_fifo_where_allowed() {
+        // Whether this process may use SCHED_FIFO at all (root or CAP_SYS_NICE), asked on a probe thread.
+        let allowed = std::thread::spawn(|| realtime::make_current_thread_fifo(10))
+            .join()
+            .unwrap();
+        let (trips, _trips) = mpsc::unbounded_channel();
+        let (snapshot, _snapshots) = watch::channel(Arc::new(LabSnapshot::default()));
+        let (_updates, run_updates) = mpsc::unbounded_channel();
+        let io = TickIo {
+            trips,
+            snapshot,
+            run_updates,
+            estop: EStop::default(),
+        };
+        let config = TickConfig {
+            realtime_priority: Some(10),
+            ..TickConfig::default()
+        };
+        let tick = start_tick(&Lab::sim(), &[], io, config);
+        let mut policy = None;
+        for _ in 0..200 {
+            policy = policy_of("labctl-tick");
+            if policy == Some(libc::SCHED_FIFO as u32) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // It keeps ticking under the new policy.
+        std::thread::sleep(Duration::from_millis(200));
+        let stats = tick.stop().expect("the tick thread's statistics");
+        assert!(stats.ticks > 0);
+        match allowed {
+            Ok(()) => assert_eq!(policy, Some(libc::SCHED_FIFO as u32)),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+                assert_eq!(policy, Some(libc::SCHED_OTHER as u32));
+            }
+        }
+    }
 
     #[test]
     fn quantiles_come_from_the_recorded_lateness() {
@@ -454,5 +584,12 @@ mod tests {
         s.record(Duration::from_millis(50));
         assert_eq!(s.over, 1);
         assert_eq!(s.max, Duration::from_millis(50));
+        s.clear();
+        s.record(Duration::from_micros(7));
+        assert_eq!((s.ticks, s.over, s.skipped), (1, 0, 0));
+        assert_eq!(
+            (s.quantile(0.99), s.max),
+            (Duration::from_micros(7), Duration::from_micros(7))
+        );
     }
 }

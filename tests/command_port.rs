@@ -45,6 +45,7 @@ async fn rig(dir: &Path) -> Rig {
         tick: TickConfig {
             period: Duration::from_millis(10),
             spin: Duration::ZERO,
+            realtime_priority: None,
         },
         labware: None,
     };

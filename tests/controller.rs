@@ -65,6 +65,7 @@ async fn rig_prepared(
         tick: TickConfig {
             period: Duration::from_millis(10),
             spin: Duration::ZERO,
+            realtime_priority: None,
         },
         labware: None,
     };

@@ -57,6 +57,7 @@ async fn rig_on(dir: &Path, broker: BrokerChoice) -> Rig {
         tick: TickConfig {
             period: Duration::from_millis(10),
             spin: Duration::ZERO,
+            realtime_priority: None,
         },
         labware: None,
     };

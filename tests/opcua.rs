@@ -65,6 +65,7 @@ async fn rig_with(dir: &Path, security: Security, keep_finished_runs: usize) -> 
         tick: TickConfig {
             period: Duration::from_millis(10),
             spin: Duration::ZERO,
+            realtime_priority: None,
         },
         labware: None,
     };

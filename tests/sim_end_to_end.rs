@@ -24,6 +24,7 @@ fn args(data: &std::path::Path) -> RunArgs {
         seed: 7,
         tick_hz: 100.0,
         tick_spin_us: 0,
+        tick_priority: None,
         submit: Vec::new(),
         pty_dir: None,
     }
@@ -48,6 +49,7 @@ async fn dye_mix_on_the_simulated_lab() {
         tick: TickConfig {
             period: Duration::from_millis(10),
             spin: Duration::ZERO,
+            realtime_priority: None,
         },
         labware: runtime.labware_loader(),
     };
@@ -151,6 +153,7 @@ async fn emergency_stop_during_motion_and_heating_on_the_simulated_lab() {
         tick: TickConfig {
             period: Duration::from_millis(10),
             spin: Duration::ZERO,
+            realtime_priority: None,
         },
         labware: runtime.labware_loader(),
     };

@@ -23,8 +23,11 @@ pub struct Cyclic {
 
 /// The cyclictest command the benches run: one thread, 10 ms period, `loops` wake-ups, histogram to
 /// 20 ms, memory locked (Debian `rt-tests`).
-pub fn cyclictest_command(loops: u64) -> Command {
+pub fn cyclictest_command(loops: u64, priority: Option<u8>) -> Command {
     let mut c = Command::new("cyclictest");
+    if let Some(p) = priority {
+        c.args(["-p", &p.to_string()]);
+    }
     c.args([
         "-q",
         "-i",
@@ -40,8 +43,9 @@ pub fn cyclictest_command(loops: u64) -> Command {
 }
 
 /// Starts cyclictest in the background (to run beside a load); `None` when it is not installed.
-pub fn cyclictest_spawn(loops: u64) -> Option<Child> {
-    cyclictest_command(loops).spawn().ok()
+/// With `priority`, its thread runs under SCHED_FIFO at that priority (as a tick with one does).
+pub fn cyclictest_spawn(loops: u64, priority: Option<u8>) -> Option<Child> {
+    cyclictest_command(loops, priority).spawn().ok()
 }
 
 /// Waits for a background cyclictest and reads its histogram.
@@ -54,8 +58,8 @@ pub fn cyclictest_finish(child: Child) -> Result<Cyclic, String> {
 }
 
 /// Runs cyclictest in the foreground for `loops` periods of 10 ms.
-pub fn cyclictest_run(loops: u64) -> Result<Cyclic, String> {
-    let child = cyclictest_spawn(loops)
+pub fn cyclictest_run(loops: u64, priority: Option<u8>) -> Result<Cyclic, String> {
+    let child = cyclictest_spawn(loops, priority)
         .ok_or_else(|| "cyclictest not installed (apt-get install rt-tests)".to_owned())?;
     cyclictest_finish(child)
 }
@@ -129,6 +133,19 @@ pub fn vm_kb(status_path: &str, key: &str) -> Option<u64> {
 }
 
 /// The `/proc/self/task/<tid>/stat` of this process's thread named `name`.
+/// The scheduling policy of a thread from its `/proc/.../stat` (field 41): "SCHED_FIFO" or "normal".
+pub fn thread_policy(stat_path: &str) -> Option<&'static str> {
+    let text = std::fs::read_to_string(stat_path).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = text.rsplit_once(')')?.1;
+    let policy: u32 = rest.split_whitespace().nth(38)?.parse().ok()?;
+    Some(match policy {
+        1 => "SCHED_FIFO",
+        2 => "SCHED_RR",
+        _ => "normal",
+    })
+}
+
 pub fn thread_stat_path(name: &str) -> Option<String> {
     for entry in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         let dir = entry.path();
@@ -154,6 +171,7 @@ pub fn bench_controller_config(
         tick: labctl::world::TickConfig {
             period: std::time::Duration::from_millis(10),
             spin: std::time::Duration::ZERO,
+            realtime_priority: None,
         },
         labware: None,
     }

@@ -58,6 +58,10 @@ pub struct RunArgs {
     /// Spin this many microseconds before each tick deadline instead of sleeping (lower jitter, burns CPU).
     #[arg(long, default_value_t = 0)]
     pub tick_spin_us: u64,
+    /// Run the tick thread under SCHED_FIFO at this priority (1-99), ahead of every ordinary thread.
+    /// Needs CAP_SYS_NICE (or root); without it the tick stays at normal priority and the log says so.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub tick_priority: Option<u8>,
     /// Submit these protocols at start, as the local operator (a technician at this machine).
     #[arg(long)]
     pub submit: Vec<PathBuf>,
@@ -176,6 +180,7 @@ async fn run_async(
         tick: TickConfig {
             period: Duration::from_secs_f64(1.0 / args.tick_hz),
             spin: Duration::from_micros(args.tick_spin_us),
+            realtime_priority: args.tick_priority,
         },
         labware: runtime.labware_loader(),
     };
