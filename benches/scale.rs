@@ -313,6 +313,7 @@ async fn scale(n: usize, seconds: u64, poll: Duration, priority: Option<u8>) {
     // Settle (the start's safe state to every instrument), then the window.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let tick_stat = thread_stat_path("labctl-tick");
+    figure("scale.tick_priority", priority.unwrap_or(0), "");
     println!(
         "scale: tick thread scheduling: {} (asked for {})",
         tick_stat
