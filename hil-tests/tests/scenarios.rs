@@ -233,12 +233,11 @@ fn sigkill_and_restart() {
     sigkill_scenario(false);
 }
 
-/// The same with `RUN:STAT?`'s result count taken as an acknowledgement. Finding (a race, seen once in
-/// three runs): `RUN:STAT?` said 1 result, SIGKILL came right after, and the restarted journal held 0;
-/// the count is the controller's in-memory one and may run ahead of the journal's commit (the `result`
-/// lines on stdout, printed after the commit, never were).
+/// The same with `RUN:STAT?`'s result count taken as an acknowledgement: every result it counted must be
+/// in the restarted journal. (This scenario found that the count once ran ahead of the journal's commit:
+/// `RUN:STAT?` said 1 result, SIGKILL came right after, and the restarted journal held 0. The count is now
+/// raised as each result commits.)
 #[test]
-#[ignore = "finding: RUN:STAT? may count a result before it is durable (a race; see the doc comment)"]
 fn sigkill_after_run_stat_counted_a_result() {
     sigkill_scenario(true);
 }
