@@ -320,7 +320,7 @@ async fn scale(n: usize, seconds: u64, poll: Duration, priority: Option<u8>) {
             .as_deref()
             .and_then(common::thread_policy)
             .unwrap_or("unknown"),
-        priority.map_or("normal priority".to_owned(), |p| format!("SCHED_FIFO {p}"))
+        describe(priority)
     );
     let sim_stat = format!("/proc/{sim_pid}/stat");
     let cpu0 = cpu_seconds("/proc/self/stat").unwrap_or(0.0);

@@ -132,7 +132,6 @@ pub fn vm_kb(status_path: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// The `/proc/self/task/<tid>/stat` of this process's thread named `name`.
 /// The scheduling policy of a thread from its `/proc/.../stat` (field 41): "SCHED_FIFO" or "normal".
 pub fn thread_policy(stat_path: &str) -> Option<&'static str> {
     let text = std::fs::read_to_string(stat_path).ok()?;
@@ -146,6 +145,7 @@ pub fn thread_policy(stat_path: &str) -> Option<&'static str> {
     })
 }
 
+/// The `/proc/self/task/<tid>/stat` of this process's thread named `name`.
 pub fn thread_stat_path(name: &str) -> Option<String> {
     for entry in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         let dir = entry.path();

@@ -40,6 +40,15 @@ const MAX_SPEED_RATE_RPM_PER_S: f64 = 5_000.0;
 /// Speed change allowed between readings however close together (the motor's regulation and the print).
 const SPEED_SLACK_RPM: f64 = 20.0;
 
+/// How fast a reading can physically change: `per_s` per second of the device's time, plus `slack` however
+/// close together two readings are; `what` names the physics in the error.
+#[derive(Debug, Clone, Copy)]
+struct RateLimit {
+    per_s: f64,
+    slack: f64,
+    what: &'static str,
+}
+
 /// Decimals of the value a NAMUR reply prints first (`25.3 1` has 1). `None` when it is not a number.
 fn value_decimals(frame: &[u8]) -> Option<usize> {
     let text = std::str::from_utf8(frame).ok()?;
@@ -206,18 +215,44 @@ impl IkaHotplate {
         };
         let index = sensor_index(sensor);
         self.check_shape(index, &command, &frame)?;
-        let scale = self.time_scale;
-        let jump = self.continuity[index].observe([temperature_c], sent, received, |_, longest| {
-            MAX_RATE_K_PER_S * longest.as_secs_f64() * scale + READING_SLACK_K
-        });
-        if let Err(reason) = jump {
-            return Err(self.damaged(
-                &command,
-                &frame,
-                format!("faster than a hotplate heats or cools: {reason}"),
-            ));
-        }
+        let limit = RateLimit {
+            per_s: MAX_RATE_K_PER_S,
+            slack: READING_SLACK_K,
+            what: "a hotplate heats or cools",
+        };
+        self.check_rate(
+            index,
+            temperature_c,
+            (sent, received),
+            limit,
+            &command,
+            &frame,
+        )?;
         Ok(temperature_c)
+    }
+
+    /// Refuses a reading of channel `index` that changed faster than `limit` (on the device's clock) since
+    /// the channel's last accepted one, unless a second reading confirms it (see [`Continuity`]).
+    fn check_rate(
+        &mut self,
+        index: usize,
+        value: f64,
+        (sent, received): (Instant, Instant),
+        limit: RateLimit,
+        command: &str,
+        frame: &[u8],
+    ) -> Result<(), DriverError> {
+        let scale = self.time_scale;
+        let jump = self.continuity[index].observe([value], sent, received, |_, longest| {
+            limit.per_s * longest.as_secs_f64() * scale + limit.slack
+        });
+        jump.map_err(|reason| {
+            self.damaged(
+                command,
+                frame,
+                format!("faster than {}: {reason}", limit.what),
+            )
+        })
     }
 
     /// The stirrer speed, held to the decimals the device prints it with and to the rate a motor changes
@@ -237,19 +272,13 @@ impl IkaHotplate {
                         .unexpected("IN_PV_4", format!("{other:?}").as_bytes()));
                 }
             };
-            let scale = self.time_scale;
+            let limit = RateLimit {
+                per_s: MAX_SPEED_RATE_RPM_PER_S,
+                slack: SPEED_SLACK_RPM,
+                what: "a stirrer motor changes speed",
+            };
             let checked = self.check_shape(SPEED, "IN_PV_4", &frame).and_then(|()| {
-                self.continuity[SPEED]
-                    .observe([speed_rpm], sent, received, |_, longest| {
-                        MAX_SPEED_RATE_RPM_PER_S * longest.as_secs_f64() * scale + SPEED_SLACK_RPM
-                    })
-                    .map_err(|reason| {
-                        self.damaged(
-                            "IN_PV_4",
-                            &frame,
-                            format!("faster than a stirrer motor changes speed: {reason}"),
-                        )
-                    })
+                self.check_rate(SPEED, speed_rpm, (sent, received), limit, "IN_PV_4", &frame)
             });
             match checked {
                 Ok(()) => return Ok(speed_rpm),

@@ -378,10 +378,6 @@ async fn a_stirrer_speed_printed_with_other_decimals_is_asked_again() {
     assert_eq!(seen, vec![500.0, 500.0, 500.0]);
 }
 
-async fn speed(h: &mut IkaHotplate) -> Result<f64, DriverError> {
-    h.speed().await
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_stirrer_speed_that_lost_a_digit_is_refused_by_the_motors_rate_and_asked_again() {
     let seen = scripted(
@@ -393,7 +389,7 @@ async fn a_stirrer_speed_that_lost_a_digit_is_refused_by_the_motors_rate_and_ask
             fake.reply(b"IN_PV_4\r\n", b"50.0 4\r\n").await;
             fake.reply(b"IN_PV_4\r\n", b"501.0 4\r\n").await;
         },
-        async |h| (speed(h).await.unwrap(), speed(h).await.unwrap()),
+        async |h| (h.speed().await.unwrap(), h.speed().await.unwrap()),
     )
     .await;
     assert_eq!(seen, (500.0, 501.0));
@@ -413,10 +409,10 @@ async fn a_stirrer_that_spins_up_at_a_motors_pace_is_read_as_it_goes() {
             fake.reply(b"IN_PV_4\r\n", b"1100.0 4\r\n").await;
         },
         async |h| {
-            let a = speed(h).await.unwrap();
+            let a = h.speed().await.unwrap();
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let b = speed(h).await.unwrap();
-            (a, b, speed(h).await.unwrap_err())
+            let b = h.speed().await.unwrap();
+            (a, b, h.speed().await.unwrap_err())
         },
     )
     .await;
