@@ -16,6 +16,7 @@ pub mod pty;
 pub mod tap;
 pub mod tcp;
 pub mod wire;
+pub mod wire_clock;
 
 use std::io;
 use std::net::SocketAddr;
@@ -34,6 +35,9 @@ use pty::PtyPort;
 use tap::WireTap;
 use tcp::TcpPort;
 use wire::Wire;
+
+/// How long before a deadline a port task stops sleeping and starts yielding until it.
+const SPIN_LEAD: Duration = Duration::from_micros(500);
 
 /// Longest real sleep of a port task between looks at the clock.
 const MAX_SLEEP: Duration = Duration::from_secs(1);
@@ -261,6 +265,20 @@ impl Port {
         }
     }
 
+    /// Hands the device what has crossed the line from the host by `now`.
+    fn deliver_arrived(&mut self, now: Duration) {
+        let mut any = false;
+        while let Some(bytes) = self.wire.arrived(now) {
+            self.tap.record(&bytes);
+            self.drive(|d, ctx| d.receive(ctx, &bytes));
+            self.received += bytes.len() as u64;
+            any = true;
+        }
+        if any {
+            self.publish();
+        }
+    }
+
     fn wants_open(&self) -> bool {
         let model = self.lab.lock();
         self.instruments
@@ -314,10 +332,9 @@ impl Port {
                         .collect(),
                     _ => bytes,
                 };
-                self.tap.record(&bytes);
-                self.drive(|d, ctx| d.receive(ctx, &bytes));
-                self.received += bytes.len() as u64;
-                self.publish();
+                let now = self.lab.clock.now();
+                self.wire.receive(now, bytes);
+                self.deliver_arrived(now);
             }
             IoEvent::Wrote(n) => {
                 self.wire.written(n);
@@ -350,6 +367,7 @@ impl Port {
             }
             self.sync_connection().await;
             let now = self.lab.clock.now();
+            self.deliver_arrived(now);
             self.wire.release(now, self.transport.has_client());
             let device_wakeup = {
                 let mut model = self.lab.lock();
@@ -397,17 +415,17 @@ impl Port {
     }
 }
 
-/// Sleeps `span` to the tens of microseconds. tokio's timer has millisecond resolution, which would round a
-/// 3.5 ms wire time up to 4-5 ms; so sleep to just before the deadline, then yield until it.
+/// Sleeps `span` to the tens of microseconds, or for ever. The [`wire_clock`] wakes the task a little before
+/// the deadline (waking a parked worker can take a few hundred microseconds on a virtual machine), and the
+/// task yields until the deadline itself: at most [`SPIN_LEAD`] of busy waiting per wait.
 async fn sleep_opt(span: Option<Duration>) {
-    const TIMER_SLACK: Duration = Duration::from_millis(2);
     match span {
         Some(span) => {
-            let deadline = std::time::Instant::now() + span;
-            if span > TIMER_SLACK {
-                tokio::time::sleep(span - TIMER_SLACK).await;
+            let at = std::time::Instant::now() + span;
+            if span > SPIN_LEAD {
+                wire_clock::sleep_until(at - SPIN_LEAD).await;
             }
-            while std::time::Instant::now() < deadline {
+            while std::time::Instant::now() < at {
                 tokio::task::yield_now().await;
             }
         }

@@ -4,6 +4,10 @@
 //! garbled (seeded, so the same output gives the same damage); then the chunk waits for the added latency
 //! (`FaultConfig::latency_ms`, taken as virtual milliseconds: real ones at warp 1) and for the line to be
 //! free, and takes its wire time (characters × bits per character / baud) before it has arrived.
+//!
+//! The other direction takes its wire time too: a pty hands the device what the host wrote at once, but a
+//! real instrument has the last byte of a command only after it has crossed the line, so what the host sends
+//! reaches the device after its wire time ([`Wire::receive`], [`Wire::arrived`]).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -35,6 +39,9 @@ pub struct Wire {
     line_free_at: Duration,
     /// Arrived at the host's end, waiting to be written to the transport.
     tx: Vec<u8>,
+    /// From the host, on its way to the device.
+    inbound: VecDeque<Chunk>,
+    inbound_free_at: Duration,
 }
 
 impl Wire {
@@ -47,6 +54,8 @@ impl Wire {
             queued_bytes: 0,
             line_free_at: Duration::ZERO,
             tx: Vec::new(),
+            inbound: VecDeque::new(),
+            inbound_free_at: Duration::ZERO,
         }
     }
 
@@ -105,9 +114,35 @@ impl Wire {
         }
     }
 
-    /// When the next chunk arrives.
+    /// Takes `bytes` the host sent at virtual time `now`; they reach the device after their wire time.
+    pub fn receive(&mut self, now: Duration, bytes: Vec<u8>) {
+        let Some(timing) = self.timing else {
+            self.inbound.push_back(Chunk { due: now, bytes });
+            return;
+        };
+        let due = now
+            .max(self.inbound_free_at)
+            .saturating_add(timing.wire_time(bytes.len()));
+        self.inbound_free_at = due;
+        self.inbound.push_back(Chunk { due, bytes });
+    }
+
+    /// What the host sent that has reached the device by `now`, in order.
+    pub fn arrived(&mut self, now: Duration) -> Option<Vec<u8>> {
+        if self.inbound.front()?.due > now {
+            return None;
+        }
+        self.inbound.pop_front().map(|c| c.bytes)
+    }
+
+    /// When the next chunk arrives, at either end.
     pub fn next_due(&self) -> Option<Duration> {
-        self.queue.front().map(|c| c.due)
+        let out = self.queue.front().map(|c| c.due);
+        let inbound = self.inbound.front().map(|c| c.due);
+        match (out, inbound) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Bytes ready to write.
@@ -122,6 +157,7 @@ impl Wire {
 
     /// The host went away: what was on its way is lost.
     pub fn clear(&mut self) {
+        self.inbound.clear();
         self.queue.clear();
         self.queued_bytes = 0;
         self.tx.clear();
@@ -156,6 +192,28 @@ mod tests {
         assert_eq!(&wire.tx()[96..], b"yy");
         wire.written(98);
         assert!(wire.tx().is_empty());
+    }
+
+    #[test]
+    fn what_the_host_sends_reaches_the_device_after_its_wire_time() {
+        let mut wire = Wire::new(1, Some(LineSettings::n81(9600)));
+        // "SI\r\n" is 4 characters: 4.17 ms at 9600 8N1; the next command (3.13 ms) queues behind it.
+        wire.receive(ms(10), b"SI\r\n".to_vec());
+        wire.receive(ms(10), b"S\r\n".to_vec());
+        assert_eq!(wire.arrived(ms(14)), None);
+        let first_due = wire.next_due().unwrap();
+        assert!(first_due > ms(14) && first_due < ms(15), "{first_due:?}");
+        assert_eq!(wire.arrived(first_due).as_deref(), Some(&b"SI\r\n"[..]));
+        assert_eq!(wire.arrived(first_due), None);
+        assert_eq!(wire.arrived(ms(17)), None);
+        assert_eq!(wire.arrived(ms(18)).as_deref(), Some(&b"S\r\n"[..]));
+        // A network link has no wire time.
+        let mut tcp = Wire::new(1, None);
+        tcp.receive(ms(3), b"*IDN?\n".to_vec());
+        assert_eq!(tcp.arrived(ms(3)).as_deref(), Some(&b"*IDN?\n"[..]));
+        wire.receive(ms(20), b"lost".to_vec());
+        wire.clear();
+        assert_eq!(wire.next_due(), None);
     }
 
     #[test]
