@@ -893,6 +893,71 @@ async fn a_technician_writes_setpoints_inside_the_envelope_and_nobody_else_write
     rig.controller.shutdown().await;
 }
 
+/// A setpoint set by a protocol (a planner's run, not a technician's write) shows in `TargetValue` once the
+/// hotplate has taken it; switching the heater off leaves no setpoint (NaN).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_value_follows_setpoints_set_by_protocols() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rig = rig(dir.path(), Security::WithNone).await;
+    let planner = login(
+        &rig,
+        "planner-bo",
+        "planner-dev",
+        &dir.path().join("client-pki"),
+    )
+    .await;
+    rig.ns = lab_namespace(&planner).await;
+    let (temperature, stir) = (rig.id(TARGET_TEMPERATURE), rig.id(TARGET_STIR));
+    assert!(
+        matches!(read(&planner, &temperature).await.value, Some(Variant::Double(v)) if v.is_nan())
+    );
+    for (i, step, node, expected) in [
+        (
+            0,
+            serde_json::json!({"type": "action", "instrument": "hotplate",
+                "action": "set_temperature", "params": {"temperature_c": 40}}),
+            &temperature,
+            40.0,
+        ),
+        (
+            1,
+            serde_json::json!({"type": "action", "instrument": "hotplate",
+                "action": "set_stir_speed", "params": {"speed_rpm": 250}}),
+            &stir,
+            250.0,
+        ),
+        (
+            2,
+            serde_json::json!({"type": "action", "instrument": "hotplate",
+                "action": "heater_off", "params": {}}),
+            &temperature,
+            f64::NAN,
+        ),
+    ] {
+        let out = call(
+            &planner,
+            &rig,
+            "SubmitProtocol",
+            vec![one_step(&format!("setpoint-{i}"), step).into()],
+        )
+        .await
+        .unwrap();
+        assert_eq!(text(&out[1]), "queued", "{}", text(&out[2]));
+        wait_for_value(&planner, node, |v| match v {
+            Variant::Double(v) if expected.is_nan() => v.is_nan(),
+            Variant::Double(v) => *v == expected,
+            _ => false,
+        })
+        .await;
+    }
+    // The stirrer's setpoint was left alone by the heater's commands.
+    assert_eq!(
+        read(&planner, &stir).await.value,
+        Some(Variant::from(250.0))
+    );
+    rig.controller.shutdown().await;
+}
+
 /// Every instrument's actions are methods of its device node, for technicians: each goes through
 /// validation and the safety envelope as a one-step run; outside the envelope the call is refused and
 /// nothing reaches the instrument; observers and planners are refused.
@@ -1488,11 +1553,11 @@ async fn figures_reads_and_notification_latency_beside_asyncua() {
             }
         }
     });
-    let ours = measure(
-        &rig.server.endpoint,
+    let ours = measure_on_own_thread(
+        rig.server.endpoint.clone(),
         Some(("watcher", "observer-dev")),
-        &nodes,
-        &pki,
+        nodes.clone(),
+        pki.clone(),
     )
     .await;
     changer.abort();
@@ -1556,15 +1621,18 @@ asyncio.run(main())
     let theirs_nodes: Vec<NodeId> = (0..nodes.len())
         .map(|i| NodeId::new(ns, format!("v{i}")))
         .collect();
-    let theirs = measure(
-        &format!("opc.tcp://127.0.0.1:{port}/"),
+    let theirs = measure_on_own_thread(
+        format!("opc.tcp://127.0.0.1:{port}/"),
         None,
-        &theirs_nodes,
-        &pki,
+        theirs_nodes,
+        pki.clone(),
     )
     .await;
     let _ = child.kill().await;
 
+    let floor = tokio::task::spawn_blocking(tcp_echo_round_trips)
+        .await
+        .unwrap();
     println!("| what | labctl | asyncua | ratio |");
     println!("|---|---|---|---|");
     let row = |what: &str, a: f64, b: f64, unit: &str| {
@@ -1574,6 +1642,17 @@ asyncio.run(main())
         "Read, one variable, one request at a time",
         ours.single,
         theirs.single,
+        "reads/s",
+    );
+    println!(
+        "| floor: 100 bytes echoed over loopback TCP, one at a time (no OPC UA) | {floor:.0} round trips/s | | |"
+    );
+    row(
+        &format!(
+            "Read, one variable, {CONCURRENT_SESSIONS} clients each with one request at a time"
+        ),
+        ours.concurrent,
+        theirs.concurrent,
         "reads/s",
     );
     row(
@@ -1606,16 +1685,75 @@ asyncio.run(main())
 
 const ITEMS: usize = 1000;
 
+/// Clients reading at once for the concurrent figure (a SCADA server, an HMI, a historian...).
+const CONCURRENT_SESSIONS: usize = 8;
+
 struct Figures {
     single: f64,
+    /// Single-variable reads per second with [`CONCURRENT_SESSIONS`] clients.
+    concurrent: f64,
     batch: f64,
     /// p50, p99, max in milliseconds.
     latency: (f64, f64, f64),
     notifications: usize,
 }
 
-/// Reads for 3 s each way, then 1,000 monitored items over `nodes` (spread evenly) for 10 s.
-async fn measure(url: &str, user: Option<(&str, &str)>, nodes: &[NodeId], pki: &Path) -> Figures {
+/// The floor under any single-request figure on this machine: round trips per second of 100 bytes echoed
+/// over loopback TCP, server and client each on a thread of its own, one at a time, for 3 s.
+fn tcp_echo_round_trips() -> f64 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.set_nodelay(true).unwrap();
+        let mut buf = [0u8; 100];
+        while stream.read_exact(&mut buf).is_ok() {
+            if stream.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_nodelay(true).unwrap();
+    let mut buf = [7u8; 100];
+    let (mut n, start) = (0u64, Instant::now());
+    while start.elapsed() < Duration::from_secs(3) {
+        stream.write_all(&buf).unwrap();
+        stream.read_exact(&mut buf).unwrap();
+        n += 1;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    drop(stream);
+    echo.join().unwrap();
+    rate
+}
+
+/// [`measure`] with the client on a thread of its own (a single-threaded runtime), so its request path
+/// stays on one thread and does not compete with labctl's server for the test's workers.
+async fn measure_on_own_thread(
+    url: String,
+    user: Option<(&'static str, &'static str)>,
+    nodes: Vec<NodeId>,
+    pki: std::path::PathBuf,
+) -> Figures {
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(measure(&url, user, &nodes, &pki))
+    })
+    .await
+    .unwrap()
+}
+
+/// A session of the measuring client (async-opcua, SecurityPolicy None) and its event loop.
+async fn bench_session(
+    url: &str,
+    user: Option<(&str, &str)>,
+    pki: &Path,
+) -> (Arc<Session>, tokio::task::JoinHandle<StatusCode>) {
     let mut client = ClientBuilder::new()
         .application_name("labctl bench")
         .application_uri("urn:labctl:bench")
@@ -1646,6 +1784,56 @@ async fn measure(url: &str, user: Option<(&str, &str)>, nodes: &[NodeId], pki: &
         .unwrap();
     let event_loop = event_loop.spawn();
     assert!(session.wait_for_connection().await);
+    (session, event_loop)
+}
+
+/// Single-variable reads per second with `sessions` clients, each with one Read in flight at a time, for 3 s.
+async fn concurrent_reads(
+    url: &str,
+    user: Option<(&str, &str)>,
+    node: &NodeId,
+    pki: &Path,
+    sessions: usize,
+) -> f64 {
+    let mut clients = Vec::new();
+    for _ in 0..sessions {
+        clients.push(bench_session(url, user, pki).await);
+    }
+    let start = Instant::now();
+    let readers: Vec<_> = clients
+        .iter()
+        .map(|(session, _)| {
+            let (session, one) = (session.clone(), [ReadValueId::from(node)]);
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while start.elapsed() < Duration::from_secs(3) {
+                    let v = session
+                        .read(&one, TimestampsToReturn::Both, 0.0)
+                        .await
+                        .unwrap();
+                    assert!(v[0].value.is_some());
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut reads = 0;
+    for reader in readers {
+        reads += reader.await.unwrap();
+    }
+    let rate = reads as f64 / start.elapsed().as_secs_f64();
+    for (session, event_loop) in clients {
+        let _ = session.disconnect().await;
+        event_loop.abort();
+    }
+    rate
+}
+
+/// Reads for 3 s each way, then 1,000 monitored items over `nodes` (spread evenly) for 10 s.
+async fn measure(url: &str, user: Option<(&str, &str)>, nodes: &[NodeId], pki: &Path) -> Figures {
+    let concurrent = concurrent_reads(url, user, &nodes[0], pki, CONCURRENT_SESSIONS).await;
+    let (session, event_loop) = bench_session(url, user, pki).await;
 
     let one = [ReadValueId::from(&nodes[0])];
     let batch: Vec<ReadValueId> = (0..100)
@@ -1727,6 +1915,7 @@ async fn measure(url: &str, user: Option<(&str, &str)>, nodes: &[NodeId], pki: &
     };
     Figures {
         single,
+        concurrent,
         batch,
         latency: (ms(0.5), ms(0.99), ms(1.0)),
         notifications: samples.len(),

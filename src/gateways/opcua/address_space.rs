@@ -334,7 +334,7 @@ fn build_setpoint(
         devices::TARGET_VALUE,
     )
     .description(format!(
-        "{} setpoint ({}): the last one written over OPC UA and accepted; technicians write it",
+        "{} setpoint ({}): the last one the instrument took (NaN: none); technicians write it",
         q.description, q.unit
     ))
     .data_type(DataTypeId::Double)

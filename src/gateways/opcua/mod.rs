@@ -27,6 +27,7 @@ use labctl_protocols::Lab;
 use opcua::core::config::Config as _;
 use opcua::server::ServerHandle;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::api::ControllerHandle;
@@ -88,7 +89,8 @@ pub struct OpcUaServer {
     pub security: Security,
     pub pki_dir: PathBuf,
     handle: ServerHandle,
-    server: Option<JoinHandle<()>>,
+    /// Resolves when the server's thread has stopped.
+    server: Option<oneshot::Receiver<()>>,
     updater: JoinHandle<()>,
 }
 
@@ -110,11 +112,9 @@ impl OpcUaServer {
 
 impl Drop for OpcUaServer {
     fn drop(&mut self) {
+        // The server's thread sees the cancellation, closes its sessions and ends.
         self.handle.cancel();
         self.updater.abort();
-        if let Some(server) = &self.server {
-            server.abort();
-        }
     }
 }
 
@@ -181,11 +181,7 @@ pub async fn start(api: ControllerHandle, config: OpcUaConfig) -> Result<OpcUaSe
     let ns = handle
         .get_namespace_index(&namespace)
         .ok_or("OPC UA server: the lab's namespace is missing")?;
-    let server_task = tokio::spawn(async move {
-        if let Err(e) = server.run_with(listener).await {
-            tracing::error!(error = %e, "OPC UA server stopped");
-        }
-    });
+    let server_thread = serve_on_own_thread(server, listener)?;
     let updater = updater::Updater::new(manager, handle.subscriptions().clone(), Names { ns });
     let updater = tokio::spawn(updater.run(api));
     let endpoint = format!("opc.tcp://{}:{}/", config.listen.host, addr.port());
@@ -196,9 +192,47 @@ pub async fn start(api: ControllerHandle, config: OpcUaConfig) -> Result<OpcUaSe
         security: config.security,
         pki_dir,
         handle,
-        server: Some(server_task),
+        server: Some(server_thread),
         updater,
     })
+}
+
+/// Runs the server on its own thread with a single-threaded runtime. A request hops from the connection
+/// to the session to a service task and back: on one thread those hops are queue pushes, not wake-ups of
+/// another worker, and OPC UA load never competes with the controller's I/O tasks for the shared workers.
+/// The returned receiver resolves when the server has stopped.
+fn serve_on_own_thread(
+    server: opcua::server::Server,
+    listener: TcpListener,
+) -> Result<oneshot::Receiver<()>, String> {
+    let listener = listener
+        .into_std()
+        .map_err(|e| format!("OPC UA endpoint: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("opcua")
+        .build()
+        .map_err(|e| format!("OPC UA server runtime: {e}"))?;
+    let (stopped_tx, stopped_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("opcua".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        if let Err(e) = server.run_with(listener).await {
+                            tracing::error!(error = %e, "OPC UA server stopped");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "OPC UA endpoint"),
+                }
+            });
+            // Service tasks still running (a method waiting on the controller) end with the runtime.
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            let _ = stopped_tx.send(());
+        })
+        .map_err(|e| format!("OPC UA server thread: {e}"))?;
+    Ok(stopped_rx)
 }
 
 /// Starts the server of `labctl run`, or not (`--no-opcua`). An endpoint's port given with --opcua-port

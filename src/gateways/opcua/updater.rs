@@ -10,6 +10,7 @@ use opcua::types::{DataValue, DateTime, NodeId, StatusCode, Variant};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::address_space::{self as space, Names};
+use super::devices;
 use super::node_manager::LabNodeManager;
 use crate::api::{ControllerHandle, RunInfo, RunState};
 use crate::instruments::{Connection, InstrumentView};
@@ -25,6 +26,25 @@ pub struct Updater {
     written: HashMap<NodeId, (Variant, StatusCode)>,
     /// Results seen per run, for `ResultCount`.
     results: HashMap<String, u64>,
+    /// Setpoint commands sent and not yet confirmed, by run and step: (`TargetValue` path, new value).
+    pending_setpoints: HashMap<(Option<String>, Option<String>), (String, f64)>,
+}
+
+/// The setpoint a command sets, from the journal's `command` event: the `TargetValue` node path and its new
+/// value (NaN when the command switches the function off: no setpoint, as before the first one).
+pub fn setpoint_of_command(detail: &serde_json::Value) -> Option<(String, f64)> {
+    let instrument = detail.get("instrument")?.as_str()?;
+    let command = detail.get("command")?;
+    let number = |field: &str| command.get(field).and_then(serde_json::Value::as_f64);
+    // The names are `DeviceCommand`'s serialised form (tag `command`, snake case).
+    let (quantity, value) = match command.get("command")?.as_str()? {
+        "set_temperature" => ("temperature_c", number("temperature_c")?),
+        "heater_off" => ("temperature_c", f64::NAN),
+        "set_stir_speed" => ("stir_speed_rpm", number("speed_rpm")?),
+        "stir_off" => ("stir_speed_rpm", f64::NAN),
+        _ => return None,
+    };
+    Some((devices::target_value(instrument, quantity), value))
 }
 
 /// A run state as the journal writes it.
@@ -107,6 +127,7 @@ impl Updater {
             names,
             written: HashMap::new(),
             results: HashMap::new(),
+            pending_setpoints: HashMap::new(),
         }
     }
 
@@ -284,6 +305,9 @@ impl Updater {
                 self.write(values);
                 if parse_state(state).is_some_and(RunState::is_terminal) {
                     self.finished(run_id);
+                    // A command that failed is never confirmed.
+                    self.pending_setpoints
+                        .retain(|(run, _), _| run.as_deref() != Some(run_id.as_str()));
                 }
             }
             Record::Result {
@@ -317,7 +341,30 @@ impl Updater {
                     ),
                 ]);
             }
-            Record::Event { .. } => {}
+            Record::Event {
+                run_id,
+                kind,
+                step,
+                detail,
+                ..
+            } => {
+                let key = (run_id.clone(), step.clone());
+                match kind.as_str() {
+                    "command" => {
+                        if let Some(setpoint) = setpoint_of_command(detail) {
+                            self.pending_setpoints.insert(key, setpoint);
+                        }
+                    }
+                    "command_done" => {
+                        if let Some((path, value)) = self.pending_setpoints.remove(&key) {
+                            // A technician's write sets the variable directly, so the cache may be stale.
+                            self.written.remove(&self.names.id(&path));
+                            self.write(vec![(path, Variant::from(value), StatusCode::Good)]);
+                        }
+                    }
+                    _ => {}
+                }
+            }
         }
     }
 
@@ -354,6 +401,37 @@ impl Updater {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use labctl_drivers::DeviceCommand;
+
+    #[test]
+    fn setpoint_commands_name_their_target_value_and_others_none() {
+        // The journal's form of the command, so a renamed variant or field fails here.
+        let detail = |command: labctl_drivers::DeviceCommand| serde_json::json!({ "instrument": "hotplate", "command": command });
+        let target = |q: &str| {
+            format!("Lab/Devices/hotplate/FunctionalUnitSet/hotplate/FunctionSet/{q}/TargetValue")
+        };
+        assert_eq!(
+            setpoint_of_command(&detail(DeviceCommand::SetTemperature {
+                temperature_c: 42.5
+            })),
+            Some((target("temperature_c"), 42.5))
+        );
+        assert_eq!(
+            setpoint_of_command(&detail(DeviceCommand::SetStirSpeed { speed_rpm: 300.0 })),
+            Some((target("stir_speed_rpm"), 300.0))
+        );
+        let (path, off) = setpoint_of_command(&detail(DeviceCommand::HeaterOff)).unwrap();
+        assert_eq!(path, target("temperature_c"));
+        assert!(off.is_nan());
+        assert_eq!(
+            setpoint_of_command(&detail(DeviceCommand::ReadTemperature)),
+            None
+        );
+        assert_eq!(
+            setpoint_of_command(&serde_json::json!({"command": 1})),
+            None
+        );
+    }
 
     #[test]
     fn an_offline_instrument_keeps_its_readings_but_marks_them_uncertain() {
