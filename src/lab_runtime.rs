@@ -59,6 +59,9 @@ impl crate::controller::LabwareLoader for SimLabware {
     }
 }
 
+/// How long an orderly stop waits for the instrument tasks to close their ports.
+const INSTRUMENTS_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub struct LabRuntime {
     pub instruments: BTreeMap<String, InstrumentHandle>,
     /// One line per instrument: where it is and how it is reached, for the start-up banner.
@@ -77,6 +80,17 @@ impl LabRuntime {
     }
 
     pub async fn shutdown(self) {
+        // Stop the instrument tasks (their drivers close the ports) before the simulators unplug anything:
+        // otherwise every driver reports its line lost in an orderly stop. Gateways may still hold handles.
+        let mut stops = tokio::task::JoinSet::new();
+        for handle in self.instruments.values().cloned() {
+            stops.spawn(async move { handle.stop(INSTRUMENTS_STOP_WAIT).await });
+        }
+        if !stops.join_all().await.into_iter().all(|ended| ended) {
+            tracing::warn!(
+                "an instrument's task did not stop in time; its port is closed under it"
+            );
+        }
         drop(self.instruments);
         if let Some(sim) = self.sim {
             sim.shutdown().await;

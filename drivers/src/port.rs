@@ -355,12 +355,22 @@ impl PortHandle {
         Ok(())
     }
 
-    /// Drops a user; the last one closes the line (the task finishes queued transactions first).
+    /// Drops a user; the last one closes the line (the task finishes queued transactions first) and
+    /// returns once the task has let go of the device, so whoever unplugs it next (a simulator shutting
+    /// down, a technician) does not look like a lost line.
     pub async fn release(&self) {
         if self.release_count() == 0 {
-            let _opening = self.inner.opening.lock().await;
+            let mut task = self.inner.opening.lock().await;
             if *lock(&self.inner.users) == 0 {
                 lock(&self.inner.running).take();
+                if let Some(mut running) = task.take()
+                    && tokio::time::timeout(CLOSE_WAIT, &mut running)
+                        .await
+                        .is_err()
+                {
+                    // Still finishing a transaction: a later open waits for it.
+                    *task = Some(running);
+                }
             }
         }
     }
@@ -427,6 +437,8 @@ impl PortTask {
     async fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
         let end = loop {
             tokio::select! {
+                // A closed mailbox first: a line unplugged just after its last user left is not "lost".
+                biased;
                 job = jobs.recv() => {
                     let Some(mut job) = job else { break None };
                     let result = self.transact(&mut job.transaction).await;

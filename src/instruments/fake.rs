@@ -24,6 +24,8 @@ pub struct FakeLog {
     pub unplugged: bool,
     /// Delay of every `execute`.
     pub delay: Duration,
+    /// The task has called the driver's `stop`.
+    pub stopped: bool,
 }
 
 #[derive(Clone)]
@@ -143,7 +145,9 @@ impl Instrument for FakeInstrument {
         Ok(())
     }
 
-    async fn stop(&mut self) {}
+    async fn stop(&mut self) {
+        self.lock().stopped = true;
+    }
 }
 
 /// Spawns one fake instrument task per instrument of `lab`: the handles the controller takes, and the fakes

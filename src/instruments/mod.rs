@@ -69,6 +69,8 @@ pub struct InstrumentHandle {
     exec: mpsc::Sender<Exec>,
     safe: mpsc::Sender<SafeRequest>,
     view: watch::Receiver<Arc<InstrumentView>>,
+    /// Shared by every clone: [`InstrumentHandle::stop`] ends the task even while clones live on.
+    stop: Arc<watch::Sender<bool>>,
 }
 
 impl InstrumentHandle {
@@ -105,6 +107,17 @@ impl InstrumentHandle {
     pub fn subscribe(&self) -> watch::Receiver<Arc<InstrumentView>> {
         self.view.clone()
     }
+
+    /// Ends the instrument's task for every clone of this handle: the driver stops (its lifecycle's
+    /// `stop`: the port closed) without any new command. Returns whether the task ended within `within`.
+    /// Commands sent afterwards are told the task is gone.
+    pub async fn stop(&self, within: Duration) -> bool {
+        let mut view = self.view.clone();
+        self.stop.send_replace(true);
+        tokio::time::timeout(within, async { while view.changed().await.is_ok() {} })
+            .await
+            .is_ok()
+    }
 }
 
 /// Longest wait between reconnection attempts.
@@ -126,7 +139,7 @@ impl Default for TaskTiming {
     }
 }
 
-/// Starts the task that owns `driver`. The task runs until every handle is dropped.
+/// Starts the task that owns `driver`. The task runs until every handle is dropped or one is stopped.
 pub fn spawn<D: Instrument>(
     config: lab::Instrument,
     driver: D,
@@ -144,15 +157,20 @@ pub fn spawn<D: Instrument>(
         last_seen: None,
         busy: false,
     }));
+    let (stop_tx, stop_rx) = watch::channel(false);
     let handle = InstrumentHandle {
         id: config.id.clone(),
         exec: exec_tx,
         safe: safe_tx,
         view: view_rx,
+        stop: Arc::new(stop_tx),
     };
-    tokio::spawn(run(
-        config, driver, estop, timing, exec_rx, safe_rx, view_tx,
-    ));
+    let channels = Channels {
+        exec: exec_rx,
+        safe: safe_rx,
+        stop: stop_rx,
+    };
+    tokio::spawn(run(config, driver, estop, timing, channels, view_tx));
     handle
 }
 
@@ -163,15 +181,32 @@ enum Event {
     Closed,
 }
 
+/// Resolves once a handle has asked the task to stop (or every handle is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns must not live across the task's awaits.
+    let _ = stop.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+/// What the handles send the task.
+struct Channels {
+    exec: mpsc::Receiver<Exec>,
+    safe: mpsc::Receiver<SafeRequest>,
+    stop: watch::Receiver<bool>,
+}
+
 async fn run<D: Instrument>(
     config: lab::Instrument,
     mut driver: D,
     estop: EStop,
     timing: TaskTiming,
-    mut exec_rx: mpsc::Receiver<Exec>,
-    mut safe_rx: mpsc::Receiver<SafeRequest>,
+    channels: Channels,
     view: watch::Sender<Arc<InstrumentView>>,
 ) {
+    let Channels {
+        exec: mut exec_rx,
+        safe: mut safe_rx,
+        stop: mut stop_rx,
+    } = channels;
     let id = config.id.clone();
     let mut online = false;
     // Reconnect attempts back off (doubling up to a ceiling) and each new reason is logged once.
@@ -218,6 +253,10 @@ async fn run<D: Instrument>(
                     loop {
                         tokio::select! {
                             _ = &mut deadline => break,
+                            _ = stopped(&mut stop_rx) => {
+                                driver.stop().await;
+                                return;
+                            }
                             req = exec_rx.recv() => match req {
                                 Some(req) => { let _ = req.reply.send(Err(CommandError::Offline(id.clone()))); }
                                 None => return,
@@ -235,6 +274,7 @@ async fn run<D: Instrument>(
         let event = tokio::select! {
             biased;
             s = safe_rx.recv() => match s { Some(r) => Event::Safe(r), None => Event::Closed },
+            _ = stopped(&mut stop_rx) => Event::Closed,
             req = exec_rx.recv() => match req { Some(r) => Event::Exec(r), None => Event::Closed },
             _ = poll.tick() => Event::Poll,
         };
@@ -324,4 +364,42 @@ fn lost(view: &watch::Sender<Arc<InstrumentView>>, e: &DriverError) -> bool {
 /// copy (when one is still held) is made here in the instrument's task, never on the tick.
 fn update(view: &watch::Sender<Arc<InstrumentView>>, change: impl FnOnce(&mut InstrumentView)) {
     view.send_modify(|v| change(Arc::make_mut(v)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An orderly shutdown stops every instrument task although gateways still hold clones of the handles.
+    #[tokio::test]
+    async fn stop_ends_the_task_for_every_clone_and_stops_the_driver() {
+        let lab = labctl_protocols::Lab::sim();
+        let timing = TaskTiming {
+            poll: Duration::from_millis(5),
+            reconnect: Duration::from_millis(20),
+        };
+        let (handles, fakes) = fake::spawn_lab(&lab, &EStop::default(), timing);
+        let balance = &handles["balance"];
+        let clone = balance.clone();
+        // Online first, so the stop finds a running driver.
+        let mut view = balance.subscribe();
+        view.wait_for(|v| v.connection == Connection::Online)
+            .await
+            .unwrap();
+        assert!(!fakes["balance"].log.lock().unwrap().stopped);
+        assert!(balance.stop(Duration::from_secs(5)).await);
+        assert!(fakes["balance"].log.lock().unwrap().stopped);
+        assert_eq!(
+            clone.execute(DeviceCommand::Tare).await,
+            Err(CommandError::Gone("balance".into()))
+        );
+        // The others run on.
+        assert!(!fakes["hotplate"].log.lock().unwrap().stopped);
+        assert!(
+            handles["hotplate"]
+                .execute(DeviceCommand::ReadTemperature)
+                .await
+                .is_ok()
+        );
+    }
 }

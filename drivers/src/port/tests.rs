@@ -449,6 +449,24 @@ async fn a_reopen_waits_until_the_last_task_has_let_go_of_the_device() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_last_release_returns_once_the_device_is_let_go() {
+    // Whoever unplugs the device next (a simulator stopping, a technician) must not find the line still
+    // open, or the driver's task would report it lost in an orderly stop.
+    let (port, mut device) = opened().await;
+    port.acquire().await.unwrap();
+    let mut conn = device.accept().await.unwrap();
+    port.release().await;
+    let mut rest = [0u8; 1];
+    assert_eq!(
+        tokio::time::timeout(Duration::ZERO, conn.read(&mut rest))
+            .await
+            .expect("the connection must be closed when release returns")
+            .unwrap(),
+        0
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_caller_told_disconnected_finds_the_port_closed() {
     // The task records its end before it answers: a driver that reconnects at once must open the
     // line afresh, not queue on the dying task (which would answer "disconnected" again).
