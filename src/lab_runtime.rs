@@ -83,7 +83,7 @@ impl LabRuntime {
         // Stop the instrument tasks (their drivers close the ports) before the simulators unplug anything:
         // otherwise every driver reports its line lost in an orderly stop. Gateways may still hold handles.
         let mut stops = tokio::task::JoinSet::new();
-        for handle in self.instruments.values().cloned() {
+        for handle in self.instruments.into_values() {
             stops.spawn(async move { handle.stop(INSTRUMENTS_STOP_WAIT).await });
         }
         if !stops.join_all().await.into_iter().all(|ended| ended) {
@@ -91,7 +91,6 @@ impl LabRuntime {
                 "an instrument's task did not stop in time; its port is closed under it"
             );
         }
-        drop(self.instruments);
         if let Some(sim) = self.sim {
             sim.shutdown().await;
         }
