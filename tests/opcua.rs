@@ -165,6 +165,16 @@ async fn connect(
     }
 }
 
+/// A rig with SecurityPolicy None, one user logged in, and the lab's namespace looked up. Keep the
+/// directory for as long as the rig runs.
+async fn rig_as(user: &str, password: &str) -> (tempfile::TempDir, Rig, Client) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rig = rig(dir.path(), Security::WithNone).await;
+    let client = login(&rig, user, password, &dir.path().join("client-pki")).await;
+    rig.ns = lab_namespace(&client).await;
+    (dir, rig, client)
+}
+
 async fn login(rig: &Rig, user: &str, password: &str, pki: &Path) -> Client {
     connect(
         &rig.server.endpoint,
@@ -316,16 +326,7 @@ const SENSOR: &str =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_observer_browses_reads_identification_and_telemetry_and_sees_a_change() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut rig = rig(dir.path(), Security::WithNone).await;
-    let c = login(
-        &rig,
-        "watcher",
-        "observer-dev",
-        &dir.path().join("client-pki"),
-    )
-    .await;
-    rig.ns = lab_namespace(&c).await;
+    let (_dir, rig, c) = rig_as("watcher", "observer-dev").await;
     assert_ne!(rig.ns, 0);
 
     // Browse: Objects -> Lab -> Devices -> every instrument, and the Lab methods.
@@ -473,16 +474,7 @@ async fn an_observer_browses_reads_identification_and_telemetry_and_sees_a_chang
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dye_mix_submitted_over_opc_ua_runs_to_completion_under_lab_runs() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut rig = rig(dir.path(), Security::WithNone).await;
-    let planner = login(
-        &rig,
-        "planner-bo",
-        "planner-dev",
-        &dir.path().join("client-pki"),
-    )
-    .await;
-    rig.ns = lab_namespace(&planner).await;
+    let (_dir, rig, planner) = rig_as("planner-bo", "planner-dev").await;
 
     let out = call(
         &planner,
@@ -595,16 +587,7 @@ async fn the_dye_mix_submitted_over_opc_ua_runs_to_completion_under_lab_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_technician_stops_the_lab_and_acknowledges_and_runs_are_controlled_by_run_id() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut rig = rig(dir.path(), Security::WithNone).await;
-    let tech = login(
-        &rig,
-        "alice",
-        "technician-dev",
-        &dir.path().join("client-pki"),
-    )
-    .await;
-    rig.ns = lab_namespace(&tech).await;
+    let (_dir, rig, tech) = rig_as("alice", "technician-dev").await;
     let latched = rig.id("Lab/EmergencyStopLatched");
     assert_eq!(
         read(&tech, &latched).await.value,
@@ -682,16 +665,7 @@ async fn a_technician_stops_the_lab_and_acknowledges_and_runs_are_controlled_by_
 /// server's updater, a moment later).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_s_node_exists_as_soon_as_submit_protocol_returns() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut rig = rig(dir.path(), Security::WithNone).await;
-    let tech = login(
-        &rig,
-        "alice",
-        "technician-dev",
-        &dir.path().join("client-pki"),
-    )
-    .await;
-    rig.ns = lab_namespace(&tech).await;
+    let (_dir, rig, tech) = rig_as("alice", "technician-dev").await;
     for i in 0..60 {
         let out = call(
             &tech,
@@ -897,16 +871,7 @@ async fn a_technician_writes_setpoints_inside_the_envelope_and_nobody_else_write
 /// hotplate has taken it; switching the heater off leaves no setpoint (NaN).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_value_follows_setpoints_set_by_protocols() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut rig = rig(dir.path(), Security::WithNone).await;
-    let planner = login(
-        &rig,
-        "planner-bo",
-        "planner-dev",
-        &dir.path().join("client-pki"),
-    )
-    .await;
-    rig.ns = lab_namespace(&planner).await;
+    let (_dir, rig, planner) = rig_as("planner-bo", "planner-dev").await;
     let (temperature, stir) = (rig.id(TARGET_TEMPERATURE), rig.id(TARGET_STIR));
     assert!(
         matches!(read(&planner, &temperature).await.value, Some(Variant::Double(v)) if v.is_nan())
@@ -1787,7 +1752,7 @@ async fn bench_session(
     (session, event_loop)
 }
 
-/// Single-variable reads per second with `sessions` clients, each with one Read in flight at a time, for 3 s.
+/// Single-variable reads per second with `sessions` clients, each with one Read in flight at a time.
 async fn concurrent_reads(
     url: &str,
     user: Option<(&str, &str)>,
@@ -1804,18 +1769,7 @@ async fn concurrent_reads(
         .iter()
         .map(|(session, _)| {
             let (session, one) = (session.clone(), [ReadValueId::from(node)]);
-            tokio::spawn(async move {
-                let mut n = 0u64;
-                while start.elapsed() < Duration::from_secs(3) {
-                    let v = session
-                        .read(&one, TimestampsToReturn::Both, 0.0)
-                        .await
-                        .unwrap();
-                    assert!(v[0].value.is_some());
-                    n += 1;
-                }
-                n
-            })
+            tokio::spawn(async move { reads_until(&session, &one, start + READING).await })
         })
         .collect();
     let mut reads = 0;
@@ -1830,6 +1784,24 @@ async fn concurrent_reads(
     rate
 }
 
+/// How long each read figure reads.
+const READING: Duration = Duration::from_secs(3);
+
+/// Read requests of `ids`, one at a time until `end`; how many were answered (each with every value).
+async fn reads_until(session: &Session, ids: &[ReadValueId], end: Instant) -> u64 {
+    let mut n = 0;
+    while Instant::now() < end {
+        let values = session
+            .read(ids, TimestampsToReturn::Both, 0.0)
+            .await
+            .unwrap();
+        assert_eq!(values.len(), ids.len());
+        assert!(values.iter().all(|v| v.value.is_some()));
+        n += 1;
+    }
+    n
+}
+
 /// Reads for 3 s each way, then 1,000 monitored items over `nodes` (spread evenly) for 10 s.
 async fn measure(url: &str, user: Option<(&str, &str)>, nodes: &[NodeId], pki: &Path) -> Figures {
     let concurrent = concurrent_reads(url, user, &nodes[0], pki, CONCURRENT_SESSIONS).await;
@@ -1840,26 +1812,10 @@ async fn measure(url: &str, user: Option<(&str, &str)>, nodes: &[NodeId], pki: &
         .map(|i| ReadValueId::from(&nodes[i % nodes.len()]))
         .collect();
     let rate = |reads: u64, since: Instant| reads as f64 / since.elapsed().as_secs_f64();
-    let (mut n, start) = (0u64, Instant::now());
-    while start.elapsed() < Duration::from_secs(3) {
-        let v = session
-            .read(&one, TimestampsToReturn::Both, 0.0)
-            .await
-            .unwrap();
-        assert!(v[0].value.is_some());
-        n += 1;
-    }
-    let single = rate(n, start);
-    let (mut n, start) = (0u64, Instant::now());
-    while start.elapsed() < Duration::from_secs(3) {
-        let v = session
-            .read(&batch, TimestampsToReturn::Both, 0.0)
-            .await
-            .unwrap();
-        assert_eq!(v.len(), 100);
-        n += 1;
-    }
-    let batch = rate(n, start);
+    let start = Instant::now();
+    let single = rate(reads_until(&session, &one, start + READING).await, start);
+    let start = Instant::now();
+    let batch = rate(reads_until(&session, &batch, start + READING).await, start);
 
     // Latency in 100 ns ticks of OPC UA's DateTime, from the source timestamp to the callback.
     let samples: Arc<Mutex<Vec<i64>>> = Arc::default();
