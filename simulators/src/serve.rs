@@ -82,6 +82,8 @@ pub struct PortStatus {
     pub tcp: Option<SocketAddr>,
     /// Counts the times the port has been plugged in.
     pub generation: u64,
+    /// Bytes read from the host, including those still crossing the line to the device.
+    pub heard: u64,
     /// Bytes the device has received and processed.
     pub received: u64,
     /// Bytes written to the host.
@@ -214,6 +216,7 @@ struct Port {
     status: watch::Sender<PortStatus>,
     tap: WireTap,
     generation: u64,
+    heard: u64,
     received: u64,
     sent: u64,
 }
@@ -307,6 +310,7 @@ impl Port {
 
     fn publish(&self) {
         let status = PortStatus {
+            heard: self.heard,
             received: self.received,
             sent: self.sent,
             ..self.transport.status(self.generation)
@@ -333,8 +337,10 @@ impl Port {
                     _ => bytes,
                 };
                 let now = self.lab.clock.now();
+                self.heard += bytes.len() as u64;
                 self.wire.receive(now, bytes);
                 self.deliver_arrived(now);
+                self.publish();
             }
             IoEvent::Wrote(n) => {
                 self.wire.written(n);
@@ -460,6 +466,7 @@ pub async fn spawn_port(
         status: status_tx,
         tap: tap.clone(),
         generation: 0,
+        heard: 0,
         received: 0,
         sent: 0,
     };

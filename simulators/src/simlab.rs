@@ -54,7 +54,9 @@ pub enum SimLabError {
     Config(#[from] ConfigError),
     #[error("invalid clock: {0}")]
     Clock(#[from] ClockError),
-    #[error("unknown instrument {0:?}")]
+    #[error(
+        "unknown instrument {0:?} (expected gantry, pumps, a pump's id, balance, hotplate or spectro)"
+    )]
     UnknownInstrument(String),
     #[error("fault file: {0}")]
     FaultFile(String),
@@ -236,6 +238,7 @@ impl SimLab {
         let mut model = LabModel::new(config.model.clone(), config.seed)?;
         let now = clock.now();
         for (name, faults) in &config.faults {
+            faults.validate(&format!("faults.{name}"))?;
             for id in resolve(&model, name)? {
                 model.set_faults(now, id, faults.clone())?;
             }
@@ -454,13 +457,35 @@ impl SimLabHandle {
         bytes: u64,
         timeout: Duration,
     ) -> Result<PortStatus, SimLabError> {
+        self.wait_status(port, timeout, |s| s.received >= bytes)
+            .await
+    }
+
+    /// Waits (real time, at most `timeout`) until the port has read at least `bytes` bytes from the host
+    /// in all, whether or not they have crossed the line to the device yet: the virtual time a command
+    /// started on the wire.
+    pub async fn wait_heard(
+        &self,
+        port: &str,
+        bytes: u64,
+        timeout: Duration,
+    ) -> Result<PortStatus, SimLabError> {
+        self.wait_status(port, timeout, |s| s.heard >= bytes).await
+    }
+
+    async fn wait_status(
+        &self,
+        port: &str,
+        timeout: Duration,
+        done: impl FnMut(&PortStatus) -> bool,
+    ) -> Result<PortStatus, SimLabError> {
         let mut status = self
             .ports
             .iter()
             .find(|p| p.name == port)
             .map(|p| p.status.clone())
             .ok_or_else(|| SimLabError::UnknownInstrument(port.to_owned()))?;
-        match tokio::time::timeout(timeout, status.wait_for(|s| s.received >= bytes)).await {
+        match tokio::time::timeout(timeout, status.wait_for(done)).await {
             Ok(Ok(s)) => Ok(s.clone()),
             _ => Err(SimLabError::Timeout(port.to_owned())),
         }

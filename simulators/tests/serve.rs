@@ -181,6 +181,23 @@ impl Lab {
             .unwrap();
     }
 
+    /// Waits until the port has read `bytes` bytes in all from the host (they may still be on the wire).
+    fn heard(&self, port: &str, bytes: u64) {
+        self.rt
+            .block_on(self.handle().wait_heard(port, bytes, COME))
+            .unwrap();
+    }
+
+    /// Whether the port's device has still not taken `bytes` bytes after a moment.
+    fn not_taken(&self, port: &str, bytes: u64) -> bool {
+        self.rt
+            .block_on(
+                self.handle()
+                    .wait_received(port, bytes, Duration::from_millis(200)),
+            )
+            .is_err()
+    }
+
     fn handle(&self) -> &SimLabHandle {
         self.handle.as_ref().unwrap()
     }
@@ -387,8 +404,13 @@ fn wire_time_follows_the_baud_rate_in_virtual_time() {
     });
     let mut balance = lab.term("balance");
     balance.send(b"I4\r\n");
+    lab.heard("balance", 4);
+    // The command's 4 characters take 4.2 ms to cross the line at 9600 8N1 before the balance has them...
+    clock.advance(Duration::from_millis(4));
+    assert!(lab.not_taken("balance", 4));
+    clock.advance(Duration::from_millis(1));
     lab.taken("balance", 4);
-    // 19 characters at 9600 8N1 take 19.8 ms on the wire.
+    // ...and its reply's 19 characters 19.8 ms more.
     clock.advance(Duration::from_millis(19));
     balance.quiet();
     clock.advance(Duration::from_millis(1));

@@ -20,9 +20,9 @@ pub struct SimArgs {
     /// TCP port of the spectrometer on 127.0.0.1 (0 picks a free one).
     #[arg(long, default_value_t = 0)]
     pub spectro_port: u16,
-    /// Faults from the start: a TOML table per instrument id (or `pumps`), e.g. `[balance]
-    /// drift_per_hour = 0.002`.
-    #[arg(long)]
+    /// A TOML file of faults from the start: a table per instrument id (or `pumps`), e.g. `[balance]`
+    /// with `drift_per_hour = 0.002` (fields in docs/simulators.md).
+    #[arg(long, value_name = "FILE")]
     pub faults: Option<PathBuf>,
     /// Print the endpoints as JSON instead of a table.
     #[arg(long)]

@@ -10,7 +10,7 @@ use super::ConfigError;
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FaultConfig {
-    /// Extra delay before each reply, in real milliseconds (front end).
+    /// Extra delay before each reply, in virtual milliseconds (real ones at warp 1) (front end).
     pub latency_ms: u64,
     /// Probability that a reply byte is dropped, 0..=1 (front end).
     pub drop_probability: f64,
