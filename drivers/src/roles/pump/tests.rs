@@ -204,9 +204,10 @@ async fn a_lost_run_reply_is_never_repeated() {
             fake.reply(req, rep).await;
         }
         fake.expect(b"1RUN\r").await;
-        // Whether the pump started is asked (and asked again: a status query is safe); RUN never is.
-        fake.expect(b"1\r").await;
-        fake.expect(b"1\r").await;
+        // Whether the pump started is asked (and asked again, twice: a status query is safe); RUN never is.
+        for _ in 0..3 {
+            fake.expect(b"1\r").await;
+        }
         fake.expect_silence(Duration::from_secs(60)).await;
     });
     p.start().await.unwrap();
@@ -367,5 +368,47 @@ async fn a_lost_run_reply_is_settled_by_asking_whether_the_pump_runs() {
             Outcome::Dispensed { dispensed_ul: 10.0 }
         );
     }
+    dev.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dis_reply_damaged_into_other_printable_bytes_is_asked_again() {
+    // NE-1000 replies carry no checksum: `0.000` garbled into `>.g00` still decodes, as text. `DIS` is
+    // safe to repeat, so the driver asks again rather than failing the dispense or the poll.
+    let (mut p, mut device) = pump(1);
+    let dev = tokio::spawn(async move {
+        let mut fake = started(&mut device).await;
+        fake.reply(b"1\r", b"\x0201S\x03").await;
+        fake.reply(b"1DIS\r", b"\x0201SI150.0W>.g00UL\x03").await;
+        fake.reply(b"1DIS\r", b"\x0201SI150.0W0.000UL\x03").await;
+        // Three damaged replies in a row are an error, not a guess.
+        fake.reply(b"1\r", b"\x0201S\x03").await;
+        for _ in 0..3 {
+            fake.reply(b"1DIS\r", b"\x0201SI1#0.0W0.000UL\x03").await;
+        }
+    });
+    p.start().await.unwrap();
+    let t = p.poll().await.unwrap();
+    assert_eq!(t.values, vec![("dispensed_ul", 150.0)]);
+    let err = p.poll().await.unwrap_err();
+    assert!(
+        matches!(&err, DriverError::UnexpectedReply { command, .. } if command == "DIS"),
+        "{err}"
+    );
+    dev.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_safe_request_is_sent_up_to_three_times_when_replies_are_lost() {
+    let (mut p, mut device) = pump(1);
+    let dev = tokio::spawn(async move {
+        let mut fake = started(&mut device).await;
+        fake.expect(b"1\r").await;
+        fake.expect(b"1\r").await;
+        fake.reply(b"1\r", b"\x0201S\x03").await;
+        fake.reply(b"1DIS\r", b"\x0201SI0.000W0.000UL\x03").await;
+    });
+    p.start().await.unwrap();
+    assert_eq!(p.poll().await.unwrap().state, DeviceState::Idle);
     dev.await.unwrap();
 }
