@@ -32,14 +32,11 @@ const MIN_POLL: Duration = Duration::from_millis(200);
 const MAX_POLL: Duration = Duration::from_secs(2);
 /// The shortest poll however fast a simulated pump runs: a status transaction takes a few ms of wire.
 const MIN_POLL_WARPED: Duration = Duration::from_millis(10);
-/// Slack on top of 1.5x the expected pumping time before a dispense counts as stuck.
 /// Retries of a request that is safe to repeat. Two, not the one other drivers allow: three pumps share
 /// the line and poll it constantly, and NE-1000 replies carry no checksum, so a damaged reply is dropped
 /// (and its request timed out) more often than on a line of one instrument.
 const SAFE_RETRIES: u8 = 2;
-/// Times a safe query is asked when its reply decodes but has the wrong shape (damage on the line that
-/// left printable bytes, such as `I150.0W>.g00UL` for a `DIS` reply).
-const QUERY_ATTEMPTS: usize = 3;
+/// Slack on top of 1.5x the expected pumping time before a dispense counts as stuck.
 const DISPENSE_MARGIN: Duration = Duration::from_secs(10);
 
 /// Cuts one `STX ... ETX` reply packet; bytes outside a packet are garbage the codec tells us to skip.
@@ -162,22 +159,30 @@ impl Ne1000Pump {
         }
     }
 
-    /// Infused volume since the last clear, in µL. A reply of another shape is damage on the line (the
-    /// query is safe to repeat): asked again, up to [`QUERY_ATTEMPTS`] times.
+    /// Infused volume since the last clear, in µL; a reply damaged on the line is asked once more, as
+    /// `DIS` is safe to repeat.
     async fn dispensed_ul(&self) -> Result<f64, DriverError> {
-        let mut attempt = 1;
-        loop {
-            let reply = self.request(Request::QueryDispensed, true).await?;
-            match reply.data {
-                Data::Dispensed { infused, units, .. } => return Ok(microlitres(infused, units)),
-                other if attempt < QUERY_ATTEMPTS => {
-                    debug!(instrument = %self.link.id, reply = ?other, "DIS reply of another shape; asking again");
-                    attempt += 1;
-                }
-                other => {
-                    return Err(self.link.unexpected("DIS", format!("{other:?}").as_bytes()));
-                }
+        match self.dispensed_ul_once().await {
+            Err(e @ DriverError::DamagedReply { .. }) => {
+                debug!(instrument = %self.link.id, error = %e, "damaged DIS reply; asking again");
+                self.dispensed_ul_once().await
             }
+            other => other,
+        }
+    }
+
+    /// One `DIS`. NE-1000 replies carry no checksum: a reply of another shape lost or gained bytes on the
+    /// line and kept them printable (`I150.0W>.g00UL`).
+    async fn dispensed_ul_once(&self) -> Result<f64, DriverError> {
+        let reply = self.request(Request::QueryDispensed, true).await?;
+        match reply.data {
+            Data::Dispensed { infused, units, .. } => Ok(microlitres(infused, units)),
+            other => Err(DriverError::DamagedReply {
+                instrument: self.link.id.clone(),
+                command: "DIS".into(),
+                reply: format!("{other:?}"),
+                reason: "not a dispensed-volume reply".into(),
+            }),
         }
     }
 

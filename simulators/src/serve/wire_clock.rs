@@ -29,28 +29,37 @@ struct Entry {
 }
 
 struct Queue {
-    /// Earliest deadline first; the sequence number keeps equal deadlines in order.
-    heap: BinaryHeap<Reverse<(Instant, u64, ArcEntry)>>,
+    heap: BinaryHeap<Pending>,
     next_seq: u64,
 }
 
-/// An entry ordered by nothing (the heap orders by deadline and sequence number first).
-struct ArcEntry(Arc<Entry>);
+/// A wait in the heap: earliest deadline first, equal deadlines in the order they came.
+struct Pending {
+    at: Instant,
+    seq: u64,
+    entry: Arc<Entry>,
+}
 
-impl PartialEq for ArcEntry {
-    fn eq(&self, _: &Self) -> bool {
-        true
+impl Pending {
+    fn key(&self) -> Reverse<(Instant, u64)> {
+        Reverse((self.at, self.seq))
     }
 }
-impl Eq for ArcEntry {}
-impl PartialOrd for ArcEntry {
+
+impl PartialEq for Pending {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+impl Eq for Pending {}
+impl PartialOrd for Pending {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for ArcEntry {
-    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
-        std::cmp::Ordering::Equal
+impl Ord for Pending {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
     }
 }
 
@@ -84,10 +93,10 @@ impl WireClock {
 
     fn add(&self, at: Instant, entry: Arc<Entry>) {
         let mut q = self.lock();
-        let earliest = q.heap.peek().is_none_or(|Reverse((first, ..))| at < *first);
+        let earliest = q.heap.peek().is_none_or(|first| at < first.at);
         let seq = q.next_seq;
         q.next_seq += 1;
-        q.heap.push(Reverse((at, seq, ArcEntry(entry))));
+        q.heap.push(Pending { at, seq, entry });
         drop(q);
         if earliest {
             self.changed.notify_one();
@@ -100,8 +109,8 @@ impl WireClock {
             let now = Instant::now();
             match q.heap.peek() {
                 None => q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner()),
-                Some(Reverse((at, ..))) if *at > now => {
-                    let wait = *at - now;
+                Some(first) if first.at > now => {
+                    let wait = first.at - now;
                     q = self
                         .changed
                         .wait_timeout(q, wait)
@@ -109,7 +118,7 @@ impl WireClock {
                         .0;
                 }
                 Some(_) => {
-                    let Some(Reverse((_, _, ArcEntry(entry)))) = q.heap.pop() else {
+                    let Some(Pending { entry, .. }) = q.heap.pop() else {
                         continue;
                     };
                     if entry.cancelled.load(Ordering::Acquire) {

@@ -278,19 +278,35 @@ pub fn is_setpoint(path: &str) -> bool {
     path.starts_with(address_space::DEVICES) && path.ends_with(&format!("/{TARGET_VALUE}"))
 }
 
-/// A settable quantity: writing its `TargetValue` runs the action that sets it.
-const SETPOINTS: [(InstrumentKind, &str, DeviceMethod); 2] = [
+/// A settable quantity: writing its `TargetValue` runs the action that sets it (the third); the fourth
+/// switches the function off.
+const SETPOINTS: [(InstrumentKind, &str, DeviceMethod, DeviceMethod); 2] = [
     (
         InstrumentKind::Hotplate,
         "temperature_c",
         DeviceMethod::SetTemperature,
+        DeviceMethod::HeaterOff,
     ),
     (
         InstrumentKind::Hotplate,
         "stir_speed_rpm",
         DeviceMethod::SetStirSpeed,
+        DeviceMethod::StirOff,
     ),
 ];
+
+/// The setpoint quantity an action sets, and whether it switches the function off instead.
+pub fn setpoint_of_action(action: &str) -> Option<(&'static str, bool)> {
+    SETPOINTS.iter().find_map(|(_, quantity, set, off)| {
+        if set.step_name() == action {
+            Some((*quantity, false))
+        } else if off.step_name() == action {
+            Some((*quantity, true))
+        } else {
+            None
+        }
+    })
+}
 
 pub const TARGET_VALUE: &str = "TargetValue";
 
@@ -298,10 +314,10 @@ pub const TARGET_VALUE: &str = "TargetValue";
 pub fn setpoints(instrument: &Instrument) -> Vec<(&'static str, DeviceMethod)> {
     SETPOINTS
         .iter()
-        .filter(|(kind, quantity, _)| {
+        .filter(|(kind, quantity, ..)| {
             *kind == instrument.kind && instrument.capabilities.range(quantity).is_some()
         })
-        .map(|(_, quantity, method)| (*quantity, *method))
+        .map(|(_, quantity, method, _)| (*quantity, *method))
         .collect()
 }
 

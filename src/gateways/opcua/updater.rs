@@ -35,14 +35,16 @@ pub struct Updater {
 pub fn setpoint_of_command(detail: &serde_json::Value) -> Option<(String, f64)> {
     let instrument = detail.get("instrument")?.as_str()?;
     let command = detail.get("command")?;
-    let number = |field: &str| command.get(field).and_then(serde_json::Value::as_f64);
-    // The names are `DeviceCommand`'s serialised form (tag `command`, snake case).
-    let (quantity, value) = match command.get("command")?.as_str()? {
-        "set_temperature" => ("temperature_c", number("temperature_c")?),
-        "heater_off" => ("temperature_c", f64::NAN),
-        "set_stir_speed" => ("stir_speed_rpm", number("speed_rpm")?),
-        "stir_off" => ("stir_speed_rpm", f64::NAN),
-        _ => return None,
+    // A device command is tagged with the name of the protocol action it carries out.
+    let (quantity, off) = devices::setpoint_of_action(command.get("command")?.as_str()?)?;
+    let value = if off {
+        f64::NAN
+    } else {
+        // A setting command carries one number: the new setpoint.
+        command
+            .as_object()?
+            .iter()
+            .find_map(|(field, v)| (field != "command").then(|| v.as_f64()).flatten())?
     };
     Some((devices::target_value(instrument, quantity), value))
 }
