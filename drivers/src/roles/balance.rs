@@ -161,16 +161,15 @@ impl MtSicsBalance {
             .weight_width
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        learned
-            .observe(width)
-            .map_err(|expected| DriverError::DamagedReply {
-                instrument: self.link.id.clone(),
-                command: label.trim_end().to_owned(),
-                reply: printable(frame),
-                reason: format!(
+        learned.observe(width).map_err(|expected| {
+            self.link.damaged(
+                label,
+                frame,
+                format!(
                     "weight field {width} characters wide where this balance prints {expected}"
                 ),
-            })
+            )
+        })
     }
 
     fn check(&self, reply: Response) -> Result<Response, DriverError> {

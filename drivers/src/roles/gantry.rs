@@ -361,12 +361,7 @@ impl GrblGantry {
         sent: Instant,
         received: Instant,
     ) -> Result<(), DriverError> {
-        let damaged = |reason: String| DriverError::DamagedReply {
-            instrument: self.link.id.clone(),
-            command: "?".into(),
-            reply: printable(frame),
-            reason,
-        };
+        let damaged = |reason: String| self.link.damaged("?", frame, reason);
         match grbl::position_decimals(frame) {
             None => {}
             Some(Err(reason)) => return Err(damaged(reason)),
@@ -457,14 +452,11 @@ impl GrblGantry {
                 Err(reason) => last_reason = reason,
             }
         }
-        Err(DriverError::DamagedReply {
-            instrument: self.link.id.clone(),
-            command: "$$".into(),
-            reply: String::new(),
-            reason: format!("no two listings agreed {last_reason}")
-                .trim_end()
-                .into(),
-        })
+        Err(self.link.damaged(
+            "$$",
+            b"",
+            format!("no two listings agreed {last_reason}").trim_end(),
+        ))
     }
 
     /// Ctrl-X: GRBL resets and answers with its welcome banner.

@@ -146,15 +146,6 @@ impl IkaHotplate {
         }
     }
 
-    fn damaged(&self, command: &str, frame: &[u8], reason: String) -> DriverError {
-        DriverError::DamagedReply {
-            instrument: self.link.id.clone(),
-            command: command.into(),
-            reply: printable(frame),
-            reason,
-        }
-    }
-
     /// NAMUR carries no checksum: a reading printed with another number of decimals than this device
     /// prints that channel with lost or gained bytes on the line.
     fn check_shape(
@@ -164,10 +155,12 @@ impl IkaHotplate {
         frame: &[u8],
     ) -> Result<(), DriverError> {
         let Some(decimals) = value_decimals(frame) else {
-            return Err(self.damaged(command, frame, "the value is not a number".into()));
+            return Err(self
+                .link
+                .damaged(command, frame, "the value is not a number"));
         };
         self.shapes[index].observe(decimals).map_err(|expected| {
-            self.damaged(
+            self.link.damaged(
                 command,
                 frame,
                 format!("{decimals} decimals where this device prints {expected}"),
@@ -247,7 +240,7 @@ impl IkaHotplate {
             limit.per_s * longest.as_secs_f64() * scale + limit.slack
         });
         jump.map_err(|reason| {
-            self.damaged(
+            self.link.damaged(
                 command,
                 frame,
                 format!("faster than {}: {reason}", limit.what),

@@ -101,6 +101,16 @@ impl Link {
         }
     }
 
+    /// A reply that decoded but cannot be what the instrument printed (see [`DriverError::DamagedReply`]).
+    pub fn damaged(&self, command: &str, reply: &[u8], reason: impl Into<String>) -> DriverError {
+        DriverError::DamagedReply {
+            instrument: self.id.clone(),
+            command: command.trim_end().to_owned(),
+            reply: printable(reply),
+            reason: reason.into(),
+        }
+    }
+
     pub fn wrong_kind(&self, command: &DeviceCommand, kind: InstrumentKind) -> DriverError {
         DriverError::WrongKind {
             instrument: self.id.clone(),

@@ -177,12 +177,11 @@ impl Ne1000Pump {
         let reply = self.request(Request::QueryDispensed, true).await?;
         match reply.data {
             Data::Dispensed { infused, units, .. } => Ok(microlitres(infused, units)),
-            other => Err(DriverError::DamagedReply {
-                instrument: self.link.id.clone(),
-                command: "DIS".into(),
-                reply: format!("{other:?}"),
-                reason: "not a dispensed-volume reply".into(),
-            }),
+            other => Err(self.link.damaged(
+                "DIS",
+                format!("{other:?}").as_bytes(),
+                "not a dispensed-volume reply",
+            )),
         }
     }
 

@@ -81,12 +81,7 @@ impl ScpiSpectro {
 
     /// A reading printed at another resolution than the instrument's own lost or gained bytes on the line.
     fn check_reading_shape(&self, label: &str, frame: &[u8]) -> Result<(), DriverError> {
-        let damaged = |reason: String| DriverError::DamagedReply {
-            instrument: self.link.id.clone(),
-            command: label.trim_end().to_owned(),
-            reply: printable(frame),
-            reason,
-        };
+        let damaged = |reason: String| self.link.damaged(label, frame, reason);
         let decimals = match scpi::reading_decimals(frame) {
             None => return Ok(()),
             Some(Err(reason)) => return Err(damaged(reason)),

@@ -208,8 +208,10 @@ fn serve_on_own_thread(
     let listener = listener
         .into_std()
         .map_err(|e| format!("OPC UA endpoint: {e}"))?;
+    // Sockets and timers only: the process and signal drivers would be checked at every park.
     let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
+        .enable_io()
+        .enable_time()
         .thread_name("opcua")
         .build()
         .map_err(|e| format!("OPC UA server runtime: {e}"))?;
