@@ -5,18 +5,16 @@
 
 #![cfg(unix)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use labctl::controller::{Controller, ControllerConfig, start};
+use labctl::controller::Controller;
 use labctl::gateways::command_port::{self, CommandPort, CommandPortArgs};
 use labctl::instruments::fake::FakeInstrument;
-use labctl::instruments::{self, TaskTiming};
-use labctl::safety::EStop;
-use labctl::world::TickConfig;
 use labctl_protocols::Lab;
-use labctl_simulators::model::VirtualClock;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -28,43 +26,9 @@ struct Rig {
 
 /// The controller on fake instruments of the simulated lab (as in `tests/controller.rs`).
 async fn rig(dir: &Path) -> Rig {
-    let lab = Lab::sim();
-    let estop = EStop::default();
-    let timing = TaskTiming {
-        poll: Duration::from_millis(5),
-        reconnect: Duration::from_millis(20),
-    };
-    let (handles, fakes) = labctl::instruments::fake::spawn_lab(&lab, &estop, timing);
-    fakes["hotplate"].log.lock().unwrap().values = vec![("plate_temperature_c", 42.5)];
-    let config = ControllerConfig {
-        lab,
-        lab_sha256: "test".into(),
-        data_dir: dir.to_owned(),
-        clock: VirtualClock::new(1000.0).unwrap(),
-        step_timeout_floor: Duration::ZERO,
-        tick: TickConfig {
-            period: Duration::from_millis(10),
-            spin: Duration::ZERO,
-            realtime_priority: None,
-        },
-        labware: None,
-    };
-    let controller = start(config, handles, estop).await.unwrap();
-    // Every instrument online in the published snapshot before a client asks about them.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let snapshot = controller.handle.snapshot();
-        if !snapshot.instruments.is_empty()
-            && snapshot
-                .instruments
-                .iter()
-                .all(|i| i.connection == instruments::Connection::Online)
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "instruments never online");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (controller, fakes, _) =
+        common::controller_on_fakes(dir, Lab::sim(), common::plate_at_42_5).await;
+    common::wait_all_online(&controller.handle, WAIT).await;
     Rig { controller, fakes }
 }
 

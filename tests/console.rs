@@ -7,19 +7,10 @@
 
 #![cfg(unix)]
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-struct Labctl(Child);
-
-impl Drop for Labctl {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A tmux server of this test's own (its own socket), killed with everything in it when dropped.
 struct Tmux {
@@ -76,40 +67,6 @@ fn tmux_available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Starts `labctl run --sim` with its broker on `mqtt_port` (0: a free one) and returns it with that port.
-fn start_labctl(data_dir: &Path, mqtt_port: u16) -> (Labctl, u16) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_labctl"))
-        .args(["run", "--sim", "--warp", "200", "--mqtt-port"])
-        .arg(mqtt_port.to_string())
-        .args(["--command-port", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .env("LABCTL_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn labctl");
-    let stdout = child.stdout.take().unwrap();
-    let labctl = Labctl(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.trim().strip_prefix("mqtt: ") {
-                let port = rest
-                    .split_whitespace()
-                    .next()
-                    .and_then(|a| a.rsplit_once(':'))
-                    .and_then(|(_, p)| p.parse::<u16>().ok());
-                let _ = tx.send(port);
-            }
-        }
-    });
-    let port = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("labctl printed its MQTT port within 30 s")
-        .expect("a port number");
-    (labctl, port)
-}
-
 #[test]
 fn a_technician_approves_a_pending_run_from_the_console_and_sees_it_complete() {
     if !tmux_available() {
@@ -120,7 +77,7 @@ fn a_technician_approves_a_pending_run_from_the_console_and_sees_it_complete() {
     }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (labctl, port) = start_labctl(&data, 0);
+    let (labctl, port) = common::start_labctl_sim(&data, "200", 0);
     let url = format!("mqtt://127.0.0.1:{port}");
 
     // The planner proposes a 3700 s wait: over the sim lab's 3600 s auto-approve limit, so it waits for a
@@ -194,7 +151,7 @@ fn a_technician_approves_a_pending_run_from_the_console_and_sees_it_complete() {
     // says so and reconnects by itself.
     drop(labctl);
     tmux.wait_for(&["BROKER DOWN, retrying"], wait);
-    let (_labctl, _) = start_labctl(&data, port);
+    let (_labctl, _) = common::start_labctl_sim(&data, "200", port);
     tmux.wait_for(&["broker ok", "controller online"], Duration::from_secs(40));
 
     tmux.send("q");

@@ -1,21 +1,19 @@
 //! The controller end to end on in-process fake instruments, in warped virtual time: approval, execution,
 //! reservations, interlocks, e-stop, timeouts, on-error policies, and recovery after a crash.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use labctl::api::{Control, ControllerHandle, Principal, RunState};
-use labctl::controller::{Controller, ControllerConfig, start};
-use labctl::instruments::TaskTiming;
+use labctl::controller::Controller;
 use labctl::instruments::fake::FakeInstrument;
 use labctl::journal;
-use labctl::safety::EStop;
-use labctl::world::TickConfig;
 use labctl_drivers::{DeviceCommand, DeviceState};
 use labctl_protocols::Lab;
 use labctl_protocols::lab::Role;
-use labctl_simulators::model::VirtualClock;
 use serde_json::{Value, json};
 
 struct Rig {
@@ -48,28 +46,7 @@ async fn rig_prepared(
     lab: Lab,
     prepare: impl FnOnce(&BTreeMap<String, FakeInstrument>),
 ) -> Rig {
-    let estop = EStop::default();
-    let timing = TaskTiming {
-        poll: Duration::from_millis(5),
-        reconnect: Duration::from_millis(20),
-    };
-    let (handles, fakes) = labctl::instruments::fake::spawn_lab(&lab, &estop, timing);
-    prepare(&fakes);
-    let config = ControllerConfig {
-        lab,
-        lab_sha256: "test".into(),
-        data_dir: dir.to_owned(),
-        // 1000x: a 30 s wait takes 30 ms.
-        clock: VirtualClock::new(1000.0).unwrap(),
-        step_timeout_floor: Duration::ZERO,
-        tick: TickConfig {
-            period: Duration::from_millis(10),
-            spin: Duration::ZERO,
-            realtime_priority: None,
-        },
-        labware: None,
-    };
-    let controller = start(config, handles.clone(), estop).await.unwrap();
+    let (controller, fakes, handles) = common::controller_on_fakes(dir, lab, prepare).await;
     Rig {
         controller,
         fakes,

@@ -1,21 +1,19 @@
 //! The MQTT gateway end to end: the controller on fake instruments, the embedded broker on a free port,
 //! and rumqttc clients as a planner, an observer and an MQTT 5 client.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use labctl::controller::{Controller, ControllerConfig, start};
+use labctl::controller::Controller;
 use labctl::gateways::mqtt::{BrokerChoice, MqttConfig, MqttGateway};
-use labctl::instruments::TaskTiming;
 use labctl::instruments::fake::FakeInstrument;
 use labctl::journal;
-use labctl::safety::EStop;
-use labctl::world::TickConfig;
 use labctl_protocols::Lab;
-use labctl_simulators::model::VirtualClock;
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -42,26 +40,7 @@ async fn rig(dir: &Path) -> Rig {
 
 async fn rig_on(dir: &Path, broker: BrokerChoice) -> Rig {
     let lab = Lab::sim();
-    let estop = EStop::default();
-    let timing = TaskTiming {
-        poll: Duration::from_millis(5),
-        reconnect: Duration::from_millis(20),
-    };
-    let (handles, fakes) = labctl::instruments::fake::spawn_lab(&lab, &estop, timing);
-    let config = ControllerConfig {
-        lab: lab.clone(),
-        lab_sha256: "test".into(),
-        data_dir: dir.to_owned(),
-        clock: VirtualClock::new(1000.0).unwrap(),
-        step_timeout_floor: Duration::ZERO,
-        tick: TickConfig {
-            period: Duration::from_millis(10),
-            spin: Duration::ZERO,
-            realtime_priority: None,
-        },
-        labware: None,
-    };
-    let controller = start(config, handles, estop).await.unwrap();
+    let (controller, fakes, _) = common::controller_on_fakes(dir, lab.clone(), |_| {}).await;
     let users = Arc::new(labctl::auth::Users::from_lab(&lab).unwrap());
     let gateway = MqttGateway::start(
         controller.handle.clone(),

@@ -7,21 +7,19 @@
 
 #![cfg(unix)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use labctl::auth::Users;
-use labctl::controller::{Controller, ControllerConfig, start};
+use labctl::controller::Controller;
 use labctl::gateways::opcua::{self as gateway, Endpoint, OpcUaConfig, OpcUaServer, Security};
 use labctl::instruments::fake::FakeInstrument;
-use labctl::instruments::{self, TaskTiming};
-use labctl::safety::EStop;
-use labctl::world::TickConfig;
 use labctl_drivers::DeviceCommand;
 use labctl_protocols::Lab;
-use labctl_simulators::model::VirtualClock;
 use opcua::client::{ClientBuilder, DataChangeCallback, IdentityToken, Session};
 use opcua::crypto::SecurityPolicy;
 use opcua::types::{
@@ -49,39 +47,9 @@ async fn rig(dir: &Path, security: Security) -> Rig {
 /// [`rig`], keeping at most `keep_finished_runs` finished runs under `Lab/Runs`.
 async fn rig_with(dir: &Path, security: Security, keep_finished_runs: usize) -> Rig {
     let lab = Lab::sim();
-    let estop = EStop::default();
-    let timing = TaskTiming {
-        poll: Duration::from_millis(5),
-        reconnect: Duration::from_millis(20),
-    };
-    let (handles, fakes) = labctl::instruments::fake::spawn_lab(&lab, &estop, timing);
-    fakes["hotplate"].log.lock().unwrap().values = vec![("plate_temperature_c", 42.5)];
-    let config = ControllerConfig {
-        lab: lab.clone(),
-        lab_sha256: "test".into(),
-        data_dir: dir.to_owned(),
-        clock: VirtualClock::new(1000.0).unwrap(),
-        step_timeout_floor: Duration::ZERO,
-        tick: TickConfig {
-            period: Duration::from_millis(10),
-            spin: Duration::ZERO,
-            realtime_priority: None,
-        },
-        labware: None,
-    };
-    let controller = start(config, handles, estop).await.unwrap();
-    let deadline = Instant::now() + WAIT;
-    while !controller
-        .handle
-        .snapshot()
-        .instruments
-        .iter()
-        .all(|i| i.connection == instruments::Connection::Online)
-        || controller.handle.snapshot().instruments.is_empty()
-    {
-        assert!(Instant::now() < deadline, "instruments never online");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (controller, fakes, _) =
+        common::controller_on_fakes(dir, lab.clone(), common::plate_at_42_5).await;
+    common::wait_all_online(&controller.handle, WAIT).await;
     let server = gateway::start(
         controller.handle.clone(),
         OpcUaConfig {
@@ -1455,7 +1423,8 @@ asyncio.run(main())
 
 /// Figures for BENCHMARKS.md, labctl's server beside a Python `asyncua` server serving the same number of
 /// variables, both measured with the same native client (async-opcua, SecurityPolicy None, loopback):
-/// Read requests per second for one variable and for a batch of 100, and the latency of data-change
+/// Read requests per second for one variable and for a batch of 100, one at a time (the round trip) and
+/// with several in flight on one session (what the server can serve), and the latency of data-change
 /// notifications for 1,000 monitored items at 100 ms (from the value's source timestamp, written by the
 /// server when the value changed, to the client's callback).
 ///

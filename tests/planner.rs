@@ -1,61 +1,19 @@
 //! The closed loop end to end: the real `labctl run --sim` binary with its embedded broker, and the
 //! reference planner of `examples/planner` (in process, over MQTT only) matching a target spectrum.
 
+mod common;
+
 #[allow(dead_code)]
 #[path = "../examples/planner/planner_core.rs"]
 mod planner_core;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-struct Labctl(Child);
-
-impl Drop for Labctl {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `labctl run --sim` and returns it with the embedded broker's port from its banner.
-fn start_labctl(data_dir: &std::path::Path, warp: &str) -> (Labctl, u16) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_labctl"))
-        .args(["run", "--sim", "--warp", warp, "--mqtt-port", "0"])
-        .args(["--command-port", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .env("LABCTL_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn labctl");
-    let stdout = child.stdout.take().unwrap();
-    let labctl = Labctl(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.trim().strip_prefix("mqtt: ") {
-                let port = rest
-                    .split_whitespace()
-                    .next()
-                    .and_then(|a| a.rsplit_once(':'))
-                    .and_then(|(_, p)| p.parse::<u16>().ok());
-                let _ = tx.send(port);
-            }
-        }
-    });
-    let port = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("labctl printed its MQTT port within 20 s")
-        .expect("a port number");
-    (labctl, port)
-}
 
 #[test]
 fn the_reference_planner_matches_the_target_spectrum_within_its_budget() {
     let dir = tempfile::tempdir().unwrap();
     // Warp 200: step timeouts keep a real-time floor for the wire (docs/mqtt.md, "Planners").
-    let (labctl, port) = start_labctl(dir.path(), "200");
+    let (labctl, port) = common::start_labctl_sim(dir.path(), "200", 0);
     // 0.02 AU within 30 experiments, about 1.8 s each at warp 200 on 2 cores. Seed 1 needs 22 experiments
     // both on the noise-free model and live (40 s); over 20 seeds offline the mean is 30 and the worst 59 (the
     // test below), so another seed may need a larger budget than this test can afford.
