@@ -46,6 +46,18 @@ pub enum RunState {
 }
 
 impl RunState {
+    pub const ALL: [RunState; 9] = [
+        RunState::Rejected,
+        RunState::AwaitingApproval,
+        RunState::Queued,
+        RunState::Running,
+        RunState::Paused,
+        RunState::Completed,
+        RunState::Failed,
+        RunState::Aborted,
+        RunState::Interrupted,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RunState::Rejected => "rejected",
@@ -69,6 +81,22 @@ impl RunState {
                 | RunState::Aborted
                 | RunState::Interrupted
         )
+    }
+}
+
+/// A run state's name that is not one of [`RunState`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown run state {0:?}")]
+pub struct UnknownRunState(pub String);
+
+impl std::str::FromStr for RunState {
+    type Err = UnknownRunState;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RunState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| UnknownRunState(s.to_owned()))
     }
 }
 
@@ -131,6 +159,12 @@ pub enum ApiError {
     InvalidState(String),
     #[error("emergency stop is latched; acknowledge it first")]
     EStopLatched,
+    /// An interlock's condition still holds on an instrument the run needs.
+    #[error("{0}")]
+    Interlocked(String),
+    /// The journal could not record the decision, so it was not taken.
+    #[error("{0}")]
+    Journal(String),
     #[error("controller is shutting down")]
     Unavailable,
 }
@@ -226,14 +260,8 @@ impl ControllerHandle {
 
     /// Validates, dry-runs on the simulation model, and submits a protocol (raw bytes as received).
     pub async fn submit(&self, bytes: Vec<u8>, principal: Principal) -> SubmitReply {
-        if !matches!(principal.role, Role::Planner | Role::Rig | Role::Technician) {
-            return SubmitReply::refused(
-                None,
-                format!(
-                    "{} is an observer and may not submit protocols",
-                    principal.name
-                ),
-            );
+        if let Err(e) = crate::policy::check(&principal, crate::policy::Permission::Submit) {
+            return SubmitReply::refused(None, e.to_string());
         }
         let lab = Arc::clone(&self.lab);
         let checked = tokio::task::spawn_blocking(move || {
@@ -307,9 +335,10 @@ impl ControllerHandle {
     }
 
     /// Latches the emergency stop and sends every instrument to its safe state right here, in the caller's
-    /// task, then tells the controller to abort the runs: the stop never waits behind other requests.
+    /// task, then tells the controller to abort the runs and record the latch: the stop never waits behind
+    /// other requests.
     pub async fn emergency_stop(&self, principal: Principal) -> Result<(), ApiError> {
-        if principal.role == Role::Technician {
+        if crate::policy::allows(principal.role, crate::policy::Permission::TriggerEStop) {
             self.estop.trigger();
             for h in self.instruments.values() {
                 h.request_safe_state();
@@ -352,7 +381,7 @@ impl ControllerHandle {
             let conn = crate::journal::open_db(&dir).ok()?;
             let d = crate::journal::read::run_detail(&conn, &id).ok()??;
             Some(RunInfo {
-                state: serde_json::from_value(serde_json::Value::String(d.summary.state)).ok()?,
+                state: d.summary.state.parse().ok()?,
                 run_id: d.summary.run_id,
                 proposal_id: d.summary.proposal_id,
                 name: d.summary.name,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use labctl_protocols::Protocol;
-use labctl_protocols::lab::{Lab, Role, TripAction};
+use labctl_protocols::lab::{Lab, TripAction};
 use labctl_simulators::model::VirtualClock;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -21,9 +21,12 @@ use crate::api::{
 };
 use crate::executor::{RunContext, RunEnd, RunUpdate, collect_instruments, run_protocol};
 use crate::instruments::InstrumentHandle;
-use crate::journal::{self, JournalHandle, Record, RunRecord, now_ms};
+use crate::journal::{self, JournalHandle, JournalHealth, Record, RunRecord, now_ms};
+use crate::policy::{self, Permission};
 use crate::safety::EStop;
-use crate::world::{LabSnapshot, RunComponent, TickConfig, TickIo, TickThread, Trip, start_tick};
+use crate::world::{
+    InterlockEvent, LabSnapshot, RunComponent, TickConfig, TickIo, TickThread, Trip, start_tick,
+};
 
 /// Puts a run's labware where its protocol says it stands, before the run starts. In a real lab the
 /// technician does this (and the loader has nothing to do); the simulated lab places fresh vials itself.
@@ -101,6 +104,13 @@ pub async fn start(
     let conn = journal::open_db(&config.data_dir)?;
     let interrupted = journal::mark_interrupted(&conn)?;
     let proposals = journal::read::proposals(&conn)?;
+    let pending = journal::read::awaiting_approval(&conn)?;
+    // The latch as the last process left it, restored before any instrument takes a command and before any
+    // face opens: a stop survives a crash and a restart, and only a technician releases it.
+    let latched_before = journal::estop_latched(&conn)?;
+    if latched_before.is_some() {
+        estop.trigger();
+    }
     let journal = journal::start(conn);
     journal.append(Record::Event {
         run_id: None,
@@ -110,6 +120,17 @@ pub async fn start(
         detail: json!({ "version": env!("CARGO_PKG_VERSION"), "lab_id": config.lab.lab_id, "lab_sha256": config.lab_sha256, "interrupted_runs": interrupted }),
         at_ms: now_ms(),
     });
+    if let Some(reason) = &latched_before {
+        tracing::warn!(%reason, "the emergency stop was latched when labctl last stopped: it stays latched until a technician acknowledges it");
+        journal.append(Record::Event {
+            run_id: None,
+            kind: "estop_restored".into(),
+            step: None,
+            actor: None,
+            detail: json!({ "reason": reason }),
+            at_ms: now_ms(),
+        });
+    }
     // Reconcile, after `controller_started` so the journal reads in order: whatever state the last process
     // left the instruments in, each is made safe and the outcome journaled before anything new runs on it
     // (the instrument task serialises this safe state ahead of any later command; one still connecting
@@ -147,7 +168,7 @@ pub async fn start(
     let (updates_tx, updates_rx) = mpsc::unbounded_channel();
     let lab = Arc::new(config.lab);
     let instruments = Arc::new(instruments);
-    let core = Core {
+    let mut core = Core {
         lab: Arc::clone(&lab),
         lab_sha256: config.lab_sha256,
         clock: config.clock,
@@ -157,14 +178,28 @@ pub async fn start(
         journal: journal.clone(),
         runs: BTreeMap::new(),
         order: Vec::new(),
-        proposals: proposals.into_iter().map(|(p, r, s)| (p, (r, s))).collect(),
+        proposals: proposals
+            .into_iter()
+            .map(|p| {
+                let known = KnownProposal {
+                    run_id: p.run_id,
+                    state: p.state.parse().ok(),
+                    protocol_sha256: p.protocol_sha256,
+                };
+                (p.proposal_id, known)
+            })
+            .collect(),
         reserved: BTreeMap::new(),
+        tripped: BTreeMap::new(),
+        journal_failure: None,
         labware: config.labware,
         updates: updates_tx,
         mirror: mirror_tx,
         next_id: 0,
     };
-    let task = tokio::spawn(core.run(rx, updates_rx, trips_rx));
+    core.restore_pending(pending);
+    let health = journal.health();
+    let task = tokio::spawn(core.run(rx, updates_rx, trips_rx, health));
     Ok(Controller {
         handle: ControllerHandle {
             tx,
@@ -204,6 +239,53 @@ struct RunEntry {
     task: Option<JoinHandle<()>>,
 }
 
+/// A proposal id as the controller knows it: bound to one run and one protocol, across restarts.
+struct KnownProposal {
+    run_id: String,
+    state: Option<RunState>,
+    protocol_sha256: String,
+}
+
+impl RunEntry {
+    fn new(
+        run_id: String,
+        protocol: Protocol,
+        protocol_sha256: String,
+        submitted_by: String,
+        state: RunState,
+        report: &labctl_protocols::Report,
+    ) -> Self {
+        let mut instruments = BTreeSet::new();
+        collect_instruments(&protocol.steps, &mut instruments);
+        let (control, _) = watch::channel(Control::Resume);
+        let vessels = protocol
+            .labware
+            .iter()
+            .map(|l| (l.id.clone(), l.location.to_ascii_uppercase()))
+            .collect();
+        RunEntry {
+            proposal_id: protocol.metadata.proposal_id.clone(),
+            name: protocol.metadata.name.clone(),
+            planner_id: protocol.metadata.planner.id.clone(),
+            submitted_by,
+            supervised: protocol.metadata.supervised,
+            protocol: Arc::new(protocol),
+            protocol_sha256,
+            state,
+            current_step: None,
+            reason: None,
+            estimated_duration_s: report.estimated_duration_s,
+            approval_required_because: report.approval_required_because.clone(),
+            instruments,
+            results: None,
+            vessels,
+            control,
+            task: None,
+            run_id,
+        }
+    }
+}
+
 struct Core {
     lab: Arc<Lab>,
     lab_sha256: String,
@@ -215,10 +297,14 @@ struct Core {
     runs: BTreeMap<String, RunEntry>,
     /// Submission order, for the queue.
     order: Vec<String>,
-    /// proposal id -> (run id, state as last known); includes runs of earlier processes.
-    proposals: BTreeMap<String, (String, String)>,
+    /// proposal id -> its run; includes runs of earlier processes.
+    proposals: BTreeMap<String, KnownProposal>,
     /// instrument -> the run holding it.
     reserved: BTreeMap<String, String>,
+    /// Interlocks whose condition holds now, by name: their instruments are inhibited.
+    tripped: BTreeMap<String, Trip>,
+    /// Why the journal cannot commit, while it cannot: nothing is dispatched.
+    journal_failure: Option<String>,
     labware: Option<Arc<dyn LabwareLoader>>,
     updates: mpsc::UnboundedSender<RunUpdate>,
     mirror: mpsc::UnboundedSender<RunComponent>,
@@ -230,12 +316,20 @@ impl Core {
         mut self,
         mut api: mpsc::Receiver<Request>,
         mut updates: mpsc::UnboundedReceiver<RunUpdate>,
-        mut trips: mpsc::UnboundedReceiver<Trip>,
+        mut trips: mpsc::UnboundedReceiver<InterlockEvent>,
+        mut health: watch::Receiver<JournalHealth>,
     ) {
         loop {
             tokio::select! {
                 biased;
-                Some(trip) = trips.recv() => self.on_trip(trip),
+                Ok(()) = health.changed() => {
+                    let now = health.borrow_and_update().clone();
+                    self.on_journal_health(now);
+                }
+                Some(event) = trips.recv() => match event {
+                    InterlockEvent::Tripped(trip) => self.on_trip(trip),
+                    InterlockEvent::Cleared { interlock } => self.on_interlock_cleared(&interlock),
+                },
                 Some(update) = updates.recv() => self.on_update(update),
                 request = api.recv() => match request {
                     Some(Request::Shutdown { reply }) => {
@@ -264,7 +358,7 @@ impl Core {
             run_id: run_id.map(str::to_owned),
             kind: kind.to_owned(),
             step: None,
-            actor: actor.map(|p| format!("{} ({:?} via {})", p.name, p.role, p.via)),
+            actor: actor.map(actor_of),
             detail,
             at_ms: now_ms(),
         });
@@ -281,7 +375,11 @@ impl Core {
         }
         self.proposals.insert(
             run.proposal_id.clone(),
-            (run.run_id.clone(), state.as_str().to_owned()),
+            KnownProposal {
+                run_id: run.run_id.clone(),
+                state: Some(state),
+                protocol_sha256: run.protocol_sha256.clone(),
+            },
         );
         self.journal.append(Record::RunState {
             run_id: run_id.to_owned(),
@@ -337,25 +435,10 @@ impl Core {
                 self.start_queued();
             }
             Request::EStop { principal, reply } => {
-                let _ = reply.send(self.emergency_stop(&principal));
+                let _ = reply.send(self.emergency_stop(&principal).await);
             }
             Request::EStopAck { principal, reply } => {
-                let r = if principal.role != Role::Technician {
-                    Err(ApiError::Forbidden(format!(
-                        "{} may not acknowledge an emergency stop: technicians only",
-                        principal.name
-                    )))
-                } else {
-                    let was = self.estop.acknowledge();
-                    self.event(
-                        None,
-                        "estop_acknowledged",
-                        Some(&principal),
-                        json!({ "was_latched": was }),
-                    );
-                    Ok(())
-                };
-                let _ = reply.send(r);
+                let _ = reply.send(self.acknowledge_emergency_stop(&principal).await);
                 self.start_queued();
             }
             Request::PlannerLost { planner_id } => self.planner_lost(&planner_id),
@@ -424,24 +507,24 @@ impl Core {
         };
         let sha = sha256_hex(&bytes);
         let pid = protocol.metadata.proposal_id.clone();
-        if let Some((run_id, state)) = self.proposals.get(&pid).cloned() {
-            let same = self
-                .runs
-                .get(&run_id)
-                .is_none_or(|r| r.protocol_sha256 == sha);
-            if !same {
+        if let Some(known) = self.proposals.get(&pid) {
+            let run_id = known.run_id.clone();
+            // Idempotent for the same protocol only, whichever process recorded it first.
+            if known.protocol_sha256 != sha {
+                self.event(
+                    None,
+                    "proposal_rejected",
+                    Some(&principal),
+                    json!({ "proposal_id": pid, "reason": "proposal_id_reused", "run_id": run_id }),
+                );
                 return SubmitReply::refused(
                     proposal_id,
                     format!(
-                        "proposal id {pid} was already used for a different protocol (run {run_id})"
+                        "metadata.proposal_id: {pid} was already used for a different protocol (run {run_id}); a changed protocol needs a new proposal id"
                     ),
                 );
             }
-            let state = self
-                .runs
-                .get(&run_id)
-                .map(|r| r.state)
-                .or_else(|| parse_state(&state));
+            let state = self.runs.get(&run_id).map(|r| r.state).or(known.state);
             return SubmitReply {
                 accepted: true,
                 proposal_id,
@@ -473,8 +556,6 @@ impl Core {
         } else {
             RunState::AwaitingApproval
         };
-        let mut instruments = BTreeSet::new();
-        collect_instruments(&protocol.steps, &mut instruments);
         let record = RunRecord {
             run_id: run_id.clone(),
             proposal_id: pid.clone(),
@@ -520,35 +601,15 @@ impl Core {
             );
         }
         self.event(Some(&run_id), "approval", None, approval_detail);
-        let (control, _) = watch::channel(Control::Resume);
-        let protocol_vessels = protocol
-            .labware
-            .iter()
-            .map(|l| (l.id.clone(), l.location.to_ascii_uppercase()))
-            .collect();
-        self.runs.insert(
+        let entry = RunEntry::new(
             run_id.clone(),
-            RunEntry {
-                run_id: run_id.clone(),
-                proposal_id: pid.clone(),
-                name: protocol.metadata.name.clone(),
-                planner_id: protocol.metadata.planner.id.clone(),
-                submitted_by: principal.name.clone(),
-                supervised: protocol.metadata.supervised,
-                protocol: Arc::new(protocol),
-                protocol_sha256: sha,
-                state,
-                current_step: None,
-                reason: None,
-                estimated_duration_s: report.estimated_duration_s,
-                approval_required_because: report.approval_required_because.clone(),
-                instruments,
-                results: None,
-                vessels: protocol_vessels,
-                control,
-                task: None,
-            },
+            protocol,
+            sha,
+            principal.name.clone(),
+            state,
+            &report,
         );
+        self.runs.insert(run_id.clone(), entry);
         self.order.push(run_id.clone());
         self.set_state(&run_id, state, None);
         SubmitReply {
@@ -571,12 +632,7 @@ impl Core {
         who: &Principal,
         reject: Option<String>,
     ) -> Result<RunState, ApiError> {
-        if who.role != Role::Technician {
-            return Err(ApiError::Forbidden(format!(
-                "{} may not approve or reject runs: technicians only",
-                who.name
-            )));
-        }
+        policy::check(who, Permission::Approve)?;
         let run = self
             .runs
             .get(run_id)
@@ -612,18 +668,9 @@ impl Core {
             .runs
             .get(run_id)
             .ok_or_else(|| ApiError::UnknownRun(run_id.to_owned()))?;
-        let allowed = match who.role {
-            Role::Technician => true,
-            Role::Planner | Role::Rig => run.submitted_by == who.name,
-            Role::Observer => false,
-        };
-        if !allowed {
-            return Err(ApiError::Forbidden(format!(
-                "{} may not control run {run_id}: it belongs to {}",
-                who.name, run.submitted_by
-            )));
-        }
+        policy::check_run_control(who, &run.submitted_by, run_id)?;
         let state = run.state;
+        let interlocked = self.interlocks_holding(&run.instruments);
         let result = match (control, state) {
             (Control::Pause, RunState::Running) => {
                 run.control.send_replace(Control::Pause);
@@ -631,6 +678,15 @@ impl Core {
             }
             (Control::Resume, RunState::Paused) if self.estop.is_latched() => {
                 Err(ApiError::EStopLatched)
+            }
+            (Control::Resume, RunState::Paused) if self.journal_failure.is_some() => Err(
+                ApiError::Journal(self.journal_failure_message()),
+            ),
+            (Control::Resume, RunState::Paused) if !interlocked.is_empty() => {
+                Err(ApiError::Interlocked(format!(
+                    "cannot resume run {run_id}: interlock {} still holds",
+                    interlocked.join(", ")
+                )))
             }
             (Control::Resume, RunState::Paused) => {
                 run.control.send_replace(Control::Resume);
@@ -679,14 +735,30 @@ impl Core {
         }
     }
 
-    fn emergency_stop(&mut self, who: &Principal) -> Result<(), ApiError> {
-        if who.role != Role::Technician {
-            return Err(ApiError::Forbidden(format!(
-                "{} may not trigger the emergency stop: technicians only",
-                who.name
-            )));
-        }
-        // Latch first: from here every instrument task refuses commands, whatever is in flight.
+    async fn emergency_stop(&mut self, who: &Principal) -> Result<(), ApiError> {
+        policy::check(who, Permission::TriggerEStop)?;
+        let reason = format!("emergency stop by {}", who.name);
+        self.stop_everything(&reason);
+        self.event(None, "estop_triggered", Some(who), json!({}));
+        // Acknowledged only once the latch is on disk: a restart finds it latched.
+        self.journal
+            .append_durable(Record::EStopLatch {
+                latched: true,
+                reason: Some(reason),
+                actor: Some(actor_of(who)),
+                at_ms: now_ms(),
+            })
+            .await
+            .map_err(|e| {
+                ApiError::Journal(format!(
+                    "the emergency stop is latched, but the journal could not record it: {e}"
+                ))
+            })
+    }
+
+    /// Latches the stop (in memory: every instrument task refuses commands from here), makes every
+    /// instrument safe and aborts every run that is running, paused or queued.
+    fn stop_everything(&mut self, reason: &str) {
         self.estop.trigger();
         for h in self.instruments.values() {
             h.request_safe_state();
@@ -706,19 +778,133 @@ impl Core {
             if let Some(run) = self.runs.get(id) {
                 run.control.send_replace(Control::Abort);
             }
-            self.set_state(
-                id,
-                RunState::Aborted,
-                Some(format!("emergency stop by {}", who.name)),
-            );
+            self.set_state(id, RunState::Aborted, Some(reason.to_owned()));
         }
+    }
+
+    async fn acknowledge_emergency_stop(&mut self, who: &Principal) -> Result<(), ApiError> {
+        policy::check(who, Permission::AcknowledgeEStop)?;
+        // Released only once the release is on disk; while the journal cannot commit, the stop holds.
+        self.journal
+            .append_durable(Record::EStopLatch {
+                latched: false,
+                reason: None,
+                actor: Some(actor_of(who)),
+                at_ms: now_ms(),
+            })
+            .await
+            .map_err(|e| {
+                ApiError::Journal(format!(
+                    "the emergency stop stays latched: the journal could not record its release: {e}"
+                ))
+            })?;
+        let was = self.estop.acknowledge();
         self.event(
             None,
-            "estop_triggered",
+            "estop_acknowledged",
             Some(who),
-            json!({ "aborted_runs": active }),
+            json!({ "was_latched": was }),
         );
         Ok(())
+    }
+
+    /// A failed journal commit is a safety event: the lab stops (the e-stop latch, so a technician's
+    /// acknowledgement, which itself needs the journal, is the way back) and nothing is dispatched until
+    /// commits succeed again.
+    fn on_journal_health(&mut self, health: JournalHealth) {
+        match health {
+            JournalHealth::Failed(reason) => {
+                tracing::error!(%reason, "the journal cannot commit: stopping the lab");
+                let why = format!("journal failure: {reason}");
+                self.journal_failure = Some(reason.clone());
+                self.stop_everything(&why);
+                // Kept by the writer and committed once the journal works again.
+                self.event(None, "journal_failed", None, json!({ "reason": reason }));
+                self.journal.append(Record::EStopLatch {
+                    latched: true,
+                    reason: Some(why),
+                    actor: None,
+                    at_ms: now_ms(),
+                });
+            }
+            JournalHealth::Healthy => {
+                if let Some(reason) = self.journal_failure.take() {
+                    tracing::warn!(was = %reason, "the journal commits again; the emergency stop stays latched until a technician acknowledges it");
+                    self.event(None, "journal_recovered", None, json!({ "was": reason }));
+                }
+            }
+        }
+    }
+
+    fn journal_failure_message(&self) -> String {
+        format!(
+            "the journal cannot commit ({}): nothing runs until it can",
+            self.journal_failure.as_deref().unwrap_or("unknown")
+        )
+    }
+
+    /// The interlocks whose condition holds now on any of `instruments`.
+    fn interlocks_holding(&self, instruments: &BTreeSet<String>) -> Vec<String> {
+        self.tripped
+            .values()
+            .filter(|t| {
+                instruments.contains(&t.instrument)
+                    || t.safe_state.iter().any(|i| instruments.contains(i))
+            })
+            .map(|t| t.interlock.clone())
+            .collect()
+    }
+
+    /// Runs awaiting a technician's decision when the last process stopped: validated again against the
+    /// lab as it is now and dry-run again, then awaiting approval again, with the same run id.
+    fn restore_pending(&mut self, pending: Vec<journal::read::PendingRow>) {
+        for row in pending {
+            let bytes = row.protocol_json.into_bytes();
+            let mut report = labctl_protocols::validate_bytes(&bytes, &self.lab);
+            let Some(protocol) = report.protocol.clone() else {
+                let reason = format!(
+                    "no longer valid for this lab after a restart: {} finding(s)",
+                    report.findings.len()
+                );
+                self.journal.append(Record::RunState {
+                    run_id: row.run_id.clone(),
+                    state: RunState::Rejected.as_str().into(),
+                    step: None,
+                    reason: Some(reason),
+                    at_ms: now_ms(),
+                });
+                if let Some(known) = self
+                    .proposals
+                    .values_mut()
+                    .find(|k| k.run_id == row.run_id)
+                {
+                    known.state = Some(RunState::Rejected);
+                }
+                continue;
+            };
+            let dry = labctl_simulators::dry_run::dry_run(&protocol, &self.lab, 1);
+            report.estimated_duration_s = Some(dry.estimated_duration_s);
+            report
+                .approval_required_because
+                .push("awaiting approval when the controller restarted".into());
+            self.event(
+                Some(&row.run_id),
+                "approval_restored",
+                None,
+                json!({ "because": report.approval_required_because, "estimated_duration_s": dry.estimated_duration_s, "problems": dry.problems }),
+            );
+            let entry = RunEntry::new(
+                row.run_id.clone(),
+                protocol,
+                row.protocol_sha256,
+                row.submitted_by,
+                RunState::AwaitingApproval,
+                &report,
+            );
+            let _ = self.mirror.send(mirror_of(&entry));
+            self.order.push(row.run_id.clone());
+            self.runs.insert(row.run_id, entry);
+        }
     }
 
     fn planner_lost(&mut self, planner_id: &str) {
@@ -743,11 +929,6 @@ impl Core {
     }
 
     fn on_trip(&mut self, trip: Trip) {
-        for id in &trip.safe_state {
-            if let Some(h) = self.instruments.get(id) {
-                h.request_safe_state();
-            }
-        }
         let concerned: BTreeSet<&String> = trip
             .safe_state
             .iter()
@@ -760,11 +941,27 @@ impl Core {
             .filter(|r| r.instruments.iter().any(|i| concerned.contains(i)))
             .map(|r| r.run_id.clone())
             .collect();
+        let again = self.tripped.contains_key(&trip.interlock);
+        // The runs hear the decision before the instruments go safe, so none issues a new command in between
+        // (a command already issued is refused by the instrument's safe-state epoch).
+        for id in &affected {
+            if let Some(run) = self.runs.get(id) {
+                run.control.send_replace(match trip.action {
+                    TripAction::Pause => Control::Pause,
+                    TripAction::Fail => Control::Abort,
+                });
+            }
+        }
+        for id in &trip.safe_state {
+            if let Some(h) = self.instruments.get(id) {
+                h.request_safe_state();
+            }
+        }
         self.event(
             None,
             "interlock",
             None,
-            json!({ "interlock": trip.interlock, "reason": trip.reason, "action": trip.action, "safe_state": trip.safe_state, "runs": affected }),
+            json!({ "interlock": trip.interlock, "reason": trip.reason, "action": trip.action, "safe_state": trip.safe_state, "runs": affected, "again": again }),
         );
         for id in affected {
             self.event(
@@ -773,25 +970,29 @@ impl Core {
                 None,
                 json!({ "interlock": trip.interlock, "reason": trip.reason }),
             );
-            match trip.action {
-                TripAction::Pause => {
-                    if let Some(run) = self.runs.get(&id) {
-                        run.control.send_replace(Control::Pause);
-                    }
-                }
-                TripAction::Fail => {
-                    if let Some(run) = self.runs.get(&id) {
-                        run.control.send_replace(Control::Abort);
-                    }
-                    self.set_state(
-                        &id,
-                        RunState::Failed,
-                        Some(format!("interlock {}: {}", trip.interlock, trip.reason)),
-                    );
-                }
+            if trip.action == TripAction::Fail {
+                self.set_state(
+                    &id,
+                    RunState::Failed,
+                    Some(format!("interlock {}: {}", trip.interlock, trip.reason)),
+                );
             }
         }
+        self.tripped.insert(trip.interlock.clone(), trip);
         self.start_queued();
+    }
+
+    /// The condition no longer holds: its instruments may serve runs again (paused runs wait for a resume).
+    fn on_interlock_cleared(&mut self, interlock: &str) {
+        if self.tripped.remove(interlock).is_some() {
+            self.event(
+                None,
+                "interlock_cleared",
+                None,
+                json!({ "interlock": interlock }),
+            );
+            self.start_queued();
+        }
     }
 
     fn on_update(&mut self, update: RunUpdate) {
@@ -857,7 +1058,7 @@ impl Core {
     /// Starts queued runs, in submission order, whose instruments are all free. Nothing starts while the
     /// emergency stop is latched.
     fn start_queued(&mut self) {
-        if self.estop.is_latched() {
+        if self.estop.is_latched() || self.journal_failure.is_some() {
             return;
         }
         let queued: Vec<String> = self
@@ -874,10 +1075,12 @@ impl Core {
             let Some(run) = self.runs.get(&id) else {
                 continue;
             };
+            // Busy instruments, and instruments an interlock holds safe: the run waits in the queue.
             if run
                 .instruments
                 .iter()
                 .any(|i| self.reserved.contains_key(i))
+                || !self.interlocks_holding(&run.instruments).is_empty()
             {
                 continue;
             }
@@ -988,8 +1191,9 @@ fn mirror_of(run: &RunEntry) -> RunComponent {
     }
 }
 
-fn parse_state(s: &str) -> Option<RunState> {
-    serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+/// How the journal names who did something.
+fn actor_of(p: &Principal) -> String {
+    format!("{} ({:?} via {})", p.name, p.role, p.via)
 }
 
 fn info(r: &RunEntry) -> RunInfo {

@@ -75,6 +75,20 @@ pub struct RunContext {
     pub durable_results: Arc<AtomicU64>,
     /// Deck position of each vessel, updated as transfers finish.
     vessels: Mutex<BTreeMap<String, String>>,
+    /// Every instrument the protocol uses.
+    uses: Vec<String>,
+}
+
+/// The safe-state epoch of each of the run's instruments, read at a safe point after the controller last
+/// let the run go on. A command carries its instrument's epoch; one issued before a later safe-state
+/// request is refused by the instrument task, so a run stopped by anyone never moves anything again.
+struct Armed(BTreeMap<String, u64>);
+
+impl Armed {
+    fn epoch(&self, instrument: &str) -> u64 {
+        // Not one of the run's instruments: an epoch no instrument is at, so the command is refused.
+        self.0.get(instrument).copied().unwrap_or(u64::MAX)
+    }
 }
 
 enum StepError {
@@ -103,7 +117,10 @@ impl RunContext {
             .iter()
             .map(|l| (l.id.clone(), l.location.to_ascii_uppercase()))
             .collect();
+        let mut uses = std::collections::BTreeSet::new();
+        collect_instruments(&protocol.steps, &mut uses);
         RunContext {
+            uses: uses.into_iter().collect(),
             run_id,
             proposal_id: protocol.metadata.proposal_id.clone(),
             lab,
@@ -131,11 +148,21 @@ impl RunContext {
         });
     }
 
-    /// Waits while paused; returns an error when aborted. Called before every step: the safe points.
-    async fn checkpoint(&self) -> Result<(), StepError> {
+    /// Waits while paused; returns an error when aborted. Called before every step: the safe points. Returns
+    /// the epochs the step's commands go out under.
+    async fn checkpoint(&self) -> Result<Armed, StepError> {
         let mut control = self.control.clone();
         let mut announced = false;
         loop {
+            // Epochs first, the controller's word second: the controller sets the control before it asks
+            // for a safe state, so a `Resume` read here means no safe state was requested before these
+            // epochs were read, and a later one makes them stale.
+            let armed = Armed(
+                self.uses
+                    .iter()
+                    .filter_map(|id| Some((id.clone(), self.instruments.get(id)?.epoch())))
+                    .collect(),
+            );
             let current = *control.borrow_and_update();
             match current {
                 Control::Abort => return Err(StepError::Aborted("aborted".into())),
@@ -145,7 +172,7 @@ impl RunContext {
                             run_id: self.run_id.clone(),
                         });
                     }
-                    return Ok(());
+                    return Ok(armed);
                 }
                 Control::Pause => {
                     if !announced {
@@ -217,14 +244,14 @@ impl RunContext {
     ) -> StepFuture<'a> {
         Box::pin(async move {
             for (i, step) in steps.iter().enumerate() {
-                self.checkpoint().await?;
+                let armed = self.checkpoint().await?;
                 let step_path = format!("{path}/{i}");
                 let _ = self.updates.send(RunUpdate::Step {
                     run_id: self.run_id.clone(),
                     step: step_path.clone(),
                 });
                 let timeout = step.timeout_s().or_else(|| default_timeout_s(step));
-                let run = self.step(step, step_path.clone(), suffix.clone());
+                let run = self.step(step, step_path.clone(), suffix.clone(), &armed);
                 let outcome = match timeout {
                     Some(t) => match tokio::time::timeout(self.step_timeout_real(t), run).await {
                         Ok(r) => r,
@@ -293,6 +320,7 @@ impl RunContext {
         step: &Step,
         path: String,
         suffix: String,
+        armed: &Armed,
     ) -> Result<(), StepError> {
         if is_block(step) {
             self.event("step_started", &path, json!({ "type": step.type_name() }));
@@ -301,7 +329,7 @@ impl RunContext {
             Step::Action(a) => {
                 let commands = self.expand(&a.instrument, &a.action)?;
                 for (instrument, cmd) in commands {
-                    self.command(&instrument, cmd, &path).await?;
+                    self.command(&instrument, cmd, &path, armed).await?;
                 }
                 if let Action::Transfer(t) = &a.action
                     && let Ok(mut v) = self.vessels.lock()
@@ -318,7 +346,7 @@ impl RunContext {
             }
             Step::Measure(m) => {
                 let cmd = measurement_command(&m.measurement);
-                let outcome = self.command(&m.instrument, cmd, &path).await?;
+                let outcome = self.command(&m.instrument, cmd, &path, armed).await?;
                 self.result(
                     &format!("{}{suffix}", m.result),
                     &path,
@@ -343,8 +371,12 @@ impl RunContext {
                     let r = joined
                         .unwrap_or_else(|e| Err(StepError::Failed(format!("branch crashed: {e}"))));
                     if let Err(e) = r {
-                        // One failed branch ends the block: stop the others where they are.
-                        set.abort_all();
+                        // One failed branch ends the block: stop the others where they are, and leave
+                        // their instruments safe (a cancelled branch may have a command in flight).
+                        if first_error.is_none() {
+                            set.abort_all();
+                            self.safe_state_of(step);
+                        }
                         first_error.get_or_insert(e);
                     }
                 }
@@ -360,24 +392,37 @@ impl RunContext {
         }
     }
 
-    /// Sends one command, journaling its intent first and its outcome after.
+    /// Sends one command: its intent is on disk before it goes out (a crash leaves a record of what may
+    /// have reached the instrument), its outcome is journaled after.
     async fn command(
         &self,
         instrument: &str,
         cmd: DeviceCommand,
         step: &str,
+        armed: &Armed,
     ) -> Result<Outcome, StepError> {
         let Some(handle) = self.instruments.get(instrument) else {
             return Err(StepError::Failed(format!(
                 "instrument {instrument} is not connected to this controller"
             )));
         };
-        self.event(
-            "command",
-            step,
-            json!({ "instrument": instrument, "command": cmd }),
-        );
-        match handle.execute(cmd).await {
+        let intent = Record::Event {
+            run_id: Some(self.run_id.clone()),
+            kind: "command".into(),
+            step: Some(step.to_owned()),
+            actor: None,
+            detail: json!({ "instrument": instrument, "command": cmd }),
+            at_ms: now_ms(),
+        };
+        if let Err(e) = self.journal.append_durable(intent).await {
+            return Err(StepError::Failed(format!(
+                "{instrument}: command not sent: its intent could not be recorded: {e}"
+            )));
+        }
+        match handle
+            .execute_in_epoch(cmd, armed.epoch(instrument))
+            .await
+        {
             Ok(outcome) => {
                 self.event(
                     "command_done",

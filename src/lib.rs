@@ -19,5 +19,6 @@ pub mod gateways;
 pub mod instruments;
 pub mod journal;
 pub mod lab_runtime;
+pub mod policy;
 pub mod safety;
 pub mod world;

@@ -46,7 +46,15 @@ pub struct VesselComponent {
     pub position: String,
 }
 
-/// A tripped interlock, sent once per trip (edge, not level).
+/// What the tick tells the controller about an interlock: it tripped (and again whenever one of its
+/// instruments is re-armed while the condition still holds), or its condition no longer holds.
+#[derive(Debug, Clone)]
+pub enum InterlockEvent {
+    Tripped(Trip),
+    Cleared { interlock: String },
+}
+
+/// A tripped interlock.
 #[derive(Debug, Clone)]
 pub struct Trip {
     pub interlock: String,
@@ -150,11 +158,14 @@ struct WatchedInterlock {
     /// The watched instrument's entity, looked up once: a tick never searches the instruments.
     instrument: Option<Entity>,
     tripped: bool,
+    /// Since the trip, the watched instrument has been seen disarmed (its safe state done): being armed
+    /// again after that is a re-arm while the condition holds.
+    safe_seen: bool,
 }
 
 #[derive(Resource)]
 struct Outputs {
-    trips: mpsc::UnboundedSender<Trip>,
+    trips: mpsc::UnboundedSender<InterlockEvent>,
     snapshot: watch::Sender<Arc<LabSnapshot>>,
     run_updates: mpsc::UnboundedReceiver<RunComponent>,
     estop: EStop,
@@ -228,7 +239,11 @@ fn check_interlocks(
 ) {
     let now = Instant::now();
     for watched in interlocks.0.iter_mut() {
-        let (il, tripped) = (&watched.interlock, &mut watched.tripped);
+        let (il, tripped, safe_seen) = (
+            &watched.interlock,
+            &mut watched.tripped,
+            &mut watched.safe_seen,
+        );
         let Some(inst) = watched.instrument.and_then(|e| q.get(e).ok()) else {
             continue;
         };
@@ -241,25 +256,44 @@ fn check_interlocks(
                 .map(|t| now.saturating_duration_since(t)),
             heartbeat: inst.heartbeat,
             busy: inst.view.busy,
+            online: inst.view.connection == crate::instruments::Connection::Online,
         };
-        match evaluate(il, &facts) {
-            Some(reason) if !*tripped => {
+        let verdict = evaluate(il, &facts);
+        if *tripped && !inst.view.armed {
+            *safe_seen = true;
+        }
+        let rearmed = *tripped && *safe_seen && inst.view.armed;
+        match verdict {
+            // Level, not edge: a trip is sent when the condition starts to hold, and again whenever the
+            // watched instrument is re-armed while it still holds (its safe state is requested again).
+            Some(reason) if !*tripped || rearmed => {
+                if *tripped {
+                    tracing::warn!(interlock = %il.name, %reason, "instrument re-armed while its interlock holds: tripped again");
+                } else {
+                    tracing::warn!(interlock = %il.name, %reason, "interlock tripped");
+                }
                 *tripped = true;
-                tracing::warn!(interlock = %il.name, %reason, "interlock tripped");
+                *safe_seen = false;
                 let safe_state = if il.safe_state.is_empty() {
                     vec![il.instrument.clone()]
                 } else {
                     il.safe_state.clone()
                 };
-                let _ = out.trips.send(Trip {
+                let _ = out.trips.send(InterlockEvent::Tripped(Trip {
                     interlock: il.name.clone(),
                     instrument: il.instrument.clone(),
                     reason,
                     action: il.action,
                     safe_state,
+                }));
+            }
+            None if *tripped => {
+                *tripped = false;
+                tracing::info!(interlock = %il.name, "interlock condition cleared");
+                let _ = out.trips.send(InterlockEvent::Cleared {
+                    interlock: il.name.clone(),
                 });
             }
-            None if *tripped => *tripped = false,
             _ => {}
         }
     }
@@ -352,7 +386,7 @@ impl Default for TickConfig {
 
 /// Channels the tick feeds.
 pub struct TickIo {
-    pub trips: mpsc::UnboundedSender<Trip>,
+    pub trips: mpsc::UnboundedSender<InterlockEvent>,
     pub snapshot: watch::Sender<Arc<LabSnapshot>>,
     pub run_updates: mpsc::UnboundedReceiver<RunComponent>,
     pub estop: EStop,
@@ -394,6 +428,7 @@ pub fn start_tick(
                 interlock: i.clone(),
                 instrument: entities.get(&i.instrument).copied(),
                 tripped: false,
+                safe_seen: false,
             })
             .collect(),
     ));

@@ -166,6 +166,13 @@ pub trait Instrument: Send + 'static {
     /// Puts the instrument in its safe state (pump stopped, heater and stirrer off, gantry feed hold).
     fn safe_state(&mut self) -> impl Future<Output = Result<(), DriverError>> + Send;
 
+    /// Brings the instrument from its safe state back to ready for the next command, without a power
+    /// cycle. Called before the first command after a safe state. Instruments whose safe state needs no
+    /// undoing (a stopped pump, a heater off) keep this default.
+    fn recover(&mut self) -> impl Future<Output = Result<(), DriverError>> + Send {
+        async { Ok(()) }
+    }
+
     /// Leaves the instrument safe and releases the port.
     fn stop(&mut self) -> impl Future<Output = ()> + Send;
 }

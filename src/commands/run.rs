@@ -164,6 +164,12 @@ async fn run_async(
     let warped = args.sim || args.simulated_instruments;
     let clock = VirtualClock::new(if warped { args.warp } else { 1.0 })
         .map_err(|e| format!("--warp: {e}"))?;
+    // One controller per data directory, decided before any instrument is touched: a second one would
+    // mark the first one's runs interrupted and fight it for the ports.
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("data directory {}: {e}", args.data_dir.display()))?;
+    let _data_dir_lock =
+        crate::journal::lock_data_dir(&args.data_dir).map_err(|e| e.to_string())?;
     let estop = EStop::default();
     let runtime = crate::lab_runtime::connect(&lab, &args, clock, &estop).await?;
     let config = ControllerConfig {

@@ -5,6 +5,7 @@
 pub mod fake;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use labctl_drivers::{DeviceCommand, DeviceState, DriverError, Identity, Instrument, Outcome};
@@ -37,6 +38,8 @@ pub struct InstrumentView {
     pub last_seen: Option<Instant>,
     /// A command is in flight.
     pub busy: bool,
+    /// Ready for commands: false from a safe state until the driver's recovery before the next command.
+    pub armed: bool,
 }
 
 /// Why a command did not run or did not finish.
@@ -50,6 +53,11 @@ pub enum CommandError {
     Offline(String),
     #[error("{0}: interrupted by a safe-state request")]
     Interrupted(String),
+    /// The command was issued before the instrument's latest safe-state request: it is never sent.
+    #[error("{0}: not sent: a safe-state request came after it was issued")]
+    Superseded(String),
+    #[error("{0}: cannot recover from the safe state: {1}")]
+    Recovery(String, String),
     #[error("{0}: instrument task has stopped")]
     Gone(String),
 }
@@ -59,6 +67,8 @@ type SafeRequest = Option<oneshot::Sender<bool>>;
 
 struct Exec {
     command: DeviceCommand,
+    /// The safe-state epoch the command was issued under (see [`InstrumentHandle::epoch`]).
+    epoch: u64,
     reply: oneshot::Sender<Result<Outcome, CommandError>>,
 }
 
@@ -71,27 +81,51 @@ pub struct InstrumentHandle {
     view: watch::Receiver<Arc<InstrumentView>>,
     /// Shared by every clone: [`InstrumentHandle::stop`] ends the task even while clones live on.
     stop: Arc<watch::Sender<bool>>,
+    /// Raised by every safe-state request, in the requester's task, before the request is queued.
+    epoch: Arc<AtomicU64>,
 }
 
 impl InstrumentHandle {
-    /// Runs a command; the envelope and e-stop checks happen in the instrument task.
+    /// Runs a command issued now; the envelope and e-stop checks happen in the instrument task.
     pub async fn execute(&self, command: DeviceCommand) -> Result<Outcome, CommandError> {
+        self.execute_in_epoch(command, self.epoch()).await
+    }
+
+    /// Runs a command issued under `epoch` (read with [`InstrumentHandle::epoch`] when the caller decided
+    /// to send it). If a safe state was requested since, the task refuses it at the last moment before
+    /// the driver: safe is final for every command already on its way.
+    pub async fn execute_in_epoch(
+        &self,
+        command: DeviceCommand,
+        epoch: u64,
+    ) -> Result<Outcome, CommandError> {
         let (reply, rx) = oneshot::channel();
         self.exec
-            .send(Exec { command, reply })
+            .send(Exec {
+                command,
+                epoch,
+                reply,
+            })
             .await
             .map_err(|_| CommandError::Gone(self.id.clone()))?;
         rx.await.map_err(|_| CommandError::Gone(self.id.clone()))?
     }
 
+    /// The safe-state epoch: how many safe states have been requested so far.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
     /// Asks for the safe state now, interrupting any command in flight. Never waits.
     pub fn request_safe_state(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         // A full queue already holds a pending safe-state request: that one will do.
         let _ = self.safe.try_send(None);
     }
 
     /// Puts the instrument in its safe state and waits (at most `timeout`) until the driver says it is.
     pub async fn safe_state(&self, timeout: Duration) -> bool {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = oneshot::channel();
         let sent = tokio::time::timeout(timeout, self.safe.send(Some(tx))).await;
         if !matches!(sent, Ok(Ok(()))) {
@@ -156,19 +190,23 @@ pub fn spawn<D: Instrument>(
         values: Vec::new(),
         last_seen: None,
         busy: false,
+        armed: false,
     }));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let epoch = Arc::new(AtomicU64::new(0));
     let handle = InstrumentHandle {
         id: config.id.clone(),
         exec: exec_tx,
         safe: safe_tx,
         view: view_rx,
         stop: Arc::new(stop_tx),
+        epoch: Arc::clone(&epoch),
     };
     let channels = Channels {
         exec: exec_rx,
         safe: safe_rx,
         stop: stop_rx,
+        epoch,
     };
     tokio::spawn(run(config, driver, estop, timing, channels, view_tx));
     handle
@@ -192,6 +230,7 @@ struct Channels {
     exec: mpsc::Receiver<Exec>,
     safe: mpsc::Receiver<SafeRequest>,
     stop: watch::Receiver<bool>,
+    epoch: Arc<AtomicU64>,
 }
 
 async fn run<D: Instrument>(
@@ -206,7 +245,10 @@ async fn run<D: Instrument>(
         exec: mut exec_rx,
         safe: mut safe_rx,
         stop: mut stop_rx,
+        epoch,
     } = channels;
+    // A command is current when no safe state was requested after it was issued.
+    let current = |e: u64| e == epoch.load(Ordering::SeqCst);
     let id = config.id.clone();
     let mut online = false;
     // Reconnect attempts back off (doubling up to a ceiling) and each new reason is logged once.
@@ -237,6 +279,7 @@ async fn run<D: Instrument>(
                         v.connection = Connection::Online;
                         v.identity = Some(identity);
                         v.last_seen = Some(Instant::now());
+                        v.armed = false;
                     });
                 }
                 Err(e) => {
@@ -284,6 +327,7 @@ async fn run<D: Instrument>(
                 return;
             }
             Event::Safe(done) => {
+                update(&view, |v| v.armed = false);
                 let result = driver.safe_state().await;
                 if let Err(e) = &result {
                     tracing::error!(instrument = %id, error = %e, "safe state failed");
@@ -305,6 +349,11 @@ async fn run<D: Instrument>(
                 }
             },
             Event::Exec(req) => {
+                if !current(req.epoch) {
+                    tracing::info!(instrument = %id, command = ?req.command, "command issued before a safe state: not sent");
+                    let _ = req.reply.send(Err(CommandError::Superseded(id.clone())));
+                    continue;
+                }
                 let checked = if estop.is_latched() {
                     Err(SafetyViolation::EStopLatched)
                 } else {
@@ -314,6 +363,23 @@ async fn run<D: Instrument>(
                     tracing::warn!(instrument = %id, %violation, "command refused");
                     let _ = req.reply.send(Err(violation.into()));
                     continue;
+                }
+                if !view.borrow().armed {
+                    // The first command after a safe state: the driver brings the instrument back first.
+                    if let Err(e) = driver.recover().await {
+                        tracing::error!(instrument = %id, error = %e, "recovery from the safe state failed");
+                        online = !lost(&view, &e);
+                        let _ = req
+                            .reply
+                            .send(Err(CommandError::Recovery(id.clone(), e.to_string())));
+                        continue;
+                    }
+                    update(&view, |v| v.armed = true);
+                    // A safe state asked for while recovering wins over the command.
+                    if !current(req.epoch) {
+                        let _ = req.reply.send(Err(CommandError::Superseded(id.clone())));
+                        continue;
+                    }
                 }
                 update(&view, |v| v.busy = true);
                 let outcome = tokio::select! {
@@ -325,6 +391,7 @@ async fn run<D: Instrument>(
                 match outcome {
                     Err(done) => {
                         let _ = req.reply.send(Err(CommandError::Interrupted(id.clone())));
+                        update(&view, |v| v.armed = false);
                         let result = driver.safe_state().await;
                         if let Err(e) = &result {
                             online = !lost(&view, e);

@@ -29,6 +29,27 @@ pub enum JournalError {
     Sql(#[from] rusqlite::Error),
     #[error("journal: the writer thread has stopped")]
     Stopped,
+    /// A commit failed (disk full, I/O error, read-only file system): nothing waited on was recorded.
+    #[error("journal: cannot commit: {0}")]
+    CommitFailed(String),
+    #[error(
+        "data directory {path} is in use by another labctl{}",
+        holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Locked { path: PathBuf, holder: Option<u32> },
+    #[error("data directory lock {path}: {source}")]
+    LockIo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Whether the journal can commit. A failed commit is a safety event: the controller stops the lab.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JournalHealth {
+    Healthy,
+    /// The last commit failed for this reason; the writer keeps retrying what was not waited on.
+    Failed(String),
 }
 
 /// Milliseconds since the Unix epoch, the journal's timestamp.
@@ -80,6 +101,13 @@ pub enum Record {
         detail: serde_json::Value,
         at_ms: i64,
     },
+    /// The emergency-stop latch, kept in the `safety` table and restored at start.
+    EStopLatch {
+        latched: bool,
+        reason: Option<String>,
+        actor: Option<String>,
+        at_ms: i64,
+    },
     Result {
         run_id: String,
         seq: u64,
@@ -97,7 +125,7 @@ pub enum Record {
 enum Op {
     Append(Record, Ack),
     /// Answers once everything queued before it is on disk.
-    Flush(oneshot::Sender<()>),
+    Flush(oneshot::Sender<Result<(), JournalError>>),
 }
 
 impl Op {
@@ -113,7 +141,7 @@ impl Op {
 enum Ack {
     Nothing,
     /// Wakes a waiter (`append_durable`).
-    Notify(oneshot::Sender<()>),
+    Notify(oneshot::Sender<Result<(), JournalError>>),
     /// Raises a counter to this value (durable result counts, read without asking the writer).
     Count(Arc<AtomicU64>, u64),
 }
@@ -123,7 +151,7 @@ impl Ack {
         match self {
             Ack::Nothing => {}
             Ack::Notify(tx) => {
-                let _ = tx.send(());
+                let _ = tx.send(Ok(()));
             }
             Ack::Count(counter, value) => {
                 counter.fetch_max(value, Ordering::SeqCst);
@@ -137,6 +165,7 @@ impl Ack {
 pub struct JournalHandle {
     tx: mpsc::Sender<Op>,
     committed: broadcast::Sender<Arc<Record>>,
+    health: tokio::sync::watch::Receiver<JournalHealth>,
 }
 
 impl JournalHandle {
@@ -164,7 +193,7 @@ impl JournalHandle {
         self.tx
             .send(Op::Flush(tx))
             .map_err(|_| JournalError::Stopped)?;
-        rx.await.map_err(|_| JournalError::Stopped)
+        rx.await.map_err(|_| JournalError::Stopped)?
     }
 
     /// Queues a record and waits until it is on disk.
@@ -173,7 +202,12 @@ impl JournalHandle {
         self.tx
             .send(Op::Append(record, Ack::Notify(tx)))
             .map_err(|_| JournalError::Stopped)?;
-        rx.await.map_err(|_| JournalError::Stopped)
+        rx.await.map_err(|_| JournalError::Stopped)?
+    }
+
+    /// Whether commits succeed; changes when one fails and when a retry succeeds again.
+    pub fn health(&self) -> tokio::sync::watch::Receiver<JournalHealth> {
+        self.health.clone()
     }
 
     /// Records as they are committed, in commit order.
@@ -228,6 +262,12 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_run ON events(run_id, seq);
+CREATE TABLE IF NOT EXISTS safety (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    actor TEXT,
+    at_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS results (
     run_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -240,6 +280,70 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (run_id, seq)
 );
 ";
+
+/// Holds the data directory for one controller: a second `labctl run` on it is refused, so it can never
+/// mark the first one's runs interrupted. Released when dropped (or when the process dies, by the kernel).
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+pub const LOCK_FILE: &str = "labctl.lock";
+
+/// Takes the data directory's lock (an exclusive `flock` on `labctl.lock`), without waiting.
+pub fn lock_data_dir(data_dir: &Path) -> Result<DataDirLock, JournalError> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let path = data_dir.join(LOCK_FILE);
+    let io = |source: std::io::Error| JournalError::LockIo {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    // SAFETY: flock on a descriptor this function owns; no memory is shared with the kernel.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut text = String::new();
+        let _ = file.read_to_string(&mut text);
+        return Err(JournalError::Locked {
+            path: data_dir.to_owned(),
+            holder: text.trim().parse().ok(),
+        });
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    write!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(DataDirLock { _file: file })
+}
+
+/// The emergency-stop latch as the last process left it: `Some(reason)` when latched.
+pub fn estop_latched(conn: &Connection) -> Result<Option<String>, JournalError> {
+    use rusqlite::OptionalExtension;
+    let value: Option<String> = conn
+        .query_row("SELECT value FROM safety WHERE key = 'estop'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let v: serde_json::Value = serde_json::from_str(&value).unwrap_or_default();
+    // Anything unreadable counts as latched: on doubt the lab stays stopped.
+    if v.get("latched").and_then(|l| l.as_bool()) == Some(false) {
+        return Ok(None);
+    }
+    Ok(Some(
+        v.get("reason")
+            .and_then(|r| r.as_str())
+            .unwrap_or("latched before the restart")
+            .to_owned(),
+    ))
+}
 
 /// Runs left `running`, `paused` or `queued` by a previous process: marks them `interrupted` (never resumed
 /// silently) and returns their ids.
@@ -267,21 +371,49 @@ pub fn mark_interrupted(conn: &Connection) -> Result<Vec<String>, JournalError> 
 pub fn start(conn: Connection) -> JournalHandle {
     let (tx, rx) = mpsc::channel();
     let (committed, _) = broadcast::channel(4096);
+    let (health_tx, health) = tokio::sync::watch::channel(JournalHealth::Healthy);
     let publisher = committed.clone();
     std::thread::Builder::new()
         .name("labctl-journal".into())
-        .spawn(move || writer(conn, rx, publisher))
+        .spawn(move || writer(conn, rx, publisher, health_tx))
         .expect("spawning the journal thread");
-    JournalHandle { tx, committed }
+    JournalHandle {
+        tx,
+        committed,
+        health,
+    }
 }
 
 /// Most records in one transaction, so one huge burst cannot delay the first acks forever.
 const MAX_BATCH: usize = 4096;
 
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, publish: broadcast::Sender<Arc<Record>>) {
+/// How long a writer whose last commit failed waits for new records before it tries again.
+const RETRY_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_millis(250);
+
+fn writer(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Op>,
+    publish: broadcast::Sender<Arc<Record>>,
+    health: tokio::sync::watch::Sender<JournalHealth>,
+) {
     let mut batch: Vec<(Option<Record>, Ack)> = Vec::with_capacity(256);
-    while let Ok(first) = rx.recv() {
-        batch.push(first.into_entry());
+    loop {
+        // After a failed commit the batch still holds what nobody waited on: retry it on the next record
+        // or after a pause, whichever comes first.
+        let next = if batch.is_empty() {
+            rx.recv().map(Some).map_err(|_| ())
+        } else {
+            match rx.recv_timeout(RETRY_AFTER_FAILURE) {
+                Ok(op) => Ok(Some(op)),
+                Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+                Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
+            }
+        };
+        match next {
+            Err(()) => return,
+            Ok(Some(op)) => batch.push(op.into_entry()),
+            Ok(None) => {}
+        }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(op) => batch.push(op.into_entry()),
@@ -289,11 +421,32 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, publish: broadcast::Send
             }
         }
         if let Err(e) = commit(&mut conn, &batch) {
-            // Do not acknowledge what is not on disk: the waiters see the journal as stopped.
-            tracing::error!(error = %e, records = batch.len(), "journal commit failed");
-            batch.clear();
+            let reason = e.to_string();
+            tracing::error!(error = %reason, records = batch.len(), "journal commit failed");
+            // Waiters hear the failure at once and their records are dropped: nobody is told "recorded" of
+            // something that is not on disk. Everything else is kept and retried.
+            let mut kept = Vec::with_capacity(batch.len());
+            for (record, ack) in batch.drain(..) {
+                match ack {
+                    Ack::Notify(tx) => {
+                        let _ = tx.send(Err(JournalError::CommitFailed(reason.clone())));
+                    }
+                    ack => kept.push((record, ack)),
+                }
+            }
+            batch = kept;
+            health.send_if_modified(|h| {
+                let changed = *h != JournalHealth::Failed(reason.clone());
+                *h = JournalHealth::Failed(reason);
+                changed
+            });
             continue;
         }
+        health.send_if_modified(|h| {
+            let changed = *h != JournalHealth::Healthy;
+            *h = JournalHealth::Healthy;
+            changed
+        });
         for (record, ack) in batch.drain(..) {
             ack.committed();
             if let Some(record) = record {
@@ -344,6 +497,18 @@ fn commit(conn: &mut Connection, batch: &[(Option<Record>, Ack)]) -> Result<(), 
                     "INSERT INTO events (run_id, at_ms, kind, step, actor, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?
                 .execute(params![run_id, at_ms, kind, step, actor, detail.to_string()])?;
+            }
+            Record::EStopLatch {
+                latched,
+                reason,
+                actor,
+                at_ms,
+            } => {
+                let value = serde_json::json!({ "latched": latched, "reason": reason }).to_string();
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO safety (key, value, actor, at_ms) VALUES ('estop', ?1, ?2, ?3)",
+                )?
+                .execute(params![value, actor, at_ms])?;
             }
             Record::Result {
                 run_id,

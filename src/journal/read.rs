@@ -155,9 +155,51 @@ pub fn results(
 }
 
 /// Every proposal id with its run, so a restarted controller still answers duplicates with the same run.
-pub fn proposals(conn: &Connection) -> Result<Vec<(String, String, String)>, JournalError> {
-    let mut stmt = conn.prepare("SELECT proposal_id, run_id, state FROM runs")?;
+/// Every proposal id the journal holds, with its run, the run's state and the protocol's SHA-256: a
+/// proposal id stays bound to its protocol across restarts.
+pub struct ProposalRow {
+    pub proposal_id: String,
+    pub run_id: String,
+    pub state: String,
+    pub protocol_sha256: String,
+}
+
+pub fn proposals(conn: &Connection) -> Result<Vec<ProposalRow>, JournalError> {
+    let mut stmt =
+        conn.prepare("SELECT proposal_id, run_id, state, protocol_sha256 FROM runs")?;
     Ok(stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .query_map([], |r| {
+            Ok(ProposalRow {
+                proposal_id: r.get(0)?,
+                run_id: r.get(1)?,
+                state: r.get(2)?,
+                protocol_sha256: r.get(3)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?)
+}
+
+/// A run that was awaiting a technician's decision when the last process stopped.
+pub struct PendingRow {
+    pub run_id: String,
+    pub submitted_by: String,
+    pub protocol_json: String,
+    pub protocol_sha256: String,
+}
+
+pub fn awaiting_approval(conn: &Connection) -> Result<Vec<PendingRow>, JournalError> {
+    let mut stmt = conn.prepare(
+        "SELECT run_id, submitted_by, protocol_json, protocol_sha256 FROM runs
+         WHERE state = 'awaiting_approval' ORDER BY submitted_at_ms, run_id",
+    )?;
+    Ok(stmt
+        .query_map([], |r| {
+            Ok(PendingRow {
+                run_id: r.get(0)?,
+                submitted_by: r.get(1)?,
+                protocol_json: r.get(2)?,
+                protocol_sha256: r.get(3)?,
+            })
+        })?
         .collect::<Result<_, _>>()?)
 }

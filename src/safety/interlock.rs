@@ -16,10 +16,32 @@ pub struct InstrumentFacts<'a> {
     pub heartbeat: Duration,
     /// A command is in flight: the driver is talking to it, so silence is not yet suspicious.
     pub busy: bool,
+    /// Connected now. A lost instrument's last values are stale: its interlocks count as tripped.
+    pub online: bool,
 }
 
 /// Why an interlock tripped, for the journal and the operator.
 pub fn evaluate(il: &Interlock, facts: &InstrumentFacts) -> Option<String> {
+    // Fail safe: what an instrument that stopped answering last said proves nothing now. One that never
+    // answered yet (still connecting at start) has said nothing to judge.
+    if il.quantity.is_some() && facts.silent_for.is_some() {
+        if !facts.online {
+            return Some(format!(
+                "{}: offline, {} unknown",
+                il.instrument,
+                il.quantity.as_deref().unwrap_or_default()
+            ));
+        }
+        if !facts.busy && facts.silent_for.is_some_and(|s| s > facts.heartbeat) {
+            return Some(format!(
+                "{}: no fresh {} for {:.1} s (heartbeat {:.1} s)",
+                il.instrument,
+                il.quantity.as_deref().unwrap_or_default(),
+                facts.silent_for.unwrap_or_default().as_secs_f64(),
+                facts.heartbeat.as_secs_f64()
+            ));
+        }
+    }
     if let Some(q) = &il.quantity {
         let value = facts
             .values
@@ -82,6 +104,7 @@ mod tests {
             silent_for: Some(Duration::ZERO),
             heartbeat: Duration::from_secs(5),
             busy: false,
+            online: true,
         }
     }
 
@@ -118,6 +141,26 @@ mod tests {
         assert_eq!(evaluate(&il, &f), None);
         f.busy = false;
         f.silent_for = Some(Duration::from_secs(4));
+        assert_eq!(evaluate(&il, &f), None);
+    }
+
+    /// An instrument gone offline is not judged on its last value: a quantity interlock counts as tripped.
+    #[test]
+    fn a_lost_or_stale_instrument_trips_its_quantity_interlocks() {
+        let il = interlock("hotplate-over-temperature");
+        let values = [("plate_temperature_c", 25.0)];
+        let mut f = facts(&values, None);
+        assert_eq!(evaluate(&il, &f), None);
+        f.online = false;
+        let why = evaluate(&il, &f).unwrap();
+        assert!(why.contains("offline"), "{why}");
+        f.online = true;
+        f.silent_for = Some(Duration::from_secs(6));
+        let why = evaluate(&il, &f).unwrap();
+        assert!(why.contains("no fresh plate_temperature_c"), "{why}");
+        // Never heard from (still connecting at start): nothing to judge yet.
+        f.silent_for = None;
+        f.online = false;
         assert_eq!(evaluate(&il, &f), None);
     }
 }

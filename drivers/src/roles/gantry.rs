@@ -15,8 +15,8 @@ use tracing::{debug, warn};
 use super::{Continuity, LearnedShape, Link, retries, sane_time_scale};
 use crate::codec::Decoded;
 use crate::codec::grbl::{
-    self, AlarmCode, Command, DistanceMode, ErrorCode, MachineState, Motion, Position, Realtime,
-    Response, StatusReport, Xyz,
+    self, AlarmCode, Command, DistanceMode, DoorState, ErrorCode, HoldState, MachineState, Motion,
+    Position, Realtime, Response, StatusReport, Xyz,
 };
 use crate::error::{DriverError, PortError};
 use crate::instrument::{DeviceCommand, DeviceState, Identity, Instrument, Outcome, Telemetry};
@@ -750,6 +750,43 @@ impl Instrument for GrblGantry {
         self.link
             .tell(Transaction::no_reply(request, frame_line).timeout(timeout))
             .await
+    }
+
+    /// Out of a feed hold: wait for the hold to complete, then a soft reset discards the held motion.
+    /// GRBL keeps the position when reset in a completed hold (no alarm); a machine that was reset while
+    /// moving comes back in Alarm, and the next `home` clears it (homing is then required before motion).
+    async fn recover(&mut self) -> Result<(), DriverError> {
+        let deadline = Instant::now() + self.options.move_margin + Duration::from_secs(5);
+        loop {
+            let report = self.status().await?;
+            match report.state {
+                MachineState::Hold(HoldState::Complete) | MachineState::Door(DoorState::Closed) => {
+                    warn!(instrument = %self.link.id, "recovering from a feed hold: soft reset");
+                    return self.soft_reset().await;
+                }
+                // A person opened the door: nothing resets the machine until it is closed.
+                MachineState::Door(_) => {
+                    return Err(self
+                        .link
+                        .unexpected("?", b"Door open: close the safety door to recover"));
+                }
+                // Still decelerating into the hold: a reset now would lose the position.
+                MachineState::Hold(_) | MachineState::Run | MachineState::Jog
+                    if Instant::now() < deadline =>
+                {
+                    sleep(self.options.poll_interval).await;
+                }
+                MachineState::Hold(_) | MachineState::Run | MachineState::Jog => {
+                    return Err(DriverError::NotFinished {
+                        instrument: self.link.id.clone(),
+                        command: "recover from feed hold".into(),
+                        timeout: self.options.move_margin + Duration::from_secs(5),
+                    });
+                }
+                // Idle, Alarm (home clears it), Home, Check, Sleep: nothing to undo here.
+                _ => return Ok(()),
+            }
+        }
     }
 
     async fn stop(&mut self) {

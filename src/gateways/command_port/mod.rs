@@ -185,7 +185,7 @@ impl CommandPort {
             lines.push(format!(
                 "command port: {} (as {})",
                 p.name,
-                session::role_name(p.role)
+                crate::policy::role_name(p.role)
             ));
         }
         lines

@@ -10,12 +10,12 @@ use labctl_drivers::codec::scpi::{
     ErrorQueue, Fault, Mnemonic, ProgramUnit, ScpiError, format_number, format_string,
     parse_program_message, parse_string, split_fields,
 };
-use labctl_protocols::lab::Role;
 
 use super::Backend;
 use crate::api::{ApiError, Control, Principal};
 use crate::auth::AuthError;
 use crate::instruments::Connection;
+use crate::policy::{self, Permission, role_name};
 
 /// Longest program message accepted (a whole protocol fits in a `RUN:SUBM` line many times over).
 pub const MAX_LINE: usize = 64 * 1024;
@@ -289,25 +289,20 @@ impl Session {
         Ok(())
     }
 
-    /// The principal for an action that changes the lab: logged in, not an observer, and (unless it only
-    /// makes things safer) not while the emergency stop is latched.
+    /// The principal for an action that changes the lab: logged in, allowed by the role table, and (unless
+    /// it only makes things safer) not while the emergency stop is latched.
     fn may_change<B: Backend>(
         &self,
         backend: &B,
         what: &str,
-        technician_only: bool,
+        permission: Permission,
         allowed_while_latched: bool,
     ) -> Result<Principal, Fault> {
         let who = self.require_login(what)?;
-        let refused = match who.role {
-            Role::Observer => Some("observers only read"),
-            Role::Planner | Role::Rig if technician_only => Some("technicians only"),
-            _ => None,
-        };
-        if let Some(why) = refused {
+        if let Err(refused) = policy::check(who, permission) {
             return Err(Fault::new(
                 ScpiError::CommandProtected,
-                format!("{what}: {} is a {}; {why}", who.name, role_name(who.role)),
+                format!("{what}: {refused}"),
             ));
         }
         if !allowed_while_latched && backend.snapshot().estop_latched {
@@ -376,7 +371,7 @@ impl Session {
                 None => format!("{},none", format_string("")),
             })),
             Cmd::EStop => {
-                let who = self.may_change(backend, "SYST:ESTOP", true, true)?;
+                let who = self.may_change(backend, "SYST:ESTOP", Permission::TriggerEStop, true)?;
                 backend
                     .emergency_stop(who)
                     .await
@@ -384,7 +379,8 @@ impl Session {
                 Ok(None)
             }
             Cmd::EStopAck => {
-                let who = self.may_change(backend, "SYST:ESTOP:ACK", true, true)?;
+                let who =
+                    self.may_change(backend, "SYST:ESTOP:ACK", Permission::AcknowledgeEStop, true)?;
                 backend
                     .acknowledge_emergency_stop(who)
                     .await
@@ -479,7 +475,7 @@ impl Session {
                 Ok(Some(format_number(value)))
             }
             Cmd::RunSubmit => {
-                let who = self.may_change(backend, "RUN:SUBM", false, false)?;
+                let who = self.may_change(backend, "RUN:SUBM", Permission::Submit, false)?;
                 let raw = unit.raw_params();
                 if raw.is_empty() {
                     return Err(Fault::new(
@@ -541,7 +537,12 @@ impl Session {
                     Control::Abort => "RUN:ABOR",
                 };
                 // Aborting only makes things safer: allowed while the emergency stop is latched.
-                let who = self.may_change(backend, what, false, control == Control::Abort)?;
+                let who = self.may_change(
+                    backend,
+                    what,
+                    Permission::ControlOwnRun,
+                    control == Control::Abort,
+                )?;
                 let [run_id] = exact_args(unit)?;
                 backend
                     .control(&run_id, control, who)
@@ -653,22 +654,16 @@ fn unknown_instrument(id: &str) -> Fault {
     Fault::new(ScpiError::DataOutOfRange, format!("no instrument {id}"))
 }
 
-pub(crate) fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Observer => "observer",
-        Role::Planner => "planner",
-        Role::Rig => "rig",
-        Role::Technician => "technician",
-    }
-}
-
 /// How a refusal from the controller reads in the error queue.
 fn api_fault(what: &str, e: ApiError) -> Fault {
     let error = match &e {
         ApiError::Forbidden(_) => ScpiError::CommandProtected,
         ApiError::UnknownRun(_) => ScpiError::DataOutOfRange,
         ApiError::InvalidState(_) => ScpiError::SettingsConflict,
-        ApiError::EStopLatched | ApiError::Unavailable => ScpiError::ExecutionError,
+        ApiError::EStopLatched
+        | ApiError::Unavailable
+        | ApiError::Interlocked(_)
+        | ApiError::Journal(_) => ScpiError::ExecutionError,
     };
     Fault::new(error, format!("{what}: {e}"))
 }

@@ -414,6 +414,7 @@ async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<S
                         Some(run_id.as_str())
                     }
                     Record::Event { run_id, .. } => run_id.as_deref(),
+                    Record::EStopLatch { .. } => None,
                 };
                 if let Some(id) = run_id
                     && (!proposals.contains_key(id) || !context.knows(id))
@@ -699,9 +700,7 @@ async fn handle_one(s: &Shared, p: Publish) {
                     reply(s, &reply_to, None, body, rejected).await;
                     return;
                 }
-                Ok(_) if principal.role == Role::Observer => {
-                    Err(forbidden(&principal, "control runs", &topic, &run_id))
-                }
+                // Who may control which run is the controller's decision (the role table).
                 Ok(ControlRequest::Run(c)) => {
                     api_outcome(s.api.control(&run_id, c, principal).await, &topic, &run_id)
                 }
@@ -711,12 +710,6 @@ async fn handle_one(s: &Shared, p: Publish) {
         Inbound::Approval { run_id } => {
             let outcome = match payload::parse_approval(&p.payload, &topic) {
                 Err(r) => Err(r.for_run(&run_id)),
-                Ok(_) if principal.role != Role::Technician => Err(forbidden(
-                    &principal,
-                    "approve or reject runs",
-                    &topic,
-                    &run_id,
-                )),
                 Ok(Decision::Approve) => {
                     api_outcome(s.api.approve(&run_id, principal).await, &topic, &run_id)
                 }
@@ -731,14 +724,6 @@ async fn handle_one(s: &Shared, p: Publish) {
         Inbound::EStop => {
             let outcome = match payload::parse_estop(&p.payload, &topic) {
                 Err(r) => Err(r),
-                Ok(_) if principal.role != Role::Technician => Err(Rejection::new(
-                    "forbidden",
-                    format!(
-                        "{} ({:?}) may not trigger or acknowledge the emergency stop",
-                        principal.name, principal.role
-                    ),
-                    &topic,
-                )),
                 Ok(EStopAction::Trigger) => s
                     .api
                     .emergency_stop(principal)
@@ -824,21 +809,14 @@ fn principal_for(s: &Shared, sender: Option<&str>, topic: &str) -> Result<Princi
     }
 }
 
-fn forbidden(p: &Principal, what: &str, topic: &str, run_id: &str) -> Rejection {
-    Rejection::new(
-        "forbidden",
-        format!("{} ({:?}) may not {what}", p.name, p.role),
-        topic,
-    )
-    .for_run(run_id)
-}
-
 fn api_rejection(e: ApiError, topic: &str) -> Rejection {
     let code = match &e {
         ApiError::Forbidden(_) => "forbidden",
         ApiError::UnknownRun(_) => "unknown_run",
         ApiError::InvalidState(_) => "invalid_state",
         ApiError::EStopLatched => "estop_latched",
+        ApiError::Interlocked(_) => "interlocked",
+        ApiError::Journal(_) => "journal_unavailable",
         ApiError::Unavailable => "unavailable",
     };
     Rejection::new(code, e.to_string(), topic)
@@ -869,14 +847,10 @@ async fn submit(s: &Shared, topic: &str, bytes: &[u8], principal: Principal, to:
         return;
     }
     let pid = payload::proposal_id_of(bytes);
-    if principal.role == Role::Observer {
+    if let Err(e) = crate::policy::check(&principal, crate::policy::Permission::Submit) {
         let r = Rejection {
             proposal_id: pid.clone(),
-            ..Rejection::new(
-                "forbidden",
-                format!("{} (observer) may not submit protocols", principal.name),
-                topic,
-            )
+            ..Rejection::new("forbidden", e.to_string(), topic)
         };
         reply(s, to, pid.as_deref(), r.to_json(), true).await;
         return;

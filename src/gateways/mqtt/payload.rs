@@ -355,14 +355,14 @@ pub fn from_record(record: &Record, proposal_id: Option<&str>) -> Option<Outboun
                 "at_ms": at_ms,
             }),
         }),
-        Record::Event {
-            run_id: None,
-            kind,
+        // The latch as recorded, whoever (or whatever: a failed journal) changed it.
+        Record::EStopLatch {
+            latched,
             actor,
             at_ms,
             ..
-        } if kind == "estop_triggered" || kind == "estop_acknowledged" => Some(Outbound::EStop {
-            payload: estop_state(kind == "estop_triggered", actor.as_deref(), Some(*at_ms)),
+        } => Some(Outbound::EStop {
+            payload: estop_state(*latched, actor.as_deref(), Some(*at_ms)),
         }),
         Record::Event { run_id: None, .. } => None,
         Record::Result {
@@ -627,23 +627,30 @@ mod tests {
             detail: json!({}),
             at_ms: 1_700_000_000_123,
         };
-        let Some(Outbound::EStop { payload }) =
-            from_record(&event("estop_triggered", Some("alice")), None)
-        else {
+        let latch = |latched: bool, actor: &str| Record::EStopLatch {
+            latched,
+            reason: None,
+            actor: Some(actor.to_owned()),
+            at_ms: 1_700_000_000_123,
+        };
+        let Some(Outbound::EStop { payload }) = from_record(&latch(true, "alice"), None) else {
             panic!("a trigger must map to the estop state");
         };
         assert_eq!(
             payload,
             json!({ "latched": true, "by": "alice", "at_ms": 1_700_000_000_123_i64 })
         );
-        let Some(Outbound::EStop { payload }) =
-            from_record(&event("estop_acknowledged", Some("bob")), None)
-        else {
+        let Some(Outbound::EStop { payload }) = from_record(&latch(false, "bob"), None) else {
             panic!("an acknowledgement must map to the estop state");
         };
         assert_eq!(payload["latched"], false);
         assert_eq!(payload["by"], "bob");
-        for kind in ["controller_started", "instrument_safe", "interlock"] {
+        for kind in [
+            "controller_started",
+            "instrument_safe",
+            "interlock",
+            "estop_triggered",
+        ] {
             assert!(from_record(&event(kind, None), None).is_none(), "{kind}");
         }
     }

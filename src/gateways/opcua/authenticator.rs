@@ -21,6 +21,7 @@ use super::devices;
 use super::methods::LabMethod;
 use crate::api::Principal;
 use crate::auth::{AuthError, Users};
+use crate::policy::{self, Permission};
 
 /// The interface name in journal entries and principals.
 pub const VIA: &str = "opcua";
@@ -94,9 +95,9 @@ impl AuthManager for LabAuthenticator {
             Identifier::String(path) => match LabMethod::from_node_path(path.as_ref()) {
                 Some(method) => self.role(token).is_some_and(|role| method.allowed(role)),
                 // An instrument's action: technicians only.
-                None if devices::is_device_method(path.as_ref()) => {
-                    self.role(token) == Some(Role::Technician)
-                }
+                None if devices::is_device_method(path.as_ref()) => self
+                    .role(token)
+                    .is_some_and(|role| policy::allows(role, Permission::CommandInstrument)),
                 // Not one of the lab's methods (the server's own, in namespace 0): the stack decides.
                 None => true,
             },
@@ -114,7 +115,9 @@ impl AuthManager for LabAuthenticator {
         match &node_id.identifier {
             Identifier::String(path)
                 if devices::is_setpoint(path.as_ref())
-                    && self.role(token) != Some(Role::Technician) =>
+                    && !self
+                        .role(token)
+                        .is_some_and(|role| policy::allows(role, Permission::CommandInstrument)) =>
             {
                 user_access_level - AccessLevel::CURRENT_WRITE
             }

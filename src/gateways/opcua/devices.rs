@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use labctl_protocols::lab::{Instrument, Lab, Role};
+use labctl_protocols::lab::{Instrument, Lab};
 use labctl_protocols::{FindingCode, InstrumentKind};
 use opcua::types::{Argument, DataTypeId, LocalizedText, StatusCode, Variant};
 use serde_json::{Value, json};
@@ -532,7 +532,7 @@ pub async fn run(
     what: &str,
     protocol: String,
 ) -> Result<Done, StatusCode> {
-    if who.role != Role::Technician {
+    if !crate::policy::allows(who.role, crate::policy::Permission::CommandInstrument) {
         tracing::info!(user = %who.name, what, "opcua: device command refused: technicians only");
         return Err(StatusCode::BadUserAccessDenied);
     }
@@ -655,7 +655,7 @@ mod tests {
     #[test]
     fn a_dispense_is_a_move_above_the_vessel_then_the_dispense_and_validates() {
         let lab = Lab::sim();
-        let who = Principal::new("alice", Role::Technician, "opcua");
+        let who = Principal::new("alice", labctl_protocols::lab::Role::Technician, "opcua");
         let pump = lab.instrument("pump-red").unwrap();
         let args = [
             Variant::from("A1"),

@@ -6,6 +6,7 @@ use labctl_protocols::lab::Role;
 use opcua::types::{Argument, DataTypeId, StatusCode, Variant};
 
 use crate::api::{ApiError, Control, ControllerHandle, Principal};
+use crate::policy::{self, Permission};
 
 /// Browse names of the methods on `Lab`, and the way to tell them apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,14 +52,22 @@ impl LabMethod {
         LabMethod::ALL.into_iter().find(|m| m.name() == name)
     }
 
-    /// OPC UA's own permission, before the controller's: observers call nothing, planners (and rigs) only
-    /// submit, technicians call everything. Which runs a caller may touch is the controller's decision.
-    pub fn allowed(self, role: Role) -> bool {
-        match role {
-            Role::Technician => true,
-            Role::Planner | Role::Rig => self == LabMethod::SubmitProtocol,
-            Role::Observer => false,
+    /// The role table's permission the method needs (`policy`); which runs a caller may touch is the
+    /// controller's decision.
+    pub fn permission(self) -> Permission {
+        match self {
+            LabMethod::SubmitProtocol => Permission::Submit,
+            LabMethod::ApproveRun | LabMethod::RejectRun => Permission::Approve,
+            LabMethod::PauseRun | LabMethod::ResumeRun | LabMethod::AbortRun => {
+                Permission::ControlOwnRun
+            }
+            LabMethod::EmergencyStop => Permission::TriggerEStop,
+            LabMethod::AcknowledgeEmergencyStop => Permission::AcknowledgeEStop,
         }
+    }
+
+    pub fn allowed(self, role: Role) -> bool {
+        policy::allows(role, self.permission())
     }
 
     pub fn description(self) -> &'static str {
@@ -135,7 +144,10 @@ pub fn status_of(error: &ApiError) -> StatusCode {
     match error {
         ApiError::Forbidden(_) => StatusCode::BadUserAccessDenied,
         ApiError::UnknownRun(_) => StatusCode::BadNotFound,
-        ApiError::InvalidState(_) | ApiError::EStopLatched => StatusCode::BadInvalidState,
+        ApiError::InvalidState(_) | ApiError::EStopLatched | ApiError::Interlocked(_) => {
+            StatusCode::BadInvalidState
+        }
+        ApiError::Journal(_) => StatusCode::BadResourceUnavailable,
         ApiError::Unavailable => StatusCode::BadServerHalted,
     }
 }
@@ -227,16 +239,23 @@ mod tests {
         assert_eq!(LabMethod::from_node_path("SubmitProtocol"), None);
     }
 
+    /// The methods follow the role table: planners submit, control their own runs and may stop the lab;
+    /// only technicians approve and release the stop; observers call nothing.
     #[test]
-    fn observers_call_nothing_planners_only_submit_technicians_everything() {
+    fn methods_follow_the_role_table() {
         for m in LabMethod::ALL {
             assert!(!m.allowed(Role::Observer), "{m:?}");
             assert!(m.allowed(Role::Technician), "{m:?}");
-            assert_eq!(
-                m.allowed(Role::Planner),
-                m == LabMethod::SubmitProtocol,
-                "{m:?}"
+            let planner = matches!(
+                m,
+                LabMethod::SubmitProtocol
+                    | LabMethod::PauseRun
+                    | LabMethod::ResumeRun
+                    | LabMethod::AbortRun
+                    | LabMethod::EmergencyStop
             );
+            assert_eq!(m.allowed(Role::Planner), planner, "{m:?}");
+            assert_eq!(m.allowed(Role::Rig), planner, "{m:?}");
         }
     }
 

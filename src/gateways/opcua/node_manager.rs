@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use labctl_protocols::Lab;
-use labctl_protocols::lab::{Instrument, Role};
+use labctl_protocols::lab::Instrument;
 use opcua::server::address_space::AddressSpace;
 use opcua::server::address_space::{NodeType, validate_node_write};
 use opcua::server::diagnostics::NamespaceMetadata;
@@ -108,7 +108,7 @@ impl LabNodes {
         method: DeviceMethod,
         args: &[Variant],
     ) -> Result<devices::Done, StatusCode> {
-        if who.role != Role::Technician {
+        if !crate::policy::allows(who.role, crate::policy::Permission::CommandInstrument) {
             tracing::info!(user = %who.name, instrument = %instrument.id, method = method.name(), "opcua: device command refused: technicians only");
             return Err(StatusCode::BadUserAccessDenied);
         }

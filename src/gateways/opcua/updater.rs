@@ -367,6 +367,8 @@ impl Updater {
                     _ => {}
                 }
             }
+            // The latch is shown from the snapshot, which every face reads.
+            Record::EStopLatch { .. } => {}
         }
     }
 
@@ -445,6 +447,7 @@ mod tests {
             values: vec![("temperature_c", 21.5)],
             last_seen: None,
             busy: false,
+            armed: false,
         };
         let values = instrument_values(&view);
         assert!(values.contains(&(

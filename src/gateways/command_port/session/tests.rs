@@ -30,6 +30,7 @@ fn view(id: &str, connection: Connection, values: Vec<(&'static str, f64)>) -> I
         values,
         last_seen: None,
         busy: false,
+        armed: true,
     }
 }
 
