@@ -136,15 +136,17 @@ pub async fn start(
     // (the instrument task serialises this safe state ahead of any later command; one still connecting
     // answers once its connect has made it safe).
     for h in instruments.values() {
-        let (h, journal) = (h.clone(), journal.clone());
+        // Requested here, so no command issued before start returned can follow it.
+        let confirmed = h.safe_state(Duration::from_secs(10));
+        let (id, journal) = (h.id.clone(), journal.clone());
         tokio::spawn(async move {
-            let ok = h.safe_state(Duration::from_secs(10)).await;
+            let ok = confirmed.await;
             journal.append(Record::Event {
                 run_id: None,
                 kind: "instrument_safe".into(),
                 step: None,
                 actor: None,
-                detail: json!({ "instrument": h.id, "confirmed": ok }),
+                detail: json!({ "instrument": id, "confirmed": ok }),
                 at_ms: now_ms(),
             });
         });
@@ -1150,8 +1152,8 @@ impl Core {
             .instruments
             .values()
             .map(|h| {
-                let h = h.clone();
-                tokio::spawn(async move { (h.safe_state(Duration::from_secs(3)).await, h.id) })
+                let (confirmed, id) = (h.safe_state(Duration::from_secs(3)), h.id.clone());
+                tokio::spawn(async move { (confirmed.await, id) })
             })
             .collect();
         for confirmation in confirmations {

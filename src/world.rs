@@ -147,6 +147,8 @@ pub struct LabSnapshot {
     pub instruments: Vec<Arc<InstrumentView>>,
     pub runs: Vec<RunComponent>,
     pub vessels: Vec<VesselComponent>,
+    /// Interlocks whose condition holds now, by name (their instruments are inhibited).
+    pub interlocks_tripped: Vec<String>,
     pub tick: TickSummary,
 }
 
@@ -235,7 +237,7 @@ fn sync_runs(
 fn check_interlocks(
     q: Query<&InstrumentComponent>,
     mut interlocks: ResMut<Interlocks>,
-    out: Res<Outputs>,
+    mut out: ResMut<Outputs>,
 ) {
     let now = Instant::now();
     for watched in interlocks.0.iter_mut() {
@@ -272,6 +274,7 @@ fn check_interlocks(
                 } else {
                     tracing::warn!(interlock = %il.name, %reason, "interlock tripped");
                 }
+                out.changed |= !*tripped;
                 *tripped = true;
                 *safe_seen = false;
                 let safe_state = if il.safe_state.is_empty() {
@@ -289,6 +292,7 @@ fn check_interlocks(
             }
             None if *tripped => {
                 *tripped = false;
+                out.changed = true;
                 tracing::info!(interlock = %il.name, "interlock condition cleared");
                 let _ = out.trips.send(InterlockEvent::Cleared {
                     interlock: il.name.clone(),
@@ -303,6 +307,7 @@ fn publish_snapshot(
     instruments: Query<&InstrumentComponent>,
     runs: Query<&RunComponent>,
     vessels: Query<&VesselComponent>,
+    interlocks: Res<Interlocks>,
     stats: Res<TickStats>,
     mut out: ResMut<Outputs>,
 ) {
@@ -326,6 +331,12 @@ fn publish_snapshot(
             .collect(),
         runs: runs.iter().cloned().collect(),
         vessels: vessels.iter().cloned().collect(),
+        interlocks_tripped: interlocks
+            .0
+            .iter()
+            .filter(|w| w.tripped)
+            .map(|w| w.interlock.name.clone())
+            .collect(),
         tick: stats.summary(),
     };
     snap.runs.sort_by(|a, b| a.run_id.cmp(&b.run_id));

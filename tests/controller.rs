@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use labctl::api::{Control, ControllerHandle, Principal, RunState};
+use labctl::api::{ApiError, Control, ControllerHandle, Principal, RunState};
 use labctl::controller::Controller;
 use labctl::instruments::fake::FakeInstrument;
 use labctl::journal;
@@ -93,6 +93,18 @@ async fn wait_for(api: &ControllerHandle, run_id: &str, want: RunState) -> labct
 }
 
 /// Waits until the fake has been sent to its safe state at least `n` times.
+/// Waits until no interlock's condition holds, as the world model publishes it.
+async fn wait_interlocks_clear(api: &ControllerHandle) {
+    let mut snapshots = api.watch_snapshot();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        snapshots.wait_for(|s| s.interlocks_tripped.is_empty()),
+    )
+    .await
+    .expect("the interlocks never cleared")
+    .unwrap();
+}
+
 async fn wait_safe_states(rig: &Rig, id: &str, n: usize) {
     for _ in 0..400 {
         if rig.fake(id).safe_states >= n {
@@ -204,7 +216,10 @@ async fn a_proposal_outside_the_auto_envelope_waits_for_a_technician() {
     let run_id = reply.run_id.unwrap();
     // The planner cannot approve its own proposal.
     let err = rig.api().approve(&run_id, planner()).await.unwrap_err();
-    assert!(err.to_string().contains("technicians only"), "{err}");
+    assert!(
+        err.to_string().contains("may not approve or reject runs"),
+        "{err}"
+    );
     assert!(
         rig.fake("hotplate").commands.is_empty(),
         "nothing ran before approval"
@@ -378,8 +393,19 @@ async fn a_pump_alarm_pauses_the_run_until_a_technician_resumes() {
     wait_for(rig.api(), &run, RunState::Running).await;
     rig.fake("pump-red").state = Some(DeviceState::Alarm("A?S stalled".into()));
     wait_for(rig.api(), &run, RunState::Paused).await;
+    // While the alarm holds, nobody resumes the run: the interlock is level, not edge.
+    let err = rig
+        .api()
+        .control(&run, Control::Resume, technician())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ApiError::Interlocked(ref why) if why.contains("pump-alarm")),
+        "{err}"
+    );
     rig.fake("pump-red").state = Some(DeviceState::Idle);
-    // The planner may resume its own run.
+    wait_interlocks_clear(rig.api()).await;
+    // The planner may resume its own run once the condition has cleared.
     rig.api()
         .control(&run, Control::Resume, planner())
         .await
@@ -399,9 +425,22 @@ async fn emergency_stop_aborts_everything_and_latches_until_acknowledged() {
         .run_id
         .unwrap();
     wait_for(rig.api(), &run, RunState::Running).await;
+    let observer = Principal::new("watcher", Role::Observer, "test");
     assert!(
-        rig.api().emergency_stop(planner()).await.is_err(),
-        "planners cannot trigger the e-stop"
+        rig.api().emergency_stop(observer).await.is_err(),
+        "observers cannot trigger the e-stop"
+    );
+    // Anyone who may change the lab may stop it; only a technician releases it.
+    rig.api().emergency_stop(planner()).await.unwrap();
+    let err = rig
+        .api()
+        .acknowledge_emergency_stop(planner())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("may not acknowledge the emergency stop"),
+        "{err}"
     );
     rig.api().emergency_stop(technician()).await.unwrap();
     let info = rig.api().run(&run).await.unwrap();
@@ -587,6 +626,14 @@ async fn pause_resume_and_abort_by_operators() {
         .await
         .unwrap();
     wait_for(rig.api(), &run, RunState::Running).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rig.api().run(&run).await.unwrap().results == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no result after the resume"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     rig.api()
         .control(&run, Control::Abort, technician())
         .await
@@ -725,6 +772,10 @@ async fn a_silent_instrument_trips_its_heartbeat_interlock() {
     for inst in &mut lab.instruments {
         inst.heartbeat_s = 0.2;
     }
+    // Only the heartbeat interlock here (an unplugged hotplate also trips its over-temperature interlock:
+    // see the next test).
+    lab.interlocks
+        .retain(|i| i.name != "hotplate-over-temperature");
     let rig = rig_with(dir.path(), lab).await;
     let run = rig
         .api()
@@ -752,6 +803,55 @@ async fn a_silent_instrument_trips_its_heartbeat_interlock() {
         .find(|e| e.kind == "interlock")
         .unwrap();
     assert_eq!(il.detail["interlock"], "hotplate-silent");
+    rig.controller.shutdown().await;
+}
+
+/// An instrument that goes offline is not judged on its last value: its over-temperature interlock trips
+/// (here failing the run), a queued run on it waits, and it serves runs again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_instrument_counts_as_tripped_and_inhibits_its_runs_until_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    let run = rig
+        .api()
+        .submit(bytes(&long_hotplate_protocol("offline-1", 600.0)), planner())
+        .await
+        .run_id
+        .unwrap();
+    wait_for(rig.api(), &run, RunState::Running).await;
+    // In its wait (the stirrer set), so the run is failed by the interlock, not by a command.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rig.api().run(&run).await.unwrap().current_step.as_deref() != Some("/steps/1") {
+        assert!(std::time::Instant::now() < deadline, "never reached the wait");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    rig.fake("hotplate").unplugged = true;
+    let info = wait_for(rig.api(), &run, RunState::Failed).await;
+    assert!(
+        info.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("hotplate-over-temperature") && r.contains("offline")),
+        "{info:?}"
+    );
+    // A run on the tripped instrument stays queued while the condition holds.
+    let queued = rig
+        .api()
+        .submit(bytes(&long_hotplate_protocol("offline-2", 1.0)), planner())
+        .await
+        .run_id
+        .unwrap();
+    let mut snapshots = rig.api().watch_snapshot();
+    snapshots
+        .wait_for(|s| !s.interlocks_tripped.is_empty())
+        .await
+        .unwrap();
+    assert_eq!(
+        rig.api().run(&queued).await.unwrap().state,
+        RunState::Queued,
+        "a run started on an instrument whose interlock holds"
+    );
+    rig.fake("hotplate").unplugged = false;
+    wait_for(rig.api(), &queued, RunState::Completed).await;
     rig.controller.shutdown().await;
 }
 

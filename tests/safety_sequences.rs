@@ -70,7 +70,7 @@ fn assert_completes(c: &mut ScpiClient, lab: &SimProcess, run_id: &str, what: &s
         "completed",
         "{what} ({run_id}) was expected to complete, RUN:STAT? gave {}; labctl's log:\n{}",
         stat.reply,
-        lab.log_text()
+        lab.log_tail()
     );
 }
 
@@ -95,7 +95,7 @@ fn estop_survives_sigkill_and_only_a_technician_releases_it() {
     assert!(
         rig.estop_latched(),
         "SYST:ESTOP? answers 1 after SIGKILL and restart: the latch must survive the process; labctl's log:\n{}",
-        lab.log_text()
+        lab.log_tail()
     );
     let err = rig
         .try_submit(&dye_mix_json("safety-estop-latched"))
@@ -170,7 +170,7 @@ fn a_second_controller_on_the_same_data_directory_is_refused() {
         let _ = second.0.kill();
         let _ = second.0.wait();
     }
-    let stderr = reader.join().unwrap();
+    let stderr = common::strip_ansi(&reader.join().unwrap());
     let status = status.unwrap_or_else(|| {
         panic!(
             "a second labctl run on the data directory in use was expected to exit within 20 s, it was \
@@ -234,36 +234,40 @@ fn gantry_aborted_mid_move_serves_the_next_run() {
         "the crossing is approved automatically (queued or running), got {}",
         stat.reply
     );
-    rig.wait_run(&run_id, PROMPTLY, "running the move (/steps/1)", |s| {
-        s.state == "running" && s.step == "/steps/1"
-    });
-    // Mid-move: the head has left home but is far from the corner.
+    // Mid-move: the run is on the move step and the gantry has the move in flight (the position is only
+    // read back between commands, so it says nothing while the head travels).
     let deadline = Instant::now() + PROMPTLY;
     loop {
-        rig.send("MEAS? gantry,x_mm");
-        let reply = rig.query("SYST:ERR?");
-        if let Ok(x) = reply.parse::<f64>() {
-            assert_eq!(rig.read_line(), "0,\"No error\"", "after MEAS? gantry,x_mm");
-            assert!(
-                x < 250.0,
-                "the gantry is caught in the middle of its move, but x is already {x} mm"
-            );
-            if x > 5.0 {
-                break;
-            }
+        let stat = rig.run_stat(&run_id);
+        let gantry = rig.query("INST:STAT? gantry");
+        if stat.state == "running"
+            && stat.step == "/steps/1"
+            && gantry.split(',').nth(2) == Some("1")
+        {
+            break;
         }
         assert!(
-            Instant::now() < deadline,
-            "the gantry was expected to be moving along x within {PROMPTLY:?}; last MEAS?: {reply}; \
-             RUN:STAT?: {}",
-            rig.run_stat(&run_id).reply
+            !ENDED_STATES.contains(&stat.state.as_str()),
+            "the crossing was expected to be caught in its move, but it ended: {}",
+            stat.reply
         );
-        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            Instant::now() < deadline,
+            "the crossing was expected to be running /steps/1 with the gantry busy within {PROMPTLY:?}; \
+             RUN:STAT?: {}; INST:STAT? gantry: {gantry}",
+            stat.reply
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
     rig.ok(&format!("RUN:ABOR {run_id}"));
-    rig.wait_run(&run_id, PROMPTLY, "aborted after RUN:ABOR", |s| {
+    let stat = rig.wait_run(&run_id, PROMPTLY, "aborted after RUN:ABOR", |s| {
         s.state == "aborted"
     });
+    assert_eq!(
+        stat.step, "/steps/1",
+        "the crossing was aborted during the move step: {}",
+        stat.reply
+    );
 
     let next = rig.submit(&dye_mix_json("safety-gantry-next"));
     assert_completes(
@@ -299,6 +303,18 @@ struct MqttTechnician {
     rejections: Arc<Mutex<Vec<String>>>,
 }
 
+impl MqttTechnician {
+    /// What `rejections` (and the connection, if it failed) said so far.
+    fn rejections(&self) -> Vec<String> {
+        lock(&self.rejections).clone()
+    }
+}
+
+/// The list, even if a thread panicked while holding it.
+fn lock(list: &Mutex<Vec<String>>) -> std::sync::MutexGuard<'_, Vec<String>> {
+    list.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A technician's approval over the embedded MQTT broker (the command port has no approval command);
 /// returns once the broker has acknowledged the message.
 fn approve_over_mqtt(mqtt_port: u16, run_id: &str) -> MqttTechnician {
@@ -327,13 +343,11 @@ fn approve_over_mqtt(mqtt_port: u16, run_id: &str) -> MqttTechnician {
                     let _ = tx.send("puback");
                 }
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
-                    seen.lock()
-                        .unwrap()
-                        .push(String::from_utf8_lossy(&p.payload).into_owned());
+                    lock(&seen).push(String::from_utf8_lossy(&p.payload).into_owned());
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    seen.lock().unwrap().push(format!("connection error: {e}"));
+                    lock(&seen).push(format!("connection error: {e}"));
                     return;
                 }
             }
@@ -345,7 +359,7 @@ fn approve_over_mqtt(mqtt_port: u16, run_id: &str) -> MqttTechnician {
             got,
             Ok(what),
             "alice over MQTT on port {mqtt_port}: expected {what}; rejections/errors so far: {:?}",
-            rejections.lock().unwrap()
+            lock(&rejections)
         );
     };
     expect("connack");
@@ -398,9 +412,24 @@ fn proposal_awaiting_approval_survives_sigkill() {
         "after SIGKILL and restart the proposal still awaits approval (not unknown, not interrupted): {}; \
          labctl's log:\n{}",
         stat.reply,
-        lab.log_text()
+        lab.log_tail()
     );
     let alice = approve_over_mqtt(lab.mqtt_port, &run_id);
+    let deadline = Instant::now() + PROMPTLY;
+    loop {
+        let stat = rig.run_stat(&run_id);
+        if stat.state != "awaiting_approval" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alice's approval over MQTT was expected to take the run out of awaiting_approval within \
+             {PROMPTLY:?}; RUN:STAT?: {}; what labctl/sim/rejections said: {:?}",
+            stat.reply,
+            alice.rejections()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let stat = rig.wait_run(&run_id, DYE_MIX, "completed after alice's approval", |s| {
         ENDED_STATES.contains(&s.state.as_str())
     });
@@ -409,7 +438,7 @@ fn proposal_awaiting_approval_survives_sigkill() {
         "completed",
         "the approved proposal runs to completion, RUN:STAT? gave {}; MQTT rejections: {:?}",
         stat.reply,
-        alice.rejections.lock().unwrap()
+        alice.rejections()
     );
 
     let check_identity = |rig: &mut ScpiClient, when: &str| {
@@ -537,7 +566,7 @@ fn a_full_disk_under_the_journal_stops_the_lab_until_a_technician_acknowledges()
             "with the journal's disk full the lab latches its emergency stop within {PROMPTLY:?}: \
              SYST:ESTOP? still answers 0; run: {}; labctl's log:\n{}",
             rig.run_stat(&run_id).reply,
-            lab.log_text()
+            lab.log_tail()
         );
         std::thread::sleep(Duration::from_millis(50));
     }

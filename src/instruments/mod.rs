@@ -124,14 +124,19 @@ impl InstrumentHandle {
     }
 
     /// Puts the instrument in its safe state and waits (at most `timeout`) until the driver says it is.
-    pub async fn safe_state(&self, timeout: Duration) -> bool {
+    /// The epoch is raised when this is called, not when the future is first polled: commands issued
+    /// before the call are superseded however late the future runs.
+    pub fn safe_state(&self, timeout: Duration) -> impl Future<Output = bool> + Send + 'static {
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        let (tx, rx) = oneshot::channel();
-        let sent = tokio::time::timeout(timeout, self.safe.send(Some(tx))).await;
-        if !matches!(sent, Ok(Ok(()))) {
-            return false;
+        let safe = self.safe.clone();
+        async move {
+            let (tx, rx) = oneshot::channel();
+            let sent = tokio::time::timeout(timeout, safe.send(Some(tx))).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                return false;
+            }
+            matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(true)))
         }
-        matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(true)))
     }
 
     pub fn view(&self) -> Arc<InstrumentView> {

@@ -39,7 +39,9 @@ pub async fn controller_on_fakes(
         lab_sha256: "test".into(),
         data_dir: dir.to_owned(),
         clock: VirtualClock::new(1000.0).unwrap(),
-        step_timeout_floor: Duration::ZERO,
+        // Each command's intent is fsynced before it goes out, in real time whatever the warp: a step is
+        // given at least 1 s (a 120 s step is 120 ms at 1000x, less than one fsync on a busy CI disk).
+        step_timeout_floor: Duration::from_secs(1),
         tick: TickConfig {
             period: Duration::from_millis(10),
             spin: Duration::ZERO,
@@ -151,9 +153,12 @@ impl SimProcess {
         self.labctl.0.wait().expect("reap labctl");
     }
 
-    /// What the process (and earlier ones with the same log) wrote on standard error.
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+    /// The last 15 lines the process (and earlier ones with the same log) wrote on standard error, without
+    /// terminal colours: for assertion messages.
+    pub fn log_tail(&self) -> String {
+        let text = strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default());
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
     }
 }
 
@@ -198,7 +203,7 @@ pub fn start_sim_process(data_dir: &Path, log: &Path, warp: &str) -> SimProcess 
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(ports) => break ports,
             Err(_) => {
-                let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+                let log_text = || strip_ansi(&std::fs::read_to_string(log).unwrap_or_default());
                 if let Some(status) = labctl.0.try_wait().expect("labctl's status") {
                     panic!(
                         "labctl run --sim on {} exited with {status} before announcing its MQTT and \
@@ -222,6 +227,25 @@ pub fn start_sim_process(data_dir: &Path, log: &Path, warp: &str) -> SimProcess 
         command_port,
         log: log.to_owned(),
     }
+}
+
+/// `text` without ANSI escape sequences (the log's colours).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, ended by a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The dye-mix example (`protocols/examples/dye-mix.json`), on one line, with its own proposal id.
