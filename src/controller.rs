@@ -239,6 +239,8 @@ struct RunEntry {
     vessels: BTreeMap<String, String>,
     control: watch::Sender<Control>,
     task: Option<JoinHandle<()>>,
+    /// Why the controller asked the run to hold (an interlock, a lost planner): the pause's reason.
+    hold_reason: Option<String>,
 }
 
 /// A proposal id as the controller knows it: bound to one run and one protocol, across restarts.
@@ -283,6 +285,7 @@ impl RunEntry {
             vessels,
             control,
             task: None,
+            hold_reason: None,
             run_id,
         }
     }
@@ -681,9 +684,9 @@ impl Core {
             (Control::Resume, RunState::Paused) if self.estop.is_latched() => {
                 Err(ApiError::EStopLatched)
             }
-            (Control::Resume, RunState::Paused) if self.journal_failure.is_some() => Err(
-                ApiError::Journal(self.journal_failure_message()),
-            ),
+            (Control::Resume, RunState::Paused) if self.journal_failure.is_some() => {
+                Err(ApiError::Journal(self.journal_failure_message()))
+            }
             (Control::Resume, RunState::Paused) if !interlocked.is_empty() => {
                 Err(ApiError::Interlocked(format!(
                     "cannot resume run {run_id}: interlock {} still holds",
@@ -875,11 +878,7 @@ impl Core {
                     reason: Some(reason),
                     at_ms: now_ms(),
                 });
-                if let Some(known) = self
-                    .proposals
-                    .values_mut()
-                    .find(|k| k.run_id == row.run_id)
-                {
+                if let Some(known) = self.proposals.values_mut().find(|k| k.run_id == row.run_id) {
                     known.state = Some(RunState::Rejected);
                 }
                 continue;
@@ -917,7 +916,8 @@ impl Core {
             .map(|r| r.run_id.clone())
             .collect();
         for id in held {
-            if let Some(run) = self.runs.get(&id) {
+            if let Some(run) = self.runs.get_mut(&id) {
+                run.hold_reason = Some(format!("planner {planner_id} lost: safe hold"));
                 run.control.send_replace(Control::Pause);
             }
             self.safe_state_of_run(&id);
@@ -947,7 +947,8 @@ impl Core {
         // The runs hear the decision before the instruments go safe, so none issues a new command in between
         // (a command already issued is refused by the instrument's safe-state epoch).
         for id in &affected {
-            if let Some(run) = self.runs.get(id) {
+            if let Some(run) = self.runs.get_mut(id) {
+                run.hold_reason = Some(format!("interlock {}: {}", trip.interlock, trip.reason));
                 run.control.send_replace(match trip.action {
                     TripAction::Pause => Control::Pause,
                     TripAction::Fail => Control::Abort,
@@ -1009,11 +1010,10 @@ impl Core {
                 }
             }
             RunUpdate::Paused { run_id, reason } => {
-                if self
-                    .runs
-                    .get(&run_id)
-                    .is_some_and(|r| r.state == RunState::Running)
+                if let Some(run) = self.runs.get_mut(&run_id)
+                    && run.state == RunState::Running
                 {
+                    let reason = run.hold_reason.take().unwrap_or(reason);
                     self.set_state(&run_id, RunState::Paused, Some(reason));
                 }
             }

@@ -419,10 +419,7 @@ impl RunContext {
                 "{instrument}: command not sent: its intent could not be recorded: {e}"
             )));
         }
-        match handle
-            .execute_in_epoch(cmd, armed.epoch(instrument))
-            .await
-        {
+        match handle.execute_in_epoch(cmd, armed.epoch(instrument)).await {
             Ok(outcome) => {
                 self.event(
                     "command_done",

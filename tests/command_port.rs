@@ -207,8 +207,14 @@ async fn conversation<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, tcp:
     c.refused(&format!("RUN:PAUS {run_id}"), -221).await;
     c.refused("RUN:STAT? run-nope", -222).await;
 
-    // A rig may not stop the lab; a technician may, and then nothing changes until it is acknowledged.
-    c.refused("SYST:ESTOP", -203).await;
+    // A rig may stop the lab but not release it; then nothing changes until a technician acknowledges.
+    c.ok("SYST:ESTOP").await;
+    assert_eq!(c.query("SYST:ESTOP?").await, "1");
+    let err = c.refused("SYST:ESTOP:ACK", -203).await;
+    assert!(
+        err.contains("may not acknowledge the emergency stop"),
+        "{err}"
+    );
     c.ok("SYST:LOGIN alice,technician-dev").await;
     c.ok("SYST:ESTOP").await;
     assert_eq!(c.query("SYST:ESTOP?").await, "1");

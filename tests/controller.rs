@@ -814,7 +814,10 @@ async fn an_offline_instrument_counts_as_tripped_and_inhibits_its_runs_until_it_
     let rig = rig(dir.path()).await;
     let run = rig
         .api()
-        .submit(bytes(&long_hotplate_protocol("offline-1", 600.0)), planner())
+        .submit(
+            bytes(&long_hotplate_protocol("offline-1", 600.0)),
+            planner(),
+        )
         .await
         .run_id
         .unwrap();
@@ -822,7 +825,10 @@ async fn an_offline_instrument_counts_as_tripped_and_inhibits_its_runs_until_it_
     // In its wait (the stirrer set), so the run is failed by the interlock, not by a command.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while rig.api().run(&run).await.unwrap().current_step.as_deref() != Some("/steps/1") {
-        assert!(std::time::Instant::now() < deadline, "never reached the wait");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reached the wait"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     rig.fake("hotplate").unplugged = true;

@@ -1251,13 +1251,14 @@ async fn technicians_approve_and_stop_over_mqtt_and_nobody_else_may() {
         Some(RunState::Running)
     );
 
-    // The planner may not e-stop; the technician may, and must acknowledge.
+    // The planner may not release an e-stop (it may trigger one: the role table); the technician triggers
+    // it here and must acknowledge.
     planner
         .publish(
             "labctl/sim/estop",
             QoS::AtLeastOnce,
             false,
-            b"trigger".to_vec(),
+            br#"{"action": "acknowledge"}"#.to_vec(),
         )
         .await
         .unwrap();

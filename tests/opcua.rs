@@ -536,13 +536,14 @@ async fn the_dye_mix_submitted_over_opc_ua_runs_to_completion_under_lab_runs() {
         "{findings}"
     );
 
-    // A planner submits and nothing else; wrong argument types are refused, not guessed at.
+    // A planner neither approves nor releases a stop (the role table); wrong argument types are refused,
+    // not guessed at.
     assert_eq!(
-        call(&planner, &rig, "AbortRun", vec![run_id.clone().into()]).await,
+        call(&planner, &rig, "ApproveRun", vec![run_id.clone().into()]).await,
         Err(StatusCode::BadUserAccessDenied)
     );
     assert_eq!(
-        call(&planner, &rig, "EmergencyStop", vec![]).await,
+        call(&planner, &rig, "AcknowledgeEmergencyStop", vec![]).await,
         Err(StatusCode::BadUserAccessDenied)
     );
     assert!(

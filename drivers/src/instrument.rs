@@ -167,11 +167,9 @@ pub trait Instrument: Send + 'static {
     fn safe_state(&mut self) -> impl Future<Output = Result<(), DriverError>> + Send;
 
     /// Brings the instrument from its safe state back to ready for the next command, without a power
-    /// cycle. Called before the first command after a safe state. Instruments whose safe state needs no
-    /// undoing (a stopped pump, a heater off) keep this default.
-    fn recover(&mut self) -> impl Future<Output = Result<(), DriverError>> + Send {
-        async { Ok(()) }
-    }
+    /// cycle. Called before the first command after a safe state. No default: every driver says what its
+    /// way back is (docs/controller.md has the table), and a wrapper cannot forget to forward it.
+    fn recover(&mut self) -> impl Future<Output = Result<(), DriverError>> + Send;
 
     /// Leaves the instrument safe and releases the port.
     fn stop(&mut self) -> impl Future<Output = ()> + Send;

@@ -202,6 +202,10 @@ impl Instrument for AnyInstrument {
         each!(self, d => d.safe_state().await)
     }
 
+    async fn recover(&mut self) -> Result<(), DriverError> {
+        each!(self, d => d.recover().await)
+    }
+
     async fn stop(&mut self) {
         each!(self, d => d.stop().await)
     }

@@ -157,7 +157,9 @@ fn step_path(p: &serde_json::Value, id: &str) -> String {
 }
 
 /// The balance's cable is pulled while the vial is mixing and plugged back: the controller sees it lost,
-/// reconnects to the new pty on its own, and the run completes with every result.
+/// and its overload interlock counts as tripped while it is (a lost balance's last mass proves nothing), so
+/// the run pauses; it reconnects to the new pty on its own, the interlock clears, the technician resumes,
+/// and the run completes with every result.
 /// (This found a leak: the suite's pty masters were inherited by the `labctl` it starts, so an unplugged
 /// pty never hung up; the simulators now open them close-on-exec.)
 #[test]
@@ -179,13 +181,12 @@ fn unplug_and_replug() {
         .as_ref()
         .map(|s| s.endpoint("balance").map(|e| e.location()));
     bench.unplug("balance");
-    // The cable stays out for a while (a fault's duration, not a measurement); the run goes on mixing.
-    let unplugged = std::time::Instant::now();
-    while unplugged.elapsed() < Duration::from_secs(3) {
-        let state = port.run_state(&run);
-        assert_eq!(state.state, "running", "{state:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // Fail safe: while the balance is lost, the run holds.
+    let held = port.wait_run(&run, Duration::from_secs(20), "the hold", |s| {
+        s.state == "paused" || s.is_final()
+    });
+    assert_eq!(held.state, "paused", "{held:?}\n{}", labctl.log_tail());
+    assert!(held.reason.contains("balance-overload"), "{held:?}");
     eprintln!(
         "balance while unplugged: INST:STAT? {}",
         port.instrument_state("balance")
@@ -201,6 +202,21 @@ fn unplug_and_replug() {
         Some(Some("-".to_owned())),
         "the replugged pty is open (was {pty_before:?})"
     );
+    // Back online, the interlock clears; until then a resume is refused.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        port.send(&format!("RUN:RES {run}"));
+        let err = port.query("SYST:ERR?");
+        if err.starts_with("0,") {
+            break;
+        }
+        assert!(err.contains("interlock"), "{err}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the resume was refused for 30 s: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let end = port.wait_run(&run, virtual_secs(900.0), "an end", |s| s.is_final());
     assert_eq!(end.state, "completed", "{end:?}\n{}", labctl.log_tail());
     let journal = bench.assert_no_acknowledged_result_lost(
@@ -428,6 +444,21 @@ fn garbled_bytes() {
     let run = port
         .submit(&protocol("dye-mix.json", "hil-garbled"))
         .expect("accepted");
+    // Back online, the interlock clears; until then a resume is refused.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        port.send(&format!("RUN:RES {run}"));
+        let err = port.query("SYST:ERR?");
+        if err.starts_with("0,") {
+            break;
+        }
+        assert!(err.contains("interlock"), "{err}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the resume was refused for 30 s: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let end = port.wait_run(&run, virtual_secs(900.0), "an end", |s| s.is_final());
     assert_eq!(end.state, "completed", "{end:?}\n{}", labctl.log_tail());
     let journal = bench.assert_no_acknowledged_result_lost(

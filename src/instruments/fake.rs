@@ -10,11 +10,23 @@ use labctl_drivers::{
 };
 use labctl_protocols::InstrumentKind;
 
+/// What a fake's driver was asked to do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FakeEvent {
+    Command(DeviceCommand),
+    /// A safe state, done.
+    Safe,
+    /// A recovery from the safe state, done.
+    Recover,
+}
+
 /// Shared, inspectable state of a fake instrument.
 #[derive(Debug, Default)]
 pub struct FakeLog {
     pub commands: Vec<DeviceCommand>,
     pub safe_states: usize,
+    /// Commands, safe states and recoveries in the order the driver saw them.
+    pub history: Vec<FakeEvent>,
     /// Values reported by `poll`.
     pub values: Vec<(&'static str, f64)>,
     pub state: Option<DeviceState>,
@@ -80,6 +92,7 @@ impl Instrument for FakeInstrument {
         let delay = {
             let mut log = self.lock();
             log.commands.push(command.clone());
+            log.history.push(FakeEvent::Command(command.clone()));
             if let Some(msg) = &log.fail_with {
                 return Err(DriverError::Device {
                     instrument: self.id.clone(),
@@ -141,7 +154,15 @@ impl Instrument for FakeInstrument {
 
     async fn safe_state(&mut self) -> Result<(), DriverError> {
         self.unplugged()?;
-        self.lock().safe_states += 1;
+        let mut log = self.lock();
+        log.safe_states += 1;
+        log.history.push(FakeEvent::Safe);
+        Ok(())
+    }
+
+    async fn recover(&mut self) -> Result<(), DriverError> {
+        self.unplugged()?;
+        self.lock().history.push(FakeEvent::Recover);
         Ok(())
     }
 

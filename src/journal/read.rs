@@ -165,8 +165,7 @@ pub struct ProposalRow {
 }
 
 pub fn proposals(conn: &Connection) -> Result<Vec<ProposalRow>, JournalError> {
-    let mut stmt =
-        conn.prepare("SELECT proposal_id, run_id, state, protocol_sha256 FROM runs")?;
+    let mut stmt = conn.prepare("SELECT proposal_id, run_id, state, protocol_sha256 FROM runs")?;
     Ok(stmt
         .query_map([], |r| {
             Ok(ProposalRow {

@@ -299,6 +299,11 @@ impl Instrument for MtSicsBalance {
         Ok(())
     }
 
+    /// Nothing to undo: a balance has no motion or heat; its safe state changes nothing.
+    async fn recover(&mut self) -> Result<(), DriverError> {
+        Ok(())
+    }
+
     async fn stop(&mut self) {
         self.link.disconnect().await;
     }

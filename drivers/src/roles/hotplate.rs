@@ -413,6 +413,12 @@ impl Instrument for IkaHotplate {
         heater.and(motor)
     }
 
+    /// Nothing to undo: the safe state is heater and stirrer off, the next setpoint starts them again, and
+    /// the watchdog stays armed by the polls.
+    async fn recover(&mut self) -> Result<(), DriverError> {
+        Ok(())
+    }
+
     async fn stop(&mut self) {
         if self.link.port.is_open()
             && let Err(error) = self.safe_state().await

@@ -366,6 +366,11 @@ impl Instrument for Ne1000Pump {
         Ok(())
     }
 
+    /// Nothing to undo: the safe state is `STP`, and the next `dispense` programs the pump afresh.
+    async fn recover(&mut self) -> Result<(), DriverError> {
+        Ok(())
+    }
+
     async fn stop(&mut self) {
         if self.link.port.is_open()
             && let Err(error) = self.safe_state().await

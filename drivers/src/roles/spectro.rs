@@ -306,6 +306,11 @@ impl Instrument for ScpiSpectro {
         Ok(())
     }
 
+    /// Nothing to undo: the safe state starts no scan, and the next command configures its own.
+    async fn recover(&mut self) -> Result<(), DriverError> {
+        Ok(())
+    }
+
     async fn stop(&mut self) {
         self.link.disconnect().await;
     }

@@ -379,8 +379,12 @@ impl Session {
                 Ok(None)
             }
             Cmd::EStopAck => {
-                let who =
-                    self.may_change(backend, "SYST:ESTOP:ACK", Permission::AcknowledgeEStop, true)?;
+                let who = self.may_change(
+                    backend,
+                    "SYST:ESTOP:ACK",
+                    Permission::AcknowledgeEStop,
+                    true,
+                )?;
                 backend
                     .acknowledge_emergency_stop(who)
                     .await

@@ -115,9 +115,9 @@ impl AuthManager for LabAuthenticator {
         match &node_id.identifier {
             Identifier::String(path)
                 if devices::is_setpoint(path.as_ref())
-                    && !self
-                        .role(token)
-                        .is_some_and(|role| policy::allows(role, Permission::CommandInstrument)) =>
+                    && !self.role(token).is_some_and(|role| {
+                        policy::allows(role, Permission::CommandInstrument)
+                    }) =>
             {
                 user_access_level - AccessLevel::CURRENT_WRITE
             }
