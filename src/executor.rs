@@ -250,7 +250,7 @@ impl RunContext {
                     run_id: self.run_id.clone(),
                     step: step_path.clone(),
                 });
-                let timeout = step.timeout_s().or_else(|| default_timeout_s(step));
+                let timeout = step.timeout_or_default_s(&self.lab);
                 let run = self.step(step, step_path.clone(), suffix.clone(), &armed);
                 let outcome = match timeout {
                     Some(t) => match tokio::time::timeout(self.step_timeout_real(t), run).await {
@@ -327,6 +327,14 @@ impl RunContext {
         }
         match step {
             Step::Action(a) => {
+                if let Action::SetTemperature(t) = &a.action
+                    && let Some(rate) = self
+                        .lab
+                        .instrument(&a.instrument)
+                        .and_then(|i| i.envelope.ramp_c_per_min)
+                {
+                    return self.ramp(&a.instrument, t.temperature_c, rate, &path).await;
+                }
                 let commands = self.expand(&a.instrument, &a.action)?;
                 for (instrument, cmd) in commands {
                     self.command(&instrument, cmd, &path, armed).await?;
@@ -390,6 +398,49 @@ impl RunContext {
                 Ok(())
             }
         }
+    }
+
+    /// Raises a temperature setpoint no faster than the envelope's `ramp_c_per_min`, from the plate's
+    /// measured temperature (`lab::ramp_setpoints`; cooling is one step). The waits between setpoints are
+    /// safe points: a pause holds the ramp, and each setpoint goes out under the epochs read after it.
+    async fn ramp(
+        &self,
+        instrument: &str,
+        target_c: f64,
+        rate_c_per_min: f64,
+        path: &str,
+    ) -> Result<(), StepError> {
+        let from = self
+            .instruments
+            .get(instrument)
+            .and_then(|h| {
+                h.view()
+                    .values
+                    .iter()
+                    .find(|(q, _)| *q == "plate_temperature_c")
+                    .map(|(_, v)| *v)
+            })
+            // No reading: ramp from the envelope's minimum, the longest (safest) ramp.
+            .or_else(|| {
+                self.lab
+                    .instrument(instrument)
+                    .and_then(|i| i.envelope.temperature_c)
+                    .map(|r| r.min)
+            })
+            .unwrap_or(target_c);
+        for (wait_s, setpoint) in
+            labctl_protocols::lab::ramp_setpoints(from, target_c, rate_c_per_min)
+        {
+            if wait_s > 0.0 {
+                self.wait(self.virtual_to_real(wait_s)).await?;
+            }
+            let armed = self.checkpoint().await?;
+            let cmd = DeviceCommand::SetTemperature {
+                temperature_c: setpoint,
+            };
+            self.command(instrument, cmd, path, &armed).await?;
+        }
+        Ok(())
     }
 
     /// Sends one command: its intent is on disk before it goes out (a crash leaves a record of what may
@@ -633,21 +684,6 @@ fn outcome_summary(o: &Outcome) -> serde_json::Value {
             json!({ "outcome": "spectrum", "points": wavelengths_nm.len() })
         }
         other => serde_json::to_value(other).unwrap_or_default(),
-    }
-}
-
-/// A step without an explicit timeout still gets one: nothing may hold the lab forever.
-fn default_timeout_s(step: &Step) -> Option<f64> {
-    match step {
-        Step::Action(a) => Some(match &a.action {
-            Action::Dispense(d) if d.rate_ul_per_min > 0.0 => {
-                d.volume_ul / d.rate_ul_per_min * 60.0 * 2.0 + 60.0
-            }
-            Action::Home {} | Action::Transfer(_) => 300.0,
-            _ => 120.0,
-        }),
-        Step::Measure(_) => Some(120.0),
-        Step::Wait(_) | Step::WaitUntil(_) | Step::Parallel(_) | Step::Repeat(_) => None,
     }
 }
 

@@ -144,7 +144,8 @@ pub struct Limits {
     /// Volume of one dispense.
     pub volume_ul: Option<Range>,
     pub temperature_c: Option<Range>,
-    /// Fastest allowed setpoint change; the controller ramps setpoints no faster than this.
+    /// Fastest allowed rise of a temperature setpoint; the controller ramps setpoints no faster than this
+    /// (see [`ramp_setpoints`]). Only a hotplate's envelope may set it.
     pub ramp_c_per_min: Option<f64>,
     pub stir_speed_rpm: Option<Range>,
     pub mass_g: Option<Range>,
@@ -175,6 +176,34 @@ impl Limits {
             .find(|(n, _)| *n == quantity)
             .and_then(|(_, r)| r)
     }
+}
+
+/// The setpoints that raise a temperature from `from` to `to` no faster than `rate_c_per_min`: each with the
+/// seconds to wait before it is sent. The first goes out at once, one increment above `from`; the last is
+/// `to`. Increments are 1 degC, or a tenth of a minute's ramp when that is more. A setpoint at or below
+/// `from` is one step: cooling (or holding) is the safe direction and is never delayed.
+pub fn ramp_setpoints(from: f64, to: f64, rate_c_per_min: f64) -> Vec<(f64, f64)> {
+    if !(from.is_finite() && to.is_finite() && rate_c_per_min.is_finite() && rate_c_per_min > 0.0)
+        || to <= from
+    {
+        return vec![(0.0, to)];
+    }
+    let increment = (rate_c_per_min / 10.0).max(1.0);
+    let wait_s = increment / rate_c_per_min * 60.0;
+    let mut out = Vec::new();
+    let mut setpoint = from;
+    while setpoint + increment < to {
+        setpoint += increment;
+        out.push((if out.is_empty() { 0.0 } else { wait_s }, setpoint));
+    }
+    // The last increment may be shorter: wait only for its share.
+    let last_wait = if out.is_empty() {
+        0.0
+    } else {
+        (to - setpoint) / rate_c_per_min * 60.0
+    };
+    out.push((last_wait, to));
+    out
 }
 
 /// The quantities whose envelope a lab must declare for each kind: a command on an unbounded quantity
@@ -629,6 +658,24 @@ impl Lab {
             if inst.heartbeat_s.is_nan() || inst.heartbeat_s <= 0.0 {
                 p.push(format!("{at}.heartbeat_s: must be > 0"));
             }
+            // Every safety field is enforced or refused by name: a ramp is enforced on hotplate setpoints only.
+            for (limits, field) in [
+                (&inst.envelope, "envelope"),
+                (&inst.capabilities, "capabilities"),
+            ] {
+                if let Some(r) = limits.ramp_c_per_min {
+                    if !(r.is_finite() && r > 0.0) {
+                        p.push(format!(
+                            "{at}.{field}.ramp_c_per_min: {r} must be a number > 0"
+                        ));
+                    } else if inst.kind != InstrumentKind::Hotplate {
+                        p.push(format!(
+                            "{at}.{field}.ramp_c_per_min: only a hotplate's temperature setpoints are ramped; a {} has none",
+                            inst.kind
+                        ));
+                    }
+                }
+            }
             if inst.kind == InstrumentKind::SyringePump && inst.stock.is_none() {
                 p.push(format!(
                     "{at}.stock: a syringe pump must name the stock it holds"
@@ -770,6 +817,40 @@ mod tests {
         let err = Lab::from_toml_str(&text, "t").unwrap_err().to_string();
         assert!(
             err.contains("users[") && err.contains("clear-text passwords are not allowed"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_ramp_rises_no_faster_than_its_rate_and_ends_on_the_target() {
+        // 10 degC/min from 22 to 25: 23 at once, 24 after 6 s, 25 after 6 s more.
+        assert_eq!(
+            ramp_setpoints(22.0, 25.0, 10.0),
+            [(0.0, 23.0), (6.0, 24.0), (6.0, 25.0)]
+        );
+        let steps = ramp_setpoints(22.0, 120.0, 10.0);
+        assert_eq!(steps.last(), Some(&(6.0, 120.0)));
+        let total: f64 = steps.iter().map(|(w, _)| w).sum();
+        // 98 degC at 10 degC/min is 588 s; the first degree goes out at once.
+        assert!((total - 582.0).abs() < 1e-9, "{total}");
+        for pair in steps.windows(2) {
+            let (rise, wait) = (pair[1].1 - pair[0].1, pair[1].0);
+            assert!(rise / wait * 60.0 <= 10.0 + 1e-9, "{pair:?}");
+        }
+        // A fast ramp takes bigger increments; cooling and bad rates are one step.
+        assert_eq!(ramp_setpoints(20.0, 60.0, 200.0).len(), 2);
+        assert_eq!(ramp_setpoints(80.0, 40.0, 10.0), [(0.0, 40.0)]);
+        assert_eq!(ramp_setpoints(20.0, 40.0, 0.0), [(0.0, 40.0)]);
+        assert_eq!(ramp_setpoints(f64::NAN, 40.0, 10.0), [(0.0, 40.0)]);
+    }
+
+    #[test]
+    fn a_ramp_that_cannot_be_enforced_is_refused_by_name() {
+        let text = include_str!("../../examples/sim-lab.toml");
+        let bad = text.replace("ramp_c_per_min = 10.0", "ramp_c_per_min = -1.0");
+        let err = Lab::from_toml_str(&bad, "test").unwrap_err().to_string();
+        assert!(
+            err.contains("envelope.ramp_c_per_min: -1 must be a number > 0"),
             "{err}"
         );
     }

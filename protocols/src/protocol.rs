@@ -428,6 +428,39 @@ impl Step {
         }
     }
 
+    /// The timeout the executor (and the dry run) give the step: its own, or else a default, since nothing
+    /// may hold the lab forever. A dispense gets twice its pumping time plus 60 s; a temperature setpoint
+    /// its longest ramp (from the envelope's minimum, at the envelope's `ramp_c_per_min`) plus 120 s.
+    pub fn timeout_or_default_s(&self, lab: &crate::Lab) -> Option<f64> {
+        if let Some(t) = self.timeout_s() {
+            return Some(t);
+        }
+        match self {
+            Step::Action(a) => Some(match &a.action {
+                Action::Dispense(d) if d.rate_ul_per_min > 0.0 => {
+                    d.volume_ul / d.rate_ul_per_min * 60.0 * 2.0 + 60.0
+                }
+                Action::SetTemperature(t) => {
+                    let envelope = lab.instrument(&a.instrument).map(|i| &i.envelope);
+                    let ramp_s = envelope
+                        .and_then(|e| Some((e.temperature_c?.min, e.ramp_c_per_min?)))
+                        .map(|(from, rate)| {
+                            crate::lab::ramp_setpoints(from, t.temperature_c, rate)
+                                .iter()
+                                .map(|(wait, _)| wait)
+                                .sum::<f64>()
+                        })
+                        .unwrap_or(0.0);
+                    ramp_s + 120.0
+                }
+                Action::Home {} | Action::Transfer(_) => 300.0,
+                _ => 120.0,
+            }),
+            Step::Measure(_) => Some(120.0),
+            Step::Wait(_) | Step::WaitUntil(_) | Step::Parallel(_) | Step::Repeat(_) => None,
+        }
+    }
+
     /// The `type` tag as written in a protocol.
     pub fn type_name(&self) -> &'static str {
         match self {

@@ -240,21 +240,6 @@ fn secs(s: f64) -> Duration {
     }
 }
 
-/// The executor's timeout for a step without an explicit one (`default_timeout_s` in the root crate).
-fn default_timeout_s(step: &Step) -> Option<f64> {
-    match step {
-        Step::Action(a) => Some(match &a.action {
-            Action::Dispense(d) if d.rate_ul_per_min > 0.0 => {
-                d.volume_ul / d.rate_ul_per_min * 60.0 * 2.0 + 60.0
-            }
-            Action::Home {} | Action::Transfer(_) => 300.0,
-            _ => 120.0,
-        }),
-        Step::Measure(_) => Some(120.0),
-        Step::Wait(_) | Step::WaitUntil(_) | Step::Parallel(_) | Step::Repeat(_) => None,
-    }
-}
-
 fn action_kind(action: &Action) -> InstrumentKind {
     match action {
         Action::Home {} | Action::MoveTo(_) | Action::MoveXyz(_) | Action::Transfer(_) => {
@@ -500,7 +485,7 @@ impl<'a> Sim<'a> {
         };
         // A `wait_until` stops at its timeout and says so itself.
         if !matches!(step, Step::WaitUntil(_))
-            && let Some(limit) = step.timeout_s().or_else(|| default_timeout_s(step))
+            && let Some(limit) = step.timeout_or_default_s(&self.lab)
             && duration > limit + 1e-6
         {
             self.problem(
@@ -671,17 +656,34 @@ impl<'a> Sim<'a> {
                 }
             }
             Action::SetTemperature(t) => {
-                self.model.hotplate_message(now);
-                let set = self
-                    .model
-                    .hotplate_set_temperature(now, t.temperature_c)
-                    .and_then(|()| self.model.hotplate_heat(now, true));
-                if let Err(e) = set {
-                    self.problem(
-                        path,
-                        "hotplate",
-                        format!("the hotplate would refuse the setpoint: {e}"),
-                    );
+                // The executor's ramp, step by step: the model sees each setpoint when the lab would.
+                let from = self.model.hotplate_status(now).plate_c;
+                let ramp = self
+                    .lab
+                    .instrument(&a.instrument)
+                    .and_then(|i| i.envelope.ramp_c_per_min);
+                let setpoints = match ramp {
+                    Some(rate) => {
+                        labctl_protocols::lab::ramp_setpoints(from, t.temperature_c, rate)
+                    }
+                    None => vec![(0.0, t.temperature_c)],
+                };
+                for (wait_s, setpoint) in setpoints {
+                    self.advance(secs(wait_s));
+                    let now = self.now;
+                    self.model.hotplate_message(now);
+                    let set = self
+                        .model
+                        .hotplate_set_temperature(now, setpoint)
+                        .and_then(|()| self.model.hotplate_heat(now, true));
+                    if let Err(e) = set {
+                        self.problem(
+                            path,
+                            "hotplate",
+                            format!("the hotplate would refuse the setpoint: {e}"),
+                        );
+                        break;
+                    }
                 }
             }
             Action::HeaterOff {} => {
@@ -1220,6 +1222,40 @@ mod tests {
         report
     }
 
+    /// The sim lab without its setpoint ramp: the heating tests compare with first-order closed forms,
+    /// which assume the setpoint is there at once.
+    fn run_unramped(p: &Protocol) -> DryRunReport {
+        let mut lab = Lab::sim();
+        for inst in &mut lab.instruments {
+            inst.envelope.ramp_c_per_min = None;
+        }
+        dry_run(p, &lab, 7)
+    }
+
+    /// The lab's ramp (10 C/min from the plate's 22 C) delays heating by about the ramp's length: a
+    /// setpoint of 45 C reached in 23 increments, the last after 132 s.
+    #[test]
+    fn a_ramped_setpoint_heats_later_than_an_instant_one() {
+        let only = {
+            let mut p = parse(HEAT_AND_HOLD);
+            p.steps = p.steps[3..6].to_vec();
+            p
+        };
+        let instant = run_unramped(&only).estimated_duration_s;
+        let ramped = run_protocol(&only).estimated_duration_s;
+        let ramp_s = labctl_protocols::lab::ramp_setpoints(22.0, 45.0, 10.0)
+            .iter()
+            .map(|(w, _)| w)
+            .sum::<f64>();
+        assert!((ramp_s - 132.0).abs() < 1e-9, "{ramp_s}");
+        // Slower than instant, by less than the ramp itself (the plate heats while the setpoint rises).
+        assert!(ramped > instant, "{ramped} vs {instant}");
+        assert!(
+            ramped < instant + ramp_s + 1.0,
+            "{ramped} vs {instant} + {ramp_s}"
+        );
+    }
+
     /// Travel time of the head between two deck points at the default feed (s).
     fn travel(a: (f64, f64), b: (f64, f64)) -> f64 {
         (a.0 - b.0).hypot(a.1 - b.1) / FEED_MM_S
@@ -1391,7 +1427,7 @@ mod tests {
         let predicted = tau * ((45.0 - config.ambient_c) / 0.5).ln() + 30.0;
         assert!((489.0..490.0).contains(&predicted), "{predicted}");
 
-        let report = run_protocol(&parse(HEAT_AND_HOLD));
+        let report = run_unramped(&parse(HEAT_AND_HOLD));
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         let others = HOMING_S + travel((0.0, 0.0), (200.0, 100.0)) + 600.0 + 2.0 * INTEGRATION_S;
         let wait_until = report.estimated_duration_s - others;
@@ -1404,7 +1440,7 @@ mod tests {
         // The same steps alone (stirrer, setpoint, wait_until): the estimate is the heating time.
         let mut only = parse(HEAT_AND_HOLD);
         only.steps = only.steps[3..6].to_vec();
-        let alone = run_protocol(&only);
+        let alone = run_unramped(&only);
         assert!(alone.problems.is_empty(), "{:?}", alone.problems);
         assert!(
             (alone.estimated_duration_s - predicted).abs() <= 1.0,
@@ -1415,7 +1451,7 @@ mod tests {
 
     #[test]
     fn parallel_prep_lasts_as_long_as_its_preheating_branch() {
-        let report = run_protocol(&parse(PARALLEL_PREP));
+        let report = run_unramped(&parse(PARALLEL_PREP));
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         let config = LabConfig::sim_default();
         // Plate from 22 C towards 40 C with tau 120 s reaches 39.5 C after 120 ln(18 / 0.5) = 430 s, read
@@ -1519,7 +1555,7 @@ mod tests {
                 wait_until("hotplate", "temperature_c", Comparison::Ge, 80.0, 900.0),
             ],
         );
-        let report = run_protocol(&p);
+        let report = run_unramped(&p);
         assert!(
             has_problem(&report, "/steps/1", "would time out after 900 s"),
             "{:?}",
@@ -1536,7 +1572,7 @@ mod tests {
                 wait_until("hotplate", "temperature_c", Comparison::Ge, 39.0, 3600.0),
             ],
         );
-        let report = run_protocol(&p);
+        let report = run_unramped(&p);
         assert!(has_problem(&report, "/steps/1", "probe reads the air"));
     }
 
