@@ -1392,6 +1392,7 @@ impl<'a> Semantic<'a> {
                 }
             }
         }
+        self.shared_space(s, path);
         let (mut longest, mut count) = (0.0f64, 1u64);
         for (j, branch) in s.branches.iter().enumerate() {
             let (d, n) = self.steps(branch, &join(&join(path, "branches"), j));
@@ -1399,6 +1400,49 @@ impl<'a> Semantic<'a> {
             count = count.saturating_add(n);
         }
         (longest, count)
+    }
+
+    /// Instruments that share the space over the deck must not act at once: the gantry head moves over
+    /// the vessels, the pumps dispense through the head into the vessel under it, and the spectrometer's
+    /// probe dips into a vessel. A branch moving the gantry while another dispenses or measures is refused
+    /// (put them in one branch, in order).
+    fn shared_space(&mut self, s: &ParallelStep, path: &str) {
+        use crate::InstrumentKind::{Gantry, Spectrophotometer, SyringePump};
+        let kinds: Vec<BTreeSet<crate::InstrumentKind>> = s
+            .branches
+            .iter()
+            .map(|branch| {
+                let mut used = BTreeSet::new();
+                Self::commanded_instruments(branch, &mut used);
+                used.iter()
+                    .filter_map(|id| self.lab.instrument(id).map(|i| i.kind))
+                    .collect()
+            })
+            .collect();
+        let Some(mover) = kinds.iter().position(|k| k.contains(&Gantry)) else {
+            return;
+        };
+        for (j, other) in kinds.iter().enumerate() {
+            if j == mover {
+                continue;
+            }
+            let what = if other.contains(&SyringePump) {
+                "a pump dispenses through the gantry head"
+            } else if other.contains(&Spectrophotometer) {
+                "the spectrometer's probe dips into a vessel under the head"
+            } else {
+                continue;
+            };
+            self.push(
+                Finding::error(
+                    Code::ParallelConflict,
+                    join(&join(path, "branches"), j),
+                    format!("branch {j} runs while branch {mover} moves the gantry, and {what}"),
+                )
+                .found(format!("the gantry in branch {mover}, {what} in branch {j}"))
+                .expected("the gantry's moves and the dispenses or measurements under it in one branch, in order"),
+            );
+        }
     }
 
     fn repeat(&mut self, s: &RepeatStep, path: &str) -> (f64, u64) {
