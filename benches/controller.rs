@@ -45,6 +45,10 @@ async fn step_overhead() {
     let mut lab = Lab::sim();
     lab.approval.auto_approve.max_steps = None;
     lab.approval.auto_approve.max_duration_s = None;
+    // The controller's own cost per step: setpoints go out at once, not ramped in (virtual) time.
+    for inst in &mut lab.instruments {
+        inst.envelope.ramp_c_per_min = None;
+    }
     let estop = EStop::default();
     let mut handles = BTreeMap::new();
     for inst in &lab.instruments {
