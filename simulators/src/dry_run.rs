@@ -485,7 +485,7 @@ impl<'a> Sim<'a> {
         };
         // A `wait_until` stops at its timeout and says so itself.
         if !matches!(step, Step::WaitUntil(_))
-            && let Some(limit) = step.timeout_or_default_s(&self.lab)
+            && let Some(limit) = step.timeout_or_default_s(self.lab)
             && duration > limit + 1e-6
         {
             self.problem(
