@@ -689,6 +689,9 @@ struct Semantic<'a> {
     head_at: Option<String>,
     /// A move went to an invalid target: where the head is cannot be known, so order checks stay quiet.
     head_lost: bool,
+    /// Where the head is (x, y, z in mm) after the last move, when the protocol says: the travel check of
+    /// `move_xyz` needs coordinates, not just a deck position.
+    head_xyz: Option<[f64; 3]>,
     ids: BTreeSet<String>,
     results: BTreeSet<String>,
     findings: Vec<Finding>,
@@ -710,6 +713,7 @@ impl<'a> Semantic<'a> {
             vessels: BTreeMap::new(),
             head_at: None,
             head_lost: false,
+            head_xyz: None,
             ids: BTreeSet::new(),
             results: BTreeSet::new(),
             findings: Vec::new(),
@@ -982,6 +986,46 @@ impl<'a> Semantic<'a> {
         ok
     }
 
+    /// The head crosses the deck only at `safe_z_mm` or above: a `move_xyz` below it must be a vertical
+    /// move from a known point above its target, and one that starts below it may only go straight up.
+    fn low_travel(&mut self, m: &crate::MoveXyzParams, params: &str) {
+        if self.partial || self.head_lost {
+            return;
+        }
+        let safe_z = self.lab.deck.safe_z_mm;
+        let lateral =
+            |from: &[f64; 3]| (from[0] - m.x_mm).abs() > 0.01 || (from[1] - m.y_mm).abs() > 0.01;
+        let problem = match &self.head_xyz {
+            None if m.z_mm < safe_z => Some((
+                "from an unknown position".to_owned(),
+                "head position unknown (not moved since start or homing)".to_owned(),
+            )),
+            Some(from) if lateral(from) && (m.z_mm < safe_z || from[2] < safe_z) => Some((
+                format!(
+                    "from ({}, {}, {}) to ({}, {}, {}) sideways",
+                    from[0], from[1], from[2], m.x_mm, m.y_mm, m.z_mm
+                ),
+                format!("head at z = {} mm", from[2]),
+            )),
+            _ => None,
+        };
+        if let Some((what, found)) = problem {
+            self.push(
+                Finding::error(
+                    Code::Sequence,
+                    params.to_owned(),
+                    format!(
+                        "move_xyz would travel below the deck's safe_z_mm ({safe_z} mm) {what}: the head may hit what stands on the deck"
+                    ),
+                )
+                .found(found)
+                .expected(format!(
+                    "travel at z >= {safe_z} mm (move_to, or move_xyz at that height) above the target first, then a vertical move_xyz down"
+                )),
+            );
+        }
+    }
+
     fn vessel_under_head(&self) -> Option<String> {
         let head = self.head_at.as_ref()?;
         self.vessels
@@ -1010,6 +1054,7 @@ impl<'a> Semantic<'a> {
         match &s.action {
             Action::Home {} => {
                 self.head_at = None;
+                self.head_xyz = None;
                 10.0
             }
             Action::MoveTo(m) => {
@@ -1025,9 +1070,11 @@ impl<'a> Semantic<'a> {
                     self.value(inst, "x_mm", pos.x_mm, &join(&params, "position"));
                     self.value(inst, "y_mm", pos.y_mm, &join(&params, "position"));
                     self.head_at = Some(pos.name.to_ascii_uppercase());
+                    self.head_xyz = Some([pos.x_mm, pos.y_mm, self.lab.deck.safe_z_mm]);
                     self.head_lost = false;
                 } else {
                     self.head_lost = true;
+                    self.head_xyz = None;
                 }
                 5.0
             }
@@ -1043,11 +1090,13 @@ impl<'a> Semantic<'a> {
                         &join(&params, "feed_mm_per_min"),
                     );
                 }
+                self.low_travel(m, &params);
                 self.head_at = self
                     .positions
                     .iter()
                     .find(|(_, p)| (p.x_mm - m.x_mm).abs() < 0.5 && (p.y_mm - m.y_mm).abs() < 0.5)
                     .map(|(k, _)| k.clone());
+                self.head_xyz = Some([m.x_mm, m.y_mm, m.z_mm]);
                 5.0
             }
             Action::Transfer(t) => {
@@ -1071,10 +1120,15 @@ impl<'a> Semantic<'a> {
                     } else if vessel_ok && let Some(v) = self.vessels.get_mut(&t.vessel) {
                         v.position = to.clone();
                     }
+                    self.head_xyz = self
+                        .positions
+                        .get(&to)
+                        .map(|p| [p.x_mm, p.y_mm, self.lab.deck.safe_z_mm]);
                     self.head_at = Some(to);
                     self.head_lost = false;
                 } else {
                     self.head_lost = true;
+                    self.head_xyz = None;
                 }
                 15.0
             }

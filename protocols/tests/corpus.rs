@@ -106,6 +106,55 @@ fn invalid_corpus_gives_the_recorded_findings() {
     }
 }
 
+/// The head goes down only where it already is: a vertical `move_xyz` below `safe_z_mm` after a move at
+/// travel height is valid; the same point reached sideways, or from an unknown position, is refused.
+#[test]
+fn move_xyz_below_safe_z_must_be_vertical() {
+    let lab = Lab::sim();
+    let a1 = lab.deck.position("A1").unwrap();
+    let doc = |steps: serde_json::Value| {
+        serde_json::to_vec(&serde_json::json!({
+            "version": 1,
+            "metadata": { "name": "down", "proposal_id": "down-1", "planner": { "id": "p" } },
+            "steps": steps
+        }))
+        .unwrap()
+    };
+    let down = serde_json::json!({ "type": "action", "instrument": "gantry", "action": "move_xyz",
+        "params": { "x_mm": a1.x_mm, "y_mm": a1.y_mm, "z_mm": 10 } });
+    let up = serde_json::json!({ "type": "action", "instrument": "gantry", "action": "move_xyz",
+        "params": { "x_mm": a1.x_mm, "y_mm": a1.y_mm, "z_mm": 60 } });
+    let home = serde_json::json!({ "type": "action", "instrument": "gantry", "action": "home", "params": {} });
+    let to_a1 = serde_json::json!({ "type": "action", "instrument": "gantry", "action": "move_to",
+        "params": { "position": "A1" } });
+    let to_b2 = serde_json::json!({ "type": "action", "instrument": "gantry", "action": "move_to",
+        "params": { "position": "B2" } });
+    let sequence = |bytes: &[u8]| {
+        validate_bytes(bytes, &lab)
+            .findings
+            .into_iter()
+            .filter(|f| f.code == labctl_protocols::FindingCode::Sequence)
+            .map(|f| f.path)
+            .collect::<Vec<_>>()
+    };
+    // Down and up again at A1, then across at travel height: valid.
+    let ok = doc(serde_json::json!([home, to_a1, down, up, to_b2]));
+    assert_eq!(sequence(&ok), Vec::<String>::new());
+    // Down with no known position: refused.
+    assert_eq!(
+        sequence(&doc(serde_json::json!([home, down]))),
+        ["/steps/1/params"]
+    );
+    // Down at A1, then sideways to B2 while low: refused.
+    let b2 = lab.deck.position("B2").unwrap();
+    let sideways = serde_json::json!({ "type": "action", "instrument": "gantry", "action": "move_xyz",
+        "params": { "x_mm": b2.x_mm, "y_mm": b2.y_mm, "z_mm": 60 } });
+    assert_eq!(
+        sequence(&doc(serde_json::json!([home, to_a1, down, sideways]))),
+        ["/steps/3/params"]
+    );
+}
+
 #[test]
 fn a_huge_document_is_refused_without_parsing() {
     let lab = Lab::sim();
