@@ -472,13 +472,27 @@ async fn back_to_service(lab: &mut TestLab, model: &mut Model) -> Result<(), Vio
         check_histories(lab, model)?;
         model.latched = false;
     }
+    // As a technician would: every instrument heard from since the faults were cleared (a replugged one
+    // reconnects with backoff, up to 10 s; a view from before the clearing proves nothing), and no
+    // interlock holding.
+    let cleared = Instant::now();
     let mut snapshots = lab.api().watch_snapshot();
     tokio::time::timeout(
-        Duration::from_secs(10),
-        snapshots.wait_for(|s| s.interlocks_tripped.is_empty()),
+        Duration::from_secs(30),
+        // Non-empty: right after a restart the snapshot may not list the instruments yet.
+        snapshots.wait_for(|s| {
+            s.interlocks_tripped.is_empty()
+                && !s.instruments.is_empty()
+                && s.instruments.iter().all(|i| {
+                    i.connection == labctl::instruments::Connection::Online
+                        && i.last_seen.is_some_and(|t| t > cleared)
+                })
+        }),
     )
     .await
-    .map_err(|_| "interlocks still tripped after every fault was cleared".to_string())?
+    .map_err(|_| {
+        "instruments offline or interlocks tripped 30 s after every fault was cleared".to_string()
+    })?
     .map_err(|e| e.to_string())?;
     // Runs still holding instruments are the technician's to end.
     for run in lab.api().runs().await {
@@ -504,17 +518,38 @@ async fn back_to_service(lab: &mut TestLab, model: &mut Model) -> Result<(), Vio
         match info.state {
             RunState::Completed => return Ok(()),
             s if s.is_terminal() => {
-                return Err(format!("the health protocol ended {s}: {:?}", info.reason));
+                return Err(format!(
+                    "the health protocol ended {s}: {:?}; instruments: {:?}",
+                    info.reason,
+                    connections(lab)
+                ));
             }
             _ if Instant::now() > deadline => {
                 return Err(format!(
-                    "the health protocol is still {} after 20 s",
-                    info.state
+                    "the health protocol is still {} after 20 s (step {:?}, {:?}); instruments: {:?}",
+                    info.state,
+                    info.current_step,
+                    info.reason,
+                    connections(lab)
                 ));
             }
             _ => tokio::time::sleep(Duration::from_millis(5)).await,
         }
     }
+}
+
+/// Each instrument's connection as the lab shows it, and whether its fake is unplugged: what a failing
+/// return to service prints.
+fn connections(lab: &TestLab) -> Vec<(String, String, bool)> {
+    lab.api()
+        .snapshot()
+        .instruments
+        .iter()
+        .map(|i| {
+            let unplugged = lab.fakes[&i.id].log.lock().unwrap().unplugged;
+            (i.id.clone(), format!("{:?}", i.connection), unplugged)
+        })
+        .collect()
 }
 
 struct Outcome {
