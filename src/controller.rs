@@ -746,19 +746,30 @@ impl Core {
         self.stop_everything(&reason);
         self.event(None, "estop_triggered", Some(who), json!({}));
         // Acknowledged only once the latch is on disk: a restart finds it latched.
-        self.journal
-            .append_durable(Record::EStopLatch {
-                latched: true,
-                reason: Some(reason),
-                actor: Some(actor_of(who)),
-                at_ms: now_ms(),
-            })
+        self.record_latch(true, Some(reason), who)
             .await
             .map_err(|e| {
                 ApiError::Journal(format!(
                     "the emergency stop is latched, but the journal could not record it: {e}"
                 ))
             })
+    }
+
+    /// Writes the latch's state to the journal's `safety` table and waits until it is on disk.
+    async fn record_latch(
+        &self,
+        latched: bool,
+        reason: Option<String>,
+        who: &Principal,
+    ) -> Result<(), journal::JournalError> {
+        self.journal
+            .append_durable(Record::EStopLatch {
+                latched,
+                reason,
+                actor: Some(actor_of(who)),
+                at_ms: now_ms(),
+            })
+            .await
     }
 
     /// Latches the stop (in memory: every instrument task refuses commands from here), makes every
@@ -790,19 +801,11 @@ impl Core {
     async fn acknowledge_emergency_stop(&mut self, who: &Principal) -> Result<(), ApiError> {
         policy::check(who, Permission::AcknowledgeEStop)?;
         // Released only once the release is on disk; while the journal cannot commit, the stop holds.
-        self.journal
-            .append_durable(Record::EStopLatch {
-                latched: false,
-                reason: None,
-                actor: Some(actor_of(who)),
-                at_ms: now_ms(),
-            })
-            .await
-            .map_err(|e| {
-                ApiError::Journal(format!(
-                    "the emergency stop stays latched: the journal could not record its release: {e}"
-                ))
-            })?;
+        self.record_latch(false, None, who).await.map_err(|e| {
+            ApiError::Journal(format!(
+                "the emergency stop stays latched: the journal could not record its release: {e}"
+            ))
+        })?;
         let was = self.estop.acknowledge();
         self.event(
             None,
