@@ -165,8 +165,41 @@ pub enum ApiError {
     /// The journal could not record the decision, so it was not taken.
     #[error("{0}")]
     Journal(String),
+    #[error("unknown interlock {0}")]
+    UnknownInterlock(String),
+    /// A parameter of the request is out of range or missing; the message names it.
+    #[error("{0}")]
+    BadArgument(String),
     #[error("controller is shutting down")]
     Unavailable,
+}
+
+/// Longest interlock override a technician may set; renewing it is a new, journaled decision.
+pub const MAX_OVERRIDE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Where an interlock stands.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum InterlockState {
+    /// Its condition does not hold.
+    Clear,
+    /// Its condition holds: its instruments are inhibited.
+    Tripped { reason: String },
+    /// Its condition holds, and a technician has let runs use its instruments anyway until `until_ms`.
+    Overridden {
+        reason: String,
+        by: String,
+        because: String,
+        until_ms: i64,
+    },
+}
+
+/// One interlock of the lab file and where it stands.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InterlockStatus {
+    pub name: String,
+    #[serde(flatten)]
+    pub state: InterlockState,
 }
 
 /// A run as the API reports it.
@@ -225,6 +258,21 @@ pub(crate) enum Request {
     EStopAck {
         principal: Principal,
         reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    OverrideInterlock {
+        interlock: String,
+        duration: std::time::Duration,
+        reason: String,
+        principal: Principal,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    WithdrawOverride {
+        interlock: String,
+        principal: Principal,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    Interlocks {
+        reply: oneshot::Sender<Vec<InterlockStatus>>,
     },
     PlannerLost {
         planner_id: String,
@@ -353,6 +401,51 @@ impl ControllerHandle {
         self.ask(|reply| Request::EStopAck { principal, reply })
             .await
             .unwrap_or(Err(ApiError::Unavailable))
+    }
+
+    /// Lets runs use the instruments of a tripped interlock for `duration` (at most [`MAX_OVERRIDE`]) while
+    /// its condition holds: a technician's explicit, journaled decision with a reason. It ends early when
+    /// the condition clears or the technician withdraws it; then the interlock acts again.
+    pub async fn override_interlock(
+        &self,
+        interlock: &str,
+        duration: std::time::Duration,
+        reason: &str,
+        principal: Principal,
+    ) -> Result<(), ApiError> {
+        let (interlock, reason) = (interlock.to_owned(), reason.to_owned());
+        self.ask(|reply| Request::OverrideInterlock {
+            interlock,
+            duration,
+            reason,
+            principal,
+            reply,
+        })
+        .await
+        .unwrap_or(Err(ApiError::Unavailable))
+    }
+
+    /// Ends an override: if the condition still holds, the interlock trips again at once.
+    pub async fn withdraw_override(
+        &self,
+        interlock: &str,
+        principal: Principal,
+    ) -> Result<(), ApiError> {
+        let interlock = interlock.to_owned();
+        self.ask(|reply| Request::WithdrawOverride {
+            interlock,
+            principal,
+            reply,
+        })
+        .await
+        .unwrap_or(Err(ApiError::Unavailable))
+    }
+
+    /// Every interlock of the lab file and where it stands.
+    pub async fn interlocks(&self) -> Vec<InterlockStatus> {
+        self.ask(|reply| Request::Interlocks { reply })
+            .await
+            .unwrap_or_default()
     }
 
     /// The planner's connection is gone: supervised runs of that planner go to a safe hold.

@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::api::{
-    ApiError, Checked, Control, ControllerHandle, Principal, Request, RunInfo, RunState,
-    SubmitReply,
+    ApiError, Checked, Control, ControllerHandle, InterlockState, InterlockStatus, Principal,
+    Request, RunInfo, RunState, SubmitReply,
 };
 use crate::executor::{RunContext, RunEnd, RunUpdate, collect_instruments, run_protocol};
 use crate::instruments::InstrumentHandle;
@@ -111,6 +111,8 @@ pub async fn start(
     if latched_before.is_some() {
         estop.trigger();
     }
+    // A technician's override stands for the time it was given, across a restart.
+    let restored_overrides = journal::interlock_overrides(&conn, now_ms())?;
     let journal = journal::start(conn);
     journal.append(Record::Event {
         run_id: None,
@@ -150,6 +152,9 @@ pub async fn start(
                 at_ms: now_ms(),
             });
         });
+    }
+    for h in instruments.values() {
+        tokio::spawn(journal_arming(h.id.clone(), h.subscribe(), journal.clone()));
     }
     let (trips_tx, trips_rx) = mpsc::unbounded_channel();
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(LabSnapshot::default()));
@@ -193,6 +198,7 @@ pub async fn start(
             .collect(),
         reserved: BTreeMap::new(),
         tripped: BTreeMap::new(),
+        overrides: BTreeMap::new(),
         journal_failure: None,
         labware: config.labware,
         updates: updates_tx,
@@ -200,6 +206,7 @@ pub async fn start(
         next_id: 0,
     };
     core.restore_pending(pending);
+    core.restore_overrides(restored_overrides);
     let health = journal.health();
     let task = tokio::spawn(core.run(rx, updates_rx, trips_rx, health));
     Ok(Controller {
@@ -291,6 +298,52 @@ impl RunEntry {
     }
 }
 
+/// Journals each instrument's arming (its recovery before a command) and disarming (a safe state), so the
+/// journal tells when each instrument could move or heat (as the view shows it: a change undone before
+/// the view was read again is not seen). Holds no handle, so it ends with the instrument's task.
+async fn journal_arming(
+    instrument: String,
+    mut views: watch::Receiver<Arc<crate::instruments::InstrumentView>>,
+    journal: JournalHandle,
+) {
+    let mut armed = views.borrow_and_update().armed;
+    while views.changed().await.is_ok() {
+        let now = views.borrow_and_update().armed;
+        if now != armed {
+            armed = now;
+            journal.append(Record::Event {
+                run_id: None,
+                kind: if armed {
+                    "instrument_armed"
+                } else {
+                    "instrument_disarmed"
+                }
+                .into(),
+                step: None,
+                actor: None,
+                detail: json!({ "instrument": instrument }),
+                at_ms: now_ms(),
+            });
+        }
+    }
+}
+
+/// An interlock override in force.
+struct ActiveOverride {
+    by: String,
+    because: String,
+    until_ms: i64,
+    deadline: tokio::time::Instant,
+}
+
+/// Resolves at `deadline`; never without one.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 struct Core {
     lab: Arc<Lab>,
     lab_sha256: String,
@@ -308,6 +361,8 @@ struct Core {
     reserved: BTreeMap<String, String>,
     /// Interlocks whose condition holds now, by name: their instruments are inhibited.
     tripped: BTreeMap<String, Trip>,
+    /// Technicians' overrides by interlock: while one is in force, its trips inhibit nothing.
+    overrides: BTreeMap<String, ActiveOverride>,
     /// Why the journal cannot commit, while it cannot: nothing is dispatched.
     journal_failure: Option<String>,
     labware: Option<Arc<dyn LabwareLoader>>,
@@ -336,6 +391,7 @@ impl Core {
                     InterlockEvent::Cleared { interlock } => self.on_interlock_cleared(&interlock),
                 },
                 Some(update) = updates.recv() => self.on_update(update),
+                () = until(self.overrides.values().map(|o| o.deadline).min()) => self.expire_overrides(),
                 request = api.recv() => match request {
                     Some(Request::Shutdown { reply }) => {
                         self.shutdown().await;
@@ -445,6 +501,29 @@ impl Core {
             Request::EStopAck { principal, reply } => {
                 let _ = reply.send(self.acknowledge_emergency_stop(&principal).await);
                 self.start_queued();
+            }
+            Request::OverrideInterlock {
+                interlock,
+                duration,
+                reason,
+                principal,
+                reply,
+            } => {
+                let r = self
+                    .override_interlock(&interlock, duration, &reason, &principal)
+                    .await;
+                let _ = reply.send(r);
+                self.start_queued();
+            }
+            Request::WithdrawOverride {
+                interlock,
+                principal,
+                reply,
+            } => {
+                let _ = reply.send(self.withdraw_override(&interlock, &principal).await);
+            }
+            Request::Interlocks { reply } => {
+                let _ = reply.send(self.interlock_status());
             }
             Request::PlannerLost { planner_id } => self.planner_lost(&planner_id),
             Request::Runs { reply } => {
@@ -855,6 +934,7 @@ impl Core {
     fn interlocks_holding(&self, instruments: &BTreeSet<String>) -> Vec<String> {
         self.tripped
             .values()
+            .filter(|t| !self.overrides.contains_key(&t.interlock))
             .filter(|t| {
                 instruments.contains(&t.instrument)
                     || t.safe_state.iter().any(|i| instruments.contains(i))
@@ -934,6 +1014,16 @@ impl Core {
     }
 
     fn on_trip(&mut self, trip: Trip) {
+        if let Some(o) = self.overrides.get(&trip.interlock) {
+            self.event(
+                None,
+                "interlock_overridden",
+                None,
+                json!({ "interlock": trip.interlock, "reason": trip.reason, "override_by": o.by, "until_ms": o.until_ms }),
+            );
+            self.tripped.insert(trip.interlock.clone(), trip);
+            return;
+        }
         let concerned: BTreeSet<&String> = trip
             .safe_state
             .iter()
@@ -990,6 +1080,10 @@ impl Core {
 
     /// The condition no longer holds: its instruments may serve runs again (paused runs wait for a resume).
     fn on_interlock_cleared(&mut self, interlock: &str) {
+        // An override is for the condition it was given for: the next trip acts again.
+        if self.overrides.remove(interlock).is_some() {
+            self.record_override_end(interlock, "the condition cleared");
+        }
         if self.tripped.remove(interlock).is_some() {
             self.event(
                 None,
@@ -999,6 +1093,177 @@ impl Core {
             );
             self.start_queued();
         }
+    }
+
+    async fn override_interlock(
+        &mut self,
+        interlock: &str,
+        duration: Duration,
+        reason: &str,
+        who: &Principal,
+    ) -> Result<(), ApiError> {
+        policy::check(who, Permission::OverrideInterlock)?;
+        if !self.lab.interlocks.iter().any(|i| i.name == interlock) {
+            return Err(ApiError::UnknownInterlock(interlock.to_owned()));
+        }
+        if reason.trim().is_empty() {
+            return Err(ApiError::BadArgument(
+                "reason: an override needs a reason for the journal".into(),
+            ));
+        }
+        if duration.is_zero() || duration > crate::api::MAX_OVERRIDE {
+            return Err(ApiError::BadArgument(format!(
+                "duration: expected more than 0 s and at most {} s, got {} s",
+                crate::api::MAX_OVERRIDE.as_secs(),
+                duration.as_secs_f64()
+            )));
+        }
+        let Some(trip) = self.tripped.get(interlock) else {
+            return Err(ApiError::InvalidState(format!(
+                "interlock {interlock} is not tripped: there is nothing to override"
+            )));
+        };
+        let trip_reason = trip.reason.clone();
+        let until_ms = now_ms() + i64::try_from(duration.as_millis()).unwrap_or(i64::MAX);
+        // In force only once it is on disk.
+        self.journal
+            .append_durable(Record::InterlockOverride {
+                interlock: interlock.to_owned(),
+                until_ms: Some(until_ms),
+                reason: reason.to_owned(),
+                actor: Some(actor_of(who)),
+                at_ms: now_ms(),
+            })
+            .await
+            .map_err(|e| {
+                ApiError::Journal(format!(
+                    "the override was not set: the journal could not record it: {e}"
+                ))
+            })?;
+        tracing::warn!(interlock, by = %who.name, reason, seconds = duration.as_secs_f64(), "interlock overridden");
+        self.event(
+            None,
+            "interlock_override",
+            Some(who),
+            json!({ "interlock": interlock, "because": reason, "condition": trip_reason, "until_ms": until_ms }),
+        );
+        self.overrides.insert(
+            interlock.to_owned(),
+            ActiveOverride {
+                by: actor_of(who),
+                because: reason.to_owned(),
+                until_ms,
+                deadline: tokio::time::Instant::now() + duration,
+            },
+        );
+        Ok(())
+    }
+
+    async fn withdraw_override(
+        &mut self,
+        interlock: &str,
+        who: &Principal,
+    ) -> Result<(), ApiError> {
+        policy::check(who, Permission::OverrideInterlock)?;
+        if !self.overrides.contains_key(interlock) {
+            return Err(ApiError::InvalidState(format!(
+                "interlock {interlock} is not overridden"
+            )));
+        }
+        self.overrides.remove(interlock);
+        self.record_override_end(interlock, &format!("withdrawn by {}", who.name));
+        self.trip_again(interlock);
+        Ok(())
+    }
+
+    /// Overrides whose time is up end; an interlock whose condition still holds trips again at once.
+    fn expire_overrides(&mut self) {
+        let now = tokio::time::Instant::now();
+        let expired: Vec<String> = self
+            .overrides
+            .iter()
+            .filter(|(_, o)| o.deadline <= now)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in expired {
+            self.overrides.remove(&name);
+            self.record_override_end(&name, "its time ran out");
+            self.trip_again(&name);
+        }
+    }
+
+    fn trip_again(&mut self, interlock: &str) {
+        if let Some(trip) = self.tripped.get(interlock).cloned() {
+            self.on_trip(trip);
+        }
+    }
+
+    /// An override ending makes the lab safer, so it takes effect at once; the record follows.
+    fn record_override_end(&self, interlock: &str, why: &str) {
+        tracing::warn!(interlock, why, "interlock override ended");
+        self.journal.append(Record::InterlockOverride {
+            interlock: interlock.to_owned(),
+            until_ms: None,
+            reason: why.to_owned(),
+            actor: None,
+            at_ms: now_ms(),
+        });
+        self.event(
+            None,
+            "interlock_override_ended",
+            None,
+            json!({ "interlock": interlock, "why": why }),
+        );
+    }
+
+    fn restore_overrides(&mut self, stored: Vec<journal::StoredOverride>) {
+        let now = now_ms();
+        for o in stored {
+            if !self.lab.interlocks.iter().any(|i| i.name == o.interlock) {
+                continue;
+            }
+            let left = Duration::from_millis(u64::try_from(o.until_ms - now).unwrap_or(0));
+            self.event(
+                None,
+                "interlock_override_restored",
+                None,
+                json!({ "interlock": o.interlock, "by": o.actor, "because": o.reason, "until_ms": o.until_ms }),
+            );
+            self.overrides.insert(
+                o.interlock,
+                ActiveOverride {
+                    by: o.actor.unwrap_or_default(),
+                    because: o.reason,
+                    until_ms: o.until_ms,
+                    deadline: tokio::time::Instant::now() + left,
+                },
+            );
+        }
+    }
+
+    fn interlock_status(&self) -> Vec<InterlockStatus> {
+        self.lab
+            .interlocks
+            .iter()
+            .map(|il| {
+                let state = match (self.tripped.get(&il.name), self.overrides.get(&il.name)) {
+                    (None, _) => InterlockState::Clear,
+                    (Some(t), None) => InterlockState::Tripped {
+                        reason: t.reason.clone(),
+                    },
+                    (Some(t), Some(o)) => InterlockState::Overridden {
+                        reason: t.reason.clone(),
+                        by: o.by.clone(),
+                        because: o.because.clone(),
+                        until_ms: o.until_ms,
+                    },
+                };
+                InterlockStatus {
+                    name: il.name.clone(),
+                    state,
+                }
+            })
+            .collect()
     }
 
     fn on_update(&mut self, update: RunUpdate) {

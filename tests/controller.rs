@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use labctl::api::{ApiError, Control, ControllerHandle, Principal, RunState};
+use labctl::api::{ApiError, Control, ControllerHandle, InterlockState, Principal, RunState};
 use labctl::controller::Controller;
 use labctl::instruments::fake::FakeInstrument;
 use labctl::journal;
@@ -1040,5 +1040,232 @@ async fn the_result_count_the_api_reports_is_always_on_disk_and_complete_when_th
         }
     }
     assert!(samples > 1);
+    rig.controller.shutdown().await;
+}
+
+/// Lab-wide events of `kind` journaled so far, oldest first: (actor, detail).
+fn lab_events(dir: &Path, kind: &str) -> Vec<(Option<String>, Value)> {
+    let conn = journal::open_db(dir).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT actor, detail FROM events WHERE kind = ?1 AND run_id IS NULL ORDER BY seq")
+        .unwrap();
+    stmt.query_map([kind], |r| {
+        Ok((r.get::<_, Option<String>>(0)?, r.get::<_, String>(1)?))
+    })
+    .unwrap()
+    .map(|row| {
+        let (actor, detail) = row.unwrap();
+        (actor, serde_json::from_str(&detail).unwrap())
+    })
+    .collect()
+}
+
+/// Lab-wide events of `kind`, once at least `n` are committed (records commit in batches, shortly after).
+async fn wait_lab_events(dir: &Path, kind: &str, n: usize) -> Vec<(Option<String>, Value)> {
+    for _ in 0..1000 {
+        let events = lab_events(dir, kind);
+        if events.len() >= n {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("fewer than {n} {kind} events: {:?}", lab_events(dir, kind));
+}
+
+async fn wait_interlock(api: &ControllerHandle, name: &str, want: fn(&InterlockState) -> bool) {
+    for _ in 0..2000 {
+        if api
+            .interlocks()
+            .await
+            .iter()
+            .any(|i| i.name == name && want(&i.state))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!(
+        "interlock {name} never reached the state: {:?}",
+        api.interlocks().await
+    );
+}
+
+fn pump_steps(id: &str, wait_s: f64) -> Value {
+    json!({
+        "version": 1,
+        "metadata": { "name": "pump", "proposal_id": id, "planner": { "id": "planner-bo" } },
+        "steps": [
+            { "type": "action", "instrument": "pump-red", "action": "stop_pump", "params": {} },
+            { "type": "wait", "duration_s": wait_s },
+            { "type": "action", "instrument": "pump-red", "action": "stop_pump", "params": {} }
+        ]
+    })
+}
+
+/// Override, sequence: trip -> a planner cannot override, bad overrides are refused by name -> a
+/// technician's override (journaled, with the reason) lets the paused run resume and finish while the
+/// condition holds, re-trips included -> the condition clears and ends the override -> the next trip acts
+/// again; and an override whose time runs out pauses the run it let through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_technician_overrides_a_tripped_interlock_until_it_clears_or_its_time_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    let run = rig
+        .api()
+        .submit(bytes(&pump_steps("override-1", 600.0)), planner())
+        .await
+        .run_id
+        .unwrap();
+    let alarm = || Some(DeviceState::Alarm("A?S stalled".into()));
+    // The clock runs 1000 times real time: the wait is 0.6 s here.
+    wait_for(rig.api(), &run, RunState::Running).await;
+    rig.fake("pump-red").state = alarm();
+    wait_for(rig.api(), &run, RunState::Paused).await;
+    let minute = Duration::from_secs(60);
+    let refused = rig
+        .api()
+        .override_interlock("pump-alarm", minute, "let it go", planner())
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, ApiError::Forbidden(_)), "{refused}");
+    for (name, duration, reason, expect) in [
+        ("pump-alarm", minute, "  ", "reason"),
+        ("pump-alarm", Duration::from_secs(7200), "ok", "duration"),
+        ("pump-alarm", Duration::ZERO, "ok", "duration"),
+        ("hotplate-over-temperature", minute, "ok", "not tripped"),
+        ("no-such", minute, "ok", "unknown interlock"),
+    ] {
+        let err = rig
+            .api()
+            .override_interlock(name, duration, reason, technician())
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains(expect),
+            "{name} {duration:?}: {err}"
+        );
+    }
+    rig.api()
+        .override_interlock(
+            "pump-alarm",
+            minute,
+            "stall sensor faulty, pump checked by hand",
+            technician(),
+        )
+        .await
+        .unwrap();
+    let overridden = |s: &InterlockState| matches!(s, InterlockState::Overridden { by, .. } if by.starts_with("alice "));
+    wait_interlock(rig.api(), "pump-alarm", overridden).await;
+    // The planner may now resume its own run; its next command re-arms the pump while the alarm holds,
+    // which the override lets through (journaled) instead of tripping again.
+    rig.api()
+        .control(&run, Control::Resume, planner())
+        .await
+        .unwrap();
+    wait_for(rig.api(), &run, RunState::Completed).await;
+    let set = wait_lab_events(dir.path(), "interlock_override", 1).await;
+    assert_eq!(set.len(), 1, "{set:?}");
+    assert_eq!(set[0].0.as_deref(), Some("alice (Technician via test)"));
+    assert_eq!(
+        set[0].1["because"],
+        "stall sensor faulty, pump checked by hand"
+    );
+    // The pump's arming and its safe state at the trip are in the journal.
+    for kind in ["instrument_armed", "instrument_disarmed"] {
+        let events = wait_lab_events(dir.path(), kind, 1).await;
+        assert!(
+            events.iter().any(|(_, d)| d["instrument"] == "pump-red"),
+            "{kind}: {events:?}"
+        );
+    }
+    // Clearing the condition ends the override: a new alarm pauses the next run again.
+    rig.fake("pump-red").state = Some(DeviceState::Idle);
+    wait_interlock(rig.api(), "pump-alarm", |s| *s == InterlockState::Clear).await;
+    let second = rig
+        .api()
+        .submit(bytes(&pump_steps("override-2", 3000.0)), planner())
+        .await
+        .run_id
+        .unwrap();
+    wait_for(rig.api(), &second, RunState::Running).await;
+    rig.fake("pump-red").state = alarm();
+    wait_for(rig.api(), &second, RunState::Paused).await;
+    // A one-second override lets it resume; when the second is up, the interlock acts again.
+    rig.api()
+        .override_interlock(
+            "pump-alarm",
+            Duration::from_secs(1),
+            "one second",
+            technician(),
+        )
+        .await
+        .unwrap();
+    rig.api()
+        .control(&second, Control::Resume, technician())
+        .await
+        .unwrap();
+    wait_for(rig.api(), &second, RunState::Running).await;
+    wait_for(rig.api(), &second, RunState::Paused).await;
+    let ended: Vec<String> = wait_lab_events(dir.path(), "interlock_override_ended", 2)
+        .await
+        .into_iter()
+        .map(|(_, d)| d["why"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ended, ["the condition cleared", "its time ran out"]);
+    rig.controller.shutdown().await;
+}
+
+/// An override stands across a restart for the time it was given (and a withdrawn one does not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interlock_override_survives_a_restart_and_can_be_withdrawn() {
+    let dir = tempfile::tempdir().unwrap();
+    let alarm = |fakes: &BTreeMap<String, FakeInstrument>| {
+        fakes["pump-red"].log.lock().unwrap().state =
+            Some(DeviceState::Alarm("A?S stalled".into()));
+    };
+    let rig = rig_prepared(dir.path(), Lab::sim(), alarm).await;
+    wait_interlock(rig.api(), "pump-alarm", |s| {
+        matches!(s, InterlockState::Tripped { .. })
+    })
+    .await;
+    rig.api()
+        .override_interlock(
+            "pump-alarm",
+            Duration::from_secs(600),
+            "sensor fault",
+            technician(),
+        )
+        .await
+        .unwrap();
+    // A crash: nothing is shut down.
+    std::mem::forget(rig);
+    let rig = rig_prepared(dir.path(), Lab::sim(), alarm).await;
+    wait_interlock(
+        rig.api(),
+        "pump-alarm",
+        |s| matches!(s, InterlockState::Overridden { because, .. } if because == "sensor fault"),
+    )
+    .await;
+    // Withdrawn: the condition still holds, so it is tripped again at once, and a restart keeps it so.
+    rig.api()
+        .withdraw_override("pump-alarm", technician())
+        .await
+        .unwrap();
+    wait_interlock(rig.api(), "pump-alarm", |s| {
+        matches!(s, InterlockState::Tripped { .. })
+    })
+    .await;
+    rig.controller.shutdown().await;
+    let rig = rig_prepared(dir.path(), Lab::sim(), alarm).await;
+    wait_interlock(rig.api(), "pump-alarm", |s| {
+        matches!(s, InterlockState::Tripped { .. })
+    })
+    .await;
+    assert_eq!(
+        wait_lab_events(dir.path(), "interlock_override_restored", 1)
+            .await
+            .len(),
+        1
+    );
     rig.controller.shutdown().await;
 }

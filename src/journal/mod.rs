@@ -108,6 +108,15 @@ pub enum Record {
         actor: Option<String>,
         at_ms: i64,
     },
+    /// A technician's override of a tripped interlock (`until_ms: None` once it ends), kept in the `safety`
+    /// table and restored at start while it has time left.
+    InterlockOverride {
+        interlock: String,
+        until_ms: Option<i64>,
+        reason: String,
+        actor: Option<String>,
+        at_ms: i64,
+    },
     Result {
         run_id: String,
         seq: u64,
@@ -345,6 +354,44 @@ pub fn estop_latched(conn: &Connection) -> Result<Option<String>, JournalError> 
     ))
 }
 
+/// Where an interlock override lives in the `safety` table: this prefix and the interlock's name.
+const OVERRIDE_KEY: &str = "override:";
+
+/// An interlock override a previous process left in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredOverride {
+    pub interlock: String,
+    pub until_ms: i64,
+    pub reason: String,
+    pub actor: Option<String>,
+}
+
+/// Interlock overrides still in force at `now_ms` as the last process left them. An unreadable entry is
+/// left out: on doubt the interlock acts again.
+pub fn interlock_overrides(
+    conn: &Connection,
+    now_ms: i64,
+) -> Result<Vec<StoredOverride>, JournalError> {
+    let mut stmt =
+        conn.prepare("SELECT key, value, actor FROM safety WHERE key LIKE 'override:%'")?;
+    let rows: Vec<(String, String, Option<String>)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(key, value, actor)| {
+            let v: serde_json::Value = serde_json::from_str(&value).ok()?;
+            let until_ms = v.get("until_ms")?.as_i64().filter(|u| *u > now_ms)?;
+            Some(StoredOverride {
+                interlock: key.strip_prefix(OVERRIDE_KEY)?.to_owned(),
+                until_ms,
+                reason: v.get("reason")?.as_str()?.to_owned(),
+                actor,
+            })
+        })
+        .collect())
+}
+
 /// Runs left `running`, `paused` or `queued` by a previous process: marks them `interrupted` (never resumed
 /// silently) and returns their ids.
 pub fn mark_interrupted(conn: &Connection) -> Result<Vec<String>, JournalError> {
@@ -509,6 +556,21 @@ fn commit(conn: &mut Connection, batch: &[(Option<Record>, Ack)]) -> Result<(), 
                     "INSERT OR REPLACE INTO safety (key, value, actor, at_ms) VALUES ('estop', ?1, ?2, ?3)",
                 )?
                 .execute(params![value, actor, at_ms])?;
+            }
+            Record::InterlockOverride {
+                interlock,
+                until_ms,
+                reason,
+                actor,
+                at_ms,
+            } => {
+                let key = format!("{OVERRIDE_KEY}{interlock}");
+                let value =
+                    serde_json::json!({ "until_ms": until_ms, "reason": reason }).to_string();
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO safety (key, value, actor, at_ms) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![key, value, actor, at_ms])?;
             }
             Record::Result {
                 run_id,

@@ -25,7 +25,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use crate::api::{ApiError, Control, ControllerHandle, Principal, RunInfo, RunState, SubmitReply};
+use crate::api::{
+    ApiError, Control, ControllerHandle, InterlockStatus, Principal, RunInfo, RunState, SubmitReply,
+};
 use crate::auth::{AuthError, Users};
 use crate::world::LabSnapshot;
 use session::{Link, MAX_LINE, Session, SessionConfig, VIA};
@@ -52,6 +54,19 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         who: Principal,
     ) -> impl Future<Output = Result<(), ApiError>> + Send;
+    fn override_interlock(
+        &self,
+        interlock: &str,
+        duration: Duration,
+        reason: &str,
+        who: Principal,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send;
+    fn withdraw_override(
+        &self,
+        interlock: &str,
+        who: Principal,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send;
+    fn interlocks(&self) -> impl Future<Output = Vec<InterlockStatus>> + Send;
     /// Checks a password (throttled per user); off the async threads.
     fn login(
         &self,
@@ -118,6 +133,29 @@ impl Backend for ControllerBackend {
         self.handle.acknowledge_emergency_stop(who).await?;
         self.settle_latch(false).await;
         Ok(())
+    }
+
+    fn override_interlock(
+        &self,
+        interlock: &str,
+        duration: Duration,
+        reason: &str,
+        who: Principal,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send {
+        self.handle
+            .override_interlock(interlock, duration, reason, who)
+    }
+
+    fn withdraw_override(
+        &self,
+        interlock: &str,
+        who: Principal,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send {
+        self.handle.withdraw_override(interlock, who)
+    }
+
+    fn interlocks(&self) -> impl Future<Output = Vec<InterlockStatus>> + Send {
+        self.handle.interlocks()
     }
 
     async fn login(&self, user: &str, password: &str) -> Result<Role, AuthError> {

@@ -12,7 +12,7 @@ use labctl_drivers::codec::scpi::{
 };
 
 use super::Backend;
-use crate::api::{ApiError, Control, Principal};
+use crate::api::{ApiError, Control, InterlockState, Principal};
 use crate::auth::AuthError;
 use crate::instruments::Connection;
 use crate::policy::{self, Permission, role_name};
@@ -131,6 +131,9 @@ enum Cmd {
     EStop,
     EStopAck,
     EStopQuery,
+    IntlOverride,
+    IntlOverrideClear,
+    IntlState,
     InstList,
     InstStat,
     Meas,
@@ -156,6 +159,9 @@ const COMMANDS: &[(&str, Cmd)] = &[
     ("SYSTem:ESTOP", Cmd::EStop),
     ("SYSTem:ESTOP:ACKnowledge", Cmd::EStopAck),
     ("SYSTem:ESTOP?", Cmd::EStopQuery),
+    ("SYSTem:INTerlock:OVERride", Cmd::IntlOverride),
+    ("SYSTem:INTerlock:OVERride:CLEar", Cmd::IntlOverrideClear),
+    ("SYSTem:INTerlock:STATe?", Cmd::IntlState),
     ("INSTrument:LIST?", Cmd::InstList),
     ("INSTrument:CATalog?", Cmd::InstList),
     ("INSTrument:STATe?", Cmd::InstStat),
@@ -399,6 +405,72 @@ impl Session {
                 }
                 .into(),
             )),
+            Cmd::IntlOverride => {
+                // Allowed while the e-stop is latched: it changes what may run later, commands nothing.
+                let who = self.may_change(
+                    backend,
+                    "SYST:INT:OVER",
+                    Permission::OverrideInterlock,
+                    true,
+                )?;
+                let [name, seconds, reason] = exact_args(unit)?;
+                let seconds: f64 = seconds.parse().ok().filter(|s: &f64| s.is_finite() && *s > 0.0).ok_or_else(|| {
+                    Fault::new(
+                        ScpiError::DataOutOfRange,
+                        format!("SYST:INT:OVER: seconds: expected a positive number, got {seconds:?}"),
+                    )
+                })?;
+                let duration = std::time::Duration::try_from_secs_f64(seconds)
+                    .unwrap_or(std::time::Duration::MAX);
+                backend
+                    .override_interlock(&name, duration, &reason, who)
+                    .await
+                    .map_err(|e| api_fault("SYST:INT:OVER", e))?;
+                Ok(None)
+            }
+            Cmd::IntlOverrideClear => {
+                let who = self.may_change(
+                    backend,
+                    "SYST:INT:OVER:CLE",
+                    Permission::OverrideInterlock,
+                    true,
+                )?;
+                let [name] = exact_args(unit)?;
+                backend
+                    .withdraw_override(&name, who)
+                    .await
+                    .map_err(|e| api_fault("SYST:INT:OVER:CLE", e))?;
+                Ok(None)
+            }
+            Cmd::IntlState => {
+                self.may_read(backend, "SYST:INT:STAT?")?;
+                let [name] = exact_args(unit)?;
+                let status = backend
+                    .interlocks()
+                    .await
+                    .into_iter()
+                    .find(|i| i.name == name)
+                    .ok_or_else(|| {
+                        Fault::new(ScpiError::DataOutOfRange, format!("no interlock {name}"))
+                    })?;
+                Ok(Some(match status.state {
+                    InterlockState::Clear => format!("CLE,{}", format_string("")),
+                    InterlockState::Tripped { reason } => {
+                        format!("TRIP,{}", format_string(&reason))
+                    }
+                    InterlockState::Overridden {
+                        reason,
+                        by,
+                        because,
+                        ..
+                    } => format!(
+                        "OVER,{},{},{}",
+                        format_string(&reason),
+                        format_string(&by),
+                        format_string(&because)
+                    ),
+                }))
+            }
             Cmd::InstList => {
                 self.may_read(backend, "INST:LIST?")?;
                 let snapshot = backend.snapshot();
@@ -561,7 +633,15 @@ impl Session {
 fn takes_no_params(cmd: Cmd) -> bool {
     !matches!(
         cmd,
-        Cmd::InstStat | Cmd::RunStat | Cmd::RunControl(_) | Cmd::Login | Cmd::Meas | Cmd::RunSubmit
+        Cmd::InstStat
+            | Cmd::RunStat
+            | Cmd::RunControl(_)
+            | Cmd::Login
+            | Cmd::Meas
+            | Cmd::RunSubmit
+            | Cmd::IntlOverride
+            | Cmd::IntlOverrideClear
+            | Cmd::IntlState
     )
 }
 
@@ -662,7 +742,9 @@ fn unknown_instrument(id: &str) -> Fault {
 fn api_fault(what: &str, e: ApiError) -> Fault {
     let error = match &e {
         ApiError::Forbidden(_) => ScpiError::CommandProtected,
-        ApiError::UnknownRun(_) => ScpiError::DataOutOfRange,
+        ApiError::UnknownRun(_) | ApiError::UnknownInterlock(_) | ApiError::BadArgument(_) => {
+            ScpiError::DataOutOfRange
+        }
         ApiError::InvalidState(_) => ScpiError::SettingsConflict,
         ApiError::EStopLatched
         | ApiError::Unavailable

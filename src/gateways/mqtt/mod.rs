@@ -414,7 +414,7 @@ async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<S
                         Some(run_id.as_str())
                     }
                     Record::Event { run_id, .. } => run_id.as_deref(),
-                    Record::EStopLatch { .. } => None,
+                    Record::EStopLatch { .. } | Record::InterlockOverride { .. } => None,
                 };
                 if let Some(id) = run_id
                     && (!proposals.contains_key(id) || !context.knows(id))
@@ -817,6 +817,8 @@ fn api_rejection(e: ApiError, topic: &str) -> Rejection {
         ApiError::EStopLatched => "estop_latched",
         ApiError::Interlocked(_) => "interlocked",
         ApiError::Journal(_) => "journal_unavailable",
+        ApiError::UnknownInterlock(_) => "unknown_interlock",
+        ApiError::BadArgument(_) => "bad_argument",
         ApiError::Unavailable => "unavailable",
     };
     Rejection::new(code, e.to_string(), topic)

@@ -364,7 +364,7 @@ pub fn from_record(record: &Record, proposal_id: Option<&str>) -> Option<Outboun
         } => Some(Outbound::EStop {
             payload: estop_state(*latched, actor.as_deref(), Some(*at_ms)),
         }),
-        Record::Event { run_id: None, .. } => None,
+        Record::Event { run_id: None, .. } | Record::InterlockOverride { .. } => None,
         Record::Result {
             run_id,
             seq,

@@ -143,7 +143,8 @@ fn string_arg(args: &[Variant], index: usize) -> Result<String, StatusCode> {
 pub fn status_of(error: &ApiError) -> StatusCode {
     match error {
         ApiError::Forbidden(_) => StatusCode::BadUserAccessDenied,
-        ApiError::UnknownRun(_) => StatusCode::BadNotFound,
+        ApiError::UnknownRun(_) | ApiError::UnknownInterlock(_) => StatusCode::BadNotFound,
+        ApiError::BadArgument(_) => StatusCode::BadInvalidArgument,
         ApiError::InvalidState(_) | ApiError::EStopLatched | ApiError::Interlocked(_) => {
             StatusCode::BadInvalidState
         }

@@ -368,7 +368,7 @@ impl Updater {
                 }
             }
             // The latch is shown from the snapshot, which every face reads.
-            Record::EStopLatch { .. } => {}
+            Record::EStopLatch { .. } | Record::InterlockOverride { .. } => {}
         }
     }
 

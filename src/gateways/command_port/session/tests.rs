@@ -171,6 +171,51 @@ impl Backend for Fake {
         Ok(())
     }
 
+    async fn override_interlock(
+        &self,
+        interlock: &str,
+        duration: std::time::Duration,
+        reason: &str,
+        who: Principal,
+    ) -> Result<(), ApiError> {
+        self.calls.lock().unwrap().push(format!(
+            "override {interlock} {}s {reason:?} {}",
+            duration.as_secs_f64(),
+            who.name
+        ));
+        if interlock != "pump-alarm" {
+            return Err(ApiError::UnknownInterlock(interlock.into()));
+        }
+        Ok(())
+    }
+
+    async fn withdraw_override(&self, interlock: &str, who: Principal) -> Result<(), ApiError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("withdraw {interlock} {}", who.name));
+        Ok(())
+    }
+
+    async fn interlocks(&self) -> Vec<crate::api::InterlockStatus> {
+        use crate::api::{InterlockState, InterlockStatus};
+        vec![
+            InterlockStatus {
+                name: "hotplate-overtemp".into(),
+                state: InterlockState::Clear,
+            },
+            InterlockStatus {
+                name: "pump-alarm".into(),
+                state: InterlockState::Overridden {
+                    reason: "pump-red: alarm: stalled".into(),
+                    by: "alice".into(),
+                    because: "sensor fault, checked by hand".into(),
+                    until_ms: 1,
+                },
+            },
+        ]
+    }
+
     async fn login(&self, user: &str, password: &str) -> Result<Role, AuthError> {
         match (user, password) {
             ("alice", "technician-dev") => Ok(Role::Technician),
@@ -664,6 +709,14 @@ async fn the_command_port_follows_the_role_table() {
         ("RUN:SUBM {\"x\":1}", Permission::Submit),
         ("SYST:ESTOP", Permission::TriggerEStop),
         ("SYST:ESTOP:ACK", Permission::AcknowledgeEStop),
+        (
+            "SYST:INT:OVER \"pump-alarm\",60,\"sensor fault\"",
+            Permission::OverrideInterlock,
+        ),
+        (
+            "SYST:INT:OVER:CLE \"pump-alarm\"",
+            Permission::OverrideInterlock,
+        ),
     ];
     for role in [Role::Observer, Role::Planner, Role::Rig, Role::Technician] {
         for (line, permission) in cases {
@@ -679,4 +732,54 @@ async fn the_command_port_follows_the_role_table() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn a_technician_overrides_an_interlock_with_a_time_and_a_reason() {
+    let lab = Fake::new();
+    let mut s = serial(Role::Technician);
+    say(
+        &mut s,
+        &lab,
+        "SYST:INT:OVER \"pump-alarm\",90,\"sensor fault, checked by hand\"",
+    )
+    .await;
+    assert_eq!(errors(&mut s, &lab).await, Vec::<String>::new());
+    assert_eq!(
+        lab.calls(),
+        vec!["override pump-alarm 90s \"sensor fault, checked by hand\" serial:/dev/ttyS1"]
+    );
+    // Each bad argument is named, and nothing reaches the lab.
+    for (line, expect) in [
+        ("SYST:INT:OVER \"pump-alarm\",0,\"x\"", "seconds"),
+        ("SYST:INT:OVER \"pump-alarm\",soon,\"x\"", "seconds"),
+        ("SYST:INT:OVER \"pump-alarm\",60", "takes 3 parameter"),
+    ] {
+        say(&mut s, &lab, line).await;
+        let errs = errors(&mut s, &lab).await;
+        assert!(
+            errs.len() == 1 && errs[0].contains(expect),
+            "{line}: {errs:?}"
+        );
+    }
+    assert_eq!(lab.calls().len(), 1);
+    say(&mut s, &lab, "SYST:INT:OVER \"no-such\",60,\"x\"").await;
+    let errs = errors(&mut s, &lab).await;
+    assert!(errs[0].contains("unknown interlock no-such"), "{errs:?}");
+    assert_eq!(
+        say(
+            &mut s,
+            &lab,
+            "SYST:INT:STAT? \"pump-alarm\";STAT? \"hotplate-overtemp\""
+        )
+        .await,
+        vec![
+            "OVER,\"pump-red: alarm: stalled\",\"alice\",\"sensor fault, checked by hand\";CLE,\"\""
+        ]
+    );
+    say(&mut s, &lab, "SYST:INT:OVER:CLE \"pump-alarm\"").await;
+    assert_eq!(
+        lab.calls().last().unwrap(),
+        "withdraw pump-alarm serial:/dev/ttyS1"
+    );
 }
