@@ -33,9 +33,16 @@ async fn rig(dir: &Path) -> Rig {
 }
 
 async fn port(rig: &Rig, dir: &Path, args: CommandPortArgs) -> CommandPort {
-    command_port::start(&args, &Lab::sim(), dir, rig.controller.handle.clone())
-        .await
-        .unwrap()
+    let users = std::sync::Arc::new(labctl::auth::Users::from_lab(&Lab::sim()).unwrap());
+    command_port::start(
+        &args,
+        &Lab::sim(),
+        dir,
+        rig.controller.handle.clone(),
+        users,
+    )
+    .await
+    .unwrap()
 }
 
 fn tcp_on_free_port() -> CommandPortArgs {

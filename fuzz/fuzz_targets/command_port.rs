@@ -63,7 +63,29 @@ impl Backend for Refusing {
         self.acted();
         Ok(())
     }
-    async fn login(&self, _user: &str, _password: &str) -> Result<Role, AuthError> {
+    async fn override_interlock(
+        &self,
+        interlock: &str,
+        _duration: std::time::Duration,
+        _reason: &str,
+        _who: Principal,
+    ) -> Result<(), ApiError> {
+        self.acted();
+        Err(ApiError::UnknownInterlock(interlock.to_owned()))
+    }
+    async fn withdraw_override(&self, interlock: &str, _who: Principal) -> Result<(), ApiError> {
+        self.acted();
+        Err(ApiError::UnknownInterlock(interlock.to_owned()))
+    }
+    async fn interlocks(&self) -> Vec<labctl::api::InterlockStatus> {
+        Vec::new()
+    }
+    async fn login(
+        &self,
+        _user: &str,
+        _password: &str,
+        _source: labctl::auth::Source,
+    ) -> Result<Role, AuthError> {
         Err(AuthError::Denied)
     }
     fn users_configured(&self) -> bool {
@@ -86,6 +108,7 @@ fuzz_target!(|data: &[u8]| {
             idn: "labctl,sim,0,0".into(),
             link,
             max_line,
+            peer: labctl::auth::Source::Local,
         });
         // Fed in two pieces: a line split across reads must behave as one.
         let (a, b) = data.split_at(data.len() / 2);

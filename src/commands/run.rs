@@ -246,10 +246,17 @@ async fn run_async(
             }
         }
     });
-    let mqtt = start_mqtt(&args, &mqtt_args, &lab, api.clone()).await?;
-    let command_port =
-        crate::gateways::command_port::start(&command_port_args, &lab, &args.data_dir, api.clone())
-            .await?;
+    // One table of users for every face: the login limits hold for the controller as a whole.
+    let users = std::sync::Arc::new(crate::auth::Users::from_lab(&lab).map_err(|e| e.to_string())?);
+    let mqtt = start_mqtt(&args, &mqtt_args, &lab, api.clone(), users.clone()).await?;
+    let command_port = crate::gateways::command_port::start(
+        &command_port_args,
+        &lab,
+        &args.data_dir,
+        api.clone(),
+        users.clone(),
+    )
+    .await?;
     for line in command_port.endpoints() {
         say!("  {line}");
     }
@@ -271,6 +278,7 @@ async fn run_async(
         &lab,
         &args.data_dir,
         api.clone(),
+        users,
     )
     .await?;
     match &opcua {
@@ -300,9 +308,9 @@ async fn start_mqtt(
     mqtt: &MqttArgs,
     lab: &Lab,
     api: crate::api::ControllerHandle,
+    users: std::sync::Arc<crate::auth::Users>,
 ) -> Result<Option<crate::gateways::mqtt::MqttGateway>, String> {
     use crate::gateways::mqtt::{BrokerChoice, MqttConfig, MqttGateway};
-    let users = std::sync::Arc::new(crate::auth::Users::from_lab(lab).map_err(|e| e.to_string())?);
     let url = mqtt
         .mqtt
         .clone()

@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use crate::api::{
     ApiError, Control, ControllerHandle, InterlockStatus, Principal, RunInfo, RunState, SubmitReply,
 };
-use crate::auth::{AuthError, Users};
+use crate::auth::{AuthError, Source, Users};
 use crate::world::LabSnapshot;
 use session::{Link, MAX_LINE, Session, SessionConfig, VIA};
 
@@ -67,11 +67,12 @@ pub trait Backend: Send + Sync + 'static {
         who: Principal,
     ) -> impl Future<Output = Result<(), ApiError>> + Send;
     fn interlocks(&self) -> impl Future<Output = Vec<InterlockStatus>> + Send;
-    /// Checks a password (throttled per user); off the async threads.
+    /// Checks a password (within the lab's login limits, see [`Users::login`]).
     fn login(
         &self,
         user: &str,
         password: &str,
+        source: Source,
     ) -> impl Future<Output = Result<Role, AuthError>> + Send;
     /// Whether the lab has users (then reading needs a login too).
     fn users_configured(&self) -> bool;
@@ -158,13 +159,8 @@ impl Backend for ControllerBackend {
         self.handle.interlocks()
     }
 
-    async fn login(&self, user: &str, password: &str) -> Result<Role, AuthError> {
-        let users = self.users.clone();
-        let (user, password) = (user.to_owned(), password.to_owned());
-        // argon2 takes tens of milliseconds of CPU: not on the async threads.
-        tokio::task::spawn_blocking(move || users.verify(&user, &password))
-            .await
-            .unwrap_or(Err(AuthError::Denied))
+    async fn login(&self, user: &str, password: &str, source: Source) -> Result<Role, AuthError> {
+        self.users.login(user, password, source).await
     }
 
     fn users_configured(&self) -> bool {
@@ -269,8 +265,8 @@ pub async fn start(
     lab: &Lab,
     data_dir: &Path,
     handle: ControllerHandle,
+    users: Arc<Users>,
 ) -> Result<CommandPort, String> {
-    let users = Arc::new(Users::from_lab(lab).map_err(|e| e.to_string())?);
     let backend = ControllerBackend::new(handle, users);
     let idn = session::idn(&lab.lab_id, &controller_serial(data_dir));
     let mut port = CommandPort {
@@ -333,6 +329,7 @@ pub async fn start(
             idn,
             link: Link::Serial(who.clone()),
             max_line: MAX_LINE,
+            peer: Source::Local,
         };
         port.tasks
             .push(tokio::spawn(serial_loop(line, stream, backend, config)));
@@ -391,6 +388,7 @@ async fn accept_loop<B: Backend + Clone>(listener: TcpListener, backend: B, idn:
             idn: idn.clone(),
             link: Link::Tcp,
             max_line: MAX_LINE,
+            peer: peer.into(),
         };
         tokio::spawn(async move {
             tracing::debug!(%peer, "command port: client connected");

@@ -13,7 +13,7 @@ use labctl_drivers::codec::scpi::{
 
 use super::Backend;
 use crate::api::{ApiError, Control, InterlockState, Principal};
-use crate::auth::AuthError;
+use crate::auth::Source;
 use crate::instruments::Connection;
 use crate::policy::{self, Permission, role_name};
 
@@ -41,6 +41,8 @@ pub struct SessionConfig {
     pub idn: String,
     pub link: Link,
     pub max_line: usize,
+    /// Where logins come from (failed ones are counted per user and source).
+    pub peer: Source,
 }
 
 /// The `*IDN?` answer for a controller.
@@ -354,15 +356,16 @@ impl Session {
             Cmd::ErrCount => Ok(Some(self.errors.len().to_string())),
             Cmd::Login => {
                 let [user, password] = exact_args(unit)?;
-                match backend.login(&user, &password).await {
+                match backend.login(&user, &password, self.config.peer).await {
                     Ok(role) => {
                         tracing::info!(user, role = role_name(role), "command port: logged in");
                         self.principal = Some(Principal::new(&user, role, VIA));
                         Ok(None)
                     }
-                    Err(e @ AuthError::Denied) | Err(e @ AuthError::Throttled { .. }) => Err(
-                        Fault::new(ScpiError::ExecutionError, format!("login refused: {e}")),
-                    ),
+                    Err(e) => Err(Fault::new(
+                        ScpiError::ExecutionError,
+                        format!("login refused: {e}"),
+                    )),
                 }
             }
             Cmd::Logout => {

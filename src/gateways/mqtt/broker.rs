@@ -20,7 +20,7 @@ use mqtt5::packet::connect::ConnectPacket;
 use mqtt5::protocol::v5::reason_codes::ReasonCode;
 
 use super::topics::Topics;
-use crate::auth::Users;
+use crate::auth::{AuthError, Users};
 
 /// User name the gateway logs in with on the embedded broker.
 pub const GATEWAY_USER: &str = "labctl-gateway";
@@ -50,7 +50,7 @@ impl AuthProvider for LabAuth {
     fn authenticate<'a>(
         &'a self,
         connect: &'a ConnectPacket,
-        _client_addr: SocketAddr,
+        client_addr: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = mqtt5::Result<AuthResult>> + Send + 'a>> {
         Box::pin(async move {
             let user = connect.username.clone();
@@ -66,21 +66,17 @@ impl AuthProvider for LabAuth {
                         Ok(AuthResult::fail(ReasonCode::BadUsernameOrPassword))
                     }
                 }
-                (Some(u), Some(p)) => {
-                    let users = self.users.clone();
-                    let name = u.clone();
-                    // argon2 takes tens of milliseconds of CPU: off the async workers.
-                    let verdict =
-                        tokio::task::spawn_blocking(move || users.verify(&name, &p)).await;
-                    match verdict {
-                        Ok(Ok(_role)) => Ok(AuthResult::success_with_user(u)),
-                        Ok(Err(e)) => Ok(AuthResult::fail_with_reason(
-                            ReasonCode::BadUsernameOrPassword,
-                            e.to_string(),
-                        )),
-                        Err(_) => Ok(AuthResult::fail(ReasonCode::ServerUnavailable)),
-                    }
-                }
+                (Some(u), Some(p)) => match self.users.login(&u, &p, client_addr.into()).await {
+                    Ok(_role) => Ok(AuthResult::success_with_user(u)),
+                    Err(e @ AuthError::Busy) => Ok(AuthResult::fail_with_reason(
+                        ReasonCode::ServerBusy,
+                        e.to_string(),
+                    )),
+                    Err(e) => Ok(AuthResult::fail_with_reason(
+                        ReasonCode::BadUsernameOrPassword,
+                        e.to_string(),
+                    )),
+                },
                 (None, _) if self.users.is_empty() => Ok(AuthResult::success()),
                 _ => Ok(AuthResult::fail_with_reason(
                     ReasonCode::NotAuthorized,

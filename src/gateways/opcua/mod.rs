@@ -245,6 +245,7 @@ pub async fn start_for_run(
     lab: &Lab,
     data_dir: &Path,
     api: ControllerHandle,
+    users: Arc<Users>,
 ) -> Result<Option<OpcUaServer>, String> {
     if args.no_opcua {
         return Ok(None);
@@ -263,7 +264,7 @@ pub async fn start_for_run(
         } else {
             Security::Secure
         },
-        users: Arc::new(Users::from_lab(lab).map_err(|e| e.to_string())?),
+        users,
         keep_finished_runs: args.opcua_keep_runs,
     };
     match start(api, config).await {

@@ -216,7 +216,12 @@ impl Backend for Fake {
         ]
     }
 
-    async fn login(&self, user: &str, password: &str) -> Result<Role, AuthError> {
+    async fn login(
+        &self,
+        user: &str,
+        password: &str,
+        _source: crate::auth::Source,
+    ) -> Result<Role, AuthError> {
         match (user, password) {
             ("alice", "technician-dev") => Ok(Role::Technician),
             ("rig-1", "rig-dev") => Ok(Role::Rig),
@@ -241,6 +246,7 @@ fn tcp() -> Session {
         idn: IDN.into(),
         link: Link::Tcp,
         max_line: MAX_LINE,
+        peer: crate::auth::Source::Local,
     })
 }
 
@@ -249,6 +255,7 @@ fn serial(role: Role) -> Session {
         idn: IDN.into(),
         link: Link::Serial(Principal::new("serial:/dev/ttyS1", role, VIA)),
         max_line: MAX_LINE,
+        peer: crate::auth::Source::Local,
     })
 }
 
