@@ -311,6 +311,16 @@ impl Labctl {
         }
     }
 
+    /// Its whole log (stderr) so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// How it exited, if it did (on its own: the tests only ever kill it by consuming it).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// SIGKILL: no chance to clean up.
     pub fn kill(mut self) {
         let _ = self.child.kill();
@@ -431,6 +441,19 @@ impl Bench {
 
     /// [`Bench::labctl`] with more `labctl run` arguments (e.g. `--mqtt URL`).
     pub fn labctl_with(&self, extra: &[&str]) -> Labctl {
+        let labctl = self.labctl_listening(extra);
+        let mut port = self.technician(&labctl);
+        for instrument in &self.lab.instruments {
+            port.wait_instrument(&instrument.id, Duration::from_secs(30), "online", |s| {
+                s.starts_with("online")
+            });
+        }
+        labctl
+    }
+
+    /// Starts `labctl run` and returns once it prints its command port, without waiting for the
+    /// instruments (some may be unplugged on purpose).
+    pub fn labctl_listening(&self, extra: &[&str]) -> Labctl {
         let stderr = self.dir().join(format!(
             "labctl-{}.log",
             std::fs::read_dir(self.dir())
@@ -501,20 +524,13 @@ impl Bench {
                 mqtt = rest.split_whitespace().next().and_then(|a| a.parse().ok());
             }
         }
-        let labctl = Labctl {
+        Labctl {
             child,
             lines,
             command_port: command_port.expect("command port"),
             mqtt,
             stderr,
-        };
-        let mut port = self.technician(&labctl);
-        for instrument in &self.lab.instruments {
-            port.wait_instrument(&instrument.id, Duration::from_secs(30), "online", |s| {
-                s.starts_with("online")
-            });
         }
-        labctl
     }
 
     /// A command-port session logged in as the rig's technician.
