@@ -9,11 +9,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use labctl::api::{Principal, RunState};
 use labctl::controller::Controller;
 use labctl::gateways::mqtt::{BrokerChoice, MqttConfig, MqttGateway};
 use labctl::instruments::fake::FakeInstrument;
 use labctl::journal;
 use labctl_protocols::Lab;
+use labctl_protocols::lab::Role;
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -482,7 +484,10 @@ async fn an_mqtt5_submit_is_answered_on_its_response_topic_with_its_correlation_
         }
     });
     client
-        .subscribe("test/v5/answers", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .subscribe(
+            "labctl/sim/to/planner-bo/test-v5",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        )
         .await
         .unwrap();
     tokio::time::timeout(Duration::from_secs(10), sub_rx.recv())
@@ -490,7 +495,7 @@ async fn an_mqtt5_submit_is_answered_on_its_response_topic_with_its_correlation_
         .expect("SUBACK in time")
         .expect("event loop alive");
     let props = PublishProperties {
-        response_topic: Some("test/v5/answers".into()),
+        response_topic: Some("labctl/sim/to/planner-bo/test-v5".into()),
         correlation_data: Some(b"corr-42".to_vec().into()),
         ..Default::default()
     };
@@ -863,7 +868,10 @@ async fn submit_latency() {
             }
         });
         client
-            .subscribe("bench/answers", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+            .subscribe(
+                "labctl/sim/to/planner-bo/bench",
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            )
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -873,7 +881,7 @@ async fn submit_latency() {
             let body = serde_json::to_vec(&weigh_protocol(&format!("bench-{via}-{i}"), 1)).unwrap();
             let before = rig.fakes["balance"].log.lock().unwrap().commands.len();
             let props = PublishProperties {
-                response_topic: Some("bench/answers".into()),
+                response_topic: Some("labctl/sim/to/planner-bo/bench".into()),
                 ..Default::default()
             };
             let t0 = std::time::Instant::now();
@@ -1512,7 +1520,7 @@ def on_message(client, userdata, msg):
         got["schema"] = "protocol_schema" in body
     elif msg.topic == "labctl/sim/protocols/replies/" + pid:
         got["reply"] = body["accepted"]
-    elif msg.topic == "py/answers":
+    elif msg.topic == "labctl/sim/to/planner-bo/py":
         got["response_topic"] = body["accepted"]
         got["correlation"] = msg.properties.CorrelationData.decode()
     if "schema" in got and "reply" in got and (not v5 or "response_topic" in got):
@@ -1523,13 +1531,13 @@ c.username_pw_set("planner-bo", "planner-dev")
 c.on_message = on_message
 c.connect(host, port)
 c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-c.subscribe([("labctl/sim/capabilities", 1), ("labctl/sim/protocols/replies/#", 1), ("py/answers", 1)])
+c.subscribe([("labctl/sim/capabilities", 1), ("labctl/sim/protocols/replies/#", 1), ("labctl/sim/to/planner-bo/py", 1)])
 c.loop_start()
 time.sleep(0.3)
 props = None
 if v5:
     props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = "py/answers"
+    props.ResponseTopic = "labctl/sim/to/planner-bo/py"
     props.CorrelationData = b"paho-corr"
 c.publish("labctl/sim/protocols/submit", protocol, qos=1, properties=props)
 ok = done.wait(10)
@@ -1573,5 +1581,219 @@ sys.exit(0 if ok else 1)
             assert_eq!(got["correlation"], "paho-corr", "{got}");
         }
     }
+    rig.stop().await;
+}
+
+/// Runs a mosquitto client tool with `args` against the rig's broker and returns its output.
+/// Weighing after a wait of `wait_s` (virtual) seconds.
+fn long_wait_protocol(proposal_id: &str, wait_s: f64) -> Value {
+    json!({
+        "version": 1,
+        "metadata": { "name": "long wait", "proposal_id": proposal_id, "planner": { "id": "planner-bo" } },
+        "steps": [
+            { "type": "wait", "duration_s": wait_s },
+            { "type": "measure", "id": "w", "instrument": "balance", "action": "weigh", "params": {}, "result": "m" }
+        ]
+    })
+}
+
+async fn mosquitto_tool(rig: &Rig, tool: &'static str, args: Vec<String>) -> std::process::Output {
+    let port = rig.addr.port().to_string();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(client_tool(tool))
+            .args(["-h", "127.0.0.1", "-p", &port])
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| (*a).to_owned()).collect()
+}
+
+/// What an unfriendly client on the lab network tries, with mosquitto's own clients: a submission whose
+/// MQTT 5 response topic is another run's status topic is refused (nothing runs, the victim's status is
+/// untouched), a planner cannot read a technician's replies, nobody can take the gateway's client id, and
+/// an observer's approval is refused with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_reply_topics_foreign_replies_and_the_gateways_client_id_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    // A victim run, waiting for approval (its estimated duration is beyond the auto-approve limit).
+    let victim = rig
+        .controller
+        .handle
+        .submit(
+            serde_json::to_vec(&long_wait_protocol("victim", 7200.0)).unwrap(),
+            Principal::new("planner-bo", Role::Planner, "test"),
+        )
+        .await;
+    let victim_id = victim.run_id.clone().unwrap();
+    assert_eq!(victim.state, Some(RunState::AwaitingApproval));
+    let status_topic = format!("labctl/sim/runs/{victim_id}/status");
+    let (_watch, mut watched) = client(
+        rig.addr,
+        "watcher",
+        "observer-dev",
+        &[&status_topic, "labctl/sim/protocols/replies/#"],
+    )
+    .await;
+    let before = json_of(&next_on(&mut watched, &status_topic).await);
+    assert_eq!(before["state"], "awaiting_approval");
+
+    let forged = serde_json::to_string(&weigh_protocol("forged-reply", 1)).unwrap();
+    let out = mosquitto_tool(
+        &rig,
+        "mosquitto_pub",
+        strings(&[
+            "-V",
+            "mqttv5",
+            "-u",
+            "planner-bo",
+            "-P",
+            "planner-dev",
+            "-q",
+            "1",
+            "-t",
+            "labctl/sim/protocols/submit",
+            "-m",
+            &forged,
+            "-D",
+            "publish",
+            "response-topic",
+            &status_topic,
+        ]),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refusal =
+        json_of(&next_on(&mut watched, "labctl/sim/protocols/replies/forged-reply").await);
+    assert_eq!(refusal["accepted"], false, "{refusal}");
+    assert_eq!(refusal["error"], "bad_response_topic", "{refusal}");
+    assert!(
+        refusal["message"]
+            .as_str()
+            .unwrap()
+            .contains("labctl/sim/to/planner-bo/"),
+        "{refusal}"
+    );
+    // Nothing was created for the forged submission, and the victim is still awaiting approval.
+    let runs = rig.controller.handle.runs().await;
+    assert!(
+        runs.iter().all(|r| r.proposal_id != "forged-reply"),
+        "{runs:?}"
+    );
+    assert_eq!(
+        rig.controller.handle.run(&victim_id).await.unwrap().state,
+        RunState::AwaitingApproval
+    );
+
+    // A planner subscribing to a technician's replies (or to everything) is refused by the broker.
+    for filter in ["labctl/sim/to/alice/#", "labctl/sim/#", "#"] {
+        let out = mosquitto_tool(
+            &rig,
+            "mosquitto_sub",
+            strings(&[
+                "-V",
+                "mqttv5",
+                "-u",
+                "planner-bo",
+                "-P",
+                "planner-dev",
+                "-t",
+                filter,
+                "-W",
+                "3",
+                "-C",
+                "1",
+            ]),
+        )
+        .await;
+        // mosquitto_sub says so on standard error and exits 0.
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("denied"),
+            "{filter}: the subscription was granted: {said:?}"
+        );
+    }
+    // Its own reply prefix is fine.
+    let out = mosquitto_tool(
+        &rig,
+        "mosquitto_sub",
+        strings(&[
+            "-V",
+            "mqttv5",
+            "-u",
+            "planner-bo",
+            "-P",
+            "planner-dev",
+            "-t",
+            "labctl/sim/to/planner-bo/#",
+            "-W",
+            "1",
+            "-C",
+            "1",
+        ]),
+    )
+    .await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !said.contains("denied") && said.contains("Timed out"),
+        "{said:?}"
+    );
+
+    // Nobody but the gateway connects as labctl-sim: the gateway stays online.
+    let out = mosquitto_tool(
+        &rig,
+        "mosquitto_sub",
+        strings(&[
+            "-V",
+            "mqttv5",
+            "-i",
+            "labctl-sim",
+            "-u",
+            "alice",
+            "-P",
+            "technician-dev",
+            "-t",
+            "labctl/sim/status",
+            "-C",
+            "1",
+            "-W",
+            "3",
+        ]),
+    )
+    .await;
+    assert!(!out.status.success(), "the gateway's client id was taken");
+    // An observer's approval is refused with its reason, and the victim still awaits approval.
+    let (observer, mut refusals) = client(
+        rig.addr,
+        "watcher",
+        "observer-dev",
+        &["labctl/sim/rejections"],
+    )
+    .await;
+    observer
+        .publish(
+            format!("labctl/sim/runs/{victim_id}/approval"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"decision":"approve"}"#,
+        )
+        .await
+        .unwrap();
+    let refused = json_of(&next_on(&mut refusals, "labctl/sim/rejections").await);
+    assert_eq!(refused["error"], "forbidden", "{refused}");
+    assert_eq!(
+        rig.controller.handle.run(&victim_id).await.unwrap().state,
+        RunState::AwaitingApproval
+    );
     rig.stop().await;
 }

@@ -88,6 +88,9 @@ pub fn start(
     opts.set_keep_alive(Duration::from_secs(5));
     opts.set_clean_start(true);
     opts.set_max_packet_size(Some(MAX_PACKET as u32));
+    let user = credentials
+        .as_ref()
+        .map_or_else(|| "anonymous".to_owned(), |(user, _)| user.clone());
     if let Some((user, password)) = credentials {
         opts.set_credentials(user, password);
     }
@@ -100,7 +103,9 @@ pub fn start(
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 256);
     let topics = Topics::new(lab_id);
-    let reply_topic = format!("labctl-console/{client_id}/reply");
+    // Only labctl writes under the user's reply prefix and only this user reads it: an answer there is
+    // labctl's (the broker enforces it).
+    let reply_topic = format!("{}{client_id}", topics.reply_prefix(&user));
     let filters = filters(&topics, &reply_topic);
     let (tx, rx) = mpsc::unbounded_channel();
     let commander = Commander {

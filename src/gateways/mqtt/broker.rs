@@ -5,7 +5,10 @@
 //! password made at start. The broker stamps every publish with the authenticated user name (user property
 //! `x-mqtt-sender`, replacing any the client set), which is how the gateway knows who sent a command.
 //! Only the gateway may publish under `labctl/{lab_id}/` except on the inbound topics, so nobody can fake
-//! a result, a run status or a reply.
+//! a result, a run status or a reply (the role table decides what each may ask on the inbound topics, and
+//! the gateway answers a refusal with its reason). Nobody but a user reads that
+//! user's replies (`labctl/{lab}/to/{user}/`), and nobody but the gateway connects as `labctl-{lab}`.
+//! Retained messages are bounded in count and size.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,19 +25,34 @@ use mqtt5::protocol::v5::reason_codes::ReasonCode;
 use super::topics::Topics;
 use crate::auth::{AuthError, Users};
 
+/// The client id the gateway connects with; reserved on the embedded broker.
+pub fn gateway_client_id(lab_id: &str) -> String {
+    format!("labctl-{lab_id}")
+}
+
 /// User name the gateway logs in with on the embedded broker.
 pub const GATEWAY_USER: &str = "labctl-gateway";
 
 /// Largest MQTT packet the embedded broker accepts (payload limit plus room for the refusal).
 pub const MAX_PACKET: usize = 4 * 1024 * 1024;
 
+/// Retained messages the embedded broker keeps at most, and the largest it keeps (larger ones are delivered,
+/// not retained).
+pub const MAX_RETAINED_MESSAGES: usize = 20_000;
+pub const MAX_RETAINED_BYTES: usize = 256 * 1024;
+
 struct LabAuth {
     users: Arc<Users>,
     gateway_password: String,
     topics: Topics,
+    /// The gateway's client id: nobody else may use it (it would take the gateway offline).
+    gateway_client_id: String,
 }
 
 impl LabAuth {
+    /// Under `labctl/{lab}/` only the gateway publishes, except on the inbound topics, which are open to
+    /// every authenticated user: what each role may ask is the controller's decision, answered with a
+    /// named refusal (a broker drop would leave an MQTT 3.1.1 client without an answer).
     fn may_publish(&self, user: Option<&str>, topic: &str) -> bool {
         if user == Some(GATEWAY_USER) {
             return true;
@@ -43,6 +61,13 @@ impl LabAuth {
             return true;
         }
         self.topics.parse_inbound(topic).is_some()
+    }
+
+    fn may_subscribe(&self, user: Option<&str>, filter: &str) -> bool {
+        user == Some(GATEWAY_USER)
+            || self
+                .topics
+                .may_subscribe(filter, user.unwrap_or("anonymous"))
     }
 }
 
@@ -54,6 +79,14 @@ impl AuthProvider for LabAuth {
     ) -> Pin<Box<dyn Future<Output = mqtt5::Result<AuthResult>> + Send + 'a>> {
         Box::pin(async move {
             let user = connect.username.clone();
+            if connect.client_id == self.gateway_client_id && user.as_deref() != Some(GATEWAY_USER)
+            {
+                tracing::warn!(user = ?user, client_id = %connect.client_id, "mqtt: the gateway's client id is reserved; connection refused");
+                return Ok(AuthResult::fail_with_reason(
+                    ReasonCode::ClientIdentifierNotValid,
+                    "this client id is reserved for labctl",
+                ));
+            }
             let password = connect
                 .password
                 .as_deref()
@@ -102,10 +135,18 @@ impl AuthProvider for LabAuth {
     fn authorize_subscribe<'a>(
         &'a self,
         _client_id: &str,
-        _user_id: Option<&'a str>,
-        _topic_filter: &'a str,
+        user_id: Option<&'a str>,
+        topic_filter: &'a str,
     ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
-        Box::pin(async { true })
+        let ok = self.may_subscribe(user_id, topic_filter);
+        if !ok {
+            tracing::warn!(
+                user = user_id,
+                topic_filter,
+                "mqtt: subscription refused by the broker (another user's replies)"
+            );
+        }
+        Box::pin(async move { ok })
     }
 }
 
@@ -169,12 +210,15 @@ impl EmbeddedBroker {
             // hour, not forever.
             .with_session_expiry(std::time::Duration::from_secs(3600))
             .with_sys_topics_enabled(false)
+            .with_max_retained_messages(MAX_RETAINED_MESSAGES)
+            .with_max_retained_message_size(MAX_RETAINED_BYTES)
             .with_storage(storage)
             .with_event_handler(Arc::new(PresenceEvents(presence)));
         let auth = Arc::new(LabAuth {
             users,
             gateway_password: gateway_password.clone(),
             topics: Topics::new(lab_id),
+            gateway_client_id: gateway_client_id(lab_id),
         });
         let mut broker = MqttBroker::with_config(config)
             .await

@@ -170,7 +170,7 @@ impl MqttGateway {
             format!("{host}:{port}")
         };
         let started_at_ms = journal::now_ms();
-        let mut opts = MqttOptions::new(format!("labctl-{lab_id}"), host, port);
+        let mut opts = MqttOptions::new(broker::gateway_client_id(&lab_id), host, port);
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_clean_start(true);
         opts.set_max_packet_size(Some(broker::MAX_PACKET as u32));
@@ -650,10 +650,11 @@ async fn handle_one(s: &Shared, p: Publish) {
         return;
     }
     let props = p.properties.as_ref();
-    let reply_to = ReplyTo {
-        response_topic: props
-            .and_then(|pp| pp.response_topic.clone())
-            .filter(|t| !t.is_empty() && t.len() <= 512 && !t.contains(['+', '#'])),
+    let asked_reply_topic = props
+        .and_then(|pp| pp.response_topic.clone())
+        .filter(|t| !t.is_empty());
+    let mut reply_to = ReplyTo {
+        response_topic: None,
         correlation: props.and_then(|pp| pp.correlation_data.as_ref().map(|c| c.to_vec())),
     };
     let sender = props.and_then(|pp| {
@@ -681,6 +682,35 @@ async fn handle_one(s: &Shared, p: Publish) {
             return;
         }
     };
+    // Answers go only under the sender's own reply prefix: never onto another topic of the contract (a run's
+    // status), nor anywhere labctl's rights would let it write for someone else.
+    if let Some(asked) = asked_reply_topic {
+        let vouched = s.trust_sender.then_some(principal.name.as_str());
+        if !s.topics.is_reply_topic(&asked, vouched) {
+            let pid = match inbound {
+                Inbound::Submit => payload::proposal_id_of(&p.payload),
+                _ => None,
+            };
+            let expected = match vouched {
+                Some(user) => s.topics.reply_prefix(user),
+                None => s.topics.reply_prefix("{user}"),
+            };
+            tracing::warn!(user = %principal.name, response_topic = %asked, "mqtt: command refused: response topic outside the sender's reply prefix");
+            let r = Rejection {
+                proposal_id: pid.clone(),
+                ..Rejection::new(
+                    "bad_response_topic",
+                    format!(
+                        "response topic {asked:?}: expected a topic under {expected} (nothing was done)"
+                    ),
+                    &topic,
+                )
+            };
+            reply(s, &reply_to, pid.as_deref(), r.to_json(), true).await;
+            return;
+        }
+        reply_to.response_topic = Some(asked);
+    }
     match inbound {
         Inbound::Submit => submit(s, &topic, &p.payload, principal, &reply_to).await,
         Inbound::Control { run_id } => {

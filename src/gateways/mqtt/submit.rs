@@ -125,7 +125,11 @@ async fn submit(args: SubmitArgs) -> Result<u8, String> {
     let mut opts = MqttOptions::new(client_id.clone(), host, port);
     opts.set_keep_alive(Duration::from_secs(10));
     opts.set_max_packet_size(Some(super::broker::MAX_PACKET as u32));
-    if let Some((u, p)) = credentials_from_env()? {
+    let credentials = credentials_from_env()?;
+    let user = credentials
+        .as_ref()
+        .map_or_else(|| "anonymous".to_owned(), |(user, _)| user.clone());
+    if let Some((u, p)) = credentials {
         opts.set_credentials(u, p);
     }
     let mut net = rumqttc::NetworkOptions::new();
@@ -163,7 +167,7 @@ async fn submit(args: SubmitArgs) -> Result<u8, String> {
         Ok(Some(Err(e))) => return Err(format!("cannot connect to {}: {e}", args.mqtt)),
         _ => return Err(format!("no answer from {} within {timeout:?}", args.mqtt)),
     }
-    let response_topic = format!("labctl-submit/{client_id}/reply");
+    let response_topic = format!("{}{client_id}", topics.reply_prefix(&user));
     let sub = |t: String| {
         let c = client.clone();
         async move { c.subscribe(t, QoS::AtLeastOnce).await }

@@ -18,6 +18,8 @@ pub struct Topics {
 
 /// Longest id accepted inside a topic level (run ids, proposal ids, instrument ids).
 pub const MAX_ID_LEN: usize = 128;
+/// Longest MQTT 5 response topic accepted.
+pub const MAX_REPLY_TOPIC: usize = 512;
 
 /// Whether `id` can stand as one topic level: non-empty, bounded, no separators or wildcards, no control
 /// characters.
@@ -87,6 +89,64 @@ impl Topics {
     /// Retained: the latch as labctl holds it, whoever set or cleared it (console, OPC UA, command port).
     pub fn estop_state(&self) -> String {
         self.t("estop/state")
+    }
+
+    /// Where labctl answers `user`'s commands: the MQTT 5 response topic of a command must lie under it.
+    /// Only labctl writes there, and only that user may read it (the embedded broker enforces both; an
+    /// external broker's ACL must, see `docs/mosquitto.acl`).
+    pub fn reply_prefix(&self, user: &str) -> String {
+        self.t(&format!("to/{user}/"))
+    }
+
+    /// Whether labctl may answer on `topic` for the sender `user` (`None`: the broker vouches for nobody,
+    /// so any single user level is allowed and the broker's ACL decides who reads it). The topic must be
+    /// under the user's reply prefix with at least one more level, bounded, without wildcards.
+    pub fn is_reply_topic(&self, topic: &str, user: Option<&str>) -> bool {
+        let Some(rest) = topic.strip_prefix(&self.prefix) else {
+            return false;
+        };
+        let Some(rest) = rest.strip_prefix("to/") else {
+            return false;
+        };
+        let Some((who, tail)) = rest.split_once('/') else {
+            return false;
+        };
+        topic.len() <= MAX_REPLY_TOPIC
+            && is_topic_level(who)
+            && user.is_none_or(|u| u == who)
+            && !tail.is_empty()
+            && tail
+                .split('/')
+                .all(|level| !level.is_empty() && is_topic_level(level))
+    }
+
+    /// Whether `user` may subscribe to `filter`: anything but another user's reply prefix (a filter that
+    /// could match a topic under `to/{someone else}/`, such as `#`, `labctl/{lab}/#` or
+    /// `labctl/{lab}/to/+/...`, is refused).
+    pub fn may_subscribe(&self, filter: &str, user: &str) -> bool {
+        let fixed = ["labctl", self.lab_level(), "to"];
+        let levels: Vec<&str> = filter.split('/').collect();
+        for (i, want) in fixed.iter().enumerate() {
+            match levels.get(i) {
+                // The filter ends above the reply tree: it matches nothing inside it.
+                None => return true,
+                Some(&"#") => return false,
+                Some(&"+") => {}
+                Some(level) if level == want => {}
+                Some(_) => return true,
+            }
+        }
+        match levels.get(3) {
+            None => true,
+            Some(level) => *level == user,
+        }
+    }
+
+    fn lab_level(&self) -> &str {
+        self.prefix
+            .strip_prefix("labctl/")
+            .and_then(|r| r.strip_suffix('/'))
+            .unwrap_or_default()
     }
 
     /// The filters the gateway subscribes to (again on every ConnAck).
@@ -168,5 +228,60 @@ mod tests {
             assert!(!is_topic_level(bad), "{bad:?}");
         }
         assert!(!is_topic_level(&"x".repeat(MAX_ID_LEN + 1)));
+    }
+
+    #[test]
+    fn replies_go_only_under_the_senders_own_prefix() {
+        let t = Topics::new("sim");
+        assert_eq!(t.reply_prefix("bo"), "labctl/sim/to/bo/");
+        assert!(t.is_reply_topic("labctl/sim/to/bo/console-1", Some("bo")));
+        assert!(t.is_reply_topic("labctl/sim/to/bo/a/b", Some("bo")));
+        assert!(t.is_reply_topic("labctl/sim/to/anyone/x", None));
+        for bad in [
+            "labctl/sim/runs/r1/status",
+            "labctl/sim/to/alice/x",
+            "labctl/sim/to/bo/",
+            "labctl/sim/to/bo",
+            "labctl/sim/to/bo//x",
+            "labctl/other/to/bo/x",
+            "elsewhere/answers",
+            "$SYS/x",
+        ] {
+            assert!(!t.is_reply_topic(bad, Some("bo")), "{bad}");
+        }
+        assert!(!t.is_reply_topic(
+            &format!("labctl/sim/to/bo/{}", "x/".repeat(300)),
+            Some("bo")
+        ));
+    }
+
+    #[test]
+    fn nobody_subscribes_to_another_users_replies() {
+        let t = Topics::new("sim");
+        for ok in [
+            "labctl/sim/to/bo/#",
+            "labctl/sim/to/bo/console-1",
+            "labctl/sim/runs/+/status",
+            "labctl/sim/status",
+            "labctl/sim/to",
+            "labctl/other/#",
+            "labctl/+/status",
+            "elsewhere/#",
+            "+/sim/status",
+        ] {
+            assert!(t.may_subscribe(ok, "bo"), "{ok}");
+        }
+        for refused in [
+            "#",
+            "labctl/#",
+            "labctl/sim/#",
+            "labctl/+/#",
+            "+/+/to/#",
+            "labctl/sim/to/#",
+            "labctl/sim/to/+/x",
+            "labctl/sim/to/alice/#",
+        ] {
+            assert!(!t.may_subscribe(refused, "bo"), "{refused}");
+        }
     }
 }
