@@ -170,6 +170,7 @@ fn weigh_protocol(proposal_id: &str, n: usize) -> Value {
 }
 
 const SUBMIT: &str = "labctl/sim/protocols/submit";
+const ESTOP_STATE: &str = "labctl/sim/estop/state";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capabilities_are_retained_with_the_schema_and_a_submit_gets_its_reply() {
@@ -1187,7 +1188,6 @@ async fn technicians_approve_and_stop_over_mqtt_and_nobody_else_may() {
         ],
     )
     .await;
-    const ESTOP_STATE: &str = "labctl/sim/estop/state";
     let e = json_of(&next_on(&mut prx, ESTOP_STATE).await);
     assert_eq!(e["latched"], false, "retained at start: {e}");
     let (alice, _arx) = client(rig.addr, "alice", "technician-dev", &[]).await;
@@ -1795,5 +1795,99 @@ async fn forged_reply_topics_foreign_replies_and_the_gateways_client_id_are_refu
         rig.controller.handle.run(&victim_id).await.unwrap().state,
         RunState::AwaitingApproval
     );
+    rig.stop().await;
+}
+
+/// A technician's e-stop is never dropped and never waits behind work: while a planner floods 5,000
+/// submissions and an observer 5,000 result replays (both acknowledged by the broker at QoS 1), the e-stop
+/// latches, and every command that could not be taken is answered with the reason, never dropped in
+/// silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_estop_latches_during_a_flood_of_submissions_and_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    let (_watch, mut seen) = client(
+        rig.addr,
+        "watcher",
+        "observer-dev",
+        &[
+            ESTOP_STATE,
+            "labctl/sim/rejections",
+            "labctl/sim/protocols/replies/#",
+        ],
+    )
+    .await;
+    let e = json_of(&next_on(&mut seen, ESTOP_STATE).await);
+    assert_eq!(e["latched"], false, "{e}");
+    let (planner, _p) = client(rig.addr, "planner-bo", "planner-dev", &[]).await;
+    let (observer, _o) = client(rig.addr, "watcher", "observer-dev", &[]).await;
+    let (alice, _a) = client(rig.addr, "alice", "technician-dev", &[]).await;
+    const FLOOD: usize = 5000;
+    let submissions = tokio::spawn(async move {
+        for i in 0..FLOOD {
+            let body = serde_json::to_vec(&weigh_protocol(&format!("flood-{i}"), 1)).unwrap();
+            planner
+                .publish(SUBMIT, QoS::AtLeastOnce, false, body)
+                .await
+                .unwrap();
+        }
+        planner
+    });
+    let replays = tokio::spawn(async move {
+        for _ in 0..FLOOD {
+            observer
+                .publish(
+                    "labctl/sim/runs/no-such-run/control",
+                    QoS::AtLeastOnce,
+                    false,
+                    br#"{"action": "replay", "after": 0}"#.to_vec(),
+                )
+                .await
+                .unwrap();
+        }
+        observer
+    });
+    // In the thick of it.
+    let mut refused_for_load = 0usize;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while refused_for_load < 50 {
+            let r = json_of(&seen.recv().await.expect("the watcher's connection"));
+            if matches!(r["error"].as_str(), Some("rate_limited" | "overloaded")) {
+                assert!(r["message"].as_str().is_some_and(|m| !m.is_empty()), "{r}");
+                refused_for_load += 1;
+            }
+        }
+    })
+    .await
+    .expect("no command of the flood was refused for load within 30 s");
+    let sent = std::time::Instant::now();
+    alice
+        .publish(
+            "labctl/sim/estop",
+            QoS::AtLeastOnce,
+            false,
+            br#"{"action": "trigger"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    let latched = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let p = seen.recv().await.expect("the watcher's connection");
+            if p.topic == ESTOP_STATE && json_of(&p)["latched"] == true {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        latched.is_ok(),
+        "the e-stop did not latch within 5 s of being sent during the flood"
+    );
+    println!(
+        "e-stop latched {:.1} ms after it was sent, during a flood of {FLOOD} submissions and {FLOOD} replays",
+        sent.elapsed().as_secs_f64() * 1000.0
+    );
+    let _ = submissions.await;
+    let _ = replays.await;
     rig.stop().await;
 }

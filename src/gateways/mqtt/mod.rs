@@ -7,7 +7,11 @@
 //! - This module runs the I/O: one task owns the rumqttc event loop (re-subscribes and announces itself on
 //!   every ConnAck, backs off with jitter while the broker is away), one forwards the journal's committed
 //!   records (run status, events, results with their per-run `seq`; a lag is caught up from the journal),
-//!   one publishes instrument states when they change, and one handles inbound messages in order.
+//!   one publishes instrument states when they change. Inbound commands take two paths: e-stop triggers and
+//!   acknowledgements have their own queue and task, ahead of everything; the rest wait in a bounded queue
+//!   fair between senders ([`fair_queue`]) and are handled one at a time, each sender's in order.
+//!   Submissions and replays are rate-limited per sender. A command that cannot be queued or is over its
+//!   sender's rate gets a refusal (`overloaded`, `rate_limited`), never a silent drop.
 //!
 //! Who sent a command: the embedded broker stamps each publish with the authenticated user
 //! (`x-mqtt-sender`), and the gateway takes the role from the lab's users. An external broker cannot be
@@ -16,6 +20,7 @@
 //! broker's ACL (`docs/mosquitto.acl`).
 
 pub mod broker;
+pub mod fair_queue;
 pub mod payload;
 pub mod submit;
 pub mod topics;
@@ -36,6 +41,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use self::broker::{EmbeddedBroker, GATEWAY_USER};
+use self::fair_queue::{FairQueue, Full};
 use self::payload::{ControlRequest, Decision, EStopAction, Outbound, Rejection};
 use self::topics::{Inbound, Topics};
 use crate::api::{ApiError, ControllerHandle, Principal, RunState};
@@ -129,6 +135,45 @@ struct Shared {
     /// The last `estop/state` published, published again on every ConnAck (an external broker may have
     /// lost its retained messages).
     estop_state: std::sync::Mutex<Vec<u8>>,
+    /// Submissions and replays each sender may still send now.
+    rates: std::sync::Mutex<HashMap<String, TokenBucket>>,
+}
+
+/// Commands waiting for the gateway: e-stops on their own path, the rest fair between senders.
+struct InboundQueues {
+    estop: mpsc::Sender<Publish>,
+    fair: Arc<std::sync::Mutex<FairQueue<Publish>>>,
+    ready: Arc<tokio::sync::Notify>,
+}
+
+/// E-stop messages waiting at most (each is handled in microseconds: only a flood of them fills it).
+pub const ESTOP_QUEUE: usize = 256;
+/// Commands one sender may have waiting, and all senders together.
+pub const PER_SENDER_QUEUE: usize = 64;
+pub const INBOUND_QUEUE: usize = 1024;
+/// Submissions and replays per second a sender may send on average, and in a burst.
+pub const WORK_RATE_PER_S: f64 = 20.0;
+pub const WORK_BURST: f64 = 200.0;
+
+/// A per-sender allowance of costly commands (submissions: validation, a dry run and an fsync each;
+/// replays: a journal read and a publish per result).
+struct TokenBucket {
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl TokenBucket {
+    fn take(&mut self, now: std::time::Instant) -> bool {
+        let refill = now.duration_since(self.last).as_secs_f64() * WORK_RATE_PER_S;
+        self.tokens = (self.tokens + refill).min(WORK_BURST);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// A running MQTT gateway (and the embedded broker, when it started one).
@@ -209,13 +254,24 @@ impl MqttGateway {
                 None,
                 None,
             ))),
+            rates: std::sync::Mutex::new(HashMap::new()),
         });
         // Subscribe to the journal before anything can happen, so no committed record is missed.
         let records = api.events();
-        let (inbound_tx, inbound_rx) = mpsc::channel(1024);
+        let (estop_tx, estop_rx) = mpsc::channel(ESTOP_QUEUE);
+        let queues = InboundQueues {
+            estop: estop_tx,
+            fair: Arc::new(std::sync::Mutex::new(FairQueue::new(
+                PER_SENDER_QUEUE,
+                INBOUND_QUEUE,
+            ))),
+            ready: Arc::new(tokio::sync::Notify::new()),
+        };
+        let (fair, ready) = (queues.fair.clone(), queues.ready.clone());
         let tasks = vec![
-            tokio::spawn(run_event_loop(eventloop, shared.clone(), inbound_tx)),
-            tokio::spawn(handle_inbound(inbound_rx, shared.clone())),
+            tokio::spawn(run_event_loop(eventloop, shared.clone(), queues)),
+            tokio::spawn(handle_estops(estop_rx, shared.clone())),
+            tokio::spawn(handle_inbound(fair, ready, shared.clone())),
             tokio::spawn(forward_journal(records, shared.clone())),
             tokio::spawn(publish_instruments(api.watch_snapshot(), shared.clone())),
             tokio::spawn(planner_lease(presence_rx, shared.clone())),
@@ -309,11 +365,7 @@ pub fn backoff(failures: u32) -> Duration {
     Duration::from_millis((step_ms as f64 * jitter) as u64)
 }
 
-async fn run_event_loop(
-    mut eventloop: EventLoop,
-    shared: Arc<Shared>,
-    inbound: mpsc::Sender<Publish>,
-) {
+async fn run_event_loop(mut eventloop: EventLoop, shared: Arc<Shared>, inbound: InboundQueues) {
     let mut failures = 0u32;
     loop {
         match eventloop.poll().await {
@@ -325,11 +377,7 @@ async fn run_event_loop(
                 let s = shared.clone();
                 tokio::spawn(async move { announce(&s).await });
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                if inbound.try_send(p).is_err() {
-                    tracing::warn!("mqtt: inbound queue full; message dropped");
-                }
-            }
+            Ok(Event::Incoming(Packet::Publish(p))) => enqueue(&shared, &inbound, p),
             Ok(_) => {}
             Err(e) => {
                 if shared.stopping.load(Ordering::SeqCst) {
@@ -630,11 +678,118 @@ async fn planner_lease(mut presence: mpsc::UnboundedReceiver<broker::Presence>, 
     }
 }
 
-/// Inbound messages, one at a time in arrival order (a pause then a resume stay in that order).
-async fn handle_inbound(mut rx: mpsc::Receiver<Publish>, s: Arc<Shared>) {
+/// The sender of an inbound message as the broker vouches for it (`mqtt` on an external broker).
+fn sender_of(s: &Shared, p: &Publish) -> String {
+    if !s.trust_sender {
+        return "mqtt".into();
+    }
+    p.properties
+        .as_ref()
+        .and_then(|pp| {
+            pp.user_properties
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "x-mqtt-sender")
+                .map(|(_, v)| v.clone())
+        })
+        .unwrap_or_else(|| "anonymous".into())
+}
+
+/// Puts an inbound message on its path; one that does not fit is answered `overloaded` at once.
+fn enqueue(s: &Arc<Shared>, queues: &InboundQueues, p: Publish) {
+    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+    let refusal = if s.topics.parse_inbound(&topic) == Some(Inbound::EStop) {
+        match queues.estop.try_send(p) {
+            Ok(()) => return,
+            Err(e) => Some((
+                e.into_inner(),
+                format!("{ESTOP_QUEUE} e-stop messages are waiting; send it again"),
+            )),
+        }
+    } else {
+        let sender = sender_of(s, &p);
+        let pushed = queues
+            .fair
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(&sender, p);
+        match pushed {
+            Ok(()) => {
+                queues.ready.notify_one();
+                return;
+            }
+            Err((Full::Sender, p)) => Some((
+                p,
+                format!("{sender} has {PER_SENDER_QUEUE} commands waiting; nothing was done"),
+            )),
+            Err((Full::Queue, p)) => Some((
+                p,
+                format!(
+                    "{INBOUND_QUEUE} commands are waiting; nothing was done, try again shortly"
+                ),
+            )),
+        }
+    };
+    if let Some((p, why)) = refusal {
+        tracing::warn!(topic, why, "mqtt: command refused for load");
+        let s = s.clone();
+        tokio::spawn(async move { refuse(&s, &p, &topic, "overloaded", why).await });
+    }
+}
+
+/// Answers a refused message where everyone may read it: its proposal's reply topic for a submission,
+/// else `rejections` (its response topic is not checked yet, so it is not used).
+async fn refuse(s: &Shared, p: &Publish, topic: &str, code: &'static str, why: String) {
+    let pid = match s.topics.parse_inbound(topic) {
+        Some(Inbound::Submit) => payload::proposal_id_of(&p.payload),
+        _ => None,
+    };
+    let r = Rejection {
+        proposal_id: pid.clone(),
+        ..Rejection::new(code, why, topic)
+    };
+    let none = ReplyTo {
+        response_topic: None,
+        correlation: None,
+    };
+    reply(s, &none, pid.as_deref(), r.to_json(), true).await;
+}
+
+/// E-stop triggers and acknowledgements, ahead of every other command.
+async fn handle_estops(mut rx: mpsc::Receiver<Publish>, s: Arc<Shared>) {
     while let Some(p) = rx.recv().await {
         handle_one(&s, p).await;
     }
+}
+
+/// Other inbound messages, one at a time, senders in turn, each sender's in arrival order (a pause then a
+/// resume stay in that order).
+async fn handle_inbound(
+    fair: Arc<std::sync::Mutex<FairQueue<Publish>>>,
+    ready: Arc<tokio::sync::Notify>,
+    s: Arc<Shared>,
+) {
+    loop {
+        let next = fair.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match next {
+            Some(p) => handle_one(&s, p).await,
+            None => ready.notified().await,
+        }
+    }
+}
+
+/// Whether `sender` may send another submission or replay now.
+fn within_rate(s: &Shared, sender: &str) -> bool {
+    let now = std::time::Instant::now();
+    s.rates
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(sender.to_owned())
+        .or_insert(TokenBucket {
+            tokens: WORK_BURST,
+            last: now,
+        })
+        .take(now)
 }
 
 struct ReplyTo {
@@ -664,6 +819,19 @@ async fn handle_one(s: &Shared, p: Publish) {
             .find(|(k, _)| k == "x-mqtt-sender")
             .map(|(_, v)| v.clone())
     });
+    let costly = match s.topics.parse_inbound(&topic) {
+        Some(Inbound::Submit) => true,
+        Some(Inbound::Control { .. }) => payload::parse_control_request(&p.payload, &topic)
+            .is_ok_and(|c| matches!(c, ControlRequest::Replay { .. })),
+        _ => false,
+    };
+    if costly && !within_rate(s, &sender_of(s, &p)) {
+        let why = format!(
+            "more than {WORK_BURST} submissions and replays at once or {WORK_RATE_PER_S} a second; nothing was done"
+        );
+        refuse(s, &p, &topic, "rate_limited", why).await;
+        return;
+    }
     let Some(inbound) = s.topics.parse_inbound(&topic) else {
         return;
     };
