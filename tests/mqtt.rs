@@ -1891,3 +1891,95 @@ async fn an_estop_latches_during_a_flood_of_submissions_and_replays() {
     let _ = replays.await;
     rig.stop().await;
 }
+
+/// The shipped mosquitto ACL (`docs/mosquitto.acl`) keeps each user's replies private on an external
+/// broker: labctl answers the planner on its reply prefix, and an observer subscribed to that prefix gets
+/// nothing (it does get the same reply's public copy, which labctl sends after the private one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_mosquitto_with_the_shipped_acl_replies_stay_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = dir.path().join("passwd");
+    for (user, password) in [
+        ("labctl", "labctl-pw"),
+        ("planner-bo", "planner-dev"),
+        ("watcher", "observer-dev"),
+    ] {
+        let mut command = std::process::Command::new(client_tool("mosquitto_passwd"));
+        if !passwords.exists() {
+            command.arg("-c");
+        }
+        let status = command
+            .arg("-b")
+            .arg(&passwords)
+            .args([user, password])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/mosquitto.acl");
+    let mosq = Mosquitto::start_with(
+        dir.path(),
+        None,
+        &format!(
+            "allow_anonymous false\npassword_file {}\nacl_file {}\n",
+            passwords.display(),
+            acl.display()
+        ),
+    )
+    .await;
+    let rig = rig_on(
+        dir.path(),
+        BrokerChoice::External {
+            url: format!("mqtt://127.0.0.1:{}", mosq.port),
+            credentials: Some(("labctl".into(), "labctl-pw".into())),
+        },
+    )
+    .await;
+    let private = "labctl/sim/to/planner-bo/#";
+    let (_p, mut planner) = client(rig.addr, "planner-bo", "planner-dev", &[private]).await;
+    let (_w, mut watcher) = client(
+        rig.addr,
+        "watcher",
+        "observer-dev",
+        &[private, "labctl/sim/protocols/replies/#"],
+    )
+    .await;
+    let body = serde_json::to_string(&weigh_protocol("acl-1", 1)).unwrap();
+    let out = mosquitto_tool(
+        &rig,
+        "mosquitto_pub",
+        strings(&[
+            "-V",
+            "mqttv5",
+            "-u",
+            "planner-bo",
+            "-P",
+            "planner-dev",
+            "-q",
+            "1",
+            "-t",
+            SUBMIT,
+            "-m",
+            &body,
+            "-D",
+            "publish",
+            "response-topic",
+            "labctl/sim/to/planner-bo/acl-test",
+        ]),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mine = json_of(&next_on(&mut planner, "labctl/sim/to/planner-bo/acl-test").await);
+    assert_eq!(mine["accepted"], true, "{mine}");
+    // The watcher's first message is the public copy: the private one never reached it.
+    let first = tokio::time::timeout(Duration::from_secs(10), watcher.recv())
+        .await
+        .expect("the public reply within 10 s")
+        .expect("the watcher's connection");
+    assert_eq!(first.topic, "labctl/sim/protocols/replies/acl-1");
+    rig.stop().await;
+}

@@ -16,8 +16,8 @@
 //! Who sent a command: the embedded broker stamps each publish with the authenticated user
 //! (`x-mqtt-sender`), and the gateway takes the role from the lab's users. An external broker cannot be
 //! trusted to do that, so there every sender is the one principal `mqtt` with the planner role: it may
-//! submit and control runs submitted over MQTT, never approve or e-stop; restrict who may publish with the
-//! broker's ACL (`docs/mosquitto.acl`).
+//! submit and control runs submitted over MQTT, never approve or release an e-stop; restrict who may
+//! publish and read with the broker's ACL (`docs/mosquitto.acl`, tested against mosquitto).
 
 pub mod broker;
 pub mod fair_queue;
