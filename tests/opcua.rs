@@ -294,8 +294,23 @@ const SENSOR: &str =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_observer_browses_reads_identification_and_telemetry_and_sees_a_change() {
-    let (_dir, rig, c) = rig_as("watcher", "observer-dev").await;
+    let (dir, rig, c) = rig_as("watcher", "observer-dev").await;
     assert_ne!(rig.ns, 0);
+    // The server's private key is labctl's alone, whatever the umask.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let private = dir.path().join("pki/private");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&private), 0o700);
+        let keys: Vec<_> = std::fs::read_dir(&private)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(!keys.is_empty());
+        for key in keys {
+            assert_eq!(mode(&key), 0o600, "{}", key.display());
+        }
+    }
 
     // Browse: Objects -> Lab -> Devices -> every instrument, and the Lab methods.
     let objects = browse_names(&c, &NodeId::objects_folder_id()).await;

@@ -157,16 +157,20 @@ pub async fn start(api: ControllerHandle, config: OpcUaConfig) -> Result<OpcUaSe
     let description = builder.config().application_description();
     let store_dir = pki_dir.clone();
     tokio::task::spawn_blocking(move || {
+        // The key is readable by labctl's user only, whatever the umask: the directory exists (0700)
+        // before the key is written into it, and the files are made 0600 after.
+        restrict_private_dir(&store_dir)?;
         opcua::crypto::CertificateStore::new_with_x509_data(
             &store_dir,
             false,
             None,
             None,
             Some(description),
-        )
+        );
+        restrict_private_dir(&store_dir)
     })
     .await
-    .map_err(|e| format!("OPC UA server certificate: {e}"))?;
+    .map_err(|e| format!("OPC UA server certificate: {e}"))??;
     let (server, handle) = builder.build().map_err(|e| format!("OPC UA server: {e}"))?;
     if handle.info().server_certificate.is_none() || handle.info().server_pkey.is_none() {
         return Err(format!(
@@ -195,6 +199,30 @@ pub async fn start(api: ControllerHandle, config: OpcUaConfig) -> Result<OpcUaSe
         server: Some(server_thread),
         updater,
     })
+}
+
+/// `pki/private` (the server's private key): created 0700 if missing, every file in it made 0600.
+fn restrict_private_dir(pki_dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let private = pki_dir.join("private");
+    let fail =
+        |e: std::io::Error| format!("OPC UA private key directory {}: {e}", private.display());
+    if !private.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&private)
+            .map_err(fail)?;
+    }
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
+    for entry in std::fs::read_dir(&private).map_err(fail)? {
+        let path = entry.map_err(fail)?.path();
+        if path.is_file() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(fail)?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs the server on its own thread with a single-threaded runtime. A request hops from the connection
