@@ -260,6 +260,47 @@ fn make_room(failures: &mut BTreeMap<FailureKey, Failures>, now: Instant) {
     }
 }
 
+/// The passwords of the simulated lab's development users (docs/lab-file.md): public, so refused outside
+/// simulation.
+pub const DEVELOPMENT_PASSWORDS: [&str; 4] =
+    ["technician-dev", "planner-dev", "rig-dev", "observer-dev"];
+
+impl Users {
+    /// Users whose password is one of the [`DEVELOPMENT_PASSWORDS`] (argon2 work per user and password:
+    /// call it once, at start, off the async threads).
+    pub fn with_development_passwords(&self) -> Vec<String> {
+        self.users
+            .iter()
+            .filter(|(_, (_, hash))| {
+                PasswordHash::new(hash).is_ok_and(|parsed| {
+                    DEVELOPMENT_PASSWORDS.iter().any(|p| {
+                        Argon2::default()
+                            .verify_password(p.as_bytes(), &parsed)
+                            .is_ok()
+                    })
+                })
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+}
+
+/// Refuses a listener in clear text on a non-loopback address unless the lab file allows it
+/// (`interfaces.allow_cleartext_on_network`); `what` names the listener for the message.
+pub fn check_cleartext_listener(
+    what: &str,
+    addr: std::net::SocketAddr,
+    allowed: bool,
+) -> Result<(), String> {
+    if addr.ip().is_loopback() || allowed {
+        return Ok(());
+    }
+    Err(format!(
+        "{what} on {addr}: passwords would travel in clear text on the network; bind a loopback address, \
+         or set interfaces.allow_cleartext_on_network = true in the lab file for a closed lab network"
+    ))
+}
+
 /// An argon2id PHC hash of a password, for the lab file (`labctl passwd`).
 pub fn hash_password(password: &str) -> Result<String, String> {
     let salt = SaltString::generate(&mut password_hash::rand_core::OsRng);

@@ -459,6 +459,11 @@ pub struct AutoApproveEnvelope {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Interfaces {
+    /// Whether a listener without encryption (the embedded MQTT broker, the TCP command port, an OPC UA
+    /// endpoint with security policy None) may bind an address other than loopback. Passwords travel on
+    /// them in clear text: say so explicitly, for a closed lab network.
+    #[serde(default)]
+    pub allow_cleartext_on_network: bool,
     #[serde(default)]
     pub mqtt: MqttInterface,
     #[serde(default)]

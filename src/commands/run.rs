@@ -162,6 +162,23 @@ async fn run_async(
         ));
     }
     let warped = args.sim || args.simulated_instruments;
+    // One table of users for every face: the login limits hold for the controller as a whole.
+    let users = std::sync::Arc::new(crate::auth::Users::from_lab(&lab).map_err(|e| e.to_string())?);
+    if !warped {
+        // The development passwords are in the documentation: on real instruments they open the lab to
+        // anyone who has read it.
+        let checked = users.clone();
+        let dev = tokio::task::spawn_blocking(move || checked.with_development_passwords())
+            .await
+            .map_err(|e| format!("checking the users' passwords: {e}"))?;
+        if !dev.is_empty() {
+            return Err(format!(
+                "user(s) {} have a development password of the simulated lab (docs/lab-file.md); on real \
+                 instruments give each a password of its own (labctl passwd)",
+                dev.join(", ")
+            ));
+        }
+    }
     let clock = VirtualClock::new(if warped { args.warp } else { 1.0 })
         .map_err(|e| format!("--warp: {e}"))?;
     // One controller per data directory, decided before any instrument is touched: a second one would
@@ -246,8 +263,6 @@ async fn run_async(
             }
         }
     });
-    // One table of users for every face: the login limits hold for the controller as a whole.
-    let users = std::sync::Arc::new(crate::auth::Users::from_lab(&lab).map_err(|e| e.to_string())?);
     let mqtt = start_mqtt(&args, &mqtt_args, &lab, api.clone(), users.clone()).await?;
     let command_port = crate::gateways::command_port::start(
         &command_port_args,
@@ -331,6 +346,11 @@ async fn start_mqtt(
             if let Some(port) = mqtt.mqtt_port {
                 listen.set_port(port);
             }
+            crate::auth::check_cleartext_listener(
+                "the embedded MQTT broker",
+                listen,
+                lab.interfaces.allow_cleartext_on_network,
+            )?;
             BrokerChoice::Embedded(listen)
         }
     };

@@ -281,11 +281,15 @@ pub async fn start(
     if let Some(address) = address.filter(|a| !a.eq_ignore_ascii_case("off")) {
         match TcpListener::bind(address.as_str()).await {
             Ok(listener) => {
-                port.tcp = Some(
-                    listener
-                        .local_addr()
-                        .map_err(|e| format!("command port {address}: {e}"))?,
-                );
+                let local = listener
+                    .local_addr()
+                    .map_err(|e| format!("command port {address}: {e}"))?;
+                crate::auth::check_cleartext_listener(
+                    "the TCP command port",
+                    local,
+                    lab.interfaces.allow_cleartext_on_network,
+                )?;
+                port.tcp = Some(local);
                 port.tasks.push(tokio::spawn(accept_loop(
                     listener,
                     backend.clone(),

@@ -283,15 +283,31 @@ pub async fn start_for_run(
     if let Some(port) = args.opcua_port {
         listen.port = port;
     }
+    let security = if sim || args.opcua_insecure_dev {
+        Security::WithNone
+    } else {
+        Security::Secure
+    };
+    if security == Security::WithNone {
+        // Security policy None carries passwords in clear: loopback only, unless the lab file says so.
+        let host = listen.host.trim_start_matches('[').trim_end_matches(']');
+        let ip: std::net::IpAddr = match host {
+            "localhost" => std::net::Ipv4Addr::LOCALHOST.into(),
+            other => other
+                .parse()
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+        };
+        crate::auth::check_cleartext_listener(
+            "the OPC UA endpoint with security policy None",
+            std::net::SocketAddr::new(ip, listen.port),
+            lab.interfaces.allow_cleartext_on_network,
+        )?;
+    }
     let config = OpcUaConfig {
         lab: lab.clone(),
         data_dir: data_dir.to_owned(),
         listen,
-        security: if sim || args.opcua_insecure_dev {
-            Security::WithNone
-        } else {
-            Security::Secure
-        },
+        security,
         users,
         keep_finished_runs: args.opcua_keep_runs,
     };
