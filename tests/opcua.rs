@@ -1268,6 +1268,19 @@ async fn secure_endpoints_only_and_unknown_client_certificates_wait_in_rejected_
         .join(certs[0].file_name());
     std::fs::rename(certs[0].path(), trusted).unwrap();
     let c = secure().await.expect("a trusted client certificate");
+    // A Sign-only channel would carry the password readable on the wire: no user name tokens there.
+    let sign_only = connect(
+        &url,
+        SecurityPolicy::Basic256Sha256,
+        MessageSecurityMode::Sign,
+        Some(("alice", "technician-dev")),
+        &pki,
+    )
+    .await;
+    assert!(
+        sign_only.is_err(),
+        "a password was accepted on a Sign-only endpoint"
+    );
     let array = read(
         &c,
         &NodeId::from(opcua::types::VariableId::Server_NamespaceArray),
@@ -1959,8 +1972,8 @@ async fn labctl_run_prints_the_endpoint_it_picked_and_serves_the_lab_there() {
 }
 
 /// The Python `asyncua` client on the secure endpoints: its certificate is refused and kept in
-/// `pki/rejected/` until moved to `pki/trusted/`; then a technician signs in with Basic256Sha256
-/// SignAndEncrypt and with Aes256Sha256RsaPss Sign, reads, and calls a method.
+/// `pki/rejected/` until moved to `pki/trusted/`; then a technician signs in with SignAndEncrypt on each
+/// policy, reads, and calls a method; a Sign-only channel takes no password.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_asyncua_on_the_secure_endpoints_after_its_certificate_is_trusted() {
     let Some(python) = std::env::var_os("LABCTL_TEST_PYTHON") else {
@@ -2050,6 +2063,16 @@ asyncio.run(main())
         run("Basic256Sha256", "SignAndEncrypt").await,
         "CONNECTED sim"
     );
-    assert_eq!(run("Aes256Sha256RsaPss", "Sign").await, "CONNECTED sim");
+    assert_eq!(
+        run("Aes256Sha256RsaPss", "SignAndEncrypt").await,
+        "CONNECTED sim"
+    );
+    assert_eq!(
+        run("Aes128Sha256RsaOaep", "SignAndEncrypt").await,
+        "CONNECTED sim"
+    );
+    // A Sign-only channel offers no user name token: the password never travels readable.
+    let sign_only = run("Aes256Sha256RsaPss", "Sign").await;
+    assert!(sign_only.starts_with("REFUSED"), "{sign_only}");
     rig.controller.shutdown().await;
 }

@@ -128,10 +128,12 @@ impl AuthManager for LabAuthenticator {
         if self.users.is_empty() {
             return vec![UserTokenPolicy::anonymous()];
         }
-        // On an unsecured endpoint (development only) the password travels in clear; on the secure ones it
-        // is encrypted with the channel's policy.
-        if endpoint.message_security_mode() == MessageSecurityMode::None {
-            tracing::debug!("opcua: user name tokens on an endpoint without security");
+        // Passwords only where the channel encrypts them (SignAndEncrypt), and on the development endpoint
+        // without security, which `labctl run` binds to loopback only (unless the lab file allows clear
+        // text on the network). A Sign-only channel would carry the password readable on the wire.
+        match endpoint.message_security_mode() {
+            MessageSecurityMode::SignAndEncrypt | MessageSecurityMode::None => {}
+            _ => return Vec::new(),
         }
         vec![UserTokenPolicy {
             policy_id: user_pass_security_policy_id(endpoint),
