@@ -1268,6 +1268,25 @@ async fn secure_endpoints_only_and_unknown_client_certificates_wait_in_rejected_
         .join(certs[0].file_name());
     std::fs::rename(certs[0].path(), trusted).unwrap();
     let c = secure().await.expect("a trusted client certificate");
+    // Discovery gives the whole address, which clients that follow discovery URLs can use.
+    let endpoints = ClientBuilder::new()
+        .application_name("labctl tests")
+        .application_uri("urn:labctl:tests")
+        .pki_dir(&pki)
+        .trust_server_certs(true)
+        .client()
+        .unwrap()
+        .get_server_endpoints_from_url(url.as_str())
+        .await
+        .unwrap();
+    assert!(!endpoints.is_empty());
+    for e in &endpoints {
+        let urls = e.server.discovery_urls.clone().unwrap_or_default();
+        assert!(
+            !urls.is_empty() && urls.iter().all(|u| u.as_ref() == url.as_str()),
+            "{urls:?} instead of {url}"
+        );
+    }
     // A Sign-only channel would carry the password readable on the wire: no user name tokens there.
     let sign_only = connect(
         &url,

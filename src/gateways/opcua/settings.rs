@@ -94,6 +94,15 @@ pub const SUBSCRIPTION_POLL_MS: u64 = 10;
 /// A session with no request for this long is closed.
 pub const MAX_SESSION_TIMEOUT_MS: u64 = 60_000;
 
+/// The server's discovery URL, as FindServers and every endpoint description give it.
+pub fn discovery_url(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("opc.tcp://[{host}]:{port}/")
+    } else {
+        format!("opc.tcp://{host}:{port}/")
+    }
+}
+
 /// The configured builder, without node managers or authenticator.
 pub fn server_builder(settings: &ServerSettings) -> ServerBuilder {
     let application_uri = format!("urn:labctl:{}:server", settings.lab_id);
@@ -118,7 +127,8 @@ pub fn server_builder(settings: &ServerSettings) -> ServerBuilder {
         // pki/trusted.
         .trust_client_certs(false)
         .check_cert_time(true)
-        .discovery_urls(vec!["/".to_owned()])
+        // Clients that follow discovery URLs need the whole address, not the endpoint's path.
+        .discovery_urls(vec![discovery_url(&settings.host, settings.port)])
         .max_sessions(MAX_SESSIONS)
         .max_session_timeout_ms(MAX_SESSION_TIMEOUT_MS)
         .max_message_size(MAX_MESSAGE_SIZE)
