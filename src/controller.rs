@@ -328,6 +328,12 @@ async fn journal_arming(
     }
 }
 
+/// Finished runs kept in memory; older ones are read from the journal.
+pub const KEEP_FINISHED_RUNS: usize = 1000;
+/// Runs one user may have awaiting approval, and queued, at once.
+pub const MAX_AWAITING_APPROVAL_PER_USER: usize = 20;
+pub const MAX_QUEUED_PER_USER: usize = 100;
+
 /// An interlock override in force.
 struct ActiveOverride {
     by: String,
@@ -455,7 +461,65 @@ impl Core {
                 task.abort();
             }
             self.reserved.retain(|_, holder| holder != run_id);
+            self.forget_old_finished_runs();
         }
+    }
+
+    /// Finished runs leave memory beyond the most recent [`KEEP_FINISHED_RUNS`] (with their protocols, up
+    /// to 4 MiB each): the journal keeps them, and readers of older runs ask it.
+    fn forget_old_finished_runs(&mut self) {
+        let finished = self
+            .order
+            .iter()
+            .filter(|id| self.runs.get(*id).is_some_and(|r| r.state.is_terminal()))
+            .count();
+        let mut excess = finished.saturating_sub(KEEP_FINISHED_RUNS);
+        if excess == 0 {
+            return;
+        }
+        let runs = &mut self.runs;
+        self.order.retain(|id| {
+            if excess > 0 && runs.get(id).is_some_and(|r| r.state.is_terminal()) {
+                runs.remove(id);
+                excess -= 1;
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// A run that is not in memory: finished long ago (the proposal index still knows its state), or
+    /// unknown.
+    fn not_here(&self, run_id: &str) -> ApiError {
+        match self
+            .proposals
+            .values()
+            .find(|k| k.run_id == run_id)
+            .and_then(|k| k.state)
+        {
+            Some(state) => ApiError::InvalidState(format!("run {run_id} is {state}")),
+            None => ApiError::UnknownRun(run_id.to_owned()),
+        }
+    }
+
+    /// Why `user` may not add another run now (awaiting approval or queued), if so.
+    fn over_quota(&self, user: &str, needs_approval: bool) -> Option<String> {
+        let (state, limit) = if needs_approval {
+            (RunState::AwaitingApproval, MAX_AWAITING_APPROVAL_PER_USER)
+        } else {
+            (RunState::Queued, MAX_QUEUED_PER_USER)
+        };
+        let held = self
+            .runs
+            .values()
+            .filter(|r| r.submitted_by == user && r.state == state)
+            .count();
+        (held >= limit).then(|| {
+            format!(
+                "quota: {user} already has {held} runs {state} (at most {limit}); wait for them or abort some"
+            )
+        })
     }
 
     async fn on_request(&mut self, request: Request) {
@@ -621,6 +685,18 @@ impl Core {
                 error: None,
             };
         }
+        if let Some(over) = self.over_quota(
+            &principal.name,
+            !report.approval_required_because.is_empty(),
+        ) {
+            self.event(
+                None,
+                "proposal_rejected",
+                Some(&principal),
+                json!({ "proposal_id": pid, "reason": "quota", "detail": over }),
+            );
+            return SubmitReply::refused(proposal_id, over);
+        }
         // While the emergency stop is latched nothing new is accepted, from any interface: a run queued
         // now would start the moment the latch is acknowledged, which nobody at the bench asked for.
         if self.estop.is_latched() {
@@ -717,10 +793,7 @@ impl Core {
         reject: Option<String>,
     ) -> Result<RunState, ApiError> {
         policy::check(who, Permission::Approve)?;
-        let run = self
-            .runs
-            .get(run_id)
-            .ok_or_else(|| ApiError::UnknownRun(run_id.to_owned()))?;
+        let run = self.runs.get(run_id).ok_or_else(|| self.not_here(run_id))?;
         if run.state != RunState::AwaitingApproval {
             return Err(ApiError::InvalidState(format!(
                 "run {run_id} is {}, not awaiting approval",
@@ -748,10 +821,7 @@ impl Core {
         control: Control,
         who: &Principal,
     ) -> Result<RunState, ApiError> {
-        let run = self
-            .runs
-            .get(run_id)
-            .ok_or_else(|| ApiError::UnknownRun(run_id.to_owned()))?;
+        let run = self.runs.get(run_id).ok_or_else(|| self.not_here(run_id))?;
         policy::check_run_control(who, &run.submitted_by, run_id)?;
         let state = run.state;
         let interlocked = self.interlocks_holding(&run.instruments);

@@ -1269,3 +1269,96 @@ async fn an_interlock_override_survives_a_restart_and_can_be_withdrawn() {
     );
     rig.controller.shutdown().await;
 }
+
+/// A planner cannot fill the approval queue or the run queue: past its quota a submission is refused with
+/// the reason and nothing is recorded for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_runs_awaiting_approval_are_bounded_by_a_quota() {
+    use labctl::controller::MAX_AWAITING_APPROVAL_PER_USER;
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    for i in 0..MAX_AWAITING_APPROVAL_PER_USER {
+        let r = rig
+            .api()
+            .submit(bytes(&pump_steps(&format!("quota-{i}"), 7200.0)), planner())
+            .await;
+        assert_eq!(r.state, Some(RunState::AwaitingApproval), "{r:?}");
+    }
+    let over = rig
+        .api()
+        .submit(bytes(&pump_steps("quota-over", 7200.0)), planner())
+        .await;
+    assert!(!over.accepted);
+    let why = over.error.unwrap();
+    assert!(why.contains("quota") && why.contains("planner-bo"), "{why}");
+    assert!(
+        rig.api()
+            .runs()
+            .await
+            .iter()
+            .all(|r| r.proposal_id != "quota-over")
+    );
+    // Another user is not held by the planner's quota.
+    let other = rig
+        .api()
+        .submit(
+            bytes(&pump_steps("quota-other", 7200.0)),
+            Principal::new("rig-1", Role::Rig, "test"),
+        )
+        .await;
+    assert!(other.accepted, "{other:?}");
+    rig.controller.shutdown().await;
+}
+
+/// Finished runs leave the controller's memory beyond the most recent ones; every face still answers for
+/// an old run, from the journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_runs_leave_memory_and_old_ones_are_answered_from_the_journal() {
+    use labctl::controller::KEEP_FINISHED_RUNS;
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    let weigh = |i: usize| {
+        json!({
+            "version": 1,
+            "metadata": { "name": "weigh", "proposal_id": format!("mem-{i}"), "planner": { "id": "planner-bo" } },
+            "steps": [ { "type": "measure", "id": "w", "instrument": "balance", "action": "weigh", "params": {}, "result": "m" } ]
+        })
+    };
+    let mut first = None;
+    for i in 0..KEEP_FINISHED_RUNS + 5 {
+        let id = rig
+            .api()
+            .submit(bytes(&weigh(i)), planner())
+            .await
+            .run_id
+            .unwrap();
+        wait_for(rig.api(), &id, RunState::Completed).await;
+        first.get_or_insert(id);
+    }
+    let first = first.unwrap();
+    let in_memory = rig.api().runs().await;
+    assert_eq!(in_memory.len(), KEEP_FINISHED_RUNS);
+    assert!(in_memory.iter().all(|r| r.run_id != first));
+    let old = rig
+        .api()
+        .run(&first)
+        .await
+        .expect("answered from the journal");
+    assert_eq!((old.state, old.results), (RunState::Completed, 1));
+    let err = rig
+        .api()
+        .control(&first, Control::Abort, technician())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ApiError::InvalidState(ref m) if m.contains("completed")),
+        "{err}"
+    );
+    // Its proposal id still means that run.
+    let again = rig.api().submit(bytes(&weigh(0)), planner()).await;
+    assert!(
+        again.duplicate && again.run_id.as_deref() == Some(first.as_str()),
+        "{again:?}"
+    );
+    rig.controller.shutdown().await;
+}
