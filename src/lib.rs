@@ -21,4 +21,5 @@ pub mod journal;
 pub mod lab_runtime;
 pub mod policy;
 pub mod safety;
+pub mod tls;
 pub mod world;

@@ -25,6 +25,7 @@ struct Rig {
     fakes: BTreeMap<String, FakeInstrument>,
     gateway: Option<MqttGateway>,
     addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
 }
 
 impl Rig {
@@ -41,6 +42,11 @@ async fn rig(dir: &Path) -> Rig {
 }
 
 async fn rig_on(dir: &Path, broker: BrokerChoice) -> Rig {
+    rig_full(dir, broker, None).await
+}
+
+/// [`rig_on`], with the embedded broker's MQTT-over-TLS listener on `tls_listen` when given.
+async fn rig_full(dir: &Path, broker: BrokerChoice, tls_listen: Option<SocketAddr>) -> Rig {
     let lab = Lab::sim();
     let (controller, fakes, _) = common::controller_on_fakes(dir, lab.clone(), |_| {}).await;
     let users = Arc::new(labctl::auth::Users::from_lab(&lab).unwrap());
@@ -51,6 +57,7 @@ async fn rig_on(dir: &Path, broker: BrokerChoice) -> Rig {
             data_dir: dir.to_owned(),
             broker,
             users,
+            tls_listen,
         },
     )
     .await
@@ -60,6 +67,7 @@ async fn rig_on(dir: &Path, broker: BrokerChoice) -> Rig {
     Rig {
         controller,
         fakes,
+        tls_addr: gateway.tls_addr,
         gateway: Some(gateway),
         addr,
     }
@@ -1981,5 +1989,119 @@ async fn through_mosquitto_with_the_shipped_acl_replies_stay_private() {
         .expect("the public reply within 10 s")
         .expect("the watcher's connection");
     assert_eq!(first.topic, "labctl/sim/protocols/replies/acl-1");
+    rig.stop().await;
+}
+
+/// The embedded broker's `mqtts` listener: its certificate is made on first start under the data
+/// directory (the key 0600); mosquitto_sub and `labctl submit` trust that file and get in, a client that
+/// does not trust it or speaks clear text does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_serves_mqtt_over_tls_with_a_certificate_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig_full(
+        dir.path(),
+        BrokerChoice::Embedded("127.0.0.1:0".parse().unwrap()),
+        Some("127.0.0.1:0".parse().unwrap()),
+    )
+    .await;
+    let tls = rig.tls_addr.expect("a TLS listener");
+    let cert = dir.path().join("tls/server-cert.pem");
+    assert!(cert.is_file());
+    let sub = |cafile: std::path::PathBuf, host: &'static str| {
+        let port = tls.port().to_string();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(client_tool("mosquitto_sub"))
+                .args(["-h", host, "-p", &port, "--cafile"])
+                .arg(cafile)
+                .args(["-u", "watcher", "-P", "observer-dev"])
+                .args(["-t", "labctl/sim/status", "-C", "1", "-W", "10"])
+                .output()
+                .unwrap()
+        })
+    };
+    for host in ["127.0.0.1", "localhost"] {
+        let out = sub(cert.clone(), host).await.unwrap();
+        assert!(
+            out.status.success(),
+            "{host}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(status["status"], "online");
+    }
+    // Another certificate authority: the handshake fails, nothing is received.
+    let other = dir.path().join("other-ca.pem");
+    openssl(
+        dir.path(),
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=someone-else",
+            "-keyout",
+            "other-key.pem",
+            "-out",
+            "other-ca.pem",
+        ],
+    );
+    let out = sub(other, "127.0.0.1").await.unwrap();
+    assert!(!out.status.success() && out.stdout.is_empty());
+    // Clear text on the TLS port gets nothing either.
+    let port = tls.port().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(client_tool("mosquitto_sub"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-u",
+                "watcher",
+                "-P",
+                "observer-dev",
+            ])
+            .args(["-t", "labctl/sim/status", "-C", "1", "-W", "5"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success() && out.stdout.is_empty());
+    // labctl's own client (rustls, host name verified) submits and follows a run over it.
+    let file = dir.path().join("weigh.json");
+    std::fs::write(
+        &file,
+        serde_json::to_vec(&weigh_protocol("mqtts-1", 1)).unwrap(),
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_labctl"))
+            .arg("submit")
+            .arg(&file)
+            .args([
+                "--wait",
+                "--mqtt",
+                &format!("mqtts://localhost:{}", tls.port()),
+            ])
+            .env("LABCTL_MQTT_CA", &cert)
+            .env("LABCTL_MQTT_USER", "planner-bo")
+            .env("LABCTL_MQTT_PASSWORD", "planner-dev")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     rig.stop().await;
 }

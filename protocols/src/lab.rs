@@ -481,6 +481,10 @@ pub struct MqttInterface {
     /// Listen address of the embedded broker.
     #[serde(default = "default_mqtt_listen")]
     pub listen: String,
+    /// A second listener of the embedded broker, MQTT over TLS (`mqtts`), with the certificate in
+    /// `DATA_DIR/tls/`; absent: none.
+    #[serde(default)]
+    pub tls_listen: Option<String>,
 }
 
 impl Default for MqttInterface {
@@ -488,6 +492,7 @@ impl Default for MqttInterface {
         MqttInterface {
             url: None,
             listen: default_mqtt_listen(),
+            tls_listen: None,
         }
     }
 }
@@ -524,6 +529,10 @@ pub struct CommandPortInterface {
     /// A serial line to serve the command port on.
     #[serde(default)]
     pub serial: Option<SerialLine>,
+    /// TCP listen address of the command port over TLS, with the certificate in `DATA_DIR/tls/`; absent:
+    /// none.
+    #[serde(default)]
+    pub tls: Option<String>,
 }
 
 impl Default for CommandPortInterface {
@@ -531,6 +540,7 @@ impl Default for CommandPortInterface {
         CommandPortInterface {
             tcp: default_command_tcp(),
             serial: None,
+            tls: None,
         }
     }
 }

@@ -80,6 +80,10 @@ pub struct MqttArgs {
     /// Port of the embedded MQTT broker (default: the lab file's, 1883); 0 picks a free port and prints it.
     #[arg(long)]
     pub mqtt_port: Option<u16>,
+    /// Port of the embedded broker's MQTT-over-TLS listener (on the lab file's `interfaces.mqtt.tls_listen`
+    /// host, else 127.0.0.1); 0 picks a free port and prints it. Default: the lab file's, else none.
+    #[arg(long)]
+    pub mqtt_tls_port: Option<u16>,
 }
 
 fn init_logging() {
@@ -355,11 +359,26 @@ async fn start_mqtt(
         }
     };
     let embedded = matches!(broker, BrokerChoice::Embedded(_));
+    let tls_listen = match (&lab.interfaces.mqtt.tls_listen, mqtt.mqtt_tls_port) {
+        _ if !embedded => None,
+        (Some(text), port) => {
+            let mut addr: std::net::SocketAddr = text
+                .parse()
+                .map_err(|e| format!("interfaces.mqtt.tls_listen {text:?}: {e}"))?;
+            if let Some(port) = port {
+                addr.set_port(port);
+            }
+            Some(addr)
+        }
+        (None, Some(port)) => Some(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+        (None, None) => None,
+    };
     let config = MqttConfig {
         lab: lab.clone(),
         data_dir: args.data_dir.clone(),
         broker,
         users,
+        tls_listen,
     };
     match MqttGateway::start(api, config).await {
         Ok(gw) => {
@@ -372,6 +391,15 @@ async fn start_mqtt(
                     "external broker"
                 }
             );
+            if let Some(addr) = gw.tls_addr {
+                say!(
+                    "  mqtts: {addr} (embedded broker, TLS; clients trust {})",
+                    args.data_dir
+                        .join(crate::tls::TLS_DIR)
+                        .join(crate::tls::CERT_FILE)
+                        .display()
+                );
+            }
             Ok(Some(gw))
         }
         Err(e) if embedded && mqtt.mqtt_port.is_none() => {

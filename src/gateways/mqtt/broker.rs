@@ -184,6 +184,8 @@ impl BrokerEventHandler for PresenceEvents {
 /// A running embedded broker.
 pub struct EmbeddedBroker {
     pub addr: SocketAddr,
+    /// The MQTT-over-TLS listener's address, when there is one.
+    pub tls_addr: Option<SocketAddr>,
     pub gateway_password: String,
     shutdown: mqtt5::broker::BrokerShutdownHandle,
     task: tokio::task::JoinHandle<()>,
@@ -191,8 +193,10 @@ pub struct EmbeddedBroker {
 
 impl EmbeddedBroker {
     /// Binds `listen` (port 0: a free port, see [`EmbeddedBroker::addr`]) and starts serving.
+    /// `tls`: a second listener for MQTT over TLS, with the certificate and key files to serve.
     pub async fn start(
         listen: SocketAddr,
+        tls: Option<(SocketAddr, std::path::PathBuf, std::path::PathBuf)>,
         users: Arc<Users>,
         lab_id: &str,
         presence: tokio::sync::mpsc::UnboundedSender<Presence>,
@@ -203,7 +207,7 @@ impl EmbeddedBroker {
             enable_persistence: false,
             ..StorageConfig::default()
         };
-        let config = BrokerConfig::default()
+        let mut config = BrokerConfig::default()
             .with_bind_address(listen)
             .with_max_packet_size(MAX_PACKET)
             // Sessions live in memory: a client that asked to keep its session gets it back within an
@@ -214,6 +218,10 @@ impl EmbeddedBroker {
             .with_max_retained_message_size(MAX_RETAINED_BYTES)
             .with_storage(storage)
             .with_event_handler(Arc::new(PresenceEvents(presence)));
+        if let Some((addr, cert, key)) = tls {
+            config = config
+                .with_tls(mqtt5::broker::config::TlsConfig::new(cert, key).with_bind_address(addr));
+        }
         let auth = Arc::new(LabAuth {
             users,
             gateway_password: gateway_password.clone(),
@@ -227,6 +235,7 @@ impl EmbeddedBroker {
         let addr = broker
             .local_addr()
             .ok_or_else(|| format!("embedded MQTT broker on {listen}: no listening address"))?;
+        let tls_addr = broker.tls_local_addr();
         let shutdown = broker.shutdown_handle();
         let task = tokio::spawn(async move {
             if let Err(e) = broker.run().await {
@@ -235,6 +244,7 @@ impl EmbeddedBroker {
         });
         Ok(EmbeddedBroker {
             addr,
+            tls_addr,
             gateway_password,
             shutdown,
             task,

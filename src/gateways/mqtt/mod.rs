@@ -66,6 +66,8 @@ pub struct MqttConfig {
     pub data_dir: PathBuf,
     pub broker: BrokerChoice,
     pub users: Arc<Users>,
+    /// The embedded broker's MQTT-over-TLS listener (port 0: a free one), if any.
+    pub tls_listen: Option<SocketAddr>,
 }
 
 /// A broker address from a URL.
@@ -180,6 +182,8 @@ impl TokenBucket {
 pub struct MqttGateway {
     /// Where clients connect: the embedded broker's address, or the external broker's host and port.
     pub broker_addr: String,
+    /// The embedded broker's MQTT-over-TLS address, when it serves one.
+    pub tls_addr: Option<SocketAddr>,
     pub embedded: bool,
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
@@ -192,10 +196,22 @@ impl MqttGateway {
         let topics = Topics::new(&lab_id);
         let (presence_tx, presence_rx) = mpsc::unbounded_channel();
         let mut tls = None;
+        let mut tls_addr = None;
         let (broker, host, port, credentials, trust_sender) = match &config.broker {
             BrokerChoice::Embedded(listen) => {
-                let b = EmbeddedBroker::start(*listen, config.users.clone(), &lab_id, presence_tx)
-                    .await?;
+                let tls = match config.tls_listen {
+                    Some(addr) => {
+                        let files =
+                            crate::tls::load_or_create(&config.data_dir, &[addr.ip().to_string()])
+                                .map_err(|e| e.to_string())?;
+                        Some((addr, files.cert_path, files.key_path))
+                    }
+                    None => None,
+                };
+                let b =
+                    EmbeddedBroker::start(*listen, tls, config.users.clone(), &lab_id, presence_tx)
+                        .await?;
+                tls_addr = b.tls_addr;
                 let host = b.addr.ip().to_string();
                 let port = b.addr.port();
                 let creds = Some((GATEWAY_USER.to_owned(), b.gateway_password.clone()));
@@ -278,6 +294,7 @@ impl MqttGateway {
         ];
         Ok(MqttGateway {
             broker_addr,
+            tls_addr,
             embedded: broker.is_some(),
             shared,
             tasks,
