@@ -351,3 +351,110 @@ async fn garbage_and_over_long_lines_never_drop_the_connection() {
     c.wait_state(&id, "completed").await;
     rig.controller.shutdown().await;
 }
+
+/// `openssl s_client` as a command-port client: lines in on its standard input, replies out on its standard
+/// output.
+struct SClient {
+    child: tokio::process::Child,
+    out: BufReader<tokio::process::ChildStdout>,
+}
+
+impl SClient {
+    fn start(addr: std::net::SocketAddr, cafile: &Path) -> SClient {
+        let mut child = tokio::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-quiet",
+                "-verify_return_error",
+                "-servername",
+                "localhost",
+            ])
+            .arg("-connect")
+            .arg(addr.to_string())
+            .arg("-CAfile")
+            .arg(cafile)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("openssl (Debian package `openssl`; scripts/test installs it)");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        SClient { child, out }
+    }
+
+    async fn query(&mut self, line: &str) -> Option<String> {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(format!("{line}\n").as_bytes()).await.ok()?;
+        stdin.flush().await.ok()?;
+        let mut reply = String::new();
+        let n = tokio::time::timeout(WAIT, self.out.read_line(&mut reply))
+            .await
+            .expect("a reply or the end of the connection in time")
+            .ok()?;
+        (n > 0).then(|| reply.trim_end().to_owned())
+    }
+}
+
+/// The command port over TLS: a certificate made on first start under the data directory, which
+/// `openssl s_client` verifies before it logs in and talks SCPI; with another CA the handshake fails, and
+/// clear text on the TLS port gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_port_over_tls_is_verified_by_openssl_and_speaks_scpi() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    let args = CommandPortArgs {
+        command_port: Some("off".into()),
+        command_port_tls: Some("127.0.0.1:0".into()),
+        ..Default::default()
+    };
+    let port = port(&rig, dir.path(), args).await;
+    let addr = port.tls.expect("the TLS command port");
+    assert!(
+        port.endpoints()
+            .contains(&format!("command port: tls {addr}"))
+    );
+    let cert = dir.path().join("tls/server-cert.pem");
+    let mut c = SClient::start(addr, &cert);
+    let idn = c.query("*IDN?").await.expect("an answer over TLS");
+    assert!(idn.starts_with("labctl,sim,"), "{idn}");
+    assert_eq!(
+        c.query("SYST:LOGIN alice,technician-dev;LOGIN?")
+            .await
+            .as_deref(),
+        Some("\"alice\",technician")
+    );
+    // Another certificate authority: openssl refuses the server and nothing is exchanged.
+    let other = dir.path().join("other.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=other",
+        ])
+        .arg("-keyout")
+        .arg(dir.path().join("other-key.pem"))
+        .arg("-out")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let mut untrusting = SClient::start(addr, &other);
+    assert_eq!(untrusting.query("*IDN?").await, None);
+    // Clear text on the TLS port: no answer, the connection is closed.
+    let mut plain = Client::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+    plain.send("*IDN?").await;
+    let mut line = String::new();
+    let n = tokio::time::timeout(WAIT, plain.stream.read_line(&mut line))
+        .await
+        .expect("the connection closed in time")
+        .unwrap_or(0);
+    assert!(!line.starts_with("labctl"), "{line:?} ({n} bytes)");
+    rig.controller.shutdown().await;
+}

@@ -175,6 +175,11 @@ pub struct CommandPortArgs {
     /// it. Default: the lab file's `interfaces.command_port.tcp` (127.0.0.1:5025).
     #[arg(long = "command-port", value_name = "ADDR")]
     pub command_port: Option<String>,
+    /// TCP address of the command port over TLS (certificate in DATA_DIR/tls/, made on first start); port
+    /// 0 picks a free one (printed at start). Default: the lab file's `interfaces.command_port.tls`, else
+    /// none.
+    #[arg(long = "command-port-tls", value_name = "ADDR")]
+    pub command_port_tls: Option<String>,
     /// Serve the command port on this serial line too (default: the lab file's
     /// `interfaces.command_port.serial`, if any).
     #[arg(long = "command-serial", value_name = "PATH")]
@@ -203,6 +208,8 @@ fn parse_role(text: &str) -> Result<Role, String> {
 pub struct CommandPort {
     /// The bound TCP address, if the TCP port runs.
     pub tcp: Option<SocketAddr>,
+    /// The bound address of the command port over TLS, if it runs.
+    pub tls: Option<SocketAddr>,
     /// The serial line and who it acts as, if one is served.
     pub serial: Option<Principal>,
     tasks: Vec<JoinHandle<()>>,
@@ -214,6 +221,9 @@ impl CommandPort {
         let mut lines = Vec::new();
         if let Some(addr) = self.tcp {
             lines.push(format!("command port: tcp {addr}"));
+        }
+        if let Some(addr) = self.tls {
+            lines.push(format!("command port: tls {addr}"));
         }
         if let Some(p) = &self.serial {
             lines.push(format!(
@@ -271,6 +281,7 @@ pub async fn start(
     let idn = session::idn(&lab.lab_id, &controller_serial(data_dir));
     let mut port = CommandPort {
         tcp: None,
+        tls: None,
         serial: None,
         tasks: Vec::new(),
     };
@@ -294,6 +305,7 @@ pub async fn start(
                     listener,
                     backend.clone(),
                     idn.clone(),
+                    None,
                 )));
             }
             Err(e) if explicit => return Err(format!("--command-port {address}: {e}")),
@@ -301,6 +313,31 @@ pub async fn start(
                 tracing::warn!(%address, error = %e, "command port not started (use --command-port ADDR)")
             }
         }
+    }
+    if let Some(address) = args
+        .command_port_tls
+        .clone()
+        .or_else(|| lab.interfaces.command_port.tls.clone())
+    {
+        let listener = TcpListener::bind(address.as_str())
+            .await
+            .map_err(|e| format!("command port over TLS {address}: {e}"))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| format!("command port over TLS {address}: {e}"))?;
+        let host = address
+            .rsplit_once(':')
+            .map(|(h, _)| h.to_owned())
+            .unwrap_or_default();
+        let files = crate::tls::load_or_create(data_dir, &[host]).map_err(|e| e.to_string())?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(files.config);
+        port.tls = Some(local);
+        port.tasks.push(tokio::spawn(accept_loop(
+            listener,
+            backend.clone(),
+            idn.clone(),
+            Some(acceptor),
+        )));
     }
     let line = match (&args.command_serial, &lab.interfaces.command_port.serial) {
         (Some(path), lab_line) => Some(SerialLine {
@@ -369,7 +406,15 @@ where
     }
 }
 
-async fn accept_loop<B: Backend + Clone>(listener: TcpListener, backend: B, idn: String) {
+/// How long a TLS client may take over its handshake.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
+async fn accept_loop<B: Backend + Clone>(
+    listener: TcpListener,
+    backend: B,
+    idn: String,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -394,9 +439,24 @@ async fn accept_loop<B: Backend + Clone>(listener: TcpListener, backend: B, idn:
             max_line: MAX_LINE,
             peer: peer.into(),
         };
+        let tls = tls.clone();
         tokio::spawn(async move {
             tracing::debug!(%peer, "command port: client connected");
-            if let Err(e) = serve_stream(stream, &backend, config).await {
+            let served = match tls {
+                None => serve_stream(stream, &backend, config).await,
+                // The handshake runs in the connection's own task: a slow client holds only its slot.
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => serve_stream(stream, &backend, config).await,
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no TLS handshake within 10 s",
+                        )),
+                    }
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "command port: connection ended");
             }
             drop(slot);
