@@ -144,6 +144,113 @@ async fn step_overhead() {
 }
 
 async fn tick_lateness(seconds: u64) -> u64 {
+    tick_lateness_under(seconds, None).await
+}
+
+/// Resident memory of this process now and at its peak, in MB (VmRSS, VmHWM).
+fn resident_mb() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The tick of [`tick_lateness`] with the embedded MQTT broker up, while `clients` concurrent clients keep
+/// sending CONNECTs with random user names and passwords (each argon2 check costs 19 MiB and tens of
+/// milliseconds); beside the same without them.
+async fn login_storm(seconds: u64, clients: usize) {
+    let (idle_rss, _) = resident_mb();
+    let idle = tick_lateness_under(seconds, Some(0)).await;
+    let (after_idle_rss, _) = resident_mb();
+    let storm = tick_lateness_under(seconds, Some(clients)).await;
+    let (rss, hwm) = resident_mb();
+    println!(
+        "login_storm: tick p99 {idle} us without logins, {storm} us with {clients} clients logging in; \
+         resident {idle_rss:.1} MB before, {after_idle_rss:.1} MB after the quiet run, {rss:.1} MB after the storm (peak {hwm:.1} MB)"
+    );
+    common::figure("controller.login_storm_tick_p99_idle_us", idle, "us");
+    common::figure("controller.login_storm_tick_p99_us", storm, "us");
+    common::figure("controller.login_storm_rss_mb", format!("{rss:.1}"), "MB");
+    common::figure(
+        "controller.login_storm_peak_rss_mb",
+        format!("{hwm:.1}"),
+        "MB",
+    );
+}
+
+/// An MQTT 3.1.1 CONNECT with a user name and password (clean session, keep-alive 10 s), by hand: the
+/// storm's clients must cost this process nothing but a socket, so the resident memory measured is the
+/// controller's.
+fn connect_packet(client_id: &str, user: &str, password: &str) -> Vec<u8> {
+    let field = |out: &mut Vec<u8>, text: &str| {
+        out.extend_from_slice(&(text.len() as u16).to_be_bytes());
+        out.extend_from_slice(text.as_bytes());
+    };
+    let mut body = Vec::new();
+    field(&mut body, "MQTT");
+    body.extend_from_slice(&[4, 0b1100_0010, 0, 10]);
+    field(&mut body, client_id);
+    field(&mut body, user);
+    field(&mut body, password);
+    let mut packet = vec![0x10];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        packet.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// CONNECTs with random names from one client until `until`; returns (attempts, outcomes by CONNACK code).
+async fn storm_client(
+    addr: std::net::SocketAddr,
+    n: usize,
+    until: Instant,
+) -> (u64, BTreeMap<String, u64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut attempts = 0u64;
+    let mut outcomes = BTreeMap::new();
+    while Instant::now() < until {
+        attempts += 1;
+        let packet = connect_packet(
+            &format!("storm-{n}-{attempts}"),
+            &format!("nobody-{n}-{attempts}"),
+            "guess",
+        );
+        let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            s.write_all(&packet).await?;
+            let mut ack = [0u8; 4];
+            s.read_exact(&mut ack).await?;
+            Ok::<_, std::io::Error>(ack[3])
+        })
+        .await;
+        let key = match outcome {
+            Ok(Ok(0)) => "accepted".to_owned(),
+            Ok(Ok(code)) => format!("refused {code:#04x}"),
+            Ok(Err(e)) => format!("error: {}", e.kind()),
+            Err(_) => "no answer in 10 s".into(),
+        };
+        *outcomes.entry(key).or_insert(0) += 1;
+    }
+    (attempts, outcomes)
+}
+
+async fn tick_lateness_under(seconds: u64, storm: Option<usize>) -> u64 {
     let dir = tempfile::tempdir().unwrap();
     let mut lab = Lab::sim();
     let template = lab
@@ -172,9 +279,53 @@ async fn tick_lateness(seconds: u64) -> u64 {
             instruments::spawn(inst, fake, estop.clone(), timing),
         );
     }
-    let config = common::bench_controller_config(lab, dir.path());
+    let users = std::sync::Arc::new(labctl::auth::Users::from_lab(&lab).unwrap());
+    let config = common::bench_controller_config(lab.clone(), dir.path());
     let controller = start(config, handles, estop).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let gateway = match storm {
+        None => None,
+        Some(_) => Some(
+            labctl::gateways::mqtt::MqttGateway::start(
+                controller.handle.clone(),
+                labctl::gateways::mqtt::MqttConfig {
+                    lab,
+                    data_dir: dir.path().to_owned(),
+                    broker: labctl::gateways::mqtt::BrokerChoice::Embedded(
+                        "127.0.0.1:0".parse().unwrap(),
+                    ),
+                    users,
+                    tls_listen: None,
+                },
+            )
+            .await
+            .unwrap(),
+        ),
+    };
+    let until = Instant::now() + Duration::from_secs(seconds);
+    match (storm, &gateway) {
+        (Some(clients), Some(gw)) if clients > 0 => {
+            let addr: std::net::SocketAddr = gw.broker_addr.parse().unwrap();
+            let mut set = tokio::task::JoinSet::new();
+            for n in 0..clients {
+                set.spawn(storm_client(addr, n, until));
+            }
+            let (mut attempts, mut outcomes) = (0u64, BTreeMap::<String, u64>::new());
+            while let Some(r) = set.join_next().await {
+                let (a, o) = r.unwrap();
+                attempts += a;
+                for (k, v) in o {
+                    *outcomes.entry(k).or_insert(0) += v;
+                }
+            }
+            println!(
+                "login_storm: {clients} clients, {attempts} CONNECTs in {seconds} s: {outcomes:?}"
+            );
+        }
+        _ => tokio::time::sleep_until(until.into()).await,
+    }
+    if let Some(gw) = gateway {
+        gw.shutdown().await;
+    }
     let stats = controller.shutdown().await.unwrap();
     let s = stats.summary();
     println!(
@@ -305,6 +456,11 @@ async fn futures_join_all<F: std::future::Future<Output = bool> + Send + 'static
 }
 
 fn main() {
+    // As labctl's own main does: argon2's 19 MiB blocks must not raise glibc's mmap threshold.
+    // SAFETY: mallopt only adjusts allocator tuning; called first thing, before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     // `cargo bench` passes --bench; any other argument filters by name.
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -329,5 +485,8 @@ fn main() {
     if want("tick_lateness") {
         let p99 = rt.block_on(tick_lateness(seconds));
         cyclictest(seconds, p99);
+    }
+    if want("login_storm") {
+        rt.block_on(login_storm(seconds, 1000));
     }
 }
