@@ -26,9 +26,11 @@
 //!
 //! `LABCTL_PROCESS_CHAOS_SEQUENCES` (default 2), `LABCTL_PROCESS_CHAOS_SEED` (first seed, default fixed),
 //! `LABCTL_PROCESS_CHAOS_LENGTH` (operations per sequence, default 8; every sequence has at least one
-//! `kill -9`) and `LABCTL_PROCESS_CHAOS_SHRINK_SECS` (time allowed to shrink a failure, default 600). The
-//! operations are a function of the seed; the process's timing is not, so a reproduction is re-run, not
-//! replayed. `scripts/chaos-campaign` runs the long campaign; docs/testing.md has its figures.
+//! `kill -9`) and `LABCTL_PROCESS_CHAOS_SHRINK_SECS` (time allowed to shrink a failure, default 600)
+//! choose the campaign; a failing sequence prints its seed, its operations and the shortest reproduction
+//! found. With `LABCTL_PROCESS_CHAOS_KEEP_GOING=1` (the long campaign) every sequence runs and the failing
+//! seeds are listed at the end instead. The operations are a function of the seed; the process's timing
+//! is not, so a reproduction is re-run, not replayed. `scripts/chaos-campaign` runs the long campaign; docs/testing.md has its figures.
 
 #![cfg(unix)]
 
@@ -543,8 +545,8 @@ impl World {
 
     /// Whether `id` can answer its controller (not unplugged, not silenced).
     fn can_answer(&self, model: &Model, id: &str) -> bool {
-        !model.unplugged.contains(id)
-            && !(id == "hotplate" && model.faults.contains(&Fault::Silence))
+        let silenced = id == "hotplate" && model.faults.contains(&Fault::Silence);
+        !model.unplugged.contains(id) && !silenced
     }
 
     fn wait_for(
@@ -834,7 +836,10 @@ fn apply(
                 Some(err) => {
                     figures.refusals += 1;
                     refusal_named(ctl.header(), &err)?;
-                    if !allowed && !err.starts_with("-203") {
+                    // While latched, a pause or resume is refused for the latch before anyone's role is
+                    // looked at (docs/command-port.md): refused either way.
+                    let latch_first = model.latched && ctl != Ctl::Abort;
+                    if !allowed && !latch_first && !err.starts_with("-203") {
                         return Err(format!(
                             "{who:?}'s {ctl:?} of {} refused with {err}, not as forbidden",
                             run.id
@@ -1004,9 +1009,19 @@ fn set_fault(
         return Ok(());
     }
     let limit = Duration::from_secs(10);
+    let watched = match fault {
+        Fault::OverTemperature | Fault::Silence => "hotplate",
+        Fault::Overload => "balance",
+    };
+    // An instrument that has not answered this controller process (unplugged, silent since a restart)
+    // has said nothing to judge: its interlocks trip once it has (docs/controller.md, Safety).
+    let answering = world
+        .port(Who::Alice)
+        .instrument_state(watched)
+        .starts_with("online");
     match (fault, on) {
         (Fault::OverTemperature, true) => {
-            let hears = world.can_answer(model, "hotplate");
+            let hears = answering && world.can_answer(model, "hotplate");
             world.drift("hotplate", 36_000.0);
             let deadline = Instant::now() + limit;
             let mut watcher = None;
@@ -1093,7 +1108,10 @@ fn set_fault(
             Fault::Overload => "balance-overload",
             Fault::Silence => "hotplate-silent",
         };
-        // The interlock trips (fail safe: an instrument that cannot answer counts as tripped too).
+        if !answering {
+            return Ok(());
+        }
+        // The interlock trips (fail safe: an instrument that stops answering counts as tripped too).
         world.wait_for(
             Duration::from_secs(30),
             &format!("{interlock} tripped after {fault:?}"),
