@@ -32,8 +32,9 @@ enum Command {
     },
     /// Run the controller: on the simulated lab (--sim) or on the instruments of a lab file (--config).
     Run {
+        // Boxed: the other commands are small, and the run's options are many.
         #[command(flatten)]
-        args: commands::run::RunArgs,
+        args: Box<commands::run::RunArgs>,
         #[command(flatten)]
         mqtt: commands::run::MqttArgs,
         #[command(flatten)]
@@ -134,7 +135,7 @@ fn main() -> ExitCode {
             mqtt,
             command_port,
             opcua,
-        } => commands::run::run(args, mqtt, command_port, opcua),
+        } => commands::run::run(*args, mqtt, command_port, opcua),
         Command::Sim(args) => commands::sim::run(args),
         Command::Submit(args) => labctl::gateways::mqtt::submit::run(args),
         Command::Console(args) => labctl::console::run(args),

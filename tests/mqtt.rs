@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use labctl::api::{Principal, RunState};
 use labctl::controller::Controller;
@@ -1906,35 +1906,7 @@ async fn an_estop_latches_during_a_flood_of_submissions_and_replays() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_mosquitto_with_the_shipped_acl_replies_stay_private() {
     let dir = tempfile::tempdir().unwrap();
-    let passwords = dir.path().join("passwd");
-    for (user, password) in [
-        ("labctl", "labctl-pw"),
-        ("planner-bo", "planner-dev"),
-        ("watcher", "observer-dev"),
-    ] {
-        let mut command = std::process::Command::new(client_tool("mosquitto_passwd"));
-        if !passwords.exists() {
-            command.arg("-c");
-        }
-        let status = command
-            .arg("-b")
-            .arg(&passwords)
-            .args([user, password])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/mosquitto.acl");
-    let mosq = Mosquitto::start_with(
-        dir.path(),
-        None,
-        &format!(
-            "allow_anonymous false\npassword_file {}\nacl_file {}\n",
-            passwords.display(),
-            acl.display()
-        ),
-    )
-    .await;
+    let mosq = mosquitto_with_shipped_acl(dir.path()).await;
     let rig = rig_on(
         dir.path(),
         BrokerChoice::External {
@@ -1944,7 +1916,15 @@ async fn through_mosquitto_with_the_shipped_acl_replies_stay_private() {
     )
     .await;
     let private = "labctl/sim/to/planner-bo/#";
-    let (_p, mut planner) = client(rig.addr, "planner-bo", "planner-dev", &[private]).await;
+    let (_p, mut planner) = client(
+        rig.addr,
+        "planner-bo",
+        "planner-dev",
+        &[private, "labctl/sim/status"],
+    )
+    .await;
+    // labctl announces itself after subscribing: once it is online, its subscriptions are in place.
+    while json_of(&next_on(&mut planner, "labctl/sim/status").await)["status"] != "online" {}
     let (_w, mut watcher) = client(
         rig.addr,
         "watcher",
@@ -1966,7 +1946,7 @@ async fn through_mosquitto_with_the_shipped_acl_replies_stay_private() {
             "-q",
             "1",
             "-t",
-            SUBMIT,
+            "labctl/sim/from/planner-bo/protocols/submit",
             "-m",
             &body,
             "-D",
@@ -2104,4 +2084,195 @@ async fn the_embedded_broker_serves_mqtt_over_tls_with_a_certificate_of_its_own(
         String::from_utf8_lossy(&out.stderr)
     );
     rig.stop().await;
+}
+
+/// mosquitto with `docs/mosquitto.acl` and a password file for labctl and the simulated lab's users.
+async fn mosquitto_with_shipped_acl(dir: &Path) -> Mosquitto {
+    let passwords = dir.join("passwd");
+    for (user, password) in [
+        ("labctl", "labctl-pw"),
+        ("planner-bo", "planner-dev"),
+        ("watcher", "observer-dev"),
+        ("alice", "technician-dev"),
+    ] {
+        let mut command = std::process::Command::new(client_tool("mosquitto_passwd"));
+        if !passwords.exists() {
+            command.arg("-c");
+        }
+        let status = command
+            .arg("-b")
+            .arg(&passwords)
+            .args([user, password])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/mosquitto.acl");
+    Mosquitto::start_with(
+        dir,
+        None,
+        &format!(
+            "allow_anonymous false\npassword_file {}\nacl_file {}\n",
+            passwords.display(),
+            acl.display()
+        ),
+    )
+    .await
+}
+
+/// Roles over an external broker: through mosquitto with the shipped ACL, each user sends commands under
+/// `labctl/sim/from/{user}/`, which only that user may write, so labctl knows who sent them. A technician
+/// approves and stops the lab over it; a planner cannot publish in the technician's name (mosquitto drops
+/// it: the planner's next command, a bad one, is the first refusal labctl sends), and the latch holds until
+/// the technician acknowledges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_acl_technicians_approve_and_stop_and_nobody_impersonates() {
+    let dir = tempfile::tempdir().unwrap();
+    let mosq = mosquitto_with_shipped_acl(dir.path()).await;
+    let rig = rig_on(
+        dir.path(),
+        BrokerChoice::External {
+            url: format!("mqtt://127.0.0.1:{}", mosq.port),
+            credentials: Some(("labctl".into(), "labctl-pw".into())),
+        },
+    )
+    .await;
+    let (planner, mut prx) = client(
+        rig.addr,
+        "planner-bo",
+        "planner-dev",
+        &[
+            "labctl/sim/protocols/replies/#",
+            "labctl/sim/rejections",
+            ESTOP_STATE,
+            "labctl/sim/status",
+        ],
+    )
+    .await;
+    // labctl announces itself after subscribing: once it is online, its subscriptions are in place.
+    while json_of(&next_on(&mut prx, "labctl/sim/status").await)["status"] != "online" {}
+    let (alice, _arx) = client(rig.addr, "alice", "technician-dev", &[]).await;
+    // A proposal that needs a technician, sent in the planner's own name.
+    planner
+        .publish(
+            "labctl/sim/from/planner-bo/protocols/submit",
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&long_wait_protocol("ext-approve", 7200.0)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let reply = json_of(&next_on(&mut prx, "labctl/sim/protocols/replies/ext-approve").await);
+    assert_eq!(reply["state"], "awaiting_approval", "{reply}");
+    let run_id = reply["run_id"].as_str().unwrap().to_owned();
+    let info = rig.controller.handle.run(&run_id).await.unwrap();
+    assert_eq!(
+        info.submitted_by, "planner-bo",
+        "the run is the planner's, not `mqtt`'s"
+    );
+    // The planner may not approve it (the controller refuses, with the reason) ...
+    planner
+        .publish(
+            format!("labctl/sim/from/planner-bo/runs/{run_id}/approval"),
+            QoS::AtLeastOnce,
+            false,
+            br#"{"decision": "approve"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    let r = json_of(&next_on(&mut prx, "labctl/sim/rejections").await);
+    assert_eq!(r["error"], "forbidden", "{r}");
+    // ... and the technician does, over the same broker.
+    alice
+        .publish(
+            format!("labctl/sim/from/alice/runs/{run_id}/approval"),
+            QoS::AtLeastOnce,
+            false,
+            br#"{"decision": "approve"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rig.controller.handle.run(&run_id).await.unwrap().state == RunState::AwaitingApproval {
+        assert!(
+            Instant::now() < deadline,
+            "the technician's approval never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The technician stops the lab.
+    alice
+        .publish(
+            "labctl/sim/from/alice/estop",
+            QoS::AtLeastOnce,
+            false,
+            br#"{"action": "trigger"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    loop {
+        let e = json_of(&next_on(&mut prx, ESTOP_STATE).await);
+        if e["latched"] == true {
+            assert!(
+                e["by"].as_str().is_some_and(|b| b.starts_with("alice ")),
+                "{e}"
+            );
+            break;
+        }
+    }
+    // The planner tries to release it in alice's name: mosquitto drops it. Its next message, a malformed
+    // e-stop command in its own name, takes the same path in labctl after it, and comes back refused first.
+    planner
+        .publish(
+            "labctl/sim/from/alice/estop",
+            QoS::AtLeastOnce,
+            false,
+            br#"{"action": "acknowledge"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    planner
+        .publish(
+            "labctl/sim/from/planner-bo/estop",
+            QoS::AtLeastOnce,
+            false,
+            b"not json".to_vec(),
+        )
+        .await
+        .unwrap();
+    let r = json_of(&next_on(&mut prx, "labctl/sim/rejections").await);
+    assert_eq!(r["error"], "malformed", "{r}");
+    // Still latched: the controller refuses a technician's submission for it.
+    let refused = rig
+        .controller
+        .handle
+        .submit(
+            serde_json::to_vec(&weigh_protocol("while-latched", 1)).unwrap(),
+            Principal::new("alice", Role::Technician, "test"),
+        )
+        .await;
+    assert!(
+        refused
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("emergency stop")),
+        "{refused:?}"
+    );
+    alice
+        .publish(
+            "labctl/sim/from/alice/estop",
+            QoS::AtLeastOnce,
+            false,
+            br#"{"action": "acknowledge"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    loop {
+        let e = json_of(&next_on(&mut prx, ESTOP_STATE).await);
+        if e["latched"] == false {
+            break;
+        }
+    }
+    rig.stop().await;
+    drop(mosq);
 }

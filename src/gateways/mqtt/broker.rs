@@ -60,7 +60,12 @@ impl LabAuth {
         if !topic.starts_with("labctl/") {
             return true;
         }
-        self.topics.parse_inbound(topic).is_some()
+        // Under `from/{user}/` only that user writes: nobody sends a command in someone else's name.
+        match self.topics.parse_inbound_from(topic) {
+            Some((_, Some(owner))) => user == Some(owner.as_str()),
+            Some((_, None)) => true,
+            None => false,
+        }
     }
 
     fn may_subscribe(&self, user: Option<&str>, filter: &str) -> bool {

@@ -695,10 +695,16 @@ async fn planner_lease(mut presence: mpsc::UnboundedReceiver<broker::Presence>, 
     }
 }
 
-/// The sender of an inbound message as the broker vouches for it (`mqtt` on an external broker).
+/// The sender of an inbound message as the broker vouches for it: the stamped user on the embedded broker;
+/// on an external broker the user of a `from/{user}/` topic (its ACL lets only that user write there), else
+/// the one principal `mqtt`.
 fn sender_of(s: &Shared, p: &Publish) -> String {
     if !s.trust_sender {
-        return "mqtt".into();
+        let topic = String::from_utf8_lossy(&p.topic);
+        return match s.topics.parse_inbound_from(&topic) {
+            Some((_, Some(user))) => user,
+            _ => "mqtt".into(),
+        };
     }
     p.properties
         .as_ref()
@@ -849,10 +855,10 @@ async fn handle_one(s: &Shared, p: Publish) {
         refuse(s, &p, &topic, "rate_limited", why).await;
         return;
     }
-    let Some(inbound) = s.topics.parse_inbound(&topic) else {
+    let Some((inbound, from)) = s.topics.parse_inbound_from(&topic) else {
         return;
     };
-    let principal = match principal_for(s, sender.as_deref(), &topic) {
+    let principal = match principal_for(s, sender.as_deref(), from.as_deref(), &topic) {
         Ok(p) => p,
         Err(r) => {
             let pid = match inbound {
@@ -870,7 +876,11 @@ async fn handle_one(s: &Shared, p: Publish) {
     // Answers go only under the sender's own reply prefix: never onto another topic of the contract (a run's
     // status), nor anywhere labctl's rights would let it write for someone else.
     if let Some(asked) = asked_reply_topic {
-        let vouched = s.trust_sender.then_some(principal.name.as_str());
+        let vouched = if s.trust_sender {
+            Some(principal.name.as_str())
+        } else {
+            from.as_deref()
+        };
         if !s.topics.is_reply_topic(&asked, vouched) {
             let pid = match inbound {
                 Inbound::Submit => payload::proposal_id_of(&p.payload),
@@ -1001,9 +1011,36 @@ async fn replay(s: &Shared, run_id: &str, after: u64) -> Result<usize, Rejection
     Ok(n)
 }
 
-fn principal_for(s: &Shared, sender: Option<&str>, topic: &str) -> Result<Principal, Rejection> {
+/// Who sent a command: on the embedded broker its stamped sender (who must be the user of a `from/{user}/`
+/// topic); on an external broker the user of a `from/{user}/` topic, whom its ACL vouches for, with that
+/// user's role from the lab file; else the one planner `mqtt`.
+fn principal_for(
+    s: &Shared,
+    sender: Option<&str>,
+    from: Option<&str>,
+    topic: &str,
+) -> Result<Principal, Rejection> {
     if !s.trust_sender {
-        return Ok(Principal::new("mqtt", Role::Planner, "mqtt"));
+        return match from {
+            None => Ok(Principal::new("mqtt", Role::Planner, "mqtt")),
+            Some(user) => match s.users.role_of(user) {
+                Some(role) => Ok(Principal::new(user, role, "mqtt")),
+                None => Err(Rejection::new(
+                    "forbidden",
+                    format!("{user} is not a user of this lab"),
+                    topic,
+                )),
+            },
+        };
+    }
+    if let Some(user) = from
+        && sender != Some(user)
+    {
+        return Err(Rejection::new(
+            "forbidden",
+            format!("only {user} sends under its own from/ prefix"),
+            topic,
+        ));
     }
     match sender {
         Some(GATEWAY_USER) => Err(Rejection::new(

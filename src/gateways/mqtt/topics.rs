@@ -149,19 +149,48 @@ impl Topics {
             .unwrap_or_default()
     }
 
-    /// The filters the gateway subscribes to (again on every ConnAck).
-    pub fn inbound_filters(&self) -> [String; 4] {
+    /// Where `user` sends commands when the broker, not labctl, vouches for who wrote a message: the same
+    /// inbound topics under `labctl/{lab}/from/{user}/`, which the broker's ACL lets only `user` write
+    /// (`%u` in mosquitto's ACL file, the same idea in every major broker).
+    pub fn from_prefix(&self, user: &str) -> String {
+        self.t(&format!("from/{user}/"))
+    }
+
+    /// The filters the gateway subscribes to (again on every ConnAck): the inbound topics, and the same
+    /// under every user's `from/{user}/` prefix.
+    pub fn inbound_filters(&self) -> [String; 8] {
         [
             self.submit(),
             self.t("runs/+/control"),
             self.t("runs/+/approval"),
             self.estop(),
+            self.t("from/+/protocols/submit"),
+            self.t("from/+/runs/+/control"),
+            self.t("from/+/runs/+/approval"),
+            self.t("from/+/estop"),
         ]
     }
 
     /// Parses an inbound topic; `None` for anything else (including outbound topics and other labs).
     pub fn parse_inbound(&self, topic: &str) -> Option<Inbound> {
+        self.parse_inbound_from(topic).map(|(inbound, _)| inbound)
+    }
+
+    /// Parses an inbound topic and, for one under `from/{user}/`, the user it names.
+    pub fn parse_inbound_from(&self, topic: &str) -> Option<(Inbound, Option<String>)> {
         let rest = topic.strip_prefix(&self.prefix)?;
+        if let Some(from) = rest.strip_prefix("from/") {
+            let (user, rest) = from.split_once('/')?;
+            if !is_topic_level(user) {
+                return None;
+            }
+            return Self::parse_command(rest).map(|i| (i, Some(user.to_owned())));
+        }
+        Self::parse_command(rest).map(|i| (i, None))
+    }
+
+    /// An inbound command's path below the lab's prefix (and below `from/{user}/`).
+    fn parse_command(rest: &str) -> Option<Inbound> {
         match rest {
             "protocols/submit" => return Some(Inbound::Submit),
             "estop" => return Some(Inbound::EStop),
@@ -208,6 +237,23 @@ mod tests {
                 run_id: "r1".into()
             })
         );
+        assert_eq!(
+            t.parse_inbound_from("labctl/sim/from/alice/runs/r1/approval"),
+            Some((
+                Inbound::Approval {
+                    run_id: "r1".into()
+                },
+                Some("alice".into())
+            ))
+        );
+        assert_eq!(
+            t.parse_inbound_from("labctl/sim/from/bo/estop"),
+            Some((Inbound::EStop, Some("bo".into())))
+        );
+        assert_eq!(
+            t.parse_inbound_from("labctl/sim/estop"),
+            Some((Inbound::EStop, None))
+        );
         for topic in [
             "labctl/other/estop",
             "labctl/sim/runs/r1/results",
@@ -216,6 +262,10 @@ mod tests {
             "labctl/sim/status",
             "",
             "labctl/sim/",
+            "labctl/sim/from/+/estop",
+            "labctl/sim/from//estop",
+            "labctl/sim/from/alice/from/bo/estop",
+            "labctl/sim/from/alice/runs/r1/status",
         ] {
             assert_eq!(t.parse_inbound(topic), None, "{topic}");
         }
