@@ -1442,10 +1442,10 @@ fn random_sequences_against_the_process_keep_every_safety_invariant() {
 
 /// Found by the campaign (seed 101, length 20): labctl killed while the gantry is held (its safe state,
 /// here the e-stop's feed hold during a move) and started again. GRBL in Hold answers `$I` with error:8
-/// (not idle); the driver's start takes that for unsupported firmware and retries forever, so the gantry
-/// never comes back online and the lab cannot return to service without a power cycle.
+/// (not idle); the driver's start took that for unsupported firmware and retried forever, so the gantry
+/// never came back online and the lab could not return to service without a power cycle. Now the driver
+/// completes the hold and resets GRBL before it identifies it.
 #[test]
-#[ignore = "known bug in drivers/src/roles/gantry.rs (GrblGantry::start): a held GRBL is never reconnected"]
 fn gantry_held_when_labctl_is_killed_comes_back_online() {
     let rig = rig();
     let bench = Bench::start(&rig, "held-gantry-kill");

@@ -502,6 +502,14 @@ impl GrblGantry {
                     version: v,
                     build_info,
                 }) => version = Some((v, build_info)),
+                // Refused because the machine is not idle (held or moving): not a firmware question.
+                Some(Response::Error(ErrorCode::NotIdle)) => {
+                    return Err(DriverError::Device {
+                        instrument: self.link.id.clone(),
+                        code: "error:8".into(),
+                        message: "Not idle: $I refused while the machine is held or moving".into(),
+                    });
+                }
                 Some(Response::Error(code)) => {
                     return Err(unsupported(format!(
                         "no build info ($I answered error:{})",
@@ -663,6 +671,15 @@ impl Instrument for GrblGantry {
                 }
                 warn!(instrument = %self.link.id, "no answer in Alarm: resetting GRBL");
                 self.soft_reset().await?;
+                self.identify().await?
+            }
+            // Left held or moving by an earlier connection (a controller killed after a feed hold): `$I` is
+            // refused until the machine is idle. Hold it (it is safe), wait for the hold to complete, then
+            // reset as `recover` does: the held motion is discarded, the position kept.
+            Err(DriverError::Device { code, .. }) if code == "error:8" => {
+                warn!(instrument = %self.link.id, "not idle at connect (held or moving): feed hold, then reset");
+                self.safe_state().await?;
+                self.recover().await?;
                 self.identify().await?
             }
             other => other?,
