@@ -455,6 +455,108 @@ async fn futures_join_all<F: std::future::Future<Output = bool> + Send + 'static
     out
 }
 
+/// How cost grows with a long campaign: `runs` one-step runs (a weighing) through one controller on
+/// zero-latency in-process instruments, submitted one after another as a planner would (each waits for the
+/// previous one to end). At 1,000, 10,000 and 100,000 runs: resident memory, the p99 of submit-to-reply
+/// over the last window, and the journal's size on disk.
+async fn long_campaign(runs: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::sim();
+    let estop = EStop::default();
+    let mut handles = BTreeMap::new();
+    for inst in &lab.instruments {
+        let fake = FakeInstrument::new(&inst.id, inst.kind);
+        let timing = TaskTiming {
+            poll: Duration::from_secs(3600),
+            reconnect: Duration::from_millis(20),
+        };
+        handles.insert(
+            inst.id.clone(),
+            instruments::spawn(inst.clone(), fake, estop.clone(), timing),
+        );
+    }
+    let config = common::bench_controller_config(lab, dir.path());
+    let controller = start(config, handles, estop).await.unwrap();
+    let api = controller.handle.clone();
+    let mut events = api.events();
+    let who = Principal::new("bench", Role::Planner, "bench");
+    let journal_mb = |dir: &std::path::Path| {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum::<u64>()
+            })
+            .unwrap_or(0) as f64
+            / 1e6
+    };
+    let marks = [1_000, 10_000, 100_000];
+    let mut window: Vec<Duration> = Vec::new();
+    let started = Instant::now();
+    for n in 1..=runs {
+        let doc = serde_json::to_vec(&json!({
+            "version": 1,
+            "metadata": {"name": "weigh", "proposal_id": format!("long-{n}"), "planner": {"id": "bench"}},
+            "steps": [{"type": "measure", "instrument": "balance", "action": "weigh", "params": {}, "result": "m"}]
+        }))
+        .unwrap();
+        let t0 = Instant::now();
+        let reply = api.submit(doc, who.clone()).await;
+        window.push(t0.elapsed());
+        assert!(reply.accepted, "{reply:?}");
+        let run_id = reply.run_id.unwrap();
+        loop {
+            match events.recv().await {
+                Ok(rec) => {
+                    if let labctl::journal::Record::RunState {
+                        run_id: r, state, ..
+                    } = &*rec
+                        && *r == run_id
+                        && ["completed", "failed", "aborted"].contains(&state.as_str())
+                    {
+                        assert_eq!(state, "completed");
+                        break;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        if marks.contains(&n) || n == runs {
+            window.sort();
+            let p99 = window[(window.len() * 99 / 100).min(window.len() - 1)];
+            let (rss, _) = resident_mb();
+            let journal = journal_mb(dir.path());
+            println!(
+                "long_campaign: {n} runs in {:.0} s: resident {rss:.1} MB, submit-to-reply p99 {:.2} ms over the last {} runs, journal {journal:.1} MB ({:.2} kB per run), {} runs in memory",
+                started.elapsed().as_secs_f64(),
+                p99.as_secs_f64() * 1000.0,
+                window.len(),
+                journal * 1000.0 / n as f64,
+                api.runs().await.len()
+            );
+            common::figure(
+                &format!("controller.long_campaign_{n}_rss_mb"),
+                format!("{rss:.1}"),
+                "MB",
+            );
+            common::figure(
+                &format!("controller.long_campaign_{n}_submit_p99_ms"),
+                format!("{:.2}", p99.as_secs_f64() * 1000.0),
+                "ms",
+            );
+            common::figure(
+                &format!("controller.long_campaign_{n}_journal_mb"),
+                format!("{journal:.1}"),
+                "MB",
+            );
+            window.clear();
+        }
+    }
+    controller.shutdown().await.unwrap();
+}
+
 fn main() {
     // As labctl's own main does: argon2's 19 MiB blocks must not raise glibc's mmap threshold.
     // SAFETY: mallopt only adjusts allocator tuning; called first thing, before other threads exist.
@@ -488,5 +590,13 @@ fn main() {
     }
     if want("login_storm") {
         rt.block_on(login_storm(seconds, 1000));
+    }
+    // Not in the default set: 100,000 runs take minutes.
+    if filter.iter().any(|f| f == "long_campaign") {
+        let runs = std::env::var("LABCTL_BENCH_RUNS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(100_000);
+        rt.block_on(long_campaign(runs));
     }
 }

@@ -226,6 +226,9 @@ pub(crate) struct Checked {
     pub bytes: Vec<u8>,
     pub report: labctl_protocols::Report,
     pub dry_run: Option<labctl_simulators::dry_run::DryRunReport>,
+    /// The run the journal already has for this proposal id (any process), looked up here too: the
+    /// controller keeps only the proposals of runs in memory.
+    pub stored: Option<crate::journal::read::ProposalRow>,
 }
 
 pub(crate) enum Request {
@@ -297,9 +300,45 @@ pub struct ControllerHandle {
         Arc<std::collections::BTreeMap<String, crate::instruments::InstrumentHandle>>,
     /// Where the journal lives: runs of earlier processes are read from it.
     pub(crate) data_dir: std::path::PathBuf,
+    /// A reading connection to the journal, opened on first use (lookups off the controller's task).
+    pub(crate) reader: Arc<std::sync::Mutex<Option<rusqlite::Connection>>>,
 }
 
 impl ControllerHandle {
+    /// Runs `read` on the journal's reading connection, on a blocking thread; `None` when the journal
+    /// cannot be read.
+    async fn read_journal<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&rusqlite::Connection) -> Option<T> + Send + 'static,
+    ) -> Option<T> {
+        let (reader, dir) = (Arc::clone(&self.reader), self.data_dir.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut guard = reader.lock().unwrap_or_else(|p| p.into_inner());
+            if guard.is_none() {
+                *guard = crate::journal::open_db(&dir).ok();
+            }
+            read(guard.as_ref()?)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// An error for a run the controller does not hold: the journal may know it (finished earlier).
+    async fn not_held(&self, e: ApiError) -> ApiError {
+        let ApiError::UnknownRun(run_id) = e else {
+            return e;
+        };
+        let id = run_id.clone();
+        match self
+            .read_journal(move |c| crate::journal::read::run_state(c, &id).ok().flatten())
+            .await
+        {
+            Some(state) => ApiError::InvalidState(format!("run {run_id} is {state}")),
+            None => ApiError::UnknownRun(run_id),
+        }
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Option<T> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).await.ok()?;
@@ -322,12 +361,23 @@ impl ControllerHandle {
                 bytes,
                 report,
                 dry_run,
+                stored: None,
             }
         })
         .await;
-        let Ok(checked) = checked else {
+        let Ok(mut checked) = checked else {
             return SubmitReply::refused(None, "validation task failed".into());
         };
+        if let Some(pid) = checked
+            .report
+            .protocol
+            .as_ref()
+            .map(|p| p.metadata.proposal_id.clone())
+        {
+            checked.stored = self
+                .read_journal(move |c| crate::journal::read::proposal(c, &pid).ok().flatten())
+                .await;
+        }
         self.ask(|reply| Request::Submit {
             checked: Box::new(checked),
             principal,
@@ -339,13 +389,18 @@ impl ControllerHandle {
 
     pub async fn approve(&self, run_id: &str, principal: Principal) -> Result<RunState, ApiError> {
         let run_id = run_id.to_owned();
-        self.ask(|reply| Request::Approve {
-            run_id,
-            principal,
-            reply,
-        })
-        .await
-        .unwrap_or(Err(ApiError::Unavailable))
+        let r = self
+            .ask(|reply| Request::Approve {
+                run_id,
+                principal,
+                reply,
+            })
+            .await
+            .unwrap_or(Err(ApiError::Unavailable));
+        match r {
+            Err(e) => Err(self.not_held(e).await),
+            ok => ok,
+        }
     }
 
     pub async fn reject(
@@ -355,14 +410,19 @@ impl ControllerHandle {
         principal: Principal,
     ) -> Result<RunState, ApiError> {
         let (run_id, reason) = (run_id.to_owned(), reason.to_owned());
-        self.ask(|reply| Request::Reject {
-            run_id,
-            reason,
-            principal,
-            reply,
-        })
-        .await
-        .unwrap_or(Err(ApiError::Unavailable))
+        let r = self
+            .ask(|reply| Request::Reject {
+                run_id,
+                reason,
+                principal,
+                reply,
+            })
+            .await
+            .unwrap_or(Err(ApiError::Unavailable));
+        match r {
+            Err(e) => Err(self.not_held(e).await),
+            ok => ok,
+        }
     }
 
     pub async fn control(
@@ -372,14 +432,19 @@ impl ControllerHandle {
         principal: Principal,
     ) -> Result<RunState, ApiError> {
         let run_id = run_id.to_owned();
-        self.ask(|reply| Request::Control {
-            run_id,
-            control,
-            principal,
-            reply,
-        })
-        .await
-        .unwrap_or(Err(ApiError::Unavailable))
+        let r = self
+            .ask(|reply| Request::Control {
+                run_id,
+                control,
+                principal,
+                reply,
+            })
+            .await
+            .unwrap_or(Err(ApiError::Unavailable));
+        match r {
+            Err(e) => Err(self.not_held(e).await),
+            ok => ok,
+        }
     }
 
     /// Latches the emergency stop and sends every instrument to its safe state right here, in the caller's
@@ -469,10 +534,9 @@ impl ControllerHandle {
         if let Some(run) = self.runs().await.into_iter().find(|r| r.run_id == run_id) {
             return Some(run);
         }
-        let (dir, id) = (self.data_dir.clone(), run_id.to_owned());
-        tokio::task::spawn_blocking(move || {
-            let conn = crate::journal::open_db(&dir).ok()?;
-            let d = crate::journal::read::run_detail(&conn, &id).ok()??;
+        let id = run_id.to_owned();
+        self.read_journal(move |conn| {
+            let d = crate::journal::read::run_detail(conn, &id).ok()??;
             Some(RunInfo {
                 state: d.summary.state.parse().ok()?,
                 run_id: d.summary.run_id,
@@ -489,8 +553,6 @@ impl ControllerHandle {
             })
         })
         .await
-        .ok()
-        .flatten()
     }
 
     /// Journal records as they become durable: run states, step events, results.

@@ -103,7 +103,6 @@ pub async fn start(
     })?;
     let conn = journal::open_db(&config.data_dir)?;
     let interrupted = journal::mark_interrupted(&conn)?;
-    let proposals = journal::read::proposals(&conn)?;
     let pending = journal::read::awaiting_approval(&conn)?;
     // The latch as the last process left it, restored before any instrument takes a command and before any
     // face opens: a stop survives a crash and a restart, and only a technician releases it.
@@ -185,17 +184,7 @@ pub async fn start(
         journal: journal.clone(),
         runs: BTreeMap::new(),
         order: Vec::new(),
-        proposals: proposals
-            .into_iter()
-            .map(|p| {
-                let known = KnownProposal {
-                    run_id: p.run_id,
-                    state: p.state.parse().ok(),
-                    protocol_sha256: p.protocol_sha256,
-                };
-                (p.proposal_id, known)
-            })
-            .collect(),
+        proposals: BTreeMap::new(),
         reserved: BTreeMap::new(),
         tripped: BTreeMap::new(),
         overrides: BTreeMap::new(),
@@ -218,6 +207,7 @@ pub async fn start(
             estop,
             instruments,
             data_dir: config.data_dir.clone(),
+            reader: Arc::default(),
         },
         interrupted,
         tick: Some(tick),
@@ -251,6 +241,7 @@ struct RunEntry {
 }
 
 /// A proposal id as the controller knows it: bound to one run and one protocol, across restarts.
+#[derive(Clone)]
 struct KnownProposal {
     run_id: String,
     state: Option<RunState>,
@@ -361,7 +352,8 @@ struct Core {
     runs: BTreeMap<String, RunEntry>,
     /// Submission order, for the queue.
     order: Vec<String>,
-    /// proposal id -> its run; includes runs of earlier processes.
+    /// proposal id -> its run, for the runs in memory; older ones are looked up in the journal with each
+    /// submission ([`Checked::stored`]).
     proposals: BTreeMap<String, KnownProposal>,
     /// instrument -> the run holding it.
     reserved: BTreeMap<String, String>,
@@ -477,30 +469,18 @@ impl Core {
         if excess == 0 {
             return;
         }
-        let runs = &mut self.runs;
+        let (runs, proposals) = (&mut self.runs, &mut self.proposals);
         self.order.retain(|id| {
             if excess > 0 && runs.get(id).is_some_and(|r| r.state.is_terminal()) {
-                runs.remove(id);
+                if let Some(run) = runs.remove(id) {
+                    proposals.remove(&run.proposal_id);
+                }
                 excess -= 1;
                 false
             } else {
                 true
             }
         });
-    }
-
-    /// A run that is not in memory: finished long ago (the proposal index still knows its state), or
-    /// unknown.
-    fn not_here(&self, run_id: &str) -> ApiError {
-        match self
-            .proposals
-            .values()
-            .find(|k| k.run_id == run_id)
-            .and_then(|k| k.state)
-        {
-            Some(state) => ApiError::InvalidState(format!("run {run_id} is {state}")),
-            None => ApiError::UnknownRun(run_id.to_owned()),
-        }
     }
 
     /// Why `user` may not add another run now (awaiting approval or queued), if so.
@@ -608,6 +588,7 @@ impl Core {
             bytes,
             mut report,
             dry_run,
+            stored,
         } = checked;
         // The dry run on the simulation model gives the estimate an approver sees; its conflicts send the
         // proposal to a technician whatever the policy says.
@@ -655,7 +636,14 @@ impl Core {
         };
         let sha = sha256_hex(&bytes);
         let pid = protocol.metadata.proposal_id.clone();
-        if let Some(known) = self.proposals.get(&pid) {
+        let known = self.proposals.get(&pid).cloned().or_else(|| {
+            stored.map(|row| KnownProposal {
+                run_id: row.run_id,
+                state: row.state.parse().ok(),
+                protocol_sha256: row.protocol_sha256,
+            })
+        });
+        if let Some(known) = known {
             let run_id = known.run_id.clone();
             // Idempotent for the same protocol only, whichever process recorded it first.
             if known.protocol_sha256 != sha {
@@ -793,7 +781,10 @@ impl Core {
         reject: Option<String>,
     ) -> Result<RunState, ApiError> {
         policy::check(who, Permission::Approve)?;
-        let run = self.runs.get(run_id).ok_or_else(|| self.not_here(run_id))?;
+        let run = self
+            .runs
+            .get(run_id)
+            .ok_or_else(|| ApiError::UnknownRun(run_id.to_owned()))?;
         if run.state != RunState::AwaitingApproval {
             return Err(ApiError::InvalidState(format!(
                 "run {run_id} is {}, not awaiting approval",
@@ -821,7 +812,10 @@ impl Core {
         control: Control,
         who: &Principal,
     ) -> Result<RunState, ApiError> {
-        let run = self.runs.get(run_id).ok_or_else(|| self.not_here(run_id))?;
+        let run = self
+            .runs
+            .get(run_id)
+            .ok_or_else(|| ApiError::UnknownRun(run_id.to_owned()))?;
         policy::check_run_control(who, &run.submitted_by, run_id)?;
         let state = run.state;
         let interlocked = self.interlocks_holding(&run.instruments);
@@ -1031,9 +1025,6 @@ impl Core {
                     reason: Some(reason),
                     at_ms: now_ms(),
                 });
-                if let Some(known) = self.proposals.values_mut().find(|k| k.run_id == row.run_id) {
-                    known.state = Some(RunState::Rejected);
-                }
                 continue;
             };
             let dry = labctl_simulators::dry_run::dry_run(&protocol, &self.lab, 1);

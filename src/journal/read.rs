@@ -164,18 +164,31 @@ pub struct ProposalRow {
     pub protocol_sha256: String,
 }
 
-pub fn proposals(conn: &Connection) -> Result<Vec<ProposalRow>, JournalError> {
-    let mut stmt = conn.prepare("SELECT proposal_id, run_id, state, protocol_sha256 FROM runs")?;
-    Ok(stmt
-        .query_map([], |r| {
+/// The run a proposal id was given to, by any process (the id is unique in the journal).
+pub fn proposal(conn: &Connection, proposal_id: &str) -> Result<Option<ProposalRow>, JournalError> {
+    use rusqlite::OptionalExtension;
+    Ok(conn
+        .prepare_cached(
+            "SELECT proposal_id, run_id, state, protocol_sha256 FROM runs WHERE proposal_id = ?1",
+        )?
+        .query_row([proposal_id], |r| {
             Ok(ProposalRow {
                 proposal_id: r.get(0)?,
                 run_id: r.get(1)?,
                 state: r.get(2)?,
                 protocol_sha256: r.get(3)?,
             })
-        })?
-        .collect::<Result<_, _>>()?)
+        })
+        .optional()?)
+}
+
+/// A run's state as the journal has it, if the run exists.
+pub fn run_state(conn: &Connection, run_id: &str) -> Result<Option<String>, JournalError> {
+    use rusqlite::OptionalExtension;
+    Ok(conn
+        .prepare_cached("SELECT state FROM runs WHERE run_id = ?1")?
+        .query_row([run_id], |r| r.get(0))
+        .optional()?)
 }
 
 /// A run that was awaiting a technician's decision when the last process stopped.
