@@ -1362,3 +1362,62 @@ async fn finished_runs_leave_memory_and_old_ones_are_answered_from_the_journal()
     );
     rig.controller.shutdown().await;
 }
+
+/// Found by the campaign against the binary (seed 3): a hotplate that stops answering while a run keeps
+/// sending it setpoints, which expect no reply, was never judged silent (each "successful" write counted
+/// as a sign of life, and the stream of commands kept the polls from running). Only data from the
+/// instrument proves it alive now, and polls are never starved by commands: the heartbeat interlock trips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_instrument_trips_even_while_a_run_keeps_writing_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lab = Lab::sim();
+    lab.interlocks
+        .retain(|i| i.name != "hotplate-over-temperature");
+    lab.approval.auto_approve.max_steps = None;
+    lab.approval.auto_approve.max_duration_s = None;
+    for inst in &mut lab.instruments {
+        inst.envelope.ramp_c_per_min = None;
+    }
+    let rig = rig_with(dir.path(), lab).await;
+    // A setpoint every 5 virtual seconds (5 ms here) for 10,000 virtual seconds: longer than the 5 s
+    // heartbeat in real time, whatever the machine's speed.
+    let steps: Vec<Value> = (0..4_000)
+        .flat_map(|i| {
+            [
+                json!({ "type": "action", "instrument": "hotplate", "action": "set_temperature", "params": { "temperature_c": 30 + i % 2 } }),
+                json!({ "type": "wait", "duration_s": 5 }),
+            ]
+        })
+        .collect();
+    let p = json!({
+        "version": 1,
+        "metadata": { "name": "writes", "proposal_id": "mute-1", "planner": { "id": "planner-bo" } },
+        "steps": steps
+    });
+    let run = rig.api().submit(bytes(&p), planner()).await.run_id.unwrap();
+    wait_for(rig.api(), &run, RunState::Running).await;
+    rig.fake("hotplate").mute = true;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = rig.api().run(&run).await.unwrap();
+        if info.state == RunState::Paused {
+            break;
+        }
+        assert!(
+            !info.state.is_terminal() && std::time::Instant::now() < deadline,
+            "the silent hotplate's interlock did not pause the run: {} {:?}",
+            info.state,
+            info.reason
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let interlocks = rig.api().interlocks().await;
+    assert!(
+        interlocks
+            .iter()
+            .any(|i| i.name == "hotplate-silent"
+                && matches!(i.state, InterlockState::Tripped { .. })),
+        "{interlocks:?}"
+    );
+    rig.controller.shutdown().await;
+}

@@ -34,6 +34,9 @@ pub struct FakeLog {
     pub fail_with: Option<String>,
     /// Make `start` and every call fail as if unplugged.
     pub unplugged: bool,
+    /// Connected but silent, like a device that stopped answering: polls time out, and commands that
+    /// expect no reply (setpoints, as NAMUR writes) still "succeed".
+    pub mute: bool,
     /// Delay of every `execute`.
     pub delay: Duration,
     /// The task has called the driver's `stop`.
@@ -146,6 +149,13 @@ impl Instrument for FakeInstrument {
     async fn poll(&mut self) -> Result<Telemetry, DriverError> {
         self.unplugged()?;
         let log = self.lock();
+        if log.mute {
+            return Err(PortError::Timeout {
+                port: format!("fake:{}", self.id),
+                timeout: Duration::from_millis(1),
+            }
+            .into());
+        }
         Ok(Telemetry {
             state: log.state.clone().unwrap_or(DeviceState::Idle),
             values: log.values.clone(),

@@ -261,6 +261,9 @@ async fn run<D: Instrument>(
     let mut last_error = String::new();
     let mut poll = tokio::time::interval(timing.poll);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Commands go first, but never for so long that the instrument goes unpolled: its readings and its
+    // proof of life come from the polls.
+    let mut last_poll = Instant::now();
     // Callers waiting for a safe state asked for while offline: the connect makes the instrument safe, and
     // they hear how that went (or give up on their own timeout).
     let mut waiting_for_connect: Vec<oneshot::Sender<bool>> = Vec::new();
@@ -319,9 +322,11 @@ async fn run<D: Instrument>(
                 }
             }
         }
+        let poll_overdue = last_poll.elapsed() >= timing.poll.saturating_mul(2);
         let event = tokio::select! {
             biased;
             s = safe_rx.recv() => match s { Some(r) => Event::Safe(r), None => Event::Closed },
+            _ = std::future::ready(()), if poll_overdue => Event::Poll,
             _ = stopped(&mut stop_rx) => Event::Closed,
             req = exec_rx.recv() => match req { Some(r) => Event::Exec(r), None => Event::Closed },
             _ = poll.tick() => Event::Poll,
@@ -342,17 +347,21 @@ async fn run<D: Instrument>(
                     let _ = done.send(result.is_ok());
                 }
             }
-            Event::Poll => match driver.poll().await {
-                Ok(t) => update(&view, |v| {
-                    v.state = Some(t.state);
-                    v.values = t.values;
-                    v.last_seen = Some(Instant::now());
-                }),
-                Err(e) => {
-                    tracing::warn!(instrument = %id, error = %e, "poll failed");
-                    online = !lost(&view, &e);
+            Event::Poll => {
+                last_poll = Instant::now();
+                poll.reset();
+                match driver.poll().await {
+                    Ok(t) => update(&view, |v| {
+                        v.state = Some(t.state);
+                        v.values = t.values;
+                        v.last_seen = Some(Instant::now());
+                    }),
+                    Err(e) => {
+                        tracing::warn!(instrument = %id, error = %e, "poll failed");
+                        online = !lost(&view, &e);
+                    }
                 }
-            },
+            }
             Event::Exec(req) => {
                 if !current(req.epoch) {
                     tracing::info!(instrument = %id, command = ?req.command, "command issued before a safe state: not sent");
@@ -406,7 +415,11 @@ async fn run<D: Instrument>(
                         }
                     }
                     Ok(Ok(o)) => {
-                        update(&view, |v| v.last_seen = Some(Instant::now()));
+                        // Only data the instrument sent proves it alive: a write that expects no reply
+                        // (a NAMUR setpoint) succeeds just as well when nothing listens.
+                        if o != Outcome::Done {
+                            update(&view, |v| v.last_seen = Some(Instant::now()));
+                        }
                         let _ = req.reply.send(Ok(o));
                     }
                     Ok(Err(e)) => {
