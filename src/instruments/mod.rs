@@ -348,9 +348,12 @@ async fn run<D: Instrument>(
                 }
             }
             Event::Poll => {
+                let polled = driver.poll().await;
+                // Counted from the poll's end: a slow instrument's poll must not make the next one due
+                // at once, or commands would wait behind polls for ever.
                 last_poll = Instant::now();
                 poll.reset();
-                match driver.poll().await {
+                match polled {
                     Ok(t) => update(&view, |v| {
                         v.state = Some(t.state);
                         v.values = t.values;
