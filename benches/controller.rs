@@ -40,15 +40,8 @@ fn step_protocol(steps: usize) -> Vec<u8> {
     .unwrap()
 }
 
-async fn step_overhead() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut lab = Lab::sim();
-    lab.approval.auto_approve.max_steps = None;
-    lab.approval.auto_approve.max_duration_s = None;
-    // The controller's own cost per step: setpoints go out at once, not ramped in (virtual) time.
-    for inst in &mut lab.instruments {
-        inst.envelope.ramp_c_per_min = None;
-    }
+/// A controller on zero-latency in-process instruments of `lab` (polled hourly: only commands count).
+async fn controller_on_fakes(lab: Lab, dir: &std::path::Path) -> labctl::controller::Controller {
     let estop = EStop::default();
     let mut handles = BTreeMap::new();
     for inst in &lab.instruments {
@@ -62,8 +55,20 @@ async fn step_overhead() {
             instruments::spawn(inst.clone(), fake, estop.clone(), timing),
         );
     }
-    let config = common::bench_controller_config(lab, dir.path());
-    let controller = start(config, handles, estop).await.unwrap();
+    let config = common::bench_controller_config(lab, dir);
+    start(config, handles, estop).await.unwrap()
+}
+
+async fn step_overhead() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lab = Lab::sim();
+    lab.approval.auto_approve.max_steps = None;
+    lab.approval.auto_approve.max_duration_s = None;
+    // The controller's own cost per step: setpoints go out at once, not ramped in (virtual) time.
+    for inst in &mut lab.instruments {
+        inst.envelope.ramp_c_per_min = None;
+    }
+    let controller = controller_on_fakes(lab, dir.path()).await;
     let api = controller.handle.clone();
     let mut events = api.events();
     let steps = 10_000;
@@ -462,21 +467,7 @@ async fn futures_join_all<F: std::future::Future<Output = bool> + Send + 'static
 async fn long_campaign(runs: usize) {
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab::sim();
-    let estop = EStop::default();
-    let mut handles = BTreeMap::new();
-    for inst in &lab.instruments {
-        let fake = FakeInstrument::new(&inst.id, inst.kind);
-        let timing = TaskTiming {
-            poll: Duration::from_secs(3600),
-            reconnect: Duration::from_millis(20),
-        };
-        handles.insert(
-            inst.id.clone(),
-            instruments::spawn(inst.clone(), fake, estop.clone(), timing),
-        );
-    }
-    let config = common::bench_controller_config(lab, dir.path());
-    let controller = start(config, handles, estop).await.unwrap();
+    let controller = controller_on_fakes(lab, dir.path()).await;
     let api = controller.handle.clone();
     let mut events = api.events();
     let who = Principal::new("bench", Role::Planner, "bench");

@@ -339,6 +339,17 @@ impl ControllerHandle {
         }
     }
 
+    /// Asks about a run; a run the controller does not hold is looked up in the journal for the answer.
+    async fn ask_run(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<RunState, ApiError>>) -> Request,
+    ) -> Result<RunState, ApiError> {
+        match self.ask(make).await.unwrap_or(Err(ApiError::Unavailable)) {
+            Err(e) => Err(self.not_held(e).await),
+            ok => ok,
+        }
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Option<T> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).await.ok()?;
@@ -389,18 +400,12 @@ impl ControllerHandle {
 
     pub async fn approve(&self, run_id: &str, principal: Principal) -> Result<RunState, ApiError> {
         let run_id = run_id.to_owned();
-        let r = self
-            .ask(|reply| Request::Approve {
-                run_id,
-                principal,
-                reply,
-            })
-            .await
-            .unwrap_or(Err(ApiError::Unavailable));
-        match r {
-            Err(e) => Err(self.not_held(e).await),
-            ok => ok,
-        }
+        self.ask_run(|reply| Request::Approve {
+            run_id,
+            principal,
+            reply,
+        })
+        .await
     }
 
     pub async fn reject(
@@ -410,19 +415,13 @@ impl ControllerHandle {
         principal: Principal,
     ) -> Result<RunState, ApiError> {
         let (run_id, reason) = (run_id.to_owned(), reason.to_owned());
-        let r = self
-            .ask(|reply| Request::Reject {
-                run_id,
-                reason,
-                principal,
-                reply,
-            })
-            .await
-            .unwrap_or(Err(ApiError::Unavailable));
-        match r {
-            Err(e) => Err(self.not_held(e).await),
-            ok => ok,
-        }
+        self.ask_run(|reply| Request::Reject {
+            run_id,
+            reason,
+            principal,
+            reply,
+        })
+        .await
     }
 
     pub async fn control(
@@ -432,19 +431,13 @@ impl ControllerHandle {
         principal: Principal,
     ) -> Result<RunState, ApiError> {
         let run_id = run_id.to_owned();
-        let r = self
-            .ask(|reply| Request::Control {
-                run_id,
-                control,
-                principal,
-                reply,
-            })
-            .await
-            .unwrap_or(Err(ApiError::Unavailable));
-        match r {
-            Err(e) => Err(self.not_held(e).await),
-            ok => ok,
-        }
+        self.ask_run(|reply| Request::Control {
+            run_id,
+            control,
+            principal,
+            reply,
+        })
+        .await
     }
 
     /// Latches the emergency stop and sends every instrument to its safe state right here, in the caller's
