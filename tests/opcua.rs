@@ -1378,6 +1378,11 @@ async def main():
     handler = Latch()
     sub = await watcher.create_subscription(100, handler)
     await sub.subscribe_data_change(latched)
+    # The subscription's first notification carries the latch as it is now (released); wait for it so
+    # that the stop below is a change the subscription must report, not the value it starts from.
+    async def initial():
+        return len(handler.values) > 0
+    await until(initial, "the initial latch notification")
 
     alice = client("alice", "technician-dev")
     await alice.connect()
