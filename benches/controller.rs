@@ -16,9 +16,9 @@ use labctl::controller::start;
 use labctl::instruments::fake::FakeInstrument;
 use labctl::instruments::{self, TaskTiming};
 use labctl::safety::EStop;
+use labctl_clock::VirtualClock;
 use labctl_protocols::Lab;
 use labctl_protocols::lab::Role;
-use labctl_simulators::model::VirtualClock;
 use serde_json::json;
 
 fn step_protocol(steps: usize) -> Vec<u8> {

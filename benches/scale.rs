@@ -43,18 +43,18 @@ use common::{cpu_seconds, figure, thread_stat_path, vm_kb};
 use labctl::controller::start;
 use labctl::instruments::{self, Connection, TaskTiming};
 use labctl::safety::EStop;
+use labctl_clock::{LabClock, VirtualClock};
 use labctl_drivers::setup::Ports;
 use labctl_drivers::{DriverOptions, Endpoint};
 use labctl_protocols::Lab;
 use labctl_protocols::lab::Transport;
-use labctl_simulators::SimClock;
 use labctl_simulators::devices::Device;
 use labctl_simulators::devices::grbl::{Grbl, GrblConfig};
 use labctl_simulators::devices::mtsics::{MtSics, MtSicsConfig};
 use labctl_simulators::devices::namur::{Namur, NamurConfig};
 use labctl_simulators::devices::ne1000::{Ne1000, Ne1000Config, PumpWiring};
 use labctl_simulators::devices::scpi::{Scpi, ScpiConfig};
-use labctl_simulators::model::{LabConfig, LabModel, VirtualClock};
+use labctl_simulators::model::{LabConfig, LabModel};
 use labctl_simulators::serve::{Listen, PortSpec, SharedLab, spawn_port};
 
 /// The simulated lab's lines, in the order the sim process serves them; each serves these lab-file ids.
@@ -83,7 +83,7 @@ fn serve_sims(copies: usize) {
         .build()
         .unwrap();
     rt.block_on(async {
-        let clock = SimClock::Virtual(VirtualClock::new(1.0).unwrap());
+        let clock = LabClock::Virtual(VirtualClock::new(1.0).unwrap());
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
         let stdout = std::io::stdout();

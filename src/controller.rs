@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use labctl_clock::VirtualClock;
 use labctl_protocols::Protocol;
 use labctl_protocols::lab::{Lab, TripAction};
-use labctl_simulators::model::VirtualClock;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use labctl_clock::VirtualClock;
 use labctl_drivers::{DeviceCommand, Outcome};
 use labctl_protocols::lab::Lab;
 use labctl_protocols::{Action, Condition, Measurement, OnError, Protocol, Step};
-use labctl_simulators::model::VirtualClock;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 

@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 
+use labctl_clock::VirtualClock;
 use labctl_drivers::roles::HotplateOptions;
 use labctl_drivers::{DriverOptions, Endpoint, setup::Ports};
 use labctl_protocols::Lab;
 use labctl_protocols::lab::Transport;
-use labctl_simulators::model::VirtualClock;
 use labctl_simulators::simlab::{ClockConfig, SimLab, SimLabConfig, SimLabHandle};
 
 use crate::commands::run::RunArgs;
@@ -20,12 +20,12 @@ use crate::safety::EStop;
 /// it stands (what a technician does in a real lab).
 struct SimLabware {
     model: std::sync::Arc<std::sync::Mutex<labctl_simulators::model::LabModel>>,
-    clock: labctl_simulators::clock::SimClock,
+    clock: labctl_clock::LabClock,
 }
 
 impl crate::controller::LabwareLoader for SimLabware {
     fn load(&self, run_id: &str, protocol: &labctl_protocols::Protocol) -> Result<(), String> {
-        use labctl_simulators::model::Clock;
+        use labctl_clock::Clock;
         let now = self.clock.now();
         let mut model = self
             .model

@@ -9,9 +9,9 @@ use labctl::controller::{ControllerConfig, start};
 use labctl::journal;
 use labctl::safety::EStop;
 use labctl::world::TickConfig;
+use labctl_clock::VirtualClock;
 use labctl_protocols::Lab;
 use labctl_protocols::lab::Role;
-use labctl_simulators::model::VirtualClock;
 
 fn args(data: &std::path::Path) -> RunArgs {
     RunArgs {

@@ -166,7 +166,7 @@ pub fn bench_controller_config(
         lab,
         lab_sha256: "bench".into(),
         data_dir: data_dir.to_owned(),
-        clock: labctl_simulators::model::VirtualClock::new(1.0).unwrap(),
+        clock: labctl_clock::VirtualClock::new(1.0).unwrap(),
         step_timeout_floor: std::time::Duration::ZERO,
         tick: labctl::world::TickConfig {
             period: std::time::Duration::from_millis(10),

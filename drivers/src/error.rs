@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::codec::DecodeError;
+use labctl_codecs::DecodeError;
 
 /// Errors of the task that owns a port.
 #[derive(Debug, thiserror::Error)]

@@ -1,8 +1,9 @@
 //! Instrument drivers for labctl.
 //!
 //! Layers, bottom up (the rumqtt way: no I/O below the transport):
-//! - [`codec`]: one sans-IO codec per wire protocol. Pure functions from bytes to typed frames and back, on
-//!   both sides of the line (host and device), so the simulators speak exactly what the drivers parse.
+//! - the codecs (crate `labctl-codecs`): one sans-IO codec per wire protocol, pure functions from bytes to
+//!   typed frames and back on both sides of the line, so the simulators speak exactly what the drivers
+//!   parse (they depend on the codecs alone, not on this crate).
 //! - [`transport`]: byte streams over serial lines, raw TCP, or an in-memory duplex for tests.
 //! - [`port`]: one tokio task owns each port and runs transactions on it one at a time, for every
 //!   instrument sharing that line.
@@ -10,7 +11,6 @@
 //! - [`connect`] (in [`setup`]): a driver for each lab-file instrument, with shared lines grouped onto one
 //!   port task.
 
-pub mod codec;
 pub mod error;
 pub mod instrument;
 pub mod port;

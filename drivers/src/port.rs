@@ -25,9 +25,9 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
 use tracing::{debug, trace, warn};
 
-use crate::codec::{DecodeError, MAX_LINE, split_line};
 use crate::error::PortError;
 use crate::transport::{self, Endpoint, LineTiming, Stream};
+use labctl_codecs::{DecodeError, MAX_LINE, split_line};
 
 /// One frame as the framer cut it from the receive buffer, terminator included.
 pub type Frame = Vec<u8>;

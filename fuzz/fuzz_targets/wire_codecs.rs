@@ -3,7 +3,7 @@
 //! must never panic, and a frame it returns must consume at least one byte and no more than it was given.
 #![no_main]
 
-use labctl_drivers::codec::{DecodeError, Decoded, grbl, mtsics, namur, ne1000, scpi};
+use labctl_codecs::{DecodeError, Decoded, grbl, mtsics, namur, ne1000, scpi};
 use libfuzzer_sys::fuzz_target;
 
 fn check<T>(input: &[u8], decoded: Result<Decoded<T>, DecodeError>) {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use labctl_drivers::codec::{DecodeError, Decoded, grbl, mtsics, namur, ne1000, scpi};
+use labctl_codecs::{DecodeError, Decoded, grbl, mtsics, namur, ne1000, scpi};
 use labctl_protocols::Lab;
 use labctl_protocols::lab::{Driver, Instrument, Range};
 

@@ -40,7 +40,7 @@ use std::panic::AssertUnwindSafe;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use labctl_drivers::codec::{DecodeError, Decoded, grbl, namur, ne1000};
+use labctl_codecs::{DecodeError, Decoded, grbl, namur, ne1000};
 use labctl_hil_tests::rig_file::RigFile;
 use labctl_hil_tests::system::{Bench, CommandPort, Labctl, workspace};
 use labctl_simulators::serve::tap::WireTap;

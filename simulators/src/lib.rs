@@ -8,14 +8,12 @@
 //! - [`simlab`]: the whole simulated lab in one call: [`SimLab::start`] gives a [`SimLabHandle`] with the
 //!   endpoints, fault handles, the model and `shutdown()`.
 
-pub mod clock;
 pub mod devices;
 pub mod dry_run;
 pub mod model;
 pub mod serve;
 pub mod simlab;
 
-pub use clock::SimClock;
 pub use simlab::{
     ClockConfig, Endpoint, EndpointKind, FaultHandle, FaultsById, Identities, SimLab, SimLabConfig,
     SimLabError, SimLabHandle, parse_faults,

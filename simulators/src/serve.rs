@@ -3,7 +3,7 @@
 //! for, and sends its output through the [`wire`] (faults, baud check, latency, wire time).
 //!
 //! All devices share one [`LabModel`] behind a `std::sync::Mutex`, locked only for the duration of one
-//! device call (never across an await), and one clock ([`SimClock`]).
+//! device call (never across an await), and one clock ([`LabClock`]).
 //!
 //! Faults are read from the model's per-instrument [`FaultConfig`]s: a port closes when all its
 //! instruments are `disconnected` and opens again when one is not; a poke on the port's control
@@ -28,9 +28,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use crate::clock::SimClock;
 use crate::devices::{Ctx, Device, Emit, LineSettings, received_as};
-use crate::model::{Clock, FaultConfig, InstrumentId, LabModel};
+use crate::model::{FaultConfig, InstrumentId, LabModel};
+use labctl_clock::{Clock, LabClock};
 use pty::PtyPort;
 use tap::WireTap;
 use tcp::TcpPort;
@@ -94,7 +94,7 @@ pub struct PortStatus {
 #[derive(Clone)]
 pub struct SharedLab {
     pub model: Arc<Mutex<LabModel>>,
-    pub clock: SimClock,
+    pub clock: LabClock,
 }
 
 impl SharedLab {

@@ -27,19 +27,16 @@ use thiserror::Error;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use crate::clock::SimClock;
 use crate::devices::grbl::{Grbl, GrblConfig};
 use crate::devices::mtsics::{MtSics, MtSicsConfig};
 use crate::devices::namur::{Namur, NamurConfig};
 use crate::devices::ne1000::{Ne1000, Ne1000Config, PumpWiring};
 use crate::devices::scpi::{Scpi, ScpiConfig};
 use crate::devices::{Device, LineSettings};
-use crate::model::{
-    Clock, ClockError, ConfigError, FaultConfig, InstrumentId, LabConfig, LabModel, ManualClock,
-    VirtualClock,
-};
+use crate::model::{ConfigError, FaultConfig, InstrumentId, LabConfig, LabModel};
 use crate::serve::tap::WireTap;
 use crate::serve::{self, Listen, PortSpec, PortStatus, SharedLab};
+use labctl_clock::{Clock, ClockError, LabClock, ManualClock, VirtualClock};
 
 /// Port name of the shared pump line (also accepted where an instrument id is expected: all pumps).
 pub const PUMP_LINE: &str = "pumps";
@@ -232,8 +229,8 @@ impl SimLab {
     /// runtime; the ports run as tasks until [`SimLabHandle::shutdown`] (or until the handle is dropped).
     pub async fn start(config: SimLabConfig) -> Result<SimLabHandle, SimLabError> {
         let clock = match &config.clock {
-            ClockConfig::Warp(warp) => SimClock::Virtual(VirtualClock::new(*warp)?),
-            ClockConfig::Manual(manual) => SimClock::Manual(manual.clone()),
+            ClockConfig::Warp(warp) => LabClock::Virtual(VirtualClock::new(*warp)?),
+            ClockConfig::Manual(manual) => LabClock::Manual(manual.clone()),
         };
         let mut model = LabModel::new(config.model.clone(), config.seed)?;
         let now = clock.now();
@@ -535,7 +532,7 @@ impl SimLabHandle {
         f(&mut model, now)
     }
 
-    pub fn clock(&self) -> &SimClock {
+    pub fn clock(&self) -> &LabClock {
         &self.lab.clock
     }
 

@@ -328,7 +328,7 @@ mod grbl {
 
 mod pumps {
     use super::*;
-    use labctl_drivers::codec::ne1000::{self as codec, Address, Data, Response, Status};
+    use labctl_codecs::ne1000::{self as codec, Address, Data, Response, Status};
 
     fn bench() -> Bench<Ne1000> {
         let wiring = [0, 1, 2].map(|index| PumpWiring {

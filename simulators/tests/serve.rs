@@ -9,7 +9,8 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use labctl_simulators::model::{Clock, FaultConfig, ManualClock, PumpState};
+use labctl_clock::{Clock, ManualClock};
+use labctl_simulators::model::{FaultConfig, PumpState};
 use labctl_simulators::{ClockConfig, EndpointKind, SimLab, SimLabConfig, SimLabHandle};
 use tokio::runtime::Runtime;
 

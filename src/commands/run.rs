@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use labctl_clock::VirtualClock;
 use labctl_protocols::Lab;
 use labctl_protocols::lab::{Role, SIM_LAB_TOML};
-use labctl_simulators::model::VirtualClock;
 
 use crate::api::Principal;
 use crate::controller::{ControllerConfig, sha256_hex, start};

@@ -14,8 +14,8 @@ use labctl::instruments::fake::{FakeInstrument, spawn_lab};
 use labctl::instruments::{Connection, InstrumentHandle, TaskTiming};
 use labctl::safety::EStop;
 use labctl::world::TickConfig;
+use labctl_clock::VirtualClock;
 use labctl_protocols::Lab;
-use labctl_simulators::model::VirtualClock;
 
 pub type Fakes = BTreeMap<String, FakeInstrument>;
 

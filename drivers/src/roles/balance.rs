@@ -10,11 +10,11 @@ use labctl_protocols::InstrumentKind;
 use tracing::debug;
 
 use super::{LearnedShape, Link, retries};
-use crate::codec::Decoded;
-use crate::codec::mtsics::{self, Command, MassUnit, Refusal, ReplyId, Response, Stability};
 use crate::error::DriverError;
 use crate::instrument::{DeviceCommand, DeviceState, Identity, Instrument, Outcome, Telemetry};
 use crate::port::{PortHandle, Transaction, Verdict, frame_line, printable};
+use labctl_codecs::Decoded;
+use labctl_codecs::mtsics::{self, Command, MassUnit, Refusal, ReplyId, Response, Stability};
 
 /// Time to answer a query that does not wait for stability.
 const QUERY_PROCESSING: Duration = Duration::from_secs(1);

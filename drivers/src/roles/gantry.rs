@@ -13,14 +13,14 @@ use tokio::time::{Instant, sleep};
 use tracing::{debug, warn};
 
 use super::{Continuity, LearnedShape, Link, retries, sane_time_scale};
-use crate::codec::Decoded;
-use crate::codec::grbl::{
-    self, AlarmCode, Command, DistanceMode, DoorState, ErrorCode, HoldState, MachineState, Motion,
-    Position, Realtime, Response, StatusReport, Xyz,
-};
 use crate::error::{DriverError, PortError};
 use crate::instrument::{DeviceCommand, DeviceState, Identity, Instrument, Outcome, Telemetry};
 use crate::port::{Frame, PortHandle, Transaction, Verdict, frame_line, printable};
+use labctl_codecs::Decoded;
+use labctl_codecs::grbl::{
+    self, AlarmCode, Command, DistanceMode, DoorState, ErrorCode, HoldState, MachineState, Motion,
+    Position, Realtime, Response, StatusReport, Xyz,
+};
 
 /// Time GRBL takes to parse a line and answer (it answers from its main loop, well under this).
 const LINE_PROCESSING: Duration = Duration::from_millis(100);

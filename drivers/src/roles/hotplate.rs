@@ -12,11 +12,11 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{Continuity, LearnedShape, Link, retries, sane_time_scale};
-use crate::codec::Decoded;
-use crate::codec::namur::{self, Command, Reply, Sensor, WATCHDOG_RANGE_S};
 use crate::error::{DriverError, PortError};
 use crate::instrument::{DeviceCommand, DeviceState, Identity, Instrument, Outcome, Telemetry};
 use crate::port::{Frame, PortHandle, Transaction, Verdict, frame_line_or_cr, printable};
+use labctl_codecs::Decoded;
+use labctl_codecs::namur::{self, Command, Reply, Sensor, WATCHDOG_RANGE_S};
 
 /// The device's time to answer a query.
 const PROCESSING: Duration = Duration::from_millis(500);

@@ -13,14 +13,14 @@ use tokio::time::{Instant, sleep};
 use tracing::{debug, info, warn};
 
 use super::{Link, sane_time_scale};
-use crate::codec::ne1000::{
-    self, Address, Alarm, Command, Data, Direction, DirectionSetting, PumpFloat, RateUnits,
-    Request, Response, Status, VolumeUnits,
-};
-use crate::codec::{DecodeError, Decoded};
 use crate::error::{DriverError, PortError};
 use crate::instrument::{DeviceCommand, DeviceState, Identity, Instrument, Outcome, Telemetry};
 use crate::port::{PortHandle, Transaction, Verdict, printable};
+use labctl_codecs::ne1000::{
+    self, Address, Alarm, Command, Data, Direction, DirectionSetting, PumpFloat, RateUnits,
+    Request, Response, Status, VolumeUnits,
+};
+use labctl_codecs::{DecodeError, Decoded};
 
 /// The pump's own time to parse a command and answer.
 const PROCESSING: Duration = Duration::from_millis(150);

@@ -11,11 +11,11 @@ use labctl_protocols::InstrumentKind;
 use tracing::debug;
 
 use super::{LearnedShape, Link};
-use crate::codec::Decoded;
-use crate::codec::scpi::{self, Command, ErrorReply, MAX_SPECTRUM_POINTS, Reply};
 use crate::error::{DriverError, PortError};
 use crate::instrument::{DeviceCommand, DeviceState, Identity, Instrument, Outcome, Telemetry};
 use crate::port::{PortHandle, Transaction, Verdict, frame_line, printable};
+use labctl_codecs::Decoded;
+use labctl_codecs::scpi::{self, Command, ErrorReply, MAX_SPECTRUM_POINTS, Reply};
 
 /// Time to answer a plain query or run `*RST`.
 const PROCESSING: Duration = Duration::from_secs(1);

@@ -28,12 +28,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use labctl_drivers::codec::grbl::{
+use labctl_codecs::grbl::{
     self as codec, AlarmCode, BufferState, BuildOptions, Command, Coolant, DistanceMode, ErrorCode,
     FeedSpeed, HoldState, MachineState, Motion, Overrides, ParserState, Position, Realtime,
     Rejection, Response, StatusReport, Xyz,
 };
-use labctl_drivers::codec::{Decoded, MAX_LINE};
+use labctl_codecs::{Decoded, MAX_LINE};
 use serde::{Deserialize, Serialize};
 
 use super::{Ctx, Device, LineSettings};

@@ -1,5 +1,5 @@
 //! Device-side state machines: one per instrument protocol, each speaking the real instrument's wire
-//! protocol byte for byte through the device side of the shared codecs (`labctl_drivers::codec`).
+//! protocol byte for byte through the device side of the shared codecs (`labctl_codecs`).
 //!
 //! A device is pure: bytes in, bytes out, given the [`LabModel`] and the virtual time in a [`Ctx`]. It never
 //! reads a clock, sleeps or touches a port; the server (`crate::serve`) feeds it what arrives on the wire,

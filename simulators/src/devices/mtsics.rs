@@ -19,10 +19,10 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use labctl_drivers::codec::mtsics::{
+use labctl_codecs::mtsics::{
     self as codec, Command, Mass, MassUnit, Refusal, ReplyId, Response, Stability,
 };
-use labctl_drivers::codec::{DecodeError, Decoded};
+use labctl_codecs::{DecodeError, Decoded};
 use serde::{Deserialize, Serialize};
 
 use super::{Ctx, Device, LineSettings};

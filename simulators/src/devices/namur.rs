@@ -17,8 +17,8 @@
 
 use std::time::Duration;
 
-use labctl_drivers::codec::namur::{self as codec, Command, Limits, Reply, Sensor};
-use labctl_drivers::codec::{Decoded, MAX_LINE};
+use labctl_codecs::namur::{self as codec, Command, Limits, Reply, Sensor};
+use labctl_codecs::{Decoded, MAX_LINE};
 use serde::{Deserialize, Serialize};
 
 use super::{Ctx, Device, LineSettings};

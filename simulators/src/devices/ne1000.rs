@@ -23,8 +23,8 @@
 
 use std::time::Duration;
 
-use labctl_drivers::codec::Decoded;
-use labctl_drivers::codec::ne1000::{
+use labctl_codecs::Decoded;
+use labctl_codecs::ne1000::{
     self as codec, Address, Alarm, Command, CommandError, Data, Direction as WireDirection,
     DirectionSetting, PumpFloat, RateUnits, Request, Response, Status, Target, VolumeUnits,
 };

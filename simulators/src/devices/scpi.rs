@@ -19,10 +19,10 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use labctl_drivers::codec::scpi::{
+use labctl_codecs::scpi::{
     self as codec, Command, ErrorQueue, Fault, Identity, Message, Reply, ScpiError,
 };
-use labctl_drivers::codec::{DecodeError, Decoded};
+use labctl_codecs::{DecodeError, Decoded};
 use serde::{Deserialize, Serialize};
 
 use super::{Ctx, Device, LineSettings};

@@ -259,9 +259,9 @@ impl Balance {
 
 #[cfg(test)]
 mod tests {
-    use super::super::clock::{Clock, ManualClock};
     use super::super::{LabConfig, LabModel};
     use super::*;
+    use labctl_clock::{Clock, ManualClock};
 
     fn secs(s: f64) -> Duration {
         Duration::from_secs_f64(s)

@@ -10,7 +10,6 @@
 #![warn(missing_docs)]
 
 pub mod balance;
-pub mod clock;
 pub mod deck;
 pub mod faults;
 pub mod gantry;
@@ -25,7 +24,6 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use balance::{Balance, BalanceConfig, BalanceError, LoadState, Reading};
-pub use clock::{Clock, ClockError, ManualClock, VirtualClock};
 pub use deck::{
     Contents, Deck, DeckConfig, DeckError, DeckPosition, Dye, Liquid, Vial, VialLocation,
 };

@@ -5,6 +5,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
+use labctl_clock::{Clock, ManualClock};
 
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)

@@ -5,11 +5,11 @@
 //! Parsing is the drivers' generic SCPI parser ([`parse_program_message`], [`header_matches`]): units split
 //! at `;`, short and long forms, any case, raw JSON kept whole for `RUN:SUBM`.
 
-use labctl_drivers::DeviceState;
-use labctl_drivers::codec::scpi::{
+use labctl_codecs::scpi::{
     ErrorQueue, Fault, Mnemonic, ProgramUnit, ScpiError, format_number, format_string,
     parse_program_message, parse_string, split_fields,
 };
+use labctl_drivers::DeviceState;
 
 use super::Backend;
 use crate::api::{ApiError, Control, InterlockState, Principal};
@@ -661,7 +661,7 @@ fn lookup(unit: &ProgramUnit, path: &[Mnemonic]) -> Option<(Cmd, Option<Vec<Mnem
     candidates.push(header.clone());
     for candidate in &candidates {
         for (pattern, cmd) in COMMANDS {
-            if labctl_drivers::codec::scpi::header_matches(candidate, pattern) {
+            if labctl_codecs::scpi::header_matches(candidate, pattern) {
                 let new_path = (!candidate.common).then(|| {
                     candidate
                         .mnemonics

@@ -1652,7 +1652,7 @@ mod tests {
         })
     }
 
-    use crate::codec::drain;
+    use crate::drain;
 
     proptest! {
         #[test]

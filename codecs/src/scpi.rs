@@ -2641,7 +2641,7 @@ mod tests {
             .collect()
     }
 
-    use crate::codec::drain;
+    use crate::drain;
 
     proptest! {
         #[test]

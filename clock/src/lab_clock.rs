@@ -1,48 +1,48 @@
-//! The one clock of a simulated lab: warped real time ([`VirtualClock`]) or a test clock that only moves
-//! when the test moves it ([`ManualClock`]). The servers convert virtual deadlines into real waits with it.
+//! The one clock of a lab: warped real time ([`VirtualClock`]) or a test clock that only moves when the test
+//! moves it ([`ManualClock`]). Servers convert virtual deadlines into real waits with it.
 
 use std::time::Duration;
 
-use crate::model::{Clock, ManualClock, VirtualClock};
+use crate::{Clock, ManualClock, VirtualClock};
 
 /// How often a server looks at a [`ManualClock`] while it waits for a virtual deadline (real time).
 pub const MANUAL_POLL: Duration = Duration::from_millis(2);
 
 /// The lab's clock.
 #[derive(Debug, Clone)]
-pub enum SimClock {
+pub enum LabClock {
     /// Real time times a warp factor.
     Virtual(VirtualClock),
     /// Moved by the test ([`ManualClock::advance`]); clones share the time.
     Manual(ManualClock),
 }
 
-impl SimClock {
+impl LabClock {
     /// Real time to wait, at virtual time `now`, for virtual time `until` to come. A manual clock cannot
     /// be predicted, so it is looked at again after [`MANUAL_POLL`].
     pub fn real_wait(&self, now: Duration, until: Duration) -> Duration {
         let span = until.saturating_sub(now);
         match self {
-            SimClock::Virtual(clock) => clock.to_real(span),
-            SimClock::Manual(_) if span.is_zero() => Duration::ZERO,
-            SimClock::Manual(_) => MANUAL_POLL,
+            LabClock::Virtual(clock) => clock.to_real(span),
+            LabClock::Manual(_) if span.is_zero() => Duration::ZERO,
+            LabClock::Manual(_) => MANUAL_POLL,
         }
     }
 
     /// Virtual seconds per real second (a manual clock has none; 0).
     pub fn warp(&self) -> f64 {
         match self {
-            SimClock::Virtual(clock) => clock.warp(),
-            SimClock::Manual(_) => 0.0,
+            LabClock::Virtual(clock) => clock.warp(),
+            LabClock::Manual(_) => 0.0,
         }
     }
 }
 
-impl Clock for SimClock {
+impl Clock for LabClock {
     fn now(&self) -> Duration {
         match self {
-            SimClock::Virtual(clock) => clock.now(),
-            SimClock::Manual(clock) => clock.now(),
+            LabClock::Virtual(clock) => clock.now(),
+            LabClock::Manual(clock) => clock.now(),
         }
     }
 }
@@ -53,7 +53,7 @@ mod tests {
 
     #[test]
     fn real_waits_follow_the_warp_or_poll_a_manual_clock() {
-        let warped = SimClock::Virtual(VirtualClock::new(10.0).unwrap());
+        let warped = LabClock::Virtual(VirtualClock::new(10.0).unwrap());
         assert_eq!(
             warped.real_wait(Duration::from_secs(1), Duration::from_secs(2)),
             Duration::from_millis(100)
@@ -63,7 +63,7 @@ mod tests {
             Duration::ZERO
         );
         let manual = ManualClock::new();
-        let clock = SimClock::Manual(manual.clone());
+        let clock = LabClock::Manual(manual.clone());
         assert_eq!(
             clock.real_wait(Duration::ZERO, Duration::from_secs(60)),
             MANUAL_POLL

@@ -2590,7 +2590,7 @@ mod tests {
         ]
     }
 
-    use crate::codec::drain;
+    use crate::drain;
 
     proptest! {
         #[test]

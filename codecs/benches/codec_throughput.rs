@@ -3,12 +3,12 @@
 //! Each codec decodes a buffer of about 1 MB of typical replies, front to back as a port's receive buffer
 //! is consumed; the best of several passes is printed.
 //!
-//! `cargo bench -p labctl-drivers --bench codec_throughput` (figures in BENCHMARKS.md).
+//! `cargo bench -p labctl-codecs --bench codec_throughput` (figures in BENCHMARKS.md).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use labctl_drivers::codec::{DecodeError, Decoded, grbl, mtsics, namur, ne1000, scpi};
+use labctl_codecs::{DecodeError, Decoded, grbl, mtsics, namur, ne1000, scpi};
 
 /// Bytes of replies per pass.
 const BUFFER: usize = 1 << 20;

@@ -1281,7 +1281,7 @@ mod tests {
         ]
     }
 
-    use crate::codec::drain;
+    use crate::drain;
 
     proptest! {
         #[test]

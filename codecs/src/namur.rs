@@ -1044,7 +1044,7 @@ mod tests {
         ]
     }
 
-    use crate::codec::drain;
+    use crate::drain;
 
     proptest! {
         #[test]

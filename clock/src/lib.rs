@@ -1,6 +1,15 @@
-//! Virtual time: the [`Clock`] trait, a warped real-time [`VirtualClock`] and a test [`ManualClock`].
+//! labctl's clocks, shared by the controller, the simulators and the tests (it depends on nothing of labctl).
 //!
-//! The model never reads a clock; front ends read one and pass the virtual time to the model.
+//! - [`Clock`]: a source of virtual time, the `Duration` since the start of a run.
+//! - [`VirtualClock`]: real elapsed time times a warp factor (warp 1 is real time).
+//! - [`ManualClock`]: a mock that only moves when a test moves it; clones share the time.
+//! - [`LabClock`]: either of the two, with the real wait to a virtual deadline.
+//!
+//! Pure models never read a clock; the tasks that drive them read one and pass the time in.
+
+mod lab_clock;
+
+pub use lab_clock::{LabClock, MANUAL_POLL};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
