@@ -368,26 +368,14 @@ fn cyclictest(seconds: u64, tick_p99_us: u64) {
 /// the last instrument's driver confirming its safe-state command, while the gantry moves and the hotplate
 /// heats.
 async fn estop_latency(rounds: usize) {
-    use labctl::commands::run::RunArgs;
-    let dir = tempfile::tempdir().unwrap();
     let lab = Lab::sim();
-    let args = RunArgs {
-        sim: true,
-        config: None,
-        data_dir: dir.path().to_owned(),
-        lab_id: None,
-        warp: 1.0,
-        simulated_instruments: false,
+    let options = labctl::lab_runtime::RuntimeOptions {
         seed: 1,
-        tick_hz: 100.0,
-        tick_spin_us: 0,
-        tick_priority: None,
-        submit: Vec::new(),
-        pty_dir: None,
+        ..Default::default()
     };
     let clock = VirtualClock::new(1.0).unwrap();
     let estop = EStop::default();
-    let runtime = labctl::lab_runtime::connect(&lab, &args, clock, &estop)
+    let runtime = labctl::lab_runtime::connect(&lab, &options, clock, &estop)
         .await
         .unwrap();
     let handles = runtime.instruments.clone();

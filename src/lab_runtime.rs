@@ -12,7 +12,6 @@ use labctl_protocols::Lab;
 use labctl_protocols::lab::Transport;
 use labctl_simulators::simlab::{ClockConfig, SimLab, SimLabConfig, SimLabHandle};
 
-use crate::commands::run::RunArgs;
 use crate::instruments::{self, InstrumentHandle, TaskTiming};
 use crate::safety::EStop;
 
@@ -110,10 +109,22 @@ fn simulated_driver_options(warp: f64) -> DriverOptions {
     }
 }
 
+/// What bringing a lab up needs besides the lab file.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeOptions {
+    /// Seed of the simulated lab's physical model.
+    pub seed: u64,
+    /// Where the simulators' pseudo-terminal links go (`None`: a fresh temporary directory).
+    pub pty_dir: Option<std::path::PathBuf>,
+    /// Every instrument is served by a simulator: drivers take the simulated timing even for
+    /// instruments the lab file puts on serial lines.
+    pub simulated_instruments: bool,
+}
+
 /// Starts what the lab needs and connects every instrument.
 pub async fn connect(
     lab: &Lab,
-    args: &RunArgs,
+    options: &RuntimeOptions,
     clock: VirtualClock,
     estop: &EStop,
 ) -> Result<LabRuntime, String> {
@@ -124,9 +135,9 @@ pub async fn connect(
     let (sim, wired) = if needs_sim {
         let config = SimLabConfig {
             lab: lab.clone(),
-            seed: args.seed,
+            seed: options.seed,
             clock: ClockConfig::Warp(clock.warp()),
-            pty_dir: args.pty_dir.clone(),
+            pty_dir: options.pty_dir.clone(),
             spectro_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             ..SimLabConfig::default()
         };
@@ -144,24 +155,19 @@ pub async fn connect(
     let mut handles = BTreeMap::new();
     let mut endpoints = Vec::new();
     for (config, wired) in lab.instruments.iter().zip(&wired.instruments) {
-        let endpoint = match &wired.transport {
-            Transport::Serial(line) => Endpoint::Serial(line.clone()),
-            Transport::Tcp { address } => Endpoint::Tcp {
-                address: address.clone(),
-            },
-            Transport::Simulated => {
-                return Err(format!(
-                    "{}: no simulator serves this instrument",
-                    config.id
-                ));
-            }
+        let Some(endpoint) = Endpoint::from_transport(&wired.transport) else {
+            return Err(format!(
+                "{}: no simulator serves this instrument",
+                config.id
+            ));
         };
-        let options = if config.transport == Transport::Simulated || args.simulated_instruments {
-            &simulated_options
-        } else {
-            &real_options
-        };
-        let driver = labctl_drivers::connect(wired, &endpoint, &mut ports, options)
+        let driver_options =
+            if config.transport == Transport::Simulated || options.simulated_instruments {
+                &simulated_options
+            } else {
+                &real_options
+            };
+        let driver = labctl_drivers::connect(wired, &endpoint, &mut ports, driver_options)
             .map_err(|e| e.to_string())?;
         let place = match &wired.transport {
             Transport::Serial(line) => format!("{} {} baud", line.port, line.baud),

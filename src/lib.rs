@@ -13,6 +13,7 @@ pub mod api;
 pub mod auth;
 pub mod commands;
 pub mod console;
+pub mod contract;
 pub mod controller;
 pub mod executor;
 pub mod gateways;

@@ -7,7 +7,7 @@
 
 use labctl_protocols::lab::Role;
 
-use crate::api::{ApiError, Principal};
+use crate::contract::{ApiError, Principal};
 
 /// Something a principal may be allowed to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

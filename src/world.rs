@@ -11,7 +11,7 @@ use labctl_protocols::lab::{Interlock, Lab, TripAction};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
-use crate::api::RunState;
+use crate::contract::RunState;
 use crate::instruments::{InstrumentHandle, InstrumentView};
 use crate::safety::EStop;
 use crate::safety::interlock::{InstrumentFacts, evaluate};

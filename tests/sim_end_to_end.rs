@@ -4,29 +4,20 @@
 use std::time::Duration;
 
 use labctl::api::{Principal, RunState};
-use labctl::commands::run::RunArgs;
 use labctl::controller::{ControllerConfig, start};
 use labctl::journal;
+use labctl::lab_runtime::RuntimeOptions;
 use labctl::safety::EStop;
 use labctl::world::TickConfig;
 use labctl_clock::VirtualClock;
 use labctl_protocols::Lab;
 use labctl_protocols::lab::Role;
 
-fn args(data: &std::path::Path) -> RunArgs {
-    RunArgs {
-        sim: true,
-        config: None,
-        data_dir: data.to_owned(),
-        lab_id: None,
-        warp: 20.0,
-        simulated_instruments: false,
+/// The simulated lab with the model seed these tests expect.
+fn options() -> RuntimeOptions {
+    RuntimeOptions {
         seed: 7,
-        tick_hz: 100.0,
-        tick_spin_us: 0,
-        tick_priority: None,
-        submit: Vec::new(),
-        pty_dir: None,
+        ..RuntimeOptions::default()
     }
 }
 
@@ -34,10 +25,9 @@ fn args(data: &std::path::Path) -> RunArgs {
 async fn dye_mix_on_the_simulated_lab() {
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab::sim();
-    let args = args(dir.path());
-    let clock = VirtualClock::new(args.warp).unwrap();
+    let clock = VirtualClock::new(20.0).unwrap();
     let estop = EStop::default();
-    let runtime = labctl::lab_runtime::connect(&lab, &args, clock, &estop)
+    let runtime = labctl::lab_runtime::connect(&lab, &options(), clock, &estop)
         .await
         .unwrap();
     let config = ControllerConfig {
@@ -137,11 +127,9 @@ async fn emergency_stop_during_motion_and_heating_on_the_simulated_lab() {
     use labctl_simulators::model::GantryState;
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab::sim();
-    let mut args = args(dir.path());
-    args.warp = 1.0;
     let clock = VirtualClock::new(1.0).unwrap();
     let estop = EStop::default();
-    let runtime = labctl::lab_runtime::connect(&lab, &args, clock, &estop)
+    let runtime = labctl::lab_runtime::connect(&lab, &options(), clock, &estop)
         .await
         .unwrap();
     let config = ControllerConfig {

@@ -192,7 +192,12 @@ async fn run_async(
     let _data_dir_lock =
         crate::journal::lock_data_dir(&args.data_dir).map_err(|e| e.to_string())?;
     let estop = EStop::default();
-    let runtime = crate::lab_runtime::connect(&lab, &args, clock, &estop).await?;
+    let runtime_options = crate::lab_runtime::RuntimeOptions {
+        seed: args.seed,
+        pty_dir: args.pty_dir.clone(),
+        simulated_instruments: args.simulated_instruments,
+    };
+    let runtime = crate::lab_runtime::connect(&lab, &runtime_options, clock, &estop).await?;
     let config = ControllerConfig {
         lab: lab.clone(),
         lab_sha256: sha256_hex(text.as_bytes()),

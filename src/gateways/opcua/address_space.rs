@@ -14,49 +14,11 @@ use opcua::types::{
 
 use super::devices::{self, DeviceMethod};
 use super::methods::LabMethod;
+use super::names::{
+    DEVICES, ESTOP_LATCHED, LAB, RUNS, TARGET_VALUE, device, device_variable, function,
+    identification, method, run, run_variable, sensor_value, target_value,
+};
 use crate::api::RunInfo;
-
-pub const LAB: &str = "Lab";
-pub const DEVICES: &str = "Lab/Devices";
-pub const RUNS: &str = "Lab/Runs";
-pub const ESTOP_LATCHED: &str = "Lab/EmergencyStopLatched";
-
-pub fn device(id: &str) -> String {
-    format!("{DEVICES}/{id}")
-}
-
-/// A DI identification property of a device: `Manufacturer`, `Model`, `SerialNumber`, `SoftwareRevision`.
-pub fn identification(id: &str, property: &str) -> String {
-    format!("{DEVICES}/{id}/Identification/{property}")
-}
-
-/// `ConnectionState` (`connecting`, `online`, `lost: why`) or `DeviceState` (`idle`, `busy`,
-/// `alarm: ...`, `locked: ...`, `unknown`).
-pub fn device_variable(id: &str, name: &str) -> String {
-    format!("{DEVICES}/{id}/{name}")
-}
-
-/// The LADS function of one telemetry quantity.
-pub fn function(id: &str, quantity: &str) -> String {
-    format!("{DEVICES}/{id}/FunctionalUnitSet/{id}/FunctionSet/{quantity}")
-}
-
-/// The live reading of one quantity (an AnalogItem).
-pub fn sensor_value(id: &str, quantity: &str) -> String {
-    format!("{}/SensorValue", function(id, quantity))
-}
-
-pub fn run(run_id: &str) -> String {
-    format!("{RUNS}/{run_id}")
-}
-
-pub fn run_variable(run_id: &str, name: &str) -> String {
-    format!("{RUNS}/{run_id}/{name}")
-}
-
-pub fn method(m: LabMethod) -> String {
-    format!("{LAB}/{}", m.name())
-}
 
 /// The variables of a run, with their data types.
 pub const RUN_VARIABLES: [(&str, DataTypeId); 8] = [
@@ -326,23 +288,19 @@ fn build_setpoint(
     q: &labctl_protocols::capabilities::Quantity,
 ) {
     let id = instrument.id.as_str();
-    let path = devices::target_value(id, q.name);
+    let path = target_value(id, q.name);
     let node = names.id(&path);
-    VariableBuilder::new(
-        &node,
-        names.qn(devices::TARGET_VALUE),
-        devices::TARGET_VALUE,
-    )
-    .description(format!(
-        "{} setpoint ({}): the last one the instrument took (NaN: none); technicians write it",
-        q.description, q.unit
-    ))
-    .data_type(DataTypeId::Double)
-    .value(Variant::from(f64::NAN))
-    .writable()
-    .has_type_definition(VariableTypeId::AnalogItemType)
-    .component_of(names.id(&function(id, q.name)))
-    .insert(space);
+    VariableBuilder::new(&node, names.qn(TARGET_VALUE), TARGET_VALUE)
+        .description(format!(
+            "{} setpoint ({}): the last one the instrument took (NaN: none); technicians write it",
+            q.description, q.unit
+        ))
+        .data_type(DataTypeId::Double)
+        .value(Variant::from(f64::NAN))
+        .writable()
+        .has_type_definition(VariableTypeId::AnalogItemType)
+        .component_of(names.id(&function(id, q.name)))
+        .insert(space);
     names.property(
         space,
         &format!("{path}/EngineeringUnits"),

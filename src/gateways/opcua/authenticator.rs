@@ -17,8 +17,8 @@ use opcua::types::{
     UserTokenType,
 };
 
-use super::devices;
 use super::methods::LabMethod;
+use super::names;
 use crate::api::Principal;
 use crate::auth::{AuthError, Source, Users};
 use crate::policy::{self, Permission};
@@ -94,7 +94,7 @@ impl AuthManager for LabAuthenticator {
             Identifier::String(path) => match LabMethod::from_node_path(path.as_ref()) {
                 Some(method) => self.role(token).is_some_and(|role| method.allowed(role)),
                 // An instrument's action: technicians only.
-                None if devices::is_device_method(path.as_ref()) => self
+                None if names::is_device_method(path.as_ref()) => self
                     .role(token)
                     .is_some_and(|role| policy::allows(role, Permission::CommandInstrument)),
                 // Not one of the lab's methods (the server's own, in namespace 0): the stack decides.
@@ -113,7 +113,7 @@ impl AuthManager for LabAuthenticator {
     ) -> AccessLevel {
         match &node_id.identifier {
             Identifier::String(path)
-                if devices::is_setpoint(path.as_ref())
+                if names::is_setpoint(path.as_ref())
                     && !self.role(token).is_some_and(|role| {
                         policy::allows(role, Permission::CommandInstrument)
                     }) =>

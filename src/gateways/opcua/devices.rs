@@ -16,8 +16,7 @@ use opcua::types::{Argument, DataTypeId, LocalizedText, StatusCode, Variant};
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::address_space;
-use super::updater::parse_state;
+use super::names::{self, DEVICES, target_value};
 use crate::api::{ApiError, ControllerHandle, Principal, RunState, SubmitReply};
 use crate::journal::Record;
 
@@ -254,28 +253,16 @@ fn argument(name: &str, data_type: DataTypeId, description: &str) -> Argument {
 
 /// The node id string of a device method.
 pub fn method_path(instrument: &str, method: DeviceMethod) -> String {
-    format!("{}/{}", address_space::device(instrument), method.name())
+    format!("{}/{}", names::device(instrument), method.name())
 }
 
 /// The device method at a node path, if it is one.
 pub fn method_at<'a>(lab: &'a Lab, path: &str) -> Option<(&'a Instrument, DeviceMethod)> {
-    let rest = path
-        .strip_prefix(address_space::DEVICES)?
-        .strip_prefix('/')?;
+    let rest = path.strip_prefix(DEVICES)?.strip_prefix('/')?;
     let (id, name) = rest.rsplit_once('/')?;
     let instrument = lab.instrument(id)?;
     let method = DeviceMethod::of_kind(instrument.kind).find(|m| m.name() == name)?;
     Some((instrument, method))
-}
-
-/// Whether a method node path is a device method's: only technicians call those.
-pub fn is_device_method(path: &str) -> bool {
-    path.starts_with(address_space::DEVICES)
-}
-
-/// Whether a variable node path is a setpoint's: only technicians write those.
-pub fn is_setpoint(path: &str) -> bool {
-    path.starts_with(address_space::DEVICES) && path.ends_with(&format!("/{TARGET_VALUE}"))
 }
 
 /// A settable quantity: writing its `TargetValue` runs the action that sets it (the third); the fourth
@@ -308,8 +295,6 @@ pub fn setpoint_of_action(action: &str) -> Option<(&'static str, bool)> {
     })
 }
 
-pub const TARGET_VALUE: &str = "TargetValue";
-
 /// The setpoints of an instrument: the settable quantities its capabilities in the lab file give a range.
 pub fn setpoints(instrument: &Instrument) -> Vec<(&'static str, DeviceMethod)> {
     SETPOINTS
@@ -319,14 +304,6 @@ pub fn setpoints(instrument: &Instrument) -> Vec<(&'static str, DeviceMethod)> {
         })
         .map(|(_, quantity, method, _)| (*quantity, *method))
         .collect()
-}
-
-/// The node id string of a setpoint: the `TargetValue` beside the function's `SensorValue`.
-pub fn target_value(instrument: &str, quantity: &str) -> String {
-    format!(
-        "{}/{TARGET_VALUE}",
-        address_space::function(instrument, quantity)
-    )
 }
 
 /// The setpoint at a node path, if it is one.
@@ -570,7 +547,7 @@ pub async fn run(
                     reason,
                     ..
                 } if *run_id == done.run_id => {
-                    if let Some(state) = parse_state(state) {
+                    if let Ok(state) = state.parse::<RunState>() {
                         done.state = state;
                         done.reason = reason.clone();
                         if state.is_terminal() {
@@ -600,6 +577,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateways::opcua::names::{is_device_method, is_setpoint};
 
     #[test]
     fn devices_have_the_methods_of_their_kind_and_the_hotplate_its_two_setpoints() {
@@ -644,7 +622,7 @@ mod tests {
         assert!(method_at(&lab, "Lab/Devices/pump-red/Home").is_none());
         assert!(method_at(&lab, "Lab/SubmitProtocol").is_none());
         assert!(is_setpoint(&path));
-        assert!(!is_setpoint(&address_space::sensor_value(
+        assert!(!is_setpoint(&super::names::sensor_value(
             "hotplate",
             "temperature_c"
         )));

@@ -46,7 +46,7 @@ impl LabMethod {
         }
     }
 
-    /// The method whose node id string is `Lab/{name}` (see `address_space::method_node`).
+    /// The method whose node id string is `Lab/{name}` (see `names::method`).
     pub fn from_node_path(path: &str) -> Option<LabMethod> {
         let name = path.strip_prefix("Lab/")?;
         LabMethod::ALL.into_iter().find(|m| m.name() == name)

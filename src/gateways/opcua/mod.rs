@@ -13,6 +13,7 @@ pub mod address_space;
 pub mod authenticator;
 pub mod devices;
 pub mod methods;
+pub mod names;
 pub mod node_manager;
 pub mod runs;
 pub mod settings;

@@ -122,10 +122,15 @@ mod tests {
         // A repeated final state changes nothing.
         assert!(runs.finished_now(&mut space, names, "run-2").is_empty());
         assert_eq!(runs.finished_now(&mut space, names, "run-3"), ["run-1"]);
-        assert!(!space.node_exists(&names.id(&space::run("run-1"))));
-        assert!(!space.node_exists(&names.id(&space::run_variable("run-1", "State"))));
+        assert!(!space.node_exists(&names.id(&super::super::names::run("run-1"))));
+        assert!(
+            !space.node_exists(&names.id(&super::super::names::run_variable("run-1", "State")))
+        );
         for id in ["run-a", "run-2", "run-3"] {
-            assert!(space.node_exists(&names.id(&space::run(id))), "{id}");
+            assert!(
+                space.node_exists(&names.id(&super::super::names::run(id))),
+                "{id}"
+            );
             assert!(runs.is_present(id));
         }
         // A finished run added later (known at start) is the newest finished one.

@@ -9,8 +9,10 @@ use opcua::server::SubscriptionCache;
 use opcua::types::{DataValue, DateTime, NodeId, StatusCode, Variant};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::address_space::{self as space, Names};
+use super::address_space as space;
+use super::address_space::Names;
 use super::devices;
+use super::names;
 use super::node_manager::LabNodeManager;
 use crate::api::{ControllerHandle, RunInfo, RunState};
 use crate::instruments::{Connection, InstrumentView};
@@ -46,12 +48,7 @@ pub fn setpoint_of_command(detail: &serde_json::Value) -> Option<(String, f64)> 
             .iter()
             .find_map(|(field, v)| (field != "command").then(|| v.as_f64()).flatten())?
     };
-    Some((devices::target_value(instrument, quantity), value))
-}
-
-/// A run state as the journal writes it.
-pub fn parse_state(s: &str) -> Option<RunState> {
-    serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+    Some((names::target_value(instrument, quantity), value))
 }
 
 fn connection_text(c: &Connection) -> String {
@@ -78,12 +75,12 @@ pub fn instrument_values(view: &InstrumentView) -> Vec<(String, Variant, StatusC
     let id = view.id.as_str();
     let mut out = vec![
         (
-            space::device_variable(id, "ConnectionState"),
+            names::device_variable(id, "ConnectionState"),
             Variant::from(connection_text(&view.connection)),
             StatusCode::Good,
         ),
         (
-            space::device_variable(id, "DeviceState"),
+            names::device_variable(id, "DeviceState"),
             Variant::from(device_state_text(view.state.as_ref())),
             StatusCode::Good,
         ),
@@ -96,7 +93,7 @@ pub fn instrument_values(view: &InstrumentView) -> Vec<(String, Variant, StatusC
             ("SoftwareRevision", &identity.firmware),
         ] {
             out.push((
-                space::identification(id, property),
+                names::identification(id, property),
                 Variant::from(value.as_str()),
                 StatusCode::Good,
             ));
@@ -109,7 +106,7 @@ pub fn instrument_values(view: &InstrumentView) -> Vec<(String, Variant, StatusC
     };
     for (quantity, value) in &view.values {
         out.push((
-            space::sensor_value(id, quantity),
+            names::sensor_value(id, quantity),
             Variant::from(*value),
             live,
         ));
@@ -176,7 +173,7 @@ impl Updater {
 
     pub fn apply_snapshot(&mut self, snapshot: &LabSnapshot) {
         let mut values = vec![(
-            space::ESTOP_LATCHED.to_owned(),
+            names::ESTOP_LATCHED.to_owned(),
             Variant::from(snapshot.estop_latched),
             StatusCode::Good,
         )];
@@ -187,7 +184,7 @@ impl Updater {
         // take a finished run back to `running`).
         for run in &snapshot.runs {
             values.push((
-                space::run_variable(&run.run_id, "CurrentStep"),
+                names::run_variable(&run.run_id, "CurrentStep"),
                 Variant::from(run.current_step.clone().unwrap_or_default()),
                 StatusCode::Good,
             ));
@@ -224,7 +221,7 @@ impl Updater {
             self.results.remove(run_id);
             for (name, _) in space::RUN_VARIABLES {
                 self.written
-                    .remove(&self.names.id(&space::run_variable(run_id, name)));
+                    .remove(&self.names.id(&names::run_variable(run_id, name)));
             }
         }
     }
@@ -238,7 +235,7 @@ impl Updater {
                 .into_iter()
                 .map(|(name, value)| {
                     (
-                        space::run_variable(&run.run_id, name),
+                        names::run_variable(&run.run_id, name),
                         value,
                         StatusCode::Good,
                     )
@@ -260,7 +257,7 @@ impl Updater {
                     name: r.name.clone(),
                     planner_id: r.planner_id.clone(),
                     submitted_by: r.submitted_by.clone(),
-                    state: parse_state(&r.state).unwrap_or(RunState::Queued),
+                    state: r.state.parse::<RunState>().ok().unwrap_or(RunState::Queued),
                     current_step: None,
                     reason: None,
                     estimated_duration_s: r.estimated_duration_s,
@@ -271,7 +268,7 @@ impl Updater {
                 self.ensure_run(&info);
                 let v = |name: &str, value: &str| {
                     (
-                        space::run_variable(&r.run_id, name),
+                        names::run_variable(&r.run_id, name),
                         Variant::from(value),
                         StatusCode::Good,
                     )
@@ -292,7 +289,7 @@ impl Updater {
             } => {
                 let v = |name: &str, value: String| {
                     (
-                        space::run_variable(run_id, name),
+                        names::run_variable(run_id, name),
                         Variant::from(value),
                         StatusCode::Good,
                     )
@@ -305,7 +302,11 @@ impl Updater {
                     values.push(v("CurrentStep", step.clone()));
                 }
                 self.write(values);
-                if parse_state(state).is_some_and(RunState::is_terminal) {
+                if state
+                    .parse::<RunState>()
+                    .ok()
+                    .is_some_and(RunState::is_terminal)
+                {
                     self.finished(run_id);
                     // A command that failed is never confirmed.
                     self.pending_setpoints
@@ -332,12 +333,12 @@ impl Updater {
                 });
                 self.write(vec![
                     (
-                        space::run_variable(run_id, "ResultCount"),
+                        names::run_variable(run_id, "ResultCount"),
                         Variant::from(count),
                         StatusCode::Good,
                     ),
                     (
-                        space::run_variable(run_id, "LastResult"),
+                        names::run_variable(run_id, "LastResult"),
                         Variant::from(last.to_string()),
                         StatusCode::Good,
                     ),

@@ -1,0 +1,217 @@
+//! The typed contract between the core and its faces: who asks ([`Principal`]), the states of a run
+//! ([`RunState`]), run control, the API's errors and the replies every face renders in its own way.
+//! Plain data: nothing here holds a channel or a lock, so the role policy and the world model use these
+//! types without depending on the controller's handle.
+
+use labctl_protocols::Finding;
+use labctl_protocols::lab::Role;
+use serde::{Deserialize, Serialize};
+
+/// Who is asking, as authenticated by the gateway they came through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Principal {
+    pub name: String,
+    pub role: Role,
+    /// The interface the request came through (`mqtt`, `opcua`, `command-port`, `console`, `cli`).
+    pub via: String,
+}
+
+impl Principal {
+    pub fn new(name: &str, role: Role, via: &str) -> Self {
+        Principal {
+            name: name.to_owned(),
+            role,
+            via: via.to_owned(),
+        }
+    }
+}
+
+/// States of a run, as published on `runs/{run_id}/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Rejected,
+    AwaitingApproval,
+    Queued,
+    Running,
+    Paused,
+    Completed,
+    Failed,
+    Aborted,
+    Interrupted,
+}
+
+impl RunState {
+    pub const ALL: [RunState; 9] = [
+        RunState::Rejected,
+        RunState::AwaitingApproval,
+        RunState::Queued,
+        RunState::Running,
+        RunState::Paused,
+        RunState::Completed,
+        RunState::Failed,
+        RunState::Aborted,
+        RunState::Interrupted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Rejected => "rejected",
+            RunState::AwaitingApproval => "awaiting_approval",
+            RunState::Queued => "queued",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Completed => "completed",
+            RunState::Failed => "failed",
+            RunState::Aborted => "aborted",
+            RunState::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RunState::Rejected
+                | RunState::Completed
+                | RunState::Failed
+                | RunState::Aborted
+                | RunState::Interrupted
+        )
+    }
+}
+
+/// A run state's name that is not one of [`RunState`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown run state {0:?}")]
+pub struct UnknownRunState(pub String);
+
+impl std::str::FromStr for RunState {
+    type Err = UnknownRunState;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RunState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| UnknownRunState(s.to_owned()))
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The answer to a submission.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubmitReply {
+    pub accepted: bool,
+    pub proposal_id: Option<String>,
+    pub run_id: Option<String>,
+    pub state: Option<RunState>,
+    /// The same proposal id was submitted before: this is that run.
+    pub duplicate: bool,
+    pub findings: Vec<Finding>,
+    pub estimated_duration_s: Option<f64>,
+    pub approval_required_because: Vec<String>,
+    /// Why the submission was refused before validation (permissions, shutdown, reused proposal id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl SubmitReply {
+    pub(crate) fn refused(proposal_id: Option<String>, error: String) -> Self {
+        SubmitReply {
+            accepted: false,
+            proposal_id,
+            run_id: None,
+            state: None,
+            duplicate: false,
+            findings: Vec::new(),
+            estimated_duration_s: None,
+            approval_required_because: Vec::new(),
+            error: Some(error),
+        }
+    }
+}
+
+/// Operator or planner control of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Control {
+    Pause,
+    Resume,
+    Abort,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize)]
+#[serde(tag = "error", content = "message", rename_all = "snake_case")]
+pub enum ApiError {
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("unknown run {0}")]
+    UnknownRun(String),
+    #[error("{0}")]
+    InvalidState(String),
+    #[error("emergency stop is latched; acknowledge it first")]
+    EStopLatched,
+    /// An interlock's condition still holds on an instrument the run needs.
+    #[error("{0}")]
+    Interlocked(String),
+    /// The journal could not record the decision, so it was not taken.
+    #[error("{0}")]
+    Journal(String),
+    #[error("unknown interlock {0}")]
+    UnknownInterlock(String),
+    /// A parameter of the request is out of range or missing; the message names it.
+    #[error("{0}")]
+    BadArgument(String),
+    #[error("controller is shutting down")]
+    Unavailable,
+}
+
+/// Longest interlock override a technician may set; renewing it is a new, journaled decision.
+pub const MAX_OVERRIDE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Where an interlock stands.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum InterlockState {
+    /// Its condition does not hold.
+    Clear,
+    /// Its condition holds: its instruments are inhibited.
+    Tripped { reason: String },
+    /// Its condition holds, and a technician has let runs use its instruments anyway until `until_ms`.
+    Overridden {
+        reason: String,
+        by: String,
+        because: String,
+        until_ms: i64,
+    },
+}
+
+/// One interlock of the lab file and where it stands.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InterlockStatus {
+    pub name: String,
+    #[serde(flatten)]
+    pub state: InterlockState,
+}
+
+/// A run as the API reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunInfo {
+    pub run_id: String,
+    pub proposal_id: String,
+    pub name: String,
+    pub planner_id: String,
+    pub submitted_by: String,
+    pub state: RunState,
+    pub current_step: Option<String>,
+    pub reason: Option<String>,
+    pub estimated_duration_s: Option<f64>,
+    pub approval_required_because: Vec<String>,
+    pub instruments: Vec<String>,
+    /// Results on disk (a result being committed is not counted yet).
+    pub results: u64,
+}
