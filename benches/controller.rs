@@ -99,10 +99,10 @@ async fn step_overhead() {
                 }
                 labctl::journal::Record::RunState {
                     run_id: r, state, ..
-                } if *r == run_id && state == "completed" => break,
+                } if *r == run_id && *state == RunState::Completed => break,
                 labctl::journal::Record::RunState {
                     run_id: r, state, ..
-                } if *r == run_id && state == "failed" => {
+                } if *r == run_id && *state == RunState::Failed => {
                     panic!("run failed: {:?}", api.run(&run_id).await)
                 }
                 _ => {}
@@ -492,9 +492,9 @@ async fn long_campaign(runs: usize) {
                         run_id: r, state, ..
                     } = &*rec
                         && *r == run_id
-                        && ["completed", "failed", "aborted"].contains(&state.as_str())
+                        && state.is_terminal()
                     {
-                        assert_eq!(state, "completed");
+                        assert_eq!(*state, RunState::Completed);
                         break;
                     }
                 }

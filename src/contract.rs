@@ -215,3 +215,208 @@ pub struct RunInfo {
     /// Results on disk (a result being committed is not counted yet).
     pub results: u64,
 }
+
+/// What a journal event records. Written to the journal and to every face by [`EventKind::as_str`]; the
+/// severity a console shows is [`EventKind::severity`], decided here once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    ControllerStarted,
+    ControllerStopped,
+    JournalFailed,
+    JournalRecovered,
+    JournalClosed,
+    Submitted,
+    DryRun,
+    ProposalRejected,
+    Approval,
+    ApprovalRestored,
+    Started,
+    StepStarted,
+    StepFinished,
+    StepSkipped,
+    StepFailed,
+    Command,
+    CommandDone,
+    OperatorAction,
+    PlannerLost,
+    EstopTriggered,
+    EstopAcknowledged,
+    EstopRestored,
+    Interlock,
+    InterlockCleared,
+    InterlockOverride,
+    InterlockOverridden,
+    InterlockOverrideEnded,
+    InterlockOverrideRestored,
+    InstrumentSafe,
+    InstrumentArmed,
+    InstrumentDisarmed,
+}
+
+/// How much a technician needs to see an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Routine traffic (each device command): not worth a log line on a console.
+    Routine,
+    Info,
+    /// Something a technician acts on: a failure, a stop, an interlock, an override.
+    Warning,
+}
+
+/// A journal event kind that no version of labctl writes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown event kind {0:?}")]
+pub struct UnknownEventKind(pub String);
+
+impl EventKind {
+    pub const ALL: [EventKind; 31] = [
+        EventKind::ControllerStarted,
+        EventKind::ControllerStopped,
+        EventKind::JournalFailed,
+        EventKind::JournalRecovered,
+        EventKind::JournalClosed,
+        EventKind::Submitted,
+        EventKind::DryRun,
+        EventKind::ProposalRejected,
+        EventKind::Approval,
+        EventKind::ApprovalRestored,
+        EventKind::Started,
+        EventKind::StepStarted,
+        EventKind::StepFinished,
+        EventKind::StepSkipped,
+        EventKind::StepFailed,
+        EventKind::Command,
+        EventKind::CommandDone,
+        EventKind::OperatorAction,
+        EventKind::PlannerLost,
+        EventKind::EstopTriggered,
+        EventKind::EstopAcknowledged,
+        EventKind::EstopRestored,
+        EventKind::Interlock,
+        EventKind::InterlockCleared,
+        EventKind::InterlockOverride,
+        EventKind::InterlockOverridden,
+        EventKind::InterlockOverrideEnded,
+        EventKind::InterlockOverrideRestored,
+        EventKind::InstrumentSafe,
+        EventKind::InstrumentArmed,
+        EventKind::InstrumentDisarmed,
+    ];
+
+    /// The name in the journal and on every face.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::ControllerStarted => "controller_started",
+            EventKind::ControllerStopped => "controller_stopped",
+            EventKind::JournalFailed => "journal_failed",
+            EventKind::JournalRecovered => "journal_recovered",
+            EventKind::JournalClosed => "journal_closed",
+            EventKind::Submitted => "submitted",
+            EventKind::DryRun => "dry_run",
+            EventKind::ProposalRejected => "proposal_rejected",
+            EventKind::Approval => "approval",
+            EventKind::ApprovalRestored => "approval_restored",
+            EventKind::Started => "started",
+            EventKind::StepStarted => "step_started",
+            EventKind::StepFinished => "step_finished",
+            EventKind::StepSkipped => "step_skipped",
+            EventKind::StepFailed => "step_failed",
+            EventKind::Command => "command",
+            EventKind::CommandDone => "command_done",
+            EventKind::OperatorAction => "operator_action",
+            EventKind::PlannerLost => "planner_lost",
+            EventKind::EstopTriggered => "estop_triggered",
+            EventKind::EstopAcknowledged => "estop_acknowledged",
+            EventKind::EstopRestored => "estop_restored",
+            EventKind::Interlock => "interlock",
+            EventKind::InterlockCleared => "interlock_cleared",
+            EventKind::InterlockOverride => "interlock_override",
+            EventKind::InterlockOverridden => "interlock_overridden",
+            EventKind::InterlockOverrideEnded => "interlock_override_ended",
+            EventKind::InterlockOverrideRestored => "interlock_override_restored",
+            EventKind::InstrumentSafe => "instrument_safe",
+            EventKind::InstrumentArmed => "instrument_armed",
+            EventKind::InstrumentDisarmed => "instrument_disarmed",
+        }
+    }
+
+    pub fn severity(self) -> Severity {
+        match self {
+            EventKind::Command | EventKind::CommandDone => Severity::Routine,
+            EventKind::JournalFailed
+            | EventKind::JournalClosed
+            | EventKind::ProposalRejected
+            | EventKind::StepFailed
+            | EventKind::PlannerLost
+            | EventKind::EstopTriggered
+            | EventKind::EstopRestored
+            | EventKind::Interlock
+            | EventKind::InterlockOverride
+            | EventKind::InterlockOverridden
+            | EventKind::InterlockOverrideEnded
+            | EventKind::InterlockOverrideRestored => Severity::Warning,
+            _ => Severity::Info,
+        }
+    }
+}
+
+impl std::str::FromStr for EventKind {
+    type Err = UnknownEventKind;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EventKind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| UnknownEventKind(s.to_owned()))
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_states_and_event_kinds_read_back_what_they_write_in_serde_and_text_alike() {
+        for state in RunState::ALL {
+            assert_eq!(state.as_str().parse::<RunState>(), Ok(state));
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::json!(state.as_str())
+            );
+        }
+        for kind in EventKind::ALL {
+            assert_eq!(kind.as_str().parse::<EventKind>(), Ok(kind));
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::json!(kind.as_str())
+            );
+        }
+        assert_eq!(
+            "estop_pressed".parse::<EventKind>(),
+            Err(UnknownEventKind("estop_pressed".into()))
+        );
+        assert!("done".parse::<RunState>().is_err());
+    }
+
+    #[test]
+    fn a_technician_is_warned_of_stops_interlocks_and_failures_not_of_each_command() {
+        assert_eq!(EventKind::Command.severity(), Severity::Routine);
+        assert_eq!(EventKind::StepFinished.severity(), Severity::Info);
+        for kind in [
+            EventKind::EstopTriggered,
+            EventKind::Interlock,
+            EventKind::StepFailed,
+            EventKind::JournalFailed,
+        ] {
+            assert_eq!(kind.severity(), Severity::Warning, "{kind}");
+        }
+    }
+}

@@ -19,6 +19,7 @@ use crate::api::{
     ApiError, Checked, Control, ControllerHandle, InterlockState, InterlockStatus, Principal,
     Request, RunInfo, RunState, SubmitReply,
 };
+use crate::contract::EventKind;
 use crate::executor::{RunContext, RunEnd, RunUpdate, collect_instruments, run_protocol};
 use crate::instruments::InstrumentHandle;
 use crate::journal::{self, JournalHandle, JournalHealth, Record, RunRecord, now_ms};
@@ -115,7 +116,7 @@ pub async fn start(
     let journal = journal::start(conn);
     journal.append(Record::Event {
         run_id: None,
-        kind: "controller_started".into(),
+        kind: EventKind::ControllerStarted,
         step: None,
         actor: None,
         detail: json!({ "version": env!("CARGO_PKG_VERSION"), "lab_id": config.lab.lab_id, "lab_sha256": config.lab_sha256, "interrupted_runs": interrupted }),
@@ -125,7 +126,7 @@ pub async fn start(
         tracing::warn!(%reason, "the emergency stop was latched when labctl last stopped: it stays latched until a technician acknowledges it");
         journal.append(Record::Event {
             run_id: None,
-            kind: "estop_restored".into(),
+            kind: EventKind::EstopRestored,
             step: None,
             actor: None,
             detail: json!({ "reason": reason }),
@@ -144,7 +145,7 @@ pub async fn start(
             let ok = confirmed.await;
             journal.append(Record::Event {
                 run_id: None,
-                kind: "instrument_safe".into(),
+                kind: EventKind::InstrumentSafe,
                 step: None,
                 actor: None,
                 detail: json!({ "instrument": id, "confirmed": ok }),
@@ -305,11 +306,10 @@ async fn journal_arming(
             journal.append(Record::Event {
                 run_id: None,
                 kind: if armed {
-                    "instrument_armed"
+                    EventKind::InstrumentArmed
                 } else {
-                    "instrument_disarmed"
-                }
-                .into(),
+                    EventKind::InstrumentDisarmed
+                },
                 step: None,
                 actor: None,
                 detail: json!({ "instrument": instrument }),
@@ -409,13 +409,13 @@ impl Core {
     fn event(
         &self,
         run_id: Option<&str>,
-        kind: &str,
+        kind: EventKind,
         actor: Option<&Principal>,
         detail: serde_json::Value,
     ) {
         self.journal.append(Record::Event {
             run_id: run_id.map(str::to_owned),
-            kind: kind.to_owned(),
+            kind,
             step: None,
             actor: actor.map(actor_of),
             detail,
@@ -442,7 +442,7 @@ impl Core {
         );
         self.journal.append(Record::RunState {
             run_id: run_id.to_owned(),
-            state: state.as_str().to_owned(),
+            state,
             step: run.current_step.clone(),
             reason,
             at_ms: now_ms(),
@@ -618,7 +618,7 @@ impl Core {
                 });
             self.event(
                 None,
-                "proposal_rejected",
+                EventKind::ProposalRejected,
                 Some(&principal),
                 json!({ "proposal_id": pid, "findings": report.findings.len() }),
             );
@@ -649,7 +649,7 @@ impl Core {
             if known.protocol_sha256 != sha {
                 self.event(
                     None,
-                    "proposal_rejected",
+                    EventKind::ProposalRejected,
                     Some(&principal),
                     json!({ "proposal_id": pid, "reason": "proposal_id_reused", "run_id": run_id }),
                 );
@@ -679,7 +679,7 @@ impl Core {
         ) {
             self.event(
                 None,
-                "proposal_rejected",
+                EventKind::ProposalRejected,
                 Some(&principal),
                 json!({ "proposal_id": pid, "reason": "quota", "detail": over }),
             );
@@ -690,7 +690,7 @@ impl Core {
         if self.estop.is_latched() {
             self.event(
                 None,
-                "proposal_rejected",
+                EventKind::ProposalRejected,
                 Some(&principal),
                 json!({ "proposal_id": pid, "reason": "estop_latched" }),
             );
@@ -717,7 +717,7 @@ impl Core {
             lab_id: self.lab.lab_id.clone(),
             lab_sha256: self.lab_sha256.clone(),
             labctl_version: env!("CARGO_PKG_VERSION").into(),
-            state: state.as_str().into(),
+            state,
             estimated_duration_s: report.estimated_duration_s,
             submitted_at_ms: now_ms(),
         };
@@ -736,19 +736,19 @@ impl Core {
         };
         self.event(
             Some(&run_id),
-            "submitted",
+            EventKind::Submitted,
             Some(&principal),
             json!({ "proposal_id": pid, "protocol_sha256": sha }),
         );
         if let Some(dry) = &dry_run {
             self.event(
                 Some(&run_id),
-                "dry_run",
+                EventKind::DryRun,
                 None,
                 json!({ "estimated_duration_s": dry.estimated_duration_s, "problems": dry.problems, "notes": dry.notes, "steps_simulated": dry.steps_simulated }),
             );
         }
-        self.event(Some(&run_id), "approval", None, approval_detail);
+        self.event(Some(&run_id), EventKind::Approval, None, approval_detail);
         let entry = RunEntry::new(
             run_id.clone(),
             protocol,
@@ -801,7 +801,7 @@ impl Core {
                 json!({ "decision": "rejected", "reason": reason }),
             ),
         };
-        self.event(Some(run_id), "approval", Some(who), detail);
+        self.event(Some(run_id), EventKind::Approval, Some(who), detail);
         self.set_state(run_id, state, reject);
         Ok(state)
     }
@@ -865,7 +865,7 @@ impl Core {
         if result.is_ok() {
             self.event(
                 Some(run_id),
-                "operator_action",
+                EventKind::OperatorAction,
                 Some(who),
                 json!({ "control": control }),
             );
@@ -887,7 +887,7 @@ impl Core {
         policy::check(who, Permission::TriggerEStop)?;
         let reason = format!("emergency stop by {}", who.name);
         self.stop_everything(&reason);
-        self.event(None, "estop_triggered", Some(who), json!({}));
+        self.event(None, EventKind::EstopTriggered, Some(who), json!({}));
         // Acknowledged only once the latch is on disk: a restart finds it latched.
         self.record_latch(true, Some(reason), who)
             .await
@@ -952,7 +952,7 @@ impl Core {
         let was = self.estop.acknowledge();
         self.event(
             None,
-            "estop_acknowledged",
+            EventKind::EstopAcknowledged,
             Some(who),
             json!({ "was_latched": was }),
         );
@@ -970,7 +970,12 @@ impl Core {
                 self.journal_failure = Some(reason.clone());
                 self.stop_everything(&why);
                 // Kept by the writer and committed once the journal works again.
-                self.event(None, "journal_failed", None, json!({ "reason": reason }));
+                self.event(
+                    None,
+                    EventKind::JournalFailed,
+                    None,
+                    json!({ "reason": reason }),
+                );
                 self.journal.append(Record::EStopLatch {
                     latched: true,
                     reason: Some(why),
@@ -981,7 +986,12 @@ impl Core {
             JournalHealth::Healthy => {
                 if let Some(reason) = self.journal_failure.take() {
                     tracing::warn!(was = %reason, "the journal commits again; the emergency stop stays latched until a technician acknowledges it");
-                    self.event(None, "journal_recovered", None, json!({ "was": reason }));
+                    self.event(
+                        None,
+                        EventKind::JournalRecovered,
+                        None,
+                        json!({ "was": reason }),
+                    );
                 }
             }
         }
@@ -1020,7 +1030,7 @@ impl Core {
                 );
                 self.journal.append(Record::RunState {
                     run_id: row.run_id.clone(),
-                    state: RunState::Rejected.as_str().into(),
+                    state: RunState::Rejected,
                     step: None,
                     reason: Some(reason),
                     at_ms: now_ms(),
@@ -1034,7 +1044,7 @@ impl Core {
                 .push("awaiting approval when the controller restarted".into());
             self.event(
                 Some(&row.run_id),
-                "approval_restored",
+                EventKind::ApprovalRestored,
                 None,
                 json!({ "because": report.approval_required_because, "estimated_duration_s": dry.estimated_duration_s, "problems": dry.problems }),
             );
@@ -1067,7 +1077,7 @@ impl Core {
             self.safe_state_of_run(&id);
             self.event(
                 Some(&id),
-                "planner_lost",
+                EventKind::PlannerLost,
                 None,
                 json!({ "planner_id": planner_id, "action": "safe hold" }),
             );
@@ -1078,7 +1088,7 @@ impl Core {
         if let Some(o) = self.overrides.get(&trip.interlock) {
             self.event(
                 None,
-                "interlock_overridden",
+                EventKind::InterlockOverridden,
                 None,
                 json!({ "interlock": trip.interlock, "reason": trip.reason, "override_by": o.by, "until_ms": o.until_ms }),
             );
@@ -1116,14 +1126,14 @@ impl Core {
         }
         self.event(
             None,
-            "interlock",
+            EventKind::Interlock,
             None,
             json!({ "interlock": trip.interlock, "reason": trip.reason, "action": trip.action, "safe_state": trip.safe_state, "runs": affected, "again": again }),
         );
         for id in affected {
             self.event(
                 Some(&id),
-                "interlock",
+                EventKind::Interlock,
                 None,
                 json!({ "interlock": trip.interlock, "reason": trip.reason }),
             );
@@ -1148,7 +1158,7 @@ impl Core {
         if self.tripped.remove(interlock).is_some() {
             self.event(
                 None,
-                "interlock_cleared",
+                EventKind::InterlockCleared,
                 None,
                 json!({ "interlock": interlock }),
             );
@@ -1204,7 +1214,7 @@ impl Core {
         tracing::warn!(interlock, by = %who.name, reason, seconds = duration.as_secs_f64(), "interlock overridden");
         self.event(
             None,
-            "interlock_override",
+            EventKind::InterlockOverride,
             Some(who),
             json!({ "interlock": interlock, "because": reason, "condition": trip_reason, "until_ms": until_ms }),
         );
@@ -1271,7 +1281,7 @@ impl Core {
         });
         self.event(
             None,
-            "interlock_override_ended",
+            EventKind::InterlockOverrideEnded,
             None,
             json!({ "interlock": interlock, "why": why }),
         );
@@ -1286,7 +1296,7 @@ impl Core {
             let left = Duration::from_millis(u64::try_from(o.until_ms - now).unwrap_or(0));
             self.event(
                 None,
-                "interlock_override_restored",
+                EventKind::InterlockOverrideRestored,
                 None,
                 json!({ "interlock": o.interlock, "by": o.actor, "because": o.reason, "until_ms": o.until_ms }),
             );
@@ -1458,7 +1468,7 @@ impl Core {
                 run.task = Some(task);
                 run.results = Some(results);
             }
-            self.event(Some(&id), "started", None, json!({}));
+            self.event(Some(&id), EventKind::Started, None, json!({}));
             self.set_state(&id, RunState::Running, None);
         }
     }
@@ -1490,13 +1500,13 @@ impl Core {
                 tracing::error!(instrument = %id, "could not confirm the safe state at shutdown");
             }
         }
-        self.event(None, "controller_stopped", None, json!({}));
+        self.event(None, EventKind::ControllerStopped, None, json!({}));
         // Make sure everything above is on disk before the process exits.
         let _ = self
             .journal
             .append_durable(Record::Event {
                 run_id: None,
-                kind: "journal_closed".into(),
+                kind: EventKind::JournalClosed,
                 step: None,
                 actor: None,
                 detail: json!({}),

@@ -18,6 +18,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use crate::api::Control;
+use crate::contract::EventKind;
 use crate::instruments::InstrumentHandle;
 use crate::journal::{JournalHandle, Record, now_ms};
 
@@ -137,10 +138,10 @@ impl RunContext {
         }
     }
 
-    fn event(&self, kind: &str, step: &str, detail: serde_json::Value) {
+    fn event(&self, kind: EventKind, step: &str, detail: serde_json::Value) {
         self.journal.append(Record::Event {
             run_id: Some(self.run_id.clone()),
-            kind: kind.to_owned(),
+            kind,
             step: Some(step.to_owned()),
             actor: None,
             detail,
@@ -267,12 +268,14 @@ impl RunContext {
                 };
                 match outcome {
                     // Leaf commands journal their own intent and outcome; blocks say when they end.
-                    Ok(()) if is_block(step) => self.event("step_finished", &step_path, json!({})),
+                    Ok(()) if is_block(step) => {
+                        self.event(EventKind::StepFinished, &step_path, json!({}))
+                    }
                     Ok(()) => {}
                     Err(StepError::Aborted(r)) => return Err(StepError::Aborted(r)),
                     Err(StepError::Failed(reason)) => {
                         self.event(
-                            "step_failed",
+                            EventKind::StepFailed,
                             &step_path,
                             json!({ "reason": reason, "on_error": step.on_error() }),
                         );
@@ -293,9 +296,11 @@ impl RunContext {
                         }
                         match step.on_error() {
                             OnError::Fail => return Err(StepError::Failed(reason)),
-                            OnError::Skip => {
-                                self.event("step_skipped", &step_path, json!({ "reason": reason }))
-                            }
+                            OnError::Skip => self.event(
+                                EventKind::StepSkipped,
+                                &step_path,
+                                json!({ "reason": reason }),
+                            ),
                             OnError::Pause => self.hold_after_failure(reason).await?,
                         }
                     }
@@ -323,7 +328,11 @@ impl RunContext {
         armed: &Armed,
     ) -> Result<(), StepError> {
         if is_block(step) {
-            self.event("step_started", &path, json!({ "type": step.type_name() }));
+            self.event(
+                EventKind::StepStarted,
+                &path,
+                json!({ "type": step.type_name() }),
+            );
         }
         match step {
             Step::Action(a) => {
@@ -459,7 +468,7 @@ impl RunContext {
         };
         let intent = Record::Event {
             run_id: Some(self.run_id.clone()),
-            kind: "command".into(),
+            kind: EventKind::Command,
             step: Some(step.to_owned()),
             actor: None,
             detail: json!({ "instrument": instrument, "command": cmd }),
@@ -473,7 +482,7 @@ impl RunContext {
         match handle.execute_in_epoch(cmd, armed.epoch(instrument)).await {
             Ok(outcome) => {
                 self.event(
-                    "command_done",
+                    EventKind::CommandDone,
                     step,
                     json!({ "instrument": instrument, "outcome": outcome_summary(&outcome) }),
                 );

@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde_json::Value;
 
+use crate::contract::{EventKind, Severity};
+
 /// Readings kept per quantity for the sparklines (at 10 Hz telemetry, the last 12 s or so).
 pub const HISTORY: usize = 120;
 /// Lines kept in the event log.
@@ -429,8 +431,12 @@ impl Model {
         {
             run.step = step.clone();
         }
-        // Commands are many and routine; the log keeps what a technician acts on.
-        if kind == "command" || kind == "command_done" {
+        // Commands are many and routine; the log keeps what a technician acts on. A kind this console
+        // does not know (a newer controller) is shown as information.
+        let severity = kind
+            .parse::<EventKind>()
+            .map_or(Severity::Info, EventKind::severity);
+        if severity == Severity::Routine {
             return Ok(());
         }
         let actor = v["actor"]
@@ -439,11 +445,7 @@ impl Model {
             .unwrap_or_default();
         let step = step.map(|s| format!(" {s}")).unwrap_or_default();
         let detail = summarise_detail(&v["detail"]);
-        let level = if kind.contains("fail")
-            || kind.contains("interlock")
-            || kind.contains("estop")
-            || kind.contains("error")
-        {
+        let level = if severity == Severity::Warning {
             Level::Warn
         } else {
             Level::Info
@@ -800,6 +802,21 @@ mod tests {
             m.log.back().unwrap().text,
             "run run-1-1: step_started heat: estimated_s=134.805, type=action"
         );
+        assert_eq!(m.log.back().unwrap().level, Level::Info);
+        // The event kind decides the line's level: a command is not worth one, a failed step warns, a
+        // kind from a newer controller informs.
+        let lines = m.log.len();
+        let event = |kind: &str| {
+            json!({"run_id": "run-1-1", "kind": kind, "step": "heat", "actor": null,
+                   "detail": {}, "at_ms": 4})
+        };
+        feed(&mut m, "runs/run-1-1/events", event("command"));
+        assert_eq!(m.log.len(), lines, "a routine command made a log line");
+        feed(&mut m, "runs/run-1-1/events", event("step_failed"));
+        assert_eq!(m.log.back().unwrap().level, Level::Warn);
+        feed(&mut m, "runs/run-1-1/events", event("step_rehearsed"));
+        assert_eq!(m.log.back().unwrap().level, Level::Info);
+        assert_eq!(m.log.len(), lines + 2);
     }
 
     #[test]

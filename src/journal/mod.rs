@@ -16,6 +16,8 @@ use rusqlite::{Connection, params};
 use serde::Serialize;
 use tokio::sync::{broadcast, oneshot};
 
+use crate::contract::{EventKind, RunState};
+
 pub const DB_FILE: &str = "journal.sqlite";
 
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +77,7 @@ pub struct RunRecord {
     pub lab_id: String,
     pub lab_sha256: String,
     pub labctl_version: String,
-    pub state: String,
+    pub state: RunState,
     pub estimated_duration_s: Option<f64>,
     pub submitted_at_ms: i64,
 }
@@ -87,7 +89,7 @@ pub enum Record {
     RunCreated(RunRecord),
     RunState {
         run_id: String,
-        state: String,
+        state: RunState,
         step: Option<String>,
         reason: Option<String>,
         at_ms: i64,
@@ -95,7 +97,7 @@ pub enum Record {
     /// Step intents and outcomes, approvals, operator actions, interlocks, e-stops.
     Event {
         run_id: Option<String>,
-        kind: String,
+        kind: EventKind,
         step: Option<String>,
         actor: Option<String>,
         detail: serde_json::Value,
@@ -516,7 +518,7 @@ fn commit(conn: &mut Connection, batch: &[(Option<Record>, Ack)]) -> Result<(), 
                     params![
                         r.run_id, r.proposal_id, r.name, r.planner_id, r.planner_model, r.planner_model_version,
                         r.submitted_by, r.protocol_json, r.protocol_sha256, r.lab_id, r.lab_sha256, r.labctl_version,
-                        r.state, r.estimated_duration_s, r.submitted_at_ms
+                        r.state.as_str(), r.estimated_duration_s, r.submitted_at_ms
                     ],
                 )?;
             }
@@ -530,7 +532,7 @@ fn commit(conn: &mut Connection, batch: &[(Option<Record>, Ack)]) -> Result<(), 
                 tx.prepare_cached(
                     "UPDATE runs SET state = ?2, current_step = ?3, reason = COALESCE(?4, reason), updated_at_ms = ?5 WHERE run_id = ?1",
                 )?
-                .execute(params![run_id, state, step, reason, at_ms])?;
+                .execute(params![run_id, state.as_str(), step, reason, at_ms])?;
             }
             Record::Event {
                 run_id,
@@ -543,7 +545,7 @@ fn commit(conn: &mut Connection, batch: &[(Option<Record>, Ack)]) -> Result<(), 
                 tx.prepare_cached(
                     "INSERT INTO events (run_id, at_ms, kind, step, actor, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?
-                .execute(params![run_id, at_ms, kind, step, actor, detail.to_string()])?;
+                .execute(params![run_id, at_ms, kind.as_str(), step, actor, detail.to_string()])?;
             }
             Record::EStopLatch {
                 latched,

@@ -457,7 +457,7 @@ async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<S
                 context.observe(&record);
                 if let Record::RunCreated(r) = &*record {
                     proposals.insert(r.run_id.clone(), r.proposal_id.clone());
-                    if r.state == RunState::AwaitingApproval.as_str() {
+                    if r.state == RunState::AwaitingApproval {
                         // The approver sees the validator's warnings; validating again is cheaper than
                         // carrying them through the journal, and gives the same answer on the same lab.
                         let (lab, bytes) =

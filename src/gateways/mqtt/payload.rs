@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::api::Control;
+use crate::contract::{EventKind, RunState};
 use crate::journal::Record;
 
 /// Largest payload accepted on any inbound topic (a protocol with thousands of steps fits easily).
@@ -441,7 +442,7 @@ impl RunContext {
     pub fn observe(&mut self, record: &Record) {
         match record {
             Record::RunCreated(r) => {
-                let approval = (r.state == "awaiting_approval").then(|| {
+                let approval = (r.state == RunState::AwaitingApproval).then(|| {
                     let protocol = serde_json::from_str::<Value>(&r.protocol_json)
                         .unwrap_or_else(|_| Value::String(r.protocol_json.clone()));
                     let mut m = serde_json::Map::new();
@@ -475,10 +476,10 @@ impl RunContext {
                 ..
             } => {
                 let meta = self.runs.entry(run_id.clone()).or_default();
-                if state != "awaiting_approval" {
+                if *state != RunState::AwaitingApproval {
                     meta.approval = None;
                 }
-                if state == "running" && meta.started_at_ms.is_none() {
+                if *state == RunState::Running && meta.started_at_ms.is_none() {
                     meta.started_at_ms = Some(*at_ms);
                 }
             }
@@ -492,11 +493,11 @@ impl RunContext {
                 else {
                     return;
                 };
-                match kind.as_str() {
-                    "dry_run" => {
+                match kind {
+                    EventKind::DryRun => {
                         approval.insert("dry_run".into(), detail.clone());
                     }
-                    "approval" if detail["decision"] == "awaiting_approval" => {
+                    EventKind::Approval if detail["decision"] == "awaiting_approval" => {
                         approval.insert("because".into(), detail["because"].clone());
                     }
                     _ => {}
@@ -619,9 +620,9 @@ mod tests {
 
     #[test]
     fn latch_changes_become_the_retained_estop_state_and_other_lab_events_do_not() {
-        let event = |kind: &str, actor: Option<&str>| Record::Event {
+        let event = |kind: EventKind, actor: Option<&str>| Record::Event {
             run_id: None,
-            kind: kind.into(),
+            kind,
             step: None,
             actor: actor.map(str::to_owned),
             detail: json!({}),
@@ -646,10 +647,10 @@ mod tests {
         assert_eq!(payload["latched"], false);
         assert_eq!(payload["by"], "bob");
         for kind in [
-            "controller_started",
-            "instrument_safe",
-            "interlock",
-            "estop_triggered",
+            EventKind::ControllerStarted,
+            EventKind::InstrumentSafe,
+            EventKind::Interlock,
+            EventKind::EstopTriggered,
         ] {
             assert!(from_record(&event(kind, None), None).is_none(), "{kind}");
         }
@@ -712,36 +713,36 @@ mod tests {
             lab_id: "sim".into(),
             lab_sha256: "y".into(),
             labctl_version: "0".into(),
-            state: "awaiting_approval".into(),
+            state: RunState::AwaitingApproval,
             estimated_duration_s: Some(4000.0),
             submitted_at_ms: 5,
         });
         ctx.observe(&created);
-        let event = |kind: &str, detail: Value| Record::Event {
+        let event = |kind: EventKind, detail: Value| Record::Event {
             run_id: Some("r1".into()),
-            kind: kind.into(),
+            kind,
             step: None,
             actor: None,
             detail,
             at_ms: 6,
         };
         ctx.observe(&event(
-            "dry_run",
+            EventKind::DryRun,
             json!({"estimated_duration_s": 4000.0, "problems": []}),
         ));
         ctx.observe(&event(
-            "approval",
+            EventKind::Approval,
             json!({"decision": "awaiting_approval", "because": ["too long"]}),
         ));
         ctx.set_findings("r1", json!([{"severity": "warning"}]));
-        let state = |s: &str, at| Record::RunState {
+        let state = |state: RunState, at| Record::RunState {
             run_id: "r1".into(),
-            state: s.into(),
+            state,
             step: None,
             reason: None,
             at_ms: at,
         };
-        ctx.observe(&state("awaiting_approval", 7));
+        ctx.observe(&state(RunState::AwaitingApproval, 7));
         let mut status = json!({"run_id": "r1", "state": "awaiting_approval"});
         ctx.decorate(&mut status);
         assert_eq!(status["name"], "long wait");
@@ -754,8 +755,8 @@ mod tests {
         assert_eq!(a["findings"][0]["severity"], "warning");
         assert_eq!(a["protocol"]["steps"][0]["type"], "wait");
 
-        ctx.observe(&state("queued", 8));
-        ctx.observe(&state("running", 9));
+        ctx.observe(&state(RunState::Queued, 8));
+        ctx.observe(&state(RunState::Running, 9));
         let mut status = json!({"run_id": "r1", "state": "running"});
         ctx.decorate(&mut status);
         assert!(status.get("approval").is_none(), "{status}");

@@ -547,12 +547,10 @@ pub async fn run(
                     reason,
                     ..
                 } if *run_id == done.run_id => {
-                    if let Ok(state) = state.parse::<RunState>() {
-                        done.state = state;
-                        done.reason = reason.clone();
-                        if state.is_terminal() {
-                            break;
-                        }
+                    done.state = *state;
+                    done.reason = reason.clone();
+                    if state.is_terminal() {
+                        break;
                     }
                 }
                 Record::Result { run_id, value, .. } if *run_id == done.run_id => {

@@ -14,7 +14,7 @@ use super::address_space::Names;
 use super::devices;
 use super::names;
 use super::node_manager::LabNodeManager;
-use crate::api::{ControllerHandle, RunInfo, RunState};
+use crate::api::{ControllerHandle, RunInfo};
 use crate::instruments::{Connection, InstrumentView};
 use crate::journal::Record;
 use crate::world::LabSnapshot;
@@ -257,7 +257,7 @@ impl Updater {
                     name: r.name.clone(),
                     planner_id: r.planner_id.clone(),
                     submitted_by: r.submitted_by.clone(),
-                    state: r.state.parse::<RunState>().ok().unwrap_or(RunState::Queued),
+                    state: r.state,
                     current_step: None,
                     reason: None,
                     estimated_duration_s: r.estimated_duration_s,
@@ -274,7 +274,7 @@ impl Updater {
                     )
                 };
                 self.write(vec![
-                    v("State", &r.state),
+                    v("State", r.state.as_str()),
                     v("SupervisoryJobId", &r.proposal_id),
                     v("Name", &r.name),
                     v("SubmittedBy", &r.submitted_by),
@@ -295,18 +295,14 @@ impl Updater {
                     )
                 };
                 let mut values = vec![
-                    v("State", state.clone()),
+                    v("State", state.to_string()),
                     v("Reason", reason.clone().unwrap_or_default()),
                 ];
                 if let Some(step) = step {
                     values.push(v("CurrentStep", step.clone()));
                 }
                 self.write(values);
-                if state
-                    .parse::<RunState>()
-                    .ok()
-                    .is_some_and(RunState::is_terminal)
-                {
+                if state.is_terminal() {
                     self.finished(run_id);
                     // A command that failed is never confirmed.
                     self.pending_setpoints
