@@ -1,26 +1,17 @@
-//! labctl core: the controller behind the `labctl` binary.
+//! The `labctl` binary's library: its subcommands, its faces and the terminal console, on top of the core.
 //!
-//! - [`controller`]: proposals, approval, reservations, runs, interlocks, e-stop; [`api`] is its one API.
-//! - [`executor`]: runs one protocol as a tokio task.
-//! - [`instruments`]: one tokio task per instrument owns its driver; the envelope check sits there.
-//! - [`world`]: the bevy_ecs world model and the fixed-rate tick thread.
-//! - [`safety`]: envelope, e-stop latch, interlocks.
-//! - [`journal`]: the crash-safe SQLite journal.
 //! - [`commands`]: the `labctl` subcommands.
+//! - [`gateways`]: the faces: MQTT (with its embedded broker), OPC UA, the command port.
 //! - [`console`]: `labctl console`, the technicians' terminal UI over MQTT.
+//!
+//! The core (crate `labctl-core`: API, policy, controller, executor, world, journal, instruments, safety) is
+//! re-exported under its own module names, so `labctl::api` is `labctl_core::api`.
 
-pub mod api;
-pub mod auth;
+pub use labctl_core::{
+    api, auth, contract, controller, executor, instruments, journal, lab_runtime, policy, safety,
+    tls, world,
+};
+
 pub mod commands;
 pub mod console;
-pub mod contract;
-pub mod controller;
-pub mod executor;
 pub mod gateways;
-pub mod instruments;
-pub mod journal;
-pub mod lab_runtime;
-pub mod policy;
-pub mod safety;
-pub mod tls;
-pub mod world;

@@ -266,7 +266,7 @@ impl MqttGateway {
             data_dir: config.data_dir.clone(),
             planners: std::sync::Mutex::new(HashMap::new()),
             estop_state: std::sync::Mutex::new(to_vec(&payload::estop_state(
-                api.estop.is_latched(),
+                api.estop_latched(),
                 None,
                 None,
             ))),
@@ -461,7 +461,7 @@ async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<S
                         // The approver sees the validator's warnings; validating again is cheaper than
                         // carrying them through the journal, and gives the same answer on the same lab.
                         let (lab, bytes) =
-                            (s.api.lab.clone(), r.protocol_json.clone().into_bytes());
+                            (s.api.lab().clone(), r.protocol_json.clone().into_bytes());
                         let findings = tokio::task::spawn_blocking(move || {
                             serde_json::to_value(
                                 labctl_protocols::validate_bytes(&bytes, &lab).findings,
@@ -532,7 +532,7 @@ async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<S
                 );
                 catch_up(&s, &mut last_seq, &context).await;
                 // A skipped latch change: publish the latch as it is now (who changed it is in the journal).
-                let latched = s.api.estop.is_latched();
+                let latched = s.api.estop_latched();
                 let published = serde_json::from_slice::<serde_json::Value>(
                     &s.estop_state.lock().unwrap_or_else(|p| p.into_inner()),
                 )

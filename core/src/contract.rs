@@ -120,7 +120,7 @@ pub struct SubmitReply {
 }
 
 impl SubmitReply {
-    pub(crate) fn refused(proposal_id: Option<String>, error: String) -> Self {
+    pub fn refused(proposal_id: Option<String>, error: String) -> Self {
         SubmitReply {
             accepted: false,
             proposal_id,

@@ -136,7 +136,7 @@ mod tests {
 
     #[test]
     fn the_documented_table_is_the_table() {
-        let doc = include_str!("../docs/controller.md");
+        let doc = include_str!("../../docs/controller.md");
         for row in rendered() {
             assert!(
                 doc.contains(&row),

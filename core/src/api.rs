@@ -354,6 +354,16 @@ impl ControllerHandle {
         self.snapshot.clone()
     }
 
+    /// The lab file the controller runs.
+    pub fn lab(&self) -> &Arc<labctl_protocols::Lab> {
+        &self.lab
+    }
+
+    /// Whether the emergency stop is latched now (read without asking the controller task).
+    pub fn estop_latched(&self) -> bool {
+        self.estop.is_latched()
+    }
+
     /// Leaves every instrument safe and stops the controller.
     pub async fn shutdown(&self) {
         let _ = self.ask(|reply| Request::Shutdown { reply }).await;
