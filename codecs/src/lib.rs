@@ -6,6 +6,8 @@
 //!
 //! Decoders work on the front of a receive buffer and say how many bytes they used, so a caller can keep
 //! a partial frame until the rest arrives and skip exactly the garbage that could not be parsed.
+//!
+//! May depend on: nothing of labctl, and no async runtime (the simulators and the fuzzers link this alone).
 
 pub mod grbl;
 pub mod mtsics;

@@ -10,6 +10,8 @@
 //! - [`roles`]: the drivers, one per wire protocol, behind the [`Instrument`] trait.
 //! - [`connect`] (in [`setup`]): a driver for each lab-file instrument, with shared lines grouped onto one
 //!   port task.
+//!
+//! May depend on: codecs, protocols. Never on the core, a face or the simulators.
 
 pub mod error;
 pub mod instrument;

@@ -5,6 +5,8 @@
 //! - [`capabilities`]: what each kind of instrument can do and report.
 //! - [`validate`]: the one validator every interface calls (CLI, MQTT, OPC UA, command port).
 //! - [`schema`]: the JSON Schema a planner writes against.
+//!
+//! May depend on: nothing of labctl (every other crate reads the lab file and protocols through it).
 
 pub mod capabilities;
 pub mod finding;

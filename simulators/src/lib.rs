@@ -7,6 +7,9 @@
 //!   injection.
 //! - [`simlab`]: the whole simulated lab in one call: [`SimLab::start`] gives a [`SimLabHandle`] with the
 //!   endpoints, fault handles, the model and `shutdown()`.
+//!
+//! May depend on: clock, codecs, protocols. Never on the drivers (a simulator speaks the wire through the
+//! codecs, so it cannot borrow a driver's mistakes), the core or a face.
 
 pub mod devices;
 pub mod dry_run;
