@@ -1077,16 +1077,6 @@ pub enum Command {
     IntegrationQuery,
 }
 
-impl Command {
-    /// Queries are the commands that produce a response unit.
-    pub fn is_query(&self) -> bool {
-        !matches!(
-            self,
-            Command::Reset | Command::ClearStatus | Command::SetIntegration { .. }
-        )
-    }
-}
-
 /// One program message as the device understood it: the commands to run in order, then the fault that
 /// ended it (to queue after running them), if any.
 #[derive(Debug, Clone, PartialEq)]

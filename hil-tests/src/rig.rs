@@ -138,15 +138,6 @@ impl Rig {
         }
     }
 
-    /// The pty the simulator serves `id` on right now (`/dev/pts/N`), for plain file I/O.
-    pub fn pty_path(&self, id: &str) -> PathBuf {
-        let endpoint = self.sim.endpoint(id).expect("simulated instrument");
-        match endpoint.kind {
-            labctl_simulators::EndpointKind::Pty { path: Some(p), .. } => p,
-            other => panic!("{id}: not on a pty: {other:?}"),
-        }
-    }
-
     /// A driver for `id` on the rig's shared port tasks (a second driver for the same line shares it).
     pub fn driver(&mut self, id: &str) -> AnyInstrument {
         let endpoint = self.endpoint(id);

@@ -294,23 +294,6 @@ impl Labctl {
             .collect()
     }
 
-    /// Waits for a stdout line matching `pred`.
-    pub fn wait_stdout(&self, limit: Duration, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(line) = self.stdout().into_iter().find(|l| pred(l)) {
-                return line;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "labctl: {what} not within {limit:?}; stdout {:#?}\nlog:\n{}",
-                self.stdout(),
-                self.log_tail()
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-
     /// Its whole log (stderr) so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()

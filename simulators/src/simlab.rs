@@ -413,14 +413,6 @@ impl SimLabHandle {
         })
     }
 
-    /// What a port (`gantry`, `pumps`, `balance`, `hotplate`, `spectro`) offers now, with its byte counts.
-    pub fn port_status(&self, port: &str) -> Option<PortStatus> {
-        self.ports
-            .iter()
-            .find(|p| p.name == port)
-            .map(|p| p.status.borrow().clone())
-    }
-
     /// The recording of what the host sent a port (`gantry`, `pumps`, `balance`, `hotplate`, `spectro`)
     /// or an instrument's port (`pump-red` gives the shared pump line), kept across unplug and replug.
     pub fn tap(&self, port_or_instrument: &str) -> Option<WireTap> {

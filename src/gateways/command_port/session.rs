@@ -206,11 +206,6 @@ impl Session {
         self.principal.as_ref()
     }
 
-    /// Entries waiting in the error queue.
-    pub fn pending_errors(&self) -> usize {
-        self.errors.len()
-    }
-
     /// Feeds received bytes; returns the reply lines (each without its `\n`) for every complete program
     /// message among them, in order.
     pub async fn feed<B: Backend>(&mut self, backend: &B, bytes: &[u8]) -> Vec<String> {

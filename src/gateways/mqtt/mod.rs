@@ -94,15 +94,6 @@ pub fn parse_broker_url(url: &str) -> Result<BrokerUrl, String> {
     Ok(BrokerUrl { host, port, tls })
 }
 
-/// Parses `mqtt://host:port` (port 1883 when absent); `mqtts://` is refused here (see [`parse_broker_url`]).
-pub fn parse_url(url: &str) -> Result<(String, u16), String> {
-    let b = parse_broker_url(url)?;
-    if b.tls {
-        return Err(format!("{url}: TLS is not available here; use mqtt://"));
-    }
-    Ok((b.host, b.port))
-}
-
 fn split_host_port(url: &str, rest: &str, default_port: u16) -> Result<(String, u16), String> {
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {

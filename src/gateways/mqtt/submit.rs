@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -141,11 +141,16 @@ async fn submit(args: SubmitArgs) -> Result<u8, String> {
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let (tx, mut rx) = mpsc::unbounded_channel::<Result<Publish, String>>();
     let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<Result<(), String>>();
+    // One entry per SUBACK: its reason codes, so the submit waits until its replies can reach it.
+    let (suback_tx, mut suback_rx) = mpsc::unbounded_channel::<Vec<SubscribeReasonCode>>();
     tokio::spawn(async move {
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     let _ = conn_tx.send(Ok(()));
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let _ = suback_tx.send(ack.return_codes);
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if tx.send(Ok(p)).is_err() {
@@ -175,6 +180,7 @@ async fn submit(args: SubmitArgs) -> Result<u8, String> {
     sub(response_topic.clone())
         .await
         .map_err(|e| e.to_string())?;
+    let mut subscriptions = 1;
     if args.wait {
         // Before the submit, so nothing of the run can slip past.
         for t in [
@@ -183,10 +189,28 @@ async fn submit(args: SubmitArgs) -> Result<u8, String> {
             format!("{}runs/+/results", topics.prefix()),
         ] {
             sub(t).await.map_err(|e| e.to_string())?;
+            subscriptions += 1;
         }
     }
-    // A subscription is in place once its SUBACK is back; a short pause is enough on loopback.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A subscription is in place once its SUBACK is back: only then can the reply not slip past.
+    let deadline = tokio::time::Instant::now() + timeout;
+    for _ in 0..subscriptions {
+        match tokio::time::timeout_at(deadline, suback_rx.recv()).await {
+            Ok(Some(codes)) => {
+                if let Some(refused) = codes
+                    .iter()
+                    .find(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                {
+                    return Err(format!(
+                        "the broker refused a subscription ({refused:?}); may user {user} read {}?",
+                        topics.reply_prefix(&user)
+                    ));
+                }
+            }
+            Ok(None) => return Err("connection lost".into()),
+            Err(_) => return Err(format!("no SUBACK from {} within {timeout:?}", args.mqtt)),
+        }
+    }
     let correlation = client_id.clone().into_bytes();
     let props = PublishProperties {
         response_topic: Some(response_topic.clone()),
