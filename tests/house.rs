@@ -11,6 +11,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("labctl-clock", &[]),
     ("labctl-codecs", &[]),
     ("labctl-protocols", &[]),
+    ("labctl-contract", &["labctl-protocols"]),
     ("labctl-drivers", &["labctl-codecs", "labctl-protocols"]),
     (
         "labctl-simulators",
@@ -20,6 +21,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "labctl-core",
         &[
             "labctl-clock",
+            "labctl-contract",
             "labctl-drivers",
             "labctl-protocols",
             "labctl-simulators",
@@ -30,6 +32,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &[
             "labctl-clock",
             "labctl-codecs",
+            "labctl-contract",
             "labctl-core",
             "labctl-drivers",
             "labctl-protocols",
@@ -48,7 +51,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
 ];
 
 /// Crates that must stay pure: no async runtime, no ports.
-const PURE: &[&str] = &["labctl-clock", "labctl-codecs"];
+const PURE: &[&str] = &["labctl-clock", "labctl-codecs", "labctl-contract"];
 
 /// Workspace crates and their normal (non-dev, non-build) dependencies, from `cargo metadata`.
 fn workspace_dependencies() -> BTreeMap<String, BTreeSet<String>> {

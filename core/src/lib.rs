@@ -16,8 +16,8 @@
 //! May depend on: protocols, drivers, clock, simulators. Never on a face: faces depend on this crate.
 
 pub mod api;
+pub use labctl_contract as contract;
 pub mod auth;
-pub mod contract;
 pub mod controller;
 pub mod executor;
 pub mod instruments;

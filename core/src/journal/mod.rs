@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, params};
 use serde::Serialize;
@@ -55,12 +54,7 @@ pub enum JournalHealth {
 }
 
 /// Milliseconds since the Unix epoch, the journal's timestamp.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use labctl_contract::now_ms;
 
 /// A run as first recorded.
 #[derive(Debug, Clone, Serialize)]

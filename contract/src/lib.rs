@@ -1,11 +1,23 @@
-//! The typed contract between the core and its faces: who asks ([`Principal`]), the states of a run
-//! ([`RunState`]), run control, the API's errors and the replies every face renders in its own way.
-//! Plain data: nothing here holds a channel or a lock, so the role policy and the world model use these
-//! types without depending on the controller's handle.
+//! The typed contract between labctl's core, its faces and its clients: who asks ([`Principal`]), the
+//! states of a run ([`RunState`]), what the journal records ([`EventKind`]), run control, the API's errors
+//! and the replies every face renders in its own way.
+//!
+//! Plain data: nothing here holds a channel, a lock or a runtime, so the consoles and other clients read
+//! the same types the controller writes without linking the controller.
+//!
+//! May depend on: protocols (findings, roles). Nothing else of labctl.
 
 use labctl_protocols::Finding;
 use labctl_protocols::lab::Role;
 use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch: the timestamps of the journal and of every payload.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
 
 /// Who is asking, as authenticated by the gateway they came through.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
