@@ -12,7 +12,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("labctl-codecs", &[]),
     ("labctl-protocols", &[]),
     ("labctl-contract", &["labctl-protocols"]),
-    ("labctl-drivers", &["labctl-codecs", "labctl-protocols"]),
+    ("labctl-transport", &["labctl-protocols"]),
+    (
+        "labctl-drivers",
+        &["labctl-codecs", "labctl-protocols", "labctl-transport"],
+    ),
     (
         "labctl-simulators",
         &["labctl-clock", "labctl-codecs", "labctl-protocols"],
@@ -37,6 +41,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "labctl-drivers",
             "labctl-protocols",
             "labctl-simulators",
+            "labctl-transport",
         ],
     ),
     (

@@ -8,11 +8,8 @@ use labctl_codecs::DecodeError;
 /// Errors of the task that owns a port.
 #[derive(Debug, thiserror::Error)]
 pub enum PortError {
-    #[error("cannot open {port}: {source}")]
-    Open {
-        port: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Open(#[from] labctl_transport::OpenError),
     #[error("I/O on {port}: {source}")]
     Io {
         port: String,

@@ -4,7 +4,8 @@
 //! - the codecs (crate `labctl-codecs`): one sans-IO codec per wire protocol, pure functions from bytes to
 //!   typed frames and back on both sides of the line, so the simulators speak exactly what the drivers
 //!   parse (they depend on the codecs alone, not on this crate).
-//! - [`transport`]: byte streams over serial lines, raw TCP, or an in-memory duplex for tests.
+//! - the transport (crate `labctl-transport`): byte streams over serial lines, raw TCP, or an in-memory
+//!   duplex for tests.
 //! - [`port`]: one tokio task owns each port and runs transactions on it one at a time, for every
 //!   instrument sharing that line.
 //! - [`roles`]: the drivers, one per wire protocol, behind the [`Instrument`] trait.
@@ -18,15 +19,14 @@ pub mod instrument;
 pub mod port;
 pub mod roles;
 pub mod setup;
-pub mod transport;
 
 #[cfg(test)]
 pub(crate) mod testing;
 
 pub use error::{DriverError, PortError};
 pub use instrument::{DeviceCommand, DeviceState, Identity, Instrument, Outcome, Telemetry};
+pub use labctl_transport::Endpoint;
 pub use port::{PortConfig, PortHandle};
 pub use setup::{
     AnyInstrument, DriverOptions, Ports, connect, driver_for, port_config, standard_line,
 };
-pub use transport::Endpoint;

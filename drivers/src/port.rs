@@ -26,8 +26,8 @@ use tokio::time::{Instant, timeout_at};
 use tracing::{debug, trace, warn};
 
 use crate::error::PortError;
-use crate::transport::{self, Endpoint, LineTiming, Stream};
 use labctl_codecs::{DecodeError, MAX_LINE, split_line};
+use labctl_transport::{self as transport, Endpoint, LineTiming, Stream};
 
 /// One frame as the framer cut it from the receive buffer, terminator included.
 pub type Frame = Vec<u8>;

@@ -13,7 +13,7 @@ use crate::port::{PortConfig, PortHandle, frame_line, frame_line_or_cr};
 use crate::roles::{
     GantryOptions, GrblGantry, HotplateOptions, IkaHotplate, MtSicsBalance, Ne1000Pump, ScpiSpectro,
 };
-use crate::transport::Endpoint;
+use labctl_transport::Endpoint;
 
 /// Driver settings the lab file does not carry.
 #[derive(Debug, Clone, PartialEq)]
@@ -215,8 +215,8 @@ impl Instrument for AnyInstrument {
 mod tests {
     use super::*;
     use crate::testing::Fake;
-    use crate::transport;
     use labctl_protocols::Lab;
+    use labctl_transport as transport;
 
     #[test]
     fn the_sim_lab_builds_seven_drivers_on_five_port_tasks() {

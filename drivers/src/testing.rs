@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use crate::port::{PortConfig, PortHandle, printable};
-use crate::transport::{self, LineTiming, MemoryDevice};
+use labctl_transport::{self as transport, LineTiming, MemoryDevice};
 
 /// How long a fake waits for the host (virtual time in paused-clock tests).
 const EXPECT_WAIT: Duration = Duration::from_secs(3600);

@@ -23,7 +23,7 @@ fn query(addr: u8) -> Transaction {
     )
 }
 
-async fn opened() -> (PortHandle, crate::transport::MemoryDevice) {
+async fn opened() -> (PortHandle, labctl_transport::MemoryDevice) {
     let (port, device) = memory_port(None, PortConfig::default());
     (port, device)
 }

@@ -17,9 +17,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use labctl_drivers::transport::{self, Endpoint};
 use labctl_protocols::Lab;
 use labctl_protocols::lab::{Role, SerialLine};
+use labctl_transport::{self as transport, Endpoint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;

@@ -5,7 +5,7 @@ use super::*;
 use crate::error::PortError;
 use crate::port::PortConfig;
 use crate::testing::{Fake, memory_port};
-use crate::transport::{LineTiming, MemoryDevice};
+use labctl_transport::{LineTiming, MemoryDevice};
 
 const BUILD_INFO: &[u8] = b"[VER:1.1h.20190825:]\r\n[OPT:V,15,128]\r\nok\r\n";
 /// Part of a `$$` listing as the "Grbl v1.1 Configuration" document prints it, with this machine's max

@@ -4,7 +4,7 @@
 use super::*;
 use crate::port::PortConfig;
 use crate::testing::{Fake, memory_port};
-use crate::transport::{LineTiming, MemoryDevice};
+use labctl_transport::{LineTiming, MemoryDevice};
 
 fn hotplate(options: HotplateOptions) -> (IkaHotplate, MemoryDevice) {
     let config = PortConfig {

@@ -5,7 +5,7 @@ use super::*;
 use crate::error::PortError;
 use crate::port::PortConfig;
 use crate::testing::{Fake, memory_port};
-use crate::transport::{LineTiming, MemoryDevice};
+use labctl_transport::{LineTiming, MemoryDevice};
 
 fn line() -> (PortHandle, MemoryDevice) {
     let config = PortConfig {

@@ -4,7 +4,7 @@
 use super::*;
 use crate::port::PortConfig;
 use crate::testing::{Fake, memory_port};
-use crate::transport::{Endpoint, MemoryDevice};
+use labctl_transport::{Endpoint, MemoryDevice};
 
 const IDN: &[u8] = b"Labctl Instruments,UV-1 Sim,SN000123,1.4.2\n";
 

@@ -1,7 +1,10 @@
-//! Byte streams to instruments: serial lines (tokio-serial), raw TCP, and an in-memory duplex for tests.
+//! Byte streams: serial lines (tokio-serial), raw TCP, and an in-memory duplex for tests.
 //!
-//! Everything above this module sees one boxed [`ByteStream`], so port tasks and drivers are tested on the
-//! in-memory duplex exactly as they run on a serial line.
+//! Everything above this crate sees one boxed [`ByteStream`], so port tasks and drivers are tested on the
+//! in-memory duplex exactly as they run on a serial line. The drivers open instruments' lines with it and
+//! the command port its own terminal line.
+//!
+//! May depend on: protocols (the lab file's serial line settings). Nothing else of labctl.
 
 use std::fmt;
 use std::io;
@@ -12,7 +15,13 @@ use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::error::PortError;
+/// A byte stream that could not be opened: the port (device path, address or memory name) and why.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open {port}: {source}")]
+pub struct OpenError {
+    pub port: String,
+    pub source: io::Error,
+}
 
 /// What the rest of the crate reads and writes.
 pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -164,7 +173,7 @@ pub fn memory(name: &str, timing: Option<LineTiming>) -> (Endpoint, MemoryDevice
 }
 
 /// Opens a byte stream to `endpoint`.
-pub async fn open(endpoint: &Endpoint) -> Result<Stream, PortError> {
+pub async fn open(endpoint: &Endpoint) -> Result<Stream, OpenError> {
     let port = endpoint.name().to_owned();
     match endpoint {
         Endpoint::Serial(line) => open_serial(line).await,
@@ -172,24 +181,24 @@ pub async fn open(endpoint: &Endpoint) -> Result<Stream, PortError> {
             let stream =
                 match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await {
                     Ok(Ok(stream)) => stream,
-                    Ok(Err(source)) => return Err(PortError::Open { port, source }),
+                    Ok(Err(source)) => return Err(OpenError { port, source }),
                     Err(_) => {
                         let source = io::Error::new(
                             io::ErrorKind::TimedOut,
                             format!("no TCP connection within {CONNECT_TIMEOUT:?}"),
                         );
-                        return Err(PortError::Open { port, source });
+                        return Err(OpenError { port, source });
                     }
                 };
             // Small request/reply frames: Nagle would add tens of milliseconds to every transaction.
             stream
                 .set_nodelay(true)
-                .map_err(|source| PortError::Open { port, source })?;
+                .map_err(|source| OpenError { port, source })?;
             Ok(Box::new(stream))
         }
         Endpoint::Memory(m) => {
             let (host, device) = tokio::io::duplex(MEMORY_BUFFER);
-            m.devices.try_send(device).map_err(|_| PortError::Open {
+            m.devices.try_send(device).map_err(|_| OpenError {
                 port,
                 source: io::Error::new(
                     io::ErrorKind::ConnectionRefused,
@@ -202,8 +211,8 @@ pub async fn open(endpoint: &Endpoint) -> Result<Stream, PortError> {
 }
 
 /// The tokio-serial builder for a lab-file line, refusing settings no UART has.
-pub fn serial_builder(line: &SerialLine) -> Result<tokio_serial::SerialPortBuilder, PortError> {
-    let invalid = |what: String| PortError::Open {
+pub fn serial_builder(line: &SerialLine) -> Result<tokio_serial::SerialPortBuilder, OpenError> {
+    let invalid = |what: String| OpenError {
         port: line.port.clone(),
         source: io::Error::new(io::ErrorKind::InvalidInput, what),
     };
@@ -241,10 +250,10 @@ pub fn serial_builder(line: &SerialLine) -> Result<tokio_serial::SerialPortBuild
         .exclusive(true))
 }
 
-async fn open_serial(line: &SerialLine) -> Result<Stream, PortError> {
+async fn open_serial(line: &SerialLine) -> Result<Stream, OpenError> {
     let builder = serial_builder(line)?;
     let port = line.port.clone();
-    let open_error = |source: io::Error| PortError::Open {
+    let open_error = |source: io::Error| OpenError {
         port: port.clone(),
         source,
     };
@@ -342,10 +351,7 @@ mod tests {
             .await
             .err()
             .expect("missing port");
-        assert!(
-            matches!(&err, PortError::Open { port, .. } if port == "/dev/labctl-no-such-port"),
-            "{err}"
-        );
+        assert!(err.port == "/dev/labctl-no-such-port", "{err}");
     }
 
     #[tokio::test]
@@ -424,10 +430,7 @@ mod tests {
         .await
         .err()
         .expect("refused");
-        assert!(
-            matches!(&err, PortError::Open { port, .. } if *port == gone),
-            "{err}"
-        );
+        assert!(err.port == gone, "{err}");
     }
 
     #[tokio::test]
@@ -441,7 +444,7 @@ mod tests {
         assert_eq!(&buf, b"ping");
         drop(device);
         let err = open(&endpoint).await.err().expect("no device");
-        assert!(matches!(err, PortError::Open { .. }));
+        assert!(err.to_string().starts_with("cannot open"), "{err}");
     }
 
     #[test]
