@@ -32,8 +32,18 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "labctl-command-port",
+        &[
+            "labctl-codecs",
+            "labctl-core",
+            "labctl-protocols",
+            "labctl-transport",
+        ],
+    ),
+    (
         "labctl",
         &[
+            "labctl-command-port",
             "labctl-clock",
             "labctl-codecs",
             "labctl-contract",

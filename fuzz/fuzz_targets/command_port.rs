@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
-use labctl::api::{ApiError, Control, Principal, RunInfo, RunState, SubmitReply};
-use labctl::auth::AuthError;
-use labctl::gateways::command_port::Backend;
-use labctl::gateways::command_port::session::{Link, Session, SessionConfig};
-use labctl::world::LabSnapshot;
+use labctl_core::api::{ApiError, Control, Principal, RunInfo, RunState, SubmitReply};
+use labctl_core::auth::AuthError;
+use labctl_command_port::Backend;
+use labctl_command_port::session::{Link, Session, SessionConfig};
+use labctl_core::world::LabSnapshot;
 use labctl_protocols::lab::Role;
 use libfuzzer_sys::fuzz_target;
 
@@ -77,14 +77,14 @@ impl Backend for Refusing {
         self.acted();
         Err(ApiError::UnknownInterlock(interlock.to_owned()))
     }
-    async fn interlocks(&self) -> Vec<labctl::api::InterlockStatus> {
+    async fn interlocks(&self) -> Vec<labctl_core::api::InterlockStatus> {
         Vec::new()
     }
     async fn login(
         &self,
         _user: &str,
         _password: &str,
-        _source: labctl::auth::Source,
+        _source: labctl_core::auth::Source,
     ) -> Result<Role, AuthError> {
         Err(AuthError::Denied)
     }
@@ -108,7 +108,7 @@ fuzz_target!(|data: &[u8]| {
             idn: "labctl,sim,0,0".into(),
             link,
             max_line,
-            peer: labctl::auth::Source::Local,
+            peer: labctl_core::auth::Source::Local,
         });
         // Fed in two pieces: a line split across reads must behave as one.
         let (a, b) = data.split_at(data.len() / 2);

@@ -1,5 +1,5 @@
 //! The faces of labctl besides the CLI: each one talks to the controller only through `api::ControllerHandle`.
 
-pub mod command_port;
+pub use labctl_command_port as command_port;
 pub mod mqtt;
 pub mod opcua;

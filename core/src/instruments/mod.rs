@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use labctl_drivers::{DeviceCommand, DeviceState, DriverError, Identity, Instrument, Outcome};
+/// What an instrument view and the journal say about an instrument, for the faces (which never link the
+/// drivers).
+pub use labctl_drivers::{DeviceCommand, DeviceState, Identity};
+use labctl_drivers::{DriverError, Instrument, Outcome};
 use labctl_protocols::lab;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};

@@ -3,16 +3,16 @@
 
 use std::sync::{Arc, Mutex};
 
-use labctl_drivers::DeviceState;
+use labctl_core::instruments::DeviceState;
 use labctl_protocols::lab::Role;
 use labctl_protocols::{Finding, FindingCode};
 
 use super::*;
-use crate::api::{ApiError, Control, Principal, RunInfo, RunState, SubmitReply};
-use crate::auth::AuthError;
-use crate::gateways::command_port::Backend;
-use crate::instruments::{Connection, InstrumentView};
-use crate::world::LabSnapshot;
+use crate::Backend;
+use labctl_core::api::{ApiError, Control, Principal, RunInfo, RunState, SubmitReply};
+use labctl_core::auth::AuthError;
+use labctl_core::instruments::{Connection, InstrumentView};
+use labctl_core::world::LabSnapshot;
 
 struct Fake {
     snapshot: Mutex<Arc<LabSnapshot>>,
@@ -146,7 +146,7 @@ impl Backend for Fake {
             .iter()
             .find(|r| r.run_id == run_id)
             .ok_or_else(|| ApiError::UnknownRun(run_id.into()))?;
-        crate::policy::check_run_control(&who, &run.submitted_by, run_id)?;
+        labctl_core::policy::check_run_control(&who, &run.submitted_by, run_id)?;
         if run.state.is_terminal() {
             return Err(ApiError::InvalidState(format!(
                 "cannot {control:?} run {run_id}: it is {}",
@@ -197,8 +197,8 @@ impl Backend for Fake {
         Ok(())
     }
 
-    async fn interlocks(&self) -> Vec<crate::api::InterlockStatus> {
-        use crate::api::{InterlockState, InterlockStatus};
+    async fn interlocks(&self) -> Vec<labctl_core::api::InterlockStatus> {
+        use labctl_core::api::{InterlockState, InterlockStatus};
         vec![
             InterlockStatus {
                 name: "hotplate-overtemp".into(),
@@ -220,7 +220,7 @@ impl Backend for Fake {
         &self,
         user: &str,
         password: &str,
-        _source: crate::auth::Source,
+        _source: labctl_core::auth::Source,
     ) -> Result<Role, AuthError> {
         match (user, password) {
             ("alice", "technician-dev") => Ok(Role::Technician),
@@ -246,7 +246,7 @@ fn tcp() -> Session {
         idn: IDN.into(),
         link: Link::Tcp,
         max_line: MAX_LINE,
-        peer: crate::auth::Source::Local,
+        peer: labctl_core::auth::Source::Local,
     })
 }
 
@@ -255,7 +255,7 @@ fn serial(role: Role) -> Session {
         idn: IDN.into(),
         link: Link::Serial(Principal::new("serial:/dev/ttyS1", role, VIA)),
         max_line: MAX_LINE,
-        peer: crate::auth::Source::Local,
+        peer: labctl_core::auth::Source::Local,
     })
 }
 
@@ -711,7 +711,7 @@ async fn a_serial_line_acts_as_its_configured_principal_and_may_log_in() {
 /// when `policy::allows` says so.
 #[tokio::test]
 async fn the_command_port_follows_the_role_table() {
-    use crate::policy::{Permission, allows};
+    use labctl_core::policy::{Permission, allows};
     let cases = [
         ("RUN:SUBM {\"x\":1}", Permission::Submit),
         ("SYST:ESTOP", Permission::TriggerEStop),

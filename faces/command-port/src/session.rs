@@ -9,13 +9,13 @@ use labctl_codecs::scpi::{
     ErrorQueue, Fault, Mnemonic, ProgramUnit, ScpiError, format_number, format_string,
     parse_program_message, parse_string, split_fields,
 };
-use labctl_drivers::DeviceState;
+use labctl_core::instruments::DeviceState;
 
 use super::Backend;
-use crate::api::{ApiError, Control, InterlockState, Principal};
-use crate::auth::Source;
-use crate::instruments::Connection;
-use crate::policy::{self, Permission, role_name};
+use labctl_core::api::{ApiError, Control, InterlockState, Principal};
+use labctl_core::auth::Source;
+use labctl_core::instruments::Connection;
+use labctl_core::policy::{self, Permission, role_name};
 
 /// Longest program message accepted (a whole protocol fits in a `RUN:SUBM` line many times over).
 pub const MAX_LINE: usize = 64 * 1024;

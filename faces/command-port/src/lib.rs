@@ -7,6 +7,9 @@
 //! - [`ControllerBackend`]: the [`Backend`] of a running controller ([`ControllerHandle`] plus the lab's
 //!   users).
 //! - [`start`]: the TCP listener and the serial line of `labctl run`.
+//!
+//! May depend on: the core's API, the contract, the SCPI codec (for parsing program messages) and the
+//! transport (for its own serial line). Never on the drivers.
 
 pub mod session;
 
@@ -25,11 +28,11 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use crate::api::{
+use labctl_core::api::{
     ApiError, Control, ControllerHandle, InterlockStatus, Principal, RunInfo, RunState, SubmitReply,
 };
-use crate::auth::{AuthError, Source, Users};
-use crate::world::LabSnapshot;
+use labctl_core::auth::{AuthError, Source, Users};
+use labctl_core::world::LabSnapshot;
 use session::{Link, MAX_LINE, Session, SessionConfig, VIA};
 
 /// Clients served at once on TCP; further connections are closed at once.
@@ -229,7 +232,7 @@ impl CommandPort {
             lines.push(format!(
                 "command port: {} (as {})",
                 p.name,
-                crate::policy::role_name(p.role)
+                labctl_core::policy::role_name(p.role)
             ));
         }
         lines
@@ -255,7 +258,8 @@ pub fn controller_serial(data_dir: &Path) -> String {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "localhost".into());
     let dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_owned());
-    let digest = crate::controller::sha256_hex(format!("{host}\n{}", dir.display()).as_bytes());
+    let digest =
+        labctl_core::controller::sha256_hex(format!("{host}\n{}", dir.display()).as_bytes());
     format!("{host}-{}", &digest[..8])
         .chars()
         .map(|c| {
@@ -295,7 +299,7 @@ pub async fn start(
                 let local = listener
                     .local_addr()
                     .map_err(|e| format!("command port {address}: {e}"))?;
-                crate::auth::check_cleartext_listener(
+                labctl_core::auth::check_cleartext_listener(
                     "the TCP command port",
                     local,
                     lab.interfaces.allow_cleartext_on_network,
@@ -329,7 +333,8 @@ pub async fn start(
             .rsplit_once(':')
             .map(|(h, _)| h.to_owned())
             .unwrap_or_default();
-        let files = crate::tls::load_or_create(data_dir, &[host]).map_err(|e| e.to_string())?;
+        let files =
+            labctl_core::tls::load_or_create(data_dir, &[host]).map_err(|e| e.to_string())?;
         let acceptor = tokio_rustls::TlsAcceptor::from(files.config);
         port.tls = Some(local);
         port.tasks.push(tokio::spawn(accept_loop(
