@@ -40,10 +40,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "labctl-transport",
         ],
     ),
+    ("labctl-opcua", &["labctl-core", "labctl-protocols"]),
     (
         "labctl",
         &[
             "labctl-command-port",
+            "labctl-opcua",
             "labctl-clock",
             "labctl-codecs",
             "labctl-contract",

@@ -2,4 +2,4 @@
 
 pub use labctl_command_port as command_port;
 pub mod mqtt;
-pub mod opcua;
+pub use labctl_opcua as opcua;

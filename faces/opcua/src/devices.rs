@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::names::{self, DEVICES, target_value};
-use crate::api::{ApiError, ControllerHandle, Principal, RunState, SubmitReply};
-use crate::journal::Record;
+use labctl_core::api::{ApiError, ControllerHandle, Principal, RunState, SubmitReply};
+use labctl_core::journal::Record;
 
 /// How long a device method or a setpoint write waits for its run to end before it answers with the
 /// state the run is in (the run goes on; `Lab/Runs/{run_id}` follows it).
@@ -357,7 +357,7 @@ fn proposal_id(user: &str) -> String {
         .collect();
     format!(
         "opcua-{user}-{}-{}",
-        crate::journal::now_ms(),
+        labctl_core::journal::now_ms(),
         NEXT.fetch_add(1, Ordering::Relaxed) + 1
     )
 }
@@ -509,7 +509,7 @@ pub async fn run(
     what: &str,
     protocol: String,
 ) -> Result<Done, StatusCode> {
-    if !crate::policy::allows(who.role, crate::policy::Permission::CommandInstrument) {
+    if !labctl_core::policy::allows(who.role, labctl_core::policy::Permission::CommandInstrument) {
         tracing::info!(user = %who.name, what, "opcua: device command refused: technicians only");
         return Err(StatusCode::BadUserAccessDenied);
     }
@@ -575,7 +575,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gateways::opcua::names::{is_device_method, is_setpoint};
+    use crate::names::{is_device_method, is_setpoint};
 
     #[test]
     fn devices_have_the_methods_of_their_kind_and_the_hotplate_its_two_setpoints() {

@@ -14,11 +14,11 @@ use super::address_space::Names;
 use super::devices;
 use super::names;
 use super::node_manager::LabNodeManager;
-use crate::api::{ControllerHandle, RunInfo};
-use crate::instruments::{Connection, InstrumentView};
-use crate::journal::Record;
-use crate::world::LabSnapshot;
-use labctl_drivers::DeviceState;
+use labctl_core::api::{ControllerHandle, RunInfo};
+use labctl_core::instruments::DeviceState;
+use labctl_core::instruments::{Connection, InstrumentView};
+use labctl_core::journal::Record;
+use labctl_core::world::LabSnapshot;
 
 pub struct Updater {
     manager: Arc<LabNodeManager>,
@@ -402,12 +402,12 @@ impl Updater {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use labctl_drivers::DeviceCommand;
+    use labctl_core::instruments::DeviceCommand;
 
     #[test]
     fn setpoint_commands_name_their_target_value_and_others_none() {
         // The journal's form of the command, so a renamed variant or field fails here.
-        let detail = |command: labctl_drivers::DeviceCommand| serde_json::json!({ "instrument": "hotplate", "command": command });
+        let detail = |command: labctl_core::instruments::DeviceCommand| serde_json::json!({ "instrument": "hotplate", "command": command });
         let target = |q: &str| {
             format!("Lab/Devices/hotplate/FunctionalUnitSet/hotplate/FunctionSet/{q}/TargetValue")
         };

@@ -5,8 +5,8 @@
 use labctl_protocols::lab::Role;
 use opcua::types::{Argument, DataTypeId, StatusCode, Variant};
 
-use crate::api::{ApiError, Control, ControllerHandle, Principal};
-use crate::policy::{self, Permission};
+use labctl_core::api::{ApiError, Control, ControllerHandle, Principal};
+use labctl_core::policy::{self, Permission};
 
 /// Browse names of the methods on `Lab`, and the way to tell them apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,7 +166,7 @@ pub async fn call(
         return Err(StatusCode::BadUserAccessDenied);
     }
     let user = who.name.clone();
-    let state = |r: Result<crate::api::RunState, ApiError>| match r {
+    let state = |r: Result<labctl_core::api::RunState, ApiError>| match r {
         Ok(state) => Ok(vec![Variant::from(state.as_str())]),
         Err(e) => {
             tracing::info!(%user, method = method.name(), error = %e, "opcua: method refused");

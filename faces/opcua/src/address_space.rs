@@ -18,7 +18,7 @@ use super::names::{
     DEVICES, ESTOP_LATCHED, LAB, RUNS, TARGET_VALUE, device, device_variable, function,
     identification, method, run, run_variable, sensor_value, target_value,
 };
-use crate::api::RunInfo;
+use labctl_core::api::RunInfo;
 
 /// The variables of a run, with their data types.
 pub const RUN_VARIABLES: [(&str, DataTypeId); 8] = [

@@ -10,7 +10,7 @@ use std::collections::{HashSet, VecDeque};
 use opcua::server::address_space::AddressSpace;
 
 use super::address_space::{self as space, Names};
-use crate::api::RunInfo;
+use labctl_core::api::RunInfo;
 
 /// Finished runs kept under `Lab/Runs` when the configuration does not say otherwise.
 pub const DEFAULT_KEEP_FINISHED_RUNS: usize = 100;
@@ -87,7 +87,7 @@ impl RunNodes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::RunState;
+    use labctl_core::api::RunState;
 
     fn info(run_id: &str, state: RunState) -> RunInfo {
         RunInfo {

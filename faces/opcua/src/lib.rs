@@ -1,13 +1,15 @@
 //! The OPC UA server: the lab for technicians and plant systems (SCADA, HMI, historians), on async-opcua.
 //! See `docs/opcua.md`.
 //!
-//! - [`address_space`]: the `Lab` object, LADS/DI-shaped, and its node ids.
+//! - [`address_space`]: the `Lab` object, LADS/DI-shaped; [`names`]: its node ids.
 //! - [`node_manager`]: the lab's namespace; method calls go to the controller.
 //! - [`methods`]: the `Lab` methods, who may call them, what they answer.
 //! - [`devices`]: instrument actions as device methods and setpoints as writable variables (technicians).
 //! - [`updater`]: keeps values true from the world model and the journal.
 //! - [`authenticator`]: the lab file's users and roles.
 //! - [`settings`]: endpoints, security policies, certificates, limits.
+//!
+//! May depend on: the core's API and the lab language. Never on the drivers or another face.
 
 pub mod address_space;
 pub mod authenticator;
@@ -31,9 +33,9 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::api::ControllerHandle;
-use crate::auth::Users;
 use address_space::Names;
+use labctl_core::api::ControllerHandle;
+use labctl_core::auth::Users;
 use node_manager::LabNodeManager;
 pub use settings::{Endpoint, Security};
 
@@ -298,7 +300,7 @@ pub async fn start_for_run(
                 .parse()
                 .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
         };
-        crate::auth::check_cleartext_listener(
+        labctl_core::auth::check_cleartext_listener(
             "the OPC UA endpoint with security policy None",
             std::net::SocketAddr::new(ip, listen.port),
             lab.interfaces.allow_cleartext_on_network,

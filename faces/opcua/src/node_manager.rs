@@ -24,8 +24,8 @@ use super::authenticator::LabAuthenticator;
 use super::devices::{self, DeviceMethod};
 use super::methods::{self, LabMethod};
 use super::runs::RunNodes;
-use crate::api::{ControllerHandle, Principal};
-use crate::auth::Users;
+use labctl_core::api::{ControllerHandle, Principal};
+use labctl_core::auth::Users;
 
 pub type LabNodeManager = InMemoryNodeManager<LabNodes>;
 
@@ -108,7 +108,10 @@ impl LabNodes {
         method: DeviceMethod,
         args: &[Variant],
     ) -> Result<devices::Done, StatusCode> {
-        if !crate::policy::allows(who.role, crate::policy::Permission::CommandInstrument) {
+        if !labctl_core::policy::allows(
+            who.role,
+            labctl_core::policy::Permission::CommandInstrument,
+        ) {
             tracing::info!(user = %who.name, instrument = %instrument.id, method = method.name(), "opcua: device command refused: technicians only");
             return Err(StatusCode::BadUserAccessDenied);
         }

@@ -1,4 +1,4 @@
-//! OPC UA users are the lab file's users (`crate::auth::Users`): a user name and password token, checked with
+//! OPC UA users are the lab file's users (`labctl_core::auth::Users`): a user name and password token, checked with
 //! the same argon2 hashes, failure logging and throttling as every other gateway. Deny by default: anonymous
 //! sessions only when the lab has no users at all (and then they only read), no certificate or issued
 //! tokens.
@@ -19,9 +19,9 @@ use opcua::types::{
 
 use super::methods::LabMethod;
 use super::names;
-use crate::api::Principal;
-use crate::auth::{AuthError, Source, Users};
-use crate::policy::{self, Permission};
+use labctl_core::api::Principal;
+use labctl_core::auth::{AuthError, Source, Users};
+use labctl_core::policy::{self, Permission};
 
 /// The interface name in journal entries and principals.
 pub const VIA: &str = "opcua";
