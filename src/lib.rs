@@ -1,8 +1,9 @@
-//! The `labctl` binary's library: its subcommands, its faces and the terminal console, on top of the core.
+//! The `labctl` binary's library: its subcommands, wiring the core, the faces and the clients together.
 //!
 //! - [`commands`]: the `labctl` subcommands.
-//! - [`gateways`]: the faces: MQTT (with its embedded broker), OPC UA, the command port.
-//! - [`console`]: `labctl console`, the technicians' terminal UI over MQTT.
+//! - [`gateways`]: the faces, each its own crate: MQTT with its embedded broker (`labctl-mqtt`), OPC UA
+//!   (`labctl-opcua`), the command port (`labctl-command-port`).
+//! - [`console`] and [`submit`]: the clients over MQTT (`labctl-clients`).
 //!
 //! The core (crate `labctl-core`: API, policy, controller, executor, world, journal, instruments, safety) is
 //! re-exported under its own module names, so `labctl::api` is `labctl_core::api`.
@@ -13,5 +14,5 @@ pub use labctl_core::{
 };
 
 pub mod commands;
-pub mod console;
+pub use labctl_clients::{console, submit};
 pub mod gateways;

@@ -49,7 +49,7 @@ enum Command {
     ///
     /// Exit status: 0 accepted (completed with --wait), 1 rejected, 3 failed, 4 aborted or interrupted,
     /// 2 usage, I/O or connection error.
-    Submit(labctl::gateways::mqtt::submit::SubmitArgs),
+    Submit(labctl::submit::SubmitArgs),
     /// The technicians' terminal UI: instruments, runs, approvals, results and the event log of a running
     /// controller, over MQTT; approve, reject, pause, resume, abort, emergency stop.
     ///
@@ -137,7 +137,7 @@ fn main() -> ExitCode {
             opcua,
         } => commands::run::run(*args, mqtt, command_port, opcua),
         Command::Sim(args) => commands::sim::run(args),
-        Command::Submit(args) => labctl::gateways::mqtt::submit::run(args),
+        Command::Submit(args) => labctl::submit::run(args),
         Command::Console(args) => labctl::console::run(args),
         Command::Passwd => {
             let mut line = String::new();

@@ -41,10 +41,21 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     ("labctl-opcua", &["labctl-core", "labctl-protocols"]),
+    ("labctl-mqtt-link", &[]),
+    (
+        "labctl-mqtt",
+        &["labctl-core", "labctl-mqtt-link", "labctl-protocols"],
+    ),
+    (
+        "labctl-clients",
+        &["labctl-contract", "labctl-mqtt-link", "labctl-protocols"],
+    ),
     (
         "labctl",
         &[
+            "labctl-clients",
             "labctl-command-port",
+            "labctl-mqtt",
             "labctl-opcua",
             "labctl-clock",
             "labctl-codecs",

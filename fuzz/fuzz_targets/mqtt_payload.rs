@@ -3,10 +3,10 @@
 //! rejection always names what was wrong.
 #![no_main]
 
-use labctl::gateways::mqtt::payload::{
+use labctl_mqtt::payload::{
     self, Rejection, check_size, parse_approval, parse_control_request, parse_estop,
 };
-use labctl::gateways::mqtt::topics::{Inbound, Topics};
+use labctl_mqtt_link::{Inbound, Topics};
 use libfuzzer_sys::fuzz_target;
 
 fn named(r: Result<impl Sized, Rejection>) {

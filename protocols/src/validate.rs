@@ -18,6 +18,16 @@ use crate::protocol::*;
 
 /// Largest protocol document accepted, in bytes.
 pub const MAX_PROTOCOL_BYTES: usize = 4 * 1024 * 1024;
+
+/// Reads at most one byte more than the validator accepts, so a huge file is refused without loading it.
+pub fn read_protocol_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_PROTOCOL_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
 /// Deepest JSON nesting accepted (objects and arrays).
 pub const MAX_JSON_DEPTH: usize = 64;
 /// Deepest nesting of `parallel` and `repeat` blocks.

@@ -1,10 +1,9 @@
 //! `labctl check`: validate protocol files against a lab, for people (text) and planners (`--json`).
 
-use std::io::Read;
 use std::path::Path;
 use std::process::ExitCode;
 
-use labctl_protocols::validate::{MAX_PROTOCOL_BYTES, Report, validate_bytes};
+use labctl_protocols::validate::{MAX_PROTOCOL_BYTES, Report, read_protocol_file, validate_bytes};
 use labctl_protocols::{Finding, FindingCode, Lab};
 use serde::Serialize;
 
@@ -14,15 +13,6 @@ struct FileReport<'a> {
     file: String,
     #[serde(flatten)]
     report: &'a Report,
-}
-
-/// Reads at most one byte more than the validator accepts, so a huge file is refused without loading it.
-pub fn read_protocol_file(path: &Path) -> std::io::Result<Vec<u8>> {
-    let file = std::fs::File::open(path)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_PROTOCOL_BYTES as u64 + 1)
-        .read_to_end(&mut bytes)?;
-    Ok(bytes)
 }
 
 pub fn run(protocols: &[std::path::PathBuf], lab_path: Option<&Path>, json: bool) -> ExitCode {

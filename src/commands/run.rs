@@ -286,7 +286,7 @@ async fn run_async(
     }
     let local = Principal::new("local-operator", Role::Technician, "cli");
     for path in &args.submit {
-        let bytes = crate::commands::check::read_protocol_file(path)
+        let bytes = labctl_protocols::validate::read_protocol_file(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let reply = api.submit(bytes, local.clone()).await;
         say!(

@@ -22,8 +22,8 @@ use tokio::sync::mpsc;
 use self::app::{Outcome, Ui};
 use self::connection::LinkEvent;
 use self::state::{Level, Model};
-use crate::gateways::mqtt::topics::Topics;
-use crate::journal::now_ms;
+use labctl_contract::now_ms;
+use labctl_mqtt_link::Topics;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConsoleArgs {
@@ -38,7 +38,7 @@ pub struct ConsoleArgs {
 
 pub fn run(args: ConsoleArgs) -> ExitCode {
     // Everything that can be wrong with the arguments is said before the terminal is taken over.
-    let broker = match crate::gateways::mqtt::parse_broker_url(&args.mqtt) {
+    let broker = match labctl_mqtt_link::parse_broker_url(&args.mqtt) {
         Ok(b) => b,
         Err(e) => return usage(&e),
     };
@@ -48,7 +48,7 @@ pub fn run(args: ConsoleArgs) -> ExitCode {
             args.lab_id
         ));
     }
-    let credentials = match crate::gateways::mqtt::submit::credentials_from_env() {
+    let credentials = match labctl_mqtt_link::credentials_from_env() {
         Ok(c) => c,
         Err(e) => return usage(&e),
     };

@@ -1,7 +1,8 @@
 //! The MQTT gateway: planners, consoles and observers talk to labctl over MQTT (topic contract in
 //! `shared/interfaces.md`, payloads in `docs/mqtt.md`).
 //!
-//! - [`topics`] and [`payload`] are pure: topic names, JSON payloads, size limits, rejections.
+//! - [`payload`] is pure: JSON payloads, size limits, rejections; the topic names are the link's
+//!   (crate `labctl-mqtt-link`), shared with the clients.
 //! - [`broker`] is the embedded broker (MQTT 3.1.1 and 5 on one port), used unless `--mqtt URL` names an
 //!   external one.
 //! - This module runs the I/O: one task owns the rumqttc event loop (re-subscribes and announces itself on
@@ -22,8 +23,6 @@
 pub mod broker;
 pub mod fair_queue;
 pub mod payload;
-pub mod submit;
-pub mod topics;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -43,11 +42,11 @@ use tokio::task::JoinHandle;
 use self::broker::{EmbeddedBroker, GATEWAY_USER};
 use self::fair_queue::{FairQueue, Full};
 use self::payload::{ControlRequest, Decision, EStopAction, Outbound, Rejection};
-use self::topics::{Inbound, Topics};
-use crate::api::{ApiError, ControllerHandle, Principal, RunState};
-use crate::auth::Users;
-use crate::journal::{self, Record};
-use crate::world::LabSnapshot;
+use labctl_core::api::{ApiError, ControllerHandle, Principal, RunState};
+use labctl_core::auth::Users;
+use labctl_core::journal::{self, Record};
+use labctl_core::world::LabSnapshot;
+use labctl_mqtt_link::{Inbound, Topics, backoff, parse_broker_url, tls_config};
 
 /// Where the gateway connects.
 #[derive(Debug, Clone)]
@@ -68,47 +67,6 @@ pub struct MqttConfig {
     pub users: Arc<Users>,
     /// The embedded broker's MQTT-over-TLS listener (port 0: a free one), if any.
     pub tls_listen: Option<SocketAddr>,
-}
-
-/// A broker address from a URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerUrl {
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
-}
-
-/// Parses `mqtt://host[:port]` (1883) or `mqtts://host[:port]` (8883, TLS).
-pub fn parse_broker_url(url: &str) -> Result<BrokerUrl, String> {
-    let (rest, tls) = if let Some(r) = url.strip_prefix("mqtt://") {
-        (r, false)
-    } else if let Some(r) = url.strip_prefix("mqtts://") {
-        (r, true)
-    } else {
-        return Err(format!(
-            "{url}: expected mqtt://host:port or mqtts://host:port"
-        ));
-    };
-    let default_port = if tls { 8883 } else { 1883 };
-    let (host, port) = split_host_port(url, rest, default_port)?;
-    Ok(BrokerUrl { host, port, tls })
-}
-
-fn split_host_port(url: &str, rest: &str, default_port: u16) -> Result<(String, u16), String> {
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-            h,
-            p.parse::<u16>()
-                .map_err(|_| format!("{url}: bad port {p:?}"))?,
-        ),
-        _ => (rest, default_port),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(format!("{url}: no host"));
-    }
-    Ok((host.to_owned(), port))
 }
 
 struct Shared {
@@ -192,9 +150,11 @@ impl MqttGateway {
             BrokerChoice::Embedded(listen) => {
                 let tls = match config.tls_listen {
                     Some(addr) => {
-                        let files =
-                            crate::tls::load_or_create(&config.data_dir, &[addr.ip().to_string()])
-                                .map_err(|e| e.to_string())?;
+                        let files = labctl_core::tls::load_or_create(
+                            &config.data_dir,
+                            &[addr.ip().to_string()],
+                        )
+                        .map_err(|e| e.to_string())?;
                         Some((addr, files.cert_path, files.key_path))
                     }
                     None => None,
@@ -225,7 +185,7 @@ impl MqttGateway {
         let mut opts = MqttOptions::new(broker::gateway_client_id(&lab_id), host, port);
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_clean_start(true);
-        opts.set_max_packet_size(Some(broker::MAX_PACKET as u32));
+        opts.set_max_packet_size(Some(labctl_mqtt_link::MAX_PACKET as u32));
         opts.set_request_channel_capacity(4096);
         opts.set_last_will(LastWill::new(
             topics.status(),
@@ -320,57 +280,6 @@ impl MqttGateway {
             b.stop().await;
         }
     }
-}
-
-/// TLS to an external broker: the CA certificates of LABCTL_MQTT_CA (a PEM file) when set, else the
-/// system's roots. rustls with ring; certificates and host names are always verified.
-pub fn tls_config() -> Result<rumqttc::TlsConfiguration, String> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    match std::env::var("LABCTL_MQTT_CA") {
-        Ok(path) => {
-            let certs = CertificateDer::pem_file_iter(&path)
-                .map_err(|e| format!("LABCTL_MQTT_CA {path}: {e}"))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("LABCTL_MQTT_CA {path}: {e}"))?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(format!("LABCTL_MQTT_CA {path}: no certificate in it"));
-            }
-        }
-        Err(_) => {
-            let found = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(found.certs);
-            if roots.is_empty() {
-                return Err(
-                    "mqtts://: no system root certificates; set LABCTL_MQTT_CA to a PEM file"
-                        .into(),
-                );
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(rumqttc::TlsConfiguration::Rustls(Arc::new(config)))
-}
-
-/// Reconnect delay after `failures` consecutive failures: exponential from 100 ms up to 10 s, with
-/// jitter (50-100 % of the step) so a fleet of clients does not reconnect in lockstep.
-pub fn backoff(failures: u32) -> Duration {
-    let step_ms = 100u64
-        .saturating_mul(1 << failures.saturating_sub(1).min(7))
-        .min(10_000);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let jitter = 0.5 + f64::from(nanos % 1000) / 2000.0;
-    Duration::from_millis((step_ms as f64 * jitter) as u64)
 }
 
 async fn run_event_loop(mut eventloop: EventLoop, shared: Arc<Shared>, inbound: InboundQueues) {
@@ -1092,7 +1001,8 @@ async fn submit(s: &Shared, topic: &str, bytes: &[u8], principal: Principal, to:
         return;
     }
     let pid = payload::proposal_id_of(bytes);
-    if let Err(e) = crate::policy::check(&principal, crate::policy::Permission::Submit) {
+    if let Err(e) = labctl_core::policy::check(&principal, labctl_core::policy::Permission::Submit)
+    {
         let r = Rejection {
             proposal_id: pid.clone(),
             ..Rejection::new("forbidden", e.to_string(), topic)
@@ -1115,7 +1025,7 @@ async fn submit(s: &Shared, topic: &str, bytes: &[u8], principal: Principal, to:
     let pid = answer
         .proposal_id
         .clone()
-        .filter(|p| topics::is_topic_level(p))
+        .filter(|p| labctl_mqtt_link::topics::is_topic_level(p))
         .or(pid);
     let body = serde_json::to_vec(&answer).unwrap_or_default();
     reply(s, to, pid.as_deref(), body, !answer.accepted).await;
@@ -1145,36 +1055,5 @@ async fn reply(s: &Shared, to: &ReplyTo, proposal_id: Option<&str>, body: Vec<u8
             publish(s, s.topics.rejections(), false, body).await
         }
         None => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn broker_urls() {
-        let b = parse_broker_url("mqtt://broker.lab").unwrap();
-        assert_eq!(
-            (b.host.as_str(), b.port, b.tls),
-            ("broker.lab", 1883, false)
-        );
-        let b = parse_broker_url("mqtts://broker.lab").unwrap();
-        assert_eq!((b.port, b.tls), (8883, true));
-        let b = parse_broker_url("mqtt://127.0.0.1:1884/").unwrap();
-        assert_eq!((b.host.as_str(), b.port), ("127.0.0.1", 1884));
-        let b = parse_broker_url("mqtt://[::1]:1885").unwrap();
-        assert_eq!((b.host.as_str(), b.port), ("::1", 1885));
-        for bad in ["tcp://x:1", "mqtt://", "mqtt://x:port", "mqtt://x:70000"] {
-            assert!(parse_broker_url(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn backoff_grows_with_jitter_and_is_capped() {
-        assert!(backoff(1) <= Duration::from_millis(100));
-        assert!(backoff(1) >= Duration::from_millis(50));
-        assert!(backoff(30) <= Duration::from_secs(10));
-        assert!(backoff(30) >= Duration::from_secs(5));
     }
 }

@@ -10,8 +10,8 @@ use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::mpsc;
 
-use crate::gateways::mqtt::topics::Topics;
-use crate::gateways::mqtt::{BrokerUrl, backoff, broker::MAX_PACKET, tls_config};
+use labctl_mqtt_link::Topics;
+use labctl_mqtt_link::{BrokerUrl, MAX_PACKET, backoff, tls_config};
 
 /// What the link tells the UI.
 #[derive(Debug)]
@@ -81,7 +81,7 @@ pub fn start(
     let client_id = format!(
         "labctl-console-{}-{}",
         std::process::id(),
-        crate::journal::now_ms()
+        labctl_contract::now_ms()
     );
     let mut opts = MqttOptions::new(client_id.clone(), broker.host.clone(), broker.port);
     // A short keep-alive notices a vanished broker within seconds.

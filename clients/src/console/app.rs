@@ -5,7 +5,7 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use serde_json::{Value, json};
 
 use super::state::{EStop, Level, Link, Model};
-use crate::gateways::mqtt::topics::Topics;
+use labctl_mqtt_link::Topics;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tab {

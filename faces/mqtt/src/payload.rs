@@ -6,9 +6,9 @@ use labctl_protocols::Lab;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::api::Control;
-use crate::contract::{EventKind, RunState};
-use crate::journal::Record;
+use labctl_core::api::Control;
+use labctl_core::contract::{EventKind, RunState};
+use labctl_core::journal::Record;
 
 /// Largest payload accepted on any inbound topic (a protocol with thousands of steps fits easily).
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
@@ -84,7 +84,7 @@ pub fn proposal_id_of(payload: &[u8]) -> Option<String> {
         .ok()?
         .metadata?
         .proposal_id
-        .filter(|p| super::topics::is_topic_level(p))
+        .filter(|p| labctl_mqtt_link::topics::is_topic_level(p))
 }
 
 /// The planner id of a submitted protocol (`metadata.planner.id`).
@@ -515,7 +515,7 @@ impl RunContext {
     }
 
     /// Fills what is known of a run that this process saw no `RunCreated` for (e.g. after a lag).
-    pub fn fill_from(&mut self, info: &crate::api::RunInfo) {
+    pub fn fill_from(&mut self, info: &labctl_core::api::RunInfo) {
         let meta = self.runs.entry(info.run_id.clone()).or_default();
         meta.name.get_or_insert_with(|| info.name.clone());
         meta.submitted_by
@@ -698,7 +698,7 @@ mod tests {
     }
     #[test]
     fn a_status_awaiting_approval_carries_what_the_approver_needs_and_loses_it_once_decided() {
-        use crate::journal::RunRecord;
+        use labctl_core::journal::RunRecord;
         let mut ctx = RunContext::default();
         let created = Record::RunCreated(RunRecord {
             run_id: "r1".into(),

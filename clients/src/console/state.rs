@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde_json::Value;
 
-use crate::contract::{EventKind, Severity};
+use labctl_contract::{EventKind, Severity};
 
 /// Readings kept per quantity for the sparklines (at 10 Hz telemetry, the last 12 s or so).
 pub const HISTORY: usize = 120;

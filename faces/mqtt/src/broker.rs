@@ -22,8 +22,8 @@ use mqtt5::broker::{
 use mqtt5::packet::connect::ConnectPacket;
 use mqtt5::protocol::v5::reason_codes::ReasonCode;
 
-use super::topics::Topics;
-use crate::auth::{AuthError, Users};
+use labctl_core::auth::{AuthError, Users};
+use labctl_mqtt_link::Topics;
 
 /// The client id the gateway connects with; reserved on the embedded broker.
 pub fn gateway_client_id(lab_id: &str) -> String {
@@ -32,9 +32,6 @@ pub fn gateway_client_id(lab_id: &str) -> String {
 
 /// User name the gateway logs in with on the embedded broker.
 pub const GATEWAY_USER: &str = "labctl-gateway";
-
-/// Largest MQTT packet the embedded broker accepts (payload limit plus room for the refusal).
-pub const MAX_PACKET: usize = 4 * 1024 * 1024;
 
 /// Retained messages the embedded broker keeps at most, and the largest it keeps (larger ones are delivered,
 /// not retained).
@@ -214,7 +211,7 @@ impl EmbeddedBroker {
         };
         let mut config = BrokerConfig::default()
             .with_bind_address(listen)
-            .with_max_packet_size(MAX_PACKET)
+            .with_max_packet_size(labctl_mqtt_link::MAX_PACKET)
             // Sessions live in memory: a client that asked to keep its session gets it back within an
             // hour, not forever.
             .with_session_expiry(std::time::Duration::from_secs(3600))

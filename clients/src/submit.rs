@@ -15,7 +15,7 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::topics::Topics;
+use labctl_mqtt_link::{MAX_PACKET, Topics, credentials_from_env, parse_broker_url, tls_config};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SubmitArgs {
@@ -34,30 +34,6 @@ pub struct SubmitArgs {
     /// Give up waiting for the reply after this many seconds.
     #[arg(long, default_value_t = 10.0)]
     pub timeout_s: f64,
-}
-
-/// Credentials for a broker from the environment: LABCTL_MQTT_USER with LABCTL_MQTT_PASSWORD or
-/// LABCTL_MQTT_PASSWORD_FILE (never the command line).
-pub fn credentials_from_env() -> Result<Option<(String, String)>, String> {
-    let Ok(user) = std::env::var("LABCTL_MQTT_USER") else {
-        return Ok(None);
-    };
-    let password = match std::env::var("LABCTL_MQTT_PASSWORD") {
-        Ok(p) => p,
-        Err(_) => match std::env::var("LABCTL_MQTT_PASSWORD_FILE") {
-            Ok(path) => std::fs::read_to_string(&path)
-                .map_err(|e| format!("LABCTL_MQTT_PASSWORD_FILE {path}: {e}"))?
-                .trim_end_matches(['\r', '\n'])
-                .to_owned(),
-            Err(_) => {
-                return Err(
-                    "LABCTL_MQTT_USER is set but neither LABCTL_MQTT_PASSWORD nor LABCTL_MQTT_PASSWORD_FILE"
-                        .into(),
-                );
-            }
-        },
-    };
-    Ok(Some((user, password)))
 }
 
 pub fn run(args: SubmitArgs) -> ExitCode {
@@ -103,12 +79,12 @@ fn count_steps(steps: &Value) -> u64 {
 }
 
 async fn submit(args: SubmitArgs) -> Result<u8, String> {
-    let bytes = crate::commands::check::read_protocol_file(&args.protocol)
+    let bytes = labctl_protocols::validate::read_protocol_file(&args.protocol)
         .map_err(|e| format!("cannot read {}: {e}", args.protocol.display()))?;
     let total_steps = serde_json::from_slice::<Value>(&bytes)
         .map(|v| count_steps(&v["steps"]))
         .unwrap_or(0);
-    let broker = super::parse_broker_url(&args.mqtt)?;
+    let broker = parse_broker_url(&args.mqtt)?;
     let (host, port) = (broker.host.clone(), broker.port);
     if !labctl_protocols::lab::is_identifier(&args.lab_id) {
         return Err(format!(
@@ -120,11 +96,11 @@ async fn submit(args: SubmitArgs) -> Result<u8, String> {
     let client_id = format!(
         "labctl-submit-{}-{}",
         std::process::id(),
-        crate::journal::now_ms()
+        labctl_contract::now_ms()
     );
     let mut opts = MqttOptions::new(client_id.clone(), host, port);
     opts.set_keep_alive(Duration::from_secs(10));
-    opts.set_max_packet_size(Some(super::broker::MAX_PACKET as u32));
+    opts.set_max_packet_size(Some(MAX_PACKET as u32));
     let credentials = credentials_from_env()?;
     let user = credentials
         .as_ref()
@@ -136,7 +112,7 @@ async fn submit(args: SubmitArgs) -> Result<u8, String> {
     net.set_tcp_nodelay(true);
     opts.set_network_options(net);
     if broker.tls {
-        opts.set_transport(rumqttc::Transport::tls_with_config(super::tls_config()?));
+        opts.set_transport(rumqttc::Transport::tls_with_config(tls_config()?));
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let (tx, mut rx) = mpsc::unbounded_channel::<Result<Publish, String>>();
