@@ -1,7 +1,6 @@
 //! The MQTT gateway: planners, consoles and observers talk to labctl over MQTT (topics and
 //! payloads in `docs/mqtt.md`).
 //!
-//!
 //! May depend on: the core's API, the MQTT link and the lab language. Never on the drivers or another face.
 //!
 //! - [`payload`] is pure: JSON payloads, size limits, rejections; the topic names are the link's
