@@ -56,6 +56,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "labctl-clients",
             "labctl-command-port",
             "labctl-mqtt",
+            "labctl-mqtt-link",
             "labctl-opcua",
             "labctl-clock",
             "labctl-codecs",

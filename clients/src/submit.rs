@@ -84,7 +84,7 @@ async fn submit(args: SubmitArgs) -> Result<u8, String> {
     let total_steps = serde_json::from_slice::<Value>(&bytes)
         .map(|v| count_steps(&v["steps"]))
         .unwrap_or(0);
-    let broker = parse_broker_url(&args.mqtt)?;
+    let broker = parse_broker_url(&args.mqtt).map_err(|e| e.to_string())?;
     let (host, port) = (broker.host.clone(), broker.port);
     if !labctl_protocols::lab::is_identifier(&args.lab_id) {
         return Err(format!(
@@ -101,7 +101,7 @@ async fn submit(args: SubmitArgs) -> Result<u8, String> {
     let mut opts = MqttOptions::new(client_id.clone(), host, port);
     opts.set_keep_alive(Duration::from_secs(10));
     opts.set_max_packet_size(Some(MAX_PACKET as u32));
-    let credentials = credentials_from_env()?;
+    let credentials = credentials_from_env().map_err(|e| e.to_string())?;
     let user = credentials
         .as_ref()
         .map_or_else(|| "anonymous".to_owned(), |(user, _)| user.clone());
@@ -112,7 +112,9 @@ async fn submit(args: SubmitArgs) -> Result<u8, String> {
     net.set_tcp_nodelay(true);
     opts.set_network_options(net);
     if broker.tls {
-        opts.set_transport(rumqttc::Transport::tls_with_config(tls_config()?));
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            tls_config().map_err(|e| e.to_string())?,
+        ));
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let (tx, mut rx) = mpsc::unbounded_channel::<Result<Publish, String>>();

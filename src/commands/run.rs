@@ -342,7 +342,7 @@ async fn start_mqtt(
     let broker = match url {
         Some(url) => BrokerChoice::External {
             url,
-            credentials: mqtt_credentials()?,
+            credentials: labctl_mqtt_link::credentials_from_env().map_err(|e| e.to_string())?,
         },
         None => {
             let mut listen: std::net::SocketAddr =
@@ -412,26 +412,8 @@ async fn start_mqtt(
             say!("  mqtt: not started ({e})");
             Ok(None)
         }
-        Err(e) => Err(e),
+        Err(e) => Err(e.to_string()),
     }
-}
-
-/// External broker credentials: LABCTL_MQTT_USER with LABCTL_MQTT_PASSWORD or LABCTL_MQTT_PASSWORD_FILE.
-fn mqtt_credentials() -> Result<Option<(String, String)>, String> {
-    let Ok(user) = std::env::var("LABCTL_MQTT_USER") else {
-        return Ok(None);
-    };
-    let password = match std::env::var("LABCTL_MQTT_PASSWORD") {
-        Ok(p) => p,
-        Err(_) => match std::env::var("LABCTL_MQTT_PASSWORD_FILE") {
-            Ok(path) => std::fs::read_to_string(&path)
-                .map_err(|e| format!("LABCTL_MQTT_PASSWORD_FILE {path}: {e}"))?
-                .trim_end_matches(['\r', '\n'])
-                .to_owned(),
-            Err(_) => return Err("LABCTL_MQTT_USER is set but neither LABCTL_MQTT_PASSWORD nor LABCTL_MQTT_PASSWORD_FILE".into()),
-        },
-    };
-    Ok(Some((user, password)))
 }
 
 /// Registers the SIGINT and SIGTERM handlers at once, so that a signal arriving while the controller is

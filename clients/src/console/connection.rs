@@ -99,7 +99,9 @@ pub fn start(
     net.set_connection_timeout(5);
     opts.set_network_options(net);
     if broker.tls {
-        opts.set_transport(rumqttc::Transport::tls_with_config(tls_config()?));
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            tls_config().map_err(|e| e.to_string())?,
+        ));
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 256);
     let topics = Topics::new(lab_id);

@@ -40,7 +40,7 @@ pub fn run(args: ConsoleArgs) -> ExitCode {
     // Everything that can be wrong with the arguments is said before the terminal is taken over.
     let broker = match labctl_mqtt_link::parse_broker_url(&args.mqtt) {
         Ok(b) => b,
-        Err(e) => return usage(&e),
+        Err(e) => return usage(&e.to_string()),
     };
     if !labctl_protocols::lab::is_identifier(&args.lab_id) {
         return usage(&format!(
@@ -50,7 +50,7 @@ pub fn run(args: ConsoleArgs) -> ExitCode {
     }
     let credentials = match labctl_mqtt_link::credentials_from_env() {
         Ok(c) => c,
-        Err(e) => return usage(&e),
+        Err(e) => return usage(&e.to_string()),
     };
     if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         return usage("standard output is not a terminal");

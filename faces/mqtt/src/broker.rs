@@ -202,7 +202,7 @@ impl EmbeddedBroker {
         users: Arc<Users>,
         lab_id: &str,
         presence: tokio::sync::mpsc::UnboundedSender<Presence>,
-    ) -> Result<EmbeddedBroker, String> {
+    ) -> Result<EmbeddedBroker, super::StartError> {
         let gateway_password = random_password();
         let storage = StorageConfig {
             backend: mqtt5::broker::StorageBackendType::Memory,
@@ -232,11 +232,17 @@ impl EmbeddedBroker {
         });
         let mut broker = MqttBroker::with_config(config)
             .await
-            .map_err(|e| format!("embedded MQTT broker on {listen}: {e}"))?
+            .map_err(|e| super::StartError::Broker {
+                listen,
+                reason: e.to_string(),
+            })?
             .with_auth_provider(auth);
         let addr = broker
             .local_addr()
-            .ok_or_else(|| format!("embedded MQTT broker on {listen}: no listening address"))?;
+            .ok_or_else(|| super::StartError::Broker {
+                listen,
+                reason: "no listening address".into(),
+            })?;
         let tls_addr = broker.tls_local_addr();
         let shutdown = broker.shutdown_handle();
         let task = tokio::spawn(async move {

@@ -141,8 +141,24 @@ pub struct MqttGateway {
     broker: Option<EmbeddedBroker>,
 }
 
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The external broker's URL, TLS or credentials.
+    #[error(transparent)]
+    Link(#[from] labctl_mqtt_link::LinkError),
+    /// The embedded broker's TLS certificate.
+    #[error("embedded MQTT broker TLS: {0}")]
+    Tls(#[from] labctl_core::tls::TlsError),
+    #[error("embedded MQTT broker on {listen}: {reason}")]
+    Broker { listen: SocketAddr, reason: String },
+}
+
 impl MqttGateway {
-    pub async fn start(api: ControllerHandle, config: MqttConfig) -> Result<MqttGateway, String> {
+    pub async fn start(
+        api: ControllerHandle,
+        config: MqttConfig,
+    ) -> Result<MqttGateway, StartError> {
         let lab_id = config.lab.lab_id.clone();
         let topics = Topics::new(&lab_id);
         let (presence_tx, presence_rx) = mpsc::unbounded_channel();
@@ -155,8 +171,7 @@ impl MqttGateway {
                         let files = labctl_core::tls::load_or_create(
                             &config.data_dir,
                             &[addr.ip().to_string()],
-                        )
-                        .map_err(|e| e.to_string())?;
+                        )?;
                         Some((addr, files.cert_path, files.key_path))
                     }
                     None => None,
