@@ -285,29 +285,39 @@ impl Users {
     }
 }
 
+/// A listener that would carry passwords in clear text on the network.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{listener} on {addr}: passwords would travel in clear text on the network; bind a loopback address, \
+     or set interfaces.allow_cleartext_on_network = true in the lab file for a closed lab network"
+)]
+pub struct CleartextListener {
+    pub listener: String,
+    pub addr: std::net::SocketAddr,
+}
+
 /// Refuses a listener in clear text on a non-loopback address unless the lab file allows it
 /// (`interfaces.allow_cleartext_on_network`); `what` names the listener for the message.
 pub fn check_cleartext_listener(
     what: &str,
     addr: std::net::SocketAddr,
     allowed: bool,
-) -> Result<(), String> {
+) -> Result<(), CleartextListener> {
     if addr.ip().is_loopback() || allowed {
         return Ok(());
     }
-    Err(format!(
-        "{what} on {addr}: passwords would travel in clear text on the network; bind a loopback address, \
-         or set interfaces.allow_cleartext_on_network = true in the lab file for a closed lab network"
-    ))
+    Err(CleartextListener {
+        listener: what.to_owned(),
+        addr,
+    })
 }
 
 /// An argon2id PHC hash of a password, for the lab file (`labctl passwd`).
-pub fn hash_password(password: &str) -> Result<String, String> {
+pub fn hash_password(password: &str) -> Result<String, password_hash::Error> {
     let salt = SaltString::generate(&mut password_hash::rand_core::OsRng);
     Argon2::default()
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
-        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -280,7 +280,8 @@ async fn run_async(
         api.clone(),
         users.clone(),
     )
-    .await?;
+    .await
+    .map_err(|e| e.to_string())?;
     for line in command_port.endpoints() {
         say!("  {line}");
     }
@@ -304,7 +305,8 @@ async fn run_async(
         api.clone(),
         users,
     )
-    .await?;
+    .await
+    .map_err(|e| e.to_string())?;
     match &opcua {
         Some(server) => say!("  {}", server.banner()),
         None if !opcua_args.no_opcua => say!("  opcua: not started (see the log)"),
@@ -359,7 +361,8 @@ async fn start_mqtt(
                 "the embedded MQTT broker",
                 listen,
                 lab.interfaces.allow_cleartext_on_network,
-            )?;
+            )
+            .map_err(|e| e.to_string())?;
             BrokerChoice::Embedded(listen)
         }
     };

@@ -272,6 +272,23 @@ pub fn controller_serial(data_dir: &Path) -> String {
         .collect()
 }
 
+/// Why the command port could not start; each names the listener or line.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{listener} {address}: {source}")]
+    Bind {
+        listener: &'static str,
+        address: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cleartext(#[from] labctl_core::auth::CleartextListener),
+    #[error("command port over TLS: {0}")]
+    Tls(#[from] labctl_core::tls::TlsError),
+    #[error("command port serial line: {0}")]
+    Serial(#[from] labctl_transport::OpenError),
+}
+
 /// Starts the command port of `labctl run`: TCP unless `off`, and the serial line if one is given.
 /// An address given on the command line must bind; the lab file's default only warns when it is taken.
 pub async fn start(
@@ -280,7 +297,15 @@ pub async fn start(
     data_dir: &Path,
     handle: ControllerHandle,
     users: Arc<Users>,
-) -> Result<CommandPort, String> {
+) -> Result<CommandPort, StartError> {
+    let bind_error = |listener: &'static str, address: &str| {
+        let address = address.to_owned();
+        move |source| StartError::Bind {
+            listener,
+            address,
+            source,
+        }
+    };
     let backend = ControllerBackend::new(handle, users);
     let idn = session::idn(&lab.lab_id, &controller_serial(data_dir));
     let mut port = CommandPort {
@@ -298,7 +323,7 @@ pub async fn start(
             Ok(listener) => {
                 let local = listener
                     .local_addr()
-                    .map_err(|e| format!("command port {address}: {e}"))?;
+                    .map_err(bind_error("command port", &address))?;
                 labctl_core::auth::check_cleartext_listener(
                     "the TCP command port",
                     local,
@@ -312,7 +337,7 @@ pub async fn start(
                     None,
                 )));
             }
-            Err(e) if explicit => return Err(format!("--command-port {address}: {e}")),
+            Err(e) if explicit => return Err(bind_error("--command-port", &address)(e)),
             Err(e) => {
                 tracing::warn!(%address, error = %e, "command port not started (use --command-port ADDR)")
             }
@@ -325,16 +350,15 @@ pub async fn start(
     {
         let listener = TcpListener::bind(address.as_str())
             .await
-            .map_err(|e| format!("command port over TLS {address}: {e}"))?;
+            .map_err(bind_error("command port over TLS", &address))?;
         let local = listener
             .local_addr()
-            .map_err(|e| format!("command port over TLS {address}: {e}"))?;
+            .map_err(bind_error("command port over TLS", &address))?;
         let host = address
             .rsplit_once(':')
             .map(|(h, _)| h.to_owned())
             .unwrap_or_default();
-        let files =
-            labctl_core::tls::load_or_create(data_dir, &[host]).map_err(|e| e.to_string())?;
+        let files = labctl_core::tls::load_or_create(data_dir, &[host])?;
         let acceptor = tokio_rustls::TlsAcceptor::from(files.config);
         port.tls = Some(local);
         port.tasks.push(tokio::spawn(accept_loop(
@@ -368,9 +392,7 @@ pub async fn start(
             args.command_serial_role.unwrap_or(Role::Rig),
             VIA,
         );
-        let stream = transport::open(&Endpoint::Serial(line.clone()))
-            .await
-            .map_err(|e| format!("command port serial line: {e}"))?;
+        let stream = transport::open(&Endpoint::Serial(line.clone())).await?;
         let config = SessionConfig {
             idn,
             link: Link::Serial(who.clone()),

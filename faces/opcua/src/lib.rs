@@ -128,13 +128,39 @@ pub fn namespace_uri(lab_id: &str) -> String {
 
 /// Starts the server: binds, creates the server certificate on first start, builds the address space and
 /// starts following the controller.
-pub async fn start(api: ControllerHandle, config: OpcUaConfig) -> Result<OpcUaServer, String> {
+/// Why the OPC UA server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("OPC UA endpoint {endpoint}: {source}")]
+    Bind {
+        endpoint: String,
+        source: std::io::Error,
+    },
+    #[error("interfaces.opcua.endpoint: {0}")]
+    Endpoint(String),
+    #[error(transparent)]
+    Cleartext(#[from] labctl_core::auth::CleartextListener),
+    #[error("OPC UA private key directory {path}: {source}")]
+    PrivateKeyDirectory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The server could not be built or run (async-opcua's own message).
+    #[error("OPC UA server: {0}")]
+    Server(String),
+}
+
+pub async fn start(api: ControllerHandle, config: OpcUaConfig) -> Result<OpcUaServer, StartError> {
     let listener = TcpListener::bind((config.listen.host.as_str(), config.listen.port))
         .await
-        .map_err(|e| format!("OPC UA endpoint {}: {e}", config.listen))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("OPC UA endpoint {}: {e}", config.listen))?;
+        .map_err(|source| StartError::Bind {
+            endpoint: config.listen.to_string(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        endpoint: config.listen.to_string(),
+        source,
+    })?;
     let pki_dir = config.data_dir.join("pki");
     let lab = Arc::new(config.lab.clone());
     let namespace = namespace_uri(&lab.lab_id);
@@ -173,21 +199,21 @@ pub async fn start(api: ControllerHandle, config: OpcUaConfig) -> Result<OpcUaSe
         restrict_private_dir(&store_dir)
     })
     .await
-    .map_err(|e| format!("OPC UA server certificate: {e}"))??;
-    let (server, handle) = builder.build().map_err(|e| format!("OPC UA server: {e}"))?;
+    .map_err(|e| StartError::Server(format!("certificate: {e}")))??;
+    let (server, handle) = builder.build().map_err(StartError::Server)?;
     if handle.info().server_certificate.is_none() || handle.info().server_pkey.is_none() {
-        return Err(format!(
-            "OPC UA server: no usable certificate and private key under {} (see docs/opcua.md, Certificates)",
+        return Err(StartError::Server(format!(
+            "no usable certificate and private key under {} (see docs/opcua.md, Certificates)",
             pki_dir.display()
-        ));
+        )));
     }
     let manager = handle
         .node_managers()
         .get_of_type::<LabNodeManager>()
-        .ok_or("OPC UA server: the lab's node manager is missing")?;
+        .ok_or_else(|| StartError::Server("the lab's node manager is missing".into()))?;
     let ns = handle
         .get_namespace_index(&namespace)
-        .ok_or("OPC UA server: the lab's namespace is missing")?;
+        .ok_or_else(|| StartError::Server("the lab's namespace is missing".into()))?;
     let server_thread = serve_on_own_thread(server, listener)?;
     let updater = updater::Updater::new(manager, handle.subscriptions().clone(), Names { ns });
     let updater = tokio::spawn(updater.run(api));
@@ -205,11 +231,13 @@ pub async fn start(api: ControllerHandle, config: OpcUaConfig) -> Result<OpcUaSe
 }
 
 /// `pki/private` (the server's private key): created 0700 if missing, every file in it made 0600.
-fn restrict_private_dir(pki_dir: &Path) -> Result<(), String> {
+fn restrict_private_dir(pki_dir: &Path) -> Result<(), StartError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let private = pki_dir.join("private");
-    let fail =
-        |e: std::io::Error| format!("OPC UA private key directory {}: {e}", private.display());
+    let fail = |source: std::io::Error| StartError::PrivateKeyDirectory {
+        path: private.clone(),
+        source,
+    };
     if !private.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -235,17 +263,17 @@ fn restrict_private_dir(pki_dir: &Path) -> Result<(), String> {
 fn serve_on_own_thread(
     server: opcua::server::Server,
     listener: TcpListener,
-) -> Result<oneshot::Receiver<()>, String> {
+) -> Result<oneshot::Receiver<()>, StartError> {
     let listener = listener
         .into_std()
-        .map_err(|e| format!("OPC UA endpoint: {e}"))?;
+        .map_err(|e| StartError::Server(format!("endpoint: {e}")))?;
     // Sockets and timers only: the process and signal drivers would be checked at every park.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
         .thread_name("opcua")
         .build()
-        .map_err(|e| format!("OPC UA server runtime: {e}"))?;
+        .map_err(|e| StartError::Server(format!("runtime: {e}")))?;
     let (stopped_tx, stopped_rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("opcua".into())
@@ -264,7 +292,7 @@ fn serve_on_own_thread(
             runtime.shutdown_timeout(Duration::from_secs(1));
             let _ = stopped_tx.send(());
         })
-        .map_err(|e| format!("OPC UA server thread: {e}"))?;
+        .map_err(|e| StartError::Server(format!("thread: {e}")))?;
     Ok(stopped_rx)
 }
 
@@ -277,12 +305,12 @@ pub async fn start_for_run(
     data_dir: &Path,
     api: ControllerHandle,
     users: Arc<Users>,
-) -> Result<Option<OpcUaServer>, String> {
+) -> Result<Option<OpcUaServer>, StartError> {
     if args.no_opcua {
         return Ok(None);
     }
-    let mut listen = Endpoint::parse(&lab.interfaces.opcua.endpoint)
-        .map_err(|e| format!("interfaces.opcua.endpoint: {e}"))?;
+    let mut listen =
+        Endpoint::parse(&lab.interfaces.opcua.endpoint).map_err(StartError::Endpoint)?;
     if let Some(port) = args.opcua_port {
         listen.port = port;
     }
