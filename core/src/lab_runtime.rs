@@ -121,13 +121,27 @@ pub struct RuntimeOptions {
     pub simulated_instruments: bool,
 }
 
+/// Why a lab's instruments could not be brought up.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot start the simulated lab: {0}")]
+    Simulators(#[from] labctl_simulators::SimLabError),
+    #[error("{instrument}: no simulator serves this instrument")]
+    NoSimulator { instrument: String },
+    #[error("{instrument}: {source}")]
+    Driver {
+        instrument: String,
+        source: labctl_drivers::DriverError,
+    },
+}
+
 /// Starts what the lab needs and connects every instrument.
 pub async fn connect(
     lab: &Lab,
     options: &RuntimeOptions,
     clock: VirtualClock,
     estop: &EStop,
-) -> Result<LabRuntime, String> {
+) -> Result<LabRuntime, RuntimeError> {
     let needs_sim = lab
         .instruments
         .iter()
@@ -141,9 +155,7 @@ pub async fn connect(
             spectro_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             ..SimLabConfig::default()
         };
-        let sim = SimLab::start(config)
-            .await
-            .map_err(|e| format!("cannot start the simulated lab: {e}"))?;
+        let sim = SimLab::start(config).await?;
         let wired = sim.lab_file(lab);
         (Some(sim), wired)
     } else {
@@ -156,10 +168,9 @@ pub async fn connect(
     let mut endpoints = Vec::new();
     for (config, wired) in lab.instruments.iter().zip(&wired.instruments) {
         let Some(endpoint) = Endpoint::from_transport(&wired.transport) else {
-            return Err(format!(
-                "{}: no simulator serves this instrument",
-                config.id
-            ));
+            return Err(RuntimeError::NoSimulator {
+                instrument: config.id.clone(),
+            });
         };
         let driver_options =
             if config.transport == Transport::Simulated || options.simulated_instruments {
@@ -168,7 +179,10 @@ pub async fn connect(
                 &real_options
             };
         let driver = labctl_drivers::connect(wired, &endpoint, &mut ports, driver_options)
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| RuntimeError::Driver {
+                instrument: config.id.clone(),
+                source,
+            })?;
         let place = match &wired.transport {
             Transport::Serial(line) => format!("{} {} baud", line.port, line.baud),
             Transport::Tcp { address } => format!("tcp {address}"),

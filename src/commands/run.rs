@@ -197,7 +197,9 @@ async fn run_async(
         pty_dir: args.pty_dir.clone(),
         simulated_instruments: args.simulated_instruments,
     };
-    let runtime = crate::lab_runtime::connect(&lab, &runtime_options, clock, &estop).await?;
+    let runtime = crate::lab_runtime::connect(&lab, &runtime_options, clock, &estop)
+        .await
+        .map_err(|e| e.to_string())?;
     let config = ControllerConfig {
         lab: lab.clone(),
         lab_sha256: sha256_hex(text.as_bytes()),

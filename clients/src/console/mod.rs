@@ -8,10 +8,10 @@
 //! - [`views`]: drawing with ratatui.
 //! - [`connection`]: the MQTT link (rumqttc), reconnecting with backoff.
 
-pub mod app;
-pub mod connection;
-pub mod state;
-pub mod views;
+mod app;
+mod connection;
+mod state;
+mod views;
 
 use std::process::ExitCode;
 use std::time::Duration;
