@@ -745,3 +745,6 @@ pub async fn run_protocol(ctx: Arc<RunContext>, protocol: Arc<Protocol>) {
         end,
     });
 }
+
+#[cfg(test)]
+mod tests;
