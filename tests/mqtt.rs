@@ -162,6 +162,23 @@ async fn next_on(
     }
 }
 
+/// Waits until the gateway has announced itself on the broker at `addr`: its retained `online` status,
+/// which it publishes after subscribing and after its other retained messages, is there.
+async fn announced(addr: SocketAddr) {
+    let (watcher, mut rx) = client(addr, "watcher", "observer-dev", &["labctl/sim/status"]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let p = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("the gateway announced itself within 10 s")
+            .expect("watcher alive");
+        if p.topic == "labctl/sim/status" && json_of(&p)["status"] == "online" {
+            break;
+        }
+    }
+    let _ = watcher.disconnect().await;
+}
+
 fn json_of(p: &rumqttc::Publish) -> Value {
     serde_json::from_slice(&p.payload).unwrap_or_else(|e| panic!("{} is not JSON: {e}", p.topic))
 }
@@ -184,8 +201,8 @@ const ESTOP_STATE: &str = "labctl/sim/estop/state";
 async fn capabilities_are_retained_with_the_schema_and_a_submit_gets_its_reply() {
     let dir = tempfile::tempdir().unwrap();
     let rig = rig(dir.path()).await;
-    // Give the gateway time to announce itself; retained messages reach late subscribers.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A late subscriber: the retained messages are already there.
+    announced(rig.addr).await;
     let (planner, mut rx) = client(
         rig.addr,
         "planner-bo",
@@ -628,7 +645,7 @@ async fn through_mosquitto_capabilities_submit_and_results_work_and_survive_a_br
     )
     .await;
     assert_eq!(rig.addr, broker.addr());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    announced(rig.addr).await;
     let (planner, mut rx) = client(
         broker.addr(),
         "planner-bo",
@@ -667,7 +684,6 @@ async fn through_mosquitto_capabilities_submit_and_results_work_and_survive_a_br
     // announces itself again (nothing retained survives this broker's restart).
     broker.stop();
     drop(planner);
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let broker = Mosquitto::start(dir.path(), Some(broker.port)).await;
     let (planner, mut rx) = client(
         broker.addr(),
@@ -788,10 +804,20 @@ async fn a_supervised_run_holds_when_its_planner_drops_off_and_telemetry_flows()
     opts.set_credentials("planner-bo", "planner-dev");
     let (planner, mut ev) = AsyncClient::new(opts, 16);
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
+        let mut subscribed_tx = Some(subscribed_tx);
         while let Ok(e) = ev.poll().await {
-            if let Event::Incoming(Incoming::Publish(p)) = e {
-                let _ = tx.send(p);
+            match e {
+                Event::Incoming(Incoming::Publish(p)) => {
+                    let _ = tx.send(p);
+                }
+                Event::Incoming(Incoming::SubAck(_)) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                _ => {}
             }
         }
     });
@@ -799,7 +825,10 @@ async fn a_supervised_run_holds_when_its_planner_drops_off_and_telemetry_flows()
         .subscribe("labctl/sim/protocols/replies/#", QoS::AtLeastOnce)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::timeout(Duration::from_secs(10), subscribed)
+        .await
+        .expect("SUBACK within 10 s")
+        .unwrap();
     let mut p = weigh_protocol("supervised-1", 1);
     p["metadata"]["supervised"] = json!(true);
     p["steps"] = json!([{ "type": "wait", "id": "hold", "duration_s": 3600 }]);
@@ -963,7 +992,7 @@ fn client_tool(name: &str) -> std::path::PathBuf {
 async fn mosquitto_clients_speak_3_1_1_and_5_to_the_embedded_broker_and_last_wills_are_delivered() {
     let dir = tempfile::tempdir().unwrap();
     let rig = rig(dir.path()).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    announced(rig.addr).await;
     let port = rig.addr.port().to_string();
     for version in ["mqttv311", "mqttv5"] {
         let port = port.clone();
@@ -1009,8 +1038,22 @@ async fn mosquitto_clients_speak_3_1_1_and_5_to_the_embedded_broker_and_last_wil
         false,
     ));
     let (mortal, mut ev) = AsyncClient::new(opts, 8);
-    let task = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (connected_tx, connected) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut connected_tx = Some(connected_tx);
+        while let Ok(event) = ev.poll().await {
+            if let Event::Incoming(Incoming::ConnAck(_)) = event
+                && let Some(tx) = connected_tx.take()
+            {
+                let _ = tx.send(());
+            }
+        }
+    });
+    // The will is the broker's only once the connection is accepted.
+    tokio::time::timeout(Duration::from_secs(10), connected)
+        .await
+        .expect("the mortal client connected within 10 s")
+        .unwrap();
     task.abort();
     drop(mortal);
     let will = next_on(&mut rx, "test/will").await;
@@ -1521,7 +1564,7 @@ from paho.mqtt.properties import Properties
 host, port, version, protocol = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 v5 = version == "5"
 pid = json.loads(protocol)["metadata"]["proposal_id"]
-got, done = {}, threading.Event()
+got, done, subscribed = {}, threading.Event(), threading.Event()
 def on_message(client, userdata, msg):
     body = json.loads(msg.payload)
     if msg.topic == "labctl/sim/capabilities":
@@ -1537,11 +1580,13 @@ c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-" + version,
                 protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
 c.username_pw_set("planner-bo", "planner-dev")
 c.on_message = on_message
+c.on_subscribe = lambda *args: subscribed.set()
 c.connect(host, port)
 c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 c.subscribe([("labctl/sim/capabilities", 1), ("labctl/sim/protocols/replies/#", 1), ("labctl/sim/to/planner-bo/py", 1)])
 c.loop_start()
-time.sleep(0.3)
+if not subscribed.wait(10):
+    sys.exit("no SUBACK within 10 s")
 props = None
 if v5:
     props = Properties(PacketTypes.PUBLISH)
@@ -1556,7 +1601,7 @@ sys.exit(0 if ok else 1)
 "#;
     let dir = tempfile::tempdir().unwrap();
     let rig = rig(dir.path()).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    announced(rig.addr).await;
     for version in ["3", "5"] {
         let protocol = weigh_protocol(&format!("paho-{version}"), 1).to_string();
         let (python, addr) = (python.clone(), rig.addr);
