@@ -696,24 +696,13 @@ fn outcome_summary(o: &Outcome) -> serde_json::Value {
     }
 }
 
-/// Every instrument a list of steps commands or reads.
+/// Every instrument a list of steps commands or reads (the run reserves them and makes them safe).
 pub fn collect_instruments(steps: &[Step], out: &mut std::collections::BTreeSet<String>) {
-    for s in steps {
-        match s {
-            Step::Action(a) => {
-                out.insert(a.instrument.clone());
-            }
-            Step::Measure(m) => {
-                out.insert(m.instrument.clone());
-            }
-            Step::WaitUntil(w) => {
-                out.insert(w.condition.instrument.clone());
-            }
-            Step::Parallel(p) => p.branches.iter().for_each(|b| collect_instruments(b, out)),
-            Step::Repeat(r) => collect_instruments(&r.steps, out),
-            Step::Wait(_) => {}
-        }
-    }
+    labctl_protocols::protocol::collect_instruments(
+        steps,
+        labctl_protocols::protocol::InstrumentUse::CommandedOrWatched,
+        out,
+    );
 }
 
 /// Runs a whole protocol and reports how it ended.

@@ -114,6 +114,42 @@ pub enum Step {
     Repeat(RepeatStep),
 }
 
+/// Which of a step list's instruments [`collect_instruments`] gathers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstrumentUse {
+    /// Those an action or a measurement commands.
+    Commanded,
+    /// Those, and those a `wait_until` watches.
+    CommandedOrWatched,
+}
+
+/// Every instrument `steps` use in the way `which` says, into `out` (nested blocks included).
+pub fn collect_instruments(
+    steps: &[Step],
+    which: InstrumentUse,
+    out: &mut std::collections::BTreeSet<String>,
+) {
+    for step in steps {
+        match step {
+            Step::Action(a) => {
+                out.insert(a.instrument.clone());
+            }
+            Step::Measure(m) => {
+                out.insert(m.instrument.clone());
+            }
+            Step::WaitUntil(w) if which == InstrumentUse::CommandedOrWatched => {
+                out.insert(w.condition.instrument.clone());
+            }
+            Step::Parallel(p) => p
+                .branches
+                .iter()
+                .for_each(|b| collect_instruments(b, which, out)),
+            Step::Repeat(r) => collect_instruments(&r.steps, which, out),
+            Step::WaitUntil(_) | Step::Wait(_) => {}
+        }
+    }
+}
+
 /// Tell an instrument to do something.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ActionStep {

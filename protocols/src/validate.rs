@@ -1406,25 +1406,6 @@ impl<'a> Semantic<'a> {
         }
     }
 
-    fn commanded_instruments(steps: &[Step], out: &mut BTreeSet<String>) {
-        for s in steps {
-            match s {
-                Step::Action(a) => {
-                    out.insert(a.instrument.clone());
-                }
-                Step::Measure(m) => {
-                    out.insert(m.instrument.clone());
-                }
-                Step::Parallel(p) => p
-                    .branches
-                    .iter()
-                    .for_each(|b| Self::commanded_instruments(b, out)),
-                Step::Repeat(r) => Self::commanded_instruments(&r.steps, out),
-                Step::Wait(_) | Step::WaitUntil(_) => {}
-            }
-        }
-    }
-
     fn parallel(&mut self, s: &ParallelStep, path: &str) -> (f64, u64) {
         if s.branches.is_empty() {
             self.push(
@@ -1439,7 +1420,7 @@ impl<'a> Semantic<'a> {
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         for (j, branch) in s.branches.iter().enumerate() {
             let mut used = BTreeSet::new();
-            Self::commanded_instruments(branch, &mut used);
+            crate::protocol::collect_instruments(branch, InstrumentUse::Commanded, &mut used);
             for inst in used {
                 if let Some(first) = seen.get(&inst) {
                     self.push(
@@ -1477,7 +1458,7 @@ impl<'a> Semantic<'a> {
             .iter()
             .map(|branch| {
                 let mut used = BTreeSet::new();
-                Self::commanded_instruments(branch, &mut used);
+                crate::protocol::collect_instruments(branch, InstrumentUse::Commanded, &mut used);
                 used.iter()
                     .filter_map(|id| self.lab.instrument(id).map(|i| i.kind))
                     .collect()
