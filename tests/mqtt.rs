@@ -1241,7 +1241,13 @@ async fn technicians_approve_and_stop_over_mqtt_and_nobody_else_may() {
     .await;
     let e = json_of(&next_on(&mut prx, ESTOP_STATE).await);
     assert_eq!(e["latched"], false, "retained at start: {e}");
-    let (alice, _arx) = client(rig.addr, "alice", "technician-dev", &[]).await;
+    let (alice, mut arx) = client(
+        rig.addr,
+        "alice",
+        "technician-dev",
+        &["labctl/sim/runs/+/status"],
+    )
+    .await;
     let (rig1, _rrx) = client(rig.addr, "rig-1", "rig-dev", &[]).await;
     // Longer than the sim lab's auto-approval limit (3600 s): it waits for a technician.
     let mut p = weigh_protocol("approve-1", 1);
@@ -1258,6 +1264,24 @@ async fn technicians_approve_and_stop_over_mqtt_and_nobody_else_may() {
     let reply = json_of(&next_on(&mut prx, "labctl/sim/protocols/replies/approve-1").await);
     assert_eq!(reply["state"], "awaiting_approval", "{reply}");
     let run_id = reply["run_id"].as_str().unwrap().to_owned();
+    // The approver's status carries what they decide on: why, the dry run and the validator's findings
+    // (journaled with the decision to wait, not found again by validating twice). The first status, from
+    // the run's creation, comes before the journal's decision; the one from the state change after it.
+    let status_topic = format!("labctl/sim/runs/{run_id}/status");
+    let approval = loop {
+        let status = json_of(&next_on(&mut arx, &status_topic).await);
+        if status["state"] == "awaiting_approval" && status["approval"]["dry_run"].is_object() {
+            break status["approval"].clone();
+        }
+    };
+    assert!(
+        approval["because"]
+            .as_array()
+            .is_some_and(|b| !b.is_empty()),
+        "{approval}"
+    );
+    assert!(approval["findings"].is_array(), "{approval}");
+    assert!(approval["dry_run"].is_object(), "{approval}");
     let state = |api: labctl::api::ControllerHandle, run_id: String| async move {
         api.run(&run_id).await.map(|r| r.state)
     };

@@ -732,7 +732,9 @@ impl Core {
         let approval_detail = if auto {
             json!({ "decision": "approved", "by": "policy", "estimated_duration_s": report.estimated_duration_s })
         } else {
-            json!({ "decision": "awaiting_approval", "because": report.approval_required_because, "estimated_duration_s": report.estimated_duration_s })
+            // The validator's findings (warnings only: the proposal was accepted) travel with the decision
+            // to wait, so every face shows an approver what was found without validating again.
+            json!({ "decision": "awaiting_approval", "because": report.approval_required_because, "findings": report.findings, "estimated_duration_s": report.estimated_duration_s })
         };
         self.event(
             Some(&run_id),

@@ -374,21 +374,6 @@ async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<S
                 context.observe(&record);
                 if let Record::RunCreated(r) = &*record {
                     proposals.insert(r.run_id.clone(), r.proposal_id.clone());
-                    if r.state == RunState::AwaitingApproval {
-                        // The approver sees the validator's warnings; validating again is cheaper than
-                        // carrying them through the journal, and gives the same answer on the same lab.
-                        let (lab, bytes) =
-                            (s.api.lab().clone(), r.protocol_json.clone().into_bytes());
-                        let findings = tokio::task::spawn_blocking(move || {
-                            serde_json::to_value(
-                                labctl_protocols::validate_bytes(&bytes, &lab).findings,
-                            )
-                            .unwrap_or_default()
-                        })
-                        .await
-                        .unwrap_or_default();
-                        context.set_findings(&r.run_id, findings);
-                    }
                 }
                 let run_id = match &*record {
                     Record::RunCreated(r) => Some(r.run_id.as_str()),

@@ -499,18 +499,12 @@ impl RunContext {
                     }
                     EventKind::Approval if detail["decision"] == "awaiting_approval" => {
                         approval.insert("because".into(), detail["because"].clone());
+                        approval.insert("findings".into(), detail["findings"].clone());
                     }
                     _ => {}
                 }
             }
             _ => {}
-        }
-    }
-
-    /// The validator's findings (warnings: an accepted proposal has no errors) for a run awaiting approval.
-    pub fn set_findings(&mut self, run_id: &str, findings: Value) {
-        if let Some(a) = self.runs.get_mut(run_id).and_then(|m| m.approval.as_mut()) {
-            a.insert("findings".into(), findings);
         }
     }
 
@@ -732,9 +726,9 @@ mod tests {
         ));
         ctx.observe(&event(
             EventKind::Approval,
-            json!({"decision": "awaiting_approval", "because": ["too long"]}),
+            json!({"decision": "awaiting_approval", "because": ["too long"],
+                   "findings": [{"severity": "warning"}]}),
         ));
-        ctx.set_findings("r1", json!([{"severity": "warning"}]));
         let state = |state: RunState, at| Record::RunState {
             run_id: "r1".into(),
             state,
