@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use labctl_contract::messages::{RunEvent, RunResult, RunStatus};
+use labctl_contract::{EventKind, RunState};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -292,11 +294,11 @@ async fn follow(
             },
         };
         let topic = String::from_utf8_lossy(&p.topic);
-        let Ok(v) = serde_json::from_slice::<Value>(&p.payload) else {
-            continue;
-        };
         if topic == results_t {
-            let seq = v["seq"].as_u64().unwrap_or(0);
+            let Ok(result) = serde_json::from_slice::<RunResult>(&p.payload) else {
+                continue;
+            };
+            let seq = result.seq;
             if seq <= last_seq {
                 continue; // seen already (a replay overlaps)
             }
@@ -317,33 +319,40 @@ async fn follow(
             last_seq = seq;
             say(format!(
                 "result {seq} {} ({}): {}",
-                v["name"].as_str().unwrap_or("?"),
-                v["instrument"].as_str().unwrap_or("?"),
-                summarise(&v["value"])
+                result.name,
+                result.instrument,
+                summarise(&result.value)
             ));
         } else if topic == events_t {
-            match v["kind"].as_str() {
-                Some("step_finished" | "step_failed" | "step_skipped") => bar.inc(1),
-                Some("step_started") => {
-                    bar.set_message(v["step"].as_str().unwrap_or("").to_owned())
+            let Ok(event) = serde_json::from_slice::<RunEvent>(&p.payload) else {
+                continue;
+            };
+            match event.known_kind() {
+                Some(EventKind::StepFinished | EventKind::StepFailed | EventKind::StepSkipped) => {
+                    bar.inc(1)
                 }
+                Some(EventKind::StepStarted) => bar.set_message(event.step.unwrap_or_default()),
                 _ => {}
             }
         } else if topic == status_t {
-            let state = v["state"].as_str().unwrap_or("");
+            let Ok(status) = serde_json::from_slice::<RunStatus>(&p.payload) else {
+                continue;
+            };
+            let state = status.state;
             let code = match state {
-                "completed" => Some(0),
-                "rejected" => Some(1),
-                "failed" => Some(3),
-                "aborted" | "interrupted" => Some(4),
+                RunState::Completed => Some(0),
+                RunState::Rejected => Some(1),
+                RunState::Failed => Some(3),
+                RunState::Aborted | RunState::Interrupted => Some(4),
                 _ => None,
             };
             if let Some(code) = code {
                 if code == 0 {
                     bar.set_position(bar.length().unwrap_or(0));
                 }
-                let reason = v["reason"]
-                    .as_str()
+                let reason = status
+                    .reason
+                    .as_ref()
                     .map(|r| format!(" ({r})"))
                     .unwrap_or_default();
                 let line = format!("run {run_id} {state}{reason}");
@@ -359,10 +368,7 @@ async fn follow(
                 println!("{line}");
                 return Ok(code);
             }
-            bar.set_message(format!(
-                "{state} {}",
-                v["step"].as_str().unwrap_or_default()
-            ));
+            bar.set_message(format!("{state} {}", status.step.unwrap_or_default()));
         }
     }
 }

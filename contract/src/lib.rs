@@ -11,6 +11,8 @@ use labctl_protocols::Finding;
 use labctl_protocols::lab::Role;
 use serde::{Deserialize, Serialize};
 
+pub mod messages;
+
 /// Milliseconds since the Unix epoch: the timestamps of the journal and of every payload.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

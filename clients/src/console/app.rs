@@ -5,6 +5,7 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use serde_json::{Value, json};
 
 use super::state::{EStop, Level, Link, Model};
+use labctl_contract::RunState;
 use labctl_mqtt_link::Topics;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,9 +316,10 @@ impl Ui {
             return Outcome::Nothing;
         };
         let missing = run.results.is_empty() || (run.results.len() as u64) < run.last_seq;
-        if run.state == "awaiting_approval"
-            || run.state == "queued"
-            || (!always && (run.replay_asked || !missing))
+        if matches!(
+            run.state,
+            Some(RunState::AwaitingApproval | RunState::Queued)
+        ) || (!always && (run.replay_asked || !missing))
         {
             return Outcome::Nothing;
         }
@@ -647,7 +649,7 @@ mod tests {
         // A run whose results all arrived needs nothing.
         m.apply(
             "labctl/sim/runs/run-3-1/results",
-            br#"{"run_id":"run-3-1","seq":1,"name":"m","value":{}}"#,
+            br#"{"run_id":"run-3-1","seq":1,"name":"m","step":"s","instrument":"balance","value":{},"at_ms":3}"#,
             3,
         );
         m.apply(

@@ -6,7 +6,16 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde_json::Value;
 
-use labctl_contract::{EventKind, Severity};
+use labctl_contract::messages::{self, EStopState, LabStatus, Presence, RunEvent, RunStatus};
+use labctl_contract::{EventKind, RunState, Severity};
+
+/// A message as the contract's type for its topic; the error names the field that is wrong.
+fn parse<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        format!("{path}: {}", e.into_inner())
+    })
+}
 
 /// Readings kept per quantity for the sparklines (at 10 Hz telemetry, the last 12 s or so).
 pub const HISTORY: usize = 120;
@@ -75,7 +84,8 @@ pub struct Run {
     pub run_id: String,
     pub proposal_id: String,
     pub name: String,
-    pub state: String,
+    /// `None` until its first status arrives.
+    pub state: Option<RunState>,
     /// The step of the last event (more current than the status's `step`).
     pub step: Option<String>,
     pub reason: Option<String>,
@@ -94,10 +104,7 @@ pub struct Run {
 
 impl Run {
     pub fn is_terminal(&self) -> bool {
-        matches!(
-            self.state.as_str(),
-            "rejected" | "completed" | "failed" | "aborted" | "interrupted"
-        )
+        self.state.is_some_and(RunState::is_terminal)
     }
 
     /// Seconds since the run started (to its end once it has ended).
@@ -113,7 +120,7 @@ impl Run {
 
     /// Fraction done by the estimate: 1 once completed, `None` without an estimate or a start.
     pub fn progress(&self, now_ms: i64) -> Option<f64> {
-        if self.state == "completed" {
+        if self.state == Some(RunState::Completed) {
             return Some(1.0);
         }
         let estimate = self.estimated_duration_s.filter(|e| *e > 0.0)?;
@@ -209,7 +216,7 @@ impl Model {
         let mut runs: Vec<&Run> = self
             .runs
             .values()
-            .filter(|r| r.state == "awaiting_approval")
+            .filter(|r| r.state == Some(RunState::AwaitingApproval))
             .collect();
         runs.sort_by_key(|r| run_order_key(&r.run_id));
         runs
@@ -253,7 +260,7 @@ impl Model {
             ["status"] => self.on_status(&parsed, now_ms),
             ["instruments", id, "state"] => self.on_instrument_state(id, &parsed),
             ["instruments", id, "telemetry"] => self.on_telemetry(id, &parsed),
-            ["runs", id, "status"] => self.on_run_status(id, &parsed, now_ms),
+            ["runs", id, "status"] => self.on_run_status(id, &parsed),
             ["runs", id, "events"] => self.on_run_event(id, &parsed),
             ["runs", id, "results"] => self.on_result(id, &parsed),
             ["estop", "state"] => self.on_estop_state(&parsed, now_ms),
@@ -278,13 +285,13 @@ impl Model {
     }
 
     fn on_status(&mut self, v: &Value, now_ms: i64) -> Result<(), String> {
-        let next = match v["status"].as_str() {
-            Some("online") => Controller::Online {
-                version: v["labctl_version"].as_str().unwrap_or("?").to_owned(),
-                started_at_ms: v["started_at_ms"].as_i64().unwrap_or(0),
+        let status: LabStatus = parse(v)?;
+        let next = match status.status {
+            Presence::Online => Controller::Online {
+                version: status.labctl_version,
+                started_at_ms: status.started_at_ms,
             },
-            Some("offline") => Controller::Offline,
-            _ => return Err("no \"status\": online or offline".into()),
+            Presence::Offline => Controller::Offline,
         };
         if next != self.controller {
             match &next {
@@ -302,14 +309,9 @@ impl Model {
 
     /// The latch as the controller holds it, whoever set it (this console, OPC UA, the command port).
     fn on_estop_state(&mut self, v: &Value, now_ms: i64) -> Result<(), String> {
-        let latched = v["latched"]
-            .as_bool()
-            .ok_or("no \"latched\": true or false")?;
-        let by = v["by"]
-            .as_str()
-            .map(|b| format!(" by {b}"))
-            .unwrap_or_default();
-        match (latched, self.estop) {
+        let state: EStopState = parse(v)?;
+        let by = state.by.map(|b| format!(" by {b}")).unwrap_or_default();
+        match (state.latched, self.estop) {
             (true, EStop::Latched) | (false, EStop::Clear) => {}
             (true, _) => {
                 self.say(now_ms, Level::Error, format!("EMERGENCY STOP latched{by}"));
@@ -372,47 +374,49 @@ impl Model {
         Ok(())
     }
 
-    fn on_run_status(&mut self, id: &str, v: &Value, now_ms: i64) -> Result<(), String> {
-        let state = v["state"].as_str().ok_or("no \"state\"")?.to_owned();
-        let at_ms = v["at_ms"].as_i64().unwrap_or(now_ms);
+    fn on_run_status(&mut self, id: &str, v: &Value) -> Result<(), String> {
+        let status: RunStatus = parse(v)?;
+        let state = status.state;
+        let at_ms = status.at_ms;
         let run = self.runs.entry(id.to_owned()).or_default();
-        let previous = std::mem::replace(&mut run.state, state.clone());
+        let previous = run.state.replace(state);
         run.run_id = id.to_owned();
-        let text = |k: &str| v[k].as_str().map(str::to_owned);
-        if let Some(p) = text("proposal_id") {
+        if let Some(p) = status.proposal_id {
             run.proposal_id = p;
         }
-        if let Some(n) = text("name") {
+        if let Some(n) = status.name {
             run.name = n;
         }
-        if let Some(s) = text("submitted_by") {
-            run.submitted_by = Some(s);
+        if status.submitted_by.is_some() {
+            run.submitted_by = status.submitted_by;
         }
-        if let Some(e) = v["estimated_duration_s"].as_f64() {
-            run.estimated_duration_s = Some(e);
+        if status.estimated_duration_s.is_some() {
+            run.estimated_duration_s = status.estimated_duration_s;
         }
-        if let Some(s) = v["started_at_ms"].as_i64() {
-            run.started_at_ms = Some(s);
-        } else if state == "running" && run.started_at_ms.is_none() {
+        if status.started_at_ms.is_some() {
+            run.started_at_ms = status.started_at_ms;
+        } else if state == RunState::Running && run.started_at_ms.is_none() {
             run.started_at_ms = Some(at_ms);
         }
-        if let Some(step) = text("step") {
-            run.step = Some(step);
+        if status.step.is_some() {
+            run.step = status.step;
         }
-        run.reason = text("reason");
+        run.reason = status.reason;
         run.state_since_ms = at_ms;
-        run.approval = (state == "awaiting_approval")
-            .then(|| v.get("approval").cloned())
-            .flatten()
-            .filter(Value::is_object);
-        if previous != state && !previous.is_empty() {
+        run.approval = status
+            .approval
+            .filter(|a| state == RunState::AwaitingApproval && a.is_object());
+        if let Some(previous) = previous.filter(|p| *p != state) {
             let reason = run
                 .reason
                 .as_ref()
                 .map(|r| format!(" ({r})"))
                 .unwrap_or_default();
-            let level = match state.as_str() {
-                "failed" | "aborted" | "interrupted" | "rejected" => Level::Warn,
+            let level = match state {
+                RunState::Failed
+                | RunState::Aborted
+                | RunState::Interrupted
+                | RunState::Rejected => Level::Warn,
                 _ => Level::Info,
             };
             let line = format!("run {id}: {previous} -> {state}{reason}");
@@ -423,35 +427,39 @@ impl Model {
     }
 
     fn on_run_event(&mut self, id: &str, v: &Value) -> Result<(), String> {
-        let kind = v["kind"].as_str().ok_or("no \"kind\"")?.to_owned();
-        let at_ms = v["at_ms"].as_i64().unwrap_or(0);
-        let step = v["step"].as_str().map(str::to_owned);
+        let event: RunEvent = parse(v)?;
         if let Some(run) = self.runs.get_mut(id)
-            && step.is_some()
+            && event.step.is_some()
         {
-            run.step = step.clone();
+            run.step.clone_from(&event.step);
         }
         // Commands are many and routine; the log keeps what a technician acts on. A kind this console
         // does not know (a newer controller) is shown as information.
-        let severity = kind
-            .parse::<EventKind>()
+        let severity = event
+            .known_kind()
             .map_or(Severity::Info, EventKind::severity);
         if severity == Severity::Routine {
             return Ok(());
         }
-        let actor = v["actor"]
-            .as_str()
+        let actor = event
+            .actor
+            .as_ref()
             .map(|a| format!(" by {a}"))
             .unwrap_or_default();
-        let step = step.map(|s| format!(" {s}")).unwrap_or_default();
-        let detail = summarise_detail(&v["detail"]);
+        let step = event
+            .step
+            .as_ref()
+            .map(|s| format!(" {s}"))
+            .unwrap_or_default();
+        let detail = summarise_detail(&event.detail);
         let level = if severity == Severity::Warning {
             Level::Warn
         } else {
             Level::Info
         };
+        let kind = &event.kind;
         self.say(
-            at_ms,
+            event.at_ms,
             level,
             format!("run {id}: {kind}{step}{actor}{detail}"),
         );
@@ -459,21 +467,21 @@ impl Model {
     }
 
     fn on_result(&mut self, id: &str, v: &Value) -> Result<(), String> {
-        let seq = v["seq"].as_u64().ok_or("no \"seq\"")?;
+        let message: messages::RunResult = parse(v)?;
+        let seq = message.seq;
         let run = self.runs.entry(id.to_owned()).or_default();
         run.run_id = id.to_owned();
         // A replay repeats what this console may already have.
         if run.results.iter().any(|r| r.seq == seq) {
             return Ok(());
         }
-        let text = |k: &str| v[k].as_str().unwrap_or("").to_owned();
         let result = RunResult {
             seq,
-            name: text("name"),
-            step: text("step"),
-            instrument: text("instrument"),
-            value: v["value"].clone(),
-            at_ms: v["at_ms"].as_i64().unwrap_or(0),
+            name: message.name,
+            step: message.step,
+            instrument: message.instrument,
+            value: message.value,
+            at_ms: message.at_ms,
         };
         let at = run.results.partition_point(|r| r.seq < seq);
         run.results.insert(at, result);
@@ -627,7 +635,7 @@ mod tests {
         feed(
             &mut m,
             "status",
-            json!({"status": "online", "labctl_version": "0.1.0", "started_at_ms": 5}),
+            json!({"status": "online", "lab_id": "sim", "labctl_version": "0.1.0", "started_at_ms": 5}),
         );
         assert_eq!(
             m.controller,
@@ -636,11 +644,19 @@ mod tests {
                 started_at_ms: 5
             }
         );
-        feed(&mut m, "status", json!({"status": "offline"}));
+        feed(
+            &mut m,
+            "status",
+            json!({"status": "offline", "lab_id": "sim", "labctl_version": "0.1.0", "started_at_ms": 5}),
+        );
         assert_eq!(m.controller, Controller::Offline);
         assert!(m.log.iter().any(|l| l.text == "controller offline"));
         // The broker gone: nothing is known of the controller until the link is back.
-        feed(&mut m, "status", json!({"status": "online"}));
+        feed(
+            &mut m,
+            "status",
+            json!({"status": "online", "lab_id": "sim", "labctl_version": "0.1.0", "started_at_ms": 6}),
+        );
         m.link_down(2_000, "connection refused");
         assert_eq!(m.controller, Controller::Unknown);
         assert_eq!(m.link, Link::Down("connection refused".into()));

@@ -12,6 +12,8 @@ use ratatui::widgets::{
 };
 use serde_json::Value;
 
+use labctl_contract::RunState;
+
 use super::app::{Dialog, Tab, Ui};
 use super::state::{Controller, EStop, Level, Link, Model, Run, RunResult};
 
@@ -253,14 +255,23 @@ fn scaled(values: impl Iterator<Item = f64> + Clone) -> Vec<u64> {
         .collect()
 }
 
-fn state_style(state: &str) -> Style {
+fn state_style(state: Option<RunState>) -> Style {
     match state {
-        "running" => Style::new().fg(Color::Green),
-        "completed" => Style::new().fg(Color::Cyan),
-        "awaiting_approval" | "paused" => Style::new().fg(Color::Yellow).bold(),
-        "queued" => Style::new(),
-        _ => Style::new().fg(Color::Red),
+        Some(RunState::Running) => Style::new().fg(Color::Green),
+        Some(RunState::Completed) => Style::new().fg(Color::Cyan),
+        Some(RunState::AwaitingApproval | RunState::Paused) => {
+            Style::new().fg(Color::Yellow).bold()
+        }
+        Some(RunState::Queued) | None => Style::new(),
+        Some(RunState::Rejected | RunState::Failed | RunState::Aborted | RunState::Interrupted) => {
+            Style::new().fg(Color::Red)
+        }
     }
+}
+
+/// A run's state as the console shows it (`?` before its first status).
+fn state_text(state: Option<RunState>) -> String {
+    state.map_or("?", RunState::as_str).to_owned()
 }
 
 fn fmt_duration(s: f64) -> String {
@@ -278,7 +289,7 @@ fn draw_runs(frame: &mut Frame, area: Rect, model: &Model, ui: &Ui, now_ms: i64)
     let rows = runs.iter().map(|r| {
         Row::new(vec![
             Line::from(r.run_id.clone()),
-            Line::styled(r.state.clone(), state_style(&r.state)),
+            Line::styled(state_text(r.state), state_style(r.state)),
             Line::from(r.step.clone().unwrap_or_default()),
             Line::from(r.name.clone()),
         ])
@@ -329,7 +340,7 @@ fn draw_run_detail(frame: &mut Frame, area: Rect, run: &Run, now_ms: i64) {
         gauge,
     );
     let mut lines = vec![Line::from(vec![
-        Span::styled(run.state.clone(), state_style(&run.state)),
+        Span::styled(state_text(run.state), state_style(run.state)),
         Span::from(format!(
             "  step {}  results {}",
             run.step.as_deref().unwrap_or("-"),
@@ -772,7 +783,7 @@ mod tests {
         feed(
             &mut m,
             "status",
-            json!({"status": "online", "labctl_version": "0.1.0", "started_at_ms": 1}),
+            json!({"status": "online", "lab_id": "sim", "labctl_version": "0.1.0", "started_at_ms": 1}),
         );
         m
     }
@@ -784,7 +795,11 @@ mod tests {
         let s = screen(&m, &ui);
         assert!(s.lines().next().unwrap().contains("broker ok"), "{s}");
         assert!(s.contains("controller online 0.1.0"), "{s}");
-        feed(&mut m, "status", json!({"status": "offline"}));
+        feed(
+            &mut m,
+            "status",
+            json!({"status": "offline", "lab_id": "sim", "labctl_version": "0.1.0", "started_at_ms": 1}),
+        );
         m.estop = EStop::Latched;
         let s = screen(&m, &ui);
         assert!(s.contains("CONTROLLER OFFLINE"), "{s}");
@@ -926,14 +941,14 @@ mod tests {
         feed(
             &mut m,
             "runs/run-1-1/results",
-            json!({"seq": 1, "name": "spectrum", "step": "s", "instrument": "spectro",
+            json!({"run_id": "run-1-1", "seq": 1, "name": "spectrum", "step": "s", "instrument": "spectro",
                    "value": {"outcome": "spectrum", "wavelengths_nm": wl, "absorbance": ab}, "at_ms": 1000}),
         );
         for (i, t) in [25.0, 35.0, 45.0].iter().enumerate() {
             feed(
                 &mut m,
                 "runs/run-1-1/results",
-                json!({"seq": i + 2, "name": format!("t{i}"), "step": "s", "instrument": "hotplate",
+                json!({"run_id": "run-1-1", "seq": i + 2, "name": format!("t{i}"), "step": "s", "instrument": "hotplate",
                        "value": {"outcome": "temperature", "temperature_c": t}, "at_ms": 2000 + 1000 * i as i64}),
             );
         }

@@ -46,6 +46,7 @@ use self::fair_queue::{FairQueue, Full};
 use self::payload::{ControlRequest, Decision, EStopAction, Outbound, Rejection};
 use labctl_core::api::{ApiError, ControllerHandle, Principal, RunState};
 use labctl_core::auth::Users;
+use labctl_core::contract::messages::EStopState;
 use labctl_core::journal::{self, Record};
 use labctl_core::world::LabSnapshot;
 use labctl_mqtt_link::{Inbound, Topics, backoff, parse_broker_url, tls_config};
@@ -392,38 +393,29 @@ async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<S
                 }
                 let pid = run_id.and_then(|id| proposals.get(id)).map(String::as_str);
                 match payload::from_record(&record, pid) {
-                    Some(Outbound::Status {
-                        run_id,
-                        mut payload,
-                    }) => {
-                        context.decorate(&mut payload);
-                        let terminal = payload["state"].as_str().is_some_and(|st| {
-                            ["rejected", "completed", "failed", "aborted", "interrupted"]
-                                .contains(&st)
-                        });
-                        publish(&s, s.topics.run_status(&run_id), true, to_vec(&payload)).await;
-                        if terminal {
+                    Some(Outbound::Status(mut status)) => {
+                        context.decorate(&mut status);
+                        let run_id = status.run_id.clone();
+                        publish(&s, s.topics.run_status(&run_id), true, to_vec(&status)).await;
+                        if status.state.is_terminal() {
                             proposals.remove(&run_id);
                             last_seq.remove(&run_id);
                             context.forget(&run_id);
                         }
                     }
-                    Some(Outbound::Event { run_id, payload }) => {
-                        publish(&s, s.topics.run_events(&run_id), false, to_vec(&payload)).await;
+                    Some(Outbound::Event(event)) => {
+                        let topic = s.topics.run_events(&event.run_id);
+                        publish(&s, topic, false, to_vec(&event)).await;
                     }
-                    Some(Outbound::Result {
-                        run_id,
-                        seq,
-                        payload,
-                    }) => {
-                        let last = last_seq.entry(run_id.clone()).or_insert(0);
-                        if seq > *last {
-                            *last = seq;
-                            publish(&s, s.topics.run_results(&run_id), false, to_vec(&payload))
-                                .await;
+                    Some(Outbound::Result(result)) => {
+                        let last = last_seq.entry(result.run_id.clone()).or_insert(0);
+                        if result.seq > *last {
+                            *last = result.seq;
+                            let topic = s.topics.run_results(&result.run_id);
+                            publish(&s, topic, false, to_vec(&result)).await;
                         }
                     }
-                    Some(Outbound::EStop { payload }) => publish_estop(&s, &payload).await,
+                    Some(Outbound::EStop(state)) => publish_estop(&s, &state).await,
                     None => {}
                 }
             }
@@ -435,11 +427,11 @@ async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<S
                 catch_up(&s, &mut last_seq, &context).await;
                 // A skipped latch change: publish the latch as it is now (who changed it is in the journal).
                 let latched = s.api.estop_latched();
-                let published = serde_json::from_slice::<serde_json::Value>(
+                let published = serde_json::from_slice::<EStopState>(
                     &s.estop_state.lock().unwrap_or_else(|p| p.into_inner()),
                 )
                 .ok()
-                .and_then(|v| v["latched"].as_bool());
+                .map(|state| state.latched);
                 if published != Some(latched) {
                     publish_estop(&s, &payload::estop_state(latched, None, None)).await;
                 }
@@ -450,8 +442,8 @@ async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<S
 }
 
 /// Publishes the retained `estop/state` and remembers it for the next ConnAck.
-async fn publish_estop(s: &Shared, payload: &serde_json::Value) {
-    let bytes = to_vec(payload);
+async fn publish_estop(s: &Shared, state: &EStopState) {
+    let bytes = to_vec(state);
     *s.estop_state.lock().unwrap_or_else(|p| p.into_inner()) = bytes.clone();
     publish(s, s.topics.estop_state(), true, bytes).await;
 }
@@ -487,34 +479,30 @@ async fn catch_up(s: &Shared, last_seq: &mut HashMap<String, u64>, context: &pay
     for ((run_id, pid, _), rows) in wanted.iter().zip(rows) {
         for row in rows {
             let seq = row.seq.max(0) as u64;
-            let p = payload::result_payload(
-                run_id,
-                Some(pid),
-                seq,
-                &row.name,
-                &row.step,
-                &row.instrument,
-                &row.identity,
-                &row.value,
-                row.at_ms,
-            );
-            publish(s, s.topics.run_results(run_id), false, to_vec(&p)).await;
+            let result = payload::result_from_row(run_id, Some(pid), &row);
+            publish(s, s.topics.run_results(run_id), false, to_vec(&result)).await;
             last_seq.insert(run_id.clone(), seq);
         }
     }
     for r in runs {
-        let mut p = serde_json::json!({
-            "run_id": r.run_id, "proposal_id": r.proposal_id, "state": r.state,
-            "step": r.current_step, "reason": r.reason, "at_ms": journal::now_ms(),
-            "name": r.name, "submitted_by": r.submitted_by, "estimated_duration_s": r.estimated_duration_s,
-        });
-        context.decorate(&mut p);
-        publish(s, s.topics.run_status(&r.run_id), true, to_vec(&p)).await;
+        let mut status = payload::run_status(
+            &r.run_id,
+            Some(&r.proposal_id),
+            r.state,
+            r.current_step.as_deref(),
+            r.reason.as_deref(),
+            journal::now_ms(),
+        );
+        status.name = Some(r.name.clone());
+        status.submitted_by = Some(r.submitted_by.clone());
+        status.estimated_duration_s = r.estimated_duration_s;
+        context.decorate(&mut status);
+        publish(s, s.topics.run_status(&r.run_id), true, to_vec(&status)).await;
     }
 }
 
-fn to_vec(v: &serde_json::Value) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap_or_default()
+fn to_vec(message: &impl serde::Serialize) -> Vec<u8> {
+    serde_json::to_vec(message).unwrap_or_default()
 }
 
 /// Retained `instruments/{id}/state` when an instrument's view changes, and `instruments/{id}/telemetry`
@@ -897,18 +885,8 @@ async fn replay(s: &Shared, run_id: &str, after: u64) -> Result<usize, Rejection
     let pid = known.map(|r| r.proposal_id);
     let n = rows.len();
     for row in rows {
-        let p = payload::result_payload(
-            run_id,
-            pid.as_deref(),
-            row.seq.max(0) as u64,
-            &row.name,
-            &row.step,
-            &row.instrument,
-            &row.identity,
-            &row.value,
-            row.at_ms,
-        );
-        publish(s, s.topics.run_results(run_id), false, to_vec(&p)).await;
+        let result = payload::result_from_row(run_id, pid.as_deref(), &row);
+        publish(s, s.topics.run_results(run_id), false, to_vec(&result)).await;
     }
     Ok(n)
 }

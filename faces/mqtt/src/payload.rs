@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use labctl_core::api::Control;
+use labctl_core::contract::messages::{
+    EStopState, LabStatus, Presence, RunEvent, RunResult, RunStatus,
+};
 use labctl_core::contract::{EventKind, RunState};
 use labctl_core::journal::Record;
 
@@ -239,12 +242,16 @@ pub fn parse_estop(payload: &[u8], topic: &str) -> Result<EStopAction, Rejection
 
 /// The retained `status` message (`offline` is also the last will).
 pub fn status(online: bool, lab_id: &str, started_at_ms: i64) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "status": if online { "online" } else { "offline" },
-        "lab_id": lab_id,
-        "labctl_version": env!("CARGO_PKG_VERSION"),
-        "started_at_ms": started_at_ms,
-    }))
+    serde_json::to_vec(&LabStatus {
+        status: if online {
+            Presence::Online
+        } else {
+            Presence::Offline
+        },
+        lab_id: lab_id.to_owned(),
+        labctl_version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at_ms,
+    })
     .unwrap_or_default()
 }
 
@@ -279,65 +286,78 @@ pub fn capabilities(lab: &Lab) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-/// What one committed journal record becomes on MQTT: (topic kind, run id, payload, retained, QoS 1).
+/// What one committed journal record becomes on MQTT (all at QoS 1).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outbound {
-    Status {
-        run_id: String,
-        payload: Value,
-    },
-    Event {
-        run_id: String,
-        payload: Value,
-    },
-    Result {
-        run_id: String,
-        seq: u64,
-        payload: Value,
-    },
+    /// The retained `runs/{run_id}/status`.
+    Status(RunStatus),
+    /// `runs/{run_id}/events`.
+    Event(RunEvent),
+    /// `runs/{run_id}/results`.
+    Result(RunResult),
     /// The emergency stop latch changed: the retained `estop/state`.
-    EStop {
-        payload: Value,
-    },
+    EStop(EStopState),
 }
 
 /// The retained `estop/state` message: whether the latch is set, who last changed it and when (both null
 /// when labctl started with the latch as it was, e.g. after a restart).
-pub fn estop_state(latched: bool, by: Option<&str>, at_ms: Option<i64>) -> Value {
-    json!({ "latched": latched, "by": by, "at_ms": at_ms })
+pub fn estop_state(latched: bool, by: Option<&str>, at_ms: Option<i64>) -> EStopState {
+    EStopState {
+        latched,
+        by: by.map(str::to_owned),
+        at_ms,
+    }
+}
+
+/// A run's status as the record says it; [`RunContext::decorate`] adds what a late console needs.
+pub fn run_status(
+    run_id: &str,
+    proposal_id: Option<&str>,
+    state: RunState,
+    step: Option<&str>,
+    reason: Option<&str>,
+    at_ms: i64,
+) -> RunStatus {
+    RunStatus {
+        run_id: run_id.to_owned(),
+        proposal_id: proposal_id.map(str::to_owned),
+        state,
+        step: step.map(str::to_owned),
+        reason: reason.map(str::to_owned),
+        at_ms,
+        name: None,
+        submitted_by: None,
+        estimated_duration_s: None,
+        started_at_ms: None,
+        approval: None,
+    }
 }
 
 /// Maps a committed record to its MQTT message; `proposal_id` is the run's, when known.
 pub fn from_record(record: &Record, proposal_id: Option<&str>) -> Option<Outbound> {
     match record {
-        Record::RunCreated(r) => Some(Outbound::Status {
-            run_id: r.run_id.clone(),
-            payload: json!({
-                "run_id": r.run_id,
-                "proposal_id": r.proposal_id,
-                "state": r.state,
-                "step": null,
-                "reason": null,
-                "at_ms": r.submitted_at_ms,
-            }),
-        }),
+        Record::RunCreated(r) => Some(Outbound::Status(run_status(
+            &r.run_id,
+            Some(&r.proposal_id),
+            r.state,
+            None,
+            None,
+            r.submitted_at_ms,
+        ))),
         Record::RunState {
             run_id,
             state,
             step,
             reason,
             at_ms,
-        } => Some(Outbound::Status {
-            run_id: run_id.clone(),
-            payload: json!({
-                "run_id": run_id,
-                "proposal_id": proposal_id,
-                "state": state,
-                "step": step,
-                "reason": reason,
-                "at_ms": at_ms,
-            }),
-        }),
+        } => Some(Outbound::Status(run_status(
+            run_id,
+            proposal_id,
+            *state,
+            step.as_deref(),
+            reason.as_deref(),
+            *at_ms,
+        ))),
         Record::Event {
             run_id: Some(run_id),
             kind,
@@ -345,26 +365,25 @@ pub fn from_record(record: &Record, proposal_id: Option<&str>) -> Option<Outboun
             actor,
             detail,
             at_ms,
-        } => Some(Outbound::Event {
-            run_id: run_id.clone(),
-            payload: json!({
-                "run_id": run_id,
-                "kind": kind,
-                "step": step,
-                "actor": actor,
-                "detail": detail,
-                "at_ms": at_ms,
-            }),
-        }),
+        } => Some(Outbound::Event(RunEvent::new(
+            run_id,
+            *kind,
+            step.as_deref(),
+            actor.as_deref(),
+            detail.clone(),
+            *at_ms,
+        ))),
         // The latch as recorded, whoever (or whatever: a failed journal) changed it.
         Record::EStopLatch {
             latched,
             actor,
             at_ms,
             ..
-        } => Some(Outbound::EStop {
-            payload: estop_state(*latched, actor.as_deref(), Some(*at_ms)),
-        }),
+        } => Some(Outbound::EStop(estop_state(
+            *latched,
+            actor.as_deref(),
+            Some(*at_ms),
+        ))),
         Record::Event { run_id: None, .. } | Record::InterlockOverride { .. } => None,
         Record::Result {
             run_id,
@@ -375,47 +394,37 @@ pub fn from_record(record: &Record, proposal_id: Option<&str>) -> Option<Outboun
             identity,
             value,
             at_ms,
-        } => Some(Outbound::Result {
+        } => Some(Outbound::Result(RunResult {
             run_id: run_id.clone(),
+            proposal_id: proposal_id.map(str::to_owned),
             seq: *seq,
-            payload: result_payload(
-                run_id,
-                proposal_id,
-                *seq,
-                name,
-                step,
-                instrument,
-                identity,
-                value,
-                *at_ms,
-            ),
-        }),
+            name: name.clone(),
+            step: step.clone(),
+            instrument: instrument.clone(),
+            identity: identity.clone(),
+            value: value.clone(),
+            at_ms: *at_ms,
+        })),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn result_payload(
+/// A result read back from the journal (a replay, a catch-up after a lag), as `runs/{run_id}/results`.
+pub fn result_from_row(
     run_id: &str,
     proposal_id: Option<&str>,
-    seq: u64,
-    name: &str,
-    step: &str,
-    instrument: &str,
-    identity: &Value,
-    value: &Value,
-    at_ms: i64,
-) -> Value {
-    json!({
-        "run_id": run_id,
-        "proposal_id": proposal_id,
-        "seq": seq,
-        "name": name,
-        "step": step,
-        "instrument": instrument,
-        "identity": identity,
-        "value": value,
-        "at_ms": at_ms,
-    })
+    row: &labctl_core::journal::read::ResultRow,
+) -> RunResult {
+    RunResult {
+        run_id: run_id.to_owned(),
+        proposal_id: proposal_id.map(str::to_owned),
+        seq: u64::try_from(row.seq).unwrap_or(0),
+        name: row.name.clone(),
+        step: row.step.clone(),
+        instrument: row.instrument.clone(),
+        identity: row.identity.clone(),
+        value: row.value.clone(),
+        at_ms: row.at_ms,
+    }
 }
 
 /// What the retained `runs/{run_id}/status` carries beyond the record itself, so that a console that connects
@@ -524,28 +533,17 @@ impl RunContext {
     }
 
     /// Adds `name`, `submitted_by`, `estimated_duration_s`, `started_at_ms` and (while awaiting approval)
-    /// `approval` to a status payload.
-    pub fn decorate(&self, status: &mut Value) {
-        let Some(run_id) = status["run_id"].as_str() else {
+    /// `approval` to a status.
+    pub fn decorate(&self, status: &mut RunStatus) {
+        let Some(meta) = self.runs.get(&status.run_id) else {
             return;
         };
-        let Some(meta) = self.runs.get(run_id) else {
-            return;
-        };
-        let Value::Object(m) = status else {
-            return;
-        };
-        m.insert("name".into(), json!(meta.name));
-        m.insert("submitted_by".into(), json!(meta.submitted_by));
-        m.insert(
-            "estimated_duration_s".into(),
-            json!(meta.estimated_duration_s),
-        );
-        m.insert("started_at_ms".into(), json!(meta.started_at_ms));
-        if m.get("state").and_then(Value::as_str) == Some("awaiting_approval")
-            && let Some(a) = &meta.approval
-        {
-            m.insert("approval".into(), Value::Object(a.clone()));
+        status.name.clone_from(&meta.name);
+        status.submitted_by.clone_from(&meta.submitted_by);
+        status.estimated_duration_s = meta.estimated_duration_s;
+        status.started_at_ms = meta.started_at_ms;
+        if status.state == RunState::AwaitingApproval {
+            status.approval = meta.approval.clone().map(Value::Object);
         }
     }
 
@@ -628,18 +626,18 @@ mod tests {
             actor: Some(actor.to_owned()),
             at_ms: 1_700_000_000_123,
         };
-        let Some(Outbound::EStop { payload }) = from_record(&latch(true, "alice"), None) else {
+        let Some(Outbound::EStop(state)) = from_record(&latch(true, "alice"), None) else {
             panic!("a trigger must map to the estop state");
         };
         assert_eq!(
-            payload,
+            serde_json::to_value(&state).unwrap(),
             json!({ "latched": true, "by": "alice", "at_ms": 1_700_000_000_123_i64 })
         );
-        let Some(Outbound::EStop { payload }) = from_record(&latch(false, "bob"), None) else {
+        let Some(Outbound::EStop(state)) = from_record(&latch(false, "bob"), None) else {
             panic!("an acknowledgement must map to the estop state");
         };
-        assert_eq!(payload["latched"], false);
-        assert_eq!(payload["by"], "bob");
+        assert!(!state.latched);
+        assert_eq!(state.by.as_deref(), Some("bob"));
         for kind in [
             EventKind::ControllerStarted,
             EventKind::InstrumentSafe,
@@ -737,8 +735,9 @@ mod tests {
             at_ms: at,
         };
         ctx.observe(&state(RunState::AwaitingApproval, 7));
-        let mut status = json!({"run_id": "r1", "state": "awaiting_approval"});
+        let mut status = run_status("r1", None, RunState::AwaitingApproval, None, None, 7);
         ctx.decorate(&mut status);
+        let status = serde_json::to_value(&status).unwrap();
         assert_eq!(status["name"], "long wait");
         assert_eq!(status["submitted_by"], "planner-bo");
         assert_eq!(status["estimated_duration_s"], 4000.0);
@@ -751,13 +750,14 @@ mod tests {
 
         ctx.observe(&state(RunState::Queued, 8));
         ctx.observe(&state(RunState::Running, 9));
-        let mut status = json!({"run_id": "r1", "state": "running"});
+        let mut status = run_status("r1", None, RunState::Running, None, None, 9);
         ctx.decorate(&mut status);
-        assert!(status.get("approval").is_none(), "{status}");
-        assert_eq!(status["started_at_ms"], 9);
+        assert!(status.approval.is_none(), "{status:?}");
+        assert_eq!(status.started_at_ms, Some(9));
         // A run it never heard of is left alone.
-        let mut other = json!({"run_id": "r2", "state": "running"});
-        ctx.decorate(&mut other);
-        assert_eq!(other, json!({"run_id": "r2", "state": "running"}));
+        let other = run_status("r2", None, RunState::Running, None, None, 9);
+        let mut decorated = other.clone();
+        ctx.decorate(&mut decorated);
+        assert_eq!(decorated, other);
     }
 }
