@@ -538,10 +538,11 @@ impl RunContext {
         let Some(meta) = self.runs.get(&status.run_id) else {
             return;
         };
-        status.name.clone_from(&meta.name);
-        status.submitted_by.clone_from(&meta.submitted_by);
-        status.estimated_duration_s = meta.estimated_duration_s;
-        status.started_at_ms = meta.started_at_ms;
+        // What the context knows wins; what it does not know is left as the caller set it.
+        status.name = meta.name.clone().or(status.name.take());
+        status.submitted_by = meta.submitted_by.clone().or(status.submitted_by.take());
+        status.estimated_duration_s = meta.estimated_duration_s.or(status.estimated_duration_s);
+        status.started_at_ms = meta.started_at_ms.or(status.started_at_ms);
         if status.state == RunState::AwaitingApproval {
             status.approval = meta.approval.clone().map(Value::Object);
         }
