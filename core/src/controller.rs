@@ -32,7 +32,17 @@ use crate::world::{
 /// Puts a run's labware where its protocol says it stands, before the run starts. In a real lab the
 /// technician does this (and the loader has nothing to do); the simulated lab places fresh vials itself.
 pub trait LabwareLoader: Send + Sync {
-    fn load(&self, run_id: &str, protocol: &Protocol) -> Result<(), String>;
+    fn load(&self, run_id: &str, protocol: &Protocol) -> Result<(), LabwareError>;
+}
+
+/// A vessel that could not be put where its protocol says it stands.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LabwareError {
+    #[error("{vessel}: {reason}")]
+    Placement { vessel: String, reason: String },
+    /// The loader's own state is unusable (the simulated lab's model lock is poisoned).
+    #[error("{0}")]
+    Unavailable(&'static str),
 }
 
 pub struct ControllerConfig {

@@ -23,13 +23,16 @@ struct SimLabware {
 }
 
 impl crate::controller::LabwareLoader for SimLabware {
-    fn load(&self, run_id: &str, protocol: &labctl_protocols::Protocol) -> Result<(), String> {
+    fn load(
+        &self,
+        run_id: &str,
+        protocol: &labctl_protocols::Protocol,
+    ) -> Result<(), crate::controller::LabwareError> {
         use labctl_clock::Clock;
         let now = self.clock.now();
-        let mut model = self
-            .model
-            .lock()
-            .map_err(|_| "simulated lab model is poisoned".to_owned())?;
+        let mut model = self.model.lock().map_err(|_| {
+            crate::controller::LabwareError::Unavailable("simulated lab model is poisoned")
+        })?;
         for lw in &protocol.labware {
             let position = lw.location.to_ascii_uppercase();
             // A fresh vessel: take away whatever stands there and any earlier vessel with this id.
@@ -49,9 +52,12 @@ impl crate::controller::LabwareLoader for SimLabware {
             for id in stale {
                 let _ = model.remove_vial(now, &id);
             }
-            model
-                .add_vial(now, &lw.id, &position)
-                .map_err(|e| format!("{}: {e}", lw.id))?;
+            model.add_vial(now, &lw.id, &position).map_err(|e| {
+                crate::controller::LabwareError::Placement {
+                    vessel: lw.id.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
             tracing::info!(run = run_id, vessel = %lw.id, %position, "simulated lab: fresh vessel placed");
         }
         Ok(())

@@ -137,7 +137,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("interfaces.opcua.endpoint: {0}")]
-    Endpoint(String),
+    Endpoint(#[from] settings::EndpointError),
     #[error(transparent)]
     Cleartext(#[from] labctl_core::auth::CleartextListener),
     #[error("OPC UA private key directory {path}: {source}")]
@@ -309,8 +309,7 @@ pub async fn start_for_run(
     if args.no_opcua {
         return Ok(None);
     }
-    let mut listen =
-        Endpoint::parse(&lab.interfaces.opcua.endpoint).map_err(StartError::Endpoint)?;
+    let mut listen = Endpoint::parse(&lab.interfaces.opcua.endpoint)?;
     if let Some(port) = args.opcua_port {
         listen.port = port;
     }

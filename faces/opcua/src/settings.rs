@@ -37,22 +37,36 @@ pub struct Endpoint {
     pub port: u16,
 }
 
+/// An OPC UA endpoint URL that is not `opc.tcp://host:port[/path]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    #[error("{url:?}: expected opc.tcp://host:port")]
+    Scheme { url: String },
+    #[error("{url:?}: expected opc.tcp://host:port (the port is missing)")]
+    NoPort { url: String },
+    #[error("{url:?}: the host is missing")]
+    NoHost { url: String },
+    #[error("{url:?}: port {port:?} is not a number from 0 to 65535")]
+    Port { url: String, port: String },
+}
+
 impl Endpoint {
-    pub fn parse(url: &str) -> Result<Endpoint, String> {
+    pub fn parse(url: &str) -> Result<Endpoint, EndpointError> {
         let rest = url
             .strip_prefix("opc.tcp://")
-            .ok_or_else(|| format!("{url:?}: expected opc.tcp://host:port"))?;
+            .ok_or_else(|| EndpointError::Scheme { url: url.into() })?;
         let authority = rest.split('/').next().unwrap_or_default();
-        let (host, port) = authority.rsplit_once(':').ok_or_else(|| {
-            format!("{url:?}: expected opc.tcp://host:port (the port is missing)")
-        })?;
+        let (host, port) = authority
+            .rsplit_once(':')
+            .ok_or_else(|| EndpointError::NoPort { url: url.into() })?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
-            return Err(format!("{url:?}: the host is missing"));
+            return Err(EndpointError::NoHost { url: url.into() });
         }
-        let port = port
-            .parse()
-            .map_err(|_| format!("{url:?}: port {port:?} is not a number from 0 to 65535"))?;
+        let port = port.parse().map_err(|_| EndpointError::Port {
+            url: url.into(),
+            port: port.into(),
+        })?;
         Ok(Endpoint {
             host: host.to_owned(),
             port,
@@ -206,21 +220,25 @@ mod tests {
             Endpoint::parse("opc.tcp://[::1]:0/labctl").map(|e| (e.host, e.port)),
             Ok(("::1".into(), 0))
         );
-        assert!(
-            Endpoint::parse("http://x:1")
-                .unwrap_err()
-                .contains("opc.tcp://")
-        );
+        assert!(matches!(
+            Endpoint::parse("http://x:1"),
+            Err(EndpointError::Scheme { .. })
+        ));
         assert!(
             Endpoint::parse("opc.tcp://host")
                 .unwrap_err()
+                .to_string()
                 .contains("port is missing")
         );
-        assert!(
-            Endpoint::parse("opc.tcp://host:99999")
-                .unwrap_err()
-                .contains("99999")
+        let err = Endpoint::parse("opc.tcp://host:99999").unwrap_err();
+        assert_eq!(
+            err,
+            EndpointError::Port {
+                url: "opc.tcp://host:99999".into(),
+                port: "99999".into()
+            }
         );
+        assert!(err.to_string().contains("99999"), "{err}");
     }
 
     #[test]
