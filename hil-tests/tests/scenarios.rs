@@ -458,7 +458,19 @@ fn garbled_bytes() {
         Some(&port),
         &[labctl.reported_results(&run)],
     );
-    assert_eq!(result_names(&journal), ["spectrum", "mass"]);
+    // The dispenses must succeed through the damage. The final weighing is `on_error: skip` in the
+    // protocol: when garbling outlasts the driver's retries (about one run in a hundred at this rate) the
+    // step is skipped, and the journal must say so; a result is never dropped silently.
+    let names = result_names(&journal);
+    if names == ["spectrum"] {
+        let kinds = bench.journal_event_kinds(&run);
+        assert!(
+            kinds.iter().any(|k| k == "step_skipped"),
+            "no mass and no skipped weighing: {kinds:?}"
+        );
+    } else {
+        assert_eq!(names, ["spectrum", "mass"]);
+    }
     bench.assert_wire_inside_envelope();
     bench.assert_safe_within(Duration::from_secs(10), false);
 }
