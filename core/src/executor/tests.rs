@@ -1,8 +1,7 @@
 //! The executor on a manual clock: tokio's paused time stands still until every task waits, then jumps to
 //! the next deadline, so a protocol's hour of waiting takes no real time. Fake instruments answer at once;
-//! the journal is a real SQLite file. While a command's intent is being committed (real I/O on the
-//! journal's own thread) paused time may jump ahead to the instruments' next polls, so only spans without
-//! a command in them are asserted exactly.
+//! the journal is a real SQLite file, and under test a wait for its commit holds the paused clock still
+//! (see `journal::committed`): without that, a slow disk let paused time race past a step's timeout.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -140,7 +139,9 @@ async fn an_abort_during_a_wait_ends_the_run_then_and_leaves_its_instruments_saf
     let (control, mut updates, task) = start(&bench, &protocol);
     // Ten minutes into the protocol (the ramp to 60 °C takes about five), well inside the hour's wait.
     tokio::time::sleep(Duration::from_secs(600)).await;
-    control.send(Control::Abort).unwrap();
+    control
+        .send(Control::Abort)
+        .expect("the run ended before the abort");
     let end = end_of(&mut updates).await;
     task.await.unwrap();
     assert!(matches!(end, RunEnd::Aborted(_)), "{end:?}");
