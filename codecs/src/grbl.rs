@@ -18,6 +18,7 @@
 
 use std::fmt;
 
+use super::fixed_point::{FixedPointError, common_decimals};
 use super::{DecodeError, Decoded, MAX_LINE, split_line};
 
 /// Protocol name in [`DecodeError::protocol`].
@@ -1727,40 +1728,19 @@ fn lossy(bytes: &[u8]) -> String {
 /// the same fixed number (3 in millimetres, 4 in inches: `N_DECIMAL_COORDVALUE_MM/INCH`), so a coordinate
 /// with another count, or without a digit before or after its point, lost or gained bytes on the line.
 /// `None` when the frame has no position field.
-pub fn position_decimals(frame: &[u8]) -> Option<Result<usize, String>> {
+pub fn position_decimals(frame: &[u8]) -> Option<Result<usize, FixedPointError>> {
     let text = std::str::from_utf8(frame).ok()?;
     let start = text.find("Pos:")? + "Pos:".len();
     let rest = &text[start..];
     let field = &rest[..rest.find(['|', '>']).unwrap_or(rest.len())];
-    let mut decimals = None;
-    for (i, value) in field.split(',').enumerate() {
-        let axis = ["X", "Y", "Z"].get(i).copied().unwrap_or("extra");
-        let digits = value.strip_prefix('-').unwrap_or(value);
-        let Some((whole, fraction)) = digits.split_once('.') else {
-            return Some(Err(format!("{axis} {value:?} has no decimal point")));
-        };
-        if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) {
-            return Some(Err(format!(
-                "{axis} {value:?} has no digits before the point"
-            )));
-        }
-        if fraction.is_empty() || !fraction.bytes().all(|b| b.is_ascii_digit()) {
-            return Some(Err(format!(
-                "{axis} {value:?} has no digits after the point"
-            )));
-        }
-        match decimals {
-            None => decimals = Some(fraction.len()),
-            Some(d) if d != fraction.len() => {
-                return Some(Err(format!(
-                    "{axis} {value:?} has {} decimals where X has {d}",
-                    fraction.len()
-                )));
-            }
-            Some(_) => {}
-        }
-    }
-    decimals.map(Ok)
+    let axis = |i: usize| {
+        ["X", "Y", "Z"]
+            .get(i)
+            .copied()
+            .unwrap_or("extra")
+            .to_owned()
+    };
+    common_decimals(field.split(','), &['-'], axis).transpose()
 }
 
 #[cfg(test)]
@@ -2667,7 +2647,7 @@ mod tests {
             ),
         ] {
             match position_decimals(damaged) {
-                Some(Err(reason)) => assert!(reason.contains(says), "{reason}"),
+                Some(Err(reason)) => assert!(reason.to_string().contains(says), "{reason}"),
                 other => panic!("{:?}: {other:?}", String::from_utf8_lossy(damaged)),
             }
         }

@@ -9,6 +9,7 @@
 //!
 //! May depend on: nothing of labctl, and no async runtime (the simulators and the fuzzers link this alone).
 
+pub mod fixed_point;
 pub mod grbl;
 pub mod mtsics;
 pub mod namur;
@@ -33,6 +34,30 @@ impl<T> Decoded<T> {
             },
             Decoded::Incomplete => Decoded::Incomplete,
         }
+    }
+}
+
+/// A frame's content that is not what the protocol allows, naming the field or byte and what was expected.
+/// Decoders turn it into a [`DecodeError`] with the frame; callers that parse a field alone get it as is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Malformed(pub String);
+
+impl From<String> for Malformed {
+    fn from(reason: String) -> Self {
+        Malformed(reason)
+    }
+}
+
+impl From<&str> for Malformed {
+    fn from(reason: &str) -> Self {
+        Malformed(reason.to_owned())
+    }
+}
+
+impl From<Malformed> for String {
+    fn from(malformed: Malformed) -> Self {
+        malformed.0
     }
 }
 

@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use super::{DecodeError, Decoded, split_line};
+use super::{DecodeError, Decoded, Malformed, split_line};
 
 const PROTOCOL: &str = "MT-SICS";
 
@@ -131,7 +131,11 @@ impl Mass {
 
     /// Parses a weight value and unit strictly: `-?digits(.digits)?`, nothing else (no `+`, exponent,
     /// leading or trailing point), because a misread weight is worse than a rejected one.
-    pub fn parse(number: &[u8], unit: &[u8]) -> Result<Mass, String> {
+    pub fn parse(number: &[u8], unit: &[u8]) -> Result<Mass, Malformed> {
+        Self::from_fields(number, unit).map_err(Malformed)
+    }
+
+    fn from_fields(number: &[u8], unit: &[u8]) -> Result<Mass, String> {
         let (digits, decimals) = parse_fixed(number)?;
         let unit = MassUnit::from_symbol(unit)
             .ok_or_else(|| format!("unknown weight unit {:?}", latin1(unit)))?;
@@ -504,7 +508,7 @@ fn parse_tare_preset(params: &[u8]) -> Result<Mass, String> {
     if unit.is_empty() || !rest.is_empty() {
         return Err("TA preset must be `TA <value> <unit>`".to_string());
     }
-    let mass = Mass::parse(number, unit)?;
+    let mass = Mass::from_fields(number, unit)?;
     if mass.digits < 0 {
         return Err("a tare preset cannot be negative".to_string());
     }
@@ -676,7 +680,7 @@ fn parse_weight(data: &[u8]) -> Result<Mass, String> {
     if number.is_empty() || unit.is_empty() || !rest.is_empty() {
         return Err(format!("weight {:?} is not `<value> <unit>`", latin1(data)));
     }
-    Mass::parse(number, unit)
+    Mass::from_fields(number, unit)
 }
 
 fn parse_single_quoted(data: &[u8]) -> Result<String, String> {

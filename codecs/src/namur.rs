@@ -14,7 +14,7 @@
 //! So [`decode_response`] gives a context-free [`Response`] and [`interpret`] / [`decode_reply`] turn it into
 //! a typed [`Reply`] given the command it answers; [`expects_reply`] says whether to wait for one at all.
 
-use super::{DecodeError, Decoded, MAX_LINE, split_line};
+use super::{DecodeError, Decoded, MAX_LINE, Malformed, split_line};
 
 const PROTOCOL: &str = "NAMUR";
 
@@ -158,7 +158,7 @@ pub fn decode_response(buf: &[u8]) -> Result<Decoded<Response>, DecodeError> {
 /// Host side with context: decodes the reply to `cmd` at the front of `buf` into a typed [`Reply`].
 pub fn decode_reply(cmd: &Command, buf: &[u8]) -> Result<Decoded<Reply>, DecodeError> {
     decode_line(buf, |line| {
-        parse_response(line).and_then(|resp| interpret(cmd, &resp))
+        parse_response(line).and_then(|resp| reply_to(cmd, &resp))
     })
 }
 
@@ -220,7 +220,11 @@ pub fn encode_reply(reply: &Reply, out: &mut Vec<u8>) {
 
 /// Types `resp` as the answer to `cmd`. Fails when it cannot be that answer (e.g. `500 4` for `IN_PV_1`), which
 /// is how a driver notices a reply that belongs to an earlier, timed-out command.
-pub fn interpret(cmd: &Command, resp: &Response) -> Result<Reply, String> {
+pub fn interpret(cmd: &Command, resp: &Response) -> Result<Reply, Malformed> {
+    reply_to(cmd, resp).map_err(Malformed)
+}
+
+fn reply_to(cmd: &Command, resp: &Response) -> Result<Reply, String> {
     let value_on = |channel: u8| match resp {
         Response::Value {
             value,
@@ -274,11 +278,24 @@ pub fn interpret(cmd: &Command, resp: &Response) -> Result<Reply, String> {
 }
 
 /// Parses a `<value> <channel>` reply line (terminator already removed), e.g. `25.3 1` -> `(25.3, 1)`.
-pub fn parse_value_reply(line: &[u8]) -> Result<(f64, u8), String> {
+pub fn parse_value_reply(line: &[u8]) -> Result<(f64, u8), Malformed> {
     match parse_response(line)? {
         Response::Value { value, channel } => Ok((value, channel)),
-        Response::Text(text) => Err(format!("{text:?} is not `<value> <channel>`")),
+        Response::Text(text) => Err(Malformed(format!("{text:?} is not `<value> <channel>`"))),
     }
+}
+
+/// A setpoint the device model does not accept.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum OutsideLimits {
+    #[error("temperature {temperature_c} °C outside {min_c}..={max_c} °C")]
+    Temperature {
+        temperature_c: f64,
+        min_c: f64,
+        max_c: f64,
+    },
+    #[error("speed {speed_rpm} rpm above {max_rpm} rpm")]
+    Speed { speed_rpm: u32, max_rpm: u32 },
 }
 
 /// Setpoint ranges of one device model, which the NAMUR syntax itself does not limit.
@@ -304,22 +321,26 @@ impl Limits {
     };
 
     /// Whether the device accepts `cmd`'s setpoints; what it does not accept it ignores.
-    pub fn check(&self, cmd: &Command) -> Result<(), String> {
+    pub fn check(&self, cmd: &Command) -> Result<(), OutsideLimits> {
         let temperature = |t: f64| {
             if (self.min_temperature_c..=self.max_temperature_c).contains(&t) {
                 Ok(())
             } else {
-                Err(format!(
-                    "temperature {t} °C outside {}..={} °C",
-                    self.min_temperature_c, self.max_temperature_c
-                ))
+                Err(OutsideLimits::Temperature {
+                    temperature_c: t,
+                    min_c: self.min_temperature_c,
+                    max_c: self.max_temperature_c,
+                })
             }
         };
         let speed = |s: u32| {
             if s <= self.max_speed_rpm {
                 Ok(())
             } else {
-                Err(format!("speed {s} rpm above {} rpm", self.max_speed_rpm))
+                Err(OutsideLimits::Speed {
+                    speed_rpm: s,
+                    max_rpm: self.max_speed_rpm,
+                })
             }
         };
         match cmd {
@@ -840,11 +861,15 @@ mod tests {
             }),
             Ok(())
         );
-        assert!(
+        assert_eq!(
             rct.check(&Command::SetTemperature {
                 temperature_c: 310.1
+            }),
+            Err(OutsideLimits::Temperature {
+                temperature_c: 310.1,
+                min_c: 0.0,
+                max_c: 310.0
             })
-            .is_err()
         );
         assert!(
             rct.check(&Command::SetTemperature {
@@ -858,9 +883,12 @@ mod tests {
             })
             .is_err()
         );
-        assert!(
-            rct.check(&Command::SetSafetySpeed { speed_rpm: 1501 })
-                .is_err()
+        assert_eq!(
+            rct.check(&Command::SetSafetySpeed { speed_rpm: 1501 }),
+            Err(OutsideLimits::Speed {
+                speed_rpm: 1501,
+                max_rpm: 1500
+            })
         );
         assert_eq!(rct.check(&Command::SetSpeed { speed_rpm: 1500 }), Ok(()));
         assert_eq!(

@@ -17,7 +17,8 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use super::{DecodeError, Decoded, split_line};
+use super::fixed_point::{FixedPointError, common_decimals};
+use super::{DecodeError, Decoded, Malformed, split_line};
 
 const PROTOCOL: &str = "SCPI";
 
@@ -192,7 +193,11 @@ impl ErrorReply {
     }
 
     /// Parses `<code>,"<message>"`.
-    pub fn parse(unit: &str) -> Result<ErrorReply, String> {
+    pub fn parse(unit: &str) -> Result<ErrorReply, Malformed> {
+        Self::from_unit(unit).map_err(Malformed)
+    }
+
+    fn from_unit(unit: &str) -> Result<ErrorReply, String> {
         let (code, message) = unit
             .split_once(',')
             .ok_or_else(|| format!("{unit:?} is not `<code>,\"<message>\"`"))?;
@@ -1476,51 +1481,22 @@ impl Reply {
 /// fixed resolution, so a field with another number of decimals, or none before the point (`.4321`: a
 /// dropped `0`), lost or gained bytes on the line. `None` when the reply is not all fixed point (NR1, NR3:
 /// nothing to hold it to); `Some(Err)` names the damaged field.
-pub fn reading_decimals(line: &[u8]) -> Option<Result<usize, String>> {
+pub fn reading_decimals(line: &[u8]) -> Option<Result<usize, FixedPointError>> {
     let text = std::str::from_utf8(line).ok()?;
     let text = text.trim_end_matches(['\r', '\n']).trim();
     if text.is_empty() || text.contains(['E', 'e']) {
         return None;
     }
-    let mut decimals = None;
-    for (i, field) in text.split(',').enumerate() {
-        let field = field.trim();
-        let digits = field.strip_prefix(['-', '+']).unwrap_or(field);
-        let Some((whole, fraction)) = digits.split_once('.') else {
-            return Some(Err(format!(
-                "field {} {field:?} has no decimal point",
-                i + 1
-            )));
-        };
-        if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) {
-            return Some(Err(format!(
-                "field {} {field:?} has no digits before the point",
-                i + 1
-            )));
-        }
-        if fraction.is_empty() || !fraction.bytes().all(|b| b.is_ascii_digit()) {
-            return Some(Err(format!(
-                "field {} {field:?} has no digits after the point",
-                i + 1
-            )));
-        }
-        match decimals {
-            None => decimals = Some(fraction.len()),
-            Some(d) if d != fraction.len() => {
-                return Some(Err(format!(
-                    "field {} {field:?} has {} decimals where field 1 has {d}",
-                    i + 1,
-                    fraction.len()
-                )));
-            }
-            Some(_) => {}
-        }
-    }
-    decimals.map(Ok)
+    let fields = text.split(',').map(str::trim);
+    common_decimals(fields, &['-', '+'], |i| format!("field {}", i + 1)).transpose()
 }
 
 /// Parses the response unit answering `cmd`.
-pub fn parse_reply(cmd: &Command, unit: &str) -> Result<Reply, String> {
+pub fn parse_reply(cmd: &Command, unit: &str) -> Result<Reply, Malformed> {
+    reply_from_fields(cmd, unit).map_err(Malformed)
+}
+
+fn reply_from_fields(cmd: &Command, unit: &str) -> Result<Reply, String> {
     let number =
         |field: &str| parse_number(field).ok_or_else(|| format!("{field:?} is not a number"));
     let integer = |field: &str, max: f64| -> Result<f64, String> {
@@ -1552,7 +1528,7 @@ pub fn parse_reply(cmd: &Command, unit: &str) -> Result<Reply, String> {
         },
         Command::EventStatusQuery => Ok(Reply::EventStatus(integer(single()?, 255.0)? as u8)),
         Command::StatusByteQuery => Ok(Reply::StatusByte(integer(single()?, 255.0)? as u8)),
-        Command::ErrorQuery => ErrorReply::parse(unit).map(Reply::Error),
+        Command::ErrorQuery => ErrorReply::from_unit(unit).map(Reply::Error),
         Command::MeasureAbsorbance { .. } => Ok(Reply::Absorbance {
             absorbance: number(single()?)?,
         }),
@@ -1664,13 +1640,13 @@ mod tests {
         assert_eq!(reading_decimals(b"0.4321,1.2000,-0.0012\r\n"), Some(Ok(4)));
         // Bytes lost on the line.
         assert!(
-            matches!(reading_decimals(b".4321\n"), Some(Err(e)) if e.contains("no digits before"))
+            matches!(reading_decimals(b".4321\n"), Some(Err(e)) if e.to_string().contains("no digits before"))
         );
         assert!(
-            matches!(reading_decimals(b"04321\n"), Some(Err(e)) if e.contains("no decimal point"))
+            matches!(reading_decimals(b"04321\n"), Some(Err(e)) if e.to_string().contains("no decimal point"))
         );
         assert!(
-            matches!(reading_decimals(b"0.4321,0.431,0.4300\n"), Some(Err(e)) if e.contains("field 2") && e.contains("3 decimals"))
+            matches!(reading_decimals(b"0.4321,0.431,0.4300\n"), Some(Err(e)) if e.to_string().contains("field 2") && e.to_string().contains("3 decimals"))
         );
         assert!(matches!(
             reading_decimals(b"0.4321,,0.4300\n"),

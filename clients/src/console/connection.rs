@@ -38,7 +38,12 @@ pub struct Commander {
 
 impl Commander {
     /// Publishes a command (QoS 1, not retained) whose answer comes back as [`LinkEvent::Answer`] with `label`.
-    pub async fn send(&self, topic: String, body: Vec<u8>, label: &str) -> Result<(), String> {
+    pub async fn send(
+        &self,
+        topic: String,
+        body: Vec<u8>,
+        label: &str,
+    ) -> Result<(), rumqttc::v5::ClientError> {
         let props = PublishProperties {
             response_topic: Some(self.reply_topic.clone()),
             correlation_data: Some(label.as_bytes().to_vec().into()),
@@ -48,7 +53,6 @@ impl Commander {
         self.client
             .publish_with_properties(topic, QoS::AtLeastOnce, false, body, props)
             .await
-            .map_err(|e| e.to_string())
     }
 
     pub async fn disconnect(&self) {

@@ -364,7 +364,7 @@ impl GrblGantry {
         let damaged = |reason: String| self.link.damaged("?", frame, reason);
         match grbl::position_decimals(frame) {
             None => {}
-            Some(Err(reason)) => return Err(damaged(reason)),
+            Some(Err(reason)) => return Err(damaged(reason.to_string())),
             Some(Ok(decimals)) => self.decimals.observe(decimals).map_err(|expected| {
                 damaged(format!(
                     "position printed with {decimals} decimals where this controller prints {expected}"

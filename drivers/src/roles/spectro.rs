@@ -84,7 +84,7 @@ impl ScpiSpectro {
         let damaged = |reason: String| self.link.damaged(label, frame, reason);
         let decimals = match scpi::reading_decimals(frame) {
             None => return Ok(()),
-            Some(Err(reason)) => return Err(damaged(reason)),
+            Some(Err(reason)) => return Err(damaged(reason.to_string())),
             Some(Ok(decimals)) => decimals,
         };
         self.reading_decimals
