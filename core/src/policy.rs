@@ -76,16 +76,6 @@ pub const fn allows(role: Role, permission: Permission) -> bool {
     }
 }
 
-/// The role's name as users write it (lab file, replies).
-pub fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Observer => "observer",
-        Role::Planner => "planner",
-        Role::Rig => "rig",
-        Role::Technician => "technician",
-    }
-}
-
 /// `Ok` when `who` may; otherwise the refusal every face reports in its own words.
 pub fn check(who: &Principal, permission: Permission) -> Result<(), ApiError> {
     if allows(who.role, permission) {
@@ -94,7 +84,7 @@ pub fn check(who: &Principal, permission: Permission) -> Result<(), ApiError> {
         Err(ApiError::Forbidden(format!(
             "{} ({}) may not {}",
             who.name,
-            role_name(who.role),
+            who.role,
             permission.describe()
         )))
     }

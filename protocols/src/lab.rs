@@ -562,6 +562,43 @@ pub enum Role {
     Technician,
 }
 
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Observer, Role::Planner, Role::Rig, Role::Technician];
+
+    /// The role's name as users write it (lab file, command line, replies).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Observer => "observer",
+            Role::Planner => "planner",
+            Role::Rig => "rig",
+            Role::Technician => "technician",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A role name that is none of [`Role::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?}: expected observer, planner, rig or technician")]
+pub struct UnknownRole(pub String);
+
+impl std::str::FromStr for Role {
+    type Err = UnknownRole;
+
+    /// Case-insensitive, as a command line is typed.
+    fn from_str(text: &str) -> Result<Role, UnknownRole> {
+        Role::ALL
+            .into_iter()
+            .find(|role| role.as_str().eq_ignore_ascii_case(text))
+            .ok_or_else(|| UnknownRole(text.to_owned()))
+    }
+}
+
 /// A user. Passwords are never stored in clear: a PHC hash string (argon2) or a file that holds one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -804,6 +841,21 @@ pub fn is_identifier(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn role_names_read_back_as_the_role_whatever_the_case() {
+        for role in Role::ALL {
+            assert_eq!(role.as_str().parse::<Role>(), Ok(role));
+            assert_eq!(role.as_str().to_uppercase().parse::<Role>(), Ok(role));
+            // The lab file's spelling is the same name.
+            assert_eq!(serde_json::to_value(role).unwrap(), role.as_str());
+        }
+        let err = "admin".parse::<Role>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#""admin": expected observer, planner, rig or technician"#
+        );
+    }
 
     #[test]
     fn sim_lab_loads_and_has_the_five_instrument_families() {

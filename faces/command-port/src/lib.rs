@@ -191,20 +191,8 @@ pub struct CommandPortArgs {
     #[arg(long = "command-serial-baud", value_name = "BAUD")]
     pub command_serial_baud: Option<u32>,
     /// Who the serial line acts as (it has no login): observer, planner, rig or technician [default: rig].
-    #[arg(long = "command-serial-role", value_name = "ROLE", value_parser = parse_role)]
+    #[arg(long = "command-serial-role", value_name = "ROLE")]
     pub command_serial_role: Option<Role>,
-}
-
-fn parse_role(text: &str) -> Result<Role, String> {
-    match text.to_ascii_lowercase().as_str() {
-        "observer" => Ok(Role::Observer),
-        "planner" => Ok(Role::Planner),
-        "rig" => Ok(Role::Rig),
-        "technician" => Ok(Role::Technician),
-        other => Err(format!(
-            "{other:?}: expected observer, planner, rig or technician"
-        )),
-    }
 }
 
 /// The running command port: its tasks stop when this is dropped.
@@ -229,11 +217,7 @@ impl CommandPort {
             lines.push(format!("command port: tls {addr}"));
         }
         if let Some(p) = &self.serial {
-            lines.push(format!(
-                "command port: {} (as {})",
-                p.name,
-                labctl_core::policy::role_name(p.role)
-            ));
+            lines.push(format!("command port: {} (as {})", p.name, p.role));
         }
         lines
     }
@@ -529,9 +513,23 @@ mod tests {
     }
 
     #[test]
-    fn serial_roles_parse_by_name() {
-        assert_eq!(parse_role("Technician"), Ok(Role::Technician));
-        assert_eq!(parse_role("rig"), Ok(Role::Rig));
-        assert!(parse_role("admin").is_err());
+    fn the_serial_role_on_the_command_line_is_a_role_name() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            port: CommandPortArgs,
+        }
+        let role = |name: &str| {
+            Cli::try_parse_from(["labctl", "--command-serial-role", name])
+                .map(|cli| cli.port.command_serial_role)
+        };
+        assert_eq!(role("Technician").unwrap(), Some(Role::Technician));
+        assert_eq!(role("rig").unwrap(), Some(Role::Rig));
+        let refused = role("admin").unwrap_err().to_string();
+        assert!(
+            refused.contains("expected observer, planner, rig or technician"),
+            "{refused}"
+        );
     }
 }

@@ -15,7 +15,7 @@ use super::Backend;
 use labctl_core::api::{ApiError, Control, InterlockState, Principal};
 use labctl_core::auth::Source;
 use labctl_core::instruments::Connection;
-use labctl_core::policy::{self, Permission, role_name};
+use labctl_core::policy::{self, Permission};
 
 /// Longest program message accepted (a whole protocol fits in a `RUN:SUBM` line many times over).
 pub const MAX_LINE: usize = 64 * 1024;
@@ -353,7 +353,7 @@ impl Session {
                 let [user, password] = exact_args(unit)?;
                 match backend.login(&user, &password, self.config.peer).await {
                     Ok(role) => {
-                        tracing::info!(user, role = role_name(role), "command port: logged in");
+                        tracing::info!(user, role = role.as_str(), "command port: logged in");
                         self.principal = Some(Principal::new(&user, role, VIA));
                         Ok(None)
                     }
@@ -371,7 +371,7 @@ impl Session {
                 Ok(None)
             }
             Cmd::WhoQuery => Ok(Some(match &self.principal {
-                Some(p) => format!("{},{}", format_string(&p.name), role_name(p.role)),
+                Some(p) => format!("{},{}", format_string(&p.name), p.role),
                 None => format!("{},none", format_string("")),
             })),
             Cmd::EStop => {
