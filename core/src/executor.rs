@@ -466,12 +466,11 @@ impl RunContext {
                 "instrument {instrument} is not connected to this controller"
             )));
         };
-        let intent = Record::Event {
-            run_id: Some(self.run_id.clone()),
-            kind: EventKind::Command,
-            step: Some(step.to_owned()),
-            actor: None,
-            detail: json!({ "instrument": instrument, "command": cmd }),
+        let intent = Record::Command {
+            run_id: self.run_id.clone(),
+            step: step.to_owned(),
+            instrument: instrument.to_owned(),
+            command: cmd.clone(),
             at_ms: now_ms(),
         };
         if let Err(e) = self.journal.append_durable(intent).await {

@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::sync::{broadcast, oneshot};
 
 use crate::contract::{EventKind, RunState};
+use crate::instruments::DeviceCommand;
 
 pub const DB_FILE: &str = "journal.sqlite";
 
@@ -88,7 +89,16 @@ pub enum Record {
         reason: Option<String>,
         at_ms: i64,
     },
-    /// Step intents and outcomes, approvals, operator actions, interlocks, e-stops.
+    /// A command's intent, on disk before the command goes out: a crash leaves a record of what may have
+    /// reached the instrument. Kept as a `command` event; typed here so readers need not dig it out of JSON.
+    Command {
+        run_id: String,
+        step: String,
+        instrument: String,
+        command: DeviceCommand,
+        at_ms: i64,
+    },
+    /// Step outcomes, approvals, operator actions, interlocks, e-stops.
     Event {
         run_id: Option<String>,
         kind: EventKind,
@@ -218,6 +228,13 @@ impl JournalHandle {
     /// Records as they are committed, in commit order.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Record>> {
         self.committed.subscribe()
+    }
+}
+
+impl Record {
+    /// The detail of a `command` event as the journal keeps it and the faces publish it.
+    pub fn command_detail(instrument: &str, command: &DeviceCommand) -> serde_json::Value {
+        serde_json::json!({ "instrument": instrument, "command": command })
     }
 }
 
@@ -543,6 +560,24 @@ fn commit(conn: &mut Connection, batch: &[(Option<Record>, Ack)]) -> Result<(), 
                     "UPDATE runs SET state = ?2, current_step = ?3, reason = COALESCE(?4, reason), updated_at_ms = ?5 WHERE run_id = ?1",
                 )?
                 .execute(params![run_id, state.as_str(), step, reason, at_ms])?;
+            }
+            Record::Command {
+                run_id,
+                step,
+                instrument,
+                command,
+                at_ms,
+            } => {
+                tx.prepare_cached(
+                    "INSERT INTO events (run_id, at_ms, kind, step, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![
+                    run_id,
+                    at_ms,
+                    EventKind::Command.as_str(),
+                    step,
+                    Record::command_detail(instrument, command).to_string()
+                ])?;
             }
             Record::Event {
                 run_id,

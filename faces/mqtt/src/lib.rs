@@ -378,9 +378,9 @@ async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<S
                 }
                 let run_id = match &*record {
                     Record::RunCreated(r) => Some(r.run_id.as_str()),
-                    Record::RunState { run_id, .. } | Record::Result { run_id, .. } => {
-                        Some(run_id.as_str())
-                    }
+                    Record::RunState { run_id, .. }
+                    | Record::Result { run_id, .. }
+                    | Record::Command { run_id, .. } => Some(run_id.as_str()),
                     Record::Event { run_id, .. } => run_id.as_deref(),
                     Record::EStopLatch { .. } | Record::InterlockOverride { .. } => None,
                 };

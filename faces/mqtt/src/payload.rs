@@ -358,6 +358,20 @@ pub fn from_record(record: &Record, proposal_id: Option<&str>) -> Option<Outboun
             reason.as_deref(),
             *at_ms,
         ))),
+        Record::Command {
+            run_id,
+            step,
+            instrument,
+            command,
+            at_ms,
+        } => Some(Outbound::Event(RunEvent::new(
+            run_id,
+            EventKind::Command,
+            Some(step),
+            None,
+            Record::command_detail(instrument, command),
+            *at_ms,
+        ))),
         Record::Event {
             run_id: Some(run_id),
             kind,

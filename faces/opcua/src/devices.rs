@@ -18,6 +18,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::names::{self, DEVICES, target_value};
 use labctl_core::api::{ApiError, ControllerHandle, Principal, RunState, SubmitReply};
+use labctl_core::instruments::DeviceCommand;
 use labctl_core::journal::Record;
 
 /// How long a device method or a setpoint write waits for its run to end before it answers with the
@@ -282,16 +283,19 @@ const SETPOINTS: [(InstrumentKind, &str, DeviceMethod, DeviceMethod); 2] = [
     ),
 ];
 
-/// The setpoint quantity an action sets, and whether it switches the function off instead.
-pub fn setpoint_of_action(action: &str) -> Option<(&'static str, bool)> {
-    SETPOINTS.iter().find_map(|(_, quantity, set, off)| {
-        if set.step_name() == action {
-            Some((*quantity, false))
-        } else if off.step_name() == action {
-            Some((*quantity, true))
-        } else {
-            None
+/// The setpoint quantity a command sets and its new value (NaN when it switches the function off).
+pub fn setpoint_of(command: &DeviceCommand) -> Option<(&'static str, f64)> {
+    let (method, value) = match command {
+        DeviceCommand::SetTemperature { temperature_c } => {
+            (DeviceMethod::SetTemperature, *temperature_c)
         }
+        DeviceCommand::SetStirSpeed { speed_rpm } => (DeviceMethod::SetStirSpeed, *speed_rpm),
+        DeviceCommand::HeaterOff => (DeviceMethod::HeaterOff, f64::NAN),
+        DeviceCommand::StirOff => (DeviceMethod::StirOff, f64::NAN),
+        _ => return None,
+    };
+    SETPOINTS.iter().find_map(|(_, quantity, set, off)| {
+        (*set == method || *off == method).then_some((*quantity, value))
     })
 }
 

@@ -15,8 +15,9 @@ use super::devices;
 use super::names;
 use super::node_manager::LabNodeManager;
 use labctl_core::api::{ControllerHandle, RunInfo};
-use labctl_core::instruments::DeviceState;
+use labctl_core::contract::EventKind;
 use labctl_core::instruments::{Connection, InstrumentView};
+use labctl_core::instruments::{DeviceCommand, DeviceState};
 use labctl_core::journal::Record;
 use labctl_core::world::LabSnapshot;
 
@@ -32,22 +33,10 @@ pub struct Updater {
     pending_setpoints: HashMap<(Option<String>, Option<String>), (String, f64)>,
 }
 
-/// The setpoint a command sets, from the journal's `command` event: the `TargetValue` node path and its new
-/// value (NaN when the command switches the function off: no setpoint, as before the first one).
-pub fn setpoint_of_command(detail: &serde_json::Value) -> Option<(String, f64)> {
-    let instrument = detail.get("instrument")?.as_str()?;
-    let command = detail.get("command")?;
-    // A device command is tagged with the name of the protocol action it carries out.
-    let (quantity, off) = devices::setpoint_of_action(command.get("command")?.as_str()?)?;
-    let value = if off {
-        f64::NAN
-    } else {
-        // A setting command carries one number: the new setpoint.
-        command
-            .as_object()?
-            .iter()
-            .find_map(|(field, v)| (field != "command").then(|| v.as_f64()).flatten())?
-    };
+/// The setpoint a command sets: the `TargetValue` node path and its new value (NaN when the command
+/// switches the function off: no setpoint, as before the first one).
+pub fn setpoint_of_command(instrument: &str, command: &DeviceCommand) -> Option<(String, f64)> {
+    let (quantity, value) = devices::setpoint_of(command)?;
     Some((names::target_value(instrument, quantity), value))
 }
 
@@ -340,30 +329,32 @@ impl Updater {
                     ),
                 ]);
             }
+            Record::Command {
+                run_id,
+                step,
+                instrument,
+                command,
+                ..
+            } => {
+                if let Some(setpoint) = setpoint_of_command(instrument, command) {
+                    self.pending_setpoints
+                        .insert((Some(run_id.clone()), Some(step.clone())), setpoint);
+                }
+            }
             Record::Event {
                 run_id,
-                kind,
+                kind: EventKind::CommandDone,
                 step,
-                detail,
                 ..
             } => {
                 let key = (run_id.clone(), step.clone());
-                match kind.as_str() {
-                    "command" => {
-                        if let Some(setpoint) = setpoint_of_command(detail) {
-                            self.pending_setpoints.insert(key, setpoint);
-                        }
-                    }
-                    "command_done" => {
-                        if let Some((path, value)) = self.pending_setpoints.remove(&key) {
-                            // A technician's write sets the variable directly, so the cache may be stale.
-                            self.written.remove(&self.names.id(&path));
-                            self.write(vec![(path, Variant::from(value), StatusCode::Good)]);
-                        }
-                    }
-                    _ => {}
+                if let Some((path, value)) = self.pending_setpoints.remove(&key) {
+                    // A technician's write sets the variable directly, so the cache may be stale.
+                    self.written.remove(&self.names.id(&path));
+                    self.write(vec![(path, Variant::from(value), StatusCode::Good)]);
                 }
             }
+            Record::Event { .. } => {}
             // The latch is shown from the snapshot, which every face reads.
             Record::EStopLatch { .. } | Record::InterlockOverride { .. } => {}
         }
@@ -406,32 +397,28 @@ mod tests {
 
     #[test]
     fn setpoint_commands_name_their_target_value_and_others_none() {
-        // The journal's form of the command, so a renamed variant or field fails here.
-        let detail = |command: labctl_core::instruments::DeviceCommand| serde_json::json!({ "instrument": "hotplate", "command": command });
         let target = |q: &str| {
             format!("Lab/Devices/hotplate/FunctionalUnitSet/hotplate/FunctionSet/{q}/TargetValue")
         };
+        let setpoint = |command| setpoint_of_command("hotplate", &command);
         assert_eq!(
-            setpoint_of_command(&detail(DeviceCommand::SetTemperature {
+            setpoint(DeviceCommand::SetTemperature {
                 temperature_c: 42.5
-            })),
+            }),
             Some((target("temperature_c"), 42.5))
         );
         assert_eq!(
-            setpoint_of_command(&detail(DeviceCommand::SetStirSpeed { speed_rpm: 300.0 })),
+            setpoint(DeviceCommand::SetStirSpeed { speed_rpm: 300.0 }),
             Some((target("stir_speed_rpm"), 300.0))
         );
-        let (path, off) = setpoint_of_command(&detail(DeviceCommand::HeaterOff)).unwrap();
+        let (path, off) = setpoint(DeviceCommand::HeaterOff).unwrap();
         assert_eq!(path, target("temperature_c"));
         assert!(off.is_nan());
-        assert_eq!(
-            setpoint_of_command(&detail(DeviceCommand::ReadTemperature)),
-            None
-        );
-        assert_eq!(
-            setpoint_of_command(&serde_json::json!({"command": 1})),
-            None
-        );
+        let (path, off) = setpoint(DeviceCommand::StirOff).unwrap();
+        assert_eq!(path, target("stir_speed_rpm"));
+        assert!(off.is_nan());
+        assert_eq!(setpoint(DeviceCommand::ReadTemperature), None);
+        assert_eq!(setpoint(DeviceCommand::Home), None);
     }
 
     #[test]
