@@ -26,7 +26,8 @@ use crate::journal::{self, JournalHandle, JournalHealth, Record, RunRecord, now_
 use crate::policy::{self, Permission};
 use crate::safety::EStop;
 use crate::world::{
-    InterlockEvent, LabSnapshot, RunComponent, TickConfig, TickIo, TickThread, Trip, start_tick,
+    InterlockEvent, LabSnapshot, RunComponent, TickConfig, TickDriver, TickIo, TickThread, Trip,
+    start_tick_on,
 };
 
 /// Puts a run's labware where its protocol says it stands, before the run starts. In a real lab the
@@ -108,6 +109,15 @@ pub async fn start(
     instruments: BTreeMap<String, InstrumentHandle>,
     estop: EStop,
 ) -> Result<Controller, StartError> {
+    start_on(config, instruments, estop, TickDriver::Thread).await
+}
+
+async fn start_on(
+    config: ControllerConfig,
+    instruments: BTreeMap<String, InstrumentHandle>,
+    estop: EStop,
+    tick_driver: TickDriver,
+) -> Result<Controller, StartError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -170,7 +180,7 @@ pub async fn start(
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(LabSnapshot::default()));
     let (mirror_tx, mirror_rx) = mpsc::unbounded_channel();
     let handles: Vec<InstrumentHandle> = instruments.values().cloned().collect();
-    let tick = start_tick(
+    let tick = start_tick_on(
         &config.lab,
         &handles,
         TickIo {
@@ -180,6 +190,7 @@ pub async fn start(
             estop: estop.clone(),
         },
         config.tick,
+        tick_driver,
     );
     let (tx, rx) = mpsc::channel(256);
     let (updates_tx, updates_rx) = mpsc::unbounded_channel();
@@ -1568,3 +1579,6 @@ fn info(r: &RunEntry) -> RunInfo {
             .map_or(0, |n| n.load(std::sync::atomic::Ordering::SeqCst)),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -352,14 +352,40 @@ pub struct TickThread {
     stop: Arc<AtomicBool>,
     /// Asks the tick to start its lateness statistics afresh (at its next tick).
     restart_stats: Arc<AtomicBool>,
-    join: Option<std::thread::JoinHandle<TickStats>>,
+    join: Option<TickJoin>,
+}
+
+/// What runs the tick.
+enum TickJoin {
+    Thread(std::thread::JoinHandle<TickStats>),
+    /// The core's own tests: a task on tokio's paused clock (see [`TickDriver::PausedRuntime`]).
+    #[cfg(test)]
+    Task(tokio::task::JoinHandle<TickStats>),
+}
+
+/// Where the tick runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TickDriver {
+    /// Its own thread, on absolute deadlines of the real clock: production, and every test outside the core.
+    Thread,
+    /// A task on the test's tokio runtime, on absolute deadlines of tokio's clock, so that the controller's
+    /// unit tests run the whole controller, interlocks included, on paused time. Same systems, same order.
+    #[cfg(test)]
+    PausedRuntime,
 }
 
 impl TickThread {
-    /// Stops the tick and returns its lateness statistics.
+    /// Stops the tick and returns its lateness statistics (none from a tick on the test runtime).
     pub fn stop(mut self) -> Option<TickStats> {
         self.stop.store(true, Ordering::SeqCst);
-        self.join.take().and_then(|j| j.join().ok())
+        match self.join.take()? {
+            TickJoin::Thread(join) => join.join().ok(),
+            #[cfg(test)]
+            TickJoin::Task(task) => {
+                task.abort();
+                None
+            }
+        }
     }
 
     /// Starts the lateness statistics afresh from the next tick, so a measurement window leaves out the
@@ -409,6 +435,16 @@ pub fn start_tick(
     instruments: &[InstrumentHandle],
     io: TickIo,
     config: TickConfig,
+) -> TickThread {
+    start_tick_on(lab, instruments, io, config, TickDriver::Thread)
+}
+
+pub(crate) fn start_tick_on(
+    lab: &Lab,
+    instruments: &[InstrumentHandle],
+    io: TickIo,
+    config: TickConfig,
+    driver: TickDriver,
 ) -> TickThread {
     let mut world = World::new();
     let mut entities = std::collections::HashMap::new();
@@ -470,15 +506,55 @@ pub fn start_tick(
         stop: Arc::clone(&stop),
         restart_stats: Arc::clone(&restart_stats),
     };
-    let join = std::thread::Builder::new()
-        .name("labctl-tick".into())
-        .spawn(move || tick_loop(world, schedule, config, flags))
-        .expect("spawning the tick thread");
+    let join = match driver {
+        TickDriver::Thread => TickJoin::Thread(
+            std::thread::Builder::new()
+                .name("labctl-tick".into())
+                .spawn(move || tick_loop(world, schedule, config, flags))
+                .expect("spawning the tick thread"),
+        ),
+        #[cfg(test)]
+        TickDriver::PausedRuntime => {
+            TickJoin::Task(tokio::spawn(tick_task(world, schedule, config, flags)))
+        }
+    };
     TickThread {
         stop,
         restart_stats,
         join: Some(join),
     }
+}
+
+/// One tick: the lateness it started with goes into the statistics, then every system runs once.
+fn tick_once(world: &mut World, schedule: &mut Schedule, flags: &TickFlags, lateness: Duration) {
+    {
+        let mut stats = world.resource_mut::<TickStats>();
+        if flags.restart_stats.swap(false, Ordering::Relaxed) {
+            stats.clear();
+        }
+        stats.record(lateness);
+    }
+    schedule.run(world);
+}
+
+/// The tick on the test's runtime: tokio's interval keeps absolute deadlines and skips missed ones, as the
+/// thread does.
+#[cfg(test)]
+async fn tick_task(
+    mut world: World,
+    mut schedule: Schedule,
+    config: TickConfig,
+    flags: TickFlags,
+) -> TickStats {
+    let mut interval =
+        tokio::time::interval_at(tokio::time::Instant::now() + config.period, config.period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while !flags.stop.load(Ordering::Relaxed) {
+        let deadline = interval.tick().await;
+        let lateness = tokio::time::Instant::now().saturating_duration_since(deadline);
+        tick_once(&mut world, &mut schedule, &flags, lateness);
+    }
+    world.remove_resource::<TickStats>().unwrap_or_default()
 }
 
 /// What the owner of the tick thread can ask of it.
@@ -516,16 +592,8 @@ fn tick_loop(
                 std::hint::spin_loop();
             }
         }
-        let woke = Instant::now();
-        let lateness = woke.saturating_duration_since(deadline);
-        {
-            let mut stats = world.resource_mut::<TickStats>();
-            if flags.restart_stats.swap(false, Ordering::Relaxed) {
-                stats.clear();
-            }
-            stats.record(lateness);
-        }
-        schedule.run(&mut world);
+        let lateness = Instant::now().saturating_duration_since(deadline);
+        tick_once(&mut world, &mut schedule, &flags, lateness);
         deadline += period;
         // A tick that could not start before the next deadline is skipped, not run in a burst.
         let after = Instant::now();
