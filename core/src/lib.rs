@@ -12,6 +12,7 @@
 //! - [`journal`]: the crash-safe SQLite journal.
 //! - [`lab_runtime`]: brings a lab's instruments (and its simulators) up.
 //! - [`tls`]: the certificate the faces serve TLS with.
+//! - [`fake_core`]: a scripted stand-in for the controller behind a real handle, to test a face alone.
 //!
 //! May depend on: protocols, drivers, clock, simulators. Never on a face: faces depend on this crate.
 
@@ -20,6 +21,7 @@ pub use labctl_contract as contract;
 pub mod auth;
 pub mod controller;
 pub mod executor;
+pub mod fake_core;
 pub mod instruments;
 pub mod journal;
 pub mod lab_runtime;
