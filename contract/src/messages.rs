@@ -5,6 +5,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use labctl_protocols::device::{DeviceState, Identity};
+
 use crate::{EventKind, RunState};
 
 /// Whether the controller is up: the retained `status` (`offline` is also its last will).
@@ -152,4 +154,48 @@ mod tests {
         assert_eq!(back.known_kind(), Some(EventKind::StepFailed));
         assert_eq!(back, known);
     }
+}
+
+/// Connection of an instrument as the controller sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "connection", content = "detail", rename_all = "snake_case")]
+pub enum Connection {
+    Connecting,
+    Online,
+    /// Lost or refused; the text says why. The controller keeps trying to reconnect.
+    Lost(String),
+}
+
+impl Connection {
+    /// The connection's word as published (`connecting`, `online`, `lost`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Connection::Connecting => "connecting",
+            Connection::Online => "online",
+            Connection::Lost(_) => "lost",
+        }
+    }
+
+    /// Why it is lost, when it is.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            Connection::Lost(why) => Some(why),
+            Connection::Connecting | Connection::Online => None,
+        }
+    }
+}
+
+/// The retained `instruments/{id}/state` message: everything known about an instrument.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstrumentState {
+    pub id: String,
+    pub connection: Connection,
+    pub identity: Option<Identity>,
+    pub state: Option<DeviceState>,
+    /// Its latest readings, by quantity name, in the order the instrument reports them.
+    pub values: Vec<(String, f64)>,
+    /// A command is in flight.
+    pub busy: bool,
+    /// Ready for commands: false from a safe state until the driver's recovery before the next command.
+    pub armed: bool,
 }

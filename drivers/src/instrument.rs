@@ -12,14 +12,7 @@ use serde::Serialize;
 
 use crate::error::DriverError;
 
-/// What an instrument says it is, read from the instrument at connect time (never from the lab file).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Identity {
-    pub manufacturer: String,
-    pub model: String,
-    pub serial: String,
-    pub firmware: String,
-}
+pub use labctl_protocols::device::{DeviceState, Identity};
 
 /// A command to one instrument, in engineering units. Every command passes the safety envelope check
 /// (in the controller) before it reaches [`Instrument::execute`].
@@ -124,18 +117,6 @@ pub enum Outcome {
     Dispensed {
         dispensed_ul: f64,
     },
-}
-
-/// Coarse device state, as every role reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "state", content = "detail", rename_all = "snake_case")]
-pub enum DeviceState {
-    Idle,
-    Busy,
-    /// The instrument raised an alarm that needs attention (GRBL ALARM, pump stall, hotplate watchdog).
-    Alarm(String),
-    /// Not a fault: the instrument refuses motion until it is referenced (GRBL's power-up homing lock).
-    Locked(String),
 }
 
 /// One poll of an instrument: its state and its current readings, by quantity name

@@ -3,12 +3,14 @@
 //! - [`protocol`]: the types of a protocol (what a planner proposes), serde + JSON Schema from one source.
 //! - [`lab`]: the lab file (TOML): instruments, transports, capabilities, safety envelope, users.
 //! - [`capabilities`]: what each kind of instrument can do and report.
+//! - [`device`]: what an instrument reports about itself (identity, coarse state).
 //! - [`validate`]: the one validator every interface calls (CLI, MQTT, OPC UA, command port).
 //! - [`schema`]: the JSON Schema a planner writes against.
 //!
 //! May depend on: nothing of labctl (every other crate reads the lab file and protocols through it).
 
 pub mod capabilities;
+pub mod device;
 pub mod finding;
 pub mod lab;
 pub mod protocol;

@@ -43,13 +43,7 @@ pub enum Controller {
     Offline,
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Identity {
-    pub manufacturer: String,
-    pub model: String,
-    pub serial: String,
-    pub firmware: String,
-}
+pub use labctl_protocols::device::Identity;
 
 #[derive(Debug, Clone, Default)]
 pub struct Instrument {
@@ -330,26 +324,24 @@ impl Model {
     }
 
     fn on_instrument_state(&mut self, id: &str, v: &Value) -> Result<(), String> {
-        if !v.is_object() {
-            return Err("expected an object".into());
-        }
+        let state: messages::InstrumentState = parse(v)?;
         let inst = self.instruments.entry(id.to_owned()).or_default();
         inst.id = id.to_owned();
-        // Internally tagged enums arrive as {"connection": "lost", "detail": "..."}; a plain string is
-        // accepted too.
-        (inst.connection, inst.connection_detail) = tagged(&v["connection"], "connection");
-        (inst.state, inst.state_detail) = tagged(&v["state"], "state");
-        inst.busy = v["busy"].as_bool().unwrap_or(false);
-        inst.identity = v["identity"].as_object().map(|i| {
-            let field = |k: &str| i.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
-            Identity {
-                manufacturer: field("manufacturer"),
-                model: field("model"),
-                serial: field("serial"),
-                firmware: field("firmware"),
-            }
-        });
-        inst.values = pairs(&v["values"]);
+        inst.connection = state.connection.as_str().to_owned();
+        inst.connection_detail = state.connection.detail().map(str::to_owned);
+        inst.state = state
+            .state
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default();
+        inst.state_detail = state
+            .state
+            .as_ref()
+            .and_then(|s| s.detail())
+            .map(str::to_owned);
+        inst.busy = state.busy;
+        inst.identity = state.identity;
+        inst.values = state.values;
         Ok(())
     }
 
@@ -520,22 +512,6 @@ fn run_order_key(run_id: &str) -> (u64, u64, &str) {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0), run_id)
 }
 
-/// `"online"`, or `{"connection": "lost", "detail": "..."}` under `tag`: the word and its detail.
-fn tagged(v: &Value, tag: &str) -> (String, Option<String>) {
-    match v {
-        Value::String(s) => (s.clone(), None),
-        Value::Object(m) => (
-            m.get(tag).and_then(Value::as_str).unwrap_or("").to_owned(),
-            m.get("detail").and_then(|d| match d {
-                Value::String(s) => Some(s.clone()),
-                Value::Null => None,
-                other => Some(other.to_string()),
-            }),
-        ),
-        _ => (String::new(), None),
-    }
-}
-
 /// `[["mass_g", 1.5], ...]` or `{"mass_g": 1.5, ...}`: the numeric pairs, in order.
 fn pairs(v: &Value) -> Vec<(String, f64)> {
     match v {
@@ -672,7 +648,7 @@ mod tests {
             "instruments/hotplate/state",
             json!({"id": "hotplate", "connection": {"connection": "online"},
                    "identity": {"manufacturer": "IKA", "model": "RCT", "serial": "H1", "firmware": "2.0"},
-                   "state": {"state": "idle"}, "values": [["plate_temperature_c", 24.5]], "busy": false}),
+                   "state": {"state": "idle"}, "values": [["plate_temperature_c", 24.5]], "busy": false, "armed": true}),
         );
         let h = &m.instruments["hotplate"];
         assert_eq!(h.connection, "online");
@@ -699,7 +675,7 @@ mod tests {
             &mut m,
             "instruments/hotplate/state",
             json!({"id": "hotplate", "connection": {"connection": "lost", "detail": "port closed"},
-                   "identity": null, "state": {"state": "alarm", "detail": "watchdog"}, "values": [], "busy": false}),
+                   "identity": null, "state": {"state": "alarm", "detail": "watchdog"}, "values": [], "busy": false, "armed": false}),
         );
         let h = &m.instruments["hotplate"];
         assert_eq!(
@@ -709,6 +685,16 @@ mod tests {
         assert_eq!(h.state_detail.as_deref(), Some("watchdog"));
         // History survives a state message.
         assert_eq!(h.history["plate_temperature_c"].len(), 3);
+        // A state message that is not the contract's is refused with the field that is wrong.
+        feed(
+            &mut m,
+            "instruments/hotplate/state",
+            json!({"id": "hotplate", "connection": {"connection": "online"}, "identity": null,
+                   "state": null, "values": [], "busy": "no", "armed": true}),
+        );
+        let refusal = &m.log.back().unwrap().text;
+        assert!(refusal.contains("busy"), "{refusal}");
+        assert_eq!(m.instruments["hotplate"].connection, "lost");
     }
 
     #[test]

@@ -817,7 +817,7 @@ mod tests {
             "instruments/hotplate/state",
             json!({"id": "hotplate", "connection": {"connection": "online"},
                    "identity": {"manufacturer": "IKA", "model": "RCT-sim", "serial": "HP-7", "firmware": "1.4"},
-                   "state": {"state": "idle"}, "values": [["plate_temperature_c", 24.5]], "busy": false}),
+                   "state": {"state": "idle"}, "values": [["plate_temperature_c", 24.5]], "busy": false, "armed": true}),
         );
         for t in [24.5, 30.0, 35.5, 40.0] {
             feed(

@@ -18,15 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::safety::{EStop, SafetyViolation, check_command};
 
-/// Connection of an instrument as the controller sees it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "connection", content = "detail", rename_all = "snake_case")]
-pub enum Connection {
-    Connecting,
-    Online,
-    /// Lost or refused; the text says why. The task keeps trying to reconnect.
-    Lost(String),
-}
+pub use crate::contract::messages::Connection;
 
 /// Everything known about an instrument, published after every change.
 #[derive(Debug, Clone, Serialize)]
@@ -43,6 +35,24 @@ pub struct InstrumentView {
     pub busy: bool,
     /// Ready for commands: false from a safe state until the driver's recovery before the next command.
     pub armed: bool,
+}
+
+impl From<&InstrumentView> for crate::contract::messages::InstrumentState {
+    fn from(view: &InstrumentView) -> Self {
+        crate::contract::messages::InstrumentState {
+            id: view.id.clone(),
+            connection: view.connection.clone(),
+            identity: view.identity.clone(),
+            state: view.state.clone(),
+            values: view
+                .values
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), *value))
+                .collect(),
+            busy: view.busy,
+            armed: view.armed,
+        }
+    }
 }
 
 /// Why a command did not run or did not finish.
@@ -460,6 +470,36 @@ fn update(view: &watch::Sender<Arc<InstrumentView>>, change: impl FnOnce(&mut In
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the MQTT face publishes for a view is what the console reads back, field for field.
+    #[test]
+    fn a_view_s_state_message_reads_back_as_it_was_written() {
+        use crate::contract::messages::InstrumentState;
+        let view = InstrumentView {
+            id: "hotplate".into(),
+            connection: Connection::Lost("port closed".into()),
+            identity: Some(Identity {
+                manufacturer: "IKA".into(),
+                model: "RCT digital".into(),
+                serial: "H1".into(),
+                firmware: "2.0".into(),
+            }),
+            state: Some(DeviceState::Alarm("watchdog".into())),
+            values: vec![("plate_temperature_c", 24.5), ("stir_speed_rpm", 0.0)],
+            last_seen: None,
+            busy: true,
+            armed: false,
+        };
+        let message = InstrumentState::from(&view);
+        let wire = serde_json::to_value(&message).unwrap();
+        assert_eq!(wire["connection"]["connection"], "lost");
+        assert_eq!(wire["state"]["detail"], "watchdog");
+        assert_eq!(wire["values"][1][0], "stir_speed_rpm");
+        assert_eq!(
+            serde_json::from_value::<InstrumentState>(wire).unwrap(),
+            message
+        );
+    }
 
     /// An orderly shutdown stops every instrument task although gateways still hold clones of the handles.
     #[tokio::test]

@@ -46,7 +46,7 @@ use self::fair_queue::{FairQueue, Full};
 use self::payload::{ControlRequest, Decision, EStopAction, Outbound, Rejection};
 use labctl_core::api::{ApiError, ControllerHandle, Principal, RunState};
 use labctl_core::auth::Users;
-use labctl_core::contract::messages::EStopState;
+use labctl_core::contract::messages::{EStopState, InstrumentState};
 use labctl_core::journal::{self, Record};
 use labctl_core::world::LabSnapshot;
 use labctl_mqtt_link::{Inbound, Topics, backoff, parse_broker_url, tls_config};
@@ -513,9 +513,7 @@ async fn publish_instruments(mut snapshots: watch::Receiver<Arc<LabSnapshot>>, s
     loop {
         let snap = snapshots.borrow_and_update().clone();
         for inst in &snap.instruments {
-            let Ok(bytes) = serde_json::to_vec(inst) else {
-                continue;
-            };
+            let bytes = to_vec(&InstrumentState::from(&**inst));
             if last.get(&inst.id) != Some(&bytes) {
                 publish(&s, s.topics.instrument_state(&inst.id), true, bytes.clone()).await;
                 last.insert(inst.id.clone(), bytes);
