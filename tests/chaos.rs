@@ -294,7 +294,11 @@ async fn apply(lab: &mut TestLab, dir: &Path, model: &mut Model, op: Op) -> Resu
                 .submit(protocol(kind, model.submitted), who.principal())
                 .await;
             if !reply.accepted {
-                let reason = reply.error.clone().unwrap_or_default()
+                let reason = reply
+                    .error
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
                     + &reply
                         .findings
                         .iter()

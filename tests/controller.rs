@@ -258,11 +258,16 @@ async fn the_same_proposal_id_gives_the_same_run() {
     let mut other = example("dye-mix.json");
     other["steps"][2]["params"]["volume_ul"] = json!(301);
     let c = rig.api().submit(bytes(&other), planner()).await;
+    assert!(!c.accepted);
+    let reused = c.error.unwrap();
     assert!(
-        !c.accepted
-            && c.error
-                .unwrap()
-                .contains("already used for a different protocol")
+        matches!(&reused, ApiError::ProposalReused { run_id, .. } if Some(run_id) == a.run_id.as_ref()),
+        "{reused:?}"
+    );
+    assert!(
+        reused
+            .to_string()
+            .contains("already used for a different protocol")
     );
     assert_eq!(rig.api().runs().await.len(), 1);
     rig.controller.shutdown().await;
@@ -284,7 +289,12 @@ async fn an_invalid_proposal_is_rejected_with_its_findings_and_nothing_runs() {
         .api()
         .submit(bytes(&example("dye-mix.json")), observer)
         .await;
-    assert!(!reply.accepted && reply.error.unwrap().contains("observer"));
+    assert!(!reply.accepted);
+    let refusal = reply.error.unwrap();
+    assert!(
+        matches!(&refusal, ApiError::Forbidden(why) if why.contains("observer")),
+        "{refusal:?}"
+    );
     rig.controller.shutdown().await;
 }
 
@@ -476,13 +486,7 @@ async fn emergency_stop_aborts_everything_and_latches_until_acknowledged() {
             .submit(bytes(&long_hotplate_protocol("during-es", 1.0)), who)
             .await;
         assert!(!refused.accepted && refused.run_id.is_none(), "{refused:?}");
-        assert!(
-            refused
-                .error
-                .as_deref()
-                .is_some_and(|e| e.contains("emergency stop is latched")),
-            "{refused:?}"
-        );
+        assert_eq!(refused.error, Some(ApiError::EStopLatched), "{refused:?}");
     }
     assert_eq!(rig.api().runs().await.len(), runs_before);
     rig.api()
@@ -1290,6 +1294,8 @@ async fn a_users_runs_awaiting_approval_are_bounded_by_a_quota() {
         .await;
     assert!(!over.accepted);
     let why = over.error.unwrap();
+    assert!(matches!(why, ApiError::OverQuota(_)), "{why:?}");
+    let why = why.to_string();
     assert!(why.contains("quota") && why.contains("planner-bo"), "{why}");
     assert!(
         rig.api()

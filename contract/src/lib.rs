@@ -128,13 +128,27 @@ pub struct SubmitReply {
     pub findings: Vec<Finding>,
     pub estimated_duration_s: Option<f64>,
     pub approval_required_because: Vec<String>,
-    /// Why the submission was refused before validation (permissions, shutdown, reused proposal id).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    /// Why the submission was refused before validation (permissions, shutdown, reused proposal id,
+    /// quota, a latched stop); on the wire its message.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "refusal_message"
+    )]
+    pub error: Option<ApiError>,
+}
+
+fn refusal_message<S: serde::Serializer>(
+    error: &Option<ApiError>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match error {
+        Some(e) => serializer.collect_str(e),
+        None => serializer.serialize_none(),
+    }
 }
 
 impl SubmitReply {
-    pub fn refused(proposal_id: Option<String>, error: String) -> Self {
+    pub fn refused(proposal_id: Option<String>, error: ApiError) -> Self {
         SubmitReply {
             accepted: false,
             proposal_id,
@@ -182,6 +196,14 @@ pub enum ApiError {
     BadArgument(String),
     #[error("controller is shutting down")]
     Unavailable,
+    /// A proposal id names one protocol for good: a changed protocol needs a new id.
+    #[error(
+        "metadata.proposal_id: {proposal_id} was already used for a different protocol (run {run_id}); a changed protocol needs a new proposal id"
+    )]
+    ProposalReused { proposal_id: String, run_id: String },
+    /// The user holds as many queued or awaiting runs as one user may.
+    #[error("quota: {0}")]
+    OverQuota(String),
 }
 
 /// Longest interlock override a technician may set; renewing it is a new, journaled decision.
@@ -396,6 +418,34 @@ impl std::fmt::Display for EventKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_is_typed_inside_and_its_message_on_the_wire() {
+        let reply = SubmitReply::refused(
+            Some("p-1".into()),
+            ApiError::ProposalReused {
+                proposal_id: "p-1".into(),
+                run_id: "run-1".into(),
+            },
+        );
+        let wire = serde_json::to_value(&reply).unwrap();
+        assert_eq!(wire["accepted"], false);
+        assert_eq!(
+            wire["error"],
+            "metadata.proposal_id: p-1 was already used for a different protocol (run run-1); a changed protocol needs a new proposal id"
+        );
+        let accepted = SubmitReply {
+            error: None,
+            accepted: true,
+            ..reply
+        };
+        assert!(
+            serde_json::to_value(&accepted)
+                .unwrap()
+                .get("error")
+                .is_none()
+        );
+    }
 
     #[test]
     fn run_states_and_event_kinds_read_back_what_they_write_in_serde_and_text_alike() {

@@ -151,7 +151,7 @@ impl ControllerHandle {
     /// Validates, dry-runs on the simulation model, and submits a protocol (raw bytes as received).
     pub async fn submit(&self, bytes: Vec<u8>, principal: Principal) -> SubmitReply {
         if let Err(e) = crate::policy::check(&principal, crate::policy::Permission::Submit) {
-            return SubmitReply::refused(None, e.to_string());
+            return SubmitReply::refused(None, e);
         }
         let lab = Arc::clone(&self.lab);
         let checked = tokio::task::spawn_blocking(move || {
@@ -169,7 +169,7 @@ impl ControllerHandle {
         })
         .await;
         let Ok(mut checked) = checked else {
-            return SubmitReply::refused(None, "validation task failed".into());
+            return SubmitReply::refused(None, ApiError::Unavailable);
         };
         if let Some(pid) = checked
             .report
@@ -187,7 +187,7 @@ impl ControllerHandle {
             reply,
         })
         .await
-        .unwrap_or_else(|| SubmitReply::refused(None, "controller is shutting down".into()))
+        .unwrap_or_else(|| SubmitReply::refused(None, ApiError::Unavailable))
     }
 
     pub async fn approve(&self, run_id: &str, principal: Principal) -> Result<RunState, ApiError> {

@@ -518,7 +518,7 @@ impl Core {
             .count();
         (held >= limit).then(|| {
             format!(
-                "quota: {user} already has {held} runs {state} (at most {limit}); wait for them or abort some"
+                "{user} already has {held} runs {state} (at most {limit}); wait for them or abort some"
             )
         })
     }
@@ -676,9 +676,10 @@ impl Core {
                 );
                 return SubmitReply::refused(
                     proposal_id,
-                    format!(
-                        "metadata.proposal_id: {pid} was already used for a different protocol (run {run_id}); a changed protocol needs a new proposal id"
-                    ),
+                    ApiError::ProposalReused {
+                        proposal_id: pid,
+                        run_id,
+                    },
                 );
             }
             let state = self.runs.get(&run_id).map(|r| r.state).or(known.state);
@@ -704,7 +705,7 @@ impl Core {
                 Some(&principal),
                 json!({ "proposal_id": pid, "reason": "quota", "detail": over }),
             );
-            return SubmitReply::refused(proposal_id, over);
+            return SubmitReply::refused(proposal_id, ApiError::OverQuota(over));
         }
         // While the emergency stop is latched nothing new is accepted, from any interface: a run queued
         // now would start the moment the latch is acknowledged, which nobody at the bench asked for.
@@ -715,7 +716,7 @@ impl Core {
                 Some(&principal),
                 json!({ "proposal_id": pid, "reason": "estop_latched" }),
             );
-            return SubmitReply::refused(proposal_id, ApiError::EStopLatched.to_string());
+            return SubmitReply::refused(proposal_id, ApiError::EStopLatched);
         }
         self.next_id += 1;
         let run_id = format!("run-{}-{}", now_ms(), self.next_id);
@@ -748,7 +749,10 @@ impl Core {
             .append_durable(Record::RunCreated(record))
             .await
         {
-            return SubmitReply::refused(proposal_id, format!("cannot record the run: {e}"));
+            return SubmitReply::refused(
+                proposal_id,
+                ApiError::Journal(format!("cannot record the run: {e}")),
+            );
         }
         let approval_detail = if auto {
             json!({ "decision": "approved", "by": "policy", "estimated_duration_s": report.estimated_duration_s })

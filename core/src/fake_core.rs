@@ -71,7 +71,10 @@ pub trait Script: Send + 'static {
             .protocol
             .as_ref()
             .map(|p| p.metadata.proposal_id.clone());
-        SubmitReply::refused(proposal_id, "the fake controller runs nothing".into())
+        SubmitReply::refused(
+            proposal_id,
+            ApiError::InvalidState("the fake controller runs nothing".into()),
+        )
     }
 
     fn run_request(&mut self, run_id: &str, _principal: &Principal) -> Result<RunState, ApiError> {

@@ -570,7 +570,7 @@ impl Session {
                     (Some(run_id), true) => Ok(Some(format_string(run_id))),
                     _ => {
                         let why = if let Some(error) = &reply.error {
-                            error.clone()
+                            error.to_string()
                         } else if let Some(f) = reply
                             .findings
                             .iter()
@@ -743,7 +743,8 @@ fn api_fault(what: &str, e: ApiError) -> Fault {
         ApiError::UnknownRun(_) | ApiError::UnknownInterlock(_) | ApiError::BadArgument(_) => {
             ScpiError::DataOutOfRange
         }
-        ApiError::InvalidState(_) => ScpiError::SettingsConflict,
+        ApiError::InvalidState(_) | ApiError::ProposalReused { .. } => ScpiError::SettingsConflict,
+        ApiError::OverQuota(_) => ScpiError::ExecutionError,
         ApiError::EStopLatched
         | ApiError::Unavailable
         | ApiError::Interlocked(_)

@@ -950,6 +950,8 @@ fn api_rejection(e: ApiError, topic: &str) -> Rejection {
         ApiError::UnknownInterlock(_) => "unknown_interlock",
         ApiError::BadArgument(_) => "bad_argument",
         ApiError::Unavailable => "unavailable",
+        ApiError::ProposalReused { .. } => "proposal_id_reused",
+        ApiError::OverQuota(_) => "over_quota",
     };
     Rejection::new(code, e.to_string(), topic)
 }

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::names::{self, DEVICES, target_value};
-use labctl_core::api::{ApiError, ControllerHandle, Principal, RunState, SubmitReply};
+use labctl_core::api::{ControllerHandle, Principal, RunState, SubmitReply};
 use labctl_core::instruments::DeviceCommand;
 use labctl_core::journal::Record;
 
@@ -495,12 +495,9 @@ pub fn refusal_status(reply: &SubmitReply) -> StatusCode {
     } else if !reply.findings.is_empty() {
         StatusCode::BadInvalidArgument
     } else {
-        match reply.error.as_deref() {
-            Some(e) if e == ApiError::Unavailable.to_string() || e.contains("shutting down") => {
-                StatusCode::BadServerHalted
-            }
-            // The emergency stop is latched, or the controller refused the run for another reason.
-            _ => StatusCode::BadInvalidState,
+        match &reply.error {
+            Some(e) => super::methods::status_of(e),
+            None => StatusCode::BadInvalidState,
         }
     }
 }
@@ -580,6 +577,30 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::names::{is_device_method, is_setpoint};
+    use labctl_core::api::ApiError;
+
+    #[test]
+    fn a_refused_device_command_s_status_comes_from_the_refusal_s_kind() {
+        for (error, status) in [
+            (ApiError::Unavailable, StatusCode::BadServerHalted),
+            (ApiError::EStopLatched, StatusCode::BadInvalidState),
+            (
+                ApiError::OverQuota("3 queued".into()),
+                StatusCode::BadTooManyOperations,
+            ),
+            (
+                ApiError::Forbidden("observer".into()),
+                StatusCode::BadUserAccessDenied,
+            ),
+            (
+                ApiError::Journal("disk full".into()),
+                StatusCode::BadResourceUnavailable,
+            ),
+        ] {
+            let reply = SubmitReply::refused(None, error.clone());
+            assert_eq!(refusal_status(&reply), status, "{error:?}");
+        }
+    }
 
     #[test]
     fn devices_have_the_methods_of_their_kind_and_the_hotplate_its_two_setpoints() {

@@ -145,9 +145,11 @@ pub fn status_of(error: &ApiError) -> StatusCode {
         ApiError::Forbidden(_) => StatusCode::BadUserAccessDenied,
         ApiError::UnknownRun(_) | ApiError::UnknownInterlock(_) => StatusCode::BadNotFound,
         ApiError::BadArgument(_) => StatusCode::BadInvalidArgument,
-        ApiError::InvalidState(_) | ApiError::EStopLatched | ApiError::Interlocked(_) => {
-            StatusCode::BadInvalidState
-        }
+        ApiError::InvalidState(_)
+        | ApiError::EStopLatched
+        | ApiError::Interlocked(_)
+        | ApiError::ProposalReused { .. } => StatusCode::BadInvalidState,
+        ApiError::OverQuota(_) => StatusCode::BadTooManyOperations,
         ApiError::Journal(_) => StatusCode::BadResourceUnavailable,
         ApiError::Unavailable => StatusCode::BadServerHalted,
     }

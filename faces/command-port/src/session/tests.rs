@@ -102,7 +102,7 @@ impl Backend for Fake {
         ));
         let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
         if value.get("bad").is_some() {
-            let mut reply = SubmitReply::refused(None, String::new());
+            let mut reply = SubmitReply::refused(None, ApiError::Unavailable);
             reply.error = None;
             reply.findings = vec![
                 Finding::error(
@@ -114,7 +114,7 @@ impl Backend for Fake {
             ];
             return reply;
         }
-        let mut reply = SubmitReply::refused(Some("p".into()), String::new());
+        let mut reply = SubmitReply::refused(Some("p".into()), ApiError::Unavailable);
         reply.error = None;
         reply.accepted = true;
         reply.run_id = Some("run-1".into());
