@@ -542,17 +542,16 @@ fn main() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
-    // `cargo bench` passes --bench; any other argument filters by name.
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let want = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let parts = common::Parts::from_args();
+    parts.check(&[
+        "step_overhead",
+        "estop_latency",
+        "tick_lateness",
+        "login_storm",
+        "long_campaign",
+    ]);
+    let want = |name: &str| parts.want(name);
+    let rt = common::runtime();
     if want("step_overhead") {
         rt.block_on(step_overhead());
     }
@@ -571,7 +570,7 @@ fn main() {
         rt.block_on(login_storm(seconds, 1000));
     }
     // Not in the default set: 100,000 runs take minutes.
-    if filter.iter().any(|f| f == "long_campaign") {
+    if parts.named("long_campaign") {
         let runs = std::env::var("LABCTL_BENCH_RUNS")
             .ok()
             .and_then(|s| s.parse().ok())

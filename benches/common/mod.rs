@@ -12,6 +12,52 @@ pub fn figure(name: &str, value: impl std::fmt::Display, unit: &str) {
     println!("FIGURE {name} {value} {unit}");
 }
 
+/// The parts of a bench binary its command line asks for: `cargo bench --bench NAME -- PART...`. Flags
+/// (`cargo bench` passes `--bench`) are not parts; no part asks for every part of the default set.
+pub struct Parts(Vec<String>);
+
+impl Parts {
+    pub fn from_args() -> Parts {
+        Parts(
+            std::env::args()
+                .skip(1)
+                .filter(|a| !a.starts_with("--"))
+                .collect(),
+        )
+    }
+
+    /// Whether the part `name` of the default set runs: no filter, or a filter that is part of its name.
+    pub fn want(&self, name: &str) -> bool {
+        self.0.is_empty() || self.0.iter().any(|f| name.contains(f.as_str()))
+    }
+
+    /// Whether the part `name` was asked for by its full name (for parts outside the default set).
+    pub fn named(&self, name: &str) -> bool {
+        self.0.iter().any(|f| f == name)
+    }
+
+    /// Says so when the filter matched none of `names` (a typo would otherwise measure nothing, silently).
+    pub fn check(&self, names: &[&str]) {
+        if !names.iter().any(|n| self.want(n)) {
+            eprintln!(
+                "no part matches {:?}; the parts: {}",
+                self.0,
+                names.join(", ")
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+/// The runtime a bench part runs on: two workers, as the machine has two cores.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// cyclictest's view of the machine at one period: wake-up latency quantiles in microseconds.
 #[derive(Debug, Clone, Copy)]
 pub struct Cyclic {
