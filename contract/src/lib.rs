@@ -128,6 +128,9 @@ pub struct SubmitReply {
     pub findings: Vec<Finding>,
     pub estimated_duration_s: Option<f64>,
     pub approval_required_because: Vec<String>,
+    /// The planner the run is attributed to (the protocol's `metadata.planner.id`), once accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub planner_id: Option<String>,
     /// Why the submission was refused before validation (permissions, shutdown, reused proposal id,
     /// quota, a latched stop); on the wire its message.
     #[serde(
@@ -158,6 +161,7 @@ impl SubmitReply {
             findings: Vec::new(),
             estimated_duration_s: None,
             approval_required_because: Vec::new(),
+            planner_id: None,
             error: Some(error),
         }
     }

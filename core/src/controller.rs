@@ -629,14 +629,8 @@ impl Core {
             .as_ref()
             .map(|p| p.metadata.proposal_id.clone());
         let Some(protocol) = report.protocol.clone() else {
-            // Try to name the proposal in the refusal even when the document is invalid.
-            let pid = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| {
-                    v.pointer("/metadata/proposal_id")
-                        .and_then(|p| p.as_str())
-                        .map(str::to_owned)
-                });
+            // The refusal names the proposal even when the document is invalid.
+            let pid = report.proposal_id.clone();
             self.event(
                 None,
                 EventKind::ProposalRejected,
@@ -652,6 +646,7 @@ impl Core {
                 findings: report.findings,
                 estimated_duration_s: None,
                 approval_required_because: Vec::new(),
+                planner_id: None,
                 error: None,
             };
         };
@@ -692,6 +687,7 @@ impl Core {
                 findings: report.findings,
                 estimated_duration_s: report.estimated_duration_s,
                 approval_required_because: report.approval_required_because,
+                planner_id: Some(protocol.metadata.planner.id.clone()),
                 error: None,
             };
         }
@@ -776,6 +772,7 @@ impl Core {
             );
         }
         self.event(Some(&run_id), EventKind::Approval, None, approval_detail);
+        let planner_id = protocol.metadata.planner.id.clone();
         let entry = RunEntry::new(
             run_id.clone(),
             protocol,
@@ -796,6 +793,7 @@ impl Core {
             findings: report.findings,
             estimated_duration_s: report.estimated_duration_s,
             approval_required_because: report.approval_required_because,
+            planner_id: Some(planner_id),
             error: None,
         }
     }

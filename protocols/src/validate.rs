@@ -58,6 +58,9 @@ pub struct Report {
     pub expanded_steps: u64,
     /// Why a technician must approve this protocol; empty when the lab's policy approves it automatically.
     pub approval_required_because: Vec<String>,
+    /// The proposal id the document gives, read even from an invalid one so a refusal can name it.
+    #[serde(skip)]
+    pub proposal_id: Option<String>,
 }
 
 impl Report {
@@ -70,6 +73,7 @@ impl Report {
             estimated_duration_s: None,
             expanded_steps: 0,
             approval_required_because: Vec::new(),
+            proposal_id: None,
         }
     }
 
@@ -134,8 +138,15 @@ pub fn validate_value(value: &Value, lab: &Lab) -> Report {
     let protocol = decoder.protocol(value);
     let structural_errors = decoder.findings.iter().any(Finding::is_error);
     let mut findings = decoder.findings;
+    let proposal_id = value
+        .pointer("/metadata/proposal_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     let Some(protocol) = protocol else {
-        return Report::from_findings(findings);
+        return Report {
+            proposal_id,
+            ..Report::from_findings(findings)
+        };
     };
     let mut semantic = Semantic::new(lab, structural_errors);
     semantic.run(&protocol);
@@ -149,6 +160,7 @@ pub fn validate_value(value: &Value, lab: &Lab) -> Report {
         expanded_steps: semantic.summary.expanded_steps,
         approval_required_because,
         protocol: if valid { Some(protocol) } else { None },
+        proposal_id,
     }
 }
 

@@ -200,3 +200,15 @@ fn approval_reasons_follow_the_lab_policy() {
     );
     assert!(report.approval_required_because[0].contains("auto-approve limit 60"));
 }
+
+#[test]
+fn a_refused_document_still_names_its_proposal_so_the_refusal_can_be_addressed() {
+    let lab = labctl_protocols::Lab::sim();
+    let invalid = br#"{"version": 1, "metadata": {"name": "x", "proposal_id": "p-42",
+        "planner": {"id": "planner-bo"}}, "steps": [{"type": "teleport"}]}"#;
+    let report = labctl_protocols::validate_bytes(invalid, &lab);
+    assert!(!report.valid && report.protocol.is_none());
+    assert_eq!(report.proposal_id.as_deref(), Some("p-42"));
+    let unreadable = labctl_protocols::validate_bytes(b"{\"metadata\": ", &lab);
+    assert_eq!(unreadable.proposal_id, None);
+}

@@ -993,7 +993,7 @@ async fn submit(s: &Shared, topic: &str, bytes: &[u8], principal: Principal, to:
     let user = principal.name.clone();
     let answer = s.api.submit(bytes.to_vec(), principal).await;
     if answer.accepted
-        && let Some(planner_id) = payload::planner_id_of(bytes)
+        && let Some(planner_id) = answer.planner_id.clone()
     {
         s.planners
             .lock()

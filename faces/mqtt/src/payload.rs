@@ -90,32 +90,6 @@ pub fn proposal_id_of(payload: &[u8]) -> Option<String> {
         .filter(|p| labctl_mqtt_link::topics::is_topic_level(p))
 }
 
-/// The planner id of a submitted protocol (`metadata.planner.id`).
-pub fn planner_id_of(payload: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Planner {
-        id: String,
-    }
-    #[derive(Deserialize)]
-    struct Meta {
-        planner: Option<Planner>,
-    }
-    #[derive(Deserialize)]
-    struct Doc {
-        metadata: Option<Meta>,
-    }
-    if payload.len() > MAX_PAYLOAD {
-        return None;
-    }
-    Some(
-        serde_json::from_slice::<Doc>(payload)
-            .ok()?
-            .metadata?
-            .planner?
-            .id,
-    )
-}
-
 /// Accepts `{"action": "pause"}` (with an optional `"reason"`) or the bare word `pause`.
 fn word_or_field(
     payload: &[u8],

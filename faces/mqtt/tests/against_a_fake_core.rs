@@ -33,6 +33,7 @@ impl Script for AcceptAll {
             findings: Vec::new(),
             estimated_duration_s: Some(1.0),
             approval_required_because: Vec::new(),
+            planner_id: Some(protocol.metadata.planner.id.clone()),
             error: None,
         }
     }
