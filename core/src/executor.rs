@@ -473,7 +473,12 @@ impl RunContext {
             command: cmd.clone(),
             at_ms: now_ms(),
         };
-        if let Err(e) = self.journal.append_durable(intent).await {
+        // A command that changes the lab goes out only once its intent is on disk. A read changes nothing
+        // a crash could leave unexplained: its intent is queued in order, ahead of its result, without
+        // waiting for the disk (a measurement-heavy run is not held to one fsync per reading).
+        if cmd.only_reads() {
+            self.journal.append(intent);
+        } else if let Err(e) = self.journal.append_durable(intent).await {
             return Err(StepError::Failed(format!(
                 "{instrument}: command not sent: its intent could not be recorded: {e}"
             )));

@@ -91,6 +91,26 @@ impl DeviceCommand {
         use DeviceCommand::*;
         !matches!(self, Dispense { .. } | Home | Zero | Tare)
     }
+
+    /// Whether it only reads: nothing in the lab moves, heats, pours or changes what later readings mean.
+    /// (Zero and tare change every later weighing, so they are not reads.)
+    pub fn only_reads(&self) -> bool {
+        use DeviceCommand::*;
+        match self {
+            Weigh { .. } | ReadTemperature | Spectrum { .. } | Absorbance { .. } => true,
+            Home
+            | MoveTo { .. }
+            | Gripper { .. }
+            | Dispense { .. }
+            | StopPump
+            | Zero
+            | Tare
+            | SetTemperature { .. }
+            | HeaterOff
+            | SetStirSpeed { .. }
+            | StirOff => false,
+        }
+    }
 }
 
 /// What a finished command produced.
@@ -154,4 +174,63 @@ pub trait Instrument: Send + 'static {
 
     /// Leaves the instrument safe and releases the port.
     fn stop(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DeviceCommand::{self, *};
+
+    #[test]
+    fn only_measurements_are_reads_and_no_read_is_unsafe_to_repeat() {
+        let all = [
+            Home,
+            MoveTo {
+                x_mm: 0.0,
+                y_mm: 0.0,
+                z_mm: 0.0,
+                feed_mm_per_min: 100.0,
+            },
+            Gripper { closed: true },
+            Dispense {
+                volume_ul: 1.0,
+                rate_ul_per_min: 1.0,
+            },
+            StopPump,
+            Zero,
+            Tare,
+            Weigh { stable: true },
+            SetTemperature {
+                temperature_c: 30.0,
+            },
+            HeaterOff,
+            SetStirSpeed { speed_rpm: 100.0 },
+            StirOff,
+            ReadTemperature,
+            Spectrum {
+                start_nm: 400.0,
+                stop_nm: 700.0,
+                step_nm: 10.0,
+            },
+            Absorbance {
+                wavelength_nm: 500.0,
+            },
+        ];
+        let reads: Vec<&DeviceCommand> = all.iter().filter(|c| c.only_reads()).collect();
+        assert_eq!(
+            reads,
+            [
+                &Weigh { stable: true },
+                &ReadTemperature,
+                &Spectrum {
+                    start_nm: 400.0,
+                    stop_nm: 700.0,
+                    step_nm: 10.0
+                },
+                &Absorbance {
+                    wavelength_nm: 500.0
+                }
+            ]
+        );
+        assert!(reads.iter().all(|c| c.idempotent()));
+    }
 }
