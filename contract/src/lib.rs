@@ -167,6 +167,28 @@ impl SubmitReply {
     }
 }
 
+/// A decision on a proposal, as the journal's `approval` event records it and faces show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum Decision {
+    /// Approved: by the lab's policy (`by: "policy"`) or by the technician the event names.
+    Approved {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        estimated_duration_s: Option<f64>,
+    },
+    /// Waits for a technician: why, and what the validator found (warnings only: it was accepted).
+    AwaitingApproval {
+        because: Vec<String>,
+        findings: Vec<Finding>,
+        estimated_duration_s: Option<f64>,
+    },
+    Rejected {
+        reason: String,
+    },
+}
+
 /// Operator or planner control of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -422,6 +444,35 @@ impl std::fmt::Display for EventKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decisions_read_in_the_journal_as_they_always_did() {
+        let by_policy = Decision::Approved {
+            by: Some("policy".into()),
+            estimated_duration_s: Some(12.5),
+        };
+        let by_technician = Decision::Approved {
+            by: None,
+            estimated_duration_s: None,
+        };
+        let rejected = Decision::Rejected {
+            reason: "too hot".into(),
+        };
+        for (decision, wire) in [
+            (
+                &by_policy,
+                serde_json::json!({"decision": "approved", "by": "policy", "estimated_duration_s": 12.5}),
+            ),
+            (&by_technician, serde_json::json!({"decision": "approved"})),
+            (
+                &rejected,
+                serde_json::json!({"decision": "rejected", "reason": "too hot"}),
+            ),
+        ] {
+            assert_eq!(serde_json::to_value(decision).unwrap(), wire);
+            assert_eq!(&serde_json::from_value::<Decision>(wire).unwrap(), decision);
+        }
+    }
 
     #[test]
     fn a_refusal_is_typed_inside_and_its_message_on_the_wire() {

@@ -19,7 +19,7 @@ use crate::api::{
     ApiError, Checked, Control, ControllerHandle, InterlockState, InterlockStatus, Principal,
     Request, RunInfo, RunState, SubmitReply,
 };
-use crate::contract::EventKind;
+use crate::contract::{Decision, EventKind};
 use crate::executor::{RunContext, RunEnd, RunUpdate, collect_instruments, run_protocol};
 use crate::instruments::InstrumentHandle;
 use crate::journal::{self, JournalHandle, JournalHealth, Record, RunRecord, now_ms};
@@ -444,6 +444,15 @@ impl Core {
         });
     }
 
+    fn decide(&self, run_id: &str, who: Option<&Principal>, decision: Decision) {
+        self.journal.append(Record::Approval {
+            run_id: run_id.to_owned(),
+            actor: who.map(actor_of),
+            decision,
+            at_ms: now_ms(),
+        });
+    }
+
     /// Records a state change: journal, world model, and the proposal index.
     fn set_state(&mut self, run_id: &str, state: RunState, reason: Option<String>) {
         let Some(run) = self.runs.get_mut(run_id) else {
@@ -750,12 +759,19 @@ impl Core {
                 ApiError::Journal(format!("cannot record the run: {e}")),
             );
         }
-        let approval_detail = if auto {
-            json!({ "decision": "approved", "by": "policy", "estimated_duration_s": report.estimated_duration_s })
+        let decision = if auto {
+            Decision::Approved {
+                by: Some("policy".into()),
+                estimated_duration_s: report.estimated_duration_s,
+            }
         } else {
             // The validator's findings (warnings only: the proposal was accepted) travel with the decision
             // to wait, so every face shows an approver what was found without validating again.
-            json!({ "decision": "awaiting_approval", "because": report.approval_required_because, "findings": report.findings, "estimated_duration_s": report.estimated_duration_s })
+            Decision::AwaitingApproval {
+                because: report.approval_required_because.clone(),
+                findings: report.findings.clone(),
+                estimated_duration_s: report.estimated_duration_s,
+            }
         };
         self.event(
             Some(&run_id),
@@ -771,7 +787,7 @@ impl Core {
                 json!({ "estimated_duration_s": dry.estimated_duration_s, "problems": dry.problems, "notes": dry.notes, "steps_simulated": dry.steps_simulated }),
             );
         }
-        self.event(Some(&run_id), EventKind::Approval, None, approval_detail);
+        self.decide(&run_id, None, decision);
         let planner_id = protocol.metadata.planner.id.clone();
         let entry = RunEntry::new(
             run_id.clone(),
@@ -819,14 +835,22 @@ impl Core {
         if reject.is_none() && self.estop.is_latched() {
             return Err(ApiError::EStopLatched);
         }
-        let (state, detail) = match &reject {
-            None => (RunState::Queued, json!({ "decision": "approved" })),
+        let (state, decision) = match &reject {
+            None => (
+                RunState::Queued,
+                Decision::Approved {
+                    by: None,
+                    estimated_duration_s: None,
+                },
+            ),
             Some(reason) => (
                 RunState::Rejected,
-                json!({ "decision": "rejected", "reason": reason }),
+                Decision::Rejected {
+                    reason: reason.clone(),
+                },
             ),
         };
-        self.event(Some(run_id), EventKind::Approval, Some(who), detail);
+        self.decide(run_id, Some(who), decision);
         self.set_state(run_id, state, reject);
         Ok(state)
     }

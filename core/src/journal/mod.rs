@@ -15,7 +15,7 @@ use rusqlite::{Connection, params};
 use serde::Serialize;
 use tokio::sync::{broadcast, oneshot};
 
-use crate::contract::{EventKind, RunState};
+use crate::contract::{Decision, EventKind, RunState};
 use crate::instruments::DeviceCommand;
 
 pub const DB_FILE: &str = "journal.sqlite";
@@ -98,7 +98,14 @@ pub enum Record {
         command: DeviceCommand,
         at_ms: i64,
     },
-    /// Step outcomes, approvals, operator actions, interlocks, e-stops.
+    /// A decision on a proposal. Kept as an `approval` event; typed so faces read it without digging.
+    Approval {
+        run_id: String,
+        actor: Option<String>,
+        decision: Decision,
+        at_ms: i64,
+    },
+    /// Step outcomes, operator actions, interlocks, e-stops.
     Event {
         run_id: Option<String>,
         kind: EventKind,
@@ -231,10 +238,72 @@ impl JournalHandle {
     }
 }
 
+/// A record that is a journal event, as the `events` table keeps it and the faces publish it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow<'a> {
+    pub run_id: Option<&'a str>,
+    pub kind: EventKind,
+    pub step: Option<&'a str>,
+    pub actor: Option<&'a str>,
+    pub detail: std::borrow::Cow<'a, serde_json::Value>,
+    pub at_ms: i64,
+}
+
 impl Record {
-    /// The detail of a `command` event as the journal keeps it and the faces publish it.
-    pub fn command_detail(instrument: &str, command: &DeviceCommand) -> serde_json::Value {
-        serde_json::json!({ "instrument": instrument, "command": command })
+    /// The events row this record is, if it is one: the one place a typed record becomes an event.
+    pub fn as_event(&self) -> Option<EventRow<'_>> {
+        use std::borrow::Cow;
+        match self {
+            Record::Command {
+                run_id,
+                step,
+                instrument,
+                command,
+                at_ms,
+            } => Some(EventRow {
+                run_id: Some(run_id),
+                kind: EventKind::Command,
+                step: Some(step),
+                actor: None,
+                detail: Cow::Owned(
+                    serde_json::json!({ "instrument": instrument, "command": command }),
+                ),
+                at_ms: *at_ms,
+            }),
+            Record::Approval {
+                run_id,
+                actor,
+                decision,
+                at_ms,
+            } => Some(EventRow {
+                run_id: Some(run_id),
+                kind: EventKind::Approval,
+                step: None,
+                actor: actor.as_deref(),
+                detail: Cow::Owned(serde_json::to_value(decision).unwrap_or_default()),
+                at_ms: *at_ms,
+            }),
+            Record::Event {
+                run_id,
+                kind,
+                step,
+                actor,
+                detail,
+                at_ms,
+            } => Some(EventRow {
+                run_id: run_id.as_deref(),
+                kind: *kind,
+                step: step.as_deref(),
+                actor: actor.as_deref(),
+                detail: Cow::Borrowed(detail),
+                at_ms: *at_ms,
+            }),
+            Record::RunCreated(_)
+            | Record::RunState { .. }
+            | Record::EStopLatch { .. }
+            | Record::InterlockOverride { .. }
+            | Record::Result { .. } => None,
+        }
     }
 }
 
@@ -561,36 +630,20 @@ fn commit(conn: &mut Connection, batch: &[(Option<Record>, Ack)]) -> Result<(), 
                 )?
                 .execute(params![run_id, state.as_str(), step, reason, at_ms])?;
             }
-            Record::Command {
-                run_id,
-                step,
-                instrument,
-                command,
-                at_ms,
-            } => {
-                tx.prepare_cached(
-                    "INSERT INTO events (run_id, at_ms, kind, step, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?
-                .execute(params![
-                    run_id,
-                    at_ms,
-                    EventKind::Command.as_str(),
-                    step,
-                    Record::command_detail(instrument, command).to_string()
-                ])?;
-            }
-            Record::Event {
-                run_id,
-                kind,
-                step,
-                actor,
-                detail,
-                at_ms,
-            } => {
-                tx.prepare_cached(
-                    "INSERT INTO events (run_id, at_ms, kind, step, actor, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?
-                .execute(params![run_id, at_ms, kind.as_str(), step, actor, detail.to_string()])?;
+            Record::Command { .. } | Record::Approval { .. } | Record::Event { .. } => {
+                if let Some(row) = record.as_event() {
+                    tx.prepare_cached(
+                        "INSERT INTO events (run_id, at_ms, kind, step, actor, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )?
+                    .execute(params![
+                        row.run_id,
+                        row.at_ms,
+                        row.kind.as_str(),
+                        row.step,
+                        row.actor,
+                        row.detail.to_string()
+                    ])?;
+                }
             }
             Record::EStopLatch {
                 latched,

@@ -380,7 +380,8 @@ async fn forward_journal(mut records: broadcast::Receiver<Arc<Record>>, s: Arc<S
                     Record::RunCreated(r) => Some(r.run_id.as_str()),
                     Record::RunState { run_id, .. }
                     | Record::Result { run_id, .. }
-                    | Record::Command { run_id, .. } => Some(run_id.as_str()),
+                    | Record::Command { run_id, .. }
+                    | Record::Approval { run_id, .. } => Some(run_id.as_str()),
                     Record::Event { run_id, .. } => run_id.as_deref(),
                     Record::EStopLatch { .. } | Record::InterlockOverride { .. } => None,
                 };

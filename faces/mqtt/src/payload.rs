@@ -10,7 +10,7 @@ use labctl_core::api::Control;
 use labctl_core::contract::messages::{
     EStopState, LabStatus, Presence, RunEvent, RunResult, RunStatus,
 };
-use labctl_core::contract::{EventKind, RunState};
+use labctl_core::contract::{self, EventKind, RunState};
 use labctl_core::journal::Record;
 
 /// Largest payload accepted on any inbound topic (a protocol with thousands of steps fits easily).
@@ -332,35 +332,17 @@ pub fn from_record(record: &Record, proposal_id: Option<&str>) -> Option<Outboun
             reason.as_deref(),
             *at_ms,
         ))),
-        Record::Command {
-            run_id,
-            step,
-            instrument,
-            command,
-            at_ms,
-        } => Some(Outbound::Event(RunEvent::new(
-            run_id,
-            EventKind::Command,
-            Some(step),
-            None,
-            Record::command_detail(instrument, command),
-            *at_ms,
-        ))),
-        Record::Event {
-            run_id: Some(run_id),
-            kind,
-            step,
-            actor,
-            detail,
-            at_ms,
-        } => Some(Outbound::Event(RunEvent::new(
-            run_id,
-            *kind,
-            step.as_deref(),
-            actor.as_deref(),
-            detail.clone(),
-            *at_ms,
-        ))),
+        Record::Command { .. } | Record::Approval { .. } | Record::Event { .. } => {
+            let row = record.as_event()?;
+            Some(Outbound::Event(RunEvent::new(
+                row.run_id?,
+                row.kind,
+                row.step,
+                row.actor,
+                row.detail.into_owned(),
+                row.at_ms,
+            )))
+        }
         // The latch as recorded, whoever (or whatever: a failed journal) changed it.
         Record::EStopLatch {
             latched,
@@ -372,7 +354,7 @@ pub fn from_record(record: &Record, proposal_id: Option<&str>) -> Option<Outboun
             actor.as_deref(),
             Some(*at_ms),
         ))),
-        Record::Event { run_id: None, .. } | Record::InterlockOverride { .. } => None,
+        Record::InterlockOverride { .. } => None,
         Record::Result {
             run_id,
             seq,
@@ -435,6 +417,11 @@ struct RunMeta {
 }
 
 impl RunContext {
+    /// What an approver decides on for `run_id`, while it awaits approval.
+    fn approval_of(&mut self, run_id: &str) -> Option<&mut serde_json::Map<String, Value>> {
+        self.runs.get_mut(run_id)?.approval.as_mut()
+    }
+
     /// Takes note of what a committed record tells about its run; forgets a run once it has ended.
     pub fn observe(&mut self, record: &Record) {
         match record {
@@ -482,23 +469,25 @@ impl RunContext {
             }
             Record::Event {
                 run_id: Some(run_id),
-                kind,
+                kind: EventKind::DryRun,
                 detail,
                 ..
             } => {
-                let Some(approval) = self.runs.get_mut(run_id).and_then(|m| m.approval.as_mut())
-                else {
-                    return;
-                };
-                match kind {
-                    EventKind::DryRun => {
-                        approval.insert("dry_run".into(), detail.clone());
-                    }
-                    EventKind::Approval if detail["decision"] == "awaiting_approval" => {
-                        approval.insert("because".into(), detail["because"].clone());
-                        approval.insert("findings".into(), detail["findings"].clone());
-                    }
-                    _ => {}
+                if let Some(approval) = self.approval_of(run_id) {
+                    approval.insert("dry_run".into(), detail.clone());
+                }
+            }
+            Record::Approval {
+                run_id,
+                decision:
+                    contract::Decision::AwaitingApproval {
+                        because, findings, ..
+                    },
+                ..
+            } => {
+                if let Some(approval) = self.approval_of(run_id) {
+                    approval.insert("because".into(), json!(because));
+                    approval.insert("findings".into(), json!(findings));
                 }
             }
             _ => {}
@@ -711,11 +700,20 @@ mod tests {
             EventKind::DryRun,
             json!({"estimated_duration_s": 4000.0, "problems": []}),
         ));
-        ctx.observe(&event(
-            EventKind::Approval,
-            json!({"decision": "awaiting_approval", "because": ["too long"],
-                   "findings": [{"severity": "warning"}]}),
-        ));
+        ctx.observe(&Record::Approval {
+            run_id: "r1".into(),
+            actor: None,
+            decision: contract::Decision::AwaitingApproval {
+                because: vec!["too long".into()],
+                findings: vec![labctl_protocols::Finding::warning(
+                    labctl_protocols::FindingCode::Schema,
+                    "/steps/0",
+                    "long",
+                )],
+                estimated_duration_s: Some(4000.0),
+            },
+            at_ms: 6,
+        });
         let state = |state: RunState, at| Record::RunState {
             run_id: "r1".into(),
             state,

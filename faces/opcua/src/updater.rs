@@ -354,7 +354,7 @@ impl Updater {
                     self.write(vec![(path, Variant::from(value), StatusCode::Good)]);
                 }
             }
-            Record::Event { .. } => {}
+            Record::Approval { .. } | Record::Event { .. } => {}
             // The latch is shown from the snapshot, which every face reads.
             Record::EStopLatch { .. } | Record::InterlockOverride { .. } => {}
         }
