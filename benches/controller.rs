@@ -8,6 +8,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
+use labctl::api::Face;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -75,7 +76,7 @@ async fn step_overhead() {
     let doc = step_protocol(steps);
     let started = Instant::now();
     let reply = api
-        .submit(doc, Principal::new("bench", Role::Planner, "bench"))
+        .submit(doc, Principal::new("bench", Role::Planner, Face::InProcess))
         .await;
     assert!(reply.accepted, "{reply:?}");
     let run_id = reply.run_id.clone().unwrap();
@@ -84,9 +85,12 @@ async fn step_overhead() {
             "step_overhead: approving ({:?})",
             reply.approval_required_because
         );
-        api.approve(&run_id, Principal::new("tech", Role::Technician, "bench"))
-            .await
-            .unwrap();
+        api.approve(
+            &run_id,
+            Principal::new("tech", Role::Technician, Face::InProcess),
+        )
+        .await
+        .unwrap();
     }
     let submitted = started.elapsed();
     let mut durable_results = 0;
@@ -458,7 +462,7 @@ async fn long_campaign(runs: usize) {
     let controller = controller_on_fakes(lab, dir.path()).await;
     let api = controller.handle.clone();
     let mut events = api.events();
-    let who = Principal::new("bench", Role::Planner, "bench");
+    let who = Principal::new("bench", Role::Planner, Face::InProcess);
     let journal_mb = |dir: &std::path::Path| {
         std::fs::read_dir(dir)
             .map(|d| {

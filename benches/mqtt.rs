@@ -19,6 +19,7 @@ mod common;
 #[path = "../tests/common/mqtt_rig.rs"]
 mod mqtt_rig;
 
+use labctl::api::Face;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -228,13 +229,13 @@ async fn result_stream_rate() {
             .handle
             .submit(
                 serde_json::to_vec(&weigh_protocol(&format!("rate-{via}"), N)).unwrap(),
-                Principal::new("planner-bo", Role::Planner, "bench"),
+                Principal::new("planner-bo", Role::Planner, Face::InProcess),
             )
             .await;
         assert!(reply.accepted, "{reply:?}");
         if reply.state == Some(RunState::AwaitingApproval) {
             // More steps than the sim lab approves on its own.
-            let alice = Principal::new("alice", Role::Technician, "bench");
+            let alice = Principal::new("alice", Role::Technician, Face::InProcess);
             rig.controller
                 .handle
                 .approve(reply.run_id.as_deref().unwrap(), alice)

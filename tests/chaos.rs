@@ -18,6 +18,7 @@
 
 mod common;
 
+use labctl::api::Face;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
@@ -53,10 +54,10 @@ impl Who {
 
     fn principal(self) -> Principal {
         match self {
-            Who::Alice => Principal::new("alice", Role::Technician, "chaos"),
-            Who::Planner => Principal::new("planner-bo", Role::Planner, "chaos"),
-            Who::Rig => Principal::new("rig-1", Role::Rig, "chaos"),
-            Who::Watcher => Principal::new("watcher", Role::Observer, "chaos"),
+            Who::Alice => Principal::new("alice", Role::Technician, Face::InProcess),
+            Who::Planner => Principal::new("planner-bo", Role::Planner, Face::InProcess),
+            Who::Rig => Principal::new("rig-1", Role::Rig, Face::InProcess),
+            Who::Watcher => Principal::new("watcher", Role::Observer, Face::InProcess),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 mod common;
 
+use labctl::api::Face;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -55,10 +56,10 @@ async fn rig_prepared(
 }
 
 fn planner() -> Principal {
-    Principal::new("planner-bo", Role::Planner, "test")
+    Principal::new("planner-bo", Role::Planner, Face::InProcess)
 }
 fn technician() -> Principal {
-    Principal::new("alice", Role::Technician, "test")
+    Principal::new("alice", Role::Technician, Face::InProcess)
 }
 
 fn example(name: &str) -> Value {
@@ -284,7 +285,7 @@ async fn an_invalid_proposal_is_rejected_with_its_findings_and_nothing_runs() {
     assert_eq!(reply.state, Some(RunState::Rejected));
     assert_eq!(reply.findings[0].path, "/steps/2/params/rate_ul_per_min");
     assert!(rig.api().runs().await.is_empty());
-    let observer = Principal::new("watcher", Role::Observer, "test");
+    let observer = Principal::new("watcher", Role::Observer, Face::InProcess);
     let reply = rig
         .api()
         .submit(bytes(&example("dye-mix.json")), observer)
@@ -435,7 +436,7 @@ async fn emergency_stop_aborts_everything_and_latches_until_acknowledged() {
         .run_id
         .unwrap();
     wait_for(rig.api(), &run, RunState::Running).await;
-    let observer = Principal::new("watcher", Role::Observer, "test");
+    let observer = Principal::new("watcher", Role::Observer, Face::InProcess);
     assert!(
         rig.api().emergency_stop(observer).await.is_err(),
         "observers cannot trigger the e-stop"
@@ -617,7 +618,7 @@ async fn pause_resume_and_abort_by_operators() {
         n,
         "a paused run sends nothing"
     );
-    let stranger = Principal::new("planner-x", Role::Planner, "test");
+    let stranger = Principal::new("planner-x", Role::Planner, Face::InProcess);
     assert!(
         rig.api()
             .control(&run, Control::Abort, stranger)
@@ -1169,7 +1170,10 @@ async fn a_technician_overrides_a_tripped_interlock_until_it_clears_or_its_time_
     wait_for(rig.api(), &run, RunState::Completed).await;
     let set = wait_lab_events(dir.path(), "interlock_override", 1).await;
     assert_eq!(set.len(), 1, "{set:?}");
-    assert_eq!(set[0].0.as_deref(), Some("alice (Technician via test)"));
+    assert_eq!(
+        set[0].0.as_deref(),
+        Some("alice (Technician via in-process)")
+    );
     assert_eq!(
         set[0].1["because"],
         "stall sensor faulty, pump checked by hand"
@@ -1309,7 +1313,7 @@ async fn a_users_runs_awaiting_approval_are_bounded_by_a_quota() {
         .api()
         .submit(
             bytes(&pump_steps("quota-other", 7200.0)),
-            Principal::new("rig-1", Role::Rig, "test"),
+            Principal::new("rig-1", Role::Rig, Face::InProcess),
         )
         .await;
     assert!(other.accepted, "{other:?}");

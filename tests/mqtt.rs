@@ -5,6 +5,7 @@ mod common;
 #[path = "common/mqtt_rig.rs"]
 mod mqtt_rig;
 
+use labctl::api::Face;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -1205,7 +1206,7 @@ async fn forged_reply_topics_foreign_replies_and_the_gateways_client_id_are_refu
         .handle
         .submit(
             serde_json::to_vec(&long_wait_protocol("victim", 7200.0)).unwrap(),
-            Principal::new("planner-bo", Role::Planner, "test"),
+            Principal::new("planner-bo", Role::Planner, Face::InProcess),
         )
         .await;
     let victim_id = victim.run_id.clone().unwrap();
@@ -1821,7 +1822,7 @@ async fn shipped_acl_technicians_approve_and_stop_and_nobody_impersonates() {
         .handle
         .submit(
             serde_json::to_vec(&weigh_protocol("while-latched", 1)).unwrap(),
-            Principal::new("alice", Role::Technician, "test"),
+            Principal::new("alice", Role::Technician, Face::InProcess),
         )
         .await;
     assert_eq!(

@@ -1,6 +1,7 @@
 //! The dye-mixing experiment on the whole simulated lab, in warped virtual time: real drivers talk to the
 //! wire-level simulators over pseudo-terminals and TCP, and the physical model shows what happened.
 
+use labctl::api::Face;
 use std::time::Duration;
 
 use labctl::api::{Principal, RunState};
@@ -55,7 +56,7 @@ async fn dye_mix_on_the_simulated_lab() {
     let reply = api
         .submit(
             protocol,
-            Principal::new("planner-bo", Role::Planner, "test"),
+            Principal::new("planner-bo", Role::Planner, Face::InProcess),
         )
         .await;
     let run_id = reply.run_id.clone().unwrap_or_else(|| panic!("{reply:?}"));
@@ -164,7 +165,7 @@ async fn emergency_stop_during_motion_and_heating_on_the_simulated_lab() {
     let reply = api
         .submit(
             serde_json::to_vec(&protocol).unwrap(),
-            Principal::new("planner-bo", Role::Planner, "test"),
+            Principal::new("planner-bo", Role::Planner, Face::InProcess),
         )
         .await;
     let run_id = reply.run_id.clone().unwrap_or_else(|| panic!("{reply:?}"));
@@ -187,7 +188,7 @@ async fn emergency_stop_during_motion_and_heating_on_the_simulated_lab() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    api.emergency_stop(Principal::new("alice", Role::Technician, "test"))
+    api.emergency_stop(Principal::new("alice", Role::Technician, Face::InProcess))
         .await
         .unwrap();
     // Within a few wire times the gantry holds where it is and the heater is off.

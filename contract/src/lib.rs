@@ -21,21 +21,54 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The face a request came through, recorded with everything it asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Face {
+    Mqtt,
+    Opcua,
+    /// The SCPI command port, over TCP, TLS or a serial line.
+    CommandPort,
+    Console,
+    /// `labctl` on the command line.
+    Cli,
+    /// Code linked with the controller (tests, benchmarks, an embedding program).
+    InProcess,
+}
+
+impl Face {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Face::Mqtt => "mqtt",
+            Face::Opcua => "opcua",
+            Face::CommandPort => "command-port",
+            Face::Console => "console",
+            Face::Cli => "cli",
+            Face::InProcess => "in-process",
+        }
+    }
+}
+
+impl std::fmt::Display for Face {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Who is asking, as authenticated by the gateway they came through.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Principal {
     pub name: String,
     pub role: Role,
-    /// The interface the request came through (`mqtt`, `opcua`, `command-port`, `console`, `cli`).
-    pub via: String,
+    pub via: Face,
 }
 
 impl Principal {
-    pub fn new(name: &str, role: Role, via: &str) -> Self {
+    pub fn new(name: &str, role: Role, via: Face) -> Self {
         Principal {
             name: name.to_owned(),
             role,
-            via: via.to_owned(),
+            via,
         }
     }
 }

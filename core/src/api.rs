@@ -6,8 +6,8 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use crate::contract::{
-    ApiError, Control, InterlockState, InterlockStatus, MAX_OVERRIDE, Principal, RunInfo, RunState,
-    SubmitReply, UnknownRunState,
+    ApiError, Control, Face, InterlockState, InterlockStatus, MAX_OVERRIDE, Principal, RunInfo,
+    RunState, SubmitReply, UnknownRunState,
 };
 use crate::journal::{JournalHandle, Record};
 use crate::world::LabSnapshot;

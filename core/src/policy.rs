@@ -107,6 +107,7 @@ pub fn check_run_control(who: &Principal, owner: &str, run_id: &str) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::Face;
 
     const ROLES: [Role; 4] = [Role::Observer, Role::Planner, Role::Rig, Role::Technician];
 
@@ -150,14 +151,14 @@ mod tests {
 
     #[test]
     fn a_planner_controls_its_own_runs_only() {
-        let bo = Principal::new("bo", Role::Planner, "mqtt");
+        let bo = Principal::new("bo", Role::Planner, Face::Mqtt);
         assert!(check_run_control(&bo, "bo", "run-1").is_ok());
         let err = check_run_control(&bo, "other", "run-1").unwrap_err();
         assert!(err.to_string().contains("belongs to other"), "{err}");
-        let watcher = Principal::new("watcher", Role::Observer, "opcua");
+        let watcher = Principal::new("watcher", Role::Observer, Face::Opcua);
         let err = check_run_control(&watcher, "watcher", "run-1").unwrap_err();
         assert!(err.to_string().contains("observer"), "{err}");
-        let alice = Principal::new("alice", Role::Technician, "console");
+        let alice = Principal::new("alice", Role::Technician, Face::Console);
         assert!(check_run_control(&alice, "bo", "run-1").is_ok());
     }
 }

@@ -1,6 +1,7 @@
 //! `labctl run`: the controller on the simulated lab (`--sim`) or on the instruments of a lab file
 //! (`--config LAB.toml`). Runs until SIGINT or SIGTERM, then leaves every instrument safe.
 
+use crate::api::Face;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -287,7 +288,7 @@ async fn run_async(
     for line in command_port.endpoints() {
         say!("  {line}");
     }
-    let local = Principal::new("local-operator", Role::Technician, "cli");
+    let local = Principal::new("local-operator", Role::Technician, Face::Cli);
     for path in &args.submit {
         let bytes = labctl_protocols::validate::read_protocol_file(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;

@@ -4,6 +4,7 @@
 //! real time, and the instants things happen at are asserted, not slept for. Fake instruments answer at
 //! once; the journal is a real SQLite file whose commits hold the paused clock still.
 
+use crate::api::Face;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -69,11 +70,11 @@ async fn sim_lab() -> Lab1 {
 }
 
 fn planner() -> Principal {
-    Principal::new("planner-bo", Role::Planner, "test")
+    Principal::new("planner-bo", Role::Planner, Face::InProcess)
 }
 
 fn technician() -> Principal {
-    Principal::new("alice", Role::Technician, "test")
+    Principal::new("alice", Role::Technician, Face::InProcess)
 }
 
 fn hotplate_protocol(id: &str, steps: Value) -> Vec<u8> {

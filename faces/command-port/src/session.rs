@@ -14,6 +14,7 @@ use labctl_core::instruments::DeviceState;
 use super::Backend;
 use labctl_core::api::{ApiError, Control, InterlockState, Principal};
 use labctl_core::auth::Source;
+use labctl_core::contract::Face;
 use labctl_core::instruments::Connection;
 use labctl_core::policy::{self, Permission};
 
@@ -21,8 +22,8 @@ use labctl_core::policy::{self, Permission};
 pub const MAX_LINE: usize = 64 * 1024;
 /// SCPI error queue depth per session; when full the newest entry becomes `-350,"Queue overflow"`.
 pub const ERROR_QUEUE_DEPTH: usize = 32;
-/// The interface name recorded with every action taken through the command port.
-pub const VIA: &str = "command-port";
+/// The face recorded with every action taken through the command port.
+pub const VIA: Face = Face::CommandPort;
 
 /// What the line is: on TCP a client must log in; a serial line is trusted as a configured principal.
 #[derive(Debug, Clone, PartialEq, Eq)]

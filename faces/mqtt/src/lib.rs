@@ -26,6 +26,7 @@ pub mod broker;
 pub mod fair_queue;
 pub mod payload;
 
+use labctl_core::api::Face;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -901,9 +902,9 @@ fn principal_for(
 ) -> Result<Principal, Rejection> {
     if !s.trust_sender {
         return match from {
-            None => Ok(Principal::new("mqtt", Role::Planner, "mqtt")),
+            None => Ok(Principal::new("mqtt", Role::Planner, Face::Mqtt)),
             Some(user) => match s.users.role_of(user) {
-                Some(role) => Ok(Principal::new(user, role, "mqtt")),
+                Some(role) => Ok(Principal::new(user, role, Face::Mqtt)),
                 None => Err(Rejection::new(
                     "forbidden",
                     format!("{user} is not a user of this lab"),
@@ -928,14 +929,14 @@ fn principal_for(
             topic,
         )),
         Some(name) => match s.users.role_of(name) {
-            Some(role) => Ok(Principal::new(name, role, "mqtt")),
+            Some(role) => Ok(Principal::new(name, role, Face::Mqtt)),
             None => Err(Rejection::new(
                 "forbidden",
                 format!("unknown user {name}"),
                 topic,
             )),
         },
-        None if s.users.is_empty() => Ok(Principal::new("anonymous", Role::Planner, "mqtt")),
+        None if s.users.is_empty() => Ok(Principal::new("anonymous", Role::Planner, Face::Mqtt)),
         None => Err(Rejection::new("forbidden", "sender unknown", topic)),
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use labctl_core::api::{Principal, RunState, SubmitReply};
+use labctl_core::api::{Face, Principal, RunState, SubmitReply};
 use labctl_core::auth::Users;
 use labctl_core::fake_core::{Call, FakeCore, Script};
 use labctl_mqtt::{BrokerChoice, MqttConfig, MqttGateway};
@@ -39,14 +39,14 @@ impl Script for AcceptAll {
     }
 }
 
-struct Face {
+struct Gateway {
     _dir: tempfile::TempDir,
     core: FakeCore,
     gateway: MqttGateway,
     addr: std::net::SocketAddr,
 }
 
-async fn face(script: impl Script) -> Face {
+async fn face(script: impl Script) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab::sim();
     let core = FakeCore::start(lab.clone(), dir.path(), script).unwrap();
@@ -63,7 +63,7 @@ async fn face(script: impl Script) -> Face {
     .await
     .unwrap();
     let addr = gateway.broker_addr.parse().unwrap();
-    Face {
+    Gateway {
         _dir: dir,
         core,
         gateway,
@@ -74,7 +74,7 @@ async fn face(script: impl Script) -> Face {
 /// A client logged in as `user`, subscribed (SUBACK received) to `topics`; its publishes arrive on the
 /// receiver.
 async fn login(
-    face: &Face,
+    face: &Gateway,
     user: &str,
     password: &str,
     topics: &[&str],
@@ -130,7 +130,7 @@ async fn next_json(
 }
 
 /// Waits until the fake core has been asked something `matches` accepts.
-async fn core_asked(face: &Face, matches: impl Fn(&Call) -> bool) -> Call {
+async fn core_asked(face: &Gateway, matches: impl Fn(&Call) -> bool) -> Call {
     let deadline = Instant::now() + WITHIN;
     loop {
         if let Some(call) = face.core.calls().into_iter().find(&matches) {
@@ -184,7 +184,7 @@ async fn a_submission_reaches_the_core_as_its_mqtt_user_and_the_core_s_answer_is
         call,
         Call::Submit {
             proposal_id: Some("face-1".into()),
-            principal: Principal::new("planner-bo", Role::Planner, "mqtt"),
+            principal: Principal::new("planner-bo", Role::Planner, Face::Mqtt),
         }
     );
     face.gateway.shutdown().await;
@@ -223,7 +223,7 @@ async fn the_stop_reaches_the_core_as_its_technician_and_a_planner_cannot_releas
     );
     core_asked(&face, |c| {
         *c == Call::EmergencyStop {
-            principal: Principal::new("alice", Role::Technician, "mqtt"),
+            principal: Principal::new("alice", Role::Technician, Face::Mqtt),
         }
     })
     .await;

@@ -21,10 +21,11 @@ use super::methods::LabMethod;
 use super::names;
 use labctl_core::api::Principal;
 use labctl_core::auth::{AuthError, Source, Users};
+use labctl_core::contract::Face;
 use labctl_core::policy::{self, Permission};
 
-/// The interface name in journal entries and principals.
-pub const VIA: &str = "opcua";
+/// The face recorded in journal entries and principals.
+pub const VIA: Face = Face::Opcua;
 
 pub struct LabAuthenticator {
     users: Arc<Users>,

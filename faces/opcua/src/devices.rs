@@ -577,7 +577,7 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::names::{is_device_method, is_setpoint};
-    use labctl_core::api::ApiError;
+    use labctl_core::api::{ApiError, Face};
 
     #[test]
     fn a_refused_device_command_s_status_comes_from_the_refusal_s_kind() {
@@ -656,7 +656,11 @@ mod tests {
     #[test]
     fn a_dispense_is_a_move_above_the_vessel_then_the_dispense_and_validates() {
         let lab = Lab::sim();
-        let who = Principal::new("alice", labctl_protocols::lab::Role::Technician, "opcua");
+        let who = Principal::new(
+            "alice",
+            labctl_protocols::lab::Role::Technician,
+            Face::Opcua,
+        );
         let pump = lab.instrument("pump-red").unwrap();
         let args = [
             Variant::from("A1"),
