@@ -163,6 +163,9 @@ struct WatchedInterlock {
     /// Since the trip, the watched instrument has been seen disarmed (its safe state done): being armed
     /// again after that is a re-arm while the condition holds.
     safe_seen: bool,
+    /// Its condition has been judged once. The first judgement is reported even when clear, so the
+    /// controller ends an override restored from the journal whose condition no longer holds.
+    judged: bool,
 }
 
 #[derive(Resource)]
@@ -241,10 +244,11 @@ fn check_interlocks(
 ) {
     let now = Instant::now();
     for watched in interlocks.0.iter_mut() {
-        let (il, tripped, safe_seen) = (
+        let (il, tripped, safe_seen, judged) = (
             &watched.interlock,
             &mut watched.tripped,
             &mut watched.safe_seen,
+            &mut watched.judged,
         );
         let Some(inst) = watched.instrument.and_then(|e| q.get(e).ok()) else {
             continue;
@@ -261,6 +265,7 @@ fn check_interlocks(
             online: inst.view.connection == crate::instruments::Connection::Online,
         };
         let verdict = evaluate(il, &facts);
+        let first = !std::mem::replace(judged, true);
         if *tripped && !inst.view.armed {
             *safe_seen = true;
         }
@@ -290,10 +295,12 @@ fn check_interlocks(
                     safe_state,
                 }));
             }
-            None if *tripped => {
+            None if *tripped || first => {
+                if *tripped {
+                    tracing::info!(interlock = %il.name, "interlock condition cleared");
+                }
                 *tripped = false;
                 out.changed = true;
-                tracing::info!(interlock = %il.name, "interlock condition cleared");
                 let _ = out.trips.send(InterlockEvent::Cleared {
                     interlock: il.name.clone(),
                 });
@@ -476,6 +483,7 @@ pub(crate) fn start_tick_on(
                 instrument: entities.get(&i.instrument).copied(),
                 tripped: false,
                 safe_seen: false,
+                judged: false,
             })
             .collect(),
     ));

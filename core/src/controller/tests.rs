@@ -37,7 +37,14 @@ impl Lab1 {
 }
 
 async fn sim_lab() -> Lab1 {
-    let dir = tempfile::tempdir().unwrap();
+    sim_lab_in(tempfile::tempdir().unwrap(), |_| {}).await
+}
+
+/// The controller on `dir` (a restart when it was used before), its fakes set up by `prepare` first.
+async fn sim_lab_in(
+    dir: tempfile::TempDir,
+    prepare: impl FnOnce(&BTreeMap<String, FakeInstrument>),
+) -> Lab1 {
     let estop = EStop::default();
     let lab = Lab::sim();
     // Every poll and tick is a wake-up of the paused runtime: kept as slow as the assertions allow, so a
@@ -47,6 +54,7 @@ async fn sim_lab() -> Lab1 {
         ..TaskTiming::default()
     };
     let (handles, fakes) = spawn_lab(&lab, &estop, timing);
+    prepare(&fakes);
     let config = ControllerConfig {
         lab,
         lab_sha256: "test".into(),
@@ -287,5 +295,39 @@ async fn an_override_ends_at_its_time_the_interlock_trips_again_and_runs_wait_un
     set_plate(25.0);
     wait_interlock(&lab, over, |s| *s == InterlockState::Clear).await;
     seen_in(&lab, &run, RunState::Completed, Duration::from_secs(300)).await;
+    lab.controller.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_override_restored_after_a_restart_ends_when_its_condition_no_longer_holds() {
+    let over = "hotplate-over-temperature";
+    let hot = |fakes: &BTreeMap<String, FakeInstrument>| {
+        fakes["hotplate"].log.lock().unwrap().values = vec![("plate_temperature_c", 135.0)];
+    };
+    let lab = sim_lab_in(tempfile::tempdir().unwrap(), hot).await;
+    wait_interlock(&lab, over, |s| matches!(s, InterlockState::Tripped { .. })).await;
+    lab.api()
+        .override_interlock(
+            over,
+            Duration::from_secs(3000),
+            "probe checked",
+            technician(),
+        )
+        .await
+        .unwrap();
+    let Lab1 {
+        _dir: dir,
+        controller,
+        ..
+    } = lab;
+    controller.shutdown().await;
+    // Restarted with the plate cool: the override, given for a condition that no longer holds, ends at
+    // the first judgement instead of waiting out its 50 minutes to cover the next trip unasked.
+    let lab = sim_lab_in(dir, |_| {}).await;
+    wait_interlock(&lab, over, |s| *s == InterlockState::Clear).await;
+    let restarted = Instant::now();
+    lab.fakes["hotplate"].log.lock().unwrap().values = vec![("plate_temperature_c", 140.0)];
+    wait_interlock(&lab, over, |s| matches!(s, InterlockState::Tripped { .. })).await;
+    assert!(Instant::now() - restarted < Duration::from_secs(60));
     lab.controller.shutdown().await;
 }
