@@ -346,6 +346,9 @@ impl RunContext {
                 }
                 let commands = self.expand(&a.instrument, &a.action)?;
                 for (instrument, cmd) in commands {
+                    if let Some(rise) = self.rise_before(&instrument, &cmd) {
+                        self.command(&instrument, rise, &path, armed).await?;
+                    }
                     self.command(&instrument, cmd, &path, armed).await?;
                 }
                 if let Action::Transfer(t) = &a.action
@@ -450,6 +453,38 @@ impl RunContext {
             self.command(instrument, cmd, path, &armed).await?;
         }
         Ok(())
+    }
+
+    /// A straight move from a head below the deck's safe height would sweep through what stands on the
+    /// deck: the validator only knows where a protocol leaves the head, not where an aborted run left it.
+    /// For a lateral move from below `safe_z_mm`, the head first rises straight up where it is.
+    fn rise_before(&self, instrument: &str, cmd: &DeviceCommand) -> Option<DeviceCommand> {
+        const SAME_MM: f64 = 0.01;
+        let DeviceCommand::MoveTo {
+            x_mm,
+            y_mm,
+            feed_mm_per_min,
+            ..
+        } = cmd
+        else {
+            return None;
+        };
+        let view = self.instruments.get(instrument)?.view();
+        let at = |axis: &str| {
+            view.values
+                .iter()
+                .find(|(name, _)| *name == axis)
+                .map(|(_, v)| *v)
+        };
+        let (x, y, z) = (at("x_mm")?, at("y_mm")?, at("z_mm")?);
+        let safe_z = self.lab.deck.safe_z_mm;
+        let lateral = (x - x_mm).abs() > SAME_MM || (y - y_mm).abs() > SAME_MM;
+        (lateral && z < safe_z - SAME_MM).then_some(DeviceCommand::MoveTo {
+            x_mm: x,
+            y_mm: y,
+            z_mm: safe_z,
+            feed_mm_per_min: *feed_mm_per_min,
+        })
     }
 
     /// Sends one command: its intent is on disk before it goes out (a crash leaves a record of what may

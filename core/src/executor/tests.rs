@@ -183,3 +183,45 @@ async fn a_device_error_fails_the_run_at_its_step_and_nothing_after_it_runs() {
     assert!(commands(&bench.fakes["hotplate"]).is_empty());
     assert!(bench.fakes["pump-red"].log.lock().unwrap().safe_states >= 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lateral_move_from_below_the_safe_height_first_rises_where_the_head_is() {
+    let bench = bench();
+    // An aborted run left the head down in a vial at (10, 20, 5); the deck's safe height is 50 mm.
+    bench.fakes["gantry"].log.lock().unwrap().values =
+        vec![("x_mm", 10.0), ("y_mm", 20.0), ("z_mm", 5.0)];
+    let protocol = protocol(json!([
+        { "type": "action", "instrument": "gantry", "action": "move_xyz",
+          "params": { "x_mm": 100, "y_mm": 120, "z_mm": 50, "feed_mm_per_min": 600 } },
+        // Straight down where the head already is: no rise needed.
+        { "type": "action", "instrument": "gantry", "action": "move_xyz",
+          "params": { "x_mm": 10, "y_mm": 20, "z_mm": 2, "feed_mm_per_min": 600 } }
+    ]));
+    // Wait until the instrument task has read the position the fake reports.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while bench.handles["gantry"].view().values.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the gantry never reported a position"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_control, mut updates, task) = start(&bench, &protocol);
+    let end = end_of(&mut updates).await;
+    task.await.unwrap();
+    assert_eq!(end, RunEnd::Completed);
+    let move_to = |x_mm, y_mm, z_mm| DeviceCommand::MoveTo {
+        x_mm,
+        y_mm,
+        z_mm,
+        feed_mm_per_min: 600.0,
+    };
+    assert_eq!(
+        commands(&bench.fakes["gantry"]),
+        [
+            move_to(10.0, 20.0, 50.0),
+            move_to(100.0, 120.0, 50.0),
+            move_to(10.0, 20.0, 2.0)
+        ]
+    );
+}
