@@ -134,3 +134,52 @@ async fn the_stop_and_its_release_go_to_the_core_which_holds_the_latch() {
         ]
     );
 }
+
+/// Every role against every `Lab` method: the core hears exactly the calls the one role table allows, and
+/// the face answers the others `BadUserAccessDenied` without asking it.
+#[tokio::test]
+async fn each_role_reaches_the_core_with_exactly_the_methods_the_role_table_allows() {
+    for role in Role::ALL {
+        for method in LabMethod::ALL {
+            let dir = tempfile::tempdir().unwrap();
+            let core = FakeCore::start(Lab::sim(), dir.path(), OneRun).unwrap();
+            let args: Vec<Variant> = match method {
+                LabMethod::SubmitProtocol => vec![text(PROPOSAL)],
+                LabMethod::RejectRun => vec![text("run-1"), text("not today")],
+                LabMethod::EmergencyStop | LabMethod::AcknowledgeEmergencyStop => Vec::new(),
+                _ => vec![text("run-1")],
+            };
+            let who = Principal::new("someone", role, Face::Opcua);
+            let result = call(&core.handle, who, method, &args).await;
+            let allowed = labctl_core::policy::allows(role, method.permission());
+            if allowed {
+                assert_ne!(
+                    result,
+                    Err(StatusCode::BadUserAccessDenied),
+                    "{role} {}",
+                    method.name()
+                );
+                assert_eq!(
+                    core.calls().len(),
+                    1,
+                    "{role} {}: {:?}",
+                    method.name(),
+                    core.calls()
+                );
+            } else {
+                assert_eq!(
+                    result,
+                    Err(StatusCode::BadUserAccessDenied),
+                    "{role} {}",
+                    method.name()
+                );
+                assert!(
+                    core.calls().is_empty(),
+                    "{role} {}: {:?}",
+                    method.name(),
+                    core.calls()
+                );
+            }
+        }
+    }
+}
