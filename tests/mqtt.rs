@@ -1848,3 +1848,91 @@ async fn shipped_acl_technicians_approve_and_stop_and_nobody_impersonates() {
     rig.stop().await;
     drop(mosq);
 }
+
+/// Where `name` stands, as the controller says.
+async fn interlock_state(rig: &Rig, name: &str) -> labctl::api::InterlockState {
+    rig.controller
+        .handle
+        .interlocks()
+        .await
+        .into_iter()
+        .find(|i| i.name == name)
+        .expect("the interlock exists")
+        .state
+}
+
+async fn wait_interlock(rig: &Rig, name: &str, want: fn(&labctl::api::InterlockState) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = interlock_state(rig, name).await;
+        if want(&state) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name}: still {state:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_technician_overrides_a_tripped_interlock_over_mqtt_and_nobody_else_can() {
+    use labctl::api::InterlockState;
+    let dir = tempfile::tempdir().unwrap();
+    let rig = rig(dir.path()).await;
+    rig.fakes["pump-red"].log.lock().unwrap().state =
+        Some(labctl_drivers::DeviceState::Alarm("stall".into()));
+    wait_interlock(&rig, "pump-alarm", |s| {
+        matches!(s, InterlockState::Tripped { .. })
+    })
+    .await;
+    let topic = "labctl/sim/interlocks/pump-alarm/override";
+    let rejections = "labctl/sim/rejections";
+    let (planner, mut planner_rx) =
+        client(rig.addr, "planner-bo", "planner-dev", &[rejections]).await;
+    let (alice, mut alice_rx) = client(rig.addr, "alice", "technician-dev", &[rejections]).await;
+    let set = json!({"seconds": 600, "reason": "stall sensor faulty, pump checked by hand"});
+    // A planner may not override: refused by the role table, the interlock still acts.
+    planner
+        .publish(topic, QoS::AtLeastOnce, false, set.to_string())
+        .await
+        .unwrap();
+    let refused = json_of(&next_on(&mut planner_rx, rejections).await);
+    assert_eq!(refused["error"], "forbidden", "{refused}");
+    assert!(matches!(
+        interlock_state(&rig, "pump-alarm").await,
+        InterlockState::Tripped { .. }
+    ));
+    // Every subscriber sees a refusal (an MQTT 5 response topic keeps one private): alice saw it too.
+    assert_eq!(json_of(&next_on(&mut alice_rx, rejections).await), refused);
+    // A technician's override without a reason is refused naming the field.
+    alice
+        .publish(topic, QoS::AtLeastOnce, false, r#"{"seconds": 600}"#)
+        .await
+        .unwrap();
+    let malformed = json_of(&next_on(&mut alice_rx, rejections).await);
+    assert_eq!(malformed["error"], "malformed", "{malformed}");
+    assert!(
+        malformed["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("reason")),
+        "{malformed}"
+    );
+    // With one, it stands, in her name.
+    alice
+        .publish(topic, QoS::AtLeastOnce, false, set.to_string())
+        .await
+        .unwrap();
+    wait_interlock(&rig, "pump-alarm", |s| {
+        matches!(s, InterlockState::Overridden { by, .. } if by == "alice (Technician via mqtt)")
+    })
+    .await;
+    // Withdrawn while the alarm holds: the interlock trips again at once.
+    alice
+        .publish(topic, QoS::AtLeastOnce, false, r#"{"action": "withdraw"}"#)
+        .await
+        .unwrap();
+    wait_interlock(&rig, "pump-alarm", |s| {
+        matches!(s, InterlockState::Tripped { .. })
+    })
+    .await;
+    rig.stop().await;
+}

@@ -5,9 +5,17 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {
     Submit,
-    Control { run_id: String },
-    Approval { run_id: String },
+    Control {
+        run_id: String,
+    },
+    Approval {
+        run_id: String,
+    },
     EStop,
+    /// A technician's override of a tripped interlock, or its withdrawal.
+    Override {
+        interlock: String,
+    },
 }
 
 /// The topic tree of one lab.
@@ -86,6 +94,9 @@ impl Topics {
     pub fn estop(&self) -> String {
         self.t("estop")
     }
+    pub fn interlock_override(&self, interlock: &str) -> String {
+        self.t(&format!("interlocks/{interlock}/override"))
+    }
     /// Retained: the latch as labctl holds it, whoever set or cleared it (console, OPC UA, command port).
     pub fn estop_state(&self) -> String {
         self.t("estop/state")
@@ -158,16 +169,18 @@ impl Topics {
 
     /// The filters the gateway subscribes to (again on every ConnAck): the inbound topics, and the same
     /// under every user's `from/{user}/` prefix.
-    pub fn inbound_filters(&self) -> [String; 8] {
+    pub fn inbound_filters(&self) -> [String; 10] {
         [
             self.submit(),
             self.t("runs/+/control"),
             self.t("runs/+/approval"),
             self.estop(),
+            self.t("interlocks/+/override"),
             self.t("from/+/protocols/submit"),
             self.t("from/+/runs/+/control"),
             self.t("from/+/runs/+/approval"),
             self.t("from/+/estop"),
+            self.t("from/+/interlocks/+/override"),
         ]
     }
 
@@ -195,6 +208,14 @@ impl Topics {
             "protocols/submit" => return Some(Inbound::Submit),
             "estop" => return Some(Inbound::EStop),
             _ => {}
+        }
+        if let Some(interlock) = rest
+            .strip_prefix("interlocks/")
+            .and_then(|r| r.strip_suffix("/override"))
+        {
+            return is_topic_level(interlock).then(|| Inbound::Override {
+                interlock: interlock.to_owned(),
+            });
         }
         let run = rest.strip_prefix("runs/")?;
         let (run_id, what) = run.split_once('/')?;
@@ -225,6 +246,14 @@ mod tests {
             Some(Inbound::Submit)
         );
         assert_eq!(t.parse_inbound("labctl/sim/estop"), Some(Inbound::EStop));
+        assert_eq!(
+            t.parse_inbound(&t.interlock_override("pump-alarm")),
+            Some(Inbound::Override {
+                interlock: "pump-alarm".into()
+            })
+        );
+        assert_eq!(t.parse_inbound("labctl/sim/interlocks/a/b/override"), None);
+        assert_eq!(t.parse_inbound("labctl/sim/interlocks/+/override"), None);
         assert_eq!(
             t.parse_inbound("labctl/sim/runs/r1/control"),
             Some(Inbound::Control {

@@ -44,7 +44,7 @@ use tokio::task::JoinHandle;
 
 use self::broker::{EmbeddedBroker, GATEWAY_USER};
 use self::fair_queue::{FairQueue, Full};
-use self::payload::{ControlRequest, Decision, EStopAction, Outbound, Rejection};
+use self::payload::{ControlRequest, Decision, EStopAction, Outbound, OverrideRequest, Rejection};
 use labctl_core::api::{ApiError, ControllerHandle, Principal, RunState};
 use labctl_core::auth::Users;
 use labctl_core::contract::messages::{EStopState, InstrumentState};
@@ -853,6 +853,32 @@ async fn handle_one(s: &Shared, p: Publish) {
             let (body, rejected) = match outcome {
                 Ok(()) => (
                     to_vec(&serde_json::json!({"accepted": true, "topic": topic})),
+                    false,
+                ),
+                Err(r) => (r.to_json(), true),
+            };
+            reply(s, &reply_to, None, body, rejected).await;
+        }
+        Inbound::Override { interlock } => {
+            // Who may override is the controller's decision (the role table): technicians.
+            let outcome = match payload::parse_override(&p.payload, &topic) {
+                Err(r) => Err(r),
+                Ok(OverrideRequest::Set { duration, reason }) => s
+                    .api
+                    .override_interlock(&interlock, duration, &reason, principal)
+                    .await
+                    .map_err(|e| api_rejection(e, &topic)),
+                Ok(OverrideRequest::Withdraw) => s
+                    .api
+                    .withdraw_override(&interlock, principal)
+                    .await
+                    .map_err(|e| api_rejection(e, &topic)),
+            };
+            let (body, rejected) = match outcome {
+                Ok(()) => (
+                    to_vec(&serde_json::json!({
+                        "accepted": true, "topic": topic, "interlock": interlock,
+                    })),
                     false,
                 ),
                 Err(r) => (r.to_json(), true),

@@ -214,6 +214,56 @@ pub fn parse_estop(payload: &[u8], topic: &str) -> Result<EStopAction, Rejection
     }
 }
 
+/// What an `interlocks/{name}/override` message asks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OverrideRequest {
+    /// Let runs use the tripped interlock's instruments for this long, for this reason.
+    Set {
+        duration: std::time::Duration,
+        reason: String,
+    },
+    Withdraw,
+}
+
+/// `{"seconds": 600, "reason": "..."}` sets an override, `{"action": "withdraw"}` ends it.
+pub fn parse_override(payload: &[u8], topic: &str) -> Result<OverrideRequest, Rejection> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        action: Option<String>,
+        seconds: Option<f64>,
+        reason: Option<String>,
+    }
+    check_size(payload, topic)?;
+    let malformed = |why: String| Rejection::new("malformed", why, topic);
+    let body: Body = serde_json::from_slice(payload).map_err(|e| {
+        malformed(format!(
+            "{e}; expected {{\"seconds\": N, \"reason\": \"...\"}} or {{\"action\": \"withdraw\"}}"
+        ))
+    })?;
+    match (body.action.as_deref(), body.seconds, body.reason) {
+        (Some("withdraw"), None, None) => Ok(OverrideRequest::Withdraw),
+        (Some(other), ..) if other != "set" => Err(malformed(format!(
+            "action: {other:?}; expected \"set\" or \"withdraw\""
+        ))),
+        (_, Some(seconds), Some(reason)) => {
+            let duration = std::time::Duration::try_from_secs_f64(seconds)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    malformed(format!("seconds: {seconds}; expected a positive number"))
+                })?;
+            Ok(OverrideRequest::Set { duration, reason })
+        }
+        (_, None, _) => Err(malformed(
+            "seconds: missing; how long the override stands".into(),
+        )),
+        (_, _, None) => Err(malformed(
+            "reason: missing; an override needs a reason".into(),
+        )),
+    }
+}
+
 /// The retained `status` message (`offline` is also the last will).
 pub fn status(online: bool, lab_id: &str, started_at_ms: i64) -> Vec<u8> {
     serde_json::to_vec(&LabStatus {
@@ -536,6 +586,43 @@ mod tests {
     use super::*;
 
     const T: &str = "labctl/sim/runs/r1/control";
+
+    #[test]
+    fn an_override_needs_its_time_and_reason_and_a_withdrawal_nothing_else() {
+        const O: &str = "labctl/sim/interlocks/pump-alarm/override";
+        assert_eq!(
+            parse_override(br#"{"seconds": 90, "reason": "checked"}"#, O),
+            Ok(OverrideRequest::Set {
+                duration: std::time::Duration::from_secs(90),
+                reason: "checked".into()
+            })
+        );
+        assert_eq!(
+            parse_override(br#"{"action": "withdraw"}"#, O),
+            Ok(OverrideRequest::Withdraw)
+        );
+        for (bad, names) in [
+            (&br#"{"seconds": 90}"#[..], "reason"),
+            (br#"{"reason": "x"}"#, "seconds"),
+            (br#"{"seconds": -5, "reason": "x"}"#, "seconds"),
+            (br#"{"seconds": 0, "reason": "x"}"#, "seconds"),
+            (
+                br#"{"action": "extend", "seconds": 9, "reason": "x"}"#,
+                "action",
+            ),
+            (br#"{"seconds": 9, "reason": "x", "until": 5}"#, "until"),
+            (b"withdraw", "expected"),
+        ] {
+            let r = parse_override(bad, O).unwrap_err();
+            assert_eq!(r.error, "malformed");
+            assert!(
+                r.message.contains(names),
+                "{:?}: {}",
+                String::from_utf8_lossy(bad),
+                r.message
+            );
+        }
+    }
 
     #[test]
     fn control_accepts_json_or_a_bare_word_and_refuses_the_rest() {
