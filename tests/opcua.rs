@@ -1474,3 +1474,65 @@ asyncio.run(main())
     assert!(sign_only.starts_with("REFUSED"), "{sign_only}");
     rig.controller.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_technician_overrides_a_tripped_interlock_through_the_lab_methods() {
+    use labctl::api::InterlockState;
+    let (_dir, rig, tech) = rig_as("alice", "technician-dev").await;
+    let state = || async {
+        rig.controller
+            .handle
+            .interlocks()
+            .await
+            .into_iter()
+            .find(|i| i.name == "pump-alarm")
+            .expect("the sim lab's pump-alarm interlock")
+            .state
+    };
+    let wait = |want: fn(&InterlockState) -> bool| async move {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let now = state().await;
+            if want(&now) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "pump-alarm: still {now:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let args = |seconds: f64| {
+        vec![
+            Variant::from("pump-alarm"),
+            Variant::Double(seconds),
+            Variant::from("stall sensor faulty, pump checked by hand"),
+        ]
+    };
+    // Nothing to override before the trip: an override is never given in advance.
+    assert_eq!(
+        call(&tech, &rig, "OverrideInterlock", args(600.0)).await,
+        Err(StatusCode::BadInvalidState)
+    );
+    rig.fakes["pump-red"].log.lock().unwrap().state =
+        Some(labctl_drivers::DeviceState::Alarm("stall".into()));
+    wait(|s| matches!(s, InterlockState::Tripped { .. })).await;
+    // Longer than an hour is refused; an hour or less stands, in her name.
+    assert_eq!(
+        call(&tech, &rig, "OverrideInterlock", args(7200.0)).await,
+        Err(StatusCode::BadInvalidArgument)
+    );
+    call(&tech, &rig, "OverrideInterlock", args(600.0))
+        .await
+        .unwrap();
+    wait(|s| matches!(s, InterlockState::Overridden { by, .. } if by == "alice (Technician via opcua)"))
+        .await;
+    call(
+        &tech,
+        &rig,
+        "WithdrawInterlockOverride",
+        vec![Variant::from("pump-alarm")],
+    )
+    .await
+    .unwrap();
+    wait(|s| matches!(s, InterlockState::Tripped { .. })).await;
+    rig.controller.shutdown().await;
+}

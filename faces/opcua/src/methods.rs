@@ -19,10 +19,12 @@ pub enum LabMethod {
     AbortRun,
     EmergencyStop,
     AcknowledgeEmergencyStop,
+    OverrideInterlock,
+    WithdrawInterlockOverride,
 }
 
 impl LabMethod {
-    pub const ALL: [LabMethod; 8] = [
+    pub const ALL: [LabMethod; 10] = [
         LabMethod::SubmitProtocol,
         LabMethod::ApproveRun,
         LabMethod::RejectRun,
@@ -31,6 +33,8 @@ impl LabMethod {
         LabMethod::AbortRun,
         LabMethod::EmergencyStop,
         LabMethod::AcknowledgeEmergencyStop,
+        LabMethod::OverrideInterlock,
+        LabMethod::WithdrawInterlockOverride,
     ];
 
     pub fn name(self) -> &'static str {
@@ -43,6 +47,8 @@ impl LabMethod {
             LabMethod::AbortRun => "AbortRun",
             LabMethod::EmergencyStop => "EmergencyStop",
             LabMethod::AcknowledgeEmergencyStop => "AcknowledgeEmergencyStop",
+            LabMethod::OverrideInterlock => "OverrideInterlock",
+            LabMethod::WithdrawInterlockOverride => "WithdrawInterlockOverride",
         }
     }
 
@@ -63,6 +69,9 @@ impl LabMethod {
             }
             LabMethod::EmergencyStop => Permission::TriggerEStop,
             LabMethod::AcknowledgeEmergencyStop => Permission::AcknowledgeEStop,
+            LabMethod::OverrideInterlock | LabMethod::WithdrawInterlockOverride => {
+                Permission::OverrideInterlock
+            }
         }
     }
 
@@ -84,11 +93,18 @@ impl LabMethod {
                 "Latch the emergency stop: every instrument to its safe state, every run aborted"
             }
             LabMethod::AcknowledgeEmergencyStop => "Release the emergency stop latch (technicians)",
+            LabMethod::OverrideInterlock => {
+                "Let runs use a tripped interlock's instruments for a time (at most an hour) while its condition holds, with a reason for the journal (technicians)"
+            }
+            LabMethod::WithdrawInterlockOverride => {
+                "End an interlock override; if the condition still holds the interlock trips again at once (technicians)"
+            }
         }
     }
 
     pub fn inputs(self) -> Vec<Argument> {
         let run_id = arg("RunId", "the run's id (run-...)");
+        let interlock = arg("Interlock", "the interlock's name in the lab file");
         match self {
             LabMethod::SubmitProtocol => vec![arg("Protocol", "the protocol, JSON text")],
             LabMethod::RejectRun => vec![run_id, arg("Reason", "why it is rejected")],
@@ -97,6 +113,15 @@ impl LabMethod {
             | LabMethod::ResumeRun
             | LabMethod::AbortRun => vec![run_id],
             LabMethod::EmergencyStop | LabMethod::AcknowledgeEmergencyStop => Vec::new(),
+            LabMethod::OverrideInterlock => vec![
+                interlock,
+                Argument {
+                    data_type: DataTypeId::Double.into(),
+                    ..arg("Seconds", "how long the override stands, at most 3600")
+                },
+                arg("Reason", "why, for the journal"),
+            ],
+            LabMethod::WithdrawInterlockOverride => vec![interlock],
         }
     }
 
@@ -115,7 +140,10 @@ impl LabMethod {
             | LabMethod::PauseRun
             | LabMethod::ResumeRun
             | LabMethod::AbortRun => vec![arg("State", "the run's state afterwards")],
-            LabMethod::EmergencyStop | LabMethod::AcknowledgeEmergencyStop => Vec::new(),
+            LabMethod::EmergencyStop
+            | LabMethod::AcknowledgeEmergencyStop
+            | LabMethod::OverrideInterlock
+            | LabMethod::WithdrawInterlockOverride => Vec::new(),
         }
     }
 }
@@ -127,6 +155,21 @@ fn arg(name: &str, description: &str) -> Argument {
         value_rank: -1,
         array_dimensions: None,
         description: opcua::types::LocalizedText::new("", description),
+    }
+}
+
+/// The number argument at `index` (any numeric type); anything else is the caller's error.
+fn number_arg(args: &[Variant], index: usize) -> Result<f64, StatusCode> {
+    match args.get(index) {
+        Some(Variant::Double(v)) => Ok(*v),
+        Some(Variant::Float(v)) => Ok(f64::from(*v)),
+        Some(Variant::Int32(v)) => Ok(f64::from(*v)),
+        Some(Variant::UInt32(v)) => Ok(f64::from(*v)),
+        Some(Variant::Int64(v)) => Ok(*v as f64),
+        Some(Variant::UInt16(v)) => Ok(f64::from(*v)),
+        Some(Variant::Int16(v)) => Ok(f64::from(*v)),
+        Some(_) => Err(StatusCode::BadTypeMismatch),
+        None => Err(StatusCode::BadArgumentsMissing),
     }
 }
 
@@ -208,6 +251,26 @@ pub async fn call(
                 _ => Control::Abort,
             };
             state(api.control(&run_id, control, who).await)
+        }
+        LabMethod::OverrideInterlock | LabMethod::WithdrawInterlockOverride => {
+            let interlock = string_arg(args, 0)?;
+            let result = if method == LabMethod::OverrideInterlock {
+                let seconds = number_arg(args, 1)?;
+                let reason = string_arg(args, 2)?;
+                let duration = std::time::Duration::try_from_secs_f64(seconds)
+                    .map_err(|_| StatusCode::BadOutOfRange)?;
+                api.override_interlock(&interlock, duration, &reason, who)
+                    .await
+            } else {
+                api.withdraw_override(&interlock, who).await
+            };
+            match result {
+                Ok(()) => Ok(Vec::new()),
+                Err(e) => {
+                    tracing::info!(%user, method = method.name(), error = %e, "opcua: method refused");
+                    Err(status_of(&e))
+                }
+            }
         }
         LabMethod::EmergencyStop | LabMethod::AcknowledgeEmergencyStop => {
             let result = if method == LabMethod::EmergencyStop {

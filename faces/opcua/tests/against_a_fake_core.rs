@@ -147,6 +147,12 @@ async fn each_role_reaches_the_core_with_exactly_the_methods_the_role_table_allo
                 LabMethod::SubmitProtocol => vec![text(PROPOSAL)],
                 LabMethod::RejectRun => vec![text("run-1"), text("not today")],
                 LabMethod::EmergencyStop | LabMethod::AcknowledgeEmergencyStop => Vec::new(),
+                LabMethod::OverrideInterlock => vec![
+                    text("pump-alarm"),
+                    Variant::Double(600.0),
+                    text("sensor checked by hand"),
+                ],
+                LabMethod::WithdrawInterlockOverride => vec![text("pump-alarm")],
                 _ => vec![text("run-1")],
             };
             let who = Principal::new("someone", role, Face::Opcua);
