@@ -1889,6 +1889,27 @@ async fn a_technician_overrides_a_tripped_interlock_over_mqtt_and_nobody_else_ca
     let (planner, mut planner_rx) =
         client(rig.addr, "planner-bo", "planner-dev", &[rejections]).await;
     let (alice, mut alice_rx) = client(rig.addr, "alice", "technician-dev", &[rejections]).await;
+    let (_watcher, mut watcher_rx) = client(
+        rig.addr,
+        "watcher",
+        "observer-dev",
+        &["labctl/sim/interlocks"],
+    )
+    .await;
+    // The retained list shows every interlock and where it stands, to everyone.
+    let pump_alarm = |list: &Value| {
+        list.as_array()
+            .and_then(|l| l.iter().find(|i| i["name"] == "pump-alarm"))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let mut interlocks_until = async |want: &str| loop {
+        let list = json_of(&next_on(&mut watcher_rx, "labctl/sim/interlocks").await);
+        if pump_alarm(&list)["state"] == want {
+            return pump_alarm(&list);
+        }
+    };
+    interlocks_until("tripped").await;
     let set = json!({"seconds": 600, "reason": "stall sensor faulty, pump checked by hand"});
     // A planner may not override: refused by the role table, the interlock still acts.
     planner
@@ -1925,6 +1946,12 @@ async fn a_technician_overrides_a_tripped_interlock_over_mqtt_and_nobody_else_ca
         matches!(s, InterlockState::Overridden { by, .. } if by == "alice (Technician via mqtt)")
     })
     .await;
+    let shown = interlocks_until("overridden").await;
+    assert_eq!(shown["by"], "alice (Technician via mqtt)", "{shown}");
+    assert_eq!(
+        shown["because"],
+        "stall sensor faulty, pump checked by hand"
+    );
     // Withdrawn while the alarm holds: the interlock trips again at once.
     alice
         .publish(topic, QoS::AtLeastOnce, false, r#"{"action": "withdraw"}"#)
@@ -1934,5 +1961,6 @@ async fn a_technician_overrides_a_tripped_interlock_over_mqtt_and_nobody_else_ca
         matches!(s, InterlockState::Tripped { .. })
     })
     .await;
+    interlocks_until("tripped").await;
     rig.stop().await;
 }

@@ -94,6 +94,10 @@ impl Topics {
     pub fn estop(&self) -> String {
         self.t("estop")
     }
+    /// Retained: every interlock of the lab file and where it stands (clear, tripped, overridden).
+    pub fn interlocks(&self) -> String {
+        self.t("interlocks")
+    }
     pub fn interlock_override(&self, interlock: &str) -> String {
         self.t(&format!("interlocks/{interlock}/override"))
     }

@@ -260,6 +260,11 @@ impl MqttGateway {
             tokio::spawn(handle_inbound(fair, ready, shared.clone())),
             tokio::spawn(forward_journal(records, shared.clone())),
             tokio::spawn(publish_instruments(api.watch_snapshot(), shared.clone())),
+            tokio::spawn(publish_interlocks(
+                api.watch_snapshot(),
+                api.events(),
+                shared.clone(),
+            )),
             tokio::spawn(planner_lease(presence_rx, shared.clone())),
         ];
         Ok(MqttGateway {
@@ -505,6 +510,45 @@ async fn catch_up(s: &Shared, last_seq: &mut HashMap<String, u64>, context: &pay
 
 fn to_vec(message: &impl serde::Serialize) -> Vec<u8> {
     serde_json::to_vec(message).unwrap_or_default()
+}
+
+/// Retained `interlocks` whenever where an interlock stands may have changed: a trip or a clear (the
+/// snapshot's tripped set), or an override set, ended or restored (the journal).
+async fn publish_interlocks(
+    mut snapshots: watch::Receiver<Arc<LabSnapshot>>,
+    mut records: tokio::sync::broadcast::Receiver<Arc<Record>>,
+    s: Arc<Shared>,
+) {
+    let mut last: Option<Vec<u8>> = None;
+    let mut tripped = None;
+    loop {
+        let bytes = to_vec(&s.api.interlocks().await);
+        if last.as_ref() != Some(&bytes) {
+            publish(&s, s.topics.interlocks(), true, bytes.clone()).await;
+            last = Some(bytes);
+        }
+        loop {
+            tokio::select! {
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let now = snapshots.borrow_and_update().interlocks_tripped.clone();
+                    if tripped.as_ref() != Some(&now) {
+                        tripped = Some(now);
+                        break;
+                    }
+                }
+                record = records.recv() => match record {
+                    Ok(r) if matches!(&*r, Record::InterlockOverride { .. }) => break,
+                    Ok(_) => {}
+                    // Missed records may have held an override: look again.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    }
 }
 
 /// Retained `instruments/{id}/state` when an instrument's view changes, and `instruments/{id}/telemetry`
