@@ -269,7 +269,7 @@ pub enum ApiError {
 pub const MAX_OVERRIDE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Where an interlock stands.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum InterlockState {
     /// Its condition does not hold.
@@ -285,8 +285,8 @@ pub enum InterlockState {
     },
 }
 
-/// One interlock of the lab file and where it stands.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One interlock of the lab file and where it stands (the MQTT `interlocks` message is a list of them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InterlockStatus {
     pub name: String,
     #[serde(flatten)]

@@ -72,6 +72,7 @@ pub fn filters(topics: &Topics, reply_topic: &str) -> Vec<String> {
         format!("{p}runs/+/results"),
         topics.rejections(),
         topics.estop_state(),
+        topics.interlocks(),
         reply_topic.to_owned(),
     ]
 }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 use serde_json::Value;
 
 use labctl_contract::messages::{self, EStopState, LabStatus, Presence, RunEvent, RunStatus};
-use labctl_contract::{EventKind, RunState, Severity};
+use labctl_contract::{EventKind, InterlockState, InterlockStatus, RunState, Severity};
 
 /// A message as the contract's type for its topic; the error names the field that is wrong.
 fn parse<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, String> {
@@ -169,6 +169,8 @@ pub struct Model {
     pub runs: BTreeMap<String, Run>,
     pub log: VecDeque<LogLine>,
     pub estop: EStop,
+    /// Every interlock and where it stands, as the controller last published it.
+    pub interlocks: Vec<InterlockStatus>,
     prefix: String,
 }
 
@@ -183,6 +185,7 @@ impl Model {
             runs: BTreeMap::new(),
             log: VecDeque::new(),
             estop: EStop::Clear,
+            interlocks: Vec::new(),
             prefix: format!("labctl/{lab_id}/"),
         }
     }
@@ -258,6 +261,7 @@ impl Model {
             ["runs", id, "events"] => self.on_run_event(id, &parsed),
             ["runs", id, "results"] => self.on_result(id, &parsed),
             ["estop", "state"] => self.on_estop_state(&parsed, now_ms),
+            ["interlocks"] => self.on_interlocks(&parsed, now_ms),
             ["rejections"] => {
                 let text = format!(
                     "refused ({}): {}",
@@ -342,6 +346,33 @@ impl Model {
         inst.busy = state.busy;
         inst.identity = state.identity;
         inst.values = state.values;
+        Ok(())
+    }
+
+    /// The interlocks as published; a change of where one stands is logged.
+    fn on_interlocks(&mut self, v: &Value, now_ms: i64) -> Result<(), String> {
+        let interlocks: Vec<InterlockStatus> = parse(v)?;
+        for now in &interlocks {
+            let before = self.interlocks.iter().find(|i| i.name == now.name);
+            if before.map(|b| &b.state) == Some(&now.state)
+                || before.is_none() && now.state == InterlockState::Clear
+            {
+                continue;
+            }
+            let (level, text) = match &now.state {
+                InterlockState::Clear => (Level::Info, format!("interlock {} clear", now.name)),
+                InterlockState::Tripped { reason } => (
+                    Level::Warn,
+                    format!("interlock {} tripped: {reason}", now.name),
+                ),
+                InterlockState::Overridden { by, because, .. } => (
+                    Level::Warn,
+                    format!("interlock {} overridden by {by}: {because}", now.name),
+                ),
+            };
+            self.say(now_ms, level, text);
+        }
+        self.interlocks = interlocks;
         Ok(())
     }
 

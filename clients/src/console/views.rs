@@ -12,7 +12,7 @@ use ratatui::widgets::{
 };
 use serde_json::Value;
 
-use labctl_contract::RunState;
+use labctl_contract::{InterlockState, RunState};
 
 use super::app::{Dialog, Tab, Ui};
 use super::state::{Controller, EStop, Level, Link, Model, Run, RunResult};
@@ -141,10 +141,55 @@ fn connection_style(connection: &str) -> Style {
     }
 }
 
+/// Every interlock and where it stands: tripped and overridden ones stand out.
+fn draw_interlocks(frame: &mut Frame, area: Rect, model: &Model) {
+    let width = model
+        .interlocks
+        .iter()
+        .map(|i| i.name.len())
+        .max()
+        .unwrap_or(0)
+        + 2;
+    let lines: Vec<Line> = if model.interlocks.is_empty() {
+        vec![Line::from("no interlock state received yet").dim()]
+    } else {
+        model
+            .interlocks
+            .iter()
+            .map(|i| match &i.state {
+                InterlockState::Clear => Line::from(vec![
+                    Span::from(format!("{:<width$}", i.name)),
+                    "clear".green(),
+                ]),
+                InterlockState::Tripped { reason } => Line::from(vec![
+                    Span::from(format!("{:<width$}", i.name)),
+                    "TRIPPED".red().bold(),
+                    Span::from(format!("  {reason}")),
+                ]),
+                InterlockState::Overridden { by, because, .. } => Line::from(vec![
+                    Span::from(format!("{:<width$}", i.name)),
+                    "overridden".yellow().bold(),
+                    Span::from(format!("  by {by}: {because}")),
+                ]),
+            })
+            .collect()
+    };
+    frame.render_widget(
+        Paragraph::new(lines).block(Block::bordered().title(" Interlocks ")),
+        area,
+    );
+}
+
 fn draw_instruments(frame: &mut Frame, area: Rect, model: &Model, ui: &Ui) {
     let insts: Vec<_> = model.instruments.values().collect();
-    let [list, detail] =
-        Layout::vertical([Constraint::Percentage(50), Constraint::Min(4)]).areas(area);
+    let interlock_rows = (model.interlocks.len() as u16).clamp(1, 8) + 2;
+    let [list, interlocks, detail] = Layout::vertical([
+        Constraint::Percentage(45),
+        Constraint::Length(interlock_rows),
+        Constraint::Min(4),
+    ])
+    .areas(area);
+    draw_interlocks(frame, interlocks, model);
     let rows = insts.iter().map(|i| {
         let first = i
             .values
@@ -841,6 +886,59 @@ mod tests {
             .find(|l| l.contains("plate_temperature_c 40.0") && !l.contains("│hotplate"))
             .unwrap();
         assert!(row.contains('█'), "{row}");
+    }
+
+    #[test]
+    fn the_instruments_view_shows_every_interlock_and_logs_when_one_changes() {
+        let mut m = lab();
+        let ui = Ui {
+            tab: Tab::Instruments,
+            ..Ui::default()
+        };
+        assert!(screen(&m, &ui).contains("no interlock state received yet"));
+        feed(
+            &mut m,
+            "interlocks",
+            json!([{"name": "pump-alarm", "state": "tripped", "reason": "pump-red: alarm: stall"},
+                   {"name": "hotplate-over-temperature", "state": "clear"}]),
+        );
+        let s = screen(&m, &ui);
+        assert!(s.contains("TRIPPED  pump-red: alarm: stall"), "{s}");
+        assert!(s.contains("hotplate-over-temperature"), "{s}");
+        feed(
+            &mut m,
+            "interlocks",
+            json!([{"name": "pump-alarm", "state": "overridden", "reason": "pump-red: alarm: stall",
+                    "by": "alice (Technician via mqtt)", "because": "checked by hand", "until_ms": 9},
+                   {"name": "hotplate-over-temperature", "state": "clear"}]),
+        );
+        let s = screen(&m, &ui);
+        assert!(
+            s.contains("overridden  by alice (Technician via mqtt): checked"),
+            "{s}"
+        );
+        let logged: Vec<&str> = m.log.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(
+            logged
+                .iter()
+                .filter(|t| t.starts_with("interlock "))
+                .collect::<Vec<_>>(),
+            [
+                &"interlock pump-alarm tripped: pump-red: alarm: stall",
+                &"interlock pump-alarm overridden by alice (Technician via mqtt): checked by hand"
+            ]
+        );
+        // A message that is not the contract's is refused with what is wrong.
+        feed(
+            &mut m,
+            "interlocks",
+            json!([{"name": "x", "state": "melted"}]),
+        );
+        assert!(
+            m.log.back().unwrap().text.contains("melted"),
+            "{:?}",
+            m.log.back()
+        );
     }
 
     #[test]
