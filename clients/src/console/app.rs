@@ -5,7 +5,7 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use serde_json::{Value, json};
 
 use super::state::{EStop, Level, Link, Model};
-use labctl_contract::RunState;
+use labctl_contract::{InterlockState, RunState};
 use labctl_mqtt_link::Topics;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,9 +47,25 @@ pub enum Dialog {
     Help,
     ConfirmEStop,
     ConfirmAcknowledge,
-    ConfirmApprove { run_id: String },
-    RejectReason { run_id: String, reason: String },
-    ConfirmAbort { run_id: String },
+    ConfirmApprove {
+        run_id: String,
+    },
+    RejectReason {
+        run_id: String,
+        reason: String,
+    },
+    ConfirmAbort {
+        run_id: String,
+    },
+    /// An override of a tripped interlock: how many minutes, and why (typed).
+    Override {
+        interlock: String,
+        minutes: u32,
+        reason: String,
+    },
+    ConfirmWithdraw {
+        interlock: String,
+    },
 }
 
 /// Something to send to the controller.
@@ -68,6 +84,15 @@ pub enum Command {
     },
     EStop,
     AcknowledgeEStop,
+    /// Let runs use a tripped interlock's instruments for a while (technicians).
+    OverrideInterlock {
+        interlock: String,
+        seconds: u32,
+        reason: String,
+    },
+    WithdrawOverride {
+        interlock: String,
+    },
     /// Publish the run's results after `after` again (any user may).
     Replay {
         run_id: String,
@@ -105,6 +130,20 @@ impl Command {
                 body(json!({ "action": "acknowledge" })),
                 "acknowledge emergency stop".into(),
             ),
+            Command::OverrideInterlock {
+                interlock,
+                seconds,
+                reason,
+            } => (
+                topics.interlock_override(interlock),
+                body(json!({ "seconds": seconds, "reason": reason })),
+                format!("override {interlock}"),
+            ),
+            Command::WithdrawOverride { interlock } => (
+                topics.interlock_override(interlock),
+                body(json!({ "action": "withdraw" })),
+                format!("withdraw override {interlock}"),
+            ),
             Command::Replay { run_id, after } => (
                 topics.run_control(run_id),
                 body(json!({ "action": "replay", "after": after })),
@@ -112,6 +151,27 @@ impl Command {
             ),
         }
     }
+}
+
+/// The first interlock in `state` after `after` (wrapping around), by the order the controller lists them.
+fn next_interlock(
+    model: &Model,
+    after: Option<&str>,
+    state: impl Fn(&InterlockState) -> bool,
+) -> Option<String> {
+    let matching: Vec<&str> = model
+        .interlocks
+        .iter()
+        .filter(|i| state(&i.state))
+        .map(|i| i.name.as_str())
+        .collect();
+    let at = after
+        .and_then(|a| matching.iter().position(|n| *n == a))
+        .map_or(0, |i| i + 1);
+    matching
+        .get(at)
+        .or(matching.first())
+        .map(|n| (*n).to_owned())
 }
 
 /// What a key press leads to.
@@ -122,8 +182,11 @@ pub enum Outcome {
     Quit,
 }
 
-/// Longest rejection reason accepted in the dialog.
+/// Longest rejection or override reason accepted in a dialog.
 pub const MAX_REASON: usize = 200;
+/// An override's length when the dialog opens, and its bounds (the controller allows at most an hour).
+pub const OVERRIDE_MINUTES: u32 = 15;
+pub const MAX_OVERRIDE_MINUTES: u32 = 60;
 
 #[derive(Debug)]
 pub struct Ui {
@@ -287,6 +350,28 @@ impl Ui {
                 self.replay(model, false)
             }
             (Tab::Results, KeyCode::Char('l')) => self.replay(model, true),
+            (Tab::Instruments, KeyCode::Char('o')) => {
+                match next_interlock(model, None, |s| matches!(s, InterlockState::Tripped { .. })) {
+                    Some(interlock) => {
+                        self.dialog = Some(Dialog::Override {
+                            interlock,
+                            minutes: OVERRIDE_MINUTES,
+                            reason: String::new(),
+                        })
+                    }
+                    None => self.notice(Level::Info, "no tripped interlock to override"),
+                }
+                Outcome::Nothing
+            }
+            (Tab::Instruments, KeyCode::Char('w')) => {
+                match next_interlock(model, None, |s| {
+                    matches!(s, InterlockState::Overridden { .. })
+                }) {
+                    Some(interlock) => self.dialog = Some(Dialog::ConfirmWithdraw { interlock }),
+                    None => self.notice(Level::Info, "no interlock is overridden"),
+                }
+                Outcome::Nothing
+            }
             (Tab::Approvals, KeyCode::Char('a')) => {
                 if let Some(run_id) = self.selected_approval(model) {
                     self.dialog = Some(Dialog::ConfirmApprove { run_id });
@@ -368,6 +453,61 @@ impl Ui {
                 } else {
                     Outcome::Nothing
                 }
+            }
+            Dialog::ConfirmWithdraw { interlock } => {
+                if yes {
+                    Outcome::Send(Command::WithdrawOverride { interlock })
+                } else {
+                    Outcome::Nothing
+                }
+            }
+            Dialog::Override {
+                interlock,
+                mut minutes,
+                mut reason,
+            } => {
+                match key.code {
+                    KeyCode::Esc => return Outcome::Nothing,
+                    KeyCode::Enter if reason.trim().is_empty() => {
+                        self.notice(Level::Warn, "an override needs a reason");
+                    }
+                    KeyCode::Enter => {
+                        return Outcome::Send(Command::OverrideInterlock {
+                            interlock,
+                            seconds: minutes * 60,
+                            reason: reason.trim().to_owned(),
+                        });
+                    }
+                    KeyCode::Up => minutes = (minutes + 5).min(MAX_OVERRIDE_MINUTES),
+                    KeyCode::Down => minutes = minutes.saturating_sub(5).max(1),
+                    // Another tripped interlock, when several are.
+                    KeyCode::Tab => {
+                        let next = next_interlock(model, Some(&interlock), |s| {
+                            matches!(s, InterlockState::Tripped { .. })
+                        });
+                        if let Some(next) = next {
+                            self.dialog = Some(Dialog::Override {
+                                interlock: next,
+                                minutes,
+                                reason,
+                            });
+                            return Outcome::Nothing;
+                        }
+                    }
+                    KeyCode::Backspace => {
+                        reason.pop();
+                    }
+                    KeyCode::Char(c) if !c.is_control() && reason.chars().count() < MAX_REASON => {
+                        reason.push(c)
+                    }
+                    _ => {}
+                }
+                self.dialog = Some(Dialog::Override {
+                    interlock,
+                    minutes,
+                    reason,
+                });
+                Outcome::Nothing
             }
             Dialog::RejectReason { run_id, mut reason } => match key.code {
                 KeyCode::Esc => Outcome::Nothing,
@@ -456,6 +596,76 @@ mod tests {
 
     fn key(code: KeyCode) -> KeyEvent {
         KeyEvent::new(code, KeyModifiers::NONE)
+    }
+
+    #[test]
+    fn a_technician_overrides_a_tripped_interlock_with_a_time_and_a_reason_and_withdraws_it() {
+        let mut m = Model::new("sim", "alice");
+        m.link = Link::Connected;
+        m.apply(
+            "labctl/sim/interlocks",
+            json!([
+                {"name": "gantry-alarm", "state": "tripped", "reason": "gantry: alarm"},
+                {"name": "pump-alarm", "state": "tripped", "reason": "pump-red: alarm: stall"},
+                {"name": "balance-overload", "state": "overridden", "reason": "mass_g = 230",
+                 "by": "bo", "because": "known", "until_ms": 9},
+                {"name": "hotplate-silent", "state": "clear"}
+            ])
+            .to_string()
+            .as_bytes(),
+            1,
+        );
+        let mut ui = Ui {
+            tab: Tab::Instruments,
+            ..Ui::default()
+        };
+        assert_eq!(ui.on_key(key(KeyCode::Char('o')), &mut m), Outcome::Nothing);
+        assert!(
+            matches!(&ui.dialog, Some(Dialog::Override { interlock, minutes: 15, .. }) if interlock == "gantry-alarm"),
+            "{:?}",
+            ui.dialog
+        );
+        // Without a reason nothing is sent and the dialog stays.
+        assert_eq!(ui.on_key(key(KeyCode::Enter), &mut m), Outcome::Nothing);
+        assert!(ui.dialog.is_some());
+        for c in "checked".chars() {
+            ui.on_key(key(KeyCode::Char(c)), &mut m);
+        }
+        ui.on_key(key(KeyCode::Up), &mut m);
+        ui.on_key(key(KeyCode::Up), &mut m);
+        // The next tripped one (the overridden and the clear ones are skipped).
+        ui.on_key(key(KeyCode::Tab), &mut m);
+        let sent = ui.on_key(key(KeyCode::Enter), &mut m);
+        let override_pump = Command::OverrideInterlock {
+            interlock: "pump-alarm".into(),
+            seconds: 25 * 60,
+            reason: "checked".into(),
+        };
+        assert_eq!(sent, Outcome::Send(override_pump.clone()));
+        let (topic, body, _) = override_pump.message(&Topics::new("sim"));
+        assert_eq!(topic, "labctl/sim/interlocks/pump-alarm/override");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap(),
+            json!({"seconds": 1500, "reason": "checked"})
+        );
+        // Never past an hour.
+        ui.on_key(key(KeyCode::Char('o')), &mut m);
+        for _ in 0..20 {
+            ui.on_key(key(KeyCode::Up), &mut m);
+        }
+        assert!(matches!(
+            &ui.dialog,
+            Some(Dialog::Override { minutes: 60, .. })
+        ));
+        ui.on_key(key(KeyCode::Esc), &mut m);
+        // Withdrawing asks once.
+        ui.on_key(key(KeyCode::Char('w')), &mut m);
+        assert_eq!(
+            ui.on_key(key(KeyCode::Char('y')), &mut m),
+            Outcome::Send(Command::WithdrawOverride {
+                interlock: "balance-overload".into()
+            })
+        );
     }
 
     fn model_with_pending() -> Model {

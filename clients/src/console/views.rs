@@ -100,7 +100,7 @@ fn draw_tabs(frame: &mut Frame, area: Rect, model: &Model, ui: &Ui) {
 
 fn draw_footer(frame: &mut Frame, area: Rect, ui: &Ui) {
     let keys = match ui.tab {
-        Tab::Instruments => "up/down select",
+        Tab::Instruments => "up/down select o override w withdraw",
         Tab::Runs => "p pause u resume x abort Enter results",
         Tab::Approvals => "a approve r reject PgDn/PgUp scroll",
         Tab::Results => "up/down result l load",
@@ -751,6 +751,34 @@ fn draw_dialog(frame: &mut Frame, dialog: &Dialog, model: &Model) {
             ],
             Style::new().fg(Color::Yellow),
         ),
+        Dialog::Override {
+            interlock,
+            minutes,
+            reason,
+        } => (
+            " Override an interlock ",
+            vec![
+                Line::from(format!(
+                    "Let runs use {interlock}'s instruments while it holds, for {minutes} min?"
+                ))
+                .bold(),
+                Line::from("Why (journaled with your name):"),
+                Line::from(format!("> {reason}_")),
+                Line::from(""),
+                Line::from("Up/Down: +/-5 min  Tab: next tripped  Enter: override  Esc: cancel"),
+            ],
+            Style::new().fg(Color::Black).bg(Color::Yellow),
+        ),
+        Dialog::ConfirmWithdraw { interlock } => (
+            " Withdraw the override ",
+            vec![
+                Line::from(format!("End the override of {interlock}?")),
+                Line::from("If its condition still holds it trips again at once."),
+                Line::from(""),
+                Line::from("y: withdraw      any other key: cancel"),
+            ],
+            Style::new(),
+        ),
         Dialog::RejectReason { run_id, reason } => (
             " Reject ",
             vec![
@@ -783,6 +811,7 @@ fn help_lines() -> Vec<Line<'static>> {
         "Runs: p pause, u resume, x abort, Enter results",
         "Approvals: a approve, r reject with a reason, PgDn/PgUp scroll",
         "Results: Up/Down pick a result, l load missed ones",
+        "Instruments: o override a tripped interlock, w withdraw an override",
         "! or F12  EMERGENCY STOP (y or Enter confirms)",
         "K  acknowledge the emergency stop",
         "?  this help      q or Ctrl-C  quit",
