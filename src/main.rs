@@ -56,8 +56,23 @@ enum Command {
     /// Credentials from LABCTL_MQTT_USER with LABCTL_MQTT_PASSWORD or LABCTL_MQTT_PASSWORD_FILE (a
     /// technician to act; any user to watch). Exit status: 0 quit, 2 usage or terminal error.
     Console(labctl::console::ConsoleArgs),
-    /// Print the protocol JSON Schema.
-    Schema,
+    /// Check instrument definition files (TOML, docs/instrument-definitions.md): every finding names its
+    /// field.
+    ///
+    /// Exit status: 0 all valid, 1 any invalid, 2 usage or I/O error.
+    CheckInstrument {
+        /// Instrument definition files (TOML).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Print machine-readable findings (JSON) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the protocol JSON Schema (or, with --instrument, the instrument definitions' schema).
+    Schema {
+        #[arg(long)]
+        instrument: bool,
+    },
     /// Read a password from standard input and print its argon2id hash for a lab file's `password_hash`.
     Passwd,
     /// Read the journal: runs, their events and results.
@@ -158,8 +173,16 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Schema => {
+        Command::CheckInstrument { files, json } => commands::check_instrument::run(&files, json),
+        Command::Schema { instrument: false } => {
             print!("{}", labctl_protocols::schema::protocol_schema_pretty());
+            ExitCode::SUCCESS
+        }
+        Command::Schema { instrument: true } => {
+            print!(
+                "{}",
+                labctl_protocols::instrument_def::instrument_schema_pretty()
+            );
             ExitCode::SUCCESS
         }
     }

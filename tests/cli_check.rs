@@ -134,3 +134,39 @@ fn schema_command_prints_the_committed_schema() {
     let committed = std::fs::read(repo("protocols/schema/protocol.schema.json")).unwrap();
     assert_eq!(out.stdout, committed);
 }
+
+#[test]
+fn check_instrument_passes_a_shipped_definition_and_names_the_field_of_a_broken_one() {
+    let out = labctl()
+        .arg("check-instrument")
+        .arg(repo("instruments/ika-rct-digital.toml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("ika-rct-digital.toml: valid"), "{stdout}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.toml");
+    let text = std::fs::read_to_string(repo("instruments/ika-rct-digital.toml"))
+        .unwrap()
+        .replacen(r#"safe_state = ["STOP_1", "STOP_4"]"#, "safe_state = []", 1);
+    std::fs::write(&broken, text).unwrap();
+    let out = labctl()
+        .args(["check-instrument", "--json"])
+        .arg(&broken)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reports[0]["valid"], false);
+    assert_eq!(reports[0]["findings"][0]["path"], "/safe_state", "{stdout}");
+
+    let out = labctl()
+        .arg("check-instrument")
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

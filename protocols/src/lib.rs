@@ -6,12 +6,14 @@
 //! - [`device`]: what an instrument reports about itself (identity, coarse state).
 //! - [`validate`]: the one validator every interface calls (CLI, MQTT, OPC UA, command port).
 //! - [`schema`]: the JSON Schema a planner writes against.
+//! - [`instrument_def`]: instrument definitions (one TOML file per instrument model) and their checker.
 //!
 //! May depend on: nothing of labctl (every other crate reads the lab file and protocols through it).
 
 pub mod capabilities;
 pub mod device;
 pub mod finding;
+pub mod instrument_def;
 pub mod lab;
 pub mod protocol;
 pub mod schema;

@@ -1,6 +1,7 @@
 //! Implementations of the `labctl` subcommands.
 
 pub mod check;
+pub mod check_instrument;
 pub mod run;
 pub mod runs;
 pub mod sim;

@@ -1,0 +1,763 @@
+//! Instrument definitions: one TOML file describes one instrument model (its line or Modbus addressing, how
+//! it says what it is, what it reads, what it does and how it is made safe), in the spirit of EPICS
+//! StreamDevice protocol files, so an instrument is added to a lab without writing Rust.
+//!
+//! This module is the format and its checker (`labctl check-instrument`); the format is documented in
+//! `docs/instrument-definitions.md` and published as a JSON Schema (`instrument_schema`). The checker
+//! refuses what could never work (a pattern that does not compile or lacks its captures, a template naming
+//! a parameter that does not exist, a range without a unit, a missing safe state) with a finding that names
+//! the field by its JSON pointer, like the protocol validator's.
+
+use std::collections::BTreeSet;
+
+use regex::Regex;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::finding::{Finding, FindingCode as Code};
+
+/// Format version this labctl reads.
+pub const DEFINITION_VERSION: u32 = 1;
+
+/// One instrument model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstrumentDefinition {
+    /// Format version: 1.
+    pub version: u32,
+    pub model: Model,
+    /// An ASCII instrument on a serial line (or serial over TCP). Exactly one of `line` and `modbus`.
+    #[serde(default)]
+    pub line: Option<LineSettings>,
+    /// An instrument spoken to over Modbus RTU or TCP. Exactly one of `line` and `modbus`.
+    #[serde(default)]
+    pub modbus: Option<ModbusSettings>,
+    pub identity: IdentitySpec,
+    #[serde(default)]
+    pub readings: Vec<Reading>,
+    #[serde(default)]
+    pub actions: Vec<ActionSpec>,
+    /// Commands that bring the instrument to a state where it cannot do harm (heating off, motion stopped),
+    /// sent in order on every safety stop. Required: an instrument without one cannot be made safe.
+    pub safe_state: Vec<String>,
+    /// Commands that bring it back to ready after a safe state, before its next command.
+    #[serde(default)]
+    pub recovery: Vec<String>,
+}
+
+/// Which instrument this is, and where its description comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Model {
+    pub manufacturer: String,
+    pub name: String,
+    /// The manual the commands and replies are taken from: title and revision.
+    pub manual: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    None,
+    Even,
+    Odd,
+}
+
+/// Framing and checksums common on lab instruments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Checksum {
+    #[default]
+    None,
+    /// The sum of the frame's bytes, modulo 256.
+    Sum8,
+    /// The XOR of the frame's bytes.
+    Xor,
+    /// CRC-16/MODBUS (polynomial 0xA001 reflected, initial 0xFFFF), low byte first.
+    Crc16Modbus,
+}
+
+/// Line settings of an ASCII instrument.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LineSettings {
+    pub baud: u32,
+    #[serde(default = "eight")]
+    pub data_bits: u8,
+    #[serde(default = "no_parity")]
+    pub parity: Parity,
+    #[serde(default = "one")]
+    pub stop_bits: u8,
+    /// Appended to every command (e.g. "\r\n").
+    pub terminator_out: String,
+    /// Ends every reply.
+    pub terminator_in: String,
+    /// Wait at least this long between two commands.
+    #[serde(default)]
+    pub inter_command_delay_ms: u32,
+    /// A reply not complete after this long is a timeout.
+    pub reply_timeout_ms: u32,
+    /// Frames start with STX (0x02) and end with ETX (0x03).
+    #[serde(default)]
+    pub stx_etx: bool,
+    #[serde(default)]
+    pub checksum: Checksum,
+}
+
+fn eight() -> u8 {
+    8
+}
+fn one() -> u8 {
+    1
+}
+fn no_parity() -> Parity {
+    Parity::None
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ModbusTransport {
+    Rtu,
+    Tcp,
+}
+
+/// Modbus addressing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusSettings {
+    pub transport: ModbusTransport,
+    /// The unit (slave) id, 1-247.
+    pub unit_id: u8,
+    pub reply_timeout_ms: u32,
+}
+
+/// Where a Modbus value lives and how it is encoded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Register {
+    pub table: RegisterTable,
+    /// The register's (or coil's) address, from 0.
+    pub address: u16,
+    #[serde(default = "u16_type")]
+    pub data_type: RegisterType,
+    /// For 32-bit values: the high word first (`big`) or the low word first (`little`).
+    #[serde(default = "big")]
+    pub word_order: WordOrder,
+}
+
+fn u16_type() -> RegisterType {
+    RegisterType::U16
+}
+fn big() -> WordOrder {
+    WordOrder::Big
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RegisterTable {
+    Holding,
+    Input,
+    Coil,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RegisterType {
+    U16,
+    I16,
+    U32,
+    I32,
+    F32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WordOrder {
+    Big,
+    Little,
+}
+
+/// How the instrument says what it is, read at connect (never from the lab file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySpec {
+    /// Queries sent at connect (line instruments), each with a regular expression on its reply whose
+    /// named captures give `manufacturer`, `model`, `serial` or `firmware`.
+    #[serde(default)]
+    pub queries: Vec<IdentityQuery>,
+    /// Identity fields the instrument does not report (e.g. `manufacturer = "IKA"`).
+    #[serde(default)]
+    pub fixed: std::collections::BTreeMap<String, String>,
+    /// Firmware versions the definition is known to work with; others are refused unless the lab file
+    /// allows them.
+    pub firmware: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityQuery {
+    pub query: String,
+    pub reply: String,
+}
+
+/// A value the instrument reports, polled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Reading {
+    /// The quantity's name, with its unit in it as everywhere in labctl (`temperature_c`).
+    pub name: String,
+    pub unit: String,
+    /// The query (line instruments).
+    #[serde(default)]
+    pub query: Option<String>,
+    /// A regular expression on the reply with a named capture `value` (line instruments).
+    #[serde(default)]
+    pub reply: Option<String>,
+    /// Where the value lives (Modbus instruments).
+    #[serde(default)]
+    pub register: Option<Register>,
+    /// value = raw * scale + offset.
+    #[serde(default = "unit_scale")]
+    pub scale: f64,
+    #[serde(default)]
+    pub offset: f64,
+    pub poll_ms: u32,
+}
+
+fn unit_scale() -> f64 {
+    1.0
+}
+
+/// Something the instrument does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ActionSpec {
+    /// The action's name in protocols (`set_temperature`).
+    pub name: String,
+    #[serde(default)]
+    pub params: Vec<Param>,
+    /// The commands sent in order, with `{param}` where a parameter's value goes (line instruments).
+    #[serde(default)]
+    pub commands: Vec<String>,
+    /// The register written with the first parameter's value (Modbus instruments).
+    #[serde(default)]
+    pub register: Option<Register>,
+    /// A regular expression the acknowledgement matches (line instruments that acknowledge).
+    #[serde(default)]
+    pub ack: Option<String>,
+    /// Replies that mean the instrument refused, with what to tell the user.
+    #[serde(default)]
+    pub errors: Vec<ErrorReply>,
+    pub completion: Completion,
+    /// How long the dry run assumes the action takes.
+    pub duration: Duration,
+}
+
+/// A parameter of an action: a number in a unit, within what the instrument can do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Param {
+    /// With its unit in it, as in protocols (`temperature_c`).
+    pub name: String,
+    pub unit: String,
+    /// What the instrument can do (its capability range); the lab's envelope narrows it.
+    pub min: f64,
+    pub max: f64,
+    /// Digits after the point in the command.
+    #[serde(default)]
+    pub decimals: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorReply {
+    /// A regular expression on the reply.
+    pub reply: String,
+    pub message: String,
+}
+
+/// How labctl knows the action has finished.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Completion {
+    /// When the acknowledgement arrives.
+    Acknowledged,
+    /// After a fixed time.
+    AfterS(f64),
+    /// When a reading comes within `tolerance` of a parameter's value.
+    Reading {
+        reading: String,
+        param: String,
+        tolerance: f64,
+        timeout_s: f64,
+    },
+}
+
+/// The dry run's duration model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Duration {
+    FixedS(f64),
+    /// `per_unit_s` seconds per unit of the parameter's value (e.g. 0.5 s per degree).
+    PerUnit {
+        param: String,
+        per_unit_s: f64,
+    },
+}
+
+/// The definition JSON Schema, generated from the types.
+pub fn instrument_schema() -> serde_json::Value {
+    let mut schema =
+        serde_json::to_value(schemars::schema_for!(InstrumentDefinition)).unwrap_or_default();
+    if let Some(obj) = schema.as_object_mut() {
+        obj.insert("$id".into(), "urn:labctl:schema:instrument:1".into());
+    }
+    schema
+}
+
+/// The committed copy, checked against the generated one by a test.
+pub const COMMITTED_SCHEMA: &str = include_str!("../schema/instrument.schema.json");
+
+/// The schema as pretty JSON with a trailing newline, as committed under `protocols/schema/`.
+pub fn instrument_schema_pretty() -> String {
+    let mut s = serde_json::to_string_pretty(&instrument_schema()).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+/// Reads and checks a definition's TOML text; the definition when it has no error, and every finding.
+pub fn check_definition(text: &str) -> (Option<InstrumentDefinition>, Vec<Finding>) {
+    let def: InstrumentDefinition = match toml::from_str(text) {
+        Ok(d) => d,
+        Err(e) => {
+            let mut finding = Finding::error(Code::Schema, "", e.message().to_owned());
+            if let Some(span) = e.span() {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                finding = finding.at(line, column);
+            }
+            return (None, vec![finding]);
+        }
+    };
+    let findings = Checker::default().run(&def);
+    let ok = !findings.iter().any(Finding::is_error);
+    (ok.then_some(def), findings)
+}
+
+#[derive(Default)]
+struct Checker {
+    findings: Vec<Finding>,
+}
+
+impl Checker {
+    fn error(&mut self, code: Code, path: String, message: impl Into<String>) {
+        self.findings.push(Finding::error(code, path, message));
+    }
+
+    /// Compiles `pattern`; with `captures`, each must be a named group in it.
+    fn pattern(&mut self, path: String, pattern: &str, captures: &[&str]) -> Option<Regex> {
+        match Regex::new(pattern) {
+            Ok(re) => {
+                let names: BTreeSet<&str> = re.capture_names().flatten().collect();
+                for want in captures {
+                    if !names.contains(want) {
+                        self.error(
+                            Code::InvalidValue,
+                            path.clone(),
+                            format!(
+                                "the pattern has no named capture `{want}`: write (?P<{want}>...)"
+                            ),
+                        );
+                    }
+                }
+                Some(re)
+            }
+            Err(e) => {
+                self.error(
+                    Code::InvalidValue,
+                    path,
+                    format!("not a regular expression: {e}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn run(mut self, def: &InstrumentDefinition) -> Vec<Finding> {
+        if def.version != DEFINITION_VERSION {
+            self.error(
+                Code::UnsupportedVersion,
+                "/version".into(),
+                format!(
+                    "version {}: this labctl reads version {DEFINITION_VERSION}",
+                    def.version
+                ),
+            );
+        }
+        if def.model.manual.trim().is_empty() {
+            self.error(
+                Code::InvalidValue,
+                "/model/manual".into(),
+                "name the manual the commands come from (title and revision)",
+            );
+        }
+        let line = match (&def.line, &def.modbus) {
+            (Some(_), None) => true,
+            (None, Some(m)) => {
+                if !(1..=247).contains(&m.unit_id) {
+                    self.error(
+                        Code::OutOfRange,
+                        "/modbus/unit_id".into(),
+                        format!("unit id {}: expected 1 to 247", m.unit_id),
+                    );
+                }
+                false
+            }
+            _ => {
+                self.error(
+                    Code::Schema,
+                    "".into(),
+                    "give exactly one of [line] (an ASCII instrument) and [modbus]",
+                );
+                def.line.is_some()
+            }
+        };
+        if let Some(l) = &def.line {
+            self.line(l);
+        }
+        self.identity(&def.identity, line);
+        let mut readings = BTreeSet::new();
+        for (i, r) in def.readings.iter().enumerate() {
+            let at = format!("/readings/{i}");
+            if !readings.insert(r.name.as_str()) {
+                self.error(
+                    Code::DuplicateId,
+                    format!("{at}/name"),
+                    format!("reading {} is defined twice", r.name),
+                );
+            }
+            self.unit(&format!("{at}/unit"), &r.unit);
+            self.addressed(
+                &at,
+                line,
+                r.query.as_deref(),
+                r.reply.as_deref(),
+                &r.register,
+                &["value"],
+            );
+            if r.poll_ms == 0 {
+                self.error(
+                    Code::InvalidValue,
+                    format!("{at}/poll_ms"),
+                    "a poll period of 0 ms",
+                );
+            }
+            if !(r.scale.is_finite() && r.scale != 0.0 && r.offset.is_finite()) {
+                self.error(
+                    Code::InvalidValue,
+                    format!("{at}/scale"),
+                    "scale must be a non-zero number and offset a number",
+                );
+            }
+        }
+        let mut actions = BTreeSet::new();
+        for (i, a) in def.actions.iter().enumerate() {
+            if !actions.insert(a.name.as_str()) {
+                self.error(
+                    Code::DuplicateId,
+                    format!("/actions/{i}/name"),
+                    format!("action {} is defined twice", a.name),
+                );
+            }
+            self.action(i, a, line, &readings);
+        }
+        if def.safe_state.is_empty() {
+            self.error(
+                Code::InvalidValue,
+                "/safe_state".into(),
+                "no safe state: list the commands that make the instrument harmless (heating off, motion stopped)",
+            );
+        }
+        for (field, commands) in [("safe_state", &def.safe_state), ("recovery", &def.recovery)] {
+            for (i, c) in commands.iter().enumerate() {
+                if c.contains('{') {
+                    self.error(
+                        Code::InvalidValue,
+                        format!("/{field}/{i}"),
+                        "a safe-state or recovery command takes no parameters",
+                    );
+                }
+            }
+        }
+        self.findings
+    }
+
+    fn line(&mut self, l: &LineSettings) {
+        if !(300..=921_600).contains(&l.baud) {
+            self.error(
+                Code::OutOfRange,
+                "/line/baud".into(),
+                format!("{} baud: expected 300 to 921600", l.baud),
+            );
+        }
+        if !(5..=8).contains(&l.data_bits) {
+            self.error(
+                Code::OutOfRange,
+                "/line/data_bits".into(),
+                "expected 5 to 8 data bits",
+            );
+        }
+        if !(1..=2).contains(&l.stop_bits) {
+            self.error(
+                Code::OutOfRange,
+                "/line/stop_bits".into(),
+                "expected 1 or 2 stop bits",
+            );
+        }
+        if l.terminator_in.is_empty() && !l.stx_etx {
+            self.error(
+                Code::InvalidValue,
+                "/line/terminator_in".into(),
+                "replies need a terminator (or stx_etx framing) to be told apart",
+            );
+        }
+        if l.reply_timeout_ms == 0 {
+            self.error(
+                Code::InvalidValue,
+                "/line/reply_timeout_ms".into(),
+                "a reply timeout of 0 ms",
+            );
+        }
+    }
+
+    fn identity(&mut self, id: &IdentitySpec, line: bool) {
+        const FIELDS: [&str; 4] = ["manufacturer", "model", "serial", "firmware"];
+        for key in id.fixed.keys() {
+            if !FIELDS.contains(&key.as_str()) {
+                self.error(
+                    Code::Schema,
+                    format!("/identity/fixed/{key}"),
+                    "expected manufacturer, model, serial or firmware",
+                );
+            }
+        }
+        if !line && !id.queries.is_empty() {
+            self.error(
+                Code::InvalidValue,
+                "/identity/queries".into(),
+                "a Modbus instrument has no queries: give its identity in `fixed`",
+            );
+        }
+        let mut captured: BTreeSet<String> = BTreeSet::new();
+        for (i, q) in id.queries.iter().enumerate() {
+            let path = format!("/identity/queries/{i}/reply");
+            if let Some(re) = self.pattern(path.clone(), &q.reply, &[]) {
+                for name in re.capture_names().flatten() {
+                    if FIELDS.contains(&name) {
+                        captured.insert(name.to_owned());
+                    } else {
+                        self.error(
+                            Code::InvalidValue,
+                            path.clone(),
+                            format!(
+                                "capture `{name}`: expected manufacturer, model, serial or firmware"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        let missing: Vec<&str> = FIELDS
+            .into_iter()
+            .filter(|f| !captured.contains(*f) && !id.fixed.contains_key(*f))
+            .collect();
+        if !missing.is_empty() {
+            self.error(
+                Code::InvalidValue,
+                "/identity".into(),
+                format!(
+                    "{}: neither captured from a reply nor fixed",
+                    missing.join(", ")
+                ),
+            );
+        }
+        if id.firmware.is_empty() {
+            self.error(
+                Code::InvalidValue,
+                "/identity/firmware".into(),
+                "list the firmware versions the definition is known to work with",
+            );
+        }
+    }
+
+    /// A reading's or action's addressing: query and pattern on a line, a register on Modbus.
+    fn addressed(
+        &mut self,
+        at: &str,
+        line: bool,
+        query: Option<&str>,
+        reply: Option<&str>,
+        register: &Option<Register>,
+        captures: &[&str],
+    ) {
+        if line {
+            match (query, reply) {
+                (Some(_), Some(reply)) => {
+                    self.pattern(format!("{at}/reply"), reply, captures);
+                }
+                (None, _) => self.error(
+                    Code::InvalidValue,
+                    format!("{at}/query"),
+                    "missing: what to send",
+                ),
+                (_, None) => self.error(
+                    Code::InvalidValue,
+                    format!("{at}/reply"),
+                    "missing: the reply's pattern",
+                ),
+            }
+            if register.is_some() {
+                self.error(
+                    Code::Schema,
+                    format!("{at}/register"),
+                    "a line instrument has no registers",
+                );
+            }
+        } else if register.is_none() {
+            self.error(
+                Code::InvalidValue,
+                format!("{at}/register"),
+                "missing: where the value lives",
+            );
+        }
+    }
+
+    fn unit(&mut self, path: &str, unit: &str) {
+        if unit.trim().is_empty() {
+            self.error(Code::Unit, path.to_owned(), "a value needs its unit");
+        }
+    }
+
+    fn action(&mut self, i: usize, a: &ActionSpec, line: bool, readings: &BTreeSet<&str>) {
+        let at = format!("/actions/{i}");
+        let mut params = BTreeSet::new();
+        for (j, p) in a.params.iter().enumerate() {
+            let pat = format!("{at}/params/{j}");
+            params.insert(p.name.as_str());
+            self.unit(&format!("{pat}/unit"), &p.unit);
+            if !(p.min.is_finite() && p.max.is_finite() && p.min <= p.max) {
+                self.error(
+                    Code::InvalidValue,
+                    format!("{pat}/min"),
+                    format!(
+                        "range {}..{}: expected finite numbers with min <= max",
+                        p.min, p.max
+                    ),
+                );
+            }
+        }
+        if line {
+            if a.commands.is_empty() {
+                self.error(
+                    Code::InvalidValue,
+                    format!("{at}/commands"),
+                    "missing: what to send",
+                );
+            }
+            for (k, command) in a.commands.iter().enumerate() {
+                for name in placeholders(command) {
+                    if !params.contains(name.as_str()) {
+                        self.error(
+                            Code::InvalidValue,
+                            format!("{at}/commands/{k}"),
+                            format!("{{{name}}} is not a parameter of {}", a.name),
+                        );
+                    }
+                }
+            }
+            if let Some(ack) = &a.ack {
+                self.pattern(format!("{at}/ack"), ack, &[]);
+            }
+        } else if a.register.is_none() {
+            self.error(
+                Code::InvalidValue,
+                format!("{at}/register"),
+                "missing: the register written",
+            );
+        }
+        for (j, e) in a.errors.iter().enumerate() {
+            self.pattern(format!("{at}/errors/{j}/reply"), &e.reply, &[]);
+        }
+        match &a.completion {
+            Completion::Acknowledged if line && a.ack.is_none() => self.error(
+                Code::InvalidValue,
+                format!("{at}/completion"),
+                "completes when acknowledged, but no `ack` pattern is given",
+            ),
+            Completion::AfterS(s) if !(s.is_finite() && *s >= 0.0) => self.error(
+                Code::InvalidValue,
+                format!("{at}/completion/after_s"),
+                "expected a time of 0 s or more",
+            ),
+            Completion::Reading {
+                reading,
+                param,
+                tolerance,
+                timeout_s,
+            } => {
+                if !readings.contains(reading.as_str()) {
+                    self.error(
+                        Code::UnknownQuantity,
+                        format!("{at}/completion/reading/reading"),
+                        format!("no reading named {reading}"),
+                    );
+                }
+                if !params.contains(param.as_str()) {
+                    self.error(
+                        Code::InvalidValue,
+                        format!("{at}/completion/reading/param"),
+                        format!("{param} is not a parameter of {}", a.name),
+                    );
+                }
+                if !(tolerance.is_finite()
+                    && *tolerance > 0.0
+                    && timeout_s.is_finite()
+                    && *timeout_s > 0.0)
+                {
+                    self.error(
+                        Code::InvalidValue,
+                        format!("{at}/completion/reading/tolerance"),
+                        "tolerance and timeout_s must be positive",
+                    );
+                }
+            }
+            _ => {}
+        }
+        if let Duration::PerUnit { param, .. } = &a.duration
+            && !params.contains(param.as_str())
+        {
+            self.error(
+                Code::InvalidValue,
+                format!("{at}/duration/per_unit/param"),
+                format!("{param} is not a parameter of {}", a.name),
+            );
+        }
+    }
+}
+
+/// The `{name}` placeholders of a command template (`{{` is a literal brace).
+fn placeholders(template: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = template.replace("{{", "");
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else {
+            names.push(after.to_owned());
+            break;
+        };
+        names.push(after[..close].to_owned());
+        rest = after[close + 1..].to_owned();
+    }
+    names
+}

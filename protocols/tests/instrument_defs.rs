@@ -1,0 +1,148 @@
+//! Instrument definitions: the shipped ones are valid, the committed schema is the types', and every kind of
+//! broken definition is refused with a finding that names its field.
+
+use labctl_protocols::instrument_def::{
+    COMMITTED_SCHEMA, check_definition, instrument_schema_pretty,
+};
+
+fn shipped() -> Vec<(String, String)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../instruments");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no definitions in {}", dir.display());
+    files
+        .into_iter()
+        .map(|p| {
+            (
+                p.display().to_string(),
+                std::fs::read_to_string(&p).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn every_shipped_definition_is_valid() {
+    for (file, text) in shipped() {
+        let (definition, findings) = check_definition(&text);
+        assert!(definition.is_some(), "{file}: {findings:#?}");
+        assert!(findings.is_empty(), "{file}: {findings:#?}");
+    }
+}
+
+/// Regenerate with `cargo run -q -- schema --instrument > protocols/schema/instrument.schema.json`.
+#[test]
+fn the_committed_schema_is_the_types() {
+    assert!(
+        COMMITTED_SCHEMA == instrument_schema_pretty(),
+        "protocols/schema/instrument.schema.json is stale: run `cargo run -q -- schema --instrument > protocols/schema/instrument.schema.json`"
+    );
+}
+
+/// The IKA definition with one edit: `from` replaced by `to`.
+fn edited(from: &str, to: &str) -> String {
+    let (_, text) = shipped()
+        .into_iter()
+        .find(|(f, _)| f.ends_with("ika-rct-digital.toml"))
+        .unwrap();
+    assert!(text.contains(from), "the IKA definition has no {from:?}");
+    text.replacen(from, to, 1)
+}
+
+#[test]
+fn broken_definitions_are_refused_naming_the_field() {
+    let cases = [
+        // A pattern that cannot compile, and one without the capture its reading needs.
+        (
+            edited(
+                r"'^(?P<value>-?\d+(\.\d+)?) 1$'",
+                r"'^(?P<value>-?\d+(\.\d+)? 1$'",
+            ),
+            "/readings/0/reply",
+            "not a regular expression",
+        ),
+        (
+            edited(r"'^(?P<value>-?\d+(\.\d+)?) 2$'", r"'^(-?\d+(\.\d+)?) 2$'"),
+            "/readings/1/reply",
+            "no named capture `value`",
+        ),
+        // A range without a unit, and an empty range.
+        (
+            edited(
+                r#"unit = "rpm", min = 0.0, max = 1500.0"#,
+                r#"unit = "", min = 0.0, max = 1500.0"#,
+            ),
+            "/actions/2/params/0/unit",
+            "needs its unit",
+        ),
+        (
+            edited("min = 0.0, max = 310.0", "min = 310.0, max = 0.0"),
+            "/actions/0/params/0/min",
+            "min <= max",
+        ),
+        // A template naming a parameter that does not exist.
+        (
+            edited("OUT_SP_4 {speed_rpm}", "OUT_SP_4 {speed}"),
+            "/actions/2/commands/0",
+            "{speed} is not a parameter",
+        ),
+        // No safe state.
+        (
+            edited(r#"safe_state = ["STOP_1", "STOP_4"]"#, "safe_state = []"),
+            "/safe_state",
+            "no safe state",
+        ),
+        // Completion on a reading that does not exist.
+        (
+            edited(
+                r#"reading = "temperature_c", param"#,
+                r#"reading = "vessel_c", param"#,
+            ),
+            "/actions/0/completion/reading/reading",
+            "no reading named vessel_c",
+        ),
+        // An identity field neither read nor fixed.
+        (
+            edited(r#"serial = "not reported" "#, ""),
+            "/identity",
+            "serial: neither captured",
+        ),
+        // Both a line and Modbus.
+        (
+            edited(
+                "[identity]",
+                "[modbus]\ntransport = \"tcp\"\nunit_id = 1\nreply_timeout_ms = 500\n\n[identity]",
+            ),
+            "",
+            "exactly one of [line]",
+        ),
+        // A field the format does not have (a typo) is not silently ignored.
+        (
+            edited("poll_ms = 1000", "poll_ms = 1000\npoll_every_ms = 5"),
+            "",
+            "unknown field `poll_every_ms`",
+        ),
+    ];
+    for (text, path, says) in cases {
+        let (definition, findings) = check_definition(&text);
+        assert!(definition.is_none(), "{path}: accepted");
+        assert!(
+            findings
+                .iter()
+                .any(|f| f.is_error() && f.path == path && f.message.contains(says)),
+            "expected an error at {path:?} saying {says:?}, got {findings:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_toml_mistake_gives_its_line_and_column() {
+    let (_, findings) = check_definition("version = 1\n[model\nname = \"x\"\n");
+    assert_eq!(findings.len(), 1, "{findings:#?}");
+    assert_eq!(findings[0].line, Some(2), "{findings:#?}");
+    assert!(findings[0].column.is_some());
+}
