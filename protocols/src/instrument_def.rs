@@ -63,6 +63,17 @@ pub enum Parity {
     Odd,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowControl {
+    #[default]
+    None,
+    /// RTS/CTS.
+    Hardware,
+    /// XON/XOFF.
+    Software,
+}
+
 /// Framing and checksums common on lab instruments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -88,6 +99,9 @@ pub struct LineSettings {
     pub parity: Parity,
     #[serde(default = "one")]
     pub stop_bits: u8,
+    /// Flow control: none (default), hardware (RTS/CTS) or software (XON/XOFF).
+    #[serde(default)]
+    pub flow_control: FlowControl,
     /// Appended to every command (e.g. "\r\n").
     pub terminator_out: String,
     /// Ends every reply.
