@@ -319,6 +319,127 @@ pub enum Duration {
     },
 }
 
+/// Why a reply could not be read, or a command not written.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DefinitionError {
+    #[error("{what}: the reply {reply:?} does not match {pattern:?}")]
+    NoMatch {
+        what: String,
+        reply: String,
+        pattern: String,
+    },
+    #[error("{what}: captured {text:?}, not a number")]
+    NotANumber { what: String, text: String },
+    #[error("{what}: no value for parameter {param}")]
+    MissingParam { what: String, param: String },
+    #[error("{what}: {param} = {value} is outside {min}..={max} {unit}")]
+    OutOfRange {
+        what: String,
+        param: String,
+        value: f64,
+        min: f64,
+        max: f64,
+        unit: String,
+    },
+    #[error("{what}: {reason}")]
+    Invalid { what: String, reason: String },
+}
+
+impl Reading {
+    /// The reading's value in its unit from one reply line (terminator removed): the `value` capture,
+    /// scaled and offset.
+    pub fn value_from(&self, reply: &str) -> Result<f64, DefinitionError> {
+        let what = || format!("reading {}", self.name);
+        let pattern = self
+            .reply
+            .as_deref()
+            .ok_or_else(|| DefinitionError::Invalid {
+                what: what(),
+                reason: "no reply pattern (a Modbus reading is read from its register)".into(),
+            })?;
+        let re = Regex::new(pattern).map_err(|e| DefinitionError::Invalid {
+            what: what(),
+            reason: e.to_string(),
+        })?;
+        let text = re
+            .captures(reply)
+            .and_then(|c| c.name("value"))
+            .ok_or_else(|| DefinitionError::NoMatch {
+                what: what(),
+                reply: reply.to_owned(),
+                pattern: pattern.to_owned(),
+            })?
+            .as_str();
+        let raw: f64 = text
+            .trim()
+            .parse()
+            .map_err(|_| DefinitionError::NotANumber {
+                what: what(),
+                text: text.to_owned(),
+            })?;
+        Ok(raw * self.scale + self.offset)
+    }
+}
+
+impl ActionSpec {
+    /// The commands to send for `values` (by parameter name), each value within its parameter's range and
+    /// written with its decimals.
+    pub fn render(
+        &self,
+        values: &std::collections::BTreeMap<String, f64>,
+    ) -> Result<Vec<String>, DefinitionError> {
+        let what = || format!("action {}", self.name);
+        let mut texts = std::collections::BTreeMap::new();
+        for p in &self.params {
+            let value = *values
+                .get(&p.name)
+                .ok_or_else(|| DefinitionError::MissingParam {
+                    what: what(),
+                    param: p.name.clone(),
+                })?;
+            if !(value.is_finite() && (p.min..=p.max).contains(&value)) {
+                return Err(DefinitionError::OutOfRange {
+                    what: what(),
+                    param: p.name.clone(),
+                    value,
+                    min: p.min,
+                    max: p.max,
+                    unit: p.unit.clone(),
+                });
+            }
+            texts.insert(
+                p.name.as_str(),
+                format!("{value:.prec$}", prec = usize::from(p.decimals)),
+            );
+        }
+        self.commands
+            .iter()
+            .map(|template| {
+                let parts =
+                    template_parts(template).map_err(|reason| DefinitionError::Invalid {
+                        what: what(),
+                        reason,
+                    })?;
+                let mut out = String::with_capacity(template.len() + 8);
+                for part in parts {
+                    match part {
+                        Part::Text(text) => out.push_str(&text),
+                        Part::Param(name) => {
+                            out.push_str(texts.get(name.as_str()).ok_or_else(|| {
+                                DefinitionError::MissingParam {
+                                    what: what(),
+                                    param: name.clone(),
+                                }
+                            })?)
+                        }
+                    }
+                }
+                Ok(out)
+            })
+            .collect()
+    }
+}
+
 /// The definition JSON Schema, generated from the types.
 pub fn instrument_schema() -> serde_json::Value {
     let mut schema =
@@ -495,7 +616,10 @@ impl Checker {
         }
         for (field, commands) in [("safe_state", &def.safe_state), ("recovery", &def.recovery)] {
             for (i, c) in commands.iter().enumerate() {
-                if c.contains('{') {
+                let takes_params = template_parts(c)
+                    .map(|parts| parts.iter().any(|p| matches!(p, Part::Param(_))))
+                    .unwrap_or(true);
+                if takes_params {
                     self.error(
                         Code::InvalidValue,
                         format!("/{field}/{i}"),
@@ -680,13 +804,22 @@ impl Checker {
                 );
             }
             for (k, command) in a.commands.iter().enumerate() {
-                for name in placeholders(command) {
-                    if !params.contains(name.as_str()) {
-                        self.error(
-                            Code::InvalidValue,
-                            format!("{at}/commands/{k}"),
-                            format!("{{{name}}} is not a parameter of {}", a.name),
-                        );
+                match template_parts(command) {
+                    Err(reason) => {
+                        self.error(Code::InvalidValue, format!("{at}/commands/{k}"), reason)
+                    }
+                    Ok(parts) => {
+                        for part in parts {
+                            if let Part::Param(name) = part
+                                && !params.contains(name.as_str())
+                            {
+                                self.error(
+                                    Code::InvalidValue,
+                                    format!("{at}/commands/{k}"),
+                                    format!("{{{name}}} is not a parameter of {}", a.name),
+                                );
+                            }
+                        }
                     }
                 }
             }
@@ -760,18 +893,53 @@ impl Checker {
     }
 }
 
-/// The `{name}` placeholders of a command template (`{{` is a literal brace).
-fn placeholders(template: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    let mut rest = template.replace("{{", "");
-    while let Some(open) = rest.find('{') {
-        let after = &rest[open + 1..];
-        let Some(close) = after.find('}') else {
-            names.push(after.to_owned());
-            break;
-        };
-        names.push(after[..close].to_owned());
-        rest = after[close + 1..].to_owned();
+/// A piece of a command template.
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Text(String),
+    /// `{name}`: a parameter's value.
+    Param(String),
+}
+
+/// Splits a command template into text and `{param}` placeholders; `{{` and `}}` are literal braces.
+fn template_parts(template: &str) -> Result<Vec<Part>, String> {
+    let mut parts = Vec::new();
+    let mut text = String::new();
+    let mut chars = template.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+                text.push('{');
+            }
+            '}' if chars.peek() == Some(&'}') => {
+                chars.next();
+                text.push('}');
+            }
+            '{' => {
+                let mut name = String::new();
+                let mut closed = false;
+                for c in chars.by_ref() {
+                    if c == '}' {
+                        closed = true;
+                        break;
+                    }
+                    name.push(c);
+                }
+                if !closed || name.is_empty() || name.contains('{') {
+                    return Err(format!("{template:?}: expected {{parameter}}"));
+                }
+                if !text.is_empty() {
+                    parts.push(Part::Text(std::mem::take(&mut text)));
+                }
+                parts.push(Part::Param(name));
+            }
+            '}' => return Err(format!("{template:?}: a lone }} (write }}}} for a brace)")),
+            c => text.push(c),
+        }
     }
-    names
+    if !text.is_empty() {
+        parts.push(Part::Text(text));
+    }
+    Ok(parts)
 }

@@ -90,6 +90,12 @@ fn broken_definitions_are_refused_naming_the_field() {
             "/actions/2/commands/0",
             "{speed} is not a parameter",
         ),
+        // A placeholder that is never closed.
+        (
+            edited("OUT_SP_1 {temperature_c}", "OUT_SP_1 {temperature_c"),
+            "/actions/0/commands/0",
+            "expected {parameter}",
+        ),
         // No safe state.
         (
             edited(r#"safe_state = ["STOP_1", "STOP_4"]"#, "safe_state = []"),
@@ -145,4 +151,69 @@ fn a_toml_mistake_gives_its_line_and_column() {
     assert_eq!(findings.len(), 1, "{findings:#?}");
     assert_eq!(findings[0].line, Some(2), "{findings:#?}");
     assert!(findings[0].column.is_some());
+}
+
+fn ika() -> labctl_protocols::instrument_def::InstrumentDefinition {
+    let (_, text) = shipped()
+        .into_iter()
+        .find(|(f, _)| f.ends_with("ika-rct-digital.toml"))
+        .unwrap();
+    check_definition(&text)
+        .0
+        .expect("the IKA definition is valid")
+}
+
+/// The replies and commands below are the manual's, as quoted in codecs/src/namur.rs's tests.
+#[test]
+fn the_ika_definition_reads_and_writes_the_manuals_bytes() {
+    use labctl_protocols::instrument_def::DefinitionError;
+    let def = ika();
+    let reading = |name: &str| def.readings.iter().find(|r| r.name == name).unwrap();
+    assert_eq!(reading("temperature_c").value_from("25.3 1"), Ok(25.3));
+    assert_eq!(
+        reading("plate_temperature_c").value_from("101.5 2"),
+        Ok(101.5)
+    );
+    assert_eq!(
+        reading("plate_temperature_c").value_from("-10.5 2"),
+        Ok(-10.5)
+    );
+    assert_eq!(reading("stir_speed_rpm").value_from("500.0 4"), Ok(500.0));
+    // A reply for another channel (an earlier command's, late) is not this reading's.
+    assert!(matches!(
+        reading("temperature_c").value_from("101.5 2"),
+        Err(DefinitionError::NoMatch { .. })
+    ));
+    let action = |name: &str| def.actions.iter().find(|a| a.name == name).unwrap();
+    let values = |pairs: &[(&str, f64)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    assert_eq!(
+        action("set_temperature").render(&values(&[("temperature_c", 100.5)])),
+        Ok(vec!["OUT_SP_1 100.5".to_owned(), "START_1".to_owned()])
+    );
+    assert_eq!(
+        action("set_stir_speed").render(&values(&[("speed_rpm", 500.0)])),
+        Ok(vec!["OUT_SP_4 500".to_owned(), "START_4".to_owned()])
+    );
+    assert_eq!(
+        action("heater_off").render(&values(&[])),
+        Ok(vec!["STOP_1".to_owned()])
+    );
+    // Outside what the instrument can do, or missing: nothing is written.
+    assert!(matches!(
+        action("set_temperature").render(&values(&[("temperature_c", 350.0)])),
+        Err(DefinitionError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        action("set_temperature").render(&values(&[("temperature_c", f64::NAN)])),
+        Err(DefinitionError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        action("set_temperature").render(&values(&[])),
+        Err(DefinitionError::MissingParam { .. })
+    ));
 }
