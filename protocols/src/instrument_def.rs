@@ -15,6 +15,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::finding::{Finding, FindingCode as Code};
+use crate::lab::{FlowControl, Parity};
 
 /// Format version this labctl reads.
 pub const DEFINITION_VERSION: u32 = 1;
@@ -55,25 +56,6 @@ pub struct Model {
     pub manual: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Parity {
-    None,
-    Even,
-    Odd,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum FlowControl {
-    #[default]
-    None,
-    /// RTS/CTS.
-    Hardware,
-    /// XON/XOFF.
-    Software,
-}
-
 /// Framing and checksums common on lab instruments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -93,11 +75,11 @@ pub enum Checksum {
 #[serde(deny_unknown_fields)]
 pub struct LineSettings {
     pub baud: u32,
-    #[serde(default = "eight")]
+    #[serde(default = "crate::lab::default_data_bits")]
     pub data_bits: u8,
-    #[serde(default = "no_parity")]
+    #[serde(default)]
     pub parity: Parity,
-    #[serde(default = "one")]
+    #[serde(default = "crate::lab::default_stop_bits")]
     pub stop_bits: u8,
     /// Flow control: none (default), hardware (RTS/CTS) or software (XON/XOFF).
     #[serde(default)]
@@ -116,16 +98,6 @@ pub struct LineSettings {
     pub stx_etx: bool,
     #[serde(default)]
     pub checksum: Checksum,
-}
-
-fn eight() -> u8 {
-    8
-}
-fn one() -> u8 {
-    1
-}
-fn no_parity() -> Parity {
-    Parity::None
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

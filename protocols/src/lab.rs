@@ -247,7 +247,9 @@ impl Driver {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Parity {
     #[default]
@@ -256,7 +258,10 @@ pub enum Parity {
     Odd,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Flow control: none, software (XON/XOFF) or hardware (RTS/CTS).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum FlowControl {
     #[default]
@@ -282,10 +287,10 @@ pub struct SerialLine {
     pub flow_control: FlowControl,
 }
 
-fn default_data_bits() -> u8 {
+pub(crate) fn default_data_bits() -> u8 {
     8
 }
-fn default_stop_bits() -> u8 {
+pub(crate) fn default_stop_bits() -> u8 {
     1
 }
 
