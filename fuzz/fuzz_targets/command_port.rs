@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
-use labctl_core::api::{ApiError, Control, Principal, RunInfo, RunState, SubmitReply};
-use labctl_core::auth::AuthError;
 use labctl_command_port::Backend;
 use labctl_command_port::session::{Link, Session, SessionConfig};
+use labctl_core::api::{ApiError, Control, Face, Principal, RunInfo, RunState, SubmitReply};
+use labctl_core::auth::AuthError;
 use labctl_core::world::LabSnapshot;
 use labctl_protocols::lab::Role;
 use libfuzzer_sys::fuzz_target;
@@ -31,17 +31,7 @@ impl Backend for Refusing {
     }
     async fn submit(&self, _bytes: Vec<u8>, _who: Principal) -> SubmitReply {
         self.acted();
-        SubmitReply {
-            accepted: false,
-            proposal_id: None,
-            run_id: None,
-            state: None,
-            duplicate: false,
-            findings: Vec::new(),
-            estimated_duration_s: None,
-            approval_required_because: Vec::new(),
-            error: Some("fuzzing".into()),
-        }
+        SubmitReply::refused(None, ApiError::InvalidState("fuzzing".into()))
     }
     async fn run(&self, _run_id: &str) -> Option<RunInfo> {
         None
@@ -100,7 +90,7 @@ fuzz_target!(|data: &[u8]| {
     let max_line = 256;
     for link in [
         Link::Tcp,
-        Link::Serial(Principal::new("rig", Role::Technician, "fuzz")),
+        Link::Serial(Principal::new("rig", Role::Technician, Face::InProcess)),
     ] {
         let tcp = link == Link::Tcp;
         let backend = Refusing::default();

@@ -4,7 +4,7 @@
 #![no_main]
 
 use labctl_mqtt::payload::{
-    self, Rejection, check_size, parse_approval, parse_control_request, parse_estop,
+    self, Rejection, check_size, parse_approval, parse_control_request, parse_estop, parse_override,
 };
 use labctl_mqtt_link::{Inbound, Topics};
 use libfuzzer_sys::fuzz_target;
@@ -34,10 +34,10 @@ fuzz_target!(|data: &[u8]| {
     match inbound {
         Inbound::Submit => {
             let _ = payload::proposal_id_of(body);
-            let _ = payload::planner_id_of(body);
         }
         Inbound::Control { .. } => named(parse_control_request(body, &topic)),
         Inbound::Approval { .. } => named(parse_approval(body, &topic)),
         Inbound::EStop => named(parse_estop(body, &topic)),
+        Inbound::Override { .. } => named(parse_override(body, &topic)),
     }
 });
