@@ -13,7 +13,7 @@ use std::time::Duration;
 use labctl_clock::VirtualClock;
 use labctl_drivers::{DeviceCommand, Outcome};
 use labctl_protocols::lab::Lab;
-use labctl_protocols::{Action, Condition, Measurement, OnError, Protocol, Step};
+use labctl_protocols::{Action, ActionCall, Condition, Measurement, OnError, Protocol, Step};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
@@ -336,7 +336,7 @@ impl RunContext {
         }
         match step {
             Step::Action(a) => {
-                if let Action::SetTemperature(t) = &a.action
+                if let Some(Action::SetTemperature(t)) = a.action.builtin()
                     && let Some(rate) = self
                         .lab
                         .instrument(&a.instrument)
@@ -351,7 +351,7 @@ impl RunContext {
                     }
                     self.command(&instrument, cmd, &path, armed).await?;
                 }
-                if let Action::Transfer(t) = &a.action
+                if let Some(Action::Transfer(t)) = a.action.builtin()
                     && let Ok(mut v) = self.vessels.lock()
                 {
                     let position = t.to.to_ascii_uppercase();
@@ -620,9 +620,29 @@ impl RunContext {
     fn expand(
         &self,
         instrument: &str,
-        action: &Action,
+        action: &ActionCall,
     ) -> Result<Vec<(String, DeviceCommand)>, StepError> {
         let lab = &self.lab;
+        // A defined instrument takes its definition's action as it is: its driver renders the commands.
+        if lab
+            .instrument(instrument)
+            .is_some_and(|i| i.defined.is_some())
+        {
+            let params = action.numeric_params().map_err(StepError::Failed)?;
+            return Ok(vec![(
+                instrument.to_owned(),
+                DeviceCommand::Defined {
+                    action: action.name().to_owned(),
+                    params,
+                },
+            )]);
+        }
+        let Some(action) = action.builtin() else {
+            return Err(StepError::Failed(format!(
+                "{instrument} has no action {}",
+                action.name()
+            )));
+        };
         let feed_default = lab
             .instrument(instrument)
             .and_then(|i| i.envelope.feed_mm_per_min)
@@ -707,7 +727,7 @@ impl RunContext {
 /// Steps that are not a single instrument command (those journal their command and its outcome instead).
 fn is_block(step: &Step) -> bool {
     !matches!(step, Step::Measure(_))
-        && !matches!(step, Step::Action(a) if !matches!(a.action, Action::Transfer(_)))
+        && !matches!(step, Step::Action(a) if !matches!(a.action.builtin(), Some(Action::Transfer(_))))
 }
 
 fn measurement_command(m: &Measurement) -> DeviceCommand {
@@ -722,6 +742,9 @@ fn measurement_command(m: &Measurement) -> DeviceCommand {
             wavelength_nm: a.wavelength_nm,
         },
         Measurement::ReadTemperature {} => DeviceCommand::ReadTemperature,
+        Measurement::Read(r) => DeviceCommand::Read {
+            quantity: r.quantity.clone(),
+        },
     }
 }
 

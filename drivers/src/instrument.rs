@@ -5,6 +5,7 @@
 //! identity and firmware, refuse what is unsupported) -> [`Instrument::execute`] / [`Instrument::poll`] ->
 //! [`Instrument::stop`]. [`Instrument::safe_state`] may be called at any time after `start`.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 
 use labctl_protocols::InstrumentKind;
@@ -69,6 +70,15 @@ pub enum DeviceCommand {
     Absorbance {
         wavelength_nm: f64,
     },
+    /// A defined instrument: one of its definition's actions, with its parameters by name.
+    Defined {
+        action: String,
+        params: BTreeMap<String, f64>,
+    },
+    /// A defined instrument: the current value of one of its readings.
+    Read {
+        quantity: String,
+    },
 }
 
 impl DeviceCommand {
@@ -83,13 +93,15 @@ impl DeviceCommand {
                 InstrumentKind::Hotplate
             }
             Spectrum { .. } | Absorbance { .. } => InstrumentKind::Spectrophotometer,
+            Defined { .. } | Read { .. } => InstrumentKind::Defined,
         }
     }
 
     /// Whether sending it twice does no harm (a retry after a lost reply must not dispense twice).
     pub fn idempotent(&self) -> bool {
         use DeviceCommand::*;
-        !matches!(self, Dispense { .. } | Home | Zero | Tare)
+        // A definition does not say whether its actions may be repeated: never assume it.
+        !matches!(self, Dispense { .. } | Home | Zero | Tare | Defined { .. })
     }
 
     /// Whether it only reads: nothing in the lab moves, heats, pours or changes what later readings mean.
@@ -97,7 +109,9 @@ impl DeviceCommand {
     pub fn only_reads(&self) -> bool {
         use DeviceCommand::*;
         match self {
-            Weigh { .. } | ReadTemperature | Spectrum { .. } | Absorbance { .. } => true,
+            Weigh { .. } | ReadTemperature | Spectrum { .. } | Absorbance { .. } | Read { .. } => {
+                true
+            }
             Home
             | MoveTo { .. }
             | Gripper { .. }
@@ -108,7 +122,8 @@ impl DeviceCommand {
             | SetTemperature { .. }
             | HeaterOff
             | SetStirSpeed { .. }
-            | StirOff => false,
+            | StirOff
+            | Defined { .. } => false,
         }
     }
 }
@@ -136,6 +151,12 @@ pub enum Outcome {
     /// A pump's dispensed volume when it stopped.
     Dispensed {
         dispensed_ul: f64,
+    },
+    /// A defined instrument's reading.
+    Reading {
+        quantity: String,
+        value: f64,
+        unit: String,
     },
 }
 

@@ -28,5 +28,6 @@ pub use instrument::{DeviceCommand, DeviceState, Identity, Instrument, Outcome, 
 pub use labctl_transport::Endpoint;
 pub use port::{PortConfig, PortHandle};
 pub use setup::{
-    AnyInstrument, DriverOptions, Ports, connect, driver_for, port_config, standard_line,
+    AnyInstrument, DriverOptions, Ports, connect, definition_line, driver_for, port_config,
+    standard_line,
 };

@@ -11,7 +11,8 @@ use crate::error::DriverError;
 use crate::instrument::{DeviceCommand, Identity, Instrument, Outcome, Telemetry};
 use crate::port::{PortConfig, PortHandle, frame_line, frame_line_or_cr};
 use crate::roles::{
-    GantryOptions, GrblGantry, HotplateOptions, IkaHotplate, MtSicsBalance, Ne1000Pump, ScpiSpectro,
+    DefinedInstrument, GantryOptions, GrblGantry, HotplateOptions, IkaHotplate, MtSicsBalance,
+    Ne1000Pump, ScpiSpectro,
 };
 use labctl_transport::Endpoint;
 
@@ -39,7 +40,8 @@ impl Default for DriverOptions {
 pub fn port_config(driver: Driver) -> PortConfig {
     let framer = match driver {
         Driver::Ne1000 => crate::roles::frame_packet,
-        Driver::IkaNamur => frame_line_or_cr,
+        // A definition's replies end in CR, LF or CR LF (`DefinedInstrument::new` refuses others).
+        Driver::IkaNamur | Driver::Definition => frame_line_or_cr,
         Driver::Grbl | Driver::MtSics | Driver::ScpiSpectro => frame_line,
     };
     PortConfig {
@@ -65,8 +67,24 @@ pub fn standard_line(driver: Driver, port: &str) -> Option<SerialLine> {
         Driver::Ne1000 => Some(line(19_200, 8, lab::Parity::None)),
         Driver::MtSics => Some(line(9600, 8, lab::Parity::None)),
         Driver::IkaNamur => Some(line(9600, 7, lab::Parity::Even)),
-        Driver::ScpiSpectro => None,
+        Driver::ScpiSpectro | Driver::Definition => None,
     }
+}
+
+/// The line settings an instrument definition gives (for a simulator's pty); `None` for Modbus.
+pub fn definition_line(
+    definition: &labctl_protocols::instrument_def::InstrumentDefinition,
+    port: &str,
+) -> Option<SerialLine> {
+    let line = definition.line.as_ref()?;
+    Some(SerialLine {
+        port: port.to_owned(),
+        baud: line.baud,
+        data_bits: line.data_bits,
+        parity: line.parity,
+        stop_bits: line.stop_bits,
+        flow_control: line.flow_control,
+    })
 }
 
 /// The port tasks of a lab, one per line: instruments on the same serial port (the NE-1000 daisy chain)
@@ -154,6 +172,23 @@ pub fn driver_for(
             IkaHotplate::new(id, port, options.hotplate.clone()).time_scale(options.time_scale),
         ),
         Driver::ScpiSpectro => AnyInstrument::Spectro(ScpiSpectro::new(id, port)),
+        Driver::Definition => {
+            let definition =
+                instrument
+                    .defined
+                    .clone()
+                    .ok_or_else(|| DriverError::Unsupported {
+                        instrument: id.to_owned(),
+                        what: "definition".into(),
+                        found: "none loaded".into(),
+                        supported: "a lab loaded with Lab::load, which reads the definition file"
+                            .into(),
+                    })?;
+            AnyInstrument::Defined(
+                DefinedInstrument::new(id, port, definition, instrument.allow_firmware.clone())?
+                    .time_scale(options.time_scale),
+            )
+        }
     })
 }
 
@@ -166,6 +201,7 @@ pub enum AnyInstrument {
     Balance(MtSicsBalance),
     Hotplate(IkaHotplate),
     Spectro(ScpiSpectro),
+    Defined(DefinedInstrument),
 }
 
 /// Forwards a method to whichever driver is inside.
@@ -177,6 +213,7 @@ macro_rules! each {
             AnyInstrument::Balance($d) => $call,
             AnyInstrument::Hotplate($d) => $call,
             AnyInstrument::Spectro($d) => $call,
+            AnyInstrument::Defined($d) => $call,
         }
     };
 }

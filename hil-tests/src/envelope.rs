@@ -7,6 +7,7 @@ use std::fmt;
 
 use labctl_codecs::{DecodeError, Decoded, grbl, mtsics, namur, ne1000, scpi};
 use labctl_protocols::Lab;
+use labctl_protocols::instrument_def::{ActionSpec, InstrumentDefinition};
 use labctl_protocols::lab::{Driver, Instrument, Range};
 
 /// Everything decoded from the taps.
@@ -20,7 +21,7 @@ pub struct WireReport {
     pub undecodable: Vec<String>,
     /// Setpoints as sent, in order, per instrument and quantity (`hotplate` / `temperature_c`), so a
     /// scenario can assert what was commanded.
-    pub setpoints: BTreeMap<(String, &'static str), Vec<f64>>,
+    pub setpoints: BTreeMap<(String, String), Vec<f64>>,
 }
 
 impl WireReport {
@@ -30,9 +31,9 @@ impl WireReport {
     }
 
     /// Values sent to `id` for `quantity`.
-    pub fn sent(&self, id: &str, quantity: &'static str) -> &[f64] {
+    pub fn sent(&self, id: &str, quantity: &str) -> &[f64] {
         self.setpoints
-            .get(&(id.to_owned(), quantity))
+            .get(&(id.to_owned(), quantity.to_owned()))
             .map(Vec::as_slice)
             .unwrap_or(&[])
     }
@@ -41,9 +42,9 @@ impl WireReport {
         *self.commands.entry(id.to_owned()).or_default() += 1;
     }
 
-    fn check(&mut self, instrument: &Instrument, quantity: &'static str, value: f64, what: &str) {
+    fn check(&mut self, instrument: &Instrument, quantity: &str, value: f64, what: &str) {
         self.setpoints
-            .entry((instrument.id.clone(), quantity))
+            .entry((instrument.id.clone(), quantity.to_owned()))
             .or_default()
             .push(value);
         if let Some(range) = instrument.envelope.range(quantity)
@@ -58,15 +59,9 @@ impl WireReport {
 
     /// Only above the envelope's maximum counts: a setpoint below the minimum is how a driver parks a
     /// quantity (a hotplate setpoint of 0 with the heater off).
-    fn check_max(
-        &mut self,
-        instrument: &Instrument,
-        quantity: &'static str,
-        value: f64,
-        what: &str,
-    ) {
+    fn check_max(&mut self, instrument: &Instrument, quantity: &str, value: f64, what: &str) {
         self.setpoints
-            .entry((instrument.id.clone(), quantity))
+            .entry((instrument.id.clone(), quantity.to_owned()))
             .or_default()
             .push(value);
         if let Some(Range { max, .. }) = instrument.envelope.range(quantity)
@@ -305,6 +300,11 @@ pub fn check_port(report: &mut WireReport, instruments: &[&Instrument], bytes: &
                 &mut undecodable,
             );
         }
+        Driver::Definition => {
+            if let Some(definition) = &first.defined {
+                check_defined(report, first, definition, bytes, &mut undecodable);
+            }
+        }
         Driver::MtSics => {
             // Nothing a balance is told can leave an envelope; decode to prove the host spoke MT-SICS.
             let balance = *first;
@@ -319,13 +319,69 @@ pub fn check_port(report: &mut WireReport, instruments: &[&Instrument], bytes: &
     report.undecodable.extend(undecodable);
 }
 
+/// A defined instrument's lines, read back with its definition's command patterns: each parameter an
+/// action carries is checked against the envelope; queries, safe-state and recovery commands pass; a line
+/// the definition does not know is undecodable.
+fn check_defined(
+    report: &mut WireReport,
+    instrument: &Instrument,
+    definition: &InstrumentDefinition,
+    bytes: &[u8],
+    undecodable: &mut Vec<String>,
+) {
+    let mut known: Vec<(String, regex::Regex)> = Vec::new();
+    for action in &definition.actions {
+        for template in &action.commands {
+            if let Ok(re) = ActionSpec::command_pattern(template) {
+                known.push((action.name.clone(), re));
+            }
+        }
+    }
+    let queries: Vec<&str> = definition
+        .identity
+        .queries
+        .iter()
+        .map(|q| q.query.as_str())
+        .chain(
+            definition
+                .readings
+                .iter()
+                .filter_map(|r| r.query.as_deref()),
+        )
+        .chain(definition.safe_state.iter().map(String::as_str))
+        .chain(definition.recovery.iter().map(String::as_str))
+        .collect();
+    let text = String::from_utf8_lossy(bytes);
+    for line in text.split(['\r', '\n']).filter(|l| !l.is_empty()) {
+        report.command(&instrument.id);
+        if let Some((action, re)) = known.iter().find(|(_, re)| re.is_match(line)) {
+            if let Some(caps) = re.captures(line) {
+                for name in re.capture_names().flatten() {
+                    if let Some(value) =
+                        caps.name(name).and_then(|m| m.as_str().parse::<f64>().ok())
+                    {
+                        report.check(instrument, name, value, action);
+                    }
+                }
+            }
+        } else if !queries.contains(&line) {
+            undecodable.push(format!(
+                "{}: {line:?} is no command of its definition",
+                instrument.id
+            ));
+        }
+    }
+}
+
 /// Checks every port of the simulated lab: `transcript(port)` gives what the host sent a port, named
 /// as the simulators name them (`gantry`, `pumps`, `balance`, `hotplate`, `spectro`).
 pub fn check_lab(lab: &Lab, transcript: impl Fn(&str) -> Vec<u8>) -> WireReport {
     let mut report = WireReport::default();
-    let mut ports: BTreeMap<&'static str, Vec<&Instrument>> = BTreeMap::new();
+    let mut ports: BTreeMap<&str, Vec<&Instrument>> = BTreeMap::new();
     for instrument in &lab.instruments {
         let port = match instrument.driver {
+            // A defined instrument's simulator serves it on a port of its own, named by its id.
+            Driver::Definition => instrument.id.as_str(),
             Driver::Grbl => "gantry",
             Driver::Ne1000 => "pumps",
             Driver::MtSics => "balance",

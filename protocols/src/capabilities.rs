@@ -17,6 +17,9 @@ pub enum InstrumentKind {
     Balance,
     Hotplate,
     Spectrophotometer,
+    /// An instrument described by an instrument definition file: its actions, measurements and
+    /// quantities are the definition's (see `lab::Instrument::action_names`), not the kind's.
+    Defined,
 }
 
 /// A quantity an instrument reports as telemetry, with its unit in its name.
@@ -28,6 +31,7 @@ pub struct Quantity {
 }
 
 impl InstrumentKind {
+    /// The built-in roles (a defined instrument's abilities come from its definition).
     pub const ALL: [InstrumentKind; 5] = [
         InstrumentKind::Gantry,
         InstrumentKind::SyringePump,
@@ -48,7 +52,7 @@ impl InstrumentKind {
                 "set_stir_speed",
                 "stir_off",
             ],
-            InstrumentKind::Spectrophotometer => &[],
+            InstrumentKind::Spectrophotometer | InstrumentKind::Defined => &[],
         }
     }
 
@@ -56,6 +60,7 @@ impl InstrumentKind {
     pub fn measurements(self) -> &'static [&'static str] {
         match self {
             InstrumentKind::Gantry | InstrumentKind::SyringePump => &[],
+            InstrumentKind::Defined => &["read"],
             InstrumentKind::Balance => &["weigh"],
             InstrumentKind::Hotplate => &["read_temperature"],
             InstrumentKind::Spectrophotometer => &["spectrum", "absorbance"],
@@ -96,7 +101,7 @@ impl InstrumentKind {
             InstrumentKind::SyringePump => PUMP,
             InstrumentKind::Balance => BALANCE,
             InstrumentKind::Hotplate => HOTPLATE,
-            InstrumentKind::Spectrophotometer => &[],
+            InstrumentKind::Spectrophotometer | InstrumentKind::Defined => &[],
         }
     }
 
@@ -107,6 +112,7 @@ impl InstrumentKind {
             InstrumentKind::Balance => "balance",
             InstrumentKind::Hotplate => "hotplate",
             InstrumentKind::Spectrophotometer => "spectrophotometer",
+            InstrumentKind::Defined => "defined",
         }
     }
 }
@@ -133,6 +139,7 @@ pub fn param_fields(action: &str) -> Option<&'static [&'static str]> {
         "weigh" => &["stable"],
         "spectrum" => &["start_nm", "stop_nm", "step_nm"],
         "absorbance" => &["wavelength_nm"],
+        "read" => &["quantity"],
         _ => return None,
     })
 }

@@ -44,6 +44,32 @@ pub struct InstrumentDefinition {
     /// Commands that bring it back to ready after a safe state, before its next command.
     #[serde(default)]
     pub recovery: Vec<String>,
+    /// How the simulator built from this definition behaves (`labctl sim`, `labctl run --sim`).
+    #[serde(default)]
+    pub simulation: Simulation,
+}
+
+/// The simulator's state model: a reading that an action's parameter of the same name sets moves toward it
+/// with a first-order lag; every reading starts at its initial value and carries a little noise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Simulation {
+    /// Time constant of the lag, in the instrument's seconds.
+    pub tau_s: f64,
+    /// Starting values by reading name (0 when absent).
+    pub initial: std::collections::BTreeMap<String, f64>,
+    /// Peak-to-peak noise on every reading, in its unit.
+    pub noise: f64,
+}
+
+impl Default for Simulation {
+    fn default() -> Self {
+        Simulation {
+            tau_s: 10.0,
+            initial: Default::default(),
+            noise: 0.0,
+        }
+    }
 }
 
 /// Which instrument this is, and where its description comes from.
@@ -317,6 +343,64 @@ pub enum DefinitionError {
     Invalid { what: String, reason: String },
 }
 
+impl InstrumentDefinition {
+    /// The action by its name in protocols.
+    pub fn action(&self, name: &str) -> Option<&ActionSpec> {
+        self.actions.iter().find(|a| a.name == name)
+    }
+
+    /// The reading by its name.
+    pub fn reading(&self, name: &str) -> Option<&Reading> {
+        self.readings.iter().find(|r| r.name == name)
+    }
+
+    /// The instrument's line ending for commands (none for Modbus).
+    pub fn terminator_out(&self) -> &str {
+        self.line.as_ref().map_or("", |l| l.terminator_out.as_str())
+    }
+}
+
+impl ActionSpec {
+    /// A regular expression matching what `template` renders to, with a named capture for each parameter
+    /// (how a simulator reads the command back).
+    pub fn command_pattern(template: &str) -> Result<Regex, String> {
+        let mut pattern = String::from("^");
+        for part in template_parts(template)? {
+            match part {
+                Part::Text(text) => pattern.push_str(&regex::escape(&text)),
+                Part::Param(name) => {
+                    pattern.push_str(&format!("(?P<{name}>[-+]?[0-9]*\\.?[0-9]+)"))
+                }
+            }
+        }
+        pattern.push('$');
+        Regex::new(&pattern).map_err(|e| e.to_string())
+    }
+}
+
+impl Completion {
+    /// The longest the action may take to complete, in seconds.
+    pub fn longest_s(&self) -> f64 {
+        match self {
+            Completion::Acknowledged => 0.0,
+            Completion::AfterS(s) => s.max(0.0),
+            Completion::Reading { timeout_s, .. } => timeout_s.max(0.0),
+        }
+    }
+}
+
+impl Duration {
+    /// The dry run's estimate for parameters `values`, in seconds.
+    pub fn estimate_s(&self, values: &std::collections::BTreeMap<String, f64>) -> f64 {
+        match self {
+            Duration::FixedS(s) => s.max(0.0),
+            Duration::PerUnit { param, per_unit_s } => values
+                .get(param)
+                .map_or(0.0, |v| (v.abs() * per_unit_s).max(0.0)),
+        }
+    }
+}
+
 impl Reading {
     /// The reading's value in its unit from one reply line (terminator removed): the `value` capture,
     /// scaled and offset.
@@ -410,6 +494,22 @@ impl ActionSpec {
             })
             .collect()
     }
+}
+
+/// The identity a simulator of `def` reports: the definition's fixed fields, its model and manufacturer,
+/// the first firmware it lists, and a made-up serial.
+pub fn sample_identity(def: &InstrumentDefinition) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::from([
+        ("manufacturer".to_owned(), def.model.manufacturer.clone()),
+        ("model".to_owned(), def.model.name.clone()),
+        ("serial".to_owned(), "SIM0001".to_owned()),
+        (
+            "firmware".to_owned(),
+            def.identity.firmware.first().cloned().unwrap_or_default(),
+        ),
+    ]);
+    out.extend(def.identity.fixed.clone());
+    out
 }
 
 /// The definition JSON Schema, generated from the types.
@@ -600,7 +700,67 @@ impl Checker {
                 }
             }
         }
+        self.simulable(def);
         self.findings
+    }
+
+    /// Every reply pattern must be one a simulator can answer: the definition is tested end to end on its
+    /// simulator, so a pattern only a real instrument could satisfy is refused.
+    fn simulable(&mut self, def: &InstrumentDefinition) {
+        use crate::pattern_text::{write, write_number};
+        let sim = &def.simulation;
+        if !(sim.tau_s.is_finite() && sim.tau_s > 0.0) {
+            self.error(
+                Code::InvalidValue,
+                "/simulation/tau_s".into(),
+                "expected a time constant > 0 s",
+            );
+        }
+        if !(sim.noise.is_finite() && sim.noise >= 0.0) {
+            self.error(
+                Code::InvalidValue,
+                "/simulation/noise".into(),
+                "expected a noise >= 0",
+            );
+        }
+        for name in sim.initial.keys() {
+            if def.reading(name).is_none() {
+                self.error(
+                    Code::UnknownQuantity,
+                    format!("/simulation/initial/{name}"),
+                    format!("no reading {name}"),
+                );
+            }
+        }
+        let sample = sample_identity(def);
+        let sample: std::collections::BTreeMap<&str, String> = sample
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        for (i, q) in def.identity.queries.iter().enumerate() {
+            if Regex::new(&q.reply).is_ok()
+                && let Err(e) = write(&q.reply, &sample)
+            {
+                self.error(
+                    Code::InvalidValue,
+                    format!("/identity/queries/{i}/reply"),
+                    format!("a simulator cannot answer this pattern: {e}"),
+                );
+            }
+        }
+        for (i, r) in def.readings.iter().enumerate() {
+            if let Some(reply) = &r.reply
+                && Regex::new(reply)
+                    .is_ok_and(|re| re.capture_names().flatten().any(|n| n == "value"))
+                && let Err(e) = write_number(reply, "value", 1.0, &Default::default())
+            {
+                self.error(
+                    Code::InvalidValue,
+                    format!("/readings/{i}/reply"),
+                    format!("a simulator cannot answer this pattern: {e}"),
+                );
+            }
+        }
     }
 
     fn line(&mut self, l: &LineSettings) {

@@ -4,12 +4,14 @@
 //! Loading checks the file as a whole (unique ids, envelopes inside capabilities, no clear-text passwords)
 //! so that a lab that loads is a lab the validator and the controller can trust.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::capabilities::InstrumentKind;
+use crate::instrument_def::{InstrumentDefinition, check_definition};
 
 /// The built-in simulated lab (`examples/sim-lab.toml`), used when no lab file is given.
 pub const SIM_LAB_TOML: &str = include_str!("../../examples/sim-lab.toml");
@@ -133,7 +135,6 @@ impl std::fmt::Display for Range {
 /// (what it can physically do) and its safety envelope (what this lab allows); the envelope must lie
 /// inside the capabilities.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Limits {
     pub x_mm: Option<Range>,
     pub y_mm: Option<Range>,
@@ -150,6 +151,10 @@ pub struct Limits {
     pub stir_speed_rpm: Option<Range>,
     pub mass_g: Option<Range>,
     pub wavelength_nm: Option<Range>,
+    /// A defined instrument's parameters, by the name its definition gives them (`flow_ml_per_min`).
+    /// Any other name is refused when the lab loads (a built-in kind has only the fields above).
+    #[serde(flatten)]
+    pub params: BTreeMap<String, Range>,
 }
 
 impl Limits {
@@ -169,12 +174,29 @@ impl Limits {
         ]
     }
 
-    /// The range for a quantity by name.
+    /// Moves ranges written under a built-in field's name (`temperature_c`) into `params`, where a defined
+    /// instrument's limits live whatever their names.
+    fn name_as_params(&mut self) {
+        for (name, range) in self.ranges() {
+            if let Some(range) = range {
+                self.params.insert(name.to_owned(), range);
+            }
+        }
+        let (params, ramp) = (std::mem::take(&mut self.params), self.ramp_c_per_min);
+        *self = Limits {
+            params,
+            ramp_c_per_min: ramp,
+            ..Limits::default()
+        };
+    }
+
+    /// The range for a quantity by name (a built-in field or a defined instrument's parameter).
     pub fn range(&self, quantity: &str) -> Option<Range> {
         self.ranges()
             .into_iter()
             .find(|(n, _)| *n == quantity)
             .and_then(|(_, r)| r)
+            .or_else(|| self.params.get(quantity).copied())
     }
 }
 
@@ -215,6 +237,8 @@ pub fn required_envelope(kind: InstrumentKind) -> &'static [&'static str] {
         InstrumentKind::Balance => &["mass_g"],
         InstrumentKind::Hotplate => &["temperature_c", "stir_speed_rpm"],
         InstrumentKind::Spectrophotometer => &["wavelength_nm"],
+        // A defined instrument needs one for each of its actions' parameters (`Lab::problems`).
+        InstrumentKind::Defined => &[],
     }
 }
 
@@ -232,6 +256,8 @@ pub enum Driver {
     IkaNamur,
     /// SCPI / IEEE 488.2 spectrophotometer.
     ScpiSpectro,
+    /// The instrument definition file named by the instrument's `definition`.
+    Definition,
 }
 
 impl Driver {
@@ -243,6 +269,7 @@ impl Driver {
             Driver::MtSics => InstrumentKind::Balance,
             Driver::IkaNamur => InstrumentKind::Hotplate,
             Driver::ScpiSpectro => InstrumentKind::Spectrophotometer,
+            Driver::Definition => InstrumentKind::Defined,
         }
     }
 }
@@ -329,6 +356,52 @@ pub struct Instrument {
     /// Seconds of silence after which the instrument counts as lost.
     #[serde(default = "default_heartbeat_s")]
     pub heartbeat_s: f64,
+    /// For `driver = "definition"`: the instrument definition file, relative to the lab file.
+    #[serde(default)]
+    pub definition: Option<String>,
+    /// The definition, read and checked when the lab loads.
+    #[serde(skip)]
+    pub defined: Option<Arc<InstrumentDefinition>>,
+    /// Firmware versions accepted beyond those the definition lists (a lab's own tested versions).
+    #[serde(default)]
+    pub allow_firmware: Vec<String>,
+}
+
+impl Instrument {
+    /// Names of the `action` steps it accepts: its kind's, or its definition's.
+    pub fn action_names(&self) -> Vec<&str> {
+        match &self.defined {
+            Some(def) => def.actions.iter().map(|a| a.name.as_str()).collect(),
+            None => self.kind.actions().to_vec(),
+        }
+    }
+
+    /// Names of the `measure` steps it accepts.
+    pub fn measurement_names(&self) -> Vec<&str> {
+        self.kind.measurements().to_vec()
+    }
+
+    /// The quantities it reports as telemetry, with their units.
+    pub fn quantities(&self) -> Vec<(&str, &str)> {
+        match &self.defined {
+            Some(def) => def
+                .readings
+                .iter()
+                .map(|r| (r.name.as_str(), r.unit.as_str()))
+                .collect(),
+            None => self
+                .kind
+                .quantities()
+                .iter()
+                .map(|q| (q.name, q.unit))
+                .collect(),
+        }
+    }
+
+    /// Whether it reports `quantity`.
+    pub fn reports(&self, quantity: &str) -> bool {
+        self.quantities().iter().any(|(q, _)| *q == quantity)
+    }
 }
 
 fn default_heartbeat_s() -> f64 {
@@ -623,17 +696,24 @@ impl Lab {
         Lab::from_toml_str(SIM_LAB_TOML, "built-in sim lab").expect("built-in sim lab is valid")
     }
 
-    /// Reads and checks a lab file.
+    /// Reads and checks a lab file; instrument definitions are found relative to it.
     pub fn load(path: &Path) -> Result<Lab, LabError> {
         let text = std::fs::read_to_string(path).map_err(|source| LabError::Io {
             path: path.to_owned(),
             source,
         })?;
-        Lab::from_toml_str(&text, &path.display().to_string())
+        let base = path.parent().unwrap_or(Path::new("."));
+        Lab::from_toml_str_in(&text, &path.display().to_string(), base)
     }
 
-    /// Parses and checks lab file text; `origin` names it in errors.
+    /// Parses and checks lab file text; `origin` names it in errors. Instrument definitions are found
+    /// relative to the working directory.
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Lab, LabError> {
+        Lab::from_toml_str_in(text, origin, Path::new("."))
+    }
+
+    /// Parses and checks lab file text whose instrument definitions are relative to `base`.
+    pub fn from_toml_str_in(text: &str, origin: &str, base: &Path) -> Result<Lab, LabError> {
         let syntax = |message: String| LabError::Syntax {
             origin: origin.to_owned(),
             message,
@@ -657,8 +737,9 @@ impl Lab {
                 problems,
             });
         }
-        let lab: Lab = toml::from_str(text).map_err(|e| syntax(e.to_string()))?;
-        let problems = lab.problems();
+        let mut lab: Lab = toml::from_str(text).map_err(|e| syntax(e.to_string()))?;
+        let mut problems = lab.read_definitions(base);
+        problems.extend(lab.problems());
         if problems.is_empty() {
             Ok(lab)
         } else {
@@ -667,6 +748,52 @@ impl Lab {
                 problems,
             })
         }
+    }
+
+    /// Reads and checks each defined instrument's definition file; a problem for each that cannot be used.
+    fn read_definitions(&mut self, base: &Path) -> Vec<String> {
+        let mut p = Vec::new();
+        for (i, inst) in self.instruments.iter_mut().enumerate() {
+            let at = format!("instruments[{i}] ({})", inst.id);
+            match (&inst.definition, inst.driver) {
+                (None, Driver::Definition) => p.push(format!(
+                    "{at}.definition: driver \"definition\" needs the definition file's path"
+                )),
+                (Some(_), d) if d != Driver::Definition => p.push(format!(
+                    "{at}.definition: only an instrument with driver = \"definition\" takes a definition file"
+                )),
+                (Some(file), _) => {
+                    let path = base.join(file);
+                    match std::fs::read_to_string(&path) {
+                        Err(e) => p.push(format!(
+                            "{at}.definition: cannot read {}: {e}",
+                            path.display()
+                        )),
+                        Ok(text) => match check_definition(&text) {
+                            (Some(def), _) => {
+                                // Kept resolved, so the lab means the same lab wherever it is written.
+                                let resolved = std::fs::canonicalize(&path).unwrap_or(path);
+                                inst.definition = Some(resolved.display().to_string());
+                                inst.defined = Some(Arc::new(def));
+                                inst.envelope.name_as_params();
+                                inst.capabilities.name_as_params();
+                            }
+                            (None, findings) => {
+                                for f in findings.iter().filter(|f| f.is_error()) {
+                                    p.push(format!(
+                                        "{at}.definition: {file}: {}: {}",
+                                        if f.path.is_empty() { "/" } else { &f.path },
+                                        f.message
+                                    ));
+                                }
+                            }
+                        },
+                    }
+                }
+                (None, _) => {}
+            }
+        }
+        p
     }
 
     /// Every inconsistency in the lab description.
@@ -703,6 +830,7 @@ impl Lab {
                     ));
                 }
             }
+            p.extend(defined_envelope_problems(inst, &at));
             for (q, env) in inst.envelope.ranges() {
                 if let (Some(env), Some(cap)) = (env, inst.capabilities.range(q))
                     && !env.within(&cap)
@@ -800,7 +928,7 @@ impl Lab {
                 ));
             }
             if let Some(q) = &il.quantity {
-                if !inst.kind.quantities().iter().any(|k| k.name == q) {
+                if !inst.reports(q) {
                     p.push(format!("{at}.quantity: {} does not report {q}", inst.id));
                 }
                 if il.above.is_none() && il.below.is_none() {
@@ -833,6 +961,75 @@ impl Lab {
     pub fn instrument(&self, id: &str) -> Option<&Instrument> {
         self.instruments.iter().find(|i| i.id == id)
     }
+}
+
+/// A defined instrument's envelope names each parameter of its actions, inside the definition's range for
+/// it; any other instrument's envelope names only built-in quantities.
+fn defined_envelope_problems(inst: &Instrument, at: &str) -> Vec<String> {
+    let mut p = Vec::new();
+    let Some(def) = &inst.defined else {
+        for (limits, field) in [
+            (&inst.envelope, "envelope"),
+            (&inst.capabilities, "capabilities"),
+        ] {
+            for name in limits.params.keys() {
+                p.push(format!(
+                    "{at}.{field}.{name}: unknown quantity (a {} knows {})",
+                    inst.kind,
+                    limits
+                        .ranges()
+                        .iter()
+                        .map(|(q, _)| *q)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        return p;
+    };
+    let mut params = BTreeMap::new();
+    for action in &def.actions {
+        for param in &action.params {
+            // The same name in two actions is one quantity: the narrowest range the definition gives it.
+            let range = params.entry(param.name.as_str()).or_insert(Range {
+                min: param.min,
+                max: param.max,
+            });
+            range.min = range.min.max(param.min);
+            range.max = range.max.min(param.max);
+        }
+    }
+    for (name, capability) in &params {
+        match inst.envelope.params.get(*name) {
+            None => p.push(format!(
+                "{at}.envelope.{name}: required: the definition's actions take {name} (a [min, max] range within {capability})"
+            )),
+            Some(env) if !env.within(capability) => p.push(format!(
+                "{at}.envelope.{name}: {env} reaches outside what the definition says the instrument can do, {capability}"
+            )),
+            Some(_) => {}
+        }
+    }
+    for (limits, field) in [
+        (&inst.envelope, "envelope"),
+        (&inst.capabilities, "capabilities"),
+    ] {
+        for name in limits.params.keys() {
+            if !params.contains_key(name.as_str()) {
+                p.push(format!(
+                    "{at}.{field}.{name}: no action of the definition takes {name}"
+                ));
+            }
+        }
+        for (q, r) in limits.ranges() {
+            if r.is_some() {
+                p.push(format!(
+                    "{at}.{field}.{q}: a defined instrument's limits name its definition's parameters"
+                ));
+            }
+        }
+    }
+    p
 }
 
 /// Ids that are safe in MQTT topics, OPC UA browse names and file names.

@@ -7,6 +7,7 @@
 //! - [`validate`]: the one validator every interface calls (CLI, MQTT, OPC UA, command port).
 //! - [`schema`]: the JSON Schema a planner writes against.
 //! - [`instrument_def`]: instrument definitions (one TOML file per instrument model) and their checker.
+//! - [`pattern_text`]: the text a reply pattern matches, written from values (for simulators and checks).
 //!
 //! May depend on: nothing of labctl (every other crate reads the lab file and protocols through it).
 
@@ -15,6 +16,7 @@ pub mod device;
 pub mod finding;
 pub mod instrument_def;
 pub mod lab;
+pub mod pattern_text;
 pub mod protocol;
 pub mod schema;
 pub mod validate;

@@ -159,7 +159,7 @@ pub struct ActionStep {
     /// Instrument id from the lab's capabilities.
     pub instrument: String,
     #[serde(flatten)]
-    pub action: Action,
+    pub action: ActionCall,
     /// Seconds before the step counts as failed; the lab's default for the action when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<f64>,
@@ -276,6 +276,70 @@ impl Comparison {
     }
 }
 
+/// An action step's action: one of the built-in roles' actions, or one that an instrument definition
+/// declares (any other name, with numeric parameters). The validator checks either against the instrument.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ActionCall {
+    Builtin(Action),
+    Defined(DefinedAction),
+}
+
+/// An action declared by an instrument definition, e.g. `{"action": "set_flow", "params": {"flow_ml_per_min": 2}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DefinedAction {
+    /// The action's name in the instrument's definition.
+    pub action: String,
+    /// Its parameters, numbers in the unit their names carry.
+    #[serde(default)]
+    pub params: std::collections::BTreeMap<String, f64>,
+}
+
+impl ActionCall {
+    /// The action's name as written in a protocol.
+    pub fn name(&self) -> &str {
+        match self {
+            ActionCall::Builtin(a) => a.name(),
+            ActionCall::Defined(d) => &d.action,
+        }
+    }
+
+    /// The built-in action, if it is one.
+    pub fn builtin(&self) -> Option<&Action> {
+        match self {
+            ActionCall::Builtin(a) => Some(a),
+            ActionCall::Defined(_) => None,
+        }
+    }
+
+    /// Its parameters as numbers by name, as a defined instrument takes them (a built-in action's name can
+    /// also be a definition's: `set_temperature`). `Err` names a parameter that is not a number.
+    pub fn numeric_params(&self) -> Result<std::collections::BTreeMap<String, f64>, String> {
+        match self {
+            ActionCall::Defined(d) => Ok(d.params.clone()),
+            ActionCall::Builtin(a) => {
+                let value = serde_json::to_value(a).map_err(|e| e.to_string())?;
+                let mut out = std::collections::BTreeMap::new();
+                if let Some(params) = value.get("params").and_then(|p| p.as_object()) {
+                    for (name, v) in params {
+                        let n = v.as_f64().ok_or_else(|| {
+                            format!("{name}: a defined instrument's parameters are numbers")
+                        })?;
+                        out.insert(name.clone(), n);
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+impl From<Action> for ActionCall {
+    fn from(a: Action) -> Self {
+        ActionCall::Builtin(a)
+    }
+}
+
 /// Instrument actions, tagged by `action` with their parameters in `params`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "action", content = "params", rename_all = "snake_case")]
@@ -367,6 +431,15 @@ pub enum Measurement {
     Absorbance(AbsorbanceParams),
     /// Hotplate: the current temperature of the vessel on the plate.
     ReadTemperature {},
+    /// A defined instrument: the current value of one of its readings.
+    Read(ReadParams),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReadParams {
+    /// The reading's name in the instrument's definition (`temperature_c`).
+    pub quantity: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -423,6 +496,7 @@ impl Measurement {
             Measurement::Spectrum(_) => "spectrum",
             Measurement::Absorbance(_) => "absorbance",
             Measurement::ReadTemperature {} => "read_temperature",
+            Measurement::Read(_) => "read",
         }
     }
 }
@@ -472,26 +546,36 @@ impl Step {
             return Some(t);
         }
         match self {
-            Step::Action(a) => Some(match &a.action {
-                Action::Dispense(d) if d.rate_ul_per_min > 0.0 => {
-                    d.volume_ul / d.rate_ul_per_min * 60.0 * 2.0 + 60.0
-                }
-                Action::SetTemperature(t) => {
-                    let envelope = lab.instrument(&a.instrument).map(|i| &i.envelope);
-                    let ramp_s = envelope
-                        .and_then(|e| Some((e.temperature_c?.min, e.ramp_c_per_min?)))
-                        .map(|(from, rate)| {
-                            crate::lab::ramp_setpoints(from, t.temperature_c, rate)
-                                .iter()
-                                .map(|(wait, _)| wait)
-                                .sum::<f64>()
-                        })
-                        .unwrap_or(0.0);
-                    ramp_s + 120.0
-                }
-                Action::Home {} | Action::Transfer(_) => 300.0,
-                _ => 120.0,
-            }),
+            Step::Action(a) => Some(
+                match lab
+                    .instrument(&a.instrument)
+                    .and_then(|i| i.defined.as_ref())
+                {
+                    Some(def) => def
+                        .action(a.action.name())
+                        .map_or(120.0, |spec| spec.completion.longest_s() + 60.0),
+                    None => match a.action.builtin() {
+                        Some(Action::Dispense(d)) if d.rate_ul_per_min > 0.0 => {
+                            d.volume_ul / d.rate_ul_per_min * 60.0 * 2.0 + 60.0
+                        }
+                        Some(Action::SetTemperature(t)) => {
+                            let envelope = lab.instrument(&a.instrument).map(|i| &i.envelope);
+                            let ramp_s = envelope
+                                .and_then(|e| Some((e.temperature_c?.min, e.ramp_c_per_min?)))
+                                .map(|(from, rate)| {
+                                    crate::lab::ramp_setpoints(from, t.temperature_c, rate)
+                                        .iter()
+                                        .map(|(wait, _)| wait)
+                                        .sum::<f64>()
+                                })
+                                .unwrap_or(0.0);
+                            ramp_s + 120.0
+                        }
+                        Some(Action::Home {} | Action::Transfer(_)) => 300.0,
+                        _ => 120.0,
+                    },
+                },
+            ),
             Step::Measure(_) => Some(120.0),
             Step::Wait(_) | Step::WaitUntil(_) | Step::Parallel(_) | Step::Repeat(_) => None,
         }

@@ -476,7 +476,15 @@ impl Decoder<'_> {
                     }
                 }
                 let tagged = Value::Object(tagged);
-                let params_ok = if step_type == "action" {
+                let defined = obj
+                    .get("instrument")
+                    .and_then(Value::as_str)
+                    .and_then(|id| self.lab.instrument(id))
+                    .is_some_and(|i| i.defined.is_some());
+                let params_ok = if step_type == "action" && defined {
+                    self.leaf::<crate::protocol::DefinedAction>(&tagged, path)
+                        .is_some()
+                } else if step_type == "action" {
                     self.leaf::<Action>(&tagged, path).is_some()
                 } else {
                     self.leaf::<Measurement>(&tagged, path).is_some()
@@ -582,13 +590,14 @@ impl Decoder<'_> {
         let Some(Value::String(action)) = obj.get("action") else {
             return false; // serde reports the missing or mistyped field with its path
         };
-        let kind = match obj.get("instrument").and_then(Value::as_str) {
-            Some(id) => self.lab.instrument(id).map(|i| i.kind),
-            None => None,
-        };
-        let allowed: Vec<&str> = match (kind, step_type) {
-            (Some(k), "action") => k.actions().to_vec(),
-            (Some(k), _) => k.measurements().to_vec(),
+        let inst = obj
+            .get("instrument")
+            .and_then(Value::as_str)
+            .and_then(|id| self.lab.instrument(id));
+        let kind = inst.map(|i| i.kind);
+        let allowed: Vec<&str> = match (inst, step_type) {
+            (Some(i), "action") => i.action_names(),
+            (Some(i), _) => i.measurement_names(),
             (None, "action") => InstrumentKind::ALL
                 .iter()
                 .flat_map(|k| k.actions())
@@ -612,6 +621,18 @@ impl Decoder<'_> {
                     .expected(list(&allowed)),
             );
             return true;
+        }
+        if let (Some(def), "action") = (inst.and_then(|i| i.defined.as_ref()), step_type) {
+            let fields: Vec<&str> = def
+                .action(action)
+                .map(|a| a.params.iter().map(|p| p.name.as_str()).collect())
+                .unwrap_or_default();
+            return match obj.get("params") {
+                Some(Value::Object(params)) => {
+                    self.unknown_keys(params, &join(path, "params"), &fields)
+                }
+                _ => false,
+            };
         }
         let Some(fields) = param_fields(action) else {
             return false;
@@ -1060,7 +1081,8 @@ impl<'a> Semantic<'a> {
         let Some(inst) = self.instrument(&s.instrument, &join(path, "instrument")) else {
             return 0.0;
         };
-        if !inst.kind.actions().contains(&s.action.name()) {
+        let names = inst.action_names();
+        if !names.contains(&s.action.name()) {
             self.push(
                 Finding::error(
                     Code::UnknownAction,
@@ -1068,12 +1090,18 @@ impl<'a> Semantic<'a> {
                     format!("a {} cannot `{}`", inst.kind, s.action.name()),
                 )
                 .found(format!("`{}`", s.action.name()))
-                .expected(list(inst.kind.actions())),
+                .expected(list(names)),
             );
             return 0.0;
         }
         let params = join(path, "params");
-        match &s.action {
+        if let Some(def) = &inst.defined {
+            return self.defined_action(inst, def, s, &params);
+        }
+        let Some(action) = s.action.builtin() else {
+            return 0.0; // not a built-in name: refused above
+        };
+        match action {
             Action::Home {} => {
                 self.head_at = None;
                 self.head_xyz = None;
@@ -1228,6 +1256,58 @@ impl<'a> Semantic<'a> {
         }
     }
 
+    /// An action of a defined instrument: each parameter present, a number within the definition's range
+    /// and the lab's envelope. The dry-run duration comes from the definition's model.
+    fn defined_action(
+        &mut self,
+        inst: &crate::lab::Instrument,
+        def: &crate::instrument_def::InstrumentDefinition,
+        s: &ActionStep,
+        params: &str,
+    ) -> f64 {
+        let Some(spec) = def.action(s.action.name()) else {
+            return 0.0;
+        };
+        let values = match s.action.numeric_params() {
+            Ok(v) => v,
+            Err(why) => {
+                self.push(Finding::error(Code::InvalidValue, params, why));
+                return 0.0;
+            }
+        };
+        for p in &spec.params {
+            let at = join(params, &p.name);
+            match values.get(&p.name) {
+                None => self.push(
+                    Finding::error(Code::Schema, at, format!("missing parameter `{}`", p.name))
+                        .expected(format!(
+                            "a number in {} within [{}, {}]",
+                            p.unit, p.min, p.max
+                        )),
+                ),
+                Some(&v) => {
+                    if v.is_finite() && !(p.min..=p.max).contains(&v) {
+                        self.push(
+                            Finding::error(
+                                Code::OutOfRange,
+                                at,
+                                format!("outside what {} can do", inst.id),
+                            )
+                            .found(v)
+                            .expected(format!(
+                                "{} within [{}, {}] {}",
+                                p.name, p.min, p.max, p.unit
+                            )),
+                        );
+                    } else {
+                        self.value(inst, &p.name, v, &at);
+                    }
+                }
+            }
+        }
+        spec.duration.estimate_s(&values)
+    }
+
     fn fill(&mut self, vessel: &str, volume_ul: f64, path: &str) {
         let partial = self.partial;
         let Some(v) = self.vessels.get_mut(vessel) else {
@@ -1274,7 +1354,7 @@ impl<'a> Semantic<'a> {
         let Some(inst) = self.instrument(&s.instrument, &join(path, "instrument")) else {
             return 0.0;
         };
-        if !inst.kind.measurements().contains(&s.measurement.name()) {
+        if !inst.measurement_names().contains(&s.measurement.name()) {
             self.push(
                 Finding::error(
                     Code::UnknownAction,
@@ -1290,6 +1370,21 @@ impl<'a> Semantic<'a> {
         match &s.measurement {
             Measurement::Weigh(_) => 3.0,
             Measurement::ReadTemperature {} => 0.5,
+            Measurement::Read(r) => {
+                let quantities = inst.quantities();
+                if !inst.reports(&r.quantity) {
+                    self.push(
+                        Finding::error(
+                            Code::UnknownQuantity,
+                            join(&params, "quantity"),
+                            format!("{} does not report this", inst.id),
+                        )
+                        .found(format!("`{}`", r.quantity))
+                        .expected(list(quantities.iter().map(|(q, _)| *q))),
+                    );
+                }
+                0.5
+            }
             Measurement::Absorbance(a) => {
                 self.value(
                     inst,
@@ -1358,8 +1453,7 @@ impl<'a> Semantic<'a> {
         let Some(inst) = self.instrument(&c.instrument, &join(path, "instrument")) else {
             return;
         };
-        let quantities = inst.kind.quantities();
-        if !quantities.iter().any(|q| q.name == c.quantity) {
+        if !inst.reports(&c.quantity) {
             self.push(
                 Finding::error(
                     Code::UnknownQuantity,
@@ -1367,7 +1461,7 @@ impl<'a> Semantic<'a> {
                     format!("{} does not report this", inst.id),
                 )
                 .found(format!("`{}`", c.quantity))
-                .expected(list(quantities.iter().map(|q| q.name))),
+                .expected(list(inst.quantities().iter().map(|(q, _)| *q))),
             );
             return;
         }

@@ -83,7 +83,7 @@ fn leaf_step() -> impl Strategy<Value = Step> {
                 |(id, instrument, action, timeout_s, on_error)| Step::Action(ActionStep {
                     id,
                     instrument,
-                    action,
+                    action: action.into(),
                     timeout_s,
                     on_error
                 })

@@ -259,6 +259,7 @@ fn measurement_kind(m: &Measurement) -> InstrumentKind {
         Measurement::Weigh(_) => InstrumentKind::Balance,
         Measurement::Spectrum(_) | Measurement::Absorbance(_) => InstrumentKind::Spectrophotometer,
         Measurement::ReadTemperature {} => InstrumentKind::Hotplate,
+        Measurement::Read(_) => InstrumentKind::Defined,
     }
 }
 
@@ -611,13 +612,44 @@ impl<'a> Sim<'a> {
     // ----- actions -----
 
     fn action(&mut self, a: &ActionStep, path: &str) {
-        if !self.instrument_of_kind(&a.instrument, action_kind(&a.action), a.action.name(), path) {
+        // A defined instrument's action takes the time its definition's duration model says.
+        if let Some(def) = self
+            .lab
+            .instrument(&a.instrument)
+            .and_then(|i| i.defined.clone())
+        {
+            match (def.action(a.action.name()), a.action.numeric_params()) {
+                (Some(spec), Ok(values)) => self.advance(secs(spec.duration.estimate_s(&values))),
+                _ => self.problem(
+                    path,
+                    "instrument",
+                    format!(
+                        "{} cannot {}; the step is not simulated",
+                        a.instrument,
+                        a.action.name()
+                    ),
+                ),
+            }
+            return;
+        }
+        let Some(action) = a.action.builtin() else {
+            self.problem(
+                path,
+                "instrument",
+                format!(
+                    "`{}` is an action of no built-in instrument; the step is not simulated",
+                    a.action.name()
+                ),
+            );
+            return;
+        };
+        if !self.instrument_of_kind(&a.instrument, action_kind(action), action.name(), path) {
             return;
         }
         let feed_default = self.feed_default(&a.instrument);
         let safe_z = self.lab.deck.safe_z_mm;
         let now = self.now;
-        match &a.action {
+        match action {
             Action::Home {} => self.home(path),
             Action::MoveTo(m) => {
                 if let Some(p) = self.spot(&m.position, path) {
@@ -638,7 +670,7 @@ impl<'a> Sim<'a> {
                 }
             }
             Action::Tare {} | Action::Zero {} => {
-                let tare = matches!(a.action, Action::Tare {});
+                let tare = matches!(action, Action::Tare {});
                 self.settle_balance(path);
                 let now = self.now;
                 let result = if tare {
@@ -1035,6 +1067,8 @@ impl<'a> Sim<'a> {
             }
             Measurement::Spectrum(s) => self.spectro(s.start_nm, s.stop_nm, s.step_nm, path),
             Measurement::Absorbance(a) => self.spectro(a.wavelength_nm, a.wavelength_nm, 1.0, path),
+            // A defined instrument's reading is a query: no time worth modelling, nothing to refuse.
+            Measurement::Read(_) => {}
             Measurement::ReadTemperature {} => {
                 if self.model.hotplate_status(self.now).vial_c.is_none() {
                     self.problem(
@@ -1292,7 +1326,7 @@ mod tests {
         Step::Action(ActionStep {
             id: None,
             instrument: instrument.into(),
-            action,
+            action: action.into(),
             timeout_s: None,
             on_error: OnError::Fail,
         })

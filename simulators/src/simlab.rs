@@ -27,6 +27,7 @@ use thiserror::Error;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
+use crate::devices::defined::DefinedDevice;
 use crate::devices::grbl::{Grbl, GrblConfig};
 use crate::devices::mtsics::{MtSics, MtSicsConfig};
 use crate::devices::namur::{Namur, NamurConfig};
@@ -65,6 +66,8 @@ pub enum SimLabError {
     },
     #[error("port {0} did not follow the fault change in time")]
     Timeout(String),
+    #[error("{instrument}: cannot simulate its definition: {reason}")]
+    Definition { instrument: String, reason: String },
 }
 
 /// The clock of the lab.
@@ -234,6 +237,14 @@ impl SimLab {
         };
         let mut model = LabModel::new(config.model.clone(), config.seed)?;
         let now = clock.now();
+        for inst in config
+            .lab
+            .instruments
+            .iter()
+            .filter(|i| i.defined.is_some())
+        {
+            model.add_defined(&inst.id);
+        }
         for (name, faults) in &config.faults {
             faults.validate(&format!("faults.{name}"))?;
             for id in resolve(&model, name)? {
@@ -252,7 +263,7 @@ impl SimLab {
             })
             .collect();
         let identities = &config.identities;
-        let devices: Vec<(&str, Box<dyn Device>)> = vec![
+        let mut devices: Vec<(&str, Box<dyn Device>)> = vec![
             (
                 "gantry",
                 Box::new(Grbl::new(identities.gantry.clone(), &model)),
@@ -268,14 +279,29 @@ impl SimLab {
             ),
             ("spectro", Box::new(Scpi::new(identities.spectro.clone()))),
         ];
+        // Each instrument with a definition gets its simulator from the definition, on a port of its own.
+        for (k, inst) in config.lab.instruments.iter().enumerate() {
+            if let Some(definition) = &inst.defined {
+                let id = model.add_defined(&inst.id);
+                let seed = config.seed ^ (k as u64 + 101);
+                let device = DefinedDevice::new(Arc::clone(definition), id, seed).map_err(|e| {
+                    SimLabError::Definition {
+                        instrument: inst.id.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                devices.push((inst.id.as_str(), Box::new(device)));
+            }
+        }
         let mut instruments = Vec::new();
-        for (port, (_, device)) in devices.iter().enumerate() {
+        for (port, (port_name, device)) in devices.iter().enumerate() {
             for id in device.instruments() {
                 let (name, address) = match *id {
                     InstrumentId::Pump(i) => (
                         model.config().pumps[i].id.clone(),
                         wiring.iter().find(|w| w.index == i).map(|w| w.address),
                     ),
+                    InstrumentId::Defined(_) => ((*port_name).to_owned(), None),
                     other => (instrument_name(other).to_owned(), None),
                 };
                 instruments.push(InstrumentInfo {
@@ -351,6 +377,7 @@ fn instrument_name(id: InstrumentId) -> &'static str {
         InstrumentId::Hotplate => "hotplate",
         InstrumentId::Spectro => "spectro",
         InstrumentId::Pump(_) => PUMP_LINE,
+        InstrumentId::Defined(_) => "defined",
     }
 }
 

@@ -10,20 +10,20 @@ pub enum SafetyViolation {
     #[error("{instrument}: {quantity} = {value} is outside the safety envelope {range}")]
     OutsideEnvelope {
         instrument: String,
-        quantity: &'static str,
+        quantity: String,
         value: f64,
         range: Range,
     },
     #[error("{instrument}: {quantity} = {value} is not a finite number")]
     NotFinite {
         instrument: String,
-        quantity: &'static str,
+        quantity: String,
         value: f64,
     },
     #[error("{instrument}: {quantity} has no envelope in the lab file, so it cannot be commanded")]
     NoEnvelope {
         instrument: String,
-        quantity: &'static str,
+        quantity: String,
     },
     #[error("{instrument}: a {kind} does not accept {command}")]
     WrongKind {
@@ -35,10 +35,11 @@ pub enum SafetyViolation {
     EStopLatched,
 }
 
-/// The quantities a command sets, with their values.
-fn commanded_values(cmd: &DeviceCommand) -> Vec<(&'static str, f64)> {
+/// The quantities a command sets, with their values (a defined instrument's action: each parameter).
+fn commanded_values(cmd: &DeviceCommand) -> Vec<(&str, f64)> {
     use DeviceCommand::*;
     match *cmd {
+        Defined { ref params, .. } => params.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
         MoveTo {
             x_mm,
             y_mm,
@@ -73,7 +74,8 @@ fn commanded_values(cmd: &DeviceCommand) -> Vec<(&'static str, f64)> {
         | Weigh { .. }
         | HeaterOff
         | StirOff
-        | ReadTemperature => Vec::new(),
+        | ReadTemperature
+        | Read { .. } => Vec::new(),
     }
 }
 
@@ -91,20 +93,20 @@ pub fn check_command(instrument: &Instrument, cmd: &DeviceCommand) -> Result<(),
         if !value.is_finite() {
             return Err(SafetyViolation::NotFinite {
                 instrument: instrument.id.clone(),
-                quantity,
+                quantity: quantity.to_owned(),
                 value,
             });
         }
         let Some(range) = instrument.envelope.range(quantity) else {
             return Err(SafetyViolation::NoEnvelope {
                 instrument: instrument.id.clone(),
-                quantity,
+                quantity: quantity.to_owned(),
             });
         };
         if !range.contains(value) {
             return Err(SafetyViolation::OutsideEnvelope {
                 instrument: instrument.id.clone(),
-                quantity,
+                quantity: quantity.to_owned(),
                 value,
                 range,
             });
@@ -145,11 +147,8 @@ mod tests {
         let err = check_command(&inst("hotplate"), &cmd).unwrap_err();
         assert!(
             matches!(
-                err,
-                SafetyViolation::OutsideEnvelope {
-                    quantity: "temperature_c",
-                    ..
-                }
+                &err,
+                SafetyViolation::OutsideEnvelope { quantity, .. } if quantity == "temperature_c"
             ),
             "{err}"
         );

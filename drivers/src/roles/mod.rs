@@ -7,6 +7,7 @@
 //! [`DriverError::Device`] / [`DriverError::Alarm`] with the manual's text.
 
 mod balance;
+mod defined;
 mod gantry;
 mod hotplate;
 mod pump;
@@ -17,6 +18,7 @@ use std::time::Duration;
 use labctl_protocols::InstrumentKind;
 
 pub use balance::MtSicsBalance;
+pub use defined::DefinedInstrument;
 pub use gantry::{GantryLimits, GantryOptions, GrblGantry};
 pub use hotplate::{HotplateOptions, IkaHotplate};
 pub use pump::{Ne1000Pump, frame_packet};
@@ -163,6 +165,8 @@ pub(crate) fn command_name(command: &DeviceCommand) -> String {
         ReadTemperature => "read_temperature",
         Spectrum { .. } => "spectrum",
         Absorbance { .. } => "absorbance",
+        Defined { action, .. } => return action.clone(),
+        Read { .. } => "read",
     }
     .to_owned()
 }

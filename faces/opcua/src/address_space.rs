@@ -248,8 +248,8 @@ fn build_device(space: &mut AddressSpace, names: Names, instrument: &Instrument)
     names.object(space, &unit, id, &names.id(&units));
     let functions = format!("{unit}/FunctionSet");
     names.object(space, &functions, "FunctionSet", &names.id(&unit));
-    for q in kind.quantities() {
-        build_sensor(space, names, instrument, kind, q, &names.id(&functions));
+    for q in sensors(instrument) {
+        build_sensor(space, names, instrument, kind, &q, &names.id(&functions));
     }
     for (quantity, _) in devices::setpoints(instrument) {
         if let Some(q) = kind.quantities().iter().find(|q| q.name == quantity) {
@@ -329,12 +329,43 @@ fn build_setpoint(
     }
 }
 
+/// A quantity an instrument reports: its kind's, or its definition's readings.
+struct Sensor<'a> {
+    name: &'a str,
+    unit: &'a str,
+    description: &'a str,
+}
+
+fn sensors(instrument: &Instrument) -> Vec<Sensor<'_>> {
+    match &instrument.defined {
+        Some(def) => def
+            .readings
+            .iter()
+            .map(|r| Sensor {
+                name: &r.name,
+                unit: &r.unit,
+                description: &r.name,
+            })
+            .collect(),
+        None => instrument
+            .kind
+            .quantities()
+            .iter()
+            .map(|q| Sensor {
+                name: q.name,
+                unit: q.unit,
+                description: q.description,
+            })
+            .collect(),
+    }
+}
+
 fn build_sensor(
     space: &mut AddressSpace,
     names: Names,
     instrument: &Instrument,
     kind: InstrumentKind,
-    q: &labctl_protocols::capabilities::Quantity,
+    q: &Sensor<'_>,
     functions: &NodeId,
 ) {
     let id = instrument.id.as_str();

@@ -10,6 +10,7 @@
 //! - refuses what the real instrument refuses, with the instrument's own error reply (or its silence);
 //! - answers identity queries with realistic manufacturer, model, serial and firmware strings.
 
+pub mod defined;
 pub mod grbl;
 pub mod mtsics;
 pub mod namur;

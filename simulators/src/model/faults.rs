@@ -73,6 +73,8 @@ pub enum InstrumentId {
     Hotplate,
     /// The SCPI spectrometer.
     Spectro,
+    /// An instrument simulated from its definition, by registration order ([`crate::LabModel::add_defined`]).
+    Defined(usize),
 }
 
 /// Physical faults the model has counted so far (tests check these).

@@ -14,7 +14,7 @@ pub mod deck;
 pub mod faults;
 pub mod gantry;
 pub mod hotplate;
-mod noise;
+pub(crate) mod noise;
 pub mod pump;
 pub mod spectro;
 
@@ -185,6 +185,9 @@ pub struct LabModel {
     hotplate: Hotplate,
     spectro: Spectro,
     stats: FaultStats,
+    /// Instruments simulated from their definitions: their names and fault settings (their state lives in
+    /// their devices; the model keeps what fault files and the fault API address by name).
+    defined: Vec<(String, FaultConfig)>,
 }
 
 impl LabModel {
@@ -206,6 +209,7 @@ impl LabModel {
             hotplate: Hotplate::new(config.hotplate.clone(), config.ambient_c)?,
             spectro: Spectro::new(config.spectro.clone(), noise::stream(seed, 2))?,
             stats: FaultStats::default(),
+            defined: Vec::new(),
             config,
         })
     }
@@ -764,8 +768,23 @@ impl LabModel {
                 .pumps
                 .iter()
                 .position(|p| p.config().id == name)
-                .map(InstrumentId::Pump),
+                .map(InstrumentId::Pump)
+                .or_else(|| {
+                    self.defined
+                        .iter()
+                        .position(|(n, _)| n == name)
+                        .map(InstrumentId::Defined)
+                }),
         }
+    }
+
+    /// Registers an instrument simulated from its definition, so faults can be set on it by name.
+    pub fn add_defined(&mut self, name: &str) -> InstrumentId {
+        if let Some(i) = self.defined.iter().position(|(n, _)| n == name) {
+            return InstrumentId::Defined(i);
+        }
+        self.defined.push((name.to_owned(), FaultConfig::default()));
+        InstrumentId::Defined(self.defined.len() - 1)
     }
 
     /// Fault settings of one instrument.
@@ -776,6 +795,7 @@ impl LabModel {
             InstrumentId::Balance => Some(&self.config.balance.faults),
             InstrumentId::Hotplate => Some(&self.config.hotplate.faults),
             InstrumentId::Spectro => Some(&self.config.spectro.faults),
+            InstrumentId::Defined(i) => self.defined.get(i).map(|(_, f)| f),
         }
     }
 
@@ -809,6 +829,12 @@ impl LabModel {
             InstrumentId::Spectro => {
                 self.config.spectro.faults = faults.clone();
                 self.spectro.set_faults(faults);
+            }
+            InstrumentId::Defined(i) => {
+                let entry = self.defined.get_mut(i).ok_or_else(|| {
+                    ConfigError::invalid("faults", format!("no defined instrument {i}"))
+                })?;
+                entry.1 = faults;
             }
         }
         Ok(())

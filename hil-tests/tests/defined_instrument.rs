@@ -1,0 +1,127 @@
+//! An instrument added to a lab with nothing but a definition file: the simulated lab plus a second
+//! hotplate stirrer described by `instruments/ika-rct-digital.toml` (no Rust of labctl knows it). `labctl
+//! run` drives it over a pty against the simulator built from the same definition; the command port shows
+//! it, the validator holds its actions to the lab's envelope, a protocol using it completes with its
+//! reading journaled, and the wire tap checks every byte it was sent against the envelope.
+
+use std::time::Duration;
+
+use labctl_hil_tests::rig_file::{RigFile, RigKind};
+use labctl_hil_tests::system::{Bench, workspace};
+use labctl_protocols::Lab;
+use labctl_protocols::lab::SIM_LAB_TOML;
+
+const WARP: f64 = 20.0;
+
+/// The stirrer as a lab file names it: kind, driver and definition, its envelope on the definition's
+/// parameters; nothing else.
+const STIRRER: &str = r#"
+[[instruments]]
+id = "stirrer"
+kind = "defined"
+driver = "definition"
+definition = "instruments/ika-rct-digital.toml"
+transport = { type = "simulated" }
+envelope = { temperature_c = [15, 80], speed_rpm = [0, 1000] }
+"#;
+
+fn rig() -> RigFile {
+    let text = format!("{SIM_LAB_TOML}\n{STIRRER}");
+    let lab = Lab::from_toml_str_in(&text, "sim lab + stirrer", &workspace())
+        .unwrap_or_else(|e| panic!("{e}"));
+    RigFile {
+        origin: "defined-instrument test".into(),
+        kind: RigKind::Sim,
+        lab,
+        warp: WARP,
+        seed: 7,
+        scenarios: vec!["defined_instrument"],
+        technician_user: "alice".into(),
+        technician_password: "technician-dev".into(),
+    }
+}
+
+fn protocol(steps: serde_json::Value, proposal_id: &str) -> serde_json::Value {
+    serde_json::json!({
+        "version": 1,
+        "metadata": {
+            "name": "warm with the defined stirrer",
+            "proposal_id": proposal_id,
+            "planner": { "id": "hil", "model": "scenario" }
+        },
+        "labware": [],
+        "steps": steps,
+    })
+}
+
+#[test]
+fn a_defined_instrument_runs_a_protocol_inside_its_envelope_with_no_code() {
+    let bench = Bench::start(&rig(), "defined_instrument");
+    // `labctl` waits until every instrument of the lab, the stirrer included, is online.
+    let labctl = bench.labctl();
+    let mut port = bench.technician(&labctl);
+    let state = port.instrument_state("stirrer");
+    assert!(state.starts_with("online,"), "{state}");
+
+    // The envelope holds: 90 degC is inside what the definition says the instrument can do (310) but
+    // outside this lab's envelope (80), and is refused with the parameter's path before anything runs.
+    let too_hot = protocol(
+        serde_json::json!([{
+            "type": "action", "instrument": "stirrer", "action": "set_temperature",
+            "params": { "temperature_c": 90.0 }
+        }]),
+        "defined-too-hot",
+    );
+    let err = port.submit(&too_hot).expect_err("90 degC is refused");
+    assert!(
+        err.contains("/steps/0/params/temperature_c") && err.contains("envelope"),
+        "{err}"
+    );
+    // An action the definition does not have is refused by name.
+    let unknown = protocol(
+        serde_json::json!([{ "type": "action", "instrument": "stirrer", "action": "dispense", "params": {} }]),
+        "defined-unknown",
+    );
+    let err = port.submit(&unknown).expect_err("no dispense on a stirrer");
+    assert!(err.contains("/steps/0/action"), "{err}");
+
+    let warm = protocol(
+        serde_json::json!([
+            { "type": "action", "instrument": "stirrer", "action": "set_stir_speed", "params": { "speed_rpm": 300 } },
+            { "type": "action", "instrument": "stirrer", "action": "set_temperature", "params": { "temperature_c": 40.0 } },
+            { "type": "measure", "instrument": "stirrer", "action": "read", "params": { "quantity": "temperature_c" }, "result": "warm" },
+            { "type": "action", "instrument": "stirrer", "action": "heater_off", "params": {} },
+            { "type": "action", "instrument": "stirrer", "action": "stir_off", "params": {} }
+        ]),
+        "defined-warm",
+    );
+    let run = port.submit(&warm).expect("the protocol is accepted");
+    // The definition's simulator follows a setpoint with a 10 s time constant: from 22 to within 1 degC of
+    // 40 takes about 30 virtual seconds.
+    let limit = Duration::from_secs_f64(300.0 / WARP) + Duration::from_secs(30);
+    let end = port.wait_run(&run, limit, "an end", |s| s.is_final());
+    assert_eq!(end.state, "completed", "{end:?}\n{}", labctl.log_tail());
+    let journal = bench.assert_no_acknowledged_result_lost(&run, Some(&port), &[]);
+    let warm = journal
+        .iter()
+        .find(|r| r["name"] == "warm")
+        .unwrap_or_else(|| panic!("no result `warm` in {journal:?}"));
+    let value = warm["value"]["value"].as_f64().expect("a reading's value");
+    assert!((value - 40.0).abs() <= 1.5, "{warm}");
+    assert_eq!(warm["value"]["unit"], "degC", "{warm}");
+    // Provenance: the identity the instrument reported at connect, read with the definition's patterns.
+    assert_eq!(warm["identity"]["model"], "RCT digital", "{warm}");
+    assert_eq!(warm["identity"]["firmware"], "1.10", "{warm}");
+
+    // The live reading, as any instrument's, on the command port.
+    let reading = port.query("MEAS? stirrer,temperature_c");
+    assert!(reading.parse::<f64>().is_ok(), "{reading}");
+
+    // Every byte the stirrer was sent, read back with its definition: inside the envelope.
+    let wire = bench
+        .assert_wire_inside_envelope()
+        .expect("the sim rig has a wire tap");
+    assert_eq!(wire.sent("stirrer", "temperature_c"), [40.0], "{wire}");
+    assert_eq!(wire.sent("stirrer", "speed_rpm"), [300.0], "{wire}");
+    assert!(wire.count("stirrer") > 5, "{wire}");
+}

@@ -1,0 +1,170 @@
+//! Writing the text a reply pattern matches: an instrument definition gives each reply as a regular
+//! expression with named captures (`^(?P<value>-?\d+(\.\d+)?) 1$`); a simulator of the instrument answers
+//! with text that pattern matches, its captures filled with the simulated values. The text outside the
+//! captures is written from the pattern itself: literals as they are, a class as one of its characters (a
+//! space where the class has one), a repetition at its minimum, an alternation as its first branch.
+//!
+//! Used by the definition simulator and by the definition checker (a pattern no simulator could answer is
+//! refused, so every definition can be tested end to end without its instrument).
+
+use std::collections::BTreeMap;
+
+use regex::Regex;
+use regex_syntax::hir::{Class, Hir, HirKind};
+
+/// Why no text could be written for a pattern.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PatternTextError {
+    #[error("not a regular expression: {0}")]
+    Syntax(String),
+    #[error("the text written for it, {text:?}, does not match it")]
+    NoMatch { text: String },
+    #[error("no number format of {value} matches the capture `{capture}`")]
+    NoNumberFormat { capture: String, value: f64 },
+}
+
+/// Text matching `pattern`, with each named capture in `values` replaced by its text.
+pub fn write(pattern: &str, values: &BTreeMap<&str, String>) -> Result<String, PatternTextError> {
+    let hir = regex_syntax::parse(pattern).map_err(|e| PatternTextError::Syntax(e.to_string()))?;
+    let mut out = String::new();
+    render(&hir, values, &mut out);
+    let re = Regex::new(pattern).map_err(|e| PatternTextError::Syntax(e.to_string()))?;
+    if re.is_match(&out) {
+        Ok(out)
+    } else {
+        Err(PatternTextError::NoMatch { text: out })
+    }
+}
+
+/// Text matching `pattern` whose capture `capture` reads back as `value`: the number is written with the
+/// fewest decimals (up to 6) the pattern accepts, rounded to them.
+pub fn write_number(
+    pattern: &str,
+    capture: &str,
+    value: f64,
+    others: &BTreeMap<&str, String>,
+) -> Result<String, PatternTextError> {
+    let re = Regex::new(pattern).map_err(|e| PatternTextError::Syntax(e.to_string()))?;
+    for decimals in [1usize, 0, 2, 3, 4, 5, 6] {
+        let mut values = others.clone();
+        values.insert(capture, format!("{value:.decimals$}"));
+        if let Ok(text) = write(pattern, &values)
+            && re
+                .captures(&text)
+                .and_then(|c| c.name(capture))
+                .is_some_and(|m| m.as_str() == values[capture])
+        {
+            return Ok(text);
+        }
+    }
+    Err(PatternTextError::NoNumberFormat {
+        capture: capture.to_owned(),
+        value,
+    })
+}
+
+fn render(hir: &Hir, values: &BTreeMap<&str, String>, out: &mut String) {
+    match hir.kind() {
+        HirKind::Empty | HirKind::Look(_) => {}
+        HirKind::Literal(lit) => out.push_str(&String::from_utf8_lossy(&lit.0)),
+        HirKind::Class(class) => {
+            if let Some(c) = class_char(class) {
+                out.push(c);
+            }
+        }
+        HirKind::Repetition(rep) => {
+            for _ in 0..rep.min.min(64) {
+                render(&rep.sub, values, out);
+            }
+        }
+        HirKind::Capture(cap) => match cap.name.as_deref().and_then(|n| values.get(n)) {
+            Some(text) => out.push_str(text),
+            None => render(&cap.sub, values, out),
+        },
+        HirKind::Concat(parts) => parts.iter().for_each(|p| render(p, values, out)),
+        HirKind::Alternation(branches) => {
+            if let Some(first) = branches.first() {
+                render(first, values, out);
+            }
+        }
+    }
+}
+
+/// A character of the class: a space if it has one, else a printable one, else its first.
+fn class_char(class: &Class) -> Option<char> {
+    match class {
+        Class::Unicode(u) => {
+            let ranges = u.ranges();
+            let has = |c: char| ranges.iter().any(|r| r.start() <= c && c <= r.end());
+            if has(' ') {
+                return Some(' ');
+            }
+            ranges
+                .iter()
+                .flat_map(|r| [r.start(), r.end()])
+                .find(|c| c.is_ascii_graphic())
+                .or_else(|| ranges.first().map(|r| r.start()))
+        }
+        Class::Bytes(b) => {
+            let ranges = b.ranges();
+            let has = |c: u8| ranges.iter().any(|r| r.start() <= c && c <= r.end());
+            if has(b' ') {
+                return Some(' ');
+            }
+            ranges
+                .iter()
+                .flat_map(|r| [r.start(), r.end()])
+                .find(u8::is_ascii_graphic)
+                .or_else(|| ranges.first().map(|r| r.start()))
+                .map(char::from)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn none() -> BTreeMap<&'static str, String> {
+        BTreeMap::new()
+    }
+
+    #[test]
+    fn a_namur_reading_is_written_as_the_manual_prints_it() {
+        let text = write_number(r"^(?P<value>-?\d+(\.\d+)?) 1$", "value", 25.34, &none()).unwrap();
+        assert_eq!(text, "25.3 1");
+        // An integer-only capture gets no decimals.
+        let text = write_number(r"^(?P<value>\d+) 4$", "value", 300.2, &none()).unwrap();
+        assert_eq!(text, "300 4");
+    }
+
+    #[test]
+    fn literal_text_classes_and_alternations_around_captures_are_written_from_the_pattern() {
+        let values = BTreeMap::from([("model", "RCT digital".to_owned())]);
+        assert_eq!(write(r"^(?P<model>.+)$", &values).unwrap(), "RCT digital");
+        let text = write_number(
+            r"^in_pv_00\s+(?P<value>[-+]?\d+\.\d{2})\s*(C|K)$",
+            "value",
+            21.5,
+            &none(),
+        )
+        .unwrap();
+        // `\s*` is written at its minimum: nothing.
+        assert_eq!(text, "in_pv_00 21.50C");
+    }
+
+    #[test]
+    fn a_pattern_nothing_can_match_is_an_error_not_a_wrong_reply() {
+        let err = write(r"^a\bb$", &none()).unwrap_err();
+        assert!(matches!(err, PatternTextError::NoMatch { .. }), "{err}");
+        assert!(matches!(
+            write("(", &none()),
+            Err(PatternTextError::Syntax(_))
+        ));
+        let err = write_number(r"^(?P<value>[a-z]+)$", "value", 1.0, &none()).unwrap_err();
+        assert!(
+            matches!(err, PatternTextError::NoNumberFormat { .. }),
+            "{err}"
+        );
+    }
+}
