@@ -11,6 +11,7 @@
 
 pub mod fixed_point;
 pub mod grbl;
+pub mod modbus;
 pub mod mtsics;
 pub mod namur;
 pub mod ne1000;
@@ -83,6 +84,12 @@ impl DecodeError {
             frame: String::from_utf8_lossy(frame).into_owned(),
             skip: frame.len(),
         }
+    }
+
+    /// The same error, dropping only `skip` bytes (a binary protocol resynchronises byte by byte).
+    pub fn skip(mut self, skip: usize) -> Self {
+        self.skip = skip;
+        self
     }
 }
 

@@ -4,6 +4,8 @@
 //! `simulated` transports are resolved by the caller (it starts the simulators and knows their pty paths
 //! and TCP addresses), so everything here takes a concrete [`Endpoint`].
 
+use std::sync::Arc;
+
 use labctl_protocols::InstrumentKind;
 use labctl_protocols::lab::{self, Driver, SerialLine};
 
@@ -11,8 +13,8 @@ use crate::error::DriverError;
 use crate::instrument::{DeviceCommand, Identity, Instrument, Outcome, Telemetry};
 use crate::port::{PortConfig, PortHandle, frame_line, frame_line_or_cr};
 use crate::roles::{
-    DefinedInstrument, GantryOptions, GrblGantry, HotplateOptions, IkaHotplate, MtSicsBalance,
-    Ne1000Pump, ScpiSpectro,
+    DefinedInstrument, GantryOptions, GrblGantry, HotplateOptions, IkaHotplate, ModbusInstrument,
+    MtSicsBalance, Ne1000Pump, ScpiSpectro,
 };
 use labctl_transport::Endpoint;
 
@@ -139,6 +141,13 @@ pub fn connect(
     ports: &mut Ports,
     options: &DriverOptions,
 ) -> Result<AnyInstrument, DriverError> {
+    // A Modbus instrument owns its connection (tokio-modbus frames it); no shared port task.
+    if let Some(definition) = instrument.defined.as_ref().filter(|d| d.modbus.is_some()) {
+        return Ok(AnyInstrument::Modbus(
+            ModbusInstrument::new(&instrument.id, endpoint.clone(), Arc::clone(definition))?
+                .time_scale(options.time_scale),
+        ));
+    }
     let port = ports.handle(&instrument.id, endpoint, instrument.driver)?;
     driver_for(instrument, port, options)
 }
@@ -184,10 +193,22 @@ pub fn driver_for(
                         supported: "a lab loaded with Lab::load, which reads the definition file"
                             .into(),
                     })?;
-            AnyInstrument::Defined(
-                DefinedInstrument::new(id, port, definition, instrument.allow_firmware.clone())?
+            if definition.modbus.is_some() {
+                AnyInstrument::Modbus(
+                    ModbusInstrument::new(id, port.endpoint().clone(), definition)?
+                        .time_scale(options.time_scale),
+                )
+            } else {
+                AnyInstrument::Defined(
+                    DefinedInstrument::new(
+                        id,
+                        port,
+                        definition,
+                        instrument.allow_firmware.clone(),
+                    )?
                     .time_scale(options.time_scale),
-            )
+                )
+            }
         }
     })
 }
@@ -202,6 +223,7 @@ pub enum AnyInstrument {
     Hotplate(IkaHotplate),
     Spectro(ScpiSpectro),
     Defined(DefinedInstrument),
+    Modbus(ModbusInstrument),
 }
 
 /// Forwards a method to whichever driver is inside.
@@ -214,6 +236,7 @@ macro_rules! each {
             AnyInstrument::Hotplate($d) => $call,
             AnyInstrument::Spectro($d) => $call,
             AnyInstrument::Defined($d) => $call,
+            AnyInstrument::Modbus($d) => $call,
         }
     };
 }

@@ -300,11 +300,13 @@ pub fn check_port(report: &mut WireReport, instruments: &[&Instrument], bytes: &
                 &mut undecodable,
             );
         }
-        Driver::Definition => {
-            if let Some(definition) = &first.defined {
-                check_defined(report, first, definition, bytes, &mut undecodable);
+        Driver::Definition => match &first.defined {
+            Some(definition) if definition.modbus.is_some() => {
+                check_modbus(report, first, definition, bytes, &mut undecodable)
             }
-        }
+            Some(definition) => check_defined(report, first, definition, bytes, &mut undecodable),
+            None => {}
+        },
         Driver::MtSics => {
             // Nothing a balance is told can leave an envelope; decode to prove the host spoke MT-SICS.
             let balance = *first;
@@ -369,6 +371,102 @@ fn check_defined(
                 "{}: {line:?} is no command of its definition",
                 instrument.id
             ));
+        }
+    }
+}
+
+/// A Modbus instrument's requests, decoded with labctl's Modbus codec: a write to an action's register is
+/// read back as the action's parameter and checked against the envelope; reads pass; a write to a register
+/// no action names is a violation (a safe-state write names its action or register in the definition).
+fn check_modbus(
+    report: &mut WireReport,
+    instrument: &Instrument,
+    definition: &InstrumentDefinition,
+    mut bytes: &[u8],
+    undecodable: &mut Vec<String>,
+) {
+    use labctl_codecs::modbus::{self, Request};
+    use labctl_protocols::instrument_def::{ModbusTransport, RegisterTable, RegisterWrite};
+    let Some(settings) = &definition.modbus else {
+        return;
+    };
+    let allowed_raw: Vec<RegisterWrite> = definition
+        .safe_state
+        .iter()
+        .chain(&definition.recovery)
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    while !bytes.is_empty() {
+        let decoded = match settings.transport {
+            ModbusTransport::Tcp => modbus::decode_tcp(bytes),
+            ModbusTransport::Rtu => modbus::decode_rtu_request(bytes),
+        };
+        let frame = match decoded {
+            Ok(Decoded::Frame { value, consumed }) => {
+                bytes = &bytes[consumed.clamp(1, bytes.len())..];
+                value
+            }
+            Ok(Decoded::Incomplete) => break,
+            Err(e) => {
+                undecodable.push(e.to_string());
+                bytes = &bytes[e.skip.clamp(1, bytes.len())..];
+                continue;
+            }
+        };
+        report.command(&instrument.id);
+        let (table, address, words) = match modbus::decode_request(&frame.pdu) {
+            Ok(Request::WriteSingleRegister { address, value }) => {
+                (RegisterTable::Holding, address, vec![value])
+            }
+            Ok(Request::WriteMultipleRegisters { address, values }) => {
+                (RegisterTable::Holding, address, values)
+            }
+            Ok(Request::WriteSingleCoil { address, on }) => {
+                (RegisterTable::Coil, address, vec![u16::from(on)])
+            }
+            Ok(_) => continue,
+            Err(e) => {
+                undecodable.push(format!(
+                    "{}: a request the device refuses ({e:?})",
+                    instrument.id
+                ));
+                continue;
+            }
+        };
+        let action = definition.actions.iter().find(|a| {
+            a.register
+                .as_ref()
+                .is_some_and(|r| r.table == table && r.address == address)
+        });
+        match action {
+            Some(a) => {
+                let register = a.register.as_ref().expect("found by its register");
+                let Some(raw) = register.decode(&words) else {
+                    report.violations.push(format!(
+                        "{}: {} written with {} words",
+                        instrument.id,
+                        a.name,
+                        words.len()
+                    ));
+                    continue;
+                };
+                let value = raw * a.scale + a.offset;
+                match a.params.first() {
+                    Some(p) => report.check(instrument, &p.name, value, &a.name),
+                    None if a.value.is_some_and(|v| (v - value).abs() < 1e-9) => {}
+                    None => report.violations.push(format!(
+                        "{}: {} wrote {value}, not its fixed value",
+                        instrument.id, a.name
+                    )),
+                }
+            }
+            None if allowed_raw.iter().any(|w| {
+                w.table == table && w.address == address && words == [w.value]
+            }) => {}
+            None => report.violations.push(format!(
+                "{}: a write of {words:?} to {table:?} register {address}, which no action of its definition names",
+                instrument.id
+            )),
         }
     }
 }

@@ -26,6 +26,9 @@ pub struct RigConfig {
     pub seed: u64,
     /// Faults from the start, by instrument id (`pumps` for the whole pump line).
     pub faults: FaultsById,
+    /// The lab (default: the simulated lab of `sim-lab.md`); instruments with a definition get their
+    /// simulator from it.
+    pub lab: Option<Lab>,
 }
 
 impl Default for RigConfig {
@@ -35,6 +38,7 @@ impl Default for RigConfig {
             wire_timing: true,
             seed: 7,
             faults: FaultsById::new(),
+            lab: None,
         }
     }
 }
@@ -86,7 +90,7 @@ impl Rig {
     /// Serves the simulated lab of `sim-lab.md` (must run inside a tokio runtime).
     pub async fn start(config: RigConfig) -> Rig {
         let dir = ScratchDir::new();
-        let base = Lab::sim();
+        let base = config.lab.unwrap_or_else(Lab::sim);
         let sim = SimLab::start(SimLabConfig {
             lab: base.clone(),
             seed: config.seed,

@@ -1,8 +1,9 @@
-//! An instrument added to a lab with nothing but a definition file: the simulated lab plus a second
-//! hotplate stirrer described by `instruments/ika-rct-digital.toml` (no Rust of labctl knows it). `labctl
-//! run` drives it over a pty against the simulator built from the same definition; the command port shows
-//! it, the validator holds its actions to the lab's envelope, a protocol using it completes with its
-//! reading journaled, and the wire tap checks every byte it was sent against the envelope.
+//! Instruments added to a lab with nothing but definition files: the simulated lab plus a second hotplate
+//! stirrer described by `instruments/ika-rct-digital.toml` (ASCII) and a mass-flow controller described by
+//! `instruments/bronkhorst-el-flow-modbus.toml` (Modbus RTU); no Rust of labctl knows either. `labctl run`
+//! drives them over ptys against the simulators built from the same definitions; the command port shows
+//! them, the validator holds their actions to the lab's envelope, a protocol using both completes with
+//! their readings journaled, and the wire tap checks every byte they were sent against the envelope.
 
 use std::time::Duration;
 
@@ -23,6 +24,14 @@ driver = "definition"
 definition = "instruments/ika-rct-digital.toml"
 transport = { type = "simulated" }
 envelope = { temperature_c = [15, 80], speed_rpm = [0, 1000] }
+
+[[instruments]]
+id = "mfc"
+kind = "defined"
+driver = "definition"
+definition = "instruments/bronkhorst-el-flow-modbus.toml"
+transport = { type = "simulated" }
+envelope = { flow_ln_per_min = [0, 5] }
 "#;
 
 fn rig() -> RigFile {
@@ -78,6 +87,15 @@ fn a_defined_instrument_runs_a_protocol_inside_its_envelope_with_no_code() {
         "{err}"
     );
     // An action the definition does not have is refused by name.
+    let too_much = protocol(
+        serde_json::json!([{
+            "type": "action", "instrument": "mfc", "action": "set_flow",
+            "params": { "flow_ln_per_min": 7.5 }
+        }]),
+        "defined-too-much",
+    );
+    let err = port.submit(&too_much).expect_err("7.5 ln/min is refused");
+    assert!(err.contains("/steps/0/params/flow_ln_per_min"), "{err}");
     let unknown = protocol(
         serde_json::json!([{ "type": "action", "instrument": "stirrer", "action": "dispense", "params": {} }]),
         "defined-unknown",
@@ -90,6 +108,9 @@ fn a_defined_instrument_runs_a_protocol_inside_its_envelope_with_no_code() {
             { "type": "action", "instrument": "stirrer", "action": "set_stir_speed", "params": { "speed_rpm": 300 } },
             { "type": "action", "instrument": "stirrer", "action": "set_temperature", "params": { "temperature_c": 40.0 } },
             { "type": "measure", "instrument": "stirrer", "action": "read", "params": { "quantity": "temperature_c" }, "result": "warm" },
+            { "type": "action", "instrument": "mfc", "action": "set_flow", "params": { "flow_ln_per_min": 2.0 } },
+            { "type": "measure", "instrument": "mfc", "action": "read", "params": { "quantity": "flow_ln_per_min" }, "result": "flow" },
+            { "type": "action", "instrument": "mfc", "action": "stop_flow", "params": {} },
             { "type": "action", "instrument": "stirrer", "action": "heater_off", "params": {} },
             { "type": "action", "instrument": "stirrer", "action": "stir_off", "params": {} }
         ]),
@@ -113,6 +134,14 @@ fn a_defined_instrument_runs_a_protocol_inside_its_envelope_with_no_code() {
     assert_eq!(warm["identity"]["model"], "RCT digital", "{warm}");
     assert_eq!(warm["identity"]["firmware"], "1.10", "{warm}");
 
+    let flow = journal
+        .iter()
+        .find(|r| r["name"] == "flow")
+        .unwrap_or_else(|| panic!("no result `flow` in {journal:?}"));
+    let value = flow["value"]["value"].as_f64().expect("a reading's value");
+    assert!((value - 2.0).abs() <= 0.05, "{flow}");
+    assert_eq!(flow["identity"]["manufacturer"], "Bronkhorst", "{flow}");
+
     // The live reading, as any instrument's, on the command port.
     let reading = port.query("MEAS? stirrer,temperature_c");
     assert!(reading.parse::<f64>().is_ok(), "{reading}");
@@ -124,4 +153,10 @@ fn a_defined_instrument_runs_a_protocol_inside_its_envelope_with_no_code() {
     assert_eq!(wire.sent("stirrer", "temperature_c"), [40.0], "{wire}");
     assert_eq!(wire.sent("stirrer", "speed_rpm"), [300.0], "{wire}");
     assert!(wire.count("stirrer") > 5, "{wire}");
+    // The flow setpoint, then the stop, read back from the Modbus frames (the controller also makes the
+    // instrument safe when it connects: those are zeros too).
+    let flows = wire.sent("mfc", "flow_ln_per_min");
+    let nonzero: Vec<f64> = flows.iter().copied().filter(|v| *v != 0.0).collect();
+    assert_eq!(nonzero, [2.0], "{wire}");
+    assert_eq!(flows.last(), Some(&0.0), "{wire}");
 }

@@ -141,6 +141,116 @@ pub struct ModbusSettings {
     /// The unit (slave) id, 1-247.
     pub unit_id: u8,
     pub reply_timeout_ms: u32,
+    /// RTU: the line's speed (the Modbus specification's default, 19200, when absent). RTU characters
+    /// always have 8 data bits.
+    #[serde(default = "modbus_baud")]
+    pub baud: u32,
+    /// RTU: parity (the specification's default is even).
+    #[serde(default = "modbus_parity")]
+    pub parity: Parity,
+    /// RTU: stop bits (1; 2 when there is no parity, as the specification asks).
+    #[serde(default = "crate::lab::default_stop_bits")]
+    pub stop_bits: u8,
+}
+
+fn modbus_baud() -> u32 {
+    19_200
+}
+fn modbus_parity() -> Parity {
+    Parity::Even
+}
+
+/// A value written to a register or coil: a Modbus instrument's safe-state and recovery steps, written
+/// `holding:<address>=<value>` (a raw 16-bit value) or `coil:<address>=<0|1>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegisterWrite {
+    pub table: RegisterTable,
+    pub address: u16,
+    pub value: u16,
+}
+
+impl std::str::FromStr for RegisterWrite {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<RegisterWrite, String> {
+        let expected =
+            || format!("{text:?}: expected holding:<address>=<value> or coil:<address>=<0|1>");
+        let (table, rest) = text.split_once(':').ok_or_else(expected)?;
+        let (address, value) = rest.split_once('=').ok_or_else(expected)?;
+        let table = match table.trim() {
+            "holding" => RegisterTable::Holding,
+            "coil" => RegisterTable::Coil,
+            _ => return Err(expected()),
+        };
+        let address: u16 = address.trim().parse().map_err(|_| expected())?;
+        let value: u16 = value.trim().parse().map_err(|_| expected())?;
+        if table == RegisterTable::Coil && value > 1 {
+            return Err(expected());
+        }
+        Ok(RegisterWrite {
+            table,
+            address,
+            value,
+        })
+    }
+}
+
+impl Register {
+    /// How many 16-bit registers the value takes (1 for a coil).
+    pub fn words(&self) -> u16 {
+        match self.data_type {
+            RegisterType::U16 | RegisterType::I16 => 1,
+            RegisterType::U32 | RegisterType::I32 | RegisterType::F32 => 2,
+        }
+    }
+
+    /// The raw value the registers hold (before scale and offset).
+    pub fn decode(&self, words: &[u16]) -> Option<f64> {
+        let pair = |w: &[u16]| -> Option<u32> {
+            let (a, b) = (*w.first()?, *w.get(1)?);
+            let (high, low) = match self.word_order {
+                WordOrder::Big => (a, b),
+                WordOrder::Little => (b, a),
+            };
+            Some((u32::from(high) << 16) | u32::from(low))
+        };
+        Some(match self.data_type {
+            RegisterType::U16 => f64::from(*words.first()?),
+            RegisterType::I16 => f64::from(*words.first()? as i16),
+            RegisterType::U32 => f64::from(pair(words)?),
+            RegisterType::I32 => f64::from(pair(words)? as i32),
+            RegisterType::F32 => f64::from(f32::from_bits(pair(words)?)),
+        })
+    }
+
+    /// The registers that hold raw value `raw`, rounded for integer types; `None` when it does not fit.
+    pub fn encode(&self, raw: f64) -> Option<Vec<u16>> {
+        let split = |bits: u32| -> Vec<u16> {
+            let (high, low) = ((bits >> 16) as u16, bits as u16);
+            match self.word_order {
+                WordOrder::Big => vec![high, low],
+                WordOrder::Little => vec![low, high],
+            }
+        };
+        let int = |min: f64, max: f64| {
+            let r = raw.round();
+            (r.is_finite() && (min..=max).contains(&r)).then_some(r)
+        };
+        Some(match self.data_type {
+            RegisterType::U16 => vec![int(0.0, f64::from(u16::MAX))? as u16],
+            RegisterType::I16 => vec![int(f64::from(i16::MIN), f64::from(i16::MAX))? as i16 as u16],
+            RegisterType::U32 => split(int(0.0, f64::from(u32::MAX))? as u32),
+            RegisterType::I32 => {
+                split(int(f64::from(i32::MIN), f64::from(i32::MAX))? as i32 as u32)
+            }
+            RegisterType::F32 => {
+                if !raw.is_finite() {
+                    return None;
+                }
+                split((raw as f32).to_bits())
+            }
+        })
+    }
 }
 
 /// Where a Modbus value lives and how it is encoded.
@@ -251,9 +361,17 @@ pub struct ActionSpec {
     /// The commands sent in order, with `{param}` where a parameter's value goes (line instruments).
     #[serde(default)]
     pub commands: Vec<String>,
-    /// The register written with the first parameter's value (Modbus instruments).
+    /// The register written with the parameter's value, or with `value` (Modbus instruments).
     #[serde(default)]
     pub register: Option<Register>,
+    /// What a Modbus action without a parameter writes (e.g. 1 to a run coil).
+    #[serde(default)]
+    pub value: Option<f64>,
+    /// Modbus: the register holds (value - offset) / scale (e.g. scale 0.1 for tenths of a degree).
+    #[serde(default = "unit_scale")]
+    pub scale: f64,
+    #[serde(default)]
+    pub offset: f64,
     /// A regular expression the acknowledgement matches (line instruments that acknowledge).
     #[serde(default)]
     pub ack: Option<String>,
@@ -688,6 +806,19 @@ impl Checker {
         }
         for (field, commands) in [("safe_state", &def.safe_state), ("recovery", &def.recovery)] {
             for (i, c) in commands.iter().enumerate() {
+                if !line {
+                    let fixed_action = def
+                        .action(c)
+                        .is_some_and(|a| a.params.is_empty() && a.value.is_some());
+                    if let (false, Err(e)) = (fixed_action, c.parse::<RegisterWrite>()) {
+                        self.error(
+                            Code::InvalidValue,
+                            format!("/{field}/{i}"),
+                            format!("{e}, or the name of an action that writes a fixed `value`"),
+                        );
+                    }
+                    continue;
+                }
                 let takes_params = template_parts(c)
                     .map(|parts| parts.iter().any(|p| matches!(p, Part::Param(_))))
                     .unwrap_or(true);
@@ -958,12 +1089,27 @@ impl Checker {
             if let Some(ack) = &a.ack {
                 self.pattern(format!("{at}/ack"), ack, &[]);
             }
-        } else if a.register.is_none() {
-            self.error(
-                Code::InvalidValue,
-                format!("{at}/register"),
-                "missing: the register written",
-            );
+        } else {
+            match &a.register {
+                None => self.error(
+                    Code::InvalidValue,
+                    format!("{at}/register"),
+                    "missing: the register written",
+                ),
+                Some(r) if r.table == RegisterTable::Input => self.error(
+                    Code::InvalidValue,
+                    format!("{at}/register/table"),
+                    "input registers are read-only: an action writes a holding register or a coil",
+                ),
+                Some(_) => {}
+            }
+            if a.params.len() + usize::from(a.value.is_some()) != 1 {
+                self.error(
+                    Code::InvalidValue,
+                    format!("{at}/params"),
+                    "a Modbus action writes one value: one parameter, or `value` and no parameter",
+                );
+            }
         }
         for (j, e) in a.errors.iter().enumerate() {
             self.pattern(format!("{at}/errors/{j}/reply"), &e.reply, &[]);

@@ -28,6 +28,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::devices::defined::DefinedDevice;
+use crate::devices::defined_modbus::DefinedModbusDevice;
 use crate::devices::grbl::{Grbl, GrblConfig};
 use crate::devices::mtsics::{MtSics, MtSicsConfig};
 use crate::devices::namur::{Namur, NamurConfig};
@@ -284,13 +285,19 @@ impl SimLab {
             if let Some(definition) = &inst.defined {
                 let id = model.add_defined(&inst.id);
                 let seed = config.seed ^ (k as u64 + 101);
-                let device = DefinedDevice::new(Arc::clone(definition), id, seed).map_err(|e| {
-                    SimLabError::Definition {
-                        instrument: inst.id.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                devices.push((inst.id.as_str(), Box::new(device)));
+                let device: Box<dyn Device> =
+                    match DefinedModbusDevice::new(Arc::clone(definition), id, seed) {
+                        Some(modbus) => Box::new(modbus),
+                        None => Box::new(
+                            DefinedDevice::new(Arc::clone(definition), id, seed).map_err(|e| {
+                                SimLabError::Definition {
+                                    instrument: inst.id.clone(),
+                                    reason: e.to_string(),
+                                }
+                            })?,
+                        ),
+                    };
+                devices.push((inst.id.as_str(), device));
             }
         }
         let mut instruments = Vec::new();
@@ -337,7 +344,9 @@ impl SimLab {
                         .as_ref()
                         .map(|d| d.join(format!("{name}.pty"))),
                 },
-                None => Listen::Tcp(config.spectro_addr),
+                // The spectrophotometer where the caller asked; a Modbus TCP instrument on a free port.
+                None if name == "spectro" => Listen::Tcp(config.spectro_addr),
+                None => Listen::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
             };
             let protocol = device.protocol();
             let line = device.line();

@@ -36,7 +36,7 @@ const COMPLETION_POLL: Duration = Duration::from_millis(200);
 
 /// A definition's reading names live as long as the process, like the built-in drivers' quantity names:
 /// each distinct name is kept once, however many times a lab is loaded.
-fn intern(name: &str) -> &'static str {
+pub(super) fn intern(name: &str) -> &'static str {
     static NAMES: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
     let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(known) = names.get(name) {

@@ -10,6 +10,7 @@ mod balance;
 mod defined;
 mod gantry;
 mod hotplate;
+mod modbus;
 mod pump;
 mod spectro;
 
@@ -21,6 +22,7 @@ pub use balance::MtSicsBalance;
 pub use defined::DefinedInstrument;
 pub use gantry::{GantryLimits, GantryOptions, GrblGantry};
 pub use hotplate::{HotplateOptions, IkaHotplate};
+pub use modbus::ModbusInstrument;
 pub use pump::{Ne1000Pump, frame_packet};
 pub use spectro::ScpiSpectro;
 

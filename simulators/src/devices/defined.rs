@@ -34,14 +34,14 @@ pub enum DefinedDeviceError {
     Pattern { what: String, reason: String },
 }
 
-/// A reading's simulated state.
+/// A reading's simulated state (shared with the Modbus simulator).
 #[derive(Debug, Clone)]
-struct Value {
-    name: String,
+pub(super) struct Value {
+    pub(super) name: String,
     query: String,
     reply: String,
-    scale: f64,
-    offset: f64,
+    pub(super) scale: f64,
+    pub(super) offset: f64,
     /// Value at `since`, and where it is heading.
     from: f64,
     target: f64,
@@ -49,12 +49,34 @@ struct Value {
 }
 
 impl Value {
-    fn at(&self, now: Duration, tau_s: f64) -> f64 {
+    /// Every reading of `definition` at its initial value.
+    pub(super) fn all(definition: &InstrumentDefinition) -> Vec<Value> {
+        let sim = &definition.simulation;
+        definition
+            .readings
+            .iter()
+            .map(|r| {
+                let start = sim.initial.get(&r.name).copied().unwrap_or(0.0);
+                Value {
+                    name: r.name.clone(),
+                    query: r.query.clone().unwrap_or_default(),
+                    reply: r.reply.clone().unwrap_or_default(),
+                    scale: r.scale,
+                    offset: r.offset,
+                    from: start,
+                    target: start,
+                    since: Duration::ZERO,
+                }
+            })
+            .collect()
+    }
+
+    pub(super) fn at(&self, now: Duration, tau_s: f64) -> f64 {
         let dt = now.saturating_sub(self.since).as_secs_f64();
         self.target + (self.from - self.target) * (-dt / tau_s).exp()
     }
 
-    fn set_target(&mut self, now: Duration, tau_s: f64, target: f64) {
+    pub(super) fn set_target(&mut self, now: Duration, tau_s: f64, target: f64) {
         self.from = self.at(now, tau_s);
         self.since = now;
         self.target = target;
@@ -105,27 +127,17 @@ impl DefinedDevice {
                 .map_err(|e| pattern_error(format!("identity query {}", q.query), e.to_string()))?;
             identity.push((q.query.clone(), text));
         }
-        let sim = &definition.simulation;
-        let mut values = Vec::new();
-        for r in &definition.readings {
-            let (Some(query), Some(reply)) = (&r.query, &r.reply) else {
-                return Err(pattern_error(
-                    format!("reading {}", r.name),
-                    "no query and reply".into(),
-                ));
-            };
-            let start = sim.initial.get(&r.name).copied().unwrap_or(0.0);
-            values.push(Value {
-                name: r.name.clone(),
-                query: query.clone(),
-                reply: reply.clone(),
-                scale: r.scale,
-                offset: r.offset,
-                from: start,
-                target: start,
-                since: Duration::ZERO,
-            });
+        if let Some(r) = definition
+            .readings
+            .iter()
+            .find(|r| r.query.is_none() || r.reply.is_none())
+        {
+            return Err(pattern_error(
+                format!("reading {}", r.name),
+                "no query and reply".into(),
+            ));
         }
+        let values = Value::all(&definition);
         let mut commands = Vec::new();
         for action in &definition.actions {
             let ack = match &action.ack {

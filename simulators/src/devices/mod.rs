@@ -11,6 +11,7 @@
 //! - answers identity queries with realistic manufacturer, model, serial and firmware strings.
 
 pub mod defined;
+pub mod defined_modbus;
 pub mod grbl;
 pub mod mtsics;
 pub mod namur;

@@ -1,0 +1,322 @@
+//! A Modbus instrument simulated from its definition: the registers and coils the definition names, served
+//! over Modbus TCP (a socket) or RTU (a pty), with the same state model as the ASCII simulator
+//! ([`super::defined`]): a write to an action's register whose parameter is named like a reading sets
+//! that reading's target, approached with a first-order lag.
+//!
+//! Reads of a reading's register return its simulated value (`(value - offset) / scale`, encoded as the
+//! register's type and word order); reads of an action's register return what was last written; an address
+//! the definition does not name gets exception 0x02 (illegal data address), a write to a read-only one too.
+//! RTU requests for another unit are ignored; broadcast writes (unit 0) are carried out unanswered.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use labctl_codecs::modbus::{
+    self, Exception, Frame, Request, Response, decode_request, decode_rtu_request, decode_tcp,
+    encode_response,
+};
+use labctl_codecs::{Decoded, MAX_LINE};
+use labctl_protocols::instrument_def::{
+    InstrumentDefinition, ModbusSettings, ModbusTransport, Register, RegisterTable,
+};
+use rand::rngs::SmallRng;
+
+use super::defined::Value;
+use super::{Ctx, Device, LineSettings};
+use crate::model::{InstrumentId, noise};
+
+/// A register an action writes: the reading it sets (if any), and how to read the raw value back.
+#[derive(Debug, Clone)]
+struct Writable {
+    register: Register,
+    scale: f64,
+    offset: f64,
+    target: Option<usize>,
+}
+
+/// The simulated Modbus instrument.
+#[derive(Debug)]
+pub struct DefinedModbusDevice {
+    definition: Arc<InstrumentDefinition>,
+    settings: ModbusSettings,
+    instruments: [InstrumentId; 1],
+    values: Vec<Value>,
+    writable: Vec<Writable>,
+    /// Raw words (or 0/1 for coils) last written, by (table, address).
+    written: BTreeMap<(u8, u16), u16>,
+    rx: Vec<u8>,
+    rng: SmallRng,
+}
+
+fn table_key(table: RegisterTable) -> u8 {
+    match table {
+        RegisterTable::Holding => 0,
+        RegisterTable::Input => 1,
+        RegisterTable::Coil => 2,
+    }
+}
+
+impl DefinedModbusDevice {
+    /// The simulator of a Modbus `definition`; `None` for a line instrument.
+    pub fn new(
+        definition: Arc<InstrumentDefinition>,
+        id: InstrumentId,
+        seed: u64,
+    ) -> Option<DefinedModbusDevice> {
+        let settings = definition.modbus.clone()?;
+        let values = Value::all(&definition);
+        let mut writable: Vec<Writable> = definition
+            .actions
+            .iter()
+            .filter_map(|a| {
+                let register = a.register.clone()?;
+                let target = a
+                    .params
+                    .first()
+                    .and_then(|p| values.iter().position(|v| v.name == p.name));
+                Some(Writable {
+                    register,
+                    scale: a.scale,
+                    offset: a.offset,
+                    target,
+                })
+            })
+            .collect();
+        // An action without a parameter (`stop_flow` writing 0) moves what the register's other action sets.
+        for k in 0..writable.len() {
+            if writable[k].target.is_none() {
+                let (table, address) = (writable[k].register.table, writable[k].register.address);
+                writable[k].target = writable.iter().find_map(|w| {
+                    (w.register.table == table && w.register.address == address)
+                        .then_some(w.target)
+                        .flatten()
+                });
+            }
+        }
+        Some(DefinedModbusDevice {
+            settings,
+            instruments: [id],
+            values,
+            writable,
+            written: BTreeMap::new(),
+            rx: Vec::new(),
+            rng: noise::stream(seed, 65),
+            definition,
+        })
+    }
+
+    /// The words at `address..address + count` of `table`, or the exception a device answers.
+    fn read_words(
+        &mut self,
+        ctx: &Ctx<'_>,
+        table: RegisterTable,
+        address: u16,
+        count: u16,
+    ) -> Result<Vec<u16>, Exception> {
+        let tau_s = self.definition.simulation.tau_s;
+        let sd = self.definition.simulation.noise / 4.0;
+        let mut out = Vec::with_capacity(usize::from(count));
+        let mut at = address;
+        let end = u32::from(address) + u32::from(count);
+        while u32::from(at) < end {
+            let reading = self
+                .definition
+                .readings
+                .iter()
+                .zip(&self.values)
+                .find(|(r, _)| {
+                    r.register
+                        .as_ref()
+                        .is_some_and(|reg| reg.table == table && reg.address == at)
+                });
+            let words = if let Some((r, v)) = reading {
+                let register = r.register.as_ref().ok_or(Exception::ServerDeviceFailure)?;
+                let value = v.at(ctx.now, tau_s) + noise::gaussian(&mut self.rng, sd);
+                register
+                    .encode((value - v.offset) / v.scale)
+                    .ok_or(Exception::ServerDeviceFailure)?
+            } else if let Some(w) = self
+                .writable
+                .iter()
+                .find(|w| w.register.table == table && w.register.address == at)
+            {
+                (0..w.register.words())
+                    .map(|k| {
+                        self.written
+                            .get(&(table_key(table), at + k))
+                            .copied()
+                            .unwrap_or(0)
+                    })
+                    .collect()
+            } else {
+                return Err(Exception::IllegalDataAddress);
+            };
+            at = at.saturating_add(words.len() as u16);
+            out.extend(words);
+        }
+        out.truncate(usize::from(count));
+        Ok(out)
+    }
+
+    /// Carries out a write to `table` at `address`, setting the reading it targets.
+    fn write(
+        &mut self,
+        ctx: &Ctx<'_>,
+        table: RegisterTable,
+        address: u16,
+        words: &[u16],
+    ) -> Result<(), Exception> {
+        let Some(w) = self
+            .writable
+            .iter()
+            .find(|w| w.register.table == table && w.register.address == address)
+            .cloned()
+        else {
+            return Err(Exception::IllegalDataAddress);
+        };
+        if words.len() != usize::from(w.register.words()) {
+            return Err(Exception::IllegalDataValue);
+        }
+        for (k, word) in words.iter().enumerate() {
+            self.written
+                .insert((table_key(table), address + k as u16), *word);
+        }
+        let raw = w
+            .register
+            .decode(words)
+            .ok_or(Exception::IllegalDataValue)?;
+        if let Some(index) = w.target
+            && let Some(v) = self.values.get_mut(index)
+        {
+            v.set_target(
+                ctx.now,
+                self.definition.simulation.tau_s,
+                raw * w.scale + w.offset,
+            );
+        }
+        Ok(())
+    }
+
+    fn serve(&mut self, ctx: &Ctx<'_>, request: &Request) -> Response {
+        let result = match request {
+            Request::ReadCoils { address, count } => (0..*count)
+                .map(|k| {
+                    self.read_words(ctx, RegisterTable::Coil, address.saturating_add(k), 1)
+                        .map(|w| w.first().copied().unwrap_or(0) != 0)
+                })
+                .collect::<Result<Vec<bool>, _>>()
+                .map(Response::Coils),
+            Request::ReadHoldingRegisters { address, count } => self
+                .read_words(ctx, RegisterTable::Holding, *address, *count)
+                .map(Response::Registers),
+            Request::ReadInputRegisters { address, count } => self
+                .read_words(ctx, RegisterTable::Input, *address, *count)
+                .map(Response::Registers),
+            Request::WriteSingleCoil { address, on } => self
+                .write(ctx, RegisterTable::Coil, *address, &[u16::from(*on)])
+                .map(|()| Response::Echo {
+                    address: *address,
+                    value: if *on { 0xFF00 } else { 0 },
+                }),
+            Request::WriteSingleRegister { address, value } => self
+                .write(ctx, RegisterTable::Holding, *address, &[*value])
+                .map(|()| Response::Echo {
+                    address: *address,
+                    value: *value,
+                }),
+            Request::WriteMultipleRegisters { address, values } => self
+                .write(ctx, RegisterTable::Holding, *address, values)
+                .map(|()| Response::Echo {
+                    address: *address,
+                    value: values.len() as u16,
+                }),
+        };
+        result.unwrap_or_else(Response::Exception)
+    }
+
+    fn answer(&mut self, ctx: &mut Ctx<'_>, frame: &Frame) {
+        let function = frame.pdu.first().copied().unwrap_or(0);
+        let response = match ctx.faults(self.instruments[0]).error_code {
+            Some(_) => Response::Exception(Exception::ServerDeviceFailure),
+            None => match decode_request(&frame.pdu) {
+                Ok(request) => self.serve(ctx, &request),
+                Err(e) => Response::Exception(e),
+            },
+        };
+        let mut pdu = Vec::new();
+        encode_response(function, &response, &mut pdu);
+        let mut out = Vec::new();
+        match self.settings.transport {
+            ModbusTransport::Tcp => modbus::encode_tcp(frame, &pdu, &mut out),
+            ModbusTransport::Rtu => modbus::encode_rtu(frame.unit, &pdu, &mut out),
+        }
+        ctx.emit(0, out);
+    }
+}
+
+impl Device for DefinedModbusDevice {
+    fn protocol(&self) -> &'static str {
+        "definition_modbus"
+    }
+
+    fn instruments(&self) -> &[InstrumentId] {
+        &self.instruments
+    }
+
+    /// RTU on a serial line (8 data bits, the definition's speed and parity); TCP on a socket.
+    fn line(&self) -> Option<LineSettings> {
+        (self.settings.transport == ModbusTransport::Rtu).then_some(LineSettings {
+            baud: self.settings.baud,
+            data_bits: 8,
+            parity: self.settings.parity,
+            stop_bits: self.settings.stop_bits,
+        })
+    }
+
+    fn power_on(&mut self, _ctx: &mut Ctx<'_>) {
+        self.rx.clear();
+    }
+
+    fn receive(&mut self, ctx: &mut Ctx<'_>, bytes: &[u8]) {
+        self.rx.extend_from_slice(bytes);
+        loop {
+            let decoded = match self.settings.transport {
+                ModbusTransport::Tcp => decode_tcp(&self.rx),
+                ModbusTransport::Rtu => decode_rtu_request(&self.rx),
+            };
+            match decoded {
+                Ok(Decoded::Frame { value, consumed }) => {
+                    self.rx.drain(..consumed.clamp(1, self.rx.len()));
+                    let unit = self.settings.unit_id;
+                    match self.settings.transport {
+                        // A TCP device answers its unit id and 0xFF ("no unit": a direct connection).
+                        ModbusTransport::Tcp if value.unit == unit || value.unit == 0xFF => {
+                            self.answer(ctx, &value)
+                        }
+                        ModbusTransport::Rtu if value.unit == unit => self.answer(ctx, &value),
+                        // Broadcast: carried out, never answered.
+                        ModbusTransport::Rtu if value.unit == 0 => {
+                            if let Ok(request) = decode_request(&value.pdu) {
+                                self.serve(ctx, &request);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(Decoded::Incomplete) => {
+                    if self.rx.len() > MAX_LINE {
+                        self.rx.clear();
+                    }
+                    break;
+                }
+                Err(e) => {
+                    self.rx.drain(..e.skip.clamp(1, self.rx.len()));
+                }
+            }
+        }
+    }
+
+    fn host_reset(&mut self) {
+        self.rx.clear();
+    }
+}
