@@ -170,3 +170,59 @@ fn check_instrument_passes_a_shipped_definition_and_names_the_field_of_a_broken_
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// The real bench's lab file loads (serial devices by their by-id names, the LAUDA circulator from its
+/// definition beside the built-in drivers, production users), and a protocol for the defined circulator is
+/// validated against the definition and this lab's envelope with no Rust of labctl knowing the instrument.
+#[test]
+fn the_bench_lab_file_loads_and_validates_its_defined_instrument() {
+    let dir = tempfile::tempdir().unwrap();
+    let protocol = |temperature_c: f64| {
+        serde_json::json!({
+            "version": 1,
+            "metadata": { "name": "warm the bath", "proposal_id": "bench-1",
+                          "planner": { "id": "planner-bo", "model": "manual" } },
+            "labware": [],
+            "steps": [
+                { "type": "action", "instrument": "circulator", "action": "set_temperature",
+                  "params": { "temperature_c": temperature_c } },
+                { "type": "measure", "instrument": "circulator", "action": "read",
+                  "params": { "quantity": "temperature_c" }, "result": "bath" },
+                { "type": "wait_until", "condition": { "instrument": "circulator",
+                  "quantity": "temperature_c", "op": "within", "value": temperature_c, "tolerance": 0.5 },
+                  "timeout_s": 1800 }
+            ]
+        })
+        .to_string()
+    };
+    let warm = dir.path().join("warm.json");
+    std::fs::write(&warm, protocol(35.0)).unwrap();
+    let out = labctl()
+        .args(["check", "--lab"])
+        .arg(repo("examples/bench-lab.toml"))
+        .arg(&warm)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let hot = dir.path().join("hot.json");
+    std::fs::write(&hot, protocol(70.0)).unwrap();
+    let out = labctl()
+        .args(["check", "--lab"])
+        .arg(repo("examples/bench-lab.toml"))
+        .arg(&hot)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("outside_envelope") && stdout.contains("/steps/0/params/temperature_c"),
+        "{stdout}"
+    );
+}

@@ -38,6 +38,14 @@ transport = {{ type = "simulated" }}
 envelope = {{ temperature_c = [15, 80], speed_rpm = [0, 1000] }}
 
 [[instruments]]
+id = "thermostat"
+kind = "defined"
+driver = "definition"
+definition = "instruments/lauda-loop.toml"
+transport = {{ type = "simulated" }}
+envelope = {{ temperature_c = [5, 60] }}
+
+[[instruments]]
 id = "mfc"
 kind = "defined"
 driver = "definition"
@@ -249,4 +257,53 @@ async fn the_wire_tap_reads_modbus_writes_back_and_holds_them_to_the_envelope() 
     );
     mfc.stop().await;
     rig.shutdown().await;
+}
+
+/// pyserial, the library most lab scripts use, as an independent client of the simulators built from the
+/// definitions: the manuals' own byte strings on the ptys, at the manuals' line settings. Needs
+/// `LABCTL_TEST_PYTHON` (a Python with pyserial; `scripts/test` provides it).
+#[test]
+fn pyserial_gets_the_manuals_replies_from_the_definitions_simulators() {
+    let python = std::env::var("LABCTL_TEST_PYTHON")
+        .expect("LABCTL_TEST_PYTHON: a Python with pyserial (scripts/test sets it)");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let rig = runtime.block_on(rig());
+    let port = |id: &str| match &rig.lab.instrument(id).unwrap().transport {
+        labctl_protocols::lab::Transport::Serial(line) => line.port.clone(),
+        other => panic!("{id} on {other:?}"),
+    };
+    let script = r#"
+import sys, serial
+# IKA RCT digital, NAMUR: 9600 baud, 7 data bits, even parity, 1 stop bit, CR LF.
+ika = serial.Serial(sys.argv[1], 9600, bytesize=7, parity="E", stopbits=1, timeout=5)
+ika.write(b"IN_NAME\r\n")
+print(repr(ika.read_until(b"\r\n")))
+ika.write(b"IN_PV_1\r\n")
+print(repr(ika.read_until(b"\r\n")))
+# LAUDA LOOP, 5.11: 9600 8N1; "OUT_SP_00_30.5" answered "OK", replies end CR LF.
+lauda = serial.Serial(sys.argv[2], 9600, bytesize=8, parity="N", stopbits=1, timeout=5)
+lauda.write(b"OUT_SP_00_30.5\r\n")
+print(repr(lauda.read_until(b"\r\n")))
+lauda.write(b"TYPE\r\n")
+print(repr(lauda.read_until(b"\r\n")))
+"#;
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .arg(port("stirrer"))
+        .arg(port("thermostat"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "b'RCT digital\\r\\n'", "{stdout}");
+    assert_eq!(lines[1], "b'22.0 1\\r\\n'", "{stdout}");
+    assert_eq!(lines[2], "b'OK\\r\\n'", "{stdout}");
+    assert_eq!(lines[3], "b'BC_LOOP\\r\\n'", "{stdout}");
+    runtime.block_on(rig.shutdown());
 }

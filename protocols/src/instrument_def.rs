@@ -60,6 +60,9 @@ pub struct Simulation {
     pub initial: std::collections::BTreeMap<String, f64>,
     /// Peak-to-peak noise on every reading, in its unit.
     pub noise: f64,
+    /// What the simulator answers the identity queries with, where the manual quotes a real unit's reply
+    /// (`model = "BC_LOOP"`); the definition's model, manufacturer and first firmware otherwise.
+    pub identity: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for Simulation {
@@ -68,6 +71,7 @@ impl Default for Simulation {
             tau_s: 10.0,
             initial: Default::default(),
             noise: 0.0,
+            identity: Default::default(),
         }
     }
 }
@@ -627,6 +631,7 @@ pub fn sample_identity(def: &InstrumentDefinition) -> std::collections::BTreeMap
         ),
     ]);
     out.extend(def.identity.fixed.clone());
+    out.extend(def.simulation.identity.clone());
     out
 }
 
@@ -860,6 +865,15 @@ impl Checker {
                     Code::UnknownQuantity,
                     format!("/simulation/initial/{name}"),
                     format!("no reading {name}"),
+                );
+            }
+        }
+        for key in sim.identity.keys() {
+            if !["manufacturer", "model", "serial", "firmware"].contains(&key.as_str()) {
+                self.error(
+                    Code::Schema,
+                    format!("/simulation/identity/{key}"),
+                    "expected manufacturer, model, serial or firmware",
                 );
             }
         }

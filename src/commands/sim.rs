@@ -27,6 +27,10 @@ pub struct SimArgs {
     /// Print the endpoints as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// A lab file: its instruments with a `definition` are served too, each from its definition (an
+    /// ASCII instrument on a pty named by its id, a Modbus RTU one on a pty, a Modbus TCP one on a port).
+    #[arg(long, value_name = "LAB")]
+    pub config: Option<PathBuf>,
 }
 
 pub fn run(args: SimArgs) -> ExitCode {
@@ -50,7 +54,18 @@ pub fn run(args: SimArgs) -> ExitCode {
             }
         },
     };
+    let lab = match &args.config {
+        None => labctl_protocols::Lab::sim(),
+        Some(path) => match labctl_protocols::Lab::load(path) {
+            Ok(lab) => lab,
+            Err(e) => {
+                eprintln!("labctl sim: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     let config = SimLabConfig {
+        lab,
         seed: args.seed,
         clock: ClockConfig::Warp(args.warp),
         pty_dir: args.pty_dir.clone(),
