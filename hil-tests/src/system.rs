@@ -266,6 +266,8 @@ pub struct Labctl {
     lines: Arc<Mutex<Vec<String>>>,
     pub command_port: SocketAddr,
     pub mqtt: Option<SocketAddr>,
+    /// The OPC UA endpoint, when the scenario asked for the server (`--opcua-port 0`).
+    pub opcua: Option<String>,
     stderr: PathBuf,
 }
 
@@ -449,13 +451,12 @@ impl Bench {
             .arg(&self.lab_path)
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .args([
-                "--command-port",
-                "127.0.0.1:0",
-                "--mqtt-port",
-                "0",
-                "--no-opcua",
-            ]);
+            .args(["--command-port", "127.0.0.1:0", "--mqtt-port", "0"]);
+        // The OPC UA server only when the scenario asks for it.
+        let want_opcua = extra.contains(&"--opcua-port");
+        if !want_opcua {
+            cmd.arg("--no-opcua");
+        }
         cmd.args(extra);
         if self.is_sim() {
             cmd.args(["--simulated-instruments", "--warp"])
@@ -484,8 +485,8 @@ impl Bench {
         }
         // Endpoints come before anything else; labctl may also exit (a bad flag).
         let deadline = Instant::now() + Duration::from_secs(60);
-        let (mut command_port, mut mqtt) = (None, None);
-        while command_port.is_none() {
+        let (mut command_port, mut mqtt, mut opcua) = (None, None, None);
+        while command_port.is_none() || (want_opcua && opcua.is_none()) {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!(
                     "labctl run exited with {status}; log:\n{}",
@@ -505,6 +506,8 @@ impl Bench {
                 command_port = addr.parse().ok();
             } else if let Some(rest) = line.strip_prefix("mqtt: ") {
                 mqtt = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+            } else if let Some(rest) = line.strip_prefix("opcua: ") {
+                opcua = rest.split_whitespace().next().map(str::to_owned);
             }
         }
         Labctl {
@@ -512,6 +515,7 @@ impl Bench {
             lines,
             command_port: command_port.expect("command port"),
             mqtt,
+            opcua,
             stderr,
         }
     }

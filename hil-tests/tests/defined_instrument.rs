@@ -66,8 +66,8 @@ fn protocol(steps: serde_json::Value, proposal_id: &str) -> serde_json::Value {
 #[test]
 fn a_defined_instrument_runs_a_protocol_inside_its_envelope_with_no_code() {
     let bench = Bench::start(&rig(), "defined_instrument");
-    // `labctl` waits until every instrument of the lab, the stirrer included, is online.
-    let labctl = bench.labctl();
+    // `labctl` waits until every instrument of the lab, the defined ones included, is online.
+    let labctl = bench.labctl_with(&["--opcua-port", "0", "--opcua-insecure-dev"]);
     let mut port = bench.technician(&labctl);
     let state = port.instrument_state("stirrer");
     assert!(state.starts_with("online,"), "{state}");
@@ -159,4 +159,141 @@ fn a_defined_instrument_runs_a_protocol_inside_its_envelope_with_no_code() {
     let nonzero: Vec<f64> = flows.iter().copied().filter(|v| *v != 0.0).collect();
     assert_eq!(nonzero, [2.0], "{wire}");
     assert_eq!(flows.last(), Some(&0.0), "{wire}");
+}
+
+/// The faces show a defined instrument like a built-in one: in OPC UA (browsed with the Python `asyncua`
+/// client, an independent implementation) a device with a function per reading and its engineering units,
+/// and a method per action that a technician calls and an observer cannot; on MQTT the retained
+/// capabilities with the definition's actions and parameters (read with `paho-mqtt`).
+const FACES_SCRIPT: &str = r#"
+import asyncio, json, sys, threading
+from asyncua import Client, ua
+import paho.mqtt.client as mqtt
+
+opcua_url, mqtt_port = sys.argv[1], int(sys.argv[2])
+out = {}
+
+def client(user, password):
+    c = Client(url=opcua_url, timeout=30)
+    c.set_user(user)
+    c.set_password(password)
+    return c
+
+async def opcua():
+    watcher = client("watcher", "observer-dev")
+    await watcher.connect()
+    ns = await watcher.get_namespace_index("urn:labctl:sim")
+    stirrer = await watcher.nodes.objects.get_child([f"{ns}:Lab", f"{ns}:Devices", f"{ns}:stirrer"])
+    out["stirrer"] = sorted([(await c.read_browse_name()).Name for c in await stirrer.get_children()])
+    sensor = watcher.get_node(ua.NodeId(
+        "Lab/Devices/stirrer/FunctionalUnitSet/stirrer/FunctionSet/temperature_c/SensorValue", ns))
+    out["temperature_c"] = await sensor.read_value()
+    out["unit"] = (await (await sensor.get_child("0:EngineeringUnits")).read_value()).DisplayName.Text
+    try:
+        await stirrer.call_method(f"{ns}:set_stir_speed", ua.Variant(200.0, ua.VariantType.Double))
+        out["observer_call"] = "accepted"
+    except ua.UaStatusCodeError as e:
+        out["observer_call"] = ua.StatusCode(e.code).name
+    await watcher.disconnect()
+    alice = client("alice", "technician-dev")
+    await alice.connect()
+    stirrer = alice.get_node(ua.NodeId("Lab/Devices/stirrer", ns))
+    result = await stirrer.call_method(f"{ns}:set_stir_speed", ua.Variant(200.0, ua.VariantType.Double))
+    out["technician_call"] = result[1] if isinstance(result, list) else result
+    try:
+        await stirrer.call_method(f"{ns}:set_stir_speed", ua.Variant(5000.0, ua.VariantType.Double))
+        out["over_range_call"] = "accepted"
+    except ua.UaStatusCodeError as e:
+        out["over_range_call"] = ua.StatusCode(e.code).name
+    await alice.disconnect()
+
+def capabilities():
+    got = threading.Event()
+    def on_message(c, userdata, msg):
+        out["capabilities"] = json.loads(msg.payload)
+        got.set()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.username_pw_set("watcher", "observer-dev")
+    c.on_message = on_message
+    c.on_connect = lambda c, u, f, rc, p: c.subscribe("labctl/sim/capabilities")
+    c.connect("127.0.0.1", mqtt_port)
+    c.loop_start()
+    if not got.wait(30):
+        raise SystemExit("no capabilities message")
+    c.loop_stop()
+
+asyncio.run(opcua())
+capabilities()
+print(json.dumps(out))
+"#;
+
+#[test]
+fn the_faces_show_a_defined_instrument_with_no_code() {
+    let python = std::env::var("LABCTL_TEST_PYTHON")
+        .expect("LABCTL_TEST_PYTHON: a Python with asyncua and paho-mqtt (scripts/test sets it)");
+    let bench = Bench::start(&rig(), "defined_instrument_faces");
+    let labctl = bench.labctl_with(&["--opcua-port", "0", "--opcua-insecure-dev"]);
+    let url = labctl.opcua.clone().expect("the OPC UA endpoint");
+    let mqtt = labctl.mqtt.expect("the MQTT broker");
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(FACES_SCRIPT)
+        .arg(&url)
+        .arg(mqtt.port().to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        labctl.log_tail()
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let children: Vec<&str> = v["stirrer"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.as_str())
+        .collect();
+    for name in [
+        "Identification",
+        "FunctionalUnitSet",
+        "set_temperature",
+        "set_stir_speed",
+        "heater_off",
+        "stir_off",
+    ] {
+        assert!(children.contains(&name), "{name} not in {children:?}");
+    }
+    assert!(
+        (v["temperature_c"].as_f64().unwrap() - 22.0).abs() < 1.0,
+        "{v}"
+    );
+    assert_eq!(v["unit"], "°C", "{v}");
+    assert_eq!(v["observer_call"], "BadUserAccessDenied", "{v}");
+    assert_eq!(v["technician_call"], "completed", "{v}");
+    assert_ne!(v["over_range_call"], "accepted", "{v}");
+    let instruments = v["capabilities"]["instruments"].as_array().unwrap();
+    let stirrer = instruments
+        .iter()
+        .find(|i| i["id"] == "stirrer")
+        .expect("the stirrer in capabilities");
+    assert_eq!(stirrer["kind"], "defined");
+    assert_eq!(stirrer["definition"]["model"], "RCT digital");
+    let actions: Vec<&str> = stirrer["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert!(actions.contains(&"set_temperature"), "{stirrer}");
+    assert_eq!(stirrer["measurements"][0], "read");
+    let mfc = instruments
+        .iter()
+        .find(|i| i["id"] == "mfc")
+        .expect("the flow controller");
+    assert_eq!(
+        mfc["definition"]["actions"][0]["params"][0]["unit"], "ln/min",
+        "{mfc}"
+    );
 }

@@ -277,6 +277,30 @@ fn build_device(space: &mut AddressSpace, names: Names, instrument: &Instrument)
         );
         builder.insert(space);
     }
+    // A defined instrument's actions, by their definition's names.
+    for action in instrument.defined.iter().flat_map(|d| &d.actions) {
+        let path = format!("{}/{}", device(id), action.name);
+        let mut builder =
+            MethodBuilder::new(&names.id(&path), names.qn(&action.name), &action.name)
+                .description(format!(
+                    "{} (from the instrument's definition)",
+                    action.name
+                ))
+                .executable(true)
+                .user_executable(true)
+                .component_of(device_node.clone());
+        let inputs = devices::defined_input_arguments(action);
+        if !inputs.is_empty() {
+            builder =
+                builder.input_args(space, &names.id(&format!("{path}/InputArguments")), &inputs);
+        }
+        builder = builder.output_args(
+            space,
+            &names.id(&format!("{path}/OutputArguments")),
+            &outputs,
+        );
+        builder.insert(space);
+    }
 }
 
 /// A setpoint: `TargetValue` beside the function's `SensorValue` (a LADS controller function's target),

@@ -266,6 +266,68 @@ pub fn method_at<'a>(lab: &'a Lab, path: &str) -> Option<(&'a Instrument, Device
     Some((instrument, method))
 }
 
+/// A defined instrument's action as an OPC UA method at `Lab/Devices/<id>/<action>` (the definition's
+/// name): one Double input per parameter, in the definition's order.
+pub fn defined_method_at<'a>(
+    lab: &'a Lab,
+    path: &str,
+) -> Option<(
+    &'a Instrument,
+    &'a labctl_protocols::instrument_def::ActionSpec,
+)> {
+    let rest = path.strip_prefix(DEVICES)?.strip_prefix('/')?;
+    let (id, name) = rest.rsplit_once('/')?;
+    let instrument = lab.instrument(id)?;
+    let action = instrument.defined.as_ref()?.action(name)?;
+    Some((instrument, action))
+}
+
+/// The input arguments of a defined action's method: each parameter with its unit and range.
+pub fn defined_input_arguments(
+    action: &labctl_protocols::instrument_def::ActionSpec,
+) -> Vec<Argument> {
+    action
+        .params
+        .iter()
+        .map(|p| {
+            argument(
+                &p.name,
+                DataTypeId::Double,
+                &format!("{} in {}, {} to {}", p.name, p.unit, p.min, p.max),
+            )
+        })
+        .collect()
+}
+
+/// The one-step protocol a defined action's method call runs, its arguments as the action's parameters.
+pub fn defined_protocol(
+    instrument: &Instrument,
+    action: &labctl_protocols::instrument_def::ActionSpec,
+    args: &[Variant],
+    who: &Principal,
+) -> Result<String, StatusCode> {
+    let mut params = serde_json::Map::new();
+    for (k, p) in action.params.iter().enumerate() {
+        params.insert(p.name.clone(), json!(number(args, k)?));
+    }
+    let id = instrument.id.as_str();
+    let protocol = json!({
+        "version": 1,
+        "metadata": {
+            "name": format!("{} on {id} (OPC UA, {})", action.name, who.name),
+            "proposal_id": proposal_id(&who.name),
+            "planner": { "id": who.name, "model": "opcua-device-method" },
+            "tags": ["opcua", "device-method"],
+        },
+        "labware": [],
+        "steps": [{
+            "type": "action", "id": action.name, "instrument": id, "action": action.name,
+            "params": params,
+        }],
+    });
+    Ok(protocol.to_string())
+}
+
 /// A settable quantity: writing its `TargetValue` runs the action that sets it (the third); the fourth
 /// switches the function off.
 const SETPOINTS: [(InstrumentKind, &str, DeviceMethod, DeviceMethod); 2] = [

@@ -277,6 +277,24 @@ impl InMemoryNodeManagerImpl for LabNodes {
                     }
                     Err(status) => call.set_status(status),
                 }
+            } else if let Some((instrument, action)) = devices::defined_method_at(&self.lab, &path)
+            {
+                let done =
+                    match devices::defined_protocol(instrument, action, call.arguments(), &who) {
+                        Ok(protocol) => {
+                            let what = format!("{}/{}", instrument.id, action.name);
+                            devices::run(&self.api, who, &what, protocol).await
+                        }
+                        Err(status) => Err(status),
+                    };
+                match done {
+                    Ok(done) => {
+                        self.ensure_run_node(space, &done.run_id).await;
+                        call.set_outputs(done.outputs());
+                        call.set_status(StatusCode::Good);
+                    }
+                    Err(status) => call.set_status(status),
+                }
             } else {
                 call.set_status(StatusCode::BadMethodInvalid);
             }
