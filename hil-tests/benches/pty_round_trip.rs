@@ -4,12 +4,16 @@
 //! (request + reply bytes x 10 bits / baud: GRBL's status report is longer when it carries the work offset or
 //! the overrides) and p50/p99 of each transaction's round trip over its own limit; the goal is within 1.2x.
 //!
+//! A defined instrument too: the LAUDA LOOP circulator of `instruments/lauda-loop.toml` (9600 8N1, no
+//! inter-command delay), its `IN_PV_00` read through the definition-driven driver's `execute(Read)` (pattern
+//! match and scaling included) against the simulator built from the same definition.
+//!
 //! `cargo bench -p labctl-hil-tests --bench pty_round_trip` (figures in BENCHMARKS.md).
 
 use std::time::{Duration, Instant};
 
 use labctl_drivers::port::{PortHandle, Transaction, Verdict, frame_line};
-use labctl_drivers::port_config;
+use labctl_drivers::{DeviceCommand, Instrument, Outcome, port_config};
 use labctl_hil_tests::rig::{Rig, RigConfig};
 use labctl_protocols::lab::Driver;
 
@@ -78,6 +82,62 @@ async fn run(rig: &Rig, case: &Case) {
     );
 }
 
+/// The lab of the rig: the simulated lab plus a LAUDA LOOP from its definition.
+fn lab() -> labctl_protocols::Lab {
+    let text = format!(
+        "{}\n[[instruments]]\nid = \"bath\"\nkind = \"defined\"\ndriver = \"definition\"\n\
+         definition = \"instruments/lauda-loop.toml\"\ntransport = {{ type = \"simulated\" }}\n\
+         envelope = {{ temperature_c = [5, 60] }}\n",
+        labctl_protocols::lab::SIM_LAB_TOML
+    );
+    labctl_protocols::Lab::from_toml_str_in(
+        &text,
+        "bench lab",
+        &labctl_hil_tests::system::workspace(),
+    )
+    .expect("the bench lab loads")
+}
+
+/// The defined circulator's reading through its driver, against the wire time of `IN_PV_00` CR LF and the
+/// reply (10 bits a character at 9600 baud).
+async fn run_defined(rig: &mut Rig) {
+    let mut bath = rig.driver("bath");
+    bath.start().await.expect("start the circulator");
+    let read = DeviceCommand::Read {
+        quantity: "temperature_c".into(),
+    };
+    let mut times = Vec::with_capacity(TRANSACTIONS);
+    let mut ratios = Vec::with_capacity(TRANSACTIONS);
+    let mut limit = Duration::ZERO;
+    for i in 0..WARM_UP + TRANSACTIONS {
+        let t0 = Instant::now();
+        let outcome = bath.execute(&read).await.expect("read");
+        let rt = t0.elapsed();
+        let Outcome::Reading { value, .. } = outcome else {
+            panic!("{outcome:?}");
+        };
+        let bytes = b"IN_PV_00\r\n".len() + format!("{value:.1}\r\n").len();
+        limit = Duration::from_secs_f64(bytes as f64 * 10.0 / 9600.0);
+        if i >= WARM_UP {
+            times.push(rt);
+            ratios.push(rt.as_secs_f64() / limit.as_secs_f64());
+        }
+    }
+    bath.stop().await;
+    times.sort();
+    ratios.sort_by(f64::total_cmp);
+    let ratio = |p: f64| ratios[((ratios.len() as f64 - 1.0) * p).round() as usize];
+    println!(
+        "{:<34} p50 {:>8.0} us  p99 {:>8.0} us  wire limit {:>6.0} us         ratio p50 {:.2}x  p99 {:.2}x",
+        "defined LAUDA `IN_PV_00`, 9600 8N1",
+        micros(percentile(&times, 0.5)),
+        micros(percentile(&times, 0.99)),
+        micros(limit),
+        ratio(0.5),
+        ratio(0.99),
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` runs this too, so keep it quick there.
     let quick = std::env::args().all(|a| a != "--bench");
@@ -112,9 +172,10 @@ fn main() {
         // Wire timing on: what a driver sees on a real line. Off: the floor, labctl's port task, the pty and
         // the simulator's own turnaround, with the ratio against the same wire-time limit.
         for wire_timing in [true, false] {
-            let rig = Rig::start(RigConfig {
+            let mut rig = Rig::start(RigConfig {
                 warp: 1.0,
                 wire_timing,
+                lab: Some(lab()),
                 ..RigConfig::default()
             })
             .await;
@@ -125,6 +186,7 @@ fn main() {
             for case in &cases {
                 run(&rig, case).await;
             }
+            run_defined(&mut rig).await;
             rig.shutdown().await;
         }
     });

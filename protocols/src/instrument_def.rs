@@ -512,14 +512,52 @@ impl Completion {
 }
 
 impl Duration {
-    /// The dry run's estimate for parameters `values`, in seconds.
-    pub fn estimate_s(&self, values: &std::collections::BTreeMap<String, f64>) -> f64 {
+    /// The estimate for parameters `values`, in seconds: a `per_unit` model counts the change from
+    /// `previous` (the parameter's last value on this instrument, when known).
+    pub fn estimate_s(
+        &self,
+        values: &std::collections::BTreeMap<String, f64>,
+        previous: Option<f64>,
+    ) -> f64 {
         match self {
             Duration::FixedS(s) => s.max(0.0),
-            Duration::PerUnit { param, per_unit_s } => values
-                .get(param)
-                .map_or(0.0, |v| (v.abs() * per_unit_s).max(0.0)),
+            Duration::PerUnit { param, per_unit_s } => values.get(param).map_or(0.0, |v| {
+                ((v - previous.unwrap_or(0.0)).abs() * per_unit_s).max(0.0)
+            }),
         }
+    }
+}
+
+/// What a walk over a protocol (the validator's, the dry run's) remembers of defined instruments, so a
+/// `per_unit` duration counts the change a setpoint asks for, not its value: the last value of each
+/// parameter by instrument, starting from the simulation's initial value of a reading of the same name
+/// (the best guess of where a real instrument starts).
+#[derive(Debug, Default, Clone)]
+pub struct ParamHistory {
+    last: std::collections::BTreeMap<(String, String), f64>,
+}
+
+impl ParamHistory {
+    /// The estimated duration of `action` on `instrument` with `values`, remembering them for the next.
+    pub fn estimate_s(
+        &mut self,
+        instrument: &str,
+        def: &InstrumentDefinition,
+        action: &ActionSpec,
+        values: &std::collections::BTreeMap<String, f64>,
+    ) -> f64 {
+        let previous = match &action.duration {
+            Duration::PerUnit { param, .. } => self
+                .last
+                .get(&(instrument.to_owned(), param.clone()))
+                .copied()
+                .or_else(|| def.simulation.initial.get(param).copied()),
+            Duration::FixedS(_) => None,
+        };
+        for (name, v) in values {
+            self.last.insert((instrument.to_owned(), name.clone()), *v);
+        }
+        action.duration.estimate_s(values, previous)
     }
 }
 

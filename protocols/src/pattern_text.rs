@@ -21,13 +21,22 @@ pub enum PatternTextError {
     NoMatch { text: String },
     #[error("no number format of {value} matches the capture `{capture}`")]
     NoNumberFormat { capture: String, value: f64 },
+    #[error("the shortest text it matches is longer than a line ({MAX_TEXT} bytes)")]
+    TooLong,
 }
+
+/// The longest text written: an instrument's line is never longer, and a pattern of nested repetitions
+/// must not make the writer build gigabytes.
+pub const MAX_TEXT: usize = 4096;
 
 /// Text matching `pattern`, with each named capture in `values` replaced by its text.
 pub fn write(pattern: &str, values: &BTreeMap<&str, String>) -> Result<String, PatternTextError> {
     let hir = regex_syntax::parse(pattern).map_err(|e| PatternTextError::Syntax(e.to_string()))?;
     let mut out = String::new();
     render(&hir, values, &mut out);
+    if out.len() > MAX_TEXT {
+        return Err(PatternTextError::TooLong);
+    }
     let re = Regex::new(pattern).map_err(|e| PatternTextError::Syntax(e.to_string()))?;
     if re.is_match(&out) {
         Ok(out)
@@ -64,6 +73,9 @@ pub fn write_number(
 }
 
 fn render(hir: &Hir, values: &BTreeMap<&str, String>, out: &mut String) {
+    if out.len() > MAX_TEXT {
+        return;
+    }
     match hir.kind() {
         HirKind::Empty | HirKind::Look(_) => {}
         HirKind::Literal(lit) => out.push_str(&String::from_utf8_lossy(&lit.0)),
@@ -166,5 +178,8 @@ mod tests {
             matches!(err, PatternTextError::NoNumberFormat { .. }),
             "{err}"
         );
+        // Nested repetitions would write 64^5 bytes: the writer stops at a line's length.
+        let err = write(r"((((a{64}){64}){64}){64}){64}", &none()).unwrap_err();
+        assert_eq!(err, PatternTextError::TooLong);
     }
 }

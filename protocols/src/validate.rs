@@ -739,6 +739,8 @@ struct Semantic<'a> {
     results: BTreeSet<String>,
     findings: Vec<Finding>,
     summary: Summary,
+    /// Defined instruments' last parameter values, for their duration models.
+    params: crate::instrument_def::ParamHistory,
 }
 
 impl<'a> Semantic<'a> {
@@ -761,6 +763,7 @@ impl<'a> Semantic<'a> {
             results: BTreeSet::new(),
             findings: Vec::new(),
             summary: Summary::default(),
+            params: Default::default(),
         }
     }
 
@@ -1305,7 +1308,7 @@ impl<'a> Semantic<'a> {
                 }
             }
         }
-        spec.duration.estimate_s(&values)
+        self.params.estimate_s(&inst.id, def, spec, &values)
     }
 
     fn fill(&mut self, vessel: &str, volume_ul: f64, path: &str) {

@@ -217,3 +217,152 @@ fn the_ika_definition_reads_and_writes_the_manuals_bytes() {
         Err(DefinitionError::MissingParam { .. })
     ));
 }
+
+/// A lab with the IKA definition's stirrer beside the simulated lab's instruments.
+fn lab_with_stirrer(envelope: &str) -> labctl_protocols::Lab {
+    let text = format!(
+        "{}\n[[instruments]]\nid = \"stirrer\"\nkind = \"defined\"\ndriver = \"definition\"\n\
+         definition = \"instruments/ika-rct-digital.toml\"\ntransport = {{ type = \"simulated\" }}\n\
+         envelope = {envelope}\n",
+        labctl_protocols::lab::SIM_LAB_TOML
+    );
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    labctl_protocols::Lab::from_toml_str_in(&text, "test lab", &root)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn steps(steps: serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "version": 1,
+        "metadata": { "name": "t", "proposal_id": "t", "planner": { "id": "p" } },
+        "steps": steps,
+    }))
+    .unwrap()
+}
+
+/// The validator's estimate takes each defined action's duration model, a `per_unit` one counting the
+/// change a setpoint asks for: the IKA definition's 6 s per degree from the simulated start (22 degC) to
+/// 40, nothing for 40 again, 10 degrees down to 30.
+#[test]
+fn a_defined_setpoint_s_duration_counts_the_change_it_asks_for() {
+    let lab = lab_with_stirrer("{ temperature_c = [15, 80], speed_rpm = [0, 1000] }");
+    let set = |t: f64| {
+        serde_json::json!({ "type": "action", "instrument": "stirrer", "action": "set_temperature",
+                            "params": { "temperature_c": t } })
+    };
+    let report = labctl_protocols::validate_bytes(
+        &steps(serde_json::json!([set(40.0), set(40.0), set(30.0)])),
+        &lab,
+    );
+    assert!(report.valid, "{:?}", report.findings);
+    let estimate = report.estimated_duration_s.unwrap();
+    assert!(
+        (estimate - (18.0 + 0.0 + 10.0) * 6.0).abs() < 1e-9,
+        "{estimate}"
+    );
+}
+
+/// Every way a protocol can get a defined instrument wrong is refused with the field's path: an action the
+/// definition lacks, a parameter it does not take or leaves out, a value beyond the definition's range or
+/// the lab's envelope, a reading it does not have.
+#[test]
+fn a_defined_instrument_s_mistakes_are_refused_by_path() {
+    let lab = lab_with_stirrer("{ temperature_c = [15, 80], speed_rpm = [0, 1000] }");
+    let cases = [
+        (
+            serde_json::json!({ "type": "action", "instrument": "stirrer", "action": "dispense", "params": {} }),
+            "/steps/0/action",
+            "unknown_action",
+        ),
+        (
+            serde_json::json!({ "type": "action", "instrument": "stirrer", "action": "set_temperature",
+                             "params": { "temperature_c": 40.0, "ramp": 1.0 } }),
+            "/steps/0/params/ramp",
+            "",
+        ),
+        (
+            serde_json::json!({ "type": "action", "instrument": "stirrer", "action": "set_temperature", "params": {} }),
+            "/steps/0/params/temperature_c",
+            "",
+        ),
+        (
+            serde_json::json!({ "type": "action", "instrument": "stirrer", "action": "set_temperature",
+                             "params": { "temperature_c": 400.0 } }),
+            "/steps/0/params/temperature_c",
+            "out_of_range",
+        ),
+        (
+            serde_json::json!({ "type": "action", "instrument": "stirrer", "action": "set_temperature",
+                             "params": { "temperature_c": 90.0 } }),
+            "/steps/0/params/temperature_c",
+            "outside_envelope",
+        ),
+        (
+            serde_json::json!({ "type": "measure", "instrument": "stirrer", "action": "read",
+                             "params": { "quantity": "mass_g" }, "result": "m" }),
+            "/steps/0/params/quantity",
+            "unknown_quantity",
+        ),
+    ];
+    for (step, path, code) in cases {
+        let report = labctl_protocols::validate_bytes(&steps(serde_json::json!([step])), &lab);
+        assert!(!report.valid, "{step}");
+        let finding = report
+            .findings
+            .iter()
+            .find(|f| f.path == path)
+            .unwrap_or_else(|| panic!("{step}: no finding at {path}: {:?}", report.findings));
+        if !code.is_empty() {
+            assert_eq!(
+                serde_json::to_value(finding.code).unwrap(),
+                code,
+                "{step}: {finding:?}"
+            );
+        }
+    }
+}
+
+/// A lab's envelope for a defined instrument names the definition's parameters, each inside the
+/// definition's range: anything else is refused when the lab loads, by name.
+#[test]
+fn a_defined_instrument_s_envelope_is_held_to_its_definition() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (envelope, problem) in [
+        (
+            "{ temperature_c = [15, 80] }",
+            "envelope.speed_rpm: required",
+        ),
+        (
+            "{ temperature_c = [15, 400], speed_rpm = [0, 1000] }",
+            "envelope.temperature_c: [15, 400] reaches outside",
+        ),
+        (
+            "{ temperature_c = [15, 80], speed_rpm = [0, 1000], volume_ul = [0, 1] }",
+            "envelope.volume_ul: no action of the definition takes volume_ul",
+        ),
+    ] {
+        let text = format!(
+            "{}\n[[instruments]]\nid = \"stirrer\"\nkind = \"defined\"\ndriver = \"definition\"\n\
+             definition = \"instruments/ika-rct-digital.toml\"\ntransport = {{ type = \"simulated\" }}\n\
+             envelope = {envelope}\n",
+            labctl_protocols::lab::SIM_LAB_TOML
+        );
+        let err = labctl_protocols::Lab::from_toml_str_in(&text, "test lab", &root)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(problem), "{envelope}: {err}");
+    }
+    // A definition file that does not exist, or does not check, is named.
+    let text = format!(
+        "{}\n[[instruments]]\nid = \"x\"\nkind = \"defined\"\ndriver = \"definition\"\n\
+         definition = \"instruments/nope.toml\"\ntransport = {{ type = \"simulated\" }}\nenvelope = {{}}\n",
+        labctl_protocols::lab::SIM_LAB_TOML
+    );
+    let err = labctl_protocols::Lab::from_toml_str_in(&text, "test lab", &root)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("instruments[7] (x).definition: cannot read"),
+        "{err}"
+    );
+}

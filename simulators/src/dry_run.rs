@@ -294,6 +294,8 @@ struct Sim<'a> {
     steps: u64,
     /// `wait_until` readings and `repeat` iterations so far.
     work: u64,
+    /// Defined instruments' last parameter values, for their duration models.
+    params: labctl_protocols::instrument_def::ParamHistory,
 }
 
 impl<'a> Sim<'a> {
@@ -323,6 +325,7 @@ impl<'a> Sim<'a> {
             noted: BTreeSet::new(),
             steps: 0,
             work: 0,
+            params: Default::default(),
         }
     }
 
@@ -619,7 +622,10 @@ impl<'a> Sim<'a> {
             .and_then(|i| i.defined.clone())
         {
             match (def.action(a.action.name()), a.action.numeric_params()) {
-                (Some(spec), Ok(values)) => self.advance(secs(spec.duration.estimate_s(&values))),
+                (Some(spec), Ok(values)) => {
+                    let s = self.params.estimate_s(&a.instrument, &def, spec, &values);
+                    self.advance(secs(s))
+                }
                 _ => self.problem(
                     path,
                     "instrument",
