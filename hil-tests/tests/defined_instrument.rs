@@ -297,3 +297,97 @@ fn the_faces_show_a_defined_instrument_with_no_code() {
         "{mfc}"
     );
 }
+
+/// Safety in sequence, for defined instruments as for built-in ones: an emergency stop while a run using
+/// them waits (the stirrer heating, gas flowing) sends both
+/// defined instruments their definitions' safe states (the NAMUR `STOP_1`/`STOP_4`, the flow controller's
+/// `stop_flow`), aborts the run, refuses a new one while latched, and after a technician's acknowledgement
+/// the next run on the same instruments completes.
+#[test]
+fn an_emergency_stop_makes_defined_instruments_safe_and_a_run_after_the_acknowledgement_completes()
+{
+    let bench = Bench::start(&rig(), "defined_instrument_estop");
+    let labctl = bench.labctl();
+    let mut port = bench.technician(&labctl);
+    let sim = bench.sim.as_ref().expect("the sim rig");
+    // The run sets a flow and a temperature, then waits 600 virtual seconds (30 s real): it is still
+    // running when the stop comes, however slow the machine.
+    let slow = protocol(
+        serde_json::json!([
+            { "type": "action", "instrument": "mfc", "action": "set_flow", "params": { "flow_ln_per_min": 3.0 } },
+            { "type": "action", "instrument": "stirrer", "action": "set_temperature", "params": { "temperature_c": 55.0 } },
+            { "type": "wait", "duration_s": 600 }
+        ]),
+        "defined-estop-slow",
+    );
+    let run = port.submit(&slow).expect("accepted");
+    // Inside the auto-approval envelope: it runs at once.
+    port.wait_run(&run, Duration::from_secs(30), "running", |s| {
+        s.state == "running"
+    });
+    // The flow setpoint is on the wire before the stop.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !bench
+        .wire_report()
+        .expect("sim rig")
+        .sent("mfc", "flow_ln_per_min")
+        .contains(&3.0)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "set_flow never reached the wire"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stirrer_before = sim.transcript("stirrer").len();
+    let flows_before = bench
+        .wire_report()
+        .expect("sim rig")
+        .sent("mfc", "flow_ln_per_min")
+        .len();
+    assert_eq!(port.command("SYST:ESTOP"), None);
+    let end = port.wait_run(&run, Duration::from_secs(30), "an end", |s| s.is_final());
+    assert_eq!(end.state, "aborted", "{end:?}");
+    // Both definitions' safe states reached the wire after the stop.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stirrer = sim.transcript("stirrer");
+        let after =
+            String::from_utf8_lossy(&stirrer[stirrer_before.min(stirrer.len())..]).into_owned();
+        let wire = bench.wire_report().expect("sim rig");
+        let flows = wire.sent("mfc", "flow_ln_per_min");
+        let stopped_flow = flows[flows_before.min(flows.len())..].contains(&0.0);
+        if after.contains("STOP_1\r\nSTOP_4\r\n") && stopped_flow {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no safe state on the wire after the stop: stirrer {after:?}, mfc {flows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Latched: nothing new starts.
+    let again = protocol(
+        serde_json::json!([
+            { "type": "action", "instrument": "mfc", "action": "set_flow", "params": { "flow_ln_per_min": 1.0 } },
+            { "type": "action", "instrument": "mfc", "action": "stop_flow", "params": {} }
+        ]),
+        "defined-after-estop",
+    );
+    let refused = port.submit(&again).expect_err("latched");
+    assert!(refused.contains("emergency stop"), "{refused}");
+    assert_eq!(port.command("SYST:ESTOP:ACK"), None);
+    let again = protocol(
+        serde_json::json!([
+            { "type": "action", "instrument": "mfc", "action": "set_flow", "params": { "flow_ln_per_min": 1.0 } },
+            { "type": "action", "instrument": "mfc", "action": "stop_flow", "params": {} }
+        ]),
+        "defined-after-ack",
+    );
+    let run = port
+        .submit(&again)
+        .expect("accepted after the acknowledgement");
+    let end = port.wait_run(&run, Duration::from_secs(30), "an end", |s| s.is_final());
+    assert_eq!(end.state, "completed", "{end:?}\n{}", labctl.log_tail());
+    bench.assert_wire_inside_envelope();
+}

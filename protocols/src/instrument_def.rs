@@ -577,13 +577,19 @@ impl Reading {
             what: what(),
             reason: e.to_string(),
         })?;
+        self.value_with(&re, reply)
+    }
+
+    /// [`Reading::value_from`] with the reply pattern compiled once by the caller (a driver's poll).
+    pub fn value_with(&self, re: &Regex, reply: &str) -> Result<f64, DefinitionError> {
+        let what = || format!("reading {}", self.name);
         let text = re
             .captures(reply)
             .and_then(|c| c.name("value"))
             .ok_or_else(|| DefinitionError::NoMatch {
                 what: what(),
                 reply: reply.to_owned(),
-                pattern: pattern.to_owned(),
+                pattern: re.as_str().to_owned(),
             })?
             .as_str();
         let raw: f64 = text

@@ -1305,6 +1305,12 @@ impl<'a> Semantic<'a> {
                     } else {
                         self.value(inst, &p.name, v, &at);
                     }
+                    // A temperature setpoint counts toward the auto-approval limit whichever instrument
+                    // takes it.
+                    if p.unit == "degC" && v.is_finite() {
+                        let m = self.summary.max_temperature_c.get_or_insert(v);
+                        *m = m.max(v);
+                    }
                 }
             }
         }

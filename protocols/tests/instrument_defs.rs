@@ -366,3 +366,29 @@ fn a_defined_instrument_s_envelope_is_held_to_its_definition() {
         "{err}"
     );
 }
+
+/// A defined instrument's temperature setpoint (a parameter in degC) counts toward the lab's auto-approval
+/// limit like a built-in hotplate's: 75 degC on the stirrer waits for a technician under a 60 degC limit.
+#[test]
+fn a_defined_temperature_setpoint_above_the_auto_approval_limit_needs_a_technician() {
+    let lab = lab_with_stirrer("{ temperature_c = [15, 80], speed_rpm = [0, 1000] }");
+    let set = |t: f64| {
+        serde_json::json!([{ "type": "action", "instrument": "stirrer", "action": "set_temperature",
+                             "params": { "temperature_c": t } }])
+    };
+    let hot = labctl_protocols::validate_bytes(&steps(set(75.0)), &lab);
+    assert!(hot.valid, "{:?}", hot.findings);
+    assert!(
+        hot.approval_required_because
+            .iter()
+            .any(|r| r.contains("temperature 75 C exceeds the auto-approve limit 60 C")),
+        "{:?}",
+        hot.approval_required_because
+    );
+    let warm = labctl_protocols::validate_bytes(&steps(set(45.0)), &lab);
+    assert!(
+        warm.approval_required_because.is_empty(),
+        "{:?}",
+        warm.approval_required_because
+    );
+}

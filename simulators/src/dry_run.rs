@@ -296,6 +296,9 @@ struct Sim<'a> {
     work: u64,
     /// Defined instruments' last parameter values, for their duration models.
     params: labctl_protocols::instrument_def::ParamHistory,
+    /// Defined instruments' readings, on the same state model as their simulators (a parameter named
+    /// like a reading sets its target, approached with the definition's lag), by instrument id.
+    defined: BTreeMap<String, Vec<crate::devices::defined::Value>>,
 }
 
 impl<'a> Sim<'a> {
@@ -326,6 +329,7 @@ impl<'a> Sim<'a> {
             steps: 0,
             work: 0,
             params: Default::default(),
+            defined: BTreeMap::new(),
         }
     }
 
@@ -623,6 +627,16 @@ impl<'a> Sim<'a> {
         {
             match (def.action(a.action.name()), a.action.numeric_params()) {
                 (Some(spec), Ok(values)) => {
+                    let now = self.now;
+                    let readings = self
+                        .defined
+                        .entry(a.instrument.clone())
+                        .or_insert_with(|| crate::devices::defined::Value::all(&def));
+                    for v in readings.iter_mut() {
+                        if let Some(target) = values.get(&v.name) {
+                            v.set_target(now, def.simulation.tau_s, *target);
+                        }
+                    }
                     let s = self.params.estimate_s(&a.instrument, &def, spec, &values);
                     self.advance(secs(s))
                 }
@@ -1107,8 +1121,19 @@ impl<'a> Sim<'a> {
 
     /// The live reading `wait_until` tests, as the instrument's telemetry reports it.
     fn reading(&mut self, instrument: &str, quantity: &str) -> Option<f64> {
-        let kind = self.lab.instrument(instrument)?.kind;
+        let inst = self.lab.instrument(instrument)?;
+        let kind = inst.kind;
         let now = self.now;
+        if let Some(def) = &inst.defined {
+            let readings = self
+                .defined
+                .entry(instrument.to_owned())
+                .or_insert_with(|| crate::devices::defined::Value::all(def));
+            return readings
+                .iter()
+                .find(|v| v.name == quantity)
+                .map(|v| v.at(now, def.simulation.tau_s));
+        }
         match (kind, quantity) {
             (InstrumentKind::Hotplate, "temperature_c") => {
                 let ambient = self.model.config().ambient_c;
@@ -1864,5 +1889,49 @@ mod tests {
         let report = run_protocol(&p);
         assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
         assert_eq!(report.problems[0].path, "/steps/2/steps/0");
+    }
+
+    /// A defined instrument's readings follow its setpoints in the dry run on the same state model as its
+    /// simulator: a `wait_until` the setpoint reaches passes in the time the lag takes, one it never reaches
+    /// is the timeout problem it would be in the lab.
+    #[test]
+    fn a_defined_instrument_s_readings_follow_its_setpoints_on_the_simulator_s_model() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let text = format!(
+            "{}\n[[instruments]]\nid = \"stirrer\"\nkind = \"defined\"\ndriver = \"definition\"\n\
+             definition = \"instruments/ika-rct-digital.toml\"\ntransport = {{ type = \"simulated\" }}\n\
+             envelope = {{ temperature_c = [15, 80], speed_rpm = [0, 1000] }}\n",
+            labctl_protocols::lab::SIM_LAB_TOML
+        );
+        let lab = Lab::from_toml_str_in(&text, "test", &root).unwrap();
+        let walk = |target: f64| {
+            let json = serde_json::json!({
+                "version": 1,
+                "metadata": { "name": "t", "proposal_id": "t", "planner": { "id": "p" } },
+                "steps": [
+                    { "type": "action", "instrument": "stirrer", "action": "set_temperature",
+                      "params": { "temperature_c": 40.0 } },
+                    { "type": "wait_until", "condition": { "instrument": "stirrer", "quantity": "temperature_c",
+                      "op": "gt", "value": target }, "timeout_s": 300 }
+                ]
+            });
+            let report = validate_bytes(json.to_string().as_bytes(), &lab);
+            dry_run(report.protocol.as_ref().expect("valid"), &lab, 1)
+        };
+        // 22 -> 40 degC, 6 s per degree for the setpoint (the definition's duration model), and by then the
+        // probe (tau 10 s) is above 39.
+        let reached = walk(39.0);
+        assert!(reached.problems.is_empty(), "{:?}", reached.problems);
+        assert!(
+            reached.estimated_duration_s < 18.0 * 6.0 + 300.0,
+            "{reached:?}"
+        );
+        let never = walk(45.0);
+        assert_eq!(never.problems.len(), 1, "{:?}", never.problems);
+        assert!(
+            never.problems[0].message.contains("time out"),
+            "{:?}",
+            never.problems
+        );
     }
 }

@@ -56,6 +56,13 @@ struct CompiledReading {
     reply: Regex,
 }
 
+/// An action's acknowledgement and error patterns, compiled.
+#[derive(Debug, Clone)]
+struct CompiledReplies {
+    ack: Option<Regex>,
+    errors: Vec<(Regex, String)>,
+}
+
 /// A defined instrument's driver.
 #[derive(Debug)]
 pub struct DefinedInstrument {
@@ -63,6 +70,8 @@ pub struct DefinedInstrument {
     definition: Arc<InstrumentDefinition>,
     allow_firmware: Vec<String>,
     readings: Vec<CompiledReading>,
+    /// By action name.
+    replies: BTreeMap<String, CompiledReplies>,
     timeout: Duration,
     delay: Duration,
     last_sent: Option<Instant>,
@@ -117,8 +126,22 @@ impl DefinedInstrument {
                 reply: compile(&format!("reading {}", r.name), reply)?,
             });
         }
+        let mut replies = BTreeMap::new();
+        for a in &definition.actions {
+            let what = format!("action {}", a.name);
+            let ack = match &a.ack {
+                Some(p) => Some(compile(&what, p)?),
+                None => None,
+            };
+            let mut errors = Vec::new();
+            for e in &a.errors {
+                errors.push((compile(&what, &e.reply)?, e.message.clone()));
+            }
+            replies.insert(a.name.clone(), CompiledReplies { ack, errors });
+        }
         Ok(DefinedInstrument {
             link: Link::new(id, port),
+            replies,
             timeout: Duration::from_millis(u64::from(line.reply_timeout_ms)),
             delay: Duration::from_millis(u64::from(line.inter_command_delay_ms)),
             definition,
@@ -142,7 +165,10 @@ impl DefinedInstrument {
 
     /// Waits out the definition's gap since the last command.
     async fn pace(&mut self) {
-        if let Some(last) = self.last_sent {
+        // Only a gap still to wait sleeps: a timer, even one already due, waits for the timer's next tick.
+        if let Some(last) = self.last_sent
+            && last + self.delay > Instant::now()
+        {
             tokio::time::sleep_until(last + self.delay).await;
         }
         self.last_sent = Some(Instant::now());
@@ -196,9 +222,9 @@ impl DefinedInstrument {
         let text = self
             .ask(&query, move |line| reply.is_match(line), true)
             .await?;
-        self.readings[index]
-            .spec
-            .value_from(&text)
+        let r = &self.readings[index];
+        r.spec
+            .value_with(&r.reply, &text)
             .map_err(|e| self.link.damaged(&query, text.as_bytes(), e.to_string()))
     }
 
@@ -225,15 +251,14 @@ impl DefinedInstrument {
         let lines = spec
             .render(params)
             .map_err(|e| self.link.invalid(command, e.to_string()))?;
-        let ack = match &spec.ack {
-            Some(p) => Some(Regex::new(p).map_err(|e| self.link.invalid(command, e.to_string()))?),
-            None => None,
-        };
-        let mut errors = Vec::new();
-        for e in &spec.errors {
-            let re = Regex::new(&e.reply).map_err(|x| self.link.invalid(command, x.to_string()))?;
-            errors.push((re, e.message.clone()));
-        }
+        let CompiledReplies { ack, errors } =
+            self.replies
+                .get(action)
+                .cloned()
+                .unwrap_or(CompiledReplies {
+                    ack: None,
+                    errors: Vec::new(),
+                });
         for line in &lines {
             match &ack {
                 None if errors.is_empty() => self.tell(line).await?,

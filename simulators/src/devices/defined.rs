@@ -34,10 +34,10 @@ pub enum DefinedDeviceError {
     Pattern { what: String, reason: String },
 }
 
-/// A reading's simulated state (shared with the Modbus simulator).
+/// A reading's simulated state (shared with the Modbus simulator and the dry run).
 #[derive(Debug, Clone)]
-pub(super) struct Value {
-    pub(super) name: String,
+pub(crate) struct Value {
+    pub(crate) name: String,
     query: String,
     reply: String,
     pub(super) scale: f64,
@@ -50,7 +50,7 @@ pub(super) struct Value {
 
 impl Value {
     /// Every reading of `definition` at its initial value.
-    pub(super) fn all(definition: &InstrumentDefinition) -> Vec<Value> {
+    pub(crate) fn all(definition: &InstrumentDefinition) -> Vec<Value> {
         let sim = &definition.simulation;
         definition
             .readings
@@ -71,12 +71,12 @@ impl Value {
             .collect()
     }
 
-    pub(super) fn at(&self, now: Duration, tau_s: f64) -> f64 {
+    pub(crate) fn at(&self, now: Duration, tau_s: f64) -> f64 {
         let dt = now.saturating_sub(self.since).as_secs_f64();
         self.target + (self.from - self.target) * (-dt / tau_s).exp()
     }
 
-    pub(super) fn set_target(&mut self, now: Duration, tau_s: f64, target: f64) {
+    pub(crate) fn set_target(&mut self, now: Duration, tau_s: f64, target: f64) {
         self.from = self.at(now, tau_s);
         self.since = now;
         self.target = target;
