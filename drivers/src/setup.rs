@@ -13,8 +13,8 @@ use crate::error::DriverError;
 use crate::instrument::{DeviceCommand, Identity, Instrument, Outcome, Telemetry};
 use crate::port::{PortConfig, PortHandle, frame_line, frame_line_or_cr};
 use crate::roles::{
-    DefinedInstrument, GantryOptions, GrblGantry, HotplateOptions, IkaHotplate, ModbusInstrument,
-    MtSicsBalance, Ne1000Pump, ScpiSpectro,
+    DefinedInstrument, GantryOptions, GrblGantry, HotplateOptions, IkaHotplate, LineInstrument,
+    LineWire, ModbusInstrument, ModbusWire, MtSicsBalance, Ne1000Pump, ScpiSpectro,
 };
 use labctl_transport::Endpoint;
 
@@ -42,7 +42,7 @@ impl Default for DriverOptions {
 pub fn port_config(driver: Driver) -> PortConfig {
     let framer = match driver {
         Driver::Ne1000 => crate::roles::frame_packet,
-        // A definition's replies end in CR, LF or CR LF (`DefinedInstrument::new` refuses others).
+        // A definition's replies end in CR, LF or CR LF (`LineWire::new` refuses others).
         Driver::IkaNamur | Driver::Definition => frame_line_or_cr,
         Driver::Grbl | Driver::MtSics | Driver::ScpiSpectro => frame_line,
     };
@@ -143,9 +143,15 @@ pub fn connect(
 ) -> Result<AnyInstrument, DriverError> {
     // A Modbus instrument owns its connection (tokio-modbus frames it); no shared port task.
     if let Some(definition) = instrument.defined.as_ref().filter(|d| d.modbus.is_some()) {
+        let wire = ModbusWire::new(&instrument.id, endpoint.clone(), Arc::clone(definition))?;
         return Ok(AnyInstrument::Modbus(
-            ModbusInstrument::new(&instrument.id, endpoint.clone(), Arc::clone(definition))?
-                .time_scale(options.time_scale),
+            DefinedInstrument::new(
+                &instrument.id,
+                Arc::clone(definition),
+                instrument.allow_firmware.clone(),
+                wire,
+            )
+            .time_scale(options.time_scale),
         ));
     }
     let port = ports.handle(&instrument.id, endpoint, instrument.driver)?;
@@ -193,20 +199,18 @@ pub fn driver_for(
                         supported: "a lab loaded with Lab::load, which reads the definition file"
                             .into(),
                     })?;
+            let allow = instrument.allow_firmware.clone();
             if definition.modbus.is_some() {
+                let wire = ModbusWire::new(id, port.endpoint().clone(), Arc::clone(&definition))?;
                 AnyInstrument::Modbus(
-                    ModbusInstrument::new(id, port.endpoint().clone(), definition)?
+                    DefinedInstrument::new(id, definition, allow, wire)
                         .time_scale(options.time_scale),
                 )
             } else {
+                let wire = LineWire::new(id, port, Arc::clone(&definition))?;
                 AnyInstrument::Defined(
-                    DefinedInstrument::new(
-                        id,
-                        port,
-                        definition,
-                        instrument.allow_firmware.clone(),
-                    )?
-                    .time_scale(options.time_scale),
+                    DefinedInstrument::new(id, definition, allow, wire)
+                        .time_scale(options.time_scale),
                 )
             }
         }
@@ -222,7 +226,7 @@ pub enum AnyInstrument {
     Balance(MtSicsBalance),
     Hotplate(IkaHotplate),
     Spectro(ScpiSpectro),
-    Defined(DefinedInstrument),
+    Defined(LineInstrument),
     Modbus(ModbusInstrument),
 }
 

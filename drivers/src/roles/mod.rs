@@ -10,7 +10,6 @@ mod balance;
 mod defined;
 mod gantry;
 mod hotplate;
-mod modbus;
 mod pump;
 mod spectro;
 
@@ -19,10 +18,11 @@ use std::time::Duration;
 use labctl_protocols::InstrumentKind;
 
 pub use balance::MtSicsBalance;
-pub use defined::DefinedInstrument;
+pub use defined::{
+    DefinedInstrument, LineInstrument, LineWire, ModbusInstrument, ModbusWire, Wire,
+};
 pub use gantry::{GantryLimits, GantryOptions, GrblGantry};
 pub use hotplate::{HotplateOptions, IkaHotplate};
-pub use modbus::ModbusInstrument;
 pub use pump::{Ne1000Pump, frame_packet};
 pub use spectro::ScpiSpectro;
 

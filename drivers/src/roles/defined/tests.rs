@@ -3,7 +3,7 @@
 //! built-in hotplate driver's tests are exchanged without any IKA code.
 
 use super::*;
-use crate::port::PortConfig;
+use crate::port::{PortConfig, frame_line_or_cr};
 use crate::testing::{Fake, memory_port};
 use labctl_protocols::instrument_def::check_definition;
 use labctl_transport::{LineTiming, MemoryDevice};
@@ -15,7 +15,7 @@ fn definition(text: &str) -> Arc<InstrumentDefinition> {
     Arc::new(def.unwrap_or_else(|| panic!("{findings:?}")))
 }
 
-fn driver(text: &str, allow_firmware: &[&str]) -> (DefinedInstrument, MemoryDevice) {
+fn driver(text: &str, allow_firmware: &[&str]) -> (LineInstrument, MemoryDevice) {
     let config = PortConfig {
         framer: frame_line_or_cr,
         ..PortConfig::default()
@@ -26,8 +26,10 @@ fn driver(text: &str, allow_firmware: &[&str]) -> (DefinedInstrument, MemoryDevi
     };
     let (port, device) = memory_port(Some(timing), config);
     let allow = allow_firmware.iter().map(|s| s.to_string()).collect();
+    let definition = definition(text);
+    let wire = LineWire::new("stirrer", port, Arc::clone(&definition)).unwrap();
     (
-        DefinedInstrument::new("stirrer", port, definition(text), allow).unwrap(),
+        DefinedInstrument::new("stirrer", definition, allow, wire),
         device,
     )
 }
@@ -182,6 +184,6 @@ fn what_this_driver_cannot_speak_is_refused_by_name() {
         "inter_command_delay_ms = 50",
         "inter_command_delay_ms = 50\nchecksum = \"xor\"",
     );
-    let err = DefinedInstrument::new("x", port, definition(&text), Vec::new()).unwrap_err();
+    let err = LineWire::new("x", port, definition(&text)).unwrap_err();
     assert!(err.to_string().contains("checksum"), "{err}");
 }
