@@ -256,51 +256,62 @@ fn build_device(space: &mut AddressSpace, names: Names, instrument: &Instrument)
             build_setpoint(space, names, instrument, q);
         }
     }
-    // The instrument's actions and measurements, for technicians (see `devices`).
-    let outputs = DeviceMethod::output_arguments();
+    // The instrument's actions and measurements, for technicians (see `devices`); a defined instrument's
+    // actions by their definition's names.
     for m in DeviceMethod::of_kind(kind) {
         let path = devices::method_path(id, m);
-        let mut builder = MethodBuilder::new(&names.id(&path), names.qn(m.name()), m.name())
-            .description(m.description())
-            .executable(true)
-            .user_executable(true)
-            .component_of(device_node.clone());
         let inputs = m.input_arguments();
-        if !inputs.is_empty() {
-            builder =
-                builder.input_args(space, &names.id(&format!("{path}/InputArguments")), &inputs);
-        }
-        builder = builder.output_args(
+        build_method(
             space,
-            &names.id(&format!("{path}/OutputArguments")),
-            &outputs,
+            names,
+            &device_node,
+            &path,
+            m.name(),
+            &m.description(),
+            &inputs,
         );
-        builder.insert(space);
     }
-    // A defined instrument's actions, by their definition's names.
     for action in instrument.defined.iter().flat_map(|d| &d.actions) {
         let path = format!("{}/{}", device(id), action.name);
-        let mut builder =
-            MethodBuilder::new(&names.id(&path), names.qn(&action.name), &action.name)
-                .description(format!(
-                    "{} (from the instrument's definition)",
-                    action.name
-                ))
-                .executable(true)
-                .user_executable(true)
-                .component_of(device_node.clone());
+        let description = format!("{} (from the instrument's definition)", action.name);
         let inputs = devices::defined_input_arguments(action);
-        if !inputs.is_empty() {
-            builder =
-                builder.input_args(space, &names.id(&format!("{path}/InputArguments")), &inputs);
-        }
-        builder = builder.output_args(
+        build_method(
             space,
-            &names.id(&format!("{path}/OutputArguments")),
-            &outputs,
+            names,
+            &device_node,
+            &path,
+            &action.name,
+            &description,
+            &inputs,
         );
-        builder.insert(space);
     }
+}
+
+/// A device method node at `path`, executable by technicians, with its input arguments and the one-step
+/// run's outputs.
+fn build_method(
+    space: &mut AddressSpace,
+    names: Names,
+    device_node: &NodeId,
+    path: &str,
+    name: &str,
+    description: &str,
+    inputs: &[opcua::types::Argument],
+) {
+    let mut builder = MethodBuilder::new(&names.id(path), names.qn(name), name)
+        .description(description)
+        .executable(true)
+        .user_executable(true)
+        .component_of(device_node.clone());
+    if !inputs.is_empty() {
+        builder = builder.input_args(space, &names.id(&format!("{path}/InputArguments")), inputs);
+    }
+    builder = builder.output_args(
+        space,
+        &names.id(&format!("{path}/OutputArguments")),
+        &DeviceMethod::output_arguments(),
+    );
+    builder.insert(space);
 }
 
 /// A setpoint: `TargetValue` beside the function's `SensorValue` (a LADS controller function's target),
