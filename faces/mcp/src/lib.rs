@@ -10,6 +10,7 @@
 //! server acting as one user ([`serve_stream`], used by tests; `labctl mcp` bridges stdio to the HTTP
 //! endpoint, see docs/mcp.md).
 
+pub mod bridge;
 pub mod http;
 pub mod server;
 pub mod tools;
