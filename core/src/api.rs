@@ -6,12 +6,12 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use crate::contract::{
-    ApiError, ClientInfo, Control, Face, InterlockState, InterlockStatus, MAX_OVERRIDE, Principal, RunInfo,
-    RunState, SubmitReply, UnknownRunState,
+    ApiError, ClientInfo, Control, Face, InterlockState, InterlockStatus, MAX_OVERRIDE, Principal,
+    RunInfo, RunState, SubmitReply, UnknownRunState,
 };
 use crate::journal::{JournalHandle, Record};
-pub use labctl_simulators::dry_run::{DryRunProblem, DryRunReport};
 use crate::world::LabSnapshot;
+pub use labctl_simulators::dry_run::{DryRunProblem, DryRunReport};
 
 /// A submission already validated and dry-run by the caller's task, so the controller task never spends
 /// that time (an emergency stop must not queue behind a dry run).

@@ -1584,7 +1584,8 @@ fn mirror_of(run: &RunEntry) -> RunComponent {
 /// The `submitted` event's detail: the proposal, the digest of its exact bytes, and its provenance: the
 /// face it came through and, when the face knows it, the client program and the agent's declared model.
 fn submitted_detail(proposal_id: &str, sha: &str, principal: &Principal) -> serde_json::Value {
-    let mut detail = json!({ "proposal_id": proposal_id, "protocol_sha256": sha, "via": principal.via });
+    let mut detail =
+        json!({ "proposal_id": proposal_id, "protocol_sha256": sha, "via": principal.via });
     if let Some(client) = &principal.client {
         detail["client"] = json!(client);
     }

@@ -127,7 +127,11 @@ where
             Ok(v) => v,
             Err(e) => {
                 let _ = tx
-                    .send(error_line(&serde_json::Value::Null, -32700, &format!("parse error: {e}")))
+                    .send(error_line(
+                        &serde_json::Value::Null,
+                        -32700,
+                        &format!("parse error: {e}"),
+                    ))
                     .await;
                 continue;
             }
@@ -172,7 +176,9 @@ async fn post(
     if let Err(why) = exchange(&endpoint, &session, text, &message, &out).await {
         eprintln!("labctl mcp: {why}");
         if is_request && let Some(id) = id {
-            let _ = out.send(error_line(&id, -32000, &format!("labctl: {why}"))).await;
+            let _ = out
+                .send(error_line(&id, -32000, &format!("labctl: {why}")))
+                .await;
         }
     }
 }
@@ -186,7 +192,12 @@ async fn exchange(
 ) -> Result<(), String> {
     let stream = tokio::net::TcpStream::connect(&endpoint.authority)
         .await
-        .map_err(|e| format!("cannot reach {} ({e}): is `labctl run --mcp` running?", endpoint.authority))?;
+        .map_err(|e| {
+            format!(
+                "cannot reach {} ({e}): is `labctl run --mcp` running?",
+                endpoint.authority
+            )
+        })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("HTTP: {e}"))?;
@@ -238,10 +249,14 @@ async fn exchange(
     let forward = |line: String| {
         if initialize
             && let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-            && let Some(version) = v.pointer("/result/protocolVersion").and_then(|x| x.as_str())
+            && let Some(version) = v
+                .pointer("/result/protocolVersion")
+                .and_then(|x| x.as_str())
         {
-            session.lock().unwrap_or_else(|p| p.into_inner()).protocol_version =
-                Some(version.to_owned());
+            session
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .protocol_version = Some(version.to_owned());
         }
         line
     };

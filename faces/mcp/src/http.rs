@@ -104,7 +104,11 @@ enum Refusal {
 }
 
 impl Remembered {
-    async fn principal(&self, header: Option<&str>, peer: SocketAddr) -> Result<Principal, Refusal> {
+    async fn principal(
+        &self,
+        header: Option<&str>,
+        peer: SocketAddr,
+    ) -> Result<Principal, Refusal> {
         let header = header.ok_or(Refusal::Missing)?;
         let key: [u8; 32] = Sha256::new()
             .chain_update(peer.ip().to_string())
@@ -147,7 +151,9 @@ pub fn basic_credentials(header: &str) -> Result<(String, String), &'static str>
         .split_once(' ')
         .ok_or("Authorization: expected `Basic <base64 of user:password>`")?;
     if !scheme.eq_ignore_ascii_case("basic") {
-        return Err("Authorization: only the Basic scheme is accepted (a lab user's name and password)");
+        return Err(
+            "Authorization: only the Basic scheme is accepted (a lab user's name and password)",
+        );
     }
     if rest.len() > 1024 {
         return Err("Authorization: too long");
@@ -155,7 +161,8 @@ pub fn basic_credentials(header: &str) -> Result<(String, String), &'static str>
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(rest.trim())
         .map_err(|_| "Authorization: the Basic credentials are not base64")?;
-    let text = String::from_utf8(decoded).map_err(|_| "Authorization: the credentials are not UTF-8")?;
+    let text =
+        String::from_utf8(decoded).map_err(|_| "Authorization: the credentials are not UTF-8")?;
     let (user, password) = text
         .split_once(':')
         .ok_or("Authorization: the credentials have no `:` between user and password")?;
@@ -204,7 +211,10 @@ fn refuse(refusal: Refusal) -> Response<Body> {
 
 fn not_found() -> Response<Body> {
     let mut response = Response::new(
-        Full::new(Bytes::from_static(b"{\"error\":\"the MCP endpoint is /mcp\"}")).boxed(),
+        Full::new(Bytes::from_static(
+            b"{\"error\":\"the MCP endpoint is /mcp\"}",
+        ))
+        .boxed(),
     );
     *response.status_mut() = StatusCode::NOT_FOUND;
     response
@@ -224,19 +234,20 @@ pub async fn serve(
             options.allow_cleartext_on_network,
         )?;
     }
-    let listener = TcpListener::bind(options.listen)
-        .await
-        .map_err(|source| McpHttpError::Bind {
-            addr: options.listen,
-            source,
-        })?;
+    let listener =
+        TcpListener::bind(options.listen)
+            .await
+            .map_err(|source| McpHttpError::Bind {
+                addr: options.listen,
+                source,
+            })?;
     let addr = listener.local_addr().map_err(|source| McpHttpError::Bind {
         addr: options.listen,
         source,
     })?;
     let cancel = CancellationToken::new();
-    let mut config = StreamableHttpServerConfig::default()
-        .with_max_request_body_bytes(MAX_REQUEST_BODY);
+    let mut config =
+        StreamableHttpServerConfig::default().with_max_request_body_bytes(MAX_REQUEST_BODY);
     config.cancellation_token = cancel.child_token();
     // The Host check guards unauthenticated local servers against DNS rebinding; every request here
     // carries a lab user's password, and a lab-network address is reached by its own name or address.
@@ -273,8 +284,12 @@ pub async fn serve(
                 drop(stream);
                 continue;
             };
-            let (mcp, remembered, tls, stop) =
-                (mcp.clone(), Arc::clone(&remembered), tls.clone(), stop.clone());
+            let (mcp, remembered, tls, stop) = (
+                mcp.clone(),
+                Arc::clone(&remembered),
+                tls.clone(),
+                stop.clone(),
+            );
             tokio::spawn(async move {
                 let _permit = permit;
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {

@@ -2,9 +2,7 @@
 
 use std::sync::Arc;
 
-use labctl_core::api::{
-    ApiError, ClientInfo, Control, ControllerHandle, Face, Principal,
-};
+use labctl_core::api::{ApiError, ClientInfo, Control, ControllerHandle, Face, Principal};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
@@ -212,7 +210,12 @@ impl LabMcp {
             identity: json(view.and_then(|v| serde_json::to_value(&v.identity).ok())),
             state: json(view.and_then(|v| serde_json::to_value(&v.state).ok())),
             values: view
-                .map(|v| v.values.iter().map(|(k, x)| ((*k).to_owned(), *x)).collect())
+                .map(|v| {
+                    v.values
+                        .iter()
+                        .map(|(k, x)| ((*k).to_owned(), *x))
+                        .collect()
+                })
                 .unwrap_or_default(),
             armed: view.is_some_and(|v| v.armed),
             busy: view.is_some_and(|v| v.busy),
@@ -593,17 +596,17 @@ impl ServerHandler for LabMcp {
             ),
             other => {
                 return Err(ErrorData::resource_not_found(
-                    format!("uri: no resource {other:?} (there are {SCHEMA_URI} and {CAPABILITIES_URI})"),
+                    format!(
+                        "uri: no resource {other:?} (there are {SCHEMA_URI} and {CAPABILITIES_URI})"
+                    ),
                     None,
                 ));
             }
         };
-        Ok(
-            ReadResourceResult::new(vec![
-                ResourceContents::text(text, request.uri).with_mime_type(mime),
-            ])
-            .into(),
-        )
+        Ok(ReadResourceResult::new(vec![
+            ResourceContents::text(text, request.uri).with_mime_type(mime),
+        ])
+        .into())
     }
 
     async fn list_prompts(
@@ -613,7 +616,9 @@ impl ServerHandler for LabMcp {
     ) -> Result<ListPromptsResult, ErrorData> {
         Ok(ListPromptsResult::with_all_items(vec![Prompt::new(
             PROMPT_NAME,
-            Some("How to write a valid labctl protocol for this lab, with the dye-mix worked example"),
+            Some(
+                "How to write a valid labctl protocol for this lab, with the dye-mix worked example",
+            ),
             Some(vec![
                 PromptArgument::new("goal")
                     .with_description("The experiment to write a protocol for")
@@ -629,7 +634,10 @@ impl ServerHandler for LabMcp {
     ) -> Result<GetPromptResponse, ErrorData> {
         if request.name != PROMPT_NAME {
             return Err(ErrorData::invalid_params(
-                format!("name: no prompt {:?} (there is {PROMPT_NAME})", request.name),
+                format!(
+                    "name: no prompt {:?} (there is {PROMPT_NAME})",
+                    request.name
+                ),
                 None,
             ));
         }
@@ -639,8 +647,10 @@ impl ServerHandler for LabMcp {
             .and_then(|a| a.get("goal"))
             .and_then(|g| g.as_str());
         let text = prompt_text(self.api.lab(), goal);
-        Ok(GetPromptResult::new(vec![PromptMessage::new_text(MessageRole::User, text)])
-            .with_description("Writing a labctl protocol")
-            .into())
+        Ok(
+            GetPromptResult::new(vec![PromptMessage::new_text(MessageRole::User, text)])
+                .with_description("Writing a labctl protocol")
+                .into(),
+        )
     }
 }

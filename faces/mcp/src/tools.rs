@@ -341,6 +341,8 @@ pub struct ResultOut {
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct ControlOut {
     pub run_id: String,
-    /// The run's state after the request.
+    /// The run's state when the request was taken. An abort is immediate (`aborted`); a pause or a resume
+    /// is taken by the run at its next check (the state still reads `running` or `paused`): follow it with
+    /// `run_status`.
     pub state: String,
 }

@@ -185,12 +185,15 @@ async def agent(url, user, password, dye_mix, others_run):
             seen["approval_because"] = waiting["approval_required_because"]
             # The test's technician approves it; the agent follows it and then controls its own run.
             await wait_for(session, hold_id, lambda s: s["state"] == "running", "running")
-            paused = structured(await session.call_tool("pause_run", {"run_id": hold_id}), "pause_run")
-            check(paused["state"] == "paused", f"pause {paused}")
-            resumed = structured(await session.call_tool("resume_run", {"run_id": hold_id}), "resume_run")
-            check(resumed["state"] in ("running", "queued"), f"resume {resumed}")
+            # Pause and resume are requests the executor takes at its next check: follow them.
+            structured(await session.call_tool("pause_run", {"run_id": hold_id}), "pause_run")
+            await wait_for(session, hold_id, lambda s: s["state"] == "paused", "paused")
+            structured(await session.call_tool("resume_run", {"run_id": hold_id}), "resume_run")
+            await wait_for(session, hold_id, lambda s: s["state"] == "running", "running again")
             aborted = structured(await session.call_tool("abort_run", {"run_id": hold_id}), "abort_run")
             check(aborted["state"] == "aborted", f"abort {aborted}")
+            again = await session.call_tool("resume_run", {"run_id": hold_id})
+            check(again.is_error and "aborted" in again.content[0].text, f"resume an aborted run {again}")
             seen["hold_run"] = hold_id
 
             # Another user's run: refused, with a message that says so.

@@ -39,7 +39,10 @@ async fn the_official_python_sdk_drives_the_simulated_lab_over_streamable_http()
     let python = python();
     let rig = Rig::start().await;
     // Another user's run, waiting for approval: the agent may not abort it.
-    let others = rig.api.submit(hold("alice-hold-1", 4000), technician()).await;
+    let others = rig
+        .api
+        .submit(hold("alice-hold-1", 4000), technician())
+        .await;
     assert_eq!(others.state, Some(RunState::AwaitingApproval), "{others:?}");
     let others = others.run_id.unwrap();
     // The technician approves what the agent submits beyond the envelope, as soon as it is on disk.
@@ -89,7 +92,11 @@ async fn the_official_python_sdk_drives_the_simulated_lab_over_streamable_http()
 
     // Provenance: the face, the MCP client's own name and version, the agent's declared model.
     let run_id = seen["dye_run"].as_str().unwrap();
-    let record = rig.api.run_record(run_id).await.expect("the dye run in the journal");
+    let record = rig
+        .api
+        .run_record(run_id)
+        .await
+        .expect("the dye run in the journal");
     assert_eq!(record.submitted_by, "planner-bo");
     let submitted = record
         .events

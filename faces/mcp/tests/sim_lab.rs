@@ -47,7 +47,10 @@ async fn logins_are_checked_before_mcp_and_a_wrong_password_gets_401() {
     let rig = Rig::start().await;
     let (head, body) = post(&rig, None, INIT).await;
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
-    assert!(head.to_lowercase().contains("www-authenticate: basic"), "{head}");
+    assert!(
+        head.to_lowercase().contains("www-authenticate: basic"),
+        "{head}"
+    );
     assert!(body.contains("HTTP Basic"), "{body}");
     let (head, body) = post(&rig, Some(&basic("planner-bo", "wrong")), INIT).await;
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
@@ -59,12 +62,19 @@ async fn logins_are_checked_before_mcp_and_a_wrong_password_gets_401() {
     assert!(head.to_lowercase().contains("mcp-session-id"), "{head}");
     assert!(body.contains("\"serverInfo\""), "{body}");
     let (head, _) = post(&rig, Some(&basic("planner-bo", "planner-dev")), INIT).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "a remembered login: {head}");
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "a remembered login: {head}"
+    );
     rig.stop().await;
 }
 
 /// Sends `lines` through the bridge and collects its answers until `expect` of them arrived.
-async fn through_bridge(endpoint: Endpoint, lines: &[String], expect: usize) -> Vec<serde_json::Value> {
+async fn through_bridge(
+    endpoint: Endpoint,
+    lines: &[String],
+    expect: usize,
+) -> Vec<serde_json::Value> {
     let (mut agent_in, bridge_in) = tokio::io::duplex(1 << 20);
     let (bridge_out, agent_out) = tokio::io::duplex(1 << 20);
     let task = tokio::spawn(bridge(endpoint, bridge_in, bridge_out));
@@ -74,7 +84,11 @@ async fn through_bridge(endpoint: Endpoint, lines: &[String], expect: usize) -> 
         agent_in.write_all(line.as_bytes()).await.unwrap();
         agent_in.write_all(b"\n").await.unwrap();
         // One answer per request, in order: the next request may depend on the last answer.
-        if serde_json::from_str::<serde_json::Value>(line).unwrap().get("id").is_some() {
+        if serde_json::from_str::<serde_json::Value>(line)
+            .unwrap()
+            .get("id")
+            .is_some()
+        {
             let answer = tokio::time::timeout(Duration::from_secs(30), reader.next_line())
                 .await
                 .expect("an answer within 30 s")
@@ -99,7 +113,8 @@ async fn through_bridge(endpoint: Endpoint, lines: &[String], expect: usize) -> 
 async fn the_stdio_bridge_relays_a_session_and_the_run_records_its_client() {
     let rig = Rig::start().await;
     let url = rig.mcp.url();
-    let hold = serde_json::from_slice::<serde_json::Value>(&common::hold("bridge-hold-1", 4000)).unwrap();
+    let hold =
+        serde_json::from_slice::<serde_json::Value>(&common::hold("bridge-hold-1", 4000)).unwrap();
     let lines = vec![
         INIT.to_owned(),
         r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#.to_owned(),
@@ -113,13 +128,21 @@ async fn the_stdio_bridge_relays_a_session_and_the_run_records_its_client() {
         4,
     )
     .await;
-    assert_eq!(answers[0]["result"]["serverInfo"]["name"], "labctl", "{}", answers[0]);
+    assert_eq!(
+        answers[0]["result"]["serverInfo"]["name"], "labctl",
+        "{}",
+        answers[0]
+    );
     let tools = answers[1]["result"]["tools"].as_array().unwrap();
     assert_eq!(tools.len(), 10, "{}", answers[1]);
     let submitted = &answers[2]["result"]["structuredContent"];
     assert_eq!(submitted["outcome"], "awaiting_approval", "{}", answers[2]);
     assert!(
-        submitted["approval_required_because"].as_array().unwrap().len() == 1,
+        submitted["approval_required_because"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 1,
         "{submitted}"
     );
     assert!(
@@ -132,7 +155,11 @@ async fn the_stdio_bridge_relays_a_session_and_the_run_records_its_client() {
     );
     let run_id = submitted["run_id"].as_str().unwrap();
     let record = rig.api.run_record(run_id).await.unwrap();
-    let event = record.events.iter().find(|e| e.kind == "submitted").unwrap();
+    let event = record
+        .events
+        .iter()
+        .find(|e| e.kind == "submitted")
+        .unwrap();
     assert_eq!(
         event.detail["client"],
         serde_json::json!({"name": "bridge-test", "version": "0.9", "agent_model": "bridge-model"})
@@ -147,6 +174,9 @@ async fn the_stdio_bridge_relays_a_session_and_the_run_records_its_client() {
     )
     .await;
     let message = answers[0]["error"]["message"].as_str().unwrap();
-    assert!(message.contains("401") && message.contains("wrong user name or password"), "{message}");
+    assert!(
+        message.contains("401") && message.contains("wrong user name or password"),
+        "{message}"
+    );
     rig.stop().await;
 }

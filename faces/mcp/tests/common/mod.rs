@@ -17,7 +17,10 @@ use labctl_mcp::http::{HttpOptions, McpHttp, serve};
 use labctl_protocols::Lab;
 use labctl_protocols::lab::Role;
 
-pub const DYE_MIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../protocols/examples/dye-mix.json");
+pub const DYE_MIX: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../protocols/examples/dye-mix.json"
+);
 
 pub struct Rig {
     pub api: ControllerHandle,
