@@ -93,7 +93,7 @@ impl From<&Finding> for FindingOut {
         };
         FindingOut {
             severity: text(serde_json::to_value(f.severity).unwrap_or_default()),
-            code: text(serde_json::to_value(&f.code).unwrap_or_default()),
+            code: text(serde_json::to_value(f.code).unwrap_or_default()),
             path: f.path.clone(),
             message: f.message.clone(),
             found: f.found.clone(),
