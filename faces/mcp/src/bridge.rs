@@ -317,3 +317,28 @@ async fn read_all(body: &mut hyper::body::Incoming) -> Result<Vec<u8>, String> {
     }
     Ok(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_endpoint_is_an_http_url_with_a_port() {
+        let e = Endpoint::new("http://127.0.0.1:8765/mcp", "u", "p").unwrap();
+        assert_eq!(
+            (e.authority.as_str(), e.path.as_str()),
+            ("127.0.0.1:8765", "/mcp")
+        );
+        assert_eq!(e.authorization, "Basic dTpw");
+        let bare = Endpoint::new("http://localhost:9000", "u", "p").unwrap();
+        assert_eq!(bare.path, "/mcp");
+        for bad in [
+            "https://127.0.0.1:8765/mcp",
+            "127.0.0.1:8765",
+            "http://localhost/mcp",
+            "http:///mcp",
+        ] {
+            assert!(Endpoint::new(bad, "u", "p").is_err(), "{bad}");
+        }
+    }
+}

@@ -348,3 +348,37 @@ pub async fn serve(
         task,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_are_read_and_anything_else_is_named() {
+        let header = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("planner-bo:pass:with:colons")
+        );
+        assert_eq!(
+            basic_credentials(&header),
+            Ok(("planner-bo".into(), "pass:with:colons".into()))
+        );
+        assert!(
+            basic_credentials("Bearer abc")
+                .unwrap_err()
+                .contains("only the Basic scheme")
+        );
+        assert!(
+            basic_credentials("Basic !!!")
+                .unwrap_err()
+                .contains("not base64")
+        );
+        let no_colon = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("nobody")
+        );
+        assert!(basic_credentials(&no_colon).unwrap_err().contains("no `:`"));
+        assert!(basic_credentials("Basic").is_err());
+        assert!(basic_credentials(&format!("Basic {}", "A".repeat(5000))).is_err());
+    }
+}

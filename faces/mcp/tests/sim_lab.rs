@@ -66,6 +66,16 @@ async fn logins_are_checked_before_mcp_and_a_wrong_password_gets_401() {
         head.starts_with("HTTP/1.1 200"),
         "a remembered login: {head}"
     );
+    // The core's throttling holds here too: after a few failures the user must wait, and is told so.
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let (head, body) = post(&rig, Some(&basic("alice", "guess")), INIT).await;
+        statuses.push((head.lines().next().unwrap_or_default().to_owned(), body));
+    }
+    assert!(statuses[0].0.starts_with("HTTP/1.1 401"), "{statuses:?}");
+    let (last, body) = statuses.last().unwrap();
+    assert!(last.starts_with("HTTP/1.1 429"), "{statuses:?}");
+    assert!(body.contains("too many failed logins for alice"), "{body}");
     rig.stop().await;
 }
 
