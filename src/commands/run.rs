@@ -182,6 +182,15 @@ async fn run_async(
             args.warp
         ));
     }
+    if let Some(listen) = mcp_args.mcp {
+        // Refused before any instrument is touched.
+        crate::auth::check_cleartext_listener(
+            "MCP over HTTP",
+            listen,
+            lab.interfaces.allow_cleartext_on_network,
+        )
+        .map_err(|e| e.to_string())?;
+    }
     let warped = args.sim || args.simulated_instruments;
     // One table of users for every face: the login limits hold for the controller as a whole.
     let users = std::sync::Arc::new(crate::auth::Users::from_lab(&lab).map_err(|e| e.to_string())?);

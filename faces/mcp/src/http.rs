@@ -34,6 +34,9 @@ pub const MCP_PATH: &str = "/mcp";
 pub const MAX_REQUEST_BODY: usize = 2 * 1024 * 1024;
 /// HTTP connections served at once; beyond it a new connection is closed at once.
 pub const MAX_CONNECTIONS: usize = 64;
+/// MCP sessions open at once (an idle one ends after 5 minutes); beyond it a new `initialize` is answered
+/// 503.
+pub const MAX_SESSIONS: usize = 64;
 /// How long a checked `Authorization` header is trusted without checking the password again.
 pub const LOGIN_REMEMBERED: Duration = Duration::from_secs(300);
 /// Checked headers remembered at most.
@@ -209,6 +212,15 @@ fn refuse(refusal: Refusal) -> Response<Body> {
     response
 }
 
+fn too_many_sessions() -> Response<Body> {
+    let body = format!(
+        "{{\"error\":\"{MAX_SESSIONS} MCP sessions are open; close one (DELETE) or wait for an idle one to end\"}}"
+    );
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    response
+}
+
 fn not_found() -> Response<Body> {
     let mut response = Response::new(
         Full::new(Bytes::from_static(
@@ -254,9 +266,10 @@ pub async fn serve(
     if !addr.ip().is_loopback() {
         config = config.disable_allowed_hosts();
     }
+    let sessions = Arc::new(LocalSessionManager::default());
     let mcp = StreamableHttpService::new(
         move || Ok(LabMcp::new(api.clone())),
-        Arc::new(LocalSessionManager::default()),
+        Arc::clone(&sessions),
         config,
     );
     let remembered = Arc::new(Remembered {
@@ -284,16 +297,18 @@ pub async fn serve(
                 drop(stream);
                 continue;
             };
-            let (mcp, remembered, tls, stop) = (
+            let (mcp, remembered, tls, stop, sessions) = (
                 mcp.clone(),
                 Arc::clone(&remembered),
                 tls.clone(),
                 stop.clone(),
+                Arc::clone(&sessions),
             );
             tokio::spawn(async move {
                 let _permit = permit;
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let (mut mcp, remembered) = (mcp.clone(), Arc::clone(&remembered));
+                    let (mut mcp, remembered, sessions) =
+                        (mcp.clone(), Arc::clone(&remembered), Arc::clone(&sessions));
                     async move {
                         if req.uri().path() != MCP_PATH {
                             return Ok::<_, Infallible>(not_found());
@@ -303,6 +318,13 @@ pub async fn serve(
                             .get(http::header::AUTHORIZATION)
                             .and_then(|v| v.to_str().ok());
                         match remembered.principal(header, peer).await {
+                            Ok(_)
+                                if req.method() == http::Method::POST
+                                    && !req.headers().contains_key("mcp-session-id")
+                                    && sessions.sessions.read().await.len() >= MAX_SESSIONS =>
+                            {
+                                Ok(too_many_sessions())
+                            }
                             Ok(principal) => {
                                 let mut req = req;
                                 req.extensions_mut().insert(Authenticated(principal));

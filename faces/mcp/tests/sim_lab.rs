@@ -190,3 +190,17 @@ async fn the_stdio_bridge_relays_a_session_and_the_run_records_its_client() {
     );
     rig.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_bounded_and_a_new_one_beyond_them_is_told_why() {
+    let rig = Rig::start().await;
+    let auth = basic("planner-bo", "planner-dev");
+    for n in 0..labctl_mcp::http::MAX_SESSIONS {
+        let (head, _) = post(&rig, Some(&auth), INIT).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "session {n}: {head}");
+    }
+    let (head, body) = post(&rig, Some(&auth), INIT).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(body.contains("MCP sessions are open"), "{body}");
+    rig.stop().await;
+}
