@@ -534,6 +534,26 @@ mod tests {
     }
 
     #[test]
+    fn a_principal_names_its_client_program_only_when_the_face_knows_it() {
+        let bo = Principal::new("planner-bo", Role::Planner, Face::Mqtt);
+        assert_eq!(
+            serde_json::to_value(&bo).unwrap(),
+            serde_json::json!({"name": "planner-bo", "role": "planner", "via": "mqtt"})
+        );
+        let agent =
+            Principal::new("planner-bo", Role::Planner, Face::Mcp).with_client(ClientInfo {
+                name: "claude-desktop".into(),
+                version: "0.10.2".into(),
+                agent_model: None,
+            });
+        assert_eq!(
+            serde_json::to_value(&agent).unwrap()["client"],
+            serde_json::json!({"name": "claude-desktop", "version": "0.10.2"})
+        );
+        assert_eq!(Face::Mcp.to_string(), "mcp");
+    }
+
+    #[test]
     fn a_refusal_is_typed_inside_and_its_message_on_the_wire() {
         let reply = SubmitReply::refused(
             Some("p-1".into()),
