@@ -97,6 +97,43 @@ impl Drop for McpHttp {
 struct Remembered {
     users: Arc<Users>,
     checked: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
+    /// Who opened each MCP session: another user may not use it (its client identity, recorded with what
+    /// is submitted, is the opener's).
+    owners: Mutex<HashMap<String, String>>,
+}
+
+impl Remembered {
+    /// Whether `user` may use the session `id` (an unknown session is for the MCP server to answer).
+    fn may_use(&self, id: &str, user: &str) -> bool {
+        let owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        owners.get(id).is_none_or(|owner| owner == user)
+    }
+
+    /// Records the opener of a new session, forgetting sessions that have ended when the table is full.
+    async fn opened(&self, id: &str, user: &str, sessions: &LocalSessionManager) {
+        let live: Option<std::collections::HashSet<String>> = {
+            let full =
+                self.owners.lock().unwrap_or_else(|p| p.into_inner()).len() >= 2 * MAX_SESSIONS;
+            if full {
+                Some(
+                    sessions
+                        .sessions
+                        .read()
+                        .await
+                        .keys()
+                        .map(|k| k.to_string())
+                        .collect(),
+                )
+            } else {
+                None
+            }
+        };
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(live) = live {
+            owners.retain(|id, _| live.contains(id));
+        }
+        owners.insert(id.to_owned(), user.to_owned());
+    }
 }
 
 /// Why a request was refused before MCP.
@@ -212,6 +249,17 @@ fn refuse(refusal: Refusal) -> Response<Body> {
     response
 }
 
+fn session_of_another() -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(
+            b"{\"error\":\"this MCP session was opened by another user; initialize a session of your own\"}",
+        ))
+        .boxed(),
+    );
+    *response.status_mut() = StatusCode::FORBIDDEN;
+    response
+}
+
 fn too_many_sessions() -> Response<Body> {
     let body = format!(
         "{{\"error\":\"{MAX_SESSIONS} MCP sessions are open; close one (DELETE) or wait for an idle one to end\"}}"
@@ -275,6 +323,7 @@ pub async fn serve(
     let remembered = Arc::new(Remembered {
         users,
         checked: Mutex::new(HashMap::new()),
+        owners: Mutex::new(HashMap::new()),
     });
     let tls = options.tls.map(tokio_rustls::TlsAcceptor::from);
     let is_tls = tls.is_some();
@@ -326,10 +375,31 @@ pub async fn serve(
                                 Ok(too_many_sessions())
                             }
                             Ok(principal) => {
+                                let session = req
+                                    .headers()
+                                    .get("mcp-session-id")
+                                    .and_then(|v| v.to_str().ok())
+                                    .map(str::to_owned);
+                                if let Some(id) = &session
+                                    && !remembered.may_use(id, &principal.name)
+                                {
+                                    return Ok(session_of_another());
+                                }
+                                let user = principal.name.clone();
                                 let mut req = req;
                                 req.extensions_mut().insert(Authenticated(principal));
                                 use tower_service::Service;
-                                mcp.call(req).await
+                                let response = mcp.call(req).await;
+                                if session.is_none()
+                                    && let Ok(r) = &response
+                                    && let Some(id) = r
+                                        .headers()
+                                        .get("mcp-session-id")
+                                        .and_then(|v| v.to_str().ok())
+                                {
+                                    remembered.opened(id, &user, &sessions).await;
+                                }
+                                response
                             }
                             Err(refusal) => Ok(refuse(refusal)),
                         }

@@ -204,3 +204,45 @@ async fn sessions_are_bounded_and_a_new_one_beyond_them_is_told_why() {
     assert!(body.contains("MCP sessions are open"), "{body}");
     rig.stop().await;
 }
+
+/// One POST carrying a session id.
+async fn post_in_session(rig: &Rig, authorization: &str, session: &str, body: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(rig.mcp.addr).await.unwrap();
+    let request = format!(
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nAuthorization: {authorization}\r\n\
+         Mcp-Session-Id: {session}\r\nMcp-Protocol-Version: 2025-06-18\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response))
+        .await
+        .expect("an answer within 30 s")
+        .unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_its_openers_alone() {
+    let rig = Rig::start().await;
+    let bo = basic("planner-bo", "planner-dev");
+    let (head, _) = post(&rig, Some(&bo), INIT).await;
+    let session = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("mcp-session-id:")
+                .map(|v| v.trim().to_owned())
+        })
+        .expect("a session id");
+    let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+    let alice = basic("alice", "technician-dev");
+    let answer = post_in_session(&rig, &alice, &session, list).await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("opened by another user"), "{answer}");
+    let answer = post_in_session(&rig, &bo, &session, list).await;
+    assert!(!answer.starts_with("HTTP/1.1 403"), "{answer}");
+    rig.stop().await;
+}
