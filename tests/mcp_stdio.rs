@@ -30,7 +30,11 @@ fn an_agent_on_the_python_sdk_runs_labctl_mcp_over_stdio() {
          makes .venv with it",
     );
     let dir = tempfile::tempdir().unwrap();
-    let labctl = env!("CARGO_BIN_EXE_labctl");
+    // LABCTL_BIN when set (an installed build, or one a shared target directory cannot overwrite), else
+    // the one cargo built for this test.
+    let labctl_bin =
+        std::env::var("LABCTL_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_labctl").to_owned());
+    let labctl = labctl_bin.as_str();
     let mut child = Command::new(labctl)
         .args([
             "run",
@@ -49,11 +53,17 @@ fn an_agent_on_the_python_sdk_runs_labctl_mcp_over_stdio() {
         .arg(dir.path())
         .env("LABCTL_LOG", "error")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let _running = Running(child);
+    let stderr = child.stderr.take().unwrap();
+    let mut running = Running(child);
+    let said = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text);
+        text
+    });
     // The endpoint line, read on a thread so the deadline holds even if the controller says nothing.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -63,9 +73,16 @@ fn an_agent_on_the_python_sdk_runs_labctl_mcp_over_stdio() {
             }
         }
     });
-    let url = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("labctl run prints its MCP endpoint within 60 s");
+    let url = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(url) => url,
+        Err(e) => {
+            let _ = running.0.kill();
+            panic!(
+                "labctl run ({labctl}) did not print its MCP endpoint within 60 s ({e}); it said: {}",
+                said.join().unwrap_or_default()
+            )
+        }
+    };
     let started = Instant::now();
     let mut agent = Command::new(&python)
         .args([AGENT, labctl, &url])
