@@ -246,3 +246,64 @@ async fn a_session_is_its_openers_alone() {
     assert!(!answer.starts_with("HTTP/1.1 403"), "{answer}");
     rig.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_serves_the_same_endpoint_with_the_data_directorys_certificate() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let rig = Rig::start().await;
+    let files = labctl_core::tls::load_or_create(rig.dir.path(), &["127.0.0.1".into()]).unwrap();
+    let https = labctl_mcp::http::serve(
+        labctl_mcp::http::HttpOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: Some(files.config),
+            allow_cleartext_on_network: false,
+        },
+        rig.api.clone(),
+        std::sync::Arc::new(labctl_core::auth::Users::from_lab(rig.api.lab()).unwrap()),
+    )
+    .await
+    .unwrap();
+    assert!(
+        https.url().starts_with("https://127.0.0.1:"),
+        "{}",
+        https.url()
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&files.cert_path).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    for (auth, expect) in [
+        (basic("planner-bo", "wrong"), "HTTP/1.1 401"),
+        (basic("planner-bo", "planner-dev"), "HTTP/1.1 200"),
+    ] {
+        let tcp = tokio::net::TcpStream::connect(https.addr).await.unwrap();
+        let mut tls = connector
+            .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+            .await
+            .expect("the certificate verifies for 127.0.0.1");
+        let request = format!(
+            "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+             Accept: application/json, text/event-stream\r\nAuthorization: {auth}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{INIT}",
+            INIT.len()
+        );
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut response))
+            .await
+            .expect("an answer within 30 s");
+        let text = String::from_utf8_lossy(&response);
+        assert!(text.starts_with(expect), "{text}");
+    }
+    https.shutdown();
+    rig.stop().await;
+}
