@@ -41,6 +41,8 @@ enum Command {
         command_port: labctl::gateways::command_port::CommandPortArgs,
         #[command(flatten)]
         opcua: labctl::gateways::opcua::OpcUaArgs,
+        #[command(flatten)]
+        mcp: commands::run::McpArgs,
     },
     /// Serve the simulated lab's instruments alone, wire-level on pseudo-terminals and TCP, until
     /// SIGINT or SIGTERM; prints where each instrument is.
@@ -67,6 +69,17 @@ enum Command {
         /// Print machine-readable findings (JSON) instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// MCP (Model Context Protocol) over stdio for a local AI agent, bridged to a running
+    /// `labctl run --mcp ADDR` (docs/mcp.md).
+    ///
+    /// Credentials from LABCTL_MQTT_USER with LABCTL_MQTT_PASSWORD or LABCTL_MQTT_PASSWORD_FILE, as
+    /// `labctl submit` takes them (a planner's, usually). Exit status: 0 when the agent closed stdin, 2
+    /// usage or I/O error.
+    Mcp {
+        /// The MCP endpoint `labctl run --mcp` printed.
+        #[arg(long, default_value = "http://127.0.0.1:8765/mcp")]
+        url: String,
     },
     /// Print the protocol JSON Schema (or, with --instrument, the instrument definitions' schema).
     Schema {
@@ -150,8 +163,10 @@ fn main() -> ExitCode {
             mqtt,
             command_port,
             opcua,
-        } => commands::run::run(*args, mqtt, command_port, opcua),
+            mcp,
+        } => commands::run::run(*args, mqtt, command_port, opcua, mcp),
         Command::Sim(args) => commands::sim::run(args),
+        Command::Mcp { url } => commands::mcp::run(&url),
         Command::Submit(args) => labctl::submit::run(args),
         Command::Console(args) => labctl::console::run(args),
         Command::Passwd => {

@@ -51,6 +51,26 @@ fn the_simulated_lab_never_listens_in_clear_text_beyond_loopback() {
 }
 
 #[test]
+fn mcp_over_http_never_listens_in_clear_text_beyond_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = labctl_run(
+        &[
+            "--sim",
+            "--no-opcua",
+            "--mqtt-port",
+            "0",
+            "--command-port",
+            "127.0.0.1:0",
+            "--mcp",
+            "0.0.0.0:0",
+        ],
+        dir.path(),
+    );
+    refused(&out, "MCP over HTTP on 0.0.0.0");
+    refused(&out, "allow_cleartext_on_network");
+}
+
+#[test]
 fn a_lab_file_copied_from_the_simulated_lab_is_refused_on_real_instruments() {
     let dir = tempfile::tempdir().unwrap();
     let lab = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/sim-lab.toml");

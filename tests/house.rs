@@ -41,6 +41,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     ("labctl-opcua", &["labctl-core", "labctl-protocols"]),
+    ("labctl-mcp", &["labctl-core", "labctl-protocols"]),
     ("labctl-mqtt-link", &[]),
     (
         "labctl-mqtt",
@@ -55,6 +56,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &[
             "labctl-clients",
             "labctl-command-port",
+            "labctl-mcp",
             "labctl-mqtt",
             "labctl-mqtt-link",
             "labctl-opcua",

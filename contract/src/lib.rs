@@ -34,6 +34,8 @@ pub enum Face {
     Cli,
     /// Code linked with the controller (tests, benchmarks, an embedding program).
     InProcess,
+    /// The Model Context Protocol, for AI agents (streamable HTTP or `labctl mcp` over stdio).
+    Mcp,
 }
 
 impl Face {
@@ -45,6 +47,7 @@ impl Face {
             Face::Console => "console",
             Face::Cli => "cli",
             Face::InProcess => "in-process",
+            Face::Mcp => "mcp",
         }
     }
 }
@@ -61,6 +64,10 @@ pub struct Principal {
     pub name: String,
     pub role: Role,
     pub via: Face,
+    /// The program the user acts through, when the face learns it (an MCP client's `initialize`); recorded
+    /// with what it submits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<ClientInfo>,
 }
 
 impl Principal {
@@ -69,8 +76,27 @@ impl Principal {
             name: name.to_owned(),
             role,
             via,
+            client: None,
         }
     }
+
+    /// The same principal, acting through `client`.
+    pub fn with_client(mut self, client: ClientInfo) -> Self {
+        self.client = Some(client);
+        self
+    }
+}
+
+/// The client program a user acts through, as it declared itself: for an MCP client, the name and version
+/// of its `initialize` request's `clientInfo`, and the model the agent says it runs. Declared, not proven:
+/// provenance for people reading the journal, never a basis for a permission.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    pub name: String,
+    pub version: String,
+    /// The AI model behind the agent (e.g. `claude-sonnet-4.5`), when it declared one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_model: Option<String>,
 }
 
 /// States of a run, as published on `runs/{run_id}/status`.
@@ -505,6 +531,26 @@ mod tests {
             assert_eq!(serde_json::to_value(decision).unwrap(), wire);
             assert_eq!(&serde_json::from_value::<Decision>(wire).unwrap(), decision);
         }
+    }
+
+    #[test]
+    fn a_principal_names_its_client_program_only_when_the_face_knows_it() {
+        let bo = Principal::new("planner-bo", Role::Planner, Face::Mqtt);
+        assert_eq!(
+            serde_json::to_value(&bo).unwrap(),
+            serde_json::json!({"name": "planner-bo", "role": "planner", "via": "mqtt"})
+        );
+        let agent =
+            Principal::new("planner-bo", Role::Planner, Face::Mcp).with_client(ClientInfo {
+                name: "claude-desktop".into(),
+                version: "0.10.2".into(),
+                agent_model: None,
+            });
+        assert_eq!(
+            serde_json::to_value(&agent).unwrap()["client"],
+            serde_json::json!({"name": "claude-desktop", "version": "0.10.2"})
+        );
+        assert_eq!(Face::Mcp.to_string(), "mcp");
     }
 
     #[test]

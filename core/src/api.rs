@@ -6,11 +6,12 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use crate::contract::{
-    ApiError, Control, Face, InterlockState, InterlockStatus, MAX_OVERRIDE, Principal, RunInfo,
-    RunState, SubmitReply, UnknownRunState,
+    ApiError, ClientInfo, Control, Face, InterlockState, InterlockStatus, MAX_OVERRIDE, Principal,
+    RunInfo, RunState, SubmitReply, UnknownRunState,
 };
 use crate::journal::{JournalHandle, Record};
 use crate::world::LabSnapshot;
+pub use labctl_simulators::dry_run::{DryRunProblem, DryRunReport};
 
 /// A submission already validated and dry-run by the caller's task, so the controller task never spends
 /// that time (an emergency stop must not queue behind a dry run).
@@ -190,6 +191,25 @@ impl ControllerHandle {
         .unwrap_or_else(|| SubmitReply::refused(None, ApiError::Unavailable))
     }
 
+    /// Validates a protocol (raw bytes) and, when valid, dry-runs it on the lab's physical model, off the
+    /// async threads; nothing reaches the controller or the journal. `None` when the work could not run.
+    pub async fn check(
+        &self,
+        bytes: Vec<u8>,
+    ) -> Option<(labctl_protocols::Report, Option<DryRunReport>)> {
+        let lab = Arc::clone(&self.lab);
+        tokio::task::spawn_blocking(move || {
+            let report = labctl_protocols::validate_bytes(&bytes, &lab);
+            let dry_run = report
+                .protocol
+                .as_ref()
+                .map(|p| labctl_simulators::dry_run::dry_run(p, &lab, 1));
+            (report, dry_run)
+        })
+        .await
+        .ok()
+    }
+
     pub async fn approve(&self, run_id: &str, principal: Principal) -> Result<RunState, ApiError> {
         let run_id = run_id.to_owned();
         self.ask_run(|reply| Request::Approve {
@@ -338,6 +358,32 @@ impl ControllerHandle {
             })
         })
         .await
+    }
+
+    /// A run's results with a sequence number above `after` (a reader's resume cursor), in order, at most
+    /// `limit` of them, as the journal holds them; `None` when the journal cannot be read.
+    pub async fn results(
+        &self,
+        run_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Option<Vec<crate::journal::read::ResultRow>> {
+        let id = run_id.to_owned();
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        self.read_journal(move |c| {
+            let mut rows = crate::journal::read::results(c, &id, after).ok()?;
+            rows.truncate(limit);
+            Some(rows)
+        })
+        .await
+    }
+
+    /// A run as the journal records it: provenance, protocol and every event; `None` for a run the journal
+    /// does not hold (or cannot read).
+    pub async fn run_record(&self, run_id: &str) -> Option<crate::journal::read::RunDetail> {
+        let id = run_id.to_owned();
+        self.read_journal(move |c| crate::journal::read::run_detail(c, &id).ok().flatten())
+            .await
     }
 
     /// Journal records as they become durable: run states, step events, results.

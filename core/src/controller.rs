@@ -777,7 +777,7 @@ impl Core {
             Some(&run_id),
             EventKind::Submitted,
             Some(&principal),
-            json!({ "proposal_id": pid, "protocol_sha256": sha }),
+            submitted_detail(&pid, &sha, &principal),
         );
         if let Some(dry) = &dry_run {
             self.event(
@@ -1579,6 +1579,17 @@ fn mirror_of(run: &RunEntry) -> RunComponent {
             .map(|(v, p)| (v.clone(), p.clone()))
             .collect(),
     }
+}
+
+/// The `submitted` event's detail: the proposal, the digest of its exact bytes, and its provenance: the
+/// face it came through and, when the face knows it, the client program and the agent's declared model.
+fn submitted_detail(proposal_id: &str, sha: &str, principal: &Principal) -> serde_json::Value {
+    let mut detail =
+        json!({ "proposal_id": proposal_id, "protocol_sha256": sha, "via": principal.via });
+    if let Some(client) = &principal.client {
+        detail["client"] = json!(client);
+    }
+    detail
 }
 
 /// How the journal names who did something.

@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod check_instrument;
+pub mod mcp;
 pub mod run;
 pub mod runs;
 pub mod sim;

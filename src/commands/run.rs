@@ -71,6 +71,20 @@ pub struct RunArgs {
     pub pty_dir: Option<PathBuf>,
 }
 
+/// MCP options of `labctl run`: off unless asked (docs/mcp.md).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct McpArgs {
+    /// Serve MCP (Model Context Protocol, streamable HTTP at /mcp) for AI agents on this address, e.g.
+    /// 127.0.0.1:8765; port 0 picks a free one and prints it. Clear text: loopback only unless the lab
+    /// file sets interfaces.allow_cleartext_on_network. Off by default.
+    #[arg(long = "mcp", value_name = "ADDR")]
+    pub mcp: Option<std::net::SocketAddr>,
+    /// Serve MCP over HTTPS on this address (certificate in DATA_DIR/tls/, made on first start); port 0
+    /// picks a free one and prints it. Off by default.
+    #[arg(long = "mcp-tls", value_name = "ADDR")]
+    pub mcp_tls: Option<std::net::SocketAddr>,
+}
+
 /// MQTT options of `labctl run` (separate from [`RunArgs`] so code that builds a `RunArgs` is unaffected).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct MqttArgs {
@@ -102,6 +116,7 @@ pub fn run(
     mqtt: MqttArgs,
     command_port: CommandPortArgs,
     opcua: OpcUaArgs,
+    mcp: McpArgs,
 ) -> ExitCode {
     init_logging();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -115,7 +130,7 @@ pub fn run(
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(run_async(args, mqtt, command_port, opcua)) {
+    match rt.block_on(run_async(args, mqtt, command_port, opcua, mcp)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("labctl run: {e}");
@@ -129,6 +144,7 @@ async fn run_async(
     mqtt_args: MqttArgs,
     command_port_args: CommandPortArgs,
     opcua_args: OpcUaArgs,
+    mcp_args: McpArgs,
 ) -> Result<(), String> {
     let signals = shutdown_signal();
     let (mut lab, text) = if args.sim {
@@ -165,6 +181,15 @@ async fn run_async(
              only if the lab file's instruments are simulators running at that warp",
             args.warp
         ));
+    }
+    if let Some(listen) = mcp_args.mcp {
+        // Refused before any instrument is touched.
+        crate::auth::check_cleartext_listener(
+            "MCP over HTTP",
+            listen,
+            lab.interfaces.allow_cleartext_on_network,
+        )
+        .map_err(|e| e.to_string())?;
     }
     let warped = args.sim || args.simulated_instruments;
     // One table of users for every face: the login limits hold for the controller as a whole.
@@ -288,6 +313,10 @@ async fn run_async(
     for line in command_port.endpoints() {
         say!("  {line}");
     }
+    let mcp = start_mcp(&mcp_args, &lab, &args.data_dir, &api, &users).await?;
+    for server in &mcp {
+        say!("  mcp: {}", server.url());
+    }
     let local = Principal::new("local-operator", Role::Technician, Face::Cli);
     for path in &args.submit {
         let bytes = labctl_protocols::validate::read_protocol_file(path)
@@ -325,8 +354,50 @@ async fn run_async(
     if let Some(server) = opcua {
         server.shutdown().await;
     }
+    for server in mcp {
+        server.shutdown();
+    }
     runtime.shutdown().await;
     Ok(())
+}
+
+/// Starts MCP over streamable HTTP (`--mcp`) and over HTTPS (`--mcp-tls`), when asked.
+async fn start_mcp(
+    args: &McpArgs,
+    lab: &Lab,
+    data_dir: &std::path::Path,
+    api: &crate::api::ControllerHandle,
+    users: &std::sync::Arc<crate::auth::Users>,
+) -> Result<Vec<crate::gateways::mcp::http::McpHttp>, String> {
+    use crate::gateways::mcp::http::{HttpOptions, serve};
+    let mut servers = Vec::new();
+    if let Some(listen) = args.mcp {
+        let options = HttpOptions {
+            listen,
+            tls: None,
+            allow_cleartext_on_network: lab.interfaces.allow_cleartext_on_network,
+        };
+        servers.push(
+            serve(options, api.clone(), users.clone())
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    if let Some(listen) = args.mcp_tls {
+        let files = crate::tls::load_or_create(data_dir, &[listen.ip().to_string()])
+            .map_err(|e| format!("--mcp-tls: {e}"))?;
+        let options = HttpOptions {
+            listen,
+            tls: Some(files.config),
+            allow_cleartext_on_network: lab.interfaces.allow_cleartext_on_network,
+        };
+        servers.push(
+            serve(options, api.clone(), users.clone())
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(servers)
 }
 
 /// Starts the MQTT gateway: on an external broker (`--mqtt` or the lab file's `interfaces.mqtt.url`) or on

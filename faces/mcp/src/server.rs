@@ -1,0 +1,656 @@
+//! The MCP server: its tools, resources and prompt, each a call on the core's API as the authenticated user.
+
+use std::sync::Arc;
+
+use labctl_core::api::{ApiError, ClientInfo, Control, ControllerHandle, Face, Principal};
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{
+    GetPromptRequestParams, GetPromptResponse, GetPromptResult, Implementation, ListPromptsResult,
+    ListResourcesResult, PaginatedRequestParams, Prompt, PromptArgument, PromptMessage,
+    ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
+    ResourceContents, Role as MessageRole, ServerCapabilities, ServerConfig,
+};
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData, Json, RoleServer, ServerHandler, tool, tool_handler, tool_router};
+
+use crate::tools::*;
+
+/// The resource holding the protocol JSON Schema.
+pub const SCHEMA_URI: &str = "labctl://protocol/schema";
+/// The resource holding the lab's capabilities.
+pub const CAPABILITIES_URI: &str = "labctl://lab/capabilities";
+/// The prompt explaining the protocol language.
+pub const PROMPT_NAME: &str = "write_protocol";
+
+/// The dye-mixing worked example the prompt teaches with.
+const DYE_MIX: &str = include_str!("../../../protocols/examples/dye-mix.json");
+
+/// Who an HTTP request was authenticated as: put in the request's extensions by the HTTP face, read by the
+/// tools.
+#[derive(Debug, Clone)]
+pub struct Authenticated(pub Principal);
+
+/// One MCP session's server: the controller it speaks for and, for a local transport (stdio, in-process),
+/// the user it acts as. Over HTTP each request carries its own authenticated user instead.
+#[derive(Clone)]
+pub struct LabMcp {
+    api: ControllerHandle,
+    local: Option<Principal>,
+    tool_router: ToolRouter<LabMcp>,
+}
+
+impl LabMcp {
+    /// A server whose requests must each carry an [`Authenticated`] user (the HTTP face's).
+    pub fn new(api: ControllerHandle) -> Self {
+        LabMcp {
+            api,
+            local: None,
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    /// A server acting as `principal` for every request (a transport with no login of its own).
+    pub fn acting_as(api: ControllerHandle, principal: Principal) -> Self {
+        LabMcp {
+            local: Some(principal),
+            ..LabMcp::new(api)
+        }
+    }
+
+    /// The user a request acts as, with the MCP client it came through (its `initialize` identity, or the
+    /// request's own on a protocol version without `initialize`) and the agent's declared model.
+    fn principal(
+        &self,
+        ctx: &RequestContext<RoleServer>,
+        agent_model: Option<String>,
+    ) -> Result<Principal, String> {
+        let from_http = ctx
+            .extensions
+            .get::<http::request::Parts>()
+            .and_then(|parts| parts.extensions.get::<Authenticated>())
+            .map(|a| a.0.clone());
+        let Some(mut principal) = from_http.or_else(|| self.local.clone()) else {
+            return Err("not authenticated: log in as a lab user".into());
+        };
+        principal.via = Face::Mcp;
+        let client = ctx
+            .peer
+            .peer_info()
+            .map(|info| info.client_info.clone())
+            .or_else(|| ctx.meta.client_info());
+        let agent_model = agent_model
+            .map(|m| m.trim().chars().take(MAX_DECLARED_LEN).collect::<String>())
+            .filter(|m| !m.is_empty());
+        if client.is_some() || agent_model.is_some() {
+            let (name, version) = client
+                .map(|c| (c.name, c.version))
+                .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
+            principal = principal.with_client(ClientInfo {
+                name: name.chars().take(MAX_DECLARED_LEN).collect(),
+                version: version.chars().take(MAX_DECLARED_LEN).collect(),
+                agent_model,
+            });
+        }
+        Ok(principal)
+    }
+
+    async fn control(
+        &self,
+        ctx: &RequestContext<RoleServer>,
+        run_id: &str,
+        control: Control,
+    ) -> Result<Json<ControlOut>, String> {
+        let who = self.principal(ctx, None)?;
+        match self.api.control(run_id, control, who).await {
+            Ok(state) => Ok(Json(ControlOut {
+                run_id: run_id.to_owned(),
+                state: state.as_str().to_owned(),
+            })),
+            Err(e) => Err(refusal(&e)),
+        }
+    }
+}
+
+/// Longest client name, version or model name recorded (longer ones are cut).
+pub const MAX_DECLARED_LEN: usize = 128;
+
+/// A refusal of the core, as the tool error an agent reads.
+fn refusal(e: &ApiError) -> String {
+    match e {
+        ApiError::Forbidden(m) => format!("refused: {m}"),
+        ApiError::UnknownRun(r) => format!("unknown run {r}: check the run_id"),
+        other => format!("refused: {other}"),
+    }
+}
+
+fn protocol_bytes(protocol: &serde_json::Map<String, serde_json::Value>) -> Vec<u8> {
+    serde_json::to_vec(protocol).unwrap_or_default()
+}
+
+#[tool_router]
+impl LabMcp {
+    /// The lab's instruments: for each, its kind, the actions and measurements a protocol may name, and
+    /// whether it is connected and ready. Also whether the emergency stop is latched.
+    #[tool(annotations(
+        title = "List instruments",
+        read_only_hint = true,
+        destructive_hint = false,
+        idempotent_hint = true,
+        open_world_hint = false
+    ))]
+    async fn list_instruments(&self) -> Json<LabOverview> {
+        let snap = self.api.snapshot();
+        let lab = self.api.lab();
+        let instruments = lab
+            .instruments
+            .iter()
+            .map(|i| {
+                let view = snap.instruments.iter().find(|v| v.id == i.id);
+                InstrumentSummary {
+                    id: i.id.clone(),
+                    kind: kind_name(i.kind),
+                    actions: i.kind.actions().iter().map(|s| (*s).to_owned()).collect(),
+                    measurements: i
+                        .kind
+                        .measurements()
+                        .iter()
+                        .map(|s| (*s).to_owned())
+                        .collect(),
+                    connection: view
+                        .map(|v| v.connection.as_str())
+                        .unwrap_or("connecting")
+                        .to_owned(),
+                    armed: view.is_some_and(|v| v.armed),
+                    busy: view.is_some_and(|v| v.busy),
+                }
+            })
+            .collect();
+        Json(LabOverview {
+            lab_id: lab.lab_id.clone(),
+            estop_latched: self.api.estop_latched(),
+            instruments,
+            interlocks_tripped: snap.interlocks_tripped.clone(),
+        })
+    }
+
+    /// One instrument's state now: connection, identity (model, serial, firmware), device state, last
+    /// values, and the capabilities and safety envelope labctl holds it to.
+    #[tool(annotations(
+        title = "Instrument state",
+        read_only_hint = true,
+        destructive_hint = false,
+        idempotent_hint = true,
+        open_world_hint = false
+    ))]
+    async fn instrument_state(
+        &self,
+        Parameters(input): Parameters<InstrumentInput>,
+    ) -> Result<Json<InstrumentDetail>, String> {
+        let lab = self.api.lab();
+        let Some(config) = lab.instruments.iter().find(|i| i.id == input.instrument) else {
+            let known: Vec<&str> = lab.instruments.iter().map(|i| i.id.as_str()).collect();
+            return Err(format!(
+                "instrument: no instrument {:?} in this lab (there are: {})",
+                input.instrument,
+                known.join(", ")
+            ));
+        };
+        let snap = self.api.snapshot();
+        let view = snap.instruments.iter().find(|v| v.id == config.id);
+        let json = |v: Option<serde_json::Value>| v.unwrap_or(serde_json::Value::Null);
+        Ok(Json(InstrumentDetail {
+            id: config.id.clone(),
+            kind: kind_name(config.kind),
+            connection: view
+                .map(|v| v.connection.as_str())
+                .unwrap_or("connecting")
+                .to_owned(),
+            connection_detail: view.and_then(|v| v.connection.detail().map(str::to_owned)),
+            identity: json(view.and_then(|v| serde_json::to_value(&v.identity).ok())),
+            state: json(view.and_then(|v| serde_json::to_value(&v.state).ok())),
+            values: view
+                .map(|v| {
+                    v.values
+                        .iter()
+                        .map(|(k, x)| ((*k).to_owned(), *x))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            armed: view.is_some_and(|v| v.armed),
+            busy: view.is_some_and(|v| v.busy),
+            capabilities: json(serde_json::to_value(&config.capabilities).ok()),
+            envelope: json(serde_json::to_value(&config.envelope).ok()),
+        }))
+    }
+
+    /// Checks a protocol against the lab without running it: every finding, each with the JSON pointer of
+    /// the offending value, the estimated duration, and why a technician would have to approve it.
+    #[tool(annotations(
+        title = "Validate a protocol",
+        read_only_hint = true,
+        destructive_hint = false,
+        idempotent_hint = true,
+        open_world_hint = false
+    ))]
+    async fn validate_protocol(
+        &self,
+        Parameters(input): Parameters<ProtocolInput>,
+    ) -> Result<Json<ValidationOut>, String> {
+        let lab = Arc::clone(self.api.lab());
+        let bytes = protocol_bytes(&input.protocol);
+        let report =
+            tokio::task::spawn_blocking(move || labctl_protocols::validate_bytes(&bytes, &lab))
+                .await
+                .map_err(|_| "the validator could not run; try again".to_owned())?;
+        Ok(Json(ValidationOut {
+            valid: report.valid,
+            findings: findings(&report.findings),
+            estimated_duration_s: report.estimated_duration_s,
+            expanded_steps: report.expanded_steps,
+            approval_required_because: report.approval_required_because,
+        }))
+    }
+
+    /// Validates a protocol and, when valid, runs it on the lab's physical model (not on the instruments):
+    /// its duration and what would go wrong (a vessel overflowing, a stock running out). Nothing is
+    /// recorded or run.
+    #[tool(annotations(
+        title = "Dry-run a protocol",
+        read_only_hint = true,
+        destructive_hint = false,
+        idempotent_hint = true,
+        open_world_hint = false
+    ))]
+    async fn dry_run_protocol(
+        &self,
+        Parameters(input): Parameters<ProtocolInput>,
+    ) -> Result<Json<DryRunOut>, String> {
+        let (report, dry) = self
+            .api
+            .check(protocol_bytes(&input.protocol))
+            .await
+            .ok_or("the dry run could not run; try again")?;
+        Ok(Json(DryRunOut {
+            valid: report.valid,
+            findings: findings(&report.findings),
+            simulated: dry.is_some(),
+            estimated_duration_s: dry.as_ref().map(|d| d.estimated_duration_s),
+            problems: dry
+                .as_ref()
+                .map(|d| {
+                    d.problems
+                        .iter()
+                        .map(|p| ProblemOut {
+                            path: p.path.clone(),
+                            message: p.message.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            notes: dry.as_ref().map(|d| d.notes.clone()).unwrap_or_default(),
+            steps_simulated: dry.as_ref().map_or(0, |d| d.steps_simulated),
+            approval_required_because: report.approval_required_because,
+        }))
+    }
+
+    /// Submits a protocol to run on the lab's instruments. labctl validates it, dry-runs it, and either
+    /// queues it (outcome `accepted`), holds it for a technician's approval (`awaiting_approval`, with the
+    /// reasons), or refuses it (`rejected` with every finding, or `refused` with a message). The same
+    /// `metadata.proposal_id` always gives the same run. The run moves liquids on real instruments:
+    /// that cannot be undone.
+    #[tool(annotations(
+        title = "Submit a protocol",
+        read_only_hint = false,
+        destructive_hint = true,
+        idempotent_hint = true,
+        open_world_hint = true
+    ))]
+    async fn submit_protocol(
+        &self,
+        Parameters(input): Parameters<SubmitInput>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<Json<SubmitOut>, String> {
+        let who = self.principal(&ctx, input.agent_model)?;
+        let reply = self.api.submit(protocol_bytes(&input.protocol), who).await;
+        Ok(Json(SubmitOut::from(reply)))
+    }
+
+    /// A run's state, current step, why it waits or ended, and its journal events (approvals, steps,
+    /// operator actions), oldest first; give `after_event` to get only newer ones.
+    #[tool(annotations(
+        title = "Run status",
+        read_only_hint = true,
+        destructive_hint = false,
+        idempotent_hint = true,
+        open_world_hint = false
+    ))]
+    async fn run_status(
+        &self,
+        Parameters(input): Parameters<StatusInput>,
+    ) -> Result<Json<RunOut>, String> {
+        let Some(run) = self.api.run(&input.run_id).await else {
+            return Err(format!(
+                "run_id: unknown run {:?}: check the run_id",
+                input.run_id
+            ));
+        };
+        let after = input.after_event.unwrap_or(i64::MIN);
+        let mut events: Vec<EventOut> = self
+            .api
+            .run_record(&input.run_id)
+            .await
+            .map(|d| d.events)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.seq > after && e.kind != "command" && e.kind != "command_done")
+            .map(|e| EventOut {
+                seq: e.seq,
+                at_ms: e.at_ms,
+                kind: e.kind,
+                step: e.step,
+                actor: e.actor,
+                detail: e.detail,
+            })
+            .collect();
+        if events.len() > MAX_EVENTS_PER_CALL {
+            events.drain(..events.len() - MAX_EVENTS_PER_CALL);
+        }
+        Ok(Json(RunOut::new(run, events)))
+    }
+
+    /// A run's results (measurements with the instrument's identity), in order, from a cursor: give the
+    /// last call's `next_cursor` as `after` to get only new ones. Results are returned only once durable.
+    #[tool(annotations(
+        title = "Run results",
+        read_only_hint = true,
+        destructive_hint = false,
+        idempotent_hint = true,
+        open_world_hint = false
+    ))]
+    async fn run_results(
+        &self,
+        Parameters(input): Parameters<ResultsInput>,
+    ) -> Result<Json<ResultsOut>, String> {
+        let limit = input.limit.unwrap_or(DEFAULT_RESULTS_PER_CALL);
+        if limit == 0 || limit > MAX_RESULTS_PER_CALL {
+            return Err(format!(
+                "limit: {limit} is out of range: give 1 to {MAX_RESULTS_PER_CALL}"
+            ));
+        }
+        let Some(run) = self.api.run(&input.run_id).await else {
+            return Err(format!(
+                "run_id: unknown run {:?}: check the run_id",
+                input.run_id
+            ));
+        };
+        let rows = self
+            .api
+            .results(&input.run_id, input.after, limit)
+            .await
+            .ok_or("the journal cannot be read now; try again")?;
+        let next_cursor = rows
+            .last()
+            .and_then(|r| u64::try_from(r.seq).ok())
+            .unwrap_or(input.after);
+        let complete = run.state.is_terminal() && next_cursor >= run.results;
+        Ok(Json(ResultsOut {
+            run_id: input.run_id,
+            results: rows
+                .into_iter()
+                .map(|r| ResultOut {
+                    seq: r.seq,
+                    name: r.name,
+                    step: r.step,
+                    instrument: r.instrument,
+                    identity: r.identity,
+                    value: r.value,
+                    at_ms: r.at_ms,
+                })
+                .collect(),
+            next_cursor,
+            complete,
+        }))
+    }
+
+    /// Pauses one of your own runs after its current step; its instruments are held safe.
+    #[tool(annotations(
+        title = "Pause a run",
+        read_only_hint = false,
+        destructive_hint = false,
+        idempotent_hint = false,
+        open_world_hint = true
+    ))]
+    async fn pause_run(
+        &self,
+        Parameters(input): Parameters<RunInput>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<Json<ControlOut>, String> {
+        self.control(&ctx, &input.run_id, Control::Pause).await
+    }
+
+    /// Resumes one of your own paused runs.
+    #[tool(annotations(
+        title = "Resume a run",
+        read_only_hint = false,
+        destructive_hint = false,
+        idempotent_hint = false,
+        open_world_hint = true
+    ))]
+    async fn resume_run(
+        &self,
+        Parameters(input): Parameters<RunInput>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<Json<ControlOut>, String> {
+        self.control(&ctx, &input.run_id, Control::Resume).await
+    }
+
+    /// Aborts one of your own runs for good: its instruments go to their safe state and it cannot be
+    /// resumed.
+    #[tool(annotations(
+        title = "Abort a run",
+        read_only_hint = false,
+        destructive_hint = true,
+        idempotent_hint = false,
+        open_world_hint = true
+    ))]
+    async fn abort_run(
+        &self,
+        Parameters(input): Parameters<RunInput>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<Json<ControlOut>, String> {
+        self.control(&ctx, &input.run_id, Control::Abort).await
+    }
+}
+
+fn kind_name(kind: labctl_protocols::InstrumentKind) -> String {
+    match serde_json::to_value(kind) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => format!("{kind:?}"),
+    }
+}
+
+/// The capabilities resource: the lab, its instruments (actions, measurements, quantities, capabilities,
+/// envelope), its deck and approval policy: what a protocol may ask.
+pub fn capabilities(lab: &labctl_protocols::Lab) -> serde_json::Value {
+    let instruments: Vec<serde_json::Value> = lab
+        .instruments
+        .iter()
+        .map(|i| {
+            serde_json::json!({
+                "id": i.id,
+                "kind": i.kind,
+                "actions": i.kind.actions(),
+                "measurements": i.kind.measurements(),
+                "quantities": i.kind.quantities(),
+                "stock": i.stock,
+                "capabilities": i.capabilities,
+                "envelope": i.envelope,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "lab_id": lab.lab_id,
+        "name": lab.name,
+        "labctl_version": env!("CARGO_PKG_VERSION"),
+        "protocol_version": 1,
+        "deck": lab.deck,
+        "approval": lab.approval,
+        "instruments": instruments,
+    })
+}
+
+/// The prompt's text: the protocol language, the rules labctl enforces, and the dye mix.
+fn prompt_text(lab: &labctl_protocols::Lab, goal: Option<&str>) -> String {
+    let instruments: Vec<String> = lab
+        .instruments
+        .iter()
+        .map(|i| {
+            format!(
+                "- `{}` ({}): actions {:?}; measurements {:?}",
+                i.id,
+                kind_name(i.kind),
+                i.kind.actions(),
+                i.kind.measurements()
+            )
+        })
+        .collect();
+    let goal = goal
+        .map(|g| format!("\n\nThe experiment to write: {g}\n"))
+        .unwrap_or_default();
+    format!(
+        "You write protocols for the lab `{lab_id}`, run by labctl. A protocol is one JSON document:\n\
+         - `version`: 1;\n\
+         - `metadata`: `name`, `objective`, a `proposal_id` unique to this protocol (the same id always \
+         means the same run: a changed protocol needs a new id), and `planner` (`id`, and your `model`);\n\
+         - `labware`: the vessels it uses (`id`, `kind`, `location` on the deck, `capacity_ul`);\n\
+         - `steps`: in order; each has a unique `id` and a `type`: `action` (an instrument's action with its \
+         `params`), `measure` (a measurement whose value is recorded under `result`), `wait` (`duration_s`), \
+         and blocks (`repeat`, `parallel`); `timeout_s` and `on_error` (`fail`, `pause`, `skip`) are optional.\n\n\
+         The lab's instruments:\n{instruments}\n\n\
+         labctl, not you, enforces safety: every parameter is checked against the lab's envelope before \
+         anything moves, some protocols wait for a technician's approval, and you may only pause, resume or \
+         abort your own runs. Read the resource `{schema}` for the exact JSON Schema and `{caps}` for every \
+         range. Call `validate_protocol` first: each finding names the JSON pointer of the value to fix. \
+         Then `dry_run_protocol`, then `submit_protocol`; follow the run with `run_status` and read its \
+         measurements with `run_results`.\n\n\
+         A worked example, the dye mix: dispense red, yellow and blue stock into one vial, stir, and measure \
+         the spectrum and the mass:\n\n```json\n{example}```\n{goal}",
+        lab_id = lab.lab_id,
+        instruments = instruments.join("\n"),
+        schema = SCHEMA_URI,
+        caps = CAPABILITIES_URI,
+        example = DYE_MIX,
+    )
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for LabMcp {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_resources()
+                .enable_prompts()
+                .build(),
+        )
+        .with_server_info(Implementation::new("labctl", env!("CARGO_PKG_VERSION")))
+        .with_instructions(
+            "labctl runs lab protocols on real instruments inside a safety envelope. Read the prompt \
+             `write_protocol` (or the resource labctl://protocol/schema), validate with `validate_protocol`, \
+             submit with `submit_protocol`, follow with `run_status` and `run_results`. Approvals, \
+             emergency stops and device commands are for the lab's technicians, not for agents.",
+        )
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, ErrorData> {
+        Ok(ListResourcesResult::with_all_items(vec![
+            Resource::new(SCHEMA_URI, "protocol-schema")
+                .with_description("The JSON Schema of labctl's protocol language (`labctl schema`)")
+                .with_mime_type("application/schema+json"),
+            Resource::new(CAPABILITIES_URI, "lab-capabilities")
+                .with_description(
+                    "The lab's instruments, their actions, measurements, capabilities and safety envelope",
+                )
+                .with_mime_type("application/json"),
+        ]))
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        let (text, mime) = match request.uri.as_str() {
+            SCHEMA_URI => (
+                labctl_protocols::schema::protocol_schema_pretty(),
+                "application/schema+json",
+            ),
+            CAPABILITIES_URI => (
+                serde_json::to_string_pretty(&capabilities(self.api.lab())).unwrap_or_default(),
+                "application/json",
+            ),
+            other => {
+                return Err(ErrorData::resource_not_found(
+                    format!(
+                        "uri: no resource {other:?} (there are {SCHEMA_URI} and {CAPABILITIES_URI})"
+                    ),
+                    None,
+                ));
+            }
+        };
+        Ok(ReadResourceResult::new(vec![
+            ResourceContents::text(text, request.uri).with_mime_type(mime),
+        ])
+        .into())
+    }
+
+    async fn list_prompts(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, ErrorData> {
+        Ok(ListPromptsResult::with_all_items(vec![Prompt::new(
+            PROMPT_NAME,
+            Some(
+                "How to write a valid labctl protocol for this lab, with the dye-mix worked example",
+            ),
+            Some(vec![
+                PromptArgument::new("goal")
+                    .with_description("The experiment to write a protocol for")
+                    .with_required(false),
+            ]),
+        )]))
+    }
+
+    async fn get_prompt(
+        &self,
+        request: GetPromptRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<GetPromptResponse, ErrorData> {
+        if request.name != PROMPT_NAME {
+            return Err(ErrorData::invalid_params(
+                format!(
+                    "name: no prompt {:?} (there is {PROMPT_NAME})",
+                    request.name
+                ),
+                None,
+            ));
+        }
+        let goal = request
+            .arguments
+            .as_ref()
+            .and_then(|a| a.get("goal"))
+            .and_then(|g| g.as_str());
+        let text = prompt_text(self.api.lab(), goal);
+        Ok(
+            GetPromptResult::new(vec![PromptMessage::new_text(MessageRole::User, text)])
+                .with_description("Writing a labctl protocol")
+                .into(),
+        )
+    }
+}
