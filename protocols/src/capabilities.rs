@@ -169,3 +169,58 @@ pub fn split_unit(field: &str) -> (&str, Option<(&'static str, &'static str)>) {
     }
     (field, None)
 }
+
+/// The lab's capabilities document, as the faces publish it (MQTT's retained `capabilities`, MCP's
+/// `labctl://lab/capabilities`): the lab, its deck and approval policy, and for each instrument what a
+/// protocol may ask of it: its actions, measurements and quantities (with units), its stock, capabilities
+/// and envelope, and for a defined instrument what its definition says it is and takes.
+pub fn document(lab: &crate::Lab) -> serde_json::Value {
+    use serde_json::json;
+    let instruments: Vec<serde_json::Value> = lab
+        .instruments
+        .iter()
+        .map(|i| {
+            let quantities = match &i.defined {
+                Some(def) => def
+                    .readings
+                    .iter()
+                    .map(|r| {
+                        json!({ "name": r.name, "unit": r.unit,
+                                "description": format!("{} reading", def.model.name) })
+                    })
+                    .collect(),
+                None => json!(i.kind.quantities()),
+            };
+            json!({
+                "id": i.id,
+                "kind": i.kind,
+                "actions": i.action_names(),
+                "measurements": i.measurement_names(),
+                "quantities": quantities,
+                "stock": i.stock,
+                "capabilities": i.capabilities,
+                "envelope": i.envelope,
+                "definition": i.defined.as_ref().map(|d| json!({
+                    "manufacturer": d.model.manufacturer,
+                    "model": d.model.name,
+                    "manual": d.model.manual,
+                    "actions": d.actions.iter().map(|a| json!({
+                        "name": a.name,
+                        "params": a.params.iter().map(|p| json!({
+                            "name": p.name, "unit": p.unit, "min": p.min, "max": p.max,
+                        })).collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>(),
+                })),
+            })
+        })
+        .collect();
+    json!({
+        "lab_id": lab.lab_id,
+        "name": lab.name,
+        "labctl_version": env!("CARGO_PKG_VERSION"),
+        "protocol_version": 1,
+        "deck": lab.deck,
+        "approval": lab.approval,
+        "instruments": instruments,
+    })
+}

@@ -150,12 +150,11 @@ impl LabMcp {
                 InstrumentSummary {
                     id: i.id.clone(),
                     kind: kind_name(i.kind),
-                    actions: i.kind.actions().iter().map(|s| (*s).to_owned()).collect(),
+                    actions: i.action_names().into_iter().map(str::to_owned).collect(),
                     measurements: i
-                        .kind
-                        .measurements()
-                        .iter()
-                        .map(|s| (*s).to_owned())
+                        .measurement_names()
+                        .into_iter()
+                        .map(str::to_owned)
                         .collect(),
                     connection: view
                         .map(|v| v.connection.as_str())
@@ -473,31 +472,7 @@ fn kind_name(kind: labctl_protocols::InstrumentKind) -> String {
 /// The capabilities resource: the lab, its instruments (actions, measurements, quantities, capabilities,
 /// envelope), its deck and approval policy: what a protocol may ask.
 pub fn capabilities(lab: &labctl_protocols::Lab) -> serde_json::Value {
-    let instruments: Vec<serde_json::Value> = lab
-        .instruments
-        .iter()
-        .map(|i| {
-            serde_json::json!({
-                "id": i.id,
-                "kind": i.kind,
-                "actions": i.kind.actions(),
-                "measurements": i.kind.measurements(),
-                "quantities": i.kind.quantities(),
-                "stock": i.stock,
-                "capabilities": i.capabilities,
-                "envelope": i.envelope,
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "lab_id": lab.lab_id,
-        "name": lab.name,
-        "labctl_version": env!("CARGO_PKG_VERSION"),
-        "protocol_version": 1,
-        "deck": lab.deck,
-        "approval": lab.approval,
-        "instruments": instruments,
-    })
+    labctl_protocols::capabilities::document(lab)
 }
 
 /// The prompt's text: the protocol language, the rules labctl enforces, and the dye mix.
@@ -510,8 +485,8 @@ fn prompt_text(lab: &labctl_protocols::Lab, goal: Option<&str>) -> String {
                 "- `{}` ({}): actions {:?}; measurements {:?}",
                 i.id,
                 kind_name(i.kind),
-                i.kind.actions(),
-                i.kind.measurements()
+                i.action_names(),
+                i.measurement_names()
             )
         })
         .collect();

@@ -279,59 +279,12 @@ pub fn status(online: bool, lab_id: &str, started_at_ms: i64) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-/// What an instrument reports, with units: its kind's quantities, or its definition's readings.
-fn quantities(i: &labctl_protocols::lab::Instrument) -> Value {
-    match &i.defined {
-        Some(def) => def
-            .readings
-            .iter()
-            .map(|r| json!({ "name": r.name, "unit": r.unit, "description": format!("{} reading", def.model.name) }))
-            .collect(),
-        None => json!(i.kind.quantities()),
-    }
-}
-
-/// The retained `capabilities` message: enough for a planner to write a valid protocol.
+/// The retained `capabilities` message: enough for a planner to write a valid protocol (the lab's one
+/// capabilities document, with the protocol's JSON Schema).
 pub fn capabilities(lab: &Lab) -> Vec<u8> {
-    let instruments: Vec<Value> = lab
-        .instruments
-        .iter()
-        .map(|i| {
-            json!({
-                "id": i.id,
-                "kind": i.kind,
-                "actions": i.action_names(),
-                "measurements": i.measurement_names(),
-                "quantities": quantities(i),
-                // A defined instrument: what its definition says it is and takes.
-                "definition": i.defined.as_ref().map(|d| json!({
-                    "manufacturer": d.model.manufacturer,
-                    "model": d.model.name,
-                    "manual": d.model.manual,
-                    "actions": d.actions.iter().map(|a| json!({
-                        "name": a.name,
-                        "params": a.params.iter().map(|p| json!({
-                            "name": p.name, "unit": p.unit, "min": p.min, "max": p.max,
-                        })).collect::<Vec<_>>(),
-                    })).collect::<Vec<_>>(),
-                })),
-                "stock": i.stock,
-                "capabilities": i.capabilities,
-                "envelope": i.envelope,
-            })
-        })
-        .collect();
-    serde_json::to_vec(&json!({
-        "lab_id": lab.lab_id,
-        "name": lab.name,
-        "labctl_version": env!("CARGO_PKG_VERSION"),
-        "protocol_version": 1,
-        "deck": lab.deck,
-        "approval": lab.approval,
-        "instruments": instruments,
-        "protocol_schema": labctl_protocols::schema::protocol_schema(),
-    }))
-    .unwrap_or_default()
+    let mut doc = labctl_protocols::capabilities::document(lab);
+    doc["protocol_schema"] = labctl_protocols::schema::protocol_schema();
+    serde_json::to_vec(&doc).unwrap_or_default()
 }
 
 /// What one committed journal record becomes on MQTT (all at QoS 1).
