@@ -11,11 +11,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use labctl_hil_tests::tmpfs::Tmpfs;
 
 use common::{
     ENDED_STATES, ScpiClient, SimProcess, dye_mix_json, protocol_file_json, start_sim_process,
@@ -473,74 +475,13 @@ fn proposal_awaiting_approval_survives_sigkill() {
     );
 }
 
-/// A tmpfs mounted for the length of a test; unmounted when dropped.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "this test needs root to mount a tmpfs (mount -t tmpfs -o size={size} tmpfs {}): {}; {}",
-            dir.path().display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Tmpfs { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let unmounted = std::process::Command::new("umount")
-            .arg(self.dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !unmounted {
-            // Still busy: detach it now, the kernel frees it when the last user goes.
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(self.dir.path())
-                .status();
-        }
-    }
-}
-
-/// Writes `path` until the file system is full; returns the error that stopped it.
-fn fill_until_full(path: &Path) -> std::io::Error {
-    let mut file = std::fs::File::create(path).expect("create the filler file");
-    let chunk = vec![0xa5u8; 64 * 1024];
-    let mut written = 0u64;
-    loop {
-        if let Err(e) = file.write_all(&chunk).and_then(|()| file.sync_data()) {
-            return e;
-        }
-        written += chunk.len() as u64;
-        assert!(
-            written < 1 << 30,
-            "a small tmpfs was expected to fill up, but 1 GiB went in"
-        );
-    }
-}
-
 /// When the journal's file system fills up under a running protocol, the lab latches its emergency stop
 /// (nothing it does could be recorded), the run stops and nothing new is accepted; once space is back and
 /// a technician acknowledges, the lab runs the dye mix again.
 #[test]
 fn a_full_disk_under_the_journal_stops_the_lab_until_a_technician_acknowledges() {
     // Declared before the process, so the process is killed before the tmpfs is unmounted.
-    let tmpfs = Tmpfs::mount("16m");
+    let tmpfs = Tmpfs::mount("safety-disk-full", "16m");
     let bench = Bench::new();
     let data = tmpfs.path().join("data");
     let lab = start_sim_process(&data, &bench.log, WARP);
@@ -551,8 +492,7 @@ fn a_full_disk_under_the_journal_stops_the_lab_until_a_technician_acknowledges()
         s.state == "running" && s.results > 0
     });
 
-    let filler = tmpfs.path().join("filler");
-    let err = fill_until_full(&filler);
+    let (filler, err) = tmpfs.fill();
     assert_eq!(
         err.raw_os_error(),
         Some(libc::ENOSPC),
@@ -600,5 +540,101 @@ fn a_full_disk_under_the_journal_stops_the_lab_until_a_technician_acknowledges()
         &lab,
         &run_id,
         "the dye mix after the disk-full stop was acknowledged",
+    );
+}
+
+/// A stop the journal could not record still holds after `kill -9`: with the disk full, the latch set by
+/// the failing journal cannot go into the database, so it goes into a block of its own reserved when the
+/// controller started. A restart on the still-full disk refuses to start or comes up latched; with space
+/// back it comes up latched, and only a technician's acknowledgement returns the lab to service.
+#[test]
+fn a_stop_set_by_a_full_disk_survives_kill_9_and_restarts_until_a_technician_acknowledges() {
+    let tmpfs = Tmpfs::mount("safety-disk-full-kill", "16m");
+    let bench = Bench::new();
+    let data = tmpfs.path().join("data");
+    let lab = start_sim_process(&data, &bench.log, WARP);
+    let mut rig = login(&lab, RIG);
+    let titration = protocol_file_json("tests/fixtures/long-titration.json", "disk-full-kill");
+    let run_id = rig.submit(&titration);
+    rig.wait_run(&run_id, PROMPTLY, "running with a result", |s| {
+        s.state == "running" && s.results > 0
+    });
+    let (filler, err) = tmpfs.fill();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    let mut alice = login(&lab, TECHNICIAN);
+    let deadline = Instant::now() + PROMPTLY;
+    while !alice.estop_latched() {
+        assert!(
+            Instant::now() < deadline,
+            "the full disk latches the stop within {PROMPTLY:?}; log:\n{}",
+            lab.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    lab.sigkill();
+
+    // On the still-full disk: either labctl refuses to start, naming its journal, or it starts latched.
+    let mut child = common::labctl_run_sim_command(&data, WARP)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn labctl");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut started = None;
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut stdout, &mut line).unwrap_or(0) > 0 {
+        if let Some(rest) = line.trim().strip_prefix("command port: tcp ") {
+            started = rest.trim().parse::<std::net::SocketAddr>().ok();
+            break;
+        }
+        line.clear();
+    }
+    let mut guard = common::Labctl(child);
+    match started {
+        Some(addr) => {
+            let mut alice = ScpiClient::login(addr, TECHNICIAN.0, TECHNICIAN.1);
+            assert!(
+                alice.estop_latched(),
+                "restarted on the full disk, SYST:ESTOP? answers 0: the stop the journal could not record was lost"
+            );
+        }
+        None => {
+            let status = guard.0.wait().expect("labctl's status");
+            let mut stderr = String::new();
+            guard
+                .0
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            assert!(
+                !status.success() && stderr.contains("journal"),
+                "on a full disk labctl either starts latched or refuses to start naming its journal; it \
+                 exited {status} saying:\n{stderr}"
+            );
+        }
+    }
+    drop(guard);
+
+    std::fs::remove_file(&filler).expect("delete the filler file");
+    let lab = start_sim_process(&data, &bench.log, WARP);
+    let mut alice = login(&lab, TECHNICIAN);
+    assert!(
+        alice.estop_latched(),
+        "with space back, the restarted lab must still hold the stop the full disk set; log:\n{}",
+        lab.log_tail()
+    );
+    let mut rig = login(&lab, RIG);
+    rig.try_submit(&dye_mix_json("disk-full-kill-latched"))
+        .expect_err("nothing is accepted while the stop holds");
+    alice.ok("SYST:ESTOP:ACK");
+    assert!(!alice.estop_latched());
+    let run_id = rig.submit(&dye_mix_json("disk-full-kill-after"));
+    assert_completes(
+        &mut rig,
+        &lab,
+        &run_id,
+        "the dye mix after the full disk's stop was acknowledged",
     );
 }

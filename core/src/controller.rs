@@ -22,6 +22,7 @@ use crate::api::{
 use crate::contract::{Decision, EventKind};
 use crate::executor::{RunContext, RunEnd, RunUpdate, collect_instruments, run_protocol};
 use crate::instruments::InstrumentHandle;
+use crate::journal::latch_block::{LatchBlock, LatchState};
 use crate::journal::{self, JournalHandle, JournalHealth, Record, RunRecord, now_ms};
 use crate::policy::{self, Permission};
 use crate::safety::EStop;
@@ -122,14 +123,28 @@ async fn start_on(
         path: config.data_dir.clone(),
         source,
     })?;
+    // The latch's own block first: a stop the journal could not record (a full disk) is there.
+    let (latch_block, block_state) = LatchBlock::open(&config.data_dir)?;
     let conn = journal::open_db(&config.data_dir)?;
     let interrupted = journal::mark_interrupted(&conn)?;
     let pending = journal::read::awaiting_approval(&conn)?;
     // The latch as the last process left it, restored before any instrument takes a command and before any
-    // face opens: a stop survives a crash and a restart, and only a technician releases it.
-    let latched_before = journal::estop_latched(&conn)?;
-    if latched_before.is_some() {
+    // face opens: a stop survives a crash and a restart, and only a technician releases it. Latched when
+    // either record says so.
+    let latched_before = match (journal::estop_latched(&conn)?, block_state) {
+        (Some(reason), _) | (None, LatchState::Latched { reason }) => Some(reason),
+        (None, LatchState::Released) => None,
+    };
+    if let Some(reason) = &latched_before {
         estop.trigger();
+        latch_block
+            .record(&LatchState::Latched {
+                reason: reason.clone(),
+            })
+            .map_err(|source| journal::JournalError::LatchBlock {
+                path: latch_block.path().to_owned(),
+                source,
+            })?;
     }
     // A technician's override stands for the time it was given, across a restart.
     let restored_overrides = journal::interlock_overrides(&conn, now_ms())?;
@@ -211,6 +226,7 @@ async fn start_on(
         tripped: BTreeMap::new(),
         overrides: BTreeMap::new(),
         journal_failure: None,
+        latch_block,
         labware: config.labware,
         updates: updates_tx,
         mirror: mirror_tx,
@@ -384,6 +400,9 @@ struct Core {
     overrides: BTreeMap<String, ActiveOverride>,
     /// Why the journal cannot commit, while it cannot: nothing is dispatched.
     journal_failure: Option<String>,
+    /// The latch's reserved block: written before anything else on a stop, so a stop holds across a
+    /// restart even when the journal cannot commit.
+    latch_block: LatchBlock,
     labware: Option<Arc<dyn LabwareLoader>>,
     updates: mpsc::UnboundedSender<RunUpdate>,
     mirror: mpsc::UnboundedSender<RunComponent>,
@@ -968,6 +987,12 @@ impl Core {
     /// instrument safe and aborts every run that is running, paused or queued.
     fn stop_everything(&mut self, reason: &str) {
         self.estop.trigger();
+        // A page rewritten in place: one small synchronous write, needing no new space on the disk.
+        if let Err(e) = self.latch_block.record(&LatchState::Latched {
+            reason: reason.to_owned(),
+        }) {
+            tracing::error!(error = %e, path = %self.latch_block.path().display(), "the emergency-stop latch block could not be written; the journal's record is the only one");
+        }
         for h in self.instruments.values() {
             h.request_safe_state();
         }
@@ -998,6 +1023,14 @@ impl Core {
                 "the emergency stop stays latched: the journal could not record its release: {e}"
             ))
         })?;
+        self.latch_block
+            .record(&LatchState::Released)
+            .map_err(|e| {
+                ApiError::Journal(format!(
+                    "the emergency stop stays latched: its latch block {} could not record the release: {e}",
+                    self.latch_block.path().display()
+                ))
+            })?;
         let was = self.estop.acknowledge();
         self.event(
             None,

@@ -45,6 +45,19 @@ impl Backend for Refusing {
         self.acted();
         Err(ApiError::UnknownRun(run_id.to_owned()))
     }
+    async fn approve(&self, run_id: &str, _who: Principal) -> Result<RunState, ApiError> {
+        self.acted();
+        Err(ApiError::UnknownRun(run_id.to_owned()))
+    }
+    async fn reject(
+        &self,
+        run_id: &str,
+        _reason: &str,
+        _who: Principal,
+    ) -> Result<RunState, ApiError> {
+        self.acted();
+        Err(ApiError::UnknownRun(run_id.to_owned()))
+    }
     async fn emergency_stop(&self, _who: Principal) -> Result<(), ApiError> {
         self.acted();
         Ok(())

@@ -5,9 +5,11 @@
 //! - [`system`]: `labctl run` as a process on that bench, its command port and journal, the simulators'
 //!   faults and physical model;
 //! - [`envelope`]: what the instruments were sent, decoded from the wire taps and checked against the
-//!   lab's safety envelope.
+//!   lab's safety envelope;
+//! - [`tmpfs`]: a small file system to fill, for a full disk under the journal.
 
 pub mod envelope;
 pub mod rig;
 pub mod rig_file;
 pub mod system;
+pub mod tmpfs;

@@ -4,6 +4,7 @@
 //! not per record. Only committed records are published to subscribers, so anything a planner or a
 //! technician has been told is already on disk.
 
+pub mod latch_block;
 pub mod read;
 
 use std::path::{Path, PathBuf};
@@ -39,6 +40,11 @@ pub enum JournalError {
         holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
     )]
     Locked { path: PathBuf, holder: Option<u32> },
+    #[error("emergency-stop latch block {path}: {source}")]
+    LatchBlock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("data directory lock {path}: {source}")]
     LockIo {
         path: PathBuf,

@@ -52,6 +52,18 @@ pub trait Backend: Send + Sync + 'static {
         control: Control,
         who: Principal,
     ) -> impl Future<Output = Result<RunState, ApiError>> + Send;
+    /// A technician's approval of a run awaiting it (the core's role table decides).
+    fn approve(
+        &self,
+        run_id: &str,
+        who: Principal,
+    ) -> impl Future<Output = Result<RunState, ApiError>> + Send;
+    fn reject(
+        &self,
+        run_id: &str,
+        reason: &str,
+        who: Principal,
+    ) -> impl Future<Output = Result<RunState, ApiError>> + Send;
     fn emergency_stop(&self, who: Principal) -> impl Future<Output = Result<(), ApiError>> + Send;
     fn acknowledge_emergency_stop(
         &self,
@@ -125,6 +137,23 @@ impl Backend for ControllerBackend {
         who: Principal,
     ) -> impl Future<Output = Result<RunState, ApiError>> + Send {
         self.handle.control(run_id, control, who)
+    }
+
+    fn approve(
+        &self,
+        run_id: &str,
+        who: Principal,
+    ) -> impl Future<Output = Result<RunState, ApiError>> + Send {
+        self.handle.approve(run_id, who)
+    }
+
+    fn reject(
+        &self,
+        run_id: &str,
+        reason: &str,
+        who: Principal,
+    ) -> impl Future<Output = Result<RunState, ApiError>> + Send {
+        self.handle.reject(run_id, reason, who)
     }
 
     async fn emergency_stop(&self, who: Principal) -> Result<(), ApiError> {

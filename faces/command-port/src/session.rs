@@ -143,6 +143,8 @@ enum Cmd {
     RunSubmit,
     RunStat,
     RunControl(Control),
+    RunApprove,
+    RunReject,
 }
 
 /// The command tree in SCPI notation: upper case is the short form.
@@ -174,6 +176,8 @@ const COMMANDS: &[(&str, Cmd)] = &[
     ("RUN:PAUSe", Cmd::RunControl(Control::Pause)),
     ("RUN:RESume", Cmd::RunControl(Control::Resume)),
     ("RUN:ABORt", Cmd::RunControl(Control::Abort)),
+    ("RUN:APPRove", Cmd::RunApprove),
+    ("RUN:REJect", Cmd::RunReject),
 ];
 
 /// One client's session.
@@ -625,6 +629,31 @@ impl Session {
                     .map_err(|e| api_fault(what, e))?;
                 Ok(None)
             }
+            Cmd::RunApprove => {
+                let who = self.may_change(backend, "RUN:APPR", Permission::Approve, false)?;
+                let [run_id] = exact_args(unit)?;
+                backend
+                    .approve(&run_id, who)
+                    .await
+                    .map_err(|e| api_fault("RUN:APPR", e))?;
+                Ok(None)
+            }
+            Cmd::RunReject => {
+                // Rejecting only makes things safer: allowed while the emergency stop is latched.
+                let who = self.may_change(backend, "RUN:REJ", Permission::Approve, true)?;
+                let [run_id, reason] = exact_args(unit)?;
+                if reason.trim().is_empty() {
+                    return Err(Fault::new(
+                        ScpiError::IllegalParameterValue,
+                        "RUN:REJ: reason: expected why the run is rejected, got an empty string",
+                    ));
+                }
+                backend
+                    .reject(&run_id, &reason, who)
+                    .await
+                    .map_err(|e| api_fault("RUN:REJ", e))?;
+                Ok(None)
+            }
         }
     }
 }
@@ -635,6 +664,8 @@ fn takes_no_params(cmd: Cmd) -> bool {
         Cmd::InstStat
             | Cmd::RunStat
             | Cmd::RunControl(_)
+            | Cmd::RunApprove
+            | Cmd::RunReject
             | Cmd::Login
             | Cmd::Meas
             | Cmd::RunSubmit

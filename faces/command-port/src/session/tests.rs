@@ -71,6 +71,7 @@ impl Fake {
             runs: Mutex::new(vec![
                 run_info("run-7", RunState::Running, "rig-1"),
                 run_info("done-1", RunState::Completed, "serial:/dev/ttyS1"),
+                run_info("soak-2", RunState::AwaitingApproval, "planner-bo"),
             ]),
             calls: Mutex::new(Vec::new()),
             users: true,
@@ -86,6 +87,24 @@ impl Fake {
 
     fn calls(&self) -> Vec<String> {
         self.calls.lock().unwrap().clone()
+    }
+
+    /// A decision on a run awaiting approval, under the core's role table.
+    fn decide(&self, run_id: &str, who: &Principal, to: RunState) -> Result<RunState, ApiError> {
+        labctl_core::policy::check(who, labctl_core::policy::Permission::Approve)?;
+        let mut runs = self.runs.lock().unwrap();
+        let run = runs
+            .iter_mut()
+            .find(|r| r.run_id == run_id)
+            .ok_or_else(|| ApiError::UnknownRun(run_id.into()))?;
+        if run.state != RunState::AwaitingApproval {
+            return Err(ApiError::InvalidState(format!(
+                "run {run_id} is {}, not awaiting approval",
+                run.state
+            )));
+        }
+        run.state = to;
+        Ok(to)
     }
 }
 
@@ -154,6 +173,27 @@ impl Backend for Fake {
             )));
         }
         Ok(run.state)
+    }
+
+    async fn approve(&self, run_id: &str, who: Principal) -> Result<RunState, ApiError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("approve {run_id} {}", who.name));
+        self.decide(run_id, &who, RunState::Queued)
+    }
+
+    async fn reject(
+        &self,
+        run_id: &str,
+        reason: &str,
+        who: Principal,
+    ) -> Result<RunState, ApiError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("reject {run_id} {reason:?} {}", who.name));
+        self.decide(run_id, &who, RunState::Rejected)
     }
 
     async fn emergency_stop(&self, who: Principal) -> Result<(), ApiError> {
@@ -687,6 +727,57 @@ async fn the_emergency_stop_refuses_changes_until_acknowledged() {
 }
 
 #[tokio::test]
+async fn a_technician_approves_and_rejects_runs_awaiting_approval() {
+    let lab = Fake::new();
+    let mut s = tcp();
+    login(&mut s, &lab, "alice", "technician-dev").await;
+    // Each mistake is named, and nothing reaches the lab.
+    assert!(say(&mut s, &lab, "RUN:APPR").await.is_empty());
+    assert!(say(&mut s, &lab, "RUN:REJ soak-2").await.is_empty());
+    assert!(say(&mut s, &lab, "RUN:REJ soak-2,\"  \"").await.is_empty());
+    let errs = errors(&mut s, &lab).await;
+    assert_eq!(codes(&errs), [-109, -109, -224], "{errs:?}");
+    assert!(errs[2].contains("reason"), "{errs:?}");
+    assert!(lab.calls().is_empty(), "{:?}", lab.calls());
+    // While the stop is latched a rejection goes through, an approval does not.
+    say(&mut s, &lab, "SYST:ESTOP").await;
+    assert!(say(&mut s, &lab, "RUN:APPR soak-2").await.is_empty());
+    let errs = errors(&mut s, &lab).await;
+    assert_eq!(codes(&errs), [-200], "{errs:?}");
+    assert!(errs[0].contains("emergency stop is latched"), "{errs:?}");
+    say(&mut s, &lab, "SYST:ESTOP:ACK").await;
+    assert!(say(&mut s, &lab, "run:approve soak-2").await.is_empty());
+    assert!(errors(&mut s, &lab).await.is_empty());
+    assert_eq!(
+        say(&mut s, &lab, "RUN:STAT? soak-2").await,
+        ["queued,\"mix\",3,\"\""]
+    );
+    // A decided run is not decided again; a running one was never awaiting.
+    assert!(
+        say(&mut s, &lab, "RUN:REJ soak-2,\"changed my mind\"")
+            .await
+            .is_empty()
+    );
+    assert!(say(&mut s, &lab, "RUN:APPR run-7").await.is_empty());
+    let errs = errors(&mut s, &lab).await;
+    assert_eq!(codes(&errs), [-221, -221], "{errs:?}");
+    assert!(
+        errs[0].contains("is queued, not awaiting approval"),
+        "{errs:?}"
+    );
+    assert_eq!(
+        lab.calls(),
+        [
+            "estop alice",
+            "ack alice",
+            "approve soak-2 alice",
+            "reject soak-2 \"changed my mind\" alice",
+            "approve run-7 alice",
+        ]
+    );
+}
+
+#[tokio::test]
 async fn a_serial_line_acts_as_its_configured_principal_and_may_log_in() {
     let lab = Fake::new();
     let mut s = serial(Role::Rig);
@@ -724,6 +815,8 @@ async fn the_command_port_follows_the_role_table() {
             "SYST:INT:OVER:CLE \"pump-alarm\"",
             Permission::OverrideInterlock,
         ),
+        ("RUN:APPR soak-2", Permission::Approve),
+        ("RUN:REJ soak-2,\"too long\"", Permission::Approve),
     ];
     for role in [Role::Observer, Role::Planner, Role::Rig, Role::Technician] {
         for (line, permission) in cases {
