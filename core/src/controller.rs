@@ -567,7 +567,7 @@ impl Core {
                 principal,
                 reply,
             } => {
-                let r = self.approve(&run_id, &principal, None);
+                let r = self.decide_durably(&run_id, &principal, None).await;
                 let _ = reply.send(r);
                 self.start_queued();
             }
@@ -577,7 +577,7 @@ impl Core {
                 principal,
                 reply,
             } => {
-                let _ = reply.send(self.approve(&run_id, &principal, Some(reason)));
+                let _ = reply.send(self.decide_durably(&run_id, &principal, Some(reason)).await);
             }
             Request::Control {
                 run_id,
@@ -834,6 +834,23 @@ impl Core {
     }
 
     /// Approves (`reject` = None) or rejects a run awaiting approval.
+    /// A technician's decision is answered only once it is on disk: a restart never asks again for a
+    /// decision reported as taken, nor forgets a rejection.
+    async fn decide_durably(
+        &mut self,
+        run_id: &str,
+        who: &Principal,
+        reject: Option<String>,
+    ) -> Result<RunState, ApiError> {
+        let state = self.approve(run_id, who, reject)?;
+        self.journal.flush().await.map_err(|e| {
+            ApiError::Journal(format!(
+                "the decision on run {run_id} could not be recorded: {e}"
+            ))
+        })?;
+        Ok(state)
+    }
+
     fn approve(
         &mut self,
         run_id: &str,

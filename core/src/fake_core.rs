@@ -5,8 +5,9 @@
 //! directory), so a test can also play the records a face publishes from.
 //!
 //! A [`Script`]'s defaults are the safe answers: submissions refused, run requests about unknown runs.
-//! The emergency stop is latched and acknowledged as the controller does, under the one role table, and
-//! journaled, so faces see the latch.
+//! Every request passes the one role table first, as in the controller (a run's owner is whoever the
+//! script's runs say submitted it); the emergency stop is latched and acknowledged as the controller does,
+//! and journaled, so faces see the latch.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -196,7 +197,9 @@ async fn answer(
                 principal,
                 reply,
             } => {
-                let _ = reply.send(script.run_request(&run_id, &principal));
+                let answer = policy::check(&principal, Permission::Approve)
+                    .and_then(|()| script.run_request(&run_id, &principal));
+                let _ = reply.send(answer);
                 record(Call::Approve { run_id, principal });
             }
             Request::Reject {
@@ -205,7 +208,9 @@ async fn answer(
                 principal,
                 reply,
             } => {
-                let _ = reply.send(script.run_request(&run_id, &principal));
+                let answer = policy::check(&principal, Permission::Approve)
+                    .and_then(|()| script.run_request(&run_id, &principal));
+                let _ = reply.send(answer);
                 record(Call::Reject {
                     run_id,
                     reason,
@@ -218,7 +223,17 @@ async fn answer(
                 principal,
                 reply,
             } => {
-                let _ = reply.send(script.run_request(&run_id, &principal));
+                // Ownership as the script's runs say (a run it does not list is the script's to answer).
+                let owner = script
+                    .runs()
+                    .into_iter()
+                    .find(|r| r.run_id == run_id)
+                    .map(|r| r.submitted_by);
+                let allowed = match &owner {
+                    Some(owner) => policy::check_run_control(&principal, owner, &run_id),
+                    None => policy::check(&principal, Permission::ControlOwnRun),
+                };
+                let _ = reply.send(allowed.and_then(|()| script.run_request(&run_id, &principal)));
                 record(Call::Control {
                     run_id,
                     control,
@@ -249,9 +264,13 @@ async fn answer(
                 reply,
                 ..
             } => {
-                let _ = reply.send(Err(ApiError::InvalidState(format!(
-                    "interlock {interlock} is not tripped"
-                ))));
+                let _ = reply.send(
+                    policy::check(&principal, Permission::OverrideInterlock).and_then(|()| {
+                        Err(ApiError::InvalidState(format!(
+                            "interlock {interlock} is not tripped"
+                        )))
+                    }),
+                );
                 record(Call::OverrideInterlock {
                     interlock,
                     principal,
@@ -262,9 +281,13 @@ async fn answer(
                 principal,
                 reply,
             } => {
-                let _ = reply.send(Err(ApiError::InvalidState(format!(
-                    "interlock {interlock} is not overridden"
-                ))));
+                let _ = reply.send(
+                    policy::check(&principal, Permission::OverrideInterlock).and_then(|()| {
+                        Err(ApiError::InvalidState(format!(
+                            "interlock {interlock} is not overridden"
+                        )))
+                    }),
+                );
                 record(Call::WithdrawOverride {
                     interlock,
                     principal,

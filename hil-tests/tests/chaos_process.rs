@@ -3,19 +3,22 @@
 //! taps as the judge of what reached the instruments.
 //!
 //! Operations, from three roles (technician `alice`, rig `rig-1`, observer `watcher`, each on its own
-//! command-port session): valid submissions (dye mix, heat and move) and invalid ones; pause, resume and
-//! abort of their own and others' runs; the emergency stop and its acknowledgement; physical faults that
-//! trip interlocks (over-temperature and overload through sensor drift, a silent hotplate); unplugging and
-//! replugging instruments; time passing; and `kill -9` of the controller, restarted on the same data
-//! directory. A model predicts what each role may do (docs/controller.md, "Who may do what").
+//! command-port session): valid submissions (dye mix, heat and move, and a long soak that needs a
+//! technician's approval) and invalid ones; approvals and rejections; pause, resume and abort of their own
+//! and others' runs; the emergency stop and its acknowledgement; physical faults that trip interlocks
+//! (over-temperature and overload through sensor drift, a silent hotplate); unplugging and replugging
+//! instruments; time passing; the journal's disk filling up and being freed (the data directory is a small
+//! tmpfs: the campaign needs root); and `kill -9` of the controller, restarted on the same data directory
+//! (on a full disk, the disk is freed before the restart, as an operator would). A model predicts what each role may do (docs/controller.md, "Who may do what").
 //!
 //! After every operation:
 //! 1. the wire: nothing outside the envelope and nothing undecodable reached an instrument (a frame cut by
 //!    a `kill -9` or an unplugged cable excepted), and while the e-stop is latched (or an interlock holds
 //!    the hotplate) no motion, pumping or heating command was sent; a gantry feed hold is followed by a soft
 //!    reset before any motion; after an e-stop every instrument is safe in the physical model within 5 s;
-//! 2. `SYST:ESTOP?` shows the latch the sequence set, across every restart, and only a technician's
-//!    acknowledgement releases it;
+//! 2. `SYST:ESTOP?` shows the latch the sequence set (a full disk sets it too), across every restart, and
+//!    only a technician's acknowledgement releases it, never while the journal cannot record the release;
+//!    a proposal awaiting approval is awaiting again after a restart, and only a technician decides it;
 //! 3. every result count `RUN:STAT?` reported and every `result` line labctl printed is in the journal
 //!    after every `kill -9`;
 //! 5. labctl is still running, its log has no panic, every refusal names its reason, and an invalid
@@ -43,6 +46,7 @@ use std::time::{Duration, Instant};
 use labctl_codecs::{DecodeError, Decoded, grbl, namur, ne1000};
 use labctl_hil_tests::rig_file::RigFile;
 use labctl_hil_tests::system::{Bench, CommandPort, Labctl, workspace};
+use labctl_hil_tests::tmpfs::Tmpfs;
 use labctl_simulators::serve::tap::WireTap;
 use serde_json::json;
 
@@ -110,6 +114,8 @@ enum Kind {
     TooHot,
     /// An instrument the lab does not have.
     NoSuchInstrument,
+    /// Valid, but an hour and a half long: it waits for a technician's approval.
+    Soak,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,8 +150,13 @@ enum Op {
     Submit(Who, Kind),
     /// Pause, resume or abort the n-th run this controller process serves.
     Control(Who, usize, Ctl),
+    /// Approve (`true`) or reject the n-th run this controller process serves.
+    Decide(Who, usize, bool),
     EStop(Who),
     Acknowledge(Who),
+    /// Fill the journal's file system, then free it.
+    FillDisk,
+    FreeDisk,
     Fault(Fault, bool),
     Unplug(&'static str),
     Replug(&'static str),
@@ -161,25 +172,35 @@ const FAULTS: [Fault; 3] = [Fault::OverTemperature, Fault::Overload, Fault::Sile
 fn random_op(rng: &mut Rng) -> Op {
     let who = Who::ALL[rng.below(3) as usize];
     match rng.below(100) {
-        0..22 => {
+        0..20 => {
             let kinds = [
                 Kind::DyeMix,
                 Kind::HeatAndMove,
                 Kind::DyeMix,
                 Kind::HeatAndMove,
+                Kind::Soak,
+                Kind::Soak,
                 Kind::NoVersion,
                 Kind::TooHot,
                 Kind::NoSuchInstrument,
             ];
             Op::Submit(who, kinds[rng.below(kinds.len() as u64) as usize])
         }
-        22..38 => {
+        20..32 => {
             let ctl = [Ctl::Pause, Ctl::Resume, Ctl::Abort][rng.below(3) as usize];
             Op::Control(who, rng.below(4) as usize, ctl)
         }
-        38..46 => Op::EStop(who),
-        46..54 => Op::Acknowledge(who),
-        54..66 => Op::Fault(FAULTS[rng.below(3) as usize], rng.below(2) == 0),
+        32..40 => Op::Decide(who, rng.below(4) as usize, rng.below(3) != 0),
+        40..46 => Op::EStop(who),
+        46..52 => Op::Acknowledge(who),
+        52..58 => {
+            if rng.below(2) == 0 {
+                Op::FillDisk
+            } else {
+                Op::FreeDisk
+            }
+        }
+        58..66 => Op::Fault(FAULTS[rng.below(3) as usize], rng.below(2) == 0),
         66..74 => {
             let id = UNPLUGGABLE[rng.below(3) as usize];
             if rng.below(2) == 0 {
@@ -244,10 +265,32 @@ fn heat_and_move(proposal_id: &str) -> serde_json::Value {
     })
 }
 
+/// Warms the hotplate and holds it for an hour and a half: over the lab's auto-approval duration.
+fn soak(proposal_id: &str) -> serde_json::Value {
+    json!({
+        "version": 1,
+        "metadata": {
+            "name": "Soak", "objective": "chaos: a proposal for a technician", "proposal_id": proposal_id,
+            "planner": { "id": "hil-chaos" }
+        },
+        "labware": [],
+        "steps": [
+            { "type": "action", "instrument": "hotplate", "action": "set_temperature", "params": { "temperature_c": 40 } },
+            { "type": "wait", "duration_s": 5400 },
+            { "type": "action", "instrument": "hotplate", "action": "heater_off", "params": {} }
+        ]
+    })
+}
+
 fn protocol(kind: Kind, proposal_id: &str) -> serde_json::Value {
+    if kind == Kind::Soak {
+        return soak(proposal_id);
+    }
     let mut p = match kind {
         Kind::DyeMix | Kind::NoVersion => example("dye-mix.json"),
-        Kind::HeatAndMove | Kind::TooHot | Kind::NoSuchInstrument => heat_and_move(proposal_id),
+        Kind::HeatAndMove | Kind::TooHot | Kind::NoSuchInstrument | Kind::Soak => {
+            heat_and_move(proposal_id)
+        }
     };
     p["metadata"]["proposal_id"] = proposal_id.into();
     match kind {
@@ -256,7 +299,7 @@ fn protocol(kind: Kind, proposal_id: &str) -> serde_json::Value {
         }
         Kind::TooHot => p["steps"][2]["params"]["temperature_c"] = 400.into(),
         Kind::NoSuchInstrument => p["steps"][1]["instrument"] = "centrifuge".into(),
-        Kind::DyeMix | Kind::HeatAndMove => {}
+        Kind::DyeMix | Kind::HeatAndMove | Kind::Soak => {}
     }
     p
 }
@@ -443,6 +486,8 @@ fn watch_safe_state(
 struct RunRec {
     id: String,
     owner: Who,
+    /// Accepted as awaiting a technician's approval and not decided since.
+    awaiting: bool,
 }
 
 #[derive(Debug, Default)]
@@ -465,6 +510,8 @@ struct Model {
     /// Tap offsets where a frame may have been cut: a `kill -9`, a cable pulled.
     cuts: BTreeMap<&'static str, Vec<u64>>,
     submitted: usize,
+    /// The filler file while the journal's disk is full.
+    filler: Option<std::path::PathBuf>,
 }
 
 /// What the campaign adds up.
@@ -475,6 +522,9 @@ struct Figures {
     kills: u64,
     estops: u64,
     acknowledgements: u64,
+    approvals: u64,
+    rejections: u64,
+    disk_fills: u64,
     refusals: u64,
     accepted_runs: u64,
     interlock_trips: u64,
@@ -489,11 +539,13 @@ struct Figures {
 
 type Violation = String;
 
-/// One sequence's lab: the bench, the controller process and a session per role.
+/// One sequence's lab: the bench, the controller process and a session per role. Fields drop in order:
+/// the process goes before the tmpfs under its data directory, the tmpfs before the bench's directory.
 struct World {
-    bench: Bench,
     labctl: Option<Labctl>,
     ports: BTreeMap<Who, CommandPort>,
+    disk: Tmpfs,
+    bench: Bench,
     taps: BTreeMap<&'static str, WireTap>,
     name: String,
 }
@@ -722,9 +774,16 @@ fn check(world: &mut World, model: &mut Model) -> Result<(), Violation> {
                 run.id, state.state
             ));
         }
-        if model.latched && !state.is_final() {
+        // A proposal waits out a stop: it is decided, never started, until the stop is acknowledged.
+        if model.latched && !state.is_final() && state.state != "awaiting_approval" {
             return Err(format!(
                 "run {} is {} while the e-stop is latched",
+                run.id, state.state
+            ));
+        }
+        if run.awaiting && state.state != "awaiting_approval" {
+            return Err(format!(
+                "run {} is {} though nobody approved or rejected it",
                 run.id, state.state
             ));
         }
@@ -767,7 +826,7 @@ fn apply(
             model.submitted += 1;
             let id = format!("{}-{}", world.name, model.submitted);
             let p = protocol(kind, &id);
-            let valid = matches!(kind, Kind::DyeMix | Kind::HeatAndMove);
+            let valid = matches!(kind, Kind::DyeMix | Kind::HeatAndMove | Kind::Soak);
             if kind == Kind::DyeMix {
                 world.bench.place_vial("mix1", "A1");
             }
@@ -784,11 +843,25 @@ fn apply(
                     if model.latched {
                         return Err(format!("a submission was accepted while latched: {run}"));
                     }
+                    if model.filler.is_some() {
+                        return Err(format!(
+                            "a submission was accepted while the journal's disk was full: {run}"
+                        ));
+                    }
                     figures.accepted_runs += 1;
+                    let state = world.port(Who::Alice).run_state(&run);
+                    let awaiting = state.state == "awaiting_approval";
+                    if awaiting != (kind == Kind::Soak) {
+                        return Err(format!(
+                            "{kind:?} was accepted as {} (only the soak needs a technician)",
+                            state.state
+                        ));
+                    }
                     model.all_runs.push(run.clone());
                     model.live.push(RunRec {
                         id: run,
                         owner: who,
+                        awaiting,
                     });
                 }
                 Err(err) => {
@@ -815,13 +888,17 @@ fn apply(
             if model.live.is_empty() {
                 return Ok(());
             }
-            let run = model.live[n % model.live.len()].clone();
+            let i = n % model.live.len();
+            let run = model.live[i].clone();
             let err = world
                 .port(who)
                 .command(&format!("{} {}", ctl.header(), run.id));
             let allowed = who == Who::Alice || who == run.owner;
             match err {
                 None => {
+                    if ctl == Ctl::Abort {
+                        model.live[i].awaiting = false;
+                    }
                     if !allowed {
                         return Err(format!(
                             "{who:?} could {ctl:?} {}'s run {}",
@@ -854,6 +931,119 @@ fn apply(
                 }
             }
         }
+        Op::Decide(who, n, approve) => {
+            if model.live.is_empty() {
+                return Ok(());
+            }
+            let i = n % model.live.len();
+            let run = model.live[i].clone();
+            let before = world.port(Who::Alice).run_state(&run.id);
+            let line = if approve {
+                format!("RUN:APPR {}", run.id)
+            } else {
+                format!("RUN:REJ {},\"chaos: not today\"", run.id)
+            };
+            let err = world.port(who).command(&line);
+            let awaiting = before.state == "awaiting_approval";
+            match (who, err) {
+                (Who::Alice, None) => {
+                    if !awaiting {
+                        return Err(format!(
+                            "{line} accepted though the run was {}",
+                            before.state
+                        ));
+                    }
+                    if approve && model.latched {
+                        return Err(format!("{line} accepted while the e-stop was latched"));
+                    }
+                    if model.filler.is_some() {
+                        return Err(format!(
+                            "{line} acknowledged while the journal's disk was full"
+                        ));
+                    }
+                    let after = world.port(Who::Alice).run_state(&run.id);
+                    let want: &[&str] = if approve {
+                        &["queued", "running", "completed", "failed", "aborted"]
+                    } else {
+                        &["rejected"]
+                    };
+                    if !want.contains(&after.state.as_str()) {
+                        return Err(format!("after {line} the run is {}", after.state));
+                    }
+                    if approve {
+                        figures.approvals += 1;
+                    } else {
+                        figures.rejections += 1;
+                    }
+                    model.live[i].awaiting = false;
+                }
+                (Who::Alice, Some(err)) => {
+                    figures.refusals += 1;
+                    refusal_named(&line, &err)?;
+                    let explained =
+                        !awaiting || (approve && model.latched) || model.filler.is_some();
+                    if !explained {
+                        return Err(format!(
+                            "the technician's {line} was refused while the run awaited approval: {err}"
+                        ));
+                    }
+                }
+                (_, None) => return Err(format!("{who:?} could {line}")),
+                (_, Some(err)) => {
+                    figures.refusals += 1;
+                    refusal_named(&line, &err)?;
+                    if !err.starts_with("-203") {
+                        return Err(format!(
+                            "{who:?}'s {line} refused with {err}, not as forbidden"
+                        ));
+                    }
+                }
+            }
+        }
+        Op::FillDisk => {
+            if model.filler.is_some() {
+                return Ok(());
+            }
+            let (filler, err) = world.disk.fill();
+            if err.kind() != std::io::ErrorKind::StorageFull {
+                return Err(format!(
+                    "filling the journal's disk stopped on {err}, not ENOSPC"
+                ));
+            }
+            model.filler = Some(filler);
+            figures.disk_fills += 1;
+            // The next commit fails: a submission needs one.
+            model.submitted += 1;
+            let p = protocol(Kind::DyeMix, &format!("{}-{}", world.name, model.submitted));
+            if let Ok(run) = world.port(Who::Rig).submit(&p) {
+                return Err(format!("accepted with the journal's disk full: {run}"));
+            }
+            world.wait_for(
+                Duration::from_secs(10),
+                "the e-stop latched by the full disk",
+                |w| w.port(Who::Watcher).query("SYST:ESTOP?") == "1",
+            )?;
+            model.latched = true;
+            if model.latched_at.is_none() {
+                model.latched_at = Some(marks(&world.taps));
+            }
+            for run in model.live.clone() {
+                world.wait_for(
+                    Duration::from_secs(10),
+                    &format!("run {} ended by the full disk", run.id),
+                    |w| {
+                        let s = w.port(Who::Alice).run_state(&run.id);
+                        s.is_final() || s.state == "awaiting_approval"
+                    },
+                )?;
+            }
+        }
+        Op::FreeDisk => {
+            if let Some(filler) = model.filler.take() {
+                std::fs::remove_file(&filler)
+                    .map_err(|e| format!("delete {}: {e}", filler.display()))?;
+            }
+        }
         Op::EStop(who) => {
             let from = marks(&world.taps);
             let expect: Vec<&'static str> = STOPPABLE
@@ -873,8 +1063,11 @@ fn apply(
                     figures.refusals += 1;
                     refusal_named("SYST:ESTOP", &err)?;
                 }
-                (_, Some(err)) => return Err(format!("{who:?}'s e-stop refused: {err}")),
-                (_, None) => {
+                (_, Some(err)) if model.filler.is_none() || !err.contains("journal") => {
+                    return Err(format!("{who:?}'s e-stop refused: {err}"));
+                }
+                // On a full disk the stop latches and says the journal could not record it.
+                (_, _) => {
                     figures.estops += 1;
                     model.latched = true;
                     if model.latched_at.is_none() {
@@ -927,6 +1120,16 @@ fn apply(
             // Whatever reached the wire while latched is judged before the latch goes.
             check_wire(world, model)?;
             match (who, world.port(who).command("SYST:ESTOP:ACK")) {
+                (Who::Alice, None) if model.filler.is_some() && model.latched => {
+                    return Err(
+                        "the e-stop was released while the journal could not record the release"
+                            .into(),
+                    );
+                }
+                (Who::Alice, Some(err)) if model.filler.is_some() => {
+                    figures.refusals += 1;
+                    refusal_named("SYST:ESTOP:ACK", &err)?;
+                }
                 (Who::Alice, None) => {
                     if model.latched {
                         figures.acknowledgements += 1;
@@ -976,11 +1179,16 @@ fn apply(
             world.ports.clear();
             labctl.kill();
             world.cut_here(model, &PORTS);
+            // An operator frees the disk before starting the controller again.
+            if let Some(filler) = model.filler.take() {
+                std::fs::remove_file(&filler)
+                    .map_err(|e| format!("delete {}: {e}", filler.display()))?;
+            }
             check_journal(world, model)?;
             let gone = std::mem::take(&mut model.live);
             world.start_labctl(model)?;
-            // The runs the killed process served are not resumed.
-            for run in gone {
+            // The runs the killed process served are not resumed; a proposal awaiting approval awaits again.
+            for mut run in gone {
                 let state = world.bench.journal_state(&run.id);
                 if matches!(
                     state.as_deref(),
@@ -990,6 +1198,17 @@ fn apply(
                         "run {} is {state:?} in the journal after the restart",
                         run.id
                     ));
+                }
+                if run.awaiting {
+                    let now = world.port(Who::Alice).run_state(&run.id);
+                    if now.state != "awaiting_approval" {
+                        return Err(format!(
+                            "proposal {} awaited approval before the kill and is {} after the restart",
+                            run.id, now.state
+                        ));
+                    }
+                    run.awaiting = true;
+                    model.live.push(run);
                 }
             }
             check_journal(world, model)?;
@@ -1135,8 +1354,16 @@ fn back_to_service(
     model: &mut Model,
     figures: &mut Figures,
 ) -> Result<(), Violation> {
+    apply(world, model, figures, Op::FreeDisk)?;
     if model.latched {
-        apply(world, model, figures, Op::Acknowledge(Who::Alice))?;
+        // The journal commits again within its retry period once the disk has space.
+        world.wait_for(
+            Duration::from_secs(10),
+            "the technician's acknowledgement after the disk was freed",
+            |w| w.port(Who::Alice).command("SYST:ESTOP:ACK").is_none(),
+        )?;
+        model.latched = false;
+        model.latched_at = None;
     }
     for fault in model.faults.clone() {
         set_fault(world, model, figures, fault, false)?;
@@ -1179,6 +1406,10 @@ fn back_to_service(
             |w| w.port(Who::Alice).run_state(&run.id).is_final(),
         )?;
     }
+    // Aborted by the technician, proposals included.
+    for run in &mut model.live {
+        run.awaiting = false;
+    }
     world.bench.place_vial("health", "D5");
     model.submitted += 1;
     let p = health(&format!("{}-health-{}", world.name, model.submitted));
@@ -1190,6 +1421,7 @@ fn back_to_service(
     model.live.push(RunRec {
         id: run.clone(),
         owner: Who::Rig,
+        awaiting: false,
     });
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -1241,7 +1473,10 @@ fn rig() -> RigFile {
 fn run_sequence(rig: &RigFile, name: &str, ops: &[Op], figures: &mut Figures) -> Option<Failure> {
     let mut at = 0;
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let bench = Bench::start(rig, name);
+        let mut bench = Bench::start(rig, name);
+        // The journal on a disk of its own, to fill.
+        let disk = Tmpfs::mount(name, "32m");
+        bench.data_dir = disk.path().join("data");
         let taps = PORTS
             .iter()
             .map(|p| {
@@ -1254,9 +1489,10 @@ fn run_sequence(rig: &RigFile, name: &str, ops: &[Op], figures: &mut Figures) ->
             })
             .collect();
         let mut world = World {
-            bench,
             labctl: None,
             ports: BTreeMap::new(),
+            disk,
+            bench,
             taps,
             name: name.to_owned(),
         };
@@ -1407,13 +1643,16 @@ fn random_sequences_against_the_process_keep_every_safety_invariant() {
         }
     }
     println!(
-        "process chaos: seeds {first_seed}..{}, {} sequences of {length}, {} operations, {} kill -9 and restarts, {} e-stops, {} acknowledgements, {} interlock trips, {} runs accepted, {} refusals (all with a reason), {} violations, {:.1} s",
+        "process chaos: seeds {first_seed}..{}, {} sequences of {length}, {} operations, {} kill -9 and restarts, {} e-stops, {} acknowledgements, {} approvals, {} rejections, {} full disks, {} interlock trips, {} runs accepted, {} refusals (all with a reason), {} violations, {:.1} s",
         first_seed + sequences,
         f.sequences,
         f.operations,
         f.kills,
         f.estops,
         f.acknowledgements,
+        f.approvals,
+        f.rejections,
+        f.disk_fills,
         f.interlock_trips,
         f.accepted_runs,
         f.refusals,
@@ -1437,6 +1676,42 @@ fn random_sequences_against_the_process_keep_every_safety_invariant() {
         "{} sequences violated an invariant (re-run each with LABCTL_PROCESS_CHAOS_SEED=<seed> LABCTL_PROCESS_CHAOS_SEQUENCES=1 LABCTL_PROCESS_CHAOS_LENGTH={length} to shrink it):\n{}",
         failures.len(),
         failures.join("\n")
+    );
+}
+
+/// Approvals and a full disk across two `kill -9`s, as a fixed sequence so that every CI run goes through
+/// them: two proposals wait for a technician (an observer's and a rig's approvals refused), survive a kill,
+/// one is rejected; the disk fills (the lab latches, an acknowledgement and an approval are refused), labctl
+/// is killed on the full disk and restarted with space back: still latched, the other proposal still
+/// awaiting; acknowledged, approved, it runs until a rig's e-stop; then the lab returns to service.
+#[test]
+fn approvals_and_a_full_disk_across_kills_keep_every_invariant() {
+    let rig = rig();
+    let ops = [
+        Op::Submit(Who::Rig, Kind::Soak),
+        Op::Submit(Who::Alice, Kind::Soak),
+        Op::Decide(Who::Watcher, 0, true),
+        Op::Decide(Who::Rig, 0, true),
+        Op::Kill,
+        Op::Decide(Who::Alice, 0, false),
+        Op::FillDisk,
+        Op::Acknowledge(Who::Alice),
+        Op::Decide(Who::Alice, 1, true),
+        Op::Kill,
+        Op::Acknowledge(Who::Alice),
+        Op::Decide(Who::Alice, 0, true),
+        Op::Wait(500),
+        Op::EStop(Who::Rig),
+        Op::Acknowledge(Who::Alice),
+    ];
+    let mut figures = Figures::default();
+    if let Some(failure) = run_sequence(&rig, "approvals-disk", &ops, &mut figures) {
+        panic!("{failure}\noperations: {ops:?}");
+    }
+    assert_eq!(
+        (figures.kills, figures.disk_fills, figures.approvals, figures.rejections),
+        (2, 1, 1, 1),
+        "the sequence went through what it was written for: {figures:?}"
     );
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use labctl_core::api::{Face, Principal, RunState, SubmitReply};
+use labctl_core::api::{ApiError, Face, Principal, RunInfo, RunState, SubmitReply};
 use labctl_core::auth::Users;
 use labctl_core::fake_core::{Call, FakeCore, Script};
 use labctl_mqtt::{BrokerChoice, MqttConfig, MqttGateway};
@@ -259,5 +259,203 @@ async fn the_stop_reaches_the_core_as_its_technician_and_a_planner_cannot_releas
     })
     .await;
     assert!(!face.core.handle.estop_latched());
+    face.gateway.shutdown().await;
+}
+
+/// A controller with one run, `run-1`, submitted by `planner-bo` and awaiting approval; whatever the role
+/// table lets through is accepted.
+struct OneRunOfPlannerBo;
+
+impl Script for OneRunOfPlannerBo {
+    fn submit(&mut self, report: &labctl_protocols::Report, who: &Principal) -> SubmitReply {
+        AcceptAll.submit(report, who)
+    }
+
+    fn run_request(&mut self, _run_id: &str, _: &Principal) -> Result<RunState, ApiError> {
+        Ok(RunState::Queued)
+    }
+
+    fn runs(&mut self) -> Vec<RunInfo> {
+        vec![RunInfo {
+            run_id: "run-1".into(),
+            proposal_id: "p-1".into(),
+            name: "soak".into(),
+            planner_id: "planner-bo".into(),
+            submitted_by: "planner-bo".into(),
+            state: RunState::AwaitingApproval,
+            current_step: None,
+            reason: None,
+            estimated_duration_s: Some(5400.0),
+            approval_required_because: Vec::new(),
+            instruments: vec!["hotplate".into()],
+            results: 0,
+        }]
+    }
+}
+
+/// A lab user of each role on the simulated lab.
+fn user_of(role: Role) -> (&'static str, &'static str) {
+    match role {
+        Role::Observer => ("watcher", "observer-dev"),
+        Role::Planner => ("planner-bo", "planner-dev"),
+        Role::Rig => ("rig-1", "rig-dev"),
+        Role::Technician => ("alice", "technician-dev"),
+    }
+}
+
+/// Every role against every command topic: each command is answered on the sender's MQTT 5 response topic,
+/// accepted exactly when the one role table allows it (a run's control by its owner's rights), and every
+/// command that reaches the core carries the sender as an MQTT principal. The face decides nothing itself
+/// except what it must before the core (a submission's right, checked before validation costs anything).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_on_every_command_topic_gets_what_the_role_table_allows() {
+    use labctl_core::policy::{Permission, allows};
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::{AsyncClient as Client5, Event as Event5, MqttOptions as Options5};
+
+    let face = face(OneRunOfPlannerBo).await;
+    for role in Role::ALL {
+        let (user, password) = user_of(role);
+        let mut opts = Options5::new(format!("matrix-{user}"), "127.0.0.1", face.addr.port());
+        opts.set_credentials(user, password);
+        let (client, mut events) = Client5::new(opts, 16);
+        let (tx, mut replies) = mpsc::unbounded_channel();
+        let (acks_tx, mut acks) = mpsc::unbounded_channel();
+        let pump = tokio::spawn(async move {
+            while let Ok(event) = events.poll().await {
+                match event {
+                    Event5::Incoming(Packet::Publish(p)) => {
+                        let _ = tx.send(p);
+                    }
+                    Event5::Incoming(Packet::SubAck(_)) => {
+                        let _ = acks_tx.send(());
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let reply_topic = format!("labctl/sim/to/{user}/matrix");
+        client
+            .subscribe(reply_topic.clone(), QoS5::AtLeastOnce)
+            .await
+            .unwrap();
+        timeout_at(Instant::now() + WITHIN, acks.recv())
+            .await
+            .expect("SUBACK in time")
+            .expect("event loop alive");
+
+        let owner_may = allows(role, Permission::ControlAnyRun)
+            || (user == "planner-bo" && allows(role, Permission::ControlOwnRun));
+        let cases: Vec<(&str, &str, Vec<u8>, bool)> = vec![
+            (
+                "submit",
+                "labctl/sim/protocols/submit",
+                proposal(&format!("matrix-{user}")),
+                allows(role, Permission::Submit),
+            ),
+            (
+                "approve",
+                "labctl/sim/runs/run-1/approval",
+                br#"{"decision": "approve"}"#.to_vec(),
+                allows(role, Permission::Approve),
+            ),
+            (
+                "reject",
+                "labctl/sim/runs/run-1/approval",
+                br#"{"decision": "reject", "reason": "not today"}"#.to_vec(),
+                allows(role, Permission::Approve),
+            ),
+            (
+                "pause planner-bo's run",
+                "labctl/sim/runs/run-1/control",
+                br#"{"action": "pause"}"#.to_vec(),
+                owner_may,
+            ),
+            (
+                "abort planner-bo's run",
+                "labctl/sim/runs/run-1/control",
+                br#"{"action": "abort"}"#.to_vec(),
+                owner_may,
+            ),
+            (
+                "override",
+                "labctl/sim/interlocks/hotplate-over-temperature/override",
+                br#"{"seconds": 60, "reason": "sensor checked"}"#.to_vec(),
+                allows(role, Permission::OverrideInterlock),
+            ),
+            (
+                "trigger the e-stop",
+                "labctl/sim/estop",
+                br#"{"action": "trigger"}"#.to_vec(),
+                allows(role, Permission::TriggerEStop),
+            ),
+            (
+                "acknowledge the e-stop",
+                "labctl/sim/estop",
+                br#"{"action": "acknowledge"}"#.to_vec(),
+                allows(role, Permission::AcknowledgeEStop),
+            ),
+        ];
+        for (what, topic, payload, allowed) in cases {
+            let before = face.core.calls().len();
+            let props = PublishProperties {
+                response_topic: Some(reply_topic.clone()),
+                correlation_data: Some(what.as_bytes().to_vec().into()),
+                ..Default::default()
+            };
+            client
+                .publish_with_properties(topic, QoS5::AtLeastOnce, false, payload, props)
+                .await
+                .unwrap();
+            let deadline = Instant::now() + WITHIN;
+            let reply: Value = loop {
+                let p = timeout_at(deadline, replies.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("{role} {what}: no answer on {reply_topic}"))
+                    .expect("event loop alive");
+                let corr = p.properties.as_ref().and_then(|pp| pp.correlation_data.clone());
+                if corr.as_deref() == Some(what.as_bytes()) {
+                    break serde_json::from_slice(&p.payload).unwrap();
+                }
+            };
+            let forbidden = reply["error"] == "forbidden";
+            // An override on an untripped interlock is refused for its state once the role may.
+            let accepted = reply["accepted"] == true
+                || (what == "override" && reply["error"] == "invalid_state");
+            assert_eq!(
+                accepted, allowed,
+                "{role} may{} {what}; the answer: {reply}",
+                if allowed { "" } else { " not" }
+            );
+            assert_eq!(forbidden, !allowed, "{role} {what}: {reply}");
+            // What reached the core carries the sender, as an MQTT principal.
+            let calls = face.core.calls();
+            let new = &calls[before.min(calls.len())..];
+            let who = Principal::new(user, role, Face::Mqtt);
+            for call in new {
+                let principal = match call {
+                    Call::Submit { principal, .. }
+                    | Call::Approve { principal, .. }
+                    | Call::Reject { principal, .. }
+                    | Call::Control { principal, .. }
+                    | Call::EmergencyStop { principal }
+                    | Call::AcknowledgeEmergencyStop { principal }
+                    | Call::OverrideInterlock { principal, .. }
+                    | Call::WithdrawOverride { principal, .. } => principal,
+                    Call::PlannerLost { .. } => continue,
+                };
+                assert_eq!(principal, &who, "{role} {what}: {call:?}");
+            }
+            if what == "submit" && !allowed {
+                assert!(
+                    new.iter().all(|c| !matches!(c, Call::Submit { .. })),
+                    "{role}: a submission the role may not make reached the core: {new:?}"
+                );
+            }
+        }
+        client.disconnect().await.ok();
+        pump.abort();
+    }
     face.gateway.shutdown().await;
 }
