@@ -1105,7 +1105,11 @@ fn apply(
                         world.wait_for(
                             Duration::from_secs(10),
                             &format!("run {} ended by the e-stop", run.id),
-                            |w| w.port(Who::Alice).run_state(&run.id).is_final(),
+                            // A proposal waits out the stop.
+                            |w| {
+                                let s = w.port(Who::Alice).run_state(&run.id);
+                                s.is_final() || s.state == "awaiting_approval"
+                            },
                         )?;
                     }
                 }
@@ -1709,7 +1713,12 @@ fn approvals_and_a_full_disk_across_kills_keep_every_invariant() {
         panic!("{failure}\noperations: {ops:?}");
     }
     assert_eq!(
-        (figures.kills, figures.disk_fills, figures.approvals, figures.rejections),
+        (
+            figures.kills,
+            figures.disk_fills,
+            figures.approvals,
+            figures.rejections
+        ),
         (2, 1, 1, 1),
         "the sequence went through what it was written for: {figures:?}"
     );

@@ -414,7 +414,10 @@ async fn every_role_on_every_command_topic_gets_what_the_role_table_allows() {
                     .await
                     .unwrap_or_else(|_| panic!("{role} {what}: no answer on {reply_topic}"))
                     .expect("event loop alive");
-                let corr = p.properties.as_ref().and_then(|pp| pp.correlation_data.clone());
+                let corr = p
+                    .properties
+                    .as_ref()
+                    .and_then(|pp| pp.correlation_data.clone());
                 if corr.as_deref() == Some(what.as_bytes()) {
                     break serde_json::from_slice(&p.payload).unwrap();
                 }
@@ -424,7 +427,8 @@ async fn every_role_on_every_command_topic_gets_what_the_role_table_allows() {
             let accepted = reply["accepted"] == true
                 || (what == "override" && reply["error"] == "invalid_state");
             assert_eq!(
-                accepted, allowed,
+                accepted,
+                allowed,
                 "{role} may{} {what}; the answer: {reply}",
                 if allowed { "" } else { " not" }
             );
