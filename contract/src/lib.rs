@@ -99,6 +99,15 @@ pub struct ClientInfo {
     pub agent_model: Option<String>,
 }
 
+/// The consent of an agent's operator (the person at the MCP client) to submit one protocol, bound to its
+/// SHA-256 and used once. Recorded as consent, never as an approval: a proposal beyond the lab's
+/// auto-approval still waits for a technician.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorConsent {
+    /// SHA-256 (hex) of the exact protocol bytes the operator was shown.
+    pub protocol_sha256: String,
+}
+
 /// States of a run, as published on `runs/{run_id}/status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -348,6 +357,7 @@ pub enum EventKind {
     JournalRecovered,
     JournalClosed,
     Submitted,
+    OperatorConsent,
     DryRun,
     ProposalRejected,
     Approval,
@@ -392,13 +402,14 @@ pub enum Severity {
 pub struct UnknownEventKind(pub String);
 
 impl EventKind {
-    pub const ALL: [EventKind; 31] = [
+    pub const ALL: [EventKind; 32] = [
         EventKind::ControllerStarted,
         EventKind::ControllerStopped,
         EventKind::JournalFailed,
         EventKind::JournalRecovered,
         EventKind::JournalClosed,
         EventKind::Submitted,
+        EventKind::OperatorConsent,
         EventKind::DryRun,
         EventKind::ProposalRejected,
         EventKind::Approval,
@@ -435,6 +446,7 @@ impl EventKind {
             EventKind::JournalRecovered => "journal_recovered",
             EventKind::JournalClosed => "journal_closed",
             EventKind::Submitted => "submitted",
+            EventKind::OperatorConsent => "operator_consent",
             EventKind::DryRun => "dry_run",
             EventKind::ProposalRejected => "proposal_rejected",
             EventKind::Approval => "approval",

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use crate::contract::{
-    ApiError, ClientInfo, Control, Face, InterlockState, InterlockStatus, MAX_OVERRIDE, Principal,
-    RunInfo, RunState, SubmitReply, UnknownRunState,
+    ApiError, ClientInfo, Control, Face, InterlockState, InterlockStatus, MAX_OVERRIDE,
+    OperatorConsent, Principal, RunInfo, RunState, SubmitReply, UnknownRunState,
 };
 use crate::journal::{JournalHandle, Record};
 use crate::world::LabSnapshot;
@@ -22,6 +22,8 @@ pub(crate) struct Checked {
     /// The run the journal already has for this proposal id (any process), looked up here too: the
     /// controller keeps only the proposals of runs in memory.
     pub stored: Option<crate::journal::read::ProposalRow>,
+    /// The agent's operator's consent to this exact protocol, when a face asked for it.
+    pub consent: Option<OperatorConsent>,
 }
 
 pub(crate) enum Request {
@@ -151,6 +153,27 @@ impl ControllerHandle {
 
     /// Validates, dry-runs on the simulation model, and submits a protocol (raw bytes as received).
     pub async fn submit(&self, bytes: Vec<u8>, principal: Principal) -> SubmitReply {
+        self.submit_with(bytes, principal, None).await
+    }
+
+    /// Submits a protocol the agent's operator consented to (see [`OperatorConsent`]): the consent is
+    /// journaled with the run when its digest is that of `bytes`, and the submission is refused otherwise.
+    /// It is no approval: the lab's approval policy applies as to any submission.
+    pub async fn submit_with_consent(
+        &self,
+        bytes: Vec<u8>,
+        principal: Principal,
+        consent: OperatorConsent,
+    ) -> SubmitReply {
+        self.submit_with(bytes, principal, Some(consent)).await
+    }
+
+    async fn submit_with(
+        &self,
+        bytes: Vec<u8>,
+        principal: Principal,
+        consent: Option<OperatorConsent>,
+    ) -> SubmitReply {
         if let Err(e) = crate::policy::check(&principal, crate::policy::Permission::Submit) {
             return SubmitReply::refused(None, e);
         }
@@ -166,6 +189,7 @@ impl ControllerHandle {
                 report,
                 dry_run,
                 stored: None,
+                consent,
             }
         })
         .await;

@@ -638,6 +638,7 @@ impl Core {
             mut report,
             dry_run,
             stored,
+            consent,
         } = checked;
         // The dry run on the simulation model gives the estimate an approver sees; its conflicts send the
         // proposal to a technician whatever the policy says.
@@ -680,6 +681,18 @@ impl Core {
         };
         let sha = sha256_hex(&bytes);
         let pid = protocol.metadata.proposal_id.clone();
+        // A consent covers the protocol the operator was shown, byte for byte, and nothing else.
+        if let Some(consent) = &consent
+            && consent.protocol_sha256 != sha
+        {
+            return SubmitReply::refused(
+                Some(pid),
+                ApiError::BadArgument(format!(
+                    "the operator consented to protocol sha256 {}, not to this one ({sha}): nothing was submitted",
+                    consent.protocol_sha256
+                )),
+            );
+        }
         let known = self.proposals.get(&pid).cloned().or_else(|| {
             stored.map(|row| KnownProposal {
                 run_id: row.run_id,
@@ -798,6 +811,16 @@ impl Core {
             Some(&principal),
             submitted_detail(&pid, &sha, &principal),
         );
+        // Used once, by this new run; recorded as the operator's consent, beside (never instead of) the
+        // approval decision below.
+        if let Some(consent) = &consent {
+            self.event(
+                Some(&run_id),
+                EventKind::OperatorConsent,
+                Some(&principal),
+                json!(consent),
+            );
+        }
         if let Some(dry) = &dry_run {
             self.event(
                 Some(&run_id),

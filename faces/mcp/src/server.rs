@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use labctl_core::api::{ApiError, ClientInfo, Control, ControllerHandle, Face, Principal};
+use labctl_core::api::{
+    ApiError, ClientInfo, Control, ControllerHandle, Face, OperatorConsent, Principal,
+};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
@@ -121,6 +123,87 @@ fn refusal(e: &ApiError) -> String {
         ApiError::Forbidden(m) => format!("refused: {m}"),
         ApiError::UnknownRun(r) => format!("unknown run {r}: check the run_id"),
         other => format!("refused: {other}"),
+    }
+}
+
+/// How long the agent's operator has to answer before the submission is dropped.
+pub const CONSENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// What the agent's operator answers when asked to confirm a submission.
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct SubmitConsent {
+    /// Submit this exact protocol to the lab.
+    pub submit: bool,
+}
+
+rmcp::elicit_safe!(SubmitConsent);
+
+/// Where the client can ask its user (MCP form elicitation), the agent's operator confirms the exact
+/// protocol before it is submitted: `Ok(Some)` is the consent, bound to the protocol's SHA-256; `Ok(None)`
+/// when the client cannot ask; `Err` when the operator declined or could not be asked (nothing is
+/// submitted then). A consent is no approval: the lab's approval policy still applies.
+async fn ask_operator(
+    ctx: &RequestContext<RoleServer>,
+    protocol: &serde_json::Map<String, serde_json::Value>,
+    bytes: &[u8],
+    who: &Principal,
+    api: &ControllerHandle,
+) -> Result<Option<OperatorConsent>, String> {
+    use rmcp::service::{ElicitationError, ElicitationMode};
+    use sha2::{Digest, Sha256};
+    if !ctx
+        .peer
+        .supported_elicitation_modes()
+        .contains(&ElicitationMode::Form)
+    {
+        return Ok(None);
+    }
+    let digest: String = Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let metadata = protocol.get("metadata");
+    let field = |name: &str| {
+        metadata
+            .and_then(|m| m.get(name))
+            .and_then(|v| v.as_str())
+            .unwrap_or("(none)")
+            .chars()
+            .take(MAX_DECLARED_LEN)
+            .collect::<String>()
+    };
+    let steps = protocol
+        .get("steps")
+        .and_then(|s| s.as_array())
+        .map_or(0, Vec::len);
+    let agent = who.client.as_ref().map_or_else(
+        || "An agent".to_owned(),
+        |c| format!("The agent {}", c.name),
+    );
+    let message = format!(
+        "{agent} asks to submit the protocol \"{}\" (proposal {}, {steps} step(s), sha256 {digest}) to lab {} \
+         as {}. Confirm only if you, the agent's operator, want this exact protocol submitted. This is not \
+         an approval: the lab still holds it for a technician when its policy says so.",
+        field("name"),
+        field("proposal_id"),
+        api.lab().lab_id,
+        who.name
+    );
+    match ctx
+        .peer
+        .elicit_with_timeout::<SubmitConsent>(message, Some(CONSENT_TIMEOUT))
+        .await
+    {
+        Ok(Some(SubmitConsent { submit: true })) => Ok(Some(OperatorConsent {
+            protocol_sha256: digest,
+        })),
+        Ok(_) | Err(ElicitationError::UserDeclined | ElicitationError::UserCancelled) => {
+            Err("the agent's operator declined the submission: nothing was submitted".into())
+        }
+        Err(ElicitationError::CapabilityNotSupported) => Ok(None),
+        Err(e) => Err(format!(
+            "the agent's operator could not be asked to confirm ({e}): nothing was submitted"
+        )),
     }
 }
 
@@ -311,7 +394,11 @@ impl LabMcp {
         ctx: RequestContext<RoleServer>,
     ) -> Result<Json<SubmitOut>, String> {
         let who = self.principal(&ctx, input.agent_model)?;
-        let reply = self.api.submit(protocol_bytes(&input.protocol), who).await;
+        let bytes = protocol_bytes(&input.protocol);
+        let reply = match ask_operator(&ctx, &input.protocol, &bytes, &who, &self.api).await? {
+            Some(consent) => self.api.submit_with_consent(bytes, who, consent).await,
+            None => self.api.submit(bytes, who).await,
+        };
         Ok(Json(SubmitOut::from(reply)))
     }
 

@@ -202,6 +202,40 @@ async def agent(url, user, password, dye_mix, others_run):
             message = refused.content[0].text
             check(message.startswith("refused"), f"refusal message {message!r}")
             seen["others_refusal"] = message
+
+    # A client that can ask its user (elicitation): the operator confirms one submission and declines
+    # another. The consent is bound to the protocol's digest and is no approval: the long hold still waits
+    # for a technician.
+    asked = []
+
+    async def operator(context, params):
+        asked.append(params.message)
+        if "mcp-consent-yes" in params.message:
+            return types.ElicitResult(action="accept", content={"submit": True})
+        return types.ElicitResult(action="decline")
+
+    http = create_mcp_http_client(auth=httpx2.BasicAuth(user, password))
+    async with streamable_http_client(url, http_client=http) as (read, write):
+        async with ClientSession(
+            read,
+            write,
+            elicitation_callback=operator,
+            client_info=types.Implementation(name="labctl-test-agent", version="1.2.3"),
+        ) as session:
+            await session.initialize()
+            yes = copy.deepcopy(hold)
+            yes["metadata"]["proposal_id"] = "mcp-consent-yes"
+            reply = structured(await session.call_tool("submit_protocol", {"protocol": yes}), "submit_protocol")
+            check(reply["outcome"] == "awaiting_approval", f"a consented long hold still waits: {reply}")
+            check(len(asked) == 1 and "sha256 " in asked[0], f"the operator was asked once: {asked}")
+            seen["consent_run"] = reply["run_id"]
+            seen["consent_question"] = asked[0]
+            no = copy.deepcopy(hold)
+            no["metadata"]["proposal_id"] = "mcp-consent-no"
+            declined = await session.call_tool("submit_protocol", {"protocol": no})
+            check(declined.is_error and "declined" in declined.content[0].text, f"declined {declined}")
+            check(len(asked) == 2, f"asked again for the second protocol: {asked}")
+            seen["declined"] = declined.content[0].text
     print(json.dumps(seen), flush=True)
 
 

@@ -108,6 +108,77 @@ async fn the_official_python_sdk_drives_the_simulated_lab_over_streamable_http()
     assert_eq!(submitted.detail["client"]["version"], "1.2.3");
     assert_eq!(submitted.detail["client"]["agent_model"], "test-model-1");
     assert!(submitted.actor.as_deref().unwrap().contains("via mcp"));
+    // The operator's consent: journaled with the run, bound to its exact protocol, by the agent's user
+    // over MCP; and no approval: the approval is the technician's, recorded apart.
+    let consent_run = seen["consent_run"].as_str().unwrap();
+    // The test's technician approves it as soon as it is on disk: wait for that decision.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let record = loop {
+        let record = rig
+            .api
+            .run_record(consent_run)
+            .await
+            .expect("the consented run in the journal");
+        let approved = record.events.iter().any(|e| {
+            e.kind == "approval" && e.actor.as_deref().is_some_and(|a| a.starts_with("alice"))
+        });
+        if approved || tokio::time::Instant::now() > deadline {
+            break record;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let consent = record
+        .events
+        .iter()
+        .find(|e| e.kind == "operator_consent")
+        .expect("an operator_consent event");
+    assert_eq!(
+        consent.detail["protocol_sha256"], record.protocol_sha256,
+        "the consent names the run's exact protocol"
+    );
+    assert!(
+        consent.actor.as_deref().unwrap().starts_with("planner-bo"),
+        "{consent:?}"
+    );
+    assert!(
+        seen["consent_question"]
+            .as_str()
+            .unwrap()
+            .contains(&record.protocol_sha256),
+        "the operator was shown the digest it consented to: {seen}"
+    );
+    let approvals: Vec<_> = record
+        .events
+        .iter()
+        .filter(|e| e.kind == "approval")
+        .collect();
+    assert_eq!(
+        approvals.first().map(|e| &e.detail["decision"]),
+        Some(&serde_json::json!("awaiting_approval")),
+        "the consent approved nothing: {approvals:?}"
+    );
+    assert!(
+        approvals
+            .iter()
+            .any(|e| e.actor.as_deref().is_some_and(|a| a.starts_with("alice"))),
+        "the technician approved it: {approvals:?}"
+    );
+    // A declined submission never reached the lab.
+    assert!(
+        seen["declined"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was submitted"),
+        "{seen}"
+    );
+    assert!(
+        rig.api
+            .runs()
+            .await
+            .iter()
+            .all(|r| r.proposal_id != "mcp-consent-no"),
+        "the declined proposal became a run"
+    );
     // The other user's run is untouched.
     assert_eq!(
         rig.api.run(&others).await.unwrap().state,
