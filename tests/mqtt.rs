@@ -1964,3 +1964,147 @@ async fn a_technician_overrides_a_tripped_interlock_over_mqtt_and_nobody_else_ca
     interlocks_until("tripped").await;
     rig.stop().await;
 }
+
+/// The planner lease through an external broker, which tells labctl nothing of its clients' connections:
+/// a planner's will on its own presence topic (`from/{user}/presence`, as `labctl submit` sets it) holds
+/// its supervised run when its connection dies; another user cannot say the planner went away, because
+/// the shipped ACL lets only the planner write under its own name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_mosquitto_a_planner_s_will_holds_its_supervised_run_and_nobody_can_forge_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mosq = mosquitto_with_shipped_acl(dir.path()).await;
+    let rig = rig_on(
+        dir.path(),
+        BrokerChoice::External {
+            url: format!("mqtt://127.0.0.1:{}", mosq.port),
+            credentials: Some(("labctl".into(), "labctl-pw".into())),
+        },
+    )
+    .await;
+    let (_watcher, mut wrx) =
+        client(rig.addr, "watcher", "observer-dev", &["labctl/sim/status"]).await;
+    // labctl announces itself after subscribing: once it is online, its subscriptions are in place.
+    while json_of(&next_on(&mut wrx, "labctl/sim/status").await)["status"] != "online" {}
+
+    // The planner, with its will on its presence topic.
+    let mut opts = MqttOptions::new("lease-planner", rig.addr.ip().to_string(), rig.addr.port());
+    opts.set_credentials("planner-bo", "planner-dev");
+    opts.set_last_will(rumqttc::LastWill::new(
+        "labctl/sim/from/planner-bo/presence",
+        "offline",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let (planner, mut ev) = AsyncClient::new(opts, 16);
+    let (tx, mut prx) = mpsc::unbounded_channel();
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut subscribed_tx = Some(subscribed_tx);
+        while let Ok(e) = ev.poll().await {
+            match e {
+                Event::Incoming(Incoming::Publish(p)) => {
+                    let _ = tx.send(p);
+                }
+                Event::Incoming(Incoming::SubAck(_)) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    planner
+        .subscribe("labctl/sim/protocols/replies/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), subscribed)
+        .await
+        .expect("SUBACK within 10 s")
+        .unwrap();
+    planner
+        .publish(
+            "labctl/sim/from/planner-bo/presence",
+            QoS::AtLeastOnce,
+            false,
+            "online",
+        )
+        .await
+        .unwrap();
+    let mut p = weigh_protocol("ext-lease", 1);
+    p["metadata"]["supervised"] = json!(true);
+    p["steps"] = json!([{ "type": "wait", "id": "hold", "duration_s": 3000 }]);
+    planner
+        .publish(
+            "labctl/sim/from/planner-bo/protocols/submit",
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&p).unwrap(),
+        )
+        .await
+        .unwrap();
+    let reply = json_of(&next_on(&mut prx, "labctl/sim/protocols/replies/ext-lease").await);
+    let run_id = reply["run_id"].as_str().expect("accepted").to_owned();
+    let api = rig.controller.handle.clone();
+    let state_of = |run_id: String| {
+        let api = api.clone();
+        async move { api.run(&run_id).await.map(|r| r.state) }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state_of(run_id.clone()).await != Some(RunState::Running) {
+        assert!(Instant::now() < deadline, "the supervised run never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Alice says the planner went away, in the planner's name: mosquitto drops it. Her next command, on
+    // her own prefix, is answered, so the gateway has seen everything she sent before it.
+    let (alice, mut arx) = client(
+        rig.addr,
+        "alice",
+        "technician-dev",
+        &["labctl/sim/rejections"],
+    )
+    .await;
+    alice
+        .publish(
+            "labctl/sim/from/planner-bo/presence",
+            QoS::AtLeastOnce,
+            false,
+            "offline",
+        )
+        .await
+        .unwrap();
+    alice
+        .publish(
+            "labctl/sim/from/alice/runs/no-such-run/control",
+            QoS::AtLeastOnce,
+            false,
+            "pause",
+        )
+        .await
+        .unwrap();
+    let r = json_of(&next_on(&mut arx, "labctl/sim/rejections").await);
+    assert_eq!(r["error"], "unknown_run", "{r}");
+    assert_eq!(
+        state_of(run_id.clone()).await,
+        Some(RunState::Running),
+        "a forged presence held the planner's run"
+    );
+
+    // The planner's process dies: its socket closes without a DISCONNECT, mosquitto publishes its will.
+    task.abort();
+    drop(planner);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = api.run(&run_id).await.expect("the run");
+        if info.state == RunState::Paused {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the run did not go to its safe hold when the planner's will arrived: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rig.stop().await;
+}

@@ -12,12 +12,16 @@ use std::time::Duration;
 use labctl_contract::messages::{RunEvent, RunResult, RunStatus};
 use labctl_contract::{EventKind, RunState};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::v5::{
+    LastWill, Packet, Publish, PublishProperties, SubscribeReasonCode,
+};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use labctl_mqtt_link::{MAX_PACKET, Topics, credentials_from_env, parse_broker_url, tls_config};
+use labctl_mqtt_link::{
+    MAX_PACKET, Presence, Topics, credentials_from_env, parse_broker_url, tls_config,
+};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SubmitArgs {
@@ -107,8 +111,20 @@ async fn submit(args: SubmitArgs) -> Result<u8, String> {
     let user = credentials
         .as_ref()
         .map_or_else(|| "anonymous".to_owned(), |(user, _)| user.clone());
+    let named = credentials.is_some();
     if let Some((u, p)) = credentials {
         opts.set_credentials(u, p);
+    }
+    // Through an external broker this will is how labctl learns that this planner went away (the lease of
+    // a supervised run); the embedded broker reports the connection itself.
+    if named {
+        opts.set_last_will(LastWill::new(
+            topics.presence(&user),
+            Presence::Offline.as_str(),
+            QoS::AtLeastOnce,
+            false,
+            None,
+        ));
     }
     let mut net = rumqttc::NetworkOptions::new();
     net.set_tcp_nodelay(true);
@@ -152,6 +168,17 @@ async fn submit(args: SubmitArgs) -> Result<u8, String> {
         Ok(Some(Err(e))) => return Err(format!("cannot connect to {}: {e}", args.mqtt)),
         _ => return Err(format!("no answer from {} within {timeout:?}", args.mqtt)),
     }
+    if named {
+        client
+            .publish(
+                topics.presence(&user),
+                QoS::AtLeastOnce,
+                false,
+                Presence::Online.as_str(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     let response_topic = format!("{}{client_id}", topics.reply_prefix(&user));
     let sub = |t: String| {
         let c = client.clone();
@@ -191,6 +218,13 @@ async fn submit(args: SubmitArgs) -> Result<u8, String> {
             Err(_) => return Err(format!("no SUBACK from {} within {timeout:?}", args.mqtt)),
         }
     }
+    // In the user's own name where a broker's ACL vouches for it (`from/{user}/`; the embedded broker
+    // checks it too), so approvals, the lease and quotas are the user's through any broker.
+    let submit_topic = if named {
+        format!("{}protocols/submit", topics.from_prefix(&user))
+    } else {
+        topics.submit()
+    };
     let correlation = client_id.clone().into_bytes();
     let props = PublishProperties {
         response_topic: Some(response_topic.clone()),
@@ -199,7 +233,7 @@ async fn submit(args: SubmitArgs) -> Result<u8, String> {
         ..Default::default()
     };
     client
-        .publish_with_properties(topics.submit(), QoS::AtLeastOnce, false, bytes, props)
+        .publish_with_properties(submit_topic, QoS::AtLeastOnce, false, bytes, props)
         .await
         .map_err(|e| e.to_string())?;
 

@@ -9,7 +9,7 @@ pub mod topics;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use topics::{Inbound, Topics};
+pub use topics::{Inbound, Presence, Topics};
 
 /// Largest MQTT packet labctl sends or accepts: the embedded broker's limit and every client's (the payload
 /// limit plus room for the refusal).

@@ -171,6 +171,28 @@ impl Topics {
         self.t(&format!("from/{user}/"))
     }
 
+    /// Where `user`'s client says it is here (`online`, after it connects) and, as its MQTT will, that it
+    /// went away (`offline`): how labctl learns through an external broker, which tells it nothing of its
+    /// clients' connections, that a planner is gone (the planner lease of supervised runs). Under the
+    /// user's `from/{user}/` prefix, so nobody else can say it for them.
+    pub fn presence(&self, user: &str) -> String {
+        self.t(&format!("from/{user}/presence"))
+    }
+
+    /// The filter of every user's presence topic.
+    pub fn presence_filter(&self) -> String {
+        self.t("from/+/presence")
+    }
+
+    /// The user a presence topic names.
+    pub fn parse_presence(&self, topic: &str) -> Option<String> {
+        let user = topic
+            .strip_prefix(&self.prefix)?
+            .strip_prefix("from/")?
+            .strip_suffix("/presence")?;
+        is_topic_level(user).then(|| user.to_owned())
+    }
+
     /// The filters the gateway subscribes to (again on every ConnAck): the inbound topics, and the same
     /// under every user's `from/{user}/` prefix.
     pub fn inbound_filters(&self) -> [String; 10] {
@@ -235,9 +257,59 @@ impl Topics {
     }
 }
 
+/// What a client says on its presence topic ([`Topics::presence`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    Online,
+    Offline,
+}
+
+impl Presence {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Presence::Online => "online",
+            Presence::Offline => "offline",
+        }
+    }
+
+    /// `online` or `offline`, as the payload says it (surrounding white space ignored).
+    pub fn parse(payload: &[u8]) -> Option<Presence> {
+        match std::str::from_utf8(payload).ok()?.trim() {
+            "online" => Some(Presence::Online),
+            "offline" => Some(Presence::Offline),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn presence_topics_name_their_user() {
+        let t = Topics::new("sim");
+        assert_eq!(
+            t.presence("planner-bo"),
+            "labctl/sim/from/planner-bo/presence"
+        );
+        assert_eq!(
+            t.parse_presence("labctl/sim/from/planner-bo/presence")
+                .as_deref(),
+            Some("planner-bo")
+        );
+        for other in [
+            "labctl/sim/from/planner-bo/estop",
+            "labctl/other/from/planner-bo/presence",
+            "labctl/sim/from/a/b/presence",
+            "labctl/sim/from//presence",
+        ] {
+            assert_eq!(t.parse_presence(other), None, "{other}");
+        }
+        assert_eq!(Presence::parse(b" offline\n"), Some(Presence::Offline));
+        assert_eq!(Presence::parse(b"online"), Some(Presence::Online));
+        assert_eq!(Presence::parse(b"gone"), None);
+    }
 
     #[test]
     fn builds_and_parses_the_contract_topics() {

@@ -57,7 +57,11 @@ impl LabAuth {
         if !topic.starts_with("labctl/") {
             return true;
         }
-        // Under `from/{user}/` only that user writes: nobody sends a command in someone else's name.
+        // Under `from/{user}/` only that user writes: nobody sends a command in someone else's name, nor
+        // says someone else went away.
+        if let Some(owner) = self.topics.parse_presence(topic) {
+            return user == Some(owner.as_str());
+        }
         match self.topics.parse_inbound_from(topic) {
             Some((_, Some(owner))) => user == Some(owner.as_str()),
             Some((_, None)) => true,

@@ -50,7 +50,7 @@ use labctl_core::auth::Users;
 use labctl_core::contract::messages::{EStopState, InstrumentState};
 use labctl_core::journal::{self, Record};
 use labctl_core::world::LabSnapshot;
-use labctl_mqtt_link::{Inbound, Topics, backoff, parse_broker_url, tls_config};
+use labctl_mqtt_link::{Inbound, Presence, Topics, backoff, parse_broker_url, tls_config};
 
 /// Where the gateway connects.
 #[derive(Debug, Clone)]
@@ -335,7 +335,8 @@ async fn run_event_loop(mut eventloop: EventLoop, shared: Arc<Shared>, inbound: 
 
 /// On every ConnAck: subscribe again (rumqttc does not) and publish `online` and the capabilities.
 async fn announce(s: &Shared) {
-    for filter in s.topics.inbound_filters() {
+    let presence = (!s.trust_sender).then(|| s.topics.presence_filter());
+    for filter in s.topics.inbound_filters().into_iter().chain(presence) {
         if let Err(e) = s.client.subscribe(filter, QoS::AtLeastOnce).await {
             tracing::warn!(error = %e, "mqtt: subscribe failed");
         }
@@ -612,20 +613,26 @@ async fn planner_lease(mut presence: mpsc::UnboundedReceiver<broker::Presence>, 
                     continue;
                 }
                 open.remove(&user);
-                let mut ids = s
-                    .planners
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&user)
-                    .cloned()
-                    .unwrap_or_default();
-                ids.insert(user.clone());
-                for id in ids {
-                    tracing::info!(user, planner_id = id, "mqtt: planner connection lost");
-                    s.api.planner_lost(&id).await;
-                }
+                planner_gone(&s, &user).await;
             }
         }
+    }
+}
+
+/// Tells the controller that `user`'s planners are gone: the user's name and every planner id it
+/// submitted runs for, whose supervised runs go to a safe hold.
+async fn planner_gone(s: &Shared, user: &str) {
+    let mut ids = s
+        .planners
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(user)
+        .cloned()
+        .unwrap_or_default();
+    ids.insert(user.to_owned());
+    for id in ids {
+        tracing::info!(user, planner_id = id, "mqtt: planner connection lost");
+        s.api.planner_lost(&id).await;
     }
 }
 
@@ -655,6 +662,15 @@ fn sender_of(s: &Shared, p: &Publish) -> String {
 /// Puts an inbound message on its path; one that does not fit is answered `overloaded` at once.
 fn enqueue(s: &Arc<Shared>, queues: &InboundQueues, p: Publish) {
     let topic = String::from_utf8_lossy(&p.topic).into_owned();
+    // Through an external broker a planner's will says it went away (the embedded broker reports its
+    // connections itself, so there its presence messages change nothing).
+    if let Some(user) = s.topics.parse_presence(&topic) {
+        if !s.trust_sender && !p.retain && Presence::parse(&p.payload) == Some(Presence::Offline) {
+            let s = s.clone();
+            tokio::spawn(async move { planner_gone(&s, &user).await });
+        }
+        return;
+    }
     let refusal = if s.topics.parse_inbound(&topic) == Some(Inbound::EStop) {
         match queues.estop.try_send(p) {
             Ok(()) => return,
