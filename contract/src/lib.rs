@@ -11,7 +11,10 @@ use labctl_protocols::Finding;
 use labctl_protocols::lab::Role;
 use serde::{Deserialize, Serialize};
 
+pub mod events;
 pub mod messages;
+
+pub use events::{EventDetail, InterlockTrip, ProposalRejection, RejectionReason};
 
 /// Milliseconds since the Unix epoch: the timestamps of the journal and of every payload.
 pub fn now_ms() -> i64 {

@@ -10,7 +10,6 @@ use std::time::Duration;
 use labctl_clock::VirtualClock;
 use labctl_protocols::Protocol;
 use labctl_protocols::lab::{Lab, TripAction};
-use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -19,7 +18,7 @@ use crate::api::{
     ApiError, Checked, Control, ControllerHandle, InterlockState, InterlockStatus, Principal,
     Request, RunInfo, RunState, SubmitReply,
 };
-use crate::contract::{Decision, EventKind};
+use crate::contract::{Decision, EventDetail, InterlockTrip, ProposalRejection, RejectionReason};
 use crate::executor::{RunContext, RunEnd, RunUpdate, collect_instruments, run_protocol};
 use crate::instruments::InstrumentHandle;
 use crate::journal::latch_block::{LatchBlock, LatchState};
@@ -151,20 +150,25 @@ async fn start_on(
     let journal = journal::start(conn);
     journal.append(Record::Event {
         run_id: None,
-        kind: EventKind::ControllerStarted,
         step: None,
         actor: None,
-        detail: json!({ "version": env!("CARGO_PKG_VERSION"), "lab_id": config.lab.lab_id, "lab_sha256": config.lab_sha256, "interrupted_runs": interrupted }),
+        detail: EventDetail::ControllerStarted {
+            version: env!("CARGO_PKG_VERSION").into(),
+            lab_id: config.lab.lab_id.clone(),
+            lab_sha256: config.lab_sha256.clone(),
+            interrupted_runs: interrupted.clone(),
+        },
         at_ms: now_ms(),
     });
     if let Some(reason) = &latched_before {
         tracing::warn!(%reason, "the emergency stop was latched when labctl last stopped: it stays latched until a technician acknowledges it");
         journal.append(Record::Event {
             run_id: None,
-            kind: EventKind::EstopRestored,
             step: None,
             actor: None,
-            detail: json!({ "reason": reason }),
+            detail: EventDetail::EstopRestored {
+                reason: reason.clone(),
+            },
             at_ms: now_ms(),
         });
     }
@@ -180,10 +184,12 @@ async fn start_on(
             let ok = confirmed.await;
             journal.append(Record::Event {
                 run_id: None,
-                kind: EventKind::InstrumentSafe,
                 step: None,
                 actor: None,
-                detail: json!({ "instrument": id, "confirmed": ok }),
+                detail: EventDetail::InstrumentSafe {
+                    instrument: id.clone(),
+                    confirmed: ok,
+                },
                 at_ms: now_ms(),
             });
         });
@@ -342,14 +348,17 @@ async fn journal_arming(
             armed = now;
             journal.append(Record::Event {
                 run_id: None,
-                kind: if armed {
-                    EventKind::InstrumentArmed
-                } else {
-                    EventKind::InstrumentDisarmed
-                },
                 step: None,
                 actor: None,
-                detail: json!({ "instrument": instrument }),
+                detail: if armed {
+                    EventDetail::InstrumentArmed {
+                        instrument: instrument.clone(),
+                    }
+                } else {
+                    EventDetail::InstrumentDisarmed {
+                        instrument: instrument.clone(),
+                    }
+                },
                 at_ms: now_ms(),
             });
         }
@@ -446,16 +455,9 @@ impl Core {
         }
     }
 
-    fn event(
-        &self,
-        run_id: Option<&str>,
-        kind: EventKind,
-        actor: Option<&Principal>,
-        detail: serde_json::Value,
-    ) {
+    fn event(&self, run_id: Option<&str>, actor: Option<&Principal>, detail: EventDetail) {
         self.journal.append(Record::Event {
             run_id: run_id.map(str::to_owned),
-            kind,
             step: None,
             actor: actor.map(actor_of),
             detail,
@@ -662,9 +664,12 @@ impl Core {
             let pid = report.proposal_id.clone();
             self.event(
                 None,
-                EventKind::ProposalRejected,
                 Some(&principal),
-                json!({ "proposal_id": pid, "findings": report.findings.len() }),
+                EventDetail::ProposalRejected(ProposalRejection {
+                    proposal_id: pid.clone(),
+                    findings: Some(report.findings.len()),
+                    ..Default::default()
+                }),
             );
             return SubmitReply {
                 accepted: false,
@@ -706,9 +711,13 @@ impl Core {
             if known.protocol_sha256 != sha {
                 self.event(
                     None,
-                    EventKind::ProposalRejected,
                     Some(&principal),
-                    json!({ "proposal_id": pid, "reason": "proposal_id_reused", "run_id": run_id }),
+                    EventDetail::ProposalRejected(ProposalRejection {
+                        proposal_id: Some(pid.clone()),
+                        reason: Some(RejectionReason::ProposalIdReused),
+                        run_id: Some(run_id.clone()),
+                        ..Default::default()
+                    }),
                 );
                 return SubmitReply::refused(
                     proposal_id,
@@ -738,9 +747,13 @@ impl Core {
         ) {
             self.event(
                 None,
-                EventKind::ProposalRejected,
                 Some(&principal),
-                json!({ "proposal_id": pid, "reason": "quota", "detail": over }),
+                EventDetail::ProposalRejected(ProposalRejection {
+                    proposal_id: Some(pid.clone()),
+                    reason: Some(RejectionReason::Quota),
+                    detail: Some(over.clone()),
+                    ..Default::default()
+                }),
             );
             return SubmitReply::refused(proposal_id, ApiError::OverQuota(over));
         }
@@ -749,9 +762,12 @@ impl Core {
         if self.estop.is_latched() {
             self.event(
                 None,
-                EventKind::ProposalRejected,
                 Some(&principal),
-                json!({ "proposal_id": pid, "reason": "estop_latched" }),
+                EventDetail::ProposalRejected(ProposalRejection {
+                    proposal_id: Some(pid.clone()),
+                    reason: Some(RejectionReason::EstopLatched),
+                    ..Default::default()
+                }),
             );
             return SubmitReply::refused(proposal_id, ApiError::EStopLatched);
         }
@@ -807,7 +823,6 @@ impl Core {
         };
         self.event(
             Some(&run_id),
-            EventKind::Submitted,
             Some(&principal),
             submitted_detail(&pid, &sha, &principal),
         );
@@ -816,17 +831,20 @@ impl Core {
         if let Some(consent) = &consent {
             self.event(
                 Some(&run_id),
-                EventKind::OperatorConsent,
                 Some(&principal),
-                json!(consent),
+                EventDetail::OperatorConsent(consent.clone()),
             );
         }
         if let Some(dry) = &dry_run {
             self.event(
                 Some(&run_id),
-                EventKind::DryRun,
                 None,
-                json!({ "estimated_duration_s": dry.estimated_duration_s, "problems": dry.problems, "notes": dry.notes, "steps_simulated": dry.steps_simulated }),
+                EventDetail::DryRun {
+                    estimated_duration_s: dry.estimated_duration_s,
+                    problems: dry.problems.clone(),
+                    notes: dry.notes.clone(),
+                    steps_simulated: dry.steps_simulated,
+                },
             );
         }
         self.decide(&run_id, None, decision);
@@ -842,6 +860,12 @@ impl Core {
         self.runs.insert(run_id.clone(), entry);
         self.order.push(run_id.clone());
         self.set_state(&run_id, state, None);
+        // Its provenance (face, client, the operator's consent) and the decision are on disk before the
+        // submitter hears of the run, like the run itself. A failure here is the journal failing, which
+        // stops the lab on its own; the run is recorded either way.
+        if let Err(e) = self.journal.flush().await {
+            tracing::error!(run_id, error = %e, "the run's provenance could not be recorded");
+        }
         SubmitReply {
             accepted: true,
             proposal_id,
@@ -856,7 +880,6 @@ impl Core {
         }
     }
 
-    /// Approves (`reject` = None) or rejects a run awaiting approval.
     /// A technician's decision is answered only once it is on disk: a restart never asks again for a
     /// decision reported as taken, nor forgets a rejection.
     async fn decide_durably(
@@ -874,6 +897,7 @@ impl Core {
         Ok(state)
     }
 
+    /// Approves (`reject` = None) or rejects a run awaiting approval.
     fn approve(
         &mut self,
         run_id: &str,
@@ -973,9 +997,8 @@ impl Core {
         if result.is_ok() {
             self.event(
                 Some(run_id),
-                EventKind::OperatorAction,
                 Some(who),
-                json!({ "control": control }),
+                EventDetail::OperatorAction { control },
             );
         }
         result
@@ -995,7 +1018,7 @@ impl Core {
         policy::check(who, Permission::TriggerEStop)?;
         let reason = format!("emergency stop by {}", who.name);
         self.stop_everything(&reason);
-        self.event(None, EventKind::EstopTriggered, Some(who), json!({}));
+        self.event(None, Some(who), EventDetail::EstopTriggered {});
         // Acknowledged only once the latch is on disk: a restart finds it latched.
         self.record_latch(true, Some(reason), who)
             .await
@@ -1074,9 +1097,8 @@ impl Core {
         let was = self.estop.acknowledge();
         self.event(
             None,
-            EventKind::EstopAcknowledged,
             Some(who),
-            json!({ "was_latched": was }),
+            EventDetail::EstopAcknowledged { was_latched: was },
         );
         Ok(())
     }
@@ -1094,9 +1116,10 @@ impl Core {
                 // Kept by the writer and committed once the journal works again.
                 self.event(
                     None,
-                    EventKind::JournalFailed,
                     None,
-                    json!({ "reason": reason }),
+                    EventDetail::JournalFailed {
+                        reason: reason.clone(),
+                    },
                 );
                 self.journal.append(Record::EStopLatch {
                     latched: true,
@@ -1110,9 +1133,10 @@ impl Core {
                     tracing::warn!(was = %reason, "the journal commits again; the emergency stop stays latched until a technician acknowledges it");
                     self.event(
                         None,
-                        EventKind::JournalRecovered,
                         None,
-                        json!({ "was": reason }),
+                        EventDetail::JournalRecovered {
+                            was: reason.clone(),
+                        },
                     );
                 }
             }
@@ -1166,9 +1190,12 @@ impl Core {
                 .push("awaiting approval when the controller restarted".into());
             self.event(
                 Some(&row.run_id),
-                EventKind::ApprovalRestored,
                 None,
-                json!({ "because": report.approval_required_because, "estimated_duration_s": dry.estimated_duration_s, "problems": dry.problems }),
+                EventDetail::ApprovalRestored {
+                    because: report.approval_required_because.clone(),
+                    estimated_duration_s: dry.estimated_duration_s,
+                    problems: dry.problems.clone(),
+                },
             );
             let entry = RunEntry::new(
                 row.run_id.clone(),
@@ -1199,9 +1226,11 @@ impl Core {
             self.safe_state_of_run(&id);
             self.event(
                 Some(&id),
-                EventKind::PlannerLost,
                 None,
-                json!({ "planner_id": planner_id, "action": "safe hold" }),
+                EventDetail::PlannerLost {
+                    planner_id: planner_id.to_owned(),
+                    action: "safe hold".into(),
+                },
             );
         }
     }
@@ -1210,9 +1239,13 @@ impl Core {
         if let Some(o) = self.overrides.get(&trip.interlock) {
             self.event(
                 None,
-                EventKind::InterlockOverridden,
                 None,
-                json!({ "interlock": trip.interlock, "reason": trip.reason, "override_by": o.by, "until_ms": o.until_ms }),
+                EventDetail::InterlockOverridden {
+                    interlock: trip.interlock.clone(),
+                    reason: trip.reason.clone(),
+                    override_by: o.by.clone(),
+                    until_ms: o.until_ms,
+                },
             );
             self.tripped.insert(trip.interlock.clone(), trip);
             return;
@@ -1248,16 +1281,28 @@ impl Core {
         }
         self.event(
             None,
-            EventKind::Interlock,
             None,
-            json!({ "interlock": trip.interlock, "reason": trip.reason, "action": trip.action, "safe_state": trip.safe_state, "runs": affected, "again": again }),
+            EventDetail::Interlock(InterlockTrip {
+                interlock: trip.interlock.clone(),
+                reason: trip.reason.clone(),
+                action: Some(trip.action),
+                safe_state: Some(trip.safe_state.clone()),
+                runs: Some(affected.iter().cloned().collect()),
+                again: Some(again),
+            }),
         );
         for id in affected {
             self.event(
                 Some(&id),
-                EventKind::Interlock,
                 None,
-                json!({ "interlock": trip.interlock, "reason": trip.reason }),
+                EventDetail::Interlock(InterlockTrip {
+                    interlock: trip.interlock.clone(),
+                    reason: trip.reason.clone(),
+                    action: None,
+                    safe_state: None,
+                    runs: None,
+                    again: None,
+                }),
             );
             if trip.action == TripAction::Fail {
                 self.set_state(
@@ -1280,9 +1325,10 @@ impl Core {
         if self.tripped.remove(interlock).is_some() {
             self.event(
                 None,
-                EventKind::InterlockCleared,
                 None,
-                json!({ "interlock": interlock }),
+                EventDetail::InterlockCleared {
+                    interlock: interlock.to_owned(),
+                },
             );
             self.start_queued();
         }
@@ -1336,9 +1382,13 @@ impl Core {
         tracing::warn!(interlock, by = %who.name, reason, seconds = duration.as_secs_f64(), "interlock overridden");
         self.event(
             None,
-            EventKind::InterlockOverride,
             Some(who),
-            json!({ "interlock": interlock, "because": reason, "condition": trip_reason, "until_ms": until_ms }),
+            EventDetail::InterlockOverride {
+                interlock: interlock.to_owned(),
+                because: reason.to_owned(),
+                condition: trip_reason.clone(),
+                until_ms,
+            },
         );
         self.overrides.insert(
             interlock.to_owned(),
@@ -1403,9 +1453,11 @@ impl Core {
         });
         self.event(
             None,
-            EventKind::InterlockOverrideEnded,
             None,
-            json!({ "interlock": interlock, "why": why }),
+            EventDetail::InterlockOverrideEnded {
+                interlock: interlock.to_owned(),
+                why: why.to_owned(),
+            },
         );
     }
 
@@ -1418,9 +1470,13 @@ impl Core {
             let left = Duration::from_millis(u64::try_from(o.until_ms - now).unwrap_or(0));
             self.event(
                 None,
-                EventKind::InterlockOverrideRestored,
                 None,
-                json!({ "interlock": o.interlock, "by": o.actor, "because": o.reason, "until_ms": o.until_ms }),
+                EventDetail::InterlockOverrideRestored {
+                    interlock: o.interlock.clone(),
+                    by: o.actor.clone(),
+                    because: o.reason.clone(),
+                    until_ms: o.until_ms,
+                },
             );
             self.overrides.insert(
                 o.interlock,
@@ -1590,7 +1646,7 @@ impl Core {
                 run.task = Some(task);
                 run.results = Some(results);
             }
-            self.event(Some(&id), EventKind::Started, None, json!({}));
+            self.event(Some(&id), None, EventDetail::Started {});
             self.set_state(&id, RunState::Running, None);
         }
     }
@@ -1622,16 +1678,15 @@ impl Core {
                 tracing::error!(instrument = %id, "could not confirm the safe state at shutdown");
             }
         }
-        self.event(None, EventKind::ControllerStopped, None, json!({}));
+        self.event(None, None, EventDetail::ControllerStopped {});
         // Make sure everything above is on disk before the process exits.
         let _ = self
             .journal
             .append_durable(Record::Event {
                 run_id: None,
-                kind: EventKind::JournalClosed,
                 step: None,
                 actor: None,
-                detail: json!({}),
+                detail: EventDetail::JournalClosed {},
                 at_ms: now_ms(),
             })
             .await;
@@ -1656,13 +1711,13 @@ fn mirror_of(run: &RunEntry) -> RunComponent {
 
 /// The `submitted` event's detail: the proposal, the digest of its exact bytes, and its provenance: the
 /// face it came through and, when the face knows it, the client program and the agent's declared model.
-fn submitted_detail(proposal_id: &str, sha: &str, principal: &Principal) -> serde_json::Value {
-    let mut detail =
-        json!({ "proposal_id": proposal_id, "protocol_sha256": sha, "via": principal.via });
-    if let Some(client) = &principal.client {
-        detail["client"] = json!(client);
+fn submitted_detail(proposal_id: &str, sha: &str, principal: &Principal) -> EventDetail {
+    EventDetail::Submitted {
+        proposal_id: proposal_id.to_owned(),
+        protocol_sha256: sha.to_owned(),
+        via: principal.via,
+        client: principal.client.clone(),
     }
-    detail
 }
 
 /// How the journal names who did something.

@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use crate::api::Control;
-use crate::contract::EventKind;
+use crate::contract::EventDetail;
 use crate::instruments::InstrumentHandle;
 use crate::journal::{JournalHandle, Record, now_ms};
 
@@ -138,10 +138,9 @@ impl RunContext {
         }
     }
 
-    fn event(&self, kind: EventKind, step: &str, detail: serde_json::Value) {
+    fn event(&self, step: &str, detail: EventDetail) {
         self.journal.append(Record::Event {
             run_id: Some(self.run_id.clone()),
-            kind,
             step: Some(step.to_owned()),
             actor: None,
             detail,
@@ -269,15 +268,17 @@ impl RunContext {
                 match outcome {
                     // Leaf commands journal their own intent and outcome; blocks say when they end.
                     Ok(()) if is_block(step) => {
-                        self.event(EventKind::StepFinished, &step_path, json!({}))
+                        self.event(&step_path, EventDetail::StepFinished {})
                     }
                     Ok(()) => {}
                     Err(StepError::Aborted(r)) => return Err(StepError::Aborted(r)),
                     Err(StepError::Failed(reason)) => {
                         self.event(
-                            EventKind::StepFailed,
                             &step_path,
-                            json!({ "reason": reason, "on_error": step.on_error() }),
+                            EventDetail::StepFailed {
+                                reason: reason.clone(),
+                                on_error: step.on_error(),
+                            },
                         );
                         // An emergency stop ends the run as aborted, whatever the step's policy.
                         if self.estop.is_latched() {
@@ -296,11 +297,9 @@ impl RunContext {
                         }
                         match step.on_error() {
                             OnError::Fail => return Err(StepError::Failed(reason)),
-                            OnError::Skip => self.event(
-                                EventKind::StepSkipped,
-                                &step_path,
-                                json!({ "reason": reason }),
-                            ),
+                            OnError::Skip => {
+                                self.event(&step_path, EventDetail::StepSkipped { reason })
+                            }
                             OnError::Pause => self.hold_after_failure(reason).await?,
                         }
                     }
@@ -329,9 +328,10 @@ impl RunContext {
     ) -> Result<(), StepError> {
         if is_block(step) {
             self.event(
-                EventKind::StepStarted,
                 &path,
-                json!({ "type": step.type_name() }),
+                EventDetail::StepStarted {
+                    step_type: step.type_name().to_owned(),
+                },
             );
         }
         match step {
@@ -521,9 +521,11 @@ impl RunContext {
         match handle.execute_in_epoch(cmd, armed.epoch(instrument)).await {
             Ok(outcome) => {
                 self.event(
-                    EventKind::CommandDone,
                     step,
-                    json!({ "instrument": instrument, "outcome": outcome_summary(&outcome) }),
+                    EventDetail::CommandDone {
+                        instrument: instrument.to_owned(),
+                        outcome: outcome_summary(&outcome),
+                    },
                 );
                 Ok(outcome)
             }

@@ -140,3 +140,12 @@ impl std::fmt::Display for Finding {
         Ok(())
     }
 }
+
+/// One conflict the dry run found on the simulation model, located by a JSON pointer into the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DryRunProblem {
+    /// JSON pointer of the step (or labware entry), e.g. `/steps/3` or `/steps/2/branches/0/1`.
+    pub path: String,
+    /// What would go wrong, in words for whoever approves the run.
+    pub message: String,
+}

@@ -65,14 +65,9 @@ pub struct DryRunReport {
     pub notes: Vec<String>,
 }
 
-/// One conflict, located by a JSON pointer into the protocol.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DryRunProblem {
-    /// JSON pointer of the step (or labware entry), e.g. `/steps/3` or `/steps/2/branches/0/1`.
-    pub path: String,
-    /// What would go wrong, in words for whoever approves the run.
-    pub message: String,
-}
+/// One conflict, located by a JSON pointer into the protocol (defined with the findings, so the journal's
+/// typed events carry it too).
+pub use labctl_protocols::finding::DryRunProblem;
 
 /// Dry-runs `protocol` in `lab` on a fresh physical model seeded with `seed`.
 ///

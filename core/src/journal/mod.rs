@@ -16,7 +16,7 @@ use rusqlite::{Connection, params};
 use serde::Serialize;
 use tokio::sync::{broadcast, oneshot};
 
-use crate::contract::{Decision, EventKind, RunState};
+use crate::contract::{Decision, EventDetail, EventKind, RunState};
 use crate::instruments::DeviceCommand;
 
 pub const DB_FILE: &str = "journal.sqlite";
@@ -111,13 +111,12 @@ pub enum Record {
         decision: Decision,
         at_ms: i64,
     },
-    /// Step outcomes, operator actions, interlocks, e-stops.
+    /// Step outcomes, operator actions, interlocks, e-stops: the kind is the detail's.
     Event {
         run_id: Option<String>,
-        kind: EventKind,
         step: Option<String>,
         actor: Option<String>,
-        detail: serde_json::Value,
+        detail: EventDetail,
         at_ms: i64,
     },
     /// The emergency-stop latch, kept in the `safety` table and restored at start.
@@ -291,17 +290,16 @@ impl Record {
             }),
             Record::Event {
                 run_id,
-                kind,
                 step,
                 actor,
                 detail,
                 at_ms,
             } => Some(EventRow {
                 run_id: run_id.as_deref(),
-                kind: *kind,
+                kind: detail.kind(),
                 step: step.as_deref(),
                 actor: actor.as_deref(),
-                detail: Cow::Borrowed(detail),
+                detail: Cow::Owned(detail.to_json()),
                 at_ms: *at_ms,
             }),
             Record::RunCreated(_)

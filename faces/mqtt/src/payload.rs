@@ -10,7 +10,7 @@ use labctl_core::api::Control;
 use labctl_core::contract::messages::{
     EStopState, LabStatus, Presence, RunEvent, RunResult, RunStatus,
 };
-use labctl_core::contract::{self, EventKind, RunState};
+use labctl_core::contract::{self, RunState};
 use labctl_core::journal::Record;
 
 /// Largest payload accepted on any inbound topic (a protocol with thousands of steps fits easily).
@@ -496,12 +496,11 @@ impl RunContext {
             }
             Record::Event {
                 run_id: Some(run_id),
-                kind: EventKind::DryRun,
-                detail,
+                detail: detail @ contract::EventDetail::DryRun { .. },
                 ..
             } => {
                 if let Some(approval) = self.approval_of(run_id) {
-                    approval.insert("dry_run".into(), detail.clone());
+                    approval.insert("dry_run".into(), detail.to_json());
                 }
             }
             Record::Approval {
@@ -654,12 +653,11 @@ mod tests {
 
     #[test]
     fn latch_changes_become_the_retained_estop_state_and_other_lab_events_do_not() {
-        let event = |kind: EventKind, actor: Option<&str>| Record::Event {
+        let event = |detail: contract::EventDetail, actor: Option<&str>| Record::Event {
             run_id: None,
-            kind,
             step: None,
             actor: actor.map(str::to_owned),
-            detail: json!({}),
+            detail,
             at_ms: 1_700_000_000_123,
         };
         let latch = |latched: bool, actor: &str| Record::EStopLatch {
@@ -680,13 +678,29 @@ mod tests {
         };
         assert!(!state.latched);
         assert_eq!(state.by.as_deref(), Some("bob"));
-        for kind in [
-            EventKind::ControllerStarted,
-            EventKind::InstrumentSafe,
-            EventKind::Interlock,
-            EventKind::EstopTriggered,
+        for detail in [
+            contract::EventDetail::ControllerStarted {
+                version: "0".into(),
+                lab_id: "sim".into(),
+                lab_sha256: "x".into(),
+                interrupted_runs: Vec::new(),
+            },
+            contract::EventDetail::InstrumentSafe {
+                instrument: "hotplate".into(),
+                confirmed: true,
+            },
+            contract::EventDetail::Interlock(contract::InterlockTrip {
+                interlock: "hot".into(),
+                reason: "131 C".into(),
+                action: None,
+                safe_state: None,
+                runs: None,
+                again: None,
+            }),
+            contract::EventDetail::EstopTriggered {},
         ] {
-            assert!(from_record(&event(kind, None), None).is_none(), "{kind}");
+            let kind = detail.kind();
+            assert!(from_record(&event(detail, None), None).is_none(), "{kind}");
         }
     }
 
@@ -752,18 +766,18 @@ mod tests {
             submitted_at_ms: 5,
         });
         ctx.observe(&created);
-        let event = |kind: EventKind, detail: Value| Record::Event {
+        ctx.observe(&Record::Event {
             run_id: Some("r1".into()),
-            kind,
             step: None,
             actor: None,
-            detail,
+            detail: contract::EventDetail::DryRun {
+                estimated_duration_s: 4000.0,
+                problems: Vec::new(),
+                notes: Vec::new(),
+                steps_simulated: 1,
+            },
             at_ms: 6,
-        };
-        ctx.observe(&event(
-            EventKind::DryRun,
-            json!({"estimated_duration_s": 4000.0, "problems": []}),
-        ));
+        });
         ctx.observe(&Record::Approval {
             run_id: "r1".into(),
             actor: None,

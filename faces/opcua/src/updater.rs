@@ -15,7 +15,7 @@ use super::devices;
 use super::names;
 use super::node_manager::LabNodeManager;
 use labctl_core::api::{ControllerHandle, RunInfo};
-use labctl_core::contract::EventKind;
+use labctl_core::contract::EventDetail;
 use labctl_core::instruments::{Connection, InstrumentView};
 use labctl_core::instruments::{DeviceCommand, DeviceState};
 use labctl_core::journal::Record;
@@ -343,7 +343,7 @@ impl Updater {
             }
             Record::Event {
                 run_id,
-                kind: EventKind::CommandDone,
+                detail: EventDetail::CommandDone { .. },
                 step,
                 ..
             } => {
