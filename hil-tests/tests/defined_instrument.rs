@@ -391,3 +391,98 @@ fn an_emergency_stop_makes_defined_instruments_safe_and_a_run_after_the_acknowle
     assert_eq!(end.state, "completed", "{end:?}\n{}", labctl.log_tail());
     bench.assert_wire_inside_envelope();
 }
+
+/// `kill -9` in the middle of a run on defined instruments: the restarted controller makes both safe
+/// from their definitions before anything else (the stirrer's heater and motor off, the flow at 0), marks
+/// the run interrupted and never resumes it (no setpoint of it reaches the wire again), and the next run
+/// on them completes.
+#[test]
+fn after_kill_9_mid_run_defined_instruments_are_made_safe_and_the_run_is_not_resumed() {
+    let bench = Bench::start(&rig(), "defined_instrument_kill");
+    let labctl = bench.labctl_listening(&[]);
+    let mut port = bench.technician(&labctl);
+    let sim = bench.sim.as_ref().expect("the sim rig");
+    let slow = protocol(
+        serde_json::json!([
+            { "type": "action", "instrument": "mfc", "action": "set_flow", "params": { "flow_ln_per_min": 3.0 } },
+            { "type": "action", "instrument": "stirrer", "action": "set_temperature", "params": { "temperature_c": 55.0 } },
+            { "type": "wait", "duration_s": 120 },
+            { "type": "action", "instrument": "mfc", "action": "set_flow", "params": { "flow_ln_per_min": 4.5 } }
+        ]),
+        "defined-kill-slow",
+    );
+    let run = port.submit(&slow).expect("accepted");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !sim
+        .transcript("stirrer")
+        .windows(b"START_1".len())
+        .any(|w| w == b"START_1")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stirrer never started heating: {:?}\n{}",
+            port.run_state(&run),
+            labctl.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stirrer_before = sim.transcript("stirrer").len();
+    let flows_before = bench
+        .wire_report()
+        .expect("sim rig")
+        .sent("mfc", "flow_ln_per_min")
+        .len();
+    drop(port);
+    labctl.kill();
+
+    let labctl = bench.labctl_listening(&[]);
+    let mut port = bench.technician(&labctl);
+    // Made safe by the restarted controller, from the definitions' safe-state sequences.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stirrer = sim.transcript("stirrer");
+        let after =
+            String::from_utf8_lossy(&stirrer[stirrer_before.min(stirrer.len())..]).into_owned();
+        let wire = bench.wire_report().expect("sim rig");
+        let flows = wire.sent("mfc", "flow_ln_per_min");
+        let stopped = flows[flows_before.min(flows.len())..].contains(&0.0);
+        if after.contains("STOP_1\r\nSTOP_4\r\n") && stopped {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted controller did not make the defined instruments safe: stirrer {after:?}, \
+             mfc {flows:?}\n{}",
+            labctl.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        bench.journal_state(&run).as_deref(),
+        Some("interrupted"),
+        "the killed run is interrupted in the journal"
+    );
+    let state = port.run_state(&run);
+    assert!(state.is_final(), "the killed run is not resumed: {state:?}");
+    let again = protocol(
+        serde_json::json!([
+            { "type": "action", "instrument": "mfc", "action": "set_flow", "params": { "flow_ln_per_min": 1.0 } },
+            { "type": "action", "instrument": "stirrer", "action": "set_temperature", "params": { "temperature_c": 30.0 } },
+            { "type": "action", "instrument": "stirrer", "action": "heater_off", "params": {} },
+            { "type": "action", "instrument": "mfc", "action": "stop_flow", "params": {} }
+        ]),
+        "defined-after-kill",
+    );
+    let run = port.submit(&again).expect("accepted after the restart");
+    let end = port.wait_run(&run, Duration::from_secs(60), "an end", |s| s.is_final());
+    assert_eq!(end.state, "completed", "{end:?}\n{}", labctl.log_tail());
+    // Had the killed run been resumed, it would have held the mfc until its last step (4.5 ln/min) and
+    // this run would have waited behind it: its last setpoint is not on the wire.
+    let wire = bench.wire_report().expect("sim rig");
+    let flows = wire.sent("mfc", "flow_ln_per_min");
+    assert!(
+        !flows.contains(&4.5),
+        "a setpoint of the killed run reached the wire after the restart: {flows:?}"
+    );
+    bench.assert_wire_inside_envelope();
+}
