@@ -10,7 +10,8 @@ use std::process::Command;
 const ALLOWED: &[(&str, &[&str])] = &[
     ("labctl-clock", &[]),
     ("labctl-codecs", &[]),
-    ("labctl-protocols", &[]),
+    // The protocol language reads instrument definitions, whose line framing is the codecs' (pure both).
+    ("labctl-protocols", &["labctl-codecs"]),
     ("labctl-contract", &["labctl-protocols"]),
     ("labctl-transport", &["labctl-protocols"]),
     (

@@ -9,6 +9,7 @@
 //!
 //! May depend on: nothing of labctl, and no async runtime (the simulators and the fuzzers link this alone).
 
+pub mod ascii_frame;
 pub mod fixed_point;
 pub mod grbl;
 pub mod modbus;

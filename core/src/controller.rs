@@ -1287,7 +1287,7 @@ impl Core {
                 reason: trip.reason.clone(),
                 action: Some(trip.action),
                 safe_state: Some(trip.safe_state.clone()),
-                runs: Some(affected.iter().cloned().collect()),
+                runs: Some(affected.to_vec()),
                 again: Some(again),
             }),
         );

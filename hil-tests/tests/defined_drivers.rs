@@ -13,6 +13,8 @@ use labctl_protocols::Lab;
 use labctl_protocols::lab::SIM_LAB_TOML;
 use labctl_simulators::model::FaultConfig;
 
+use labctl_codecs::ascii_frame::{AsciiFraming, Check};
+
 const WARP: f64 = 20.0;
 
 /// The simulated lab plus three defined instruments; the TCP flow controller's definition is the RTU one
@@ -27,6 +29,26 @@ fn lab() -> Lab {
     std::fs::create_dir_all(&dir).unwrap();
     let tcp_path = dir.join("bronkhorst-tcp.toml");
     std::fs::write(&tcp_path, tcp).unwrap();
+    // The hotplate's definition with its lines framed: STX/ETX and an XOR checksum before CR LF, and
+    // STX/ETX with a CRC-16 and no terminator at all (ETX ends a frame).
+    let ika = std::fs::read_to_string(workspace().join("instruments/ika-rct-digital.toml"))
+        .expect("the shipped IKA definition");
+    let line = "terminator_in = \"\\r\\n\"\n";
+    assert!(ika.contains(line), "the IKA definition's reply terminator");
+    let xor = ika.replace(line, &format!("{line}stx_etx = true\nchecksum = \"xor\"\n"));
+    let crc = ika
+        .replace(
+            line,
+            "terminator_in = \"\"\nstx_etx = true\nchecksum = \"crc16_modbus\"\n",
+        )
+        .replace("terminator_out = \"\\r\\n\"", "terminator_out = \"\"");
+    assert!(
+        crc.contains("terminator_out = \"\"\n"),
+        "the IKA definition's command terminator"
+    );
+    let (xor_path, crc_path) = (dir.join("ika-xor.toml"), dir.join("ika-crc.toml"));
+    std::fs::write(&xor_path, xor).unwrap();
+    std::fs::write(&crc_path, crc).unwrap();
     let extra = format!(
         r#"
 [[instruments]]
@@ -60,8 +82,26 @@ driver = "definition"
 definition = "{}"
 transport = {{ type = "simulated" }}
 envelope = {{ flow_ln_per_min = [0, 5] }}
+
+[[instruments]]
+id = "stirrer-xor"
+kind = "defined"
+driver = "definition"
+definition = "{}"
+transport = {{ type = "simulated" }}
+envelope = {{ temperature_c = [15, 80], speed_rpm = [0, 1000] }}
+
+[[instruments]]
+id = "stirrer-crc"
+kind = "defined"
+driver = "definition"
+definition = "{}"
+transport = {{ type = "simulated" }}
+envelope = {{ temperature_c = [15, 80], speed_rpm = [0, 1000] }}
 "#,
-        tcp_path.display()
+        tcp_path.display(),
+        xor_path.display(),
+        crc_path.display()
     );
     Lab::from_toml_str_in(
         &format!("{SIM_LAB_TOML}\n{extra}"),
@@ -103,11 +143,45 @@ fn reading(outcome: Outcome) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ascii_definition_drives_its_simulator_over_a_pty() {
+    an_ascii_hotplate_heats_reads_and_goes_safe("stirrer", AsciiFraming::PLAIN, b"\r\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stx_etx_framing_with_an_xor_checksum_drives_its_simulator_over_a_pty() {
+    let framing = AsciiFraming {
+        stx_etx: true,
+        check: Check::Xor,
+    };
+    an_ascii_hotplate_heats_reads_and_goes_safe("stirrer-xor", framing, b"\r\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stx_etx_frames_with_a_crc_and_no_terminator_drive_their_simulator_over_a_pty() {
+    let framing = AsciiFraming {
+        stx_etx: true,
+        check: Check::Crc16Modbus,
+    };
+    an_ascii_hotplate_heats_reads_and_goes_safe("stirrer-crc", framing, b"").await;
+}
+
+/// The IKA hotplate's definition (as shipped, or with its lines framed): identity, telemetry, a setpoint
+/// reached in simulated time, a read, and the safe state; the bytes on the wire are the manual's commands
+/// in the definition's framing (checked against an independent framing of the same text).
+async fn an_ascii_hotplate_heats_reads_and_goes_safe(
+    id: &str,
+    framing: AsciiFraming,
+    terminator: &[u8],
+) {
+    let frame = |text: &str| {
+        let mut bytes = framing.wrap(text.as_bytes());
+        bytes.extend_from_slice(terminator);
+        bytes
+    };
     let mut rig = rig().await;
-    let mut stirrer = rig.driver("stirrer");
-    let id = ok("start", step("start", stirrer.start()).await);
+    let mut stirrer = rig.driver(id);
+    let identity = ok("start", step("start", stirrer.start()).await);
     assert_eq!(
-        (id.model.as_str(), id.firmware.as_str()),
+        (identity.model.as_str(), identity.firmware.as_str()),
         ("RCT digital", "1.10")
     );
     let t = ok("poll", step("poll", stirrer.poll()).await);
@@ -136,16 +210,19 @@ async fn the_ascii_definition_drives_its_simulator_over_a_pty() {
     assert!((now - 40.0).abs() <= 1.5, "{now}");
     ok("safe", step("safe", stirrer.safe_state()).await);
     // The last command may still be crossing the line (wire timing) when the driver returns.
+    let safe = [frame("STOP_1"), frame("STOP_4")].concat();
+    let set = [frame("OUT_SP_1 40.0"), frame("START_1")].concat();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let sent = loop {
-        let sent = String::from_utf8_lossy(&rig.sim.transcript("stirrer")).into_owned();
-        if sent.ends_with("STOP_1\r\nSTOP_4\r\n") || tokio::time::Instant::now() >= deadline {
+        let sent = rig.sim.transcript(id);
+        if sent.ends_with(&safe) || tokio::time::Instant::now() >= deadline {
             break sent;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert!(sent.contains("OUT_SP_1 40.0\r\nSTART_1\r\n"), "{sent:?}");
-    assert!(sent.ends_with("STOP_1\r\nSTOP_4\r\n"), "{sent:?}");
+    let shown = String::from_utf8_lossy(&sent).into_owned();
+    assert!(sent.windows(set.len()).any(|w| w == set), "{shown:?}");
+    assert!(sent.ends_with(&safe), "{shown:?}");
     stirrer.stop().await;
     rig.shutdown().await;
 }

@@ -8,6 +8,7 @@
 //! a parameter that does not exist, a range without a unit, a missing safe state) with a finding that names
 //! the field by its JSON pointer, like the protocol validator's.
 
+use labctl_codecs::ascii_frame::{AsciiFraming, Check};
 use std::collections::BTreeSet;
 
 use regex::Regex;
@@ -128,6 +129,21 @@ pub struct LineSettings {
     pub stx_etx: bool,
     #[serde(default)]
     pub checksum: Checksum,
+}
+
+impl LineSettings {
+    /// The framing the wire codec applies: STX/ETX and the checksum (docs/instrument-definitions.md).
+    pub fn framing(&self) -> AsciiFraming {
+        AsciiFraming {
+            stx_etx: self.stx_etx,
+            check: match self.checksum {
+                Checksum::None => Check::None,
+                Checksum::Sum8 => Check::Sum8,
+                Checksum::Xor => Check::Xor,
+                Checksum::Crc16Modbus => Check::Crc16Modbus,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use labctl_codecs::MAX_LINE;
+use labctl_codecs::ascii_frame::{AsciiFraming, ETX};
 use labctl_protocols::instrument_def::{ActionSpec, InstrumentDefinition, sample_identity};
 use labctl_protocols::pattern_text::{write, write_number};
 use rand::rngs::SmallRng;
@@ -102,6 +103,8 @@ pub struct DefinedDevice {
     values: Vec<Value>,
     commands: Vec<Understood>,
     terminator: Vec<u8>,
+    /// STX/ETX and the checksum, as the definition declares them.
+    framing: AsciiFraming,
     rx: Vec<u8>,
     rng: SmallRng,
 }
@@ -181,6 +184,7 @@ impl DefinedDevice {
                 stop_bits: line.stop_bits,
             },
             terminator: line.terminator_in.as_bytes().to_vec(),
+            framing: line.framing(),
             instruments: [id],
             identity,
             values,
@@ -192,7 +196,7 @@ impl DefinedDevice {
     }
 
     fn answer(&mut self, ctx: &mut Ctx<'_>, text: &str) {
-        let mut bytes = text.as_bytes().to_vec();
+        let mut bytes = self.framing.wrap(text.as_bytes());
         bytes.extend_from_slice(&self.terminator);
         ctx.emit(0, bytes);
     }
@@ -257,10 +261,24 @@ impl Device for DefinedDevice {
     }
 
     fn receive(&mut self, ctx: &mut Ctx<'_>, bytes: &[u8]) {
+        let stx_etx = self.framing.stx_etx;
         for &b in bytes {
-            if b == b'\r' || b == b'\n' {
-                if !self.rx.is_empty() {
-                    let line = String::from_utf8_lossy(&std::mem::take(&mut self.rx)).into_owned();
+            let terminator = b == b'\r' || b == b'\n';
+            // With STX/ETX a frame ends at ETX; line terminators between frames are ignored.
+            let ends = if stx_etx { b == ETX } else { terminator };
+            if stx_etx && terminator && self.rx.is_empty() {
+                continue;
+            }
+            if ends {
+                if stx_etx {
+                    self.rx.push(b);
+                }
+                let frame = std::mem::take(&mut self.rx);
+                // A frame with a bad checksum or framing is garbage: the instrument ignores it.
+                if let Ok(payload) = self.framing.unwrap(&frame)
+                    && !payload.is_empty()
+                {
+                    let line = String::from_utf8_lossy(payload).into_owned();
                     self.execute(ctx, &line);
                 }
             } else if self.rx.len() < MAX_LINE {

@@ -6,13 +6,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use labctl_protocols::instrument_def::{ActionSpec, Checksum, InstrumentDefinition};
+use labctl_codecs::DecodeError;
+use labctl_codecs::ascii_frame::{AsciiFraming, etx_frame_len};
+use labctl_protocols::instrument_def::{ActionSpec, InstrumentDefinition};
 use regex::Regex;
 use tokio::time::Instant;
 
 use super::Wire;
 use crate::error::DriverError;
-use crate::port::{PortHandle, Transaction, Verdict, frame_line_or_cr};
+use crate::port::{Framer, PortHandle, Transaction, Verdict, frame_line_or_cr};
 use crate::roles::{Link, retries};
 
 /// Longest reply a definition's instrument is expected to print (the port's line limit applies too).
@@ -44,11 +46,15 @@ pub struct LineWire {
     timeout: Duration,
     delay: Duration,
     last_sent: Option<Instant>,
+    /// STX/ETX and the checksum, as the definition declares them.
+    framing: AsciiFraming,
+    /// How replies are split: at the line terminator, or at ETX when there is none.
+    framer: Framer,
 }
 
 impl LineWire {
-    /// The wire for `definition` on `port`; refuses a definition it cannot speak (Modbus, STX/ETX
-    /// framing or a checksum: not yet; replies not ended by CR, LF or CR LF), naming what.
+    /// The wire for `definition` on `port`; refuses a definition it cannot speak (Modbus; replies not ended
+    /// by CR, LF, CR LF or, with STX/ETX framing, ETX), naming what.
     pub fn new(
         id: &str,
         port: PortHandle,
@@ -58,23 +64,17 @@ impl LineWire {
             instrument: id.to_owned(),
             what: what.to_owned(),
             found,
-            supported: "ASCII lines ended by CR, LF or CR LF, without STX/ETX or checksum".into(),
+            supported: "ASCII lines ended by CR, LF or CR LF, or STX/ETX frames".into(),
         };
         let Some(line) = &definition.line else {
             return Err(unsupported("transport", "modbus".into()));
         };
-        if line.stx_etx {
-            return Err(unsupported("framing", "stx_etx".into()));
-        }
-        if line.checksum != Checksum::None {
-            return Err(unsupported("checksum", format!("{:?}", line.checksum)));
-        }
-        if !matches!(line.terminator_in.as_str(), "\r" | "\n" | "\r\n") {
-            return Err(unsupported(
-                "reply terminator",
-                format!("{:?}", line.terminator_in),
-            ));
-        }
+        let framer: Framer = match line.terminator_in.as_str() {
+            "\r" | "\n" | "\r\n" => frame_line_or_cr,
+            "" if line.stx_etx => frame_at_etx,
+            other => return Err(unsupported("reply terminator", other.to_owned())),
+        };
+        let framing = line.framing();
         let compile = |what: &str, pattern: &str| {
             Regex::new(pattern).map_err(|e| unsupported(what, e.to_string()))
         };
@@ -117,6 +117,8 @@ impl LineWire {
             readings,
             replies,
             last_sent: None,
+            framing,
+            framer,
         })
     }
 
@@ -132,7 +134,7 @@ impl LineWire {
     }
 
     fn request(&self, command: &str) -> Vec<u8> {
-        let mut bytes = command.as_bytes().to_vec();
+        let mut bytes = self.framing.wrap(command.as_bytes());
         bytes.extend_from_slice(self.definition.terminator_out().as_bytes());
         bytes
     }
@@ -147,18 +149,22 @@ impl LineWire {
         self.pace().await;
         let bytes = self.request(command);
         let budget = self.link.budget(&bytes, MAX_REPLY, self.timeout);
-        let matcher = move |frame: &[u8]| {
-            if accept(reply_text(frame)) {
-                Verdict::Last
-            } else {
-                Verdict::Unrelated
-            }
+        let framing = self.framing;
+        let matcher = move |frame: &[u8]| match framing.unwrap(trim_terminator(frame)) {
+            Ok(payload) if accept(reply_text(payload)) => Verdict::Last,
+            Ok(_) => Verdict::Unrelated,
+            // A frame damaged on the line is this request's answer, refused below by name.
+            Err(_) => Verdict::Last,
         };
-        let t = Transaction::new(bytes, frame_line_or_cr, matcher)
+        let t = Transaction::new(bytes, self.framer, matcher)
             .timeout(budget)
             .retries(retries(retry));
         let frame = self.link.ask(t).await?;
-        Ok(reply_text(&frame).to_owned())
+        let payload = self
+            .framing
+            .unwrap(trim_terminator(&frame))
+            .map_err(|e| self.link.damaged(command, &frame, e.to_string()))?;
+        Ok(reply_text(payload).to_owned())
     }
 
     /// Sends a command the instrument does not answer.
@@ -167,16 +173,28 @@ impl LineWire {
         let bytes = self.request(command);
         let budget = self.link.budget(&bytes, 0, Duration::ZERO);
         self.link
-            .tell(Transaction::no_reply(bytes, frame_line_or_cr).timeout(budget))
+            .tell(Transaction::no_reply(bytes, self.framer).timeout(budget))
             .await
     }
 }
 
-/// A reply line without its terminator, as text (bytes that are not UTF-8 make it match nothing).
-fn reply_text(frame: &[u8]) -> &str {
-    std::str::from_utf8(frame)
-        .unwrap_or("\u{FFFD}")
-        .trim_end_matches(['\r', '\n'])
+/// A received frame without its line terminator.
+fn trim_terminator(frame: &[u8]) -> &[u8] {
+    let end = frame
+        .iter()
+        .rposition(|b| !matches!(b, b'\r' | b'\n'))
+        .map_or(0, |i| i + 1);
+    &frame[..end]
+}
+
+/// A reply's payload as text (bytes that are not UTF-8 make it match nothing).
+fn reply_text(payload: &[u8]) -> &str {
+    std::str::from_utf8(payload).unwrap_or("\u{FFFD}")
+}
+
+/// Splits STX/ETX frames that no line terminator follows: a frame ends at ETX.
+fn frame_at_etx(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
+    Ok(etx_frame_len(buf))
 }
 
 impl Wire for LineWire {

@@ -180,10 +180,58 @@ async fn safe_state_sends_the_whole_sequence_paced_by_the_inter_command_delay() 
 #[test]
 fn what_this_driver_cannot_speak_is_refused_by_name() {
     let (port, _device) = memory_port(None, PortConfig::default());
-    let text = IKA.replace(
-        "inter_command_delay_ms = 50",
-        "inter_command_delay_ms = 50\nchecksum = \"xor\"",
-    );
+    // A prompt character instead of a line end (some instruments answer `>`): not a line this wire splits.
+    let text = IKA.replace("terminator_in = \"\\r\\n\"", "terminator_in = \">\"");
+    assert_ne!(text, IKA);
     let err = LineWire::new("x", port, definition(&text)).unwrap_err();
-    assert!(err.to_string().contains("checksum"), "{err}");
+    assert!(
+        err.to_string().contains("reply terminator") && err.to_string().contains("\">\""),
+        "{err}"
+    );
+}
+
+/// The hotplate's lines framed with STX/ETX and an XOR checksum (bytes built by the codec, as the
+/// definition's framing says).
+fn framed(text: &str) -> Vec<u8> {
+    let framing = labctl_codecs::ascii_frame::AsciiFraming {
+        stx_etx: true,
+        check: labctl_codecs::ascii_frame::Check::Xor,
+    };
+    let mut bytes = framing.wrap(text.as_bytes());
+    bytes.extend_from_slice(b"\r\n");
+    bytes
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_framed_reply_with_a_wrong_checksum_is_refused_as_damaged_and_a_good_one_is_read() {
+    let text = IKA.replace(
+        "terminator_in = \"\\r\\n\"",
+        "terminator_in = \"\\r\\n\"\nstx_etx = true\nchecksum = \"xor\"",
+    );
+    assert_ne!(text, IKA);
+    let (mut d, mut device) = driver(&text, &[]);
+    let dev = tokio::spawn(async move {
+        let mut fake = Fake::accept(&mut device).await;
+        fake.reply(&framed("IN_NAME"), &framed("RCT digital")).await;
+        fake.reply(&framed("IN_VERSION"), &framed("1.10")).await;
+        // One payload byte changed on the line: its checksum no longer fits.
+        let mut damaged = framed("25.3 1");
+        damaged[3] ^= 0x01;
+        fake.reply(&framed("IN_PV_1"), &damaged).await;
+        fake.reply(&framed("IN_PV_1"), &framed("25.3 1")).await;
+    });
+    d.start().await.unwrap();
+    let read = DeviceCommand::Read {
+        quantity: "temperature_c".into(),
+    };
+    let err = d.execute(&read).await.unwrap_err();
+    assert!(
+        matches!(err, DriverError::DamagedReply { .. }) && err.to_string().contains("checksum"),
+        "{err}"
+    );
+    match d.execute(&read).await.unwrap() {
+        Outcome::Reading { value, .. } => assert_eq!(value, 25.3),
+        other => panic!("{other:?}"),
+    }
+    dev.await.unwrap();
 }
