@@ -36,6 +36,8 @@ pub enum Face {
     InProcess,
     /// The Model Context Protocol, for AI agents (streamable HTTP or `labctl mcp` over stdio).
     Mcp,
+    /// The technicians' console in the browser (`labctl run`, HTTP or HTTPS).
+    Web,
 }
 
 impl Face {
@@ -48,6 +50,7 @@ impl Face {
             Face::Cli => "cli",
             Face::InProcess => "in-process",
             Face::Mcp => "mcp",
+            Face::Web => "web",
         }
     }
 }
@@ -551,6 +554,7 @@ mod tests {
             serde_json::json!({"name": "claude-desktop", "version": "0.10.2"})
         );
         assert_eq!(Face::Mcp.to_string(), "mcp");
+        assert_eq!(Face::Web.to_string(), "web");
     }
 
     #[test]
