@@ -222,7 +222,7 @@ pub struct EventFilter {
     pub run_id: Option<String>,
     /// The instrument the event's detail names (`detail.instrument`).
     pub instrument: Option<String>,
-    /// Who acted (the user's name as every face records it).
+    /// Who acted: a user's name (matching the journal's `name (Role via face)`) or a whole actor string.
     pub actor: Option<String>,
     pub kind: Option<String>,
     /// Only events older than this sequence number (paging back).
@@ -247,7 +247,7 @@ pub fn events(
         "SELECT seq, at_ms, kind, step, actor, detail, run_id FROM events
          WHERE (?1 IS NULL OR run_id = ?1)
            AND (?2 IS NULL OR (json_valid(detail) AND json_extract(detail, '$.instrument') = ?2))
-           AND (?3 IS NULL OR actor = ?3)
+           AND (?3 IS NULL OR actor = ?3 OR substr(actor, 1, length(?3) + 2) = ?3 || ' (')
            AND (?4 IS NULL OR kind = ?4)
            AND (?5 IS NULL OR seq < ?5)
          ORDER BY seq DESC LIMIT ?6",

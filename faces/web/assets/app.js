@@ -239,25 +239,53 @@ function spark(values) {
   return svg('svg', { class: 'spark', viewBox: '0 0 80 22', preserveAspectRatio: 'none' }, svg('polyline', { points: pts }));
 }
 
+// Cards are built once and updated in place: a snapshot arrives several times a second.
+const cards = new Map();
+function instrumentCard(i) {
+  const c = {
+    conn: el('span', { class: 'badge' }), state: el('span', { class: 'badge' }),
+    ident: el('div', { class: 'identity' }), err: el('div', { class: 'error' }),
+    tbody: el('tbody', {}), rows: new Map(),
+  };
+  c.root = el('div', { class: 'card instrument', 'data-instrument': i.id, id: `instrument-${i.id}` },
+    el('h3', {}, i.id, el('span', {}, c.conn, ' ', c.state)), c.ident, c.err,
+    el('table', { class: 'values' }, c.tbody));
+  return c;
+}
+
 function renderLab() {
   const s = state.snapshot;
-  const box = $('#instruments');
   if (!s) return;
-  const cards = s.instruments.map((i) => {
+  const box = $('#instruments');
+  const ids = s.instruments.map((i) => i.id).join(' ');
+  if (ids !== renderLab.ids) {
+    cards.clear();
+    for (const i of s.instruments) cards.set(i.id, instrumentCard(i));
+    box.replaceChildren(...[...cards.values()].map((c) => c.root));
+    renderLab.ids = ids;
+  }
+  for (const i of s.instruments) {
+    const c = cards.get(i.id);
+    c.conn.textContent = i.connection;
+    c.conn.className = `badge ${i.connection}`;
+    c.state.textContent = i.state || '';
+    c.state.className = `badge ${i.state || ''}`;
+    c.state.hidden = !i.state;
     const id = i.identity;
-    const rows = i.values.map(([q, v]) => el('tr', { 'data-quantity': q },
-      el('td', {}, q.replace(/_(mm|ul|g|c|rpm|nm|au)$/i, '')),
-      el('td', { class: 'v' }, `${fmt(v)} ${state.units[`${i.id}/${q}`] || ''}`),
-      el('td', {}, spark(state.history[`${i.id}/${q}`]))));
-    return el('div', { class: 'card instrument', 'data-instrument': i.id, id: `instrument-${i.id}` },
-      el('h3', {}, i.id, el('span', {},
-        el('span', { class: `badge ${i.connection}` }, i.connection), ' ',
-        i.state ? el('span', { class: `badge ${i.state}` }, i.state) : null)),
-      el('div', { class: 'identity' }, id ? `${id.manufacturer} ${id.model} · s/n ${id.serial} · fw ${id.firmware}` : 'identity not read yet'),
-      i.detail || i.state_detail ? el('div', { class: 'error' }, i.detail || i.state_detail) : null,
-      el('table', { class: 'values' }, el('tbody', {}, rows)));
-  });
-  box.replaceChildren(...cards);
+    c.ident.textContent = id ? `${id.manufacturer} ${id.model} · s/n ${id.serial} · fw ${id.firmware}` : 'identity not read yet';
+    c.err.textContent = i.detail || i.state_detail || '';
+    c.err.hidden = !c.err.textContent;
+    for (const [q, v] of i.values) {
+      let row = c.rows.get(q);
+      if (!row) {
+        row = { value: el('td', { class: 'v' }), spark: el('td', {}) };
+        c.rows.set(q, row);
+        c.tbody.append(el('tr', { 'data-quantity': q }, el('td', {}, q.replace(/_(mm|ul|g|c|rpm|nm|au)$/i, '')), row.value, row.spark));
+      }
+      row.value.textContent = `${fmt(v)} ${state.units[`${i.id}/${q}`] || ''}`;
+      row.spark.replaceChildren(spark(state.history[`${i.id}/${q}`]));
+    }
+  }
 }
 
 async function refreshInterlocks() {
