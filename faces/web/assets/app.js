@@ -336,12 +336,14 @@ function pathPicture(ev) {
 const PUMP_COLOURS = { 'pump-red': '#d33', 'pump-yellow': '#e0b000', 'pump-blue': '#2a5bd7' };
 function volumePicture(ev) {
   if (!ev.volumes.length) return el('p', {}, 'nothing is dispensed');
-  const w = 60, gap = 30, h = 120;
-  const pic = svg('svg', { viewBox: `0 0 ${ev.volumes.length * (w + gap) + gap} ${h + 40}`, class: 'volumes', role: 'img', 'aria-label': 'volumes per vessel' });
+  const w = 50, gap = 110, h = 120;
+  const pic = svg('svg', { viewBox: `0 0 ${ev.volumes.length * (w + gap) + 20} ${h + 40}`, class: 'volumes', role: 'img', 'aria-label': 'volumes per vessel' });
   ev.volumes.forEach((v, i) => {
     const total = v.initial_ul + v.added_ul.reduce((a, [, ul]) => a + ul, 0);
-    const cap = v.capacity_ul || total || 1;
-    const x = gap + i * (w + gap);
+    // Drawn to the total, so small volumes in a large vial still show their proportions; the fill of
+    // the vial is in words below.
+    const cap = total || 1;
+    const x = 10 + i * (w + gap);
     pic.append(svg('rect', { x, y: 10, width: w, height: h, fill: '#fff', stroke: '#5b6575' }));
     let y = 10 + h;
     const layers = (v.initial_ul ? [['initial', v.initial_ul]] : []).concat(v.added_ul);
@@ -351,7 +353,13 @@ function volumePicture(ev) {
       pic.append(svg('rect', { x, y, width: w, height: lh, fill: PUMP_COLOURS[who] || '#8a94a6' }, svg('title', {}, `${who}: ${ul} uL`)));
     }
     pic.append(svg('text', { x: x + w / 2, y: h + 24, 'font-size': 10, 'text-anchor': 'middle' }, v.vessel));
-    pic.append(svg('text', { x: x + w / 2, y: h + 36, 'font-size': 9, 'text-anchor': 'middle', fill: '#5b6575' }, `${total} / ${v.capacity_ul || '?'} uL`));
+    pic.append(svg('text', { x: x + w / 2, y: h + 36, 'font-size': 9, 'text-anchor': 'middle', fill: '#5b6575' }, `${total} of ${v.capacity_ul || '?'} uL`));
+    let ly = 20;
+    for (const [who, ul] of layers) {
+      pic.append(svg('rect', { x: x + w + 4, y: ly - 7, width: 8, height: 8, fill: PUMP_COLOURS[who] || '#8a94a6' }));
+      pic.append(svg('text', { x: x + w + 15, y: ly, 'font-size': 8 }, `${who} ${ul} uL`));
+      ly += 12;
+    }
   });
   return pic;
 }
@@ -407,16 +415,6 @@ async function renderRuns() {
   $('#runs tbody').replaceChildren(...(rows.length ? rows : [el('tr', {}, el('td', { colspan: 6 }, 'no runs yet'))]));
 }
 
-function countSteps(steps) {
-  let n = 0;
-  for (const s of steps || []) {
-    if (s.type === 'repeat') n += (s.count || 1) * countSteps(s.steps);
-    else if (s.type === 'parallel') for (const b of s.branches || []) n += countSteps(b);
-    else n += 1;
-  }
-  return n;
-}
-
 function eventLine(e) {
   const detail = e.detail && typeof e.detail === 'object' ? JSON.stringify(e.detail) : (e.detail || '');
   return el('div', { class: 'event' }, `${time(e.at_ms)} ${e.kind}${e.step ? ' ' + e.step : ''}${e.actor ? ' [' + e.actor + ']' : ''} ${detail.length > 160 ? detail.slice(0, 160) + '…' : detail}`);
@@ -427,17 +425,25 @@ function appendRunEvent(r) {
   if (!box) return;
   box.append(eventLine(r));
   box.scrollTop = box.scrollHeight;
-  if (r.kind === 'step_finished' || r.kind === 'step_skipped') { state.stepsDone = (state.stepsDone || 0) + 1; updateRunProgress(); }
 }
 
+// Progress over the protocol's top-level steps, from the current step's path (`/steps/3/...`).
 function updateRunProgress() {
   const bar = $('#run-progress');
   if (!bar) return;
-  const pct = state.stepsTotal ? Math.min(100, (100 * (state.stepsDone || 0)) / state.stepsTotal) : 0;
-  bar.firstChild.style.width = `${pct}%`;
   const live = state.snapshot && state.snapshot.runs.find((r) => r.run_id === state.openRun);
-  if (live) { $('#run-state').textContent = live.state; $('#run-state').className = `badge ${live.state}`; $('#run-step').textContent = live.current_step || ''; }
-  $('#run-progress-text').textContent = `${state.stepsDone || 0} of ${state.stepsTotal} steps`;
+  if (live) {
+    state.runState = live.state;
+    state.runStep = live.current_step;
+    $('#run-state').textContent = live.state;
+    $('#run-state').className = `badge ${live.state}`;
+    $('#run-step').textContent = live.current_step || '-';
+  }
+  const m = /^\/steps\/(\d+)/.exec(state.runStep || '');
+  const total = state.stepsTotal || 0;
+  const at = state.runState === 'completed' ? total : m ? Number(m[1]) + 1 : 0;
+  bar.firstChild.style.width = `${total ? Math.min(100, (100 * (state.runState === 'completed' ? total : Math.max(0, at - 1))) / total) : 0}%`;
+  $('#run-progress-text').textContent = state.runState === 'completed' ? `all ${total} steps done` : at ? `step ${at} of ${total}` : `${total} steps`;
 }
 
 async function openRun(runId, quiet) {
@@ -447,8 +453,9 @@ async function openRun(runId, quiet) {
   if (state.openRun !== runId) return;
   const rec = d.record, s = rec;
   const st = d.live ? d.live.state : s.state;
-  state.stepsTotal = countSteps(rec.protocol.steps);
-  state.stepsDone = rec.events.filter((e) => e.kind === 'step_finished' || e.kind === 'step_skipped').length;
+  state.stepsTotal = (rec.protocol.steps || []).length;
+  state.runState = st;
+  state.runStep = (d.live && d.live.current_step) || rec.current_step;
   const ctl = (c) => el('button', { id: `run-${c}`, class: c === 'abort' ? 'danger' : '', onclick: () => attempt(`${c} ${runId}`, () => act(`/api/runs/${encodeURIComponent(runId)}/control`, { control: c })).then(() => openRun(runId, true)) }, c);
   const base = `/api/runs/${encodeURIComponent(runId)}`;
   const box = el('div', { class: 'card', id: 'run', 'data-run': runId },
