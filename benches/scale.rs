@@ -342,7 +342,10 @@ async fn scale(n: usize, seconds: u64, poll: Duration, priority: Option<u8>) {
                 counting,
             )));
         }
-        println!("scale: {web_clients} browser-console sessions reading {}api/live", console.url());
+        println!(
+            "scale: {web_clients} browser-console sessions reading {}api/live",
+            console.url()
+        );
         (Some(console), tasks)
     } else {
         (None, Vec::new())
@@ -587,9 +590,11 @@ async fn web_live(
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET /api/live HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("GET /api/live HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match s.read(&mut buf).await {

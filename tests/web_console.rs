@@ -38,7 +38,15 @@ fn labctl_bin() -> String {
 /// Starts the sim lab with the console on `web` and returns it with its console URL and MQTT URL.
 fn start(data_dir: &Path, web: &str) -> (Running, String, String) {
     let mut child = Command::new(labctl_bin())
-        .args(["run", "--sim", "--warp", "20", "--no-opcua", "--mqtt-port", "0"])
+        .args([
+            "run",
+            "--sim",
+            "--warp",
+            "20",
+            "--no-opcua",
+            "--mqtt-port",
+            "0",
+        ])
         .args(["--command-port", "127.0.0.1:0", "--web", web, "--data-dir"])
         .arg(data_dir)
         .env("LABCTL_LOG", "warn")
@@ -56,7 +64,10 @@ fn start(data_dir: &Path, web: &str) -> (Running, String, String) {
             if let Some(rest) = line.strip_prefix("web: ") {
                 web = Some(rest.to_owned());
             } else if let Some(rest) = line.strip_prefix("mqtt: ") {
-                mqtt = rest.split_whitespace().next().map(|a| format!("mqtt://{a}"));
+                mqtt = rest
+                    .split_whitespace()
+                    .next()
+                    .map(|a| format!("mqtt://{a}"));
             }
             if let (Some(w), Some(m)) = (&web, &mqtt) {
                 let _ = tx.send((w.clone(), m.clone()));

@@ -202,7 +202,11 @@ impl Walk<'_> {
                     if draw {
                         self.line(depth, step, kind, "at the same time:".into());
                     }
-                    for (i, branch) in step["branches"].as_array().into_iter().flatten().enumerate()
+                    for (i, branch) in step["branches"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .enumerate()
                     {
                         if draw {
                             self.line(depth + 1, step, "branch", format!("branch {}", i + 1));
@@ -292,7 +296,11 @@ mod tests {
         let e = of(&protocol, &labctl_protocols::Lab::sim());
         assert_eq!(e.steps.len(), 12);
         assert_eq!(e.steps[0].text, "gantry: home");
-        assert!(e.steps[2].text.contains("pump-red: dispense"), "{:?}", e.steps[2]);
+        assert!(
+            e.steps[2].text.contains("pump-red: dispense"),
+            "{:?}",
+            e.steps[2]
+        );
         let names: Vec<&str> = e.gantry_path.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["home", "A1", "A1", "H1", "H1", "W1"]);
         assert_eq!(e.volumes.len(), 1);

@@ -232,7 +232,10 @@ async fn asset(Path(file): Path<String>) -> Response {
     match crate::assets::find(&file) {
         Some(a) => (
             [
-                (header::CONTENT_TYPE, HeaderValue::from_static(a.content_type)),
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(a.content_type),
+                ),
                 (
                     header::X_CONTENT_TYPE_OPTIONS,
                     HeaderValue::from_static("nosniff"),
@@ -324,18 +327,15 @@ async fn live(State(console): State<AppState>, _user: User) -> impl IntoResponse
 
 /// Every proposal awaiting a decision, with what a person needs to decide: who proposed it with which
 /// model, the protocol as steps, why it needs approval, the validator's findings and the dry run.
-async fn approvals(
-    State(console): State<AppState>,
-    _user: User,
-) -> Result<Json<Value>, Failure> {
+async fn approvals(State(console): State<AppState>, _user: User) -> Result<Json<Value>, Failure> {
     let api = &console.api;
     let mut out = Vec::new();
-    for run in api.runs().await.into_iter().filter(|r| {
-        matches!(
-            r.state,
-            labctl_core::api::RunState::AwaitingApproval
-        )
-    }) {
+    for run in api
+        .runs()
+        .await
+        .into_iter()
+        .filter(|r| matches!(r.state, labctl_core::api::RunState::AwaitingApproval))
+    {
         let record = api.run_record(&run.run_id).await;
         let protocol = record
             .as_ref()
@@ -398,11 +398,7 @@ async fn run(
     ))
 }
 
-async fn results_file(
-    console: &Console,
-    run_id: &str,
-    csv: bool,
-) -> Result<Response, Failure> {
+async fn results_file(console: &Console, run_id: &str, csv: bool) -> Result<Response, Failure> {
     if console.api.run_record(run_id).await.is_none() {
         return Err(Failure(
             StatusCode::NOT_FOUND,
@@ -528,7 +524,9 @@ async fn estop(
     Acting(user): Acting,
 ) -> Result<Json<Value>, Failure> {
     console.api.emergency_stop(user.principal()).await?;
-    Ok(Json(json!({ "estop_latched": console.api.estop_latched() })))
+    Ok(Json(
+        json!({ "estop_latched": console.api.estop_latched() }),
+    ))
 }
 
 async fn estop_acknowledge(
@@ -539,7 +537,9 @@ async fn estop_acknowledge(
         .api
         .acknowledge_emergency_stop(user.principal())
         .await?;
-    Ok(Json(json!({ "estop_latched": console.api.estop_latched() })))
+    Ok(Json(
+        json!({ "estop_latched": console.api.estop_latched() }),
+    ))
 }
 
 #[derive(Deserialize, Default)]

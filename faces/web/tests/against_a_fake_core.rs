@@ -147,7 +147,11 @@ async fn a_login_gives_a_guarded_cookie_and_a_wrong_password_is_refused() {
         .err()
         .expect("refused");
     assert_eq!(wrong.status, 401);
-    assert!(wrong.body.contains("wrong user name or password"), "{}", wrong.body);
+    assert!(
+        wrong.body.contains("wrong user name or password"),
+        "{}",
+        wrong.body
+    );
     assert!(wrong.header("set-cookie").is_none());
 
     let body = serde_json::json!({"user": "alice", "password": "technician-dev"}).to_string();
@@ -157,13 +161,24 @@ async fn a_login_gives_a_guarded_cookie_and_a_wrong_password_is_refused() {
     assert!(cookie.starts_with("labctl_session="), "{cookie}");
     assert!(cookie.contains("HttpOnly"), "{cookie}");
     assert!(cookie.contains("SameSite=Strict"), "{cookie}");
-    assert!(!cookie.contains("Secure"), "clear text on loopback: {cookie}");
+    assert!(
+        !cookie.contains("Secure"),
+        "clear text on loopback: {cookie}"
+    );
     assert_eq!(ok.json()["user"], "alice");
     assert_eq!(ok.json()["role"], "technician");
 
     // Reads need a session.
-    assert_eq!(request(&console, "GET", "/api/runs", &[], None).await.status, 401);
-    let b = login(&console, "watcher", "observer-dev").await.ok().unwrap();
+    assert_eq!(
+        request(&console, "GET", "/api/runs", &[], None)
+            .await
+            .status,
+        401
+    );
+    let b = login(&console, "watcher", "observer-dev")
+        .await
+        .ok()
+        .unwrap();
     let me = request(&console, "GET", "/api/me", &[("Cookie", &b.cookie)], None).await;
     assert_eq!(me.json()["role"], "observer");
     let lab = request(&console, "GET", "/api/lab", &[("Cookie", &b.cookie)], None).await;
@@ -181,7 +196,10 @@ async fn a_login_gives_a_guarded_cookie_and_a_wrong_password_is_refused() {
 async fn state_changes_need_the_csrf_token_and_this_origin() {
     let dir = tempfile::tempdir().unwrap();
     let (core, console) = start(dir.path()).await;
-    let alice = login(&console, "alice", "technician-dev").await.ok().unwrap();
+    let alice = login(&console, "alice", "technician-dev")
+        .await
+        .ok()
+        .unwrap();
 
     let no_token = request(
         &console,
@@ -192,7 +210,11 @@ async fn state_changes_need_the_csrf_token_and_this_origin() {
     )
     .await;
     assert_eq!(no_token.status, 403);
-    assert!(no_token.body.contains("x-csrf-token: missing"), "{}", no_token.body);
+    assert!(
+        no_token.body.contains("x-csrf-token: missing"),
+        "{}",
+        no_token.body
+    );
 
     let wrong_token = request(
         &console,
@@ -217,7 +239,11 @@ async fn state_changes_need_the_csrf_token_and_this_origin() {
     )
     .await;
     assert_eq!(other_site.status, 403);
-    assert!(other_site.body.contains("is not this console"), "{}", other_site.body);
+    assert!(
+        other_site.body.contains("is not this console"),
+        "{}",
+        other_site.body
+    );
     assert!(
         core.calls().is_empty(),
         "nothing refused here reached the core: {:?}",
@@ -252,12 +278,22 @@ async fn state_changes_need_the_csrf_token_and_this_origin() {
 async fn the_core_role_table_refuses_an_observer_and_the_refusal_is_shown() {
     let dir = tempfile::tempdir().unwrap();
     let (core, console) = start(dir.path()).await;
-    let watcher = login(&console, "watcher", "observer-dev").await.ok().unwrap();
+    let watcher = login(&console, "watcher", "observer-dev")
+        .await
+        .ok()
+        .unwrap();
     let headers = [
         ("Cookie", watcher.cookie.as_str()),
         ("X-CSRF-Token", watcher.csrf.as_str()),
     ];
-    let approve = request(&console, "POST", "/api/runs/run-1/approve", &headers, Some("{}")).await;
+    let approve = request(
+        &console,
+        "POST",
+        "/api/runs/run-1/approve",
+        &headers,
+        Some("{}"),
+    )
+    .await;
     assert_eq!(approve.status, 403, "{}", approve.body);
     // The face passed the request on as the observer; the core's table answered.
     assert_eq!(
@@ -267,11 +303,21 @@ async fn the_core_role_table_refuses_an_observer_and_the_refusal_is_shown() {
             principal: Principal::new("watcher", Role::Observer, Face::Web),
         }]
     );
-    let ack = request(&console, "POST", "/api/estop/acknowledge", &headers, Some("{}")).await;
+    let ack = request(
+        &console,
+        "POST",
+        "/api/estop/acknowledge",
+        &headers,
+        Some("{}"),
+    )
+    .await;
     assert_eq!(ack.status, 403, "{}", ack.body);
 
     // A technician's stop latches, and the observer sees it on the live stream.
-    let alice = login(&console, "alice", "technician-dev").await.ok().unwrap();
+    let alice = login(&console, "alice", "technician-dev")
+        .await
+        .ok()
+        .unwrap();
     let stop = request(
         &console,
         "POST",
@@ -303,14 +349,21 @@ async fn the_core_role_table_refuses_an_observer_and_the_refusal_is_shown() {
     )
     .await;
     assert_eq!(empty_reason.status, 400);
-    assert!(empty_reason.body.contains("reason"), "{}", empty_reason.body);
+    assert!(
+        empty_reason.body.contains("reason"),
+        "{}",
+        empty_reason.body
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_stream_sends_the_snapshot_and_the_latch_as_it_happens() {
     let dir = tempfile::tempdir().unwrap();
     let (_core, console) = start(dir.path()).await;
-    let alice = login(&console, "alice", "technician-dev").await.ok().unwrap();
+    let alice = login(&console, "alice", "technician-dev")
+        .await
+        .ok()
+        .unwrap();
     let mut stream = tokio::net::TcpStream::connect(console.addr).await.unwrap();
     stream
         .write_all(
