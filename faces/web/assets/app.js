@@ -337,13 +337,13 @@ const PUMP_COLOURS = { 'pump-red': '#d33', 'pump-yellow': '#e0b000', 'pump-blue'
 function volumePicture(ev) {
   if (!ev.volumes.length) return el('p', {}, 'nothing is dispensed');
   const w = 50, gap = 110, h = 120;
-  const pic = svg('svg', { viewBox: `0 0 ${ev.volumes.length * (w + gap) + 20} ${h + 40}`, class: 'volumes', role: 'img', 'aria-label': 'volumes per vessel' });
+  const pic = svg('svg', { viewBox: `0 0 ${ev.volumes.length * (w + gap) + 40} ${h + 40}`, class: 'volumes', role: 'img', 'aria-label': 'volumes per vessel' });
   ev.volumes.forEach((v, i) => {
     const total = v.initial_ul + v.added_ul.reduce((a, [, ul]) => a + ul, 0);
     // Drawn to the total, so small volumes in a large vial still show their proportions; the fill of
     // the vial is in words below.
     const cap = total || 1;
-    const x = 10 + i * (w + gap);
+    const x = 30 + i * (w + gap);
     pic.append(svg('rect', { x, y: 10, width: w, height: h, fill: '#fff', stroke: '#5b6575' }));
     let y = 10 + h;
     const layers = (v.initial_ul ? [['initial', v.initial_ul]] : []).concat(v.added_ul);

@@ -435,3 +435,66 @@ async fn clear_text_on_the_network_is_refused_unless_the_lab_allows_it() {
         "{refused}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_filters_the_journal_by_run_instrument_user_and_kind() {
+    use labctl_core::contract::EventKind;
+    use labctl_core::journal::Record;
+    let dir = tempfile::tempdir().unwrap();
+    let (core, console) = start(dir.path()).await;
+    let event = |run: &str, kind, actor: &str, detail: Value| Record::Event {
+        run_id: Some(run.to_owned()),
+        kind,
+        step: None,
+        actor: Some(actor.to_owned()),
+        detail,
+        at_ms: 1,
+    };
+    core.journal.append(event(
+        "run-1",
+        EventKind::Approval,
+        "alice (Technician via web)",
+        serde_json::json!({"decision": "approved"}),
+    ));
+    core.journal.append(event(
+        "run-2",
+        EventKind::OperatorAction,
+        "alicea (Technician via mqtt)",
+        serde_json::json!({"instrument": "hotplate"}),
+    ));
+    core.journal.append(event(
+        "run-2",
+        EventKind::Interlock,
+        "bob (Technician via opcua)",
+        serde_json::json!({"instrument": "hotplate"}),
+    ));
+    core.journal.flush().await.unwrap();
+    let alice = login(&console, "alice", "technician-dev").await.ok().unwrap();
+    let log = |query: &'static str| {
+        let cookie = alice.cookie.clone();
+        let console = &console;
+        async move {
+            let r = request(console, "GET", query, &[("Cookie", &cookie)], None).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{} {}",
+                        e["run_id"].as_str().unwrap(),
+                        e["kind"].as_str().unwrap()
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(log("/api/log?user=alice").await, ["run-1 approval"]);
+    assert_eq!(
+        log("/api/log?instrument=hotplate").await,
+        ["run-2 interlock", "run-2 operator_action"]
+    );
+    assert_eq!(log("/api/log?run=run-2&kind=interlock").await, ["run-2 interlock"]);
+    assert_eq!(log("/api/log?run=&user=").await.len(), 3);
+}
