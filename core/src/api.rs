@@ -386,10 +386,10 @@ impl ControllerHandle {
             .await
     }
 
-    /// Every run the journal holds (this process's and earlier ones), oldest first; `None` when the journal
-    /// cannot be read.
-    pub async fn journal_runs(&self) -> Option<Vec<crate::journal::read::RunSummary>> {
-        self.read_journal(|c| crate::journal::read::list_runs(c).ok())
+    /// The `limit` most recently submitted runs the journal holds (this process's and earlier ones), newest
+    /// first; `None` when the journal cannot be read.
+    pub async fn recent_runs(&self, limit: usize) -> Option<Vec<crate::journal::read::RunSummary>> {
+        self.read_journal(move |c| crate::journal::read::recent_runs(c, limit).ok())
             .await
     }
 

@@ -86,6 +86,17 @@ pub fn list_runs(conn: &Connection) -> Result<Vec<RunSummary>, JournalError> {
     Ok(stmt.query_map([], summary)?.collect::<Result<_, _>>()?)
 }
 
+/// The `limit` most recently submitted runs, newest first.
+pub fn recent_runs(conn: &Connection, limit: usize) -> Result<Vec<RunSummary>, JournalError> {
+    let mut stmt = conn.prepare(&format!(
+        "{SUMMARY} ORDER BY r.submitted_at_ms DESC, r.run_id DESC LIMIT ?1"
+    ))?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    Ok(stmt
+        .query_map(params![limit], summary)?
+        .collect::<Result<_, _>>()?)
+}
+
 pub fn run_detail(conn: &Connection, run_id: &str) -> Result<Option<RunDetail>, JournalError> {
     let mut stmt = conn.prepare(&format!("{SUMMARY} WHERE r.run_id = ?1"))?;
     let Some(s) = stmt.query_row(params![run_id], summary).optional()? else {

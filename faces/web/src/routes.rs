@@ -44,7 +44,14 @@ pub struct Console {
     /// Cookies get `Secure` under TLS.
     pub tls: bool,
     pub live: watch::Receiver<Arc<str>>,
+    /// Each awaiting proposal's validation, dry run and evidence, worked out once (they depend only on the
+    /// protocol and the lab): every open page asks again whenever a run changes state.
+    pub evidence: std::sync::Mutex<std::collections::HashMap<String, Arc<Value>>>,
 }
+
+/// Proposals whose evidence is kept at most (more than the per-user quota of awaiting runs times a few
+/// users); beyond it the table starts again.
+pub const MAX_EVIDENCE: usize = 256;
 
 type AppState = Arc<Console>;
 
@@ -336,44 +343,67 @@ async fn approvals(State(console): State<AppState>, _user: User) -> Result<Json<
         .into_iter()
         .filter(|r| matches!(r.state, labctl_core::api::RunState::AwaitingApproval))
     {
-        let record = api.run_record(&run.run_id).await;
-        let protocol = record
-            .as_ref()
-            .map(|r| r.protocol.clone())
-            .unwrap_or(Value::Null);
-        let checked = match serde_json::to_vec(&protocol) {
-            Ok(bytes) if !protocol.is_null() => api.check(bytes).await,
-            _ => None,
+        let cached = console
+            .evidence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&run.run_id)
+            .cloned();
+        let worked_out = match cached {
+            Some(v) => v,
+            None => {
+                let v = Arc::new(work_out(api, &run.run_id).await);
+                let mut table = console.evidence.lock().unwrap_or_else(|p| p.into_inner());
+                if table.len() >= MAX_EVIDENCE {
+                    table.clear();
+                }
+                table.insert(run.run_id.clone(), Arc::clone(&v));
+                v
+            }
         };
-        let (report, dry_run) = match checked {
-            Some((report, dry)) => (serde_json::to_value(&report).ok(), dry),
-            None => (None, None),
-        };
-        out.push(json!({
-            "run": run,
-            "planner_model": record.as_ref().and_then(|r| r.planner_model.clone()),
-            "planner_model_version": record.as_ref().and_then(|r| r.planner_model_version.clone()),
-            "objective": protocol["metadata"]["objective"],
-            "hypothesis": protocol["metadata"]["hypothesis"],
-            "protocol_sha256": record.as_ref().map(|r| r.protocol_sha256.clone()),
-            "submitted_at_ms": record.as_ref().map(|r| r.summary.submitted_at_ms),
-            "validation": report,
-            "dry_run": dry_run,
-            "evidence": crate::evidence::of(&protocol, api.lab()),
-        }));
+        let mut entry = (*worked_out).clone();
+        entry["run"] = json!(run);
+        out.push(entry);
     }
     Ok(Json(Value::Array(out)))
 }
 
+/// What a person needs to decide on a proposal, besides its run: who proposed it with which model, the
+/// protocol's objective and hypothesis, the validator's report, the dry run and the evidence.
+async fn work_out(api: &ControllerHandle, run_id: &str) -> Value {
+    let record = api.run_record(run_id).await;
+    let protocol = record
+        .as_ref()
+        .map(|r| r.protocol.clone())
+        .unwrap_or(Value::Null);
+    let checked = match serde_json::to_vec(&protocol) {
+        Ok(bytes) if !protocol.is_null() => api.check(bytes).await,
+        _ => None,
+    };
+    let (report, dry_run) = match checked {
+        Some((report, dry)) => (serde_json::to_value(&report).ok(), dry),
+        None => (None, None),
+    };
+    json!({
+        "planner_model": record.as_ref().and_then(|r| r.planner_model.clone()),
+        "planner_model_version": record.as_ref().and_then(|r| r.planner_model_version.clone()),
+        "objective": protocol["metadata"]["objective"],
+        "hypothesis": protocol["metadata"]["hypothesis"],
+        "protocol_sha256": record.as_ref().map(|r| r.protocol_sha256.clone()),
+        "submitted_at_ms": record.as_ref().map(|r| r.summary.submitted_at_ms),
+        "validation": report,
+        "dry_run": dry_run,
+        "evidence": crate::evidence::of(&protocol, api.lab()),
+    })
+}
+
 async fn runs(State(console): State<AppState>, _user: User) -> Result<Json<Value>, Failure> {
     let active = console.api.runs().await;
-    let mut recent = console
+    let recent = console
         .api
-        .journal_runs()
+        .recent_runs(RECENT_RUNS)
         .await
         .ok_or_else(|| unavailable("runs"))?;
-    recent.reverse();
-    recent.truncate(RECENT_RUNS);
     Ok(Json(json!({ "active": active, "recent": recent })))
 }
 

@@ -97,6 +97,7 @@ pub async fn serve(
         users,
         sessions: Sessions::default(),
         tls: is_tls,
+        evidence: Default::default(),
     });
     let app = router(console).layer(CompressionLayer::new());
     let tls = options.tls.map(tokio_rustls::TlsAcceptor::from);

@@ -469,7 +469,10 @@ async fn the_log_filters_the_journal_by_run_instrument_user_and_kind() {
         serde_json::json!({"instrument": "hotplate"}),
     ));
     core.journal.flush().await.unwrap();
-    let alice = login(&console, "alice", "technician-dev").await.ok().unwrap();
+    let alice = login(&console, "alice", "technician-dev")
+        .await
+        .ok()
+        .unwrap();
     let log = |query: &'static str| {
         let cookie = alice.cookie.clone();
         let console = &console;
@@ -495,6 +498,9 @@ async fn the_log_filters_the_journal_by_run_instrument_user_and_kind() {
         log("/api/log?instrument=hotplate").await,
         ["run-2 interlock", "run-2 operator_action"]
     );
-    assert_eq!(log("/api/log?run=run-2&kind=interlock").await, ["run-2 interlock"]);
+    assert_eq!(
+        log("/api/log?run=run-2&kind=interlock").await,
+        ["run-2 interlock"]
+    );
     assert_eq!(log("/api/log?run=&user=").await.len(), 3);
 }
