@@ -615,6 +615,12 @@ fn describe(priority: Option<u8>) -> String {
 }
 
 fn main() {
+    // As labctl's own main does: argon2's 19 MiB blocks (the browser sessions' logins) must not raise
+    // glibc's mmap threshold, or they stay resident and the controller's memory is misread.
+    // SAFETY: mallopt only adjusts allocator tuning; called first thing, before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     if let Ok(copies) = std::env::var("LABCTL_SCALE_SIMS") {
         serve_sims(copies.parse().unwrap());
         return;

@@ -60,7 +60,10 @@ pub fn snapshot_json(snapshot: &LabSnapshot, estop_latched: bool) -> String {
 /// second, until the controller's snapshot channel closes or the receiver is gone.
 pub fn serialiser(api: ControllerHandle) -> watch::Receiver<Arc<str>> {
     let mut snapshots = api.watch_snapshot();
-    let first = snapshot_json(&snapshots.borrow_and_update(), api.estop_latched());
+    // The Arc is taken out before serialising: holding the watch's borrow would hold up the tick's next
+    // publication for as long as the serialisation takes.
+    let latest = snapshots.borrow_and_update().clone();
+    let first = snapshot_json(&latest, api.estop_latched());
     let (tx, rx) = watch::channel::<Arc<str>>(first.into());
     let mut records = api.events();
     tokio::spawn(async move {
@@ -76,7 +79,8 @@ pub fn serialiser(api: ControllerHandle) -> watch::Receiver<Arc<str>> {
                 },
                 _ = tx.closed() => return,
             }
-            let json = snapshot_json(&snapshots.borrow_and_update(), api.estop_latched());
+            let latest = snapshots.borrow_and_update().clone();
+            let json = snapshot_json(&latest, api.estop_latched());
             if tx.send(json.into()).is_err() {
                 return;
             }

@@ -504,3 +504,75 @@ async fn the_log_filters_the_journal_by_run_instrument_user_and_kind() {
     );
     assert_eq!(log("/api/log?run=&user=").await.len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_uses_the_data_directorys_certificate_and_secure_cookies() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::sim();
+    let core = FakeCore::start(lab.clone(), dir.path(), Table).unwrap();
+    let files = labctl_core::tls::load_or_create(dir.path(), &["127.0.0.1".into()]).unwrap();
+    let console = labctl_web::serve(
+        WebOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: Some(files.config),
+            allow_cleartext_on_network: false,
+        },
+        core.handle.clone(),
+        Arc::new(Users::from_lab(&lab).unwrap()),
+    )
+    .await
+    .unwrap();
+    assert!(
+        console.url().starts_with("https://127.0.0.1:"),
+        "{}",
+        console.url()
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&files.cert_path).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(console.addr).await.unwrap();
+    let mut tls = connector
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .expect("the certificate verifies for 127.0.0.1");
+    let body = r#"{"user":"alice","password":"technician-dev"}"#;
+    let origin = format!("https://{}", console.addr);
+    tls.write_all(
+        format!(
+            "POST /api/login HTTP/1.1\r\nHost: {}\r\nOrigin: {origin}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            console.addr,
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut response))
+        .await
+        .expect("an answer within 30 s");
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let cookie = text
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .expect("a session cookie");
+    assert!(
+        cookie.contains("HttpOnly")
+            && cookie.contains("SameSite=Strict")
+            && cookie.contains("Secure"),
+        "{cookie}"
+    );
+}
