@@ -235,7 +235,9 @@ function onSnapshot(s) {
 function spark(values) {
   if (!values || values.length < 2) return svg('svg', { class: 'spark', viewBox: '0 0 80 22' });
   const min = Math.min(...values), max = Math.max(...values), span = max - min || 1;
-  const pts = values.map((v, i) => `${(i / (HISTORY - 1)) * 80},${20 - ((v - min) / span) * 18}`).join(' ');
+  // The newest value at the right edge; a constant value is a line through the middle.
+  const n = values.length;
+  const pts = values.map((v, i) => `${80 - ((n - 1 - i) / (HISTORY - 1)) * 80},${max === min ? 11 : 20 - ((v - min) / span) * 18}`).join(' ');
   return svg('svg', { class: 'spark', viewBox: '0 0 80 22', preserveAspectRatio: 'none' }, svg('polyline', { points: pts }));
 }
 
