@@ -25,7 +25,9 @@
 //! Environment: `LABCTL_BENCH_SECONDS` (window, default 30), `LABCTL_SCALE_INSTRUMENTS` (default 1000),
 //! `LABCTL_SCALE_POLL_MS` (default 100), `LABCTL_SCALE_SIM_WORKERS` (simulator process threads, default 1),
 //! `LABCTL_SCALE_TICK_PRIORITY` (the tick thread's SCHED_FIFO priority, as `labctl run --tick-priority`;
-//! default 80, 0 for normal priority). cyclictest runs at the tick's priority, so the floor is like for
+//! default 80, 0 for normal priority), `LABCTL_SCALE_WEB_CLIENTS` (browser-console sessions open during the
+//! window, default 0: each logs in as alice and reads the console's live stream, as a page does; run it
+//! with 0 and with 20 to see what they cost the tick). cyclictest runs at the tick's priority, so the floor is like for
 //! like; with a priority, the normal-priority floor is printed too.
 
 #[path = "common/mod.rs"]
@@ -310,6 +312,45 @@ async fn scale(n: usize, seconds: u64, poll: Duration, priority: Option<u8>) {
         })
     };
 
+    // Browser-console sessions, as `labctl run` serves them (same runtime), reading the live stream.
+    let web_clients = env_or("LABCTL_SCALE_WEB_CLIENTS", 0usize);
+    let web_events = Arc::new(AtomicU64::new(0));
+    let web_bytes = Arc::new(AtomicU64::new(0));
+    let (_web, web_tasks) = if web_clients > 0 {
+        let users = Arc::new(labctl::auth::Users::from_lab(&lab).unwrap());
+        let console = labctl::gateways::web::serve(
+            labctl::gateways::web::WebOptions {
+                listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                tls: None,
+                allow_cleartext_on_network: false,
+            },
+            controller.handle.clone(),
+            users,
+        )
+        .await
+        .unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..web_clients {
+            let cookie = web_login(console.addr).await;
+            let (events, bytes, counting) =
+                (web_events.clone(), web_bytes.clone(), counting.clone());
+            tasks.push(tokio::spawn(web_live(
+                console.addr,
+                cookie,
+                events,
+                bytes,
+                counting,
+            )));
+        }
+        println!(
+            "scale: {web_clients} browser-console sessions reading {}api/live",
+            console.url()
+        );
+        (Some(console), tasks)
+    } else {
+        (None, Vec::new())
+    };
+
     // Settle (the start's safe state to every instrument), then the window.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let tick_stat = thread_stat_path("labctl-tick");
@@ -342,6 +383,29 @@ async fn scale(n: usize, seconds: u64, poll: Duration, priority: Option<u8>) {
     let up_end = online(&handles);
     let beside = beside.map(|c| tokio::task::block_in_place(|| common::cyclictest_finish(c)));
 
+    for t in &web_tasks {
+        t.abort();
+    }
+    if web_clients > 0 {
+        let events = web_events.load(Ordering::Relaxed);
+        let bytes = web_bytes.load(Ordering::Relaxed);
+        println!(
+            "scale: {web_clients} browser sessions received {:.1} live events/s each, {:.0} kB/s in all",
+            events as f64 / window / web_clients as f64,
+            bytes as f64 / window / 1000.0
+        );
+        figure("scale.web_clients", web_clients, "");
+        figure(
+            "scale.web_events_per_client_per_s",
+            format!("{:.1}", events as f64 / window / web_clients as f64),
+            "",
+        );
+        figure(
+            "scale.web_kbytes_per_s",
+            format!("{:.0}", bytes as f64 / window / 1000.0),
+            "kB/s",
+        );
+    }
     let after = controller.shutdown().await.unwrap().summary();
     observer.abort();
     let hwm = vm_kb("/proc/self/status", "VmHWM:").unwrap_or(0);
@@ -492,11 +556,71 @@ async fn scale(n: usize, seconds: u64, poll: Duration, priority: Option<u8>) {
 }
 
 /// How a thread was scheduled, for the printed figures.
+/// Logs in to the browser console as alice over HTTP/1.1; the session cookie.
+async fn web_login(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = r#"{"user":"alice","password":"technician-dev"}"#;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /api/login HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.unwrap();
+    reply
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_owned()
+}
+
+/// Reads the console's live stream as a page does, counting its events and bytes while `counting`.
+async fn web_live(
+    addr: SocketAddr,
+    cookie: String,
+    events: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+    counting: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET /api/live HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if counting.load(Ordering::Relaxed) {
+            bytes.fetch_add(n as u64, Ordering::Relaxed);
+            let text = &buf[..n];
+            let found = text.windows(7).filter(|w| w == b"event: ").count();
+            events.fetch_add(found as u64, Ordering::Relaxed);
+        }
+    }
+}
+
 fn describe(priority: Option<u8>) -> String {
     priority.map_or("normal priority".to_owned(), |p| format!("SCHED_FIFO {p}"))
 }
 
 fn main() {
+    // As labctl's own main does: argon2's 19 MiB blocks (the browser sessions' logins) must not raise
+    // glibc's mmap threshold, or they stay resident and the controller's memory is misread.
+    // SAFETY: mallopt only adjusts allocator tuning; called first thing, before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     if let Ok(copies) = std::env::var("LABCTL_SCALE_SIMS") {
         serve_sims(copies.parse().unwrap());
         return;

@@ -2,7 +2,8 @@
 //!
 //! - [`commands`]: the `labctl` subcommands.
 //! - [`gateways`]: the faces, each its own crate: MQTT with its embedded broker (`labctl-mqtt`), OPC UA
-//!   (`labctl-opcua`), the command port (`labctl-command-port`).
+//!   (`labctl-opcua`), the command port (`labctl-command-port`), MCP (`labctl-mcp`), the browser console
+//!   (`labctl-web`).
 //! - [`console`] and [`submit`]: the clients over MQTT (`labctl-clients`).
 //!
 //! The core (crate `labctl-core`: API, policy, controller, executor, world, journal, instruments, safety) is

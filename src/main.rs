@@ -43,6 +43,8 @@ enum Command {
         opcua: labctl::gateways::opcua::OpcUaArgs,
         #[command(flatten)]
         mcp: commands::run::McpArgs,
+        #[command(flatten)]
+        web: commands::run::WebArgs,
     },
     /// Serve the simulated lab's instruments alone, wire-level on pseudo-terminals and TCP, until
     /// SIGINT or SIGTERM; prints where each instrument is.
@@ -164,7 +166,8 @@ fn main() -> ExitCode {
             command_port,
             opcua,
             mcp,
-        } => commands::run::run(*args, mqtt, command_port, opcua, mcp),
+            web,
+        } => commands::run::run(*args, mqtt, command_port, opcua, mcp, web),
         Command::Sim(args) => commands::sim::run(args),
         Command::Mcp { url } => commands::mcp::run(&url),
         Command::Submit(args) => labctl::submit::run(args),

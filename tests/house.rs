@@ -43,6 +43,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     ("labctl-opcua", &["labctl-core", "labctl-protocols"]),
     ("labctl-mcp", &["labctl-core", "labctl-protocols"]),
+    ("labctl-web", &["labctl-core", "labctl-protocols"]),
     ("labctl-mqtt-link", &[]),
     (
         "labctl-mqtt",
@@ -58,6 +59,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "labctl-clients",
             "labctl-command-port",
             "labctl-mcp",
+            "labctl-web",
             "labctl-mqtt",
             "labctl-mqtt-link",
             "labctl-opcua",

@@ -160,6 +160,9 @@ pub enum RejectionReason {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InterlockTrip {
     pub interlock: String,
+    /// The instrument whose condition tripped it (so a log filtered by instrument shows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instrument: Option<String>,
     pub reason: String,
     /// What the trip does to the runs it holds (lab-wide event only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -286,6 +289,7 @@ mod tests {
             (
                 EventDetail::Interlock(InterlockTrip {
                     interlock: "hot".into(),
+                    instrument: None,
                     reason: "131 C".into(),
                     action: Some(TripAction::Pause),
                     safe_state: Some(vec!["hotplate".into()]),

@@ -39,6 +39,8 @@ pub enum Face {
     InProcess,
     /// The Model Context Protocol, for AI agents (streamable HTTP or `labctl mcp` over stdio).
     Mcp,
+    /// The technicians' console in the browser (`labctl run`, HTTP or HTTPS).
+    Web,
 }
 
 impl Face {
@@ -51,6 +53,7 @@ impl Face {
             Face::Cli => "cli",
             Face::InProcess => "in-process",
             Face::Mcp => "mcp",
+            Face::Web => "web",
         }
     }
 }
@@ -566,6 +569,7 @@ mod tests {
             serde_json::json!({"name": "claude-desktop", "version": "0.10.2"})
         );
         assert_eq!(Face::Mcp.to_string(), "mcp");
+        assert_eq!(Face::Web.to_string(), "web");
     }
 
     #[test]

@@ -410,6 +410,23 @@ impl ControllerHandle {
             .await
     }
 
+    /// The `limit` most recently submitted runs the journal holds (this process's and earlier ones), newest
+    /// first; `None` when the journal cannot be read.
+    pub async fn recent_runs(&self, limit: usize) -> Option<Vec<crate::journal::read::RunSummary>> {
+        self.read_journal(move |c| crate::journal::read::recent_runs(c, limit).ok())
+            .await
+    }
+
+    /// The newest `limit` journal events matching `filter`, newest first (a console's log).
+    pub async fn journal_events(
+        &self,
+        filter: crate::journal::read::EventFilter,
+        limit: usize,
+    ) -> Option<Vec<crate::journal::read::LogRow>> {
+        self.read_journal(move |c| crate::journal::read::events(c, &filter, limit).ok())
+            .await
+    }
+
     /// Journal records as they become durable: run states, step events, results.
     pub fn events(&self) -> broadcast::Receiver<Arc<Record>> {
         self.journal.subscribe()

@@ -1284,6 +1284,7 @@ impl Core {
             None,
             EventDetail::Interlock(InterlockTrip {
                 interlock: trip.interlock.clone(),
+                instrument: Some(trip.instrument.clone()),
                 reason: trip.reason.clone(),
                 action: Some(trip.action),
                 safe_state: Some(trip.safe_state.clone()),
@@ -1297,6 +1298,7 @@ impl Core {
                 None,
                 EventDetail::Interlock(InterlockTrip {
                     interlock: trip.interlock.clone(),
+                    instrument: Some(trip.instrument.clone()),
                     reason: trip.reason.clone(),
                     action: None,
                     safe_state: None,

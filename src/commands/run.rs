@@ -85,6 +85,39 @@ pub struct McpArgs {
     pub mcp_tls: Option<std::net::SocketAddr>,
 }
 
+/// The default address of the browser console (docs/console.md).
+pub const DEFAULT_WEB: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+
+/// Browser console options of `labctl run`: on by default at http://127.0.0.1:8080/ (docs/console.md).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct WebArgs {
+    /// Serve the technicians' console in the browser on this address (default 127.0.0.1:8080); port 0
+    /// picks a free one and prints it. Clear text: loopback only unless the lab file sets
+    /// interfaces.allow_cleartext_on_network.
+    #[arg(long = "web", value_name = "ADDR", conflicts_with = "no_web")]
+    pub web: Option<std::net::SocketAddr>,
+    /// Serve the console over HTTPS on this address (certificate in DATA_DIR/tls/, made on first start);
+    /// port 0 picks a free one and prints it. Without --web, the console is then served over HTTPS only.
+    #[arg(long = "web-tls", value_name = "ADDR", conflicts_with = "no_web")]
+    pub web_tls: Option<std::net::SocketAddr>,
+    /// Do not serve the browser console.
+    #[arg(long)]
+    pub no_web: bool,
+}
+
+impl WebArgs {
+    /// The clear-text address to serve, and whether it was asked for (not the default).
+    fn cleartext(&self) -> Option<(std::net::SocketAddr, bool)> {
+        match (self.no_web, self.web, self.web_tls) {
+            (true, _, _) => None,
+            (false, Some(addr), _) => Some((addr, true)),
+            (false, None, Some(_)) => None,
+            (false, None, None) => Some((DEFAULT_WEB, false)),
+        }
+    }
+}
+
 /// MQTT options of `labctl run` (separate from [`RunArgs`] so code that builds a `RunArgs` is unaffected).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct MqttArgs {
@@ -117,6 +150,7 @@ pub fn run(
     command_port: CommandPortArgs,
     opcua: OpcUaArgs,
     mcp: McpArgs,
+    web: WebArgs,
 ) -> ExitCode {
     init_logging();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -130,7 +164,7 @@ pub fn run(
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(run_async(args, mqtt, command_port, opcua, mcp)) {
+    match rt.block_on(run_async(args, mqtt, command_port, opcua, mcp, web)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("labctl run: {e}");
@@ -145,6 +179,7 @@ async fn run_async(
     command_port_args: CommandPortArgs,
     opcua_args: OpcUaArgs,
     mcp_args: McpArgs,
+    web_args: WebArgs,
 ) -> Result<(), String> {
     let signals = shutdown_signal();
     let (mut lab, text) = if args.sim {
@@ -186,6 +221,14 @@ async fn run_async(
         // Refused before any instrument is touched.
         crate::auth::check_cleartext_listener(
             "MCP over HTTP",
+            listen,
+            lab.interfaces.allow_cleartext_on_network,
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    if let Some((listen, _)) = web_args.cleartext() {
+        crate::auth::check_cleartext_listener(
+            "browser console over HTTP",
             listen,
             lab.interfaces.allow_cleartext_on_network,
         )
@@ -317,6 +360,10 @@ async fn run_async(
     for server in &mcp {
         say!("  mcp: {}", server.url());
     }
+    let web = start_web(&web_args, &lab, &args.data_dir, &api, &users).await?;
+    for console in &web {
+        say!("  web: {}", console.url());
+    }
     let local = Principal::new("local-operator", Role::Technician, Face::Cli);
     for path in &args.submit {
         let bytes = labctl_protocols::validate::read_protocol_file(path)
@@ -357,8 +404,53 @@ async fn run_async(
     for server in mcp {
         server.shutdown();
     }
+    drop(web);
     runtime.shutdown().await;
     Ok(())
+}
+
+/// Starts the browser console: over HTTP (`--web`, else the default address unless `--no-web` or only
+/// `--web-tls`) and over HTTPS (`--web-tls`). The default address being taken is not fatal (another
+/// controller on this machine may hold it): the log says so and `--web ADDR` picks another.
+async fn start_web(
+    args: &WebArgs,
+    lab: &Lab,
+    data_dir: &std::path::Path,
+    api: &crate::api::ControllerHandle,
+    users: &std::sync::Arc<crate::auth::Users>,
+) -> Result<Vec<crate::gateways::web::WebConsole>, String> {
+    use crate::gateways::web::{WebOptions, serve};
+    let mut consoles = Vec::new();
+    if let Some((listen, asked)) = args.cleartext() {
+        let options = WebOptions {
+            listen,
+            tls: None,
+            allow_cleartext_on_network: lab.interfaces.allow_cleartext_on_network,
+        };
+        match serve(options, api.clone(), users.clone()).await {
+            Ok(console) => consoles.push(console),
+            Err(e) if !asked => {
+                tracing::warn!(error = %e, "browser console not started; choose an address with --web ADDR");
+                say!("  web: not started ({e})");
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    if let Some(listen) = args.web_tls {
+        let files = crate::tls::load_or_create(data_dir, &[listen.ip().to_string()])
+            .map_err(|e| format!("--web-tls: {e}"))?;
+        let options = WebOptions {
+            listen,
+            tls: Some(files.config),
+            allow_cleartext_on_network: lab.interfaces.allow_cleartext_on_network,
+        };
+        consoles.push(
+            serve(options, api.clone(), users.clone())
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(consoles)
 }
 
 /// Starts MCP over streamable HTTP (`--mcp`) and over HTTPS (`--mcp-tls`), when asked.

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::journal::{self, read};
+use crate::journal::{self, export, read};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportFormat {
@@ -141,10 +141,8 @@ pub fn export(
         Err(e) => return fail(e),
     };
     let written = match format {
-        ExportFormat::Jsonl => rows
-            .iter()
-            .try_for_each(|r| writeln!(out, "{}", serde_json::to_string(r).unwrap_or_default())),
-        ExportFormat::Csv => write_csv(&rows, out),
+        ExportFormat::Jsonl => export::write_jsonl(&rows, out),
+        ExportFormat::Csv => export::write_csv(&rows, out),
     };
     match written {
         Ok(()) => ExitCode::SUCCESS,
@@ -152,66 +150,4 @@ pub fn export(
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
-}
-
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
-    }
-}
-
-fn write_csv(rows: &[read::ResultRow], out: &mut dyn Write) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "run_id,seq,name,step,instrument,serial,firmware,at_ms,quantity,index,value"
-    )?;
-    for r in rows {
-        let serial = r.identity["serial"].as_str().unwrap_or("");
-        let firmware = r.identity["firmware"].as_str().unwrap_or("");
-        let mut line = |quantity: &str, index: String, value: String| {
-            writeln!(
-                out,
-                "{},{},{},{},{},{},{},{},{},{},{}",
-                csv_field(&r.run_id),
-                r.seq,
-                csv_field(&r.name),
-                csv_field(&r.step),
-                csv_field(&r.instrument),
-                csv_field(serial),
-                csv_field(firmware),
-                r.at_ms,
-                csv_field(quantity),
-                index,
-                csv_field(&value)
-            )
-        };
-        let Some(obj) = r.value.as_object() else {
-            line("value", String::new(), r.value.to_string())?;
-            continue;
-        };
-        // Spectra: one row per point, wavelength as the index.
-        if let (Some(w), Some(a)) = (
-            obj.get("wavelengths_nm").and_then(|v| v.as_array()),
-            obj.get("absorbance").and_then(|v| v.as_array()),
-        ) {
-            for (wl, ab) in w.iter().zip(a) {
-                line("absorbance", wl.to_string(), ab.to_string())?;
-            }
-            continue;
-        }
-        for (k, v) in obj {
-            if k != "outcome" {
-                line(
-                    k,
-                    String::new(),
-                    v.as_str()
-                        .map(str::to_owned)
-                        .unwrap_or_else(|| v.to_string()),
-                )?;
-            }
-        }
-    }
-    Ok(())
 }

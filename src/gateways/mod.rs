@@ -4,3 +4,4 @@ pub use labctl_command_port as command_port;
 pub use labctl_mcp as mcp;
 pub use labctl_mqtt as mqtt;
 pub use labctl_opcua as opcua;
+pub use labctl_web as web;

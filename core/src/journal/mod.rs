@@ -4,6 +4,7 @@
 //! not per record. Only committed records are published to subscribers, so anything a planner or a
 //! technician has been told is already on disk.
 
+pub mod export;
 pub mod latch_block;
 pub mod read;
 

@@ -86,6 +86,17 @@ pub fn list_runs(conn: &Connection) -> Result<Vec<RunSummary>, JournalError> {
     Ok(stmt.query_map([], summary)?.collect::<Result<_, _>>()?)
 }
 
+/// The `limit` most recently submitted runs, newest first.
+pub fn recent_runs(conn: &Connection, limit: usize) -> Result<Vec<RunSummary>, JournalError> {
+    let mut stmt = conn.prepare(&format!(
+        "{SUMMARY} ORDER BY r.submitted_at_ms DESC, r.run_id DESC LIMIT ?1"
+    ))?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    Ok(stmt
+        .query_map(params![limit], summary)?
+        .collect::<Result<_, _>>()?)
+}
+
 pub fn run_detail(conn: &Connection, run_id: &str) -> Result<Option<RunDetail>, JournalError> {
     let mut stmt = conn.prepare(&format!("{SUMMARY} WHERE r.run_id = ?1"))?;
     let Some(s) = stmt.query_row(params![run_id], summary).optional()? else {
@@ -214,4 +225,69 @@ pub fn awaiting_approval(conn: &Connection) -> Result<Vec<PendingRow>, JournalEr
             })
         })?
         .collect::<Result<_, _>>()?)
+}
+
+/// Which journal events a reader wants (a console's log): every given field must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    pub run_id: Option<String>,
+    /// The instrument the event's detail names (`detail.instrument`).
+    pub instrument: Option<String>,
+    /// Who acted: a user's name (matching the journal's `name (Role via face)`) or a whole actor string.
+    pub actor: Option<String>,
+    pub kind: Option<String>,
+    /// Only events older than this sequence number (paging back).
+    pub before_seq: Option<i64>,
+}
+
+/// A journal event with the run it belongs to, if any.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogRow {
+    pub run_id: Option<String>,
+    #[serde(flatten)]
+    pub event: EventRow,
+}
+
+/// The newest `limit` events matching `filter`, newest first.
+pub fn events(
+    conn: &Connection,
+    filter: &EventFilter,
+    limit: usize,
+) -> Result<Vec<LogRow>, JournalError> {
+    let mut stmt = conn.prepare(
+        "SELECT seq, at_ms, kind, step, actor, detail, run_id FROM events
+         WHERE (?1 IS NULL OR run_id = ?1)
+           AND (?2 IS NULL OR (json_valid(detail) AND json_extract(detail, '$.instrument') = ?2))
+           AND (?3 IS NULL OR actor = ?3 OR substr(actor, 1, length(?3) + 2) = ?3 || ' (')
+           AND (?4 IS NULL OR kind = ?4)
+           AND (?5 IS NULL OR seq < ?5)
+         ORDER BY seq DESC LIMIT ?6",
+    )?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = stmt
+        .query_map(
+            params![
+                filter.run_id,
+                filter.instrument,
+                filter.actor,
+                filter.kind,
+                filter.before_seq,
+                limit
+            ],
+            |r| {
+                Ok(LogRow {
+                    event: EventRow {
+                        seq: r.get(0)?,
+                        at_ms: r.get(1)?,
+                        kind: r.get(2)?,
+                        step: r.get(3)?,
+                        actor: r.get(4)?,
+                        detail: json(r.get(5)?),
+                    },
+                    run_id: r.get(6)?,
+                })
+            },
+        )?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
 }

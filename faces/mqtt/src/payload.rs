@@ -691,6 +691,7 @@ mod tests {
             },
             contract::EventDetail::Interlock(contract::InterlockTrip {
                 interlock: "hot".into(),
+                instrument: None,
                 reason: "131 C".into(),
                 action: None,
                 safe_state: None,
