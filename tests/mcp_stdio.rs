@@ -1,6 +1,7 @@
 //! `labctl mcp` as a desktop agent uses it: the official MCP Python SDK starts it as its stdio server, and it
-//! bridges to a running `labctl run --sim --mcp 127.0.0.1:0`; real processes end to end. A wrong password
-//! fails the agent's `initialize` with the refusal.
+//! bridges to a running `labctl run --sim --mcp 127.0.0.1:0`; real processes end to end. A proposal beyond
+//! the auto-approval waits until a technician approves it over MQTT (paho-mqtt on the embedded broker), and
+//! the agent follows it. A wrong password fails the agent's `initialize` with the refusal.
 //!
 //! Needs LABCTL_TEST_PYTHON, a Python with `mcp` (scripts/test installs it): without it the test fails.
 
@@ -67,25 +68,33 @@ fn an_agent_on_the_python_sdk_runs_labctl_mcp_over_stdio() {
     // The endpoint line, read on a thread so the deadline holds even if the controller says nothing.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        let (mut url, mut broker) = (None, None);
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.trim().strip_prefix("mcp: ") {
-                let _ = tx.send(url.to_owned());
+            let line = line.trim();
+            if let Some(rest) = line.strip_prefix("mcp: ") {
+                url = Some(rest.to_owned());
+            } else if let Some(rest) = line.strip_prefix("mqtt: ") {
+                broker = rest.split_whitespace().next().map(str::to_owned);
+            }
+            if let (Some(u), Some(b)) = (&url, &broker) {
+                let _ = tx.send((u.clone(), b.clone()));
+                url = None;
             }
         }
     });
-    let url = match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(url) => url,
+    let (url, broker) = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(found) => found,
         Err(e) => {
             let _ = running.0.kill();
             panic!(
-                "labctl run ({labctl}) did not print its MCP endpoint within 60 s ({e}); it said: {}",
+                "labctl run ({labctl}) did not print its MCP endpoint and MQTT broker within 60 s ({e}); it said: {}",
                 said.join().unwrap_or_default()
             )
         }
     };
     let started = Instant::now();
     let mut agent = Command::new(&python)
-        .args([AGENT, labctl, &url])
+        .args([AGENT, labctl, &url, &broker])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -110,4 +119,10 @@ fn an_agent_on_the_python_sdk_runs_labctl_mcp_over_stdio() {
         serde_json::from_str(stdout.lines().last().expect("the agent's report")).unwrap();
     assert_eq!(seen["tools"], 10, "{seen}");
     assert_eq!(seen["wrong_password_refused"], true, "{seen}");
+    assert!(
+        seen["approved_by"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("alice") && a.contains("via mqtt")),
+        "{seen}"
+    );
 }
