@@ -43,6 +43,8 @@ pub const LOGIN_REMEMBERED: Duration = Duration::from_secs(300);
 pub const MAX_REMEMBERED: usize = 1024;
 /// How long a TLS handshake may take.
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+/// Longest a client may take to send a request's headers.
+const HEADER_READ: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum McpHttpError {
@@ -405,7 +407,11 @@ pub async fn serve(
                         }
                     }
                 });
-                let builder = hyper::server::conn::http1::Builder::new();
+                // A client that never finishes its headers is dropped (as the browser console does).
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ);
                 let result = match tls {
                     None => {
                         let conn = builder.serve_connection(TokioIo::new(stream), service);
