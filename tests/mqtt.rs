@@ -564,33 +564,7 @@ async fn a_supervised_run_holds_when_its_planner_drops_off_and_telemetry_flows()
         rig.addr.port(),
     );
     opts.set_credentials("planner-bo", "planner-dev");
-    let (planner, mut ev) = AsyncClient::new(opts, 16);
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(async move {
-        let mut subscribed_tx = Some(subscribed_tx);
-        while let Ok(e) = ev.poll().await {
-            match e {
-                Event::Incoming(Incoming::Publish(p)) => {
-                    let _ = tx.send(p);
-                }
-                Event::Incoming(Incoming::SubAck(_)) => {
-                    if let Some(tx) = subscribed_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                _ => {}
-            }
-        }
-    });
-    planner
-        .subscribe("labctl/sim/protocols/replies/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), subscribed)
-        .await
-        .expect("SUBACK within 10 s")
-        .unwrap();
+    let (planner, mut rx, task) = planner_whose_connection_can_be_cut(opts).await;
     let mut p = weigh_protocol("supervised-1", 1);
     p["metadata"]["supervised"] = json!(true);
     p["steps"] = json!([{ "type": "wait", "id": "hold", "duration_s": 3600 }]);
@@ -627,6 +601,45 @@ async fn a_supervised_run_holds_when_its_planner_drops_off_and_telemetry_flows()
     drop(planner);
     wait_state(labctl::api::RunState::Paused).await;
     rig.stop().await;
+}
+
+/// A planner subscribed to the proposal replies, whose connection dies (no DISCONNECT) when its event-loop
+/// task is aborted: its publishes, and that task.
+async fn planner_whose_connection_can_be_cut(
+    opts: MqttOptions,
+) -> (
+    AsyncClient,
+    mpsc::UnboundedReceiver<rumqttc::Publish>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (planner, mut ev) = AsyncClient::new(opts, 16);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut subscribed_tx = Some(subscribed_tx);
+        while let Ok(e) = ev.poll().await {
+            match e {
+                Event::Incoming(Incoming::Publish(p)) => {
+                    let _ = tx.send(p);
+                }
+                Event::Incoming(Incoming::SubAck(_)) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    planner
+        .subscribe("labctl/sim/protocols/replies/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), subscribed)
+        .await
+        .expect("SUBACK within 10 s")
+        .unwrap();
+    (planner, rx, task)
 }
 
 fn client_tool(name: &str) -> std::path::PathBuf {
@@ -1995,33 +2008,7 @@ async fn through_mosquitto_a_planner_s_will_holds_its_supervised_run_and_nobody_
         QoS::AtLeastOnce,
         false,
     ));
-    let (planner, mut ev) = AsyncClient::new(opts, 16);
-    let (tx, mut prx) = mpsc::unbounded_channel();
-    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(async move {
-        let mut subscribed_tx = Some(subscribed_tx);
-        while let Ok(e) = ev.poll().await {
-            match e {
-                Event::Incoming(Incoming::Publish(p)) => {
-                    let _ = tx.send(p);
-                }
-                Event::Incoming(Incoming::SubAck(_)) => {
-                    if let Some(tx) = subscribed_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                _ => {}
-            }
-        }
-    });
-    planner
-        .subscribe("labctl/sim/protocols/replies/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), subscribed)
-        .await
-        .expect("SUBACK within 10 s")
-        .unwrap();
+    let (planner, mut prx, task) = planner_whose_connection_can_be_cut(opts).await;
     planner
         .publish(
             "labctl/sim/from/planner-bo/presence",

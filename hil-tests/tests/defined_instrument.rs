@@ -63,6 +63,50 @@ fn protocol(steps: serde_json::Value, proposal_id: &str) -> serde_json::Value {
     })
 }
 
+/// Where the stirrer's transcript and the flow controller's flow writes stand now.
+fn wire_marks(bench: &Bench) -> (usize, usize) {
+    let stirrer = bench
+        .sim
+        .as_ref()
+        .expect("the sim rig")
+        .transcript("stirrer");
+    let wire = bench.wire_report().expect("sim rig");
+    (stirrer.len(), wire.sent("mfc", "flow_ln_per_min").len())
+}
+
+/// Waits until both definitions' safe states are on the wire after `before`: the stirrer's `STOP_1` and
+/// `STOP_4`, and a flow of 0.
+fn wait_both_safe(
+    bench: &Bench,
+    (stirrer_before, flows_before): (usize, usize),
+    within: Duration,
+    what: &str,
+    log: impl Fn() -> String,
+) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let stirrer = bench
+            .sim
+            .as_ref()
+            .expect("the sim rig")
+            .transcript("stirrer");
+        let after =
+            String::from_utf8_lossy(&stirrer[stirrer_before.min(stirrer.len())..]).into_owned();
+        let wire = bench.wire_report().expect("sim rig");
+        let flows = wire.sent("mfc", "flow_ln_per_min");
+        let stopped = flows[flows_before.min(flows.len())..].contains(&0.0);
+        if after.contains("STOP_1\r\nSTOP_4\r\n") && stopped {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no safe state on the wire {what} within {within:?}: stirrer {after:?}, mfc {flows:?}\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_defined_instrument_runs_a_protocol_inside_its_envelope_with_no_code() {
     let bench = Bench::start(&rig(), "defined_instrument");
@@ -309,7 +353,6 @@ fn an_emergency_stop_makes_defined_instruments_safe_and_a_run_after_the_acknowle
     let bench = Bench::start(&rig(), "defined_instrument_estop");
     let labctl = bench.labctl();
     let mut port = bench.technician(&labctl);
-    let sim = bench.sim.as_ref().expect("the sim rig");
     // The run sets a flow and a temperature, then waits 600 virtual seconds (30 s real): it is still
     // running when the stop comes, however slow the machine.
     let slow = protocol(
@@ -339,33 +382,18 @@ fn an_emergency_stop_makes_defined_instruments_safe_and_a_run_after_the_acknowle
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let stirrer_before = sim.transcript("stirrer").len();
-    let flows_before = bench
-        .wire_report()
-        .expect("sim rig")
-        .sent("mfc", "flow_ln_per_min")
-        .len();
+    let before = wire_marks(&bench);
     assert_eq!(port.command("SYST:ESTOP"), None);
     let end = port.wait_run(&run, Duration::from_secs(30), "an end", |s| s.is_final());
     assert_eq!(end.state, "aborted", "{end:?}");
     // Both definitions' safe states reached the wire after the stop.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let stirrer = sim.transcript("stirrer");
-        let after =
-            String::from_utf8_lossy(&stirrer[stirrer_before.min(stirrer.len())..]).into_owned();
-        let wire = bench.wire_report().expect("sim rig");
-        let flows = wire.sent("mfc", "flow_ln_per_min");
-        let stopped_flow = flows[flows_before.min(flows.len())..].contains(&0.0);
-        if after.contains("STOP_1\r\nSTOP_4\r\n") && stopped_flow {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no safe state on the wire after the stop: stirrer {after:?}, mfc {flows:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_both_safe(
+        &bench,
+        before,
+        Duration::from_secs(10),
+        "after the stop",
+        || labctl.log_tail(),
+    );
     // Latched: nothing new starts.
     let again = protocol(
         serde_json::json!([
@@ -426,37 +454,20 @@ fn after_kill_9_mid_run_defined_instruments_are_made_safe_and_the_run_is_not_res
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let stirrer_before = sim.transcript("stirrer").len();
-    let flows_before = bench
-        .wire_report()
-        .expect("sim rig")
-        .sent("mfc", "flow_ln_per_min")
-        .len();
+    let before = wire_marks(&bench);
     drop(port);
     labctl.kill();
 
     let labctl = bench.labctl_listening(&[]);
     let mut port = bench.technician(&labctl);
     // Made safe by the restarted controller, from the definitions' safe-state sequences.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let stirrer = sim.transcript("stirrer");
-        let after =
-            String::from_utf8_lossy(&stirrer[stirrer_before.min(stirrer.len())..]).into_owned();
-        let wire = bench.wire_report().expect("sim rig");
-        let flows = wire.sent("mfc", "flow_ln_per_min");
-        let stopped = flows[flows_before.min(flows.len())..].contains(&0.0);
-        if after.contains("STOP_1\r\nSTOP_4\r\n") && stopped {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the restarted controller did not make the defined instruments safe: stirrer {after:?}, \
-             mfc {flows:?}\n{}",
-            labctl.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_both_safe(
+        &bench,
+        before,
+        Duration::from_secs(30),
+        "made safe by the restarted controller",
+        || labctl.log_tail(),
+    );
     assert_eq!(
         bench.journal_state(&run).as_deref(),
         Some("interrupted"),
