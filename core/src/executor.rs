@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use labctl_clock::VirtualClock;
 use labctl_drivers::{DeviceCommand, Outcome};
+use labctl_protocols::interpret::{self, Expansion};
 use labctl_protocols::lab::Lab;
-use labctl_protocols::{Action, ActionCall, Condition, Measurement, OnError, Protocol, Step};
+use labctl_protocols::{Action, Condition, OnError, Protocol, Step};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
@@ -113,11 +114,7 @@ impl RunContext {
         updates: mpsc::UnboundedSender<RunUpdate>,
         estop: crate::safety::EStop,
     ) -> Self {
-        let vessels = protocol
-            .labware
-            .iter()
-            .map(|l| (l.id.clone(), l.location.to_ascii_uppercase()))
-            .collect();
+        let vessels = interpret::initial_vessels(protocol);
         let mut uses = std::collections::BTreeSet::new();
         collect_instruments(&protocol.steps, &mut uses);
         RunContext {
@@ -267,7 +264,7 @@ impl RunContext {
                 };
                 match outcome {
                     // Leaf commands journal their own intent and outcome; blocks say when they end.
-                    Ok(()) if is_block(step) => {
+                    Ok(()) if interpret::is_block(step) => {
                         self.event(&step_path, EventDetail::StepFinished {})
                     }
                     Ok(()) => {}
@@ -326,7 +323,7 @@ impl RunContext {
         suffix: String,
         armed: &Armed,
     ) -> Result<(), StepError> {
-        if is_block(step) {
+        if interpret::is_block(step) {
             self.event(
                 &path,
                 EventDetail::StepStarted {
@@ -336,15 +333,21 @@ impl RunContext {
         }
         match step {
             Step::Action(a) => {
-                if let Some(Action::SetTemperature(t)) = a.action.builtin()
-                    && let Some(rate) = self
-                        .lab
-                        .instrument(&a.instrument)
-                        .and_then(|i| i.envelope.ramp_c_per_min)
-                {
-                    return self.ramp(&a.instrument, t.temperature_c, rate, &path).await;
-                }
-                let commands = self.expand(&a.instrument, &a.action)?;
+                let expansion = interpret::expand(&self.lab, &a.instrument, &a.action, |v| {
+                    self.vessels.lock().ok().and_then(|m| m.get(v).cloned())
+                })
+                .map_err(|e| StepError::Failed(e.to_string()))?;
+                let commands = match expansion {
+                    Expansion::Ramp {
+                        target_c,
+                        rate_c_per_min,
+                    } => {
+                        return self
+                            .ramp(&a.instrument, target_c, rate_c_per_min, &path)
+                            .await;
+                    }
+                    Expansion::Commands(commands) => commands,
+                };
                 for (instrument, cmd) in commands {
                     if let Some(rise) = self.rise_before(&instrument, &cmd) {
                         self.command(&instrument, rise, &path, armed).await?;
@@ -365,7 +368,7 @@ impl RunContext {
                 Ok(())
             }
             Step::Measure(m) => {
-                let cmd = measurement_command(&m.measurement);
+                let cmd = interpret::measurement_command(&m.measurement);
                 let outcome = self.command(&m.instrument, cmd, &path, armed).await?;
                 self.result(
                     &format!("{}{suffix}", m.result),
@@ -422,26 +425,15 @@ impl RunContext {
         rate_c_per_min: f64,
         path: &str,
     ) -> Result<(), StepError> {
-        let from = self
-            .instruments
-            .get(instrument)
-            .and_then(|h| {
-                h.view()
-                    .values
-                    .iter()
-                    .find(|(q, _)| *q == "plate_temperature_c")
-                    .map(|(_, v)| *v)
-            })
-            // No reading: ramp from the envelope's minimum, the longest (safest) ramp.
-            .or_else(|| {
-                self.lab
-                    .instrument(instrument)
-                    .and_then(|i| i.envelope.temperature_c)
-                    .map(|r| r.min)
-            })
-            .unwrap_or(target_c);
+        let plate_c = self.instruments.get(instrument).and_then(|h| {
+            h.view()
+                .values
+                .iter()
+                .find(|(q, _)| *q == "plate_temperature_c")
+                .map(|(_, v)| *v)
+        });
         for (wait_s, setpoint) in
-            labctl_protocols::lab::ramp_setpoints(from, target_c, rate_c_per_min)
+            interpret::ramp(&self.lab, instrument, plate_c, target_c, rate_c_per_min)
         {
             if wait_s > 0.0 {
                 self.wait(self.virtual_to_real(wait_s)).await?;
@@ -455,20 +447,8 @@ impl RunContext {
         Ok(())
     }
 
-    /// A straight move from a head below the deck's safe height would sweep through what stands on the
-    /// deck: the validator only knows where a protocol leaves the head, not where an aborted run left it.
-    /// For a lateral move from below `safe_z_mm`, the head first rises straight up where it is.
+    /// Where the head must rise first before `cmd` (see [`interpret::rise_before`]), from its last reading.
     fn rise_before(&self, instrument: &str, cmd: &DeviceCommand) -> Option<DeviceCommand> {
-        const SAME_MM: f64 = 0.01;
-        let DeviceCommand::MoveTo {
-            x_mm,
-            y_mm,
-            feed_mm_per_min,
-            ..
-        } = cmd
-        else {
-            return None;
-        };
         let view = self.instruments.get(instrument)?.view();
         let at = |axis: &str| {
             view.values
@@ -476,15 +456,7 @@ impl RunContext {
                 .find(|(name, _)| *name == axis)
                 .map(|(_, v)| *v)
         };
-        let (x, y, z) = (at("x_mm")?, at("y_mm")?, at("z_mm")?);
-        let safe_z = self.lab.deck.safe_z_mm;
-        let lateral = (x - x_mm).abs() > SAME_MM || (y - y_mm).abs() > SAME_MM;
-        (lateral && z < safe_z - SAME_MM).then_some(DeviceCommand::MoveTo {
-            x_mm: x,
-            y_mm: y,
-            z_mm: safe_z,
-            feed_mm_per_min: *feed_mm_per_min,
-        })
+        interpret::rise_before(&self.lab, [at("x_mm")?, at("y_mm")?, at("z_mm")?], cmd)
     }
 
     /// Sends one command: its intent is on disk before it goes out (a crash leaves a record of what may
@@ -616,137 +588,6 @@ impl RunContext {
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
-    }
-
-    /// Turns a protocol action into device commands, using the deck and where vessels stand now.
-    fn expand(
-        &self,
-        instrument: &str,
-        action: &ActionCall,
-    ) -> Result<Vec<(String, DeviceCommand)>, StepError> {
-        let lab = &self.lab;
-        // A defined instrument takes its definition's action as it is: its driver renders the commands.
-        if lab
-            .instrument(instrument)
-            .is_some_and(|i| i.defined.is_some())
-        {
-            let params = action.numeric_params().map_err(StepError::Failed)?;
-            return Ok(vec![(
-                instrument.to_owned(),
-                DeviceCommand::Defined {
-                    action: action.name().to_owned(),
-                    params,
-                },
-            )]);
-        }
-        let Some(action) = action.builtin() else {
-            return Err(StepError::Failed(format!(
-                "{instrument} has no action {}",
-                action.name()
-            )));
-        };
-        let feed_default = lab
-            .instrument(instrument)
-            .and_then(|i| i.envelope.feed_mm_per_min)
-            .map(|r| r.max.min(3000.0))
-            .unwrap_or(1000.0);
-        let safe_z = lab.deck.safe_z_mm;
-        let position = |name: &str| {
-            lab.deck
-                .position(name)
-                .ok_or_else(|| StepError::Failed(format!("unknown deck position {name}")))
-        };
-        let at = |name: &str, z: f64| -> Result<DeviceCommand, StepError> {
-            let p = position(name)?;
-            Ok(DeviceCommand::MoveTo {
-                x_mm: p.x_mm,
-                y_mm: p.y_mm,
-                z_mm: z,
-                feed_mm_per_min: feed_default,
-            })
-        };
-        let one = |cmd: DeviceCommand| Ok(vec![(instrument.to_owned(), cmd)]);
-        match action {
-            Action::Home {} => one(DeviceCommand::Home),
-            Action::MoveTo(m) => {
-                let p = position(&m.position)?;
-                one(DeviceCommand::MoveTo {
-                    x_mm: p.x_mm,
-                    y_mm: p.y_mm,
-                    z_mm: safe_z,
-                    feed_mm_per_min: m.feed_mm_per_min.unwrap_or(feed_default),
-                })
-            }
-            Action::MoveXyz(m) => one(DeviceCommand::MoveTo {
-                x_mm: m.x_mm,
-                y_mm: m.y_mm,
-                z_mm: m.z_mm,
-                feed_mm_per_min: m.feed_mm_per_min.unwrap_or(feed_default),
-            }),
-            Action::Transfer(t) => {
-                let from = self
-                    .vessels
-                    .lock()
-                    .ok()
-                    .and_then(|v| v.get(&t.vessel).cloned())
-                    .ok_or_else(|| StepError::Failed(format!("unknown vessel {}", t.vessel)))?;
-                let from_z = position(&from)?.z_mm;
-                let to_z = position(&t.to)?.z_mm;
-                let seq = vec![
-                    at(&from, safe_z)?,
-                    at(&from, from_z)?,
-                    DeviceCommand::Gripper { closed: true },
-                    at(&from, safe_z)?,
-                    at(&t.to, safe_z)?,
-                    at(&t.to, to_z)?,
-                    DeviceCommand::Gripper { closed: false },
-                    at(&t.to, safe_z)?,
-                ];
-                Ok(seq
-                    .into_iter()
-                    .map(|c| (instrument.to_owned(), c))
-                    .collect())
-            }
-            Action::Dispense(d) => one(DeviceCommand::Dispense {
-                volume_ul: d.volume_ul,
-                rate_ul_per_min: d.rate_ul_per_min,
-            }),
-            Action::StopPump {} => one(DeviceCommand::StopPump),
-            Action::Tare {} => one(DeviceCommand::Tare),
-            Action::Zero {} => one(DeviceCommand::Zero),
-            Action::SetTemperature(t) => one(DeviceCommand::SetTemperature {
-                temperature_c: t.temperature_c,
-            }),
-            Action::HeaterOff {} => one(DeviceCommand::HeaterOff),
-            Action::SetStirSpeed(s) => one(DeviceCommand::SetStirSpeed {
-                speed_rpm: s.speed_rpm,
-            }),
-            Action::StirOff {} => one(DeviceCommand::StirOff),
-        }
-    }
-}
-
-/// Steps that are not a single instrument command (those journal their command and its outcome instead).
-fn is_block(step: &Step) -> bool {
-    !matches!(step, Step::Measure(_))
-        && !matches!(step, Step::Action(a) if !matches!(a.action.builtin(), Some(Action::Transfer(_))))
-}
-
-fn measurement_command(m: &Measurement) -> DeviceCommand {
-    match m {
-        Measurement::Weigh(w) => DeviceCommand::Weigh { stable: w.stable },
-        Measurement::Spectrum(s) => DeviceCommand::Spectrum {
-            start_nm: s.start_nm,
-            stop_nm: s.stop_nm,
-            step_nm: s.step_nm,
-        },
-        Measurement::Absorbance(a) => DeviceCommand::Absorbance {
-            wavelength_nm: a.wavelength_nm,
-        },
-        Measurement::ReadTemperature {} => DeviceCommand::ReadTemperature,
-        Measurement::Read(r) => DeviceCommand::Read {
-            quantity: r.quantity.clone(),
-        },
     }
 }
 

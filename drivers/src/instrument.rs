@@ -5,7 +5,6 @@
 //! identity and firmware, refuse what is unsupported) -> [`Instrument::execute`] / [`Instrument::poll`] ->
 //! [`Instrument::stop`]. [`Instrument::safe_state`] may be called at any time after `start`.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 
 use labctl_protocols::InstrumentKind;
@@ -13,120 +12,7 @@ use serde::Serialize;
 
 use crate::error::DriverError;
 
-pub use labctl_protocols::device::{DeviceState, Identity};
-
-/// A command to one instrument, in engineering units. Every command passes the safety envelope check
-/// (in the controller) before it reaches [`Instrument::execute`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "command", rename_all = "snake_case")]
-pub enum DeviceCommand {
-    /// Gantry: homing cycle.
-    Home,
-    /// Gantry: move the head to machine coordinates, ending when the move has finished.
-    MoveTo {
-        x_mm: f64,
-        y_mm: f64,
-        z_mm: f64,
-        feed_mm_per_min: f64,
-    },
-    /// Gantry: close (grip) or open (release) the head's vial gripper.
-    Gripper {
-        closed: bool,
-    },
-    /// Pump: dispense a volume at a rate, ending when the pump has stopped.
-    Dispense {
-        volume_ul: f64,
-        rate_ul_per_min: f64,
-    },
-    /// Pump: stop now.
-    StopPump,
-    /// Balance: zero the empty pan.
-    Zero,
-    /// Balance: tare with what is on the pan.
-    Tare,
-    /// Balance: read the mass, waiting for stability when `stable`.
-    Weigh {
-        stable: bool,
-    },
-    /// Hotplate: heat towards a setpoint.
-    SetTemperature {
-        temperature_c: f64,
-    },
-    HeaterOff,
-    /// Hotplate: stir at a speed.
-    SetStirSpeed {
-        speed_rpm: f64,
-    },
-    StirOff,
-    /// Hotplate: read the vessel temperature.
-    ReadTemperature,
-    /// Spectrophotometer: absorbance spectrum of the vessel under the probe.
-    Spectrum {
-        start_nm: f64,
-        stop_nm: f64,
-        step_nm: f64,
-    },
-    /// Spectrophotometer: absorbance at one wavelength.
-    Absorbance {
-        wavelength_nm: f64,
-    },
-    /// A defined instrument: one of its definition's actions, with its parameters by name.
-    Defined {
-        action: String,
-        params: BTreeMap<String, f64>,
-    },
-    /// A defined instrument: the current value of one of its readings.
-    Read {
-        quantity: String,
-    },
-}
-
-impl DeviceCommand {
-    /// The instrument kind that accepts this command.
-    pub fn kind(&self) -> InstrumentKind {
-        use DeviceCommand::*;
-        match self {
-            Home | MoveTo { .. } | Gripper { .. } => InstrumentKind::Gantry,
-            Dispense { .. } | StopPump => InstrumentKind::SyringePump,
-            Zero | Tare | Weigh { .. } => InstrumentKind::Balance,
-            SetTemperature { .. } | HeaterOff | SetStirSpeed { .. } | StirOff | ReadTemperature => {
-                InstrumentKind::Hotplate
-            }
-            Spectrum { .. } | Absorbance { .. } => InstrumentKind::Spectrophotometer,
-            Defined { .. } | Read { .. } => InstrumentKind::Defined,
-        }
-    }
-
-    /// Whether sending it twice does no harm (a retry after a lost reply must not dispense twice).
-    pub fn idempotent(&self) -> bool {
-        use DeviceCommand::*;
-        // A definition does not say whether its actions may be repeated: never assume it.
-        !matches!(self, Dispense { .. } | Home | Zero | Tare | Defined { .. })
-    }
-
-    /// Whether it only reads: nothing in the lab moves, heats, pours or changes what later readings mean.
-    /// (Zero and tare change every later weighing, so they are not reads.)
-    pub fn only_reads(&self) -> bool {
-        use DeviceCommand::*;
-        match self {
-            Weigh { .. } | ReadTemperature | Spectrum { .. } | Absorbance { .. } | Read { .. } => {
-                true
-            }
-            Home
-            | MoveTo { .. }
-            | Gripper { .. }
-            | Dispense { .. }
-            | StopPump
-            | Zero
-            | Tare
-            | SetTemperature { .. }
-            | HeaterOff
-            | SetStirSpeed { .. }
-            | StirOff
-            | Defined { .. } => false,
-        }
-    }
-}
+pub use labctl_protocols::device::{DeviceCommand, DeviceState, Identity};
 
 /// What a finished command produced.
 #[derive(Debug, Clone, PartialEq, Serialize)]

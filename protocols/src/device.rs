@@ -1,7 +1,13 @@
-//! What an instrument reports about itself, in the words every room shares: the drivers read it off the
-//! wire, the controller keeps it, the faces publish it and the clients read it back.
+//! What an instrument is told and what it reports about itself, in the words every room shares: the
+//! interpreter turns protocol steps into [`DeviceCommand`]s, the drivers put them on the wire and read
+//! identity and state off it, the dry run applies them to the physical model, the controller keeps what
+//! comes back, the faces publish it and the clients read it back.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+use crate::InstrumentKind;
 
 /// What an instrument says it is, read from the instrument at connect time (never from the lab file).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +46,119 @@ impl DeviceState {
         match self {
             DeviceState::Alarm(why) | DeviceState::Locked(why) => Some(why),
             DeviceState::Idle | DeviceState::Busy => None,
+        }
+    }
+}
+
+/// A command to one instrument, in engineering units. Every command passes the safety envelope check
+/// (in the controller) before it reaches the driver.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum DeviceCommand {
+    /// Gantry: homing cycle.
+    Home,
+    /// Gantry: move the head to machine coordinates, ending when the move has finished.
+    MoveTo {
+        x_mm: f64,
+        y_mm: f64,
+        z_mm: f64,
+        feed_mm_per_min: f64,
+    },
+    /// Gantry: close (grip) or open (release) the head's vial gripper.
+    Gripper {
+        closed: bool,
+    },
+    /// Pump: dispense a volume at a rate, ending when the pump has stopped.
+    Dispense {
+        volume_ul: f64,
+        rate_ul_per_min: f64,
+    },
+    /// Pump: stop now.
+    StopPump,
+    /// Balance: zero the empty pan.
+    Zero,
+    /// Balance: tare with what is on the pan.
+    Tare,
+    /// Balance: read the mass, waiting for stability when `stable`.
+    Weigh {
+        stable: bool,
+    },
+    /// Hotplate: heat towards a setpoint.
+    SetTemperature {
+        temperature_c: f64,
+    },
+    HeaterOff,
+    /// Hotplate: stir at a speed.
+    SetStirSpeed {
+        speed_rpm: f64,
+    },
+    StirOff,
+    /// Hotplate: read the vessel temperature.
+    ReadTemperature,
+    /// Spectrophotometer: absorbance spectrum of the vessel under the probe.
+    Spectrum {
+        start_nm: f64,
+        stop_nm: f64,
+        step_nm: f64,
+    },
+    /// Spectrophotometer: absorbance at one wavelength.
+    Absorbance {
+        wavelength_nm: f64,
+    },
+    /// A defined instrument: one of its definition's actions, with its parameters by name.
+    Defined {
+        action: String,
+        params: BTreeMap<String, f64>,
+    },
+    /// A defined instrument: the current value of one of its readings.
+    Read {
+        quantity: String,
+    },
+}
+
+impl DeviceCommand {
+    /// The instrument kind that accepts this command.
+    pub fn kind(&self) -> InstrumentKind {
+        use DeviceCommand::*;
+        match self {
+            Home | MoveTo { .. } | Gripper { .. } => InstrumentKind::Gantry,
+            Dispense { .. } | StopPump => InstrumentKind::SyringePump,
+            Zero | Tare | Weigh { .. } => InstrumentKind::Balance,
+            SetTemperature { .. } | HeaterOff | SetStirSpeed { .. } | StirOff | ReadTemperature => {
+                InstrumentKind::Hotplate
+            }
+            Spectrum { .. } | Absorbance { .. } => InstrumentKind::Spectrophotometer,
+            Defined { .. } | Read { .. } => InstrumentKind::Defined,
+        }
+    }
+
+    /// Whether sending it twice does no harm (a retry after a lost reply must not dispense twice).
+    pub fn idempotent(&self) -> bool {
+        use DeviceCommand::*;
+        // A definition does not say whether its actions may be repeated: never assume it.
+        !matches!(self, Dispense { .. } | Home | Zero | Tare | Defined { .. })
+    }
+
+    /// Whether it only reads: nothing in the lab moves, heats, pours or changes what later readings mean.
+    /// (Zero and tare change every later weighing, so they are not reads.)
+    pub fn only_reads(&self) -> bool {
+        use DeviceCommand::*;
+        match self {
+            Weigh { .. } | ReadTemperature | Spectrum { .. } | Absorbance { .. } | Read { .. } => {
+                true
+            }
+            Home
+            | MoveTo { .. }
+            | Gripper { .. }
+            | Dispense { .. }
+            | StopPump
+            | Zero
+            | Tare
+            | SetTemperature { .. }
+            | HeaterOff
+            | SetStirSpeed { .. }
+            | StirOff
+            | Defined { .. } => false,
         }
     }
 }

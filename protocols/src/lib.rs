@@ -15,6 +15,7 @@ pub mod capabilities;
 pub mod device;
 pub mod finding;
 pub mod instrument_def;
+pub mod interpret;
 pub mod lab;
 pub mod pattern_text;
 pub mod protocol;

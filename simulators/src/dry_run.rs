@@ -6,20 +6,28 @@
 //! overflowing, a stock running out, a gantry alarm, a step that would time out, a measurement with no
 //! vessel under the probe. The estimate is recorded and shown to whoever approves the run.
 //!
-//! The walk mirrors the controller's executor (`src/executor.rs` in the root crate): the same expansion of
-//! `move_to` and `transfer` into gantry moves at the same feed rates, a dispense runs until the pump stops,
-//! a `wait_until` ends when the reading meets the condition (held for `hold_s`) or at its timeout, a
-//! `parallel` block lasts as long as its longest branch, a `repeat` runs its steps `count` times. Time is
-//! the model's: travel time from distance over feed, pumping time from volume over rate, balance settling,
-//! spectrometer integration, first-order heating. What it leaves out is listed under [`dry_run`].
+//! The dry run does not imitate the executor: both take what a step means from the one interpreter
+//! (`labctl_protocols::interpret`: the expansion of `move_to` and `transfer` into gantry moves at the same
+//! feed rates, the ramp of a setpoint, the rise before a lateral move from low down, the command of a
+//! measurement, the default timeouts). The dry run applies those device commands to model-backed
+//! instruments, one per instrument of the lab ([`planned_commands`] lists them); the executor sends them
+//! to the drivers. A dispense runs until the pump stops, a `wait_until` ends when the reading meets the
+//! condition (held for `hold_s`) or at its timeout, a `parallel` block lasts as long as its longest
+//! branch, a `repeat` runs its steps `count` times. Time is the model's: travel time from distance over
+//! feed, pumping time from volume over rate, balance settling, spectrometer integration, first-order
+//! heating. What it leaves out is listed under [`dry_run`].
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
+use labctl_protocols::device::DeviceCommand;
+use labctl_protocols::instrument_def::InstrumentDefinition;
+use labctl_protocols::interpret::{self, ExpandError, Expansion};
 use labctl_protocols::lab::Position as DeckSpot;
 use labctl_protocols::{
-    Action, ActionStep, Comparison, DispenseParams, InstrumentKind, Lab, MeasureStep, Measurement,
-    ParallelStep, Protocol, RepeatStep, Step, TransferParams, WaitUntilStep,
+    Action, ActionCall, ActionStep, Comparison, InstrumentKind, Lab, MeasureStep, ParallelStep,
+    Protocol, RepeatStep, Step, WaitUntilStep,
 };
 use serde::{Deserialize, Serialize};
 
@@ -87,9 +95,37 @@ pub use labctl_protocols::finding::DryRunProblem;
 /// - after [`MAX_SIMULATED_STEPS`] steps the remaining iterations of a `repeat` are extrapolated at the
 ///   mean duration of those simulated (said so in [`DryRunReport::notes`]); only stock consumption is
 ///   extrapolated with them, other conflicts of those iterations are not looked for;
+/// - the physical model has one gantry, balance, hotplate and spectrophotometer: a lab's second one of a
+///   kind is not modelled (its steps take no time and are not checked; a note says so), and neither is a
+///   pump in a lab the model cannot represent whose stock is not a dye;
 /// - syringes start full (the simulated lab's 10 mL), instruments start idle and cold, without faults;
 ///   interlocks and the safety envelope are the validator's business, not checked here.
 pub fn dry_run(protocol: &Protocol, lab: &Lab, seed: u64) -> DryRunReport {
+    walk(protocol, lab, seed, None)
+}
+
+/// The device commands the dry run applied to its model-backed instruments, in order, each with its
+/// instrument: what the executor sends for the same protocol in the same lab (both come from
+/// [`interpret`]), for a reviewer who wants to see them and for the tests that hold the two together.
+/// At most `limit` are kept.
+pub fn planned_commands(
+    protocol: &Protocol,
+    lab: &Lab,
+    seed: u64,
+    limit: usize,
+) -> Vec<(String, DeviceCommand)> {
+    let mut trace = Vec::new();
+    walk(protocol, lab, seed, Some((&mut trace, limit)));
+    trace
+}
+
+/// The dry run's walk; `trace` collects the commands applied, up to its limit.
+fn walk(
+    protocol: &Protocol,
+    lab: &Lab,
+    seed: u64,
+    trace: Option<(&mut Vec<(String, DeviceCommand)>, usize)>,
+) -> DryRunReport {
     let mut notes = Vec::new();
     let (config, pumps) = match lab_config(lab, &mut notes) {
         Ok(built) => built,
@@ -116,6 +152,7 @@ pub fn dry_run(protocol: &Protocol, lab: &Lab, seed: u64) -> DryRunReport {
         }
     };
     let mut sim = Sim::new(lab, model, pumps, notes);
+    sim.trace = trace;
     sim.place_labware(protocol);
     let mut total = 0.0;
     for (i, step) in protocol.steps.iter().enumerate() {
@@ -235,26 +272,103 @@ fn secs(s: f64) -> Duration {
     }
 }
 
-fn action_kind(action: &Action) -> InstrumentKind {
-    match action {
-        Action::Home {} | Action::MoveTo(_) | Action::MoveXyz(_) | Action::Transfer(_) => {
-            InstrumentKind::Gantry
+/// What stands behind each of the lab's instruments in the dry run: a part of the one physical model, a
+/// definition's state model, or nothing the model can represent. The interpreter's device commands are
+/// applied to it as the executor sends them to the real instrument.
+#[derive(Debug, Clone)]
+enum Backing {
+    Gantry,
+    /// The model's pump of this index.
+    Pump(usize),
+    Balance,
+    Hotplate,
+    Spectro,
+    /// A defined instrument: its definition's readings and duration model.
+    Defined(Arc<InstrumentDefinition>),
+    /// An instrument the model has no part for: a second gantry, balance, hotplate or spectrophotometer
+    /// (the model has one of each), or a pump whose stock it cannot represent. Its commands take no
+    /// modelled time and are not checked; a note says so.
+    Unmodelled {
+        kind: InstrumentKind,
+        why: String,
+    },
+}
+
+impl Backing {
+    fn kind(&self) -> InstrumentKind {
+        match self {
+            Backing::Gantry => InstrumentKind::Gantry,
+            Backing::Pump(_) => InstrumentKind::SyringePump,
+            Backing::Balance => InstrumentKind::Balance,
+            Backing::Hotplate => InstrumentKind::Hotplate,
+            Backing::Spectro => InstrumentKind::Spectrophotometer,
+            Backing::Defined(_) => InstrumentKind::Defined,
+            Backing::Unmodelled { kind, .. } => *kind,
         }
-        Action::Dispense(_) | Action::StopPump {} => InstrumentKind::SyringePump,
-        Action::Tare {} | Action::Zero {} => InstrumentKind::Balance,
-        Action::SetTemperature(_)
-        | Action::HeaterOff {}
-        | Action::SetStirSpeed(_)
-        | Action::StirOff {} => InstrumentKind::Hotplate,
+    }
+
+    /// The backing of every instrument of `lab`, by id: the first of each built-in kind gets the model's
+    /// part, every pump its model pump (`pumps`).
+    fn of_lab(lab: &Lab, pumps: &BTreeMap<String, usize>) -> BTreeMap<String, Backing> {
+        let mut taken = BTreeSet::new();
+        lab.instruments
+            .iter()
+            .map(|inst| {
+                let single = |part: Backing, taken: &mut BTreeSet<InstrumentKind>| {
+                    if taken.insert(inst.kind) {
+                        part
+                    } else {
+                        Backing::Unmodelled {
+                            kind: inst.kind,
+                            why: format!("the physical model has one {}", inst.kind),
+                        }
+                    }
+                };
+                let backing = match (&inst.defined, inst.kind) {
+                    (Some(def), _) => Backing::Defined(Arc::clone(def)),
+                    (None, InstrumentKind::SyringePump) => match pumps.get(&inst.id) {
+                        Some(&index) => Backing::Pump(index),
+                        None => Backing::Unmodelled {
+                            kind: inst.kind,
+                            why: "its stock has no model".to_owned(),
+                        },
+                    },
+                    (None, InstrumentKind::Gantry) => single(Backing::Gantry, &mut taken),
+                    (None, InstrumentKind::Balance) => single(Backing::Balance, &mut taken),
+                    (None, InstrumentKind::Hotplate) => single(Backing::Hotplate, &mut taken),
+                    (None, InstrumentKind::Spectrophotometer) => {
+                        single(Backing::Spectro, &mut taken)
+                    }
+                    (None, kind) => Backing::Unmodelled {
+                        kind,
+                        why: "it has no definition".to_owned(),
+                    },
+                };
+                (inst.id.clone(), backing)
+            })
+            .collect()
     }
 }
 
-fn measurement_kind(m: &Measurement) -> InstrumentKind {
-    match m {
-        Measurement::Weigh(_) => InstrumentKind::Balance,
-        Measurement::Spectrum(_) | Measurement::Absorbance(_) => InstrumentKind::Spectrophotometer,
-        Measurement::ReadTemperature {} => InstrumentKind::Hotplate,
-        Measurement::Read(_) => InstrumentKind::Defined,
+/// What a step means to do, for the checks that compare what the model does with it (a transfer picks a
+/// given vessel; a dispense pours into one).
+struct Intent<'s> {
+    /// The action's or measurement's name.
+    name: &'s str,
+    vessel: Option<&'s str>,
+}
+
+impl<'s> Intent<'s> {
+    fn of_action(action: &'s ActionCall) -> Self {
+        let vessel = match action.builtin() {
+            Some(Action::Transfer(t)) => Some(t.vessel.as_str()),
+            Some(Action::Dispense(d)) => Some(d.vessel.as_str()),
+            _ => None,
+        };
+        Intent {
+            name: action.name(),
+            vessel,
+        }
     }
 }
 
@@ -271,6 +385,8 @@ fn op_text(op: Comparison) -> &'static str {
 /// The walk: the model, its virtual time and what was found so far.
 struct Sim<'a> {
     lab: &'a Lab,
+    /// The commands applied so far and how many to keep, when asked for ([`planned_commands`]).
+    trace: Option<(&'a mut Vec<(String, DeviceCommand)>, usize)>,
     model: LabModel,
     /// Virtual time; the model is always advanced to it.
     now: Duration,
@@ -278,6 +394,8 @@ struct Sim<'a> {
     spots: BTreeMap<String, DeckSpot>,
     /// Model pump index of each pump instrument.
     pumps: BTreeMap<String, usize>,
+    /// What stands behind each instrument of the lab.
+    backing: BTreeMap<String, Backing>,
     /// Deck position of each vessel, updated as transfers finish (as the executor does).
     vessels: BTreeMap<String, String>,
     problems: Vec<DryRunProblem>,
@@ -311,9 +429,11 @@ impl<'a> Sim<'a> {
             .collect();
         Sim {
             lab,
+            trace: None,
             model,
             now: Duration::ZERO,
             spots,
+            backing: Backing::of_lab(lab, &pumps),
             pumps,
             vessels: BTreeMap::new(),
             problems: Vec::new(),
@@ -583,109 +703,175 @@ impl<'a> Sim<'a> {
             .collect()
     }
 
-    fn instrument_of_kind(
-        &mut self,
-        id: &str,
-        kind: InstrumentKind,
-        what: &str,
-        path: &str,
-    ) -> bool {
-        match self.lab.instrument(id) {
-            None => {
-                self.problem(
-                    path,
-                    "instrument",
-                    format!("instrument {id} is not in this lab; the step is not simulated"),
-                );
-                false
-            }
-            Some(i) if i.kind != kind => {
-                self.problem(
-                    path,
-                    "instrument",
-                    format!("{id} is a {}, it cannot {what}", i.kind),
-                );
-                false
-            }
-            Some(_) => true,
+    /// The instrument's backing, or a problem when the lab has no such instrument.
+    fn backing_of(&mut self, id: &str, path: &str) -> Option<Backing> {
+        let found = self.backing.get(id).cloned();
+        if found.is_none() {
+            self.problem(
+                path,
+                "instrument",
+                format!("instrument {id} is not in this lab; the step is not simulated"),
+            );
         }
+        found
     }
 
     // ----- actions -----
 
+    /// The interpreter's expansion of the action, applied command by command as the executor sends them;
+    /// the first command the model refuses ends the step, as it fails the step in the lab.
     fn action(&mut self, a: &ActionStep, path: &str) {
-        // A defined instrument's action takes the time its definition's duration model says.
-        if let Some(def) = self
-            .lab
-            .instrument(&a.instrument)
-            .and_then(|i| i.defined.clone())
-        {
-            match (def.action(a.action.name()), a.action.numeric_params()) {
-                (Some(spec), Ok(values)) => {
-                    let now = self.now;
-                    let readings = self
-                        .defined
-                        .entry(a.instrument.clone())
-                        .or_insert_with(|| crate::devices::defined::Value::all(&def));
-                    for v in readings.iter_mut() {
-                        if let Some(target) = values.get(&v.name) {
-                            v.set_target(now, def.simulation.tau_s, *target);
-                        }
-                    }
-                    let s = self.params.estimate_s(&a.instrument, &def, spec, &values);
-                    self.advance(secs(s))
-                }
-                _ => self.problem(
-                    path,
-                    "instrument",
-                    format!(
-                        "{} cannot {}; the step is not simulated",
-                        a.instrument,
-                        a.action.name()
-                    ),
-                ),
-            }
+        if self.backing_of(&a.instrument, path).is_none() {
             return;
         }
-        let Some(action) = a.action.builtin() else {
+        let vessels = &self.vessels;
+        let expansion = interpret::expand(self.lab, &a.instrument, &a.action, |v| {
+            vessels.get(v).cloned()
+        });
+        let intent = Intent::of_action(&a.action);
+        let commands = match expansion {
+            Ok(Expansion::Commands(commands)) => commands,
+            Ok(Expansion::Ramp {
+                target_c,
+                rate_c_per_min,
+            }) => {
+                // The executor's ramp, setpoint by setpoint: the model sees each when the lab would.
+                let plate_c = self.reading(&a.instrument, "plate_temperature_c");
+                let setpoints =
+                    interpret::ramp(self.lab, &a.instrument, plate_c, target_c, rate_c_per_min);
+                for (wait_s, temperature_c) in setpoints {
+                    self.advance(secs(wait_s));
+                    let set = DeviceCommand::SetTemperature { temperature_c };
+                    if !self.device(&a.instrument, &set, path, &intent) {
+                        break;
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                let (kind, message) = match &e {
+                    ExpandError::UnknownPosition(name) => (
+                        "position",
+                        format!("there is no deck position {name} in this lab"),
+                    ),
+                    ExpandError::UnknownVessel(v) => (
+                        "vessel",
+                        format!("vessel {v} is not in the protocol's labware"),
+                    ),
+                    ExpandError::NoSuchAction { .. } | ExpandError::Parameter(_) => {
+                        ("instrument", format!("{e}; the step is not simulated"))
+                    }
+                };
+                self.problem(path, kind, message);
+                return;
+            }
+        };
+        for (instrument, command) in &commands {
+            if !self.device(instrument, command, path, &intent) {
+                return;
+            }
+        }
+        if let Some(Action::Transfer(t)) = a.action.builtin() {
+            self.vessels
+                .insert(t.vessel.clone(), t.to.to_ascii_uppercase());
+        }
+    }
+
+    /// Applies one device command to the instrument's backing; false when the instrument would refuse it
+    /// or fail, which ends the step.
+    fn device(
+        &mut self,
+        instrument: &str,
+        command: &DeviceCommand,
+        path: &str,
+        intent: &Intent<'_>,
+    ) -> bool {
+        let Some(backing) = self.backing_of(instrument, path) else {
+            return false;
+        };
+        // A lateral move from low down rises first, as the executor does, from where the head is now.
+        if matches!(backing, Backing::Gantry)
+            && let Some(rise) =
+                interpret::rise_before(self.lab, self.model.gantry().position(), command)
+            && !self.device(instrument, &rise, path, intent)
+        {
+            return false;
+        }
+        if let Some((trace, limit)) = &mut self.trace
+            && trace.len() < *limit
+        {
+            trace.push((instrument.to_owned(), command.clone()));
+        }
+        if backing.kind() != command.kind() {
             self.problem(
                 path,
                 "instrument",
                 format!(
-                    "`{}` is an action of no built-in instrument; the step is not simulated",
-                    a.action.name()
+                    "{instrument} is a {}, it cannot {}",
+                    backing.kind(),
+                    intent.name
                 ),
             );
-            return;
-        };
-        if !self.instrument_of_kind(&a.instrument, action_kind(action), action.name(), path) {
-            return;
+            return false;
         }
-        let feed_default = self.feed_default(&a.instrument);
-        let safe_z = self.lab.deck.safe_z_mm;
         let now = self.now;
-        match action {
-            Action::Home {} => self.home(path),
-            Action::MoveTo(m) => {
-                if let Some(p) = self.spot(&m.position, path) {
-                    let feed = m.feed_mm_per_min.unwrap_or(feed_default);
-                    self.move_head([p.x_mm, p.y_mm, safe_z], feed, path);
-                }
+        match (backing, command) {
+            (Backing::Unmodelled { kind, why }, _) => {
+                self.note(
+                    instrument,
+                    format!(
+                        "{instrument} ({kind}) is not modelled ({why}): its steps take no time here and \
+                         are not checked"
+                    ),
+                );
+                true
             }
-            Action::MoveXyz(m) => {
-                let feed = m.feed_mm_per_min.unwrap_or(feed_default);
-                self.move_head([m.x_mm, m.y_mm, m.z_mm], feed, path);
+            (Backing::Gantry, DeviceCommand::Home) => {
+                self.home(path);
+                true
             }
-            Action::Transfer(t) => self.transfer(t, feed_default, path),
-            Action::Dispense(d) => self.dispense(&a.instrument, d, path),
-            Action::StopPump {} => {
-                if let Some(&i) = self.pumps.get(&a.instrument) {
-                    let _ = self.model.pump_stop(now, i);
-                    let _ = self.model.pump_stop(now, i);
-                }
+            (
+                Backing::Gantry,
+                DeviceCommand::MoveTo {
+                    x_mm,
+                    y_mm,
+                    z_mm,
+                    feed_mm_per_min,
+                },
+            ) => self.move_head([*x_mm, *y_mm, *z_mm], *feed_mm_per_min, path),
+            (Backing::Gantry, DeviceCommand::Gripper { closed: true }) => {
+                self.pick(intent.vessel, path);
+                true
             }
-            Action::Tare {} | Action::Zero {} => {
-                let tare = matches!(action, Action::Tare {});
+            (Backing::Gantry, DeviceCommand::Gripper { closed: false }) => {
+                self.place(intent.vessel, path);
+                true
+            }
+            (
+                Backing::Pump(index),
+                DeviceCommand::Dispense {
+                    volume_ul,
+                    rate_ul_per_min,
+                },
+            ) => {
+                self.dispense(
+                    instrument,
+                    index,
+                    *volume_ul,
+                    *rate_ul_per_min,
+                    intent.vessel,
+                    path,
+                );
+                true
+            }
+            (Backing::Pump(index), DeviceCommand::StopPump) => {
+                // The first STP pauses a pumping phase, the second stops it (as the driver sends it).
+                let _ = self.model.pump_stop(now, index);
+                let _ = self.model.pump_stop(now, index);
+                true
+            }
+            (Backing::Balance, DeviceCommand::Tare | DeviceCommand::Zero) => {
+                let tare = matches!(command, DeviceCommand::Tare);
                 self.settle_balance(path);
                 let now = self.now;
                 let result = if tare {
@@ -701,47 +887,48 @@ impl<'a> Sim<'a> {
                         format!("the balance would refuse to {what}: {e}"),
                     );
                 }
+                true
             }
-            Action::SetTemperature(t) => {
-                // The executor's ramp, step by step: the model sees each setpoint when the lab would.
-                let from = self.model.hotplate_status(now).plate_c;
-                let ramp = self
-                    .lab
-                    .instrument(&a.instrument)
-                    .and_then(|i| i.envelope.ramp_c_per_min);
-                let setpoints = match ramp {
-                    Some(rate) => {
-                        labctl_protocols::lab::ramp_setpoints(from, t.temperature_c, rate)
-                    }
-                    None => vec![(0.0, t.temperature_c)],
-                };
-                for (wait_s, setpoint) in setpoints {
-                    self.advance(secs(wait_s));
-                    let now = self.now;
-                    self.model.hotplate_message(now);
-                    let set = self
-                        .model
-                        .hotplate_set_temperature(now, setpoint)
-                        .and_then(|()| self.model.hotplate_heat(now, true));
-                    if let Err(e) = set {
-                        self.problem(
-                            path,
-                            "hotplate",
-                            format!("the hotplate would refuse the setpoint: {e}"),
-                        );
-                        break;
-                    }
+            (Backing::Balance, DeviceCommand::Weigh { stable }) => {
+                if *stable {
+                    self.settle_balance(path);
                 }
+                let reading = self.model.balance_read(self.now);
+                if reading.load != LoadState::InRange {
+                    self.problem(
+                        path,
+                        "balance",
+                        format!("the balance would report {:?}", reading.load),
+                    );
+                }
+                true
             }
-            Action::HeaterOff {} => {
+            (Backing::Hotplate, DeviceCommand::SetTemperature { temperature_c }) => {
+                self.model.hotplate_message(now);
+                let set = self
+                    .model
+                    .hotplate_set_temperature(now, *temperature_c)
+                    .and_then(|()| self.model.hotplate_heat(now, true));
+                if let Err(e) = set {
+                    self.problem(
+                        path,
+                        "hotplate",
+                        format!("the hotplate would refuse the setpoint: {e}"),
+                    );
+                    return false;
+                }
+                true
+            }
+            (Backing::Hotplate, DeviceCommand::HeaterOff) => {
                 let _ = self.model.hotplate_heat(now, false);
+                true
             }
-            Action::SetStirSpeed(s) => {
+            (Backing::Hotplate, DeviceCommand::SetStirSpeed { speed_rpm }) => {
                 self.model.hotplate_message(now);
                 // The driver sends whole rpm.
                 let set = self
                     .model
-                    .hotplate_set_speed(now, s.speed_rpm.round())
+                    .hotplate_set_speed(now, speed_rpm.round())
                     .and_then(|()| self.model.hotplate_stir(now, true));
                 if let Err(e) = set {
                     self.problem(
@@ -750,20 +937,72 @@ impl<'a> Sim<'a> {
                         format!("the hotplate would refuse the stirrer speed: {e}"),
                     );
                 }
+                true
             }
-            Action::StirOff {} => {
+            (Backing::Hotplate, DeviceCommand::StirOff) => {
                 let _ = self.model.hotplate_stir(now, false);
+                true
+            }
+            (Backing::Hotplate, DeviceCommand::ReadTemperature) => {
+                if self.model.hotplate_status(now).vial_c.is_none() {
+                    self.problem(
+                        path,
+                        "probe",
+                        "no vessel on the hotplate: the probe would read the air".to_owned(),
+                    );
+                }
+                true
+            }
+            (
+                Backing::Spectro,
+                DeviceCommand::Spectrum {
+                    start_nm,
+                    stop_nm,
+                    step_nm,
+                },
+            ) => {
+                self.spectro(*start_nm, *stop_nm, *step_nm, path);
+                true
+            }
+            (Backing::Spectro, DeviceCommand::Absorbance { wavelength_nm }) => {
+                self.spectro(*wavelength_nm, *wavelength_nm, 1.0, path);
+                true
+            }
+            // A defined instrument's action takes the time its definition's duration model says.
+            (Backing::Defined(def), DeviceCommand::Defined { action, params }) => {
+                let Some(spec) = def.action(action) else {
+                    self.problem(
+                        path,
+                        "instrument",
+                        format!("{instrument} cannot {action}; the step is not simulated"),
+                    );
+                    return false;
+                };
+                let readings = self
+                    .defined
+                    .entry(instrument.to_owned())
+                    .or_insert_with(|| crate::devices::defined::Value::all(&def));
+                for v in readings.iter_mut() {
+                    if let Some(target) = params.get(&v.name) {
+                        v.set_target(now, def.simulation.tau_s, *target);
+                    }
+                }
+                let s = self.params.estimate_s(instrument, &def, spec, params);
+                self.advance(secs(s));
+                true
+            }
+            // A defined instrument's reading is a query: no time worth modelling, nothing to refuse.
+            (Backing::Defined(_), DeviceCommand::Read { .. }) => true,
+            // Kinds agree, so only a command the role has no such model part for is left.
+            (_, other) => {
+                self.problem(
+                    path,
+                    "instrument",
+                    format!("{instrument} has no model of {other:?}; the step is not simulated"),
+                );
+                false
             }
         }
-    }
-
-    /// The executor's feed for gantry moves without one: the envelope's maximum, at most 3000 mm/min.
-    fn feed_default(&self, instrument: &str) -> f64 {
-        self.lab
-            .instrument(instrument)
-            .and_then(|i| i.envelope.feed_mm_per_min)
-            .map(|r| r.max.min(3000.0))
-            .unwrap_or(1000.0)
     }
 
     fn home(&mut self, path: &str) {
@@ -847,29 +1086,27 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// The executor's expansion: over the vessel, down, grip, up, over the target, down, release, up.
-    fn transfer(&mut self, t: &TransferParams, feed: f64, path: &str) {
-        let Some(from) = self.vessels.get(&t.vessel).cloned() else {
-            self.problem(
-                path,
-                "vessel",
-                format!("vessel {} is not in the protocol's labware", t.vessel),
-            );
-            return;
-        };
-        let (Some(a), Some(b)) = (self.spot(&from, path), self.spot(&t.to, path)) else {
-            return;
-        };
-        let safe_z = self.lab.deck.safe_z_mm;
-        for target in [[a.x_mm, a.y_mm, safe_z], [a.x_mm, a.y_mm, a.z_mm]] {
-            if !self.move_head(target, feed, path) {
-                return;
-            }
-        }
+    /// The name of the deck position under the head, where there is one.
+    fn spot_under_head(&self) -> Option<String> {
+        let [x, y, _] = self.model.gantry().position();
+        self.model
+            .deck()
+            .position_near(x, y)
+            .map(|p| p.name.clone())
+    }
+
+    /// Closes the gripper; a transfer expects to be holding its vessel then.
+    fn pick(&mut self, vessel: Option<&str>, path: &str) {
         self.grip(true, path);
+        let Some(vessel) = vessel else {
+            return;
+        };
         let held = self.model.deck().held_vial().map(|v| v.id.clone());
-        if held.as_deref() != Some(t.vessel.as_str()) {
-            let found = match (&held, self.model.deck().vial_at(&a.name)) {
+        if held.as_deref() != Some(vessel) {
+            let here = self
+                .spot_under_head()
+                .unwrap_or_else(|| "the head".to_owned());
+            let found = match (&held, self.model.deck().vial_at(&here)) {
                 (Some(h), _) => format!("the gripper holds {h}"),
                 (None, Some(v)) => format!("{} stands there", v.id),
                 (None, None) => "the position is empty".to_owned(),
@@ -877,56 +1114,51 @@ impl<'a> Sim<'a> {
             self.problem(
                 path,
                 "pick",
-                format!(
-                    "vessel {} is not at {} to pick up: {found}",
-                    t.vessel, a.name
-                ),
+                format!("vessel {vessel} is not at {here} to pick up: {found}"),
             );
         }
-        for target in [
-            [a.x_mm, a.y_mm, safe_z],
-            [b.x_mm, b.y_mm, safe_z],
-            [b.x_mm, b.y_mm, b.z_mm],
-        ] {
-            if !self.move_head(target, feed, path) {
-                return;
-            }
-        }
+    }
+
+    /// Opens the gripper; a vessel put where it cannot stand is dropped.
+    fn place(&mut self, vessel: Option<&str>, path: &str) {
+        let here = self.spot_under_head();
         let dropped = self.model.stats().dropped_vials;
-        let occupant = self.model.deck().vial_at(&b.name).map(|v| v.id.clone());
+        let occupant = here
+            .as_deref()
+            .and_then(|h| self.model.deck().vial_at(h))
+            .map(|v| v.id.clone());
+        let carried = self.model.deck().held_vial().map(|v| v.id.clone());
         self.grip(false, path);
         if self.model.stats().dropped_vials > dropped {
-            let why = occupant.map_or_else(
-                || "it cannot be put down there".to_owned(),
-                |o| format!("{} is occupied by {o}", b.name),
-            );
+            let why = match (occupant, here) {
+                (Some(o), Some(h)) => format!("{h} is occupied by {o}"),
+                _ => "it cannot be put down there".to_owned(),
+            };
+            let what = vessel.map(str::to_owned).or(carried).unwrap_or_default();
             self.problem(
                 path,
                 "drop",
-                format!("vessel {} would be dropped: {why}", t.vessel),
+                format!("vessel {what} would be dropped: {why}"),
             );
         }
-        self.move_head([b.x_mm, b.y_mm, safe_z], feed, path);
-        self.vessels.insert(t.vessel.clone(), b.name.clone());
     }
 
     /// The driver's NE-1000 sequence (DIR INF, RAT, VOL, CLD, RUN), then wait until the pump stops.
-    fn dispense(&mut self, instrument: &str, d: &DispenseParams, path: &str) {
-        let Some(&index) = self.pumps.get(instrument) else {
-            self.problem(
-                path,
-                "pump",
-                format!("{instrument}'s stock has no model; the dispense is not simulated"),
-            );
-            return;
-        };
-        if !(d.volume_ul.is_finite() && d.volume_ul > 0.0) {
+    fn dispense(
+        &mut self,
+        instrument: &str,
+        index: usize,
+        volume_ul: f64,
+        rate_ul_per_min: f64,
+        vessel: Option<&str>,
+        path: &str,
+    ) {
+        if !(volume_ul.is_finite() && volume_ul > 0.0) {
             self.problem(
                 path,
                 "pump",
                 format!(
-                    "volume {} uL is not a volume to dispense (0 would run the pump until it empties)",
-                    d.volume_ul
+                    "volume {volume_ul} uL is not a volume to dispense (0 would run the pump until it empties)"
                 ),
             );
             return;
@@ -935,8 +1167,8 @@ impl<'a> Sim<'a> {
         let set = self
             .model
             .pump_set_direction(now, index, Direction::Infuse)
-            .and_then(|()| self.model.pump_set_rate(now, index, d.rate_ul_per_min))
-            .and_then(|()| self.model.pump_set_volume(now, index, d.volume_ul))
+            .and_then(|()| self.model.pump_set_rate(now, index, rate_ul_per_min))
+            .and_then(|()| self.model.pump_set_volume(now, index, volume_ul))
             .and_then(|()| {
                 self.model
                     .pump_clear_dispensed(now, index, Direction::Infuse)
@@ -950,16 +1182,13 @@ impl<'a> Sim<'a> {
             return;
         }
         let under = self.model.vial_under_head(now).map(|v| v.id.clone());
-        if let Some(id) = &under
-            && id != &d.vessel
+        if let (Some(id), Some(vessel)) = (&under, vessel)
+            && id != vessel
         {
             self.problem(
                 path,
                 "wrong-vessel",
-                format!(
-                    "the head is over vessel {id}, not {}: the stock would go into {id}",
-                    d.vessel
-                ),
+                format!("the head is over vessel {id}, not {vessel}: the stock would go into {id}"),
             );
         }
         let before = self.model.stats();
@@ -992,8 +1221,8 @@ impl<'a> Sim<'a> {
                 path,
                 "stock",
                 format!(
-                    "{instrument}'s stock runs out: the syringe empties after {:.1} of {} uL",
-                    status.infused_ul, d.volume_ul
+                    "{instrument}'s stock runs out: the syringe empties after {:.1} of {volume_ul} uL",
+                    status.infused_ul
                 ),
             );
             let _ = self.model.pump_clear_alarm(now, index);
@@ -1009,7 +1238,7 @@ impl<'a> Sim<'a> {
                 format!(
                     "{spilled:.1} uL would spill: no vessel under the head at X{x:.1} Y{y:.1} \
                      (move the head over {} first)",
-                    d.vessel
+                    vessel.unwrap_or("the vessel")
                 ),
             );
         }
@@ -1062,38 +1291,12 @@ impl<'a> Sim<'a> {
     // ----- measurements -----
 
     fn measure(&mut self, m: &MeasureStep, path: &str) {
-        let kind = measurement_kind(&m.measurement);
-        if !self.instrument_of_kind(&m.instrument, kind, m.measurement.name(), path) {
-            return;
-        }
-        match &m.measurement {
-            Measurement::Weigh(w) => {
-                if w.stable {
-                    self.settle_balance(path);
-                }
-                let reading = self.model.balance_read(self.now);
-                if reading.load != LoadState::InRange {
-                    self.problem(
-                        path,
-                        "balance",
-                        format!("the balance would report {:?}", reading.load),
-                    );
-                }
-            }
-            Measurement::Spectrum(s) => self.spectro(s.start_nm, s.stop_nm, s.step_nm, path),
-            Measurement::Absorbance(a) => self.spectro(a.wavelength_nm, a.wavelength_nm, 1.0, path),
-            // A defined instrument's reading is a query: no time worth modelling, nothing to refuse.
-            Measurement::Read(_) => {}
-            Measurement::ReadTemperature {} => {
-                if self.model.hotplate_status(self.now).vial_c.is_none() {
-                    self.problem(
-                        path,
-                        "probe",
-                        "no vessel on the hotplate: the probe would read the air".to_owned(),
-                    );
-                }
-            }
-        }
+        let command = interpret::measurement_command(&m.measurement);
+        let intent = Intent {
+            name: m.measurement.name(),
+            vessel: None,
+        };
+        self.device(&m.instrument, &command, path, &intent);
     }
 
     /// One measurement: the integration time, then the reading of the vial under the head.
@@ -1116,39 +1319,38 @@ impl<'a> Sim<'a> {
 
     /// The live reading `wait_until` tests, as the instrument's telemetry reports it.
     fn reading(&mut self, instrument: &str, quantity: &str) -> Option<f64> {
-        let inst = self.lab.instrument(instrument)?;
-        let kind = inst.kind;
         let now = self.now;
-        if let Some(def) = &inst.defined {
-            let readings = self
-                .defined
-                .entry(instrument.to_owned())
-                .or_insert_with(|| crate::devices::defined::Value::all(def));
-            return readings
-                .iter()
-                .find(|v| v.name == quantity)
-                .map(|v| v.at(now, def.simulation.tau_s));
-        }
-        match (kind, quantity) {
-            (InstrumentKind::Hotplate, "temperature_c") => {
+        match (self.backing.get(instrument)?, quantity) {
+            (Backing::Defined(def), _) => {
+                let tau_s = def.simulation.tau_s;
+                let readings = self
+                    .defined
+                    .entry(instrument.to_owned())
+                    .or_insert_with(|| crate::devices::defined::Value::all(def));
+                readings
+                    .iter()
+                    .find(|v| v.name == quantity)
+                    .map(|v| v.at(now, tau_s))
+            }
+            (Backing::Hotplate, "temperature_c") => {
                 let ambient = self.model.config().ambient_c;
                 Some(self.model.hotplate_status(now).vial_c.unwrap_or(ambient))
             }
-            (InstrumentKind::Hotplate, "plate_temperature_c") => {
+            (Backing::Hotplate, "plate_temperature_c") => {
                 Some(self.model.hotplate_status(now).plate_c)
             }
-            (InstrumentKind::Hotplate, "stir_speed_rpm") => {
+            (Backing::Hotplate, "stir_speed_rpm") => {
                 Some(self.model.hotplate_status(now).speed_rpm)
             }
-            (InstrumentKind::Balance, "mass_g") => Some(self.model.balance_read(now).value_g),
-            (InstrumentKind::SyringePump, "dispensed_ul") => {
-                let index = *self.pumps.get(instrument)?;
+            (Backing::Balance, "mass_g") => Some(self.model.balance_read(now).value_g),
+            (Backing::Pump(index), "dispensed_ul") => {
+                let index = *index;
                 self.model
                     .pump_status(now, index)
                     .ok()
                     .map(|s| s.infused_ul)
             }
-            (InstrumentKind::Gantry, "x_mm" | "y_mm" | "z_mm") => {
+            (Backing::Gantry, "x_mm" | "y_mm" | "z_mm") => {
                 let p = self.model.gantry_status(now).position;
                 Some(match quantity {
                     "x_mm" => p[0],
@@ -1245,8 +1447,9 @@ mod tests {
     use std::time::Instant;
 
     use labctl_protocols::{
-        AbsorbanceParams, Condition, Labware, LabwareKind, MoveToParams, MoveXyzParams, OnError,
-        SetTemperatureParams, SpectrumParams, WaitStep, validate_bytes,
+        AbsorbanceParams, Condition, DispenseParams, Labware, LabwareKind, Measurement,
+        MoveToParams, MoveXyzParams, OnError, SetTemperatureParams, SpectrumParams, TransferParams,
+        WaitStep, validate_bytes,
     };
 
     use super::*;
@@ -1927,6 +2130,106 @@ mod tests {
             never.problems[0].message.contains("time out"),
             "{:?}",
             never.problems
+        );
+    }
+
+    /// A lab of another shape than the simulated one: four pumps, two balances and a defined stirrer. Each
+    /// instrument is its own model-backed instrument: every pump pours from its own syringe, the defined
+    /// stirrer takes its definition's time, and the second balance, which the physical model (one balance)
+    /// cannot represent, is said to be unmodelled instead of being read as the first.
+    #[test]
+    fn a_lab_of_four_pumps_two_balances_and_a_defined_stirrer_is_walked_instrument_by_instrument() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let text = format!(
+            "{}\n[[instruments]]\nid = \"pump-water\"\nkind = \"syringe_pump\"\ndriver = \"ne1000\"\n\
+             transport = {{ type = \"simulated\" }}\naddress = 4\nstock = \"water\"\n\
+             capabilities = {{ rate_ul_per_min = [0.01, 1500], volume_ul = [0.1, 10000] }}\n\
+             envelope = {{ rate_ul_per_min = [1, 1000], volume_ul = [1, 5000] }}\n\
+             [[instruments]]\nid = \"balance-2\"\nkind = \"balance\"\ndriver = \"mt_sics\"\n\
+             transport = {{ type = \"simulated\" }}\ncapabilities = {{ mass_g = [-220, 220] }}\n\
+             envelope = {{ mass_g = [0, 200] }}\n\
+             [[instruments]]\nid = \"stirrer\"\nkind = \"defined\"\ndriver = \"definition\"\n\
+             definition = \"instruments/ika-rct-digital.toml\"\ntransport = {{ type = \"simulated\" }}\n\
+             envelope = {{ temperature_c = [15, 80], speed_rpm = [0, 1000] }}\n",
+            labctl_protocols::lab::SIM_LAB_TOML
+        );
+        let lab = Lab::from_toml_str_in(&text, "test", &root).unwrap();
+        let pumps = ["pump-red", "pump-yellow", "pump-blue", "pump-water"];
+        let mut steps = vec![
+            home(),
+            act(
+                "gantry",
+                Action::MoveTo(MoveToParams {
+                    position: "A1".into(),
+                    feed_mm_per_min: None,
+                }),
+            ),
+        ];
+        // 100 uL at 1000 uL/min: 6 s each.
+        steps.extend(pumps.iter().map(|p| dispense(p, "v1", 100.0, 1000.0)));
+        steps.push(measure(
+            "balance-2",
+            Measurement::Weigh(labctl_protocols::WeighParams { stable: true }),
+        ));
+        let p = protocol(vec![vial("v1", "A1", 0.0)], steps);
+        let report = dry_run(&p, &lab, 7);
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert!(
+            report.estimated_duration_s >= 4.0 * 6.0,
+            "every pump's dispense takes its time: {report:?}"
+        );
+        assert!(
+            report
+                .notes
+                .iter()
+                .any(|n| n.contains("balance-2") && n.contains("not modelled")),
+            "{:?}",
+            report.notes
+        );
+        let planned = planned_commands(&p, &lab, 7, 1000);
+        for pump in pumps {
+            assert_eq!(
+                planned
+                    .iter()
+                    .filter(|(to, c)| to == pump && matches!(c, DeviceCommand::Dispense { .. }))
+                    .count(),
+                1,
+                "{pump}: {planned:?}"
+            );
+        }
+        assert!(planned.contains(&(
+            "balance-2".to_owned(),
+            DeviceCommand::Weigh { stable: true }
+        )));
+        // The first balance was not asked anything on the second's behalf.
+        assert!(!planned.iter().any(|(to, _)| to == "balance"));
+
+        // The defined stirrer: its definition's action, sent as the executor sends it.
+        let stir = protocol(
+            vec![],
+            vec![Step::Action(ActionStep {
+                id: None,
+                instrument: "stirrer".into(),
+                action: ActionCall::Defined(labctl_protocols::DefinedAction {
+                    action: "set_temperature".into(),
+                    params: [("temperature_c".to_owned(), 40.0)].into(),
+                }),
+                timeout_s: None,
+                on_error: OnError::Fail,
+            })],
+        );
+        let report = dry_run(&stir, &lab, 7);
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert!(report.estimated_duration_s > 0.0, "{report:?}");
+        assert_eq!(
+            planned_commands(&stir, &lab, 7, 10),
+            vec![(
+                "stirrer".to_owned(),
+                DeviceCommand::Defined {
+                    action: "set_temperature".into(),
+                    params: [("temperature_c".to_owned(), 40.0)].into(),
+                }
+            )]
         );
     }
 }

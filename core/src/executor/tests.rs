@@ -225,3 +225,52 @@ async fn a_lateral_move_from_below_the_safe_height_first_rises_where_the_head_is
         ]
     );
 }
+
+/// One interpreter: each instrument receives from the executor exactly the commands the dry run applied to
+/// that instrument's model, for the shipped examples. The fakes report the hotplate's plate at the model's
+/// ambient temperature (where both ramps start) and the vessel at the temperature `heat-and-hold` waits for.
+#[tokio::test(start_paused = true)]
+async fn each_instrument_receives_what_the_dry_run_applied_to_its_model() {
+    let lab = Lab::sim();
+    let ambient_c = labctl_simulators::model::LabConfig::sim_default().ambient_c;
+    for example in [
+        include_str!("../../../protocols/examples/dye-mix.json"),
+        include_str!("../../../protocols/examples/titration-series.json"),
+        include_str!("../../../protocols/examples/heat-and-hold.json"),
+    ] {
+        let protocol = labctl_protocols::validate_bytes(example.as_bytes(), &lab)
+            .protocol
+            .expect("a valid example");
+        let planned = labctl_simulators::dry_run::planned_commands(&protocol, &lab, 7, 100_000);
+        assert!(
+            !planned.is_empty(),
+            "{}: nothing planned",
+            protocol.metadata.name
+        );
+        let bench = bench();
+        bench.fakes["hotplate"].log.lock().unwrap().values =
+            vec![("plate_temperature_c", ambient_c), ("temperature_c", 45.0)];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while bench.handles["hotplate"].view().values.is_empty() {
+            assert!(Instant::now() < deadline, "the hotplate never reported");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (_control, mut updates, task) = start(&bench, &protocol);
+        let end = end_of(&mut updates).await;
+        task.await.unwrap();
+        assert_eq!(end, RunEnd::Completed, "{}", protocol.metadata.name);
+        for (id, fake) in &bench.fakes {
+            let planned_here: Vec<DeviceCommand> = planned
+                .iter()
+                .filter(|(to, _)| to == id)
+                .map(|(_, c)| c.clone())
+                .collect();
+            assert_eq!(
+                commands(fake),
+                planned_here,
+                "{}: {id} received other commands than the dry run applied",
+                protocol.metadata.name
+            );
+        }
+    }
+}
