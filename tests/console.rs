@@ -3,78 +3,19 @@
 //! and `labctl console` in a real 80x24 terminal (tmux): the technician opens the approval queue, approves
 //! the run with two keys, and watches it complete; the journal records the approval under her name.
 //!
-//! Needs tmux (scripts/test installs it); without it the test says so and passes.
+//! Needs tmux (scripts/test installs it); without it the test fails.
 
 #![cfg(unix)]
 
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// A tmux server of this test's own (its own socket), killed with everything in it when dropped.
-struct Tmux {
-    socket: String,
-}
-
-impl Tmux {
-    fn cmd(&self, args: &[&str]) -> std::process::Output {
-        Command::new("tmux")
-            .arg("-L")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .expect("run tmux")
-    }
-
-    fn send(&self, keys: &str) {
-        let out = self.cmd(&["send-keys", "-t", "console", keys]);
-        assert!(out.status.success(), "send-keys {keys}: {out:?}");
-    }
-
-    fn screen(&self) -> String {
-        let out = self.cmd(&["capture-pane", "-p", "-t", "console"]);
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Polls the screen until it shows all of `wanted`; panics with the last screen after `within`.
-    fn wait_for(&self, wanted: &[&str], within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let screen = self.screen();
-            if wanted.iter().all(|w| screen.contains(w)) {
-                return screen;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the console did not show {wanted:?} within {within:?}; it shows:\n{screen}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = self.cmd(&["kill-server"]);
-    }
-}
-
-fn tmux_available() -> bool {
-    Command::new("tmux")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
+use labctl_hil_tests::terminal::Tmux;
 
 #[test]
 fn a_technician_approves_a_pending_run_from_the_console_and_sees_it_complete() {
-    if !tmux_available() {
-        eprintln!(
-            "SKIPPED: tmux is not installed (scripts/test installs it); the console end-to-end test needs a real terminal"
-        );
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let (labctl, port) = common::start_labctl_sim(&data, "200", 0);
@@ -106,28 +47,13 @@ fn a_technician_approves_a_pending_run_from_the_console_and_sees_it_complete() {
     // The technician's password from a file, never on a command line.
     let password_file = dir.path().join("alice.password");
     std::fs::write(&password_file, "technician-dev\n").unwrap();
-    let tmux = Tmux {
-        socket: format!("labctl-console-test-{}", std::process::id()),
-    };
+    let tmux = Tmux::new("labctl-console-test");
     let console = format!(
         "env LABCTL_MQTT_USER=alice LABCTL_MQTT_PASSWORD_FILE={} {} console --mqtt {url}",
         password_file.display(),
         env!("CARGO_BIN_EXE_labctl"),
     );
-    let out = tmux.cmd(&[
-        "new-session",
-        "-d",
-        "-s",
-        "console",
-        "-x",
-        "80",
-        "-y",
-        "24",
-        &console,
-    ]);
-    assert!(out.status.success(), "tmux new-session: {out:?}");
-    // Keep the pane after the console exits, so a failure to start is readable.
-    tmux.cmd(&["set-option", "-t", "console", "remain-on-exit", "on"]);
+    tmux.open(&console);
 
     let wait = Duration::from_secs(20);
     tmux.wait_for(&["broker ok", "controller online", "Approvals (1)"], wait);
@@ -155,15 +81,7 @@ fn a_technician_approves_a_pending_run_from_the_console_and_sees_it_complete() {
     tmux.wait_for(&["broker ok", "controller online"], Duration::from_secs(40));
 
     tmux.send("q");
-    let deadline = Instant::now() + wait;
-    loop {
-        let out = tmux.cmd(&["display-message", "-p", "-t", "console", "#{pane_dead}"]);
-        if String::from_utf8_lossy(&out.stdout).trim() == "1" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the console did not quit on q");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    tmux.wait_until_exited(wait);
 
     // The approval is journaled under the technician's name.
     let shown = Command::new(env!("CARGO_BIN_EXE_labctl"))

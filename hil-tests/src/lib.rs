@@ -6,10 +6,12 @@
 //!   faults and physical model;
 //! - [`envelope`]: what the instruments were sent, decoded from the wire taps and checked against the
 //!   lab's safety envelope;
-//! - [`tmpfs`]: a small file system to fill, for a full disk under the journal.
+//! - [`tmpfs`]: a small file system to fill, for a full disk under the journal;
+//! - [`terminal`]: a real terminal (tmux) for the consoles' end-to-end tests.
 
 pub mod envelope;
 pub mod rig;
 pub mod rig_file;
 pub mod system;
+pub mod terminal;
 pub mod tmpfs;

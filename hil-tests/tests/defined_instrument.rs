@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use labctl_hil_tests::rig_file::{RigFile, RigKind};
-use labctl_hil_tests::system::{Bench, workspace};
+use labctl_hil_tests::system::{Bench, labctl_binary, workspace};
+use labctl_hil_tests::terminal::Tmux;
 use labctl_protocols::Lab;
 use labctl_protocols::lab::SIM_LAB_TOML;
 
@@ -340,6 +341,47 @@ fn the_faces_show_a_defined_instrument_with_no_code() {
         mfc["definition"]["actions"][0]["params"][0]["unit"], "ln/min",
         "{mfc}"
     );
+}
+
+/// The terminal console, as a technician opens it on a lab with two instruments added by definition files:
+/// both are listed beside the built-in ones, and the stirrer's detail shows the identity read from it at
+/// connect (its definition's identity queries) and its definition's first reading with its history (an
+/// 80x24 terminal has room for one).
+#[test]
+fn the_terminal_console_shows_a_defined_instrument_with_its_identity_and_readings() {
+    let bench = Bench::start(&rig(), "defined_instrument_console");
+    let labctl = bench.labctl_with(&[]);
+    let mqtt = labctl.mqtt.expect("the MQTT broker");
+    let password = bench.dir().join("alice.password");
+    std::fs::write(&password, "technician-dev\n").unwrap();
+    let tmux = Tmux::new("labctl-defined-console");
+    tmux.open(&format!(
+        "env LABCTL_MQTT_USER=alice LABCTL_MQTT_PASSWORD_FILE={} {} console --mqtt mqtt://127.0.0.1:{}",
+        password.display(),
+        labctl_binary().display(),
+        mqtt.port()
+    ));
+    let wait = Duration::from_secs(30);
+    tmux.wait_for(&["broker ok", "controller online"], wait);
+    tmux.send("1");
+    let count = format!("Instruments ({})", bench.lab.instruments.len());
+    // Instruments are listed by id: the flow controller among the first, the stirrer the last (below the
+    // fold of an 80x24 terminal until it is selected).
+    tmux.wait_for(&[&count, "mfc", "flow_ln_per_min"], wait);
+    for _ in 1..bench.lab.instruments.len() {
+        tmux.send("Down");
+    }
+    let screen = tmux.wait_for(
+        &[
+            "┌ stirrer ─",
+            "IKA RCT digital  serial not reported  firmware 1.10",
+            "temperature_c 22.0",
+        ],
+        wait,
+    );
+    assert!(screen.contains("online"), "{screen}");
+    tmux.send("q");
+    tmux.wait_until_exited(wait);
 }
 
 /// Safety in sequence, for defined instruments as for built-in ones: an emergency stop while a run using
