@@ -1088,12 +1088,8 @@ async fn technicians_approve_and_stop_over_mqtt_and_nobody_else_may() {
 /// with the correlation data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paho_planners_over_mqtt_3_1_1_and_5() {
-    let Some(python) = std::env::var_os("LABCTL_TEST_PYTHON") else {
-        println!(
-            "SKIPPED: LABCTL_TEST_PYTHON is not set (scripts/test sets it to a venv python with paho-mqtt)"
-        );
-        return;
-    };
+    let python = std::env::var_os("LABCTL_TEST_PYTHON")
+        .expect("LABCTL_TEST_PYTHON: a venv python with paho-mqtt (scripts/test sets it)");
     const SCRIPT: &str = r#"
 import json, socket, sys, threading, time
 import paho.mqtt.client as mqtt

@@ -1154,12 +1154,8 @@ async fn secure_endpoints_only_and_unknown_client_certificates_wait_in_rejected_
 /// followed to completion, a wrong password refused, an observer's method call refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_asyncua_browses_subscribes_runs_the_dye_mix_and_meets_the_emergency_stop() {
-    let Some(python) = std::env::var_os("LABCTL_TEST_PYTHON") else {
-        println!(
-            "SKIPPED: LABCTL_TEST_PYTHON is not set (scripts/test sets it to a venv python with asyncua)"
-        );
-        return;
-    };
+    let python = std::env::var_os("LABCTL_TEST_PYTHON")
+        .expect("LABCTL_TEST_PYTHON: a venv python with asyncua (scripts/test sets it)");
     const SCRIPT: &str = r#"
 import asyncio, json, sys
 from asyncua import Client, ua
@@ -1374,12 +1370,8 @@ async fn labctl_run_prints_the_endpoint_it_picked_and_serves_the_lab_there() {
 /// policy, reads, and calls a method; a Sign-only channel takes no password.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_asyncua_on_the_secure_endpoints_after_its_certificate_is_trusted() {
-    let Some(python) = std::env::var_os("LABCTL_TEST_PYTHON") else {
-        println!(
-            "SKIPPED: LABCTL_TEST_PYTHON is not set (scripts/test sets it to a venv python with asyncua)"
-        );
-        return;
-    };
+    let python = std::env::var_os("LABCTL_TEST_PYTHON")
+        .expect("LABCTL_TEST_PYTHON: a venv python with asyncua (scripts/test sets it)");
     const SCRIPT: &str = r#"
 import asyncio, pathlib, sys
 from asyncua import Client, ua

@@ -213,12 +213,8 @@ async fn scpi_spectrometer_identifies_over_a_plain_socket() {
 /// A pyserial client, configured as its users would for each instrument, against the ptys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pyserial_talks_to_the_simulators() {
-    let Some(python) = std::env::var_os("LABCTL_TEST_PYTHON") else {
-        println!(
-            "SKIPPED: LABCTL_TEST_PYTHON is not set (scripts/test sets it to a venv python with pyserial)"
-        );
-        return;
-    };
+    let python = std::env::var_os("LABCTL_TEST_PYTHON")
+        .expect("LABCTL_TEST_PYTHON: a venv python with pyserial (scripts/test sets it)");
     let sim = lab().await;
     let balance = pty_of(&sim, "balance");
     let hotplate = pty_of(&sim, "hotplate");

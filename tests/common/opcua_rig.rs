@@ -1,7 +1,8 @@
 //! The OPC UA rig the integration tests (tests/opcua.rs) and the OPC UA bench (benches/opcua.rs) share:
 //! the controller on the sim lab's fake instruments with the OPC UA server on a free port, and async-opcua's
 //! client logging in to it. Included with `#[path]` next to `tests/common/mod.rs` (as `common`), whose
-//! controller it starts.
+//! controller it starts. Each includer uses part of it.
+#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use labctl_protocols::lab::Role;
+use opcua::crypto::SecurityPolicy;
 use opcua::server::ServerEndpoint;
 use opcua::server::address_space::AccessLevel;
 use opcua::server::authenticator::{
@@ -129,19 +130,53 @@ impl AuthManager for LabAuthenticator {
         if self.users.is_empty() {
             return vec![UserTokenPolicy::anonymous()];
         }
-        // Passwords only where the channel encrypts them (SignAndEncrypt), and on the development endpoint
-        // without security, which `labctl run` binds to loopback only (unless the lab file allows clear
-        // text on the network). A Sign-only channel would carry the password readable on the wire.
-        match endpoint.message_security_mode() {
-            MessageSecurityMode::SignAndEncrypt | MessageSecurityMode::None => {}
+        // Passwords only where they travel encrypted: on a SignAndEncrypt channel, and on the development
+        // endpoint without security (loopback only, unless the lab file allows clear text on the network),
+        // where the token itself is encrypted with the server's certificate (Basic256Sha256), so the
+        // password is not readable on the wire there either. A Sign-only channel takes no password.
+        let token_security = match endpoint.message_security_mode() {
+            MessageSecurityMode::SignAndEncrypt => UAString::null(),
+            MessageSecurityMode::None => SecurityPolicy::Basic256Sha256.to_uri().into(),
             _ => return Vec::new(),
-        }
+        };
         vec![UserTokenPolicy {
             policy_id: user_pass_security_policy_id(endpoint),
             token_type: UserTokenType::UserName,
             issued_token_type: UAString::null(),
             issuer_endpoint_url: UAString::null(),
-            security_policy_uri: UAString::null(),
+            security_policy_uri: token_security,
         }]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use labctl_protocols::Lab;
+
+    /// What a client is offered for a user name and password on each kind of endpoint.
+    #[test]
+    fn passwords_are_offered_only_where_they_travel_encrypted() {
+        let auth = LabAuthenticator::new(Arc::new(Users::from_lab(&Lab::sim()).unwrap()));
+        let offered = |policy: SecurityPolicy, mode: MessageSecurityMode| {
+            let no_tokens: &[&str] = &[];
+            auth.user_token_policies(&ServerEndpoint::from(("/", policy, mode, no_tokens)))
+        };
+        let encrypted = offered(
+            SecurityPolicy::Aes256Sha256RsaPss,
+            MessageSecurityMode::SignAndEncrypt,
+        );
+        assert_eq!(encrypted.len(), 1);
+        assert_eq!(encrypted[0].token_type, UserTokenType::UserName);
+        // The channel encrypts: the token uses the channel's policy.
+        assert!(encrypted[0].security_policy_uri.is_null());
+        assert!(offered(SecurityPolicy::Basic256Sha256, MessageSecurityMode::Sign).is_empty());
+        // Without security the token itself is encrypted with the server's certificate.
+        let development = offered(SecurityPolicy::None, MessageSecurityMode::None);
+        assert_eq!(development.len(), 1);
+        assert_eq!(
+            development[0].security_policy_uri.as_ref(),
+            SecurityPolicy::Basic256Sha256.to_uri()
+        );
     }
 }
