@@ -496,10 +496,48 @@ impl Deck {
         out
     }
 
+    /// The position named `name` (any case), as [`Deck::positions`] lists it, without listing them all:
+    /// the interpreter asks for one at every move.
     pub fn position(&self, name: &str) -> Option<Position> {
-        self.positions()
-            .into_iter()
-            .find(|p| p.name.eq_ignore_ascii_case(name))
+        let mut chars = name.chars();
+        let row = chars.next()?;
+        let column = chars.as_str();
+        // Rack names are a row letter and a column number written plainly (`A1`, never `A01`).
+        let column: Option<u32> = (!column.starts_with('0')
+            && !column.is_empty()
+            && column.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| column.parse().ok())
+        .flatten();
+        if let Some(column) = column {
+            for rack in &self.racks {
+                let found = rack
+                    .rows
+                    .chars()
+                    .position(|r| r.eq_ignore_ascii_case(&row));
+                if let Some(r) = found
+                    && (1..=rack.columns).contains(&column)
+                {
+                    let c = column - 1;
+                    return Some(Position {
+                        name: format!("{}{column}", rack.rows.chars().nth(r)?),
+                        x_mm: rack.origin_x_mm + f64::from(c) * rack.pitch_mm,
+                        y_mm: rack.origin_y_mm + r as f64 * rack.pitch_mm,
+                        z_mm: rack.z_mm,
+                        instrument: None,
+                    });
+                }
+            }
+        }
+        self.stations
+            .iter()
+            .find(|s| s.name.eq_ignore_ascii_case(name))
+            .map(|s| Position {
+                name: s.name.clone(),
+                x_mm: s.x_mm,
+                y_mm: s.y_mm,
+                z_mm: s.z_mm,
+                instrument: s.instrument.clone(),
+            })
     }
 }
 
@@ -1043,6 +1081,28 @@ pub fn is_identifier(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Looking one position up finds what the list of all positions holds under that name, in any case,
+    /// and nothing for names it does not hold.
+    #[test]
+    fn a_position_looked_up_by_name_is_the_one_the_deck_lists() {
+        let deck = Lab::sim().deck;
+        let listed = deck.positions();
+        assert!(!listed.is_empty());
+        for p in &listed {
+            assert_eq!(deck.position(&p.name).as_ref(), Some(p), "{}", p.name);
+            assert_eq!(
+                deck.position(&p.name.to_ascii_lowercase()).as_ref(),
+                Some(p),
+                "{}",
+                p.name
+            );
+        }
+        for name in ["", "A", "A0", "A01", "Z9", "A99", "H1x", "1A", "AA1"] {
+            let expected = listed.iter().find(|p| p.name.eq_ignore_ascii_case(name));
+            assert_eq!(deck.position(name).as_ref(), expected, "{name:?}");
+        }
+    }
 
     #[test]
     fn role_names_read_back_as_the_role_whatever_the_case() {
