@@ -586,6 +586,21 @@ pub struct Interfaces {
     pub opcua: OpcUaInterface,
     #[serde(default)]
     pub command_port: CommandPortInterface,
+    #[serde(default)]
+    pub mcp: McpInterface,
+}
+
+/// MCP (Model Context Protocol) for AI agents, over streamable HTTP: off unless an address is given here or
+/// on the command line (which wins).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpInterface {
+    /// Listen address of MCP over HTTP (clear text: loopback only unless `allow_cleartext_on_network`).
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Listen address of MCP over HTTPS, with the certificate in `DATA_DIR/tls/`.
+    #[serde(default)]
+    pub tls_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -76,13 +76,25 @@ pub struct RunArgs {
 pub struct McpArgs {
     /// Serve MCP (Model Context Protocol, streamable HTTP at /mcp) for AI agents on this address, e.g.
     /// 127.0.0.1:8765; port 0 picks a free one and prints it. Clear text: loopback only unless the lab
-    /// file sets interfaces.allow_cleartext_on_network. Off by default.
+    /// file sets interfaces.allow_cleartext_on_network. Off by default, unless the lab file's
+    /// interfaces.mcp.listen sets it (this option wins).
     #[arg(long = "mcp", value_name = "ADDR")]
     pub mcp: Option<std::net::SocketAddr>,
     /// Serve MCP over HTTPS on this address (certificate in DATA_DIR/tls/, made on first start); port 0
-    /// picks a free one and prints it. Off by default.
+    /// picks a free one and prints it. Off by default, unless the lab file's interfaces.mcp.tls_listen sets
+    /// it (this option wins).
     #[arg(long = "mcp-tls", value_name = "ADDR")]
     pub mcp_tls: Option<std::net::SocketAddr>,
+}
+
+impl McpArgs {
+    /// The command line's addresses, or else the lab file's (`interfaces.mcp`).
+    pub fn or_lab(self, lab: &labctl_protocols::lab::McpInterface) -> McpArgs {
+        McpArgs {
+            mcp: self.mcp.or(lab.listen),
+            mcp_tls: self.mcp_tls.or(lab.tls_listen),
+        }
+    }
 }
 
 /// The default address of the browser console (docs/console.md).
@@ -217,6 +229,7 @@ async fn run_async(
             args.warp
         ));
     }
+    let mcp_args = mcp_args.or_lab(&lab.interfaces.mcp);
     if let Some(listen) = mcp_args.mcp {
         // Refused before any instrument is touched.
         crate::auth::check_cleartext_listener(
