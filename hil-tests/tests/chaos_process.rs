@@ -1373,6 +1373,18 @@ fn back_to_service(
         set_fault(world, model, figures, fault, false)?;
     }
     for id in model.unplugged.clone() {
+        // A technician replugs what the controller shows unplugged. Replugging before the controller has
+        // noticed the unplug would let it notice later, after the health protocol started: that run would be
+        // paused by the trip, as it must be, and wait for a person (the long campaign of 2026-12-07 met this).
+        world.wait_for(
+            Duration::from_secs(30),
+            &format!("{id} shown offline before it is replugged"),
+            |w| {
+                !w.port(Who::Alice)
+                    .instrument_state(id)
+                    .starts_with("online")
+            },
+        )?;
         apply(world, model, figures, Op::Replug(id))?;
     }
     for id in world.instrument_ids() {
