@@ -122,7 +122,10 @@ fn the_lab_file_turns_mcp_on_and_its_address_obeys_the_clear_text_rule() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if let Some(url) = line.trim().strip_prefix("mcp: ") {
                 let _ = tx.send(url.to_owned());
             }

@@ -24,7 +24,10 @@ use opcua::types::{
     EUInformation, ExtensionObject, MessageSecurityMode, MonitoredItemCreateRequest, NodeClassMask,
     NodeId, ReferenceTypeId, StatusCode, TimestampsToReturn, Variant,
 };
-use opcua_rig::{Client, Rig, WAIT, connect, lab_namespace, login, read, rig, rig_as, rig_with};
+use opcua_rig::{
+    Client, Rig, WAIT, connect, lab_namespace, login, read, rig, rig_as, rig_with,
+    trust_the_rejected_client,
+};
 
 async fn read_string(c: &Client, node: &NodeId) -> String {
     match read(c, node).await.value {
@@ -1097,16 +1100,8 @@ async fn secure_endpoints_only_and_unknown_client_certificates_wait_in_rejected_
         secure().await.is_err(),
         "an unknown client certificate was trusted"
     );
-    let rejected = rig.server.pki_dir.join("rejected");
-    let certs: Vec<_> = std::fs::read_dir(&rejected).unwrap().flatten().collect();
-    assert_eq!(certs.len(), 1, "{certs:?}");
     // ... until an administrator moves it to pki/trusted.
-    let trusted = rig
-        .server
-        .pki_dir
-        .join("trusted")
-        .join(certs[0].file_name());
-    std::fs::rename(certs[0].path(), trusted).unwrap();
+    trust_the_rejected_client(&rig.server.pki_dir);
     let c = secure().await.expect("a trusted client certificate");
     // Discovery gives the whole address, which clients that follow discovery URLs can use.
     let endpoints = ClientBuilder::new()
@@ -1436,19 +1431,7 @@ asyncio.run(main())
     };
     let first = run("Basic256Sha256", "SignAndEncrypt").await;
     assert!(first.starts_with("REFUSED"), "{first}");
-    let rejected: Vec<_> = std::fs::read_dir(rig.server.pki_dir.join("rejected"))
-        .unwrap()
-        .flatten()
-        .collect();
-    assert_eq!(rejected.len(), 1, "{rejected:?}");
-    std::fs::rename(
-        rejected[0].path(),
-        rig.server
-            .pki_dir
-            .join("trusted")
-            .join(rejected[0].file_name()),
-    )
-    .unwrap();
+    trust_the_rejected_client(&rig.server.pki_dir);
     assert_eq!(
         run("Basic256Sha256", "SignAndEncrypt").await,
         "CONNECTED sim"

@@ -13,7 +13,7 @@ mod opcua_rig;
 use std::path::Path;
 
 use labctl::gateways::opcua::Security;
-use opcua_rig::rig;
+use opcua_rig::{rig, trust_the_rejected_client};
 use open62541::{AsyncClient, Certificate, ClientBuilder, DataType as _, PrivateKey, ua};
 
 /// The client's application URI, as its certificate names it.
@@ -142,16 +142,7 @@ async fn open62541_on_the_secure_endpoints_after_its_certificate_is_trusted() {
         .await
         .unwrap();
     assert!(first.is_err(), "an unknown certificate was accepted");
-    let rejected: Vec<_> = std::fs::read_dir(pki.join("rejected"))
-        .unwrap()
-        .flatten()
-        .collect();
-    assert_eq!(rejected.len(), 1, "{rejected:?}");
-    std::fs::rename(
-        rejected[0].path(),
-        pki.join("trusted").join(rejected[0].file_name()),
-    )
-    .unwrap();
+    trust_the_rejected_client(&pki);
 
     for policy in [
         "Basic256Sha256",

@@ -510,10 +510,7 @@ impl Deck {
         .flatten();
         if let Some(column) = column {
             for rack in &self.racks {
-                let found = rack
-                    .rows
-                    .chars()
-                    .position(|r| r.eq_ignore_ascii_case(&row));
+                let found = rack.rows.chars().position(|r| r.eq_ignore_ascii_case(&row));
                 if let Some(r) = found
                     && (1..=rack.columns).contains(&column)
                 {

@@ -188,3 +188,18 @@ pub async fn read(c: &Client, node: &NodeId) -> DataValue {
         .unwrap()
         .remove(0)
 }
+
+/// The documented trust step (docs/opcua.md, Certificates): the one client certificate the server refused
+/// and kept in `pki/rejected/` is moved to `pki/trusted/`, as an administrator does.
+pub fn trust_the_rejected_client(pki: &Path) {
+    let rejected: Vec<_> = std::fs::read_dir(pki.join("rejected"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(rejected.len(), 1, "one refused certificate: {rejected:?}");
+    std::fs::rename(
+        rejected[0].path(),
+        pki.join("trusted").join(rejected[0].file_name()),
+    )
+    .unwrap();
+}
