@@ -42,8 +42,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     ("labctl-opcua", &["labctl-core", "labctl-protocols"]),
-    ("labctl-mcp", &["labctl-core", "labctl-protocols"]),
-    ("labctl-web", &["labctl-core", "labctl-protocols"]),
+    ("labctl-http", &["labctl-core"]),
+    (
+        "labctl-mcp",
+        &["labctl-core", "labctl-http", "labctl-protocols"],
+    ),
+    (
+        "labctl-web",
+        &["labctl-core", "labctl-http", "labctl-protocols"],
+    ),
     ("labctl-mqtt-link", &[]),
     (
         "labctl-mqtt",

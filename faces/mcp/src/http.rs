@@ -16,14 +16,11 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use labctl_core::api::{ControllerHandle, Face, Principal};
 use labctl_core::auth::{AuthError, Source, Users};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
 use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::{Authenticated, LabMcp};
@@ -41,20 +38,11 @@ pub const MAX_SESSIONS: usize = 64;
 pub const LOGIN_REMEMBERED: Duration = Duration::from_secs(300);
 /// Checked headers remembered at most.
 pub const MAX_REMEMBERED: usize = 1024;
-/// How long a TLS handshake may take.
-const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
-/// Longest a client may take to send a request's headers.
-const HEADER_READ: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum McpHttpError {
-    #[error("MCP over HTTP on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
     #[error(transparent)]
-    Cleartext(#[from] labctl_core::auth::CleartextListener),
+    Serve(#[from] labctl_http::ServeError),
 }
 
 /// Where and how to serve.
@@ -71,27 +59,18 @@ pub struct McpHttp {
     /// The bound address (the port taken when 0 was asked).
     pub addr: SocketAddr,
     pub tls: bool,
-    cancel: CancellationToken,
-    task: JoinHandle<()>,
+    server: labctl_http::Server,
 }
 
 impl McpHttp {
     /// The endpoint's URL, e.g. `http://127.0.0.1:40123/mcp`.
     pub fn url(&self) -> String {
-        let scheme = if self.tls { "https" } else { "http" };
-        format!("{scheme}://{}{MCP_PATH}", self.addr)
+        format!("{}{MCP_PATH}", self.server.origin())
     }
 
+    /// Stops serving: every connection and MCP session ends (dropping it does the same).
     pub fn shutdown(self) {
-        self.cancel.cancel();
-        self.task.abort();
-    }
-}
-
-impl Drop for McpHttp {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-        self.task.abort();
+        drop(self.server);
     }
 }
 
@@ -289,31 +268,13 @@ pub async fn serve(
     api: ControllerHandle,
     users: Arc<Users>,
 ) -> Result<McpHttp, McpHttpError> {
-    if options.tls.is_none() {
-        labctl_core::auth::check_cleartext_listener(
-            "MCP over HTTP",
-            options.listen,
-            options.allow_cleartext_on_network,
-        )?;
-    }
-    let listener =
-        TcpListener::bind(options.listen)
-            .await
-            .map_err(|source| McpHttpError::Bind {
-                addr: options.listen,
-                source,
-            })?;
-    let addr = listener.local_addr().map_err(|source| McpHttpError::Bind {
-        addr: options.listen,
-        source,
-    })?;
     let cancel = CancellationToken::new();
     let mut config =
         StreamableHttpServerConfig::default().with_max_request_body_bytes(MAX_REQUEST_BODY);
     config.cancellation_token = cancel.child_token();
     // The Host check guards unauthenticated local servers against DNS rebinding; every request here
     // carries a lab user's password, and a lab-network address is reached by its own name or address.
-    if !addr.ip().is_loopback() {
+    if !options.listen.ip().is_loopback() {
         config = config.disable_allowed_hosts();
     }
     let sessions = Arc::new(LocalSessionManager::default());
@@ -327,124 +288,85 @@ pub async fn serve(
         checked: Mutex::new(HashMap::new()),
         owners: Mutex::new(HashMap::new()),
     });
-    let tls = options.tls.map(tokio_rustls::TlsAcceptor::from);
-    let is_tls = tls.is_some();
-    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let stop = cancel.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = stop.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "mcp: accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-                drop(stream);
-                continue;
-            };
-            let (mcp, remembered, tls, stop, sessions) = (
-                mcp.clone(),
-                Arc::clone(&remembered),
-                tls.clone(),
-                stop.clone(),
-                Arc::clone(&sessions),
-            );
-            tokio::spawn(async move {
-                let _permit = permit;
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let (mut mcp, remembered, sessions) =
-                        (mcp.clone(), Arc::clone(&remembered), Arc::clone(&sessions));
-                    async move {
-                        if req.uri().path() != MCP_PATH {
-                            return Ok::<_, Infallible>(not_found());
-                        }
-                        let header = req
-                            .headers()
-                            .get(http::header::AUTHORIZATION)
-                            .and_then(|v| v.to_str().ok());
-                        match remembered.principal(header, peer).await {
-                            Ok(_)
-                                if req.method() == http::Method::POST
-                                    && !req.headers().contains_key("mcp-session-id")
-                                    && sessions.sessions.read().await.len() >= MAX_SESSIONS =>
-                            {
-                                Ok(too_many_sessions())
-                            }
-                            Ok(principal) => {
-                                let session = req
-                                    .headers()
-                                    .get("mcp-session-id")
-                                    .and_then(|v| v.to_str().ok())
-                                    .map(str::to_owned);
-                                if let Some(id) = &session
-                                    && !remembered.may_use(id, &principal.name)
-                                {
-                                    return Ok(session_of_another());
-                                }
-                                let user = principal.name.clone();
-                                let mut req = req;
-                                req.extensions_mut().insert(Authenticated(principal));
-                                use tower_service::Service;
-                                let response = mcp.call(req).await;
-                                if session.is_none()
-                                    && let Ok(r) = &response
-                                    && let Some(id) = r
-                                        .headers()
-                                        .get("mcp-session-id")
-                                        .and_then(|v| v.to_str().ok())
-                                {
-                                    remembered.opened(id, &user, &sessions).await;
-                                }
-                                response
-                            }
-                            Err(refusal) => Ok(refuse(refusal)),
-                        }
-                    }
-                });
-                // A client that never finishes its headers is dropped (as the browser console does).
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                builder
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEADER_READ);
-                let result = match tls {
-                    None => {
-                        let conn = builder.serve_connection(TokioIo::new(stream), service);
-                        tokio::select! {
-                            r = conn => r,
-                            _ = stop.cancelled() => Ok(()),
-                        }
-                    }
-                    Some(acceptor) => {
-                        let Ok(Ok(stream)) =
-                            tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await
-                        else {
-                            return;
-                        };
-                        let conn = builder.serve_connection(TokioIo::new(stream), service);
-                        tokio::select! {
-                            r = conn => r,
-                            _ = stop.cancelled() => Ok(()),
-                        }
-                    }
-                };
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, %peer, "mcp: connection ended");
-                }
-            });
-        }
-    });
-    Ok(McpHttp {
-        addr,
-        tls: is_tls,
+    let server = labctl_http::serve(
+        labctl_http::ServeOptions {
+            what: "MCP over HTTP",
+            listen: options.listen,
+            tls: options.tls,
+            allow_cleartext_on_network: options.allow_cleartext_on_network,
+            max_connections: MAX_CONNECTIONS,
+        },
         cancel,
-        task,
+        move |peer| {
+            let (mcp, remembered, sessions) =
+                (mcp.clone(), Arc::clone(&remembered), Arc::clone(&sessions));
+            hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (mcp, remembered, sessions) =
+                    (mcp.clone(), Arc::clone(&remembered), Arc::clone(&sessions));
+                answer(req, peer, mcp, remembered, sessions)
+            })
+        },
+    )
+    .await?;
+    Ok(McpHttp {
+        addr: server.addr,
+        tls: server.tls,
+        server,
     })
+}
+
+/// One request: the path, the login, the session limit and the session's owner, then MCP itself.
+async fn answer(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    mut mcp: StreamableHttpService<LabMcp, LocalSessionManager>,
+    remembered: Arc<Remembered>,
+    sessions: Arc<LocalSessionManager>,
+) -> Result<Response<Body>, Infallible> {
+    if req.uri().path() != MCP_PATH {
+        return Ok(not_found());
+    }
+    let header = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match remembered.principal(header, peer).await {
+        Ok(_)
+            if req.method() == http::Method::POST
+                && !req.headers().contains_key("mcp-session-id")
+                && sessions.sessions.read().await.len() >= MAX_SESSIONS =>
+        {
+            Ok(too_many_sessions())
+        }
+        Ok(principal) => {
+            let session = req
+                .headers()
+                .get("mcp-session-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            if let Some(id) = &session
+                && !remembered.may_use(id, &principal.name)
+            {
+                return Ok(session_of_another());
+            }
+            let user = principal.name.clone();
+            let mut req = req;
+            req.extensions_mut().insert(Authenticated(principal));
+            use tower_service::Service;
+            let response = mcp.call(req).await;
+            if session.is_none()
+                && let Ok(r) = &response
+                && let Some(id) = r
+                    .headers()
+                    .get("mcp-session-id")
+                    .and_then(|v| v.to_str().ok())
+            {
+                remembered.opened(id, &user, &sessions).await;
+            }
+            response
+        }
+        Err(refusal) => Ok(refuse(refusal)),
+    }
 }
 
 #[cfg(test)]
