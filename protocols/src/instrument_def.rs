@@ -16,7 +16,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::finding::{Finding, FindingCode as Code};
-use crate::lab::{FlowControl, Parity};
+use crate::serial::{FlowControl, Parity};
 
 /// Format version this labctl reads.
 pub const DEFINITION_VERSION: u32 = 1;
@@ -106,11 +106,11 @@ pub enum Checksum {
 #[serde(deny_unknown_fields)]
 pub struct LineSettings {
     pub baud: u32,
-    #[serde(default = "crate::lab::default_data_bits")]
+    #[serde(default = "crate::serial::default_data_bits")]
     pub data_bits: u8,
     #[serde(default)]
     pub parity: Parity,
-    #[serde(default = "crate::lab::default_stop_bits")]
+    #[serde(default = "crate::serial::default_stop_bits")]
     pub stop_bits: u8,
     /// Flow control: none (default), hardware (RTS/CTS) or software (XON/XOFF).
     #[serde(default)]
@@ -169,7 +169,7 @@ pub struct ModbusSettings {
     #[serde(default = "modbus_parity")]
     pub parity: Parity,
     /// RTU: stop bits (1; 2 when there is no parity, as the specification asks).
-    #[serde(default = "crate::lab::default_stop_bits")]
+    #[serde(default = "crate::serial::default_stop_bits")]
     pub stop_bits: u8,
 }
 

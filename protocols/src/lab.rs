@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::capabilities::InstrumentKind;
 use crate::instrument_def::{InstrumentDefinition, check_definition};
+pub use crate::serial::{FlowControl, Parity, SerialLine};
 
 /// The built-in simulated lab (`examples/sim-lab.toml`), used when no lab file is given.
 pub const SIM_LAB_TOML: &str = include_str!("../../examples/sim-lab.toml");
@@ -272,53 +273,6 @@ impl Driver {
             Driver::Definition => InstrumentKind::Defined,
         }
     }
-}
-
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum Parity {
-    #[default]
-    None,
-    Even,
-    Odd,
-}
-
-/// Flow control: none, software (XON/XOFF) or hardware (RTS/CTS).
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum FlowControl {
-    #[default]
-    None,
-    Software,
-    Hardware,
-}
-
-/// Settings of a serial line.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SerialLine {
-    /// Device path, e.g. `/dev/ttyUSB0`.
-    pub port: String,
-    pub baud: u32,
-    #[serde(default = "default_data_bits")]
-    pub data_bits: u8,
-    #[serde(default)]
-    pub parity: Parity,
-    #[serde(default = "default_stop_bits")]
-    pub stop_bits: u8,
-    #[serde(default)]
-    pub flow_control: FlowControl,
-}
-
-pub(crate) fn default_data_bits() -> u8 {
-    8
-}
-pub(crate) fn default_stop_bits() -> u8 {
-    1
 }
 
 /// How to reach an instrument.

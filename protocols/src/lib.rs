@@ -20,6 +20,7 @@ pub mod lab;
 pub mod pattern_text;
 pub mod protocol;
 pub mod schema;
+pub mod serial;
 pub mod validate;
 
 pub use capabilities::InstrumentKind;
