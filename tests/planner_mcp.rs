@@ -57,9 +57,29 @@ fn the_python_planner_matches_the_target_spectrum_through_mcp_within_the_mqtt_bu
     let started = Instant::now();
     let mut planner = Command::new(&python)
         .arg(PLANNER)
-        .args(["--mcp", &url, "--json", "--seed", "1", "--per-experiment", "30"])
-        .args(["--target-red", "300", "--target-yellow", "150", "--target-blue", "450"])
-        .args(["--threshold", &threshold.to_string(), "--budget", &budget.to_string()])
+        .args([
+            "--mcp",
+            &url,
+            "--json",
+            "--seed",
+            "1",
+            "--per-experiment",
+            "30",
+        ])
+        .args([
+            "--target-red",
+            "300",
+            "--target-yellow",
+            "150",
+            "--target-blue",
+            "450",
+        ])
+        .args([
+            "--threshold",
+            &threshold.to_string(),
+            "--budget",
+            &budget.to_string(),
+        ])
         .env("LABCTL_MQTT_USER", "planner-bo")
         .env("LABCTL_MQTT_PASSWORD", "planner-dev")
         .stdout(Stdio::piped())
