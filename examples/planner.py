@@ -103,13 +103,13 @@ class MqttLab:
 
 
 class McpLab:
-    """The lab through MCP's tools: `submit_protocol`, then `run_status` until the run has results, then
-    `run_results` from the cursor. Over streamable HTTP (Basic auth), or over stdio by starting
+    """The lab through MCP's tools: `submit_protocol`, then `wait_for_run` until the run has a result past
+    the cursor, then `run_results` from it. Over streamable HTTP (Basic auth), or over stdio by starting
     `labctl mcp --url URL` as a desktop agent does."""
 
-    def __init__(self, url, user, password, per_experiment, labctl=None, poll_s=0.05):
+    def __init__(self, url, user, password, per_experiment, labctl=None):
         self.url, self.user, self.password, self.labctl = url, user, password, labctl
-        self.per_experiment, self.poll_s = per_experiment, poll_s
+        self.per_experiment = per_experiment
 
     async def __aenter__(self):
         from contextlib import AsyncExitStack
@@ -150,20 +150,20 @@ class McpLab:
         out = await self.tool("submit_protocol", {"protocol": proto, "agent_model": "one-plus-one-es"})
         if out["outcome"] != "accepted":
             raise LabError(f"{pid} {out['outcome']}: {out}")
-        run_id, after_event, cursor = out["run_id"], 0, 0
+        run_id, cursor = out["run_id"], 0
         deadline = time.monotonic() + self.per_experiment
-        while time.monotonic() < deadline:
-            status = await self.tool("run_status", {"run_id": run_id, "after_event": after_event})
-            after_event = status.get("next_event_cursor") or after_event
-            if status["results"] > cursor:
+        while (left := deadline - time.monotonic()) > 0:
+            # One call until something happens, instead of polling run_status.
+            waited = await self.tool("wait_for_run", {"run_id": run_id, "after_result": cursor,
+                                                      "timeout_s": min(left, 120)})
+            if waited["results"] > cursor:
                 page = await self.tool("run_results", {"run_id": run_id, "after": cursor})
                 for r in page["results"]:
                     if r["name"] == "spectrum":
                         return r["value"]["absorbance"]
                 cursor = page["next_cursor"]
-            if status["state"] in STOPPED:
-                raise LabError(f"{run_id} ended before its spectrum: {status['state']} ({status.get('reason')})")
-            await asyncio.sleep(self.poll_s)
+            elif waited["ended_by"] != "timeout":
+                raise LabError(f"{run_id} ended before its spectrum: {waited['state']} ({waited.get('reason')})")
         raise LabError(f"{pid}: no spectrum within {self.per_experiment} s")
 
 
