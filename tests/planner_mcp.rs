@@ -1,7 +1,7 @@
 //! The closed loop through MCP: the real `labctl run --sim` binary serving MCP over streamable HTTP, and the
 //! Python reference planner (`examples/planner.py --mcp URL`, on the official MCP Python SDK) matching the
 //! target spectrum of tests/planner.rs (300:150:450, seed 1) with its threshold (0.02 AU) and budget (30
-//! experiments), through `submit_protocol`, `run_status` and `run_results` only; every run in the journal
+//! experiments), through `submit_protocol`, `wait_for_run` and `run_results` only; every run in the journal
 //! came over MCP from the planner.
 //!
 //! Needs LABCTL_TEST_PYTHON, a Python with `mcp` (scripts/test installs it): without it the test fails.

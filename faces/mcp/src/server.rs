@@ -571,8 +571,8 @@ impl LabMcp {
                     return Err("the client went away".into());
                 }
             }
-            run = self.api.run(&input.run_id).await.ok_or_else(unknown)?;
-            // The record is durable; the run's summary may not show it yet.
+            // Followed from its records, not by reading the run again: the wait then ends with the
+            // notification of the record that ended it, never before it.
             match &*record {
                 Record::RunState {
                     state,
