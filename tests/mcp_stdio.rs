@@ -117,7 +117,7 @@ fn an_agent_on_the_python_sdk_runs_labctl_mcp_over_stdio() {
     );
     let seen: serde_json::Value =
         serde_json::from_str(stdout.lines().last().expect("the agent's report")).unwrap();
-    assert_eq!(seen["tools"], 10, "{seen}");
+    assert_eq!(seen["tools"], 11, "{seen}");
     assert_eq!(seen["wrong_password_refused"], true, "{seen}");
     assert!(
         seen["approved_by"]

@@ -484,3 +484,24 @@ pub fn parse_run_stat(reply: &str) -> Option<RunStat> {
         reply: reply.to_owned(),
     })
 }
+
+/// `LABCTL_TEST_PYTHON`, checked to import `module`: panics (the test fails, never skips) with how to get
+/// it when it is unset or lacks the module (`pip`, the package to install; scripts/test installs them all).
+pub fn python_with(module: &str, pip: &str) -> String {
+    let python = std::env::var("LABCTL_TEST_PYTHON").unwrap_or_else(|_| {
+        panic!(
+            "LABCTL_TEST_PYTHON is not set: a Python with `{pip}` (`pip install {pip}`); scripts/test makes \
+             .venv with it"
+        )
+    });
+    let probe = Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .unwrap_or_else(|e| panic!("LABCTL_TEST_PYTHON={python} does not run: {e}"));
+    assert!(
+        probe.status.success(),
+        "{python} cannot import {module} (`{python} -m pip install {pip}`): {}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    python
+}

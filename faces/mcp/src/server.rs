@@ -3,14 +3,16 @@
 use std::sync::Arc;
 
 use labctl_core::api::{
-    ApiError, ClientInfo, Control, ControllerHandle, Face, OperatorConsent, Principal,
+    ApiError, ClientInfo, Control, ControllerHandle, Face, OperatorConsent, Principal, RunState,
 };
+use labctl_core::contract::{Decision, EventKind};
+use labctl_core::journal::Record;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
     GetPromptRequestParams, GetPromptResponse, GetPromptResult, Implementation, ListPromptsResult,
-    ListResourcesResult, PaginatedRequestParams, Prompt, PromptArgument, PromptMessage,
-    ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
+    ListResourcesResult, PaginatedRequestParams, ProgressNotificationParam, Prompt, PromptArgument,
+    PromptMessage, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
     ResourceContents, Role as MessageRole, ServerCapabilities, ServerConfig,
 };
 use rmcp::service::RequestContext;
@@ -499,6 +501,95 @@ impl LabMcp {
         }))
     }
 
+    /// Follows a run until it ends or pauses, or (with `after_result`) has a result beyond that cursor, or
+    /// `timeout_s` passes: one call instead of polling `run_status`. Give a `progressToken` in the
+    /// request's `_meta` to get a progress notification for each state change, step and result on the way.
+    #[tool(annotations(
+        title = "Wait for a run",
+        read_only_hint = true,
+        destructive_hint = false,
+        idempotent_hint = true,
+        open_world_hint = false
+    ))]
+    async fn wait_for_run(
+        &self,
+        Parameters(input): Parameters<WaitInput>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<Json<WaitOut>, String> {
+        use tokio::sync::broadcast::error::RecvError;
+        let timeout_s = input.timeout_s.unwrap_or(DEFAULT_WAIT_S);
+        if !(timeout_s > 0.0 && timeout_s <= MAX_WAIT_S) {
+            return Err(format!(
+                "timeout_s: {timeout_s} is out of range: give more than 0 and at most {MAX_WAIT_S}"
+            ));
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs_f64(timeout_s);
+        // Subscribed before the run is read: nothing committed in between is missed.
+        let mut records = self.api.events();
+        let unknown = || format!("run_id: unknown run {:?}: check the run_id", input.run_id);
+        let mut run = self.api.run(&input.run_id).await.ok_or_else(unknown)?;
+        let token = ctx.meta.get_progress_token();
+        let mut sent = 0u64;
+        loop {
+            let ended_by = if run.state.is_terminal() {
+                Some(WaitEnd::Finished)
+            } else if run.state == RunState::Paused {
+                Some(WaitEnd::Paused)
+            } else if input.after_result.is_some_and(|after| run.results > after) {
+                Some(WaitEnd::Result)
+            } else {
+                None
+            };
+            if let Some(ended_by) = ended_by {
+                return Ok(Json(WaitOut::new(run, ended_by, sent)));
+            }
+            let record = tokio::select! {
+                record = records.recv() => record,
+                () = tokio::time::sleep_until(deadline) => {
+                    return Ok(Json(WaitOut::new(run, WaitEnd::Timeout, sent)));
+                }
+                () = ctx.ct.cancelled() => return Err("cancelled by the client".into()),
+            };
+            let record = match record {
+                Ok(record) => record,
+                // Missed records: the run is read again below, and the next one is reported.
+                Err(RecvError::Lagged(_)) => {
+                    run = self.api.run(&input.run_id).await.ok_or_else(unknown)?;
+                    continue;
+                }
+                Err(RecvError::Closed) => return Err("the controller stopped".into()),
+            };
+            let Some(message) = progress_message(&record, &input.run_id) else {
+                continue;
+            };
+            if let Some(token) = &token {
+                sent += 1;
+                // The progress value must grow with each notification: the count of them.
+                let note = ProgressNotificationParam::new(token.clone(), sent as f64)
+                    .with_message(message);
+                if ctx.peer.notify_progress(note).await.is_err() {
+                    return Err("the client went away".into());
+                }
+            }
+            // Followed from its records, not by reading the run again: the wait then ends with the
+            // notification of the record that ended it, never before it.
+            match &*record {
+                Record::RunState {
+                    state,
+                    step,
+                    reason,
+                    ..
+                } => {
+                    run.state = *state;
+                    run.current_step.clone_from(step);
+                    run.reason.clone_from(reason);
+                }
+                Record::Result { seq, .. } => run.results = run.results.max(*seq),
+                _ => {}
+            }
+        }
+    }
+
     /// Pauses one of your own runs after its current step; its instruments are held safe.
     #[tool(annotations(
         title = "Pause a run",
@@ -546,6 +637,66 @@ impl LabMcp {
         ctx: RequestContext<RoleServer>,
     ) -> Result<Json<ControlOut>, String> {
         self.control(&ctx, &input.run_id, Control::Abort).await
+    }
+}
+
+/// What a progress notification of `wait_for_run` says about `record`, when it is about `run_id` (commands
+/// are left out: one per step at most is worth a line).
+fn progress_message(record: &Record, run_id: &str) -> Option<String> {
+    let at_step =
+        |step: &Option<String>| step.as_ref().map(|s| format!(" {s}")).unwrap_or_default();
+    match record {
+        Record::RunState {
+            run_id: r,
+            state,
+            step,
+            reason,
+            ..
+        } if r == run_id => Some(format!(
+            "state {}{}{}",
+            state.as_str(),
+            at_step(step),
+            reason
+                .as_ref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        )),
+        Record::Approval {
+            run_id: r,
+            decision,
+            actor,
+            ..
+        } if r == run_id => Some(match decision {
+            Decision::Approved { .. } => format!(
+                "approved{}",
+                actor
+                    .as_ref()
+                    .map(|a| format!(" by {a}"))
+                    .unwrap_or_default()
+            ),
+            Decision::AwaitingApproval { because, .. } => {
+                format!("awaiting approval: {}", because.join("; "))
+            }
+            Decision::Rejected { reason } => format!("rejected: {reason}"),
+        }),
+        Record::Event {
+            run_id: Some(r),
+            step,
+            detail,
+            ..
+        } if r == run_id
+            && !matches!(detail.kind(), EventKind::Command | EventKind::CommandDone) =>
+        {
+            Some(format!("{}{}", detail.kind().as_str(), at_step(step)))
+        }
+        Record::Result {
+            run_id: r,
+            seq,
+            name,
+            step,
+            ..
+        } if r == run_id => Some(format!("result {seq} {name} (step {step})")),
+        _ => None,
     }
 }
 

@@ -16,6 +16,11 @@ pub const MAX_RESULTS_PER_CALL: usize = 1_000;
 pub const DEFAULT_RESULTS_PER_CALL: usize = 100;
 /// Most events one `run_status` call returns (the latest ones).
 pub const MAX_EVENTS_PER_CALL: usize = 200;
+/// How long a `wait_for_run` call waits when it does not say (seconds).
+pub const DEFAULT_WAIT_S: f64 = 60.0;
+/// Longest wait of one `wait_for_run` call (seconds), well within an idle session's 5 minutes: an agent
+/// that wants to follow a run longer calls again.
+pub const MAX_WAIT_S: f64 = 120.0;
 
 /// A protocol document, as `labctl schema` describes it.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -67,6 +72,53 @@ pub struct ResultsInput {
     /// Most results to return (default 100, at most 1000).
     #[serde(default)]
     pub limit: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct WaitInput {
+    /// The run's id.
+    pub run_id: String,
+    /// Also return as soon as the run has a result with a sequence number above this one (the
+    /// `next_cursor` of `run_results`; 0 for its first result). Without it, only the run's end or pause ends
+    /// the wait.
+    #[serde(default)]
+    pub after_result: Option<u64>,
+    /// Longest wait in seconds (default 60, at most 120). The call returns with `ended_by: "timeout"`
+    /// then: call again to keep following.
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+}
+
+/// Why a `wait_for_run` call returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitEnd {
+    /// The run has ended (completed, failed, aborted, interrupted or rejected).
+    Finished,
+    /// The run is paused: it waits for a resume (its own planner's or a technician's).
+    Paused,
+    /// The run has a result above `after_result`: read it with `run_results`.
+    Result,
+    /// `timeout_s` passed first.
+    Timeout,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct WaitOut {
+    pub ended_by: WaitEnd,
+    pub run_id: String,
+    /// The run's state when the wait ended (`queued`, `running`, `paused`, `completed`, ...).
+    pub state: String,
+    /// The run has ended: its state will not change again.
+    pub finished: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_step: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Results on disk: above `after_result`, `run_results` has new ones.
+    pub results: u64,
+    /// Progress notifications sent during the wait (0 without a `progressToken` in the request's `_meta`).
+    pub notifications: u64,
 }
 
 /// One finding of the validator.
@@ -297,6 +349,21 @@ impl RunOut {
             results: run.results,
             next_event_cursor: events.last().map(|e| e.seq),
             events,
+        }
+    }
+}
+
+impl WaitOut {
+    pub fn new(run: RunInfo, ended_by: WaitEnd, notifications: u64) -> Self {
+        WaitOut {
+            ended_by,
+            finished: run.state.is_terminal(),
+            state: run.state.as_str().to_owned(),
+            run_id: run.run_id,
+            current_step: run.current_step,
+            reason: run.reason,
+            results: run.results,
+            notifications,
         }
     }
 }

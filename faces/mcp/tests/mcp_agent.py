@@ -89,7 +89,8 @@ async def agent(url, user, password, dye_mix, others_run):
             tools = {t.name: t for t in (await session.list_tools()).tools}
             expected = {
                 "list_instruments", "instrument_state", "validate_protocol", "dry_run_protocol",
-                "submit_protocol", "run_status", "run_results", "pause_run", "resume_run", "abort_run",
+                "submit_protocol", "run_status", "run_results", "wait_for_run", "pause_run", "resume_run",
+                "abort_run",
             }
             check(set(tools) == expected, f"tools {sorted(tools)}")
             for name, tool in tools.items():
@@ -98,7 +99,7 @@ async def agent(url, user, password, dye_mix, others_run):
                       f"{name}: output schema {tool.output_schema}")
                 check(tool.annotations is not None, f"{name}: no annotations")
             for name in ("list_instruments", "instrument_state", "validate_protocol", "dry_run_protocol",
-                         "run_status", "run_results"):
+                         "run_status", "run_results", "wait_for_run"):
                 a = tools[name].annotations
                 check(a.read_only_hint is True and a.destructive_hint is False, f"{name}: {a}")
             for name in ("submit_protocol", "abort_run"):
@@ -152,6 +153,32 @@ async def agent(url, user, password, dye_mix, others_run):
             run_id = reply["run_id"]
             again = structured(await session.call_tool("submit_protocol", {"protocol": good}), "submit_protocol")
             check(again["run_id"] == run_id and again["duplicate"], f"the same proposal again {again}")
+            # Followed with wait_for_run and a progress token: first until its first result, then to its end,
+            # one progress notification per state change, step and result on the way.
+            async def follow(args):
+                progress = []  # per call: a progress token belongs to one request
+
+                async def on_progress(value, total, message):
+                    progress.append((value, message))
+
+                out = structured(
+                    await session.call_tool("wait_for_run", {"run_id": run_id, **args}, progress_callback=on_progress),
+                    "wait_for_run",
+                )
+                check(out["notifications"] == len(progress), f"{out} and {progress}")
+                values = [v for v, _ in progress]
+                check(values == sorted(set(values)), f"progress values do not grow: {values}")
+                return out, [m for _, m in progress]
+
+            waited, first = await follow({"after_result": 0, "timeout_s": 60})
+            check(waited["ended_by"] == "result" and waited["results"] >= 1, f"first result {waited}")
+            check(any(m.startswith("step_finished /steps/") for m in first), f"no step in {first}")
+            check(any(m.startswith("result 1 spectrum") for m in first), f"no result in {first}")
+            waited, rest = await follow({"timeout_s": 60})
+            check(waited["ended_by"] == "finished" and waited["state"] == "completed", f"the end {waited}")
+            check(any(m.startswith("state completed") for m in rest), f"no end in {rest}")
+            messages = first + rest
+            seen["progress"] = messages
             final = await wait_for(session, run_id, lambda s: s["finished"], "finished")
             check(final["state"] == "completed", f"dye mix ended {final['state']}: {final.get('reason')}")
             kinds = {e["kind"] for e in final["events"]}
@@ -186,8 +213,17 @@ async def agent(url, user, password, dye_mix, others_run):
             # The test's technician approves it; the agent follows it and then controls its own run.
             await wait_for(session, hold_id, lambda s: s["state"] == "running", "running")
             # Pause and resume are requests the executor takes at its next check: follow them.
+            short = structured(
+                await session.call_tool("wait_for_run", {"run_id": hold_id, "timeout_s": 0.2}), "wait_for_run"
+            )
+            check(short["ended_by"] == "timeout" and short["state"] == "running", f"a short wait {short}")
+            too_long = await session.call_tool("wait_for_run", {"run_id": hold_id, "timeout_s": 1000})
+            check(too_long.is_error and "timeout_s" in too_long.content[0].text, f"timeout_s 1000 {too_long}")
             structured(await session.call_tool("pause_run", {"run_id": hold_id}), "pause_run")
-            await wait_for(session, hold_id, lambda s: s["state"] == "paused", "paused")
+            paused = structured(
+                await session.call_tool("wait_for_run", {"run_id": hold_id, "timeout_s": 60}), "wait_for_run"
+            )
+            check(paused["ended_by"] == "paused" and paused["state"] == "paused", f"wait for the pause {paused}")
             structured(await session.call_tool("resume_run", {"run_id": hold_id}), "resume_run")
             await wait_for(session, hold_id, lambda s: s["state"] == "running", "running again")
             aborted = structured(await session.call_tool("abort_run", {"run_id": hold_id}), "abort_run")

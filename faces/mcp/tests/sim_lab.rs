@@ -144,7 +144,7 @@ async fn the_stdio_bridge_relays_a_session_and_the_run_records_its_client() {
         answers[0]
     );
     let tools = answers[1]["result"]["tools"].as_array().unwrap();
-    assert_eq!(tools.len(), 10, "{}", answers[1]);
+    assert_eq!(tools.len(), 11, "{}", answers[1]);
     let submitted = &answers[2]["result"]["structuredContent"];
     assert_eq!(submitted["outcome"], "awaiting_approval", "{}", answers[2]);
     assert!(
