@@ -20,7 +20,7 @@ fn the_python_planner_matches_the_target_spectrum_through_mcp_within_the_mqtt_bu
     let dir = tempfile::tempdir().unwrap();
     // Warp 200 as tests/planner.rs: step timeouts keep a real-time floor for the wire.
     let mut child = common::labctl_run_sim_command(dir.path(), "200")
-        .args(["--mcp", "127.0.0.1:0", "--no-web"])
+        .args(["--mcp", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -457,6 +457,10 @@ impl Bench {
         if !want_opcua {
             cmd.arg("--no-opcua");
         }
+        // Nor the browser console, unless asked: each would try the default 127.0.0.1:8080.
+        if !extra.iter().any(|a| a.starts_with("--web")) {
+            cmd.arg("--no-web");
+        }
         cmd.args(extra);
         if self.is_sim() {
             cmd.args(["--simulated-instruments", "--warp"])

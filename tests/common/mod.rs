@@ -87,11 +87,11 @@ impl Drop for Labctl {
     }
 }
 
-/// Starts `labctl run --sim --warp WARP --mqtt-port MQTT_PORT --command-port 127.0.0.1:0 --data-dir DIR`
-/// (`MQTT_PORT` 0 picks a free one) and returns it with the embedded broker's port from its banner.
+/// Starts `labctl run --sim --warp WARP --no-web --mqtt-port MQTT_PORT --command-port 127.0.0.1:0 --data-dir
+/// DIR` (`MQTT_PORT` 0 picks a free one) and returns it with the embedded broker's port from its banner.
 pub fn start_labctl_sim(data_dir: &Path, warp: &str, mqtt_port: u16) -> (Labctl, u16) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_labctl"))
-        .args(["run", "--sim", "--warp", warp, "--mqtt-port"])
+        .args(["run", "--sim", "--warp", warp, "--no-web", "--mqtt-port"])
         .arg(mqtt_port.to_string())
         .args(["--command-port", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
@@ -123,12 +123,21 @@ pub fn start_labctl_sim(data_dir: &Path, warp: &str, mqtt_port: u16) -> (Labctl,
 }
 
 /// The base command line of `labctl run --sim` on `data_dir` for the process-level tests: warped time, a
-/// free MQTT port and a free TCP command port, no OPC UA server, warnings and errors on standard error.
+/// free MQTT port and a free TCP command port, no OPC UA server and no browser console, warnings and errors
+/// on standard error.
 /// Callers add arguments and choose where standard output and standard error go.
 pub fn labctl_run_sim_command(data_dir: &Path, warp: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_labctl"));
     command
-        .args(["run", "--sim", "--warp", warp, "--mqtt-port", "0"])
+        .args([
+            "run",
+            "--sim",
+            "--warp",
+            warp,
+            "--mqtt-port",
+            "0",
+            "--no-web",
+        ])
         .args(["--command-port", "127.0.0.1:0", "--no-opcua", "--data-dir"])
         .arg(data_dir)
         .env("LABCTL_LOG", "warn");
