@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use bench::figure;
 use labctl_protocols::Lab;
+use labctl_protocols::registry::InstrumentModel;
 use opcua::client::{ClientBuilder, DataChangeCallback, Session};
 use opcua::crypto::SecurityPolicy;
 use opcua::types::{
@@ -47,8 +48,8 @@ async fn beside_asyncua() {
     let lab = Lab::sim();
     let mut variables = Vec::new();
     for instrument in &lab.instruments {
-        for q in instrument.kind.quantities() {
-            variables.push((instrument.id.clone(), q.name));
+        for q in &InstrumentModel::builtin(instrument.driver).quantities {
+            variables.push((instrument.id.clone(), q.name.as_str()));
         }
     }
     let nodes: Vec<NodeId> = variables
@@ -70,7 +71,11 @@ async fn beside_asyncua() {
         .map(|i| {
             (
                 i.id.clone(),
-                i.kind.quantities().iter().map(|q| q.name).collect(),
+                InstrumentModel::builtin(i.driver)
+                    .quantities
+                    .iter()
+                    .map(|q| q.name.as_str())
+                    .collect(),
             )
         })
         .collect();

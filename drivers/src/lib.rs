@@ -27,7 +27,4 @@ pub use error::{DriverError, PortError};
 pub use instrument::{DeviceCommand, DeviceState, Identity, Instrument, Outcome, Telemetry};
 pub use labctl_transport::Endpoint;
 pub use port::{PortConfig, PortHandle};
-pub use setup::{
-    AnyInstrument, DriverOptions, Ports, connect, definition_line, driver_for, port_config,
-    standard_line,
-};
+pub use setup::{AnyInstrument, DriverOptions, Ports, connect, driver_for, port_config};

@@ -7,11 +7,11 @@
 use std::sync::Arc;
 
 use labctl_protocols::InstrumentKind;
-use labctl_protocols::lab::{self, Driver, SerialLine};
+use labctl_protocols::lab::{self, Driver};
 
 use crate::error::DriverError;
 use crate::instrument::{DeviceCommand, Identity, Instrument, Outcome, Telemetry};
-use crate::port::{PortConfig, PortHandle, frame_line, frame_line_or_cr};
+use crate::port::{Framer, PortConfig, PortHandle, frame_line, frame_line_or_cr};
 use crate::roles::{
     DefinedInstrument, GantryOptions, GrblGantry, HotplateOptions, IkaHotplate, LineInstrument,
     LineWire, ModbusInstrument, ModbusWire, MtSicsBalance, Ne1000Pump, ScpiSpectro,
@@ -38,55 +38,77 @@ impl Default for DriverOptions {
     }
 }
 
+/// The drivers' half of the instrument registry (`labctl_protocols::registry` holds the models' half:
+/// what each takes and reports, and its line): for each driver, how its line cuts frames and how one of
+/// its instruments is built. One row per driver; a defined instrument's row builds it from its definition.
+struct DriverEntry {
+    driver: Driver,
+    /// Cuts the frames that arrive between transactions.
+    framer: Framer,
+    /// Builds the driver on its line's port task. No I/O.
+    build: fn(&lab::Instrument, PortHandle, &DriverOptions) -> Result<AnyInstrument, DriverError>,
+}
+
+const DRIVERS: [DriverEntry; 6] = [
+    DriverEntry {
+        driver: Driver::Grbl,
+        framer: frame_line,
+        build: |i, port, o| {
+            Ok(AnyInstrument::Gantry(
+                GrblGantry::new(&i.id, port, o.gantry.clone()).time_scale(o.time_scale),
+            ))
+        },
+    },
+    DriverEntry {
+        driver: Driver::Ne1000,
+        framer: crate::roles::frame_packet,
+        // NE-1000 pumps leave the factory at address 0.
+        build: |i, port, o| {
+            Ok(AnyInstrument::Pump(
+                Ne1000Pump::new(&i.id, port, i.address.unwrap_or(0)).time_scale(o.time_scale),
+            ))
+        },
+    },
+    DriverEntry {
+        driver: Driver::MtSics,
+        framer: frame_line,
+        build: |i, port, _| Ok(AnyInstrument::Balance(MtSicsBalance::new(&i.id, port))),
+    },
+    DriverEntry {
+        driver: Driver::IkaNamur,
+        framer: frame_line_or_cr,
+        build: |i, port, o| {
+            Ok(AnyInstrument::Hotplate(
+                IkaHotplate::new(&i.id, port, o.hotplate.clone()).time_scale(o.time_scale),
+            ))
+        },
+    },
+    DriverEntry {
+        driver: Driver::ScpiSpectro,
+        framer: frame_line,
+        build: |i, port, _| Ok(AnyInstrument::Spectro(ScpiSpectro::new(&i.id, port))),
+    },
+    // A definition's replies end in CR, LF or CR LF (`LineWire::new` refuses others).
+    DriverEntry {
+        driver: Driver::Definition,
+        framer: frame_line_or_cr,
+        build: defined_driver,
+    },
+];
+
+fn entry(driver: Driver) -> &'static DriverEntry {
+    DRIVERS
+        .iter()
+        .find(|e| e.driver == driver)
+        .unwrap_or_else(|| unreachable!("DRIVERS has a row for every driver"))
+}
+
 /// Port settings for a protocol: how to cut frames that arrive between transactions.
 pub fn port_config(driver: Driver) -> PortConfig {
-    let framer = match driver {
-        Driver::Ne1000 => crate::roles::frame_packet,
-        // A definition's replies end in CR, LF or CR LF (`LineWire::new` refuses others).
-        Driver::IkaNamur | Driver::Definition => frame_line_or_cr,
-        Driver::Grbl | Driver::MtSics | Driver::ScpiSpectro => frame_line,
-    };
     PortConfig {
-        framer,
+        framer: entry(driver).framer,
         ..PortConfig::default()
     }
-}
-
-/// The line settings each instrument family ships with (GRBL 115200 8N1, NE-1000 19200 8N1, MT-SICS 9600
-/// 8N1, IKA NAMUR 9600 7E1), for a serial device the lab file does not describe, such as a simulator's pty.
-/// `None` for the SCPI spectrophotometer, which is reached over TCP.
-pub fn standard_line(driver: Driver, port: &str) -> Option<SerialLine> {
-    let line = |baud: u32, data_bits: u8, parity: lab::Parity| SerialLine {
-        port: port.to_owned(),
-        baud,
-        data_bits,
-        parity,
-        stop_bits: 1,
-        flow_control: lab::FlowControl::None,
-    };
-    match driver {
-        Driver::Grbl => Some(line(115_200, 8, lab::Parity::None)),
-        Driver::Ne1000 => Some(line(19_200, 8, lab::Parity::None)),
-        Driver::MtSics => Some(line(9600, 8, lab::Parity::None)),
-        Driver::IkaNamur => Some(line(9600, 7, lab::Parity::Even)),
-        Driver::ScpiSpectro | Driver::Definition => None,
-    }
-}
-
-/// The line settings an instrument definition gives (for a simulator's pty); `None` for Modbus.
-pub fn definition_line(
-    definition: &labctl_protocols::instrument_def::InstrumentDefinition,
-    port: &str,
-) -> Option<SerialLine> {
-    let line = definition.line.as_ref()?;
-    Some(SerialLine {
-        port: port.to_owned(),
-        baud: line.baud,
-        data_bits: line.data_bits,
-        parity: line.parity,
-        stop_bits: line.stop_bits,
-        flow_control: line.flow_control,
-    })
 }
 
 /// The port tasks of a lab, one per line: instruments on the same serial port (the NE-1000 daisy chain)
@@ -142,7 +164,7 @@ pub fn connect(
     options: &DriverOptions,
 ) -> Result<AnyInstrument, DriverError> {
     // A Modbus instrument owns its connection (tokio-modbus frames it); no shared port task.
-    if let Some(definition) = instrument.defined.as_ref().filter(|d| d.modbus.is_some()) {
+    if let Some(definition) = instrument.defined().filter(|d| d.modbus.is_some()) {
         let wire = ModbusWire::new(&instrument.id, endpoint.clone(), Arc::clone(definition))?;
         return Ok(AnyInstrument::Modbus(
             DefinedInstrument::new(
@@ -164,56 +186,44 @@ pub fn driver_for(
     port: PortHandle,
     options: &DriverOptions,
 ) -> Result<AnyInstrument, DriverError> {
-    let id = instrument.id.as_str();
     if instrument.driver.kind() != instrument.kind {
         return Err(DriverError::Unsupported {
-            instrument: id.to_owned(),
+            instrument: instrument.id.clone(),
             what: "driver".into(),
             found: format!("{:?} for a {}", instrument.driver, instrument.kind),
             supported: format!("a driver for {} instruments", instrument.driver.kind()),
         });
     }
-    Ok(match instrument.driver {
-        Driver::Grbl => AnyInstrument::Gantry(
-            GrblGantry::new(id, port, options.gantry.clone()).time_scale(options.time_scale),
-        ),
-        // NE-1000 pumps leave the factory at address 0.
-        Driver::Ne1000 => AnyInstrument::Pump(
-            Ne1000Pump::new(id, port, instrument.address.unwrap_or(0))
-                .time_scale(options.time_scale),
-        ),
-        Driver::MtSics => AnyInstrument::Balance(MtSicsBalance::new(id, port)),
-        Driver::IkaNamur => AnyInstrument::Hotplate(
-            IkaHotplate::new(id, port, options.hotplate.clone()).time_scale(options.time_scale),
-        ),
-        Driver::ScpiSpectro => AnyInstrument::Spectro(ScpiSpectro::new(id, port)),
-        Driver::Definition => {
-            let definition =
-                instrument
-                    .defined
-                    .clone()
-                    .ok_or_else(|| DriverError::Unsupported {
-                        instrument: id.to_owned(),
-                        what: "definition".into(),
-                        found: "none loaded".into(),
-                        supported: "a lab loaded with Lab::load, which reads the definition file"
-                            .into(),
-                    })?;
-            let allow = instrument.allow_firmware.clone();
-            if definition.modbus.is_some() {
-                let wire = ModbusWire::new(id, port.endpoint().clone(), Arc::clone(&definition))?;
-                AnyInstrument::Modbus(
-                    DefinedInstrument::new(id, definition, allow, wire)
-                        .time_scale(options.time_scale),
-                )
-            } else {
-                let wire = LineWire::new(id, port, Arc::clone(&definition))?;
-                AnyInstrument::Defined(
-                    DefinedInstrument::new(id, definition, allow, wire)
-                        .time_scale(options.time_scale),
-                )
-            }
-        }
+    (entry(instrument.driver).build)(instrument, port, options)
+}
+
+/// The driver of an instrument its definition describes: over its line, or over Modbus.
+fn defined_driver(
+    instrument: &lab::Instrument,
+    port: PortHandle,
+    options: &DriverOptions,
+) -> Result<AnyInstrument, DriverError> {
+    let id = instrument.id.as_str();
+    let definition = instrument
+        .defined()
+        .cloned()
+        .ok_or_else(|| DriverError::Unsupported {
+            instrument: id.to_owned(),
+            what: "definition".into(),
+            found: "none loaded".into(),
+            supported: "a lab loaded with Lab::load, which reads the definition file".into(),
+        })?;
+    let allow = instrument.allow_firmware.clone();
+    Ok(if definition.modbus.is_some() {
+        let wire = ModbusWire::new(id, port.endpoint().clone(), Arc::clone(&definition))?;
+        AnyInstrument::Modbus(
+            DefinedInstrument::new(id, definition, allow, wire).time_scale(options.time_scale),
+        )
+    } else {
+        let wire = LineWire::new(id, port, Arc::clone(&definition))?;
+        AnyInstrument::Defined(
+            DefinedInstrument::new(id, definition, allow, wire).time_scale(options.time_scale),
+        )
     })
 }
 
@@ -280,6 +290,7 @@ mod tests {
     use super::*;
     use crate::testing::Fake;
     use labctl_protocols::Lab;
+    use labctl_protocols::registry::InstrumentModel;
     use labctl_transport as transport;
 
     #[test]
@@ -290,13 +301,13 @@ mod tests {
         for inst in &lab.instruments {
             // Resolve `simulated` as the controller does: a pty per serial instrument (the three pumps share
             // one), TCP for the spectrophotometer.
-            let endpoint =
-                match standard_line(inst.driver, &format!("/dev/pts/sim-{:?}", inst.driver)) {
-                    Some(line) => Endpoint::Serial(line),
-                    None => Endpoint::Tcp {
-                        address: "127.0.0.1:5025".into(),
-                    },
-                };
+            let port = format!("/dev/pts/sim-{:?}", inst.driver);
+            let endpoint = match inst.model().line {
+                Some(line) => Endpoint::Serial(line.on(&port)),
+                None => Endpoint::Tcp {
+                    address: "127.0.0.1:5025".into(),
+                },
+            };
             drivers.push(connect(inst, &endpoint, &mut ports, &DriverOptions::default()).unwrap());
         }
         assert_eq!(drivers.len(), 7);
@@ -319,7 +330,8 @@ mod tests {
     fn a_line_speaks_one_protocol() {
         let lab = Lab::sim();
         let mut ports = Ports::new();
-        let endpoint = Endpoint::Serial(standard_line(Driver::Ne1000, "/dev/ttyUSB0").unwrap());
+        let ne1000 = InstrumentModel::builtin(Driver::Ne1000);
+        let endpoint = Endpoint::Serial(ne1000.line.unwrap().on("/dev/ttyUSB0"));
         let pump = lab
             .instruments
             .iter()
@@ -337,13 +349,29 @@ mod tests {
 
     #[test]
     fn standard_lines_follow_the_manuals() {
-        let namur = standard_line(Driver::IkaNamur, "/dev/x").unwrap();
+        let line = |driver| {
+            InstrumentModel::builtin(driver)
+                .line
+                .map(|l| l.on("/dev/x"))
+        };
+        let namur = line(Driver::IkaNamur).unwrap();
         assert_eq!(
             (namur.baud, namur.data_bits, namur.parity),
             (9600, 7, lab::Parity::Even)
         );
-        assert_eq!(standard_line(Driver::Grbl, "/dev/x").unwrap().baud, 115_200);
-        assert!(standard_line(Driver::ScpiSpectro, "x").is_none());
+        assert_eq!(line(Driver::Grbl).unwrap().baud, 115_200);
+        assert!(line(Driver::ScpiSpectro).is_none());
+    }
+
+    #[test]
+    fn every_driver_of_the_registry_has_one_row() {
+        for driver in Driver::ALL {
+            assert_eq!(
+                DRIVERS.iter().filter(|e| e.driver == driver).count(),
+                1,
+                "{driver:?}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -300,7 +300,7 @@ pub fn check_port(report: &mut WireReport, instruments: &[&Instrument], bytes: &
                 &mut undecodable,
             );
         }
-        Driver::Definition => match &first.defined {
+        Driver::Definition => match first.defined() {
             Some(definition) if definition.modbus.is_some() => {
                 check_modbus(report, first, definition, bytes, &mut undecodable)
             }

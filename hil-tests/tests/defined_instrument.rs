@@ -324,7 +324,8 @@ fn the_faces_show_a_defined_instrument_with_no_code() {
         .find(|i| i["id"] == "stirrer")
         .expect("the stirrer in capabilities");
     assert_eq!(stirrer["kind"], "defined");
-    assert_eq!(stirrer["definition"]["model"], "RCT digital");
+    assert_eq!(stirrer["model"]["model"], "RCT digital");
+    assert_eq!(stirrer["driver"], "definition");
     let actions: Vec<&str> = stirrer["actions"]
         .as_array()
         .unwrap()
@@ -338,7 +339,7 @@ fn the_faces_show_a_defined_instrument_with_no_code() {
         .find(|i| i["id"] == "mfc")
         .expect("the flow controller");
     assert_eq!(
-        mfc["definition"]["actions"][0]["params"][0]["unit"], "ln/min",
+        mfc["model"]["actions"][0]["params"][0]["unit"], "ln/min",
         "{mfc}"
     );
 }

@@ -1,4 +1,5 @@
-//! What each kind of instrument can be asked to do and what it reports.
+//! The roles instruments play, the parameter names of each step, and the lab's capabilities document.
+//! What each instrument model takes and reports is the registry's (`registry::InstrumentModel`).
 //!
 //! Instruments are described by role, not by vendor: a protocol says "dispense 200 uL", and whichever pump
 //! driver the lab file names turns that into its own wire commands.
@@ -17,94 +18,12 @@ pub enum InstrumentKind {
     Balance,
     Hotplate,
     Spectrophotometer,
-    /// An instrument described by an instrument definition file: its actions, measurements and
-    /// quantities are the definition's (see `lab::Instrument::action_names`), not the kind's.
+    /// An instrument described by an instrument definition file: what it takes and reports is its
+    /// definition's (see `registry::InstrumentModel`).
     Defined,
 }
 
-/// A quantity an instrument reports as telemetry, with its unit in its name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Quantity {
-    pub name: &'static str,
-    pub unit: &'static str,
-    pub description: &'static str,
-}
-
 impl InstrumentKind {
-    /// The built-in roles (a defined instrument's abilities come from its definition).
-    pub const ALL: [InstrumentKind; 5] = [
-        InstrumentKind::Gantry,
-        InstrumentKind::SyringePump,
-        InstrumentKind::Balance,
-        InstrumentKind::Hotplate,
-        InstrumentKind::Spectrophotometer,
-    ];
-
-    /// Names of the `action` steps this kind accepts.
-    pub fn actions(self) -> &'static [&'static str] {
-        match self {
-            InstrumentKind::Gantry => &["home", "move_to", "move_xyz", "transfer"],
-            InstrumentKind::SyringePump => &["dispense", "stop_pump"],
-            InstrumentKind::Balance => &["tare", "zero"],
-            InstrumentKind::Hotplate => &[
-                "set_temperature",
-                "heater_off",
-                "set_stir_speed",
-                "stir_off",
-            ],
-            InstrumentKind::Spectrophotometer | InstrumentKind::Defined => &[],
-        }
-    }
-
-    /// Names of the `measure` steps this kind accepts.
-    pub fn measurements(self) -> &'static [&'static str] {
-        match self {
-            InstrumentKind::Gantry | InstrumentKind::SyringePump => &[],
-            InstrumentKind::Defined => &["read"],
-            InstrumentKind::Balance => &["weigh"],
-            InstrumentKind::Hotplate => &["read_temperature"],
-            InstrumentKind::Spectrophotometer => &["spectrum", "absorbance"],
-        }
-    }
-
-    /// Quantities this kind reports as live telemetry (what `wait_until` may test).
-    pub fn quantities(self) -> &'static [Quantity] {
-        const fn q(name: &'static str, unit: &'static str, description: &'static str) -> Quantity {
-            Quantity {
-                name,
-                unit,
-                description,
-            }
-        }
-        const GANTRY: &[Quantity] = &[
-            q("x_mm", "mm", "head x position"),
-            q("y_mm", "mm", "head y position"),
-            q("z_mm", "mm", "head z position"),
-        ];
-        const PUMP: &[Quantity] = &[q(
-            "dispensed_ul",
-            "uL",
-            "volume dispensed since the last clear",
-        )];
-        const BALANCE: &[Quantity] = &[q("mass_g", "g", "net mass on the pan")];
-        const HOTPLATE: &[Quantity] = &[
-            q(
-                "temperature_c",
-                "degC",
-                "vessel temperature (external probe)",
-            ),
-            q("plate_temperature_c", "degC", "plate temperature"),
-            q("stir_speed_rpm", "rpm", "stirrer speed"),
-        ];
-        match self {
-            InstrumentKind::Gantry => GANTRY,
-            InstrumentKind::SyringePump => PUMP,
-            InstrumentKind::Balance => BALANCE,
-            InstrumentKind::Hotplate => HOTPLATE,
-            InstrumentKind::Spectrophotometer | InstrumentKind::Defined => &[],
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             InstrumentKind::Gantry => "gantry",
@@ -180,37 +99,18 @@ pub fn document(lab: &crate::Lab) -> serde_json::Value {
         .instruments
         .iter()
         .map(|i| {
-            let quantities = match &i.defined {
-                Some(def) => def
-                    .readings
-                    .iter()
-                    .map(|r| {
-                        json!({ "name": r.name, "unit": r.unit,
-                                "description": format!("{} reading", def.model.name) })
-                    })
-                    .collect(),
-                None => json!(i.kind.quantities()),
-            };
+            let model = i.model();
             json!({
                 "id": i.id,
                 "kind": i.kind,
+                "driver": i.driver,
                 "actions": i.action_names(),
                 "measurements": i.measurement_names(),
-                "quantities": quantities,
+                "quantities": model.quantities,
                 "stock": i.stock,
                 "capabilities": i.capabilities,
                 "envelope": i.envelope,
-                "definition": i.defined.as_ref().map(|d| json!({
-                    "manufacturer": d.model.manufacturer,
-                    "model": d.model.name,
-                    "manual": d.model.manual,
-                    "actions": d.actions.iter().map(|a| json!({
-                        "name": a.name,
-                        "params": a.params.iter().map(|p| json!({
-                            "name": p.name, "unit": p.unit, "min": p.min, "max": p.max,
-                        })).collect::<Vec<_>>(),
-                    })).collect::<Vec<_>>(),
-                })),
+                "model": model,
             })
         })
         .collect();

@@ -57,7 +57,7 @@ pub fn expand(
 ) -> Result<Expansion, ExpandError> {
     let inst = lab.instrument(instrument);
     // A defined instrument takes its definition's action as it is: its driver renders the commands.
-    if inst.is_some_and(|i| i.defined.is_some()) {
+    if inst.is_some_and(|i| i.defined().is_some()) {
         let params = action.numeric_params().map_err(ExpandError::Parameter)?;
         return Ok(Expansion::Commands(vec![(
             instrument.to_owned(),

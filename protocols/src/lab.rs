@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::capabilities::InstrumentKind;
 use crate::instrument_def::{InstrumentDefinition, check_definition};
+use crate::registry::InstrumentModel;
 pub use crate::serial::{FlowControl, Parity, SerialLine};
 
 /// The built-in simulated lab (`examples/sim-lab.toml`), used when no lab file is given.
@@ -229,20 +230,6 @@ pub fn ramp_setpoints(from: f64, to: f64, rate_c_per_min: f64) -> Vec<(f64, f64)
     out
 }
 
-/// The quantities whose envelope a lab must declare for each kind: a command on an unbounded quantity
-/// would have nothing to be checked against.
-pub fn required_envelope(kind: InstrumentKind) -> &'static [&'static str] {
-    match kind {
-        InstrumentKind::Gantry => &["x_mm", "y_mm", "z_mm", "feed_mm_per_min"],
-        InstrumentKind::SyringePump => &["rate_ul_per_min", "volume_ul"],
-        InstrumentKind::Balance => &["mass_g"],
-        InstrumentKind::Hotplate => &["temperature_c", "stir_speed_rpm"],
-        InstrumentKind::Spectrophotometer => &["wavelength_nm"],
-        // A defined instrument needs one for each of its actions' parameters (`Lab::problems`).
-        InstrumentKind::Defined => &[],
-    }
-}
-
 /// The wire protocol an instrument speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -262,6 +249,16 @@ pub enum Driver {
 }
 
 impl Driver {
+    /// Every driver: the five built-in ones and the definition-driven one.
+    pub const ALL: [Driver; 6] = [
+        Driver::Grbl,
+        Driver::Ne1000,
+        Driver::MtSics,
+        Driver::IkaNamur,
+        Driver::ScpiSpectro,
+        Driver::Definition,
+    ];
+
     /// The instrument kind this driver can serve.
     pub fn kind(self) -> InstrumentKind {
         match self {
@@ -313,48 +310,50 @@ pub struct Instrument {
     /// For `driver = "definition"`: the instrument definition file, relative to the lab file.
     #[serde(default)]
     pub definition: Option<String>,
-    /// The definition, read and checked when the lab loads.
+    /// Its model in the instrument registry, resolved when the lab loads: its definition's for
+    /// `driver = "definition"`; `None` for a built-in driver, whose model is the registry's own entry.
     #[serde(skip)]
-    pub defined: Option<Arc<InstrumentDefinition>>,
+    pub model: Option<Arc<InstrumentModel>>,
     /// Firmware versions accepted beyond those the definition lists (a lab's own tested versions).
     #[serde(default)]
     pub allow_firmware: Vec<String>,
 }
 
 impl Instrument {
-    /// Names of the `action` steps it accepts: its kind's, or its definition's.
+    /// What it takes and reports: its entry in the instrument registry.
+    pub fn model(&self) -> &InstrumentModel {
+        self.model
+            .as_deref()
+            .unwrap_or_else(|| InstrumentModel::builtin(self.driver))
+    }
+
+    /// The definition it was described by, for `driver = "definition"`.
+    pub fn defined(&self) -> Option<&Arc<InstrumentDefinition>> {
+        self.model().definition.as_ref()
+    }
+
+    /// Names of the `action` steps it accepts.
     pub fn action_names(&self) -> Vec<&str> {
-        match &self.defined {
-            Some(def) => def.actions.iter().map(|a| a.name.as_str()).collect(),
-            None => self.kind.actions().to_vec(),
-        }
+        self.model().action_names().collect()
     }
 
     /// Names of the `measure` steps it accepts.
     pub fn measurement_names(&self) -> Vec<&str> {
-        self.kind.measurements().to_vec()
+        self.model().measurement_names().collect()
     }
 
     /// The quantities it reports as telemetry, with their units.
     pub fn quantities(&self) -> Vec<(&str, &str)> {
-        match &self.defined {
-            Some(def) => def
-                .readings
-                .iter()
-                .map(|r| (r.name.as_str(), r.unit.as_str()))
-                .collect(),
-            None => self
-                .kind
-                .quantities()
-                .iter()
-                .map(|q| (q.name, q.unit))
-                .collect(),
-        }
+        self.model()
+            .quantities
+            .iter()
+            .map(|q| (q.name.as_str(), q.unit.as_str()))
+            .collect()
     }
 
     /// Whether it reports `quantity`.
     pub fn reports(&self, quantity: &str) -> bool {
-        self.quantities().iter().any(|(q, _)| *q == quantity)
+        self.model().quantity(quantity).is_some()
     }
 }
 
@@ -778,7 +777,9 @@ impl Lab {
                                 // Kept resolved, so the lab means the same lab wherever it is written.
                                 let resolved = std::fs::canonicalize(&path).unwrap_or(path);
                                 inst.definition = Some(resolved.display().to_string());
-                                inst.defined = Some(Arc::new(def));
+                                inst.model = Some(Arc::new(InstrumentModel::from_definition(
+                                    Arc::new(def),
+                                )));
                                 inst.envelope.name_as_params();
                                 inst.capabilities.name_as_params();
                             }
@@ -826,11 +827,16 @@ impl Lab {
                     inst.kind
                 ));
             }
-            for q in required_envelope(inst.kind) {
+            let model = inst.model();
+            for q in &model.required_envelope {
                 if inst.envelope.range(q).is_none() {
+                    let within = model
+                        .param_range(q)
+                        .map(|r| format!(" within {r}"))
+                        .unwrap_or_default();
                     p.push(format!(
-                        "{at}.envelope.{q}: required for a {} (a [min, max] range)",
-                        inst.kind
+                        "{at}.envelope.{q}: required: a {} takes {q} (a [min, max] range{within})",
+                        model.model
                     ));
                 }
             }
@@ -971,7 +977,7 @@ impl Lab {
 /// it; any other instrument's envelope names only built-in quantities.
 fn defined_envelope_problems(inst: &Instrument, at: &str) -> Vec<String> {
     let mut p = Vec::new();
-    let Some(def) = &inst.defined else {
+    if inst.defined().is_none() {
         for (limits, field) in [
             (&inst.envelope, "envelope"),
             (&inst.capabilities, "capabilities"),
@@ -990,28 +996,16 @@ fn defined_envelope_problems(inst: &Instrument, at: &str) -> Vec<String> {
             }
         }
         return p;
-    };
-    let mut params = BTreeMap::new();
-    for action in &def.actions {
-        for param in &action.params {
-            // The same name in two actions is one quantity: the narrowest range the definition gives it.
-            let range = params.entry(param.name.as_str()).or_insert(Range {
-                min: param.min,
-                max: param.max,
-            });
-            range.min = range.min.max(param.min);
-            range.max = range.max.min(param.max);
-        }
     }
-    for (name, capability) in &params {
-        match inst.envelope.params.get(*name) {
-            None => p.push(format!(
-                "{at}.envelope.{name}: required: the definition's actions take {name} (a [min, max] range within {capability})"
-            )),
-            Some(env) if !env.within(capability) => p.push(format!(
+    // A missing one is refused with the other required fields (`Lab::problems`).
+    let model = inst.model();
+    for (name, env) in &inst.envelope.params {
+        if let Some(capability) = model.param_range(name)
+            && !env.within(&capability)
+        {
+            p.push(format!(
                 "{at}.envelope.{name}: {env} reaches outside what the definition says the instrument can do, {capability}"
-            )),
-            Some(_) => {}
+            ));
         }
     }
     for (limits, field) in [
@@ -1019,7 +1013,7 @@ fn defined_envelope_problems(inst: &Instrument, at: &str) -> Vec<String> {
         (&inst.capabilities, "capabilities"),
     ] {
         for name in limits.params.keys() {
-            if !params.contains_key(name.as_str()) {
+            if model.param_range(name).is_none() {
                 p.push(format!(
                     "{at}.{field}.{name}: no action of the definition takes {name}"
                 ));

@@ -7,6 +7,7 @@
 //! - [`validate`]: the one validator every interface calls (CLI, MQTT, OPC UA, command port).
 //! - [`schema`]: the JSON Schema a planner writes against.
 //! - [`instrument_def`]: instrument definitions (one TOML file per instrument model) and their checker.
+//! - [`registry`]: one description per instrument model, built-in or defined, that everything else reads.
 //! - [`pattern_text`]: the text a reply pattern matches, written from values (for simulators and checks).
 //!
 //! May depend on: nothing of labctl (every other crate reads the lab file and protocols through it).
@@ -19,6 +20,7 @@ pub mod interpret;
 pub mod lab;
 pub mod pattern_text;
 pub mod protocol;
+pub mod registry;
 pub mod schema;
 pub mod serial;
 pub mod validate;

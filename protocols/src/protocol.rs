@@ -547,10 +547,7 @@ impl Step {
         }
         match self {
             Step::Action(a) => Some(
-                match lab
-                    .instrument(&a.instrument)
-                    .and_then(|i| i.defined.as_ref())
-                {
+                match lab.instrument(&a.instrument).and_then(|i| i.defined()) {
                     Some(def) => def
                         .action(a.action.name())
                         .map_or(120.0, |spec| spec.completion.longest_s() + 60.0),

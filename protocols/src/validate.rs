@@ -11,10 +11,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use crate::capabilities::{InstrumentKind, param_fields, split_unit};
+use crate::capabilities::{param_fields, split_unit};
 use crate::finding::{Finding, FindingCode as Code};
 use crate::lab::{ApprovalPolicy, Lab, Position};
 use crate::protocol::*;
+use crate::registry::builtin_models;
 
 /// Largest protocol document accepted, in bytes.
 pub const MAX_PROTOCOL_BYTES: usize = 4 * 1024 * 1024;
@@ -480,7 +481,7 @@ impl Decoder<'_> {
                     .get("instrument")
                     .and_then(Value::as_str)
                     .and_then(|id| self.lab.instrument(id))
-                    .is_some_and(|i| i.defined.is_some());
+                    .is_some_and(|i| i.defined().is_some());
                 let params_ok = if step_type == "action" && defined {
                     self.leaf::<crate::protocol::DefinedAction>(&tagged, path)
                         .is_some()
@@ -598,15 +599,9 @@ impl Decoder<'_> {
         let allowed: Vec<&str> = match (inst, step_type) {
             (Some(i), "action") => i.action_names(),
             (Some(i), _) => i.measurement_names(),
-            (None, "action") => InstrumentKind::ALL
-                .iter()
-                .flat_map(|k| k.actions())
-                .copied()
-                .collect(),
-            (None, _) => InstrumentKind::ALL
-                .iter()
-                .flat_map(|k| k.measurements())
-                .copied()
+            (None, "action") => builtin_models().flat_map(|m| m.action_names()).collect(),
+            (None, _) => builtin_models()
+                .flat_map(|m| m.measurement_names())
                 .collect(),
         };
         if !allowed.contains(&action.as_str()) {
@@ -622,7 +617,7 @@ impl Decoder<'_> {
             );
             return true;
         }
-        if let (Some(def), "action") = (inst.and_then(|i| i.defined.as_ref()), step_type) {
+        if let (Some(def), "action") = (inst.and_then(|i| i.defined()), step_type) {
             let fields: Vec<&str> = def
                 .action(action)
                 .map(|a| a.params.iter().map(|p| p.name.as_str()).collect())
@@ -1098,7 +1093,7 @@ impl<'a> Semantic<'a> {
             return 0.0;
         }
         let params = join(path, "params");
-        if let Some(def) = &inst.defined {
+        if let Some(def) = inst.defined() {
             return self.defined_action(inst, def, s, &params);
         }
         let Some(action) = s.action.builtin() else {
@@ -1371,7 +1366,7 @@ impl<'a> Semantic<'a> {
                     format!("a {} cannot measure `{}`", inst.kind, s.measurement.name()),
                 )
                 .found(format!("`{}`", s.measurement.name()))
-                .expected(list(inst.kind.measurements())),
+                .expected(list(inst.measurement_names())),
             );
             return 0.0;
         }

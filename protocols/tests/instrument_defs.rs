@@ -392,3 +392,71 @@ fn a_defined_temperature_setpoint_above_the_auto_approval_limit_needs_a_technici
         warm.approval_required_because
     );
 }
+
+/// Built-in and defined instruments are described by one registry: the capabilities document gives every
+/// instrument a `model` of the same shape, the hotplate's from its driver's entry and the stirrer's from
+/// its definition, and what a protocol may ask of each (`actions`, `measurements`, `quantities`) is that
+/// model's.
+#[test]
+fn built_in_and_defined_instruments_are_described_by_one_registry() {
+    let lab = lab_with_stirrer("{ temperature_c = [15, 80], speed_rpm = [0, 1000] }");
+    let doc = labctl_protocols::capabilities::document(&lab);
+    let instruments = doc["instruments"].as_array().unwrap();
+    let by_id = |id: &str| instruments.iter().find(|i| i["id"] == id).unwrap().clone();
+    let keys = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let (hotplate, stirrer) = (by_id("hotplate"), by_id("stirrer"));
+    assert_eq!(keys(&hotplate["model"]), keys(&stirrer["model"]));
+    for instrument in instruments {
+        let model = &instrument["model"];
+        let names = |list: &serde_json::Value| -> Vec<serde_json::Value> {
+            list.as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["name"].clone())
+                .collect()
+        };
+        assert_eq!(
+            names(&model["actions"]),
+            *instrument["actions"].as_array().unwrap()
+        );
+        assert_eq!(
+            names(&model["measurements"]),
+            *instrument["measurements"].as_array().unwrap()
+        );
+        assert_eq!(model["quantities"], instrument["quantities"]);
+        assert_eq!(model["driver"], instrument["driver"]);
+    }
+    // The built-in hotplate's parameter carries the unit its name says; its range is the lab's
+    // capabilities. The definition's carries the definition's unit and range.
+    let set_temperature = |v: &serde_json::Value| {
+        v["model"]["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == "set_temperature")
+            .unwrap()["params"][0]
+            .clone()
+    };
+    assert_eq!(
+        set_temperature(&hotplate),
+        serde_json::json!({ "name": "temperature_c", "value": "number", "unit": "degC" })
+    );
+    let stirrer_param = set_temperature(&stirrer);
+    assert_eq!(stirrer_param["unit"], "degC");
+    assert!(
+        stirrer_param["max"].as_f64().unwrap() > 100.0,
+        "{stirrer_param}"
+    );
+    assert_eq!(stirrer["model"]["manufacturer"], "IKA");
+    assert_eq!(
+        hotplate["model"]["required_envelope"],
+        serde_json::json!(["temperature_c", "stir_speed_rpm"])
+    );
+    // The pump's dispense names its vessel, not a number.
+    let pump = by_id("pump-red");
+    assert_eq!(pump["model"]["actions"][0]["params"][0]["value"], "vessel");
+}

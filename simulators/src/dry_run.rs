@@ -324,7 +324,7 @@ impl Backing {
                         }
                     }
                 };
-                let backing = match (&inst.defined, inst.kind) {
+                let backing = match (inst.defined(), inst.kind) {
                     (Some(def), _) => Backing::Defined(Arc::clone(def)),
                     (None, InstrumentKind::SyringePump) => match pumps.get(&inst.id) {
                         Some(&index) => Backing::Pump(index),

@@ -242,7 +242,7 @@ impl SimLab {
             .lab
             .instruments
             .iter()
-            .filter(|i| i.defined.is_some())
+            .filter(|i| i.defined().is_some())
         {
             model.add_defined(&inst.id);
         }
@@ -282,7 +282,7 @@ impl SimLab {
         ];
         // Each instrument with a definition gets its simulator from the definition, on a port of its own.
         for (k, inst) in config.lab.instruments.iter().enumerate() {
-            if let Some(definition) = &inst.defined {
+            if let Some(definition) = inst.defined() {
                 let id = model.add_defined(&inst.id);
                 let seed = config.seed ^ (k as u64 + 101);
                 let device: Box<dyn Device> =

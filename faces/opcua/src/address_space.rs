@@ -6,6 +6,7 @@
 
 use labctl_protocols::InstrumentKind;
 use labctl_protocols::lab::{Instrument, Lab, Range};
+use labctl_protocols::registry::QuantityDescription;
 use opcua::server::address_space::{AddressSpace, MethodBuilder, ObjectBuilder, VariableBuilder};
 use opcua::types::{
     DataTypeId, EUInformation, LocalizedText, NodeId, ObjectId, ObjectTypeId, QualifiedName,
@@ -248,17 +249,17 @@ fn build_device(space: &mut AddressSpace, names: Names, instrument: &Instrument)
     names.object(space, &unit, id, &names.id(&units));
     let functions = format!("{unit}/FunctionSet");
     names.object(space, &functions, "FunctionSet", &names.id(&unit));
-    for q in sensors(instrument) {
-        build_sensor(space, names, instrument, kind, &q, &names.id(&functions));
+    for q in &instrument.model().quantities {
+        build_sensor(space, names, instrument, kind, q, &names.id(&functions));
     }
     for (quantity, _) in devices::setpoints(instrument) {
-        if let Some(q) = kind.quantities().iter().find(|q| q.name == quantity) {
+        if let Some(q) = instrument.model().quantity(quantity) {
             build_setpoint(space, names, instrument, q);
         }
     }
     // The instrument's actions and measurements, for technicians (see `devices`); a defined instrument's
     // actions by their definition's names.
-    for m in DeviceMethod::of_kind(kind) {
+    for m in DeviceMethod::of_model(instrument.model()) {
         let path = devices::method_path(id, m);
         let inputs = m.input_arguments();
         build_method(
@@ -271,7 +272,7 @@ fn build_device(space: &mut AddressSpace, names: Names, instrument: &Instrument)
             &inputs,
         );
     }
-    for action in instrument.defined.iter().flat_map(|d| &d.actions) {
+    for action in instrument.defined().iter().flat_map(|d| &d.actions) {
         let path = format!("{}/{}", device(id), action.name);
         let description = format!("{} (from the instrument's definition)", action.name);
         let inputs = devices::defined_input_arguments(action);
@@ -320,10 +321,10 @@ fn build_setpoint(
     space: &mut AddressSpace,
     names: Names,
     instrument: &Instrument,
-    q: &labctl_protocols::capabilities::Quantity,
+    q: &QuantityDescription,
 ) {
     let id = instrument.id.as_str();
-    let path = target_value(id, q.name);
+    let path = target_value(id, &q.name);
     let node = names.id(&path);
     VariableBuilder::new(&node, names.qn(TARGET_VALUE), TARGET_VALUE)
         .description(format!(
@@ -334,19 +335,19 @@ fn build_setpoint(
         .value(Variant::from(f64::NAN))
         .writable()
         .has_type_definition(VariableTypeId::AnalogItemType)
-        .component_of(names.id(&function(id, q.name)))
+        .component_of(names.id(&function(id, &q.name)))
         .insert(space);
     names.property(
         space,
         &format!("{path}/EngineeringUnits"),
         "EngineeringUnits",
         DataTypeId::EUInformation,
-        Variant::from(engineering_units(q.unit)),
+        Variant::from(engineering_units(&q.unit)),
         &node,
     );
     for (name, range) in [
-        ("EURange", instrument.capabilities.range(q.name)),
-        ("EnvelopeRange", instrument.envelope.range(q.name)),
+        ("EURange", instrument.capabilities.range(&q.name)),
+        ("EnvelopeRange", instrument.envelope.range(&q.name)),
     ] {
         if let Some(range) = range {
             names.property(
@@ -364,49 +365,18 @@ fn build_setpoint(
     }
 }
 
-/// A quantity an instrument reports: its kind's, or its definition's readings.
-struct Sensor<'a> {
-    name: &'a str,
-    unit: &'a str,
-    description: &'a str,
-}
-
-fn sensors(instrument: &Instrument) -> Vec<Sensor<'_>> {
-    match &instrument.defined {
-        Some(def) => def
-            .readings
-            .iter()
-            .map(|r| Sensor {
-                name: &r.name,
-                unit: &r.unit,
-                description: &r.name,
-            })
-            .collect(),
-        None => instrument
-            .kind
-            .quantities()
-            .iter()
-            .map(|q| Sensor {
-                name: q.name,
-                unit: q.unit,
-                description: q.description,
-            })
-            .collect(),
-    }
-}
-
 fn build_sensor(
     space: &mut AddressSpace,
     names: Names,
     instrument: &Instrument,
     kind: InstrumentKind,
-    q: &Sensor<'_>,
+    q: &QuantityDescription,
     functions: &NodeId,
 ) {
     let id = instrument.id.as_str();
-    let function_path = function(id, q.name);
-    names.object(space, &function_path, q.name, functions);
-    let value_path = sensor_value(id, q.name);
+    let function_path = function(id, &q.name);
+    names.object(space, &function_path, &q.name, functions);
+    let value_path = sensor_value(id, &q.name);
     let value_node = names.id(&value_path);
     VariableBuilder::new(&value_node, names.qn("SensorValue"), "SensorValue")
         .description(format!("{} {} ({})", kind.as_str(), q.description, q.unit))
@@ -420,10 +390,10 @@ fn build_sensor(
         &format!("{value_path}/EngineeringUnits"),
         "EngineeringUnits",
         DataTypeId::EUInformation,
-        Variant::from(engineering_units(q.unit)),
+        Variant::from(engineering_units(&q.unit)),
         &value_node,
     );
-    if let Some(range) = quantity_range(instrument, q.name) {
+    if let Some(range) = quantity_range(instrument, &q.name) {
         names.property(
             space,
             &format!("{value_path}/EURange"),
@@ -438,7 +408,7 @@ fn build_sensor(
     }
     // The safety envelope: what a protocol may ask of this quantity (a LADS controller function's target
     // range). Readings outside it are possible (a balance shows what is on it), commands are not.
-    if let Some(range) = instrument.envelope.range(q.name) {
+    if let Some(range) = instrument.envelope.range(&q.name) {
         names.property(
             space,
             &format!("{value_path}/EnvelopeRange"),

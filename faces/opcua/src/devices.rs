@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use labctl_protocols::lab::{Instrument, Lab};
+use labctl_protocols::registry::InstrumentModel;
 use labctl_protocols::{FindingCode, InstrumentKind};
 use opcua::types::{Argument, DataTypeId, LocalizedText, StatusCode, Variant};
 use serde_json::{Value, json};
@@ -127,17 +128,17 @@ impl DeviceMethod {
         )
     }
 
-    /// Whether a device of this kind has the method: its kind accepts the action or measurement.
-    pub fn offered(self, kind: InstrumentKind) -> bool {
-        let step = self.step_name();
-        kind.actions().contains(&step) || kind.measurements().contains(&step)
+    /// Whether a device of this model has the method: the model accepts the action or measurement.
+    pub fn offered(self, model: &InstrumentModel) -> bool {
+        model.offers(self.step_name())
     }
 
-    /// The methods of a device of this kind.
-    pub fn of_kind(kind: InstrumentKind) -> impl Iterator<Item = DeviceMethod> {
+    /// The built-in methods of a device of this model (a defined instrument's actions are its
+    /// definition's, see [`defined_method_at`]).
+    pub fn of_model(model: &InstrumentModel) -> impl Iterator<Item = DeviceMethod> + '_ {
         DeviceMethod::ALL
             .into_iter()
-            .filter(move |m| m.offered(kind))
+            .filter(move |m| m.offered(model))
     }
 
     /// Whether the head must first be brought above a vessel at a deck position (the pumps dispense, and
@@ -262,7 +263,7 @@ pub fn method_at<'a>(lab: &'a Lab, path: &str) -> Option<(&'a Instrument, Device
     let rest = path.strip_prefix(DEVICES)?.strip_prefix('/')?;
     let (id, name) = rest.rsplit_once('/')?;
     let instrument = lab.instrument(id)?;
-    let method = DeviceMethod::of_kind(instrument.kind).find(|m| m.name() == name)?;
+    let method = DeviceMethod::of_model(instrument.model()).find(|m| m.name() == name)?;
     Some((instrument, method))
 }
 
@@ -278,7 +279,7 @@ pub fn defined_method_at<'a>(
     let rest = path.strip_prefix(DEVICES)?.strip_prefix('/')?;
     let (id, name) = rest.rsplit_once('/')?;
     let instrument = lab.instrument(id)?;
-    let action = instrument.defined.as_ref()?.action(name)?;
+    let action = instrument.defined()?.action(name)?;
     Some((instrument, action))
 }
 
@@ -668,7 +669,7 @@ mod tests {
     fn devices_have_the_methods_of_their_kind_and_the_hotplate_its_two_setpoints() {
         let lab = Lab::sim();
         let names = |id: &str| {
-            DeviceMethod::of_kind(lab.instrument(id).unwrap().kind)
+            DeviceMethod::of_model(lab.instrument(id).unwrap().model())
                 .map(DeviceMethod::name)
                 .collect::<Vec<_>>()
         };
