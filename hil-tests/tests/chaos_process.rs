@@ -650,7 +650,8 @@ impl World {
     }
 
     fn balance_g(&self) -> f64 {
-        self.bench.model(|m, now| m.balance_read(now).value_g)
+        self.bench
+            .model(|m, now| m.balance_read(now, 0).map_or(f64::NAN, |r| r.value_g))
     }
 }
 

@@ -35,7 +35,7 @@ use crate::devices::mtsics::MtSicsConfig;
 use crate::devices::scpi::ScpiConfig;
 use crate::model::{
     Contents, DeckPosition, Direction, Dye, GantryAlarm, GantryError, GantryState, LabConfig,
-    LabModel, Liquid, LoadState, PumpAlarm, PumpConfig, SpectroError,
+    LabModel, Liquid, LoadState, MoreBalance, PumpAlarm, PumpConfig, SpectroError,
 };
 
 /// Steps simulated one by one; past this, the remaining iterations of a `repeat` are extrapolated.
@@ -80,7 +80,8 @@ pub use labctl_protocols::finding::DryRunProblem;
 /// Dry-runs `protocol` in `lab` on a fresh physical model seeded with `seed`.
 ///
 /// The model is the simulated lab ([`LabConfig::sim_default`]) with the lab file's deck positions,
-/// stations, safe height, gantry limits and pumps (one per syringe pump of the lab, holding its `stock`);
+/// stations, safe height, gantry limits, pumps (one per syringe pump of the lab, holding its `stock`) and
+/// balances (one per balance of the lab, on its deck station);
 /// the protocol's labware stands at its locations with its capacity and its initial volume (as water).
 ///
 /// Limits of the estimate:
@@ -95,9 +96,9 @@ pub use labctl_protocols::finding::DryRunProblem;
 /// - after [`MAX_SIMULATED_STEPS`] steps the remaining iterations of a `repeat` are extrapolated at the
 ///   mean duration of those simulated (said so in [`DryRunReport::notes`]); only stock consumption is
 ///   extrapolated with them, other conflicts of those iterations are not looked for;
-/// - the physical model has one gantry, balance, hotplate and spectrophotometer: a lab's second one of a
-///   kind is not modelled (its steps take no time and are not checked; a note says so), and neither is a
-///   pump in a lab the model cannot represent whose stock is not a dye;
+/// - the physical model has one gantry, hotplate and spectrophotometer: a lab's second one of those kinds
+///   is not modelled (its steps take no time and are not checked; a note says so), and neither is a pump
+///   or a second balance in a lab the model cannot represent (when the simulated lab's default is used);
 /// - syringes start full (the simulated lab's 10 mL), instruments start idle and cold, without faults;
 ///   interlocks and the safety envelope are the validator's business, not checked here.
 pub fn dry_run(protocol: &Protocol, lab: &Lab, seed: u64) -> DryRunReport {
@@ -127,14 +128,14 @@ fn walk(
     trace: Option<(&mut Vec<(String, DeviceCommand)>, usize)>,
 ) -> DryRunReport {
     let mut notes = Vec::new();
-    let (config, pumps) = match lab_config(lab, &mut notes) {
+    let (config, parts) = match lab_config(lab, &mut notes) {
         Ok(built) => built,
         Err(reason) => {
             notes.push(format!(
                 "the lab file cannot be modelled exactly ({reason}); the simulated lab's default deck, \
-                 gantry and pumps are used"
+                 gantry, pumps and balance are used"
             ));
-            (LabConfig::sim_default(), default_pump_indices(lab))
+            (LabConfig::sim_default(), Parts::of_default_lab(lab))
         }
     };
     let model = match LabModel::new(config, seed) {
@@ -151,7 +152,7 @@ fn walk(
             };
         }
     };
-    let mut sim = Sim::new(lab, model, pumps, notes);
+    let mut sim = Sim::new(lab, model, parts, notes);
     sim.trace = trace;
     sim.place_labware(protocol);
     let mut total = 0.0;
@@ -161,44 +162,87 @@ fn walk(
     sim.finish(total)
 }
 
-/// The model's configuration for `lab`, and the model pump index of each pump instrument id.
-fn lab_config(
-    lab: &Lab,
-    notes: &mut Vec<String>,
-) -> Result<(LabConfig, BTreeMap<String, usize>), String> {
+/// Which model part each lab instrument of a built-in kind drives: the model's pump or balance index.
+#[derive(Debug, Default)]
+struct Parts {
+    pumps: BTreeMap<String, usize>,
+    balances: BTreeMap<String, usize>,
+}
+
+impl Parts {
+    /// The parts of the simulated lab's default model: its three dye pumps and its one balance.
+    fn of_default_lab(lab: &Lab) -> Parts {
+        Parts {
+            pumps: default_pump_indices(lab),
+            balances: balances_of(lab)
+                .take(1)
+                .map(|i| (i.id.clone(), 0))
+                .collect(),
+        }
+    }
+}
+
+/// The lab's balances, in lab-file order: the first stands on the model's weigh station.
+fn balances_of(lab: &Lab) -> impl Iterator<Item = &labctl_protocols::lab::Instrument> {
+    lab.instruments
+        .iter()
+        .filter(|i| i.kind == InstrumentKind::Balance)
+}
+
+/// The model's configuration for `lab`, and the model part of each pump and balance.
+fn lab_config(lab: &Lab, notes: &mut Vec<String>) -> Result<(LabConfig, Parts), String> {
     let mut config = LabConfig::sim_default();
+    let mut parts = Parts::default();
     let spots = lab.deck.positions();
     if !spots.is_empty() {
         config.deck.positions = spots
             .iter()
             .map(|p| DeckPosition::new(p.name.clone(), p.x_mm, p.y_mm, p.z_mm))
             .collect();
-        let station = |kind: InstrumentKind| {
+        let station_of = |id: &str| {
             spots
                 .iter()
-                .find(|p| {
-                    p.instrument
-                        .as_deref()
-                        .and_then(|id| lab.instrument(id))
-                        .is_some_and(|i| i.kind == kind)
-                })
+                .find(|p| p.instrument.as_deref() == Some(id))
                 .map(|p| p.name.clone())
         };
-        // The model needs a weigh and a stir station; a lab without one gets a position far off the
-        // deck, which the head can never be over.
-        let mut off_deck = |name: &str, n: f64| {
+        // The model needs a station for each balance and the hotplate; an instrument without one gets a
+        // position far off the deck, which the head can never be over.
+        let mut off_deck = |name: String, n: f64| {
             config
                 .deck
                 .positions
-                .push(DeckPosition::new(name, -1.0e9 * n, -1.0e9 * n, 0.0));
-            name.to_owned()
+                .push(DeckPosition::new(&name, -1.0e9 * n, -1.0e9 * n, 0.0));
+            name
         };
-        let weigh =
-            station(InstrumentKind::Balance).unwrap_or_else(|| off_deck("(no weigh station)", 1.0));
-        let stir =
-            station(InstrumentKind::Hotplate).unwrap_or_else(|| off_deck("(no stir station)", 2.0));
-        config.deck.weigh_station = weigh;
+        let mut weigh_stations = Vec::new();
+        for (n, balance) in balances_of(lab).enumerate() {
+            let station = station_of(&balance.id).unwrap_or_else(|| {
+                off_deck(
+                    format!("(no weigh station for {})", balance.id),
+                    3.0 + n as f64,
+                )
+            });
+            parts.balances.insert(balance.id.clone(), n);
+            weigh_stations.push((balance.id.clone(), station));
+        }
+        let hotplate = lab
+            .instruments
+            .iter()
+            .find(|i| i.kind == InstrumentKind::Hotplate);
+        let stir = hotplate
+            .and_then(|h| station_of(&h.id))
+            .unwrap_or_else(|| off_deck("(no stir station)".into(), 2.0));
+        let mut weigh_stations = weigh_stations.into_iter();
+        config.deck.weigh_station = match weigh_stations.next() {
+            Some((_, station)) => station,
+            None => off_deck("(no weigh station)".into(), 1.0),
+        };
+        config.more_balances = weigh_stations
+            .map(|(id, station)| MoreBalance { id, station })
+            .collect();
         config.deck.stir_station = stir;
+    } else {
+        parts.balances = Parts::of_default_lab(lab).balances;
     }
     config.deck.safe_z_mm = lab.deck.safe_z_mm;
     if let Some(g) = lab
@@ -216,7 +260,7 @@ fn lab_config(
             config.gantry.max_feed_mm_min = f.max;
         }
     }
-    let mut pumps = BTreeMap::new();
+    let pumps = &mut parts.pumps;
     config.pumps.clear();
     for inst in lab
         .instruments
@@ -245,7 +289,7 @@ fn lab_config(
         });
     }
     config.validate().map_err(|e| e.to_string())?;
-    Ok((config, pumps))
+    Ok((config, parts))
 }
 
 /// Pump indices of the simulated lab's default pumps (red, yellow, blue), by each pump's `stock`.
@@ -280,14 +324,14 @@ enum Backing {
     Gantry,
     /// The model's pump of this index.
     Pump(usize),
-    Balance,
+    /// The model's balance of this index.
+    Balance(usize),
     Hotplate,
     Spectro,
     /// A defined instrument: its definition's readings and duration model.
     Defined(Arc<InstrumentDefinition>),
-    /// An instrument the model has no part for: a second gantry, balance, hotplate or spectrophotometer
-    /// (the model has one of each), or a pump whose stock it cannot represent. Its commands take no
-    /// modelled time and are not checked; a note says so.
+    /// An instrument the model has no part for: a second gantry, hotplate or spectrophotometer (the model
+    /// has one of each). Its commands take no modelled time and are not checked; a note says so.
     Unmodelled {
         kind: InstrumentKind,
         why: String,
@@ -299,7 +343,7 @@ impl Backing {
         match self {
             Backing::Gantry => InstrumentKind::Gantry,
             Backing::Pump(_) => InstrumentKind::SyringePump,
-            Backing::Balance => InstrumentKind::Balance,
+            Backing::Balance(_) => InstrumentKind::Balance,
             Backing::Hotplate => InstrumentKind::Hotplate,
             Backing::Spectro => InstrumentKind::Spectrophotometer,
             Backing::Defined(_) => InstrumentKind::Defined,
@@ -307,9 +351,9 @@ impl Backing {
         }
     }
 
-    /// The backing of every instrument of `lab`, by id: the first of each built-in kind gets the model's
-    /// part, every pump its model pump (`pumps`).
-    fn of_lab(lab: &Lab, pumps: &BTreeMap<String, usize>) -> BTreeMap<String, Backing> {
+    /// The backing of every instrument of `lab`, by id: every pump and balance its model part (`parts`),
+    /// the first of each other built-in kind the model's one.
+    fn of_lab(lab: &Lab, parts: &Parts) -> BTreeMap<String, Backing> {
         let mut taken = BTreeSet::new();
         lab.instruments
             .iter()
@@ -326,7 +370,7 @@ impl Backing {
                 };
                 let backing = match (inst.defined(), inst.kind) {
                     (Some(def), _) => Backing::Defined(Arc::clone(def)),
-                    (None, InstrumentKind::SyringePump) => match pumps.get(&inst.id) {
+                    (None, InstrumentKind::SyringePump) => match parts.pumps.get(&inst.id) {
                         Some(&index) => Backing::Pump(index),
                         None => Backing::Unmodelled {
                             kind: inst.kind,
@@ -334,7 +378,13 @@ impl Backing {
                         },
                     },
                     (None, InstrumentKind::Gantry) => single(Backing::Gantry, &mut taken),
-                    (None, InstrumentKind::Balance) => single(Backing::Balance, &mut taken),
+                    (None, InstrumentKind::Balance) => match parts.balances.get(&inst.id) {
+                        Some(&index) => Backing::Balance(index),
+                        None => Backing::Unmodelled {
+                            kind: inst.kind,
+                            why: "the simulated lab's default model has one balance".to_owned(),
+                        },
+                    },
                     (None, InstrumentKind::Hotplate) => single(Backing::Hotplate, &mut taken),
                     (None, InstrumentKind::Spectrophotometer) => {
                         single(Backing::Spectro, &mut taken)
@@ -415,12 +465,7 @@ struct Sim<'a> {
 }
 
 impl<'a> Sim<'a> {
-    fn new(
-        lab: &'a Lab,
-        model: LabModel,
-        pumps: BTreeMap<String, usize>,
-        notes: Vec<String>,
-    ) -> Self {
+    fn new(lab: &'a Lab, model: LabModel, parts: Parts, notes: Vec<String>) -> Self {
         let spots = lab
             .deck
             .positions()
@@ -433,8 +478,8 @@ impl<'a> Sim<'a> {
             model,
             now: Duration::ZERO,
             spots,
-            backing: Backing::of_lab(lab, &pumps),
-            pumps,
+            backing: Backing::of_lab(lab, &parts),
+            pumps: parts.pumps,
             vessels: BTreeMap::new(),
             problems: Vec::new(),
             reported: BTreeMap::new(),
@@ -870,14 +915,14 @@ impl<'a> Sim<'a> {
                 let _ = self.model.pump_stop(now, index);
                 true
             }
-            (Backing::Balance, DeviceCommand::Tare | DeviceCommand::Zero) => {
+            (Backing::Balance(index), DeviceCommand::Tare | DeviceCommand::Zero) => {
                 let tare = matches!(command, DeviceCommand::Tare);
-                self.settle_balance(path);
+                self.settle_balance(index, path);
                 let now = self.now;
                 let result = if tare {
-                    self.model.balance_tare(now, false)
+                    self.model.balance_tare(now, index, false)
                 } else {
-                    self.model.balance_zero(now, false)
+                    self.model.balance_zero(now, index, false)
                 };
                 if let Err(e) = result {
                     let what = if tare { "tare" } else { "zero" };
@@ -889,17 +934,18 @@ impl<'a> Sim<'a> {
                 }
                 true
             }
-            (Backing::Balance, DeviceCommand::Weigh { stable }) => {
+            (Backing::Balance(index), DeviceCommand::Weigh { stable }) => {
                 if *stable {
-                    self.settle_balance(path);
+                    self.settle_balance(index, path);
                 }
-                let reading = self.model.balance_read(self.now);
-                if reading.load != LoadState::InRange {
-                    self.problem(
+                match self.model.balance_read(self.now, index) {
+                    Ok(reading) if reading.load == LoadState::InRange => {}
+                    Ok(reading) => self.problem(
                         path,
                         "balance",
-                        format!("the balance would report {:?}", reading.load),
-                    );
+                        format!("{instrument} would report {:?}", reading.load),
+                    ),
+                    Err(e) => self.problem(path, "balance", format!("{instrument}: {e}")),
                 }
                 true
             }
@@ -1268,9 +1314,12 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Waits until the balance reading is stable, as `S`, `T` and `Z` do.
-    fn settle_balance(&mut self, path: &str) {
-        let stable_at = self.model.balance_stable_at(self.now);
+    /// Waits until balance `index`'s reading is stable, as `S`, `T` and `Z` do.
+    fn settle_balance(&mut self, index: usize, path: &str) {
+        let stable_at = self
+            .model
+            .balance_stable_at(self.now, index)
+            .unwrap_or(self.now);
         let wait = stable_at.saturating_sub(self.now);
         let limit = secs(MtSicsConfig::default().stable_timeout_s);
         if wait > limit {
@@ -1342,7 +1391,9 @@ impl<'a> Sim<'a> {
             (Backing::Hotplate, "stir_speed_rpm") => {
                 Some(self.model.hotplate_status(now).speed_rpm)
             }
-            (Backing::Balance, "mass_g") => Some(self.model.balance_read(now).value_g),
+            (&Backing::Balance(index), "mass_g") => {
+                self.model.balance_read(now, index).ok().map(|r| r.value_g)
+            }
             (Backing::Pump(index), "dispensed_ul") => {
                 let index = *index;
                 self.model
@@ -1642,6 +1693,54 @@ mod tests {
             timeout_s: None,
             on_error: OnError::Fail,
         })
+    }
+
+    /// Two balances, each on a station of its own: each weighs what stands on its own pan. A vial of
+    /// 5 mL (about 15 g with its 10 g tare) on W2 shows on the second balance and not on the first; moved
+    /// to W1, the other way round. A wait on the wrong balance times out, which is how a protocol that
+    /// confuses them is caught before it runs.
+    #[test]
+    fn two_balances_each_weigh_what_stands_on_their_own_pan() {
+        let text = labctl_protocols::lab::SIM_LAB_TOML.replace(
+            "[[instruments]]\nid = \"gantry\"",
+            "[[deck.stations]]\nname = \"W2\"\nx_mm = 240.0\ny_mm = 40.0\ninstrument = \"balance-2\"\n\n\
+             [[instruments]]\nid = \"balance-2\"\nkind = \"balance\"\ndriver = \"mt_sics\"\n\
+             transport = { type = \"simulated\" }\ncapabilities = { mass_g = [-220, 220] }\n\
+             envelope = { mass_g = [0, 200] }\n\n[[instruments]]\nid = \"gantry\"",
+        );
+        let lab = Lab::from_toml_str(&text, "two balances").unwrap();
+        let on = |balance: &str, timeout_s: f64| {
+            wait_until(balance, "mass_g", Comparison::Gt, 12.0, timeout_s)
+        };
+        let weighed = |steps: Vec<Step>| {
+            let p = protocol(vec![vial("v1", "W2", 5000.0)], steps);
+            dry_run(&p, &lab, 7)
+        };
+        let report = weighed(vec![
+            on("balance-2", 10.0),
+            home(),
+            transfer("v1", "W1"),
+            on("balance", 10.0),
+            measure(
+                "balance",
+                Measurement::Weigh(labctl_protocols::WeighParams { stable: true }),
+            ),
+        ]);
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert!(
+            !report.notes.iter().any(|n| n.contains("not modelled")),
+            "{:?}",
+            report.notes
+        );
+        let wrong = weighed(vec![on("balance", 10.0)]);
+        assert_eq!(wrong.problems.len(), 1, "{:?}", wrong.problems);
+        assert!(
+            wrong.problems[0].message.contains("time out"),
+            "{:?}",
+            wrong.problems
+        );
+        let left = weighed(vec![home(), transfer("v1", "W1"), on("balance-2", 10.0)]);
+        assert_eq!(left.problems.len(), 1, "{:?}", left.problems);
     }
 
     fn repeat(count: u32, steps: Vec<Step>) -> Step {
@@ -2135,8 +2234,8 @@ mod tests {
 
     /// A lab of another shape than the simulated one: four pumps, two balances and a defined stirrer. Each
     /// instrument is its own model-backed instrument: every pump pours from its own syringe, the defined
-    /// stirrer takes its definition's time, and the second balance, which the physical model (one balance)
-    /// cannot represent, is said to be unmodelled instead of being read as the first.
+    /// stirrer takes its definition's time, and the second balance is a balance of its own (with no
+    /// station on the deck, it weighs nothing), never read as the first.
     #[test]
     fn a_lab_of_four_pumps_two_balances_and_a_defined_stirrer_is_walked_instrument_by_instrument() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -2179,10 +2278,7 @@ mod tests {
             "every pump's dispense takes its time: {report:?}"
         );
         assert!(
-            report
-                .notes
-                .iter()
-                .any(|n| n.contains("balance-2") && n.contains("not modelled")),
+            !report.notes.iter().any(|n| n.contains("not modelled")),
             "{:?}",
             report.notes
         );

@@ -35,7 +35,9 @@ use crate::devices::namur::{Namur, NamurConfig};
 use crate::devices::ne1000::{Ne1000, Ne1000Config, PumpWiring};
 use crate::devices::scpi::{Scpi, ScpiConfig};
 use crate::devices::{Device, LineSettings};
-use crate::model::{ConfigError, FaultConfig, InstrumentId, LabConfig, LabModel};
+use crate::model::{
+    ConfigError, DeckPosition, FaultConfig, InstrumentId, LabConfig, LabModel, MoreBalance,
+};
 use crate::serve::tap::WireTap;
 use crate::serve::{self, Listen, PortSpec, PortStatus, SharedLab};
 use labctl_clock::{Clock, ClockError, LabClock, ManualClock, VirtualClock};
@@ -236,7 +238,8 @@ impl SimLab {
             ClockConfig::Warp(warp) => LabClock::Virtual(VirtualClock::new(*warp)?),
             ClockConfig::Manual(manual) => LabClock::Manual(manual.clone()),
         };
-        let mut model = LabModel::new(config.model.clone(), config.seed)?;
+        let mut model =
+            LabModel::new(with_more_balances(&config.model, &config.lab)?, config.seed)?;
         let now = clock.now();
         for inst in config
             .lab
@@ -280,6 +283,21 @@ impl SimLab {
             ),
             ("spectro", Box::new(Scpi::new(identities.spectro.clone()))),
         ];
+        // Each further balance of the lab is an MT-SICS balance on a port of its own, named by its id.
+        for (k, more) in model.config().more_balances.clone().iter().enumerate() {
+            let Some(inst) = config.lab.instrument(&more.id) else {
+                continue;
+            };
+            // Its own serial number, so provenance tells the balances apart.
+            let identity = MtSicsConfig {
+                serial: format!("{}-{}", identities.balance.serial, k + 2),
+                ..identities.balance.clone()
+            };
+            devices.push((
+                inst.id.as_str(),
+                Box::new(MtSics::of_balance(identity, k + 1)),
+            ));
+        }
         // Each instrument with a definition gets its simulator from the definition, on a port of its own.
         for (k, inst) in config.lab.instruments.iter().enumerate() {
             if let Some(definition) = inst.defined() {
@@ -308,7 +326,9 @@ impl SimLab {
                         model.config().pumps[i].id.clone(),
                         wiring.iter().find(|w| w.index == i).map(|w| w.address),
                     ),
-                    InstrumentId::Defined(_) => ((*port_name).to_owned(), None),
+                    InstrumentId::Defined(_) | InstrumentId::Balance(1..) => {
+                        ((*port_name).to_owned(), None)
+                    }
                     other => (instrument_name(other).to_owned(), None),
                 };
                 instruments.push(InstrumentInfo {
@@ -382,12 +402,50 @@ impl SimLab {
 fn instrument_name(id: InstrumentId) -> &'static str {
     match id {
         InstrumentId::Gantry => "gantry",
-        InstrumentId::Balance => "balance",
+        InstrumentId::Balance(_) => "balance",
         InstrumentId::Hotplate => "hotplate",
         InstrumentId::Spectro => "spectro",
         InstrumentId::Pump(_) => PUMP_LINE,
         InstrumentId::Defined(_) => "defined",
     }
+}
+
+/// `model` with a balance for each of the lab's balances beyond the one on its weigh station, each on the
+/// lab's deck station for it (added to the model's deck where the model has no position of that name).
+fn with_more_balances(model: &LabConfig, lab: &Lab) -> Result<LabConfig, SimLabError> {
+    let mut model = model.clone();
+    let spots = lab.deck.positions();
+    let balances = lab
+        .instruments
+        .iter()
+        .filter(|i| i.kind == labctl_protocols::InstrumentKind::Balance);
+    for inst in balances.skip(1) {
+        if model.more_balances.iter().any(|b| b.id == inst.id) {
+            continue;
+        }
+        let Some(spot) = spots
+            .iter()
+            .find(|p| p.instrument.as_deref() == Some(inst.id.as_str()))
+        else {
+            return Err(SimLabError::Config(ConfigError::invalid(
+                format!("deck.stations (for {})", inst.id),
+                "a simulated second balance needs a deck station naming it (where its pan is)",
+            )));
+        };
+        if !model.deck.positions.iter().any(|p| p.name == spot.name) {
+            model.deck.positions.push(DeckPosition::new(
+                spot.name.clone(),
+                spot.x_mm,
+                spot.y_mm,
+                spot.z_mm,
+            ));
+        }
+        model.more_balances.push(MoreBalance {
+            id: inst.id.clone(),
+            station: spot.name.clone(),
+        });
+    }
+    Ok(model)
 }
 
 /// The model instruments a name stands for (`pumps`: every pump).

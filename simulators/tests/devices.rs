@@ -698,7 +698,7 @@ mod balance {
         let mut b = bench_with(quiet());
         set_faults(
             &mut b,
-            InstrumentId::Balance,
+            InstrumentId::Balance(0),
             FaultConfig {
                 error_code: Some("+".into()),
                 ..FaultConfig::default()
@@ -710,7 +710,7 @@ mod balance {
         );
         set_faults(
             &mut b,
-            InstrumentId::Balance,
+            InstrumentId::Balance(0),
             FaultConfig {
                 error_code: Some("EL".into()),
                 ..FaultConfig::default()
@@ -719,7 +719,7 @@ mod balance {
         assert_eq!(text(&b.send(b"I4\r\n")), "EL\r\n");
         set_faults(
             &mut b,
-            InstrumentId::Balance,
+            InstrumentId::Balance(0),
             FaultConfig {
                 drift_per_hour: 0.01,
                 ..FaultConfig::default()

@@ -663,6 +663,61 @@ fn tests_can_inspect_the_model() {
     assert_eq!(handle.clock().now(), Duration::from_secs(5));
 }
 
+/// A lab file with a second balance on a station of its own (W2): the simulated lab serves it as an
+/// MT-SICS balance on a pty of its own, named by its id, weighing what stands on its own pan. A vial on W2
+/// shows on `balance-2` and not on `balance`; its serial number is its own.
+#[test]
+fn a_second_balance_of_the_lab_file_weighs_on_its_own_pty() {
+    let toml = labctl_protocols::lab::SIM_LAB_TOML.replace(
+        "[[instruments]]\nid = \"gantry\"",
+        "[[deck.stations]]\nname = \"W2\"\nx_mm = 240.0\ny_mm = 40.0\ninstrument = \"balance-2\"\n\n\
+         [[instruments]]\nid = \"gantry\"",
+    ) + "\n[[instruments]]\nid = \"balance-2\"\nkind = \"balance\"\ndriver = \"mt_sics\"\n\
+         transport = { type = \"simulated\" }\ncapabilities = { mass_g = [-220, 220] }\n\
+         envelope = { mass_g = [0, 200] }\n";
+    let lab_file = labctl_protocols::Lab::from_toml_str(&toml, "two balances").unwrap();
+    let clock = ManualClock::new();
+    let lab = Lab::start(SimLabConfig {
+        lab: lab_file.clone(),
+        clock: ClockConfig::Manual(clock.clone()),
+        wire_timing: false,
+        ..SimLabConfig::default()
+    });
+    let handle = lab.handle();
+    let wired = handle.lab_file(&lab_file);
+    let second = wired.instrument("balance-2").unwrap();
+    assert!(
+        matches!(&second.transport, labctl_protocols::lab::Transport::Serial(line) if line.baud == 9600),
+        "{:?}",
+        second.transport
+    );
+    handle
+        .with_model(|m, now| m.add_vial(now, "v", "W2"))
+        .unwrap();
+    clock.advance(Duration::from_secs(5));
+    let weigh = |port: &str| {
+        let mut term = lab.term(port);
+        term.send(b"S\r\n");
+        text(&term.until(b"\r\n"))
+    };
+    let on_second = weigh("balance-2");
+    assert!(
+        on_second.starts_with("S S    10.0") || on_second.starts_with("S S     9.99"),
+        "{on_second}"
+    );
+    let on_first = weigh("balance");
+    assert!(
+        on_first.starts_with("S S     0.0000") || on_first.starts_with("S S    -0.0000"),
+        "{on_first}"
+    );
+    let serial = |port: &str| {
+        let mut term = lab.term(port);
+        term.send(b"I4\r\n");
+        text(&term.until(b"\r\n"))
+    };
+    assert_ne!(serial("balance"), serial("balance-2"));
+}
+
 /// pyserial, the serial library most lab scripts use, against the gantry and the pump line: it opens the
 /// port exclusively and sets raw mode and the baud rate itself. Needs `LABCTL_TEST_PYTHON` (a Python with
 /// pyserial, which `scripts/test` provides); skipped with a note otherwise.

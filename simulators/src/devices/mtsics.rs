@@ -82,10 +82,16 @@ pub struct MtSics {
 }
 
 impl MtSics {
+    /// The lab's first balance (on the weigh station).
     pub fn new(config: MtSicsConfig) -> MtSics {
+        MtSics::of_balance(config, 0)
+    }
+
+    /// The model's balance `index` (`LabModel::balance_count`).
+    pub fn of_balance(config: MtSicsConfig, index: usize) -> MtSics {
         MtSics {
             config,
-            instruments: [InstrumentId::Balance],
+            instruments: [InstrumentId::Balance(index)],
             rx: Vec::new(),
             pending: None,
             queue: VecDeque::new(),
@@ -120,8 +126,20 @@ impl MtSics {
         Response::Refused { id, reason }
     }
 
-    fn injected(ctx: &Ctx<'_>) -> Option<String> {
-        ctx.faults(InstrumentId::Balance)
+    fn index(&self) -> usize {
+        match self.instruments[0] {
+            InstrumentId::Balance(index) => index,
+            _ => 0,
+        }
+    }
+
+    /// The tare of this balance as the display shows it.
+    fn tare(&self, ctx: &Ctx<'_>) -> Mass {
+        Self::mass(ctx, ctx.model.balance_tare_g(self.index()).unwrap_or(0.0))
+    }
+
+    fn injected(&self, ctx: &Ctx<'_>) -> Option<String> {
+        ctx.faults(self.instruments[0])
             .error_code
             .map(|c| c.trim().to_owned())
     }
@@ -133,7 +151,7 @@ impl MtSics {
         command: Command,
         deadline: Duration,
     ) -> Option<Response> {
-        let injected = Self::injected(ctx);
+        let injected = self.injected(ctx);
         match injected.as_deref() {
             Some("ES") => return Some(Response::SyntaxError),
             Some("ET") => return Some(Response::TransmissionError),
@@ -159,10 +177,12 @@ impl MtSics {
             return Some(Self::refused(id, reason));
         }
         let now = ctx.now;
+        let balance = self.index();
         Some(match command {
             Command::Reset => {
                 self.cancel_all();
-                ctx.model.balance_clear_tare(now);
+                // Cannot fail: the lab built this device for one of its balances.
+                let _ = ctx.model.balance_clear_tare(now, balance);
                 Response::SerialNumber(self.config.serial.clone())
             }
             Command::QueryLevel => {
@@ -188,7 +208,9 @@ impl MtSics {
             }
             Command::QuerySerialNumber => Response::SerialNumber(self.config.serial.clone()),
             Command::ImmediateWeight | Command::RepeatImmediateWeight => {
-                let reading = ctx.model.balance_read(now);
+                let Ok(reading) = ctx.model.balance_read(now, balance) else {
+                    return Some(Self::refused(ReplyId::Weight, Refusal::NotExecutable));
+                };
                 match reading.load {
                     LoadState::Overload => Self::refused(ReplyId::Weight, Refusal::Overload),
                     LoadState::Underload => Self::refused(ReplyId::Weight, Refusal::Underload),
@@ -203,7 +225,9 @@ impl MtSics {
                 }
             }
             Command::StableWeight => {
-                let reading = ctx.model.balance_read(now);
+                let Ok(reading) = ctx.model.balance_read(now, balance) else {
+                    return Some(Self::refused(ReplyId::Weight, Refusal::NotExecutable));
+                };
                 match reading.load {
                     LoadState::Overload => Self::refused(ReplyId::Weight, Refusal::Overload),
                     LoadState::Underload => Self::refused(ReplyId::Weight, Refusal::Underload),
@@ -224,8 +248,11 @@ impl MtSics {
                 } else {
                     ReplyId::Zero
                 };
-                let stable = ctx.model.balance_stable_at(now) <= now;
-                match ctx.model.balance_zero(now, immediate) {
+                let stable = ctx
+                    .model
+                    .balance_stable_at(now, balance)
+                    .is_ok_and(|at| at <= now);
+                match ctx.model.balance_zero(now, balance, immediate) {
                     Ok(()) if immediate => Response::ZeroedImmediately {
                         stability: if stable {
                             Stability::Stable
@@ -241,9 +268,9 @@ impl MtSics {
                     Err(error) => Self::refused(id, range_refusal(&error)),
                 }
             }
-            Command::Tare => match ctx.model.balance_tare(now, false) {
+            Command::Tare => match ctx.model.balance_tare(now, balance, false) {
                 Ok(()) => Response::Tared {
-                    mass: Self::mass(ctx, ctx.model.balance_tare_g()),
+                    mass: self.tare(ctx),
                 },
                 Err(BalanceError::Unstable) if now >= deadline => {
                     Self::refused(ReplyId::Tare, Refusal::NotExecutable)
@@ -252,18 +279,18 @@ impl MtSics {
                 Err(error) => Self::refused(ReplyId::Tare, range_refusal(&error)),
             },
             Command::QueryTare => Response::TareValue {
-                mass: Self::mass(ctx, ctx.model.balance_tare_g()),
+                mass: self.tare(ctx),
             },
             Command::PresetTare { mass } => {
-                match ctx.model.balance_preset_tare(now, mass.grams()) {
+                match ctx.model.balance_preset_tare(now, balance, mass.grams()) {
                     Ok(()) => Response::TareValue {
-                        mass: Self::mass(ctx, ctx.model.balance_tare_g()),
+                        mass: self.tare(ctx),
                     },
                     Err(_) => Self::refused(ReplyId::TareValue, Refusal::InvalidParameter),
                 }
             }
             Command::ClearTare => {
-                ctx.model.balance_clear_tare(now);
+                let _ = ctx.model.balance_clear_tare(now, balance);
                 Response::TareCleared
             }
         })
@@ -343,7 +370,7 @@ fn range_refusal(error: &BalanceError) -> Refusal {
         BalanceError::Underload => Refusal::Underload,
         BalanceError::ZeroRange(g) | BalanceError::TareRange(g) if *g < 0.0 => Refusal::Underload,
         BalanceError::ZeroRange(_) | BalanceError::TareRange(_) => Refusal::Overload,
-        BalanceError::Unstable => Refusal::NotExecutable,
+        BalanceError::Unstable | BalanceError::NoSuchBalance(_) => Refusal::NotExecutable,
     }
 }
 
@@ -417,9 +444,10 @@ impl Device for MtSics {
     }
 
     fn next_wakeup(&mut self, model: &mut LabModel, now: Duration) -> Option<Duration> {
-        let pending = self
-            .pending
-            .map(|p| model.balance_stable_at(now).max(now).min(p.deadline));
+        let pending = self.pending.map(|p| {
+            let stable_at = model.balance_stable_at(now, self.index()).unwrap_or(now);
+            stable_at.max(now).min(p.deadline)
+        });
         match (pending, self.sir) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

@@ -104,6 +104,9 @@ pub enum BalanceError {
     /// Taring range exceeded (MT-SICS `T +` / `T -`).
     #[error("tare range exceeded: {0} g")]
     TareRange(f64),
+    /// The lab has no balance of this index.
+    #[error("no balance {0}")]
+    NoSuchBalance(usize),
 }
 
 /// The balance.
@@ -277,7 +280,7 @@ mod tests {
     #[test]
     fn empty_pan_reads_zero_once_settled() {
         let (mut lab, clock) = lab_with(LabConfig::sim_default(), 1);
-        let r = lab.balance_read(clock.now());
+        let r = lab.balance_read(clock.now(), 0).unwrap();
         assert!(r.stable);
         assert_eq!(r.load, LoadState::InRange);
         assert!(r.value_g.abs() <= 0.0002, "{}", r.value_g);
@@ -288,18 +291,21 @@ mod tests {
         let (mut lab, clock) = lab_with(LabConfig::sim_default(), 2);
         let t0 = clock.now();
         lab.add_vial(t0, "v", "W1").unwrap();
-        let r = lab.balance_read(t0 + secs(0.2));
+        let r = lab.balance_read(t0 + secs(0.2), 0).unwrap();
         assert!(!r.stable);
         assert!((r.value_g - 10.0).abs() < 0.02);
-        assert_eq!(lab.balance_stable_at(t0 + secs(0.2)), t0 + secs(1.5));
         assert_eq!(
-            lab.balance_zero(t0 + secs(0.3), false),
+            lab.balance_stable_at(t0 + secs(0.2), 0).unwrap(),
+            t0 + secs(1.5)
+        );
+        assert_eq!(
+            lab.balance_zero(t0 + secs(0.3), 0, false),
             Err(BalanceError::Unstable)
         );
         clock.set(t0 + secs(1.49));
-        assert!(!lab.balance_read(clock.now()).stable);
+        assert!(!lab.balance_read(clock.now(), 0).unwrap().stable);
         clock.set(t0 + secs(1.5));
-        let r = lab.balance_read(clock.now());
+        let r = lab.balance_read(clock.now(), 0).unwrap();
         assert!(r.stable);
         assert!((r.value_g - 10.0).abs() <= 0.0002, "{}", r.value_g);
         // Readings are rounded to 0.1 mg.
@@ -313,7 +319,9 @@ mod tests {
         let t0 = clock.now();
         lab.add_vial(t0, "v", "W1").unwrap();
         let spread = |lab: &mut LabModel, t: Duration| {
-            let v: Vec<f64> = (0..50).map(|_| lab.balance_read(t).value_g).collect();
+            let v: Vec<f64> = (0..50)
+                .map(|_| lab.balance_read(t, 0).unwrap().value_g)
+                .collect();
             v.iter().cloned().fold(f64::MIN, f64::max) - v.iter().cloned().fold(f64::MAX, f64::min)
         };
         let dynamic = spread(&mut lab, t0 + secs(0.5));
@@ -329,20 +337,20 @@ mod tests {
         lab.add_vial(t0, "v", "W1").unwrap();
         clock.advance(secs(2.0));
         assert_eq!(
-            lab.balance_zero(clock.now(), false),
+            lab.balance_zero(clock.now(), 0, false),
             Err(BalanceError::ZeroRange(10.0))
         );
-        lab.balance_tare(clock.now(), false).unwrap();
-        assert!((lab.balance_tare_g() - 10.0).abs() < 1e-9);
-        assert!(lab.balance_read(clock.now()).value_g.abs() <= 0.0002);
+        lab.balance_tare(clock.now(), 0, false).unwrap();
+        assert!((lab.balance_tare_g(0).unwrap() - 10.0).abs() < 1e-9);
+        assert!(lab.balance_read(clock.now(), 0).unwrap().value_g.abs() <= 0.0002);
         lab.remove_vial(clock.now(), "v").unwrap();
         clock.advance(secs(2.0));
-        let r = lab.balance_read(clock.now());
+        let r = lab.balance_read(clock.now(), 0).unwrap();
         assert!((r.value_g + 10.0).abs() <= 0.0002);
         assert_eq!(r.load, LoadState::InRange);
-        lab.balance_zero(clock.now(), false).unwrap();
-        assert_eq!(lab.balance_tare_g(), 0.0);
-        assert!(lab.balance_read(clock.now()).value_g.abs() <= 0.0002);
+        lab.balance_zero(clock.now(), 0, false).unwrap();
+        assert_eq!(lab.balance_tare_g(0).unwrap(), 0.0);
+        assert!(lab.balance_read(clock.now(), 0).unwrap().value_g.abs() <= 0.0002);
     }
 
     #[test]
@@ -353,18 +361,24 @@ mod tests {
         let (mut lab, clock) = lab_with(config, 5);
         lab.add_vial(clock.now(), "v", "W1").unwrap();
         clock.advance(secs(2.0));
-        assert_eq!(lab.balance_read(clock.now()).load, LoadState::InRange);
+        assert_eq!(
+            lab.balance_read(clock.now(), 0).unwrap().load,
+            LoadState::InRange
+        );
         // Zero with the vial on, then lift it off: underload.
-        lab.balance_zero(clock.now(), false).unwrap();
+        lab.balance_zero(clock.now(), 0, false).unwrap();
         let vial = lab.remove_vial(clock.now(), "v").unwrap();
         assert_eq!(vial.tare_g, 10.0);
         clock.advance(secs(2.0));
-        assert_eq!(lab.balance_read(clock.now()).load, LoadState::Underload);
         assert_eq!(
-            lab.balance_tare(clock.now(), false),
+            lab.balance_read(clock.now(), 0).unwrap().load,
+            LoadState::Underload
+        );
+        assert_eq!(
+            lab.balance_tare(clock.now(), 0, false),
             Err(BalanceError::Underload)
         );
-        lab.balance_zero(clock.now(), true).unwrap();
+        lab.balance_zero(clock.now(), 0, true).unwrap();
         // 10 g vial plus 2.5 mL exceeds 12 g.
         lab.add_vial(clock.now(), "w", "W1").unwrap();
         lab.gantry_unlock(clock.now()).unwrap();
@@ -375,12 +389,18 @@ mod tests {
         lab.pump_set_volume(clock.now(), 0, 2500.0).unwrap();
         lab.pump_run(clock.now(), 0).unwrap();
         clock.advance(secs(50.0));
-        assert!(!lab.balance_read(clock.now()).stable, "still dispensing");
+        assert!(
+            !lab.balance_read(clock.now(), 0).unwrap().stable,
+            "still dispensing"
+        );
         clock.advance(secs(60.0));
-        assert!(lab.balance_read(clock.now()).stable);
-        assert_eq!(lab.balance_read(clock.now()).load, LoadState::Overload);
+        assert!(lab.balance_read(clock.now(), 0).unwrap().stable);
         assert_eq!(
-            lab.balance_tare(clock.now(), false),
+            lab.balance_read(clock.now(), 0).unwrap().load,
+            LoadState::Overload
+        );
+        assert_eq!(
+            lab.balance_tare(clock.now(), 0, false),
             Err(BalanceError::Overload)
         );
     }
@@ -393,16 +413,16 @@ mod tests {
         lab.gantry_move(clock.now(), [200.0, 40.0, 20.0], None)
             .unwrap();
         clock.advance(secs(5.0));
-        lab.balance_tare(clock.now(), false).unwrap();
+        lab.balance_tare(clock.now(), 0, false).unwrap();
         for (i, ul) in [(0, 400.0), (1, 300.0), (2, 200.0)] {
             lab.pump_set_rate(clock.now(), i, 600.0).unwrap();
             lab.pump_set_volume(clock.now(), i, ul).unwrap();
             lab.pump_run(clock.now(), i).unwrap();
         }
         clock.advance(secs(20.0));
-        assert!(!lab.balance_read(clock.now() + secs(0.1)).stable);
+        assert!(!lab.balance_read(clock.now() + secs(0.1), 0).unwrap().stable);
         clock.advance(secs(40.0));
-        let r = lab.balance_read(clock.now());
+        let r = lab.balance_read(clock.now(), 0).unwrap();
         assert!(r.stable);
         let vial = lab.vial("v").unwrap();
         let liquid = vial.contents.total_ul();
@@ -421,7 +441,7 @@ mod tests {
         config.balance.faults.drift_per_hour = 0.01;
         let (mut lab, clock) = lab_with(config, 7);
         clock.set(Duration::from_secs(2 * 3600));
-        let r = lab.balance_read(clock.now());
+        let r = lab.balance_read(clock.now(), 0).unwrap();
         assert!((r.value_g - 0.02).abs() <= 0.0002, "{}", r.value_g);
     }
 }

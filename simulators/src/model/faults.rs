@@ -67,8 +67,8 @@ pub enum InstrumentId {
     Gantry,
     /// Syringe pump by index (0 red, 1 yellow, 2 blue in the default lab).
     Pump(usize),
-    /// The MT-SICS balance.
-    Balance,
+    /// An MT-SICS balance by index (0 on the weigh station, then `LabConfig::more_balances`).
+    Balance(usize),
     /// The IKA hotplate stirrer.
     Hotplate,
     /// The SCPI spectrometer.

@@ -111,8 +111,11 @@ pub struct LabConfig {
     pub gantry: GantryConfig,
     /// Pumps, addressed by index (NE-1000 network address).
     pub pumps: Vec<PumpConfig>,
-    /// Balance settings.
+    /// Balance settings (every balance of the lab is this model of balance).
     pub balance: BalanceConfig,
+    /// Balances beyond the first (which stands on `deck.weigh_station`), each on a deck position of its
+    /// own: a lab with two balances weighs on both.
+    pub more_balances: Vec<MoreBalance>,
     /// Hotplate settings.
     pub hotplate: HotplateConfig,
     /// Spectrometer settings.
@@ -137,6 +140,7 @@ impl LabConfig {
             gantry: GantryConfig::default(),
             pumps: Dye::ALL.into_iter().map(PumpConfig::sim_default).collect(),
             balance: BalanceConfig::default(),
+            more_balances: Vec::new(),
             hotplate: HotplateConfig::default(),
             spectro: SpectroConfig::default(),
             dyes: DyeSpec::sim_defaults(),
@@ -159,6 +163,29 @@ impl LabConfig {
             }
         }
         self.balance.validate()?;
+        for (i, b) in self.more_balances.iter().enumerate() {
+            let field = format!("more_balances[{i}]");
+            if !self.deck.positions.iter().any(|p| p.name == b.station) {
+                return Err(ConfigError::invalid(
+                    format!("{field}.station"),
+                    format!("no position named {}", b.station),
+                ));
+            }
+            let stations = std::iter::once(&self.deck.weigh_station)
+                .chain(self.more_balances[..i].iter().map(|o| &o.station));
+            if stations.into_iter().any(|s| *s == b.station) {
+                return Err(ConfigError::invalid(
+                    format!("{field}.station"),
+                    format!("{} already has a balance", b.station),
+                ));
+            }
+            if self.more_balances[..i].iter().any(|o| o.id == b.id) {
+                return Err(ConfigError::invalid(
+                    format!("{field}.id"),
+                    format!("duplicate balance id {}", b.id),
+                ));
+            }
+        }
         self.hotplate.validate()?;
         self.spectro.validate()?;
         for d in Dye::ALL {
@@ -168,12 +195,22 @@ impl LabConfig {
     }
 }
 
+/// A balance beyond the first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoreBalance {
+    /// Its instrument id (the first balance is `balance`).
+    pub id: String,
+    /// The deck position on its pan.
+    pub station: String,
+}
+
 /// Safety net: after this many event steps in one `advance_to`, the rest is integrated in one step.
 const MAX_EVENT_STEPS: u32 = 1_000_000;
 /// Shortest sub-step while the head moves with a pump running.
 const MIN_SUBSTEP: Duration = Duration::from_millis(1);
 
-/// The whole simulated lab: one deck, gantry, pumps, balance, hotplate and spectrometer in virtual time.
+/// The whole simulated lab: one deck, gantry, pumps, balances, hotplate and spectrometer in virtual time.
 #[derive(Debug, Clone)]
 pub struct LabModel {
     config: LabConfig,
@@ -181,7 +218,9 @@ pub struct LabModel {
     deck: Deck,
     gantry: Gantry,
     pumps: Vec<Pump>,
-    balance: Balance,
+    /// The balance on `deck.weigh_station`, then one per `more_balances` entry: a balance is addressed by
+    /// this index, like a pump.
+    balances: Vec<Balance>,
     hotplate: Hotplate,
     spectro: Spectro,
     stats: FaultStats,
@@ -200,12 +239,19 @@ impl LabModel {
             .enumerate()
             .map(|(i, c)| Pump::new(c.clone(), noise::stream(seed, 16 + i as u64)))
             .collect::<Result<Vec<_>, _>>()?;
+        // The first balance keeps the stream it always had, so a lab of one balance reads as before.
+        let balances = (0..=config.more_balances.len())
+            .map(|i| {
+                let stream = if i == 0 { 1 } else { 64 + i as u64 };
+                Balance::new(config.balance.clone(), noise::stream(seed, stream))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             now: Duration::ZERO,
             deck: Deck::new(config.deck.clone())?,
             gantry: Gantry::new(config.gantry.clone())?,
             pumps,
-            balance: Balance::new(config.balance.clone(), noise::stream(seed, 1))?,
+            balances,
             hotplate: Hotplate::new(config.hotplate.clone(), config.ambient_c)?,
             spectro: Spectro::new(config.spectro.clone(), noise::stream(seed, 2))?,
             stats: FaultStats::default(),
@@ -319,7 +365,9 @@ impl LabModel {
         self.now = to;
         self.apply_gantry_events();
 
-        self.balance.advance(dt);
+        for balance in &mut self.balances {
+            balance.advance(dt);
+        }
         self.spectro.advance(dt);
     }
 
@@ -344,9 +392,7 @@ impl LabModel {
             self.stats.overflow_ul += overflow;
             self.pumps[pump].record_spill(overflow);
         }
-        if self.deck.weigh_index() == Some(k) {
-            self.balance.disturb(at);
-        }
+        self.disturb_balance_holding(k, at);
     }
 
     /// Applies gripper events at the current head position and time.
@@ -356,7 +402,6 @@ impl LabModel {
             let [x, y, z] = self.gantry.position();
             let low = z <= self.deck.config().grip_z_max_mm + 1e-9;
             let spot = self.deck.position_near(x, y).map(|p| p.name.clone());
-            let weigh = self.deck.config().weigh_station.clone();
             if closed {
                 let free = self.deck.held_index().is_none();
                 if let Some(name) = spot.filter(|_| low && free)
@@ -364,16 +409,12 @@ impl LabModel {
                 {
                     // Cannot fail: the gripper is free and a vial stands there.
                     let _ = self.deck.pick(&name);
-                    if name == weigh {
-                        self.balance.disturb(self.now);
-                    }
+                    self.disturb_balance_at(&name);
                 }
             } else if let Some(k) = self.deck.held_index() {
                 match spot.filter(|_| low) {
                     Some(name) if self.deck.place(&name).is_ok() => {
-                        if name == weigh {
-                            self.balance.disturb(self.now);
-                        }
+                        self.disturb_balance_at(&name);
                     }
                     _ => {
                         if let Some(vial) = self.deck.remove_index(k) {
@@ -408,9 +449,7 @@ impl LabModel {
     pub fn add_vial(&mut self, now: Duration, id: &str, position: &str) -> Result<(), DeckError> {
         self.advance_to(now);
         self.deck.add_vial(id, position)?;
-        if position == self.deck.config().weigh_station {
-            self.balance.disturb(self.now);
-        }
+        self.disturb_balance_at(position);
         Ok(())
     }
 
@@ -418,8 +457,8 @@ impl LabModel {
     pub fn remove_vial(&mut self, now: Duration, id: &str) -> Result<Vial, DeckError> {
         self.advance_to(now);
         let vial = self.deck.remove_vial(id)?;
-        if vial.position() == Some(self.deck.config().weigh_station.as_str()) {
-            self.balance.disturb(self.now);
+        if let Some(position) = vial.position() {
+            self.disturb_balance_at(position);
         }
         Ok(vial)
     }
@@ -446,9 +485,8 @@ impl LabModel {
         }
         vial.contents = Contents::new(contents.dye_ul, contents.water_ul);
         vial.homogeneity = 1.0;
-        if self.deck.weigh_index() == Some(k) {
-            self.balance.disturb(self.now);
-        }
+        let now = self.now;
+        self.disturb_balance_holding(k, now);
         Ok(())
     }
 
@@ -613,54 +651,130 @@ impl LabModel {
 
     // ----- balance -----
 
-    fn balance_load_g(&self) -> f64 {
-        self.deck.weigh_index().map_or(0.0, |k| {
-            self.deck.vials()[k].mass_g(self.config.density_g_per_ml)
-        })
+    /// Number of balances (1 + `more_balances`).
+    pub fn balance_count(&self) -> usize {
+        self.balances.len()
     }
 
-    /// Reads the balance (SI; `S` waits until [`LabModel::balance_stable_at`]).
-    pub fn balance_read(&mut self, now: Duration) -> Reading {
+    /// The deck position on balance `index`'s pan.
+    fn balance_station(&self, index: usize) -> Option<&str> {
+        match index {
+            0 => Some(&self.config.deck.weigh_station),
+            k => self
+                .config
+                .more_balances
+                .get(k - 1)
+                .map(|b| b.station.as_str()),
+        }
+    }
+
+    /// A load changed at `position`: the balance there (if any) turns dynamic.
+    fn disturb_balance_at(&mut self, position: &str) {
+        let now = self.now;
+        if let Some(b) =
+            (0..self.balances.len()).find(|&b| self.balance_station(b) == Some(position))
+        {
+            self.balances[b].disturb(now);
+        }
+    }
+
+    /// The contents of vial `k` changed at `at`: the balance it stands on (if any) turns dynamic.
+    fn disturb_balance_holding(&mut self, k: usize, at: Duration) {
+        for b in 0..self.balances.len() {
+            if self
+                .balance_station(b)
+                .is_some_and(|s| self.deck.index_at(s) == Some(k))
+            {
+                self.balances[b].disturb(at);
+            }
+        }
+    }
+
+    fn balance_load_g(&self, index: usize) -> f64 {
+        self.balance_station(index)
+            .and_then(|s| self.deck.index_at(s))
+            .map_or(0.0, |k| {
+                self.deck.vials()[k].mass_g(self.config.density_g_per_ml)
+            })
+    }
+
+    /// Balance `index`, at `now`, with its load.
+    fn balance_at(
+        &mut self,
+        now: Duration,
+        index: usize,
+    ) -> Result<(&mut Balance, f64), BalanceError> {
         self.advance_to(now);
-        let load = self.balance_load_g();
-        self.balance.read(self.now, load)
+        let load = self.balance_load_g(index);
+        let balance = self
+            .balances
+            .get_mut(index)
+            .ok_or(BalanceError::NoSuchBalance(index))?;
+        Ok((balance, load))
+    }
+
+    /// Reads balance `index` (SI; `S` waits until [`LabModel::balance_stable_at`]).
+    pub fn balance_read(&mut self, now: Duration, index: usize) -> Result<Reading, BalanceError> {
+        let t = now.max(self.now);
+        let (balance, load) = self.balance_at(now, index)?;
+        Ok(balance.read(t, load))
     }
 
     /// Z (ZI when `immediate`): zero.
-    pub fn balance_zero(&mut self, now: Duration, immediate: bool) -> Result<(), BalanceError> {
-        self.advance_to(now);
-        let load = self.balance_load_g();
-        self.balance.zero(self.now, load, immediate)
+    pub fn balance_zero(
+        &mut self,
+        now: Duration,
+        index: usize,
+        immediate: bool,
+    ) -> Result<(), BalanceError> {
+        let t = now.max(self.now);
+        let (balance, load) = self.balance_at(now, index)?;
+        balance.zero(t, load, immediate)
     }
 
     /// T (TI when `immediate`): tare.
-    pub fn balance_tare(&mut self, now: Duration, immediate: bool) -> Result<(), BalanceError> {
-        self.advance_to(now);
-        let load = self.balance_load_g();
-        self.balance.tare(self.now, load, immediate)
+    pub fn balance_tare(
+        &mut self,
+        now: Duration,
+        index: usize,
+        immediate: bool,
+    ) -> Result<(), BalanceError> {
+        let t = now.max(self.now);
+        let (balance, load) = self.balance_at(now, index)?;
+        balance.tare(t, load, immediate)
     }
 
     /// TAC: clears the tare.
-    pub fn balance_clear_tare(&mut self, now: Duration) {
-        self.advance_to(now);
-        self.balance.clear_tare();
+    pub fn balance_clear_tare(&mut self, now: Duration, index: usize) -> Result<(), BalanceError> {
+        self.balance_at(now, index)?.0.clear_tare();
+        Ok(())
     }
 
     /// `TA <value>`: presets the tare (g).
-    pub fn balance_preset_tare(&mut self, now: Duration, tare_g: f64) -> Result<(), BalanceError> {
-        self.advance_to(now);
-        self.balance.preset_tare(tare_g)
+    pub fn balance_preset_tare(
+        &mut self,
+        now: Duration,
+        index: usize,
+        tare_g: f64,
+    ) -> Result<(), BalanceError> {
+        self.balance_at(now, index)?.0.preset_tare(tare_g)
     }
 
     /// Current tare (g).
-    pub fn balance_tare_g(&self) -> f64 {
-        self.balance.tare_g()
+    pub fn balance_tare_g(&self, index: usize) -> Result<f64, BalanceError> {
+        self.balances
+            .get(index)
+            .map(Balance::tare_g)
+            .ok_or(BalanceError::NoSuchBalance(index))
     }
 
-    /// Virtual time at which the reading becomes stable (unless something changes before).
-    pub fn balance_stable_at(&mut self, now: Duration) -> Duration {
-        self.advance_to(now);
-        self.balance.stable_at()
+    /// Virtual time at which balance `index`'s reading becomes stable (unless something changes before).
+    pub fn balance_stable_at(
+        &mut self,
+        now: Duration,
+        index: usize,
+    ) -> Result<Duration, BalanceError> {
+        Ok(self.balance_at(now, index)?.0.stable_at())
     }
 
     // ----- hotplate -----
@@ -757,11 +871,16 @@ impl LabModel {
 
     // ----- faults -----
 
-    /// Instrument id from its name ("gantry", "balance", "hotplate", "spectro" or a pump id like "pump-red").
+    /// Instrument id from its name ("gantry", "balance", "hotplate", "spectro", a pump id like "pump-red",
+    /// another balance's id).
     pub fn instrument_id(&self, name: &str) -> Option<InstrumentId> {
+        // A lab's balances are named by their ids, whichever of them stands on the weigh station.
+        if let Some(k) = self.config.more_balances.iter().position(|b| b.id == name) {
+            return Some(InstrumentId::Balance(k + 1));
+        }
         match name {
             "gantry" => Some(InstrumentId::Gantry),
-            "balance" => Some(InstrumentId::Balance),
+            "balance" => Some(InstrumentId::Balance(0)),
             "hotplate" => Some(InstrumentId::Hotplate),
             "spectro" => Some(InstrumentId::Spectro),
             _ => self
@@ -792,7 +911,7 @@ impl LabModel {
         match id {
             InstrumentId::Gantry => Some(&self.config.gantry.faults),
             InstrumentId::Pump(i) => self.config.pumps.get(i).map(|p| &p.faults),
-            InstrumentId::Balance => Some(&self.config.balance.faults),
+            InstrumentId::Balance(i) => self.balances.get(i).map(|b| &b.config().faults),
             InstrumentId::Hotplate => Some(&self.config.hotplate.faults),
             InstrumentId::Spectro => Some(&self.config.spectro.faults),
             InstrumentId::Defined(i) => self.defined.get(i).map(|(_, f)| f),
@@ -818,9 +937,15 @@ impl LabModel {
                     .ok_or_else(|| ConfigError::invalid("faults", format!("no pump {i}")))?;
                 pump.faults = faults;
             }
-            InstrumentId::Balance => {
-                self.config.balance.faults = faults.clone();
-                self.balance.set_faults(faults);
+            InstrumentId::Balance(i) => {
+                let balance = self
+                    .balances
+                    .get_mut(i)
+                    .ok_or_else(|| ConfigError::invalid("faults", format!("no balance {i}")))?;
+                balance.set_faults(faults.clone());
+                if i == 0 {
+                    self.config.balance.faults = faults;
+                }
             }
             InstrumentId::Hotplate => {
                 self.config.hotplate.faults = faults.clone();

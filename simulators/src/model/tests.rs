@@ -65,7 +65,7 @@ fn run_protocol(seed: u64, dye_ul: [f64; 3], stir_s: f64) -> Outcome {
     go(&mut lab, &clock, [200.0, 40.0, 0.0]);
     lab.gantry_grip(clock.now(), false).unwrap();
     clock.advance(secs(2.0));
-    let weight = lab.balance_read(clock.now());
+    let weight = lab.balance_read(clock.now(), 0).unwrap();
     assert_eq!(lab.stats(), FaultStats::default());
     Outcome {
         spectrum,
@@ -194,11 +194,54 @@ fn config_validation_rejects_bad_labs() {
     assert!(LabModel::new(c, 0).is_err());
 }
 
+/// A second balance needs a position of its own: one the deck has, and no other balance stands on.
+#[test]
+fn a_second_balance_needs_a_station_of_its_own() {
+    let with = |id: &str, station: &str| {
+        let mut c = LabConfig::sim_default();
+        c.more_balances.push(crate::model::MoreBalance {
+            id: id.into(),
+            station: station.into(),
+        });
+        c.validate()
+    };
+    assert!(with("balance-2", "A6").is_ok());
+    let field = |r: Result<(), ConfigError>| match r {
+        Err(ConfigError::Invalid { field, .. }) => field,
+        Ok(()) => panic!("accepted"),
+    };
+    assert_eq!(field(with("balance-2", "W9")), "more_balances[0].station");
+    assert_eq!(field(with("balance-2", "W1")), "more_balances[0].station");
+    // Each balance weighs its own pan; a load on one leaves the other settled.
+    let mut c = LabConfig::sim_default();
+    c.more_balances.push(crate::model::MoreBalance {
+        id: "balance-2".into(),
+        station: "A6".into(),
+    });
+    let mut lab = LabModel::new(c, 1).unwrap();
+    assert_eq!(lab.balance_count(), 2);
+    assert_eq!(
+        lab.instrument_id("balance-2"),
+        Some(InstrumentId::Balance(1))
+    );
+    let t = Duration::from_secs(10);
+    lab.add_vial(t, "v", "A6").unwrap();
+    assert!(lab.balance_stable_at(t, 0).unwrap() < t);
+    assert!(lab.balance_stable_at(t, 1).unwrap() > t);
+    let later = t + Duration::from_secs(5);
+    assert!((lab.balance_read(later, 1).unwrap().value_g - 10.0).abs() < 0.01);
+    assert!(lab.balance_read(later, 0).unwrap().value_g.abs() < 0.01);
+    assert_eq!(
+        lab.balance_read(later, 2).unwrap_err(),
+        BalanceError::NoSuchBalance(2)
+    );
+}
+
 #[test]
 fn faults_are_per_instrument_and_drift_starts_when_set() {
     let mut lab = LabModel::new(LabConfig::sim_default(), 3).unwrap();
     assert_eq!(lab.instrument_id("pump-blue"), Some(InstrumentId::Pump(2)));
-    assert_eq!(lab.instrument_id("balance"), Some(InstrumentId::Balance));
+    assert_eq!(lab.instrument_id("balance"), Some(InstrumentId::Balance(0)));
     assert_eq!(lab.instrument_id("pump-green"), None);
     assert!(lab.faults(InstrumentId::Pump(3)).is_none());
     let hour = Duration::from_secs(3600);
@@ -380,11 +423,11 @@ fn apply(lab: &mut LabModel, t: Duration, cmd: &Cmd, vial_counter: &mut u32) -> 
         Cmd::Stop(i) => drop(lab.pump_stop(t, *i)),
         Cmd::ClearAlarm(i) => drop(lab.pump_clear_alarm(t, *i)),
         Cmd::Read => {
-            let r = lab.balance_read(t);
+            let r = lab.balance_read(t, 0).unwrap();
             assert!(r.value_g.is_finite());
         }
-        Cmd::Zero(imm) => drop(lab.balance_zero(t, *imm)),
-        Cmd::Tare(imm) => drop(lab.balance_tare(t, *imm)),
+        Cmd::Zero(imm) => drop(lab.balance_zero(t, 0, *imm)),
+        Cmd::Tare(imm) => drop(lab.balance_tare(t, 0, *imm)),
         Cmd::SetTemp(c) => drop(lab.hotplate_set_temperature(t, *c)),
         Cmd::Heat(on) => drop(lab.hotplate_heat(t, *on)),
         Cmd::Speed(s) => drop(lab.hotplate_set_speed(t, *s)),
@@ -506,7 +549,7 @@ proptest! {
                     t += Duration::from_millis(*ms);
                 }
                 apply(&mut lab, t, c, &mut counter);
-                log.push((lab.balance_read(t).value_g, lab.gantry_status(t).position));
+                log.push((lab.balance_read(t, 0).unwrap().value_g, lab.gantry_status(t).position));
             }
             let vials: Vec<Contents> = lab.deck().vials().iter().map(|v| v.contents).collect();
             (log, vials, lab.stats())
