@@ -471,25 +471,27 @@ fn check_modbus(
     }
 }
 
-/// Checks every port of the simulated lab: `transcript(port)` gives what the host sent a port, named
-/// as the simulators name them (`gantry`, `pumps`, `balance`, `hotplate`, `spectro`).
-pub fn check_lab(lab: &Lab, transcript: impl Fn(&str) -> Vec<u8>) -> WireReport {
+/// Checks every port of the simulated lab: `port_of(id)` names the port an instrument is served on (as
+/// the simulated lab names it: `gantry`, `pumps`, a defined instrument's id, ...) and `transcript(port)`
+/// gives what the host sent that port. Instruments on one port (the pump line) are checked together.
+pub fn check_lab(
+    lab: &Lab,
+    port_of: impl Fn(&str) -> Option<String>,
+    transcript: impl Fn(&str) -> Vec<u8>,
+) -> WireReport {
     let mut report = WireReport::default();
-    let mut ports: BTreeMap<&str, Vec<&Instrument>> = BTreeMap::new();
+    let mut ports: BTreeMap<String, Vec<&Instrument>> = BTreeMap::new();
     for instrument in &lab.instruments {
-        let port = match instrument.driver {
-            // A defined instrument's simulator serves it on a port of its own, named by its id.
-            Driver::Definition => instrument.id.as_str(),
-            Driver::Grbl => "gantry",
-            Driver::Ne1000 => "pumps",
-            Driver::MtSics => "balance",
-            Driver::IkaNamur => "hotplate",
-            Driver::ScpiSpectro => "spectro",
-        };
-        ports.entry(port).or_default().push(instrument);
+        match port_of(&instrument.id) {
+            Some(port) => ports.entry(port).or_default().push(instrument),
+            None => report.violations.push(format!(
+                "{}: no simulated port serves it, so nothing it was sent can be checked",
+                instrument.id
+            )),
+        }
     }
     for (port, instruments) in ports {
-        check_port(&mut report, &instruments, &transcript(port));
+        check_port(&mut report, &instruments, &transcript(&port));
     }
     report
 }
@@ -500,7 +502,10 @@ mod tests {
 
     fn check(port: &str, bytes: &[u8]) -> WireReport {
         let lab = Lab::sim();
-        check_lab(&lab, |p| {
+        // The simulated lab's ports: the pumps share one line, every other instrument has its own.
+        let port_of =
+            |id: &str| Some(if id.starts_with("pump-") { "pumps" } else { id }.to_owned());
+        check_lab(&lab, port_of, |p| {
             if p == port {
                 bytes.to_vec()
             } else {

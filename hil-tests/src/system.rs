@@ -592,7 +592,11 @@ impl Bench {
     /// What the instruments were sent, checked against the envelope (sim rig only: hardware has no tap).
     pub fn wire_report(&self) -> Option<WireReport> {
         let sim = self.sim.as_ref()?;
-        Some(check_lab(&self.lab, |port| sim.transcript(port)))
+        Some(check_lab(
+            &self.lab,
+            |id| sim.endpoint(id).map(|e| e.port),
+            |port| sim.transcript(port),
+        ))
     }
 
     /// Asserts nothing outside the envelope, and nothing undecodable, reached an instrument; returns the

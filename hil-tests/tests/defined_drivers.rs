@@ -319,7 +319,11 @@ async fn the_wire_tap_reads_modbus_writes_back_and_holds_them_to_the_envelope() 
         within(Duration::from_secs(20), "set_flow", mfc.execute(&over)).await,
     );
     ok("safe", step("safe", mfc.safe_state()).await);
-    let report = labctl_hil_tests::envelope::check_lab(&rig.lab, |port| rig.sim.transcript(port));
+    let report = labctl_hil_tests::envelope::check_lab(
+        &rig.lab,
+        |id| rig.sim.endpoint(id).map(|e| e.port),
+        |port| rig.sim.transcript(port),
+    );
     // The safe state's write of 0 to Fsetpoint is the third.
     assert_eq!(
         report.sent("mfc", "flow_ln_per_min"),
