@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::capabilities::InstrumentKind;
 use crate::instrument_def::{InstrumentDefinition, check_definition};
+pub use crate::range::Range;
+pub use crate::registry::Driver;
 use crate::registry::InstrumentModel;
 pub use crate::serial::{FlowControl, Parity, SerialLine};
 
@@ -90,47 +92,6 @@ pub struct Interlock {
     /// Instruments sent to their safe state on a trip; the interlock's own instrument when empty.
     #[serde(default)]
     pub safe_state: Vec<String>,
-}
-
-/// A closed interval `[min, max]`, written as a two-element array in TOML.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "[f64; 2]", into = "[f64; 2]")]
-pub struct Range {
-    pub min: f64,
-    pub max: f64,
-}
-
-impl TryFrom<[f64; 2]> for Range {
-    type Error = String;
-    fn try_from([min, max]: [f64; 2]) -> Result<Self, String> {
-        if !(min.is_finite() && max.is_finite()) || min > max {
-            return Err(format!(
-                "expected [min, max] with min <= max, found [{min}, {max}]"
-            ));
-        }
-        Ok(Range { min, max })
-    }
-}
-
-impl From<Range> for [f64; 2] {
-    fn from(r: Range) -> Self {
-        [r.min, r.max]
-    }
-}
-
-impl Range {
-    pub fn contains(&self, v: f64) -> bool {
-        v >= self.min && v <= self.max
-    }
-    pub fn within(&self, outer: &Range) -> bool {
-        self.min >= outer.min && self.max <= outer.max
-    }
-}
-
-impl std::fmt::Display for Range {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "[{}, {}]", self.min, self.max)
-    }
 }
 
 /// Limits on the quantities a command can set. The same shape serves for an instrument's capabilities
@@ -228,48 +189,6 @@ pub fn ramp_setpoints(from: f64, to: f64, rate_c_per_min: f64) -> Vec<(f64, f64)
     };
     out.push((last_wait, to));
     out
-}
-
-/// The wire protocol an instrument speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Driver {
-    /// GRBL 1.1 G-code controller.
-    Grbl,
-    /// New Era NE-1000 family syringe pump.
-    Ne1000,
-    /// Mettler Toledo MT-SICS level 0/1 balance.
-    MtSics,
-    /// IKA hotplate stirrer, NAMUR commands.
-    IkaNamur,
-    /// SCPI / IEEE 488.2 spectrophotometer.
-    ScpiSpectro,
-    /// The instrument definition file named by the instrument's `definition`.
-    Definition,
-}
-
-impl Driver {
-    /// Every driver: the five built-in ones and the definition-driven one.
-    pub const ALL: [Driver; 6] = [
-        Driver::Grbl,
-        Driver::Ne1000,
-        Driver::MtSics,
-        Driver::IkaNamur,
-        Driver::ScpiSpectro,
-        Driver::Definition,
-    ];
-
-    /// The instrument kind this driver can serve.
-    pub fn kind(self) -> InstrumentKind {
-        match self {
-            Driver::Grbl => InstrumentKind::Gantry,
-            Driver::Ne1000 => InstrumentKind::SyringePump,
-            Driver::MtSics => InstrumentKind::Balance,
-            Driver::IkaNamur => InstrumentKind::Hotplate,
-            Driver::ScpiSpectro => InstrumentKind::Spectrophotometer,
-            Driver::Definition => InstrumentKind::Defined,
-        }
-    }
 }
 
 /// How to reach an instrument.

@@ -20,6 +20,7 @@ pub mod interpret;
 pub mod lab;
 pub mod pattern_text;
 pub mod protocol;
+pub mod range;
 pub mod registry;
 pub mod schema;
 pub mod serial;

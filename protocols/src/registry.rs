@@ -9,12 +9,54 @@
 
 use std::sync::{Arc, LazyLock};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::capabilities::{InstrumentKind, param_fields, split_unit};
 use crate::instrument_def::InstrumentDefinition;
-use crate::lab::{Driver, Range};
+use crate::range::Range;
 use crate::serial::{FlowControl, Parity, SerialLine};
+
+/// The wire protocol an instrument speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Driver {
+    /// GRBL 1.1 G-code controller.
+    Grbl,
+    /// New Era NE-1000 family syringe pump.
+    Ne1000,
+    /// Mettler Toledo MT-SICS level 0/1 balance.
+    MtSics,
+    /// IKA hotplate stirrer, NAMUR commands.
+    IkaNamur,
+    /// SCPI / IEEE 488.2 spectrophotometer.
+    ScpiSpectro,
+    /// The instrument definition file named by the instrument's `definition`.
+    Definition,
+}
+
+impl Driver {
+    /// Every driver: the five built-in ones and the definition-driven one.
+    pub const ALL: [Driver; 6] = [
+        Driver::Grbl,
+        Driver::Ne1000,
+        Driver::MtSics,
+        Driver::IkaNamur,
+        Driver::ScpiSpectro,
+        Driver::Definition,
+    ];
+
+    /// The instrument kind this driver can serve.
+    pub fn kind(self) -> InstrumentKind {
+        match self {
+            Driver::Grbl => InstrumentKind::Gantry,
+            Driver::Ne1000 => InstrumentKind::SyringePump,
+            Driver::MtSics => InstrumentKind::Balance,
+            Driver::IkaNamur => InstrumentKind::Hotplate,
+            Driver::ScpiSpectro => InstrumentKind::Spectrophotometer,
+            Driver::Definition => InstrumentKind::Defined,
+        }
+    }
+}
 
 /// What one instrument model offers a protocol, and how it is reached.
 #[derive(Debug, Clone, PartialEq, Serialize)]
