@@ -176,7 +176,7 @@ async fn emergency_stop_during_motion_and_heating_on_the_simulated_lab() {
         let (moving, heating) = sim.with_model(|m, now| {
             (
                 m.gantry_status(now).state == GantryState::Run,
-                m.hotplate_status(now).heating,
+                m.hotplate_status(now, 0).unwrap().heating,
             )
         });
         if moving && heating {
@@ -195,7 +195,11 @@ async fn emergency_stop_during_motion_and_heating_on_the_simulated_lab() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (state, pos, heating) = sim.with_model(|m, now| {
         let g = m.gantry_status(now);
-        (g.state, g.position, m.hotplate_status(now).heating)
+        (
+            g.state,
+            g.position,
+            m.hotplate_status(now, 0).unwrap().heating,
+        )
     });
     assert!(!heating, "heater still on after the e-stop");
     assert!(

@@ -615,18 +615,26 @@ impl Bench {
     pub fn unsafe_instruments(&self, stirring_ok: bool) -> Vec<String> {
         self.model(|m, now| {
             let mut out = Vec::new();
-            let hotplate = m.hotplate_status(now);
-            if hotplate.heating {
-                out.push(format!(
-                    "hotplate heating (setpoint {} C)",
-                    hotplate.setpoint_c
-                ));
-            }
-            if hotplate.stirring && !stirring_ok {
-                out.push(format!(
-                    "hotplate stirring ({} rpm)",
-                    hotplate.speed_setpoint_rpm
-                ));
+            for h in 0..m.hotplate_count() {
+                let Ok(hotplate) = m.hotplate_status(now, h) else {
+                    continue;
+                };
+                let name = match h {
+                    0 => "hotplate".to_owned(),
+                    _ => m.config().more_hotplates[h - 1].id.clone(),
+                };
+                if hotplate.heating {
+                    out.push(format!(
+                        "{name} heating (setpoint {} C)",
+                        hotplate.setpoint_c
+                    ));
+                }
+                if hotplate.stirring && !stirring_ok {
+                    out.push(format!(
+                        "{name} stirring ({} rpm)",
+                        hotplate.speed_setpoint_rpm
+                    ));
+                }
             }
             for i in 0..m.pump_count() {
                 if m.pump(i).is_some_and(|p| p.is_running()) {

@@ -646,7 +646,8 @@ impl World {
     }
 
     fn plate_c(&self) -> f64 {
-        self.bench.model(|m, now| m.hotplate_status(now).plate_c)
+        self.bench
+            .model(|m, now| m.hotplate_status(now, 0).unwrap().plate_c)
     }
 
     fn balance_g(&self) -> f64 {

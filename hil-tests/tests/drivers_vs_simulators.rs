@@ -1094,7 +1094,7 @@ async fn hotplate_heats_and_stirs_the_vial_on_the_stir_station() {
     assert_eq!(id.manufacturer, "IKA");
     assert_eq!(id.model, "RCT digital");
     assert_eq!(id.firmware, "1.22");
-    let watchdog = rig.model(|m, now| m.hotplate_status(now).watchdog_s);
+    let watchdog = rig.model(|m, now| m.hotplate_status(now, 0).unwrap().watchdog_s);
     assert_eq!(watchdog, Some(600.0), "start arms the device's watchdog");
 
     let t = poll(&mut h, "poll cold").await;
@@ -1119,7 +1119,7 @@ async fn hotplate_heats_and_stirs_the_vial_on_the_stir_station() {
     // NAMUR setpoints get no reply: the write is all the driver can wait for, so the device acts a moment
     // later.
     wait_for(&rig, "heater and motor on", |m, now| {
-        let s = m.hotplate_status(now);
+        let s = m.hotplate_status(now, 0).unwrap();
         s.heating && s.stirring && s.setpoint_c == 80.0 && s.speed_setpoint_rpm == 600.0
     })
     .await;
@@ -1140,7 +1140,7 @@ async fn hotplate_heats_and_stirs_the_vial_on_the_stir_station() {
     else {
         panic!("expected a temperature");
     };
-    let vial = rig.model(|m, now| m.hotplate_status(now).vial_c.unwrap());
+    let vial = rig.model(|m, now| m.hotplate_status(now, 0).unwrap().vial_c.unwrap());
     assert!(
         (temperature_c - vial).abs() < 0.5,
         "{temperature_c} vs {vial}"
@@ -1149,7 +1149,7 @@ async fn hotplate_heats_and_stirs_the_vial_on_the_stir_station() {
     exec(&mut h, "heater off", DeviceCommand::HeaterOff).await;
     exec(&mut h, "stir off", DeviceCommand::StirOff).await;
     wait_for(&rig, "heater and motor off", |m, now| {
-        let s = m.hotplate_status(now);
+        let s = m.hotplate_status(now, 0).unwrap();
         !s.heating && !s.stirring
     })
     .await;
@@ -1169,13 +1169,13 @@ async fn hotplate_heats_and_stirs_the_vial_on_the_stir_station() {
     )
     .await;
     wait_for(&rig, "heating again", |m, now| {
-        let s = m.hotplate_status(now);
+        let s = m.hotplate_status(now, 0).unwrap();
         s.heating && s.stirring
     })
     .await;
     ok("safe state", step("safe", h.safe_state()).await);
     wait_for(&rig, "safe: heater and motor off", |m, now| {
-        let s = m.hotplate_status(now);
+        let s = m.hotplate_status(now, 0).unwrap();
         !s.heating && !s.stirring
     })
     .await;
@@ -1197,10 +1197,13 @@ async fn hotplate_watchdog_switches_off_when_the_driver_goes_quiet() {
         },
     )
     .await;
-    wait_for(&rig, "heating", |m, now| m.hotplate_status(now).heating).await;
+    wait_for(&rig, "heating", |m, now| {
+        m.hotplate_status(now, 0).unwrap().heating
+    })
+    .await;
     // 20 virtual s of silence: 0.4 real s at warp 50.
     wait_for(&rig, "watchdog trip", |m, now| {
-        let s = m.hotplate_status(now);
+        let s = m.hotplate_status(now, 0).unwrap();
         s.watchdog_tripped && !s.heating
     })
     .await;
@@ -1315,7 +1318,7 @@ mod hotplate_faults {
         )
         .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let status = rig.model(|m, now| m.hotplate_status(now));
+        let status = rig.model(|m, now| m.hotplate_status(now, 0).unwrap());
         assert!(!status.heating, "{status:?}");
         let t = poll(&mut h, "poll").await;
         assert_eq!(value(&t, "plate_temperature_c"), 22.0);
@@ -1329,7 +1332,7 @@ mod hotplate_faults {
         )
         .await;
         wait_for(&rig, "heating once the error is gone", |m, now| {
-            m.hotplate_status(now).heating
+            m.hotplate_status(now, 0).unwrap().heating
         })
         .await;
         rig.shutdown().await;

@@ -274,7 +274,7 @@ fn sigkill_scenario(run_stat_is_an_acknowledgement: bool) {
     assert_eq!(mid.state, "running", "{mid:?}\n{}", labctl.log_tail());
     if bench.is_sim() {
         assert!(
-            bench.model(|m, now| m.hotplate_status(now).heating),
+            bench.model(|m, now| m.hotplate_status(now, 0).unwrap().heating),
             "the heater is on when labctl dies"
         );
     }
@@ -354,7 +354,7 @@ fn estop_during_motion_and_heating() {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while !bench.model(|m, now| {
             m.gantry_status(now).state == labctl_simulators::model::gantry::GantryState::Run
-                && m.hotplate_status(now).heating
+                && m.hotplate_status(now, 0).unwrap().heating
         }) {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -555,7 +555,7 @@ fn over_temperature_interlock() {
     port.wait_run(&run, virtual_secs(600.0), "heating", |s| {
         s.step == heating || s.is_final()
     });
-    assert!(bench.model(|m, now| m.hotplate_status(now).heating));
+    assert!(bench.model(|m, now| m.hotplate_status(now, 0).unwrap().heating));
     // 10 C per virtual second: past the 130 C trip point within a few real seconds.
     bench.set_faults(
         "hotplate",
@@ -613,7 +613,7 @@ fn planner_disconnects_during_a_supervised_run() {
         s.step == heating || s.is_final()
     });
     assert_eq!(mid.state, "running", "{mid:?}\n{}", labctl.log_tail());
-    assert!(bench.model(|m, now| m.hotplate_status(now).heating) || !bench.is_sim());
+    assert!(bench.model(|m, now| m.hotplate_status(now, 0).unwrap().heating) || !bench.is_sim());
     // The planner crashes: its MQTT connection closes without a goodbye.
     let _ = planner.kill();
     let _ = planner.wait();

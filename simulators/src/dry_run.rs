@@ -35,7 +35,7 @@ use crate::devices::mtsics::MtSicsConfig;
 use crate::devices::scpi::ScpiConfig;
 use crate::model::{
     Contents, DeckPosition, Direction, Dye, GantryAlarm, GantryError, GantryState, LabConfig,
-    LabModel, Liquid, LoadState, MoreBalance, PumpAlarm, PumpConfig, SpectroError,
+    LabModel, Liquid, LoadState, PumpAlarm, PumpConfig, SpectroError, Stationed,
 };
 
 /// Steps simulated one by one; past this, the remaining iterations of a `repeat` are extrapolated.
@@ -162,31 +162,39 @@ fn walk(
     sim.finish(total)
 }
 
-/// Which model part each lab instrument of a built-in kind drives: the model's pump or balance index.
+/// Which model part each lab instrument of a built-in kind drives: the model's pump, balance or hotplate
+/// index.
 #[derive(Debug, Default)]
 struct Parts {
     pumps: BTreeMap<String, usize>,
     balances: BTreeMap<String, usize>,
+    hotplates: BTreeMap<String, usize>,
 }
 
 impl Parts {
-    /// The parts of the simulated lab's default model: its three dye pumps and its one balance.
+    /// The parts of the simulated lab's default model: its three dye pumps, its balance and its hotplate.
     fn of_default_lab(lab: &Lab) -> Parts {
-        Parts {
-            pumps: default_pump_indices(lab),
-            balances: balances_of(lab)
+        let first = |kind| {
+            of_kind(lab, kind)
                 .take(1)
                 .map(|i| (i.id.clone(), 0))
-                .collect(),
+                .collect()
+        };
+        Parts {
+            pumps: default_pump_indices(lab),
+            balances: first(InstrumentKind::Balance),
+            hotplates: first(InstrumentKind::Hotplate),
         }
     }
 }
 
-/// The lab's balances, in lab-file order: the first stands on the model's weigh station.
-fn balances_of(lab: &Lab) -> impl Iterator<Item = &labctl_protocols::lab::Instrument> {
-    lab.instruments
-        .iter()
-        .filter(|i| i.kind == InstrumentKind::Balance)
+/// The lab's instruments of `kind`, in lab-file order: the first balance stands on the model's weigh
+/// station, the first hotplate under its stir station.
+fn of_kind(
+    lab: &Lab,
+    kind: InstrumentKind,
+) -> impl Iterator<Item = &labctl_protocols::lab::Instrument> {
+    lab.instruments.iter().filter(move |i| i.kind == kind)
 }
 
 /// The model's configuration for `lab`, and the model part of each pump and balance.
@@ -214,35 +222,37 @@ fn lab_config(lab: &Lab, notes: &mut Vec<String>) -> Result<(LabConfig, Parts), 
                 .push(DeckPosition::new(&name, -1.0e9 * n, -1.0e9 * n, 0.0));
             name
         };
-        let mut weigh_stations = Vec::new();
-        for (n, balance) in balances_of(lab).enumerate() {
-            let station = station_of(&balance.id).unwrap_or_else(|| {
-                off_deck(
-                    format!("(no weigh station for {})", balance.id),
-                    3.0 + n as f64,
-                )
-            });
-            parts.balances.insert(balance.id.clone(), n);
-            weigh_stations.push((balance.id.clone(), station));
-        }
-        let hotplate = lab
-            .instruments
-            .iter()
-            .find(|i| i.kind == InstrumentKind::Hotplate);
-        let stir = hotplate
-            .and_then(|h| station_of(&h.id))
-            .unwrap_or_else(|| off_deck("(no stir station)".into(), 2.0));
-        let mut weigh_stations = weigh_stations.into_iter();
-        config.deck.weigh_station = match weigh_stations.next() {
-            Some((_, station)) => station,
-            None => off_deck("(no weigh station)".into(), 1.0),
+        // Each balance and hotplate of the lab on its own station: the first of each kind on the model's
+        // weigh or stir station, the others as `more_balances` and `more_hotplates`.
+        let mut stationed = |kind: InstrumentKind, parts: &mut BTreeMap<String, usize>, n0: f64| {
+            let mut all = Vec::new();
+            for (n, inst) in of_kind(lab, kind).enumerate() {
+                let station = station_of(&inst.id).unwrap_or_else(|| {
+                    off_deck(format!("(no station for {})", inst.id), n0 + n as f64)
+                });
+                parts.insert(inst.id.clone(), n);
+                all.push(Stationed {
+                    id: inst.id.clone(),
+                    station,
+                });
+            }
+            let mut all = all.into_iter();
+            let first = all.next().map(|s| s.station);
+            (first, all.collect::<Vec<_>>())
         };
-        config.more_balances = weigh_stations
-            .map(|(id, station)| MoreBalance { id, station })
-            .collect();
-        config.deck.stir_station = stir;
+        let (weigh, more_balances) = stationed(InstrumentKind::Balance, &mut parts.balances, 10.0);
+        let (stir, more_hotplates) =
+            stationed(InstrumentKind::Hotplate, &mut parts.hotplates, 1000.0);
+        config.deck.weigh_station =
+            weigh.unwrap_or_else(|| off_deck("(no weigh station)".into(), 1.0));
+        config.deck.stir_station =
+            stir.unwrap_or_else(|| off_deck("(no stir station)".into(), 2.0));
+        config.more_balances = more_balances;
+        config.more_hotplates = more_hotplates;
     } else {
-        parts.balances = Parts::of_default_lab(lab).balances;
+        let default = Parts::of_default_lab(lab);
+        parts.balances = default.balances;
+        parts.hotplates = default.hotplates;
     }
     config.deck.safe_z_mm = lab.deck.safe_z_mm;
     if let Some(g) = lab
@@ -326,7 +336,8 @@ enum Backing {
     Pump(usize),
     /// The model's balance of this index.
     Balance(usize),
-    Hotplate,
+    /// The model's hotplate of this index.
+    Hotplate(usize),
     Spectro,
     /// A defined instrument: its definition's readings and duration model.
     Defined(Arc<InstrumentDefinition>),
@@ -344,7 +355,7 @@ impl Backing {
             Backing::Gantry => InstrumentKind::Gantry,
             Backing::Pump(_) => InstrumentKind::SyringePump,
             Backing::Balance(_) => InstrumentKind::Balance,
-            Backing::Hotplate => InstrumentKind::Hotplate,
+            Backing::Hotplate(_) => InstrumentKind::Hotplate,
             Backing::Spectro => InstrumentKind::Spectrophotometer,
             Backing::Defined(_) => InstrumentKind::Defined,
             Backing::Unmodelled { kind, .. } => *kind,
@@ -385,7 +396,13 @@ impl Backing {
                             why: "the simulated lab's default model has one balance".to_owned(),
                         },
                     },
-                    (None, InstrumentKind::Hotplate) => single(Backing::Hotplate, &mut taken),
+                    (None, InstrumentKind::Hotplate) => match parts.hotplates.get(&inst.id) {
+                        Some(&index) => Backing::Hotplate(index),
+                        None => Backing::Unmodelled {
+                            kind: inst.kind,
+                            why: "the simulated lab's default model has one hotplate".to_owned(),
+                        },
+                    },
                     (None, InstrumentKind::Spectrophotometer) => {
                         single(Backing::Spectro, &mut taken)
                     }
@@ -949,12 +966,12 @@ impl<'a> Sim<'a> {
                 }
                 true
             }
-            (Backing::Hotplate, DeviceCommand::SetTemperature { temperature_c }) => {
-                self.model.hotplate_message(now);
+            (Backing::Hotplate(h), DeviceCommand::SetTemperature { temperature_c }) => {
                 let set = self
                     .model
-                    .hotplate_set_temperature(now, *temperature_c)
-                    .and_then(|()| self.model.hotplate_heat(now, true));
+                    .hotplate_message(now, h)
+                    .and_then(|()| self.model.hotplate_set_temperature(now, h, *temperature_c))
+                    .and_then(|()| self.model.hotplate_heat(now, h, true));
                 if let Err(e) = set {
                     self.problem(
                         path,
@@ -965,17 +982,17 @@ impl<'a> Sim<'a> {
                 }
                 true
             }
-            (Backing::Hotplate, DeviceCommand::HeaterOff) => {
-                let _ = self.model.hotplate_heat(now, false);
+            (Backing::Hotplate(h), DeviceCommand::HeaterOff) => {
+                let _ = self.model.hotplate_heat(now, h, false);
                 true
             }
-            (Backing::Hotplate, DeviceCommand::SetStirSpeed { speed_rpm }) => {
-                self.model.hotplate_message(now);
+            (Backing::Hotplate(h), DeviceCommand::SetStirSpeed { speed_rpm }) => {
                 // The driver sends whole rpm.
                 let set = self
                     .model
-                    .hotplate_set_speed(now, speed_rpm.round())
-                    .and_then(|()| self.model.hotplate_stir(now, true));
+                    .hotplate_message(now, h)
+                    .and_then(|()| self.model.hotplate_set_speed(now, h, speed_rpm.round()))
+                    .and_then(|()| self.model.hotplate_stir(now, h, true));
                 if let Err(e) = set {
                     self.problem(
                         path,
@@ -985,12 +1002,16 @@ impl<'a> Sim<'a> {
                 }
                 true
             }
-            (Backing::Hotplate, DeviceCommand::StirOff) => {
-                let _ = self.model.hotplate_stir(now, false);
+            (Backing::Hotplate(h), DeviceCommand::StirOff) => {
+                let _ = self.model.hotplate_stir(now, h, false);
                 true
             }
-            (Backing::Hotplate, DeviceCommand::ReadTemperature) => {
-                if self.model.hotplate_status(now).vial_c.is_none() {
+            (Backing::Hotplate(h), DeviceCommand::ReadTemperature) => {
+                if self
+                    .model
+                    .hotplate_status(now, h)
+                    .is_ok_and(|st| st.vial_c.is_none())
+                {
                     self.problem(
                         path,
                         "probe",
@@ -1381,15 +1402,16 @@ impl<'a> Sim<'a> {
                     .find(|v| v.name == quantity)
                     .map(|v| v.at(now, tau_s))
             }
-            (Backing::Hotplate, "temperature_c") => {
+            (&Backing::Hotplate(h), "temperature_c") => {
                 let ambient = self.model.config().ambient_c;
-                Some(self.model.hotplate_status(now).vial_c.unwrap_or(ambient))
+                let status = self.model.hotplate_status(now, h).ok()?;
+                Some(status.vial_c.unwrap_or(ambient))
             }
-            (Backing::Hotplate, "plate_temperature_c") => {
-                Some(self.model.hotplate_status(now).plate_c)
+            (&Backing::Hotplate(h), "plate_temperature_c") => {
+                self.model.hotplate_status(now, h).ok().map(|s| s.plate_c)
             }
-            (Backing::Hotplate, "stir_speed_rpm") => {
-                Some(self.model.hotplate_status(now).speed_rpm)
+            (&Backing::Hotplate(h), "stir_speed_rpm") => {
+                self.model.hotplate_status(now, h).ok().map(|s| s.speed_rpm)
             }
             (&Backing::Balance(index), "mass_g") => {
                 self.model.balance_read(now, index).ok().map(|r| r.value_g)
@@ -1470,12 +1492,9 @@ impl<'a> Sim<'a> {
         if hold > 0.0 {
             message.push_str(&format!(" held {hold} s"));
         }
-        if self
-            .lab
-            .instrument(&c.instrument)
-            .is_some_and(|i| i.kind == InstrumentKind::Hotplate)
+        if let Some(&Backing::Hotplate(h)) = self.backing.get(&c.instrument)
+            && let Ok(st) = self.model.hotplate_status(self.now, h)
         {
-            let st = self.model.hotplate_status(self.now);
             if c.quantity == "temperature_c" && st.vial_c.is_none() {
                 message.push_str(" (no vessel on the hotplate: the probe reads the air)");
             } else if st.heating {
@@ -1741,6 +1760,54 @@ mod tests {
         );
         let left = weighed(vec![home(), transfer("v1", "W1"), on("balance-2", 10.0)]);
         assert_eq!(left.problems.len(), 1, "{:?}", left.problems);
+    }
+
+    /// Two hotplates, each under a station of its own: a setpoint on the second heats the vessel on
+    /// H2 and nothing else, so a wait on the second's probe is reached and the same wait on the first's
+    /// times out, naming its heater as off.
+    #[test]
+    fn two_hotplates_each_heat_the_vessel_on_their_own_plate() {
+        let text = labctl_protocols::lab::SIM_LAB_TOML.replace(
+            "[[instruments]]\nid = \"gantry\"",
+            "[[deck.stations]]\nname = \"H2\"\nx_mm = 240.0\ny_mm = 100.0\ninstrument = \"hotplate-2\"\n\n\
+             [[instruments]]\nid = \"gantry\"",
+        ) + "\n[[instruments]]\nid = \"hotplate-2\"\nkind = \"hotplate\"\ndriver = \"ika_namur\"\n\
+             transport = { type = \"simulated\" }\n\
+             capabilities = { temperature_c = [0, 340], stir_speed_rpm = [0, 1500] }\n\
+             envelope = { temperature_c = [15, 90], stir_speed_rpm = [0, 1000] }\n";
+        let lab = Lab::from_toml_str(&text, "two hotplates").unwrap();
+        let heat_second = act(
+            "hotplate-2",
+            Action::SetTemperature(SetTemperatureParams {
+                temperature_c: 40.0,
+            }),
+        );
+        let warm = |on: &str| wait_until(on, "temperature_c", Comparison::Ge, 35.0, 1200.0);
+        let run = |steps: Vec<Step>| {
+            let p = protocol(
+                vec![vial("a", "H1", 5000.0), vial("b", "H2", 5000.0)],
+                steps,
+            );
+            dry_run(&p, &lab, 3)
+        };
+        let report = run(vec![heat_second.clone(), warm("hotplate-2")]);
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert!(
+            report.estimated_duration_s > 10.0 && report.estimated_duration_s < 1200.0,
+            "{report:?}"
+        );
+        assert!(
+            !report.notes.iter().any(|n| n.contains("not modelled")),
+            "{:?}",
+            report.notes
+        );
+        let wrong = run(vec![heat_second, warm("hotplate")]);
+        assert_eq!(wrong.problems.len(), 1, "{:?}", wrong.problems);
+        assert!(
+            wrong.problems[0].message.contains("heater off"),
+            "{:?}",
+            wrong.problems
+        );
     }
 
     fn repeat(count: u32, steps: Vec<Step>) -> Step {

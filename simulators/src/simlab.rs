@@ -36,7 +36,7 @@ use crate::devices::ne1000::{Ne1000, Ne1000Config, PumpWiring};
 use crate::devices::scpi::{Scpi, ScpiConfig};
 use crate::devices::{Device, LineSettings};
 use crate::model::{
-    ConfigError, DeckPosition, FaultConfig, InstrumentId, LabConfig, LabModel, MoreBalance,
+    ConfigError, DeckPosition, FaultConfig, InstrumentId, LabConfig, LabModel, Stationed,
 };
 use crate::serve::tap::WireTap;
 use crate::serve::{self, Listen, PortSpec, PortStatus, SharedLab};
@@ -238,8 +238,10 @@ impl SimLab {
             ClockConfig::Warp(warp) => LabClock::Virtual(VirtualClock::new(*warp)?),
             ClockConfig::Manual(manual) => LabClock::Manual(manual.clone()),
         };
-        let mut model =
-            LabModel::new(with_more_balances(&config.model, &config.lab)?, config.seed)?;
+        let mut model = LabModel::new(
+            with_more_stationed(&config.model, &config.lab)?,
+            config.seed,
+        )?;
         let now = clock.now();
         for inst in config
             .lab
@@ -298,6 +300,16 @@ impl SimLab {
                 Box::new(MtSics::of_balance(identity, k + 1)),
             ));
         }
+        // And each further hotplate an IKA NAMUR hotplate stirrer.
+        for (k, more) in model.config().more_hotplates.clone().iter().enumerate() {
+            let Some(inst) = config.lab.instrument(&more.id) else {
+                continue;
+            };
+            devices.push((
+                inst.id.as_str(),
+                Box::new(Namur::of_hotplate(identities.hotplate.clone(), k + 1)),
+            ));
+        }
         // Each instrument with a definition gets its simulator from the definition, on a port of its own.
         for (k, inst) in config.lab.instruments.iter().enumerate() {
             if let Some(definition) = inst.defined() {
@@ -326,9 +338,9 @@ impl SimLab {
                         model.config().pumps[i].id.clone(),
                         wiring.iter().find(|w| w.index == i).map(|w| w.address),
                     ),
-                    InstrumentId::Defined(_) | InstrumentId::Balance(1..) => {
-                        ((*port_name).to_owned(), None)
-                    }
+                    InstrumentId::Defined(_)
+                    | InstrumentId::Balance(1..)
+                    | InstrumentId::Hotplate(1..) => ((*port_name).to_owned(), None),
                     other => (instrument_name(other).to_owned(), None),
                 };
                 instruments.push(InstrumentInfo {
@@ -403,47 +415,58 @@ fn instrument_name(id: InstrumentId) -> &'static str {
     match id {
         InstrumentId::Gantry => "gantry",
         InstrumentId::Balance(_) => "balance",
-        InstrumentId::Hotplate => "hotplate",
+        InstrumentId::Hotplate(_) => "hotplate",
         InstrumentId::Spectro => "spectro",
         InstrumentId::Pump(_) => PUMP_LINE,
         InstrumentId::Defined(_) => "defined",
     }
 }
 
-/// `model` with a balance for each of the lab's balances beyond the one on its weigh station, each on the
-/// lab's deck station for it (added to the model's deck where the model has no position of that name).
-fn with_more_balances(model: &LabConfig, lab: &Lab) -> Result<LabConfig, SimLabError> {
+/// `model` with a balance and a hotplate for each of the lab's balances and hotplates beyond the first of
+/// each kind, each on the lab's deck station for it (added to the model's deck where the model has no
+/// position of that name).
+fn with_more_stationed(model: &LabConfig, lab: &Lab) -> Result<LabConfig, SimLabError> {
+    use labctl_protocols::InstrumentKind;
     let mut model = model.clone();
     let spots = lab.deck.positions();
-    let balances = lab
-        .instruments
-        .iter()
-        .filter(|i| i.kind == labctl_protocols::InstrumentKind::Balance);
-    for inst in balances.skip(1) {
-        if model.more_balances.iter().any(|b| b.id == inst.id) {
-            continue;
+    for kind in [InstrumentKind::Balance, InstrumentKind::Hotplate] {
+        let further = lab.instruments.iter().filter(|i| i.kind == kind).skip(1);
+        for inst in further {
+            let more = match kind {
+                InstrumentKind::Balance => &model.more_balances,
+                _ => &model.more_hotplates,
+            };
+            if more.iter().any(|b| b.id == inst.id) {
+                continue;
+            }
+            let Some(spot) = spots
+                .iter()
+                .find(|p| p.instrument.as_deref() == Some(inst.id.as_str()))
+            else {
+                return Err(SimLabError::Config(ConfigError::invalid(
+                    format!("deck.stations (for {})", inst.id),
+                    format!(
+                        "a simulated second {kind} needs a deck station naming it (where it stands)"
+                    ),
+                )));
+            };
+            if !model.deck.positions.iter().any(|p| p.name == spot.name) {
+                model.deck.positions.push(DeckPosition::new(
+                    spot.name.clone(),
+                    spot.x_mm,
+                    spot.y_mm,
+                    spot.z_mm,
+                ));
+            }
+            let stationed = Stationed {
+                id: inst.id.clone(),
+                station: spot.name.clone(),
+            };
+            match kind {
+                InstrumentKind::Balance => model.more_balances.push(stationed),
+                _ => model.more_hotplates.push(stationed),
+            }
         }
-        let Some(spot) = spots
-            .iter()
-            .find(|p| p.instrument.as_deref() == Some(inst.id.as_str()))
-        else {
-            return Err(SimLabError::Config(ConfigError::invalid(
-                format!("deck.stations (for {})", inst.id),
-                "a simulated second balance needs a deck station naming it (where its pan is)",
-            )));
-        };
-        if !model.deck.positions.iter().any(|p| p.name == spot.name) {
-            model.deck.positions.push(DeckPosition::new(
-                spot.name.clone(),
-                spot.x_mm,
-                spot.y_mm,
-                spot.z_mm,
-            ));
-        }
-        model.more_balances.push(MoreBalance {
-            id: inst.id.clone(),
-            station: spot.name.clone(),
-        });
     }
     Ok(model)
 }

@@ -783,7 +783,7 @@ mod hotplate {
             "80.0 1\r\n500.0 4\r\n"
         );
         assert_eq!(text(&b.send(b"STOP_1\r\nSTOP_4\r\n")), "");
-        let status = b.model.hotplate_status(b.now);
+        let status = b.model.hotplate_status(b.now, 0).unwrap();
         assert!(!status.heating && !status.stirring);
         // The external probe reads the vial on the stir station.
         let now = b.now;
@@ -801,15 +801,15 @@ mod hotplate {
             b.advance(secs(20.0));
             assert_eq!(text(&b.send(b"IN_SP_1\r\n")), "60.0 1\r\n");
         }
-        assert!(b.model.hotplate_status(b.now).heating);
+        assert!(b.model.hotplate_status(b.now, 0).unwrap().heating);
         b.advance(secs(31.0));
-        let status = b.model.hotplate_status(b.now);
+        let status = b.model.hotplate_status(b.now, 0).unwrap();
         assert!(!status.heating && status.watchdog_tripped);
         // Until RESET it will not heat again.
         b.send(b"START_1\r\n");
-        assert!(!b.model.hotplate_status(b.now).heating);
+        assert!(!b.model.hotplate_status(b.now, 0).unwrap().heating);
         b.send(b"RESET\r\nSTART_1\r\n");
-        assert!(b.model.hotplate_status(b.now).heating);
+        assert!(b.model.hotplate_status(b.now, 0).unwrap().heating);
         // Outside 20..=1500 s the command is not understood.
         assert_eq!(text(&b.send(b"OUT_WD1@10\r\n")), "");
     }
@@ -840,16 +840,16 @@ mod hotplate {
         b.send(b"OUT_SP_1 60\r\nSTART_1\r\n");
         set_faults(
             &mut b,
-            InstrumentId::Hotplate,
+            InstrumentId::Hotplate(0),
             FaultConfig {
                 error_code: Some("E3".into()),
                 ..FaultConfig::default()
             },
         );
         b.advance(secs(1.0));
-        assert!(!b.model.hotplate_status(b.now).heating);
+        assert!(!b.model.hotplate_status(b.now, 0).unwrap().heating);
         assert_eq!(text(&b.send(b"START_1\r\nIN_NAME\r\n")), "RCT digital\r\n");
-        assert!(!b.model.hotplate_status(b.now).heating);
+        assert!(!b.model.hotplate_status(b.now, 0).unwrap().heating);
     }
 }
 

@@ -62,10 +62,16 @@ pub struct Namur {
 }
 
 impl Namur {
+    /// The lab's first hotplate (under the stir station).
     pub fn new(config: NamurConfig) -> Namur {
+        Namur::of_hotplate(config, 0)
+    }
+
+    /// The model's hotplate `index` (`LabModel::hotplate_count`).
+    pub fn of_hotplate(config: NamurConfig, index: usize) -> Namur {
         Namur {
             config,
-            instruments: [InstrumentId::Hotplate],
+            instruments: [InstrumentId::Hotplate(index)],
             rx: Vec::new(),
             watchdog2: None,
             safety_temperature_c: 0.0,
@@ -94,13 +100,24 @@ impl Namur {
         (value * 10.0).round() / 10.0
     }
 
-    fn in_error(ctx: &Ctx<'_>) -> bool {
-        ctx.faults(InstrumentId::Hotplate).error_code.is_some()
+    fn index(&self) -> usize {
+        match self.instruments[0] {
+            InstrumentId::Hotplate(index) => index,
+            _ => 0,
+        }
+    }
+
+    fn in_error(&self, ctx: &Ctx<'_>) -> bool {
+        ctx.faults(self.instruments[0]).error_code.is_some()
     }
 
     fn execute(&mut self, ctx: &mut Ctx<'_>, command: Command) {
         let now = ctx.now;
-        ctx.model.hotplate_message(now);
+        let h = self.index();
+        // A hotplate the model does not have answers nothing, as a device that is not there.
+        if ctx.model.hotplate_message(now, h).is_err() {
+            return;
+        }
         if let Some(wd) = &mut self.watchdog2 {
             wd.last_message = now;
         }
@@ -115,7 +132,9 @@ impl Namur {
             Command::ReadName => Self::reply(ctx, &Reply::Name(self.config.name.clone())),
             Command::ReadVersion => Self::reply(ctx, &Reply::Version(self.config.version.clone())),
             Command::ReadTemperature(sensor) => {
-                let status = ctx.model.hotplate_status(now);
+                let Ok(status) = ctx.model.hotplate_status(now, h) else {
+                    return;
+                };
                 let value = match sensor {
                     // The external probe stands in the vial on the stir station, or in air.
                     Sensor::External => status.vial_c.unwrap_or(ctx.model.config().ambient_c),
@@ -124,11 +143,15 @@ impl Namur {
                 Self::reply(ctx, &temperature(sensor, value));
             }
             Command::ReadTemperatureSetpoint(sensor) => {
-                let status = ctx.model.hotplate_status(now);
+                let Ok(status) = ctx.model.hotplate_status(now, h) else {
+                    return;
+                };
                 Self::reply(ctx, &temperature(sensor, status.setpoint_c));
             }
             Command::ReadSpeed => {
-                let status = ctx.model.hotplate_status(now);
+                let Ok(status) = ctx.model.hotplate_status(now, h) else {
+                    return;
+                };
                 Self::reply(
                     ctx,
                     &Reply::Speed {
@@ -137,7 +160,9 @@ impl Namur {
                 );
             }
             Command::ReadSpeedSetpoint => {
-                let status = ctx.model.hotplate_status(now);
+                let Ok(status) = ctx.model.hotplate_status(now, h) else {
+                    return;
+                };
                 Self::reply(
                     ctx,
                     &Reply::Speed {
@@ -146,35 +171,35 @@ impl Namur {
                 );
             }
             Command::SetTemperature { temperature_c } => {
-                let _ = ctx.model.hotplate_set_temperature(now, temperature_c);
+                let _ = ctx.model.hotplate_set_temperature(now, h, temperature_c);
             }
             Command::SetSpeed { speed_rpm } => {
-                let _ = ctx.model.hotplate_set_speed(now, f64::from(speed_rpm));
+                let _ = ctx.model.hotplate_set_speed(now, h, f64::from(speed_rpm));
             }
             Command::StartHeater => {
-                if !Self::in_error(ctx) {
-                    let _ = ctx.model.hotplate_heat(now, true);
+                if !self.in_error(ctx) {
+                    let _ = ctx.model.hotplate_heat(now, h, true);
                 }
             }
             Command::StopHeater => {
-                let _ = ctx.model.hotplate_heat(now, false);
+                let _ = ctx.model.hotplate_heat(now, h, false);
             }
             Command::StartMotor => {
-                if !Self::in_error(ctx) {
-                    let _ = ctx.model.hotplate_stir(now, true);
+                if !self.in_error(ctx) {
+                    let _ = ctx.model.hotplate_stir(now, h, true);
                 }
             }
             Command::StopMotor => {
-                let _ = ctx.model.hotplate_stir(now, false);
+                let _ = ctx.model.hotplate_stir(now, h, false);
             }
             Command::Reset => {
-                ctx.model.hotplate_reset(now);
+                let _ = ctx.model.hotplate_reset(now, h);
                 self.watchdog2 = None;
             }
             Command::Watchdog1 { timeout_s } => {
                 if ctx
                     .model
-                    .hotplate_arm_watchdog(now, f64::from(timeout_s))
+                    .hotplate_arm_watchdog(now, h, f64::from(timeout_s))
                     .is_ok()
                 {
                     Self::reply(ctx, &Reply::WatchdogTime { timeout_s });
@@ -204,11 +229,11 @@ impl Namur {
     }
 
     fn check_injected(&mut self, ctx: &mut Ctx<'_>) {
-        let code = ctx.faults(InstrumentId::Hotplate).error_code;
+        let code = ctx.faults(self.instruments[0]).error_code;
         if code != self.last_error_code {
             if code.is_some() {
-                let _ = ctx.model.hotplate_heat(ctx.now, false);
-                let _ = ctx.model.hotplate_stir(ctx.now, false);
+                let _ = ctx.model.hotplate_heat(ctx.now, self.index(), false);
+                let _ = ctx.model.hotplate_stir(ctx.now, self.index(), false);
             }
             self.last_error_code = code;
         }
@@ -265,12 +290,12 @@ impl Device for Namur {
         {
             self.watchdog2 = None;
             let now = ctx.now;
-            let _ = ctx
-                .model
-                .hotplate_set_temperature(now, self.safety_temperature_c);
-            let _ = ctx
-                .model
-                .hotplate_set_speed(now, f64::from(self.safety_speed_rpm));
+            let _ =
+                ctx.model
+                    .hotplate_set_temperature(now, self.index(), self.safety_temperature_c);
+            let _ =
+                ctx.model
+                    .hotplate_set_speed(now, self.index(), f64::from(self.safety_speed_rpm));
         }
     }
 

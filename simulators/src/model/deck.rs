@@ -519,10 +519,6 @@ impl Deck {
             .position(|v| v.location == VialLocation::Gripper)
     }
 
-    pub(crate) fn stir_index(&self) -> Option<usize> {
-        self.index_at(&self.config.stir_station)
-    }
-
     pub(crate) fn vials_mut(&mut self) -> &mut [Vial] {
         &mut self.vials
     }

@@ -69,8 +69,8 @@ pub enum InstrumentId {
     Pump(usize),
     /// An MT-SICS balance by index (0 on the weigh station, then `LabConfig::more_balances`).
     Balance(usize),
-    /// The IKA hotplate stirrer.
-    Hotplate,
+    /// An IKA hotplate stirrer by index (0 under the stir station, then `LabConfig::more_hotplates`).
+    Hotplate(usize),
     /// The SCPI spectrometer.
     Spectro,
     /// An instrument simulated from its definition, by registration order ([`crate::LabModel::add_defined`]).

@@ -103,6 +103,9 @@ pub enum HotplateError {
     /// The watchdog tripped; RESET first.
     #[error("watchdog tripped: reset required")]
     WatchdogTripped,
+    /// The lab has no hotplate of this index.
+    #[error("no hotplate {0}")]
+    NoSuchHotplate(usize),
 }
 
 /// Snapshot of the hotplate for its front end (temperatures include drift).
@@ -348,20 +351,20 @@ mod tests {
         let (mut lab, clock) = lab();
         lab.add_vial(clock.now(), "v", "H1").unwrap();
         lab.add_vial(clock.now(), "w", "A1").unwrap();
-        lab.hotplate_set_temperature(clock.now(), 100.0).unwrap();
-        lab.hotplate_heat(clock.now(), true).unwrap();
+        lab.hotplate_set_temperature(clock.now(), 0, 100.0).unwrap();
+        lab.hotplate_heat(clock.now(), 0, true).unwrap();
         clock.advance(secs(120.0));
-        let st = lab.hotplate_status(clock.now());
+        let st = lab.hotplate_status(clock.now(), 0).unwrap();
         let expected = 22.0 + (100.0 - 22.0) * (1.0 - (-1.0f64).exp());
         assert!((st.plate_c - expected).abs() < 0.01, "{}", st.plate_c);
         assert!((st.vial_c.unwrap() - expected).abs() < 0.01);
         assert!((lab.vial("w").unwrap().temperature_c - 22.0).abs() < 1e-9);
         clock.advance(secs(1200.0));
-        assert!((lab.hotplate_status(clock.now()).plate_c - 100.0).abs() < 0.01);
+        assert!((lab.hotplate_status(clock.now(), 0).unwrap().plate_c - 100.0).abs() < 0.01);
         // Off: cools toward ambient with the same time constant.
-        lab.hotplate_heat(clock.now(), false).unwrap();
+        lab.hotplate_heat(clock.now(), 0, false).unwrap();
         clock.advance(secs(120.0));
-        let cooled = lab.hotplate_status(clock.now()).plate_c;
+        let cooled = lab.hotplate_status(clock.now(), 0).unwrap().plate_c;
         assert!(
             (cooled - (22.0 + 78.0 * (-1.0f64).exp())).abs() < 0.05,
             "{cooled}"
@@ -372,34 +375,40 @@ mod tests {
     fn setpoint_limits() {
         let (mut lab, clock) = lab();
         assert_eq!(
-            lab.hotplate_set_temperature(clock.now(), 400.0),
+            lab.hotplate_set_temperature(clock.now(), 0, 400.0),
             Err(HotplateError::SetpointOutOfRange(400.0))
         );
         assert!(matches!(
-            lab.hotplate_set_temperature(clock.now(), 300.0),
+            lab.hotplate_set_temperature(clock.now(), 0, 300.0),
             Err(HotplateError::AboveSafetyLimit { .. })
         ));
-        assert!(lab.hotplate_set_temperature(clock.now(), f64::NAN).is_err());
-        lab.hotplate_set_temperature(clock.now(), 250.0).unwrap();
+        assert!(
+            lab.hotplate_set_temperature(clock.now(), 0, f64::NAN)
+                .is_err()
+        );
+        lab.hotplate_set_temperature(clock.now(), 0, 250.0).unwrap();
     }
 
     #[test]
     fn stirrer_ramps_to_its_setpoint() {
         let (mut lab, clock) = lab();
         assert_eq!(
-            lab.hotplate_set_speed(clock.now(), 50.0),
+            lab.hotplate_set_speed(clock.now(), 0, 50.0),
             Err(HotplateError::SpeedOutOfRange(50.0))
         );
-        assert!(lab.hotplate_set_speed(clock.now(), 1600.0).is_err());
-        lab.hotplate_set_speed(clock.now(), 600.0).unwrap();
-        lab.hotplate_stir(clock.now(), true).unwrap();
+        assert!(lab.hotplate_set_speed(clock.now(), 0, 1600.0).is_err());
+        lab.hotplate_set_speed(clock.now(), 0, 600.0).unwrap();
+        lab.hotplate_stir(clock.now(), 0, true).unwrap();
         clock.advance(secs(0.5));
-        assert!((lab.hotplate_status(clock.now()).speed_rpm - 250.0).abs() < 1e-9);
+        assert!((lab.hotplate_status(clock.now(), 0).unwrap().speed_rpm - 250.0).abs() < 1e-9);
         clock.advance(secs(1.5));
-        assert_eq!(lab.hotplate_status(clock.now()).speed_rpm, 600.0);
-        lab.hotplate_stir(clock.now(), false).unwrap();
+        assert_eq!(
+            lab.hotplate_status(clock.now(), 0).unwrap().speed_rpm,
+            600.0
+        );
+        lab.hotplate_stir(clock.now(), 0, false).unwrap();
         clock.advance(secs(2.0));
-        assert_eq!(lab.hotplate_status(clock.now()).speed_rpm, 0.0);
+        assert_eq!(lab.hotplate_status(clock.now(), 0).unwrap().speed_rpm, 0.0);
     }
 
     #[test]
@@ -414,8 +423,8 @@ mod tests {
             vial.add_liquid(Liquid::Dye(Dye::Blue), 500.0, 22.0);
         }
         assert!(!lab.vial("v").unwrap().is_mixed());
-        lab.hotplate_set_speed(clock.now(), 600.0).unwrap();
-        lab.hotplate_stir(clock.now(), true).unwrap();
+        lab.hotplate_set_speed(clock.now(), 0, 600.0).unwrap();
+        lab.hotplate_stir(clock.now(), 0, true).unwrap();
         lab.advance_to(clock.advance(secs(20.0)));
         let h20 = lab.vial("v").unwrap().homogeneity;
         assert!(h20 > 0.7 && h20 < 0.95, "{h20}");
@@ -428,51 +437,55 @@ mod tests {
     #[test]
     fn watchdog_trips_after_silence_and_messages_feed_it() {
         let (mut lab, clock) = lab();
-        lab.hotplate_set_temperature(clock.now(), 80.0).unwrap();
-        lab.hotplate_heat(clock.now(), true).unwrap();
-        lab.hotplate_set_speed(clock.now(), 500.0).unwrap();
-        lab.hotplate_stir(clock.now(), true).unwrap();
+        lab.hotplate_set_temperature(clock.now(), 0, 80.0).unwrap();
+        lab.hotplate_heat(clock.now(), 0, true).unwrap();
+        lab.hotplate_set_speed(clock.now(), 0, 500.0).unwrap();
+        lab.hotplate_stir(clock.now(), 0, true).unwrap();
         assert_eq!(
-            lab.hotplate_arm_watchdog(clock.now(), 5.0),
+            lab.hotplate_arm_watchdog(clock.now(), 0, 5.0),
             Err(HotplateError::WatchdogOutOfRange(5.0))
         );
-        lab.hotplate_arm_watchdog(clock.now(), 30.0).unwrap();
+        lab.hotplate_arm_watchdog(clock.now(), 0, 30.0).unwrap();
         clock.advance(secs(20.0));
-        lab.hotplate_message(clock.now());
+        lab.hotplate_message(clock.now(), 0).unwrap();
         clock.advance(secs(29.9));
-        let st = lab.hotplate_status(clock.now());
+        let st = lab.hotplate_status(clock.now(), 0).unwrap();
         assert!(!st.watchdog_tripped && st.heating && st.stirring);
         assert_eq!(st.watchdog_s, Some(30.0));
         clock.advance(secs(0.1));
-        let st = lab.hotplate_status(clock.now());
+        let st = lab.hotplate_status(clock.now(), 0).unwrap();
         assert!(st.watchdog_tripped);
         assert!(!st.heating && !st.stirring);
         assert_eq!(
-            lab.hotplate_heat(clock.now(), true),
+            lab.hotplate_heat(clock.now(), 0, true),
             Err(HotplateError::WatchdogTripped)
         );
         assert_eq!(
-            lab.hotplate_stir(clock.now(), true),
+            lab.hotplate_stir(clock.now(), 0, true),
             Err(HotplateError::WatchdogTripped)
         );
         let plate_at_trip = st.plate_c;
         clock.advance(secs(300.0));
-        assert!(lab.hotplate_status(clock.now()).plate_c < plate_at_trip);
-        lab.hotplate_reset(clock.now());
-        assert!(!lab.hotplate_status(clock.now()).watchdog_tripped);
-        lab.hotplate_heat(clock.now(), true).unwrap();
+        assert!(lab.hotplate_status(clock.now(), 0).unwrap().plate_c < plate_at_trip);
+        lab.hotplate_reset(clock.now(), 0).unwrap();
+        assert!(
+            !lab.hotplate_status(clock.now(), 0)
+                .unwrap()
+                .watchdog_tripped
+        );
+        lab.hotplate_heat(clock.now(), 0, true).unwrap();
     }
 
     #[test]
     fn watchdog_trips_even_when_the_model_is_queried_late() {
         let (mut lab, clock) = lab();
-        lab.hotplate_set_temperature(clock.now(), 100.0).unwrap();
-        lab.hotplate_heat(clock.now(), true).unwrap();
-        lab.hotplate_arm_watchdog(clock.now(), 60.0).unwrap();
+        lab.hotplate_set_temperature(clock.now(), 0, 100.0).unwrap();
+        lab.hotplate_heat(clock.now(), 0, true).unwrap();
+        lab.hotplate_arm_watchdog(clock.now(), 0, 60.0).unwrap();
         clock.advance(secs(3600.0));
         // A message arriving long after the deadline does not rescue it, and the plate cooled after 60 s.
-        lab.hotplate_message(clock.now());
-        let st = lab.hotplate_status(clock.now());
+        lab.hotplate_message(clock.now(), 0).unwrap();
+        let st = lab.hotplate_status(clock.now(), 0).unwrap();
         assert!(st.watchdog_tripped);
         let peak = 22.0 + 78.0 * (1.0 - (-0.5f64).exp());
         let expected = 22.0 + (peak - 22.0) * (-(3540.0 / 120.0f64)).exp();

@@ -115,9 +115,12 @@ pub struct LabConfig {
     pub balance: BalanceConfig,
     /// Balances beyond the first (which stands on `deck.weigh_station`), each on a deck position of its
     /// own: a lab with two balances weighs on both.
-    pub more_balances: Vec<MoreBalance>,
-    /// Hotplate settings.
+    pub more_balances: Vec<Stationed>,
+    /// Hotplate settings (every hotplate of the lab is this model of hotplate).
     pub hotplate: HotplateConfig,
+    /// Hotplates beyond the first (which stands under `deck.stir_station`), each under a deck position
+    /// of its own.
+    pub more_hotplates: Vec<Stationed>,
     /// Spectrometer settings.
     pub spectro: SpectroConfig,
     /// Absorption bands and stock concentrations, indexed by [`Dye::index`].
@@ -142,6 +145,7 @@ impl LabConfig {
             balance: BalanceConfig::default(),
             more_balances: Vec::new(),
             hotplate: HotplateConfig::default(),
+            more_hotplates: Vec::new(),
             spectro: SpectroConfig::default(),
             dyes: DyeSpec::sim_defaults(),
         }
@@ -163,30 +167,19 @@ impl LabConfig {
             }
         }
         self.balance.validate()?;
-        for (i, b) in self.more_balances.iter().enumerate() {
-            let field = format!("more_balances[{i}]");
-            if !self.deck.positions.iter().any(|p| p.name == b.station) {
-                return Err(ConfigError::invalid(
-                    format!("{field}.station"),
-                    format!("no position named {}", b.station),
-                ));
-            }
-            let stations = std::iter::once(&self.deck.weigh_station)
-                .chain(self.more_balances[..i].iter().map(|o| &o.station));
-            if stations.into_iter().any(|s| *s == b.station) {
-                return Err(ConfigError::invalid(
-                    format!("{field}.station"),
-                    format!("{} already has a balance", b.station),
-                ));
-            }
-            if self.more_balances[..i].iter().any(|o| o.id == b.id) {
-                return Err(ConfigError::invalid(
-                    format!("{field}.id"),
-                    format!("duplicate balance id {}", b.id),
-                ));
-            }
-        }
+        check_stationed(
+            "more_balances",
+            &self.more_balances,
+            &self.deck.weigh_station,
+            &self.deck,
+        )?;
         self.hotplate.validate()?;
+        check_stationed(
+            "more_hotplates",
+            &self.more_hotplates,
+            &self.deck.stir_station,
+            &self.deck,
+        )?;
         self.spectro.validate()?;
         for d in Dye::ALL {
             self.dyes[d.index()].validate(&format!("dyes.{}", d.name()))?;
@@ -195,14 +188,47 @@ impl LabConfig {
     }
 }
 
-/// A balance beyond the first.
+/// A balance or hotplate beyond the first of its kind, where it stands.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MoreBalance {
-    /// Its instrument id (the first balance is `balance`).
+pub struct Stationed {
+    /// Its instrument id (the first of each kind is `balance` or `hotplate`).
     pub id: String,
-    /// The deck position on its pan.
+    /// The deck position on its pan or plate.
     pub station: String,
+}
+
+/// Each of `list` (`field`) stands on a position of the deck that no other of its kind (the first on
+/// `first`) stands on, under an id of its own.
+fn check_stationed(
+    field: &str,
+    list: &[Stationed],
+    first: &str,
+    deck: &DeckConfig,
+) -> Result<(), ConfigError> {
+    for (i, unit) in list.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        if !deck.positions.iter().any(|p| p.name == unit.station) {
+            return Err(ConfigError::invalid(
+                format!("{at}.station"),
+                format!("no position named {}", unit.station),
+            ));
+        }
+        let others = std::iter::once(first).chain(list[..i].iter().map(|o| o.station.as_str()));
+        if others.into_iter().any(|s| s == unit.station) {
+            return Err(ConfigError::invalid(
+                format!("{at}.station"),
+                format!("{} is taken by another of its kind", unit.station),
+            ));
+        }
+        if list[..i].iter().any(|o| o.id == unit.id) {
+            return Err(ConfigError::invalid(
+                format!("{at}.id"),
+                format!("duplicate id {}", unit.id),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Safety net: after this many event steps in one `advance_to`, the rest is integrated in one step.
@@ -210,7 +236,7 @@ const MAX_EVENT_STEPS: u32 = 1_000_000;
 /// Shortest sub-step while the head moves with a pump running.
 const MIN_SUBSTEP: Duration = Duration::from_millis(1);
 
-/// The whole simulated lab: one deck, gantry, pumps, balances, hotplate and spectrometer in virtual time.
+/// The whole simulated lab: one deck, gantry, pumps, balances, hotplates and spectrometer in virtual time.
 #[derive(Debug, Clone)]
 pub struct LabModel {
     config: LabConfig,
@@ -221,7 +247,8 @@ pub struct LabModel {
     /// The balance on `deck.weigh_station`, then one per `more_balances` entry: a balance is addressed by
     /// this index, like a pump.
     balances: Vec<Balance>,
-    hotplate: Hotplate,
+    /// The hotplate under `deck.stir_station`, then one per `more_hotplates` entry.
+    hotplates: Vec<Hotplate>,
     spectro: Spectro,
     stats: FaultStats,
     /// Instruments simulated from their definitions: their names and fault settings (their state lives in
@@ -252,7 +279,9 @@ impl LabModel {
             gantry: Gantry::new(config.gantry.clone())?,
             pumps,
             balances,
-            hotplate: Hotplate::new(config.hotplate.clone(), config.ambient_c)?,
+            hotplates: (0..=config.more_hotplates.len())
+                .map(|_| Hotplate::new(config.hotplate.clone(), config.ambient_c))
+                .collect::<Result<Vec<_>, _>>()?,
             spectro: Spectro::new(config.spectro.clone(), noise::stream(seed, 2))?,
             stats: FaultStats::default(),
             defined: Vec::new(),
@@ -308,8 +337,10 @@ impl LabModel {
                 consider(now.saturating_add(d));
             }
         }
-        if let Some(at) = self.hotplate.watchdog_expiry() {
-            consider(at);
+        for hotplate in &self.hotplates {
+            if let Some(at) = hotplate.watchdog_expiry() {
+                consider(at);
+            }
         }
         // While the head moves over the deck with liquid flowing, re-check what is under it every half tolerance.
         if self.gantry.is_moving() && self.pumps.iter().any(Pump::is_running) {
@@ -340,18 +371,25 @@ impl LabModel {
             }
         }
 
-        // Heat, cooling and mixing of the vials.
-        let thermal_target = self.hotplate.thermal_target();
-        let stir_index = self.deck.stir_index();
-        let stir_integral = self.hotplate.advance(to, dt);
+        // Heat, cooling and mixing of the vials: each hotplate's on the vial standing on it.
+        let mut heated: Vec<(usize, f64, f64)> = Vec::new();
+        for h in 0..self.hotplates.len() {
+            let vial = self.hotplate_station(h).and_then(|s| self.deck.index_at(s));
+            let hotplate = &mut self.hotplates[h];
+            let thermal_target = hotplate.thermal_target();
+            let stir_integral = hotplate.advance(to, dt);
+            if let Some(k) = vial {
+                heated.push((k, thermal_target, stir_integral));
+            }
+        }
         let ambient = self.config.ambient_c;
-        let vial_tau = self.hotplate.config().vial_tau_s;
-        let mix_rpm_s = self.hotplate.config().mix_rpm_s;
+        let vial_tau = self.config.hotplate.vial_tau_s;
+        let mix_rpm_s = self.config.hotplate.mix_rpm_s;
         let passive_mix_s = self.deck.config().passive_mix_s;
         let cooling_tau = self.deck.config().cooling_tau_s;
         for (k, vial) in self.deck.vials_mut().iter_mut().enumerate() {
             let mut exponent = dt_s / passive_mix_s;
-            if Some(k) == stir_index {
+            if let Some(&(_, thermal_target, stir_integral)) = heated.iter().find(|h| h.0 == k) {
                 vial.relax_temperature(thermal_target, dt_s, vial_tau);
                 exponent += stir_integral / mix_rpm_s;
             } else {
@@ -779,60 +817,111 @@ impl LabModel {
 
     // ----- hotplate -----
 
-    /// Any NAMUR message received: feeds the watchdog (the front end calls it for every message).
-    pub fn hotplate_message(&mut self, now: Duration) {
+    /// Number of hotplates (1 + `more_hotplates`).
+    pub fn hotplate_count(&self) -> usize {
+        self.hotplates.len()
+    }
+
+    /// The deck position on hotplate `index`.
+    fn hotplate_station(&self, index: usize) -> Option<&str> {
+        match index {
+            0 => Some(&self.config.deck.stir_station),
+            k => self
+                .config
+                .more_hotplates
+                .get(k - 1)
+                .map(|h| h.station.as_str()),
+        }
+    }
+
+    /// Hotplate `index` at `now`.
+    fn hotplate_at(&mut self, now: Duration, index: usize) -> Result<&mut Hotplate, HotplateError> {
         self.advance_to(now);
-        self.hotplate.message(self.now);
+        self.hotplates
+            .get_mut(index)
+            .ok_or(HotplateError::NoSuchHotplate(index))
+    }
+
+    /// Any NAMUR message received: feeds the watchdog (the front end calls it for every message).
+    pub fn hotplate_message(&mut self, now: Duration, index: usize) -> Result<(), HotplateError> {
+        let t = now.max(self.now);
+        self.hotplate_at(now, index)?.message(t);
+        Ok(())
     }
 
     /// `OUT_SP_1`: temperature setpoint (C).
     pub fn hotplate_set_temperature(
         &mut self,
         now: Duration,
+        index: usize,
         setpoint_c: f64,
     ) -> Result<(), HotplateError> {
-        self.advance_to(now);
-        self.hotplate.set_setpoint(setpoint_c)
+        self.hotplate_at(now, index)?.set_setpoint(setpoint_c)
     }
 
     /// `START_1` / `STOP_1`: heater on or off.
-    pub fn hotplate_heat(&mut self, now: Duration, on: bool) -> Result<(), HotplateError> {
-        self.advance_to(now);
-        self.hotplate.set_heating(on)
+    pub fn hotplate_heat(
+        &mut self,
+        now: Duration,
+        index: usize,
+        on: bool,
+    ) -> Result<(), HotplateError> {
+        self.hotplate_at(now, index)?.set_heating(on)
     }
 
     /// `OUT_SP_4`: stirrer speed setpoint (rpm).
-    pub fn hotplate_set_speed(&mut self, now: Duration, rpm: f64) -> Result<(), HotplateError> {
-        self.advance_to(now);
-        self.hotplate.set_speed(rpm)
+    pub fn hotplate_set_speed(
+        &mut self,
+        now: Duration,
+        index: usize,
+        rpm: f64,
+    ) -> Result<(), HotplateError> {
+        self.hotplate_at(now, index)?.set_speed(rpm)
     }
 
     /// `START_4` / `STOP_4`: motor on or off.
-    pub fn hotplate_stir(&mut self, now: Duration, on: bool) -> Result<(), HotplateError> {
-        self.advance_to(now);
-        self.hotplate.set_stirring(on)
+    pub fn hotplate_stir(
+        &mut self,
+        now: Duration,
+        index: usize,
+        on: bool,
+    ) -> Result<(), HotplateError> {
+        self.hotplate_at(now, index)?.set_stirring(on)
     }
 
     /// `OUT_WD1@m`: arms the watchdog for `secs` seconds.
-    pub fn hotplate_arm_watchdog(&mut self, now: Duration, secs: f64) -> Result<(), HotplateError> {
-        self.advance_to(now);
-        self.hotplate.arm_watchdog(self.now, secs)
+    pub fn hotplate_arm_watchdog(
+        &mut self,
+        now: Duration,
+        index: usize,
+        secs: f64,
+    ) -> Result<(), HotplateError> {
+        let t = now.max(self.now);
+        self.hotplate_at(now, index)?.arm_watchdog(t, secs)
     }
 
     /// `RESET`: clears the watchdog error, disarms it, heater and motor off.
-    pub fn hotplate_reset(&mut self, now: Duration) {
-        self.advance_to(now);
-        self.hotplate.reset();
+    pub fn hotplate_reset(&mut self, now: Duration, index: usize) -> Result<(), HotplateError> {
+        self.hotplate_at(now, index)?.reset();
+        Ok(())
     }
 
     /// Hotplate status (plate and vial temperature with drift, setpoints, speed, watchdog).
-    pub fn hotplate_status(&mut self, now: Duration) -> HotplateStatus {
+    pub fn hotplate_status(
+        &mut self,
+        now: Duration,
+        index: usize,
+    ) -> Result<HotplateStatus, HotplateError> {
         self.advance_to(now);
         let vial_c = self
-            .deck
-            .stir_index()
+            .hotplate_station(index)
+            .and_then(|s| self.deck.index_at(s))
             .map(|k| self.deck.vials()[k].temperature_c);
-        self.hotplate.status(vial_c)
+        let hotplate = self
+            .hotplates
+            .get(index)
+            .ok_or(HotplateError::NoSuchHotplate(index))?;
+        Ok(hotplate.status(vial_c))
     }
 
     // ----- spectrometer -----
@@ -872,16 +961,19 @@ impl LabModel {
     // ----- faults -----
 
     /// Instrument id from its name ("gantry", "balance", "hotplate", "spectro", a pump id like "pump-red",
-    /// another balance's id).
+    /// another balance's or hotplate's id).
     pub fn instrument_id(&self, name: &str) -> Option<InstrumentId> {
         // A lab's balances are named by their ids, whichever of them stands on the weigh station.
         if let Some(k) = self.config.more_balances.iter().position(|b| b.id == name) {
             return Some(InstrumentId::Balance(k + 1));
         }
+        if let Some(k) = self.config.more_hotplates.iter().position(|h| h.id == name) {
+            return Some(InstrumentId::Hotplate(k + 1));
+        }
         match name {
             "gantry" => Some(InstrumentId::Gantry),
             "balance" => Some(InstrumentId::Balance(0)),
-            "hotplate" => Some(InstrumentId::Hotplate),
+            "hotplate" => Some(InstrumentId::Hotplate(0)),
             "spectro" => Some(InstrumentId::Spectro),
             _ => self
                 .pumps
@@ -912,7 +1004,7 @@ impl LabModel {
             InstrumentId::Gantry => Some(&self.config.gantry.faults),
             InstrumentId::Pump(i) => self.config.pumps.get(i).map(|p| &p.faults),
             InstrumentId::Balance(i) => self.balances.get(i).map(|b| &b.config().faults),
-            InstrumentId::Hotplate => Some(&self.config.hotplate.faults),
+            InstrumentId::Hotplate(i) => self.hotplates.get(i).map(|h| &h.config().faults),
             InstrumentId::Spectro => Some(&self.config.spectro.faults),
             InstrumentId::Defined(i) => self.defined.get(i).map(|(_, f)| f),
         }
@@ -947,9 +1039,15 @@ impl LabModel {
                     self.config.balance.faults = faults;
                 }
             }
-            InstrumentId::Hotplate => {
-                self.config.hotplate.faults = faults.clone();
-                self.hotplate.set_faults(faults);
+            InstrumentId::Hotplate(i) => {
+                let hotplate = self
+                    .hotplates
+                    .get_mut(i)
+                    .ok_or_else(|| ConfigError::invalid("faults", format!("no hotplate {i}")))?;
+                hotplate.set_faults(faults.clone());
+                if i == 0 {
+                    self.config.hotplate.faults = faults;
+                }
             }
             InstrumentId::Spectro => {
                 self.config.spectro.faults = faults.clone();

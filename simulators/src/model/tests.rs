@@ -52,10 +52,10 @@ fn run_protocol(seed: u64, dye_ul: [f64; 3], stir_s: f64) -> Outcome {
     assert_eq!(lab.vial("v1").unwrap().position(), Some("H1"));
     let homogeneity_before_stir = lab.vial("v1").unwrap().homogeneity;
     if stir_s > 0.0 {
-        lab.hotplate_set_speed(clock.now(), 800.0).unwrap();
-        lab.hotplate_stir(clock.now(), true).unwrap();
+        lab.hotplate_set_speed(clock.now(), 0, 800.0).unwrap();
+        lab.hotplate_stir(clock.now(), 0, true).unwrap();
         clock.advance(secs(stir_s));
-        lab.hotplate_stir(clock.now(), false).unwrap();
+        lab.hotplate_stir(clock.now(), 0, false).unwrap();
         clock.advance(secs(5.0));
     }
     let spectrum = lab.spectrum(clock.now(), 380.0, 780.0, 5.0).unwrap();
@@ -199,7 +199,7 @@ fn config_validation_rejects_bad_labs() {
 fn a_second_balance_needs_a_station_of_its_own() {
     let with = |id: &str, station: &str| {
         let mut c = LabConfig::sim_default();
-        c.more_balances.push(crate::model::MoreBalance {
+        c.more_balances.push(crate::model::Stationed {
             id: id.into(),
             station: station.into(),
         });
@@ -214,7 +214,7 @@ fn a_second_balance_needs_a_station_of_its_own() {
     assert_eq!(field(with("balance-2", "W1")), "more_balances[0].station");
     // Each balance weighs its own pan; a load on one leaves the other settled.
     let mut c = LabConfig::sim_default();
-    c.more_balances.push(crate::model::MoreBalance {
+    c.more_balances.push(crate::model::Stationed {
         id: "balance-2".into(),
         station: "A6".into(),
     });
@@ -237,6 +237,45 @@ fn a_second_balance_needs_a_station_of_its_own() {
     );
 }
 
+/// Two hotplates heat the vial on their own plates: the second's setpoint warms the vial under it and
+/// leaves the first's at room temperature; each has its own watchdog.
+#[test]
+fn a_second_hotplate_heats_the_vial_on_its_own_plate() {
+    let mut c = LabConfig::sim_default();
+    c.more_hotplates.push(crate::model::Stationed {
+        id: "hotplate-2".into(),
+        station: "A6".into(),
+    });
+    let mut lab = LabModel::new(c, 1).unwrap();
+    assert_eq!(lab.hotplate_count(), 2);
+    assert_eq!(
+        lab.instrument_id("hotplate-2"),
+        Some(InstrumentId::Hotplate(1))
+    );
+    let t0 = Duration::ZERO;
+    lab.add_vial(t0, "on-first", "H1").unwrap();
+    lab.add_vial(t0, "on-second", "A6").unwrap();
+    lab.hotplate_set_temperature(t0, 1, 60.0).unwrap();
+    lab.hotplate_heat(t0, 1, true).unwrap();
+    let later = Duration::from_secs(1800);
+    let second = lab.hotplate_status(later, 1).unwrap();
+    let first = lab.hotplate_status(later, 0).unwrap();
+    assert!(second.vial_c.unwrap() > 40.0, "{second:?}");
+    assert!((first.vial_c.unwrap() - 22.0).abs() < 0.5, "{first:?}");
+    assert!(!first.heating);
+    assert_eq!(
+        lab.hotplate_status(later, 2).unwrap_err(),
+        HotplateError::NoSuchHotplate(2)
+    );
+    // Its own watchdog: armed on the second only, it trips the second only.
+    lab.hotplate_arm_watchdog(later, 1, 30.0).unwrap();
+    lab.hotplate_set_temperature(later, 0, 50.0).unwrap();
+    lab.hotplate_heat(later, 0, true).unwrap();
+    let after = later + Duration::from_secs(60);
+    assert!(!lab.hotplate_status(after, 1).unwrap().heating);
+    assert!(lab.hotplate_status(after, 0).unwrap().heating);
+}
+
 #[test]
 fn faults_are_per_instrument_and_drift_starts_when_set() {
     let mut lab = LabModel::new(LabConfig::sim_default(), 3).unwrap();
@@ -250,11 +289,11 @@ fn faults_are_per_instrument_and_drift_starts_when_set() {
         no_reply: true,
         ..FaultConfig::default()
     };
-    lab.set_faults(hour, InstrumentId::Hotplate, drift.clone())
+    lab.set_faults(hour, InstrumentId::Hotplate(0), drift.clone())
         .unwrap();
-    assert!(lab.faults(InstrumentId::Hotplate).unwrap().no_reply);
+    assert!(lab.faults(InstrumentId::Hotplate(0)).unwrap().no_reply);
     assert!(lab.faults(InstrumentId::Gantry).unwrap().is_clean());
-    let plate = lab.hotplate_status(hour * 3).plate_c;
+    let plate = lab.hotplate_status(hour * 3, 0).unwrap().plate_c;
     assert!((plate - 24.0).abs() < 1e-9, "{plate}");
     lab.set_faults(hour * 3, InstrumentId::Pump(1), drift.clone())
         .unwrap();
@@ -428,13 +467,13 @@ fn apply(lab: &mut LabModel, t: Duration, cmd: &Cmd, vial_counter: &mut u32) -> 
         }
         Cmd::Zero(imm) => drop(lab.balance_zero(t, 0, *imm)),
         Cmd::Tare(imm) => drop(lab.balance_tare(t, 0, *imm)),
-        Cmd::SetTemp(c) => drop(lab.hotplate_set_temperature(t, *c)),
-        Cmd::Heat(on) => drop(lab.hotplate_heat(t, *on)),
-        Cmd::Speed(s) => drop(lab.hotplate_set_speed(t, *s)),
-        Cmd::Stir(on) => drop(lab.hotplate_stir(t, *on)),
-        Cmd::Watchdog(s) => drop(lab.hotplate_arm_watchdog(t, *s)),
-        Cmd::Message => lab.hotplate_message(t),
-        Cmd::HotReset => lab.hotplate_reset(t),
+        Cmd::SetTemp(c) => drop(lab.hotplate_set_temperature(t, 0, *c)),
+        Cmd::Heat(on) => drop(lab.hotplate_heat(t, 0, *on)),
+        Cmd::Speed(s) => drop(lab.hotplate_set_speed(t, 0, *s)),
+        Cmd::Stir(on) => drop(lab.hotplate_stir(t, 0, *on)),
+        Cmd::Watchdog(s) => drop(lab.hotplate_arm_watchdog(t, 0, *s)),
+        Cmd::Message => lab.hotplate_message(t, 0).unwrap(),
+        Cmd::HotReset => lab.hotplate_reset(t, 0).unwrap(),
         Cmd::Measure(a, b, s) => {
             if let Ok(spectrum) = lab.spectrum(t, *a, *b, *s) {
                 assert!(spectrum.absorbance.iter().all(|a| a.is_finite()));
@@ -498,7 +537,7 @@ fn check_invariants(lab: &mut LabModel, initial_ul: f64, removed_ul: f64) {
         assert!((0.0..=10_000.0).contains(&st.syringe_ul), "{st:?}");
         assert!(st.reservoir_ul >= 0.0 && st.infused_ul >= 0.0 && st.withdrawn_ul >= 0.0);
     }
-    let hp = lab.hotplate_status(now);
+    let hp = lab.hotplate_status(now, 0).unwrap();
     assert!(hp.plate_c.is_finite() && hp.speed_rpm >= 0.0 && hp.speed_rpm <= 1500.0);
     let accounted = liquid_in_system(lab) + removed_ul;
     assert!(
