@@ -416,3 +416,90 @@ impl Device for DefinedModbusDevice {
         self.rx.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::{LabConfig, LabModel};
+    use labctl_protocols::instrument_def::check_definition;
+
+    const BRONKHORST: &str = include_str!("../../../instruments/bronkhorst-el-flow-modbus.toml");
+
+    /// Sends `unit` a read of `count` holding registers at `address`; the words of the reply and which
+    /// unit's source emitted it, or `None` when the line stays silent.
+    fn read(
+        device: &mut DefinedModbusDevice,
+        model: &mut LabModel,
+        unit: u8,
+        address: u16,
+        count: u16,
+    ) -> Option<(usize, Vec<u16>)> {
+        let mut pdu = vec![0x03];
+        pdu.extend(address.to_be_bytes());
+        pdu.extend(count.to_be_bytes());
+        let mut frame = Vec::new();
+        modbus::encode_rtu(unit, &pdu, &mut frame);
+        let mut out = Vec::new();
+        let mut ctx = Ctx::new(model, Duration::from_secs(1), None, &mut out);
+        device.receive(&mut ctx, &frame);
+        let emit = out.first()?;
+        // unit, function 0x03, byte count, the words, CRC.
+        let bytes = &emit.bytes;
+        assert_eq!(bytes[..2], [unit, 0x03], "{bytes:?}");
+        let n = usize::from(bytes[2]);
+        assert_eq!(bytes.len(), 3 + n + 2, "{bytes:?}");
+        let words = bytes[3..3 + n]
+            .chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect();
+        Some((emit.source, words))
+    }
+
+    #[test]
+    fn units_on_one_bus_answer_their_own_ids_from_their_own_state_and_unknown_ids_get_silence() {
+        let (def, findings) = check_definition(&BRONKHORST.replace(
+            "initial = { flow_ln_per_min = 0.0,",
+            "initial = { flow_ln_per_min = 1.5,",
+        ));
+        let one = Arc::new(def.unwrap_or_else(|| panic!("{findings:?}")));
+        let (def, _) = check_definition(BRONKHORST);
+        let two = Arc::new(def.unwrap());
+        let mut model = LabModel::new(LabConfig::sim_default(), 1).unwrap();
+        let (a, b) = (model.add_defined("mfc-a"), model.add_defined("mfc-b"));
+        let line = LineSettings {
+            baud: 19200,
+            data_bits: 8,
+            parity: labctl_protocols::lab::Parity::Even,
+            stop_bits: 1,
+        };
+        let mut bus =
+            DefinedModbusDevice::bus(vec![(one, a, 1, 1), (Arc::clone(&two), b, 7, 2)], line)
+                .unwrap();
+        assert_eq!(bus.line(), Some(line));
+        assert_eq!(bus.instruments(), [a, b]);
+        let flow =
+            |words: &[u16]| f32::from_bits((u32::from(words[0]) << 16) | u32::from(words[1]));
+        let (source, words) = read(&mut bus, &mut model, 1, 41216, 2).unwrap();
+        // The definition's noise is 0.002 ln/min peak to peak.
+        assert_eq!(source, 0);
+        assert!((flow(&words) - 1.5).abs() < 0.01, "{words:?}");
+        let (source, words) = read(&mut bus, &mut model, 7, 41216, 2).unwrap();
+        assert_eq!(source, 1);
+        assert!(flow(&words).abs() < 0.01, "{words:?}");
+        assert_eq!(
+            read(&mut bus, &mut model, 2, 41216, 2),
+            None,
+            "no unit 2 on the line"
+        );
+        // The serial number from the simulation's identity, two characters per register.
+        let serial = &two.identity.registers["serial"];
+        let (_, words) = read(&mut bus, &mut model, 7, serial.address, serial.words()).unwrap();
+        assert_eq!(serial.decode_text(&words).as_deref(), Some("SIM0001"));
+        // Two units at one id cannot share a line.
+        let err = DefinedModbusDevice::bus(vec![(Arc::clone(&two), a, 3, 1), (two, b, 3, 2)], line)
+            .unwrap_err();
+        assert!(err.contains("unit id 3"), "{err}");
+    }
+}
