@@ -413,6 +413,14 @@ fn check_modbus(
                 continue;
             }
         };
+        // On a shared RS-485 line the tap holds every unit's requests: this instrument's are those to its
+        // unit id (and broadcasts).
+        if settings.transport == ModbusTransport::Rtu
+            && frame.unit != 0
+            && Some(frame.unit) != labctl_protocols::modbus_lines::unit_id(instrument)
+        {
+            continue;
+        }
         report.command(&instrument.id);
         let (table, address, words) = match modbus::decode_request(&frame.pdu) {
             Ok(Request::WriteSingleRegister { address, value }) => {

@@ -101,6 +101,19 @@ async fn controllers_on_one_line_each_follow_their_own_setpoint() {
         let value = flow(&ok("poll", step("poll", d.poll()).await));
         assert!((value - target).abs() < 0.05, "{value} for {target}");
     }
+    // The wire tap of the shared line, read back per unit id: each setpoint went to its own unit.
+    let report = labctl_hil_tests::envelope::check_lab(&rig.lab, |port| rig.sim.transcript(port));
+    assert!(
+        report.violations.is_empty() && report.undecodable.is_empty(),
+        "{report}"
+    );
+    for (id, target) in [("mfc-a", 1.0), ("mfc-b", 2.5), ("mfc-c", 4.0)] {
+        assert_eq!(
+            report.sent(id, "flow_ln_per_min"),
+            [target],
+            "{id}: {report}"
+        );
+    }
     for d in &mut drivers {
         d.stop().await;
     }
