@@ -14,7 +14,8 @@ use labctl_simulators::model::FaultConfig;
 
 const WARP: f64 = 20.0;
 
-fn lab() -> Lab {
+/// The three controllers on `/dev/ttyRS485` at 19200 baud with `line` (`parity = "even"`).
+fn lab_with(line: &str) -> Lab {
     let mut text = SIM_LAB_TOML.to_owned();
     for (id, address) in [("mfc-a", 1), ("mfc-b", 2), ("mfc-c", 7)] {
         text.push_str(&format!(
@@ -24,7 +25,7 @@ id = "{id}"
 kind = "defined"
 driver = "definition"
 definition = "instruments/bronkhorst-el-flow-modbus.toml"
-transport = {{ type = "serial", port = "/dev/ttyRS485", baud = 19200, parity = "even" }}
+transport = {{ type = "serial", port = "/dev/ttyRS485", baud = 19200, {line} }}
 address = {address}
 envelope = {{ flow_ln_per_min = [0, 5] }}
 "#
@@ -33,12 +34,20 @@ envelope = {{ flow_ln_per_min = [0, 5] }}
     Lab::from_toml_str_in(&text, "test lab", &workspace()).unwrap_or_else(|e| panic!("{e}"))
 }
 
-async fn rig() -> Rig {
+fn lab() -> Lab {
+    lab_with(r#"parity = "even""#)
+}
+
+async fn rig_with(lab: Lab) -> Rig {
     Rig::start(RigConfig {
-        lab: Some(lab()),
+        lab: Some(lab),
         ..RigConfig::warp(WARP)
     })
     .await
+}
+
+async fn rig() -> Rig {
+    rig_with(lab()).await
 }
 
 fn flow(t: &Telemetry) -> f64 {
@@ -145,4 +154,71 @@ async fn a_silent_unit_times_out_alone_while_the_others_keep_answering() {
     a.stop().await;
     b.stop().await;
     rig.shutdown().await;
+}
+
+/// pymodbus, an independent Modbus master, on the simulated line's pty: each unit id answers with its own
+/// registers (its serial number as a string, its own setpoint after a write), and an id nobody has is met
+/// with silence, as on a real RS-485 bus. Needs `LABCTL_TEST_PYTHON` with pymodbus (`scripts/deps`).
+#[test]
+fn pymodbus_reads_and_writes_each_unit_on_the_simulated_line() {
+    let python = std::env::var("LABCTL_TEST_PYTHON")
+        .expect("LABCTL_TEST_PYTHON: a Python with pymodbus (scripts/test sets it)");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // No parity and 2 stop bits (the Modbus specification's other framing): pyserial refuses 8 data bits
+    // with even parity on a pseudo-terminal (EINVAL), which a real serial port accepts.
+    let rig = runtime.block_on(rig_with(lab_with(r#"parity = "none", stop_bits = 2"#)));
+    let port = match &rig.lab.instrument("mfc-a").unwrap().transport {
+        labctl_protocols::lab::Transport::Serial(line) => line.port.clone(),
+        other => panic!("mfc-a on {other:?}"),
+    };
+    let script = r#"
+import sys, struct
+from pymodbus.client import ModbusSerialClient
+from pymodbus.exceptions import ModbusException
+client = ModbusSerialClient(port=sys.argv[1], baudrate=19200, bytesize=8, parity="N", stopbits=2,
+                            timeout=0.5, retries=0)
+assert client.connect()
+def text(words):
+    return b"".join(struct.pack(">H", w) for w in words).rstrip(b"\0").decode()
+# Serial number, PDU 0xF118, 8 registers (9.17.061).
+for unit in (1, 2, 7):
+    print(unit, text(client.read_holding_registers(61720, count=8, device_id=unit).registers))
+# Fsetpoint of unit 2 only, as an IEEE float in two registers, high word first.
+hi, lo = struct.unpack(">HH", struct.pack(">f", 3.0))
+assert not client.write_registers(41240, [hi, lo], device_id=2).isError()
+for unit in (1, 2):
+    r = client.read_holding_registers(41240, count=2, device_id=unit).registers
+    print(unit, struct.unpack(">f", struct.pack(">HH", *r))[0])
+try:
+    r = client.read_holding_registers(41216, count=2, device_id=3)
+    print(3, "answered" if not r.isError() else "error")
+except ModbusException:
+    print(3, "silent")
+"#;
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .arg(&port)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "1 SIM0001",
+            "2 SIM0001",
+            "7 SIM0001",
+            "1 0.0",
+            "2 3.0",
+            "3 silent"
+        ],
+        "{stdout}"
+    );
+    runtime.block_on(rig.shutdown());
 }
