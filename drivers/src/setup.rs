@@ -14,7 +14,7 @@ use crate::instrument::{DeviceCommand, Identity, Instrument, Outcome, Telemetry}
 use crate::port::{Framer, PortConfig, PortHandle, frame_line, frame_line_or_cr};
 use crate::roles::{
     DefinedInstrument, GantryOptions, GrblGantry, HotplateOptions, IkaHotplate, LineInstrument,
-    LineWire, ModbusInstrument, ModbusWire, MtSicsBalance, Ne1000Pump, ScpiSpectro,
+    LineWire, ModbusInstrument, ModbusLines, MtSicsBalance, Ne1000Pump, ScpiSpectro,
 };
 use labctl_transport::Endpoint;
 
@@ -116,6 +116,8 @@ pub fn port_config(driver: Driver) -> PortConfig {
 #[derive(Debug, Default)]
 pub struct Ports {
     lines: Vec<(Endpoint, Driver, PortHandle)>,
+    /// Modbus instruments' lines (RTU units on one serial port share one).
+    pub modbus: ModbusLines,
 }
 
 impl Ports {
@@ -131,6 +133,9 @@ impl Ports {
         endpoint: &Endpoint,
         driver: Driver,
     ) -> Result<PortHandle, DriverError> {
+        if self.modbus.uses(endpoint) {
+            return Err(one_protocol(instrument, endpoint, "Modbus", driver));
+        }
         if let Some((_, used_by, handle)) =
             self.lines.iter().find(|(e, _, _)| e.same_line(endpoint))
         {
@@ -163,9 +168,18 @@ pub fn connect(
     ports: &mut Ports,
     options: &DriverOptions,
 ) -> Result<AnyInstrument, DriverError> {
-    // A Modbus instrument owns its connection (tokio-modbus frames it); no shared port task.
+    // A Modbus instrument speaks on a Modbus line (tokio-modbus frames it), not a port task: RTU units on
+    // one serial port share one, each addressed by its unit id.
     if let Some(definition) = instrument.defined().filter(|d| d.modbus.is_some()) {
-        let wire = ModbusWire::new(&instrument.id, endpoint.clone(), Arc::clone(definition))?;
+        if let Some((_, used_by, _)) = ports.lines.iter().find(|(e, _, _)| e.same_line(endpoint)) {
+            return Err(one_protocol(
+                &instrument.id,
+                endpoint,
+                &format!("{used_by:?}"),
+                instrument.driver,
+            ));
+        }
+        let wire = ports.modbus.wire(instrument, endpoint)?;
         return Ok(AnyInstrument::Modbus(
             DefinedInstrument::new(
                 &instrument.id,
@@ -178,6 +192,20 @@ pub fn connect(
     }
     let port = ports.handle(&instrument.id, endpoint, instrument.driver)?;
     driver_for(instrument, port, options)
+}
+
+fn one_protocol(
+    instrument: &str,
+    endpoint: &Endpoint,
+    used_by: &str,
+    driver: Driver,
+) -> DriverError {
+    DriverError::Unsupported {
+        instrument: instrument.to_owned(),
+        what: format!("sharing {} with {used_by} instruments", endpoint.name()),
+        found: format!("{driver:?}"),
+        supported: "one protocol per line".into(),
+    }
 }
 
 /// Builds the driver for a lab-file instrument on a given port handle. No I/O.
@@ -215,7 +243,7 @@ fn defined_driver(
         })?;
     let allow = instrument.allow_firmware.clone();
     Ok(if definition.modbus.is_some() {
-        let wire = ModbusWire::new(id, port.endpoint().clone(), Arc::clone(&definition))?;
+        let wire = ModbusLines::default().wire(instrument, port.endpoint())?;
         AnyInstrument::Modbus(
             DefinedInstrument::new(id, definition, allow, wire).time_scale(options.time_scale),
         )

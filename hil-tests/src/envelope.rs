@@ -300,13 +300,21 @@ pub fn check_port(report: &mut WireReport, instruments: &[&Instrument], bytes: &
                 &mut undecodable,
             );
         }
-        Driver::Definition => match first.defined() {
-            Some(definition) if definition.modbus.is_some() => {
-                check_modbus(report, first, definition, bytes, &mut undecodable)
+        // Units of a shared Modbus RTU line are each checked against the line's bytes (their own unit
+        // id's requests); an ASCII defined instrument has its port to itself.
+        Driver::Definition => {
+            for instrument in instruments {
+                match instrument.defined() {
+                    Some(definition) if definition.modbus.is_some() => {
+                        check_modbus(report, instrument, definition, bytes, &mut undecodable)
+                    }
+                    Some(definition) => {
+                        check_defined(report, instrument, definition, bytes, &mut undecodable)
+                    }
+                    None => {}
+                }
             }
-            Some(definition) => check_defined(report, first, definition, bytes, &mut undecodable),
-            None => {}
-        },
+        }
         Driver::MtSics => {
             // Nothing a balance is told can leave an envelope; decode to prove the host spoke MT-SICS.
             let balance = *first;
@@ -413,6 +421,14 @@ fn check_modbus(
                 continue;
             }
         };
+        // On a shared RS-485 line the tap holds every unit's requests: this instrument's are those to its
+        // unit id (and broadcasts).
+        if settings.transport == ModbusTransport::Rtu
+            && frame.unit != 0
+            && Some(frame.unit) != labctl_protocols::modbus_lines::unit_id(instrument)
+        {
+            continue;
+        }
         report.command(&instrument.id);
         let (table, address, words) = match modbus::decode_request(&frame.pdu) {
             Ok(Request::WriteSingleRegister { address, value }) => {

@@ -216,12 +216,48 @@ impl std::str::FromStr for RegisterWrite {
 }
 
 impl Register {
-    /// How many 16-bit registers the value takes (1 for a coil).
+    /// How many 16-bit registers the value takes (1 for a coil; a string's `count`).
     pub fn words(&self) -> u16 {
         match self.data_type {
             RegisterType::U16 | RegisterType::I16 => 1,
             RegisterType::U32 | RegisterType::I32 | RegisterType::F32 => 2,
+            RegisterType::String => self.count.unwrap_or(1),
         }
+    }
+
+    /// The text the registers hold: numbers in decimal; a string's characters two per register, high byte
+    /// first, with trailing NULs and spaces trimmed. `None` when there are too few words, or a string holds
+    /// bytes that are not printable ASCII.
+    pub fn decode_text(&self, words: &[u16]) -> Option<String> {
+        if self.data_type != RegisterType::String {
+            let raw = self.decode(words)?;
+            return Some(format!("{raw}"));
+        }
+        let words = words.get(..usize::from(self.words()))?;
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
+        // A NUL ends the string (the rest of the block is padding).
+        let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+        let text = &bytes[..end];
+        if !text.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+            return None;
+        }
+        Some(String::from_utf8_lossy(text).trim_end().to_owned())
+    }
+
+    /// The registers holding `text` in a string register (high byte first, padded with NULs, cut at the
+    /// register's length); `None` for a numeric register or text that is not ASCII.
+    pub fn encode_text(&self, text: &str) -> Option<Vec<u16>> {
+        if self.data_type != RegisterType::String || !text.is_ascii() {
+            return None;
+        }
+        let mut bytes = text.as_bytes().to_vec();
+        bytes.resize(usize::from(self.words()) * 2, 0);
+        Some(
+            bytes
+                .chunks(2)
+                .map(|pair| u16::from_be_bytes([pair[0], pair[1]]))
+                .collect(),
+        )
     }
 
     /// The raw value the registers hold (before scale and offset).
@@ -240,6 +276,7 @@ impl Register {
             RegisterType::U32 => f64::from(pair(words)?),
             RegisterType::I32 => f64::from(pair(words)? as i32),
             RegisterType::F32 => f64::from(f32::from_bits(pair(words)?)),
+            RegisterType::String => return None,
         })
     }
 
@@ -269,6 +306,7 @@ impl Register {
                 }
                 split((raw as f32).to_bits())
             }
+            RegisterType::String => return None,
         })
     }
 }
@@ -285,6 +323,9 @@ pub struct Register {
     /// For 32-bit values: the high word first (`big`) or the low word first (`little`).
     #[serde(default = "big")]
     pub word_order: WordOrder,
+    /// For `data_type = "string"`: how many registers the string takes (two ASCII characters each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u16>,
 }
 
 fn u16_type() -> RegisterType {
@@ -310,6 +351,8 @@ pub enum RegisterType {
     U32,
     I32,
     F32,
+    /// ASCII text, two characters per register (high byte first), `count` registers; identity only.
+    String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -330,6 +373,10 @@ pub struct IdentitySpec {
     /// Identity fields the instrument does not report (e.g. `manufacturer = "IKA"`).
     #[serde(default)]
     pub fixed: std::collections::BTreeMap<String, String>,
+    /// Identity fields read from registers at connect (Modbus instruments), by field name:
+    /// `serial = { table = "holding", address = 61720, data_type = "string", count = 8 }`.
+    #[serde(default)]
+    pub registers: std::collections::BTreeMap<String, Register>,
     /// Firmware versions the definition is known to work with; others are refused unless the lab file
     /// allows them.
     pub firmware: Vec<String>,
@@ -836,6 +883,9 @@ impl Checker {
                 &r.register,
                 &["value"],
             );
+            if let Some(register) = &r.register {
+                self.numeric_register(&format!("{at}/register"), register, "a reading");
+            }
             if r.poll_ms == 0 {
                 self.error(
                     Code::InvalidValue,
@@ -853,6 +903,9 @@ impl Checker {
         }
         let mut actions = BTreeSet::new();
         for (i, a) in def.actions.iter().enumerate() {
+            if let Some(register) = &a.register {
+                self.numeric_register(&format!("/actions/{i}/register"), register, "an action");
+            }
             if !actions.insert(a.name.as_str()) {
                 self.error(
                     Code::DuplicateId,
@@ -1006,8 +1059,83 @@ impl Checker {
         }
     }
 
+    /// A register's own consistency: `count` goes with a string, and a string takes 1 to 125 registers
+    /// (the most one Modbus read returns).
+    fn register(&mut self, at: &str, r: &Register) {
+        match (r.data_type, r.count) {
+            (RegisterType::String, None) => self.error(
+                Code::InvalidValue,
+                format!("{at}/count"),
+                "missing: how many registers the string takes (two characters each)",
+            ),
+            (RegisterType::String, Some(n)) if !(1..=125).contains(&n) => self.error(
+                Code::OutOfRange,
+                format!("{at}/count"),
+                format!("{n} registers: expected 1 to 125"),
+            ),
+            (RegisterType::String, Some(_)) if r.table == RegisterTable::Coil => self.error(
+                Code::InvalidValue,
+                format!("{at}/table"),
+                "a string lives in holding or input registers, not coils",
+            ),
+            (RegisterType::String, Some(_)) => {}
+            (_, Some(_)) => self.error(
+                Code::InvalidValue,
+                format!("{at}/count"),
+                "only a string register takes a count (a number's type gives its size)",
+            ),
+            (_, None) => {}
+        }
+    }
+
+    /// A reading's or action's register holds a number.
+    fn numeric_register(&mut self, at: &str, r: &Register, what: &str) {
+        self.register(at, r);
+        if r.data_type == RegisterType::String {
+            self.error(
+                Code::InvalidValue,
+                format!("{at}/data_type"),
+                format!(
+                    "{what} is a number: a string register can only be read as identity ([identity] registers)"
+                ),
+            );
+        }
+    }
+
     fn identity(&mut self, id: &IdentitySpec, line: bool) {
         const FIELDS: [&str; 4] = ["manufacturer", "model", "serial", "firmware"];
+        for (key, register) in &id.registers {
+            let at = format!("/identity/registers/{key}");
+            if !FIELDS.contains(&key.as_str()) {
+                self.error(
+                    Code::Schema,
+                    at.clone(),
+                    "expected manufacturer, model, serial or firmware",
+                );
+            }
+            if line {
+                self.error(
+                    Code::Schema,
+                    at.clone(),
+                    "a line instrument has no registers: read its identity with `queries`",
+                );
+            }
+            if id.fixed.contains_key(key) {
+                self.error(
+                    Code::InvalidValue,
+                    format!("/identity/fixed/{key}"),
+                    format!("{key} is also read from a register: give it one way"),
+                );
+            }
+            self.register(&at, register);
+            if register.data_type == RegisterType::F32 {
+                self.error(
+                    Code::InvalidValue,
+                    format!("{at}/data_type"),
+                    "an identity register is a string or an integer",
+                );
+            }
+        }
         for key in id.fixed.keys() {
             if !FIELDS.contains(&key.as_str()) {
                 self.error(
@@ -1021,7 +1149,7 @@ impl Checker {
             self.error(
                 Code::InvalidValue,
                 "/identity/queries".into(),
-                "a Modbus instrument has no queries: give its identity in `fixed`",
+                "a Modbus instrument has no queries: read its identity from `registers` or give it in `fixed`",
             );
         }
         let mut captured: BTreeSet<String> = BTreeSet::new();
@@ -1045,14 +1173,18 @@ impl Checker {
         }
         let missing: Vec<&str> = FIELDS
             .into_iter()
-            .filter(|f| !captured.contains(*f) && !id.fixed.contains_key(*f))
+            .filter(|f| {
+                !captured.contains(*f)
+                    && !id.fixed.contains_key(*f)
+                    && !id.registers.contains_key(*f)
+            })
             .collect();
         if !missing.is_empty() {
             self.error(
                 Code::InvalidValue,
                 "/identity".into(),
                 format!(
-                    "{}: neither captured from a reply nor fixed",
+                    "{}: neither captured from a reply, read from a register nor fixed",
                     missing.join(", ")
                 ),
             );

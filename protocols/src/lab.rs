@@ -212,7 +212,7 @@ pub struct Instrument {
     pub kind: InstrumentKind,
     pub driver: Driver,
     pub transport: Transport,
-    /// Network address on a shared line (NE-1000 pumps: 0-99).
+    /// Network address on a shared line (NE-1000 pumps: 0-99; a Modbus instrument's unit id, 1-247).
     #[serde(default)]
     pub address: Option<u8>,
     /// For pumps: the stock the syringe holds (e.g. `red`).
@@ -797,6 +797,7 @@ impl Lab {
             }
             if let Some(a) = inst.address
                 && a > 99
+                && crate::modbus_lines::modbus_transport(inst).is_none()
             {
                 p.push(format!("{at}.address: {a} is outside 0-99"));
             }
@@ -813,7 +814,10 @@ impl Lab {
                             a.id, b.id, la.port
                         ));
                     }
-                    if a.address.is_none() || a.address == b.address {
+                    // Modbus units are told apart by unit id (`modbus_lines`).
+                    let modbus = crate::modbus_lines::modbus_transport(a).is_some()
+                        || crate::modbus_lines::modbus_transport(b).is_some();
+                    if !modbus && (a.address.is_none() || a.address == b.address) {
                         p.push(format!(
                             "instruments {} and {} share {} and need distinct addresses",
                             a.id, b.id, la.port
@@ -822,6 +826,7 @@ impl Lab {
                 }
             }
         }
+        p.extend(crate::modbus_lines::problems(&self.instruments));
         let mut names = BTreeSet::new();
         for pos in self.deck.positions() {
             if !names.insert(pos.name.to_ascii_uppercase()) {

@@ -460,3 +460,128 @@ fn built_in_and_defined_instruments_are_described_by_one_registry() {
     let pump = by_id("pump-red");
     assert_eq!(pump["model"]["actions"][0]["params"][0]["value"], "vessel");
 }
+
+/// The shipped Modbus definition with one edit.
+fn modbus_edited(from: &str, to: &str) -> String {
+    let (_, text) = shipped()
+        .into_iter()
+        .find(|(f, _)| f.ends_with("bronkhorst-el-flow-modbus.toml"))
+        .unwrap();
+    assert!(
+        text.contains(from),
+        "the Bronkhorst definition has no {from:?}"
+    );
+    text.replacen(from, to, 1)
+}
+
+#[test]
+fn string_registers_are_identity_only_and_need_a_count() {
+    let flow = r#"register = { table = "holding", address = 41216, data_type = "f32", word_order = "big" }"#;
+    let setpoint = r#"register = { table = "holding", address = 41240, data_type = "f32", word_order = "big" }
+completion = { reading"#;
+    let serial = r#"registers.serial = { table = "holding", address = 61720, data_type = "string", count = 8 }"#;
+    let cases = [
+        (
+            modbus_edited(
+                flow,
+                r#"register = { table = "holding", address = 41216, data_type = "string", count = 2 }"#,
+            ),
+            "/readings/0/register/data_type",
+            "string register can only be read as identity",
+        ),
+        (
+            modbus_edited(
+                setpoint,
+                r#"register = { table = "holding", address = 41240, data_type = "string", count = 2 }
+completion = { reading"#,
+            ),
+            "/actions/0/register/data_type",
+            "string register can only be read as identity",
+        ),
+        (
+            modbus_edited(
+                serial,
+                r#"registers.serial = { table = "holding", address = 61720, data_type = "string" }"#,
+            ),
+            "/identity/registers/serial/count",
+            "missing",
+        ),
+        (
+            modbus_edited(
+                serial,
+                r#"registers.serial = { table = "holding", address = 61720, data_type = "string", count = 126 }"#,
+            ),
+            "/identity/registers/serial/count",
+            "expected 1 to 125",
+        ),
+        (
+            modbus_edited(
+                flow,
+                r#"register = { table = "holding", address = 41216, data_type = "f32", count = 2 }"#,
+            ),
+            "/readings/0/register/count",
+            "only a string register takes a count",
+        ),
+        (
+            modbus_edited(
+                serial,
+                r#"registers.serial_no = { table = "holding", address = 61720, data_type = "string", count = 8 }"#,
+            ),
+            "/identity/registers/serial_no",
+            "expected manufacturer, model, serial or firmware",
+        ),
+        (
+            modbus_edited(
+                r#"fixed = { manufacturer = "Bronkhorst","#,
+                r#"fixed = { manufacturer = "Bronkhorst", serial = "X","#,
+            ),
+            "/identity/fixed/serial",
+            "also read from a register",
+        ),
+        (
+            edited(
+                "[identity]\n",
+                "[identity]\nregisters.serial = { table = \"holding\", address = 1, data_type = \"string\", count = 4 }\n",
+            ),
+            "/identity/registers/serial",
+            "a line instrument has no registers",
+        ),
+    ];
+    for (text, path, says) in cases {
+        let (definition, findings) = check_definition(&text);
+        assert!(definition.is_none(), "{path}: accepted");
+        assert!(
+            findings
+                .iter()
+                .any(|f| f.path == path && f.message.contains(says)),
+            "{path}: expected {says:?} in {findings:#?}"
+        );
+    }
+}
+
+#[test]
+fn string_registers_decode_two_characters_per_register_high_byte_first() {
+    let (definition, findings) = check_definition(&modbus_edited("", ""));
+    let definition = definition.unwrap_or_else(|| panic!("{findings:?}"));
+    let serial = &definition.identity.registers["serial"];
+    assert_eq!(serial.words(), 8);
+    // "M1234567A" padded with NULs to 16 bytes, as the manual describes.
+    let words = serial.encode_text("M1234567A").unwrap();
+    assert_eq!(words.len(), 8);
+    assert_eq!(words[0], u16::from_be_bytes([b'M', b'1']));
+    assert_eq!(words[4], u16::from_be_bytes([b'A', 0]));
+    assert_eq!(serial.decode_text(&words).as_deref(), Some("M1234567A"));
+    // Trailing spaces are padding too; a string cut at the register's length.
+    let spaced = serial.encode_text("AB  ").unwrap();
+    assert_eq!(serial.decode_text(&spaced).as_deref(), Some("AB"));
+    let long = serial.encode_text("0123456789abcdefXYZ").unwrap();
+    assert_eq!(
+        serial.decode_text(&long).as_deref(),
+        Some("0123456789abcdef")
+    );
+    // Too few words, or bytes that are not text, are no string.
+    assert_eq!(serial.decode_text(&words[..3]), None);
+    let mut binary = words.clone();
+    binary[1] = 0x01FF;
+    assert_eq!(serial.decode_text(&binary), None);
+}

@@ -14,14 +14,16 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use labctl_protocols::Lab;
+use labctl_protocols::instrument_def::ModbusTransport;
 use labctl_protocols::lab::Transport;
+use labctl_protocols::modbus_lines;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::{Notify, watch};
@@ -269,21 +271,27 @@ impl SimLab {
             })
             .collect();
         let identities = &config.identities;
-        let mut devices: Vec<(&str, Box<dyn Device>)> = vec![
+        let mut devices: Vec<(String, Box<dyn Device>)> = vec![
             (
-                "gantry",
+                "gantry".into(),
                 Box::new(Grbl::new(identities.gantry.clone(), &model)),
             ),
             (
-                PUMP_LINE,
+                PUMP_LINE.into(),
                 Box::new(Ne1000::new(identities.pumps.clone(), &wiring)),
             ),
-            ("balance", Box::new(MtSics::new(identities.balance.clone()))),
             (
-                "hotplate",
+                "balance".into(),
+                Box::new(MtSics::new(identities.balance.clone())),
+            ),
+            (
+                "hotplate".into(),
                 Box::new(Namur::new(identities.hotplate.clone())),
             ),
-            ("spectro", Box::new(Scpi::new(identities.spectro.clone()))),
+            (
+                "spectro".into(),
+                Box::new(Scpi::new(identities.spectro.clone())),
+            ),
         ];
         // Each further balance of the lab is an MT-SICS balance on a port of its own, named by its id.
         for (k, more) in model.config().more_balances.clone().iter().enumerate() {
@@ -296,7 +304,7 @@ impl SimLab {
                 ..identities.balance.clone()
             };
             devices.push((
-                inst.id.as_str(),
+                inst.id.clone(),
                 Box::new(MtSics::of_balance(identity, k + 1)),
             ));
         }
@@ -306,18 +314,46 @@ impl SimLab {
                 continue;
             };
             devices.push((
-                inst.id.as_str(),
+                inst.id.clone(),
                 Box::new(Namur::of_hotplate(identities.hotplate.clone(), k + 1)),
             ));
         }
+        let mut defined_names: HashMap<InstrumentId, (String, Option<u8>)> = HashMap::new();
+        let mut buses: Vec<RtuBus> = Vec::new();
         // Each instrument with a definition gets its simulator from the definition, on a port of its own.
+        // Modbus RTU instruments the lab file puts on one serial port share one simulated RS-485 line.
         for (k, inst) in config.lab.instruments.iter().enumerate() {
             if let Some(definition) = inst.defined() {
                 let id = model.add_defined(&inst.id);
                 let seed = config.seed ^ (k as u64 + 101);
+                let unit = modbus_lines::unit_id(inst);
+                defined_names.insert(id, (inst.id.clone(), unit));
+                if let (Transport::Serial(line), Some(ModbusTransport::Rtu), Some(unit)) =
+                    (&inst.transport, modbus_lines::modbus_transport(inst), unit)
+                {
+                    let member = (Arc::clone(definition), id, unit, seed);
+                    match buses.iter_mut().find(|b| b.port == line.port) {
+                        Some(bus) => {
+                            bus.members.push(member);
+                            bus.ids.push(inst.id.clone());
+                        }
+                        None => buses.push(RtuBus {
+                            port: line.port.clone(),
+                            line: LineSettings {
+                                baud: line.baud,
+                                data_bits: line.data_bits,
+                                parity: line.parity,
+                                stop_bits: line.stop_bits,
+                            },
+                            members: vec![member],
+                            ids: vec![inst.id.clone()],
+                        }),
+                    }
+                    continue;
+                }
                 let device: Box<dyn Device> =
                     match DefinedModbusDevice::new(Arc::clone(definition), id, seed) {
-                        Some(modbus) => Box::new(modbus),
+                        Some(modbus) => Box::new(modbus.at_unit(unit.unwrap_or(1))),
                         None => Box::new(
                             DefinedDevice::new(Arc::clone(definition), id, seed).map_err(|e| {
                                 SimLabError::Definition {
@@ -327,8 +363,22 @@ impl SimLab {
                             })?,
                         ),
                     };
-                devices.push((inst.id.as_str(), device));
+                devices.push((inst.id.clone(), device));
             }
+        }
+        for bus in buses {
+            // One instrument keeps its id as the port's name; a shared line is named after its port.
+            let name = match bus.ids.as_slice() {
+                [one] => one.clone(),
+                _ => bus_port_name(&bus.port),
+            };
+            let device = DefinedModbusDevice::bus(bus.members, bus.line).map_err(|reason| {
+                SimLabError::Definition {
+                    instrument: bus.ids.join(", "),
+                    reason,
+                }
+            })?;
+            devices.push((name, Box::new(device)));
         }
         let mut instruments = Vec::new();
         for (port, (port_name, device)) in devices.iter().enumerate() {
@@ -338,9 +388,13 @@ impl SimLab {
                         model.config().pumps[i].id.clone(),
                         wiring.iter().find(|w| w.index == i).map(|w| w.address),
                     ),
-                    InstrumentId::Defined(_)
-                    | InstrumentId::Balance(1..)
-                    | InstrumentId::Hotplate(1..) => ((*port_name).to_owned(), None),
+                    InstrumentId::Defined(_) => defined_names
+                        .get(id)
+                        .cloned()
+                        .unwrap_or_else(|| (port_name.clone(), None)),
+                    InstrumentId::Balance(1..) | InstrumentId::Hotplate(1..) => {
+                        (port_name.clone(), None)
+                    }
                     other => (instrument_name(other).to_owned(), None),
                 };
                 instruments.push(InstrumentInfo {
@@ -409,6 +463,36 @@ impl SimLab {
         }
         Ok(handle)
     }
+}
+
+/// Modbus RTU units a lab file puts on one serial port.
+struct RtuBus {
+    port: String,
+    line: LineSettings,
+    members: Vec<(
+        Arc<labctl_protocols::instrument_def::InstrumentDefinition>,
+        InstrumentId,
+        u8,
+        u64,
+    )>,
+    ids: Vec<String>,
+}
+
+/// `modbus-ttyUSB0` for `/dev/ttyUSB0`: the simulated line's port name (never an instrument id, so a fault
+/// set by instrument id stays that unit's).
+fn bus_port_name(port: &str) -> String {
+    let base = port.rsplit(['/', '\\']).next().unwrap_or(port);
+    let clean: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("modbus-{clean}")
 }
 
 fn instrument_name(id: InstrumentId) -> &'static str {

@@ -30,7 +30,7 @@ use crate::error::DriverError;
 use crate::instrument::{DeviceCommand, DeviceState, Identity, Instrument, Outcome, Telemetry};
 
 pub use line::LineWire;
-pub use modbus::ModbusWire;
+pub use modbus::{ModbusLine, ModbusLines, ModbusWire};
 
 /// How often a completion condition on a reading is checked.
 const COMPLETION_POLL: Duration = Duration::from_millis(200);

@@ -19,7 +19,8 @@ use labctl_protocols::InstrumentKind;
 
 pub use balance::MtSicsBalance;
 pub use defined::{
-    DefinedInstrument, LineInstrument, LineWire, ModbusInstrument, ModbusWire, Wire,
+    DefinedInstrument, LineInstrument, LineWire, ModbusInstrument, ModbusLine, ModbusLines,
+    ModbusWire, Wire,
 };
 pub use gantry::{GantryLimits, GantryOptions, GrblGantry};
 pub use hotplate::{HotplateOptions, IkaHotplate};

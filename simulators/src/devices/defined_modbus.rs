@@ -7,6 +7,12 @@
 //! register's type and word order); reads of an action's register return what was last written; an address
 //! the definition does not name gets exception 0x02 (illegal data address), a write to a read-only one too.
 //! RTU requests for another unit are ignored; broadcast writes (unit 0) are carried out unanswered.
+//! Identity registers (`[identity] registers`) hold the simulator's identity (`[simulation] identity`, else
+//! the definition's model and first firmware), a string two characters per register.
+//!
+//! Several RTU units that a lab file puts on one serial line (multi-drop RS-485) are one device
+//! ([`DefinedModbusDevice::bus`]) on one pty: each answers its own unit id from its own state model, with
+//! its own faults, and nobody answers an unknown id (as on a real bus, the master times out).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,7 +23,7 @@ use labctl_codecs::modbus::{
 };
 use labctl_codecs::{Decoded, MAX_LINE};
 use labctl_protocols::instrument_def::{
-    InstrumentDefinition, ModbusSettings, ModbusTransport, Register, RegisterTable,
+    InstrumentDefinition, ModbusSettings, ModbusTransport, Register, RegisterTable, sample_identity,
 };
 use rand::rngs::SmallRng;
 
@@ -34,18 +40,28 @@ struct Writable {
     target: Option<usize>,
 }
 
-/// The simulated Modbus instrument.
+/// One simulated unit: its definition's registers and state model.
 #[derive(Debug)]
-pub struct DefinedModbusDevice {
+struct Unit {
     definition: Arc<InstrumentDefinition>,
-    settings: ModbusSettings,
-    instruments: [InstrumentId; 1],
+    unit_id: u8,
     values: Vec<Value>,
     writable: Vec<Writable>,
     /// Raw words (or 0/1 for coils) last written, by (table, address).
     written: BTreeMap<(u8, u16), u16>,
-    rx: Vec<u8>,
+    /// The identity registers' words, by (table, address).
+    identity: BTreeMap<(u8, u16), u16>,
     rng: SmallRng,
+}
+
+/// The simulated Modbus instrument, or the units of one RS-485 line.
+#[derive(Debug)]
+pub struct DefinedModbusDevice {
+    transport: ModbusTransport,
+    line: LineSettings,
+    units: Vec<Unit>,
+    instruments: Vec<InstrumentId>,
+    rx: Vec<u8>,
 }
 
 fn table_key(table: RegisterTable) -> u8 {
@@ -56,14 +72,8 @@ fn table_key(table: RegisterTable) -> u8 {
     }
 }
 
-impl DefinedModbusDevice {
-    /// The simulator of a Modbus `definition`; `None` for a line instrument.
-    pub fn new(
-        definition: Arc<InstrumentDefinition>,
-        id: InstrumentId,
-        seed: u64,
-    ) -> Option<DefinedModbusDevice> {
-        let settings = definition.modbus.clone()?;
+impl Unit {
+    fn new(definition: Arc<InstrumentDefinition>, unit_id: u8, seed: u64) -> Unit {
         let values = Value::all(&definition);
         let mut writable: Vec<Writable> = definition
             .actions
@@ -93,18 +103,96 @@ impl DefinedModbusDevice {
                 });
             }
         }
-        Some(DefinedModbusDevice {
-            settings,
-            instruments: [id],
+        let sample = sample_identity(&definition);
+        let mut identity = BTreeMap::new();
+        for (field, register) in &definition.identity.registers {
+            let text = sample.get(field).map_or("", String::as_str);
+            let words = register.encode_text(text).or_else(|| {
+                // An integer identity register: the sample's number, 0 when it is not one.
+                register.encode(text.trim().parse().unwrap_or(0.0))
+            });
+            for (k, word) in words.unwrap_or_default().into_iter().enumerate() {
+                identity.insert(
+                    (
+                        table_key(register.table),
+                        register.address.wrapping_add(k as u16),
+                    ),
+                    word,
+                );
+            }
+        }
+        Unit {
+            unit_id,
             values,
             writable,
             written: BTreeMap::new(),
-            rx: Vec::new(),
+            identity,
             rng: noise::stream(seed, 65),
             definition,
+        }
+    }
+}
+
+impl DefinedModbusDevice {
+    /// The simulator of a Modbus `definition` at its definition's unit id; `None` for a line instrument.
+    pub fn new(
+        definition: Arc<InstrumentDefinition>,
+        id: InstrumentId,
+        seed: u64,
+    ) -> Option<DefinedModbusDevice> {
+        let settings: ModbusSettings = definition.modbus.clone()?;
+        Some(DefinedModbusDevice {
+            transport: settings.transport,
+            line: LineSettings {
+                baud: settings.baud,
+                data_bits: 8,
+                parity: settings.parity,
+                stop_bits: settings.stop_bits,
+            },
+            units: vec![Unit::new(definition, settings.unit_id, seed)],
+            instruments: vec![id],
+            rx: Vec::new(),
         })
     }
 
+    /// The same answering at `unit_id` (the lab's `address` for the instrument).
+    pub fn at_unit(mut self, unit_id: u8) -> DefinedModbusDevice {
+        for unit in &mut self.units {
+            unit.unit_id = unit_id;
+        }
+        self
+    }
+
+    /// The Modbus RTU units of one serial line at `line`'s settings: each `(definition, instrument, unit id,
+    /// seed)`. Refused when one is not a Modbus RTU definition or two share a unit id.
+    pub fn bus(
+        units: Vec<(Arc<InstrumentDefinition>, InstrumentId, u8, u64)>,
+        line: LineSettings,
+    ) -> Result<DefinedModbusDevice, String> {
+        let mut device = DefinedModbusDevice {
+            transport: ModbusTransport::Rtu,
+            line,
+            units: Vec::new(),
+            instruments: Vec::new(),
+            rx: Vec::new(),
+        };
+        for (definition, id, unit_id, seed) in units {
+            if definition.modbus.as_ref().map(|m| m.transport) != Some(ModbusTransport::Rtu) {
+                return Err(format!("{id:?}: not a Modbus RTU definition"));
+            }
+            if device.units.iter().any(|u| u.unit_id == unit_id) {
+                return Err(format!(
+                    "two units with Modbus unit id {unit_id} on one line"
+                ));
+            }
+            device.units.push(Unit::new(definition, unit_id, seed));
+            device.instruments.push(id);
+        }
+        Ok(device)
+    }
+}
+
+impl Unit {
     /// The words at `address..address + count` of `table`, or the exception a device answers.
     fn read_words(
         &mut self,
@@ -135,6 +223,8 @@ impl DefinedModbusDevice {
                 register
                     .encode((value - v.offset) / v.scale)
                     .ok_or(Exception::ServerDeviceFailure)?
+            } else if let Some(word) = self.identity.get(&(table_key(table), at)) {
+                vec![*word]
             } else if let Some(w) = self
                 .writable
                 .iter()
@@ -233,24 +323,31 @@ impl DefinedModbusDevice {
         };
         result.unwrap_or_else(Response::Exception)
     }
+}
 
-    fn answer(&mut self, ctx: &mut Ctx<'_>, frame: &Frame) {
+impl DefinedModbusDevice {
+    /// Unit `index` answers `frame` (its faults apply to its own replies).
+    fn answer(&mut self, ctx: &mut Ctx<'_>, index: usize, frame: &Frame) {
+        let (Some(unit), Some(id)) = (self.units.get_mut(index), self.instruments.get(index))
+        else {
+            return;
+        };
         let function = frame.pdu.first().copied().unwrap_or(0);
-        let response = match ctx.faults(self.instruments[0]).error_code {
+        let response = match ctx.faults(*id).error_code {
             Some(_) => Response::Exception(Exception::ServerDeviceFailure),
             None => match decode_request(&frame.pdu) {
-                Ok(request) => self.serve(ctx, &request),
+                Ok(request) => unit.serve(ctx, &request),
                 Err(e) => Response::Exception(e),
             },
         };
         let mut pdu = Vec::new();
         encode_response(function, &response, &mut pdu);
         let mut out = Vec::new();
-        match self.settings.transport {
+        match self.transport {
             ModbusTransport::Tcp => modbus::encode_tcp(frame, &pdu, &mut out),
             ModbusTransport::Rtu => modbus::encode_rtu(frame.unit, &pdu, &mut out),
         }
-        ctx.emit(0, out);
+        ctx.emit(index, out);
     }
 }
 
@@ -263,14 +360,10 @@ impl Device for DefinedModbusDevice {
         &self.instruments
     }
 
-    /// RTU on a serial line (8 data bits, the definition's speed and parity); TCP on a socket.
+    /// RTU on a serial line (8 data bits, the definition's speed and parity, or the lab line's for a
+    /// bus); TCP on a socket.
     fn line(&self) -> Option<LineSettings> {
-        (self.settings.transport == ModbusTransport::Rtu).then_some(LineSettings {
-            baud: self.settings.baud,
-            data_bits: 8,
-            parity: self.settings.parity,
-            stop_bits: self.settings.stop_bits,
-        })
+        (self.transport == ModbusTransport::Rtu).then_some(self.line)
     }
 
     fn power_on(&mut self, _ctx: &mut Ctx<'_>) {
@@ -280,26 +373,29 @@ impl Device for DefinedModbusDevice {
     fn receive(&mut self, ctx: &mut Ctx<'_>, bytes: &[u8]) {
         self.rx.extend_from_slice(bytes);
         loop {
-            let decoded = match self.settings.transport {
+            let decoded = match self.transport {
                 ModbusTransport::Tcp => decode_tcp(&self.rx),
                 ModbusTransport::Rtu => decode_rtu_request(&self.rx),
             };
             match decoded {
                 Ok(Decoded::Frame { value, consumed }) => {
                     self.rx.drain(..consumed.clamp(1, self.rx.len()));
-                    let unit = self.settings.unit_id;
-                    match self.settings.transport {
-                        // A TCP device answers its unit id and 0xFF ("no unit": a direct connection).
-                        ModbusTransport::Tcp if value.unit == unit || value.unit == 0xFF => {
-                            self.answer(ctx, &value)
+                    let addressed = self.units.iter().position(|u| u.unit_id == value.unit);
+                    match (self.transport, addressed) {
+                        (_, Some(index)) => self.answer(ctx, index, &value),
+                        // A TCP device answers 0xFF too ("no unit": a direct connection).
+                        (ModbusTransport::Tcp, None) if value.unit == 0xFF => {
+                            self.answer(ctx, 0, &value)
                         }
-                        ModbusTransport::Rtu if value.unit == unit => self.answer(ctx, &value),
-                        // Broadcast: carried out, never answered.
-                        ModbusTransport::Rtu if value.unit == 0 => {
+                        // Broadcast: carried out by every unit, never answered.
+                        (ModbusTransport::Rtu, None) if value.unit == 0 => {
                             if let Ok(request) = decode_request(&value.pdu) {
-                                self.serve(ctx, &request);
+                                for unit in &mut self.units {
+                                    unit.serve(ctx, &request);
+                                }
                             }
                         }
+                        // Another unit's request: silence.
                         _ => {}
                     }
                 }
@@ -318,5 +414,92 @@ impl Device for DefinedModbusDevice {
 
     fn host_reset(&mut self) {
         self.rx.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::{LabConfig, LabModel};
+    use labctl_protocols::instrument_def::check_definition;
+
+    const BRONKHORST: &str = include_str!("../../../instruments/bronkhorst-el-flow-modbus.toml");
+
+    /// Sends `unit` a read of `count` holding registers at `address`; the words of the reply and which
+    /// unit's source emitted it, or `None` when the line stays silent.
+    fn read(
+        device: &mut DefinedModbusDevice,
+        model: &mut LabModel,
+        unit: u8,
+        address: u16,
+        count: u16,
+    ) -> Option<(usize, Vec<u16>)> {
+        let mut pdu = vec![0x03];
+        pdu.extend(address.to_be_bytes());
+        pdu.extend(count.to_be_bytes());
+        let mut frame = Vec::new();
+        modbus::encode_rtu(unit, &pdu, &mut frame);
+        let mut out = Vec::new();
+        let mut ctx = Ctx::new(model, Duration::from_secs(1), None, &mut out);
+        device.receive(&mut ctx, &frame);
+        let emit = out.first()?;
+        // unit, function 0x03, byte count, the words, CRC.
+        let bytes = &emit.bytes;
+        assert_eq!(bytes[..2], [unit, 0x03], "{bytes:?}");
+        let n = usize::from(bytes[2]);
+        assert_eq!(bytes.len(), 3 + n + 2, "{bytes:?}");
+        let words = bytes[3..3 + n]
+            .chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect();
+        Some((emit.source, words))
+    }
+
+    #[test]
+    fn units_on_one_bus_answer_their_own_ids_from_their_own_state_and_unknown_ids_get_silence() {
+        let (def, findings) = check_definition(&BRONKHORST.replace(
+            "initial = { flow_ln_per_min = 0.0,",
+            "initial = { flow_ln_per_min = 1.5,",
+        ));
+        let one = Arc::new(def.unwrap_or_else(|| panic!("{findings:?}")));
+        let (def, _) = check_definition(BRONKHORST);
+        let two = Arc::new(def.unwrap());
+        let mut model = LabModel::new(LabConfig::sim_default(), 1).unwrap();
+        let (a, b) = (model.add_defined("mfc-a"), model.add_defined("mfc-b"));
+        let line = LineSettings {
+            baud: 19200,
+            data_bits: 8,
+            parity: labctl_protocols::lab::Parity::Even,
+            stop_bits: 1,
+        };
+        let mut bus =
+            DefinedModbusDevice::bus(vec![(one, a, 1, 1), (Arc::clone(&two), b, 7, 2)], line)
+                .unwrap();
+        assert_eq!(bus.line(), Some(line));
+        assert_eq!(bus.instruments(), [a, b]);
+        let flow =
+            |words: &[u16]| f32::from_bits((u32::from(words[0]) << 16) | u32::from(words[1]));
+        let (source, words) = read(&mut bus, &mut model, 1, 41216, 2).unwrap();
+        // The definition's noise is 0.002 ln/min peak to peak.
+        assert_eq!(source, 0);
+        assert!((flow(&words) - 1.5).abs() < 0.01, "{words:?}");
+        let (source, words) = read(&mut bus, &mut model, 7, 41216, 2).unwrap();
+        assert_eq!(source, 1);
+        assert!(flow(&words).abs() < 0.01, "{words:?}");
+        assert_eq!(
+            read(&mut bus, &mut model, 2, 41216, 2),
+            None,
+            "no unit 2 on the line"
+        );
+        // The serial number from the simulation's identity, two characters per register.
+        let serial = &two.identity.registers["serial"];
+        let (_, words) = read(&mut bus, &mut model, 7, serial.address, serial.words()).unwrap();
+        assert_eq!(serial.decode_text(&words).as_deref(), Some("SIM0001"));
+        // Two units at one id cannot share a line.
+        let err = DefinedModbusDevice::bus(vec![(Arc::clone(&two), a, 3, 1), (two, b, 3, 2)], line)
+            .unwrap_err();
+        assert!(err.contains("unit id 3"), "{err}");
     }
 }

@@ -1,17 +1,22 @@
 //! The wire of a Modbus instrument described by a definition (`[modbus]` in its file): readings from
 //! holding or input registers or coils, actions written to a holding register or a coil, safe-state and
-//! recovery steps as fixed-value actions or register writes, all through `tokio-modbus` over RTU (a serial
-//! line) or TCP.
+//! recovery steps as fixed-value actions or register writes, identity fields from string or integer
+//! registers, all through `tokio-modbus` over RTU (a serial line) or TCP.
 //!
-//! The wire owns its connection (one Modbus client per instrument, opened by `start` and again after a
-//! transport error); every request has the definition's reply timeout. A Modbus exception reply becomes a
-//! device error naming the exception. A Modbus instrument reports no identity over the registers labctl
-//! reads: `connect` proves the unit answers by reading every reading once, and the identity is the
-//! definition's fixed one.
+//! The connection is a [`ModbusLine`]: Modbus RTU units on one serial line (multi-drop RS-485) share one,
+//! with their requests serialised and the unit id switched per request (`set_slave`); a Modbus TCP
+//! instrument has one of its own. Every request has its instrument's reply timeout. A unit that does not
+//! answer in time gets its own timeout and the line stays open for the others (a silent RS-485 slave does
+//! not disturb the bus); on TCP the connection is dropped instead, so a late reply cannot answer the next
+//! request. An I/O or framing error drops the line's connection: the next request on it opens it again,
+//! once for all its instruments, and every other instrument on the line gets an error of its own on its
+//! next request (so the controller makes each one safe). A Modbus exception reply becomes a device error
+//! naming the exception. `connect` reads the definition's identity registers, then every reading once.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -20,7 +25,9 @@ use labctl_protocols::instrument_def::{
 };
 use labctl_transport::{Endpoint, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Mutex;
 use tokio_modbus::client::{Client, Context, Reader, Writer, rtu, tcp};
+use tokio_modbus::slave::SlaveContext;
 use tokio_modbus::{ExceptionCode, Slave};
 
 use super::Wire;
@@ -66,43 +73,322 @@ impl AsyncWrite for Transport {
     }
 }
 
-/// Modbus registers over RTU or TCP.
+/// One Modbus connection (a serial line or a socket) and the instruments that use it.
+pub struct ModbusLine {
+    endpoint: Endpoint,
+    transport: ModbusTransport,
+    context: Mutex<Option<Context>>,
+    /// Bumped each time a transport error drops the connection: a wire that attached before then has
+    /// missed the reset.
+    generation: AtomicU64,
+    /// Wires attached (started and not stopped): the connection closes with the last one.
+    users: AtomicUsize,
+}
+
+impl std::fmt::Debug for ModbusLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModbusLine")
+            .field("endpoint", &self.endpoint.name())
+            .field("transport", &self.transport)
+            .field("generation", &self.generation.load(Ordering::SeqCst))
+            .finish()
+    }
+}
+
+/// What a request asks of the line.
+#[derive(Debug, Clone)]
+enum Request {
+    Read {
+        table: RegisterTable,
+        address: u16,
+        count: u16,
+    },
+    Write {
+        table: RegisterTable,
+        address: u16,
+        words: Vec<u16>,
+    },
+}
+
+/// What went wrong with one request.
+enum Failure {
+    /// The unit did not answer within its timeout.
+    Timeout,
+    /// The connection failed (I/O, a damaged or foreign reply, or it could not be opened).
+    Transport(DriverError),
+    /// The device answered with an exception.
+    Exception(ExceptionCode),
+}
+
+impl ModbusLine {
+    /// A line reached at `endpoint`; no I/O until a request.
+    pub fn new(endpoint: Endpoint, transport: ModbusTransport) -> Arc<ModbusLine> {
+        Arc::new(ModbusLine {
+            endpoint,
+            transport,
+            context: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            users: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    pub fn transport(&self) -> ModbusTransport {
+        self.transport
+    }
+
+    /// Whether the connection is open now.
+    pub fn is_open(&self) -> bool {
+        self.context.try_lock().is_ok_and(|c| c.is_some())
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    fn io(&self, e: impl std::fmt::Display) -> DriverError {
+        DriverError::Port(PortError::Io {
+            port: self.endpoint.name().to_owned(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
+    /// One request to `unit`, alone on the line until it is answered or times out.
+    async fn transact(
+        &self,
+        unit: u8,
+        timeout: Duration,
+        request: &Request,
+    ) -> Result<(Vec<u16>, u64), Failure> {
+        let mut guard = self.context.lock().await;
+        if guard.is_none() {
+            let stream = labctl_transport::open(&self.endpoint)
+                .await
+                .map_err(|e| Failure::Transport(PortError::from(e).into()))?;
+            let transport = Transport(stream);
+            *guard = Some(match self.transport {
+                ModbusTransport::Rtu => rtu::attach_slave(transport, Slave(unit)),
+                ModbusTransport::Tcp => tcp::attach_slave(transport, Slave(unit)),
+            });
+        }
+        let Some(ctx) = guard.as_mut() else {
+            return Err(Failure::Transport(self.io("not connected")));
+        };
+        ctx.set_slave(Slave(unit));
+        let call = async {
+            match request {
+                Request::Read {
+                    table: RegisterTable::Holding,
+                    address,
+                    count,
+                } => ctx.read_holding_registers(*address, *count).await,
+                Request::Read {
+                    table: RegisterTable::Input,
+                    address,
+                    count,
+                } => ctx.read_input_registers(*address, *count).await,
+                Request::Read {
+                    table: RegisterTable::Coil,
+                    address,
+                    ..
+                } => ctx
+                    .read_coils(*address, 1)
+                    .await
+                    .map(|r| r.map(|coils| vec![u16::from(coils.first() == Some(&true))])),
+                Request::Write {
+                    table,
+                    address,
+                    words,
+                } => match (table, words.as_slice()) {
+                    (RegisterTable::Coil, [w]) => ctx.write_single_coil(*address, *w != 0).await,
+                    (_, [w]) => ctx.write_single_register(*address, *w).await,
+                    (_, many) => ctx.write_multiple_registers(*address, many).await,
+                }
+                .map(|r| r.map(|()| Vec::new())),
+            }
+        };
+        let result = tokio::time::timeout(timeout, call).await;
+        let drop_connection = |guard: &mut Option<Context>| {
+            *guard = None;
+            self.generation.fetch_add(1, Ordering::SeqCst);
+        };
+        match result {
+            Err(_) => {
+                // A silent RTU unit leaves the bus usable (tokio-modbus clears what arrived before the
+                // next request and checks the unit id of every reply); a TCP socket that stops answering
+                // is dropped.
+                if self.transport == ModbusTransport::Tcp {
+                    drop_connection(&mut guard);
+                }
+                Err(Failure::Timeout)
+            }
+            Ok(Err(e)) => {
+                drop_connection(&mut guard);
+                Err(Failure::Transport(self.io(e)))
+            }
+            Ok(Ok(Err(code))) => Err(Failure::Exception(code)),
+            // The generation read under the lock: a reset by another unit after this is not missed.
+            Ok(Ok(Ok(words))) => Ok((words, self.generation())),
+        }
+    }
+
+    /// One wire fewer on the line; the last one closes the connection.
+    async fn leave(&self) {
+        if self.users.fetch_sub(1, Ordering::SeqCst) == 1
+            && let Some(mut ctx) = self.context.lock().await.take()
+        {
+            let _ = ctx.disconnect().await;
+        }
+    }
+}
+
+/// The Modbus lines of a lab: one per serial port (its RTU units share it), one per TCP instrument.
+#[derive(Debug, Default)]
+pub struct ModbusLines {
+    lines: Vec<Arc<ModbusLine>>,
+}
+
+impl ModbusLines {
+    /// The line for an instrument reached at `endpoint`: the RTU line already open on that serial port
+    /// (refused when its settings differ), else a new one. Every TCP instrument gets its own.
+    pub fn line(
+        &mut self,
+        instrument: &str,
+        endpoint: &Endpoint,
+        transport: ModbusTransport,
+    ) -> Result<Arc<ModbusLine>, DriverError> {
+        if transport == ModbusTransport::Rtu
+            && let Some(line) = self
+                .lines
+                .iter()
+                .find(|l| l.transport == ModbusTransport::Rtu && l.endpoint.same_line(endpoint))
+        {
+            if let (Endpoint::Serial(open), Endpoint::Serial(asked)) = (&line.endpoint, endpoint)
+                && open != asked
+            {
+                return Err(DriverError::Unsupported {
+                    instrument: instrument.to_owned(),
+                    what: format!("line settings on {}", endpoint.name()),
+                    found: line_label(asked),
+                    supported: format!(
+                        "the settings of the Modbus units already on it, {}",
+                        line_label(open)
+                    ),
+                });
+            }
+            return Ok(Arc::clone(line));
+        }
+        let line = ModbusLine::new(endpoint.clone(), transport);
+        self.lines.push(Arc::clone(&line));
+        Ok(line)
+    }
+
+    /// The wire of a lab-file Modbus instrument reached at `endpoint`: on its line, addressed by the lab's
+    /// `address` (the bench's unit id) or else the definition's `unit_id`.
+    pub fn wire(
+        &mut self,
+        instrument: &labctl_protocols::lab::Instrument,
+        endpoint: &Endpoint,
+    ) -> Result<ModbusWire, DriverError> {
+        let id = instrument.id.as_str();
+        let definition = instrument
+            .defined()
+            .cloned()
+            .ok_or_else(|| DriverError::Unsupported {
+                instrument: id.to_owned(),
+                what: "definition".into(),
+                found: "none loaded".into(),
+                supported: "a lab loaded with Lab::load, which reads the definition file".into(),
+            })?;
+        let transport = ModbusWire::settings(id, &definition)?.transport;
+        let line = self.line(id, endpoint, transport)?;
+        ModbusWire::on_line(id, line, definition, instrument.address)
+    }
+
+    /// Whether a Modbus line is open on (or reserved for) `endpoint`'s port.
+    pub fn uses(&self, endpoint: &Endpoint) -> bool {
+        self.lines.iter().any(|l| l.endpoint.same_line(endpoint))
+    }
+
+    pub fn lines(&self) -> impl Iterator<Item = &Arc<ModbusLine>> {
+        self.lines.iter()
+    }
+}
+
+/// `19200 8E1`.
+fn line_label(line: &labctl_protocols::lab::SerialLine) -> String {
+    let parity = match line.parity {
+        labctl_protocols::lab::Parity::None => 'N',
+        labctl_protocols::lab::Parity::Even => 'E',
+        labctl_protocols::lab::Parity::Odd => 'O',
+    };
+    format!("{} {}{parity}{}", line.baud, line.data_bits, line.stop_bits)
+}
+
+/// Modbus registers over RTU or TCP, for one unit on its line.
 pub struct ModbusWire {
     id: String,
-    endpoint: Endpoint,
+    line: Arc<ModbusLine>,
     definition: Arc<InstrumentDefinition>,
-    transport: ModbusTransport,
     unit: u8,
     timeout: Duration,
-    context: Option<Context>,
+    /// Counted among the line's users (from `connect` or a step until `disconnect`).
+    attached: bool,
+    /// The line's generation when this wire last knew it good; `None` after a failure until it
+    /// reconnects.
+    seen: Option<u64>,
 }
 
 impl std::fmt::Debug for ModbusWire {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ModbusWire")
             .field("id", &self.id)
-            .field("endpoint", &self.endpoint.name())
-            .field("connected", &self.context.is_some())
+            .field("endpoint", &self.line.endpoint.name())
+            .field("unit", &self.unit)
+            .field("connected", &self.seen.is_some())
             .finish()
     }
 }
 
-/// What went wrong with one request.
-enum Failure {
-    /// The connection is gone or the device did not answer: reconnect before the next request.
-    Transport(DriverError),
-    /// The device answered with an exception.
-    Exception(ExceptionCode),
-}
-
 impl ModbusWire {
-    /// The wire for a Modbus `definition` reached at `endpoint`; no I/O until it connects.
+    /// The wire for a Modbus `definition` on a line of its own reached at `endpoint`; no I/O until it
+    /// connects.
     pub fn new(
         id: &str,
         endpoint: Endpoint,
         definition: Arc<InstrumentDefinition>,
     ) -> Result<ModbusWire, DriverError> {
-        let settings = definition
+        let transport = Self::settings(id, &definition)?.transport;
+        ModbusWire::on_line(id, ModbusLine::new(endpoint, transport), definition, None)
+    }
+
+    /// The wire for unit `unit` (the definition's `unit_id` when `None`) on a shared `line`.
+    pub fn on_line(
+        id: &str,
+        line: Arc<ModbusLine>,
+        definition: Arc<InstrumentDefinition>,
+        unit: Option<u8>,
+    ) -> Result<ModbusWire, DriverError> {
+        let settings = Self::settings(id, &definition)?;
+        Ok(ModbusWire {
+            id: id.to_owned(),
+            line,
+            unit: unit.unwrap_or(settings.unit_id),
+            timeout: Duration::from_millis(u64::from(settings.reply_timeout_ms)),
+            definition,
+            attached: false,
+            seen: None,
+        })
+    }
+
+    fn settings(
+        id: &str,
+        definition: &InstrumentDefinition,
+    ) -> Result<labctl_protocols::instrument_def::ModbusSettings, DriverError> {
+        definition
             .modbus
             .clone()
             .ok_or_else(|| DriverError::Unsupported {
@@ -110,42 +396,22 @@ impl ModbusWire {
                 what: "transport".into(),
                 found: "a line instrument".into(),
                 supported: "a definition with [modbus]".into(),
-            })?;
-        Ok(ModbusWire {
-            id: id.to_owned(),
-            endpoint,
-            transport: settings.transport,
-            unit: settings.unit_id,
-            timeout: Duration::from_millis(u64::from(settings.reply_timeout_ms)),
-            definition,
-            context: None,
-        })
+            })
     }
 
-    async fn open(&mut self) -> Result<(), DriverError> {
-        let stream = labctl_transport::open(&self.endpoint)
-            .await
-            .map_err(PortError::from)?;
-        let transport = Transport(stream);
-        let slave = Slave(self.unit);
-        self.context = Some(match self.transport {
-            ModbusTransport::Rtu => rtu::attach_slave(transport, slave),
-            ModbusTransport::Tcp => tcp::attach_slave(transport, slave),
-        });
-        Ok(())
+    /// Joins the line (counted as a user) and takes its current state as good.
+    fn attach(&mut self) {
+        if !self.attached {
+            self.line.users.fetch_add(1, Ordering::SeqCst);
+            self.attached = true;
+        }
+        self.seen = Some(self.line.generation());
     }
 
     fn timed_out(&self) -> DriverError {
         DriverError::Port(PortError::Timeout {
-            port: self.endpoint.name().to_owned(),
+            port: format!("{} (unit {})", self.line.endpoint.name(), self.unit),
             timeout: self.timeout,
-        })
-    }
-
-    fn io(&self, e: impl std::fmt::Display) -> DriverError {
-        DriverError::Port(PortError::Io {
-            port: self.endpoint.name().to_owned(),
-            source: std::io::Error::other(e.to_string()),
         })
     }
 
@@ -157,66 +423,52 @@ impl ModbusWire {
         }
     }
 
+    /// One request for this unit. Refused without I/O when the wire is not connected, or when the line
+    /// was reset by another unit's transport error since this wire last used it (its error is this
+    /// instrument's own: the controller makes it safe, and its next start or step goes on).
+    async fn request(&mut self, what: &str, request: Request) -> Result<Vec<u16>, DriverError> {
+        match self.seen {
+            None => return Err(self.line.io(format!("{}: not connected", self.id))),
+            Some(seen) if seen != self.line.generation() => {
+                self.seen = None;
+                return Err(self.line.io(format!(
+                    "{}: the line was reset after a transport error; reconnect",
+                    self.id
+                )));
+            }
+            Some(_) => {}
+        }
+        match self.line.transact(self.unit, self.timeout, &request).await {
+            Ok((words, generation)) => {
+                self.seen = Some(generation);
+                Ok(words)
+            }
+            Err(Failure::Timeout) => {
+                if self.line.transport == ModbusTransport::Tcp {
+                    self.seen = None;
+                }
+                Err(self.timed_out())
+            }
+            Err(Failure::Transport(e)) => {
+                self.seen = None;
+                Err(e)
+            }
+            Err(Failure::Exception(code)) => Err(self.exception(what, code)),
+        }
+    }
+
     /// Reads the words of `register`.
-    async fn read_words(&mut self, register: &Register) -> Result<Vec<u16>, Failure> {
-        let timeout = self.timeout;
-        let Some(ctx) = self.context.as_mut() else {
-            return Err(Failure::Transport(self.io("not connected")));
-        };
-        let (address, count) = (register.address, register.words());
-        let call = async {
-            match register.table {
-                RegisterTable::Holding => ctx.read_holding_registers(address, count).await,
-                RegisterTable::Input => ctx.read_input_registers(address, count).await,
-                RegisterTable::Coil => ctx
-                    .read_coils(address, 1)
-                    .await
-                    .map(|r| r.map(|coils| vec![u16::from(coils.first() == Some(&true))])),
-            }
-        };
-        match tokio::time::timeout(timeout, call).await {
-            Err(_) => Err(Failure::Transport(self.timed_out())),
-            Ok(Err(e)) => Err(Failure::Transport(self.io(e))),
-            Ok(Ok(Err(code))) => Err(Failure::Exception(code)),
-            Ok(Ok(Ok(words))) => Ok(words),
-        }
-    }
-
-    async fn write_words(
+    async fn read_words(
         &mut self,
-        table: RegisterTable,
-        address: u16,
-        words: &[u16],
-    ) -> Result<(), Failure> {
-        let timeout = self.timeout;
-        let Some(ctx) = self.context.as_mut() else {
-            return Err(Failure::Transport(self.io("not connected")));
+        what: &str,
+        register: &Register,
+    ) -> Result<Vec<u16>, DriverError> {
+        let request = Request::Read {
+            table: register.table,
+            address: register.address,
+            count: register.words(),
         };
-        let call = async {
-            match (table, words) {
-                (RegisterTable::Coil, [w]) => ctx.write_single_coil(address, *w != 0).await,
-                (_, [w]) => ctx.write_single_register(address, *w).await,
-                (_, many) => ctx.write_multiple_registers(address, many).await,
-            }
-        };
-        match tokio::time::timeout(timeout, call).await {
-            Err(_) => Err(Failure::Transport(self.timed_out())),
-            Ok(Err(e)) => Err(Failure::Transport(self.io(e))),
-            Ok(Ok(Err(code))) => Err(Failure::Exception(code)),
-            Ok(Ok(Ok(()))) => Ok(()),
-        }
-    }
-
-    /// A failure as the caller sees it; a transport failure drops the connection, so the next `start`
-    /// opens a fresh one (a late reply on the old one can never answer a new request).
-    fn fail(&mut self, what: &str, failure: Failure) -> DriverError {
-        match failure {
-            Failure::Transport(e) => {
-                self.context = None;
-                e
-            }
-            Failure::Exception(code) => self.exception(what, code),
-        }
+        self.request(what, request).await
     }
 
     /// Writes `value` to `register` as `(value - offset) / scale` in its type.
@@ -235,39 +487,54 @@ impl ModbusWire {
                 reason: format!("{value} does not fit a {:?} register", register.data_type),
             }
         })?;
-        match self
-            .write_words(register.table, register.address, &words)
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(f) => Err(self.fail(what, f)),
-        }
+        let request = Request::Write {
+            table: register.table,
+            address: register.address,
+            words,
+        };
+        self.request(what, request).await.map(|_| ())
     }
 }
 
 impl Wire for ModbusWire {
     async fn connect(&mut self) -> Result<BTreeMap<String, String>, DriverError> {
-        self.context = None;
-        self.open().await?;
-        for index in 0..self.definition.readings.len() {
+        self.attach();
+        let definition = Arc::clone(&self.definition);
+        let mut identity = BTreeMap::new();
+        for (field, register) in &definition.identity.registers {
+            let what = format!("identity {field}");
+            let words = self.read_words(&what, register).await?;
+            let text = register
+                .decode_text(&words)
+                .ok_or_else(|| DriverError::DamagedReply {
+                    instrument: self.id.clone(),
+                    command: what.clone(),
+                    reply: format!("{words:?}"),
+                    reason: format!(
+                        "not a {:?} register's value (strings are printable ASCII)",
+                        register.data_type
+                    ),
+                })?;
+            identity.insert(field.clone(), text);
+        }
+        for index in 0..definition.readings.len() {
             self.read(index).await?;
         }
-        Ok(BTreeMap::new())
+        Ok(identity)
     }
 
     async fn read(&mut self, index: usize) -> Result<f64, DriverError> {
         let definition = Arc::clone(&self.definition);
         let Some(reading) = definition.readings.get(index) else {
-            return Err(self.io(format!("no reading {index}")));
+            return Err(self.line.io(format!("no reading {index}")));
         };
         let Some(register) = &reading.register else {
-            return Err(self.io(format!("reading {} has no register", reading.name)));
+            return Err(self
+                .line
+                .io(format!("reading {} has no register", reading.name)));
         };
         let what = format!("reading {}", reading.name);
-        let words = match self.read_words(register).await {
-            Ok(w) => w,
-            Err(f) => return Err(self.fail(&what, f)),
-        };
+        let words = self.read_words(&what, register).await?;
         let raw = register
             .decode(&words)
             .ok_or_else(|| DriverError::DamagedReply {
@@ -304,10 +571,11 @@ impl Wire for ModbusWire {
             .await
     }
 
-    /// An action that writes a fixed value (`stop_flow`), or a raw register write.
+    /// An action that writes a fixed value (`stop_flow`), or a raw register write. A safety step goes
+    /// out even on a wire that lost its connection: it reconnects first.
     async fn step(&mut self, step: &str) -> Result<(), DriverError> {
-        if self.context.is_none() {
-            self.open().await?;
+        if !self.connected() {
+            self.attach();
         }
         let definition = Arc::clone(&self.definition);
         if let Some(action) = definition.action(step)
@@ -324,22 +592,25 @@ impl Wire for ModbusWire {
                     command: step.to_owned(),
                     reason,
                 })?;
-        match self
-            .write_words(write.table, write.address, &[write.value])
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(f) => Err(self.fail(step, f)),
-        }
+        let request = Request::Write {
+            table: write.table,
+            address: write.address,
+            words: vec![write.value],
+        };
+        self.request(step, request).await.map(|_| ())
     }
 
     fn connected(&self) -> bool {
-        self.context.is_some()
+        self.seen == Some(self.line.generation())
     }
 
     async fn disconnect(&mut self) {
-        if let Some(mut ctx) = self.context.take() {
-            let _ = ctx.disconnect().await;
+        self.seen = None;
+        if std::mem::take(&mut self.attached) {
+            self.line.leave().await;
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
