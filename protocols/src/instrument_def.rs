@@ -646,15 +646,13 @@ impl Reading {
     /// [`Reading::value_from`] with the reply pattern compiled once by the caller (a driver's poll).
     pub fn value_with(&self, re: &Regex, reply: &str) -> Result<f64, DefinitionError> {
         let what = || format!("reading {}", self.name);
-        let text = re
-            .captures(reply)
-            .and_then(|c| c.name("value"))
-            .ok_or_else(|| DefinitionError::NoMatch {
-                what: what(),
-                reply: reply.to_owned(),
-                pattern: re.as_str().to_owned(),
-            })?
-            .as_str();
+        let no_match = || DefinitionError::NoMatch {
+            what: what(),
+            reply: reply.to_owned(),
+            pattern: re.as_str().to_owned(),
+        };
+        let captures = re.captures(reply).ok_or_else(no_match)?;
+        let text = captures.name("value").ok_or_else(no_match)?.as_str();
         let raw: f64 = text
             .trim()
             .parse()
@@ -662,6 +660,11 @@ impl Reading {
                 what: what(),
                 text: text.to_owned(),
             })?;
+        // A sign written apart from the digits (`-   123.56 g`).
+        let negative = captures
+            .name(crate::pattern_text::SIGN)
+            .is_some_and(|m| m.as_str().trim() == "-");
+        let raw = if negative { -raw } else { raw };
         Ok(raw * self.scale + self.offset)
     }
 }

@@ -45,8 +45,18 @@ pub fn write(pattern: &str, values: &BTreeMap<&str, String>) -> Result<String, P
     }
 }
 
+/// The capture that holds the sign of a number written apart from its digits (`+   123.56 g`): `-` makes
+/// the number negative; `+` or a space leaves it positive.
+pub const SIGN: &str = "sign";
+
+/// Whether `pattern` writes its numbers' signs apart from their digits (it has a [`SIGN`] capture).
+pub fn has_sign(re: &Regex) -> bool {
+    re.capture_names().flatten().any(|n| n == SIGN)
+}
+
 /// Text matching `pattern` whose capture `capture` reads back as `value`: the number is written with the
-/// fewest decimals (up to 6) the pattern accepts, rounded to them.
+/// fewest decimals (up to 6) the pattern accepts, rounded to them. With a [`SIGN`] capture the sign goes
+/// there (`+` or `-`) and the digits into `capture`.
 pub fn write_number(
     pattern: &str,
     capture: &str,
@@ -54,9 +64,18 @@ pub fn write_number(
     others: &BTreeMap<&str, String>,
 ) -> Result<String, PatternTextError> {
     let re = Regex::new(pattern).map_err(|e| PatternTextError::Syntax(e.to_string()))?;
+    let (digits, sign) = if has_sign(&re) {
+        let sign = if value.is_sign_negative() { "-" } else { "+" };
+        (value.abs(), Some(sign))
+    } else {
+        (value, None)
+    };
     for decimals in [1usize, 0, 2, 3, 4, 5, 6] {
         let mut values = others.clone();
-        values.insert(capture, format!("{value:.decimals$}"));
+        values.insert(capture, format!("{digits:.decimals$}"));
+        if let Some(sign) = sign {
+            values.insert(SIGN, sign.to_owned());
+        }
         if let Ok(text) = write(pattern, &values)
             && re
                 .captures(&text)
@@ -136,6 +155,21 @@ fn class_char(class: &Class) -> Option<char> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sartorius SBI prints the sign apart from the digits (`+   123.56 g`): the sign goes into its own
+    /// capture and reads back with the value.
+    #[test]
+    fn a_sign_written_apart_from_the_digits_goes_into_its_capture() {
+        let signed = r"^(?P<sign>[-+ ]) +(?P<value>\d+(\.\d+)?) g +$";
+        assert_eq!(
+            write_number(signed, "value", -123.5, &none()).unwrap(),
+            "- 123.5 g "
+        );
+        assert_eq!(
+            write_number(signed, "value", 1.5, &none()).unwrap(),
+            "+ 1.5 g "
+        );
+    }
 
     fn none() -> BTreeMap<&'static str, String> {
         BTreeMap::new()

@@ -253,11 +253,11 @@ const CASES: &[Case] = &[
                 reply: "+   123.56 g  ",
                 value: Some(123.56),
             },
-            // A negative weight: the sign stands apart from the digits, refused rather than read as positive.
+            // A negative weight (after taring): the sign stands apart from the digits, in its own capture.
             Reply {
                 reading: "weight_g",
                 reply: "-   123.56 g  ",
-                value: None,
+                value: Some(-123.56),
             },
         ],
         answers: &[],
