@@ -232,15 +232,7 @@ fn defined_driver(
     options: &DriverOptions,
 ) -> Result<AnyInstrument, DriverError> {
     let id = instrument.id.as_str();
-    let definition = instrument
-        .defined()
-        .cloned()
-        .ok_or_else(|| DriverError::Unsupported {
-            instrument: id.to_owned(),
-            what: "definition".into(),
-            found: "none loaded".into(),
-            supported: "a lab loaded with Lab::load, which reads the definition file".into(),
-        })?;
+    let definition = crate::roles::definition_of(instrument)?;
     let allow = instrument.allow_firmware.clone();
     Ok(if definition.modbus.is_some() {
         let wire = ModbusLines::default().wire(instrument, port.endpoint())?;

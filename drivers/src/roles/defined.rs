@@ -92,6 +92,22 @@ pub type LineInstrument = DefinedInstrument<LineWire>;
 /// A Modbus instrument from its definition.
 pub type ModbusInstrument = DefinedInstrument<ModbusWire>;
 
+/// The definition a lab-file instrument was loaded with (`Lab::load` reads it); an error naming the
+/// instrument when there is none.
+pub fn definition_of(
+    instrument: &labctl_protocols::lab::Instrument,
+) -> Result<Arc<InstrumentDefinition>, DriverError> {
+    instrument
+        .defined()
+        .cloned()
+        .ok_or_else(|| DriverError::Unsupported {
+            instrument: instrument.id.clone(),
+            what: "definition".into(),
+            found: "none loaded".into(),
+            supported: "a lab loaded with Lab::load, which reads the definition file".into(),
+        })
+}
+
 impl<W: Wire> DefinedInstrument<W> {
     /// The driver of `definition` for instrument `id` over `wire`; no I/O until [`Instrument::start`].
     pub fn new(

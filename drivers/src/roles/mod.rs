@@ -20,7 +20,7 @@ use labctl_protocols::InstrumentKind;
 pub use balance::MtSicsBalance;
 pub use defined::{
     DefinedInstrument, LineInstrument, LineWire, ModbusInstrument, ModbusLine, ModbusLines,
-    ModbusWire, Wire,
+    ModbusWire, Wire, definition_of,
 };
 pub use gantry::{GantryLimits, GantryOptions, GrblGantry};
 pub use hotplate::{HotplateOptions, IkaHotplate};

@@ -294,15 +294,7 @@ impl ModbusLines {
         endpoint: &Endpoint,
     ) -> Result<ModbusWire, DriverError> {
         let id = instrument.id.as_str();
-        let definition = instrument
-            .defined()
-            .cloned()
-            .ok_or_else(|| DriverError::Unsupported {
-                instrument: id.to_owned(),
-                what: "definition".into(),
-                found: "none loaded".into(),
-                supported: "a lab loaded with Lab::load, which reads the definition file".into(),
-            })?;
+        let definition = super::definition_of(instrument)?;
         let transport = ModbusWire::settings(id, &definition)?.transport;
         let line = self.line(id, endpoint, transport)?;
         ModbusWire::on_line(id, line, definition, instrument.address)
