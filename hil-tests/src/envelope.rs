@@ -425,7 +425,7 @@ fn check_modbus(
         // unit id (and broadcasts).
         if settings.transport == ModbusTransport::Rtu
             && frame.unit != 0
-            && Some(frame.unit) != labctl_protocols::modbus_lines::unit_id(instrument)
+            && Some(frame.unit) != instrument.modbus_unit_id()
         {
             continue;
         }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::capabilities::InstrumentKind;
-use crate::instrument_def::{InstrumentDefinition, check_definition};
+use crate::instrument_def::{InstrumentDefinition, ModbusTransport, check_definition};
 pub use crate::range::Range;
 pub use crate::registry::Driver;
 use crate::registry::InstrumentModel;
@@ -273,6 +273,21 @@ impl Instrument {
     /// Whether it reports `quantity`.
     pub fn reports(&self, quantity: &str) -> bool {
         self.model().quantity(quantity).is_some()
+    }
+
+    /// The Modbus transport of an instrument defined as a Modbus instrument; `None` for any other.
+    pub fn modbus_transport(&self) -> Option<ModbusTransport> {
+        self.defined()
+            .and_then(|d| d.modbus.as_ref())
+            .map(|m| m.transport)
+    }
+
+    /// The Modbus unit id its driver addresses: the lab's `address` when it gives one (a definition
+    /// describes a model, the bench sets each unit's address), else the definition's `unit_id`; `None`
+    /// for an instrument that is not a Modbus one.
+    pub fn modbus_unit_id(&self) -> Option<u8> {
+        let settings = self.defined()?.modbus.as_ref()?;
+        Some(self.address.unwrap_or(settings.unit_id))
     }
 }
 
@@ -797,7 +812,7 @@ impl Lab {
             }
             if let Some(a) = inst.address
                 && a > 99
-                && crate::modbus_lines::modbus_transport(inst).is_none()
+                && inst.modbus_transport().is_none()
             {
                 p.push(format!("{at}.address: {a} is outside 0-99"));
             }
@@ -814,9 +829,8 @@ impl Lab {
                             a.id, b.id, la.port
                         ));
                     }
-                    // Modbus units are told apart by unit id (`modbus_lines`).
-                    let modbus = crate::modbus_lines::modbus_transport(a).is_some()
-                        || crate::modbus_lines::modbus_transport(b).is_some();
+                    // Modbus units are told apart by unit id (`modbus_line_problems`).
+                    let modbus = a.modbus_transport().is_some() || b.modbus_transport().is_some();
                     if !modbus && (a.address.is_none() || a.address == b.address) {
                         p.push(format!(
                             "instruments {} and {} share {} and need distinct addresses",
@@ -826,7 +840,7 @@ impl Lab {
                 }
             }
         }
-        p.extend(crate::modbus_lines::problems(&self.instruments));
+        p.extend(modbus_line_problems(&self.instruments));
         let mut names = BTreeSet::new();
         for pos in self.deck.positions() {
             if !names.insert(pos.name.to_ascii_uppercase()) {
@@ -948,6 +962,64 @@ fn defined_envelope_problems(inst: &Instrument, at: &str) -> Vec<String> {
                 p.push(format!(
                     "{at}.{field}.{q}: a defined instrument's limits name its definition's parameters"
                 ));
+            }
+        }
+    }
+    p
+}
+
+/// Modbus instruments in a lab file: 1-247 each, and several Modbus RTU units sharing one RS-485 line
+/// (multi-drop) distinct on it.
+fn modbus_line_problems(instruments: &[Instrument]) -> Vec<String> {
+    let mut p = Vec::new();
+    let at = |i: usize, inst: &Instrument| format!("instruments[{i}] ({})", inst.id);
+    for (i, inst) in instruments.iter().enumerate() {
+        if inst.modbus_transport().is_none() {
+            continue;
+        }
+        if let Some(a) = inst.address
+            && !(1..=247).contains(&a)
+        {
+            p.push(format!(
+                "{}.address: {a} is outside 1-247 (the Modbus unit id of this instrument)",
+                at(i, inst)
+            ));
+        }
+    }
+    // RTU units sharing a serial port: one protocol on the line and a unit id each (every slave hears
+    // every request; two with the same id would both answer and garble each other).
+    for (i, a) in instruments.iter().enumerate() {
+        let Transport::Serial(la) = &a.transport else {
+            continue;
+        };
+        for (j, b) in instruments.iter().enumerate().skip(i + 1) {
+            let Transport::Serial(lb) = &b.transport else {
+                continue;
+            };
+            if la.port != lb.port {
+                continue;
+            }
+            let (ma, mb) = (a.modbus_transport(), b.modbus_transport());
+            match (ma, mb) {
+                (None, None) => {}
+                (Some(ModbusTransport::Rtu), Some(ModbusTransport::Rtu)) => {
+                    if let (Some(ua), Some(ub)) = (a.modbus_unit_id(), b.modbus_unit_id())
+                        && ua == ub
+                    {
+                        p.push(format!(
+                            "{} and {} share {} with the same Modbus unit id {ua}: give each its own `address` (1-247)",
+                            at(i, a),
+                            at(j, b),
+                            la.port
+                        ));
+                    }
+                }
+                _ => p.push(format!(
+                    "{} and {} share {}: a serial line carries one protocol, and only Modbus RTU instruments share a Modbus line",
+                    at(i, a),
+                    at(j, b),
+                    la.port
+                )),
             }
         }
     }

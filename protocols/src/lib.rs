@@ -18,7 +18,6 @@ pub mod finding;
 pub mod instrument_def;
 pub mod interpret;
 pub mod lab;
-pub mod modbus_lines;
 pub mod pattern_text;
 pub mod protocol;
 pub mod range;

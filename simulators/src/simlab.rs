@@ -23,7 +23,6 @@ use std::time::Duration;
 use labctl_protocols::Lab;
 use labctl_protocols::instrument_def::ModbusTransport;
 use labctl_protocols::lab::Transport;
-use labctl_protocols::modbus_lines;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::{Notify, watch};
@@ -326,10 +325,10 @@ impl SimLab {
             if let Some(definition) = inst.defined() {
                 let id = model.add_defined(&inst.id);
                 let seed = config.seed ^ (k as u64 + 101);
-                let unit = modbus_lines::unit_id(inst);
+                let unit = inst.modbus_unit_id();
                 defined_names.insert(id, (inst.id.clone(), unit));
                 if let (Transport::Serial(line), Some(ModbusTransport::Rtu), Some(unit)) =
-                    (&inst.transport, modbus_lines::modbus_transport(inst), unit)
+                    (&inst.transport, inst.modbus_transport(), unit)
                 {
                     let member = (Arc::clone(definition), id, unit, seed);
                     match buses.iter_mut().find(|b| b.port == line.port) {
