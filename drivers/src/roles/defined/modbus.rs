@@ -5,7 +5,8 @@
 //!
 //! The connection is a [`ModbusLine`]: Modbus RTU units on one serial line (multi-drop RS-485) share one,
 //! with their requests serialised and the unit id switched per request (`set_slave`); a Modbus TCP
-//! instrument has one of its own. Every request has its instrument's reply timeout. A unit that does not
+//! instrument has one of its own. One tokio task owns each line's connection and does its I/O, as a port
+//! task owns an ASCII line; the instruments send it requests and wait for its answers. Every request has its instrument's reply timeout. A unit that does not
 //! answer in time gets its own timeout and the line stays open for the others (a silent RS-485 slave does
 //! not disturb the bus); on TCP the connection is dropped instead, so a late reply cannot answer the next
 //! request. An I/O or framing error drops the line's connection: the next request on it opens it again,
@@ -25,7 +26,7 @@ use labctl_protocols::instrument_def::{
 };
 use labctl_transport::{Endpoint, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, oneshot};
 use tokio_modbus::client::{Client, Context, Reader, Writer, rtu, tcp};
 use tokio_modbus::slave::SlaveContext;
 use tokio_modbus::{ExceptionCode, Slave};
@@ -73,14 +74,18 @@ impl AsyncWrite for Transport {
     }
 }
 
-/// One Modbus connection (a serial line or a socket) and the instruments that use it.
+/// One Modbus connection (a serial line or a socket) and the instruments that use it. The connection
+/// lives in the line's task ([`LineTask`]), started by the first request.
 pub struct ModbusLine {
     endpoint: Endpoint,
     transport: ModbusTransport,
-    context: Mutex<Option<Context>>,
+    /// The line task's inbox, once it runs.
+    task: std::sync::Mutex<Option<mpsc::Sender<Job>>>,
     /// Bumped each time a transport error drops the connection: a wire that attached before then has
-    /// missed the reset.
-    generation: AtomicU64,
+    /// missed the reset. Shared with the task, which bumps it.
+    generation: Arc<AtomicU64>,
+    /// Whether the task holds an open connection (for tests and diagnostics).
+    open: Arc<std::sync::atomic::AtomicBool>,
     /// Wires attached (started and not stopped): the connection closes with the last one.
     users: AtomicUsize,
 }
@@ -95,58 +100,56 @@ impl std::fmt::Debug for ModbusLine {
     }
 }
 
-/// What a request asks of the line.
-#[derive(Debug, Clone)]
-enum Request {
-    Read {
-        table: RegisterTable,
-        address: u16,
-        count: u16,
+/// What the line's task is asked to do.
+enum Job {
+    /// One request to `unit`, answered with the words read (or none) and the line's generation after it.
+    Transact {
+        unit: u8,
+        timeout: Duration,
+        request: Request,
+        reply: oneshot::Sender<Result<(Vec<u16>, u64), Failure>>,
     },
-    Write {
-        table: RegisterTable,
-        address: u16,
-        words: Vec<u16>,
-    },
+    /// Close the connection (the last instrument left); answered once it is closed.
+    Close { done: oneshot::Sender<()> },
 }
 
-/// What went wrong with one request.
-enum Failure {
-    /// The unit did not answer within its timeout.
-    Timeout,
-    /// The connection failed (I/O, a damaged or foreign reply, or it could not be opened).
-    Transport(DriverError),
-    /// The device answered with an exception.
-    Exception(ExceptionCode),
+/// The task that owns a line's connection: it opens it on demand, does every request in turn, drops the
+/// connection on a transport error and closes it when asked. It ends when its line is dropped.
+struct LineTask {
+    endpoint: Endpoint,
+    transport: ModbusTransport,
+    context: Option<Context>,
+    generation: Arc<AtomicU64>,
+    open: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl ModbusLine {
-    /// A line reached at `endpoint`; no I/O until a request.
-    pub fn new(endpoint: Endpoint, transport: ModbusTransport) -> Arc<ModbusLine> {
-        Arc::new(ModbusLine {
-            endpoint,
-            transport,
-            context: Mutex::new(None),
-            generation: AtomicU64::new(0),
-            users: AtomicUsize::new(0),
-        })
-    }
-
-    pub fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
-    }
-
-    pub fn transport(&self) -> ModbusTransport {
-        self.transport
-    }
-
-    /// Whether the connection is open now.
-    pub fn is_open(&self) -> bool {
-        self.context.try_lock().is_ok_and(|c| c.is_some())
-    }
-
-    fn generation(&self) -> u64 {
-        self.generation.load(Ordering::SeqCst)
+impl LineTask {
+    async fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+        while let Some(job) = jobs.recv().await {
+            match job {
+                Job::Transact {
+                    unit,
+                    timeout,
+                    request,
+                    reply,
+                } => {
+                    let result = self.transact(unit, timeout, &request).await;
+                    self.open.store(self.context.is_some(), Ordering::SeqCst);
+                    // The instrument may have given up waiting (its own task stopped): nothing to tell.
+                    let _ = reply.send(result);
+                }
+                Job::Close { done } => {
+                    if let Some(mut ctx) = self.context.take() {
+                        let _ = ctx.disconnect().await;
+                    }
+                    self.open.store(false, Ordering::SeqCst);
+                    let _ = done.send(());
+                }
+            }
+        }
+        if let Some(mut ctx) = self.context.take() {
+            let _ = ctx.disconnect().await;
+        }
     }
 
     fn io(&self, e: impl std::fmt::Display) -> DriverError {
@@ -156,25 +159,29 @@ impl ModbusLine {
         })
     }
 
+    fn drop_connection(&mut self) {
+        self.context = None;
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// One request to `unit`, alone on the line until it is answered or times out.
     async fn transact(
-        &self,
+        &mut self,
         unit: u8,
         timeout: Duration,
         request: &Request,
     ) -> Result<(Vec<u16>, u64), Failure> {
-        let mut guard = self.context.lock().await;
-        if guard.is_none() {
+        if self.context.is_none() {
             let stream = labctl_transport::open(&self.endpoint)
                 .await
                 .map_err(|e| Failure::Transport(PortError::from(e).into()))?;
             let transport = Transport(stream);
-            *guard = Some(match self.transport {
+            self.context = Some(match self.transport {
                 ModbusTransport::Rtu => rtu::attach_slave(transport, Slave(unit)),
                 ModbusTransport::Tcp => tcp::attach_slave(transport, Slave(unit)),
             });
         }
-        let Some(ctx) = guard.as_mut() else {
+        let Some(ctx) = self.context.as_mut() else {
             return Err(Failure::Transport(self.io("not connected")));
         };
         ctx.set_slave(Slave(unit));
@@ -210,37 +217,149 @@ impl ModbusLine {
                 .map(|r| r.map(|()| Vec::new())),
             }
         };
-        let result = tokio::time::timeout(timeout, call).await;
-        let drop_connection = |guard: &mut Option<Context>| {
-            *guard = None;
-            self.generation.fetch_add(1, Ordering::SeqCst);
-        };
-        match result {
+        match tokio::time::timeout(timeout, call).await {
             Err(_) => {
                 // A silent RTU unit leaves the bus usable (tokio-modbus clears what arrived before the
                 // next request and checks the unit id of every reply); a TCP socket that stops answering
                 // is dropped.
                 if self.transport == ModbusTransport::Tcp {
-                    drop_connection(&mut guard);
+                    self.drop_connection();
                 }
                 Err(Failure::Timeout)
             }
             Ok(Err(e)) => {
-                drop_connection(&mut guard);
-                Err(Failure::Transport(self.io(e)))
+                let error = self.io(e);
+                self.drop_connection();
+                Err(Failure::Transport(error))
             }
             Ok(Ok(Err(code))) => Err(Failure::Exception(code)),
-            // The generation read under the lock: a reset by another unit after this is not missed.
-            Ok(Ok(Ok(words))) => Ok((words, self.generation())),
+            // The generation read in the task: a reset by another unit's later request is not missed.
+            Ok(Ok(Ok(words))) => Ok((words, self.generation.load(Ordering::SeqCst))),
         }
+    }
+}
+
+/// What a request asks of the line.
+#[derive(Debug, Clone)]
+enum Request {
+    Read {
+        table: RegisterTable,
+        address: u16,
+        count: u16,
+    },
+    Write {
+        table: RegisterTable,
+        address: u16,
+        words: Vec<u16>,
+    },
+}
+
+/// What went wrong with one request.
+enum Failure {
+    /// The unit did not answer within its timeout.
+    Timeout,
+    /// The connection failed (I/O, a damaged or foreign reply, or it could not be opened).
+    Transport(DriverError),
+    /// The device answered with an exception.
+    Exception(ExceptionCode),
+}
+
+impl ModbusLine {
+    /// A line reached at `endpoint`; no I/O (and no task) until a request.
+    pub fn new(endpoint: Endpoint, transport: ModbusTransport) -> Arc<ModbusLine> {
+        Arc::new(ModbusLine {
+            endpoint,
+            transport,
+            task: std::sync::Mutex::new(None),
+            generation: Arc::new(AtomicU64::new(0)),
+            open: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            users: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    pub fn transport(&self) -> ModbusTransport {
+        self.transport
+    }
+
+    /// Whether the line's task holds an open connection now.
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    fn io(&self, e: impl std::fmt::Display) -> DriverError {
+        DriverError::Port(PortError::Io {
+            port: self.endpoint.name().to_owned(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
+    /// The line task's inbox, starting the task on first use (inside the runtime, from a request).
+    fn inbox(&self) -> mpsc::Sender<Job> {
+        let mut task = self
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(tx) = task.as_ref().filter(|tx| !tx.is_closed()) {
+            return tx.clone();
+        }
+        // Requests queue behind the one in progress; each instrument has at most one outstanding.
+        let (tx, rx) = mpsc::channel(16);
+        let line = LineTask {
+            endpoint: self.endpoint.clone(),
+            transport: self.transport,
+            context: None,
+            generation: Arc::clone(&self.generation),
+            open: Arc::clone(&self.open),
+        };
+        tokio::spawn(line.run(rx));
+        *task = Some(tx.clone());
+        tx
+    }
+
+    /// One request to `unit`, done by the line's task alone on the line.
+    async fn transact(
+        &self,
+        unit: u8,
+        timeout: Duration,
+        request: &Request,
+    ) -> Result<(Vec<u16>, u64), Failure> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job::Transact {
+            unit,
+            timeout,
+            request: request.clone(),
+            reply,
+        };
+        if self.inbox().send(job).await.is_err() {
+            return Err(Failure::Transport(self.io("the line's task has stopped")));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(Failure::Transport(self.io("the line's task has stopped"))))
     }
 
     /// One wire fewer on the line; the last one closes the connection.
     async fn leave(&self) {
-        if self.users.fetch_sub(1, Ordering::SeqCst) == 1
-            && let Some(mut ctx) = self.context.lock().await.take()
-        {
-            let _ = ctx.disconnect().await;
+        if self.users.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let tx = self
+                .task
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            if let Some(tx) = tx {
+                let (done, closed) = oneshot::channel();
+                if tx.send(Job::Close { done }).await.is_ok() {
+                    let _ = closed.await;
+                }
+            }
         }
     }
 }
