@@ -224,6 +224,8 @@ struct PortInfo {
 
 struct InstrumentInfo {
     id: String,
+    /// The model's part it is.
+    part: InstrumentId,
     port: usize,
     address: Option<u8>,
 }
@@ -252,9 +254,10 @@ impl SimLab {
         {
             model.add_defined(&inst.id);
         }
+        let lab_names = lab_names(&config.lab);
         for (name, faults) in &config.faults {
             faults.validate(&format!("faults.{name}"))?;
-            for id in resolve(&model, name)? {
+            for id in resolve(&model, &lab_names, name)? {
                 model.set_faults(now, id, faults.clone())?;
             }
         }
@@ -394,10 +397,17 @@ impl SimLab {
                     InstrumentId::Balance(1..) | InstrumentId::Hotplate(1..) => {
                         (port_name.clone(), None)
                     }
-                    other => (instrument_name(other).to_owned(), None),
+                    other => (
+                        lab_names
+                            .get(&other)
+                            .cloned()
+                            .unwrap_or_else(|| instrument_name(other).to_owned()),
+                        None,
+                    ),
                 };
                 instruments.push(InstrumentInfo {
                     id: name,
+                    part: *id,
                     port,
                     address,
                 });
@@ -554,10 +564,35 @@ fn with_more_stationed(model: &LabConfig, lab: &Lab) -> Result<LabConfig, SimLab
     Ok(model)
 }
 
-/// The model instruments a name stands for (`pumps`: every pump).
-fn resolve(model: &LabModel, name: &str) -> Result<Vec<InstrumentId>, SimLabError> {
+/// The lab file's ids of the parts the model has a first one of (its first gantry, balance, hotplate and
+/// spectrophotometer), whatever the lab calls them: a lab's `scale` is the model's balance 0.
+fn lab_names(lab: &Lab) -> HashMap<InstrumentId, String> {
+    use labctl_protocols::InstrumentKind;
+    [
+        (InstrumentKind::Gantry, InstrumentId::Gantry),
+        (InstrumentKind::Balance, InstrumentId::Balance(0)),
+        (InstrumentKind::Hotplate, InstrumentId::Hotplate(0)),
+        (InstrumentKind::Spectrophotometer, InstrumentId::Spectro),
+    ]
+    .into_iter()
+    .filter_map(|(kind, part)| {
+        let first = lab.instruments.iter().find(|i| i.kind == kind)?;
+        Some((part, first.id.clone()))
+    })
+    .collect()
+}
+
+/// The model instruments a name stands for (`pumps`: every pump; a lab id of a first part: that part).
+fn resolve(
+    model: &LabModel,
+    lab_names: &HashMap<InstrumentId, String>,
+    name: &str,
+) -> Result<Vec<InstrumentId>, SimLabError> {
     if name == PUMP_LINE {
         return Ok((0..model.pump_count()).map(InstrumentId::Pump).collect());
+    }
+    if let Some((part, _)) = lab_names.iter().find(|(_, id)| *id == name) {
+        return Ok(vec![*part]);
     }
     model
         .instrument_id(name)
@@ -699,8 +734,7 @@ impl SimLabHandle {
         } else {
             let info = self.instruments.iter().find(|i| i.id == id)?;
             let port = self.ports.get(info.port)?;
-            let model = self.lab.lock();
-            (vec![model.instrument_id(id)?], port)
+            (vec![info.part], port)
         };
         Some(FaultHandle {
             name: id.to_owned(),

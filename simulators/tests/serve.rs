@@ -718,6 +718,69 @@ fn a_second_balance_of_the_lab_file_weighs_on_its_own_pty() {
     assert_ne!(serial("balance"), serial("balance-2"));
 }
 
+/// A lab file that names its instruments its own way (`scale`, `stirrer-plate`) is simulated under those
+/// names: the endpoints, the wired lab file and the fault controls all answer to them, and the scale's pty
+/// weighs what stands on its station.
+#[test]
+fn a_lab_that_names_its_instruments_its_own_way_is_simulated_under_those_names() {
+    let toml = labctl_protocols::lab::SIM_LAB_TOML
+        .replace("id = \"balance\"", "id = \"scale\"")
+        .replace("instrument = \"balance\"", "instrument = \"scale\"")
+        .replace("id = \"hotplate\"", "id = \"stirrer-plate\"")
+        .replace(
+            "instrument = \"hotplate\"",
+            "instrument = \"stirrer-plate\"",
+        )
+        .replace(
+            "safe_state = [\"hotplate\"]",
+            "safe_state = [\"stirrer-plate\"]",
+        );
+    let lab_file = labctl_protocols::Lab::from_toml_str(&toml, "own names").unwrap();
+    let clock = ManualClock::new();
+    let lab = Lab::start(SimLabConfig {
+        lab: lab_file.clone(),
+        clock: ClockConfig::Manual(clock.clone()),
+        wire_timing: false,
+        faults: [(
+            "stirrer-plate".to_owned(),
+            FaultConfig {
+                error_code: Some("E2".into()),
+                ..FaultConfig::default()
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..SimLabConfig::default()
+    });
+    let handle = lab.handle();
+    let ids: Vec<String> = handle.endpoints().into_iter().map(|e| e.id).collect();
+    assert!(ids.contains(&"scale".to_owned()), "{ids:?}");
+    assert!(ids.contains(&"stirrer-plate".to_owned()), "{ids:?}");
+    assert!(!ids.contains(&"balance".to_owned()), "{ids:?}");
+    let wired = handle.lab_file(&lab_file);
+    assert!(matches!(
+        wired.instrument("scale").unwrap().transport,
+        labctl_protocols::lab::Transport::Serial(_)
+    ));
+    // The fault file's `stirrer-plate` reached the hotplate, and the fault controls know it by name.
+    let faults = handle
+        .faults("stirrer-plate")
+        .expect("fault controls by the lab's id");
+    faults.update(|f| f.error_code = None).unwrap();
+    assert!(handle.faults("scale").is_some());
+    handle
+        .with_model(|m, now| m.add_vial(now, "v", "W1"))
+        .unwrap();
+    clock.advance(Duration::from_secs(5));
+    let mut scale = Term::open(&lab.pty("scale"));
+    scale.send(b"S\r\n");
+    let weight = text(&scale.until(b"\r\n"));
+    assert!(
+        weight.starts_with("S S    10.0") || weight.starts_with("S S     9.99"),
+        "{weight}"
+    );
+}
+
 /// pyserial, the serial library most lab scripts use, against the gantry and the pump line: it opens the
 /// port exclusively and sets raw mode and the baud rate itself. Needs `LABCTL_TEST_PYTHON` (a Python with
 /// pyserial, which `scripts/test` provides); skipped with a note otherwise.
